@@ -1,0 +1,50 @@
+# pacs-node: `make run` starts the node on its embedded defaults; `make test` runs every test.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(PY) -m pip
+WHEELS := $(wildcard /opt/wheels)
+FIND_LINKS := $(if $(WHEELS),--find-links $(WHEELS),)
+APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint bench apt venv clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# torch first, from the CPU build pinned in constraints.txt, before anything depends on it
+	$(PIP) install --quiet $(FIND_LINKS) torch==2.13.0
+	$(PIP) install --quiet $(FIND_LINKS) -e '.[test,lint]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+apt:
+	@missing=""; \
+	command -v /usr/bin/storescu >/dev/null || missing="$$missing dcmtk"; \
+	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
+	command -v Orthanc >/dev/null || missing="$$missing orthanc"; \
+	test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so || missing="$$missing orthanc-dicomweb"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
+	fi
+
+run: $(STAMP)
+	$(VENV)/bin/pacs-node serve
+
+test: apt $(STAMP)
+	$(VENV)/bin/pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check pacs_node tests bench
+	$(VENV)/bin/ruff format --check pacs_node tests bench
+	$(VENV)/bin/mypy
+
+bench: apt $(STAMP)
+	$(PY) bench/ingest.py
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,99 @@
+"""Study assembly: a study is ``stable`` once no instance arrived for its quiet period, or once
+its max wait has passed since it started receiving.
+
+Timers are APScheduler jobs keyed by Study Instance UID, an in-memory cache of what the catalog
+says: at start they are rebuilt from every study still ``receiving``, and a timer that fires
+re-reads the catalog and only marks the study stable with a compare-and-set, so a late instance
+can never be lost in a race.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from pacs_node.catalog.db import Catalog
+from pacs_node.catalog.models import utcnow
+from pacs_node.catalog.studies import StudyTouch, mark_stable, receiving_studies, stability_deadline
+from pacs_node.config import Settings
+
+log = logging.getLogger(__name__)
+
+StableListener = Callable[[str], None]
+
+
+class Assembly:
+    def __init__(self, catalog: Catalog, settings: Settings) -> None:
+        self.catalog = catalog
+        self.settings = settings
+        self.max_wait_s = settings.node.max_wait_s
+        self._scheduler = BackgroundScheduler(timezone="UTC")
+        self._listeners: list[StableListener] = []
+
+    def add_listener(self, listener: StableListener) -> None:
+        """Called with the Study Instance UID each time a study becomes stable."""
+        self._listeners.append(listener)
+
+    def start(self) -> None:
+        self._scheduler.start()
+        with self.catalog.sessions() as session:
+            pending = receiving_studies(session)
+        self.on_touched(pending)
+        if pending:
+            log.info("assembly timers rebuilt", extra={"studies": len(pending)})
+
+    def stop(self) -> None:
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=False)
+
+    def on_touched(self, touches: Sequence[StudyTouch]) -> None:
+        """Re-arm the timer of every study that just received instances."""
+        for touch in touches:
+            quiet = self.settings.quiet_period_for(touch.calling_ae)
+            deadline = min(
+                touch.last_received_at + timedelta(seconds=quiet),
+                touch.receiving_since + timedelta(seconds=self.max_wait_s),
+            )
+            if touch.reopened:
+                log.info("study changed after it was stable", extra={"study_uid": touch.study_uid})
+            self._arm(touch.study_uid, quiet, deadline)
+
+    def _arm(self, study_uid: str, quiet_period_s: float, when: datetime) -> None:
+        self._scheduler.add_job(
+            self._fire,
+            "date",
+            run_date=when,
+            args=[study_uid, quiet_period_s],
+            id=study_uid,
+            replace_existing=True,
+            misfire_grace_time=None,
+            coalesce=True,
+        )
+
+    def _fire(self, study_uid: str, quiet_period_s: float) -> None:
+        try:
+            self.check(study_uid, quiet_period_s)
+        except Exception:
+            log.exception("assembly check failed; retrying", extra={"study_uid": study_uid})
+            self._arm(study_uid, quiet_period_s, utcnow() + timedelta(seconds=5))
+
+    def check(self, study_uid: str, quiet_period_s: float, now: datetime | None = None) -> bool:
+        """Mark ``study_uid`` stable if its deadline has passed; re-arm otherwise."""
+        now = now or utcnow()
+        with self.catalog.sessions.begin() as session:
+            found = stability_deadline(session, study_uid, quiet_period_s, self.max_wait_s)
+            if found is None:
+                return False
+            deadline, reason = found
+            if deadline > now:
+                self._arm(study_uid, quiet_period_s, deadline)
+                return False
+            if not mark_stable(session, study_uid, now, reason):
+                return False
+        log.info("study stable", extra={"study_uid": study_uid, "reason": reason})
+        for listener in self._listeners:
+            listener(study_uid)
+        return True

@@ -1,0 +1,388 @@
+"""Study, series and instance rows: recording received instances, assembly transitions, listings."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from pacs_node.catalog.models import (
+    Counter,
+    Instance,
+    Series,
+    Study,
+    StudyEvent,
+    StudyState,
+)
+from pacs_node.refs import InstanceRef
+
+
+@dataclass(frozen=True, slots=True)
+class StudyTouch:
+    """A study that received instances in one recorded batch (what assembly needs to know)."""
+
+    study_uid: str
+    last_received_at: datetime
+    receiving_since: datetime
+    calling_ae: str | None
+    reopened: bool
+
+
+@dataclass(slots=True)
+class RecordOutcome:
+    touches: list[StudyTouch] = field(default_factory=list)
+    # Instances whose SOP Instance UID the catalog already held under another path: the file
+    # written second is no longer needed.
+    duplicate_paths: list[str] = field(default_factory=list)
+    recorded: int = 0
+
+
+def _insert_ignore(session: Session, table: Any, rows: list[dict[str, Any]], key: str) -> None:
+    """``INSERT ... ON CONFLICT (key) DO NOTHING`` on SQLite and PostgreSQL."""
+    if not rows:
+        return
+    name = session.get_bind().dialect.name
+    dialect_insert = postgresql.insert if name == "postgresql" else sqlite.insert
+    session.execute(dialect_insert(table).on_conflict_do_nothing(index_elements=[key]), rows)
+
+
+def add_event(session: Session, study_id: int, kind: str, at: datetime, **detail: Any) -> None:
+    session.add(
+        StudyEvent(
+            study_id=study_id,
+            at=at,
+            kind=kind,
+            detail=json.dumps(detail, sort_keys=True) if detail else None,
+        )
+    )
+
+
+def increment(session: Session, name: str, by: int = 1) -> None:
+    if by == 0:
+        return
+    _insert_ignore(session, Counter, [{"name": name, "value": 0}], "name")
+    session.execute(update(Counter).where(Counter.name == name).values(value=Counter.value + by))
+
+
+def counters(session: Session) -> dict[str, int]:
+    return {row.name: row.value for row in session.scalars(select(Counter))}
+
+
+def record_instances(session: Session, refs: Sequence[InstanceRef]) -> RecordOutcome:
+    """Record a batch of spooled instances; idempotent (reconciliation replays it safely)."""
+    outcome = RecordOutcome()
+    if not refs:
+        return outcome
+    first_of_study: dict[str, InstanceRef] = {}
+    first_of_series: dict[str, InstanceRef] = {}
+    for ref in refs:
+        first_of_study.setdefault(ref.study_uid, ref)
+        first_of_series.setdefault(ref.series_uid, ref)
+
+    existed_before = set(
+        session.scalars(select(Study.study_uid).where(Study.study_uid.in_(first_of_study)))
+    )
+    _insert_ignore(
+        session,
+        Study,
+        [
+            {
+                "study_uid": r.study_uid,
+                "patient_name": r.header.patient_name,
+                "patient_id": r.header.patient_id,
+                "issuer_of_patient_id": r.header.issuer_of_patient_id,
+                "accession_number": r.header.accession_number,
+                "study_date": r.header.study_date,
+                "study_time": r.header.study_time,
+                "study_description": r.header.study_description,
+                "calling_ae": r.calling_ae,
+                "state": StudyState.RECEIVING,
+                "first_received_at": r.received_at,
+                "receiving_since": r.received_at,
+                "last_received_at": r.received_at,
+                "reopened_count": 0,
+                "duplicate_count": 0,
+            }
+            for r in first_of_study.values()
+        ],
+        "study_uid",
+    )
+    studies = {
+        s.study_uid: s
+        for s in session.scalars(select(Study).where(Study.study_uid.in_(first_of_study)))
+    }
+    _insert_ignore(
+        session,
+        Series,
+        [
+            {
+                "series_uid": r.series_uid,
+                "study_id": studies[r.study_uid].id,
+                "modality": r.header.modality,
+                "series_number": r.header.series_number,
+                "series_description": r.header.series_description,
+                "body_part": r.header.body_part,
+                "first_received_at": r.received_at,
+            }
+            for r in first_of_series.values()
+        ],
+        "series_uid",
+    )
+    series_ids = dict(
+        session.execute(
+            select(Series.series_uid, Series.id).where(Series.series_uid.in_(first_of_series))
+        ).all()
+    )
+    known = dict(
+        session.execute(
+            select(Instance.sop_instance_uid, Instance.path).where(
+                Instance.sop_instance_uid.in_({r.sop_instance_uid for r in refs})
+            )
+        ).all()
+    )
+    new_rows: list[dict[str, Any]] = []
+    new_by_study: dict[str, list[InstanceRef]] = {}
+    duplicates_per_study: dict[str, int] = {}
+    for ref in refs:
+        existing = known.get(ref.sop_instance_uid)
+        if existing is not None:
+            if existing != ref.path:
+                outcome.duplicate_paths.append(ref.path)
+                duplicates_per_study[ref.study_uid] = duplicates_per_study.get(ref.study_uid, 0) + 1
+            continue
+        known[ref.sop_instance_uid] = ref.path
+        new_by_study.setdefault(ref.study_uid, []).append(ref)
+        new_rows.append(
+            {
+                "sop_instance_uid": ref.sop_instance_uid,
+                "sop_class_uid": ref.header.sop_class_uid,
+                "series_id": series_ids[ref.series_uid],
+                "instance_number": ref.header.instance_number,
+                "transfer_syntax_uid": ref.transfer_syntax_uid,
+                "path": ref.path,
+                "size_bytes": ref.size_bytes,
+                "calling_ae": ref.calling_ae,
+                "received_at": ref.received_at,
+            }
+        )
+    _insert_ignore(session, Instance, new_rows, "sop_instance_uid")
+    outcome.recorded = len(new_rows)
+
+    for study_uid, study in studies.items():
+        study.duplicate_count += duplicates_per_study.get(study_uid, 0)
+        added = new_by_study.get(study_uid)
+        if not added:
+            continue
+        latest = max(ref.received_at for ref in added)
+        if study_uid not in existed_before:
+            add_event(session, study.id, "receiving", study.first_received_at)
+        reopened = study.state == StudyState.STABLE
+        if reopened:
+            study.state = StudyState.RECEIVING
+            study.reopened_count += 1
+            study.receiving_since = latest
+            add_event(session, study.id, "reopened", latest, instances=len(added))
+        study.last_received_at = max(study.last_received_at, latest)
+        outcome.touches.append(
+            StudyTouch(
+                study_uid,
+                study.last_received_at,
+                study.receiving_since,
+                added[-1].calling_ae,
+                reopened,
+            )
+        )
+    increment(session, "duplicate_instances", sum(duplicates_per_study.values()))
+    return outcome
+
+
+def add_duplicates(session: Session, study_uids: Sequence[str]) -> None:
+    """Count second copies the spool refused (same study, series and SOP Instance UID)."""
+    per_study: dict[str, int] = {}
+    for uid in study_uids:
+        per_study[uid] = per_study.get(uid, 0) + 1
+    for uid, n in per_study.items():
+        session.execute(
+            update(Study)
+            .where(Study.study_uid == uid)
+            .values(duplicate_count=Study.duplicate_count + n)
+        )
+    increment(session, "duplicate_instances", len(study_uids))
+
+
+def receiving_studies(session: Session) -> list[StudyTouch]:
+    """Every study still receiving: assembly rebuilds its timers from these at start."""
+    rows = session.execute(
+        select(
+            Study.study_uid, Study.last_received_at, Study.receiving_since, Study.calling_ae
+        ).where(Study.state == StudyState.RECEIVING)
+    ).tuples()
+    return [StudyTouch(uid, last, since, ae, reopened=False) for uid, last, since, ae in rows]
+
+
+def stability_deadline(
+    session: Session, study_uid: str, quiet_period_s: float, max_wait_s: float
+) -> tuple[datetime, str] | None:
+    """When ``study_uid`` becomes stable and why, or None when it is not receiving."""
+    row = session.execute(
+        select(Study.last_received_at, Study.receiving_since).where(
+            Study.study_uid == study_uid, Study.state == StudyState.RECEIVING
+        )
+    ).first()
+    if row is None:
+        return None
+    last, since = row
+    quiet_end = last + timedelta(seconds=quiet_period_s)
+    wait_end = since + timedelta(seconds=max_wait_s)
+    return (quiet_end, "quiet period") if quiet_end <= wait_end else (wait_end, "max wait")
+
+
+def mark_stable(session: Session, study_uid: str, now: datetime, reason: str) -> bool:
+    """Receiving -> stable, only if nothing arrived since the caller looked (compare-and-set)."""
+    study = session.scalars(
+        select(Study).where(Study.study_uid == study_uid, Study.state == StudyState.RECEIVING)
+    ).first()
+    if study is None:
+        return False
+    result = session.execute(
+        update(Study)
+        .where(
+            Study.id == study.id,
+            Study.state == StudyState.RECEIVING,
+            Study.last_received_at == study.last_received_at,
+        )
+        .values(state=StudyState.STABLE, stable_at=now)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    instances = session.scalar(
+        select(func.count(Instance.id)).join(Series).where(Series.study_id == study.id)
+    )
+    add_event(session, study.id, "stable", now, reason=reason, instances=instances)
+    return True
+
+
+@dataclass(frozen=True)
+class SeriesSummary:
+    series_uid: str
+    modality: str | None
+    series_number: int | None
+    series_description: str | None
+    body_part: str | None
+    instances: int
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class StudySummary:
+    study_uid: str
+    state: str
+    patient_name: str | None
+    patient_id: str | None
+    accession_number: str | None
+    study_date: str | None
+    study_description: str | None
+    calling_ae: str | None
+    first_received_at: datetime
+    last_received_at: datetime
+    stable_at: datetime | None
+    reopened_count: int
+    duplicate_count: int
+    instances: int
+    size_bytes: int
+    series: tuple[SeriesSummary, ...]
+
+    def as_json(self) -> dict[str, Any]:
+        """The public shape of ``studies --json``; fields are only ever added."""
+        return {
+            "study_uid": self.study_uid,
+            "state": self.state,
+            "instances": self.instances,
+            "size_bytes": self.size_bytes,
+            "patient_name": self.patient_name,
+            "patient_id": self.patient_id,
+            "accession_number": self.accession_number,
+            "study_date": self.study_date,
+            "study_description": self.study_description,
+            "calling_ae": self.calling_ae,
+            "first_received_at": self.first_received_at.isoformat(),
+            "last_received_at": self.last_received_at.isoformat(),
+            "stable_at": self.stable_at.isoformat() if self.stable_at else None,
+            "reopened_count": self.reopened_count,
+            "duplicate_count": self.duplicate_count,
+            "series": [
+                {
+                    "series_uid": s.series_uid,
+                    "modality": s.modality,
+                    "series_number": s.series_number,
+                    "series_description": s.series_description,
+                    "body_part": s.body_part,
+                    "instances": s.instances,
+                    "size_bytes": s.size_bytes,
+                }
+                for s in self.series
+            ],
+        }
+
+
+def list_studies(session: Session, study_uids: Iterable[str] | None = None) -> list[StudySummary]:
+    query = select(Study).order_by(Study.first_received_at, Study.id)
+    if study_uids is not None:
+        query = query.where(Study.study_uid.in_(list(study_uids)))
+    studies = list(session.scalars(query))
+    if not studies:
+        return []
+    counts: dict[int, tuple[int, int]] = {
+        series_id: (count, size or 0)
+        for series_id, count, size in session.execute(
+            select(Instance.series_id, func.count(Instance.id), func.sum(Instance.size_bytes))
+            .join(Series)
+            .where(Series.study_id.in_([s.id for s in studies]))
+            .group_by(Instance.series_id)
+        ).tuples()
+    }
+    summaries = []
+    for study in studies:
+        series = tuple(
+            SeriesSummary(
+                series_uid=s.series_uid,
+                modality=s.modality,
+                series_number=s.series_number,
+                series_description=s.series_description,
+                body_part=s.body_part,
+                instances=counts.get(s.id, (0, 0))[0],
+                size_bytes=counts.get(s.id, (0, 0))[1],
+            )
+            for s in study.series
+        )
+        summaries.append(
+            StudySummary(
+                study_uid=study.study_uid,
+                state=study.state.value,
+                patient_name=study.patient_name,
+                patient_id=study.patient_id,
+                accession_number=study.accession_number,
+                study_date=study.study_date,
+                study_description=study.study_description,
+                calling_ae=study.calling_ae,
+                first_received_at=study.first_received_at,
+                last_received_at=study.last_received_at,
+                stable_at=study.stable_at,
+                reopened_count=study.reopened_count,
+                duplicate_count=study.duplicate_count,
+                instances=sum(s.instances for s in series),
+                size_bytes=sum(s.size_bytes for s in series),
+                series=series,
+            )
+        )
+    return summaries
+
+
+def known_paths(session: Session) -> set[str]:
+    return set(session.scalars(select(Instance.path)))

@@ -1,0 +1,210 @@
+"""The ``pacs-node`` command line (typer + rich). JSON output goes alone to stdout; logs to stderr."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from pacs_node import __version__
+from pacs_node.config import Settings, load_settings
+from pacs_node.errors import PacsNodeError
+from pacs_node.logs import configure_logging
+
+app = typer.Typer(
+    name="pacs-node",
+    help="A DICOM AI node: receives studies, segments them, returns results to PACS and EHR.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", help="Folder with node.yaml, peers.yaml and routes.yaml.", show_default=False
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON only, on stdout.")]
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _settings(config: Path | None, overrides: dict[str, Any] | None = None) -> Settings:
+    try:
+        settings = load_settings(config, overrides)
+    except PacsNodeError as exc:
+        raise _fail(f"configuration: {exc}") from exc
+    configure_logging(settings.node.log_level, settings.node.log_format)
+    return settings
+
+
+@app.command()
+def serve(
+    config: ConfigOption = None,
+    ae_title: Annotated[str | None, typer.Option(help="Our AE title.")] = None,
+    dicom_host: Annotated[str | None, typer.Option(help="Address the DICOM port binds.")] = None,
+    dicom_port: Annotated[int | None, typer.Option(help="DICOM port.")] = None,
+    web_port: Annotated[int | None, typer.Option(help="Web port.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Spool and catalog folder.")] = None,
+    database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL of the catalog.")] = None,
+    quiet_period_s: Annotated[
+        float | None, typer.Option(help="Seconds without new instances before a study is stable.")
+    ] = None,
+    promiscuous: Annotated[
+        bool | None, typer.Option("--promiscuous/--no-promiscuous", help="Accept any calling AE.")
+    ] = None,
+) -> None:
+    """Run the node: Storage SCP, catalog and study assembly."""
+    settings = _settings(
+        config,
+        {
+            "ae_title": ae_title,
+            "dicom_host": dicom_host,
+            "dicom_port": dicom_port,
+            "web_port": web_port,
+            "data_dir": data_dir,
+            "database_url": database_url,
+            "quiet_period_s": quiet_period_s,
+            "promiscuous": promiscuous,
+        },
+    )
+    from pacs_node.node import Node
+
+    try:
+        node = Node(settings)
+        node.start()
+    except (PacsNodeError, OSError) as exc:
+        raise _fail(f"cannot start: {exc}", 1) from exc
+
+    def _stop(signum: int, _frame: FrameType | None) -> None:
+        node.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    node.wait()
+
+
+@app.command()
+def studies(config: ConfigOption = None, json_output: JsonOption = False) -> None:
+    """List received studies with their series and assembly state."""
+    settings = _settings(config)
+    from pacs_node.catalog.db import open_catalog, sqlite_file
+    from pacs_node.catalog.studies import list_studies
+
+    url = settings.node.catalog_url
+    path = sqlite_file(url)
+    summaries = []
+    if path is None or path.exists():
+        catalog = open_catalog(url)
+        try:
+            with catalog.sessions() as session:
+                summaries = list_studies(session)
+        finally:
+            catalog.dispose()
+    if json_output:
+        sys.stdout.write(json.dumps([s.as_json() for s in summaries], ensure_ascii=False) + "\n")
+        return
+    table = Table(title=f"{len(summaries)} studies")
+    for column in ("Study Instance UID", "State", "Received", "Series", "Instances", "Modalities"):
+        table.add_column(column)
+    for s in summaries:
+        modalities = ", ".join(sorted({x.modality or "?" for x in s.series}))
+        table.add_row(
+            s.study_uid,
+            s.state,
+            s.last_received_at.strftime("%Y-%m-%d %H:%M:%S"),
+            str(len(s.series)),
+            str(s.instances),
+            modalities,
+        )
+    out.print(table)
+
+
+@app.command()
+def send(
+    paths: Annotated[list[Path], typer.Argument(help="Files and folders to send.", exists=True)],
+    to: Annotated[str, typer.Option("--to", help="Destination as AE@HOST:PORT.")],
+    calling_ae: Annotated[str, typer.Option(help="Our AE title on this association.")] = "PACSNODE",
+    json_output: JsonOption = False,
+) -> None:
+    """Send DICOM files with C-STORE, each in its own transfer syntax."""
+    from pacs_node.scu import Peer, SendReport, scan
+    from pacs_node.scu import send as send_files
+
+    try:
+        peer = Peer.parse(to)
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    report = SendReport()
+    files = scan(paths, report)
+    with Progress(
+        TextColumn("[bold]C-STORE[/] to " + str(peer)),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        disable=json_output or not err.is_terminal,
+    ) as progress:
+        task = progress.add_task("send", total=len(files))
+        send_files(files, peer, calling_ae, report, lambda n: progress.advance(task, n))
+    if json_output:
+        summary = {
+            "sent": report.sent,
+            "failed": [{"path": str(p), "reason": r} for p, r in report.failed],
+            "skipped": [{"path": str(p), "reason": r} for p, r in report.skipped],
+        }
+        sys.stdout.write(json.dumps(summary) + "\n")
+    else:
+        for path, reason in report.failed:
+            err.print(f"[red]failed[/] {path}: {reason}", highlight=False)
+        err.print(
+            f"sent {report.sent}, failed {len(report.failed)}, skipped {len(report.skipped)}",
+            highlight=False,
+        )
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def echo(
+    target: Annotated[str, typer.Argument(help="AE@HOST:PORT")],
+    calling_ae: Annotated[str, typer.Option(help="Our AE title on this association.")] = "PACSNODE",
+) -> None:
+    """Check a DICOM peer with C-ECHO."""
+    from pacs_node.scu import Peer
+    from pacs_node.scu import echo as c_echo
+
+    try:
+        peer = Peer.parse(target)
+        seconds = c_echo(peer, calling_ae)
+    except (ValueError, ConnectionError, OSError) as exc:
+        raise _fail(f"C-ECHO {target}: {exc}", 1) from exc
+    out.print(f"C-ECHO {peer}: success in {seconds * 1000:.1f} ms", highlight=False)
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    out.print(f"pacs-node {__version__}", highlight=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,288 @@
+"""One typed, frozen settings tree built at start from ``ae_config/*.yaml``, env and CLI.
+
+Precedence: command-line options > ``PACS_NODE_*`` environment variables > files > embedded
+defaults. Each file is validated on its own first, so a bad value is reported with the file, the
+key and the reason; nothing reads configuration after start.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from pacs_node.errors import ConfigError
+
+ENV_PREFIX = "PACS_NODE_"
+CONFIG_DIR_ENV = "PACS_NODE_CONFIG_DIR"
+NODE_FILE = "node.yaml"
+PEERS_FILE = "peers.yaml"
+ROUTES_FILE = "routes.yaml"
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def check_ae_title(value: str) -> str:
+    """PS3.5 AE: 1-16 characters of the default repertoire, no backslash or control characters."""
+    title = value.strip()
+    if not title:
+        raise ValueError("an AE title cannot be empty")
+    if len(title) > 16:
+        raise ValueError(f"an AE title has at most 16 characters, got {len(title)}")
+    if any(ch == "\\" or ord(ch) < 0x20 or ord(ch) > 0x7E for ch in title):
+        raise ValueError("an AE title may hold printable ASCII only, without backslash")
+    return title
+
+
+class NodeOptions(BaseModel):
+    """The node's own options (``node.yaml``); each one also has a flat ``PACS_NODE_*`` name."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ae_title: str = "PACSNODE"
+    dicom_host: str = "0.0.0.0"
+    dicom_port: int = Field(default=11112, ge=1, le=65535)
+    web_host: str = "0.0.0.0"
+    web_port: int = Field(default=8080, ge=1, le=65535)
+    data_dir: Path = Path("./var")
+    database_url: str | None = None
+    quiet_period_s: float = Field(default=30.0, gt=0)
+    max_wait_s: float = Field(default=600.0, gt=0)
+    promiscuous: bool = False
+    max_associations: int = Field(default=32, ge=1, le=1000)
+    max_pdu_bytes: int = Field(default=262_144, ge=0)
+    acse_timeout_s: float = Field(default=30.0, gt=0)
+    dimse_timeout_s: float = Field(default=60.0, gt=0)
+    network_timeout_s: float = Field(default=60.0, gt=0)
+    fsync: bool = True
+    min_free_mb: int = Field(default=256, ge=0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+    @field_validator("ae_title")
+    @classmethod
+    def _valid_ae_title(cls, value: str) -> str:
+        return check_ae_title(value)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _wait_covers_quiet(self) -> NodeOptions:
+        if self.max_wait_s < self.quiet_period_s:
+            raise ValueError("max_wait_s must be at least quiet_period_s")
+        return self
+
+    @property
+    def catalog_url(self) -> str:
+        """The database URL in force: the configured one, or a SQLite file in the data dir."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'catalog.sqlite').resolve()}"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+
+class NodeSettings(NodeOptions, BaseSettings):
+    """``NodeOptions`` read from the environment as ``PACS_NODE_<NAME>`` (e.g. ``PACS_NODE_AE_TITLE``)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", frozen=True, case_sensitive=False
+    )
+
+
+class PeerConfig(BaseModel):
+    """A remote AE: who may send to the node, and where results can be sent back."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ae_title: str
+    host: str | None = Field(
+        default=None, description="if set, associations from this AE must come from this host"
+    )
+    port: int | None = Field(default=None, ge=1, le=65535, description="the peer's DICOM port")
+    quiet_period_s: float | None = Field(default=None, gt=0)
+    description: str = ""
+
+    @field_validator("ae_title")
+    @classmethod
+    def _valid_ae_title(cls, value: str) -> str:
+        return check_ae_title(value)
+
+
+class PeersFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    peers: tuple[PeerConfig, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique(self) -> PeersFile:
+        seen: set[str] = set()
+        for peer in self.peers:
+            if peer.ae_title in seen:
+                raise ValueError(f"AE title {peer.ae_title!r} is listed twice")
+            seen.add(peer.ae_title)
+        return self
+
+
+class RouteRule(BaseModel):
+    """A routing rule; its matching grammar is defined by :mod:`pacs_node.routing`."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: str = Field(min_length=1)
+
+
+class RoutesFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rules: tuple[RouteRule, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique(self) -> RoutesFile:
+        names = [rule.name for rule in self.rules]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"rule names must be unique: {', '.join(duplicates)}")
+        return self
+
+
+class Settings(BaseModel):
+    """Everything the node is told, built once at start and passed down."""
+
+    model_config = ConfigDict(frozen=True)
+
+    node: NodeOptions
+    peers: tuple[PeerConfig, ...] = ()
+    routes: RoutesFile = RoutesFile()
+    config_dir: Path | None = None
+
+    def peer(self, ae_title: str) -> PeerConfig | None:
+        for peer in self.peers:
+            if peer.ae_title == ae_title.strip():
+                return peer
+        return None
+
+    def quiet_period_for(self, calling_ae: str | None) -> float:
+        peer = self.peer(calling_ae) if calling_ae else None
+        if peer is not None and peer.quiet_period_s is not None:
+            return peer.quiet_period_s
+        return self.node.quiet_period_s
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1} column {mark.column + 1}" if mark else "(syntax)"
+        raise ConfigError(str(path), where, f"not valid YAML: {exc.problem}") from exc
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(str(path), "(file)", f"cannot be read: {exc}") from exc
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(str(path), "(top level)", "must be a mapping of keys to values")
+    return raw
+
+
+def _validate_file(model: type[_M], path: Path, values: dict[str, Any]) -> _M:
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ConfigError(str(path), _format_loc(first["loc"]), first["msg"]) from exc
+
+
+def resolve_config_dir(config_dir: Path | None) -> Path | None:
+    """``--config DIR``, else ``$PACS_NODE_CONFIG_DIR``, else ``./ae_config`` when present."""
+    if config_dir is not None:
+        if not config_dir.is_dir():
+            raise ConfigError(str(config_dir), "--config", "is not a directory")
+        return config_dir
+    from_env = os.environ.get(CONFIG_DIR_ENV)
+    if from_env:
+        path = Path(from_env)
+        if not path.is_dir():
+            raise ConfigError(CONFIG_DIR_ENV, from_env, "is not a directory")
+        return path
+    default = Path("ae_config")
+    return default if default.is_dir() else None
+
+
+def load_settings(
+    config_dir: Path | None = None, overrides: dict[str, Any] | None = None
+) -> Settings:
+    """Build the settings tree; raise :class:`ConfigError` naming file, key and reason."""
+    directory = resolve_config_dir(config_dir)
+    cli = {k: v for k, v in (overrides or {}).items() if v is not None}
+
+    node_values: dict[str, Any] = {}
+    peers = PeersFile()
+    routes = RoutesFile()
+    if directory is not None:
+        node_path = directory / NODE_FILE
+        if node_path.exists():
+            node_values = _read_yaml(node_path)
+            _validate_file(NodeOptions, node_path, node_values)
+        peers_path = directory / PEERS_FILE
+        if peers_path.exists():
+            peers = _validate_file(PeersFile, peers_path, _read_yaml(peers_path))
+        routes_path = directory / ROUTES_FILE
+        if routes_path.exists():
+            routes = _validate_file(RoutesFile, routes_path, _read_yaml(routes_path))
+
+    node = _build_node(node_values, cli, directory)
+    return Settings(node=node, peers=peers.peers, routes=routes, config_dir=directory)
+
+
+def _build_node(
+    file_values: dict[str, Any], cli: dict[str, Any], directory: Path | None
+) -> NodeOptions:
+    class _Layered(NodeSettings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            files = InitSettingsSource(settings_cls, init_kwargs=file_values)
+            return (init_settings, env_settings, files)
+
+    try:
+        layered = _Layered(**cli)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = str(first["loc"][0]) if first["loc"] else "(settings)"
+        env_name = f"{ENV_PREFIX}{key.upper()}"
+        if key in cli:
+            source = "command line"
+        elif env_name in {name.upper() for name in os.environ}:
+            source, key = "environment", env_name
+        else:
+            source = str((directory or Path(".")) / NODE_FILE)
+        raise ConfigError(source, key, first["msg"]) from exc
+    return NodeOptions.model_validate(layered.model_dump())

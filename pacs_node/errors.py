@@ -1,0 +1,66 @@
+"""The node's exception hierarchy.
+
+::
+
+    PacsNodeError
+    ├── ConfigError             a config file or env var is wrong; names file, key and reason
+    ├── CatalogError            the catalog database cannot be opened or migrated
+    └── IngestError             an instance received over the network cannot be stored
+        ├── UnreadableDataset       the bytes do not parse as a DICOM data set
+        ├── MissingAttribute        a required UID is absent or empty
+        ├── InvalidUID              a UID is not a valid DICOM UID
+        ├── DataSetMismatch         the data set does not match the presentation context / command
+        └── OutOfResources          the spool cannot hold it (disk full, quota, I/O error)
+
+Errors from pydicom, pynetdicom or SQLAlchemy are translated at the boundary with
+``raise ... from exc``; DIMSE statuses are chosen from these classes in one table
+(:mod:`pacs_node.ingest.statuses`).
+"""
+
+from __future__ import annotations
+
+
+class PacsNodeWarning(UserWarning):
+    """Warnings the node itself emits (tests turn them into errors)."""
+
+
+class PacsNodeError(Exception):
+    """Base of every error the node raises on purpose."""
+
+
+class ConfigError(PacsNodeError):
+    """A configuration value is wrong; the node refuses to start."""
+
+    def __init__(self, source: str, key: str, reason: str) -> None:
+        self.source = source
+        self.key = key
+        self.reason = reason
+        super().__init__(f"{source}: {key}: {reason}")
+
+
+class CatalogError(PacsNodeError):
+    """The catalog cannot be opened, migrated or written."""
+
+
+class IngestError(PacsNodeError):
+    """An instance cannot be stored; the association goes on."""
+
+
+class UnreadableDataset(IngestError):
+    """The received bytes are not a parseable DICOM data set."""
+
+
+class MissingAttribute(IngestError):
+    """A required attribute (a UID) is absent or empty."""
+
+
+class InvalidUID(IngestError):
+    """A UID breaks the DICOM UID rules (PS3.5 9.1) and cannot name a file."""
+
+
+class DataSetMismatch(IngestError):
+    """The data set's SOP Class / Instance does not match the request or context."""
+
+
+class OutOfResources(IngestError):
+    """The spool cannot take the instance now (disk full, I/O error)."""

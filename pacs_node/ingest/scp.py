@@ -1,0 +1,184 @@
+"""The Storage SCP: C-ECHO and C-STORE over pynetdicom, with a deliberately tiny store handler.
+
+The handler parses only the identifying attributes, writes the bytes exactly as received to the
+spool (durably), hands a row to the catalog recorder and answers. Pixel data is never decoded
+here and nothing is converted: every transfer syntax is accepted as proposed.
+"""
+
+from __future__ import annotations
+
+import logging
+from io import BytesIO
+from typing import Any, cast
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
+from pynetdicom import AE, _config, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from pacs_node.catalog.models import utcnow
+from pacs_node.config import Settings
+from pacs_node.errors import DataSetMismatch, IngestError
+from pacs_node.ingest.access import AccessPolicy
+from pacs_node.ingest.header import parse_identifiers, read_header
+from pacs_node.ingest.recorder import CatalogRecorder
+from pacs_node.ingest.spool import Spool
+from pacs_node.ingest.statuses import SUCCESS, status_for
+from pacs_node.refs import InstanceRef
+
+log = logging.getLogger(__name__)
+
+# Accept every storage SOP class, private and retired ones included, with the transfer syntax the
+# sender proposed first: a node must never refuse what a scanner sends (pynetdicom >= 2.0).
+_config.UNRESTRICTED_STORAGE_SERVICE = True
+
+PREAMBLE = b"\x00" * 128 + b"DICM"
+REJECTED_COUNTER = "rejected_associations"
+FAILED_COUNTER = "failed_instances"
+
+
+def _failure(status: int, comment: str) -> Dataset:
+    reply = Dataset()
+    reply.Status = status
+    reply.ErrorComment = comment[:64]
+    return reply
+
+
+def _file_meta(event: evt.Event, calling_ae: str) -> bytes:
+    meta = cast(FileMetaDataset, event.file_meta)
+    meta.SourceApplicationEntityTitle = calling_ae
+    out = BytesIO()
+    out.write(PREAMBLE)
+    write_file_meta_info(out, meta, enforce_standard=True)
+    return out.getvalue()
+
+
+class StorageSCP:
+    def __init__(self, settings: Settings, spool: Spool, recorder: CatalogRecorder) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.recorder = recorder
+        self.policy = AccessPolicy(settings)
+        self._server: ThreadedAssociationServer | None = None
+        options = settings.node
+        ae = AE(ae_title=options.ae_title)
+        ae.add_supported_context(Verification)
+        # Checked (with a log line and a counter) by the EVT_REQUESTED handler instead.
+        ae.require_called_aet = False
+        ae.require_calling_aet = []
+        ae.maximum_associations = options.max_associations
+        ae.maximum_pdu_size = options.max_pdu_bytes
+        ae.acse_timeout = options.acse_timeout_s
+        ae.dimse_timeout = options.dimse_timeout_s
+        ae.network_timeout = options.network_timeout_s
+        self.ae = ae
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("the SCP is not running")
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        options = self.settings.node
+        handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+        self._server = self.ae.start_server(
+            (options.dicom_host, options.dicom_port), block=False, evt_handlers=handlers
+        )
+        log.info(
+            "storage SCP listening",
+            extra={"ae_title": options.ae_title, "host": options.dicom_host, "port": self.port},
+        )
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def _on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        primitive: Any = assoc.requestor.primitive
+        calling = str(primitive.calling_ae_title).strip()
+        called = str(primitive.called_ae_title).strip()
+        address = str(assoc.requestor.address)
+        rejection = self.policy.check(calling, called, address)
+        if rejection is None:
+            return
+        log.warning(
+            "association rejected",
+            extra={
+                "calling_ae": calling,
+                "called_ae": called,
+                "address": address,
+                "reason": rejection.detail,
+            },
+        )
+        self.recorder.count(REJECTED_COUNTER)
+        assoc.acse.send_reject(0x01, 0x01, int(rejection.reason))
+        assoc.kill()
+
+    def _on_echo(self, event: evt.Event) -> int:
+        return SUCCESS
+
+    def _on_store(self, event: evt.Event) -> int | Dataset:
+        calling_ae = str(event.assoc.requestor.ae_title).strip()
+        try:
+            return self._store(event, calling_ae)
+        except IngestError as exc:
+            status = status_for(exc)
+            log.warning(
+                "instance refused",
+                extra={"calling_ae": calling_ae, "status": f"0x{status:04X}", "reason": str(exc)},
+            )
+            self.recorder.count(FAILED_COUNTER)
+            return _failure(status, str(exc))
+        except Exception as exc:
+            status = status_for(exc)
+            log.exception("instance failed", extra={"calling_ae": calling_ae})
+            self.recorder.count(FAILED_COUNTER)
+            return _failure(status, f"internal error: {type(exc).__name__}")
+
+    def _store(self, event: evt.Event, calling_ae: str) -> int:
+        received_at = utcnow()
+        request: Any = event.request
+        stream = cast(BytesIO, request.DataSet)
+        transfer_syntax = str(event.context.transfer_syntax)
+        ds = parse_identifiers(stream, transfer_syntax)
+        header = read_header(ds)
+        if header.sop_class_uid != str(request.AffectedSOPClassUID) or header.sop_class_uid != str(
+            event.context.abstract_syntax
+        ):
+            raise DataSetMismatch("SOP Class UID differs from the request or presentation context")
+        if header.sop_instance_uid != str(request.AffectedSOPInstanceUID):
+            raise DataSetMismatch("SOP Instance UID differs from the request")
+
+        meta = _file_meta(event, calling_ae)
+        stored = self.spool.store(
+            header.study_uid,
+            header.series_uid,
+            header.sop_instance_uid,
+            (meta, stream.getbuffer()),
+        )
+        if stored.duplicate:
+            log.info(
+                "duplicate instance; first copy kept",
+                extra={"sop_instance_uid": header.sop_instance_uid, "calling_ae": calling_ae},
+            )
+            self.recorder.duplicate(header.study_uid)
+            return SUCCESS
+        self.recorder.submit(
+            InstanceRef(
+                header=header,
+                transfer_syntax_uid=transfer_syntax,
+                path=stored.relpath,
+                size_bytes=stored.size_bytes,
+                received_at=received_at,
+                calling_ae=calling_ae,
+            )
+        )
+        return SUCCESS

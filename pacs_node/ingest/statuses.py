@@ -1,0 +1,43 @@
+"""The one table from ingest errors to C-STORE statuses (PS3.4 Annex B.2.3, PS3.7 C)."""
+
+from __future__ import annotations
+
+from pacs_node.errors import (
+    DataSetMismatch,
+    IngestError,
+    InvalidUID,
+    MissingAttribute,
+    OutOfResources,
+    UnreadableDataset,
+)
+
+SUCCESS = 0x0000
+# Failure: Refused: Out of Resources
+OUT_OF_RESOURCES = 0xA700
+# Failure: Error: Data Set does not match SOP Class
+DATASET_MISMATCH = 0xA900
+# Failure: Error: Cannot understand (0xC000-0xCFFF); the low byte says what we could not read.
+CANNOT_UNDERSTAND = 0xC000
+CANNOT_UNDERSTAND_UNREADABLE = 0xC001
+CANNOT_UNDERSTAND_MISSING_UID = 0xC002
+CANNOT_UNDERSTAND_INVALID_UID = 0xC003
+# Failure: Processing failure (an unexpected error of ours; the association goes on)
+PROCESSING_FAILURE = 0x0110
+
+_TABLE: tuple[tuple[type[IngestError], int], ...] = (
+    (OutOfResources, OUT_OF_RESOURCES),
+    (DataSetMismatch, DATASET_MISMATCH),
+    (UnreadableDataset, CANNOT_UNDERSTAND_UNREADABLE),
+    (MissingAttribute, CANNOT_UNDERSTAND_MISSING_UID),
+    (InvalidUID, CANNOT_UNDERSTAND_INVALID_UID),
+)
+
+
+def status_for(error: BaseException) -> int:
+    """The C-STORE status for ``error``; unexpected errors are a processing failure."""
+    for cls, status in _TABLE:
+        if isinstance(error, cls):
+            return status
+    if isinstance(error, IngestError):
+        return CANNOT_UNDERSTAND
+    return PROCESSING_FAILURE

@@ -1,0 +1,52 @@
+"""Small values that cross module lines: UIDs plus the few tags routing and the catalog need."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceHeader:
+    """The identifying attributes of one instance, decoded in its own character set."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    modality: str | None = None
+    instance_number: int | None = None
+    series_number: int | None = None
+    series_description: str | None = None
+    body_part: str | None = None
+    study_description: str | None = None
+    study_date: str | None = None
+    study_time: str | None = None
+    accession_number: str | None = None
+    patient_name: str | None = None
+    patient_id: str | None = None
+    issuer_of_patient_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRef:
+    """One spooled instance as the catalog records it; never a whole Dataset."""
+
+    header: InstanceHeader
+    transfer_syntax_uid: str
+    path: str  # relative to the spool root
+    size_bytes: int
+    received_at: datetime
+    calling_ae: str | None = None
+
+    @property
+    def study_uid(self) -> str:
+        return self.header.study_uid
+
+    @property
+    def series_uid(self) -> str:
+        return self.header.series_uid
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return self.header.sop_instance_uid
