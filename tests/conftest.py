@@ -1,0 +1,198 @@
+"""Shared test helpers: free ports, deadline waits, and a real ``pacs-node serve`` process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+BIN = Path(sys.executable).parent
+PACS_NODE = str(BIN / "pacs-node")
+STORESCU = "/usr/bin/storescu"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(
+    condition: Callable[[], Any], timeout: float, interval: float = 0.1, what: str = "condition"
+) -> Any:
+    """Poll ``condition`` until it returns a truthy value or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PACS_NODE_")}
+    env["TCP_NODELAY"] = "1"
+    return env
+
+
+def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [PACS_NODE, *args],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=120,
+        check=False,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"pacs-node {' '.join(args)} failed:\n{result.stderr}")
+    return result
+
+
+@dataclass
+class NodeProcess:
+    """A ``pacs-node serve`` subprocess with its own config folder, data folder and port."""
+
+    root: Path
+    node: dict[str, Any]
+    peers: list[dict[str, Any]] = field(default_factory=list)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def config_dir(self) -> Path:
+        return self.root / "ae_config"
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.node["data_dir"])
+
+    @property
+    def port(self) -> int:
+        return int(self.node["dicom_port"])
+
+    @property
+    def ae_title(self) -> str:
+        return str(self.node.get("ae_title", "PACSNODE"))
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "node.log"
+
+    def write_config(self) -> None:
+        self.config_dir.mkdir(parents=True, exist_ok=True)
+        (self.config_dir / "node.yaml").write_text(yaml.safe_dump(self.node))
+        (self.config_dir / "peers.yaml").write_text(yaml.safe_dump({"peers": self.peers}))
+
+    def start(self, timeout: float = 60.0) -> NodeProcess:
+        self.write_config()
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [PACS_NODE, "serve", "--config", str(self.config_dir)],
+            stdout=log,
+            stderr=log,
+            env=clean_env(),
+        )
+        wait_for(self._listening, timeout, what="the node's DICOM port")
+        return self
+
+    def _listening(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"node exited early:\n{self.log_path.read_text()}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run a ``pacs-node`` command that reads this node's configuration."""
+        return run_cli(*args, "--config", str(self.config_dir), check=check)
+
+    def studies(self) -> list[dict[str, Any]]:
+        result = self.cli("studies", "--json")
+        return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@pytest.fixture
+def make_node(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
+    """Start nodes on free loopback ports; every one is stopped when the test ends."""
+    nodes: list[NodeProcess] = []
+
+    def factory(
+        peers: list[dict[str, Any]] | None = None, start: bool = True, **options: Any
+    ) -> NodeProcess:
+        root = tmp_path / f"node{len(nodes)}"
+        node_options: dict[str, Any] = {
+            "ae_title": "PACSNODE",
+            "dicom_host": "127.0.0.1",
+            "dicom_port": free_port(),
+            "web_port": free_port(),
+            "data_dir": str(root / "var"),
+            "quiet_period_s": 2.0,
+            "min_free_mb": 0,
+        }
+        node_options.update(options)
+        if peers is None:
+            peers = [{"ae_title": "STORESCU"}, {"ae_title": "PACSNODE_SCU"}]
+        node = NodeProcess(root=root, node=node_options, peers=peers)
+        nodes.append(node)
+        return node.start() if start else node
+
+    yield factory
+    for node in nodes:
+        node.stop()
+
+
+def storescu(
+    node: NodeProcess, *paths: Path | str, calling: str = "STORESCU", extra: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """Send with dcmtk's storescu (the real scanner of these tests)."""
+    return subprocess.run(
+        [
+            STORESCU,
+            "-aet",
+            calling,
+            "-aec",
+            node.ae_title,
+            *extra,
+            "127.0.0.1",
+            str(node.port),
+            *map(str, paths),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
