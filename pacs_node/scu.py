@@ -11,13 +11,17 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from pynetdicom import AE
+from pynetdicom import AE, _config
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from pacs_node.config import check_ae_title
 
 log = logging.getLogger(__name__)
+
+# Send each file's data set bytes exactly as stored, read in chunks, instead of decoding and
+# re-encoding it (the default): nothing is converted and memory stays flat for large files.
+_config.STORE_SEND_CHUNKED_DATASET = True
 
 MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1-255
 _ADDRESS = re.compile(r"(?P<ae>[^@]{1,16})@(?P<host>\[[^\]]+\]|[^:]+):(?P<port>\d{1,5})")
