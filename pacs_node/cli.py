@@ -1,4 +1,7 @@
-"""The ``pacs-node`` command line (typer + rich). JSON output goes alone to stdout; logs to stderr."""
+"""The ``pacs-node`` command line (typer + rich).
+
+JSON output goes alone to stdout; logs and progress go to stderr.
+"""
 
 from __future__ import annotations
 
@@ -138,7 +141,9 @@ def studies(config: ConfigOption = None, json_output: JsonOption = False) -> Non
 def send(
     paths: Annotated[list[Path], typer.Argument(help="Files and folders to send.", exists=True)],
     to: Annotated[str, typer.Option("--to", help="Destination as AE@HOST:PORT.")],
-    calling_ae: Annotated[str, typer.Option(help="Our AE title on this association.")] = "PACSNODE_SCU",
+    calling_ae: Annotated[
+        str, typer.Option(help="Our AE title on this association.")
+    ] = "PACSNODE_SCU",
     json_output: JsonOption = False,
 ) -> None:
     """Send DICOM files with C-STORE, each in its own transfer syntax."""
@@ -182,7 +187,9 @@ def send(
 @app.command()
 def echo(
     target: Annotated[str, typer.Argument(help="AE@HOST:PORT")],
-    calling_ae: Annotated[str, typer.Option(help="Our AE title on this association.")] = "PACSNODE_SCU",
+    calling_ae: Annotated[
+        str, typer.Option(help="Our AE title on this association.")
+    ] = "PACSNODE_SCU",
 ) -> None:
     """Check a DICOM peer with C-ECHO."""
     from pacs_node.scu import Peer

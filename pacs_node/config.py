@@ -97,7 +97,7 @@ class NodeOptions(BaseModel):
 
 
 class NodeSettings(NodeOptions, BaseSettings):
-    """``NodeOptions`` read from the environment as ``PACS_NODE_<NAME>`` (e.g. ``PACS_NODE_AE_TITLE``)."""
+    """``NodeOptions`` read from ``PACS_NODE_<NAME>`` environment variables."""
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, extra="forbid", frozen=True, case_sensitive=False

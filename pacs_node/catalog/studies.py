@@ -222,7 +222,7 @@ def receiving_studies(session: Session) -> list[StudyTouch]:
         select(
             Study.study_uid, Study.last_received_at, Study.receiving_since, Study.calling_ae
         ).where(Study.state == StudyState.RECEIVING)
-    ).tuples()
+    ).all()
     return [StudyTouch(uid, last, since, ae, reopened=False) for uid, last, since, ae in rows]
 
 
@@ -345,7 +345,7 @@ def list_studies(session: Session, study_uids: Iterable[str] | None = None) -> l
             .join(Series)
             .where(Series.study_id.in_([s.id for s in studies]))
             .group_by(Instance.series_id)
-        ).tuples()
+        ).all()
     }
     summaries = []
     for study in studies:

@@ -12,6 +12,7 @@ from io import BytesIO
 from typing import Any, cast
 
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -46,9 +47,9 @@ def _failure(status: int, comment: str) -> Dataset:
 
 
 def _file_meta(event: evt.Event, calling_ae: str) -> bytes:
-    meta = cast(FileMetaDataset, event.file_meta)
+    meta: FileMetaDataset = event.file_meta
     meta.SourceApplicationEntityTitle = calling_ae
-    out = BytesIO()
+    out = DicomBytesIO()
     out.write(PREAMBLE)
     write_file_meta_info(out, meta, enforce_standard=True)
     return out.getvalue()
@@ -82,7 +83,7 @@ class StorageSCP:
 
     def start(self) -> None:
         options = self.settings.node
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),

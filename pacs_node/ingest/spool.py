@@ -66,12 +66,15 @@ class Spool:
         stats = os.statvfs(self.root)
         free = stats.f_bavail * stats.f_frsize
         if free < self.min_free_bytes:
-            raise OutOfResources(
-                f"spool has {free // 2**20} MiB free, below the {self.min_free_bytes // 2**20} MiB floor"
-            )
+            floor = self.min_free_bytes // 2**20
+            raise OutOfResources(f"spool has {free // 2**20} MiB free, below the {floor} MiB floor")
 
     def store(
-        self, study_uid: str, series_uid: str, sop_instance_uid: str, chunks: Iterable[bytes]
+        self,
+        study_uid: str,
+        series_uid: str,
+        sop_instance_uid: str,
+        chunks: Iterable[bytes | memoryview],
     ) -> StoredFile:
         """Write ``chunks`` durably under the instance's name; never a partial or replaced file."""
         relpath = self.relpath_for(study_uid, series_uid, sop_instance_uid)

@@ -81,7 +81,9 @@ def _malformed(tmp_path: Path, template: Path) -> dict[str, Path]:
     ds.save_as(bad["missing"])
 
     ds = pydicom.dcmread(template)
-    bad["garbage"] = _with_meta(ds, b"\x08\x00\x16\x00UI\xff\xff" + b"\x01" * 40, tmp_path / "g.dcm")
+    bad["garbage"] = _with_meta(
+        ds, b"\x08\x00\x16\x00UI\xff\xff" + b"\x01" * 40, tmp_path / "g.dcm"
+    )
     return bad
 
 
@@ -106,7 +108,7 @@ def test_malformed_instances_fail_while_the_association_goes_on(
     assert statuses["missing.dcm"].startswith("status 0xC002")
     assert statuses["g.dcm"].startswith("status 0xC00")  # cannot understand
 
-    studies = wait_for(lambda: node.studies(), 10, what="the good instances")
+    studies = wait_for(node.studies, 10, what="the good instances")
     assert [s["instances"] for s in studies] == [4]
     spool = node.data_dir / "spool"
     assert not (node.data_dir / "x").exists()

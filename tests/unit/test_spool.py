@@ -1,0 +1,102 @@
+"""The spool: atomic writes, UID-only paths, first copy wins, out-of-resources on a full disk."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pacs_node.errors import InvalidUID, MissingAttribute, OutOfResources
+from pacs_node.ingest.spool import Spool
+from pacs_node.uids import is_valid_uid, require_uid
+
+STUDY, SERIES, SOP = "1.2.3", "1.2.3.4", "1.2.3.4.5"
+
+
+def test_store_writes_whole_file_under_uid_path(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    stored = spool.store(STUDY, SERIES, SOP, [b"abc", memoryview(b"def")])
+    assert stored.relpath == f"{STUDY}/{SERIES}/{SOP}.dcm"
+    assert not stored.duplicate
+    assert (tmp_path / "spool" / stored.relpath).read_bytes() == b"abcdef"
+    assert stored.size_bytes == 6
+    assert list(spool.incoming.iterdir()) == []
+    assert list(spool.walk()) == [stored.relpath]
+
+
+def test_first_copy_is_kept(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.store(STUDY, SERIES, SOP, [b"first"])
+    again = spool.store(STUDY, SERIES, SOP, [b"second"])
+    assert again.duplicate
+    assert (tmp_path / again.relpath).read_bytes() == b"first"
+
+
+@pytest.mark.parametrize(
+    "uid", ["1.2.3/../../x", "../1.2", "1.2.3\\x", "1..2", ".1.2", "1.2.", "1.2.a", "1" * 65]
+)
+def test_hostile_uids_never_become_paths(tmp_path: Path, uid: str) -> None:
+    spool = Spool(tmp_path / "spool")
+    with pytest.raises(InvalidUID):
+        spool.store(uid, SERIES, SOP, [b"x"])
+    with pytest.raises(InvalidUID):
+        spool.store(STUDY, SERIES, uid, [b"x"])
+    assert list(spool.walk()) == []
+    assert list(spool.incoming.iterdir()) == []
+
+
+@given(st.text(max_size=80))
+def test_only_digits_and_dots_pass(text: str) -> None:
+    if is_valid_uid(text):
+        assert set(text) <= set("0123456789.")
+        assert ".." not in text
+        assert not text.startswith(".")
+        assert not text.endswith(".")
+        assert len(text) <= 64
+
+
+def test_strict_uid_rules() -> None:
+    assert is_valid_uid("1.2.840.10008.1.2", strict=True)
+    assert is_valid_uid("1.2.0.3", strict=True)
+    assert not is_valid_uid("1.2.03", strict=True)
+    assert is_valid_uid("1.2.03")  # seen from real devices; still path-safe
+
+
+def test_require_uid_errors() -> None:
+    with pytest.raises(MissingAttribute):
+        require_uid(None, "StudyInstanceUID")
+    with pytest.raises(MissingAttribute):
+        require_uid("  ", "StudyInstanceUID")
+    assert require_uid("1.2.3\0", "X") == "1.2.3"
+
+
+def _disk_fills_up() -> Iterator[bytes]:
+    yield b"partial"
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_full_disk_is_out_of_resources_and_leaves_nothing(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    with pytest.raises(OutOfResources):
+        spool.store(STUDY, SERIES, SOP, _disk_fills_up())
+    assert list(spool.walk()) == []
+    assert list(spool.incoming.iterdir()) == []
+
+
+def test_free_space_floor(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, min_free_bytes=2**62)
+    with pytest.raises(OutOfResources, match="free"):
+        spool.store(STUDY, SERIES, SOP, [b"x"])
+    assert list(spool.walk()) == []
+
+
+def test_clean_incoming_removes_unacknowledged_partials(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    (spool.incoming / "abc.part").write_bytes(b"half")
+    assert spool.clean_incoming() == 1
+    assert list(spool.incoming.iterdir()) == []
