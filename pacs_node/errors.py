@@ -5,6 +5,7 @@
     PacsNodeError
     ├── ConfigError             a config file or env var is wrong; names file, key and reason
     ├── CatalogError            the catalog database cannot be opened or migrated
+    ├── VolumeError             a series cannot become one Volume (tilt, gaps, mixed geometry, ...)
     └── IngestError             an instance received over the network cannot be stored
         ├── UnreadableDataset       the bytes do not parse as a DICOM data set
         ├── MissingAttribute        a required UID is absent or empty
@@ -40,6 +41,10 @@ class ConfigError(PacsNodeError):
 
 class CatalogError(PacsNodeError):
     """The catalog cannot be opened, migrated or written."""
+
+
+class VolumeError(PacsNodeError):
+    """A series cannot be turned into one Volume; the message says why (the job fails, not the node)."""
 
 
 class IngestError(PacsNodeError):
