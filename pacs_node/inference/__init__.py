@@ -1,0 +1,1 @@
+"""Segmentation: the label vocabulary, model bundles, the runner and classical CT localisation."""
