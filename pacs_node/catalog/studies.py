@@ -339,7 +339,7 @@ def list_studies(session: Session, study_uids: Iterable[str] | None = None) -> l
     if not studies:
         return []
     counts: dict[int, tuple[int, int]] = {
-        series_id: (count, size or 0)
+        series_id: (int(count), int(size or 0))
         for series_id, count, size in session.execute(
             select(Instance.series_id, func.count(Instance.id), func.sum(Instance.size_bytes))
             .join(Series)

@@ -18,9 +18,14 @@ from tests.conftest import wait_for
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
 
-@pytest.fixture
-def catalog(tmp_path: Path) -> Iterator[Catalog]:
-    cat = open_catalog(f"sqlite:///{tmp_path / 'catalog.sqlite'}")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def catalog(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Catalog]:
+    """The same tests on the default SQLite catalog and on PostgreSQL (scale-out)."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'catalog.sqlite'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    cat = open_catalog(url)
     yield cat
     cat.dispose()
 
