@@ -1,0 +1,257 @@
+"""From a model's output back to a clean label array on the source grid.
+
+Two jobs: the exact inverse of :func:`pacs_node.imaging.preprocess.resample` (labels by nearest
+neighbour, probabilities by trilinear interpolation then argmax, both slab by slab so a 12-channel
+output for a 600-slice CT never exists at source resolution), and per-segment clean-up (largest
+connected component, hole filling, small-island removal, morphological smoothing). Clean-up
+only ever writes a segment's own voxels or background, never another segment's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import ndimage  # type: ignore[import-untyped,unused-ignore]
+
+from pacs_node.imaging.preprocess import SLAB_VOXELS, outside_mask, resample
+from pacs_node.imaging.volume import Grid
+
+# (model z0, z1) -> probabilities[channels, z1 - z0, y, x] on the model grid
+ProbabilitySource = NDArray[Any] | Callable[[int, int], NDArray[Any]]
+
+
+def labels_to_source(labels: NDArray[Any], model: Grid, source: Grid) -> NDArray[Any]:
+    """A label array on the model grid, back on the source grid (nearest neighbour; outside the
+    model grid is background). Same dtype as ``labels``."""
+    return resample(labels, model, source, order=0, fill=0)
+
+
+def _label_dtype(channels: int) -> np.dtype[Any]:
+    return np.dtype(np.uint8) if channels <= 256 else np.dtype(np.uint16)
+
+
+def probabilities_to_source(
+    probabilities: ProbabilitySource,
+    model: Grid,
+    source: Grid,
+    *,
+    channels: int | None = None,
+    slab_voxels: int = SLAB_VOXELS,
+) -> NDArray[Any]:
+    """Channel-first probabilities (or logits) on the model grid, as an argmax label array on
+    the source grid: channel ``c`` becomes label value ``c`` (channel 0 is background).
+
+    ``probabilities`` is an array ``[C, z, y, x]`` or a callable returning the model slices
+    ``z0:z1`` (then ``channels`` is required), so a caller can stream them from a GPU or a file.
+    Each source slab fetches only the model slices it needs, interpolates channel by channel and
+    keeps a running maximum: memory is one slab, not channels x source volume.
+    """
+    if callable(probabilities):
+        if channels is None:
+            raise ValueError("channels is required when probabilities is a callable")
+        fetch = probabilities
+        count = channels
+    else:
+        array = probabilities
+        if array.ndim != 4 or tuple(array.shape[1:]) != model.shape:
+            raise ValueError(
+                f"probabilities shape {array.shape} is not [C, *{model.shape}] (channels first)"
+            )
+        count = int(array.shape[0])
+
+        def fetch(z0: int, z1: int) -> NDArray[Any]:
+            return array[:, z0:z1]
+
+    matrix = np.asarray(np.linalg.solve(model.affine, source.affine), dtype=np.float64)
+    out = np.zeros(source.shape, dtype=_label_dtype(count))
+    per_slice = max(1, source.shape[1] * source.shape[2])
+    slab = max(1, slab_voxels // per_slice)
+    ny, nx = source.shape[1], source.shape[2]
+    corners_yx = np.array([[0, 0], [0, nx - 1], [ny - 1, 0], [ny - 1, nx - 1]], dtype=float)
+    for z0 in range(0, source.shape[0], slab):
+        z1 = min(source.shape[0], z0 + slab)
+        corners = np.array([[z, y, x] for z in (z0, z1 - 1) for y, x in corners_yx])
+        model_z = corners @ matrix[0, :3] + matrix[0, 3]
+        m0 = max(0, int(np.floor(model_z.min())) - 1)
+        m1 = min(model.shape[0], int(np.ceil(model_z.max())) + 2)
+        shape = (z1 - z0, ny, nx)
+        if m1 <= m0:
+            continue  # this slab lies outside the model grid: background
+        block = np.asarray(fetch(m0, m1))
+        if block.shape != (count, m1 - m0, model.shape[1], model.shape[2]):
+            raise ValueError(f"probability slab has shape {block.shape}, expected {count} channels")
+        # index in the fetched block = model index - (m0, 0, 0)
+        offset = matrix[:3, 3] + matrix[:3, 0] * z0 - np.array([m0, 0.0, 0.0])
+        best = np.full(shape, -np.inf, dtype=np.float32)
+        labels = np.zeros(shape, dtype=out.dtype)
+        outside = outside_mask(matrix, z0, shape, model.shape)
+        for c in range(count):
+            plane = ndimage.affine_transform(
+                np.asarray(block[c], dtype=np.float32),
+                matrix[:3, :3],
+                offset=offset,
+                output_shape=shape,
+                order=1,
+                mode="nearest",
+                prefilter=False,
+            )
+            plane[outside] = -np.inf if c else np.inf  # outside the model: background
+            better = plane > best
+            labels[better] = c
+            np.maximum(best, plane, out=best)
+        out[z0:z1] = labels
+    return out
+
+
+# --------------------------------------------------------------------------- clean-up
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentCleanup:
+    """What to do to one segment's mask, as a bundle declares it per label."""
+
+    largest_component: bool = False
+    fill_holes: bool = False
+    min_volume_ml: float | None = None
+    min_voxels: int | None = None
+    smoothing_mm: float | None = None
+
+
+def _structure(connectivity: int) -> NDArray[np.bool_]:
+    return np.asarray(ndimage.generate_binary_structure(3, connectivity), dtype=bool)
+
+
+def _boxes(labels: NDArray[Any], values: Iterable[int], pad: int) -> dict[int, tuple[slice, ...]]:
+    """Bounding box of each label value, padded, so work scales with the segment, not the scan."""
+    boxes: dict[int, tuple[slice, ...]] = {}
+    for value in values:
+        where = np.nonzero(labels == value)
+        if where[0].size == 0:
+            continue
+        boxes[value] = tuple(
+            slice(max(0, int(w.min()) - pad), min(n, int(w.max()) + 1 + pad))
+            for w, n in zip(where, labels.shape, strict=True)
+        )
+    return boxes
+
+
+def _present(labels: NDArray[Any], values: Iterable[int] | None) -> list[int]:
+    found = [int(v) for v in np.unique(labels) if v != 0]
+    return found if values is None else [v for v in values if v in found]
+
+
+def keep_largest_component(
+    labels: NDArray[Any], values: Iterable[int] | None = None, *, connectivity: int = 1
+) -> NDArray[Any]:
+    """Per label value, keep only its largest connected component (the rest becomes 0)."""
+    out = labels.copy()
+    for value, box in _boxes(labels, _present(labels, values), 0).items():
+        mask = labels[box] == value
+        components, count = ndimage.label(mask, structure=_structure(connectivity))
+        if count <= 1:
+            continue
+        sizes = np.bincount(components.ravel())[1:]
+        keep = components == (int(np.argmax(sizes)) + 1)
+        region = out[box]
+        region[mask & ~keep] = 0
+    return out
+
+
+def fill_holes(labels: NDArray[Any], values: Iterable[int] | None = None) -> NDArray[Any]:
+    """Per label value, fill enclosed background cavities (never another segment's voxels)."""
+    out = labels.copy()
+    for value, box in _boxes(labels, _present(labels, values), 1).items():
+        mask = labels[box] == value
+        filled = ndimage.binary_fill_holes(mask)
+        region = out[box]
+        region[filled & (region == 0)] = value
+    return out
+
+
+def remove_small_islands(
+    labels: NDArray[Any],
+    values: Iterable[int] | None = None,
+    *,
+    min_voxels: int | None = None,
+    min_volume_ml: float | None = None,
+    spacing: tuple[float, float, float] | None = None,
+    connectivity: int = 1,
+) -> NDArray[Any]:
+    """Per label value, drop connected components smaller than ``min_voxels`` or
+    ``min_volume_ml`` (which needs ``spacing`` in mm)."""
+    threshold = 0.0 if min_voxels is None else float(min_voxels)
+    if min_volume_ml is not None:
+        if spacing is None:
+            raise ValueError("min_volume_ml needs the voxel spacing")
+        voxel_ml = float(np.prod(spacing)) / 1000.0
+        threshold = max(threshold, min_volume_ml / voxel_ml)
+    out = labels.copy()
+    if threshold <= 1:
+        return out
+    for value, box in _boxes(labels, _present(labels, values), 0).items():
+        mask = labels[box] == value
+        components, _ = ndimage.label(mask, structure=_structure(connectivity))
+        sizes = np.bincount(components.ravel())
+        small = sizes < threshold
+        small[0] = False
+        region = out[box]
+        region[small[components]] = 0
+    return out
+
+
+def _ball(radius_mm: float, spacing: tuple[float, float, float]) -> NDArray[np.bool_]:
+    half = [int(np.floor(radius_mm / s)) for s in spacing]
+    grids = np.ogrid[tuple(slice(-h, h + 1) for h in half)]
+    distance = sum((g * s) ** 2 for g, s in zip(grids, spacing, strict=True))
+    return np.asarray(distance <= radius_mm**2 + 1e-9, dtype=bool)
+
+
+def smooth(
+    labels: NDArray[Any],
+    spacing: tuple[float, float, float],
+    radius_mm: float,
+    values: Iterable[int] | None = None,
+) -> NDArray[Any]:
+    """Per label value, morphological opening then closing with a ball of ``radius_mm``:
+    removes spurs thinner than the ball and closes notches, in physical units."""
+    ball = _ball(radius_mm, spacing)
+    pad = max(ball.shape) // 2 + 1
+    out = labels.copy()
+    for value, box in _boxes(labels, _present(labels, values), pad).items():
+        mask = labels[box] == value
+        opened = ndimage.binary_opening(mask, structure=ball)
+        closed = ndimage.binary_closing(opened, structure=ball)
+        region = out[box]
+        region[mask & ~closed] = 0
+        region[closed & (region == 0)] = value
+    return out
+
+
+def clean_segments(
+    labels: NDArray[Any],
+    spacing: tuple[float, float, float],
+    recipe: Mapping[int, SegmentCleanup],
+) -> NDArray[Any]:
+    """Apply each segment's declared clean-up, in a fixed order: smoothing, island removal,
+    hole filling, largest component (so smoothing cannot reopen what the others closed)."""
+    out = labels
+    for value, steps in recipe.items():
+        if steps.smoothing_mm:
+            out = smooth(out, spacing, steps.smoothing_mm, [value])
+        if steps.min_voxels or steps.min_volume_ml:
+            out = remove_small_islands(
+                out,
+                [value],
+                min_voxels=steps.min_voxels,
+                min_volume_ml=steps.min_volume_ml,
+                spacing=spacing,
+            )
+        if steps.fill_holes:
+            out = fill_holes(out, [value])
+        if steps.largest_component:
+            out = keep_largest_component(out, [value])
+    return out if out is not labels else labels.copy()
