@@ -102,22 +102,23 @@ def resample(
     matrix = np.asarray(np.linalg.solve(source.affine, target.affine), dtype=np.float64)
     out_dtype = np.dtype(dtype) if dtype is not None else array.dtype
     out = np.empty(target.shape, dtype=out_dtype)
-    work = (
-        array if order == 0 or array.dtype in (np.float32, np.float64) else array.astype(np.float32)
-    )
+    # Interpolation writes float32 slabs straight from the source: no full-size converted copy
+    # (cubic splines excepted: scipy prefilters the whole input once).
+    part_dtype = array.dtype if order == 0 else np.dtype(np.float32)
     per_slice = max(1, target.shape[1] * target.shape[2])
     slab = max(1, SLAB_VOXELS // per_slice)
     for z0 in range(0, target.shape[0], slab):
         z1 = min(target.shape[0], z0 + slab)
         offset = matrix[:3, 3] + matrix[:3, 0] * z0
         part = ndimage.affine_transform(
-            work,
+            array,
             matrix[:3, :3],
             offset=offset,
             output_shape=(z1 - z0, target.shape[1], target.shape[2]),
             order=order,
             mode="nearest",
             prefilter=order > 1,
+            output=part_dtype,
         )
         part[outside_mask(matrix, z0, part.shape, source.shape)] = fill
         if np.issubdtype(out_dtype, np.integer) and order > 0:

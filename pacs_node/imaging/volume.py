@@ -772,7 +772,8 @@ def load_series(
     voxels = np.empty((layout.depth, first.rows, first.columns), dtype=dtype)
     _decode_into(voxels, layout.slices, layout.slots, sources, headers)
     if layout.filled:
-        voxels[layout.filled] = voxels[layout.slots].min()
+        voxels[layout.filled] = min(voxels[k].min() for k in layout.slots)
+    voxels.setflags(write=False)  # a Volume is shared by every stage; nobody edits it in place
     uids = [""] * layout.depth
     frames: list[int | None] = [None] * layout.depth
     for s, slot in zip(layout.slices, layout.slots, strict=True):

@@ -7,6 +7,7 @@ import tracemalloc
 from collections.abc import Sequence
 from pathlib import Path
 
+import nibabel
 import numpy as np
 import pytest
 from pydicom import Dataset, dcmread
@@ -463,3 +464,24 @@ def test_rgb_ultrasound_and_monochrome1_radiograph_flags() -> None:
     raw = dcmread(_file("RG3_UNCR.dcm")).pixel_array
     hi = 2 ** int(dcmread(_file("RG3_UNCR.dcm")).BitsStored) - 1
     np.testing.assert_array_equal(cr.voxels[0], hi - raw.astype(np.int32))
+
+
+def test_ras_affine_is_a_correct_nifti_affine(tmp_path: Path) -> None:
+    datasets = _series(4, orientation=_oblique())
+    volume = load_series(datasets)
+    path = tmp_path / "volume.nii.gz"
+    nibabel.save(nibabel.Nifti1Image(np.asarray(volume.voxels), volume.affine_ras()), path)
+    image = nibabel.load(path)
+    for z, ds in enumerate(datasets):
+        lps = np.array(ds.ImagePositionPatient, dtype=float)
+        ras = nibabel.affines.apply_affine(image.affine, [z, 0, 0])
+        np.testing.assert_allclose(ras, lps * [-1, -1, 1], atol=1e-3)
+    np.testing.assert_array_equal(np.asarray(image.dataobj), volume.voxels)
+    axial = load_series(_series(2))
+    assert nibabel.aff2axcodes(axial.affine_ras()) == ("S", "P", "L")
+
+
+def test_voxels_are_read_only() -> None:
+    volume = load_series(_series(2))
+    with pytest.raises(ValueError, match="read-only"):
+        volume.voxels[0, 0, 0] = 1
