@@ -13,7 +13,14 @@ import pytest
 from pydicom import Dataset, dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    ExplicitVRLittleEndian,
+    JPEGLSLossless,
+    RLELossless,
+    generate_uid,
+)
 
 from pacs_node.errors import VolumeError
 from pacs_node.imaging import Volume, VolumeKind, load_series
@@ -485,3 +492,72 @@ def test_voxels_are_read_only() -> None:
     volume = load_series(_series(2))
     with pytest.raises(ValueError, match="read-only"):
         volume.voxels[0, 0, 0] = 1
+
+
+@pytest.mark.parametrize("syntax", [RLELossless, JPEGLSLossless])  # J2K: pydicom-data files
+def test_compressed_synthetic_series_matches_uncompressed(syntax: str, tmp_path: Path) -> None:
+    plain = _series(4, orientation=_oblique())
+    packed = _series(4, orientation=_oblique())
+    for source, target in zip(plain, packed, strict=True):
+        target.compress(syntax, generate_instance_uid=False)
+        target.SOPInstanceUID = source.SOPInstanceUID
+        target.file_meta.MediaStorageSOPInstanceUID = source.SOPInstanceUID
+        target.ImagePositionPatient = source.ImagePositionPatient
+    got = load_series(_write(tmp_path, packed))
+    want = load_series(plain)
+    assert packed[0].file_meta.TransferSyntaxUID == syntax
+    np.testing.assert_array_equal(got.voxels, want.voxels)
+    _check_geometry(got, plain)
+
+
+def _enhanced(frames: Sequence[tuple[float, float, float]], slopes: Sequence[int]) -> Dataset:
+    """Enhanced CT: orientation and rescale per frame, pixel measures shared."""
+    ds = _slice(position=(0, 0, 0), index=0)
+    for keyword in (
+        "ImagePositionPatient",
+        "ImageOrientationPatient",
+        "PixelSpacing",
+        "RescaleSlope",
+        "RescaleIntercept",
+    ):
+        del ds[keyword]
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
+    ds.NumberOfFrames = len(frames)
+    shared = Dataset()
+    measures = Dataset()
+    measures.PixelSpacing = list(PIXEL)
+    measures.SliceThickness = 1.0
+    shared.PixelMeasuresSequence = [measures]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    per_frame = []
+    for position, slope in zip(frames, slopes, strict=True):
+        item, plane, orient, value, content = Dataset(), Dataset(), Dataset(), Dataset(), Dataset()
+        plane.ImagePositionPatient = list(position)
+        orient.ImageOrientationPatient = list(AXIAL)
+        value.RescaleSlope, value.RescaleIntercept, value.RescaleType = slope, -1024, "HU"
+        content.FrameAcquisitionNumber = 1
+        item.PlanePositionSequence = [plane]
+        item.PlaneOrientationSequence = [orient]
+        item.PixelValueTransformationSequence = [value]
+        item.FrameContentSequence = [content]
+        per_frame.append(item)
+    ds.PerFrameFunctionalGroupsSequence = per_frame
+    ds.PixelData = b"".join(_stored(i).tobytes() for i in range(len(frames)))
+    return ds
+
+
+def test_enhanced_ct_with_per_frame_orientation_and_rescale() -> None:
+    positions = [(0.0, 0.0, z) for z in (6.0, 0.0, 8.0, 2.0, 4.0)]
+    slopes = [1, 2, 1, 2, 1]
+    ds = _enhanced(positions, slopes)
+    volume = load_series([ds])
+    assert volume.shape == (5, ROWS, COLS)
+    assert volume.frame_numbers == (2, 4, 5, 1, 3)
+    assert set(volume.sop_instance_uids) == {ds.SOPInstanceUID}
+    assert volume.spacing == pytest.approx((2.0, PIXEL[0], PIXEL[1]))
+    for z, frame in enumerate(volume.frame_numbers):
+        assert frame is not None
+        expected = _stored(frame - 1).astype(np.int32) * slopes[frame - 1] - 1024
+        np.testing.assert_array_equal(volume.voxels[z], expected)
+        np.testing.assert_allclose(volume.index_to_patient([z, 0, 0]), positions[frame - 1])
+    assert "PixelData" not in volume.headers[0]
