@@ -67,6 +67,7 @@ def probabilities_to_source(
             return array[:, z0:z1]
 
     matrix = np.asarray(np.linalg.solve(model.affine, source.affine), dtype=np.float64)
+    aligned = _aligned_axes(matrix)
     out = np.zeros(source.shape, dtype=_label_dtype(count))
     per_slice = max(1, source.shape[1] * source.shape[2])
     slab = max(1, slab_voxels // per_slice)
@@ -90,21 +91,68 @@ def probabilities_to_source(
         labels = np.zeros(shape, dtype=out.dtype)
         outside = outside_mask(matrix, z0, shape, model.shape)
         for c in range(count):
-            plane = ndimage.affine_transform(
-                np.asarray(block[c], dtype=np.float32),
-                matrix[:3, :3],
-                offset=offset,
-                output_shape=shape,
-                order=1,
-                mode="nearest",
-                prefilter=False,
-            )
+            channel = np.asarray(block[c], dtype=np.float32)
+            if aligned is not None:
+                plane = _interpolate_aligned(channel, matrix, aligned, z0, shape, m0)
+            else:
+                plane = ndimage.affine_transform(
+                    channel,
+                    matrix[:3, :3],
+                    offset=offset,
+                    output_shape=shape,
+                    order=1,
+                    mode="nearest",
+                    prefilter=False,
+                    output=np.float32,
+                )
             plane[outside] = -np.inf if c else np.inf  # outside the model: background
             better = plane > best
             labels[better] = c
             np.maximum(best, plane, out=best)
         out[z0:z1] = labels
     return out
+
+
+def _aligned_axes(matrix: NDArray[np.float64]) -> list[int] | None:
+    """When the grids' axes are parallel (flips, permutations, scaling: the usual case of an
+    RAS or LPS model grid on an axial scan), the source axis each model axis follows."""
+    linear = matrix[:3, :3]
+    follows = [int(np.argmax(np.abs(linear[i]))) for i in range(3)]
+    if sorted(follows) != [0, 1, 2]:
+        return None
+    others = np.ones((3, 3), dtype=bool)
+    others[[0, 1, 2], follows] = False
+    if np.any(np.abs(linear[others]) > 1e-9 * float(np.abs(linear).max())):
+        return None
+    return follows
+
+
+def _interpolate_aligned(
+    channel: NDArray[np.float32],
+    matrix: NDArray[np.float64],
+    follows: list[int],
+    z0: int,
+    shape: tuple[int, int, int],
+    m0: int,
+) -> NDArray[np.float32]:
+    """Trilinear interpolation as three 1D passes (edge values held, as scipy's ``nearest``):
+    several times faster than a general affine resampling, with the same result."""
+    ranges = [np.arange(z0, z0 + shape[0]), np.arange(shape[1]), np.arange(shape[2])]
+    data = channel
+    for axis in range(3):
+        src = follows[axis]
+        coord = matrix[axis, src] * ranges[src] + matrix[axis, 3] - (m0 if axis == 0 else 0)
+        size = channel.shape[axis]
+        clipped = np.clip(coord, 0, size - 1)
+        low = np.floor(clipped).astype(np.intp)
+        high = np.minimum(low + 1, size - 1)
+        weight_shape = [1, 1, 1]
+        weight_shape[axis] = -1
+        weight = (clipped - low).astype(np.float32).reshape(weight_shape)
+        first = np.take(data, low, axis=axis)
+        data = first + (np.take(data, high, axis=axis) - first) * weight
+    # axis k of data now runs along source axis follows[k]
+    return np.ascontiguousarray(np.transpose(data, np.argsort(follows)), dtype=np.float32)
 
 
 # --------------------------------------------------------------------------- clean-up
