@@ -126,7 +126,7 @@ class Grid:
         affine[:3, 2] = direction[:, 0] * spacing[2]
         affine[:3, 3] = np.asarray(origin, dtype=np.float64)
         affine.setflags(write=False)
-        return cls(tuple(int(n) for n in shape), affine)  # type: ignore[arg-type]
+        return cls((int(shape[0]), int(shape[1]), int(shape[2])), affine)
 
     @property
     def spacing(self) -> tuple[float, float, float]:

@@ -136,7 +136,8 @@ def test_label_round_trip_lands_on_the_exact_source_voxels(
     source = Grid.from_geometry(shape, spacing, origin, direction)
     orientation = _rotation(*target) if isinstance(target, tuple) else target
     step = min(spacing) / np.sqrt(3.0)
-    model = target_grid(source, tuple(f * step for f in factors), orientation)  # type: ignore[arg-type]
+    model_spacing = (factors[0] * step, factors[1] * step, factors[2] * step)
+    model = target_grid(source, model_spacing, orientation)
     on_model = resample(labels, source, model, order=0)
     back = labels_to_source(on_model, model, source)
     np.testing.assert_array_equal(back, labels)
