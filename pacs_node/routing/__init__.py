@@ -1,0 +1,1 @@
+"""Routing: which stable studies go to which models, and where their results are sent."""
