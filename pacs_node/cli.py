@@ -203,6 +203,100 @@ def echo(
     out.print(f"C-ECHO {peer}: success in {seconds * 1000:.1f} ms", highlight=False)
 
 
+ModelsDirOption = Annotated[
+    Path | None, typer.Option("--models-dir", help="Folder of model bundles.", show_default=False)
+]
+
+
+@app.command()
+def models(
+    config: ConfigOption = None, models_dir: ModelsDirOption = None, json_output: JsonOption = False
+) -> None:
+    """List the model bundles and their labels; a broken bundle is an error."""
+    settings = _settings(config, {"models_dir": models_dir})
+    from pacs_node.inference.registry import Registry
+
+    try:
+        bundles = Registry(settings.node.models_dir).load_all()
+    except PacsNodeError as exc:
+        raise _fail(str(exc), 1) from exc
+    if json_output:
+        sys.stdout.write(json.dumps([b.as_json() for b in bundles], ensure_ascii=False) + "\n")
+        return
+    table = Table(title=f"{len(bundles)} models in {settings.node.models_dir}")
+    for column in ("Name", "Version", "Kind", "Modalities", "Labels"):
+        table.add_column(column)
+    for b in bundles:
+        labels = ", ".join(f"{s.value}={s.name}" for s in b.segments)
+        table.add_row(b.name, b.version, str(b.kind), ", ".join(b.modalities) or "any", labels)
+    out.print(table)
+
+
+@app.command()
+def segment(
+    model: Annotated[str, typer.Argument(help="Model bundle name (see `pacs-node models`).")],
+    paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders of one series.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for labels.nii.gz, labels.json.")],
+    series: Annotated[
+        str | None, typer.Option("--series", help="SeriesInstanceUID when several are given.")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    threads: Annotated[
+        int | None, typer.Option(help="CPU threads for inference (default: config).")
+    ] = None,
+    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision on GPU.")] = False,
+    config: ConfigOption = None,
+    models_dir: ModelsDirOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Segment one DICOM series with one model; writes labels.nii.gz and labels.json."""
+    settings = _settings(config, {"models_dir": models_dir, "torch_threads": threads})
+    from pacs_node.inference.registry import Registry
+    from pacs_node.inference.runner import Runner
+    from pacs_node.segment import segment_paths
+
+    stages = ("read", "load", "preprocess", "infer", "postprocess", "write")
+    with Progress(
+        TextColumn("[bold]segment[/] {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=err,
+        disable=json_output or not err.is_terminal,
+    ) as progress:
+        task = progress.add_task(model, total=len(stages))
+
+        def advance(stage: str) -> None:
+            done = stages.index(stage) if stage in stages else 0
+            progress.update(task, completed=done, description=f"{model}: {stage}")
+
+        try:
+            runner = Runner(
+                Registry(settings.node.models_dir),
+                device=device,
+                threads=settings.node.torch_threads,
+                amp=amp,
+            )
+            report = segment_paths(
+                runner, model, paths, out_dir, series_uid=series, progress=advance
+            )
+        except PacsNodeError as exc:
+            raise _fail(str(exc), 1) from exc
+        progress.update(task, completed=len(stages), description=f"{model}: done")
+    if json_output:
+        sys.stdout.write(json.dumps(report.as_json()) + "\n")
+        return
+    t = report.segmentation.timings
+    found = ", ".join(f"{name} {count}" for name, count in report.voxels.items())
+    err.print(f"wrote {report.nifti} and {report.labels_json}", highlight=False)
+    err.print(f"voxels: {found}", highlight=False)
+    err.print(
+        f"time {t.total:.2f} s (decode {t.decode:.2f}, load {t.load:.2f}, preprocess "
+        f"{t.preprocess:.2f}, infer {t.infer:.2f}, postprocess {t.postprocess:.2f}) "
+        f"on {report.segmentation.device}",
+        highlight=False,
+    )
+
+
 @app.command()
 def version() -> None:
     """Print the version."""

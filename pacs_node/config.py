@@ -67,6 +67,8 @@ class NodeOptions(BaseModel):
     min_free_mb: int = Field(default=256, ge=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
+    models_dir: Path = Path("./models")  # model bundles, one folder each (MONAI bundle layout)
+    torch_threads: int = Field(default=0, ge=0)  # CPU threads for inference; 0: torch's default
 
     @field_validator("ae_title")
     @classmethod

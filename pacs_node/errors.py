@@ -6,6 +6,11 @@
     ├── ConfigError             a config file or env var is wrong; names file, key and reason
     ├── CatalogError            the catalog database cannot be opened or migrated
     ├── VolumeError             a series cannot become one Volume (tilt, gaps, mixed geometry, ...)
+    ├── ModelError              segmentation cannot run
+    │   ├── BundleError             a model bundle is malformed; names file, key and reason
+    │   ├── UnknownModel            no bundle of that name under the models folder
+    │   ├── UnsuitableInput         the model cannot take this series (modality, too few slices)
+    │   └── SeriesChoiceError       the paths given hold no series, or several and none was chosen
     └── IngestError             an instance received over the network cannot be stored
         ├── UnreadableDataset       the bytes do not parse as a DICOM data set
         ├── MissingAttribute        a required UID is absent or empty
@@ -45,6 +50,33 @@ class CatalogError(PacsNodeError):
 
 class VolumeError(PacsNodeError):
     """A series cannot be turned into one Volume; the message says why (the job fails, not the node)."""
+
+
+class ModelError(PacsNodeError):
+    """Segmentation cannot run: the bundle, the input or the runtime is at fault."""
+
+
+class BundleError(ModelError):
+    """A model bundle is malformed; it is refused when the registry loads it, not mid-job."""
+
+    def __init__(self, source: str, key: str, reason: str) -> None:
+        self.source = source
+        self.key = key
+        self.reason = reason
+        super().__init__(f"{source}: {key}: {reason}")
+
+
+class UnknownModel(ModelError):
+    """No bundle of the requested name exists under the models folder."""
+
+
+class UnsuitableInput(ModelError):
+    """The series is not what the model takes (wrong modality, too few slices, 2D for a 3D model);
+    the job fails with this reason, the node goes on."""
+
+
+class SeriesChoiceError(ModelError):
+    """The files given to ``segment`` hold no series, or several and none was chosen."""
 
 
 class IngestError(PacsNodeError):

@@ -1,0 +1,292 @@
+"""Classical CT localisation of body, lungs (left and right) and bone: no learning, so it works on
+any CT of any field of view and anchors what the learned models find.
+
+Thresholds sit at the midpoint between the two tissues a boundary separates, so a voxel that is
+half one tissue and half the other falls on the side the majority is on, and volumes carry no
+partial-volume bias:
+
+- body against air: air -1000 HU, soft tissue about 0 HU -> **-500 HU**;
+- aerated lung against soft tissue: lung parenchyma about -850 HU, soft tissue about +40 HU; the
+  boundary the eye and the reference masks draw is the pleura, at about -400..-500 -> **-500 HU**
+  (one threshold for both, so the lung surface and the skin are treated alike);
+- bone against soft tissue: soft tissue about +40 HU; a bone's outer layer at clinical
+  resolution (a 1-2 mm cortex averaged with the marrow beside it inside one voxel) about
+  +450..+600 HU -> **+250 HU**. A higher threshold (the midpoint to dense cortex, ~+500) breaks
+  thin cortices into fragments and the marrow can then no longer be filled. Holes inside bone
+  are filled when their mean is above +100 HU (red marrow, trabecular bone), so the spinal canal
+  (CSF and cord, 0..+40 HU) stays out.
+
+The patient table (and head rest) is removed by an in-plane opening of 5 mm radius before
+components are taken: table tops, head rests and mattress shells are thin plates (carbon-fibre
+skins of 1-3 mm around a foam core below -500 HU), the body is not. Decisions (components,
+table, left/right) are made on a working grid of about 1.5 mm; the masks themselves are cut
+from the full-resolution thresholds, so their boundaries are exact.
+
+Labels are exclusive: ``body`` holds the body voxels no more specific label claims, so the body
+outline is the union of all labels. Known limits: contrast-filled vessels, bowel and kidneys
+above +250 HU are taken as bone; large bowel-gas pockets in an abdomen-only scan can be taken as
+lung; fatty marrow (long-bone shafts) is not filled; a cushion denser than -500 HU that the
+patient lies in with no gap is part of the body.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import ndimage  # type: ignore[import-untyped,unused-ignore]
+
+AIR_BODY_HU = -500.0
+LUNG_HU = -500.0
+BONE_HU = 250.0
+MARROW_HU = 100.0
+TABLE_OPENING_MM = 5.0
+WORK_SPACING_MM = 1.5
+KEEP_FRACTION = 0.10  # a body part (an arm) is kept when at least this fraction of the largest
+LUNG_MIN_AREA_MM2 = 400.0  # a lung shows at least 4 cm2 in its largest slice
+LUNG_MIN_VOLUME_ML = 15.0  # ... and, in a series thicker than 3 cm, at least this volume
+BONE_MIN_VOLUME_ML = 0.05
+MAX_SPLIT_DEPTH_MM = 30.0
+
+BODY, LUNG_LEFT, LUNG_RIGHT, BONE = 1, 2, 3, 4
+LABELS: dict[int, str] = {
+    BODY: "body",
+    LUNG_LEFT: "lung_left",
+    LUNG_RIGHT: "lung_right",
+    BONE: "bone",
+}
+
+Spacing = tuple[float, float, float]
+
+
+def _factors(spacing: Spacing) -> tuple[int, int, int]:
+    return (
+        max(1, int(WORK_SPACING_MM // spacing[0])),
+        max(1, int(WORK_SPACING_MM // spacing[1])),
+        max(1, int(WORK_SPACING_MM // spacing[2])),
+    )
+
+
+def _block_mean(array: NDArray[Any], f: tuple[int, int, int]) -> NDArray[np.float32]:
+    """Mean over f-sized blocks (edges padded by replication), for the working grid."""
+    if f == (1, 1, 1):
+        return np.asarray(array, dtype=np.float32)
+    pad = [(0, (-n) % k) for n, k in zip(array.shape, f, strict=True)]
+    padded = np.pad(np.asarray(array, dtype=np.float32), pad, mode="edge")
+    z, y, x = (n // k for n, k in zip(padded.shape, f, strict=True))
+    blocks = padded.reshape(z, f[0], y, f[1], x, f[2])
+    return np.asarray(blocks.mean(axis=(1, 3, 5), dtype=np.float32))
+
+
+def _upsample(array: NDArray[Any], f: tuple[int, int, int], shape: tuple[int, ...]) -> NDArray[Any]:
+    """Nearest-neighbour inverse of :func:`_block_mean`'s grid."""
+    if f == (1, 1, 1):
+        return array
+    out = array
+    for axis, k in enumerate(f):
+        if k > 1:
+            out = np.repeat(out, k, axis=axis)
+    return out[: shape[0], : shape[1], : shape[2]]
+
+
+def _inplane_opening(mask: NDArray[np.bool_], spacing: Spacing, radius_mm: float) -> NDArray[Any]:
+    """Opening slice by slice with a disk of ``radius_mm``, via distance transforms (exact disk,
+    cost independent of the radius). A huge z sampling keeps the transform within each slice."""
+    sampling = (1e6, spacing[1], spacing[2])
+    eroded: NDArray[Any] = ndimage.distance_transform_edt(mask, sampling=sampling) > radius_mm
+    if not eroded.any():
+        return eroded
+    result: NDArray[Any] = ndimage.distance_transform_edt(~eroded, sampling=sampling) <= radius_mm
+    return result
+
+
+def _dilate_mm(mask: NDArray[np.bool_], spacing: Spacing, radius_mm: float) -> NDArray[Any]:
+    if not mask.any():
+        return mask.copy()
+    result: NDArray[Any] = ndimage.distance_transform_edt(~mask, sampling=spacing) <= radius_mm
+    return result
+
+
+def _fill_slices(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
+    """2D hole filling per axial slice: lungs, airways and gas are enclosed in a slice even where
+    they reach the outside in 3D (the airway through the larynx)."""
+    out = np.empty_like(mask)
+    for z in range(mask.shape[0]):
+        out[z] = ndimage.binary_fill_holes(mask[z]) if mask[z].any() else mask[z]
+    return out
+
+
+def _components(mask: NDArray[np.bool_]) -> tuple[NDArray[np.int32], NDArray[np.int64]]:
+    labels, count = ndimage.label(mask)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    sizes[0] = 0
+    return np.asarray(labels, dtype=np.int32), sizes
+
+
+def _body(work: NDArray[np.float32], spacing: Spacing) -> NDArray[np.bool_]:
+    """The body on the working grid, table removed, holes filled."""
+    dense = work > AIR_BODY_HU
+    opened = _inplane_opening(dense, spacing, TABLE_OPENING_MM)
+    labels, sizes = _components(opened)
+    if sizes.max(initial=0) == 0:
+        return np.zeros_like(dense)
+    keep = sizes >= KEEP_FRACTION * sizes.max()
+    keep[0] = False
+    core = keep[labels]
+    # Give back the detail the opening removed (skin folds, ears, fingers), but only near what
+    # was kept, and cut it from the threshold so the table is not regrown from far away.
+    near = _dilate_mm(core, (1e6, spacing[1], spacing[2]), TABLE_OPENING_MM + max(spacing[1:]))
+    restored = dense & near
+    labels, sizes = _components(restored)
+    touched = np.unique(labels[core])
+    return _fill_slices(np.isin(labels, touched[touched > 0]))
+
+
+def _side_of(
+    centroid: NDArray[np.float64], reference: NDArray[np.float64], direction: NDArray[np.float64]
+) -> int:
+    """LUNG_LEFT when ``centroid`` lies to the patient's left (+L in LPS) of ``reference``."""
+    # direction columns are the LPS vectors of x, y, z; indices here are (z, y, x)
+    offset = (centroid - reference) @ np.array([direction[0, 2], direction[0, 1], direction[0, 0]])
+    return LUNG_LEFT if offset > 0 else LUNG_RIGHT
+
+
+def _lungs(
+    work: NDArray[np.float32],
+    body: NDArray[np.bool_],
+    spacing: Spacing,
+    direction: NDArray[np.float64],
+) -> NDArray[np.uint8]:
+    """Left/right lung labels on the working grid (0 elsewhere)."""
+    out = np.zeros(work.shape, dtype=np.uint8)
+    air = (work < LUNG_HU) & body
+    labels, sizes = _components(air)
+    if sizes.max(initial=0) == 0:
+        return out
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    pixel_mm2 = spacing[1] * spacing[2]
+    extent_mm = work.shape[0] * spacing[0]
+    # largest cross-section of each component: counts per (component, slice)
+    depth = work.shape[0]
+    z_index = np.broadcast_to(np.arange(depth)[:, None, None], labels.shape)
+    per_slice = np.bincount((labels * depth + z_index)[air], minlength=sizes.size * depth)
+    largest_slice = per_slice.reshape(sizes.size, depth).max(axis=1) * pixel_mm2
+    keep = largest_slice >= LUNG_MIN_AREA_MM2
+    if extent_mm > 30.0:
+        keep &= sizes * voxel_ml >= LUNG_MIN_VOLUME_ML
+    keep[0] = False
+    lung = keep[labels]
+    if not lung.any():
+        return out
+    body_centre = np.array(ndimage.center_of_mass(body), dtype=np.float64)
+    seeds = _split_seeds(lung, spacing)
+    if seeds is None:  # one lung in view, or two that cannot be told apart: by side of the body
+        parts, count = ndimage.label(lung)
+        for index in range(1, count + 1):
+            part = parts == index
+            centre = np.array(ndimage.center_of_mass(part), dtype=np.float64)
+            out[part] = _side_of(centre, body_centre, direction)
+        return out
+    first, second = seeds
+    c1 = np.array(ndimage.center_of_mass(first), dtype=np.float64)
+    c2 = np.array(ndimage.center_of_mass(second), dtype=np.float64)
+    side1 = _side_of(c1, c2, direction)
+    side2 = LUNG_RIGHT if side1 == LUNG_LEFT else LUNG_LEFT
+    seed_labels = np.zeros(work.shape, dtype=np.uint8)
+    seed_labels[first] = side1
+    seed_labels[second] = side2
+    # each lung voxel goes to the nearest seed (the seeds are the two lungs' cores)
+    indices = ndimage.distance_transform_edt(
+        seed_labels == 0, sampling=spacing, return_distances=False, return_indices=True
+    )
+    nearest = seed_labels[tuple(indices)]
+    out[lung] = nearest[lung]
+    return out
+
+
+def _split_seeds(
+    lung: NDArray[np.bool_], spacing: Spacing
+) -> tuple[NDArray[np.bool_], NDArray[np.bool_]] | None:
+    """The two lungs' cores: the shallowest depth at which the lung mask falls apart into two
+    comparable parts (the airways and a thin anterior junction join them above it)."""
+    depth = ndimage.distance_transform_edt(lung, sampling=spacing)
+    step = min(spacing[1:])
+    for d in np.arange(0.0, MAX_SPLIT_DEPTH_MM, step):
+        core = depth > d
+        labels, sizes = _components(core)
+        if np.count_nonzero(sizes) < 2:
+            if not core.any():
+                return None
+            continue
+        order = np.argsort(sizes)[::-1]
+        a, b = int(order[0]), int(order[1])
+        if sizes[b] >= 0.1 * (sizes[a] + sizes[b]):
+            return labels == a, labels == b
+    return None
+
+
+def _fill_holes_bright(bone: NDArray[np.bool_], hu: NDArray[Any]) -> NDArray[np.bool_]:
+    """Per slice, fill holes inside bone whose mean is above MARROW_HU (marrow), not the canal."""
+    out = bone.copy()
+    for z in range(bone.shape[0]):
+        if not bone[z].any():
+            continue
+        holes = ndimage.binary_fill_holes(bone[z]) & ~bone[z]
+        if not holes.any():
+            continue
+        labels, count = ndimage.label(holes)
+        means = ndimage.mean(hu[z], labels, index=np.arange(1, count + 1))
+        marrow = np.concatenate([[False], np.asarray(means) > MARROW_HU])
+        out[z] |= marrow[labels]
+    return out
+
+
+def segment_ct(
+    hu: NDArray[Any], spacing: Spacing, direction: NDArray[np.float64]
+) -> NDArray[np.uint8]:
+    """Exclusive labels (see :data:`LABELS`) for a CT in HU on its own grid (z, y, x), with
+    ``spacing`` (dz, dy, dx) mm and ``direction`` as :class:`~pacs_node.imaging.volume.Volume`."""
+    if hu.ndim != 3:
+        raise ValueError(f"expected a (z, y, x) array, got shape {hu.shape}")
+    f = _factors(spacing)
+    work = _block_mean(hu, f)
+    work_spacing = (spacing[0] * f[0], spacing[1] * f[1], spacing[2] * f[2])
+    body_work = _body(work, work_spacing)
+    labels = np.zeros(hu.shape, dtype=np.uint8)
+    if not body_work.any():
+        return labels
+    # full resolution: the threshold decides the boundary, the working grid decides membership
+    margin = max(work_spacing) * 1.5
+    near_body = _upsample(_dilate_mm(body_work, work_spacing, margin), f, hu.shape)
+    body = _fill_slices((hu > AIR_BODY_HU) & near_body)
+    labels[body] = BODY
+
+    lungs_work = _lungs(work, body_work, work_spacing, direction)
+    if lungs_work.any():
+        grown = np.zeros_like(lungs_work)
+        for side in (LUNG_LEFT, LUNG_RIGHT):
+            near = _dilate_mm(lungs_work == side, work_spacing, margin)
+            grown[near & (grown == 0)] = side
+        side_map = _upsample(grown, f, hu.shape)
+        air = (hu < LUNG_HU) & body
+        for side in (LUNG_LEFT, LUNG_RIGHT):
+            lung = _fill_slices(air & (side_map == side))
+            labels[lung & (labels == BODY)] = side
+
+    bone = _fill_holes_bright((hu > BONE_HU) & body, hu)
+    parts, sizes = _components(bone)
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    keep = sizes * voxel_ml >= BONE_MIN_VOLUME_ML
+    keep[0] = False
+    labels[keep[parts]] = BONE
+    return labels
+
+
+ClassicalAlgorithm = Callable[[NDArray[Any], Spacing, NDArray[np.float64]], NDArray[np.uint8]]
+
+# Name in a bundle's ``pacs_node.algorithm`` -> (function, label value -> vocabulary name)
+ALGORITHMS: Mapping[str, tuple[ClassicalAlgorithm, Mapping[int, str]]] = {
+    "ct-body-lungs-bone": (segment_ct, LABELS),
+}

@@ -1,0 +1,152 @@
+"""``pacs-node segment``: one model on one DICOM series from disk, with no node running.
+
+Pure pipeline (paths in, files out): find the series among the given files and folders, load
+it as a Volume, run the model, write ``labels.nii.gz`` (the labels on the source grid, a NIfTI
+with the RAS affine of the Volume, array order x, y, z as dcm2niix and MONAI write) and
+``labels.json`` (``{"1": "liver", ...}``, vocabulary names, background left out).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+from pacs_node.errors import SeriesChoiceError
+from pacs_node.imaging.volume import Volume, load_series
+from pacs_node.inference.labelmap import Labelmap
+from pacs_node.inference.runner import Runner, Segmentation, ras_xyz_affine
+
+LABELS_NIFTI = "labels.nii.gz"
+LABELS_JSON = "labels.json"
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class SegmentReport:
+    """What ``segment`` did: the files it wrote and the run behind them."""
+
+    series_instance_uid: str
+    nifti: Path
+    labels_json: Path
+    segmentation: Segmentation
+    voxels: dict[str, int]
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "series_instance_uid": self.series_instance_uid,
+            "model": self.segmentation.model.algorithm.name,
+            "version": self.segmentation.model.algorithm.version,
+            "device": self.segmentation.device,
+            "nifti": str(self.nifti),
+            "labels_json": str(self.labels_json),
+            "voxels": self.voxels,
+            "timings": self.segmentation.timings.as_json(),
+        }
+
+
+def _files(paths: Iterable[Path]) -> list[Path]:
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found.extend(p for p in sorted(path.rglob("*")) if p.is_file())
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise SeriesChoiceError(f"{path}: no such file or folder")
+    return found
+
+
+def group_series(paths: Sequence[Path]) -> dict[str, list[Path]]:
+    """DICOM files by SeriesInstanceUID, reading headers only; other files are skipped."""
+    groups: dict[str, list[Path]] = {}
+    for path in _files(paths):
+        try:
+            header = dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+        except (InvalidDicomError, OSError, ValueError, EOFError):
+            continue
+        uid = str(header.get("SeriesInstanceUID", ""))
+        if uid:
+            groups.setdefault(uid, []).append(path)
+    return groups
+
+
+def choose_series(groups: dict[str, list[Path]], series_uid: str | None) -> tuple[str, list[Path]]:
+    """The one series to segment, or a :class:`SeriesChoiceError` listing the choices."""
+    if not groups:
+        raise SeriesChoiceError("no DICOM images found in the given paths")
+    if series_uid is not None:
+        if series_uid not in groups:
+            raise SeriesChoiceError(
+                f"series {series_uid} is not among the {len(groups)} found: " + ", ".join(groups)
+            )
+        return series_uid, groups[series_uid]
+    if len(groups) > 1:
+        listing = "; ".join(f"{uid} ({len(files)} files)" for uid, files in groups.items())
+        raise SeriesChoiceError(f"{len(groups)} series found, choose one with --series: {listing}")
+    uid, files = next(iter(groups.items()))
+    return uid, files
+
+
+def write_labels(volume: Volume, labelmap: Labelmap, out_dir: Path) -> tuple[Path, Path]:
+    """``labels.nii.gz`` on the Volume's grid and ``labels.json``, written atomically."""
+    import nibabel
+
+    nib: Any = nibabel  # nibabel's annotations are partial
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    top = max((s.value for s in labelmap.segments), default=0)
+    dtype = np.uint8 if top < 256 else np.uint16
+    data = np.ascontiguousarray(labelmap.labels.astype(dtype).transpose(2, 1, 0))
+    image = nib.Nifti1Image(data, ras_xyz_affine(volume.grid))
+    image.header.set_xyzt_units("mm")
+    image.set_qform(image.affine, code=1)  # scanner-based coordinates
+    image.set_sform(image.affine, code=1)
+    nifti = out_dir / LABELS_NIFTI
+    tmp = out_dir / f".{LABELS_NIFTI}.tmp.nii.gz"
+    nib.save(image, tmp)
+    os.replace(tmp, nifti)
+    names = {str(s.value): s.name for s in sorted(labelmap.segments, key=lambda s: s.value)}
+    labels_json = out_dir / LABELS_JSON
+    tmp_json = out_dir / f".{LABELS_JSON}.tmp"
+    tmp_json.write_text(json.dumps(names, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp_json, labels_json)
+    return nifti, labels_json
+
+
+def segment_paths(
+    runner: Runner,
+    model: str,
+    paths: Sequence[Path],
+    out_dir: Path,
+    *,
+    series_uid: str | None = None,
+    progress: Progress | None = None,
+) -> SegmentReport:
+    """Find the series, check the model takes it, run it and write the two files."""
+    step = progress or (lambda _stage: None)
+    bundle = runner.registry.get(model)  # an unknown model fails before any decoding
+    step("read")
+    uid, files = choose_series(group_series(paths), series_uid)
+    started = time.perf_counter()
+    volume = load_series(files)
+    decode = time.perf_counter() - started
+    result = runner.segment(bundle.name, volume, progress=step)
+    result.timings.decode = decode
+    step("write")
+    nifti, labels_json = write_labels(volume, result.labelmap, out_dir)
+    counts = np.bincount(result.labelmap.labels.ravel().astype(np.int64))
+    voxels = {
+        s.name: int(counts[s.value]) if s.value < counts.size else 0
+        for s in result.labelmap.segments
+    }
+    return SegmentReport(uid, nifti, labels_json, result, voxels)
