@@ -6,6 +6,8 @@
     ├── ConfigError             a config file or env var is wrong; names file, key and reason
     ├── CatalogError            the catalog database cannot be opened or migrated
     ├── VolumeError             a series cannot become one Volume (tilt, gaps, mixed geometry, ...)
+    ├── ResultsError            results cannot be built from this Volume + Labelmap (grid mismatch,
+    │                           nothing to encode, a source the standard objects cannot reference)
     ├── ModelError              segmentation cannot run
     │   ├── BundleError             a model bundle is malformed; names file, key and reason
     │   ├── UnknownModel            no bundle of that name under the models folder
@@ -77,6 +79,10 @@ class UnsuitableInput(ModelError):
 
 class SeriesChoiceError(ModelError):
     """The files given to ``segment`` hold no series, or several and none was chosen."""
+
+
+class ResultsError(PacsNodeError):
+    """A Volume + Labelmap cannot become result objects; the job fails with this reason."""
 
 
 class IngestError(PacsNodeError):

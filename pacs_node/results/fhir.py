@@ -1,0 +1,323 @@
+"""The EHR's copy of a result: a FHIR R4 transaction Bundle (fhir.resources.R4B models, whose JSON
+an R4 server accepts; R4B changed none of the resources used here).
+
+- DiagnosticReport: status preliminary, category v2-0074 RAD, code LOINC 18748-4, effective
+  time = the study's, conclusion text, the PDF as presentedForm, basedOn the order.
+- One Observation per measurement: code and method (derivation) from :mod:`.codes`, UCUM
+  quantity, SNOMED CT body site, derivedFrom the ImagingStudy, device the model.
+- ImagingStudy identified by ``urn:dicom:uid`` / ``urn:oid:<StudyInstanceUID>``; Device for the
+  model identified by its Device UID.
+- Every entry is a conditional create (``ifNoneExist`` on its deterministic identifier), so a
+  re-sent Bundle never duplicates anything.
+- The Patient is referenced by identifier only (a conditional reference, resolved by the
+  server): a node never creates patients. If the EHR does not know the patient the transaction
+  fails and the delivery is held for a person to look at. ``FhirOptions.create_patient`` (test
+  systems only) adds a conditional create of the Patient instead.
+- basedOn: a literal ServiceRequest reference when the caller knows one, else a logical reference
+  by accession number (identifier type ACSN), which needs no match on the server.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from fhir.resources.R4B.bundle import Bundle
+from pydicom import Dataset
+
+from pacs_node.inference.vocabulary import CodedConcept
+from pacs_node.results import codes
+from pacs_node.results.measurements import Finding, Measurement
+from pacs_node.results.options import OutputKind
+from pacs_node.results.provenance import Provenance
+
+DICOM_UID_SYSTEM = "urn:dicom:uid"
+V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
+OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
+
+
+def coding(concept: CodedConcept) -> dict[str, str]:
+    return {
+        "system": codes.FHIR_SYSTEMS[concept.scheme],
+        "code": concept.value,
+        "display": concept.meaning,
+    }
+
+
+def patient_identifier(source: Dataset, provenance: Provenance) -> tuple[str, str]:
+    """(system, value) of the patient in the EHR: PatientID under its issuer's system."""
+    options = provenance.options.fhir
+    issuer = str(source.get("IssuerOfPatientID", "") or "")
+    system = options.issuer_systems.get(issuer, options.patient_system)
+    return system, str(source.get("PatientID", ""))
+
+
+def patient_search(provenance: Provenance) -> str:
+    """The search that finds the patient (also the conditional reference the Bundle uses)."""
+    system, value = patient_identifier(provenance.source, provenance)
+    return f"Patient?identifier={system}|{value}"
+
+
+def _oid(uid: str) -> str:
+    return f"urn:oid:{uid}"
+
+
+def _dicom_datetime(date: str, time: str) -> str | None:
+    if len(date) != 8 or not date.isdigit():
+        return None
+    text = f"{date[:4]}-{date[4:6]}-{date[6:8]}"
+    digits = time.split(".", maxsplit=1)[0]
+    if len(digits) >= 4 and digits.isdigit():
+        seconds = digits[4:6] if len(digits) >= 6 else "00"
+        return f"{text}T{digits[:2]}:{digits[2:4]}:{seconds}Z"
+    return text
+
+
+def _instant(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def conclusion(findings: Sequence[Finding], provenance: Provenance) -> str:
+    """One line per structure: what was found, how big, where."""
+    parts: list[str] = []
+    for finding in findings:
+        name = finding.segment.structure.display
+        if not finding.present:
+            parts.append(f"{name}: not found.")
+            continue
+        size = next(
+            (m.formatted() for m in finding.measurements() if m.key in ("volume", "area")), ""
+        )
+        side = f", {finding.side.value}" if finding.side else ""
+        parts.append(f"{name}: {size}{side}.".replace(" ,", ","))
+    model = f"{provenance.algorithm.name} {provenance.algorithm.version}"
+    return f"AI segmentation by {model} (preliminary, verify before use). " + " ".join(parts)
+
+
+def build_bundle(
+    findings: Sequence[Finding],
+    pdf: bytes,
+    provenance: Provenance,
+    *,
+    sr_uid: str | None,
+) -> Bundle:
+    """The transaction Bundle; ``sr_uid`` (the SR's SOP Instance UID) identifies the report."""
+    source = provenance.source
+    options = provenance.options.fhir
+    study_uid = provenance.study_uid
+    report_uid = provenance.uid(OutputKind.FHIR, "report")
+    urls = {
+        "report": f"urn:uuid:{_uuid(report_uid)}",
+        "study": f"urn:uuid:{_uuid(provenance.uid(OutputKind.FHIR, 'study'))}",
+        "device": f"urn:uuid:{_uuid(provenance.device_uid)}",
+        "patient": f"urn:uuid:{_uuid(provenance.uid(OutputKind.FHIR, 'patient'))}",
+    }
+    system, value = patient_identifier(source, provenance)
+    subject = (
+        {"reference": urls["patient"]}
+        if options.create_patient
+        else {"reference": patient_search(provenance)}
+    )
+    entries: list[dict[str, Any]] = []
+    if options.create_patient:
+        entries.append(
+            _entry(
+                urls["patient"],
+                {
+                    "resourceType": "Patient",
+                    "identifier": [{"system": system, "value": value}],
+                    "name": [{"text": str(source.get("PatientName", "")).replace("^", " ")}],
+                },
+                f"identifier={system}|{value}",
+            )
+        )
+    device_id = _oid(provenance.device_uid)
+    algorithm = provenance.algorithm
+    entries.append(
+        _entry(
+            urls["device"],
+            {
+                "resourceType": "Device",
+                "identifier": [{"system": DICOM_UID_SYSTEM, "value": device_id}],
+                "status": "active",
+                "manufacturer": algorithm.manufacturer,
+                "deviceName": [{"name": algorithm.name, "type": "model-name"}],
+                "modelNumber": algorithm.name,
+                "version": [{"value": algorithm.version}],
+                "type": {"text": "AI segmentation model"},
+            },
+            f"identifier={DICOM_UID_SYSTEM}|{device_id}",
+        )
+    )
+    volume = provenance.volume
+    study: dict[str, Any] = {
+        "resourceType": "ImagingStudy",
+        "identifier": [{"system": DICOM_UID_SYSTEM, "value": _oid(study_uid)}],
+        "status": "available",
+        "subject": subject,
+        "modality": [{"system": codes.FHIR_SYSTEMS["DCM"], "code": volume.modality}],
+        "series": [
+            {
+                "uid": volume.series_instance_uid,
+                "modality": {"system": codes.FHIR_SYSTEMS["DCM"], "code": volume.modality},
+                "numberOfInstances": len({u for u in volume.sop_instance_uids if u}),
+            }
+        ],
+    }
+    started = _dicom_datetime(str(source.get("StudyDate", "")), str(source.get("StudyTime", "")))
+    if started and "T" in started:
+        study["started"] = started
+    description = str(source.get("StudyDescription", "") or "")
+    if description:
+        study["description"] = description
+    based_on = _based_on(source, provenance)
+    if based_on:
+        study["basedOn"] = [based_on]
+    entries.append(_entry(urls["study"], study, f"identifier={DICOM_UID_SYSTEM}|{_oid(study_uid)}"))
+    observation_urls: list[str] = []
+    for finding in findings:
+        if not finding.present:
+            continue
+        for measurement in finding.measurements():
+            uid = provenance.uid(
+                OutputKind.FHIR, f"obs-{finding.segment.structure.name}-{measurement.key}"
+            )
+            url = f"urn:uuid:{_uuid(uid)}"
+            observation_urls.append(url)
+            entries.append(
+                _entry(
+                    url,
+                    _observation(finding, measurement, uid, subject, urls, started),
+                    f"identifier={DICOM_UID_SYSTEM}|{_oid(uid)}",
+                )
+            )
+    report: dict[str, Any] = {
+        "resourceType": "DiagnosticReport",
+        "identifier": [
+            {"system": DICOM_UID_SYSTEM, "value": _oid(report_uid)},
+        ],
+        "status": "preliminary",
+        "category": [{"coding": [coding(codes.RADIOLOGY)]}],
+        "code": {"coding": [coding(codes.DIAGNOSTIC_IMAGING_STUDY)]},
+        "subject": subject,
+        "issued": _instant(provenance.created),
+        "imagingStudy": [{"reference": urls["study"]}],
+        "result": [{"reference": url} for url in observation_urls],
+        "conclusion": conclusion(findings, provenance),
+        "presentedForm": [
+            {
+                "contentType": "application/pdf",
+                "language": "en",
+                "data": base64.b64encode(pdf).decode("ascii"),
+                "title": f"AI result {algorithm.name} {algorithm.version}",
+                "creation": _instant(provenance.created),
+            }
+        ],
+    }
+    if sr_uid:
+        report["extension"] = [
+            {
+                "url": "http://hl7.org/fhir/StructureDefinition/workflow-supportingInfo",
+                "valueReference": {
+                    "identifier": {"system": DICOM_UID_SYSTEM, "value": _oid(sr_uid)},
+                    "display": "DICOM SR (TID 1500) of this result",
+                },
+            }
+        ]
+    if started:
+        report["effectiveDateTime"] = started
+    if based_on:
+        report["basedOn"] = [based_on]
+    entries.append(
+        _entry(urls["report"], report, f"identifier={DICOM_UID_SYSTEM}|{_oid(report_uid)}")
+    )
+    return Bundle.model_validate(
+        {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+    )
+
+
+def bundle_json(bundle: Bundle) -> bytes:
+    """Stored bytes of the Bundle (the dispatcher posts these, never a rebuild)."""
+    data = json.loads(bundle.model_dump_json(exclude_none=True))
+    return json.dumps(data, ensure_ascii=False, sort_keys=True, indent=1).encode("utf-8")
+
+
+def _based_on(source: Dataset, provenance: Provenance) -> dict[str, Any] | None:
+    options = provenance.options.fhir
+    if options.service_request:
+        return {"reference": options.service_request, "type": "ServiceRequest"}
+    accession = str(source.get("AccessionNumber", "") or "")
+    if not accession:
+        return None
+    return {
+        "type": "ServiceRequest",
+        "identifier": {
+            "type": {"coding": [{"system": V2_0203, "code": "ACSN"}]},
+            "system": options.accession_system,
+            "value": accession,
+        },
+    }
+
+
+def _observation(
+    finding: Finding,
+    measurement: Measurement,
+    uid: str,
+    subject: dict[str, str],
+    urls: dict[str, str],
+    effective: str | None,
+) -> dict[str, Any]:
+    structure = finding.segment.structure
+    body_site: dict[str, Any] = {"coding": [coding(structure.type)], "text": structure.display}
+    observation: dict[str, Any] = {
+        "resourceType": "Observation",
+        "identifier": [{"system": DICOM_UID_SYSTEM, "value": _oid(uid)}],
+        "status": "preliminary",
+        "category": [
+            {"coding": [{"system": OBSERVATION_CATEGORY, "code": "imaging", "display": "Imaging"}]}
+        ],
+        "code": {
+            "coding": [coding(measurement.name)],
+            "text": f"{structure.display}: {measurement.label}",
+        },
+        "subject": subject,
+        "bodySite": body_site,
+        "valueQuantity": {
+            "value": _decimal(measurement.value),
+            "unit": measurement.unit.meaning,
+            "system": codes.FHIR_SYSTEMS["UCUM"],
+            "code": measurement.unit.value,
+        },
+        "derivedFrom": [{"reference": urls["study"]}],
+        "device": {"reference": urls["device"]},
+    }
+    if measurement.derivation is not None:
+        observation["method"] = {"coding": [coding(measurement.derivation)]}
+    if effective:
+        observation["effectiveDateTime"] = effective
+    return observation
+
+
+def _decimal(value: float) -> float:
+    return float(f"{value:.6g}")
+
+
+def _entry(full_url: str, resource: dict[str, Any], if_none_exist: str) -> dict[str, Any]:
+    return {
+        "fullUrl": full_url,
+        "resource": resource,
+        "request": {
+            "method": "POST",
+            "url": resource["resourceType"],
+            "ifNoneExist": if_none_exist,
+        },
+    }
+
+
+def _uuid(uid: str) -> str:
+    """A UUID for ``urn:uuid:`` full URLs, taken from one of our 2.25 UIDs (itself a UUID)."""
+    return str(uuid.UUID(int=int(uid.removeprefix("2.25."))))

@@ -1,0 +1,330 @@
+"""Results for viewers that cannot show DICOM-SEG.
+
+- A Grayscale Softcopy Presentation State (PS3.3 A.33.1, built by highdicom ``pr``) on the source
+  series: one graphic layer per segment, in the segment's colour, holding closed polylines of its
+  contour on every slice it touches, plus a text layer saying the result is the model's.
+- A key-image series: colour secondary-capture images (highdicom ``sc``) of a few key slices (the
+  slice of largest area per segment, capped at ``ResultOptions.key_images``; or every slice with a
+  finding on request), with contours, a legend and "AI result - verify before use" burned in.
+
+Contours come from scikit-image ``find_contours`` at level 0.5 on each slice's mask, simplified
+to a 0.4-pixel tolerance; pixel coordinates follow PS3.3 C.10.5.1.2 (0,0 is the top-left corner
+of the top-left pixel, so a pixel centre is index + 0.5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image, ImageDraw, ImageFont
+from pydicom import Dataset
+from skimage import measure as _skimage_measure  # type: ignore[import-untyped,unused-ignore]
+
+from pacs_node.imaging.volume import Volume
+from pacs_node.inference.labelmap import Labelmap
+from pacs_node.results.measurements import Finding
+from pacs_node.results.options import OutputKind
+from pacs_node.results.provenance import CHARSET, Provenance, utf8_sources
+
+measure: Any = _skimage_measure  # untyped library: typed at this one seam
+
+DISCLAIMER = "AI result - verify before use"
+_MIN_RENDER_PX = 512
+_TEXT_LAYER = "AI_NOTICE"
+_FONT_PATHS = (
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/truetype/noto/NotoSans-Regular.ttf",
+)
+
+Polyline = NDArray[np.float64]  # (n, 2) as (column, row) in DICOM pixel coordinates
+
+
+@dataclass(frozen=True)
+class Window:
+    """The grey-level window images are shown and rendered with."""
+
+    center: float
+    width: float
+
+
+def window_for(volume: Volume) -> Window:
+    """The source's own window when it has one, a soft-tissue window on CT, else percentiles."""
+    header = volume.headers[0]
+    center, width = header.get("WindowCenter"), header.get("WindowWidth")
+    if center is not None and width is not None:
+        first_c = (
+            center[0] if isinstance(center, Sequence) and not isinstance(center, str) else center
+        )
+        first_w = width[0] if isinstance(width, Sequence) and not isinstance(width, str) else width
+        return Window(float(first_c), max(float(first_w), 1.0))
+    if volume.modality.upper() == "CT":
+        return Window(40.0, 400.0)
+    low, high = np.percentile(volume.voxels, [1, 99])
+    return Window(float((low + high) / 2), max(float(high - low), 1.0))
+
+
+def slice_contours(mask: NDArray[np.bool_]) -> list[Polyline]:
+    """Closed polylines around a 2D mask, (column, row) in DICOM pixel coordinates."""
+    padded = np.pad(mask.astype(np.float32), 1)
+    out: list[Polyline] = []
+    for contour in measure.find_contours(padded, 0.5):
+        simple = measure.approximate_polygon(contour, tolerance=0.4)
+        if len(simple) < 3:
+            continue
+        rows, cols = simple[:, 0] - 1 + 0.5, simple[:, 1] - 1 + 0.5
+        points = np.column_stack([cols, rows])
+        if not np.allclose(points[0], points[-1]):
+            points = np.vstack([points, points[:1]])
+        out.append(points)
+    return out
+
+
+def key_slices(
+    labelmap: Labelmap, findings: Sequence[Finding], count: int, every: bool
+) -> list[int]:
+    """Slice indices to show: the largest cross-section of each finding, or every finding slice."""
+    present = [f.segment.value for f in findings if f.present]
+    if not present:
+        return []
+    found = np.isin(labelmap.labels, present)
+    per_slice = found.sum(axis=(1, 2))
+    if every:
+        return [int(z) for z in np.flatnonzero(per_slice)]
+    chosen: list[int] = []
+    for value in present:
+        areas = (labelmap.labels == value).sum(axis=(1, 2))
+        z = int(np.argmax(areas))
+        if z not in chosen:
+            chosen.append(z)
+    chosen.sort(key=lambda z: -int(per_slice[z]))
+    return sorted(chosen[: max(count, 0)])
+
+
+def _layer_name(number: int, name: str) -> str:
+    text = f"SEG{number:02d} {name}".upper()
+    cleaned = "".join(ch if ch.isalnum() or ch in " _" else "_" for ch in text)
+    return cleaned[:16].strip()
+
+
+def build_presentation_state(
+    volume: Volume,
+    labelmap: Labelmap,
+    findings: Sequence[Finding],
+    numbering: dict[int, int],
+    provenance: Provenance,
+) -> hd.pr.GrayscaleSoftcopyPresentationState:
+    """A GSPS over the whole source series with one contour layer per segment found."""
+    sources = utf8_sources(volume)
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
+    layers: list[hd.pr.GraphicLayer] = []
+    annotations: list[hd.pr.GraphicAnnotation] = []
+    annotated: set[str] = set()
+    order = 1
+    for finding in findings:
+        number = numbering.get(finding.segment.value)
+        if number is None or not finding.present:
+            continue
+        structure = finding.segment.structure
+        layer = hd.pr.GraphicLayer(
+            layer_name=_layer_name(number, structure.name),
+            order=order,
+            description=structure.display[:64],
+            display_color=hd.color.CIELabColor.from_rgb(*structure.color),
+        )
+        order += 1
+        layers.append(layer)
+        mask = labelmap.mask(finding.segment.value)
+        for z in np.flatnonzero(mask.any(axis=(1, 2))):
+            uid = volume.sop_instance_uids[int(z)]
+            if not uid:
+                continue
+            objects = [
+                hd.pr.GraphicObject(
+                    graphic_type=hd.pr.GraphicTypeValues.POLYLINE,
+                    graphic_data=points,
+                    units=hd.pr.AnnotationUnitsValues.PIXEL,
+                )
+                for points in slice_contours(mask[int(z)])
+            ]
+            if objects:
+                annotations.append(
+                    hd.pr.GraphicAnnotation(
+                        referenced_images=[by_uid[uid]],
+                        graphic_layer=layer,
+                        referenced_frame_number=_frame(volume, int(z)),
+                        graphic_objects=objects,
+                    )
+                )
+                annotated.add(uid)
+    notice = hd.pr.GraphicLayer(layer_name=_TEXT_LAYER, order=order, description=DISCLAIMER)
+    layers.append(notice)
+    text = f"{DISCLAIMER} ({provenance.algorithm.name} {provenance.algorithm.version})"[:64]
+    for uid in sorted(annotated):
+        ds = by_uid[uid]
+        annotations.append(
+            hd.pr.GraphicAnnotation(
+                referenced_images=[ds],
+                graphic_layer=notice,
+                text_objects=[
+                    hd.pr.TextObject(
+                        text_value=text,
+                        units=hd.pr.AnnotationUnitsValues.PIXEL,
+                        bounding_box=(1.0, 1.0, float(ds.Columns) - 1, min(16.0, ds.Rows - 1.0)),
+                    )
+                ],
+            )
+        )
+    window = window_for(volume)
+    state = hd.pr.GrayscaleSoftcopyPresentationState(
+        referenced_images=sources,
+        series_instance_uid=provenance.series_uid(OutputKind.GSPS),
+        series_number=provenance.options.series_number(OutputKind.GSPS),
+        sop_instance_uid=provenance.instance_uid(OutputKind.GSPS),
+        instance_number=provenance.options.instance_number,
+        manufacturer="pacs-node",
+        manufacturer_model_name="pacs-node",
+        software_versions=provenance.software_version,
+        device_serial_number=provenance.options.device_serial_number,
+        content_label="AI_CONTOURS",
+        content_description=provenance.description("AI contours")[:64],
+        graphic_annotations=annotations or None,
+        graphic_layers=layers,
+        institution_name=provenance.options.institution_name,
+        voi_lut_transformations=[
+            hd.pr.SoftcopyVOILUTTransformation(
+                window_center=window.center, window_width=window.width
+            )
+        ],
+        contributing_equipment=[provenance.contributing_equipment()],
+        specific_character_set=CHARSET,
+        series_description=provenance.description("AI PR"),
+    )
+    state.Laterality = sources[0].get("Laterality", "")  # type 2C: dciodvfy asks for it
+    return state
+
+
+def _frame(volume: Volume, z: int) -> int | None:
+    return volume.frame_numbers[z] if z < len(volume.frame_numbers) else None
+
+
+# --------------------------------------------------------------------------- burned-in images
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    for path in _FONT_PATHS:
+        try:
+            return ImageFont.truetype(path, size)
+        except OSError:
+            continue
+    return ImageFont.load_default(size=size)
+
+
+def render_slice(
+    volume: Volume,
+    labelmap: Labelmap,
+    z: int,
+    findings: Sequence[Finding],
+    provenance: Provenance,
+) -> Image.Image:
+    """One slice as an RGB picture: windowed grey, contours, legend and the disclaimer."""
+    window = window_for(volume)
+    plane = volume.voxels[z].astype(np.float64)
+    low = window.center - window.width / 2
+    grey = np.clip((plane - low) / window.width * 255.0, 0, 255).astype(np.uint8)
+    rows, cols = grey.shape
+    scale = max(1, int(np.ceil(_MIN_RENDER_PX / max(rows, cols))))
+    image = Image.fromarray(grey, mode="L").resize((cols * scale, rows * scale)).convert("RGB")
+    draw = ImageDraw.Draw(image)
+    width = max(2, scale // 2)
+    legend: list[tuple[tuple[int, int, int], str]] = []
+    for finding in findings:
+        if not finding.present:
+            continue
+        color = finding.segment.structure.color
+        mask = labelmap.mask(finding.segment.value)[z]
+        for points in slice_contours(mask):
+            xy = [(float(c) * scale, float(r) * scale) for c, r in points]
+            draw.line(xy, fill=color, width=width, joint="curve")
+        if mask.any():
+            legend.append((color, _legend_text(finding)))
+    font = _font(max(12, image.height // 40))
+    line = int(font.size * 1.3) if isinstance(font, ImageFont.FreeTypeFont) else 14
+    banner = f"{DISCLAIMER} - {provenance.algorithm.name} {provenance.algorithm.version}"
+    draw.rectangle((0, 0, image.width, line + 6), fill=(0, 0, 0))
+    draw.text((6, 3), banner, fill=(255, 220, 0), font=font)
+    top = image.height - line * len(legend) - 8
+    if legend:
+        draw.rectangle((0, top - 4, image.width, image.height), fill=(0, 0, 0))
+    for i, (color, label) in enumerate(legend):
+        y = top + i * line
+        draw.rectangle((6, y + 2, 6 + line - 6, y + line - 4), fill=color)
+        draw.text((12 + line, y), label, fill=(255, 255, 255), font=font)
+    return image
+
+
+def _legend_text(finding: Finding) -> str:
+    size = next((m.formatted() for m in finding.measurements() if m.key in ("volume", "area")), "")
+    side = f", {finding.side.value}" if finding.side else ""
+    return f"{finding.segment.structure.display}: {size}{side}".strip()
+
+
+def _orientation_letters(vector: NDArray[np.float64]) -> str:
+    """The dominant patient direction of an image axis (highdicom takes one letter per axis)."""
+    letters = (("L", "R"), ("P", "A"), ("H", "F"))
+    i = int(np.argmax(np.abs(vector)))
+    return letters[i][0] if vector[i] > 0 else letters[i][1]
+
+
+def build_key_images(
+    volume: Volume,
+    labelmap: Labelmap,
+    findings: Sequence[Finding],
+    provenance: Provenance,
+) -> list[hd.sc.SCImage]:
+    """Secondary-capture key images with contours, legend and disclaimer burned in."""
+    options = provenance.options
+    slices = key_slices(
+        labelmap, findings, options.key_images, options.key_images_every_finding_slice
+    )
+    sources = utf8_sources(volume)
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
+    direction = np.asarray(volume.direction)
+    orientation = (_orientation_letters(direction[:, 0]), _orientation_letters(direction[:, 1]))
+    images: list[hd.sc.SCImage] = []
+    for index, z in enumerate(slices):
+        source = by_uid.get(volume.sop_instance_uids[z]) or sources[0]
+        picture = render_slice(volume, labelmap, z, findings, provenance)
+        pixels = np.asarray(picture, dtype=np.uint8)
+        image = hd.sc.SCImage.from_ref_dataset(
+            ref_dataset=source,
+            pixel_array=pixels,
+            photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+            bits_allocated=8,
+            coordinate_system=hd.CoordinateSystemNames.PATIENT,
+            series_instance_uid=provenance.series_uid(OutputKind.KEY_IMAGES),
+            series_number=options.series_number(OutputKind.KEY_IMAGES),
+            sop_instance_uid=provenance.instance_uid(OutputKind.KEY_IMAGES, index),
+            instance_number=options.instance_number + index,
+            manufacturer="pacs-node",
+            patient_orientation=orientation,
+            series_description=provenance.description("AI Key images"),
+            specific_character_set=CHARSET,
+            contributing_equipment=[provenance.contributing_equipment()],
+        )
+        image.BurnedInAnnotation = "YES"
+        image.Laterality = source.get("Laterality", "")  # type 2C: dciodvfy asks for it
+        image.SourceImageSequence = [_source_item(source)]
+        images.append(image)
+    return images
+
+
+def _source_item(source: Dataset) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = source.SOPClassUID
+    item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    return item

@@ -1,0 +1,391 @@
+"""Every result object passes dciodvfy, reads back with highdicom, and says what it should."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+import pytest
+from fhir.resources.R4B.bundle import Bundle
+from pydicom import dcmread
+
+from pacs_node.imaging import Volume
+from pacs_node.inference.labelmap import Labelmap, ModelInfo
+from pacs_node.results import OutputKind, ResultOptions, ResultSet, build_results, codes
+from tests.results_factory import oblique_orientation, phantom_study
+
+DCIODVFY = "/usr/bin/dciodvfy"
+GOLDEN = Path(__file__).parent.parent / "golden" / "results_structure.json"
+FIXED = datetime(2026, 2, 3, 4, 5, 6, tzinfo=UTC)
+ALLOWED_WARNINGS = (
+    "Device UID",  # Contributing Equipment > Device UID: newer than dciodvfy's dictionary
+    "Standard Extended SOP Class",  # follows from the Device UID above
+    "<99PACSNODE>",  # our private coding scheme, declared in the SR
+    "attribute <Laterality>",  # empty type 2C Laterality: the source states none
+)
+
+
+@pytest.fixture(scope="module")
+def study() -> tuple[Volume, Labelmap, ModelInfo]:
+    return phantom_study(patient_name="Müller^Jörg", charset="ISO_IR 100")
+
+
+@pytest.fixture(scope="module")
+def results(study: tuple[Volume, Labelmap, ModelInfo]) -> ResultSet:
+    volume, labelmap, info = study
+    return build_results(volume, labelmap, info, ResultOptions(jpeg2000_copy=True, created=FIXED))
+
+
+def dciodvfy(data: bytes, tmp_path: Path) -> list[str]:
+    path = tmp_path / "object.dcm"
+    path.write_bytes(data)
+    run = subprocess.run(
+        [DCIODVFY, str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
+    lines = (run.stdout + run.stderr).splitlines()
+    errors = [line for line in lines if line.startswith("Error")]
+    assert not errors, errors
+    return [line for line in lines if line.startswith("Warning")]
+
+
+def test_every_object_passes_dciodvfy(results: ResultSet, tmp_path: Path) -> None:
+    kinds = {o.kind for o in results.dicom}
+    assert kinds == {
+        OutputKind.SEG,
+        OutputKind.SR,
+        OutputKind.GSPS,
+        OutputKind.KEY_IMAGES,
+        OutputKind.PDF,
+    }
+    for stored in (*results.dicom, *results.alternates):
+        warnings = dciodvfy(stored.data, tmp_path)
+        unexpected = [w for w in warnings if not any(a in w for a in ALLOWED_WARNINGS)]
+        assert not unexpected, (stored.kind, unexpected)
+
+
+def test_seg_round_trips(results: ResultSet, study: tuple[Volume, Labelmap, ModelInfo]) -> None:
+    volume, labelmap, _ = study
+    for stored in results.of_kind(OutputKind.SEG) + results.of_kind(OutputKind.SEG_JPEG2000):
+        seg = hd.seg.Segmentation.from_dataset(dcmread(io.BytesIO(stored.data)))
+        assert seg.SegmentationType == "BINARY"
+        assert seg.SpecificCharacterSet == "ISO_IR 192"
+        assert str(seg.PatientName) == "Müller^Jörg"
+        assert seg.number_of_segments == 2  # the spleen was not found: no empty segment
+        liver, kidney = seg.get_segment_description(1), seg.get_segment_description(2)
+        assert liver.segmented_property_type.value == "10200004"
+        assert kidney.segmented_property_type.value == "64033007"
+        modifier = kidney.SegmentedPropertyTypeCodeSequence[0]
+        assert modifier.SegmentedPropertyTypeModifierCodeSequence[0].CodeValue == "7771000"
+        assert kidney.segmented_property_category.value == "123037004"
+        assert liver.algorithm_identification[0].AlgorithmName == "phantom-organs"
+        assert liver.algorithm_identification[0].AlgorithmVersion == "1.2.0"
+        assert liver.RecommendedDisplayCIELabValue is not None
+        source_uids = {uid for _, _, uid in seg.get_source_image_uids()}
+        assert source_uids == set(volume.sop_instance_uids)
+        # empty frames are omitted; every frame references its source image (purpose 121322)
+        frames = seg.PerFrameFunctionalGroupsSequence
+        assert len(frames) < 2 * volume.shape[0]
+        for frame in frames:
+            source = frame.DerivationImageSequence[0].SourceImageSequence[0]
+            assert source.PurposeOfReferenceCodeSequence[0].CodeValue == "121322"
+        (equipment,) = [
+            e
+            for e in seg.ContributingEquipmentSequence
+            if e.PurposeOfReferenceCodeSequence[0].CodeValue == "Newcode1"
+        ]
+        assert equipment.PurposeOfReferenceCodeSequence[0].CodingSchemeDesignator == "99IHE"
+        assert equipment.ManufacturerModelName == "phantom-organs"
+        assert equipment.SoftwareVersions == "1.2.0"
+        assert equipment.DeviceUID.startswith("2.25.")
+        # pixel data equals the Labelmap (segment 1 = label 1, segment 2 = label 3)
+        array = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=list(volume.sop_instance_uids), combine_segments=True
+        )
+        expected = np.select([labelmap.labels == 1, labelmap.labels == 3], [1, 2], 0)
+        assert np.array_equal(array, expected)
+
+
+def test_sr_round_trips(results: ResultSet) -> None:
+    (seg_object,) = results.of_kind(OutputKind.SEG)
+    (stored,) = results.of_kind(OutputKind.SR)
+    sr = hd.sr.Comprehensive3DSR.from_dataset(dcmread(io.BytesIO(stored.data)))
+    assert str(sr.PatientName) == "Müller^Jörg"
+    report = sr.content
+    assert sr.ConceptNameCodeSequence[0].CodeValue == "126000"
+    procedure = [
+        i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121058"
+    ]
+    assert procedure[0].ConceptCodeSequence[0].CodeValue == "77477000"  # CT, not the model
+    observer = sr.content.get_observer_contexts()[0]
+    assert observer.observer_type.value == "121007"  # Device
+    groups = report.get_volumetric_roi_measurement_groups()
+    assert [g.tracking_identifier for g in groups] == ["Liver (label 1)", "Left kidney (label 3)"]
+    segment_numbers = []
+    for group in groups:
+        ref = group.referenced_segment
+        segment_numbers.append(int(ref[0].ReferencedSOPSequence[0].ReferencedSegmentNumber))
+        assert (
+            ref[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == seg_object.sop_instance_uid
+        )
+        assert group.tracking_uid.startswith("2.25.")
+        names = {(m.name.scheme_designator, m.name.value) for m in group.get_measurements()}
+        assert ("SCT", "118565006") in names
+        assert ("DCM", "112031") in names
+        assert (codes.PRIVATE_SCHEME, "SPHERICITY") in names
+        units = {m.unit.value for m in group.get_measurements()}
+        assert units <= {"mL", "mm", "mm2", "[hnsf'U]", "1"}
+    assert segment_numbers == [1, 2]
+    kidney = groups[1]
+    assert kidney.finding_sites[0].laterality.value == "7771000"
+    schemes = [item.CodingSchemeDesignator for item in sr.CodingSchemeIdentificationSequence]
+    assert codes.PRIVATE_SCHEME in schemes
+
+
+def test_presentation_state_and_key_images(
+    results: ResultSet, study: tuple[Volume, Labelmap, ModelInfo]
+) -> None:
+    volume, _, _ = study
+    (gsps_object,) = results.of_kind(OutputKind.GSPS)
+    gsps = dcmread(io.BytesIO(gsps_object.data))
+    assert (
+        gsps.SOPClassUID == hd.sop.GrayscaleSoftcopyPresentationStateStorage
+        if hasattr(hd, "sop")
+        else gsps.SOPClassUID == "1.2.840.10008.5.1.4.1.1.11.1"
+    )
+    layers = [layer.GraphicLayer for layer in gsps.GraphicLayerSequence]
+    assert layers == ["SEG01 LIVER", "SEG02 KIDNEY_LEF", "AI_NOTICE"]
+    referenced = {
+        item.ReferencedSOPInstanceUID
+        for series in gsps.ReferencedSeriesSequence
+        for item in series.ReferencedImageSequence
+    }
+    assert referenced == set(volume.sop_instance_uids)
+    annotation = gsps.GraphicAnnotationSequence[0]
+    graphic = annotation.GraphicObjectSequence[0]
+    assert graphic.GraphicType == "POLYLINE"
+    assert graphic.GraphicAnnotationUnits == "PIXEL"
+    key_images = results.of_kind(OutputKind.KEY_IMAGES)
+    assert 1 <= len(key_images) <= 4
+    image = dcmread(io.BytesIO(key_images[0].data))
+    assert image.PhotometricInterpretation == "RGB"
+    assert image.BurnedInAnnotation == "YES"
+    assert image.SourceImageSequence[0].ReferencedSOPInstanceUID in volume.sop_instance_uids
+
+
+def test_encapsulated_pdf(results: ResultSet) -> None:
+    (stored,) = results.of_kind(OutputKind.PDF)
+    ds = dcmread(io.BytesIO(stored.data))
+    assert ds.MIMETypeOfEncapsulatedDocument == "application/pdf"
+    assert ds.EncapsulatedDocument[: ds.EncapsulatedDocumentLength] == results.pdf
+    assert results.pdf.startswith(b"%PDF")
+    assert results.pdf.count(b"/Type /Page\n") <= 1
+
+
+def test_fhir_bundle_validates_and_codes_are_standard(results: ResultSet) -> None:
+    bundle = Bundle.model_validate_json(results.fhir_bundle)
+    assert bundle.type == "transaction"
+    resources = [entry.resource for entry in bundle.entry]
+    kinds = [r.get_resource_type() for r in resources]
+    assert "Patient" not in kinds  # the node never creates patients by default
+    assert kinds.count("DiagnosticReport") == 1
+    assert kinds.count("ImagingStudy") == 1
+    for entry in bundle.entry:
+        assert entry.request.method == "POST"
+        assert entry.request.ifNoneExist
+    report = next(r for r in resources if r.get_resource_type() == "DiagnosticReport")
+    assert report.status == "preliminary"
+    assert report.category[0].coding[0].code == "RAD"
+    assert report.code.coding[0].system == "http://loinc.org"
+    assert report.subject.reference.startswith("Patient?identifier=")
+    assert report.presentedForm[0].contentType == "application/pdf"
+    assert report.basedOn[0].identifier.value == "ACC-77"
+    study = next(r for r in resources if r.get_resource_type() == "ImagingStudy")
+    assert study.identifier[0].system == "urn:dicom:uid"
+    assert study.identifier[0].value.startswith("urn:oid:")
+    allowed_systems = set(codes.FHIR_SYSTEMS.values())
+    ucum = {"mL", "mm", "mm2", "cm2", "[hnsf'U]", "1"}
+    observations = [r for r in resources if r.get_resource_type() == "Observation"]
+    assert observations
+    for obs in observations:
+        assert obs.code.coding[0].system in allowed_systems
+        assert obs.valueQuantity.system == "http://unitsofmeasure.org"
+        assert obs.valueQuantity.code in ucum
+        assert obs.bodySite.coding[0].system == "http://snomed.info/sct"
+        assert obs.derivedFrom[0].reference == bundle.entry[1].fullUrl
+        assert obs.device.reference == bundle.entry[0].fullUrl
+
+
+def test_rebuild_keeps_uids_and_new_labels_change_them(
+    results: ResultSet, study: tuple[Volume, Labelmap, ModelInfo]
+) -> None:
+    volume, labelmap, info = study
+    again = build_results(volume, labelmap, info, ResultOptions(created=FIXED))
+    assert [o.sop_instance_uid for o in again.dicom] == [o.sop_instance_uid for o in results.dicom]
+    changed = labelmap.labels.copy()
+    changed[changed == 3] = 0
+    other = build_results(
+        volume, Labelmap(changed, labelmap.segments), info, ResultOptions(created=FIXED)
+    )
+    assert not {o.sop_instance_uid for o in other.dicom} & {
+        o.sop_instance_uid for o in results.dicom
+    }
+
+
+@pytest.mark.parametrize(
+    ("charset", "name"),
+    [
+        ("ISO 2022 IR 87", "Yamada^Tarou=山田^太郎"),
+        ("ISO_IR 192", "Ωμέγα^Δέλτα"),
+        ("ISO_IR 100", "Bücher^Zoë"),
+    ],
+)
+def test_names_survive_any_source_charset(charset: str, name: str, tmp_path: Path) -> None:
+    volume, labelmap, info = phantom_study(patient_name=name, charset=charset, shape=(8, 24, 24))
+    encoded = [src for src in volume.headers]
+    assert encoded
+    result = build_results(volume, labelmap, info, ResultOptions(key_images=1))
+    for stored in result.dicom:
+        ds = dcmread(io.BytesIO(stored.data))
+        assert ds.SpecificCharacterSet == "ISO_IR 192"
+        assert str(ds.PatientName) == name
+    assert json.loads(result.fhir_bundle)["type"] == "transaction"
+
+
+def test_oblique_series_seg_references_every_image(tmp_path: Path) -> None:
+    volume, labelmap, info = phantom_study(orientation=oblique_orientation(), shape=(10, 32, 32))
+    result = build_results(volume, labelmap, info, ResultOptions(key_images=1))
+    for stored in result.dicom:
+        dciodvfy(stored.data, tmp_path)
+    seg = hd.seg.Segmentation.from_dataset(
+        dcmread(io.BytesIO(result.of_kind(OutputKind.SEG)[0].data))
+    )
+    assert {uid for _, _, uid in seg.get_source_image_uids()} == set(volume.sop_instance_uids)
+
+
+def test_nothing_found_still_reports(
+    study: tuple[Volume, Labelmap, ModelInfo], tmp_path: Path
+) -> None:
+    volume, labelmap, info = study
+    empty = Labelmap(np.zeros_like(labelmap.labels), labelmap.segments)
+    result = build_results(volume, empty, info, ResultOptions(created=FIXED))
+    assert {o.kind for o in result.dicom} == {OutputKind.PDF}
+    for stored in result.dicom:
+        dciodvfy(stored.data, tmp_path)
+    report = json.loads(result.fhir_bundle)
+    conclusion = next(
+        e["resource"]["conclusion"]
+        for e in report["entry"]
+        if e["resource"]["resourceType"] == "DiagnosticReport"
+    )
+    assert "Liver: not found." in conclusion
+
+
+# --------------------------------------------------------------------------- golden structure
+
+
+_DATETIME = re.compile(r"[0-9]{14}(\.[0-9]+)?([+-][0-9]{4})?")
+_UID = re.compile(r"(urn:oid:)?[0-9]+(\.[0-9]+){3,}")
+
+
+def _shape(value: Any, volatile: frozenset[str]) -> Any:
+    """Structure of DICOM JSON / FHIR JSON with UIDs, times and pixel bytes taken out."""
+    if isinstance(value, dict):
+        return {
+            k: ("<volatile>" if k in volatile else _shape(v, volatile))
+            for k, v in sorted(value.items())
+        }
+    if isinstance(value, list):
+        return [_shape(v, volatile) for v in value]
+    if isinstance(value, str) and (value.startswith("urn:uuid:") or _UID.fullmatch(value)):
+        return "<uid>"
+    if isinstance(value, str) and _DATETIME.fullmatch(value):
+        return "<datetime>"
+    if isinstance(value, float):
+        return round(value, 1)
+    return value
+
+
+_DICOM_VOLATILE = frozenset(
+    {
+        "00020003",
+        "00080012",
+        "00080013",
+        "00080018",
+        "00080021",
+        "00080023",
+        "00080031",
+        "00080033",
+        "00081155",
+        "0020000D",
+        "0020000E",
+        "00200052",
+        "00181020",
+        "7FE00010",
+        "0040A124",
+        "00081199",
+        "00404051",
+        "0040A730",
+        "00120064",
+        "00181002",
+        "00620021",
+        "00189074",
+        "0040A032",
+        "00080015",
+        "00180001",
+        "00020012",
+        "00020013",
+        "0040A121",
+        "0040A122",
+        "0040A120",
+        "00700084",
+        "00120062",
+        "00283003",
+        "00200032",
+        "00209157",
+        "00082112",
+        "00081115",
+    }
+)
+_FHIR_VOLATILE = frozenset(
+    {
+        "data",
+        "issued",
+        "creation",
+        "value",
+        "fullUrl",
+        "reference",
+        "ifNoneExist",
+        "conclusion",
+        "effectiveDateTime",
+        "started",
+    }
+)
+
+
+def _dicom_structure(data: bytes) -> Any:
+    ds = dcmread(io.BytesIO(data))
+    return _shape(
+        ds.to_json_dict(bulk_data_threshold=10**9, bulk_data_element_handler=lambda _: ""),
+        _DICOM_VOLATILE,
+    )
+
+
+def test_golden_structure(results: ResultSet) -> None:
+    structure = {
+        "seg": _dicom_structure(results.of_kind(OutputKind.SEG)[0].data),
+        "sr": _dicom_structure(results.of_kind(OutputKind.SR)[0].data),
+        "fhir": _shape(json.loads(results.fhir_bundle), _FHIR_VOLATILE),
+    }
+    text = json.dumps(structure, indent=1, sort_keys=True, ensure_ascii=False)
+    if not GOLDEN.exists():
+        GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+        GOLDEN.write_text(text + "\n")
+        pytest.fail(f"golden file written to {GOLDEN}; review and commit it")
+    assert json.loads(text) == json.loads(GOLDEN.read_text())

@@ -1,0 +1,180 @@
+"""Synthetic studies for the results tests: a source series as pydicom datasets -> load_series,
+with phantoms of known geometry (a ball, a box) and a Labelmap on the same grid."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from numpy.typing import NDArray
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
+
+from pacs_node.imaging import Volume, load_series
+from pacs_node.inference.labelmap import Algorithm, Labelmap, ModelInfo, SegmentSpec
+from pacs_node.inference.vocabulary import structure
+from tests.dicom_factory import new_uid
+
+AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+
+
+def oblique_orientation(degrees: float = 25.0) -> tuple[float, ...]:
+    """Axial rotated about S, then tipped about the row axis: a proper oblique plane."""
+    a, b = np.radians(degrees), np.radians(degrees / 2)
+    row = np.array([np.cos(a), np.sin(a), 0.0])
+    col0 = np.array([-np.sin(a), np.cos(a), 0.0])
+    normal0 = np.cross(row, col0)
+    col = np.cos(b) * col0 + np.sin(b) * normal0
+    return (*row.round(10), *col.round(10))
+
+
+def make_series(
+    stored: NDArray[np.int16],
+    *,
+    spacing: tuple[float, float, float] = (2.0, 1.0, 1.0),
+    orientation: Sequence[float] = AXIAL,
+    modality: str = "CT",
+    patient_name: str = "Doe^Jane",
+    charset: str = "ISO_IR 192",
+    study_uid: str | None = None,
+    issuer: str | None = "HOSP-A",
+    window: bool = True,
+) -> list[Dataset]:
+    """Single-frame source images whose pixel ``stored[z]`` lies at slice z of the volume."""
+    study_uid = study_uid or new_uid()
+    series_uid, frame_uid = new_uid(), new_uid()
+    row, col = np.asarray(orientation[:3]), np.asarray(orientation[3:])
+    normal = np.cross(row, col)
+    slices, rows, cols = stored.shape
+    centre = np.array([-5.0, 12.0, 30.0])
+    origin = centre - row * cols * spacing[2] / 2 - col * rows * spacing[1] / 2
+    out: list[Dataset] = []
+    for z in range(slices):
+        ds = Dataset()
+        ds.SpecificCharacterSet = charset
+        ds.SOPClassUID = CTImageStorage if modality == "CT" else MRImageStorage
+        ds.SOPInstanceUID = new_uid()
+        ds.PatientName = patient_name
+        ds.PatientID = "PID-4711"
+        if issuer:
+            ds.IssuerOfPatientID = issuer
+        ds.PatientBirthDate = "19700101"
+        ds.PatientSex = "F"
+        ds.StudyInstanceUID = study_uid
+        ds.StudyDate = "20260101"
+        ds.StudyTime = "101500"
+        ds.ReferringPhysicianName = ""
+        ds.StudyID = "S1"
+        ds.AccessionNumber = "ACC-77"
+        ds.StudyDescription = "Synthetic phantom"
+        ds.Modality = modality
+        ds.SeriesInstanceUID = series_uid
+        ds.SeriesNumber = 3
+        ds.SeriesDescription = "Phantom"
+        ds.FrameOfReferenceUID = frame_uid
+        ds.PositionReferenceIndicator = ""
+        ds.Manufacturer = "pacs-node tests"
+        ds.PatientPosition = "HFS"
+        ds.InstanceNumber = z + 1
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL" if modality == "CT" else "OTHER"]
+        ds.AcquisitionNumber = 1
+        ds.ContentDate = "20260101"
+        ds.ContentTime = "101500"
+        ds.ImagePositionPatient = [float(v) for v in origin + normal * z * spacing[0]]
+        ds.ImageOrientationPatient = [float(v) for v in orientation]
+        ds.PixelSpacing = [spacing[1], spacing[2]]
+        ds.SliceThickness = spacing[0]
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows, ds.Columns = rows, cols
+        ds.BitsAllocated = ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 1
+        if modality == "CT":
+            ds.KVP = 120
+            ds.RescaleIntercept = 0
+            ds.RescaleSlope = 1
+            ds.RescaleType = "HU"
+        else:
+            ds.ScanningSequence = "SE"
+            ds.SequenceVariant = "NONE"
+            ds.ScanOptions = ""
+            ds.MRAcquisitionType = "2D"
+            ds.RepetitionTime = 500
+            ds.EchoTime = 15
+            ds.EchoTrainLength = 1
+            ds.MagneticFieldStrength = 1.5
+        if window:
+            ds.WindowCenter = 40
+            ds.WindowWidth = 400
+        ds.PixelData = np.ascontiguousarray(stored[z], dtype=np.int16).tobytes()
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta = meta
+        out.append(ds)
+    return out
+
+
+def ball(
+    shape: tuple[int, int, int],
+    spacing: tuple[float, float, float],
+    radius_mm: float,
+    centre_mm: tuple[float, float, float] | None = None,
+) -> NDArray[np.bool_]:
+    """Voxels whose centre lies inside a ball (array-space mm, centre default = grid centre)."""
+    grids = [np.arange(n) * s for n, s in zip(shape, spacing, strict=True)]
+    zz, yy, xx = np.meshgrid(*grids, indexing="ij")
+    c = centre_mm or tuple((n - 1) * s / 2 for n, s in zip(shape, spacing, strict=True))
+    return np.asarray((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 <= radius_mm**2)
+
+
+def box(
+    shape: tuple[int, int, int], start: tuple[int, int, int], size: tuple[int, int, int]
+) -> NDArray[np.bool_]:
+    mask = np.zeros(shape, dtype=bool)
+    mask[tuple(slice(s, s + n) for s, n in zip(start, size, strict=True))] = True
+    return mask
+
+
+def phantom_study(
+    *,
+    shape: tuple[int, int, int] = (24, 48, 48),
+    spacing: tuple[float, float, float] = (2.0, 1.0, 1.0),
+    orientation: Sequence[float] = AXIAL,
+    modality: str = "CT",
+    patient_name: str = "Doe^Jane",
+    charset: str = "ISO_IR 192",
+) -> tuple[Volume, Labelmap, ModelInfo]:
+    """A ball ("liver", label 1) and a box ("kidney_left", label 3) in a noisy CT-like volume."""
+    rng = np.random.default_rng(7)
+    liver = ball(shape, spacing, radius_mm=12.0, centre_mm=(22.0, 24.0, 16.0))
+    kidney = box(shape, (4, 10, 30), (6, 14, 10))
+    stored = rng.normal(-50, 5, shape)
+    stored[liver] = rng.normal(60, 8, int(liver.sum()))
+    stored[kidney] = rng.normal(30, 4, int(kidney.sum()))
+    datasets = make_series(
+        stored.round().astype(np.int16),
+        spacing=spacing,
+        orientation=orientation,
+        modality=modality,
+        patient_name=patient_name,
+        charset=charset,
+    )
+    volume = load_series(datasets)
+    labels = np.zeros(shape, dtype=np.uint8)
+    labels[liver] = 1
+    labels[kidney] = 3
+    segments = (
+        SegmentSpec(1, structure("liver")),
+        SegmentSpec(3, structure("kidney_left")),
+        SegmentSpec(4, structure("spleen")),  # a label the model knows but did not find
+    )
+    labelmap = Labelmap(labels=labels, segments=segments)
+    info = ModelInfo(
+        algorithm=Algorithm(name="phantom-organs", version="1.2.0", description="test model"),
+        modalities=(modality,),
+        segments=segments,
+    )
+    return volume, labelmap, info

@@ -1,0 +1,157 @@
+"""Measurements on phantoms of known geometry are within 2% of the analytic values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from pacs_node.imaging import Volume, load_series
+from pacs_node.inference.labelmap import Labelmap, SegmentSpec
+from pacs_node.inference.vocabulary import structure
+from pacs_node.results import Side, measure_labelmap
+from pacs_node.results.measurements import measure_segment
+from tests.results_factory import AXIAL, ball, box, make_series, oblique_orientation
+
+LIVER = SegmentSpec(1, structure("liver"))
+
+
+def _volume(
+    shape: tuple[int, int, int],
+    spacing: tuple[float, float, float],
+    orientation: tuple[float, ...] = AXIAL,
+) -> Volume:
+    return load_series(
+        make_series(np.zeros(shape, np.int16), spacing=spacing, orientation=orientation)
+    )
+
+
+def close(value: float | None, expected: float, tolerance: float = 0.02) -> bool:
+    return value is not None and abs(value / expected - 1) <= tolerance
+
+
+@pytest.mark.parametrize(
+    ("spacing", "orientation"),
+    [((1.0, 1.0, 1.0), AXIAL), ((1.25, 0.8, 0.8), AXIAL), ((1.0, 1.0, 1.0), oblique_orientation())],
+)
+def test_sphere_matches_analytic_values(
+    spacing: tuple[float, float, float], orientation: tuple[float, ...]
+) -> None:
+    radius = 25.0
+    shape = tuple(int(70 / s) for s in spacing)
+    volume = _volume(shape, spacing, orientation)  # type: ignore[arg-type]
+    finding = measure_segment(volume, ball(shape, spacing, radius), LIVER, midline_x=0.0)  # type: ignore[arg-type]
+    assert close(finding.volume_ml, 4 / 3 * math.pi * radius**3 / 1000)
+    assert close(finding.surface_area_mm2, 4 * math.pi * radius**2)
+    assert close(finding.max_diameter_mm, 2 * radius)
+    assert close(finding.sphericity, 1.0)
+    assert finding.components == 1
+    if orientation == AXIAL:
+        for extent in (finding.extent_lr_mm, finding.extent_ap_mm, finding.extent_si_mm):
+            assert close(extent, 2 * radius)
+
+
+@pytest.mark.parametrize(
+    ("spacing", "orientation"),
+    [((1.0, 1.0, 1.0), AXIAL), ((1.25, 0.8, 0.8), AXIAL), ((1.0, 1.0, 1.0), oblique_orientation())],
+)
+def test_box_matches_analytic_values(
+    spacing: tuple[float, float, float], orientation: tuple[float, ...]
+) -> None:
+    sizes = np.array([60.0, 80.0, 120.0])  # along z, y, x of the array
+    shape = tuple(round((n + 8) / s) for n, s in zip(sizes, spacing, strict=True))
+    volume = _volume(shape, spacing, orientation)  # type: ignore[arg-type]
+    counts = tuple(round(n / s) for n, s in zip(sizes, spacing, strict=True))
+    finding = measure_segment(volume, box(shape, (3, 3, 3), counts), LIVER, midline_x=0.0)  # type: ignore[arg-type]
+    area = 2 * (sizes[0] * sizes[1] + sizes[1] * sizes[2] + sizes[0] * sizes[2])
+    assert close(finding.volume_ml, float(np.prod(sizes)) / 1000)
+    assert close(finding.surface_area_mm2, area)
+    assert close(finding.max_diameter_mm, float(np.linalg.norm(sizes)))
+    assert close(finding.sphericity, math.pi ** (1 / 3) * (6 * np.prod(sizes)) ** (2 / 3) / area)
+    # Extents along L/R, A/P, S/I: the box's edges (array x, y, z) projected on patient axes.
+    direction = np.asarray(volume.direction)
+    edges = np.column_stack(
+        [direction[:, 0] * sizes[2], direction[:, 1] * sizes[1], direction[:, 2] * sizes[0]]
+    )
+    expected = np.abs(edges).sum(axis=1)
+    got = (finding.extent_lr_mm, finding.extent_ap_mm, finding.extent_si_mm)
+    for value, analytic in zip(got, expected, strict=True):
+        assert close(value, float(analytic))
+    assert finding.slice_range == (3, 3 + counts[0] - 1)
+
+
+def test_cranio_caudal_range_side_and_intensity() -> None:
+    spacing = (2.0, 1.0, 1.0)
+    shape = (20, 40, 40)
+    stored = np.full(shape, -100, np.int16)
+    mask = box(shape, (5, 10, 28), (4, 6, 8))  # patient left (+x), slices 5..8
+    stored[mask] = 50
+    stored[mask & (np.indices(shape)[2] == 28)] = 10
+    volume = load_series(make_series(stored, spacing=spacing))
+    labels = np.where(mask, 2, 0).astype(np.uint8)
+    labelmap = Labelmap(
+        labels, (SegmentSpec(2, structure("kidney_left")), SegmentSpec(5, structure("spleen")))
+    )
+    kidney, spleen = measure_labelmap(volume, labelmap)
+    assert kidney.side is Side.LEFT
+    assert kidney.slice_range == (5, 8)
+    top, bottom = kidney.craniocaudal_mm  # type: ignore[misc]
+    assert top - bottom == pytest.approx(8.0)
+    # z grows along the normal (S), so the last slice is the superior one
+    assert top == pytest.approx(volume.index_to_patient((8, 0, 0))[2] + 1.0)
+    stats = kidney.intensity
+    assert stats is not None
+    assert stats.hounsfield
+    assert stats.minimum == 10
+    assert stats.maximum == 50
+    values = stored[mask].astype(float)
+    assert stats.mean == pytest.approx(values.mean())
+    assert stats.sd == pytest.approx(values.std())
+    # an absent structure has no numbers at all, not zeros
+    assert not spleen.present
+    assert spleen.volume_ml is None
+    assert spleen.intensity is None
+    assert spleen.measurements() == ()
+
+
+def test_components_and_midline() -> None:
+    spacing = (1.0, 1.0, 1.0)
+    shape = (20, 40, 41)
+    mask = box(shape, (2, 2, 2), (4, 4, 4)) | box(shape, (10, 20, 18), (4, 4, 5))
+    volume = _volume(shape, spacing)
+    finding = measure_segment(
+        volume, mask, LIVER, midline_x=float(volume.index_to_patient((0, 0, 20))[0])
+    )
+    assert finding.components == 2
+    centred = measure_segment(
+        volume,
+        box(shape, (10, 20, 18), (4, 4, 5)),
+        LIVER,
+        midline_x=float(volume.index_to_patient((0, 0, 20))[0]),
+    )
+    assert centred.side is Side.MIDLINE
+
+
+def test_planar_image_has_area_and_no_volume() -> None:
+    ds = make_series(np.zeros((1, 50, 60), np.int16), spacing=(1.0, 0.5, 0.4))[0]
+    del ds.ImagePositionPatient, ds.ImageOrientationPatient
+    volume = load_series([ds])
+    mask = box(volume.shape, (0, 10, 10), (1, 20, 25))
+    finding = measure_segment(volume, mask, LIVER)
+    assert finding.volume_ml is None
+    assert finding.max_diameter_mm is None
+    assert finding.area_cm2 == pytest.approx(20 * 25 * 0.5 * 0.4 / 100)
+    assert finding.width_mm == pytest.approx(25 * 0.4)
+    assert finding.height_mm == pytest.approx(20 * 0.5)
+    assert [m.key for m in finding.measurements()][:2] == ["area", "intensity_mean"]
+
+
+def test_unknown_spacing_leaves_sizes_absent() -> None:
+    ds = make_series(np.zeros((1, 30, 30), np.int16))[0]
+    del ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.PixelSpacing
+    volume = load_series([ds])
+    finding = measure_segment(volume, box(volume.shape, (0, 5, 5), (1, 5, 5)), LIVER)
+    assert finding.area_cm2 is None
+    assert finding.width_mm is None
+    assert finding.voxel_count == 25
