@@ -125,23 +125,31 @@ def _components(mask: NDArray[np.bool_]) -> tuple[NDArray[np.int32], NDArray[np.
     return np.asarray(labels, dtype=np.int32), sizes
 
 
-def _body(work: NDArray[np.float32], spacing: Spacing) -> NDArray[np.bool_]:
-    """The body on the working grid, table removed, holes filled."""
+def _body(
+    work: NDArray[np.float32], spacing: Spacing
+) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
+    """The body on the working grid (table removed, holes filled) and what was taken for the
+    table (thin dense structures reaching beyond the body's margin)."""
     dense = work > AIR_BODY_HU
     opened = _inplane_opening(dense, spacing, TABLE_OPENING_MM)
     labels, sizes = _components(opened)
     if sizes.max(initial=0) == 0:
-        return np.zeros_like(dense)
+        return np.zeros_like(dense), np.zeros_like(dense)
     keep = sizes >= KEEP_FRACTION * sizes.max()
     keep[0] = False
     core = keep[labels]
-    # Give back the detail the opening removed (skin folds, ears, fingers), but only near what
-    # was kept, and cut it from the threshold so the table is not regrown from far away.
-    near = _dilate_mm(core, (1e6, spacing[1], spacing[2]), TABLE_OPENING_MM + max(spacing[1:]))
-    restored = dense & near
-    labels, sizes = _components(restored)
-    touched = np.unique(labels[core])
-    return _fill_slices(np.isin(labels, touched[touched > 0]))
+    # The opening also took detail from the body (skin folds, ears, fingers). Thin pieces that
+    # stay within the margin of what was kept are given back; a thin piece that reaches beyond
+    # it (a table skin running under the patient, a head rest) is dropped whole, even where it
+    # touches the body.
+    inplane = (1e6, spacing[1], spacing[2])
+    near = _dilate_mm(core, inplane, TABLE_OPENING_MM + max(spacing[1:]))
+    thin = dense & ~opened
+    pieces, _ = _components(thin)
+    foreign = np.unique(pieces[thin & ~near])
+    table = np.isin(pieces, foreign[foreign > 0])
+    restored = core | (thin & near & ~table)
+    return _fill_slices(restored), table
 
 
 def _side_of(
@@ -253,13 +261,14 @@ def segment_ct(
     f = _factors(spacing)
     work = _block_mean(hu, f)
     work_spacing = (spacing[0] * f[0], spacing[1] * f[1], spacing[2] * f[2])
-    body_work = _body(work, work_spacing)
+    body_work, table_work = _body(work, work_spacing)
     labels = np.zeros(hu.shape, dtype=np.uint8)
     if not body_work.any():
         return labels
     # full resolution: the threshold decides the boundary, the working grid decides membership
     margin = max(work_spacing) * 1.5
-    near_body = _upsample(_dilate_mm(body_work, work_spacing, margin), f, hu.shape)
+    allowed = _dilate_mm(body_work, work_spacing, margin) & ~(table_work & ~body_work)
+    near_body = _upsample(allowed, f, hu.shape)
     body = _fill_slices((hu > AIR_BODY_HU) & near_body)
     labels[body] = BODY
 
