@@ -21,6 +21,7 @@ from pydantic_settings import (
 )
 
 from pacs_node.errors import ConfigError
+from pacs_node.routing.rules import RoutesFile
 
 ENV_PREFIX = "PACS_NODE_"
 CONFIG_DIR_ENV = "PACS_NODE_CONFIG_DIR"
@@ -59,6 +60,9 @@ class NodeOptions(BaseModel):
     max_wait_s: float = Field(default=600.0, gt=0)
     promiscuous: bool = False
     max_associations: int = Field(default=32, ge=1, le=1000)
+    # Storage SCP processes sharing the DICOM port (0: one process, threads only). More than one
+    # lets several associations use several cores; the catalog stays in the main process.
+    dicom_workers: int = Field(default=2, ge=0, le=64)
     max_pdu_bytes: int = Field(default=262_144, ge=0)
     acse_timeout_s: float = Field(default=30.0, gt=0)
     dimse_timeout_s: float = Field(default=60.0, gt=0)
@@ -137,28 +141,6 @@ class PeersFile(BaseModel):
             if peer.ae_title in seen:
                 raise ValueError(f"AE title {peer.ae_title!r} is listed twice")
             seen.add(peer.ae_title)
-        return self
-
-
-class RouteRule(BaseModel):
-    """A routing rule; its matching grammar is defined by :mod:`pacs_node.routing`."""
-
-    model_config = ConfigDict(extra="allow", frozen=True)
-
-    name: str = Field(min_length=1)
-
-
-class RoutesFile(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    rules: tuple[RouteRule, ...] = ()
-
-    @model_validator(mode="after")
-    def _unique(self) -> RoutesFile:
-        names = [rule.name for rule in self.rules]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"rule names must be unique: {', '.join(duplicates)}")
         return self
 
 

@@ -12,6 +12,7 @@ from pacs_node.ingest.reconcile import reconcile
 from pacs_node.ingest.recorder import CatalogRecorder
 from pacs_node.ingest.scp import StorageSCP
 from pacs_node.ingest.spool import Spool
+from pacs_node.ingest.workers import SCPWorkers
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,11 @@ class Node:
         self.recorder = CatalogRecorder(self.catalog, self.spool)
         self.assembly = Assembly(self.catalog, settings)
         self.recorder.add_listener(self.assembly.on_touched)
-        self.scp = StorageSCP(settings, self.spool, self.recorder)
+        self.scp: StorageSCP | SCPWorkers
+        if options.dicom_workers > 0:
+            self.scp = SCPWorkers(settings, self.recorder, options.dicom_workers)
+        else:
+            self.scp = StorageSCP(settings, self.spool, self.recorder)
         self._stopped = threading.Event()
 
     def start(self) -> None:

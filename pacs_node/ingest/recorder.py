@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from pacs_node.catalog.db import Catalog
 from pacs_node.catalog.studies import (
@@ -28,6 +29,16 @@ from pacs_node.refs import InstanceRef
 log = logging.getLogger(__name__)
 
 TouchListener = Callable[[Sequence[StudyTouch]], None]
+
+
+class RecordSink(Protocol):
+    """Where the SCP hands what it spooled: the recorder, or a pipe to it from a worker process."""
+
+    def submit(self, ref: InstanceRef) -> None: ...
+
+    def count(self, name: str, by: int = 1) -> None: ...
+
+    def duplicate(self, study_uid: str) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +62,7 @@ class CatalogRecorder:
         spool: Spool,
         *,
         batch_max: int = 500,
-        linger_s: float = 0.01,
+        linger_s: float = 0.1,
     ) -> None:
         self.catalog = catalog
         self.spool = spool

@@ -8,12 +8,13 @@ here and nothing is converted: every transfer syntax is accepted as proposed.
 from __future__ import annotations
 
 import logging
+import socket
+import socketserver
 from io import BytesIO
 from typing import Any, cast
 
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_file_meta_info
+from pydicom import config as pydicom_config
+from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
@@ -23,7 +24,8 @@ from pacs_node.config import Settings
 from pacs_node.errors import DataSetMismatch, IngestError
 from pacs_node.ingest.access import AccessPolicy
 from pacs_node.ingest.header import parse_identifiers, read_header
-from pacs_node.ingest.recorder import CatalogRecorder
+from pacs_node.ingest.part10 import file_meta
+from pacs_node.ingest.recorder import RecordSink
 from pacs_node.ingest.spool import Spool
 from pacs_node.ingest.statuses import SUCCESS, status_for
 from pacs_node.refs import InstanceRef
@@ -34,7 +36,9 @@ log = logging.getLogger(__name__)
 # sender proposed first: a node must never refuse what a scanner sends (pynetdicom >= 2.0).
 _config.UNRESTRICTED_STORAGE_SERVICE = True
 
-PREAMBLE = b"\x00" * 128 + b"DICM"
+# The catalog's attributes are read for the catalog, not judged: UIDs are checked by our own
+# rules and pydicom's per-value validation warnings cost a third of the handler's time.
+pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 REJECTED_COUNTER = "rejected_associations"
 FAILED_COUNTER = "failed_instances"
 
@@ -46,17 +50,8 @@ def _failure(status: int, comment: str) -> Dataset:
     return reply
 
 
-def _file_meta(event: evt.Event, calling_ae: str) -> bytes:
-    meta: FileMetaDataset = event.file_meta
-    meta.SourceApplicationEntityTitle = calling_ae
-    out = DicomBytesIO()
-    out.write(PREAMBLE)
-    write_file_meta_info(out, meta, enforce_standard=True)
-    return out.getvalue()
-
-
 class StorageSCP:
-    def __init__(self, settings: Settings, spool: Spool, recorder: CatalogRecorder) -> None:
+    def __init__(self, settings: Settings, spool: Spool, recorder: RecordSink) -> None:
         self.settings = settings
         self.spool = spool
         self.recorder = recorder
@@ -81,20 +76,48 @@ class StorageSCP:
             raise RuntimeError("the SCP is not running")
         return int(self._server.server_address[1])
 
-    def start(self) -> None:
-        options = self.settings.node
-        handlers: list[Any] = [
+    def _handlers(self) -> list[Any]:
+        return [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
+
+    def start(self) -> None:
+        """Bind the DICOM port and serve associations on background threads."""
+        options = self.settings.node
         self._server = self.ae.start_server(
-            (options.dicom_host, options.dicom_port), block=False, evt_handlers=handlers
+            (options.dicom_host, options.dicom_port), block=False, evt_handlers=self._handlers()
         )
         log.info(
             "storage SCP listening",
             extra={"ae_title": options.ae_title, "host": options.dicom_host, "port": self.port},
         )
+
+    def serve(self, listening: socket.socket) -> None:
+        """Serve associations accepted on an already listening socket until :meth:`stop`."""
+
+        listening.settimeout(self.settings.node.network_timeout_s)  # as pynetdicom's own bind
+
+        class _Inherited(ThreadedAssociationServer):
+            def server_bind(self) -> None:
+                if self.socket is not None:
+                    self.socket.close()
+                self.socket = listening
+                self.server_address = listening.getsockname()
+
+            def server_activate(self) -> None:
+                """The socket is listening already (bound by the parent process)."""
+
+            def shutdown(self) -> None:
+                # Not registered with the AE (make_server does not), so skip its bookkeeping.
+                socketserver.TCPServer.shutdown(self)
+                self.server_close()
+
+        self._server = self.ae.make_server(
+            listening.getsockname(), evt_handlers=self._handlers(), server_class=_Inherited
+        )
+        self._server.serve_forever()
 
     def stop(self) -> None:
         if self._server is not None:
@@ -158,7 +181,7 @@ class StorageSCP:
         if header.sop_instance_uid != str(request.AffectedSOPInstanceUID):
             raise DataSetMismatch("SOP Instance UID differs from the request")
 
-        meta = _file_meta(event, calling_ae)
+        meta = file_meta(header.sop_class_uid, header.sop_instance_uid, transfer_syntax, calling_ae)
         stored = self.spool.store(
             header.study_uid,
             header.series_uid,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -56,3 +58,35 @@ def test_full_disk_answers_out_of_resources(
     assert list((node.data_dir / "spool").rglob("*.dcm")) == []
     assert list((node.data_dir / "spool" / ".incoming").iterdir()) == []
     assert "instance refused" in node.log_text()
+
+
+def _scp_workers(node: NodeProcess) -> list[int]:
+    assert node.process is not None
+    children = subprocess.run(
+        ["pgrep", "-P", str(node.process.pid)], capture_output=True, text=True, check=False
+    ).stdout.split()
+    workers = []
+    for pid in map(int, children):
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        if b"resource_tracker" not in cmdline:
+            workers.append(pid)
+    return workers
+
+
+def test_a_dead_scp_worker_is_replaced(
+    make_node: Callable[..., NodeProcess], tmp_path: Path
+) -> None:
+    node = make_node(dicom_workers=2)
+    workers = wait_for(lambda: len(w := _scp_workers(node)) == 2 and w, 30, what="2 workers")
+    os.kill(workers[0], signal.SIGKILL)
+    replaced = wait_for(
+        lambda: len(w := _scp_workers(node)) == 2 and workers[0] not in w and w,
+        30,
+        what="a replacement worker",
+    )
+    assert workers[1] in replaced
+    files = write_series(tmp_path / "ct", slices=6)
+    for path in files:  # several associations, whichever worker accepts each
+        assert storescu(node, path).returncode == 0
+    wait_for(lambda: [s["instances"] for s in node.studies()] == [6], 20, what="all six")
+    assert "SCP worker died" in node.log_text()

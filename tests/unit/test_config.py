@@ -105,7 +105,19 @@ def test_peers_and_per_ae_quiet_period(tmp_path: Path) -> None:
         ("peers.yaml", "peers:\n  - host: 1.2.3.4\n", "peers[0].ae_title", "Field required"),
         ("peers.yaml", "peers:\n  - ae_title: A\n  - ae_title: A\n", "(top level)", "twice"),
         ("peers.yaml", "peers:\n  - ae_title: A\n    port: 0\n", "peers[0].port", "greater"),
-        ("routes.yaml", "rules:\n  - name: a\n  - name: a\n", "(top level)", "unique"),
+        (
+            "routes.yaml",
+            "rules:\n  - {name: a, models: [m]}\n  - {name: a, models: [m]}\n",
+            "(top level)",
+            "unique",
+        ),
+        ("routes.yaml", "rules:\n  - {name: a, models: []}\n", "rules[0].models", "at least 1"),
+        (
+            "routes.yaml",
+            "rules:\n  - name: a\n    models: [m]\n    when: {modality: '(CT'}\n",
+            "rules[0].when.modality.match",
+            "not a valid regular expression",
+        ),
     ],
 )
 def test_bad_file_names_file_key_and_reason(

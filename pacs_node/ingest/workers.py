@@ -1,0 +1,189 @@
+"""Storage SCP worker processes sharing one listening socket.
+
+pynetdicom decodes PDUs in Python, so one process handles about one core's worth of C-STOREs
+whatever the number of associations (the GIL). The main process binds the DICOM port once and
+spawns workers that accept on that same socket; each worker runs the ordinary
+:class:`~pacs_node.ingest.scp.StorageSCP` (parse, spool with fsync, ack) and sends what it spooled
+back over a pipe. The main process keeps the single catalog writer and the assembly timers, so
+state stays in one place. Workers are spawned (not forked) so they never inherit the main
+process's threads or database connections, and a worker that dies is replaced.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+from multiprocessing.context import SpawnProcess
+from multiprocessing.queues import SimpleQueue
+from types import FrameType
+from typing import Any
+
+from pacs_node.config import Settings
+from pacs_node.ingest.recorder import RecordSink
+from pacs_node.ingest.scp import StorageSCP
+from pacs_node.ingest.spool import Spool
+from pacs_node.logs import configure_logging
+from pacs_node.refs import InstanceRef
+
+log = logging.getLogger(__name__)
+
+_SUBMIT, _COUNT, _DUPLICATE = "submit", "count", "duplicate"
+PR_SET_PDEATHSIG = 1
+DRAIN_S = 30.0  # how long a stopping worker lets running associations finish
+
+
+class _PipeSink:
+    """The worker side: every call is pickled and written before the C-STORE is answered."""
+
+    def __init__(self, queue: SimpleQueue[Any]) -> None:
+        self._queue = queue
+
+    def submit(self, ref: InstanceRef) -> None:
+        self._queue.put((_SUBMIT, ref))
+
+    def count(self, name: str, by: int = 1) -> None:
+        self._queue.put((_COUNT, (name, by)))
+
+    def duplicate(self, study_uid: str) -> None:
+        self._queue.put((_DUPLICATE, study_uid))
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM this worker when the main process dies (even by SIGKILL), so an
+    orphan never keeps the DICOM port; elsewhere the parent-pid check below does it."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def _run_worker(
+    settings: Settings, listening: socket.socket, queue: SimpleQueue[Any], parent: int
+) -> None:
+    """Entry point of a worker process."""
+    _die_with_parent()
+    options = settings.node
+    configure_logging(options.log_level, options.log_format)
+    spool = Spool(
+        options.spool_dir, fsync=options.fsync, min_free_bytes=options.min_free_mb * 2**20
+    )
+    scp = StorageSCP(settings, spool, _PipeSink(queue))
+    stop = threading.Event()
+
+    def _on_signal(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when to stop
+    server = threading.Thread(target=scp.serve, args=(listening,), name="scp", daemon=True)
+    server.start()
+    while not stop.wait(1.0):
+        if os.getppid() != parent:  # the main process is gone: nobody records what we spool
+            break
+    if os.getppid() != parent:
+        log.error("main process gone; worker stopping")
+    scp.stop()  # closes this process's copy of the listening socket first
+    deadline = time.monotonic() + DRAIN_S
+    # Let established associations finish their C-STOREs; connections that never sent an
+    # A-ASSOCIATE-RQ (port probes) are not worth waiting for.
+    while time.monotonic() < deadline and any(
+        assoc.is_established for assoc in scp.ae.active_associations
+    ):
+        time.sleep(0.05)
+
+
+class SCPWorkers:
+    """The DICOM port served by ``count`` worker processes; records flow to ``sink``."""
+
+    def __init__(self, settings: Settings, sink: RecordSink, count: int) -> None:
+        self.settings = settings
+        self.sink = sink
+        self.count = count
+        options = settings.node
+        family = socket.AF_INET6 if ":" in options.dicom_host else socket.AF_INET
+        self.listening = socket.socket(family, socket.SOCK_STREAM)
+        self.listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listening.bind((options.dicom_host, options.dicom_port))
+        self.listening.listen(128)
+        self._context = multiprocessing.get_context("spawn")
+        self._queue: SimpleQueue[Any] = self._context.SimpleQueue()
+        self._processes: list[SpawnProcess] = []
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def port(self) -> int:
+        return int(self.listening.getsockname()[1])
+
+    def start(self) -> None:
+        self._processes = [self._spawn() for _ in range(self.count)]
+        for target, name in ((self._pump, "scp-pump"), (self._supervise, "scp-supervisor")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        options = self.settings.node
+        log.info(
+            "storage SCP listening",
+            extra={
+                "ae_title": options.ae_title,
+                "host": options.dicom_host,
+                "port": self.port,
+                "workers": self.count,
+            },
+        )
+
+    def _spawn(self) -> SpawnProcess:
+        process = self._context.Process(
+            target=_run_worker,
+            args=(self.settings, self.listening, self._queue, os.getpid()),
+            name="pacs-node-scp",
+            daemon=True,
+        )
+        process.start()
+        return process
+
+    def _pump(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            kind, value = item
+            if kind == _SUBMIT:
+                self.sink.submit(value)
+            elif kind == _COUNT:
+                self.sink.count(*value)
+            else:
+                self.sink.duplicate(value)
+
+    def _supervise(self) -> None:
+        while not self._stopping.wait(1.0):
+            for index, process in enumerate(self._processes):
+                if process.is_alive() or self._stopping.is_set():
+                    continue
+                log.error("SCP worker died; replacing it", extra={"exitcode": process.exitcode})
+                self.sink.count("scp_worker_restarts")
+                self._processes[index] = self._spawn()
+
+    def stop(self) -> None:
+        """Stop accepting, let running associations finish, then drain the pipe."""
+        self._stopping.set()
+        for process in self._processes:
+            if process.is_alive():
+                process.terminate()  # SIGTERM: the worker drains and exits
+        for process in self._processes:
+            process.join(DRAIN_S + 5)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        self._queue.put(None)
+        for thread in self._threads:
+            thread.join(10)
+        self.listening.close()
