@@ -195,7 +195,7 @@ OUTPUT_KINDS = ("seg", "sr", "gsps", "key_images", "pdf", "fhir")
 class RouteRule(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: Annotated[str, Field(min_length=1, pattern=r"[A-Za-z0-9_.-]+")]
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
     description: str = ""
     enabled: bool = True
     when: Conditions = Conditions()
