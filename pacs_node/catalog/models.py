@@ -68,6 +68,29 @@ class StudyState(enum.StrEnum):
     STABLE = "stable"
 
 
+class RouteOutcome(enum.StrEnum):
+    """What routing decided when the study last became stable."""
+
+    ROUTED = "routed"  # at least one rule matched; jobs were queued
+    UNROUTED = "unrouted"  # no rule matched; kept, listed, never silently dropped
+    IGNORED = "ignored"  # rules matched but said to leave a changed study alone
+    OWN_OUTPUT = "own_output"  # only objects this node produced: never routed
+
+
+class JobState(enum.StrEnum):
+    """queued -> running -> done | failed; queued | running -> cancelled; failed -> queued."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+def _enum(cls: type[enum.StrEnum]) -> Enum:
+    return Enum(cls, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e])
+
+
 class Study(Base):
     __tablename__ = "studies"
 
@@ -95,6 +118,8 @@ class Study(Base):
     # How many times an instance arrived after the study had become stable.
     reopened_count: Mapped[int] = mapped_column(Integer, default=0)
     duplicate_count: Mapped[int] = mapped_column(Integer, default=0)
+    route_outcome: Mapped[RouteOutcome | None] = mapped_column(_enum(RouteOutcome))
+    routed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.id")
 
@@ -138,6 +163,43 @@ class StudyEvent(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    kind: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[str | None] = mapped_column(Text)
+
+
+class Job(Base):
+    """One model run on one study: the unit a worker claims."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    rule: Mapped[str | None] = mapped_column(String(64))  # None when started by hand
+    model: Mapped[str] = mapped_column(String(64))
+    series_uids: Mapped[str] = mapped_column(Text)  # JSON list, the series to process
+    destinations: Mapped[str] = mapped_column(Text, default="{}")  # JSON {output kind: [names]}
+    state: Mapped[JobState] = mapped_column(_enum(JobState), default=JobState.QUEUED)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    progress: Mapped[float] = mapped_column(default=0.0)
+    stage: Mapped[str | None] = mapped_column(String(32))
+    timings: Mapped[str] = mapped_column(Text, default="{}")  # JSON {stage: seconds}
+    error: Mapped[str | None] = mapped_column(Text)
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (Index("ix_jobs_state", "state"),)
+
+
+class JobEvent(Base):
+    """Append-only: what happened to a job and when."""
+
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     at: Mapped[datetime] = mapped_column(UTCDateTime())
     kind: Mapped[str] = mapped_column(String(32))
     detail: Mapped[str | None] = mapped_column(Text)
