@@ -21,6 +21,7 @@ from pacs_node import __version__
 from pacs_node.config import Settings, load_settings
 from pacs_node.errors import PacsNodeError
 from pacs_node.logs import configure_logging
+from pacs_node.routing.commands import routes_app
 
 app = typer.Typer(
     name="pacs-node",
@@ -112,7 +113,10 @@ def studies(config: ConfigOption = None, json_output: JsonOption = False) -> Non
     path = sqlite_file(url)
     summaries = []
     if path is None or path.exists():
-        catalog = open_catalog(url)
+        try:
+            catalog = open_catalog(url, run_migrations=False)
+        except PacsNodeError as exc:
+            raise _fail(str(exc), 1) from exc
         try:
             with catalog.sessions() as session:
                 summaries = list_studies(session)
@@ -122,13 +126,15 @@ def studies(config: ConfigOption = None, json_output: JsonOption = False) -> Non
         sys.stdout.write(json.dumps([s.as_json() for s in summaries], ensure_ascii=False) + "\n")
         return
     table = Table(title=f"{len(summaries)} studies")
-    for column in ("Study Instance UID", "State", "Received", "Series", "Instances", "Modalities"):
+    columns = ("Study Instance UID", "State", "Status", "Received", "Series", "Instances")
+    for column in (*columns, "Modalities"):
         table.add_column(column)
     for s in summaries:
         modalities = ", ".join(sorted({x.modality or "?" for x in s.series}))
         table.add_row(
             s.study_uid,
             s.state,
+            s.status or "",
             s.last_received_at.strftime("%Y-%m-%d %H:%M:%S"),
             str(len(s.series)),
             str(s.instances),
@@ -301,6 +307,9 @@ def segment(
 def version() -> None:
     """Print the version."""
     out.print(f"pacs-node {__version__}", highlight=False)
+
+
+app.add_typer(routes_app, name="routes")
 
 
 def main() -> None:

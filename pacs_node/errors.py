@@ -51,7 +51,7 @@ class CatalogError(PacsNodeError):
 
 
 class VolumeError(PacsNodeError):
-    """A series cannot be turned into one Volume; the message says why (the job fails, not the node)."""
+    """A series cannot become one Volume; the message says why (the job fails, not the node)."""
 
 
 class ModelError(PacsNodeError):

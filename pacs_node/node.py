@@ -13,6 +13,7 @@ from pacs_node.ingest.recorder import CatalogRecorder
 from pacs_node.ingest.scp import StorageSCP
 from pacs_node.ingest.spool import Spool
 from pacs_node.ingest.workers import SCPWorkers
+from pacs_node.routing.router import Router
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,8 @@ class Node:
         self.recorder = CatalogRecorder(self.catalog, self.spool)
         self.assembly = Assembly(self.catalog, settings)
         self.recorder.add_listener(self.assembly.on_touched)
+        self.router = Router(self.catalog, self.spool, settings.routes)
+        self.assembly.add_listener(self.router.on_stable)
         self.scp: StorageSCP | SCPWorkers
         if options.dicom_workers > 0:
             self.scp = SCPWorkers(settings, self.recorder, options.dicom_workers)
@@ -39,6 +42,7 @@ class Node:
     def start(self) -> None:
         """Reconcile the catalog with the spool, rebuild timers, then open the DICOM port."""
         recovered = reconcile(self.spool, self.recorder)
+        self.router.catch_up()
         self.recorder.start()
         self.assembly.start()
         self.scp.start()

@@ -9,6 +9,8 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -77,11 +79,29 @@ def migrate(engine: Engine) -> None:
         command.upgrade(cfg, "head")
 
 
+def check_schema(engine: Engine) -> None:
+    """Refuse to work on a catalog whose schema is not the one this version expects."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    head = ScriptDirectory.from_config(cfg).get_current_head()
+    with engine.connect() as connection:
+        current = MigrationContext.configure(connection).get_current_revision()
+    if current != head:
+        raise CatalogError(
+            f"the catalog schema is at revision {current}, this pacs-node expects {head}: "
+            "start `pacs-node serve` once (it migrates the catalog)"
+        )
+
+
 def open_catalog(url: str, *, run_migrations: bool = True) -> Catalog:
+    """Open (and by default migrate) the catalog; read-only commands pass
+    ``run_migrations=False`` so they never change a schema a running node is using."""
     try:
         engine = create_catalog_engine(url)
         if run_migrations:
             migrate(engine)
+        else:
+            check_schema(engine)
     except SQLAlchemyError as exc:
         safe = make_url(url).render_as_string(hide_password=True)
         raise CatalogError(f"cannot open the catalog at {safe}: {exc}") from exc

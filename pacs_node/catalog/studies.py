@@ -15,6 +15,9 @@ from sqlalchemy.orm import Session
 from pacs_node.catalog.models import (
     Counter,
     Instance,
+    Job,
+    JobState,
+    RouteOutcome,
     Series,
     Study,
     StudyEvent,
@@ -297,12 +300,16 @@ class StudySummary:
     instances: int
     size_bytes: int
     series: tuple[SeriesSummary, ...]
+    route_outcome: str | None = None
+    status: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The public shape of ``studies --json``; fields are only ever added."""
         return {
             "study_uid": self.study_uid,
             "state": self.state,
+            "status": self.status,
+            "route_outcome": self.route_outcome,
             "instances": self.instances,
             "size_bytes": self.size_bytes,
             "patient_name": self.patient_name,
@@ -347,6 +354,11 @@ def list_studies(session: Session, study_uids: Iterable[str] | None = None) -> l
             .group_by(Instance.series_id)
         ).all()
     }
+    job_states: dict[int, list[JobState]] = {}
+    for study_id, job_state in session.execute(
+        select(Job.study_id, Job.state).where(Job.study_id.in_([s.id for s in studies]))
+    ).all():
+        job_states.setdefault(study_id, []).append(job_state)
     summaries = []
     for study in studies:
         series = tuple(
@@ -379,9 +391,27 @@ def list_studies(session: Session, study_uids: Iterable[str] | None = None) -> l
                 instances=sum(s.instances for s in series),
                 size_bytes=sum(s.size_bytes for s in series),
                 series=series,
+                route_outcome=study.route_outcome.value if study.route_outcome else None,
+                status=processing_status(study.route_outcome, job_states.get(study.id, [])),
             )
         )
     return summaries
+
+
+def processing_status(outcome: RouteOutcome | None, jobs: Sequence[JobState]) -> str | None:
+    """unrouted | queued | processing | done | failed, from the routing outcome and the jobs;
+    None until the study has been routed (or processed by hand)."""
+    if jobs:
+        if JobState.RUNNING in jobs:
+            return "processing"
+        if JobState.QUEUED in jobs:
+            return "queued"
+        if JobState.FAILED in jobs:
+            return "failed"
+        return "done"
+    if outcome in (RouteOutcome.UNROUTED, RouteOutcome.OWN_OUTPUT, RouteOutcome.IGNORED):
+        return "unrouted"
+    return None
 
 
 def known_paths(session: Session) -> set[str]:

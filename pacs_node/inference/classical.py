@@ -62,10 +62,11 @@ Spacing = tuple[float, float, float]
 
 
 def _factors(spacing: Spacing) -> tuple[int, int, int]:
+    """Block sizes that bring each axis nearest to the working spacing (never finer)."""
     return (
-        max(1, int(WORK_SPACING_MM // spacing[0])),
-        max(1, int(WORK_SPACING_MM // spacing[1])),
-        max(1, int(WORK_SPACING_MM // spacing[2])),
+        max(1, round(WORK_SPACING_MM / spacing[0])),
+        max(1, round(WORK_SPACING_MM / spacing[1])),
+        max(1, round(WORK_SPACING_MM / spacing[2])),
     )
 
 

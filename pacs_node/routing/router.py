@@ -1,0 +1,124 @@
+"""When a study becomes stable: evaluate the routes and queue one job per (rule, model).
+
+Studies no rule matches are marked ``unrouted`` (kept and listed, never dropped); objects this
+node produced are never routed; a study that changed after it was processed is re-routed or left
+alone as each rule's ``on_change`` says.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from pacs_node.catalog.db import Catalog
+from pacs_node.catalog.models import Job, JobState, RouteOutcome, Study, StudyState, utcnow
+from pacs_node.catalog.studies import add_event
+from pacs_node.ingest.spool import Spool
+from pacs_node.routing.facts import study_facts
+from pacs_node.routing.rules import OnChange, RoutesFile, RuleVerdict, route
+
+log = logging.getLogger(__name__)
+
+SOURCE = "SOURCE"  # destination name: the AE that sent the study
+DEFAULT_SEND: dict[str, tuple[str, ...]] = {
+    kind: (SOURCE,) for kind in ("seg", "sr", "gsps", "key_images", "pdf")
+}
+
+
+def queue_job(
+    session: Session,
+    study: Study,
+    model: str,
+    series_uids: Sequence[str],
+    destinations: dict[str, tuple[str, ...]],
+    rule: str | None,
+) -> Job:
+    now = utcnow()
+    job = Job(
+        study_id=study.id,
+        rule=rule,
+        model=model,
+        series_uids=json.dumps(list(series_uids)),
+        destinations=json.dumps({k: list(v) for k, v in destinations.items()}),
+        state=JobState.QUEUED,
+        attempts=0,
+        progress=0.0,
+        timings="{}",
+        created_at=now,
+    )
+    session.add(job)
+    session.flush()
+    add_event(session, study.id, "job queued", now, job=job.id, model=model, rule=rule)
+    return job
+
+
+class Router:
+    def __init__(self, catalog: Catalog, spool: Spool, routes: RoutesFile) -> None:
+        self.catalog = catalog
+        self.spool = spool
+        self.routes = routes
+
+    def explain(self, session: Session, study_uid: str) -> list[RuleVerdict]:
+        return route(self.routes, study_facts(session, self.spool, study_uid))
+
+    def catch_up(self) -> int:
+        """Route studies that became stable but were not routed since (a crash in between)."""
+        with self.catalog.sessions() as session:
+            pending = list(
+                session.scalars(
+                    select(Study.study_uid).where(
+                        Study.state == StudyState.STABLE,
+                        or_(Study.routed_at.is_(None), Study.routed_at < Study.stable_at),
+                    )
+                )
+            )
+        for study_uid in pending:
+            self.on_stable(study_uid)
+        return len(pending)
+
+    def on_stable(self, study_uid: str) -> None:
+        """Assembly listener: route the study that just became stable."""
+        with self.catalog.sessions.begin() as session:
+            outcome, jobs = self.route_study(session, study_uid)
+        log.info(
+            "study routed",
+            extra={"study_uid": study_uid, "outcome": outcome.value, "jobs": len(jobs)},
+        )
+
+    def route_study(self, session: Session, study_uid: str) -> tuple[RouteOutcome, list[Job]]:
+        study = session.scalars(select(Study).where(Study.study_uid == study_uid)).one()
+        now = utcnow()
+        facts = study_facts(session, self.spool, study_uid)
+        jobs: list[Job] = []
+        if facts and all(f.produced_by_node for f in facts):
+            outcome = RouteOutcome.OWN_OUTPUT
+        else:
+            verdicts = route(self.routes, facts)
+            matched = [v for v in verdicts if v.matched]
+            rules = {rule.name: rule for rule in self.routes.rules}
+            earlier = set(session.scalars(select(Job.rule).where(Job.study_id == study.id)))
+            for verdict in matched:
+                rule = rules[verdict.rule]
+                if rule.name in earlier and rule.on_change is OnChange.IGNORE:
+                    continue
+                send = rule.send or DEFAULT_SEND
+                jobs.extend(
+                    queue_job(session, study, model, verdict.selected, send, rule.name)
+                    for model in rule.models
+                )
+            if jobs:
+                outcome = RouteOutcome.ROUTED
+            elif matched:
+                outcome = RouteOutcome.IGNORED
+            else:
+                outcome = RouteOutcome.UNROUTED
+            if outcome is RouteOutcome.UNROUTED:
+                reasons = {v.rule: v.reason for v in verdicts} or {"routes": "no rules"}
+                add_event(session, study.id, "unrouted", now, **reasons)
+        study.route_outcome = outcome
+        study.routed_at = now
+        return outcome, jobs
