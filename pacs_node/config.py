@@ -20,6 +20,12 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from pacs_node.dispatch.destinations import (
+    AnyDestination,
+    Destination,
+    DimseDestination,
+    check_destination_name,
+)
 from pacs_node.errors import ConfigError
 from pacs_node.routing.rules import RoutesFile
 
@@ -73,6 +79,12 @@ class NodeOptions(BaseModel):
     log_format: Literal["text", "json"] = "text"
     models_dir: Path = Path("./models")  # model bundles, one folder each (MONAI bundle layout)
     torch_threads: int = Field(default=0, ge=0)  # CPU threads for inference; 0: torch's default
+    # Job worker processes (inference beside the SCP); 1 suits 2 cores, 0 runs none.
+    job_workers: int = Field(default=1, ge=0, le=32)
+    job_max_attempts: int = Field(default=3, ge=1, le=100)  # a job that kills its worker
+    delivery_max_attempts: int = Field(default=12, ge=1, le=1000)  # then dead letter
+    delivery_backoff_s: float = Field(default=5.0, gt=0)  # first retry delay, doubled each time
+    delivery_backoff_max_s: float = Field(default=900.0, gt=0)
 
     @field_validator("ae_title")
     @classmethod
@@ -133,6 +145,7 @@ class PeersFile(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     peers: tuple[PeerConfig, ...] = ()
+    destinations: dict[str, Destination] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _unique(self) -> PeersFile:
@@ -141,6 +154,25 @@ class PeersFile(BaseModel):
             if peer.ae_title in seen:
                 raise ValueError(f"AE title {peer.ae_title!r} is listed twice")
             seen.add(peer.ae_title)
+        return self
+
+    @model_validator(mode="after")
+    def _destinations(self) -> PeersFile:
+        ports = {p.ae_title: p for p in self.peers if p.port is not None}
+        for name, dest in self.destinations.items():
+            check_destination_name(name)
+            if name in ports:
+                raise ValueError(
+                    f"destination {name!r}: the peer {name!r} has a port and is already a "
+                    "destination by that name"
+                )
+            if isinstance(dest, DimseDestination) and dest.peer is not None:
+                peer = ports.get(dest.peer)
+                if peer is None or peer.host is None:
+                    raise ValueError(
+                        f"destination {name!r}: peer {dest.peer!r} must be in peers with a host "
+                        "and a port"
+                    )
         return self
 
 
@@ -152,6 +184,7 @@ class Settings(BaseModel):
     node: NodeOptions
     peers: tuple[PeerConfig, ...] = ()
     routes: RoutesFile = RoutesFile()
+    destinations: dict[str, AnyDestination] = Field(default_factory=dict)
     config_dir: Path | None = None
 
     def peer(self, ae_title: str) -> PeerConfig | None:
@@ -237,7 +270,13 @@ def load_settings(
             routes = _validate_file(RoutesFile, routes_path, _read_yaml(routes_path))
 
     node = _build_node(node_values, cli, directory)
-    return Settings(node=node, peers=peers.peers, routes=routes, config_dir=directory)
+    return Settings(
+        node=node,
+        peers=peers.peers,
+        routes=routes,
+        destinations=dict(peers.destinations),
+        config_dir=directory,
+    )
 
 
 def _build_node(
