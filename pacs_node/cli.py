@@ -304,6 +304,107 @@ def segment(
 
 
 @app.command()
+def train(
+    recipe_path: Annotated[Path, typer.Argument(help="Training recipe (YAML or JSON).")],
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Bundle folder (default: models/<name>).")
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Processes rendering phantom cases.")] = 1,
+) -> None:
+    """Train a model on phantoms from a recipe and write it as a bundle with its model card."""
+    from pacs_node.training.bundle import write_bundle
+    from pacs_node.training.card import refresh_card
+    from pacs_node.training.recipe import load_recipe
+    from pacs_node.training.trainer import train as run_training
+
+    try:
+        recipe = load_recipe(recipe_path)
+    except PacsNodeError as exc:
+        raise _fail(str(exc)) from exc
+    root = out_dir or Path("models") / recipe.name
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[note]}"),
+        TimeRemainingColumn(),
+        console=err,
+    ) as progress:
+        tasks: dict[str, Any] = {}
+
+        def report(stage: str, done: int, total: int, note: str) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total, note="")
+            progress.update(tasks[stage], completed=done, note=note)
+
+        result = run_training(recipe, report, workers=workers)
+    write_bundle(recipe, result, root, card="")
+    refresh_card(root)
+    err.print(
+        f"wrote {root}: validation Dice {result.best_val_dice:.3f} (epoch {result.best_epoch} "
+        f"of {result.epochs_run}) in {result.minutes:.1f} min",
+        highlight=False,
+    )
+
+
+@app.command()
+def evaluate(
+    model: Annotated[str, typer.Argument(help="Model bundle name (see `pacs-node models`).")],
+    data: Annotated[
+        Path, typer.Argument(help="Case folders (DICOM + DICOM-SEG) or a Decathlon folder.")
+    ],
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Folder for metrics.json, report.md, box plots.")
+    ] = Path("evaluation"),
+    label_map: Annotated[
+        Path | None, typer.Option("--labels", help='JSON map of truth names: {"liver": 1}.')
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Evaluate only the first N cases.")] = None,
+    description: Annotated[str, typer.Option(help="What the cases are (for the report).")] = "",
+    config: ConfigOption = None,
+    models_dir: ModelsDirOption = None,
+) -> None:
+    """Measure a model on labelled cases at their source resolution: Dice, IoU, HD95, ASD,
+    precision, recall and volume error per case and label."""
+    settings = _settings(config, {"models_dir": models_dir})
+    from pacs_node.evaluation.report import evaluate as run_evaluation
+    from pacs_node.evaluation.report import markdown, write_report
+    from pacs_node.inference.registry import Registry
+    from pacs_node.inference.runner import Runner
+
+    mapping = None
+    if label_map is not None:
+        try:
+            mapping = json.loads(label_map.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise _fail(f"{label_map}: {exc}") from exc
+    with Progress(
+        TextColumn("[bold]evaluate[/] {task.description}"), console=err, transient=True
+    ) as progress:
+        task = progress.add_task(model)
+
+        def advance(done: int, case: str) -> None:
+            progress.update(task, description=f"{model}: {done} cases ({case})")
+
+        try:
+            runner = Runner(Registry(settings.node.models_dir), threads=settings.node.torch_threads)
+            report = run_evaluation(
+                runner, model, data, label_map=mapping, limit=limit, progress=advance
+            )
+        except PacsNodeError as exc:
+            raise _fail(str(exc), 1) from exc
+    report["description"] = description
+    report["command"] = " ".join(["pacs-node", *sys.argv[1:]])
+    write_report(report, out_dir)
+    bundle_root = (settings.node.models_dir / model).resolve()
+    if bundle_root in out_dir.resolve().parents and (bundle_root / "configs").is_dir():
+        from pacs_node.training.card import refresh_card
+
+        refresh_card(bundle_root)
+    out.print(markdown(report), highlight=False)
+
+
+@app.command()
 def version() -> None:
     """Print the version."""
     out.print(f"pacs-node {__version__}", highlight=False)

@@ -1,0 +1,1 @@
+"""Procedural anatomical phantoms."""

@@ -1,0 +1,400 @@
+"""Images of one seeded patient: CT in HU, MR-like T1/T2 contrasts, and radiographs.
+
+Every acquisition choice (slice thickness, field of view, noise, contrast phase, artefacts) is
+drawn from a :class:`Ranges` object by the same seed, so a training set and a robustness set
+differ only in the ranges they pass. Labels are the anatomy at the voxel (or pixel) centres of
+the image's own grid; partial volume is in the image only, as on a scanner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import ndimage  # type: ignore[import-untyped,unused-ignore]
+
+from phantom.anatomy import LABEL_VALUE, Anatomy, Tissue, sample_anatomy
+from phantom.raster import AxialGrid, rasterise
+
+F32 = NDArray[np.float32]
+Range = tuple[float, float]
+
+
+@dataclass(frozen=True)
+class Ranges:
+    """Acquisition parameters are drawn uniformly from these ranges (low, high)."""
+
+    thickness_mm: Range = (1.0, 5.0)  # slice thickness = slice spacing
+    pixel_mm: Range = (0.9, 1.8)  # in-plane pixel size (CT, MR) or detector pixel (radiograph)
+    fov_scale: Range = (0.85, 1.35)  # reconstruction diameter / body width (< 1 truncates)
+    noise: Range = (4.0, 30.0)  # CT: HU; MR: percent of the mean tissue signal; XR: 1000/dose
+    coverage_mm: Range = (220.0, 420.0)  # cranio-caudal length of a CT/MR series
+    max_slices: int = 160
+    metal: bool = True
+    table: bool = True
+    size: Range | None = None  # patient size factor; None: the anatomy's own draw
+
+
+TRAINING = Ranges()
+"""The ranges the built-in models were trained on (quoted in their model cards)."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One rendered image with labels on the same grid (z, y, x) and how it was acquired."""
+
+    image: F32
+    labels: NDArray[np.uint8]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    modality: Literal["CT", "MR", "DX"]
+    seed: int
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label_names(self) -> dict[int, str]:
+        """Value -> vocabulary name of the labels this modality carries."""
+        if self.modality == "DX":
+            return {1: "lung_left", 2: "lung_right"}
+        return {v: n for n, v in LABEL_VALUE.items()}
+
+
+def _u(rng: np.random.Generator, r: Range) -> float:
+    return float(rng.uniform(r[0], r[1]))
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> F32:
+    """Unit-variance Gaussian noise correlated over ``sigma`` voxels."""
+    n = ndimage.gaussian_filter(rng.normal(0.0, 1.0, shape).astype(np.float32), sigma)
+    std = float(n.std()) or 1.0
+    return np.asarray(n / std, dtype=np.float32)
+
+
+def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], coarse: int = 4) -> F32:
+    """A slowly varying field in [-1, 1]-ish over the whole grid (bias field, textures)."""
+    small = rng.normal(0.0, 1.0, tuple(min(coarse, s) for s in shape)).astype(np.float32)
+    zoom = [s / c for s, c in zip(shape, small.shape, strict=True)]
+    big = ndimage.zoom(small, zoom, order=3, mode="nearest", grid_mode=True)
+    return np.asarray(big[tuple(slice(0, s) for s in shape)], dtype=np.float32)
+
+
+def _series_grid(
+    anatomy: Anatomy, rng: np.random.Generator, ranges: Ranges, modality: str
+) -> tuple[AxialGrid, float, int]:
+    """The series geometry: square field of view round the isocentre, slices along z.
+    Returns the grid, the reconstruction diameter (mm) and the sub-slice oversampling."""
+    thickness = _u(rng, ranges.thickness_mm)
+    pixel = _u(rng, ranges.pixel_mm)
+    diameter = 2.0 * anatomy.body_a * _u(rng, ranges.fov_scale)
+    matrix = max(32, round(diameter / pixel))
+    pixel = diameter / matrix
+    coverage = min(_u(rng, ranges.coverage_mm), ranges.max_slices * thickness)
+    low, high = anatomy.z_low + 20.0, anatomy.z_apex + 20.0
+    start = float(rng.uniform(low, max(low, high - coverage)))
+    slices = max(8, round(min(coverage, high - start) / thickness))
+    sub = 2 if thickness > 2.5 else 1
+    origin = (-diameter / 2 + pixel / 2, -diameter / 2 + pixel / 2, start)
+    grid = AxialGrid((slices, matrix, matrix), (thickness, pixel, pixel), origin)
+    return grid, diameter, sub
+
+
+def _subsampled(grid: AxialGrid, sub: int) -> AxialGrid:
+    """The grid with ``sub`` samples across each slice's thickness (partial volume along z)."""
+    if sub == 1:
+        return grid
+    dz = grid.spacing[0] / sub
+    origin = (grid.origin[0], grid.origin[1], grid.origin[2] - dz * (sub - 1) / 2)
+    return AxialGrid((grid.shape[0] * sub, *grid.shape[1:]), (dz, *grid.spacing[1:]), origin)
+
+
+# (native, arterial, portal venous, delayed) HU of the tissues that enhance
+_ENHANCING: dict[Tissue, tuple[float, float, float, float]] = {
+    Tissue.LIVER: (55, 75, 110, 85),
+    Tissue.SPLEEN: (45, 110, 120, 85),
+    Tissue.KIDNEY_CORTEX: (32, 190, 170, 130),
+    Tissue.KIDNEY_MEDULLA: (30, 80, 160, 210),
+    Tissue.MYOCARDIUM: (40, 100, 90, 75),
+    Tissue.HEART_BLOOD: (40, 280, 160, 110),
+    Tissue.ARTERY: (40, 300, 170, 110),
+    Tissue.VEIN: (40, 110, 160, 110),
+    Tissue.PULMONARY_VESSEL: (40, 250, 150, 105),
+    Tissue.BOWEL_WALL: (40, 80, 90, 70),
+}
+_FIXED_HU: dict[Tissue, Range] = {
+    Tissue.AIR: (-1000, -1000),
+    Tissue.SKIN: (20, 50),
+    Tissue.FAT: (-115, -80),
+    Tissue.MUSCLE: (40, 60),
+    Tissue.VISCERAL_FAT: (-110, -75),
+    Tissue.LUNG: (-900, -780),
+    Tissue.AIRWAY: (-1000, -980),
+    Tissue.CORTICAL_BONE: (700, 1300),
+    Tissue.CANCELLOUS_BONE: (150, 320),
+    Tissue.DISC: (70, 110),
+    Tissue.CSF: (5, 20),
+    Tissue.BOWEL_CONTENT: (5, 40),
+    Tissue.GAS: (-1000, -950),
+    Tissue.TABLE_SHELL: (200, 500),
+    Tissue.TABLE_FOAM: (-950, -850),
+    Tissue.METAL: (3000, 3071),
+}
+PHASES = ("native", "arterial", "portal", "delayed")
+
+
+def ct_hu_table(rng: np.random.Generator, phase: int) -> F32:
+    """HU per tissue for one patient and contrast phase (liver and spleen ranges overlap)."""
+    table = np.zeros(len(Tissue), dtype=np.float32)
+    for tissue, r in _FIXED_HU.items():
+        table[tissue] = _u(rng, r)
+    for tissue, values in _ENHANCING.items():
+        table[tissue] = values[phase] * _u(rng, (0.85, 1.15))
+    if rng.random() < 0.15:  # positive oral contrast
+        table[Tissue.BOWEL_CONTENT] = _u(rng, (150, 350))
+    return table
+
+
+def _metal_streaks(
+    image: F32, tissue: NDArray[np.uint8], rng: np.random.Generator, pixel: float
+) -> None:
+    """Bright and dark streaks radiating from metal, slice by slice (in place)."""
+    ny, nx = image.shape[1:]
+    yy, xx = np.mgrid[0:ny, 0:nx].astype(np.float32)
+    angles = rng.uniform(0, np.pi, 10)
+    amps = rng.uniform(150, 500, 10) * rng.choice([-1.0, 1.0], 10)
+    for k in np.nonzero((tissue == Tissue.METAL).any(axis=(1, 2)))[0]:
+        cy, cx = (float(v.mean()) for v in np.nonzero(tissue[k] == Tissue.METAL))
+        for ang, amp in zip(angles, amps, strict=True):
+            perp = np.abs((xx - cx) * np.sin(ang) - (yy - cy) * np.cos(ang)) * pixel
+            along = np.hypot(xx - cx, yy - cy) * pixel
+            image[k] += np.float32(amp) * np.exp(-perp / 1.5) * np.exp(-along / 150.0)
+
+
+def render_ct(seed: int, ranges: Ranges = TRAINING) -> Case:
+    """An axial CT series in HU with labels: random phase, noise, slice thickness, field of view,
+    beam-hardening cupping and, in some patients, a spinal screw with metal streaks."""
+    anatomy = sample_anatomy(
+        seed, size=None if ranges.size is None else _u(np.random.default_rng(seed), ranges.size)
+    )
+    rng = np.random.default_rng(seed + 7_919)
+    grid, diameter, sub = _series_grid(anatomy, rng, ranges, "CT")
+    if not ranges.metal:
+        anatomy = replace(anatomy, metal=None)
+    if not ranges.table:
+        anatomy = replace(anatomy, table_y=1e4)
+    fine = rasterise(anatomy, _subsampled(grid, sub))
+    phase = int(rng.integers(0, 4))
+    table = ct_hu_table(rng, phase)
+    hu = table[fine.tissue]
+    # organ texture and lung parenchyma heterogeneity
+    hu += _smooth_noise(rng, hu.shape, 2.0) * np.where(
+        fine.tissue == Tissue.LUNG, 25.0, 6.0
+    ).astype(np.float32)
+    if anatomy.metal is not None and ranges.metal:
+        _metal_streaks(hu, fine.tissue, rng, grid.spacing[1])
+    if sub > 1:
+        hu = hu.reshape(grid.shape[0], sub, *grid.shape[1:]).mean(axis=1)
+        labels = fine.labels[sub // 2 :: sub]
+    else:
+        labels = fine.labels
+    ys = grid.axis(1)[:, None]
+    xs = grid.axis(2)[None, :]
+    ox, oy = anatomy.offset
+    r2 = ((xs - ox) / anatomy.body_a) ** 2 + ((ys - oy) / anatomy.body_b) ** 2
+    cupping = _u(rng, (0.0, 30.0)) * np.clip(1 - r2, 0, None).astype(np.float32)
+    hu -= cupping[None]
+    psf = _u(rng, (0.4, 0.9))
+    hu = ndimage.gaussian_filter(hu, (0.0, psf, psf))
+    size = anatomy.body_a / 160.0
+    noise = _u(rng, ranges.noise) * size
+    hu += _smooth_noise(rng, hu.shape, 0.7) * np.float32(noise)
+    outside = (xs**2 + ys**2) > (diameter / 2) ** 2
+    hu[:, outside] = -1024.0
+    labels = labels.copy()
+    labels[:, outside] = 0
+    hu = np.clip(hu, -1024, 3071).astype(np.float32)
+    settings = {
+        "thickness_mm": grid.spacing[0],
+        "pixel_mm": grid.spacing[1],
+        "matrix": grid.shape[1],
+        "slices": grid.shape[0],
+        "phase": PHASES[phase],
+        "noise_hu": round(noise, 1),
+        "fov_mm": round(diameter, 1),
+        "truncated": bool(diameter < 2 * (anatomy.body_a + abs(anatomy.offset[0]))),
+        "metal": anatomy.metal is not None,
+    }
+    return Case(hu, labels, grid.spacing, grid.origin, "CT", seed, settings)
+
+
+# Relative signal of each tissue: (T1-weighted, T2-weighted); vessels and heart blood are given
+# per case (bright or dark blood).
+_MR: dict[Tissue, tuple[float, float]] = {
+    Tissue.AIR: (0.0, 0.0),
+    Tissue.SKIN: (0.5, 0.4),
+    Tissue.FAT: (1.0, 0.85),
+    Tissue.MUSCLE: (0.35, 0.2),
+    Tissue.VISCERAL_FAT: (0.95, 0.8),
+    Tissue.LUNG: (0.04, 0.05),
+    Tissue.AIRWAY: (0.0, 0.0),
+    Tissue.LIVER: (0.55, 0.25),
+    Tissue.SPLEEN: (0.4, 0.6),
+    Tissue.KIDNEY_CORTEX: (0.47, 0.55),
+    Tissue.KIDNEY_MEDULLA: (0.3, 0.75),
+    Tissue.MYOCARDIUM: (0.4, 0.3),
+    Tissue.CORTICAL_BONE: (0.04, 0.04),
+    Tissue.CANCELLOUS_BONE: (0.75, 0.55),
+    Tissue.DISC: (0.35, 0.7),
+    Tissue.CSF: (0.15, 1.0),
+    Tissue.BOWEL_WALL: (0.4, 0.35),
+    Tissue.BOWEL_CONTENT: (0.3, 0.7),
+    Tissue.GAS: (0.0, 0.0),
+    Tissue.TABLE_SHELL: (0.0, 0.0),
+    Tissue.TABLE_FOAM: (0.0, 0.0),
+    Tissue.METAL: (0.0, 0.0),
+}
+_BLOOD = (Tissue.HEART_BLOOD, Tissue.ARTERY, Tissue.VEIN, Tissue.PULMONARY_VESSEL)
+
+
+def render_mr(seed: int, ranges: Ranges = TRAINING) -> Case:
+    """An axial MR-like series: T1- or T2-like tissue signal, bright or dark blood, a smooth
+    multiplicative bias field, Rician noise and an arbitrary scanner scale."""
+    anatomy = sample_anatomy(seed)
+    rng = np.random.default_rng(seed + 15_485)
+    ranges = (
+        replace(
+            ranges,
+            thickness_mm=(max(ranges.thickness_mm[0], 2.5), max(ranges.thickness_mm[1], 6.0)),
+        )
+        if ranges is TRAINING
+        else ranges
+    )
+    grid, diameter, sub = _series_grid(anatomy, rng, ranges, "MR")
+    anatomy = replace(anatomy, metal=None)
+    fine = rasterise(anatomy, _subsampled(grid, sub))
+    weighting = int(rng.integers(0, 2))
+    table = np.array(
+        [_MR.get(Tissue(i), (0.0, 0.0))[weighting] for i in range(len(Tissue))], dtype=np.float32
+    )
+    table *= rng.uniform(0.9, 1.1, len(table)).astype(np.float32)
+    blood = _u(rng, (0.05, 0.2)) if rng.random() < 0.5 else _u(rng, (0.7, 1.0))
+    for t in _BLOOD:
+        table[t] = blood
+    signal = table[fine.tissue]
+    signal *= 1 + _smooth_noise(rng, signal.shape, 1.5) * np.float32(0.04)
+    if sub > 1:
+        signal = signal.reshape(grid.shape[0], sub, *grid.shape[1:]).mean(axis=1)
+        labels = fine.labels[sub // 2 :: sub].copy()
+    else:
+        labels = fine.labels.copy()
+    bias_strength = _u(rng, (0.1, 0.45))
+    signal *= np.exp(_smooth_field(rng, signal.shape, 3) * np.float32(bias_strength))
+    sigma = (
+        _u(rng, ranges.noise)
+        / 30.0
+        * 0.05
+        * float(signal[labels > 0].mean() if (labels > 0).any() else 1.0)
+    )
+    n1 = rng.normal(0.0, sigma, signal.shape).astype(np.float32)
+    n2 = rng.normal(0.0, sigma, signal.shape).astype(np.float32)
+    signal = np.sqrt((signal + n1) ** 2 + n2**2)
+    scale = _u(rng, (300.0, 3000.0))
+    image = (signal * np.float32(scale)).astype(np.float32)
+    ys = grid.axis(1)[:, None]
+    xs = grid.axis(2)[None, :]
+    outside = (xs**2 + ys**2) > (diameter / 2) ** 2
+    labels[:, outside] = 0
+    image[:, outside] = 0.0
+    settings = {
+        "thickness_mm": grid.spacing[0],
+        "pixel_mm": grid.spacing[1],
+        "matrix": grid.shape[1],
+        "slices": grid.shape[0],
+        "weighting": ("T1", "T2")[weighting],
+        "blood": "bright" if blood > 0.5 else "dark",
+        "bias": round(bias_strength, 2),
+        "noise_sigma": round(sigma * scale, 2),
+        "fov_mm": round(diameter, 1),
+    }
+    return Case(image, labels, grid.spacing, grid.origin, "MR", seed, settings)
+
+
+def _mu(hu: F32) -> F32:
+    """Linear attenuation (1/mm) at a chest-radiograph effective energy from HU."""
+    return np.asarray(np.clip(0.0195 * (1.0 + hu / 1000.0), 0.0, None), dtype=np.float32)
+
+
+def render_xr(seed: int, ranges: Ranges = TRAINING) -> Case:
+    """A frontal chest radiograph: the CT anatomy projected antero-posteriorly, scatter,
+    quantum noise at a random dose, detector blur and collimation. Labels are the lung fields
+    (lung_left = 1, lung_right = 2): pixels whose ray crosses at least 10 mm of that lung."""
+    anatomy = sample_anatomy(seed)
+    rng = np.random.default_rng(seed + 104_729)
+    step = 2.5
+    x0, x1 = -anatomy.body_a - 40 + anatomy.offset[0], anatomy.body_a + 40 + anatomy.offset[0]
+    z1 = anatomy.z_apex + _u(rng, (30.0, 80.0))
+    z0 = min(anatomy.dome_left, anatomy.dome_right) - _u(rng, (80.0, 150.0))
+    y0, y1 = -anatomy.body_b - 40 + anatomy.offset[1], anatomy.body_b + 80 + anatomy.offset[1]
+    shape = (round((z1 - z0) / step), round((y1 - y0) / step), round((x1 - x0) / step))
+    supine = rng.random() < 0.4
+    if not supine or not ranges.table:
+        anatomy = replace(anatomy, table_y=1e4)
+    anatomy = replace(anatomy, metal=None)
+    raster = rasterise(anatomy, AxialGrid(shape, (step, step, step), (x0, y0, z0)))
+    hu = ct_hu_table(rng, 0)[raster.tissue]
+    path = _mu(hu).sum(axis=1) * step  # (z, x)
+    lung_l = (raster.labels == LABEL_VALUE["lung_left"]).sum(axis=1) * step
+    lung_r = (raster.labels == LABEL_VALUE["lung_right"]).sum(axis=1) * step
+    # detector grid: rows top (head) to bottom, columns to the patient's left
+    pixel = _u(rng, ranges.pixel_mm)
+    zoom = step / pixel
+    path = ndimage.zoom(path[::-1], zoom, order=1)
+    lung_l = ndimage.zoom(lung_l[::-1], zoom, order=1)
+    lung_r = ndimage.zoom(lung_r[::-1], zoom, order=1)
+    scatter = _u(rng, (0.0, 0.08))
+    dose = 1000.0 / max(_u(rng, ranges.noise), 1e-3) * 200.0
+    primary = np.exp(-path) + scatter * float(np.exp(-path).mean())
+    counts = rng.poisson(np.clip(primary * dose, 0, None)).astype(np.float32) + 1.0
+    counts = ndimage.gaussian_filter(counts, _u(rng, (0.5, 1.2)))
+    signal = np.log(dose / counts)
+    gamma = _u(rng, (0.8, 1.2))
+    lo, hi = np.percentile(signal, [0.5, 99.5])
+    image = np.clip((signal - lo) / max(hi - lo, 1e-3), 0, 1) ** gamma * 4095.0
+    labels = np.zeros(image.shape, dtype=np.uint8)
+    labels[lung_l >= 10.0] = 1
+    labels[lung_r >= 10.0] = 2
+    # collimation: crop a random margin on each side
+    ny, nx = image.shape
+    top, bottom = (int(rng.uniform(0, 0.08) * ny) for _ in range(2))
+    left, right = (int(rng.uniform(0, 0.1) * nx) for _ in range(2))
+    image = image[top : ny - bottom, left : nx - right]
+    labels = labels[top : ny - bottom, left : nx - right]
+    settings = {
+        "pixel_mm": round(pixel, 3),
+        "rows": image.shape[0],
+        "columns": image.shape[1],
+        "view": "AP" if supine else "PA",
+        "dose": round(dose, 1),
+        "scatter": round(scatter, 3),
+    }
+    return Case(
+        image[None].astype(np.float32),
+        np.ascontiguousarray(labels[None]),
+        (1.0, pixel, pixel),
+        (0.0, 0.0, 0.0),
+        "DX",
+        seed,
+        settings,
+    )
+
+
+RENDERERS = {"CT": render_ct, "MR": render_mr, "DX": render_xr}
+
+
+def render(modality: str, seed: int, ranges: Ranges = TRAINING) -> Case:
+    """One case of ``modality`` (CT, MR, or DX / CR for a radiograph)."""
+    key = "DX" if modality.upper() in ("DX", "CR", "XR") else modality.upper()
+    if key not in RENDERERS:
+        raise ValueError(f"no phantom renderer for modality {modality!r} (CT, MR, DX, CR)")
+    return RENDERERS[key](seed, ranges)

@@ -1,0 +1,156 @@
+"""A trained network as a bundle in the registry's layout (MONAI bundle plus the node's optional
+``pacs_node`` keys), so it loads through :mod:`pacs_node.inference.registry` like any zoo
+bundle."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pacs_node.training.recipe import Recipe
+from pacs_node.training.trainer import TrainingResult, network_args
+
+NOT_CLINICAL = (
+    "**Not for clinical use until validated locally with `pacs-node evaluate`** on the "
+    "hospital's own labelled cases. It was trained on procedural phantoms only."
+)
+
+
+def metadata(recipe: Recipe, result: TrainingResult) -> dict[str, Any]:
+    """configs/metadata.json: MONAI's standard keys plus ``pacs_node``."""
+    import monai
+
+    labels = {"0": "background", **{str(i + 1): n for i, n in enumerate(recipe.labels)}}
+    intensity: dict[str, Any] = {"kind": recipe.intensity.kind}
+    if recipe.intensity.kind == "range":
+        intensity |= {"a_min": recipe.intensity.a_min, "a_max": recipe.intensity.a_max}
+    cleanup = {str(recipe.labels.index(name) + 1): steps for name, steps in recipe.cleanup.items()}
+    return {
+        "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/"
+        "0.8.1/meta_schema_20220324.json",
+        "version": recipe.version,
+        "monai_version": monai.__version__,
+        "pytorch_version": torch.__version__.split("+")[0],
+        "numpy_version": __import__("numpy").__version__,
+        "required_packages_version": {},
+        "name": recipe.name,
+        "task": recipe.description or f"{recipe.modality} segmentation",
+        "description": recipe.description,
+        "authors": "pacs-node",
+        "copyright": "Apache-2.0",
+        "data_source": "procedural phantoms (models/phantom), seeds "
+        f"{recipe.train_seeds[0]}..{recipe.train_seeds[1] - 1}",
+        "intended_use": "research; not for clinical use until validated locally",
+        "network_data_format": {
+            "inputs": {
+                "image": {
+                    "type": "image",
+                    "format": "hounsfield" if recipe.modality == "CT" else "magnitude",
+                    "modality": "/".join(recipe.accepted_modalities),
+                    "num_channels": 1,
+                    "spatial_shape": list(recipe.patch_xyz),
+                    "dtype": "float32",
+                    "value_range": [0, 1] if recipe.intensity.kind == "range" else [],
+                    "is_patch_data": True,
+                    "channel_def": {"0": "image"},
+                }
+            },
+            "outputs": {
+                "pred": {
+                    "type": "image",
+                    "format": "segmentation",
+                    "num_channels": len(labels),
+                    "spatial_shape": list(recipe.patch_xyz),
+                    "dtype": "float32",
+                    "value_range": [0, 1],
+                    "is_patch_data": True,
+                    "channel_def": labels,
+                }
+            },
+        },
+        "pacs_node": {
+            "kind": "network",
+            "modalities": list(recipe.accepted_modalities),
+            "min_slices": 1 if recipe.network.two_d else 8,
+            "preprocessing": {
+                "spacing_zyx_mm": list(recipe.spacing_zyx_mm),
+                "orientation": "LPS",
+                "intensity": intensity,
+            },
+            "patch_size": list(recipe.patch_xyz),
+            "overlap": 0.25,
+            "sw_batch_size": 1,
+            "cleanup": cleanup,
+            "training": {
+                "recipe": recipe.model_dump(mode="json"),
+                "best_epoch": result.best_epoch,
+                "epochs_run": result.epochs_run,
+                "val_dice": round(result.best_val_dice, 4),
+                "val_dice_per_label": {
+                    k: round(v, 4) for k, v in result.val_dice_per_label.items()
+                },
+                "minutes": round(result.minutes, 1),
+                "parameters": result.parameters,
+                "machine": f"{platform.machine()} CPU, {recipe.threads} threads",
+            },
+        },
+    }
+
+
+def inference_config(recipe: Recipe) -> dict[str, Any]:
+    """configs/inference.json: the network, the zoo-style preprocessing (for MONAI tools; the
+    node uses ``pacs_node.preprocessing`` instead) and the sliding-window inferer."""
+    xyz = list(reversed(recipe.spacing_zyx_mm))
+    if recipe.intensity.kind == "range":
+        scale: dict[str, Any] = {
+            "_target_": "ScaleIntensityRanged",
+            "keys": "image",
+            "a_min": recipe.intensity.a_min,
+            "a_max": recipe.intensity.a_max,
+            "b_min": 0.0,
+            "b_max": 1.0,
+            "clip": True,
+        }
+    else:
+        scale = {"_target_": "NormalizeIntensityd", "keys": "image"}
+    return {
+        "bundle_root": ".",
+        "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
+        "network_def": network_args(recipe),
+        "network": "$@network_def.to(@device)",
+        "preprocessing": {
+            "_target_": "Compose",
+            "transforms": [
+                {"_target_": "LoadImaged", "keys": "image"},
+                {"_target_": "EnsureChannelFirstd", "keys": "image"},
+                {"_target_": "Orientationd", "keys": "image", "axcodes": "LPS"},
+                {"_target_": "Spacingd", "keys": "image", "pixdim": xyz, "mode": "bilinear"},
+                scale,
+            ],
+        },
+        "inferer": {
+            "_target_": "SlidingWindowInferer",
+            "roi_size": list(recipe.patch_xyz),
+            "sw_batch_size": 1,
+            "overlap": 0.25,
+            "mode": "gaussian",
+        },
+    }
+
+
+def write_bundle(recipe: Recipe, result: TrainingResult, root: Path, card: str) -> Path:
+    """Write configs/, models/model.pt and docs/README.md under ``root``."""
+    (root / "configs").mkdir(parents=True, exist_ok=True)
+    (root / "models").mkdir(exist_ok=True)
+    (root / "docs").mkdir(exist_ok=True)
+    meta = json.dumps(metadata(recipe, result), indent=2) + "\n"
+    (root / "configs" / "metadata.json").write_text(meta, encoding="utf-8")
+    infer = json.dumps(inference_config(recipe), indent=2) + "\n"
+    (root / "configs" / "inference.json").write_text(infer, encoding="utf-8")
+    torch.save(result.state_dict, root / "models" / "model.pt")
+    (root / "docs" / "README.md").write_text(card, encoding="utf-8")
+    return root

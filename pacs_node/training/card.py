@@ -1,0 +1,127 @@
+"""The model card (docs/README.md) of a bundle trained here, rebuilt from what the bundle holds:
+its recipe and training summary (configs/metadata.json) and every evaluation saved under
+``eval/<set>/metrics.json``. Numbers are never typed in by hand."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pacs_node.training.bundle import NOT_CLINICAL
+
+EVAL_DIR = "eval"
+METRICS = "metrics.json"
+
+
+def _table(summary: dict[str, Any]) -> list[str]:
+    rows = [
+        (
+            "| label | Dice | IoU | HD95 mm | ASD mm | precision | recall | abs volume error % "
+            "| HD95 missing |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in summary.items():
+        rows.append(
+            f"| {name} | {s['dice_mean']:.3f} ± {s['dice_sd']:.3f} | {s['iou_mean']:.3f} | "
+            f"{_num(s['hd95_mean'])} | {_num(s['asd_mean'])} | {s['precision_mean']:.3f} | "
+            f"{s['recall_mean']:.3f} | {_num(s['volume_error_pct_mean'])} | {s['hd95_missing']} |"
+        )
+    return rows
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def render_card(root: Path) -> str:
+    """Markdown for ``root``'s docs/README.md."""
+    meta = json.loads((root / "configs" / "metadata.json").read_text(encoding="utf-8"))
+    node = meta["pacs_node"]
+    training = node["training"]
+    recipe = training["recipe"]
+    labels = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
+    lines = [
+        f"# {meta['name']} {meta['version']}",
+        "",
+        meta.get("description", ""),
+        "",
+        NOT_CLINICAL,
+        "",
+        "## What it does",
+        "",
+        f"- Input: {', '.join(node['modalities'])}; labels: "
+        + ", ".join(f"{k} {v}" for k, v in labels.items() if k != "0"),
+        (
+            f"- Grid: resampled to {node['preprocessing']['spacing_zyx_mm']} mm (z, y, x) in LPS; "
+            f"intensity {node['preprocessing']['intensity']}; sliding window "
+            f"{node['patch_size']} (x, y, z); probabilities mapped back to the source grid."
+        ),
+        (
+            f"- Network: MONAI UNet, channels {recipe['network']['channels']}, "
+            f"{training['parameters']:,} parameters."
+        ),
+        "",
+        "## Training data and recipe",
+        "",
+        (
+            f"- Procedural phantoms (`models/phantom`), {recipe['modality']}, training seeds "
+            f"{recipe['train_seeds'][0]}..{recipe['train_seeds'][1] - 1}, validation seeds "
+            f"{recipe['val_seeds'][0]}..{recipe['val_seeds'][1] - 1}; phantom ranges: the defaults "
+            f"of `phantom.render.TRAINING` with {recipe['phantom'] or 'no overrides'}."
+        ),
+        f"- Augmentation: {recipe['augmentation']}.",
+        (
+            f"- Loss Dice + cross-entropy, AdamW with one-cycle learning rate "
+            f"{recipe['learning_rate']}, batch {recipe['batch_size']}, {recipe['steps_per_epoch']} "
+            f"steps per epoch, early stopping after {recipe['patience']} epochs without gain."
+        ),
+        (
+            f"- Ran {training['epochs_run']} epochs (best {training['best_epoch']}, validation "
+            f"Dice {training['val_dice']}) in {training['minutes']} min on {training['machine']}."
+        ),
+        "",
+        "Retrain (same seeds, same result up to thread scheduling):",
+        "",
+        "```",
+        f"pacs-node train models/recipes/{meta['name']}.yaml --out models/{meta['name']}",
+        "```",
+        "",
+        "## Held-out evaluation",
+        "",
+    ]
+    evals = sorted((root / EVAL_DIR).glob(f"*/{METRICS}")) if (root / EVAL_DIR).is_dir() else []
+    if not evals:
+        lines.append("No evaluation saved yet (`pacs-node evaluate`).")
+    for path in evals:
+        report = json.loads(path.read_text(encoding="utf-8"))
+        lines += [
+            f"### {path.parent.name}: {report['cases']} cases ({report.get('description', '')})",
+            "",
+            f"`{report.get('command', '')}`",
+            "",
+            *_table(report["summary"]),
+            "",
+        ]
+    lines += [
+        "## Known limits",
+        "",
+        (
+            "- Trained only on phantoms: real anatomy varies more (pathology, post-operative "
+            "states, arms beside the body, contrast timing, devices); expect lower numbers on "
+            "real data."
+        ),
+        "- `body` is the body outside the other labels (one label per voxel).",
+        (
+            "- Left and right follow the patient LPS axes of the DICOM geometry; a wrong "
+            "ImageOrientationPatient gives swapped sides."
+        ),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def refresh_card(root: Path) -> None:
+    """Rewrite docs/README.md from the bundle's own files."""
+    (root / "docs" / "README.md").write_text(render_card(root), encoding="utf-8")

@@ -1,0 +1,263 @@
+"""The training loop: cached phantom cases, MONAI augmentation, Dice + cross-entropy, a
+validation pass each epoch with early stopping, and the best weights written as a bundle.
+
+Cases are rendered once (in a process pool) and augmented on the fly, because rendering costs
+seconds and an augmented view of a cached case costs milliseconds.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from pacs_node.training.dataset import Sample, make_sample
+from pacs_node.training.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+# (stage, done, total, message)
+Progress = Callable[[str, int, int, str], None]
+
+
+@dataclass
+class TrainingResult:
+    """What the model card quotes about training."""
+
+    best_epoch: int
+    epochs_run: int
+    best_val_dice: float
+    val_dice_per_label: dict[str, float]
+    minutes: float
+    cases: int
+    parameters: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    state_dict: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+
+def build_network(recipe: Recipe) -> torch.nn.Module:
+    """The recipe's MONAI UNet (also what configs/inference.json instantiates)."""
+    from monai.networks.nets.unet import UNet
+
+    args = network_args(recipe)
+    args.pop("_target_")
+    network: torch.nn.Module = UNet(**args)
+    return network
+
+
+def network_args(recipe: Recipe) -> dict[str, Any]:
+    """``network_def`` as configs/inference.json spells it."""
+    net = recipe.network
+    depth = len(net.channels) - 1
+    stride: Any = [2, 2, 1] if net.two_d else 2
+    kernel: Any = [3, 3, 1] if net.two_d else 3
+    return {
+        "_target_": "monai.networks.nets.UNet",
+        "spatial_dims": 3,
+        "in_channels": 1,
+        "out_channels": len(recipe.labels) + 1,
+        "channels": list(net.channels),
+        "strides": [stride] * depth,
+        "kernel_size": kernel,
+        "up_kernel_size": kernel,
+        "num_res_units": net.num_res_units,
+        "dropout": net.dropout,
+        "norm": "INSTANCE",
+    }
+
+
+def _swap_pairs(recipe: Recipe) -> list[tuple[int, int]]:
+    """Channel pairs a left-right flip exchanges (lung_left <-> lung_right, ...)."""
+    index = {name: i + 1 for i, name in enumerate(recipe.labels)}
+    pairs = []
+    for name, value in index.items():
+        if name.endswith("_left") and name.replace("_left", "_right") in index:
+            pairs.append((value, index[name.replace("_left", "_right")]))
+    return pairs
+
+
+def augmentation(recipe: Recipe) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """MONAI dictionary transforms: pad/crop to the patch, rotation + scaling, elastic warp,
+    left-right flip (labels swapped), intensity scale/shift and noise."""
+    mt: Any = importlib.import_module("monai.transforms")
+
+    aug = recipe.augmentation
+    patch = recipe.patch_xyz
+    rot = np.deg2rad(aug.rotate_deg)
+    two_d = recipe.network.two_d
+    keys = ["image", "label"]
+    steps: list[Any] = [
+        mt.SpatialPadd(keys, spatial_size=patch, mode="constant", value=0),
+        mt.RandSpatialCropd(keys, roi_size=patch, random_size=False),
+        mt.RandAffined(
+            keys,
+            prob=aug.affine_prob,
+            rotate_range=(0.0, 0.0, rot) if two_d else (rot / 2, rot / 2, rot),
+            scale_range=(aug.scale, aug.scale, 0.0) if two_d else (aug.scale,) * 3,
+            mode=("bilinear", "nearest"),
+            padding_mode="border",
+        ),
+    ]
+    if aug.elastic_prob > 0 and not two_d:
+        steps.append(
+            mt.Rand3DElasticd(
+                keys,
+                sigma_range=(5, 8),
+                magnitude_range=(50, 150),
+                prob=aug.elastic_prob,
+                mode=("bilinear", "nearest"),
+                padding_mode="border",
+            )
+        )
+    steps += [
+        mt.RandScaleIntensityd("image", factors=0.1, prob=aug.intensity_prob),
+        mt.RandShiftIntensityd("image", offsets=0.1, prob=aug.intensity_prob),
+        mt.RandGaussianNoised("image", std=aug.noise_std, prob=aug.intensity_prob),
+    ]
+    compose = mt.Compose(steps)
+    pairs = _swap_pairs(recipe)
+    rng = np.random.default_rng(recipe.seed + 1)
+
+    def run(data: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = compose(data)
+        if aug.flip_prob > 0 and rng.random() < aug.flip_prob:
+            image = torch.flip(torch.as_tensor(out["image"]), dims=[1])
+            label = torch.flip(torch.as_tensor(out["label"]), dims=[1])
+            swapped = label.clone()
+            for a, b in pairs:
+                swapped[label == a] = b
+                swapped[label == b] = a
+            out = {"image": image, "label": swapped}
+        return out
+
+    compose.set_random_state(seed=recipe.seed)
+    return run
+
+
+def render_samples(
+    seeds: list[int], recipe: Recipe, progress: Progress, stage: str, workers: int
+) -> list[Sample]:
+    """Render and prepare cases, ``workers`` processes at a time."""
+    out: list[Sample] = []
+    if workers <= 1 or len(seeds) < 2:
+        for i, seed in enumerate(seeds):
+            out.append(make_sample(seed, recipe))
+            progress(stage, i + 1, len(seeds), f"seed {seed}")
+        return out
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for i, sample in enumerate(pool.map(make_sample, seeds, [recipe] * len(seeds))):
+            out.append(sample)
+            progress(stage, i + 1, len(seeds), f"seed {sample.seed}")
+    return out
+
+
+def dice_per_label(pred: NDArray[Any], truth: NDArray[Any], labels: int) -> list[float]:
+    """Dice of each label value 1..labels (1.0 when both are empty)."""
+    scores = []
+    for value in range(1, labels + 1):
+        p, t = pred == value, truth == value
+        denom = int(p.sum()) + int(t.sum())
+        scores.append(1.0 if denom == 0 else 2.0 * int((p & t).sum()) / denom)
+    return scores
+
+
+def _validate(
+    network: torch.nn.Module, samples: list[Sample], recipe: Recipe
+) -> NDArray[np.float64]:
+    from monai.inferers.utils import sliding_window_inference
+
+    network.eval()
+    scores = []
+    with torch.inference_mode():
+        for sample in samples:
+            image = torch.from_numpy(sample.image)[None]
+            logits = sliding_window_inference(
+                image, recipe.patch_xyz, 1, network, overlap=0.25, mode="gaussian"
+            )
+            assert isinstance(logits, torch.Tensor)
+            pred = logits.argmax(dim=1)[0].numpy()
+            scores.append(dice_per_label(pred, sample.labels[0], len(recipe.labels)))
+    network.train()
+    means: NDArray[np.float64] = np.asarray(scores, dtype=np.float64).mean(axis=0)
+    return means
+
+
+def train(recipe: Recipe, progress: Progress, *, workers: int = 1) -> TrainingResult:
+    """Train the recipe's network; returns the best weights (by mean validation Dice)."""
+    from monai.losses.dice import DiceCELoss
+
+    started = time.perf_counter()
+    torch.manual_seed(recipe.seed)
+    torch.set_num_threads(recipe.threads)
+    train_seeds = list(range(*recipe.train_seeds))
+    val_seeds = list(range(*recipe.val_seeds))
+    training = render_samples(train_seeds, recipe, progress, "render training cases", workers)
+    validation = render_samples(val_seeds, recipe, progress, "render validation cases", workers)
+    network = build_network(recipe)
+    parameters = sum(p.numel() for p in network.parameters())
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
+    optimiser = torch.optim.AdamW(network.parameters(), lr=recipe.learning_rate, weight_decay=1e-5)
+    total_steps = recipe.epochs * recipe.steps_per_epoch
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimiser, max_lr=recipe.learning_rate, total_steps=total_steps, pct_start=0.1
+    )
+    augment = augmentation(recipe)
+    rng = np.random.default_rng(recipe.seed)
+    best = -1.0
+    best_epoch = 0
+    best_state: dict[str, torch.Tensor] = {}
+    best_labels: list[float] = []
+    history: list[dict[str, float]] = []
+    epoch = 0
+    deadline = started + recipe.max_minutes * 60.0
+    network.train()
+    for epoch in range(1, recipe.epochs + 1):
+        losses = []
+        for step in range(recipe.steps_per_epoch):
+            batch = [
+                augment({"image": s.image, "label": s.labels})
+                for s in (training[i] for i in rng.integers(0, len(training), recipe.batch_size))
+            ]
+            image = torch.stack([torch.as_tensor(b["image"]).float() for b in batch])
+            label = torch.stack([torch.as_tensor(b["label"]).long() for b in batch])
+            optimiser.zero_grad()
+            loss = loss_fn(network(image), label)
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            losses.append(float(loss.detach()))
+            progress(
+                f"epoch {epoch}/{recipe.epochs}",
+                step + 1,
+                recipe.steps_per_epoch,
+                f"loss {np.mean(losses):.3f} best val Dice {max(best, 0):.3f}",
+            )
+        dice = _validate(network, validation, recipe)
+        mean = float(dice.mean())
+        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "val_dice": mean})
+        log.info("epoch done", extra={"epoch": epoch, "val_dice": round(mean, 4)})
+        if mean > best:
+            best, best_epoch = mean, epoch
+            best_labels = [float(d) for d in dice]
+            best_state = {k: v.detach().clone() for k, v in network.state_dict().items()}
+        if epoch - best_epoch >= recipe.patience or time.perf_counter() > deadline:
+            break
+    return TrainingResult(
+        best_epoch=best_epoch,
+        epochs_run=epoch,
+        best_val_dice=best,
+        val_dice_per_label=dict(zip(recipe.labels, best_labels, strict=True)),
+        minutes=(time.perf_counter() - started) / 60.0,
+        cases=len(training),
+        parameters=parameters,
+        history=history,
+        state_dict=best_state,
+    )
