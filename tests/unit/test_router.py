@@ -1,0 +1,190 @@
+"""The router on a real catalog and spool: which series and models a stable study gets."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from sqlalchemy import select
+
+from pacs_node.catalog.db import Catalog, open_catalog
+from pacs_node.catalog.models import Job, RouteOutcome, Study, StudyState
+from pacs_node.catalog.studies import list_studies, record_instances
+from pacs_node.ingest.header import read_header
+from pacs_node.ingest.spool import Spool
+from pacs_node.refs import InstanceRef
+from pacs_node.routing.router import Router
+from pacs_node.routing.rules import RoutesFile
+from tests.dicom_factory import new_uid, write_series
+
+ROUTES = RoutesFile.model_validate(
+    {
+        "rules": [
+            {
+                "name": "ct",
+                "when": {
+                    "modality": "CT",
+                    "image_type": {"not_contains": "LOCALIZER"},
+                    "slices": {"min": 10},
+                },
+                "models": ["ct-torso-organs", "ct-classical"],
+                "send": {"seg": ["PACS"]},
+            },
+            {
+                "name": "chest-xr",
+                "when": {"modality": ["CR", "DX"]},
+                "models": ["xr-chest-lungs"],
+                "on_change": "ignore",
+            },
+        ]
+    }
+)
+
+
+@pytest.fixture
+def catalog(tmp_path: Path) -> Iterator[Catalog]:
+    cat = open_catalog(f"sqlite:///{tmp_path / 'catalog.sqlite'}")
+    yield cat
+    cat.dispose()
+
+
+def _spool_and_record(catalog: Catalog, spool: Spool, paths: list[Path]) -> None:
+    refs = []
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        header = read_header(ds)
+        stored = spool.store(
+            header.study_uid, header.series_uid, header.sop_instance_uid, [path.read_bytes()]
+        )
+        refs.append(
+            InstanceRef(
+                header=header,
+                transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                path=stored.relpath,
+                size_bytes=stored.size_bytes,
+                received_at=datetime.now(UTC),
+                calling_ae="CT1",
+            )
+        )
+    with catalog.sessions.begin() as session:
+        record_instances(session, refs)
+        for study in session.scalars(select(Study)):
+            study.state = StudyState.STABLE
+            study.stable_at = datetime.now(UTC)
+
+
+def _restyle(paths: list[Path], **attributes: object) -> list[Path]:
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        for keyword, value in attributes.items():
+            setattr(ds, keyword, value)
+        ds.save_as(path)
+    return paths
+
+
+def _jobs(catalog: Catalog) -> list[tuple[str, str, list[str]]]:
+    with catalog.sessions() as session:
+        return [
+            (job.rule or "", job.model, json.loads(job.series_uids))
+            for job in session.scalars(select(Job).order_by(Job.id))
+        ]
+
+
+def test_thin_axial_series_wins_over_thick_and_localizer(catalog: Catalog, tmp_path: Path) -> None:
+    study = new_uid()
+    localizer = _restyle(
+        write_series(tmp_path / "loc", slices=2, study_uid=study, series_number=1),
+        ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"],
+    )
+    thick = write_series(
+        tmp_path / "thick", slices=12, study_uid=study, series_number=2, spacing=(5.0, 0.8, 0.8)
+    )
+    thin = write_series(
+        tmp_path / "thin", slices=30, study_uid=study, series_number=3, spacing=(1.0, 0.8, 0.8)
+    )
+    spool = Spool(tmp_path / "spool")
+    _spool_and_record(catalog, spool, localizer + thick + thin)
+    router = Router(catalog, spool, ROUTES)
+    router.on_stable(study)
+    thin_uid = pydicom.dcmread(thin[0]).SeriesInstanceUID
+    assert _jobs(catalog) == [
+        ("ct", "ct-torso-organs", [thin_uid]),
+        ("ct", "ct-classical", [thin_uid]),
+    ]
+    with catalog.sessions() as session:
+        (summary,) = list_studies(session)
+        assert summary.status == "queued"
+        assert summary.route_outcome == "routed"
+        job = session.scalars(select(Job)).first()
+        assert job is not None
+        assert json.loads(job.destinations) == {"seg": ["PACS"]}
+
+
+def test_cr_chest_goes_to_the_radiograph_model_once(catalog: Catalog, tmp_path: Path) -> None:
+    study = new_uid()
+    paths = _restyle(write_series(tmp_path / "cr", slices=1, study_uid=study), Modality="CR")
+    spool = Spool(tmp_path / "spool")
+    _spool_and_record(catalog, spool, paths)
+    router = Router(catalog, spool, ROUTES)
+    router.on_stable(study)
+    assert [model for _, model, _ in _jobs(catalog)] == ["xr-chest-lungs"]
+    router.on_stable(study)  # the study changed and became stable again: on_change ignore
+    assert len(_jobs(catalog)) == 1
+    with catalog.sessions() as session:
+        outcome = session.scalar(select(Study.route_outcome))
+    assert outcome is RouteOutcome.IGNORED
+
+
+def test_unknown_modality_is_unrouted_and_explained(catalog: Catalog, tmp_path: Path) -> None:
+    study = new_uid()
+    paths = _restyle(write_series(tmp_path / "xa", slices=3, study_uid=study), Modality="XA")
+    spool = Spool(tmp_path / "spool")
+    _spool_and_record(catalog, spool, paths)
+    router = Router(catalog, spool, ROUTES)
+    router.on_stable(study)
+    assert _jobs(catalog) == []
+    with catalog.sessions() as session:
+        (summary,) = list_studies(session)
+        assert summary.status == "unrouted"
+        verdicts = router.explain(session, study)
+    ct = verdicts[0]
+    assert not ct.matched
+    (modality,) = [c for c in ct.series[0].checks if c.attribute == "modality"]
+    assert "'XA' does not match CT" in modality.reason
+
+
+def test_objects_the_node_produced_are_never_routed(catalog: Catalog, tmp_path: Path) -> None:
+    study = new_uid()
+    paths = write_series(tmp_path / "ours", slices=20, study_uid=study)
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        item = Dataset()
+        item.Manufacturer = "pacs-node"
+        purpose = Dataset()
+        purpose.CodeValue = "Newcode1"
+        purpose.CodingSchemeDesignator = "99IHE"
+        purpose.CodeMeaning = "Processing Algorithm"
+        item.PurposeOfReferenceCodeSequence = [purpose]
+        ds.ContributingEquipmentSequence = [item]
+        ds.save_as(path)
+    spool = Spool(tmp_path / "spool")
+    _spool_and_record(catalog, spool, paths)
+    Router(catalog, spool, ROUTES).on_stable(study)
+    assert _jobs(catalog) == []
+    with catalog.sessions() as session:
+        assert session.scalar(select(Study.route_outcome)) is RouteOutcome.OWN_OUTPUT
+
+
+def test_catch_up_routes_stable_studies_left_unrouted(catalog: Catalog, tmp_path: Path) -> None:
+    study = new_uid()
+    spool = Spool(tmp_path / "spool")
+    _spool_and_record(catalog, spool, write_series(tmp_path / "ct", slices=12, study_uid=study))
+    router = Router(catalog, spool, ROUTES)
+    assert router.catch_up() == 1
+    assert router.catch_up() == 0
+    assert len(_jobs(catalog)) == 2
