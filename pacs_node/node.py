@@ -13,7 +13,7 @@ from pacs_node.ingest.recorder import CatalogRecorder
 from pacs_node.ingest.scp import StorageSCP
 from pacs_node.ingest.spool import Spool
 from pacs_node.ingest.workers import SCPWorkers
-from pacs_node.routing.router import Router
+from pacs_node.routing.router import Router, check_models
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ class Node:
         self.recorder = CatalogRecorder(self.catalog, self.spool)
         self.assembly = Assembly(self.catalog, settings)
         self.recorder.add_listener(self.assembly.on_touched)
+        check_models(settings)
         self.router = Router(self.catalog, self.spool, settings.routes)
         self.assembly.add_listener(self.router.on_stable)
         self.scp: StorageSCP | SCPWorkers

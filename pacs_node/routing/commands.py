@@ -35,21 +35,14 @@ def _load(config: Path | None) -> Settings:
 @routes_app.command("check")
 def check(config: ConfigOption = None) -> None:
     """Validate routes.yaml and that every model it names is installed."""
-    from pacs_node.inference.registry import Registry
+    from pacs_node.routing.router import check_models
 
     settings = _load(config)
-    registry = Registry(settings.node.models_dir)
-    known = set(registry.names())
-    problems = [
-        f"rule {rule.name!r}: model {model!r} is not in {settings.node.models_dir}"
-        for rule in settings.routes.rules
-        for model in rule.models
-        if model not in known
-    ]
-    for problem in problems:
-        err.print(f"[red]error:[/] {problem}", highlight=False)
-    if problems:
-        raise typer.Exit(1)
+    try:
+        check_models(settings)
+    except PacsNodeError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from exc
     enabled = sum(rule.enabled for rule in settings.routes.rules)
     out.print(f"routes ok: {len(settings.routes.rules)} rules, {enabled} enabled", highlight=False)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
@@ -17,6 +18,9 @@ from sqlalchemy.orm import Session
 from pacs_node.catalog.db import Catalog
 from pacs_node.catalog.models import Job, JobState, RouteOutcome, Study, StudyState, utcnow
 from pacs_node.catalog.studies import add_event
+from pacs_node.config import ROUTES_FILE, Settings
+from pacs_node.errors import ConfigError
+from pacs_node.inference.registry import Registry
 from pacs_node.ingest.spool import Spool
 from pacs_node.routing.facts import study_facts
 from pacs_node.routing.rules import OnChange, RoutesFile, RuleVerdict, route
@@ -27,6 +31,22 @@ SOURCE = "SOURCE"  # destination name: the AE that sent the study
 DEFAULT_SEND: dict[str, tuple[str, ...]] = {
     kind: (SOURCE,) for kind in ("seg", "sr", "gsps", "key_images", "pdf")
 }
+
+
+def check_models(settings: Settings) -> None:
+    """Every model a rule names must be installed: a typo stops the node at start, not at the
+    first study."""
+    installed = set(Registry(settings.node.models_dir).names())
+    for index, rule in enumerate(settings.routes.rules):
+        for model in rule.models:
+            if model not in installed:
+                source = str((settings.config_dir or Path(".")) / ROUTES_FILE)
+                known = ", ".join(sorted(installed)) or "none"
+                raise ConfigError(
+                    source,
+                    f"rules[{index}].models",
+                    f"model {model!r} is not installed in {settings.node.models_dir} ({known})",
+                )
 
 
 def queue_job(

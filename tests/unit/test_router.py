@@ -15,10 +15,12 @@ from sqlalchemy import select
 from pacs_node.catalog.db import Catalog, open_catalog
 from pacs_node.catalog.models import Job, RouteOutcome, Study, StudyState
 from pacs_node.catalog.studies import list_studies, record_instances
+from pacs_node.config import NodeOptions, Settings
+from pacs_node.errors import ConfigError
 from pacs_node.ingest.header import read_header
 from pacs_node.ingest.spool import Spool
 from pacs_node.refs import InstanceRef
-from pacs_node.routing.router import Router
+from pacs_node.routing.router import Router, check_models
 from pacs_node.routing.rules import RoutesFile
 from tests.dicom_factory import new_uid, write_series
 
@@ -188,3 +190,16 @@ def test_catch_up_routes_stable_studies_left_unrouted(catalog: Catalog, tmp_path
     assert router.catch_up() == 1
     assert router.catch_up() == 0
     assert len(_jobs(catalog)) == 2
+
+
+def test_a_route_to_a_missing_model_stops_the_node_at_start(tmp_path: Path) -> None:
+    (tmp_path / "models" / "ct-classical" / "configs").mkdir(parents=True)
+    (tmp_path / "models" / "ct-classical" / "configs" / "metadata.json").write_text("{}")
+    settings = Settings(
+        node=NodeOptions(models_dir=tmp_path / "models"), routes=ROUTES, config_dir=tmp_path
+    )
+    with pytest.raises(ConfigError) as caught:
+        check_models(settings)
+    assert caught.value.source == str(tmp_path / "routes.yaml")
+    assert caught.value.key == "rules[0].models"
+    assert "'ct-torso-organs' is not installed" in caught.value.reason
