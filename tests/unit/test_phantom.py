@@ -1,0 +1,108 @@
+"""The phantom generator: reproducible from its seed, labels consistent with the anatomy, and
+written as DICOM that the node's own loader reads with the same geometry as the NIfTI pair."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pacs_node.evaluation.groundtruth import volume_from_nifti
+from pacs_node.imaging.volume import VolumeKind, load_series
+from phantom.anatomy import LABEL_VALUE
+from phantom.render import TRAINING, Ranges, render, render_ct, render_mr, render_xr
+from phantom.writers import write_decathlon, write_dicom
+
+FAST = replace(TRAINING, pixel_mm=(3.0, 3.5), coverage_mm=(300.0, 320.0), thickness_mm=(4.0, 5.0))
+
+
+def test_same_seed_same_case_other_seed_other_case() -> None:
+    a, b, c = render_ct(11, FAST), render_ct(11, FAST), render_ct(12, FAST)
+    assert np.array_equal(a.image, b.image)
+    assert np.array_equal(a.labels, b.labels)
+    assert a.settings == b.settings
+    assert a.image.shape != c.image.shape or not np.array_equal(a.labels, c.labels)
+
+
+def test_ct_labels_sit_on_plausible_tissue() -> None:
+    case = render_ct(21, replace(FAST, metal=False))
+    hu, lab = case.image, case.labels
+    names = {v: n for n, v in LABEL_VALUE.items()}
+    present = {names[v] for v in np.unique(lab) if v}
+    assert {"body", "lung_left", "lung_right", "liver", "spine", "ribs", "heart"} <= present
+    # median HU per structure, robust to noise and partial volume at the borders
+    assert np.median(hu[lab == LABEL_VALUE["lung_left"]]) < -600
+    assert np.median(hu[lab == LABEL_VALUE["lung_right"]]) < -600
+    assert -30 < np.median(hu[lab == LABEL_VALUE["liver"]]) < 200
+    assert np.median(hu[lab == LABEL_VALUE["spine"]]) > 120
+    assert np.median(hu[lab == 0]) < -900  # air and table foam outside the body
+    # left is +x (patient left, LPS): the left lung's centroid lies at larger x than the right
+    xs = case.origin[0] + np.arange(hu.shape[2]) * case.spacing[2]
+    left = xs[np.nonzero(lab == LABEL_VALUE["lung_left"])[2]].mean()
+    right = xs[np.nonzero(lab == LABEL_VALUE["lung_right"])[2]].mean()
+    assert left > 0 > right
+    # every organ lies inside the body outline: nothing labelled where the image is air
+    organs = (lab > 1) & (lab != LABEL_VALUE["lung_left"]) & (lab != LABEL_VALUE["lung_right"])
+    assert np.mean(hu[organs] < -500) < 0.02
+
+
+def test_slice_thickness_and_field_of_view_follow_the_ranges() -> None:
+    thin = Ranges(thickness_mm=(0.6, 0.6), pixel_mm=(3.0, 3.0), coverage_mm=(40, 40))
+    case = render_ct(5, thin)
+    assert case.spacing[0] == pytest.approx(0.6)
+    assert case.image.shape[0] == round(40 / 0.6)
+    cropped = render_ct(5, replace(FAST, fov_scale=(0.6, 0.6)))
+    assert cropped.settings["truncated"]
+    # the body reaches the edge of a cropped field of view
+    assert (cropped.labels[:, :, 0] == LABEL_VALUE["body"]).any() or (
+        cropped.labels[:, :, -1] == LABEL_VALUE["body"]
+    ).any()
+
+
+def test_mr_and_radiograph_render_the_same_anatomy() -> None:
+    mr = render_mr(31, FAST)
+    assert mr.modality == "MR"
+    assert mr.image.min() >= 0  # magnitude images (Rician noise)
+    fat_like = np.median(mr.image[mr.labels == LABEL_VALUE["body"]])
+    lung_like = np.median(mr.image[mr.labels == LABEL_VALUE["lung_left"]])
+    assert lung_like < fat_like
+    xr = render_xr(31)
+    assert xr.image.shape[0] == 1 and xr.labels.shape == xr.image.shape
+    assert set(np.unique(xr.labels)) == {0, 1, 2}
+    # lungs are dark on a radiograph (less attenuation than the mediastinum and the spine)
+    lungs = xr.labels[0] > 0
+    middle = xr.image[0][:, xr.image.shape[2] // 2 - 5 : xr.image.shape[2] // 2 + 5]
+    assert np.median(xr.image[0][lungs]) < np.median(middle)
+
+
+@pytest.mark.parametrize("modality", ["CT", "MR", "DX"])
+def test_dicom_series_reads_back_with_valid_geometry(modality: str, tmp_path: Path) -> None:
+    case = render(modality, 41, FAST)
+    volume = load_series(write_dicom(case, tmp_path / "dcm"))
+    assert volume.modality == modality
+    assert volume.shape == case.image.shape
+    assert np.array_equal(volume.voxels, np.rint(case.image).astype(volume.voxels.dtype))
+    assert volume.spacing[1:] == pytest.approx(case.spacing[1:])
+    if modality == "DX":
+        assert volume.kind is VolumeKind.IMAGE
+        return
+    assert volume.spacing[0] == pytest.approx(case.spacing[0], abs=1e-3)
+    assert volume.origin == pytest.approx(case.origin, abs=1e-3)
+    assert np.allclose(volume.direction, np.eye(3))
+
+
+def test_decathlon_layout_matches_the_dicom_geometry(tmp_path: Path) -> None:
+    case = render_ct(51, FAST)
+    root = write_decathlon(tmp_path / "set", [], [case], "ct_test")
+    meta = json.loads((root / "dataset.json").read_text())
+    assert meta["numTest"] == 1
+    assert meta["labels"]["4"] == "liver"
+    image = root / meta["test"][0]["image"]
+    assert (root / meta["test"][0]["label"]).is_file()
+    from_nifti = volume_from_nifti(image, "CT")
+    from_dicom = load_series(write_dicom(case, tmp_path / "dcm"))
+    assert np.allclose(from_nifti.affine_lps(), from_dicom.affine_lps(), atol=1e-3)
+    assert np.array_equal(from_nifti.voxels, from_dicom.voxels)
