@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -85,6 +86,17 @@ class JobState(enum.StrEnum):
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
+
+
+class DeliveryState(enum.StrEnum):
+    """pending -> sending -> delivered | pending (retry later) | held | dead;
+    held | dead -> pending by hand (``deliveries retry``) or when the hold's cause is gone."""
+
+    PENDING = "pending"
+    SENDING = "sending"
+    DELIVERED = "delivered"
+    HELD = "held"  # waits for a person or for config: no destination, unknown patient
+    DEAD = "dead"  # permanent refusal or too many attempts; kept, listed, retryable by hand
 
 
 def _enum(cls: type[enum.StrEnum]) -> Enum:
@@ -203,6 +215,52 @@ class JobEvent(Base):
     at: Mapped[datetime] = mapped_column(UTCDateTime())
     kind: Mapped[str] = mapped_column(String(32))
     detail: Mapped[str | None] = mapped_column(Text)
+
+
+class Result(Base):
+    """One stored result object of a job and its stored encodings (what dispatch sends)."""
+
+    __tablename__ = "results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # OutputKind: seg, sr, gsps, ..., fhir
+    sop_class_uid: Mapped[str | None] = mapped_column(UID)  # None for the FHIR Bundle
+    sop_instance_uid: Mapped[str | None] = mapped_column(UID)
+    series_uid: Mapped[str | None] = mapped_column(UID)
+    # JSON {transfer syntax UID (or media type for FHIR): path under data_dir/results}
+    encodings: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    patient_search: Mapped[str | None] = mapped_column(Text)  # FHIR: how the EHR finds the patient
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class Delivery(Base):
+    """The outbox: one result to one destination, retried until delivered or dead-lettered."""
+
+    __tablename__ = "deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id", ondelete="CASCADE"))
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))  # a name; SOURCE already resolved
+    state: Mapped[DeliveryState] = mapped_column(
+        _enum(DeliveryState), default=DeliveryState.PENDING
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_error: Mapped[str | None] = mapped_column(Text)
+    # Why it is held: "destination" (none configured yet) or "patient" (unknown to the EHR).
+    held_for: Mapped[str | None] = mapped_column(String(16))
+    transfer_syntax_uid: Mapped[str | None] = mapped_column(UID)  # the encoding that was sent
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (
+        UniqueConstraint("result_id", "destination"),
+        Index("ix_deliveries_state_next", "state", "next_attempt_at"),
+    )
 
 
 class Counter(Base):

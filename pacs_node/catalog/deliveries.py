@@ -1,0 +1,348 @@
+"""The outbox rows and their state machine.
+
+::
+
+    pending --claim--> sending --ok--------------> delivered
+       ^                  |----transient---------> pending (next_attempt_at later)
+       |                  |----too many / permanent> dead
+       |                  '----needs a person-----> held (held_for: destination | patient)
+       '-- retry by hand (held | dead), a hold's cause gone, or restart (sending) --'
+
+Rows are never deleted: a delivery that cannot go anywhere stays listed with its reason.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import Session
+
+from pacs_node.catalog.jobs import add_job_event
+from pacs_node.catalog.models import Delivery, DeliveryState, Job, Result, Study, utcnow
+
+HELD_FOR_DESTINATION = "destination"
+HELD_FOR_PATIENT = "patient"
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One claimed delivery as a handler needs it: what to send, from which stored files."""
+
+    delivery_id: int
+    job_id: int
+    destination: str
+    kind: str
+    sop_class_uid: str | None
+    sop_instance_uid: str | None
+    encodings: dict[str, str]  # transfer syntax UID or media type -> path under results dir
+    patient_search: str | None
+    attempts: int
+
+
+def create_deliveries(
+    session: Session,
+    job_id: int,
+    results: Sequence[tuple[int, str]],
+    destinations: dict[str, list[str]],
+) -> int:
+    """One pending row per (result, destination) named for the result's kind; idempotent."""
+    now = utcnow()
+    existing: set[tuple[int, str]] = {
+        (result_id, name)
+        for result_id, name in session.execute(
+            select(Delivery.result_id, Delivery.destination).where(Delivery.job_id == job_id)
+        ).all()
+    }
+    created = 0
+    for result_id, kind in results:
+        for name in destinations.get(kind, []):
+            if (result_id, name) in existing:
+                continue
+            existing.add((result_id, name))
+            session.add(
+                Delivery(
+                    result_id=result_id,
+                    job_id=job_id,
+                    destination=name,
+                    state=DeliveryState.PENDING,
+                    attempts=0,
+                    next_attempt_at=now,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            created += 1
+    return created
+
+
+def due_destinations(session: Session, now: datetime) -> list[str]:
+    """Destinations with at least one pending delivery whose time has come."""
+    return list(
+        session.scalars(
+            select(Delivery.destination)
+            .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now)
+            .distinct()
+            .order_by(Delivery.destination)
+        )
+    )
+
+
+def next_due_at(session: Session) -> datetime | None:
+    return session.scalar(
+        select(func.min(Delivery.next_attempt_at)).where(Delivery.state == DeliveryState.PENDING)
+    )
+
+
+def claim_due(session: Session, destination: str, limit: int, now: datetime) -> list[Outgoing]:
+    """pending -> sending for up to ``limit`` due deliveries of one destination, oldest first."""
+    ids = list(
+        session.scalars(
+            select(Delivery.id)
+            .where(
+                Delivery.destination == destination,
+                Delivery.state == DeliveryState.PENDING,
+                Delivery.next_attempt_at <= now,
+            )
+            .order_by(Delivery.next_attempt_at, Delivery.id)
+            .limit(limit)
+        )
+    )
+    claimed: list[int] = []
+    for delivery_id in ids:
+        won = session.execute(
+            update(Delivery)
+            .where(Delivery.id == delivery_id, Delivery.state == DeliveryState.PENDING)
+            .values(state=DeliveryState.SENDING, attempts=Delivery.attempts + 1, updated_at=now)
+        )
+        if won.rowcount == 1:  # type: ignore[attr-defined]
+            claimed.append(delivery_id)
+    if not claimed:
+        return []
+    rows = session.execute(
+        select(Delivery, Result)
+        .join(Result, Result.id == Delivery.result_id)
+        .where(Delivery.id.in_(claimed))
+        .order_by(Delivery.id)
+    ).all()
+    return [
+        Outgoing(
+            delivery_id=d.id,
+            job_id=d.job_id,
+            destination=d.destination,
+            kind=r.kind,
+            sop_class_uid=r.sop_class_uid,
+            sop_instance_uid=r.sop_instance_uid,
+            encodings=json.loads(r.encodings),
+            patient_search=r.patient_search,
+            attempts=d.attempts,
+        )
+        for d, r in rows
+    ]
+
+
+def _leave_sending(session: Session, delivery_id: int, **values: Any) -> bool:
+    result = session.execute(
+        update(Delivery)
+        .where(Delivery.id == delivery_id, Delivery.state == DeliveryState.SENDING)
+        .values(updated_at=utcnow(), **values)
+    )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def mark_delivered(session: Session, item: Outgoing, transfer_syntax_uid: str | None) -> None:
+    now = utcnow()
+    if _leave_sending(
+        session,
+        item.delivery_id,
+        state=DeliveryState.DELIVERED,
+        delivered_at=now,
+        last_error=None,
+        held_for=None,
+        transfer_syntax_uid=transfer_syntax_uid,
+    ):
+        add_job_event(
+            session,
+            item.job_id,
+            "delivered",
+            delivery=item.delivery_id,
+            destination=item.destination,
+            output=item.kind,
+        )
+
+
+def mark_retry(session: Session, item: Outgoing, error: str, at: datetime) -> None:
+    """A transient failure: back to pending, not before ``at``."""
+    _leave_sending(
+        session, item.delivery_id, state=DeliveryState.PENDING, last_error=error, next_attempt_at=at
+    )
+
+
+def mark_dead(session: Session, item: Outgoing, error: str) -> None:
+    if _leave_sending(
+        session, item.delivery_id, state=DeliveryState.DEAD, last_error=error, next_attempt_at=None
+    ):
+        add_job_event(
+            session,
+            item.job_id,
+            "delivery_dead",
+            delivery=item.delivery_id,
+            destination=item.destination,
+            error=error[:500],
+        )
+
+
+def mark_held(session: Session, item: Outgoing, reason: str, held_for: str) -> None:
+    if _leave_sending(
+        session,
+        item.delivery_id,
+        state=DeliveryState.HELD,
+        last_error=reason,
+        held_for=held_for,
+        next_attempt_at=None,
+    ):
+        add_job_event(
+            session,
+            item.job_id,
+            "delivery_held",
+            delivery=item.delivery_id,
+            destination=item.destination,
+            reason=reason[:500],
+        )
+
+
+def reset_sending(session: Session) -> int:
+    """At start: deliveries cut off mid-send go out again (the receiver de-duplicates by UID)."""
+    now = utcnow()
+    result = session.execute(
+        update(Delivery)
+        .where(Delivery.state == DeliveryState.SENDING)
+        .values(state=DeliveryState.PENDING, next_attempt_at=now, updated_at=now)
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def release_destination_holds(session: Session, resolvable: Callable[[str], bool]) -> int:
+    """Deliveries held for want of a destination go out once their name leads somewhere."""
+    names = set(
+        session.scalars(
+            select(Delivery.destination).where(
+                Delivery.state == DeliveryState.HELD, Delivery.held_for == HELD_FOR_DESTINATION
+            )
+        )
+    )
+    ready = [name for name in names if resolvable(name)]
+    if not ready:
+        return 0
+    now = utcnow()
+    result = session.execute(
+        update(Delivery)
+        .where(
+            Delivery.state == DeliveryState.HELD,
+            Delivery.held_for == HELD_FOR_DESTINATION,
+            Delivery.destination.in_(ready),
+        )
+        .values(state=DeliveryState.PENDING, held_for=None, next_attempt_at=now, updated_at=now)
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def retry_delivery(session: Session, delivery_id: int) -> bool:
+    """held | dead -> pending now, attempts counted afresh (a person decided to try again)."""
+    now = utcnow()
+    result = session.execute(
+        update(Delivery)
+        .where(
+            Delivery.id == delivery_id,
+            Delivery.state.in_([DeliveryState.HELD, DeliveryState.DEAD]),
+        )
+        .values(
+            state=DeliveryState.PENDING,
+            attempts=0,
+            held_for=None,
+            next_attempt_at=now,
+            updated_at=now,
+        )
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    job_id = session.scalar(select(Delivery.job_id).where(Delivery.id == delivery_id))
+    if job_id is not None:
+        add_job_event(session, job_id, "delivery_retry", delivery=delivery_id, by="user")
+    return True
+
+
+@dataclass(frozen=True)
+class DeliverySummary:
+    id: int
+    job_id: int
+    study_uid: str
+    destination: str
+    kind: str
+    sop_instance_uid: str | None
+    state: str
+    attempts: int
+    next_attempt_at: datetime | None
+    last_error: str | None
+    held_for: str | None
+    transfer_syntax_uid: str | None
+    created_at: datetime
+    delivered_at: datetime | None
+
+    def as_json(self) -> dict[str, Any]:
+        """The public shape of ``deliveries --json``; fields are only ever added."""
+        return {
+            "id": self.id,
+            "job_id": self.job_id,
+            "study_uid": self.study_uid,
+            "destination": self.destination,
+            "kind": self.kind,
+            "sop_instance_uid": self.sop_instance_uid,
+            "state": self.state,
+            "attempts": self.attempts,
+            "next_attempt_at": self.next_attempt_at.isoformat() if self.next_attempt_at else None,
+            "last_error": self.last_error,
+            "held_for": self.held_for,
+            "transfer_syntax_uid": self.transfer_syntax_uid,
+            "created_at": self.created_at.isoformat(),
+            "delivered_at": self.delivered_at.isoformat() if self.delivered_at else None,
+        }
+
+
+def list_deliveries(
+    session: Session, *, states: Iterable[str] | None = None, job_id: int | None = None
+) -> list[DeliverySummary]:
+    query = (
+        select(Delivery, Result.kind, Result.sop_instance_uid, Study.study_uid)
+        .join(Result, Result.id == Delivery.result_id)
+        .join(Job, Job.id == Delivery.job_id)
+        .join(Study, Study.id == Job.study_id)
+        .order_by(Delivery.id)
+    )
+    if states is not None:
+        query = query.where(or_(*(Delivery.state == s for s in states)))
+    if job_id is not None:
+        query = query.where(Delivery.job_id == job_id)
+    return [
+        DeliverySummary(
+            id=d.id,
+            job_id=d.job_id,
+            study_uid=study_uid,
+            destination=d.destination,
+            kind=kind,
+            sop_instance_uid=sop_uid,
+            state=d.state.value,
+            attempts=d.attempts,
+            next_attempt_at=d.next_attempt_at,
+            last_error=d.last_error,
+            held_for=d.held_for,
+            transfer_syntax_uid=d.transfer_syntax_uid,
+            created_at=d.created_at,
+            delivered_at=d.delivered_at,
+        )
+        for d, kind, sop_uid, study_uid in session.execute(query).all()
+    ]

@@ -1,0 +1,275 @@
+"""The job state machine: queued -> running -> done | failed; queued | running -> cancelled;
+failed | cancelled -> queued (by hand). Every transition is a compare-and-set on ``state`` and
+appends a :class:`JobEvent`, so two workers never run one job and the timeline is complete.
+
+Claiming: on PostgreSQL ``SELECT ... FOR UPDATE SKIP LOCKED`` hands each worker a different
+row; SQLite has one writer at a time, so an ``UPDATE ... WHERE state = 'queued'`` whose row
+count says who won is enough there (the loser tries the next row).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from pacs_node.catalog.models import Job, JobEvent, JobState, Study, utcnow
+
+CLAIM_CANDIDATES = 8  # rows a SQLite claimer tries before saying the queue is empty
+
+
+def add_job_event(session: Session, job_id: int, kind: str, **detail: Any) -> None:
+    session.add(
+        JobEvent(
+            job_id=job_id,
+            at=utcnow(),
+            kind=kind,
+            detail=json.dumps(detail, sort_keys=True) if detail else None,
+        )
+    )
+
+
+def queue_job(
+    session: Session,
+    study_id: int,
+    model: str,
+    series_uids: Sequence[str],
+    destinations: dict[str, list[str]],
+    *,
+    rule: str | None = None,
+    by: str = "routing",
+) -> int:
+    """A new queued job; ``destinations`` maps output kinds to destination names."""
+    job = Job(
+        study_id=study_id,
+        rule=rule,
+        model=model,
+        series_uids=json.dumps(list(series_uids)),
+        destinations=json.dumps(destinations, sort_keys=True),
+        state=JobState.QUEUED,
+        attempts=0,
+        progress=0.0,
+        timings="{}",
+        created_at=utcnow(),
+    )
+    session.add(job)
+    session.flush()
+    add_job_event(session, job.id, "queued", by=by, model=model)
+    return job.id
+
+
+def claim_job(session: Session, worker_id: str) -> int | None:
+    """Take the oldest queued job for ``worker_id``; None when there is none to take."""
+    postgres = session.get_bind().dialect.name == "postgresql"
+    query = select(Job.id).where(Job.state == JobState.QUEUED).order_by(Job.id)
+    if postgres:
+        candidates = list(session.scalars(query.limit(1).with_for_update(skip_locked=True)))
+    else:
+        candidates = list(session.scalars(query.limit(CLAIM_CANDIDATES)))
+    now = utcnow()
+    for job_id in candidates:
+        won = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == JobState.QUEUED)
+            .values(
+                state=JobState.RUNNING,
+                claimed_by=worker_id,
+                attempts=Job.attempts + 1,
+                started_at=now,
+                finished_at=None,
+                stage="claimed",
+                progress=0.0,
+                error=None,
+            )
+        )
+        if won.rowcount == 1:  # type: ignore[attr-defined]
+            add_job_event(session, job_id, "running", worker=worker_id)
+            return job_id
+    return None
+
+
+def set_progress(
+    session: Session, job_id: int, worker_id: str, stage: str, progress: float
+) -> bool:
+    """Record the stage a running job reached; False when it is no longer ours (cancelled)."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == JobState.RUNNING, Job.claimed_by == worker_id)
+        .values(stage=stage, progress=progress)
+    )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def finish_job(
+    session: Session, job_id: int, worker_id: str, timings: dict[str, float], **detail: Any
+) -> bool:
+    """running -> done, only if still ours; False when it was cancelled meanwhile."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == JobState.RUNNING, Job.claimed_by == worker_id)
+        .values(
+            state=JobState.DONE,
+            stage="done",
+            progress=1.0,
+            timings=json.dumps(timings, sort_keys=True),
+            finished_at=utcnow(),
+        )
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    add_job_event(session, job_id, "done", **detail)
+    return True
+
+
+def fail_job(
+    session: Session, job_id: int, worker_id: str, error: str, timings: dict[str, float]
+) -> bool:
+    """running -> failed with the reason; the stage it failed in stays recorded."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == JobState.RUNNING, Job.claimed_by == worker_id)
+        .values(
+            state=JobState.FAILED,
+            error=error,
+            timings=json.dumps(timings, sort_keys=True),
+            finished_at=utcnow(),
+        )
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    add_job_event(session, job_id, "failed", error=error[:500])
+    return True
+
+
+def cancel_job(session: Session, job_id: int) -> bool:
+    """queued | running -> cancelled; a running worker notices at its next stage."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state.in_([JobState.QUEUED, JobState.RUNNING]))
+        .values(state=JobState.CANCELLED, finished_at=utcnow())
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    add_job_event(session, job_id, "cancelled", by="user")
+    return True
+
+
+def retry_job(session: Session, job_id: int) -> bool:
+    """failed | cancelled -> queued, attempts counted afresh (a person decided to try again)."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state.in_([JobState.FAILED, JobState.CANCELLED]))
+        .values(
+            state=JobState.QUEUED,
+            attempts=0,
+            error=None,
+            stage=None,
+            progress=0.0,
+            claimed_by=None,
+            finished_at=None,
+        )
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    add_job_event(session, job_id, "queued", by="retry")
+    return True
+
+
+def requeue_orphans(session: Session, owner_prefix: str, max_attempts: int) -> tuple[int, int]:
+    """Jobs left ``running`` by a dead process of ours go back to the queue, unless they
+    already took ``max_attempts`` workers down with them: those fail. Returns (queued, failed)."""
+    rows = session.execute(
+        select(Job.id, Job.attempts, Job.stage).where(
+            Job.state == JobState.RUNNING, Job.claimed_by.startswith(owner_prefix)
+        )
+    ).all()
+    queued = failed = 0
+    for job_id, attempts, stage in rows:
+        if attempts >= max_attempts:
+            error = f"the worker died {attempts} times (last in stage {stage}); giving up"
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == JobState.RUNNING)
+                .values(state=JobState.FAILED, error=error, finished_at=utcnow())
+            )
+            add_job_event(session, job_id, "failed", error=error)
+            failed += 1
+        else:
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == JobState.RUNNING)
+                .values(state=JobState.QUEUED, claimed_by=None, stage=None, progress=0.0)
+            )
+            add_job_event(session, job_id, "queued", by="restart", interrupted_stage=stage)
+            queued += 1
+    return queued, failed
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    id: int
+    study_uid: str
+    rule: str | None
+    model: str
+    series_uids: list[str]
+    destinations: dict[str, list[str]]
+    state: str
+    attempts: int
+    stage: str | None
+    progress: float
+    timings: dict[str, float]
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    def as_json(self) -> dict[str, Any]:
+        """The public shape of ``jobs --json``; fields are only ever added."""
+        return {
+            "id": self.id,
+            "study_uid": self.study_uid,
+            "rule": self.rule,
+            "model": self.model,
+            "series_uids": self.series_uids,
+            "destinations": self.destinations,
+            "state": self.state,
+            "attempts": self.attempts,
+            "stage": self.stage,
+            "progress": round(self.progress, 3),
+            "timings": self.timings,
+            "error": self.error,
+            "created_at": self.created_at.isoformat(),
+            "started_at": self.started_at.isoformat() if self.started_at else None,
+            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+        }
+
+
+def list_jobs(session: Session, job_ids: Sequence[int] | None = None) -> list[JobSummary]:
+    query = select(Job, Study.study_uid).join(Study, Study.id == Job.study_id).order_by(Job.id)
+    if job_ids is not None:
+        query = query.where(Job.id.in_(list(job_ids)))
+    return [
+        JobSummary(
+            id=job.id,
+            study_uid=study_uid,
+            rule=job.rule,
+            model=job.model,
+            series_uids=json.loads(job.series_uids),
+            destinations=json.loads(job.destinations),
+            state=job.state.value,
+            attempts=job.attempts,
+            stage=job.stage,
+            progress=job.progress,
+            timings=json.loads(job.timings),
+            error=job.error,
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+        )
+        for job, study_uid in session.execute(query).all()
+    ]

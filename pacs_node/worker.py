@@ -1,0 +1,392 @@
+"""Runs jobs: the one place that ties the stages together.
+
+A claimed job goes: the spooled files of its series -> :func:`load_series` -> the model
+(:class:`Runner`) -> :func:`build_results`, once -> the bytes stored (atomic files) and their
+``results`` rows -> one ``deliveries`` row per (result, destination) -> ``done``. Each stage is
+recorded on the job (stage, progress, seconds); a failure records the stage and the reason.
+
+Where it runs. Inference takes both cores for seconds and building results holds the GIL in
+pure Python (highdicom, matplotlib), so jobs run in worker *processes* (``job_workers``, 1 by
+default on 2 cores), started with ``spawn``: the main process, which records received
+instances and runs assembly and the outbox, never imports torch and stays responsive while a
+model runs. Workers share nothing but the catalog; claims are compare-and-set (see
+:mod:`pacs_node.catalog.jobs`), so any number of them, in any number of nodes, never take the
+same job. :func:`run_burst` runs the same loop in the calling process until the queue is empty
+(tests, ``pacs-node run --wait``); a Celery task would call :func:`run_job` the same way.
+
+A job whose worker died (SIGKILL, OOM) is ``running`` in the catalog with that worker's id;
+:meth:`WorkerPool.start` puts such jobs of this host back in the queue, and fails the ones that
+already took ``job_max_attempts`` workers down.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.context import SpawnProcess
+from multiprocessing.synchronize import Event as EventType
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select
+
+from pacs_node.catalog.db import Catalog, open_catalog
+from pacs_node.catalog.deliveries import create_deliveries
+from pacs_node.catalog.jobs import claim_job, fail_job, finish_job, requeue_orphans, set_progress
+from pacs_node.catalog.models import Instance, Job, JobState, Series, Study
+from pacs_node.catalog.results import (
+    FHIR_MEDIA_TYPE,
+    StoredEncoding,
+    add_result_rows,
+    write_files,
+)
+from pacs_node.config import Settings
+from pacs_node.dispatch.destinations import SOURCE, FhirDestination, source_name
+from pacs_node.errors import PacsNodeError
+
+if TYPE_CHECKING:
+    from pacs_node.inference.runner import Runner
+    from pacs_node.results import ResultOptions, ResultSet
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.5  # how often an idle worker looks for a queued job
+STOP_GRACE_S = 10.0  # how long a stopping worker may finish its job before it is killed
+
+
+class Cancelled(Exception):
+    """The job was cancelled while it ran; its work is discarded."""
+
+
+def host_prefix() -> str:
+    return f"{socket.gethostname()}:"
+
+
+def worker_id(label: str) -> str:
+    return f"{host_prefix()}{os.getpid()}:{label}"
+
+
+def results_dir(settings: Settings) -> Path:
+    return settings.node.data_dir / "results"
+
+
+@dataclass
+class JobInput:
+    """What a job needs from the catalog, read once at its start."""
+
+    job_id: int
+    model: str
+    study_uid: str
+    calling_ae: str | None
+    destinations: dict[str, list[str]]
+    series: dict[str, list[Path]]
+    created_at_s: float
+
+
+@dataclass
+class Stopwatch:
+    """Seconds per stage, in the order stages ran."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, stage: str, value: float) -> None:
+        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + value, 4)
+
+    def as_json(self) -> dict[str, float]:
+        total = sum(v for k, v in self.seconds.items() if k != "queued_s")
+        return {**self.seconds, "total_s": round(total, 4)}
+
+
+def _kind_key(kind: str) -> str:
+    """routes.yaml spells output kinds with ``_`` (key_images), OutputKind with ``-``."""
+    return kind.replace("_", "-")
+
+
+def read_job(catalog: Catalog, settings: Settings, job_id: int) -> JobInput:
+    with catalog.sessions() as session:
+        job, study = session.execute(
+            select(Job, Study).join(Study, Study.id == Job.study_id).where(Job.id == job_id)
+        ).one()
+        wanted: list[str] = json.loads(job.series_uids)
+        rows = session.execute(
+            select(Series.series_uid, Instance.path)
+            .join(Instance, Instance.series_id == Series.id)
+            .where(Series.series_uid.in_(wanted), Series.study_id == study.id)
+            .order_by(Instance.id)
+        ).all()
+        raw: dict[str, list[str]] = json.loads(job.destinations)
+        destinations = {
+            _kind_key(kind): [source_name(study.calling_ae) if n == SOURCE else n for n in names]
+            for kind, names in raw.items()
+        }
+        series: dict[str, list[Path]] = {uid: [] for uid in wanted}
+        for uid, path in rows:
+            series[uid].append(settings.node.spool_dir / path)
+        return JobInput(
+            job_id=job.id,
+            model=job.model,
+            study_uid=study.study_uid,
+            calling_ae=study.calling_ae,
+            destinations=destinations,
+            series=series,
+            created_at_s=job.created_at.timestamp(),
+        )
+
+
+def result_options(settings: Settings, destinations: dict[str, list[str]]) -> ResultOptions:
+    """Results options for this job: the FHIR identity rules of its FHIR destination, if any."""
+    from pacs_node.results import FhirOptions, ResultOptions
+
+    for name in destinations.get("fhir", []):
+        dest = settings.destinations.get(name)
+        if isinstance(dest, FhirDestination):
+            base = FhirOptions()
+            fhir = FhirOptions(
+                patient_system=dest.patient_system or base.patient_system,
+                issuer_systems=dict(dest.issuer_systems),
+                accession_system=dest.accession_system or base.accession_system,
+                create_patient=dest.create_patient,
+            )
+            return ResultOptions(fhir=fhir)
+    return ResultOptions()
+
+
+def _encodings(results: ResultSet) -> list[StoredEncoding]:
+    from pacs_node.results import OutputKind
+
+    items = [
+        StoredEncoding(
+            kind=str(o.kind),
+            sop_class_uid=o.sop_class_uid,
+            sop_instance_uid=o.sop_instance_uid,
+            series_uid=o.series_instance_uid,
+            encoding=o.transfer_syntax_uid,
+            data=o.data,
+        )
+        for o in results.dicom
+    ]
+    for o in results.alternates:  # a second encoding of the same object, for dispatch to pick
+        kind = OutputKind.SEG if o.kind is OutputKind.SEG_JPEG2000 else o.kind
+        items.append(
+            StoredEncoding(
+                kind=str(kind),
+                sop_class_uid=o.sop_class_uid,
+                sop_instance_uid=o.sop_instance_uid,
+                series_uid=o.series_instance_uid,
+                encoding=o.transfer_syntax_uid,
+                data=o.data,
+                primary=False,
+            )
+        )
+    if results.fhir_bundle:
+        items.append(
+            StoredEncoding(
+                kind=str(OutputKind.FHIR),
+                sop_class_uid=None,
+                sop_instance_uid=None,
+                series_uid=None,
+                encoding=FHIR_MEDIA_TYPE,
+                data=results.fhir_bundle,
+                patient_search=results.patient_search,
+            )
+        )
+    return items
+
+
+def run_job(
+    catalog: Catalog, settings: Settings, runner: Runner, job_id: int, worker: str
+) -> JobState:
+    """Run one claimed job to done or failed (or discard it if cancelled meanwhile)."""
+    from pacs_node.imaging.volume import load_series
+    from pacs_node.results import build_results
+
+    watch = Stopwatch()
+
+    def stage(name: str, progress: float) -> None:
+        with catalog.sessions.begin() as session:
+            if not set_progress(session, job_id, worker, name, progress):
+                raise Cancelled(name)
+
+    extra = {"job_id": job_id}
+    try:
+        job = read_job(catalog, settings, job_id)
+        watch.add("queued_s", max(0.0, time.time() - job.created_at_s))
+        extra["study_uid"] = job.study_uid  # type: ignore[assignment]
+        log.info("job started", extra={**extra, "model": job.model})
+        options = result_options(settings, job.destinations)
+        items: list[StoredEncoding] = []
+        share = 0.9 / max(1, len(job.series))
+        for index, (series_uid, paths) in enumerate(job.series.items()):
+            base = index * share
+            stage("decode", base)
+            if not paths:
+                raise PacsNodeError(f"series {series_uid} has no stored instances")
+            started = time.perf_counter()
+            volume = load_series(paths)
+            watch.add("decode_s", time.perf_counter() - started)
+            stage("infer", base + 0.1 * share)
+            segmentation = runner.segment(job.model, volume)
+            for name, seconds in segmentation.timings.as_json().items():
+                if name not in ("decode_s", "total_s"):
+                    watch.add(name, seconds)
+            stage("build", base + 0.6 * share)
+            started = time.perf_counter()
+            built = build_results(volume, segmentation.labelmap, segmentation.model, options)
+            watch.add("build_s", time.perf_counter() - started)
+            items.extend(_encodings(built))
+        stage("store", 0.9)
+        started = time.perf_counter()
+        folder = results_dir(settings)
+        relpaths = write_files(folder, job_id, items, fsync=settings.node.fsync)
+        with catalog.sessions.begin() as session:
+            results = add_result_rows(session, job_id, items, relpaths)
+            deliveries = create_deliveries(session, job_id, results, job.destinations)
+            watch.add("store_s", time.perf_counter() - started)
+            if not finish_job(
+                session,
+                job_id,
+                worker,
+                watch.as_json(),
+                results=len(results),
+                deliveries=deliveries,
+            ):
+                raise Cancelled("store")
+        log.info(
+            "job done",
+            extra={**extra, "results": len(results), "deliveries": deliveries, **watch.as_json()},
+        )
+        return JobState.DONE
+    except Cancelled:
+        shutil.rmtree(results_dir(settings) / str(job_id), ignore_errors=True)
+        log.info("job cancelled while running; its work is discarded", extra=extra)
+        return JobState.CANCELLED
+    except PacsNodeError as exc:
+        reason = str(exc)
+    except Exception as exc:  # any bug in a stage fails this job, never the worker
+        log.exception("job failed unexpectedly", extra=extra)
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        reason = f"{type(exc).__name__}: {exc} ({Path(frame.filename).name}:{frame.lineno})"
+    with catalog.sessions.begin() as session:
+        current = session.scalar(select(Job.stage).where(Job.id == job_id))
+        fail_job(session, job_id, worker, f"{current or 'start'}: {reason}", watch.as_json())
+    log.warning("job failed", extra={**extra, "error": reason})
+    return JobState.FAILED
+
+
+def make_runner(settings: Settings) -> Runner:
+    from pacs_node.inference.registry import Registry
+    from pacs_node.inference.runner import Runner
+
+    return Runner(Registry(settings.node.models_dir), threads=settings.node.torch_threads)
+
+
+def run_burst(
+    catalog: Catalog,
+    settings: Settings,
+    *,
+    runner: Runner | None = None,
+    label: str = "burst",
+    on_job: Callable[[int, JobState], None] | None = None,
+) -> list[int]:
+    """Claim and run queued jobs in this process until none is left; the ids it ran."""
+    runner = runner or make_runner(settings)
+    me = worker_id(label)
+    ran: list[int] = []
+    while True:
+        with catalog.sessions.begin() as session:
+            job_id = claim_job(session, me)
+        if job_id is None:
+            return ran
+        state = run_job(catalog, settings, runner, job_id, me)
+        ran.append(job_id)
+        if on_job is not None:
+            on_job(job_id, state)
+
+
+def _worker_main(settings: Settings, index: int, stop: EventType) -> None:
+    """A worker process: claim, run, repeat; idle polls every ``POLL_S``."""
+    from pacs_node.logs import configure_logging
+
+    configure_logging(settings.node.log_level, settings.node.log_format)
+    catalog = open_catalog(settings.node.catalog_url, run_migrations=False)
+    runner = make_runner(settings)
+    me = worker_id(f"w{index}")
+    log.info("job worker started", extra={"worker": me})
+    try:
+        while not stop.is_set():
+            with catalog.sessions.begin() as session:
+                job_id = claim_job(session, me)
+            if job_id is None:
+                stop.wait(POLL_S)
+                continue
+            run_job(catalog, settings, runner, job_id, me)
+    finally:
+        catalog.dispose()
+
+
+class WorkerPool:
+    """``size`` worker processes; started after the catalog is reconciled, stopped first."""
+
+    def __init__(self, catalog: Catalog, settings: Settings) -> None:
+        self.catalog = catalog
+        self.settings = settings
+        self.size = settings.node.job_workers
+        self._context = multiprocessing.get_context("spawn")
+        self._stop = self._context.Event()
+        self._processes: list[SpawnProcess] = []
+        self._lock = threading.Lock()
+
+    def recover(self) -> tuple[int, int]:
+        """Jobs this host left running when it died: back to the queue (or failed)."""
+        with self.catalog.sessions.begin() as session:
+            queued, failed = requeue_orphans(
+                session, host_prefix(), self.settings.node.job_max_attempts
+            )
+        if queued or failed:
+            log.info("interrupted jobs recovered", extra={"requeued": queued, "failed": failed})
+        return queued, failed
+
+    def start(self) -> None:
+        self.recover()
+        with self._lock:
+            for index in range(self.size):
+                process = self._context.Process(
+                    target=_worker_main,
+                    args=(self.settings, index, self._stop),
+                    name=f"pacs-node-job-worker-{index}",
+                    daemon=True,
+                )
+                process.start()
+                self._processes.append(process)
+
+    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        """Ask workers to stop after their job; kill any still busy and re-queue its job."""
+        self._stop.set()
+        deadline = time.monotonic() + grace_s
+        with self._lock:
+            for process in self._processes:
+                process.join(max(0.0, deadline - time.monotonic()))
+            killed = [p for p in self._processes if p.is_alive()]
+            for process in killed:
+                process.kill()
+                process.join()
+            pids = [p.pid for p in killed]
+            self._processes.clear()
+        for pid in pids:
+            with self.catalog.sessions.begin() as session:
+                requeue_orphans(
+                    session, f"{host_prefix()}{pid}:", self.settings.node.job_max_attempts + 1
+                )
+
+    @property
+    def alive(self) -> int:
+        return sum(1 for p in self._processes if p.is_alive())

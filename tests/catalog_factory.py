@@ -1,0 +1,48 @@
+"""Put DICOM files into a node's spool and catalog as if they had been received."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydicom import dcmread
+from sqlalchemy import select
+
+from pacs_node.catalog.db import Catalog
+from pacs_node.catalog.models import Study, utcnow
+from pacs_node.catalog.studies import record_instances
+from pacs_node.ingest.header import read_header
+from pacs_node.refs import InstanceRef
+
+
+def ingest(
+    catalog: Catalog, spool_dir: Path, paths: Sequence[Path], calling_ae: str | None = "CT1"
+) -> tuple[int, str, list[str]]:
+    """Copy ``paths`` into the spool layout and record them; (study id, study UID, series UIDs)."""
+    refs = []
+    now = utcnow()
+    for path in paths:
+        ds = dcmread(path, stop_before_pixels=True)
+        header = read_header(ds)
+        relpath = f"{header.study_uid}/{header.series_uid}/{header.sop_instance_uid}.dcm"
+        target = spool_dir / relpath
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+        refs.append(
+            InstanceRef(
+                header=header,
+                transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                path=relpath,
+                size_bytes=target.stat().st_size,
+                received_at=now,
+                calling_ae=calling_ae,
+            )
+        )
+    with catalog.sessions.begin() as session:
+        record_instances(session, refs)
+        study_uid = refs[0].study_uid
+        study_id = session.scalar(select(Study.id).where(Study.study_uid == study_uid))
+    assert study_id is not None
+    series = list(dict.fromkeys(ref.series_uid for ref in refs))
+    return study_id, study_uid, series

@@ -1,0 +1,117 @@
+"""A job run in burst mode: spooled series -> ct-classical -> results stored once as files and
+rows -> one delivery per (result, destination), SOURCE resolved to the sender; failures say
+the stage and the reason."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from sqlalchemy import select
+
+from pacs_node.catalog.db import Catalog, open_catalog
+from pacs_node.catalog.deliveries import list_deliveries
+from pacs_node.catalog.jobs import list_jobs, queue_job
+from pacs_node.catalog.models import Result
+from pacs_node.config import NodeOptions, PeerConfig, Settings
+from pacs_node.dispatch.destinations import FhirDestination
+from pacs_node.worker import results_dir, run_burst
+from tests.catalog_factory import ingest
+from tests.dicom_factory import write_series
+
+ROOT = Path(__file__).parents[2]
+EVERY_KIND = {"seg", "sr", "gsps", "key-images", "pdf", "fhir"}
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(
+        node=NodeOptions(data_dir=tmp_path / "var", models_dir=ROOT / "models", fsync=False),
+        peers=(PeerConfig(ae_title="CT1", host="127.0.0.1", port=11104),),
+        destinations={
+            "EHR": FhirDestination(
+                type="fhir", base_url="http://ehr.example/fhir", patient_system="urn:oid:9.9"
+            )
+        },
+    )
+
+
+@pytest.fixture
+def catalog(settings: Settings) -> Iterator[Catalog]:
+    opened = open_catalog(settings.node.catalog_url)
+    yield opened
+    opened.dispose()
+
+
+def _queue(catalog: Catalog, study_id: int, series: list[str], model: str) -> int:
+    destinations = {kind: ["SOURCE"] for kind in ("seg", "sr", "gsps", "key_images", "pdf")} | {
+        "sr": ["SOURCE", "ARCHIVE"],
+        "fhir": ["EHR"],
+    }
+    with catalog.sessions.begin() as session:
+        return queue_job(session, study_id, model, series, destinations, rule="ct")
+
+
+def test_burst_runs_a_job_to_stored_results_and_deliveries(
+    tmp_path: Path, settings: Settings, catalog: Catalog
+) -> None:
+    paths = write_series(tmp_path / "in", slices=12, rows=64, columns=64, spacing=(5, 5, 5))
+    study_id, study_uid, series = ingest(catalog, settings.node.spool_dir, paths, "CT1")
+    job_id = _queue(catalog, study_id, series, "ct-classical")
+
+    assert run_burst(catalog, settings) == [job_id]
+    assert run_burst(catalog, settings) == []  # the queue is empty: burst returns
+
+    with catalog.sessions() as session:
+        job = list_jobs(session, [job_id])[0]
+        rows = list(session.scalars(select(Result).where(Result.job_id == job_id)))
+        deliveries = list_deliveries(session, job_id=job_id)
+    assert (job.state, job.progress, job.error) == ("done", 1.0, None)
+    for stage in ("queued_s", "decode_s", "infer_s", "build_s", "store_s", "total_s"):
+        assert stage in job.timings, stage
+    assert {r.kind for r in rows} == EVERY_KIND
+    for row in rows:
+        encodings = json.loads(row.encodings)
+        assert len(encodings) == 1
+        (path,) = encodings.values()
+        data = (results_dir(settings) / path).read_bytes()
+        assert len(data) == row.size_bytes
+        if row.kind == "fhir":
+            assert b"urn:oid:9.9" in data  # the FHIR destination's identifier system
+            assert row.patient_search is not None
+            assert "urn:oid:9.9|TEST-0001" in row.patient_search
+            continue
+        ds = dcmread(results_dir(settings) / path)
+        assert ds.SOPInstanceUID == row.sop_instance_uid
+        assert ds.StudyInstanceUID == study_uid  # results go into the source study
+    dicom = [r for r in rows if r.kind != "fhir"]
+    by_destination: dict[str, int] = {}
+    for d in deliveries:
+        by_destination[d.destination] = by_destination.get(d.destination, 0) + 1
+    assert by_destination == {"CT1": len(dicom), "ARCHIVE": 1, "EHR": 1}  # SOURCE is CT1
+    assert {d.state for d in deliveries} == {"pending"}
+
+
+def test_a_failing_job_records_stage_and_reason(
+    tmp_path: Path, settings: Settings, catalog: Catalog
+) -> None:
+    paths = write_series(tmp_path / "in", slices=4, rows=16, columns=16)
+    study_id, _, series = ingest(catalog, settings.node.spool_dir, paths)
+    unknown_model = _queue(catalog, study_id, series, "no-such-model")
+    missing_series = _queue(catalog, study_id, ["1.2.3.999"], "ct-classical")
+
+    assert run_burst(catalog, settings) == [unknown_model, missing_series]
+
+    with catalog.sessions() as session:
+        first, second = list_jobs(session, [unknown_model, missing_series])
+        assert list_deliveries(session) == []
+    assert first.state == "failed"
+    assert first.error is not None
+    assert first.error.startswith("infer: ")
+    assert "no-such-model" in first.error
+    assert second.state == "failed"
+    assert second.error == "decode: series 1.2.3.999 has no stored instances"
+    assert not (results_dir(settings) / str(unknown_model)).exists()
