@@ -13,6 +13,9 @@
     │   ├── UnknownModel            no bundle of that name under the models folder
     │   ├── UnsuitableInput         the model cannot take this series (modality, too few slices)
     │   └── SeriesChoiceError       the paths given hold no series, or several and none was chosen
+    ├── DeliveryError           a result cannot be delivered now (dispatch; the outbox decides)
+    │   ├── TransientDelivery       worth retrying: peer down, timeout, busy, 5xx
+    │   └── PermanentDelivery       retrying will not help: refused SOP class, 4xx
     └── IngestError             an instance received over the network cannot be stored
         ├── UnreadableDataset       the bytes do not parse as a DICOM data set
         ├── MissingAttribute        a required UID is absent or empty
@@ -83,6 +86,18 @@ class SeriesChoiceError(ModelError):
 
 class ResultsError(PacsNodeError):
     """A Volume + Labelmap cannot become result objects; the job fails with this reason."""
+
+
+class DeliveryError(PacsNodeError):
+    """Delivering to one destination failed; the subclass says whether to retry."""
+
+
+class TransientDelivery(DeliveryError):
+    """The destination may take it later: backoff and retry, dead letter after the limit."""
+
+
+class PermanentDelivery(DeliveryError):
+    """The destination refuses it for good: dead letter now, kept and listed."""
 
 
 class IngestError(PacsNodeError):

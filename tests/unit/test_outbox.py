@@ -1,0 +1,277 @@
+"""The outbox against fake handlers at the registry seam: backoff schedule, transient retries,
+dead letter, permanent refusals, holds, per-destination concurrency and restart recovery."""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from pacs_node.catalog.db import Catalog, open_catalog
+from pacs_node.catalog.deliveries import create_deliveries, list_deliveries, retry_delivery
+from pacs_node.catalog.jobs import queue_job
+from pacs_node.catalog.models import Delivery, DeliveryState, Study, utcnow
+from pacs_node.catalog.results import StoredEncoding, add_result_rows, write_files
+from pacs_node.config import NodeOptions, PeerConfig, Settings
+from pacs_node.dispatch.destinations import AnyDestination, DimseDestination
+from pacs_node.dispatch.handler import Delivered, Held, Outcome, Parcel, Permanent, Transient
+from pacs_node.dispatch.outbox import Outbox, backoff_delay
+from tests.conftest import wait_for
+
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+class FakeHandler:
+    """Answers from a script (one list of outcomes per call, last one repeated); records what
+    it was given and how many calls ran at once."""
+
+    def __init__(self, *script: Outcome, batch_size: int = 64, gate: threading.Event | None = None):
+        self.script = list(script) or [Delivered(EXPLICIT_LE)]
+        self.batch_size = batch_size
+        self.gate = gate
+        self.calls: list[list[Parcel]] = []
+        self.delivered: list[int] = []
+        self.running = 0
+        self.most_at_once = 0
+        self._lock = threading.Lock()
+
+    def send(self, destination: AnyDestination, parcels: Sequence[Parcel]) -> list[Outcome]:
+        with self._lock:
+            self.calls.append(list(parcels))
+            outcome = self.script[min(len(self.calls), len(self.script)) - 1]
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        if self.gate is not None:
+            self.gate.wait(10)
+        with self._lock:
+            self.running -= 1
+            if isinstance(outcome, Delivered):
+                self.delivered.extend(p.delivery_id for p in parcels)
+        return [outcome] * len(parcels)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = utcnow()
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+def _settings(tmp_path: Path, concurrency: int = 1) -> Settings:
+    return Settings(
+        node=NodeOptions(
+            data_dir=tmp_path / "var",
+            fsync=False,
+            delivery_max_attempts=3,
+            delivery_backoff_s=10.0,
+            delivery_backoff_max_s=25.0,
+        ),
+        peers=(PeerConfig(ae_title="CT1", host="127.0.0.1"),),  # no port: not a destination
+        destinations={
+            "PACS": DimseDestination(
+                type="dimse", ae_title="PACS", host="127.0.0.1", port=104, concurrency=concurrency
+            )
+        },
+    )
+
+
+@pytest.fixture
+def catalog(tmp_path: Path) -> Iterator[Catalog]:
+    opened = open_catalog(f"sqlite:///{tmp_path / 'c.sqlite'}")
+    yield opened
+    opened.dispose()
+
+
+def _deliveries(
+    catalog: Catalog, settings: Settings, n: int = 1, destination: str = "PACS"
+) -> list[int]:
+    """A job with ``n`` stored SEG-like results, each to be delivered to ``destination``."""
+    now = utcnow()
+    items = [
+        StoredEncoding("seg", CT, f"1.2.3.{i}", "1.2.3.100", EXPLICIT_LE, b"DICM" * 8)
+        for i in range(n)
+    ]
+    with catalog.sessions.begin() as session:
+        study = Study(
+            study_uid="1.2.3",
+            state="stable",
+            first_received_at=now,
+            receiving_since=now,
+            last_received_at=now,
+            reopened_count=0,
+            duplicate_count=0,
+        )
+        session.add(study)
+        session.flush()
+        job_id = queue_job(session, study.id, "m", ["1.2.3.4"], {})
+        relpaths = write_files(settings.node.data_dir / "results", job_id, items, fsync=False)
+        results = add_result_rows(session, job_id, items, relpaths)
+        create_deliveries(session, job_id, results, {"seg": [destination]})
+        create_deliveries(session, job_id, results, {"seg": [destination]})  # idempotent
+    with catalog.sessions() as session:
+        return [d.id for d in list_deliveries(session)]
+
+
+def _rows(catalog: Catalog) -> list[Delivery]:
+    with catalog.sessions() as session:
+        return list(session.query(Delivery).order_by(Delivery.id))
+
+
+def test_backoff_doubles_to_the_cap_with_jitter() -> None:
+    rng = random.Random(1)
+    for attempt, ceiling in [(1, 5), (2, 10), (3, 20), (4, 40), (5, 60), (9, 60)]:
+        delays = [backoff_delay(attempt, 5.0, 60.0, rng) for _ in range(200)]
+        assert min(delays) >= ceiling / 2
+        assert max(delays) <= ceiling
+        assert max(delays) - min(delays) > ceiling / 4  # jittered, not lock-step
+
+
+def test_transient_failures_back_off_then_deliver_once(tmp_path: Path, catalog: Catalog) -> None:
+    settings = _settings(tmp_path)
+    (delivery_id,) = _deliveries(catalog, settings)
+    fake = FakeHandler(Transient("peer down"), Transient("peer down"), Delivered(EXPLICIT_LE))
+    clock = Clock()
+    outbox = Outbox(catalog, settings, {"dimse": fake}, rng=random.Random(3), clock=clock)
+
+    assert outbox.dispatch_due(wait=True) == 1
+    (row,) = _rows(catalog)
+    assert (row.state, row.attempts, row.last_error) == (DeliveryState.PENDING, 1, "peer down")
+    assert row.next_attempt_at is not None
+    first_wait = (row.next_attempt_at - clock.now).total_seconds()
+    assert 5.0 <= first_wait <= 10.0
+    assert outbox.dispatch_due(wait=True) == 0  # not due yet: nothing is sent early
+    clock.advance(first_wait)
+    assert outbox.dispatch_due(wait=True) == 1
+    (row,) = _rows(catalog)
+    assert row.next_attempt_at is not None
+    second_wait = (row.next_attempt_at - clock.now).total_seconds()
+    assert 10.0 <= second_wait <= 20.0
+    clock.advance(second_wait)
+    assert outbox.dispatch_due(wait=True) == 1
+    (row,) = _rows(catalog)
+    assert (row.state, row.attempts, row.transfer_syntax_uid) == (
+        DeliveryState.DELIVERED,
+        3,
+        EXPLICIT_LE,
+    )
+    assert fake.delivered == [delivery_id]
+    clock.advance(1000)
+    assert outbox.dispatch_due(wait=True) == 0  # delivered is final
+
+
+def test_dead_letter_after_the_limit_and_retry_by_hand(tmp_path: Path, catalog: Catalog) -> None:
+    settings = _settings(tmp_path)
+    (delivery_id,) = _deliveries(catalog, settings)
+    fake = FakeHandler(Transient("peer down"))
+    clock = Clock()
+    outbox = Outbox(catalog, settings, {"dimse": fake}, clock=clock)
+    for _ in range(3):
+        assert outbox.dispatch_due(wait=True) == 1
+        clock.advance(60)
+    (row,) = _rows(catalog)
+    assert row.state == DeliveryState.DEAD
+    assert row.last_error == "gave up after 3 attempts: peer down"
+    assert outbox.dispatch_due(wait=True) == 0  # kept, listed, never retried on its own
+    with catalog.sessions.begin() as session:
+        assert retry_delivery(session, delivery_id) is True
+    fake.script = [Delivered(EXPLICIT_LE)]
+    assert outbox.dispatch_due(wait=True) == 1
+    (row,) = _rows(catalog)
+    assert (row.state, row.attempts) == (DeliveryState.DELIVERED, 1)
+
+
+def test_permanent_refusal_is_dead_at_once(tmp_path: Path, catalog: Catalog) -> None:
+    settings = _settings(tmp_path)
+    _deliveries(catalog, settings, n=2)
+    fake = FakeHandler(Permanent("SOP class refused"))
+    outbox = Outbox(catalog, settings, {"dimse": fake})
+    assert outbox.dispatch_due(wait=True) == 1  # both in one batch
+    assert [(r.state, r.attempts) for r in _rows(catalog)] == [(DeliveryState.DEAD, 1)] * 2
+
+
+def test_holds_wait_for_a_person_or_for_config(tmp_path: Path, catalog: Catalog) -> None:
+    settings = _settings(tmp_path)
+    _deliveries(catalog, settings, destination="CT1")  # the sender, known without a port
+    fake = FakeHandler(Held("the EHR has no Patient"))
+    outbox = Outbox(catalog, settings, {"dimse": fake})
+    outbox.dispatch_due(wait=True)
+    (row,) = _rows(catalog)
+    assert (row.state, row.held_for) == (DeliveryState.HELD, "destination")
+    assert row.last_error is not None
+    assert "CT1" in row.last_error
+    assert fake.calls == []
+    outbox.recover()  # same config: still nowhere to send
+    assert _rows(catalog)[0].state == DeliveryState.HELD
+    # the peer gets a port in peers.yaml; at the next start its deliveries go out
+    configured = settings.model_copy(
+        update={"peers": (PeerConfig(ae_title="CT1", host="127.0.0.1", port=104),)}
+    )
+    outbox = Outbox(catalog, configured, {"dimse": fake})
+    outbox.recover()
+    outbox.dispatch_due(wait=True)
+    (row,) = _rows(catalog)
+    assert (row.state, row.held_for) == (DeliveryState.HELD, "patient")  # the fake's answer
+
+
+def test_concurrency_per_destination_is_respected(tmp_path: Path, catalog: Catalog) -> None:
+    settings = _settings(tmp_path, concurrency=2)
+    ids = _deliveries(catalog, settings, n=5)
+    gate = threading.Event()
+    fake = FakeHandler(batch_size=1, gate=gate)
+    outbox = Outbox(catalog, settings, {"dimse": fake})
+    try:
+        assert outbox.dispatch_due() == 2  # two slots, one parcel each
+        wait_for(lambda: fake.running == 2, 10, what="two sends in flight")
+        assert outbox.dispatch_due() == 0  # no free slot
+        gate.set()
+        wait_for(lambda: fake.running == 0 and len(fake.calls) == 2, 10, what="the first two")
+        wait_for(lambda: outbox.dispatch_due() == 0 and len(fake.delivered) == 5, 10, what="all")
+    finally:
+        gate.set()
+        outbox.stop()
+    assert fake.most_at_once == 2
+    assert sorted(fake.delivered) == ids  # each exactly once
+    assert {r.state for r in _rows(catalog)} == {DeliveryState.DELIVERED}
+
+
+def test_rows_cut_off_mid_send_go_out_again_at_start(tmp_path: Path, catalog: Catalog) -> None:
+    settings = _settings(tmp_path)
+    _deliveries(catalog, settings)
+    with catalog.sessions.begin() as session:
+        session.query(Delivery).update({"state": DeliveryState.SENDING, "attempts": 1})
+    fake = FakeHandler()
+    outbox = Outbox(catalog, settings, {"dimse": fake})
+    assert outbox.dispatch_due(wait=True) == 0  # 'sending' is not claimed twice
+    outbox.recover()
+    assert outbox.dispatch_due(wait=True) == 1
+    (row,) = _rows(catalog)
+    assert (row.state, row.attempts) == (DeliveryState.DELIVERED, 2)
+
+
+def test_c_store_statuses_and_contexts() -> None:
+    from pacs_node.dispatch.dimse import classify_status, contexts_for
+
+    assert classify_status(0x0000) == Delivered()
+    assert classify_status(0xB007) == Delivered()  # a warning is stored
+    assert isinstance(classify_status(0xA700, "disk full"), Transient)
+    assert isinstance(classify_status(0xA900), Permanent)
+    assert isinstance(classify_status(0x0122), Permanent)
+    assert isinstance(classify_status(0xC001), Permanent)
+    j2k = "1.2.840.10008.1.2.4.90"
+    seg = "1.2.840.10008.5.1.4.1.1.66.4"
+    parcels = [
+        Parcel(1, "seg", seg, "1.1", {EXPLICIT_LE: Path("a"), j2k: Path("b")}),
+        Parcel(2, "sr", CT, "1.2", {EXPLICIT_LE: Path("c")}),
+        Parcel(3, "fhir", None, None, {"application/fhir+json": Path("d")}),
+    ]
+    # every stored encoding of every SOP class is proposed, each as its own context
+    assert contexts_for(parcels) == [(seg, EXPLICIT_LE), (seg, j2k), (CT, EXPLICIT_LE)]
