@@ -63,3 +63,6 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLevelName(level)))
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # one line per copied module and per encoded frame when results are built
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
+    logging.getLogger("openjpeg").setLevel(logging.WARNING)

@@ -48,6 +48,19 @@ PATIENT_STUDY_KEYWORDS = (
     "AccessionNumber",
     "StudyDescription",
 )
+# Type 2 attributes of the Patient and General Study modules: present, if empty, in every object we
+# write; a source that leaves them out (many do) gets them empty rather than failing the build.
+TYPE2_PATIENT_STUDY_KEYWORDS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
 
 
 def uid_from(*parts: str) -> str:
@@ -157,11 +170,14 @@ def code(concept: CodedConcept) -> Code:
 
 
 def copy_patient_study(source: Dataset, target: Dataset) -> None:
-    """Copy patient and study attributes as decoded text; the target is written in UTF-8."""
+    """Copy patient and study attributes as decoded text (type 2 ones empty where the source has
+    none); the target is written in UTF-8."""
     for keyword in PATIENT_STUDY_KEYWORDS:
         if keyword in source:
             value = source[keyword].value
             setattr(target, keyword, str(value) if keyword.endswith("Name") else value)
+        elif keyword in TYPE2_PATIENT_STUDY_KEYWORDS:
+            setattr(target, keyword, None)
     target.SpecificCharacterSet = CHARSET
 
 
@@ -173,6 +189,9 @@ def utf8_sources(volume: Volume) -> list[Dataset]:
         ds = copy.deepcopy(header)
         _convert_all(ds)
         ds.SpecificCharacterSet = CHARSET
+        for keyword in TYPE2_PATIENT_STUDY_KEYWORDS:
+            if keyword not in ds:
+                setattr(ds, keyword, None)
         out.append(ds)
     return out
 
