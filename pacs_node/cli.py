@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from pacs_node import __version__
+from pacs_node.cli_pipeline import register as register_pipeline_commands
 from pacs_node.config import Settings, load_settings
 from pacs_node.errors import PacsNodeError
 from pacs_node.logs import configure_logging
@@ -32,6 +33,7 @@ app = typer.Typer(
 )
 out = Console()
 err = Console(stderr=True)
+register_pipeline_commands(app)  # jobs, run, deliveries
 
 ConfigOption = Annotated[
     Path | None,
@@ -242,7 +244,9 @@ def models(
 def segment(
     model: Annotated[str, typer.Argument(help="Model bundle name (see `pacs-node models`).")],
     paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders of one series.")],
-    out_dir: Annotated[Path, typer.Option("--out", help="Folder for labels.nii.gz, labels.json.")],
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Folder for the labels and the result objects.")
+    ],
     series: Annotated[
         str | None, typer.Option("--series", help="SeriesInstanceUID when several are given.")
     ] = None,
@@ -251,17 +255,29 @@ def segment(
         int | None, typer.Option(help="CPU threads for inference (default: config).")
     ] = None,
     amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision on GPU.")] = False,
+    results: Annotated[
+        bool,
+        typer.Option(
+            "--results/--no-results",
+            help="Also write SEG, SR, GSPS, key images, PDF and the FHIR Bundle.",
+        ),
+    ] = True,
+    jpeg2000: Annotated[
+        bool, typer.Option("--jpeg2000", help="Also write a JPEG 2000 lossless SEG copy.")
+    ] = False,
     config: ConfigOption = None,
     models_dir: ModelsDirOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Segment one DICOM series with one model; writes labels.nii.gz and labels.json."""
+    """Segment one DICOM series with one model; writes labels.nii.gz, labels.json and the
+    result objects (dicom/, alternates/, report.pdf, fhir-bundle.json)."""
     settings = _settings(config, {"models_dir": models_dir, "torch_threads": threads})
     from pacs_node.inference.registry import Registry
     from pacs_node.inference.runner import Runner
+    from pacs_node.results import ResultOptions
     from pacs_node.segment import segment_paths
 
-    stages = ("read", "load", "preprocess", "infer", "postprocess", "write")
+    stages = ("read", "load", "preprocess", "infer", "postprocess", "write", "results")
     with Progress(
         TextColumn("[bold]segment[/] {task.description}"),
         BarColumn(),
@@ -283,7 +299,13 @@ def segment(
                 amp=amp,
             )
             report = segment_paths(
-                runner, model, paths, out_dir, series_uid=series, progress=advance
+                runner,
+                model,
+                paths,
+                out_dir,
+                series_uid=series,
+                progress=advance,
+                results=ResultOptions(jpeg2000_copy=jpeg2000) if results else None,
             )
         except PacsNodeError as exc:
             raise _fail(str(exc), 1) from exc
@@ -294,6 +316,10 @@ def segment(
     t = report.segmentation.timings
     found = ", ".join(f"{name} {count}" for name, count in report.voxels.items())
     err.print(f"wrote {report.nifti} and {report.labels_json}", highlight=False)
+    if report.results:
+        err.print(f"wrote {len(report.results)} result files into {out_dir}", highlight=False)
+    for note in report.notes:
+        err.print(f"note: {note}", highlight=False)
     err.print(f"voxels: {found}", highlight=False)
     err.print(
         f"time {t.total:.2f} s (decode {t.decode:.2f}, load {t.load:.2f}, preprocess "

@@ -3,13 +3,23 @@
 Pure pipeline (paths in, files out): find the series among the given files and folders, load
 it as a Volume, run the model, write ``labels.nii.gz`` (the labels on the source grid, a NIfTI
 with the RAS affine of the Volume, array order x, y, z as dcm2niix and MONAI write) and
-``labels.json`` (``{"1": "liver", ...}``, vocabulary names, background left out).
+``labels.json`` (``{"1": "liver", ...}``, vocabulary names, background left out), and then
+the result objects as the node would send them (:func:`pacs_node.results.build_results`), so a
+result can be inspected without a PACS::
+
+    DIR/dicom/seg.dcm, sr.dcm, gsps.dcm, key-image-NN.dcm, pdf.dcm   what goes to the PACS
+    DIR/alternates/seg-jpeg2000.dcm                                  the optional JPEG 2000 SEG
+    DIR/report.pdf                                                   the one-page summary
+    DIR/fhir-bundle.json                                             the FHIR transaction Bundle
+
+``dicom/`` is replaced as a whole, so a re-run that finds less leaves no stale objects.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -24,9 +34,22 @@ from pacs_node.errors import SeriesChoiceError
 from pacs_node.imaging.volume import Volume, load_series
 from pacs_node.inference.labelmap import Labelmap
 from pacs_node.inference.runner import Runner, Segmentation, ras_xyz_affine
+from pacs_node.results import OutputKind, ResultOptions, ResultSet, build_results
 
 LABELS_NIFTI = "labels.nii.gz"
 LABELS_JSON = "labels.json"
+DICOM_DIR = "dicom"
+ALTERNATES_DIR = "alternates"
+REPORT_PDF = "report.pdf"
+FHIR_BUNDLE = "fhir-bundle.json"
+FILE_STEMS: dict[OutputKind, str] = {  # in this order, key images numbered from 01
+    OutputKind.SEG: "seg",
+    OutputKind.SR: "sr",
+    OutputKind.GSPS: "gsps",
+    OutputKind.KEY_IMAGES: "key-image",
+    OutputKind.PDF: "pdf",
+    OutputKind.SEG_JPEG2000: "seg-jpeg2000",
+}
 
 Progress = Callable[[str], None]
 
@@ -40,6 +63,8 @@ class SegmentReport:
     labels_json: Path
     segmentation: Segmentation
     voxels: dict[str, int]
+    results: tuple[Path, ...] = ()  # result files written, empty with results skipped
+    notes: tuple[str, ...] = ()
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -50,6 +75,8 @@ class SegmentReport:
             "nifti": str(self.nifti),
             "labels_json": str(self.labels_json),
             "voxels": self.voxels,
+            "results": [str(path) for path in self.results],
+            "notes": list(self.notes),
             "timings": self.segmentation.timings.as_json(),
         }
 
@@ -123,6 +150,52 @@ def write_labels(volume: Volume, labelmap: Labelmap, out_dir: Path) -> tuple[Pat
     return nifti, labels_json
 
 
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _replace_dir(staged: Path, target: Path) -> None:
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staged, target)
+
+
+def write_results(results: ResultSet, out_dir: Path) -> list[Path]:
+    """The result objects as files (layout in the module docstring), each object's bytes as
+    built; returns the paths written, DICOM first."""
+    written: list[Path] = []
+    for folder, objects in ((DICOM_DIR, results.dicom), (ALTERNATES_DIR, results.alternates)):
+        target = out_dir / folder
+        staged = out_dir / f".{folder}.tmp"
+        if staged.exists():
+            shutil.rmtree(staged)
+        staged.mkdir(parents=True)
+        paths: list[Path] = []
+        for kind, stem in FILE_STEMS.items():
+            of_kind = [o for o in objects if o.kind is kind]
+            for index, stored in enumerate(of_kind, start=1):
+                suffix = f"-{index:02d}" if kind is OutputKind.KEY_IMAGES else ""
+                name = f"{stem}{suffix}.dcm"
+                (staged / name).write_bytes(stored.data)
+                paths.append(target / name)
+        if paths:
+            _replace_dir(staged, target)
+        else:
+            shutil.rmtree(staged)
+            if target.exists():
+                shutil.rmtree(target)
+        written.extend(paths)
+    for name, data in ((REPORT_PDF, results.pdf), (FHIR_BUNDLE, results.fhir_bundle)):
+        if data:
+            _write_atomic(out_dir / name, data)
+            written.append(out_dir / name)
+        else:
+            (out_dir / name).unlink(missing_ok=True)
+    return written
+
+
 def segment_paths(
     runner: Runner,
     model: str,
@@ -131,8 +204,10 @@ def segment_paths(
     *,
     series_uid: str | None = None,
     progress: Progress | None = None,
+    results: ResultOptions | None = None,
 ) -> SegmentReport:
-    """Find the series, check the model takes it, run it and write the two files."""
+    """Find the series, check the model takes it, run it and write the labels, then (unless
+    ``results`` is None) build the result objects once and write them too."""
     step = progress or (lambda _stage: None)
     bundle = runner.registry.get(model)  # an unknown model fails before any decoding
     step("read")
@@ -149,4 +224,9 @@ def segment_paths(
         s.name: int(counts[s.value]) if s.value < counts.size else 0
         for s in result.labelmap.segments
     }
-    return SegmentReport(uid, nifti, labels_json, result, voxels)
+    if results is None:
+        return SegmentReport(uid, nifti, labels_json, result, voxels)
+    step("results")
+    built = build_results(volume, result.labelmap, result.model, results)
+    written = write_results(built, out_dir)
+    return SegmentReport(uid, nifti, labels_json, result, voxels, tuple(written), built.notes)

@@ -62,9 +62,9 @@ class OrthancServer:
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / "orthanc.json"
         path.write_text(json.dumps(self.config(), indent=2))
-        log = (self.root / "orthanc.log").open("ab")
         env = {**os.environ, "TCP_NODELAY": "1"}  # else every C-STORE waits for a delayed ACK
-        self.process = subprocess.Popen([ORTHANC, str(path)], stdout=log, stderr=log, env=env)
+        with (self.root / "orthanc.log").open("ab") as log:  # the child keeps its own copy
+            self.process = subprocess.Popen([ORTHANC, str(path)], stdout=log, stderr=log, env=env)
         wait_for(self._ready, timeout, what="Orthanc's REST API")
         return self
 
