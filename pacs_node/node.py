@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 
 from pacs_node.assembly import Assembly
 from pacs_node.catalog.db import Catalog, open_catalog
-from pacs_node.config import Settings
+from pacs_node.config import PEERS_FILE, Settings
+from pacs_node.dispatch.destinations import missing_secrets
+from pacs_node.dispatch.outbox import Outbox
+from pacs_node.errors import ConfigError
 from pacs_node.ingest.reconcile import reconcile
 from pacs_node.ingest.recorder import CatalogRecorder
 from pacs_node.ingest.scp import StorageSCP
 from pacs_node.ingest.spool import Spool
 from pacs_node.ingest.workers import SCPWorkers
 from pacs_node.routing.router import Router, check_models
+from pacs_node.worker import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +38,11 @@ class Node:
         check_models(settings)
         self.router = Router(self.catalog, self.spool, settings.routes)
         self.assembly.add_listener(self.router.on_stable)
+        for name, env in missing_secrets(settings.destinations):
+            source = str((settings.config_dir or Path(".")) / PEERS_FILE)
+            raise ConfigError(source, f"destinations.{name}.auth", f"${env} is not set")
+        self.workers = WorkerPool(self.catalog, settings)
+        self.outbox = Outbox(self.catalog, settings)
         self.scp: StorageSCP | SCPWorkers
         if options.dicom_workers > 0:
             self.scp = SCPWorkers(settings, self.recorder, options.dicom_workers)
@@ -46,6 +56,8 @@ class Node:
         self.router.catch_up()
         self.recorder.start()
         self.assembly.start()
+        self.workers.start()  # re-queues jobs a dead process left running
+        self.outbox.start()  # re-sends deliveries cut off mid-send
         self.scp.start()
         log.info(
             "node started",
@@ -59,6 +71,8 @@ class Node:
         self.scp.stop()
         self.recorder.stop()
         self.assembly.stop()
+        self.workers.stop()
+        self.outbox.stop()
         self.catalog.dispose()
         log.info("node stopped")
 
