@@ -1,0 +1,164 @@
+"""The node end to end with a real Orthanc as the PACS: a study forwarded by Orthanc's own
+C-STORE is processed by ``ct-classical`` and its SEG, SR, GSPS, key images and PDF land in the
+same study in Orthanc; with Orthanc down the deliveries back off, and once it is up everything
+arrives exactly once."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+
+from tests.conftest import NodeProcess, free_port, storescu, wait_for
+from tests.dicom_factory import write_series
+from tests.orthanc import OrthancProcess
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+KINDS = {"seg", "sr", "gsps", "key-images", "pdf"}
+SOP_CLASSES = {
+    "seg": "1.2.840.10008.5.1.4.1.1.66.4",
+    "sr": "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR
+    "gsps": "1.2.840.10008.5.1.4.1.1.11.1",
+    "pdf": "1.2.840.10008.5.1.4.1.1.104.1",
+}
+
+
+@pytest.fixture
+def orthancs() -> Iterator[list[OrthancProcess]]:
+    started: list[OrthancProcess] = []
+    yield started
+    for orthanc in started:
+        orthanc.stop()
+
+
+def _node(make_node: Callable[..., NodeProcess], orthanc_dicom_port: int) -> NodeProcess:
+    return make_node(
+        peers=[
+            {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc_dicom_port},
+            {"ae_title": "STORESCU", "host": "127.0.0.1"},
+            {"ae_title": "PACSNODE_SCU", "host": "127.0.0.1"},
+        ],
+        models_dir=str(ROOT / "models"),
+        job_workers=1,
+        dicom_workers=0,
+        delivery_backoff_s=0.5,
+        delivery_backoff_max_s=2.0,
+    )
+
+
+def _json(node: NodeProcess, *args: str) -> Any:
+    return json.loads(node.cli(*args, "--json").stdout)
+
+
+def _received(node: NodeProcess, study_uid: str, count: int) -> bool:
+    return any(s["study_uid"] == study_uid and s["instances"] == count for s in node.studies())
+
+
+def _job_done(node: NodeProcess) -> dict[str, Any] | None:
+    jobs = _json(node, "jobs")
+    assert jobs, "no job queued"
+    if jobs[0]["state"] == "failed":
+        raise AssertionError(f"job failed: {jobs[0]['error']}\n{node.log_text()[-3000:]}")
+    return jobs[0] if jobs[0]["state"] == "done" else None
+
+
+def _check_in_orthanc(
+    orthanc: OrthancProcess, study_uid: str, deliveries: list[dict[str, Any]]
+) -> None:
+    assert {d["kind"] for d in deliveries} == KINDS
+    for delivery in deliveries:
+        found = orthanc.post("/tools/lookup", content=delivery["sop_instance_uid"])
+        instances = [f for f in found if f["Type"] == "Instance"]
+        assert len(instances) == 1, delivery
+        tags = orthanc.get(f"/instances/{instances[0]['ID']}/simplified-tags")
+        assert tags["StudyInstanceUID"] == study_uid  # results go into the source study
+        if delivery["kind"] in SOP_CLASSES:
+            assert tags["SOPClassUID"] == SOP_CLASSES[delivery["kind"]]
+    stats = orthanc.get("/statistics")
+    assert stats["CountStudies"] == 1
+
+
+def test_orthanc_forwards_a_study_and_gets_the_results_back(
+    tmp_path: Path, make_node: Callable[..., NodeProcess], orthancs: list[OrthancProcess]
+) -> None:
+    dicom_port = free_port()
+    node = _node(make_node, dicom_port)
+    orthanc = OrthancProcess(
+        tmp_path / "orthanc",
+        free_port(),
+        dicom_port,
+        modalities={"node": [node.ae_title, "127.0.0.1", node.port]},
+    ).start()
+    orthancs.append(orthanc)
+    paths = write_series(tmp_path / "ct", slices=16, rows=64, columns=64, spacing=(5, 5, 5))
+    study_uid = str(dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
+    for path in paths:
+        orthanc.post("/instances", content=path.read_bytes())
+    (study_id,) = orthanc.get("/studies")
+    orthanc.post("/modalities/node/store", json={"Resources": [study_id], "Synchronous": True})
+    wait_for(lambda: _received(node, study_uid, 16), 60, what="the study in the node")
+
+    node.cli("run", study_uid, "--model", "ct-classical")
+    job = wait_for(lambda: _job_done(node), 180, interval=0.5, what="the job to finish")
+    for stage in ("decode_s", "infer_s", "build_s", "store_s", "total_s"):
+        assert stage in job["timings"], stage
+
+    def delivered() -> list[dict[str, Any]] | None:
+        rows = _json(node, "deliveries")
+        return rows if rows and all(d["state"] == "delivered" for d in rows) else None
+
+    deliveries = wait_for(delivered, 60, interval=0.5, what="every delivery")
+    assert {d["destination"] for d in deliveries} == {"ORTHANC"}  # SOURCE: the sender
+    assert {d["attempts"] for d in deliveries} == {1}
+    _check_in_orthanc(orthanc, study_uid, deliveries)
+    assert orthanc.get("/statistics")["CountInstances"] == 16 + len(deliveries)
+
+
+def test_outage_backs_off_then_delivers_everything_once(
+    tmp_path: Path, make_node: Callable[..., NodeProcess], orthancs: list[OrthancProcess]
+) -> None:
+    dicom_port = free_port()
+    node = _node(make_node, dicom_port)
+    paths = write_series(tmp_path / "ct", slices=16, rows=64, columns=64, spacing=(5, 5, 5))
+    study_uid = str(dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
+    sent = storescu(node, *paths, calling="ORTHANC")  # the PACS sends; it is down afterwards
+    assert sent.returncode == 0, sent.stderr
+    wait_for(lambda: _received(node, study_uid, 16), 60, what="the study in the node")
+    node.cli("run", study_uid, "--model", "ct-classical")
+    wait_for(lambda: _job_done(node), 180, interval=0.5, what="the job to finish")
+
+    def retried() -> list[dict[str, Any]] | None:
+        rows = _json(node, "deliveries")
+        ok = rows and all(d["state"] == "pending" and d["attempts"] >= 3 for d in rows)
+        return rows if ok else None
+
+    waiting = wait_for(retried, 60, interval=0.5, what="deliveries retried with backoff")
+    assert all("association" in (d["last_error"] or "") for d in waiting)
+    assert all(d["next_attempt_at"] is not None for d in waiting)
+
+    orthanc = OrthancProcess(
+        tmp_path / "orthanc",
+        free_port(),
+        dicom_port,
+        modalities={"node": [node.ae_title, "127.0.0.1", node.port]},
+    ).start()
+    orthancs.append(orthanc)
+
+    def delivered() -> list[dict[str, Any]] | None:
+        rows = _json(node, "deliveries")
+        return rows if all(d["state"] == "delivered" for d in rows) else None
+
+    deliveries = wait_for(delivered, 60, interval=0.5, what="every delivery after the outage")
+    assert len(deliveries) == len(waiting)  # none lost, none added
+    _check_in_orthanc(orthanc, study_uid, deliveries)
+    assert orthanc.get("/statistics")["CountInstances"] == len(deliveries)  # each exactly once
+    # once delivered, nothing goes out again
+    before = {d["id"]: d["attempts"] for d in deliveries}
+    after = {d["id"]: d["attempts"] for d in _json(node, "deliveries")}
+    assert after == before
