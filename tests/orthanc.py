@@ -16,6 +16,7 @@ import httpx
 from tests.conftest import wait_for
 
 ORTHANC = "/usr/sbin/Orthanc"
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
 
 @dataclass
@@ -25,6 +26,7 @@ class OrthancProcess:
     dicom_port: int
     ae_title: str = "ORTHANC"
     modalities: dict[str, list[Any]] = field(default_factory=dict)
+    dicomweb: bool = False  # load the DICOMweb plugin (STOW-RS, QIDO-RS, WADO-RS)
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -45,7 +47,8 @@ class OrthancProcess:
             "DicomCheckCalledAet": True,
             "DicomAlwaysAllowStore": True,
             "DicomModalities": self.modalities,
-            "Plugins": [],
+            "Plugins": [DICOMWEB_PLUGIN] if self.dicomweb else [],
+            "DicomWeb": {"Enable": self.dicomweb, "Root": "/dicom-web/"},
             "StableAge": 1,
         }
         path = self.root / "orthanc.json"
