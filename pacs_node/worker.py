@@ -47,6 +47,7 @@ from pacs_node.catalog.results import (
     FHIR_MEDIA_TYPE,
     StoredEncoding,
     add_result_rows,
+    attempt_folder,
     write_files,
 )
 from pacs_node.config import Settings
@@ -60,7 +61,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 POLL_S = 0.5  # how often an idle worker looks for a queued job
-STOP_GRACE_S = 10.0  # how long a stopping worker may finish its job before it is killed
+STOP_GRACE_S = 10.0
+PARENT_CHECK_S = 1.0  # how long a stopping worker may finish its job before it is killed
 
 
 class Cancelled(Exception):
@@ -89,7 +91,8 @@ class JobInput:
     calling_ae: str | None
     destinations: dict[str, list[str]]
     series: dict[str, list[Path]]
-    created_at_s: float
+    attempt: int
+    waited_s: float  # from queued to claimed
 
 
 @dataclass
@@ -138,7 +141,8 @@ def read_job(catalog: Catalog, settings: Settings, job_id: int) -> JobInput:
             calling_ae=study.calling_ae,
             destinations=destinations,
             series=series,
-            created_at_s=job.created_at.timestamp(),
+            attempt=job.attempts,
+            waited_s=((job.started_at or job.created_at) - job.created_at).total_seconds(),
         )
 
 
@@ -217,9 +221,11 @@ def run_job(
                 raise Cancelled(name)
 
     extra = {"job_id": job_id}
+    folder = ""
     try:
         job = read_job(catalog, settings, job_id)
-        watch.add("queued_s", max(0.0, time.time() - job.created_at_s))
+        watch.add("queued_s", max(0.0, job.waited_s))
+        folder = attempt_folder(job_id, job.attempt)
         extra["study_uid"] = job.study_uid  # type: ignore[assignment]
         log.info("job started", extra={**extra, "model": job.model})
         options = result_options(settings, job.destinations)
@@ -245,8 +251,7 @@ def run_job(
             items.extend(_encodings(built))
         stage("store", 0.9)
         started = time.perf_counter()
-        folder = results_dir(settings)
-        relpaths = write_files(folder, job_id, items, fsync=settings.node.fsync)
+        relpaths = write_files(results_dir(settings), folder, items, fsync=settings.node.fsync)
         with catalog.sessions.begin() as session:
             results = add_result_rows(session, job_id, items, relpaths)
             deliveries = create_deliveries(session, job_id, results, job.destinations)
@@ -266,7 +271,8 @@ def run_job(
         )
         return JobState.DONE
     except Cancelled:
-        shutil.rmtree(results_dir(settings) / str(job_id), ignore_errors=True)
+        if folder:
+            shutil.rmtree(results_dir(settings) / folder, ignore_errors=True)
         log.info("job cancelled while running; its work is discarded", extra=extra)
         return JobState.CANCELLED
     except PacsNodeError as exc:
@@ -312,11 +318,27 @@ def run_burst(
             on_job(job_id, state)
 
 
+def _exit_with_parent() -> None:
+    """A worker dies with the node: a SIGKILLed node must not leave a worker running a job
+    that the restarted node hands to a new worker."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        while parent.is_alive():
+            time.sleep(PARENT_CHECK_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def _worker_main(settings: Settings, index: int, stop: EventType) -> None:
     """A worker process: claim, run, repeat; idle polls every ``POLL_S``."""
     from pacs_node.logs import configure_logging
 
     configure_logging(settings.node.log_level, settings.node.log_format)
+    _exit_with_parent()
     catalog = open_catalog(settings.node.catalog_url, run_migrations=False)
     runner = make_runner(settings)
     me = worker_id(f"w{index}")

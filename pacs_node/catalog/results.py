@@ -60,13 +60,19 @@ def _file_name(item: StoredEncoding, index: int) -> str:
     return _SAFE.sub("_", f"{stem}.{item.encoding}")[:200] + suffix
 
 
+def attempt_folder(job_id: int, attempt: int) -> str:
+    """Each attempt of a job writes its own folder, so an attempt that is abandoned (its worker
+    was presumed dead) can never remove or overwrite the files of the attempt that counts."""
+    return f"{job_id}/{attempt}"
+
+
 def write_files(
-    results_dir: Path, job_id: int, items: list[StoredEncoding], *, fsync: bool = True
+    results_dir: Path, folder: str, items: list[StoredEncoding], *, fsync: bool = True
 ) -> list[str]:
-    """Write every encoding's bytes; returns their paths relative to ``results_dir``."""
+    """Write every encoding's bytes under ``folder``; their paths relative to ``results_dir``."""
     relpaths: list[str] = []
     for index, item in enumerate(items):
-        relpath = f"{job_id}/{_file_name(item, index)}"
+        relpath = f"{folder}/{_file_name(item, index)}"
         write_atomic(results_dir / relpath, item.data, fsync=fsync)
         relpaths.append(relpath)
     return relpaths

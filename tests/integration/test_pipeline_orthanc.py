@@ -162,3 +162,54 @@ def test_outage_backs_off_then_delivers_everything_once(
     before = {d["id"]: d["attempts"] for d in deliveries}
     after = {d["id"]: d["attempts"] for d in _json(node, "deliveries")}
     assert after == before
+
+
+def test_sigkill_during_a_job_loses_nothing_and_duplicates_nothing(
+    tmp_path: Path, make_node: Callable[..., NodeProcess], orthancs: list[OrthancProcess]
+) -> None:
+    from sqlalchemy import select
+
+    from pacs_node.catalog.db import open_catalog
+    from pacs_node.catalog.models import Job, JobEvent
+
+    dicom_port = free_port()
+    node = _node(make_node, dicom_port)
+    orthanc = OrthancProcess(tmp_path / "orthanc", free_port(), dicom_port).start()
+    orthancs.append(orthanc)
+    paths = write_series(tmp_path / "ct", slices=40, rows=128, columns=128, spacing=(3, 2, 2))
+    study_uid = str(dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
+    assert storescu(node, *paths, calling="ORTHANC").returncode == 0
+    wait_for(lambda: _received(node, study_uid, 40), 60, what="the study in the node")
+    node.cli("run", study_uid, "--model", "ct-classical")
+
+    catalog = open_catalog(f"sqlite:///{(node.data_dir / 'catalog.sqlite').resolve()}")
+    try:
+
+        def busy() -> bool:
+            with catalog.sessions() as session:
+                job = session.scalars(select(Job)).one()
+            return job.state == "running" and job.stage in ("infer", "build")
+
+        wait_for(busy, 120, interval=0.05, what="the job in inference or building results")
+        node.kill()
+        node.start()  # the job that was running goes back to the queue and runs again
+        job = wait_for(lambda: _job_done(node), 180, interval=0.5, what="the job after restart")
+        assert job["attempts"] == 2
+        with catalog.sessions() as session:
+            events = [
+                (e.kind, e.detail or "")
+                for e in session.scalars(select(JobEvent).order_by(JobEvent.id))
+            ]
+    finally:
+        catalog.dispose()
+    assert [kind for kind, _ in events[:5]] == ["queued", "running", "queued", "running", "done"]
+    assert "restart" in events[2][1]
+
+    def delivered() -> list[dict[str, Any]] | None:
+        rows = _json(node, "deliveries")
+        return rows if rows and all(d["state"] == "delivered" for d in rows) else None
+
+    deliveries = wait_for(delivered, 60, interval=0.5, what="every delivery")
+    assert len(deliveries) == len({d["sop_instance_uid"] for d in deliveries})  # one set, once
+    _check_in_orthanc(orthanc, study_uid, deliveries)
+    assert orthanc.get("/statistics")["CountInstances"] == len(deliveries)

@@ -113,7 +113,9 @@ def _deliveries(
         session.add(study)
         session.flush()
         job_id = queue_job(session, study.id, "m", ["1.2.3.4"], {})
-        relpaths = write_files(settings.node.data_dir / "results", job_id, items, fsync=False)
+        relpaths = write_files(
+            settings.node.data_dir / "results", f"{job_id}/1", items, fsync=False
+        )
         results = add_result_rows(session, job_id, items, relpaths)
         create_deliveries(session, job_id, results, {"seg": [destination]})
         create_deliveries(session, job_id, results, {"seg": [destination]})  # idempotent
