@@ -164,7 +164,9 @@ def result_options(settings: Settings, destinations: dict[str, list[str]]) -> Re
     return ResultOptions()
 
 
-def _encodings(results: ResultSet) -> list[StoredEncoding]:
+def stored_encodings(results: ResultSet) -> list[StoredEncoding]:
+    """Every object of a result set as encodings to store; an alternate (the JPEG 2000 SEG)
+    becomes a second encoding of the primary object of its kind."""
     from pacs_node.results import OutputKind
 
     items = [
@@ -248,7 +250,7 @@ def run_job(
             started = time.perf_counter()
             built = build_results(volume, segmentation.labelmap, segmentation.model, options)
             watch.add("build_s", time.perf_counter() - started)
-            items.extend(_encodings(built))
+            items.extend(stored_encodings(built))
         stage("store", 0.9)
         started = time.perf_counter()
         relpaths = write_files(results_dir(settings), folder, items, fsync=settings.node.fsync)
