@@ -85,6 +85,7 @@ class NodeOptions(BaseModel):
     delivery_max_attempts: int = Field(default=12, ge=1, le=1000)  # then dead letter
     delivery_backoff_s: float = Field(default=5.0, gt=0)  # first retry delay, doubled each time
     delivery_backoff_max_s: float = Field(default=900.0, gt=0)
+    seg_jpeg2000_copy: bool = False  # also store a JPEG 2000 SEG; C-STORE may choose it
 
     @field_validator("ae_title")
     @classmethod

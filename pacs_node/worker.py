@@ -160,8 +160,8 @@ def result_options(settings: Settings, destinations: dict[str, list[str]]) -> Re
                 accession_system=dest.accession_system or base.accession_system,
                 create_patient=dest.create_patient,
             )
-            return ResultOptions(fhir=fhir)
-    return ResultOptions()
+            return ResultOptions(fhir=fhir, jpeg2000_copy=settings.node.seg_jpeg2000_copy)
+    return ResultOptions(jpeg2000_copy=settings.node.seg_jpeg2000_copy)
 
 
 def stored_encodings(results: ResultSet) -> list[StoredEncoding]:

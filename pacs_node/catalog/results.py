@@ -107,7 +107,7 @@ def add_result_rows(
         by_kind.setdefault(item.kind, row)
         encodings[id(row)] = {item.encoding: relpath}
     for row in rows:
-        row.encodings = json.dumps(encodings[id(row)], sort_keys=True)
+        row.encodings = json.dumps(encodings[id(row)])  # insertion order: preferred first
         session.add(row)
     session.flush()
     return [(row.id, row.kind) for row in rows]
