@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 
 from pacs_node.catalog.db import Catalog, open_catalog
 from pacs_node.catalog.deliveries import create_deliveries
@@ -347,12 +348,16 @@ def _worker_main(settings: Settings, index: int, stop: EventType) -> None:
     log.info("job worker started", extra={"worker": me})
     try:
         while not stop.is_set():
-            with catalog.sessions.begin() as session:
-                job_id = claim_job(session, me)
-            if job_id is None:
-                stop.wait(POLL_S)
-                continue
-            run_job(catalog, settings, runner, job_id, me)
+            try:
+                with catalog.sessions.begin() as session:
+                    job_id = claim_job(session, me)
+                if job_id is None:
+                    stop.wait(POLL_S)
+                    continue
+                run_job(catalog, settings, runner, job_id, me)
+            except SQLAlchemyError:  # the catalog is away for a moment: the job stays running
+                log.exception("catalog unavailable; the worker tries again", extra={"worker": me})
+                stop.wait(POLL_S * 10)
     finally:
         catalog.dispose()
 
