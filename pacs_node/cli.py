@@ -19,7 +19,6 @@ from rich.table import Table
 
 from pacs_node import __version__
 from pacs_node.cli_pipeline import register as register_pipeline_commands
-from pacs_node.cli_pipeline import register as register_pipeline_commands
 from pacs_node.config import Settings, load_settings
 from pacs_node.errors import PacsNodeError
 from pacs_node.logs import configure_logging
@@ -34,7 +33,6 @@ app = typer.Typer(
 )
 out = Console()
 err = Console(stderr=True)
-register_pipeline_commands(app)  # jobs, run, deliveries
 register_pipeline_commands(app)  # jobs, run, deliveries
 
 ConfigOption = Annotated[
