@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 _SUBMIT, _COUNT, _DUPLICATE = "submit", "count", "duplicate"
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
+PROCESS_NAME = b"pacs-node-scp"  # at most 15 bytes
 DRAIN_S = 30.0  # how long a stopping worker lets running associations finish
 
 
@@ -57,10 +59,12 @@ class _PipeSink:
 
 def _die_with_parent() -> None:
     """Ask Linux to SIGTERM this worker when the main process dies (even by SIGKILL), so an
-    orphan never keeps the DICOM port; elsewhere the parent-pid check below does it."""
+    orphan never keeps the DICOM port (elsewhere the parent-pid check below does it), and name
+    the process so `ps -o comm` shows what it is."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        libc.prctl(PR_SET_NAME, PROCESS_NAME)
     except (OSError, AttributeError):
         pass
 

@@ -67,9 +67,11 @@ def _scp_workers(node: NodeProcess) -> list[int]:
     ).stdout.split()
     workers = []
     for pid in map(int, children):
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-        if b"resource_tracker" not in cmdline:
-            workers.append(pid)
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "pacs-node-scp":
+                workers.append(pid)
+        except FileNotFoundError:  # exited meanwhile
+            continue
     return workers
 
 
