@@ -419,6 +419,9 @@ def evaluate(
             )
         except PacsNodeError as exc:
             raise _fail(str(exc), 1) from exc
+    dataset = data / "dataset.json"
+    if not description and dataset.is_file():
+        description = str(json.loads(dataset.read_text(encoding="utf-8")).get("description", ""))
     report["description"] = description
     report["command"] = " ".join(["pacs-node", *sys.argv[1:]])
     write_report(report, out_dir)

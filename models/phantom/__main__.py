@@ -29,7 +29,10 @@ def main(argv: list[str]) -> int:
         return 2
     name, modality, first, last, out = argv
     cases = [render(modality, seed, SETS[name]) for seed in range(int(first), int(last))]
-    description = f"phantom {name} set, seeds {first}..{int(last) - 1}: {SETS[name]}"
+    description = (
+        f"phantom {name} set, seeds {first}..{int(last) - 1}, made with "
+        f"`python -m phantom {name} {modality} {first} {last} DIR`; ranges {SETS[name]}"
+    )
     write_decathlon(Path(out), [], cases, f"{modality.lower()}_{name}", description)
     sys.stdout.write(f"wrote {len(cases)} cases to {out}\n")
     return 0

@@ -73,7 +73,7 @@ def render_card(root: Path) -> str:
         ),
         f"- Augmentation: {recipe['augmentation']}.",
         (
-            f"- Loss Dice + cross-entropy, AdamW with one-cycle learning rate "
+            f"- Loss Dice + cross-entropy, AdamW, warm-up then cosine decay (over the epochs or the time budget) from learning rate "
             f"{recipe['learning_rate']}, batch {recipe['batch_size']}, {recipe['steps_per_epoch']} "
             f"steps per epoch, early stopping after {recipe['patience']} epochs without gain."
         ),
@@ -85,19 +85,24 @@ def render_card(root: Path) -> str:
         "Retrain (same seeds, same result up to thread scheduling):",
         "",
         "```",
-        f"pacs-node train models/recipes/{meta['name']}.yaml --out models/{meta['name']}",
+        f"pacs-node train models/recipes/{meta['name']}.yaml --out models/{meta['name']} "
+        "--workers 2",
         "```",
         "",
         "## Held-out evaluation",
         "",
     ]
-    evals = sorted((root / EVAL_DIR).glob(f"*/{METRICS}")) if (root / EVAL_DIR).is_dir() else []
+    found = (root / EVAL_DIR).glob(f"*/{METRICS}") if (root / EVAL_DIR).is_dir() else []
+    # the held-out set (training ranges) first, then the robustness sets outside them
+    evals = sorted(found, key=lambda p: (p.parent.name != "heldout", p.parent.name))
     if not evals:
         lines.append("No evaluation saved yet (`pacs-node evaluate`).")
     for path in evals:
         report = json.loads(path.read_text(encoding="utf-8"))
         lines += [
-            f"### {path.parent.name}: {report['cases']} cases ({report.get('description', '')})",
+            f"### {path.parent.name}: {report['cases']} cases",
+            "",
+            report.get("description", ""),
             "",
             f"`{report.get('command', '')}`",
             "",

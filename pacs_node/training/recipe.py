@@ -70,7 +70,7 @@ class Recipe(BaseModel):
     batch_size: int = Field(2, ge=1)
     learning_rate: float = Field(2e-3, gt=0)
     patience: int = Field(8, ge=1)  # epochs without a better validation Dice before stopping
-    max_minutes: float = Field(28.0, gt=0)
+    max_minutes: float = Field(28.0, gt=0)  # rendering included
     threads: int = Field(2, ge=1)
     seed: int = 0
     phantom: dict[str, tuple[float, float]] = Field(default_factory=dict)  # Ranges overrides

@@ -190,6 +190,20 @@ def _validate(
     return means
 
 
+def learning_rate(
+    recipe: Recipe, step: int, total: int, loop_start: float, deadline: float
+) -> float:
+    """Short warm-up, then cosine decay over whichever runs out first, the planned steps or
+    the time budget, so a run cut short by ``max_minutes`` still ends at a low rate."""
+    warmup = max(1, total // 30)
+    if step < warmup:
+        return recipe.learning_rate * (step + 1) / warmup
+    now = time.perf_counter()
+    by_time = (now - loop_start) / max(deadline - loop_start, 1e-6)
+    progress = min(1.0, max(step / total, by_time))
+    return recipe.learning_rate * (0.02 + 0.98 * 0.5 * (1 + np.cos(np.pi * progress)))
+
+
 def train(recipe: Recipe, progress: Progress, *, workers: int = 1) -> TrainingResult:
     """Train the recipe's network; returns the best weights (by mean validation Dice)."""
     from monai.losses.dice import DiceCELoss
@@ -206,9 +220,7 @@ def train(recipe: Recipe, progress: Progress, *, workers: int = 1) -> TrainingRe
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
     optimiser = torch.optim.AdamW(network.parameters(), lr=recipe.learning_rate, weight_decay=1e-5)
     total_steps = recipe.epochs * recipe.steps_per_epoch
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimiser, max_lr=recipe.learning_rate, total_steps=total_steps, pct_start=0.1
-    )
+    done_steps = 0
     augment = augmentation(recipe)
     rng = np.random.default_rng(recipe.seed)
     best = -1.0
@@ -218,6 +230,7 @@ def train(recipe: Recipe, progress: Progress, *, workers: int = 1) -> TrainingRe
     history: list[dict[str, float]] = []
     epoch = 0
     deadline = started + recipe.max_minutes * 60.0
+    loop_start = time.perf_counter()
     network.train()
     for epoch in range(1, recipe.epochs + 1):
         losses = []
@@ -228,11 +241,13 @@ def train(recipe: Recipe, progress: Progress, *, workers: int = 1) -> TrainingRe
             ]
             image = torch.stack([torch.as_tensor(b["image"]).float() for b in batch])
             label = torch.stack([torch.as_tensor(b["label"]).long() for b in batch])
+            for group in optimiser.param_groups:
+                group["lr"] = learning_rate(recipe, done_steps, total_steps, loop_start, deadline)
             optimiser.zero_grad()
             loss = loss_fn(network(image), label)
             loss.backward()
             optimiser.step()
-            schedule.step()
+            done_steps += 1
             losses.append(float(loss.detach()))
             progress(
                 f"epoch {epoch}/{recipe.epochs}",
