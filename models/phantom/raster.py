@@ -32,8 +32,7 @@ class AxialGrid:
 
     def axis(self, i: int) -> NDArray[np.float64]:
         """World coordinate (mm) of each index along array axis ``i`` (0 = z, 1 = y, 2 = x)."""
-        out = np.arange(self.shape[i], dtype=np.float64) * self.spacing[i] + self.origin[2 - i]
-        return out
+        return np.arange(self.shape[i], dtype=np.float64) * self.spacing[i] + self.origin[2 - i]
 
 
 @dataclass(frozen=True)

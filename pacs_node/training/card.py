@@ -73,7 +73,8 @@ def render_card(root: Path) -> str:
         ),
         f"- Augmentation: {recipe['augmentation']}.",
         (
-            f"- Loss Dice + cross-entropy, AdamW, warm-up then cosine decay (over the epochs or the time budget) from learning rate "
+            "- Loss Dice + cross-entropy, AdamW, warm-up then cosine decay (over the epochs or "
+            f"the time budget) from learning rate "
             f"{recipe['learning_rate']}, batch {recipe['batch_size']}, {recipe['steps_per_epoch']} "
             f"steps per epoch, early stopping after {recipe['patience']} epochs without gain."
         ),
@@ -85,8 +86,10 @@ def render_card(root: Path) -> str:
         "Retrain (same seeds, same result up to thread scheduling):",
         "",
         "```",
-        f"pacs-node train models/recipes/{meta['name']}.yaml --out models/{meta['name']} "
-        "--workers 2",
+        (
+            f"pacs-node train models/recipes/{meta['name']}.yaml --out models/{meta['name']} "
+            "--workers 2"
+        ),
         "```",
         "",
         "## Held-out evaluation",

@@ -201,7 +201,7 @@ def learning_rate(
     now = time.perf_counter()
     by_time = (now - loop_start) / max(deadline - loop_start, 1e-6)
     progress = min(1.0, max(step / total, by_time))
-    return recipe.learning_rate * (0.02 + 0.98 * 0.5 * (1 + np.cos(np.pi * progress)))
+    return recipe.learning_rate * (0.02 + 0.98 * 0.5 * (1 + float(np.cos(np.pi * progress))))
 
 
 def train(recipe: Recipe, progress: Progress, *, workers: int = 1) -> TrainingResult:
