@@ -19,6 +19,7 @@ from pacs_node.catalog.db import Catalog
 from pacs_node.catalog.models import Job, JobState, RouteOutcome, Study, StudyState, utcnow
 from pacs_node.catalog.studies import add_event
 from pacs_node.config import ROUTES_FILE, Settings
+from pacs_node.dispatch.destinations import SOURCE
 from pacs_node.errors import ConfigError
 from pacs_node.inference.registry import Registry
 from pacs_node.ingest.spool import Spool
@@ -27,7 +28,6 @@ from pacs_node.routing.rules import OnChange, RoutesFile, RuleVerdict, route
 
 log = logging.getLogger(__name__)
 
-SOURCE = "SOURCE"  # destination name: the AE that sent the study
 DEFAULT_SEND: dict[str, tuple[str, ...]] = {
     kind: (SOURCE,) for kind in ("seg", "sr", "gsps", "key_images", "pdf")
 }
