@@ -9,17 +9,19 @@ from __future__ import annotations
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
-from phantom.render import TRAINING, Ranges, render
+from phantom.render import DEFAULTS, modality_key, render
 from phantom.writers import write_decathlon
 
-SETS: dict[str, Ranges] = {
-    "heldout": TRAINING,
-    "thin": replace(TRAINING, thickness_mm=(0.6, 0.9), max_slices=200, coverage_mm=(120.0, 180.0)),
-    "thick": replace(TRAINING, thickness_mm=(6.0, 8.0)),
-    "noisy": replace(TRAINING, noise=(45.0, 70.0)),
-    "cropped": replace(TRAINING, fov_scale=(0.6, 0.75)),
-    "finepixel": replace(TRAINING, pixel_mm=(0.35, 0.5)),
+# overrides of the modality's training ranges (phantom.render.DEFAULTS)
+SETS: dict[str, dict[str, Any]] = {
+    "heldout": {},
+    "thin": {"thickness_mm": (0.6, 0.9), "max_slices": 200, "coverage_mm": (120.0, 180.0)},
+    "thick": {"thickness_mm": (6.5, 8.0)},
+    "noisy": {"noise": (45.0, 70.0)},
+    "cropped": {"fov_scale": (0.6, 0.75)},
+    "finepixel": {"pixel_mm": (0.35, 0.5)},
 }
 
 
@@ -28,10 +30,11 @@ def main(argv: list[str]) -> int:
         sys.stderr.write(f"usage: python -m phantom {{{','.join(SETS)}}} MODALITY FIRST LAST OUT\n")
         return 2
     name, modality, first, last, out = argv
-    cases = [render(modality, seed, SETS[name]) for seed in range(int(first), int(last))]
+    ranges = replace(DEFAULTS[modality_key(modality)], **SETS[name])
+    cases = [render(modality, seed, ranges) for seed in range(int(first), int(last))]
     description = (
         f"phantom {name} set, seeds {first}..{int(last) - 1}, made with "
-        f"`python -m phantom {name} {modality} {first} {last} DIR`; ranges {SETS[name]}"
+        f"`python -m phantom {name} {modality} {first} {last} DIR`; ranges {ranges}"
     )
     write_decathlon(Path(out), [], cases, f"{modality.lower()}_{name}", description)
     sys.stdout.write(f"wrote {len(cases)} cases to {out}\n")

@@ -38,7 +38,10 @@ class Ranges:
 
 
 TRAINING = Ranges()
-"""The ranges the built-in models were trained on (quoted in their model cards)."""
+"""The ranges the built-in CT and radiograph models were trained on."""
+TRAINING_MR = replace(TRAINING, thickness_mm=(2.5, 6.0))
+"""MR series are thicker-sliced; the MR model's training ranges."""
+DEFAULTS: dict[str, Ranges] = {"CT": TRAINING, "MR": TRAINING_MR, "DX": TRAINING}
 
 
 @dataclass(frozen=True)
@@ -257,19 +260,11 @@ _MR: dict[Tissue, tuple[float, float]] = {
 _BLOOD = (Tissue.HEART_BLOOD, Tissue.ARTERY, Tissue.VEIN, Tissue.PULMONARY_VESSEL)
 
 
-def render_mr(seed: int, ranges: Ranges = TRAINING) -> Case:
+def render_mr(seed: int, ranges: Ranges = TRAINING_MR) -> Case:
     """An axial MR-like series: T1- or T2-like tissue signal, bright or dark blood, a smooth
     multiplicative bias field, Rician noise and an arbitrary scanner scale."""
     anatomy = sample_anatomy(seed)
     rng = np.random.default_rng(seed + 15_485)
-    ranges = (
-        replace(
-            ranges,
-            thickness_mm=(max(ranges.thickness_mm[0], 2.5), max(ranges.thickness_mm[1], 6.0)),
-        )
-        if ranges is TRAINING
-        else ranges
-    )
     grid, diameter, sub = _series_grid(anatomy, rng, ranges, "MR")
     anatomy = replace(anatomy, metal=None)
     fine = rasterise(anatomy, _subsampled(grid, sub))
@@ -392,9 +387,16 @@ def render_xr(seed: int, ranges: Ranges = TRAINING) -> Case:
 RENDERERS = {"CT": render_ct, "MR": render_mr, "DX": render_xr}
 
 
-def render(modality: str, seed: int, ranges: Ranges = TRAINING) -> Case:
-    """One case of ``modality`` (CT, MR, or DX / CR for a radiograph)."""
+def modality_key(modality: str) -> str:
+    """CT, MR, or DX for any radiograph (DX, CR, XR)."""
     key = "DX" if modality.upper() in ("DX", "CR", "XR") else modality.upper()
     if key not in RENDERERS:
         raise ValueError(f"no phantom renderer for modality {modality!r} (CT, MR, DX, CR)")
-    return RENDERERS[key](seed, ranges)
+    return key
+
+
+def render(modality: str, seed: int, ranges: Ranges | None = None) -> Case:
+    """One case of ``modality`` (CT, MR, or DX / CR for a radiograph); ``ranges`` default to
+    that modality's training ranges."""
+    key = modality_key(modality)
+    return RENDERERS[key](seed, DEFAULTS[key] if ranges is None else ranges)

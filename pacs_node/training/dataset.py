@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 from numpy.typing import NDArray
-from phantom.render import TRAINING, Case, Ranges, render
+from phantom.render import DEFAULTS, Case, Ranges, modality_key, render
 
 from pacs_node.imaging import preprocess
 from pacs_node.imaging.volume import Grid
@@ -34,7 +34,8 @@ def ranges_for(recipe: Recipe) -> Ranges:
     unknown = set(recipe.phantom) - known
     if unknown:
         raise ValueError(f"unknown phantom ranges: {', '.join(sorted(unknown))}")
-    return Ranges(**{**{f.name: getattr(TRAINING, f.name) for f in fields(Ranges)}, **values})
+    base = DEFAULTS[modality_key(recipe.modality)]
+    return Ranges(**{**{f.name: getattr(base, f.name) for f in fields(Ranges)}, **values})
 
 
 def apply_intensity(voxels: NDArray[np.float32], intensity: Intensity) -> NDArray[np.float32]:

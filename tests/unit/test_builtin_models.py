@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from phantom.render import TRAINING, render
+from phantom.render import DEFAULTS, modality_key, render
 from phantom.writers import write_decathlon
 
 from pacs_node.evaluation.report import evaluate
@@ -33,7 +33,8 @@ SHIPPED = [name for name in CHECKS if (MODELS / name / "models" / "model.pt").is
 def test_shipped_model_reaches_its_dice_on_two_unseen_cases(name: str, tmp_path: Path) -> None:
     modality, first, minimum = CHECKS[name]
     # coarser source pixels than the full held-out set keep this test quick
-    ranges = replace(TRAINING, pixel_mm=(1.8, 2.2), coverage_mm=(250.0, 300.0))
+    base = DEFAULTS[modality_key(modality)]
+    ranges = replace(base, pixel_mm=(1.8, 2.2), coverage_mm=(250.0, 300.0))
     cases = [render(modality, seed, ranges) for seed in (first, first + 1)]
     data = write_decathlon(tmp_path / "data", [], cases, modality.lower())
     report = evaluate(Runner(Registry(MODELS), threads=2), name, data)
