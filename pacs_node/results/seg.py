@@ -104,16 +104,17 @@ def build_segmentation(
         )
     else:
         pixels = array
-    kind = OutputKind.SEG_JPEG2000 if jpeg2000 else OutputKind.SEG
+    # The JPEG 2000 copy is a second encoding of the same SEG instance, not another object:
+    # same SOP Instance UID and series, so a PACS holding either holds the one SEG.
     return hd.seg.Segmentation(
         source_images=sources,
         pixel_array=pixels,
         segmentation_type="FRACTIONAL" if fractional else "BINARY",
         fractional_type="PROBABILITY" if fractional else None,
         segment_descriptions=descriptions,
-        series_instance_uid=provenance.series_uid(kind),
+        series_instance_uid=provenance.series_uid(OutputKind.SEG),
         series_number=provenance.options.series_number(OutputKind.SEG),
-        sop_instance_uid=provenance.instance_uid(kind),
+        sop_instance_uid=provenance.instance_uid(OutputKind.SEG),
         instance_number=provenance.options.instance_number,
         manufacturer="pacs-node",
         manufacturer_model_name="pacs-node",

@@ -70,6 +70,18 @@ def test_every_object_passes_dciodvfy(results: ResultSet, tmp_path: Path) -> Non
         assert not unexpected, (stored.kind, unexpected)
 
 
+def test_jpeg2000_seg_is_a_second_encoding_of_the_same_instance(results: ResultSet) -> None:
+    (plain,) = results.of_kind(OutputKind.SEG)
+    (compressed,) = results.of_kind(OutputKind.SEG_JPEG2000)
+    assert compressed.sop_instance_uid == plain.sop_instance_uid
+    assert compressed.series_instance_uid == plain.series_instance_uid
+    assert compressed.transfer_syntax_uid != plain.transfer_syntax_uid
+    a = dcmread(io.BytesIO(plain.data), stop_before_pixels=True)
+    b = dcmread(io.BytesIO(compressed.data), stop_before_pixels=True)
+    for keyword in ("SOPInstanceUID", "SeriesInstanceUID", "SeriesNumber", "InstanceNumber"):
+        assert b[keyword].value == a[keyword].value, keyword
+
+
 def test_seg_round_trips(results: ResultSet, study: tuple[Volume, Labelmap, ModelInfo]) -> None:
     volume, labelmap, _ = study
     for stored in results.of_kind(OutputKind.SEG) + results.of_kind(OutputKind.SEG_JPEG2000):
