@@ -19,6 +19,8 @@ NOT_CLINICAL = (
     "hospital's own labelled cases. It was trained on procedural phantoms only."
 )
 
+SCHEDULE = "warm-up, then cosine decay over the epochs or the time budget"
+
 
 def metadata(recipe: Recipe, result: TrainingResult) -> dict[str, Any]:
     """configs/metadata.json: MONAI's standard keys plus ``pacs_node``."""
@@ -87,6 +89,7 @@ def metadata(recipe: Recipe, result: TrainingResult) -> dict[str, Any]:
             "cleanup": cleanup,
             "training": {
                 "recipe": recipe.model_dump(mode="json"),
+                "schedule": SCHEDULE,
                 "best_epoch": result.best_epoch,
                 "epochs_run": result.epochs_run,
                 "val_dice": round(result.best_val_dice, 4),

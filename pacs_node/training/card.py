@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pacs_node.training.bundle import NOT_CLINICAL
+from pacs_node.training.bundle import NOT_CLINICAL, SCHEDULE
 
 EVAL_DIR = "eval"
 METRICS = "metrics.json"
@@ -73,8 +73,8 @@ def render_card(root: Path) -> str:
         ),
         f"- Augmentation: {recipe['augmentation']}.",
         (
-            "- Loss Dice + cross-entropy, AdamW, warm-up then cosine decay (over the epochs or "
-            f"the time budget) from learning rate "
+            "- Loss Dice + cross-entropy, AdamW, learning-rate schedule: "
+            f"{training.get('schedule', SCHEDULE)}, peak "
             f"{recipe['learning_rate']}, batch {recipe['batch_size']}, {recipe['steps_per_epoch']} "
             f"steps per epoch, early stopping after {recipe['patience']} epochs without gain."
         ),
