@@ -7,13 +7,15 @@ import json
 import os
 import signal
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
-from tests.conftest import wait_for
+from tests.conftest import free_port, wait_for
 
 ORTHANC = "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
@@ -32,6 +34,10 @@ class OrthancProcess:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"{self.url}/dicom-web"
 
     def write_config(self) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -107,3 +113,15 @@ class OrthancProcess:
             modality = series["MainDicomTags"].get("Modality", "")
             result.setdefault(modality, []).append(series)
         return result
+
+
+def orthanc_with_dicomweb(root: Path) -> OrthancProcess:
+    """An Orthanc on free loopback ports with the DICOMweb plugin, not yet started."""
+    return OrthancProcess(root, http_port=free_port(), dicom_port=free_port(), dicomweb=True)
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[OrthancProcess]:
+    server = orthanc_with_dicomweb(tmp_path / "orthanc").start()
+    yield server
+    server.stop()

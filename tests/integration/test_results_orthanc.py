@@ -23,7 +23,7 @@ from pacs_node.inference.vocabulary import structure
 from pacs_node.scu import Peer, SendReport, scan, send
 from tests.conftest import PACS_NODE, clean_env
 from tests.ct_phantom import make_ct_phantom, write_phantom_series
-from tests.orthanc import OrthancServer, orthanc  # noqa: F401 (fixture)
+from tests.orthanc import OrthancProcess, orthanc, orthanc_with_dicomweb  # noqa: F401 (fixture)
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 DCIODVFY = "/usr/bin/dciodvfy"
@@ -178,11 +178,11 @@ def test_segment_without_results_writes_labels_only(tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == ["labels.json", "labels.nii.gz"]
 
 
-def check_dicomweb(server: OrthancServer, files: list[Path], segmented: Segmented) -> None:
+def check_dicomweb(server: OrthancProcess, files: list[Path], segmented: Segmented) -> None:
     """QIDO-RS lists every result series; WADO-RS returns each instance as it was stored."""
     originals = {str(ds.SOPInstanceUID): ds for ds in (dcmread(p) for p in files)}
     study = str(next(iter(originals.values())).StudyInstanceUID)
-    client = DICOMwebClient(url=server.dicomweb)
+    client = DICOMwebClient(url=server.dicomweb_url)
     found = client.search_for_series(study_instance_uid=study)
     modalities = {Dataset.from_json(s).Modality for s in found}
     assert modalities == MODALITIES
@@ -209,7 +209,7 @@ def check_dicomweb(server: OrthancServer, files: list[Path], segmented: Segmente
 
 def test_orthanc_takes_results_over_c_store(
     segmented: Segmented,
-    orthanc: OrthancServer,  # noqa: F811 (the fixture imported above)
+    orthanc: OrthancProcess,  # noqa: F811 (the fixture imported above)
 ) -> None:
     # the JPEG 2000 SEG, as a dispatcher may choose it, proposed in its own transfer syntax
     files = [p for p in segmented.primary if p.name != "seg.dcm"] + [segmented.jpeg2000_seg]
@@ -222,10 +222,10 @@ def test_orthanc_takes_results_over_c_store(
 
 
 def test_orthanc_takes_results_over_stow_rs(segmented: Segmented, tmp_path: Path) -> None:
-    server = OrthancServer(tmp_path / "orthanc-stow").start()
+    server = orthanc_with_dicomweb(tmp_path / "orthanc-stow").start()
     try:
         files = segmented.primary
-        client = DICOMwebClient(url=server.dicomweb)
+        client = DICOMwebClient(url=server.dicomweb_url)
         response = client.store_instances([dcmread(p) for p in files])
         assert not response.get("FailedSOPSequence"), response
         assert len(response.ReferencedSOPSequence) == len(files)
