@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from pacs_node import __version__
+from pacs_node.cli_demo import register as register_demo_command
 from pacs_node.cli_pipeline import register as register_pipeline_commands
 from pacs_node.config import Settings, load_settings
 from pacs_node.errors import PacsNodeError
@@ -34,6 +35,7 @@ app = typer.Typer(
 out = Console()
 err = Console(stderr=True)
 register_pipeline_commands(app)  # jobs, run, deliveries
+register_demo_command(app)
 
 ConfigOption = Annotated[
     Path | None,

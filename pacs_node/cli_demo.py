@@ -1,0 +1,215 @@
+"""``pacs-node demo``: a phantom CT study through the running node, and where its results went.
+
+Registered on the main app by :mod:`pacs_node.cli`. Progress goes to stderr; the table of
+results (or ``--json``) to stdout. Exit status 0 when every job is done and no delivery is
+dead; 1 when the node does not answer, the study is not routed, a job fails or a delivery is
+dead-lettered; 2 for a bad option or configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", help="Folder with node.yaml, peers.yaml and routes.yaml.", show_default=False
+    ),
+]
+POLL_S = 0.25
+_ANY_ADDRESS = {"0.0.0.0", "::", ""}
+
+
+def _node_address(settings: Any, to: str | None) -> Any:
+    from pacs_node.scu import Peer
+
+    if to is not None:
+        return Peer.parse(to)
+    options = settings.node
+    host = "127.0.0.1" if options.dicom_host in _ANY_ADDRESS else options.dicom_host
+    return Peer(options.ae_title, host, options.dicom_port)
+
+
+def demo(
+    to: Annotated[
+        str | None,
+        typer.Option("--to", help="The node as AE@HOST:PORT (default: from node.yaml)."),
+    ] = None,
+    calling_ae: Annotated[
+        str, typer.Option(help="Our AE title (peers.yaml must let it send).")
+    ] = "PACSNODE_SCU",
+    seed: Annotated[
+        int | None, typer.Option(help="Phantom seed; the same seed makes the same study.")
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the node.")] = 600.0,
+    config: ConfigOption = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print JSON only, on stdout.")
+    ] = False,
+) -> None:
+    """Send a phantom CT study to the running node, follow it through routing, the job and
+    delivery, and print where every result went."""
+    from pacs_node.catalog.db import open_catalog
+    from pacs_node.cli import _fail, _settings, err
+    from pacs_node.demo import make_study, observe
+    from pacs_node.errors import PacsNodeError
+    from pacs_node.scu import SendReport, echo, scan, send
+
+    settings = _settings(config)
+    try:
+        node = _node_address(settings, to)
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    try:
+        echo(node, calling_ae)
+    except ConnectionError as exc:
+        raise _fail(
+            f"nothing answers at {node} ({exc}): start the node with `pacs-node serve`, or "
+            "name it with --to; its peers.yaml must let "
+            f"{calling_ae} send from this host",
+            1,
+        ) from exc
+    try:
+        catalog = open_catalog(settings.node.catalog_url, run_migrations=False)
+    except PacsNodeError as exc:
+        raise _fail(f"{exc} (--config must be the running node's configuration)", 1) from exc
+    seed = seed if seed is not None else random.SystemRandom().randrange(1_000_000, 2**31)
+    display = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        disable=json_output,
+    )
+    try:
+        with tempfile.TemporaryDirectory(prefix="pacs-node-demo-") as folder, display:
+            task = display.add_task(f"rendering phantom CT (seed {seed})", total=None)
+            study_uid, paths = make_study(Path(folder), seed)
+            display.update(task, description=f"C-STORE {len(paths)} images to {node}", total=1)
+            report = SendReport()
+            send(scan(paths, report), node, calling_ae, report)
+            if not report.ok:
+                reason = report.failed[0][1]
+                raise _fail(f"{len(report.failed)} of {len(paths)} images refused: {reason}", 1)
+            sent_at = time.monotonic()
+            deadline = sent_at + timeout
+            while True:
+                with catalog.sessions() as session:
+                    progress = observe(session, study_uid, len(paths))
+                display.update(
+                    task,
+                    description=progress.phase,
+                    completed=progress.job_progress,
+                    total=1,
+                )
+                if progress.finished:
+                    break
+                if time.monotonic() > deadline:
+                    raise _fail(
+                        f"gave up after {timeout:.0f} s: {progress.phase} "
+                        f"(study {study_uid}; `pacs-node studies`, `jobs`, `deliveries`)",
+                        1,
+                    )
+                time.sleep(POLL_S)
+            elapsed = time.monotonic() - sent_at
+    finally:
+        catalog.dispose()
+    if progress.not_routed is not None:
+        _explain(settings, study_uid, progress.not_routed)
+        raise typer.Exit(1)
+    _report(progress, elapsed, json_output)
+    failed = [j for j in progress.jobs if j.state != "done"]
+    dead = [d for d in progress.deliveries if d.state == "dead"]
+    if failed or dead:
+        raise typer.Exit(1)
+
+
+def _explain(settings: Any, study_uid: str, why: str) -> None:
+    """Say why the study was not routed, rule by rule (what ``routes explain`` says)."""
+    from pacs_node.catalog.db import open_catalog
+    from pacs_node.cli import err
+    from pacs_node.ingest.spool import Spool
+    from pacs_node.routing.router import Router
+
+    err.print(f"[bold red]error:[/] study {study_uid} was not routed: {why}", highlight=False)
+    catalog = open_catalog(settings.node.catalog_url, run_migrations=False)
+    try:
+        router = Router(catalog, Spool(settings.node.spool_dir), settings.routes)
+        with catalog.sessions() as session:
+            verdicts = router.explain(session, study_uid)
+    finally:
+        catalog.dispose()
+    if not verdicts:
+        err.print("  routes.yaml has no rules (or none enabled)", highlight=False)
+    for verdict in verdicts:
+        err.print(f"  rule {verdict.rule}: {verdict.reason}", highlight=False)
+    err.print(f"  details: pacs-node routes explain {study_uid}", highlight=False)
+
+
+def _report(progress: Any, elapsed: float, json_output: bool) -> None:
+    from pacs_node.catalog.deliveries import HELD_FOR_DESTINATION
+    from pacs_node.cli import err, out
+
+    if json_output:
+        sys.stdout.write(
+            json.dumps(
+                {
+                    "study_uid": progress.study_uid,
+                    "instances": progress.expected,
+                    "seconds": round(elapsed, 2),
+                    "jobs": [j.as_json() for j in progress.jobs],
+                    "deliveries": [d.as_json() for d in progress.deliveries],
+                }
+            )
+            + "\n"
+        )
+        return
+    for job in progress.jobs:
+        seconds = job.timings.get("total_s", 0.0)
+        err.print(
+            f"job {job.id} {job.model}: {job.state} in {seconds:.1f} s {job.error or ''}".strip(),
+            highlight=False,
+        )
+    table = Table(title=f"results of study {progress.study_uid} ({elapsed:.1f} s after sending)")
+    for column in ("Result", "SOP Instance UID", "Destination", "State", "Detail"):
+        table.add_column(column)
+    for d in progress.deliveries:
+        detail = d.last_error or ""
+        if d.state == "delivered":
+            detail = d.transfer_syntax_uid or ""
+        table.add_row(d.kind, d.sop_instance_uid or "", d.destination, d.state, detail[:70])
+    out.print(table)
+    if not progress.deliveries:
+        err.print("the job named no destination: its results are stored in the node only")
+    held = [d for d in progress.deliveries if d.held_for == HELD_FOR_DESTINATION]
+    if held:
+        names = ", ".join(sorted({d.destination for d in held}))
+        err.print(
+            f"{len(held)} results wait in the node: no address for {names}. Give the peer a "
+            "port in peers.yaml (or a destination), restart the node, and they are sent; "
+            "`pacs-node deliveries` lists them.",
+            highlight=False,
+        )
+    retrying = [d for d in progress.deliveries if d.state == "pending"]
+    if retrying:
+        err.print(
+            f"{len(retrying)} deliveries failed once and will be retried with backoff "
+            "(`pacs-node deliveries`)",
+            highlight=False,
+        )
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``demo`` to the ``pacs-node`` app."""
+    app.command()(demo)
