@@ -86,6 +86,10 @@ class NodeOptions(BaseModel):
     delivery_backoff_s: float = Field(default=5.0, gt=0)  # first retry delay, doubled each time
     delivery_backoff_max_s: float = Field(default=900.0, gt=0)
     seg_jpeg2000_copy: bool = False  # also store a JPEG 2000 SEG; C-STORE may choose it
+    # Retention (housekeeping): only studies whose deliveries are all confirmed are removed.
+    retention_days: float = Field(default=0.0, ge=0)  # after this long; 0 keeps them
+    retention_disk_percent: float = Field(default=0.0, ge=0, le=100)  # oldest first above; 0 off
+    housekeeping_interval_s: float = Field(default=600.0, gt=0)
 
     @field_validator("ae_title")
     @classmethod

@@ -10,8 +10,10 @@ from pacs_node.assembly import Assembly
 from pacs_node.catalog.db import Catalog, open_catalog
 from pacs_node.config import PEERS_FILE, Settings
 from pacs_node.dispatch.destinations import missing_secrets
+from pacs_node.dispatch.dimse import recommitter
 from pacs_node.dispatch.outbox import Outbox
 from pacs_node.errors import ConfigError
+from pacs_node.housekeeping import Housekeeping, finish_purges
 from pacs_node.ingest.reconcile import reconcile
 from pacs_node.ingest.recorder import CatalogRecorder
 from pacs_node.ingest.scp import StorageSCP
@@ -43,6 +45,11 @@ class Node:
             raise ConfigError(source, f"destinations.{name}.auth", f"${env} is not set")
         self.workers = WorkerPool(self.catalog, settings)
         self.outbox = Outbox(self.catalog, settings)
+        self.housekeeping = Housekeeping(
+            self.catalog,
+            settings,
+            recommit=recommitter(options.ae_title, self.outbox.resolve),
+        )
         self.scp: StorageSCP | SCPWorkers
         if options.dicom_workers > 0:
             self.scp = SCPWorkers(settings, self.recorder, options.dicom_workers)
@@ -52,12 +59,15 @@ class Node:
 
     def start(self) -> None:
         """Reconcile the catalog with the spool, rebuild timers, then open the DICOM port."""
+        # Removals a crash cut short are finished first, so reconcile never brings them back.
+        finish_purges(self.catalog, self.spool.root, self.settings.node.data_dir / "results")
         recovered = reconcile(self.spool, self.recorder)
         self.router.catch_up()
         self.recorder.start()
         self.assembly.start()
         self.workers.start()  # re-queues jobs a dead process left running
         self.outbox.start()  # re-sends deliveries cut off mid-send
+        self.housekeeping.start()
         self.scp.start()
         log.info(
             "node started",
@@ -71,6 +81,7 @@ class Node:
         self.scp.stop()
         self.recorder.stop()
         self.assembly.stop()
+        self.housekeeping.stop()
         self.workers.stop()
         self.outbox.stop()
         self.catalog.dispose()

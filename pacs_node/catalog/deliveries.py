@@ -154,7 +154,13 @@ def _leave_sending(session: Session, delivery_id: int, **values: Any) -> bool:
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
-def mark_delivered(session: Session, item: Outgoing, transfer_syntax_uid: str | None) -> None:
+def mark_delivered(
+    session: Session,
+    item: Outgoing,
+    transfer_syntax_uid: str | None,
+    commitment: str | None = None,
+    commitment_uid: str | None = None,
+) -> None:
     now = utcnow()
     if _leave_sending(
         session,
@@ -164,6 +170,9 @@ def mark_delivered(session: Session, item: Outgoing, transfer_syntax_uid: str | 
         last_error=None,
         held_for=None,
         transfer_syntax_uid=transfer_syntax_uid,
+        commitment=commitment,
+        commitment_uid=commitment_uid,
+        committed_at=now if commitment == "committed" else None,
     ):
         add_job_event(
             session,
@@ -292,6 +301,7 @@ class DeliverySummary:
     transfer_syntax_uid: str | None
     created_at: datetime
     delivered_at: datetime | None
+    commitment: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The public shape of ``deliveries --json``; fields are only ever added."""
@@ -310,6 +320,7 @@ class DeliverySummary:
             "transfer_syntax_uid": self.transfer_syntax_uid,
             "created_at": self.created_at.isoformat(),
             "delivered_at": self.delivered_at.isoformat() if self.delivered_at else None,
+            "commitment": self.commitment,
         }
 
 
@@ -343,6 +354,7 @@ def list_deliveries(
             transfer_syntax_uid=d.transfer_syntax_uid,
             created_at=d.created_at,
             delivered_at=d.delivered_at,
+            commitment=d.commitment,
         )
         for d, kind, sop_uid, study_uid in session.execute(query).all()
     ]

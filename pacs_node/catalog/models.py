@@ -256,11 +256,34 @@ class Delivery(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Storage Commitment (DICOM destinations): None (not asked: STOW-RS, FHIR, or switched off),
+    # unsupported | requested | committed (see dispatch.commitment.Commitment).
+    commitment: Mapped[str | None] = mapped_column(String(16))
+    commitment_uid: Mapped[str | None] = mapped_column(UID)  # the N-ACTION's Transaction UID
+    committed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     __table_args__ = (
         UniqueConstraint("result_id", "destination"),
         Index("ix_deliveries_state_next", "state", "next_attempt_at"),
     )
+
+
+class Purge(Base):
+    """A study removed by retention: its catalog rows went first, in the transaction that wrote
+    this row; ``paths`` lists the files to remove after it, ``files_removed_at`` says they are
+    gone. A row whose files are not yet removed is finished at start, before reconciliation,
+    so a crash in between never brings the study back. Kept as the audit trail."""
+
+    __tablename__ = "purges"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_uid: Mapped[str] = mapped_column(UID, index=True)
+    reason: Mapped[str] = mapped_column(String(32))  # retention_days | disk_watermark
+    instances: Mapped[int] = mapped_column(Integer)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    paths: Mapped[str] = mapped_column(Text)  # JSON {"spool": [relpath], "results": [folder]}
+    purged_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    files_removed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class Counter(Base):

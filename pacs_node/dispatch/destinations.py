@@ -128,6 +128,10 @@ class DimseDestination(BaseModel):
     port: int | None = Field(default=None, ge=1, le=65535)
     concurrency: int = Field(default=1, ge=1, le=16)
     timeout_s: float = Field(default=60.0, gt=0)
+    # Ask for Storage Commitment when the peer offers it, and wait this long for its report on
+    # the same association; false: the C-STORE success alone confirms a delivery.
+    storage_commitment: bool = True
+    commitment_wait_s: float = Field(default=5.0, gt=0, le=600)
 
     @model_validator(mode="after")
     def _address(self) -> DimseDestination:

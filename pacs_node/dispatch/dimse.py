@@ -5,17 +5,29 @@ proposed as its own presentation context, so the peer accepts or refuses each en
 own; each parcel then goes out in the first of its encodings (in stored order: uncompressed
 first) whose context was accepted. A SOP class refused in every encoding is a permanent
 failure for that parcel; the file is sent as read from disk, never decoded and re-encoded.
+Where the destination offers Storage Commitment, what it stored is committed on the same
+association (:mod:`.commitment`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from pynetdicom import AE, _config
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
 
+from pacs_node.dispatch.commitment import (
+    STORAGE_COMMITMENT_PUSH_MODEL,
+    Commitment,
+    CommitmentAnswer,
+    Reference,
+    Reports,
+    request_commitment,
+)
 from pacs_node.dispatch.destinations import AnyDestination, DimseDestination
 from pacs_node.dispatch.handler import Delivered, Outcome, Parcel, Permanent, Transient
 from pacs_node.errors import PermanentDelivery, TransientDelivery
@@ -61,30 +73,94 @@ class CStoreHandler:
     def send(self, destination: AnyDestination, parcels: Sequence[Parcel]) -> list[Outcome]:
         if not isinstance(destination, DimseDestination):
             raise PermanentDelivery(f"a {destination.type} destination given to the C-STORE SCU")
-        if destination.host is None or destination.port is None or destination.ae_title is None:
-            raise PermanentDelivery("the destination has no address")
         pairs = contexts_for(parcels)
-        if len(pairs) > MAX_CONTEXTS:
-            raise PermanentDelivery(f"{len(pairs)} presentation contexts needed, at most 128")
-        ae = AE(ae_title=self.calling_ae)
-        ae.acse_timeout = destination.timeout_s
-        ae.dimse_timeout = destination.timeout_s
-        ae.network_timeout = destination.timeout_s
-        ae.requested_contexts = [build_context(sop, [syntax]) for sop, syntax in pairs]
-        where = f"{destination.ae_title}@{destination.host}:{destination.port}"
-        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
-        if not assoc.is_established:
-            reason = "association rejected" if assoc.is_rejected else "no association"
-            raise TransientDelivery(f"{where}: {reason}")
+        if len(pairs) > MAX_CONTEXTS - 1:
+            raise PermanentDelivery(f"{len(pairs)} presentation contexts needed, at most 127")
+        contexts = [build_context(sop, [syntax]) for sop, syntax in pairs]
+        reports = Reports()
+        assoc = self._associate(destination, contexts, reports)
         try:
             accepted = {
                 (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
                 for cx in assoc.accepted_contexts
             }
-            return [self._send_one(assoc, parcel, accepted) for parcel in parcels]
+            outcomes = [self._send_one(assoc, parcel, accepted) for parcel in parcels]
+            if destination.storage_commitment and assoc.is_established:
+                outcomes = self._commit(assoc, destination, parcels, outcomes, reports)
+            return outcomes
         finally:
             if assoc.is_established:
                 assoc.release()
+
+    def commit(
+        self, destination: DimseDestination, references: Sequence[Reference]
+    ) -> CommitmentAnswer:
+        """Ask again, on a new association, for commitment of instances already stored."""
+        reports = Reports()
+        assoc = self._associate(destination, [], reports)
+        try:
+            return request_commitment(assoc, references, reports, destination.commitment_wait_s)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+    def _associate(
+        self, destination: DimseDestination, contexts: list[Any], reports: Reports
+    ) -> Association:
+        if destination.host is None or destination.port is None or destination.ae_title is None:
+            raise PermanentDelivery("the destination has no address")
+        ae = AE(ae_title=self.calling_ae)
+        ae.acse_timeout = destination.timeout_s
+        ae.dimse_timeout = destination.timeout_s
+        ae.network_timeout = destination.timeout_s
+        if destination.storage_commitment:
+            syntaxes: list[str | UID] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+            contexts = [*contexts, build_context(STORAGE_COMMITMENT_PUSH_MODEL, syntaxes)]
+        ae.requested_contexts = contexts
+        where = f"{destination.ae_title}@{destination.host}:{destination.port}"
+        assoc = ae.associate(
+            destination.host,
+            destination.port,
+            ae_title=destination.ae_title,
+            evt_handlers=[(evt.EVT_N_EVENT_REPORT, reports.on_report)],
+        )
+        if not assoc.is_established:
+            reason = "association rejected" if assoc.is_rejected else "no association"
+            raise TransientDelivery(f"{where}: {reason}")
+        return assoc
+
+    @staticmethod
+    def _commit(
+        assoc: Association,
+        destination: DimseDestination,
+        parcels: Sequence[Parcel],
+        outcomes: list[Outcome],
+        reports: Reports,
+    ) -> list[Outcome]:
+        """Storage Commitment for what was stored: the state rides on each Delivered; an
+        instance the destination will not commit to keep goes out again (Transient)."""
+        stored = [
+            Reference(parcel.sop_class_uid, parcel.sop_instance_uid)
+            for parcel, outcome in zip(parcels, outcomes, strict=True)
+            if isinstance(outcome, Delivered)
+            and parcel.sop_class_uid is not None
+            and parcel.sop_instance_uid is not None
+        ]
+        if not stored:
+            return outcomes
+        answer = request_commitment(assoc, stored, reports, destination.commitment_wait_s)
+        settled: list[Outcome] = []
+        for parcel, outcome in zip(parcels, outcomes, strict=True):
+            state = answer.states.get(parcel.sop_instance_uid or "")
+            if not isinstance(outcome, Delivered) or state is None:
+                settled.append(outcome)
+            elif state is Commitment.FAILED:
+                reason = answer.reasons.get(parcel.sop_instance_uid or "", "commitment failed")
+                settled.append(Transient(reason))
+            else:
+                uid = answer.transaction_uid or None
+                settled.append(Delivered(outcome.transfer_syntax_uid, state.value, uid))
+        return settled
 
     @staticmethod
     def _send_one(assoc: Association, parcel: Parcel, accepted: set[tuple[str, str]]) -> Outcome:
@@ -104,3 +180,25 @@ class CStoreHandler:
             return Transient("no C-STORE response")
         outcome = classify_status(int(status.Status), str(status.get("ErrorComment", "")))
         return Delivered(syntax) if isinstance(outcome, Delivered) else outcome
+
+
+def recommitter(
+    calling_ae: str, resolve: Callable[[str], object]
+) -> Callable[[str, list[Reference]], dict[str, str]]:
+    """For housekeeping: ask a named destination again for commitment of stored instances;
+    SOP Instance UID -> state (all ``requested`` when it cannot be asked now)."""
+    handler = CStoreHandler(calling_ae)
+
+    def ask(name: str, references: list[Reference]) -> dict[str, str]:
+        waiting = {ref.sop_instance_uid: Commitment.REQUESTED.value for ref in references}
+        target = resolve(name)
+        if not isinstance(target, DimseDestination) or not target.storage_commitment:
+            return waiting
+        try:
+            answer = handler.commit(target, references)
+        except (TransientDelivery, PermanentDelivery) as exc:
+            log.info("commitment not asked", extra={"destination": name, "reason": str(exc)})
+            return waiting
+        return {uid: state.value for uid, state in answer.states.items()}
+
+    return ask

@@ -35,6 +35,8 @@ class Parcel:
 @dataclass(frozen=True)
 class Delivered:
     transfer_syntax_uid: str | None = None  # the encoding that went out
+    commitment: str | None = None  # Storage Commitment state (dispatch.commitment.Commitment)
+    commitment_uid: str | None = None  # its Transaction UID
 
 
 @dataclass(frozen=True)

@@ -222,7 +222,13 @@ class Outbox:
     ) -> None:
         options = self.settings.node
         if isinstance(outcome, Delivered):
-            mark_delivered(session, item, outcome.transfer_syntax_uid)
+            mark_delivered(
+                session,
+                item,
+                outcome.transfer_syntax_uid,
+                outcome.commitment,
+                outcome.commitment_uid,
+            )
         elif isinstance(outcome, Held):
             held_for = HELD_FOR_DESTINATION if isinstance(target, Unresolved) else HELD_FOR_PATIENT
             mark_held(session, item, outcome.reason, held_for)

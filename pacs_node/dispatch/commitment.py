@@ -1,0 +1,157 @@
+"""Storage Commitment Push Model as SCU (PS3.4 Annex J): asking a PACS to take responsibility
+for the results it accepted, so the node may forget them.
+
+The C-STORE association also proposes the Storage Commitment Push Model SOP class
+(1.2.840.10008.1.20.1). When the destination accepts it, an N-ACTION (Action Type 1) names
+every instance it stored, under a new Transaction UID, and the N-EVENT-REPORT is awaited on the
+same association for a short while:
+
+- Event Type 1: every instance ``committed``;
+- Event Type 2: those in the Failed SOP Sequence are not; the outbox sends them again;
+- no report in time: ``requested``, asked again later (housekeeping) on a new association;
+  nothing of the study is removed meanwhile.
+
+A destination that refuses the SOP class does not offer commitment: ``unsupported``, and the
+C-STORE success is the confirmation. A report sent on a separate association (an SCP acting
+as association requestor) is not taken yet: such a destination is configured with
+``storage_commitment: false``.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom import Dataset
+from pydicom.uid import generate_uid
+from pynetdicom.association import Association
+
+log = logging.getLogger(__name__)
+
+STORAGE_COMMITMENT_PUSH_MODEL = "1.2.840.10008.1.20.1"
+STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"  # the well-known SOP Instance
+REQUEST_COMMITMENT = 1  # N-ACTION Action Type ID
+COMMITTED_ALL = 1  # N-EVENT-REPORT Event Type IDs
+FAILURES_EXIST = 2
+
+
+class Commitment(enum.StrEnum):
+    """A delivery's Storage Commitment state (``deliveries.commitment``)."""
+
+    UNSUPPORTED = "unsupported"  # the destination does not offer it: C-STORE success confirms
+    REQUESTED = "requested"  # asked; no report yet
+    COMMITTED = "committed"
+    FAILED = "failed"  # the destination does not commit to keep it
+
+
+CONFIRMED = frozenset({None, Commitment.UNSUPPORTED.value, Commitment.COMMITTED.value})
+"""Commitment values of a delivered row that count as confirmed (None: not asked)."""
+
+
+@dataclass(frozen=True)
+class Reference:
+    sop_class_uid: str
+    sop_instance_uid: str
+
+
+@dataclass
+class Reports:
+    """N-EVENT-REPORTs received on an association, by Transaction UID (the handler target)."""
+
+    _received: dict[str, Dataset] = field(default_factory=dict)
+    _changed: threading.Condition = field(default_factory=threading.Condition)
+
+    def on_report(self, event: Any) -> tuple[int, None]:
+        """``evt.EVT_N_EVENT_REPORT`` handler: keep the report, answer success."""
+        try:
+            info = event.event_information
+            uid = str(info.get("TransactionUID", ""))
+        except (AttributeError, ValueError) as exc:  # an unreadable report: say so, keep nothing
+            log.warning("unreadable N-EVENT-REPORT", extra={"reason": str(exc)})
+            return 0x0110, None
+        info.EventTypeID = int(event.request.EventTypeID)
+        with self._changed:
+            self._received[uid] = info
+            self._changed.notify_all()
+        return 0x0000, None
+
+    def wait(self, transaction_uid: str, timeout_s: float) -> Dataset | None:
+        with self._changed:
+            self._changed.wait_for(lambda: transaction_uid in self._received, timeout_s)
+            return self._received.pop(transaction_uid, None)
+
+
+@dataclass(frozen=True)
+class CommitmentAnswer:
+    transaction_uid: str
+    states: dict[str, Commitment]  # SOP Instance UID -> state
+    reasons: dict[str, str] = field(default_factory=dict)  # failed ones: why
+
+
+def offered(assoc: Association) -> bool:
+    """Whether the destination accepted the Storage Commitment Push Model SOP class."""
+    return any(
+        str(cx.abstract_syntax) == STORAGE_COMMITMENT_PUSH_MODEL for cx in assoc.accepted_contexts
+    )
+
+
+def _action_information(transaction_uid: str, references: Sequence[Reference]) -> Dataset:
+    ds = Dataset()
+    ds.TransactionUID = transaction_uid
+    items = []
+    for ref in references:
+        item = Dataset()
+        item.ReferencedSOPClassUID = ref.sop_class_uid
+        item.ReferencedSOPInstanceUID = ref.sop_instance_uid
+        items.append(item)
+    ds.ReferencedSOPSequence = items
+    return ds
+
+
+def request_commitment(
+    assoc: Association, references: Sequence[Reference], reports: Reports, wait_s: float
+) -> CommitmentAnswer:
+    """N-ACTION on ``assoc`` (which offered the SOP class), then wait for its report."""
+    uids = [ref.sop_instance_uid for ref in references]
+    if not offered(assoc):
+        return CommitmentAnswer("", dict.fromkeys(uids, Commitment.UNSUPPORTED))
+    transaction_uid = generate_uid()
+    requested = CommitmentAnswer(transaction_uid, dict.fromkeys(uids, Commitment.REQUESTED))
+    try:
+        status, _reply = assoc.send_n_action(
+            _action_information(transaction_uid, references),
+            REQUEST_COMMITMENT,
+            STORAGE_COMMITMENT_PUSH_MODEL,
+            STORAGE_COMMITMENT_INSTANCE,
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        log.warning("storage commitment request failed", extra={"reason": str(exc)})
+        return CommitmentAnswer("", dict.fromkeys(uids, Commitment.REQUESTED))
+    code = int(getattr(status, "Status", -1)) if status else -1
+    if code != 0x0000:
+        log.warning("storage commitment refused", extra={"status": f"0x{code:04X}"})
+        return CommitmentAnswer("", dict.fromkeys(uids, Commitment.REQUESTED))
+    report = reports.wait(transaction_uid, wait_s)
+    if report is None:
+        return requested
+    return _read_report(transaction_uid, uids, report)
+
+
+def _read_report(transaction_uid: str, uids: list[str], report: Dataset) -> CommitmentAnswer:
+    states = dict.fromkeys(uids, Commitment.REQUESTED)
+    reasons: dict[str, str] = {}
+    for item in report.get("ReferencedSOPSequence", []):
+        uid = str(item.get("ReferencedSOPInstanceUID", ""))
+        if uid in states:
+            states[uid] = Commitment.COMMITTED
+    for item in report.get("FailedSOPSequence", []):
+        uid = str(item.get("ReferencedSOPInstanceUID", ""))
+        if uid in states:
+            states[uid] = Commitment.FAILED
+            reason = int(item.get("FailureReason", 0x0110))
+            reasons[uid] = f"storage commitment failed (reason 0x{reason:04X})"
+    return CommitmentAnswer(transaction_uid, states, reasons)

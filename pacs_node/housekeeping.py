@@ -1,0 +1,301 @@
+"""Housekeeping: retention of the spool and the results, on an APScheduler interval.
+
+A study may be removed only when the node no longer holds anything nobody else has: it is
+stable, every job is over and at least one is done, it has deliveries, and every delivery is
+delivered and confirmed (Storage Commitment ``committed`` where the DICOM destination offers it,
+the C-STORE / STOW-RS / FHIR success where it does not; see :mod:`.dispatch.commitment`).
+Studies that were not processed, or whose results wait for a destination, are kept.
+
+Among those, a study goes when ``retention_days`` have passed since its last instance arrived,
+or, oldest first, while the data disk is fuller than ``retention_disk_percent``.
+
+Removal is ordered so that a crash at any point leaves no row pointing at a missing file and
+never brings a removed study back::
+
+    1. one transaction: the study's rows go (series, instances, jobs, results, deliveries,
+       events, by cascade) and a ``purges`` row lists its files;
+    2. the files are removed (a file a live row names again is kept);
+    3. the ``purges`` row gets ``files_removed_at``.
+
+:func:`finish_purges` runs step 2-3 for any row a crash left unfinished; the node calls it at
+start *before* reconciling the spool, so reconciliation never sees those files.
+Delivered rows still waiting for a commitment report are asked again on each pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy import delete, exists, func, select
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.expression import Exists
+
+from pacs_node.catalog.db import Catalog
+from pacs_node.catalog.models import (
+    Delivery,
+    DeliveryState,
+    Instance,
+    Job,
+    JobState,
+    Purge,
+    Result,
+    Series,
+    Study,
+    StudyState,
+    utcnow,
+)
+from pacs_node.config import Settings
+from pacs_node.dispatch.commitment import CONFIRMED, Commitment, Reference
+
+log = logging.getLogger(__name__)
+
+REASON_DAYS = "retention_days"
+REASON_DISK = "disk_watermark"
+DiskUsage = Callable[[Path], float]  # percent of the disk holding the path that is used
+
+
+def disk_percent_used(path: Path) -> float:
+    usage = shutil.disk_usage(path)
+    return 100.0 * usage.used / usage.total if usage.total else 0.0
+
+
+@dataclass
+class HousekeepingReport:
+    purged: list[str] = field(default_factory=list)  # Study Instance UIDs
+    finished: int = 0  # purges a crash had left unfinished
+    recommitted: int = 0  # deliveries whose commitment was confirmed on this pass
+
+
+def _unconfirmed_delivery() -> Exists:
+    """SQL: the study has a delivery that is not (delivered and confirmed)."""
+    unconfirmed = (Delivery.state != DeliveryState.DELIVERED) | (
+        Delivery.commitment.is_not(None)
+        & Delivery.commitment.not_in([c for c in CONFIRMED if c is not None])
+    )
+    return exists().where(Delivery.job_id == Job.id, Job.study_id == Study.id, unconfirmed)
+
+
+def eligible_studies(session: Session) -> list[Study]:
+    """Studies the node may forget, oldest last instance first."""
+    has_done = exists().where(Job.study_id == Study.id, Job.state == JobState.DONE)
+    job_open = exists().where(
+        Job.study_id == Study.id,
+        Job.state.in_([JobState.QUEUED, JobState.RUNNING, JobState.FAILED]),
+    )
+    has_delivery = exists().where(Delivery.job_id == Job.id, Job.study_id == Study.id)
+    query = (
+        select(Study)
+        .where(
+            Study.state == StudyState.STABLE,
+            has_done,
+            ~job_open,
+            has_delivery,
+            ~_unconfirmed_delivery(),
+        )
+        .order_by(Study.last_received_at, Study.id)
+    )
+    return list(session.scalars(query))
+
+
+def purge_study(session: Session, study: Study, reason: str, now: datetime) -> Purge | None:
+    """Step 1: the study's rows go and a ``purges`` row lists its files, in the caller's
+    transaction. None when the study changed meanwhile and is no longer eligible."""
+    if study.id not in {s.id for s in eligible_studies(session)}:
+        return None
+    rows = session.execute(
+        select(Instance.path, Instance.size_bytes)
+        .join(Series, Series.id == Instance.series_id)
+        .where(Series.study_id == study.id)
+    ).all()
+    job_ids = list(session.scalars(select(Job.id).where(Job.study_id == study.id)))
+    result_size = session.scalar(
+        select(func.coalesce(func.sum(Result.size_bytes), 0)).where(Result.job_id.in_(job_ids))
+    )
+    purge = Purge(
+        study_uid=study.study_uid,
+        reason=reason,
+        instances=len(rows),
+        size_bytes=sum(int(size) for _, size in rows) + int(result_size or 0),
+        paths=json.dumps(
+            {"spool": [str(path) for path, _ in rows], "results": [str(j) for j in job_ids]}
+        ),
+        purged_at=now,
+    )
+    session.add(purge)
+    session.execute(delete(Study).where(Study.id == study.id))  # cascades to every child row
+    session.flush()
+    return purge
+
+
+def _remove_files(purge: Purge, spool_dir: Path, results_dir: Path, live: set[str]) -> None:
+    """Step 2: remove what the purge lists; a spool file a live row names again stays."""
+    paths = json.loads(purge.paths)
+    folders: set[Path] = set()
+    for relpath in paths.get("spool", []):
+        if relpath in live:
+            continue
+        path = spool_dir / relpath
+        path.unlink(missing_ok=True)
+        folders.update(path.parents)
+    for job in paths.get("results", []):
+        shutil.rmtree(results_dir / job, ignore_errors=True)
+    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        if folder != spool_dir and spool_dir in folder.parents:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty
+
+
+def finish_purges(catalog: Catalog, spool_dir: Path, results_dir: Path) -> int:
+    """Steps 2-3 for every purge whose files are not yet removed; how many were finished."""
+    with catalog.sessions() as session:
+        pending = list(session.scalars(select(Purge).where(Purge.files_removed_at.is_(None))))
+        if not pending:
+            return 0
+        live = set(session.scalars(select(Instance.path)))
+    for purge in pending:
+        _remove_files(purge, spool_dir, results_dir, live)
+        with catalog.sessions.begin() as session:
+            row = session.get(Purge, purge.id)
+            if row is not None:
+                row.files_removed_at = utcnow()
+    return len(pending)
+
+
+Recommit = Callable[[str, list[Reference]], dict[str, str]]
+"""(destination name, references) -> SOP Instance UID -> commitment state."""
+
+
+class Housekeeping:
+    """Retention and commitment follow-up, every ``housekeeping_interval_s``."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        settings: Settings,
+        *,
+        recommit: Recommit | None = None,
+        disk_usage: DiskUsage = disk_percent_used,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.catalog = catalog
+        self.options = settings.node
+        self.spool_dir = settings.node.spool_dir
+        self.results_dir = settings.node.data_dir / "results"
+        self.recommit = recommit
+        self.disk_usage = disk_usage
+        self.clock = clock
+        self._scheduler = BackgroundScheduler(timezone="UTC")
+
+    def start(self) -> None:
+        self._scheduler.add_job(
+            self.run_once,
+            "interval",
+            seconds=self.options.housekeeping_interval_s,
+            id="housekeeping",
+            coalesce=True,
+            max_instances=1,
+        )
+        self._scheduler.start()
+
+    def stop(self) -> None:
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=True)
+
+    def run_once(self) -> HousekeepingReport:
+        report = HousekeepingReport()
+        try:
+            report.finished = finish_purges(self.catalog, self.spool_dir, self.results_dir)
+            report.recommitted = self._recommit()
+            report.purged = self._retain()
+        except Exception:  # the schedule must outlive a bad moment of the database or disk
+            log.exception("housekeeping pass failed; trying again at the next one")
+        if report.purged or report.finished or report.recommitted:
+            log.info(
+                "housekeeping",
+                extra={
+                    "purged": len(report.purged),
+                    "finished": report.finished,
+                    "recommitted": report.recommitted,
+                },
+            )
+        return report
+
+    def _retain(self) -> list[str]:
+        days, percent = self.options.retention_days, self.options.retention_disk_percent
+        if not days and not percent:
+            return []
+        now = self.clock()
+        purged: list[str] = []
+        with self.catalog.sessions() as session:
+            candidates = [
+                (s.id, s.study_uid, s.last_received_at) for s in eligible_studies(session)
+            ]
+        for study_id, study_uid, last in candidates:
+            if days and last <= now - timedelta(days=days):
+                reason = REASON_DAYS
+            elif percent and self.disk_usage(self.options.data_dir) > percent:
+                reason = REASON_DISK
+            else:
+                continue
+            if self._purge(study_id, reason, now):
+                purged.append(study_uid)
+        return purged
+
+    def _purge(self, study_id: int, reason: str, now: datetime) -> bool:
+        with self.catalog.sessions.begin() as session:
+            study = session.get(Study, study_id)
+            purge = purge_study(session, study, reason, now) if study is not None else None
+        if purge is None:
+            return False
+        finish_purges(self.catalog, self.spool_dir, self.results_dir)
+        return True
+
+    def _recommit(self) -> int:
+        """Ask again for commitment of delivered rows still ``requested``."""
+        if self.recommit is None:
+            return 0
+        with self.catalog.sessions() as session:
+            rows = session.execute(
+                select(
+                    Delivery.id, Delivery.destination, Result.sop_class_uid, Result.sop_instance_uid
+                )
+                .join(Result, Result.id == Delivery.result_id)
+                .where(
+                    Delivery.state == DeliveryState.DELIVERED,
+                    Delivery.commitment == Commitment.REQUESTED.value,
+                )
+            ).all()
+        by_destination: dict[str, list[tuple[int, Reference]]] = {}
+        for delivery_id, destination, sop_class, sop_uid in rows:
+            if sop_class and sop_uid:
+                by_destination.setdefault(destination, []).append(
+                    (delivery_id, Reference(sop_class, sop_uid))
+                )
+        confirmed = 0
+        for destination, items in by_destination.items():
+            states = self.recommit(destination, [ref for _, ref in items])
+            now = self.clock()
+            with self.catalog.sessions.begin() as session:
+                for delivery_id, ref in items:
+                    state = states.get(ref.sop_instance_uid)
+                    row = session.get(Delivery, delivery_id)
+                    if row is None or state is None or state == Commitment.REQUESTED.value:
+                        continue
+                    if state == Commitment.FAILED.value:
+                        row.state = DeliveryState.PENDING  # sent again, then committed again
+                        row.next_attempt_at = now
+                        row.last_error = "storage commitment failed"
+                    else:
+                        confirmed += 1
+                        row.committed_at = now
+                    row.commitment = state
+                    row.updated_at = now
+        return confirmed

@@ -1,0 +1,236 @@
+"""Retention: which studies may go (every delivery confirmed, commitment where offered), the
+order of removal (rows first, files after), a crash between the two, and the disk watermark."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select, update
+
+from pacs_node.catalog.db import Catalog, open_catalog
+from pacs_node.catalog.deliveries import create_deliveries
+from pacs_node.catalog.jobs import queue_job
+from pacs_node.catalog.models import (
+    Delivery,
+    DeliveryState,
+    Instance,
+    Job,
+    JobState,
+    Purge,
+    Study,
+    StudyState,
+    utcnow,
+)
+from pacs_node.catalog.results import StoredEncoding, add_result_rows, write_files
+from pacs_node.config import NodeOptions, Settings
+from pacs_node.dispatch.commitment import Reference
+from pacs_node.housekeeping import Housekeeping, eligible_studies, finish_purges, purge_study
+from pacs_node.ingest.reconcile import reconcile
+from pacs_node.ingest.recorder import CatalogRecorder
+from pacs_node.ingest.spool import Spool
+from tests.catalog_factory import ingest
+from tests.dicom_factory import write_series
+
+SEG = "1.2.840.10008.5.1.4.1.1.66.4"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+
+
+@dataclass
+class Node:
+    catalog: Catalog
+    data: Path
+
+    @property
+    def spool(self) -> Path:
+        return self.data / "spool"
+
+    @property
+    def results(self) -> Path:
+        return self.data / "results"
+
+    def settings(self, **options: float) -> Settings:
+        return Settings(node=NodeOptions(data_dir=self.data, fsync=False, **options))
+
+    def study(
+        self, tmp: Path, name: str, commitment: str | None, state: DeliveryState, age_days: float
+    ) -> str:
+        """A processed study: stable, one job done, one result file, one delivery."""
+        paths = write_series(tmp / name, slices=3, rows=16, columns=16)
+        study_id, study_uid, series = ingest(self.catalog, self.spool, paths)
+        last = utcnow() - timedelta(days=age_days)
+        item = StoredEncoding("seg", SEG, f"{study_uid}.9", None, EXPLICIT_LE, b"seg")
+        with self.catalog.sessions.begin() as session:
+            session.execute(
+                update(Study)
+                .where(Study.id == study_id)
+                .values(state=StudyState.STABLE, last_received_at=last, stable_at=last)
+            )
+            job_id = queue_job(session, study_id, "m", series, {"seg": ["PACS"]})
+            session.execute(update(Job).where(Job.id == job_id).values(state=JobState.DONE))
+            relpaths = write_files(self.results, f"{job_id}/1", [item], fsync=False)
+            results = add_result_rows(session, job_id, [item], relpaths)
+            create_deliveries(session, job_id, results, {"seg": ["PACS"]})
+            session.execute(
+                update(Delivery)
+                .where(Delivery.job_id == job_id)
+                .values(state=state, commitment=commitment)
+            )
+        return study_uid
+
+    def study_uids(self) -> set[str]:
+        with self.catalog.sessions() as session:
+            return set(session.scalars(select(Study.study_uid)))
+
+    def spool_files(self, study_uid: str) -> list[Path]:
+        return list((self.spool / study_uid).rglob("*.dcm"))
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    data = tmp_path / "var"
+    catalog = open_catalog(f"sqlite:///{data / 'catalog.sqlite'}")
+    Spool(data / "spool")
+    try:
+        yield Node(catalog, data)
+    finally:
+        catalog.dispose()
+
+
+@pytest.mark.parametrize(
+    ("commitment", "state", "eligible"),
+    [
+        (None, DeliveryState.DELIVERED, True),  # STOW-RS, FHIR, or commitment switched off
+        ("unsupported", DeliveryState.DELIVERED, True),  # the C-STORE success confirms
+        ("committed", DeliveryState.DELIVERED, True),
+        ("requested", DeliveryState.DELIVERED, False),  # stored, not yet committed
+        (None, DeliveryState.PENDING, False),
+        (None, DeliveryState.HELD, False),  # results wait in the node
+        (None, DeliveryState.DEAD, False),
+    ],
+)
+def test_only_confirmed_deliveries_make_a_study_eligible(
+    node: Node, tmp_path: Path, commitment: str | None, state: DeliveryState, eligible: bool
+) -> None:
+    study_uid = node.study(tmp_path, "s", commitment, state, age_days=30)
+    with node.catalog.sessions() as session:
+        found = [s.study_uid for s in eligible_studies(session)]
+    assert found == ([study_uid] if eligible else [])
+
+
+def test_unprocessed_and_failed_studies_are_kept(node: Node, tmp_path: Path) -> None:
+    paths = write_series(tmp_path / "unrouted", slices=2, rows=16, columns=16)
+    ingest(node.catalog, node.spool, paths)  # no job, no delivery
+    failed = node.study(tmp_path, "f", None, DeliveryState.DELIVERED, age_days=30)
+    with node.catalog.sessions.begin() as session:
+        study_id = session.scalar(select(Study.id).where(Study.study_uid == failed))
+        assert study_id is not None
+        queue_job(session, study_id, "other", [], {})
+        session.execute(update(Job).where(Job.state == JobState.QUEUED).values(state="failed"))
+    report = Housekeeping(node.catalog, node.settings(retention_days=1)).run_once()
+    assert report.purged == []
+    assert len(node.study_uids()) == 2
+
+
+def test_retention_days_removes_rows_then_files(node: Node, tmp_path: Path) -> None:
+    old = node.study(tmp_path, "old", "committed", DeliveryState.DELIVERED, age_days=10)
+    new = node.study(tmp_path, "new", "committed", DeliveryState.DELIVERED, age_days=1)
+    report = Housekeeping(node.catalog, node.settings(retention_days=7)).run_once()
+    assert report.purged == [old]
+    assert node.study_uids() == {new}
+    assert node.spool_files(old) == []
+    assert not (node.spool / old).exists()
+    assert len(node.spool_files(new)) == 3
+    with node.catalog.sessions() as session:
+        (purge,) = session.scalars(select(Purge))
+        assert (purge.study_uid, purge.reason, purge.instances) == (old, "retention_days", 3)
+        assert purge.files_removed_at is not None
+        jobs = json.loads(purge.paths)["results"]
+        assert session.scalar(select(func.count(Delivery.id))) == 1  # the new study's
+    assert not (node.results / jobs[0]).exists()
+
+
+def test_a_crash_between_rows_and_files_neither_dangles_nor_resurrects(
+    node: Node, tmp_path: Path
+) -> None:
+    study_uid = node.study(tmp_path, "s", None, DeliveryState.DELIVERED, age_days=30)
+    with node.catalog.sessions.begin() as session:
+        study = session.scalars(select(Study)).one()
+        assert purge_study(session, study, "retention_days", utcnow()) is not None
+    # the process dies here: rows gone, files still on disk; no row names a missing file
+    assert len(node.spool_files(study_uid)) == 3
+    with node.catalog.sessions() as session:
+        assert all((node.spool / p).exists() for p in session.scalars(select(Instance.path)))
+    # restart, in the node's order: unfinished removals first, then reconciliation
+    spool = Spool(node.spool)
+    assert finish_purges(node.catalog, node.spool, node.results) == 1
+    assert reconcile(spool, CatalogRecorder(node.catalog, spool)) == 0
+    assert node.study_uids() == set()
+    assert node.spool_files(study_uid) == []
+    assert finish_purges(node.catalog, node.spool, node.results) == 0
+
+
+def test_a_file_received_again_before_removal_is_kept(node: Node, tmp_path: Path) -> None:
+    study_uid = node.study(tmp_path, "s", None, DeliveryState.DELIVERED, age_days=30)
+    with node.catalog.sessions.begin() as session:
+        study = session.scalars(select(Study)).one()
+        purge_study(session, study, "retention_days", utcnow())
+    spool = Spool(node.spool)
+    reconcile(spool, CatalogRecorder(node.catalog, spool))  # the study arrives again first
+    finish_purges(node.catalog, node.spool, node.results)
+    assert len(node.spool_files(study_uid)) == 3  # rows name them again: kept
+    with node.catalog.sessions() as session:
+        assert all((node.spool / p).exists() for p in session.scalars(select(Instance.path)))
+
+
+def test_disk_watermark_removes_oldest_first_until_below(node: Node, tmp_path: Path) -> None:
+    ages = {"a": 3.0, "b": 2.0, "c": 1.0}
+    uids = {
+        k: node.study(tmp_path, k, None, DeliveryState.DELIVERED, age_days=v)
+        for k, v in ages.items()
+    }
+    usage = iter([95.0, 91.0, 80.0])  # one reading per candidate
+    housekeeping = Housekeeping(
+        node.catalog,
+        node.settings(retention_disk_percent=90),
+        disk_usage=lambda _path: next(usage),
+    )
+    assert housekeeping.run_once().purged == [uids["a"], uids["b"]]
+    assert node.study_uids() == {uids["c"]}
+
+
+def test_requested_commitment_is_asked_again_then_the_study_may_go(
+    node: Node, tmp_path: Path
+) -> None:
+    study_uid = node.study(tmp_path, "s", "requested", DeliveryState.DELIVERED, age_days=30)
+    asked: list[tuple[str, list[Reference]]] = []
+
+    def recommit(name: str, refs: list[Reference]) -> dict[str, str]:
+        asked.append((name, refs))
+        return {ref.sop_instance_uid: "committed" for ref in refs}
+
+    report = Housekeeping(
+        node.catalog, node.settings(retention_days=1), recommit=recommit
+    ).run_once()
+    assert [name for name, _ in asked] == ["PACS"]
+    assert asked[0][1][0].sop_class_uid == SEG
+    assert report.recommitted == 1
+    assert report.purged == [study_uid]
+
+
+def test_a_failed_commitment_sends_the_result_again(node: Node, tmp_path: Path) -> None:
+    node.study(tmp_path, "s", "requested", DeliveryState.DELIVERED, age_days=30)
+    report = Housekeeping(
+        node.catalog,
+        node.settings(retention_days=1),
+        recommit=lambda _n, refs: {r.sop_instance_uid: "failed" for r in refs},
+    ).run_once()
+    assert report.purged == []
+    with node.catalog.sessions() as session:
+        delivery = session.scalars(select(Delivery)).one()
+        assert (delivery.state, delivery.commitment) == (DeliveryState.PENDING, "failed")
+        assert isinstance(delivery.next_attempt_at, datetime)
