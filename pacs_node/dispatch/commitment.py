@@ -11,8 +11,9 @@ same association for a short while:
 - no report in time: ``requested``, asked again later (housekeeping) on a new association;
   nothing of the study is removed meanwhile.
 
-A destination that refuses the SOP class does not offer commitment: ``unsupported``, and the
-C-STORE success is the confirmation. A report sent on a separate association (an SCP acting
+A destination that refuses the SOP class, or answers the N-ACTION with a failure status, does
+not offer commitment to this node: ``unsupported``, and the C-STORE success is the
+confirmation. A report sent on a separate association (an SCP acting
 as association requestor) is not taken yet: such a destination is configured with
 ``storage_commitment: false``.
 """
@@ -133,8 +134,10 @@ def request_commitment(
         return CommitmentAnswer("", dict.fromkeys(uids, Commitment.REQUESTED))
     code = int(getattr(status, "Status", -1)) if status else -1
     if code != 0x0000:
+        # The peer has the SOP class but will not commit for us (an AE it does not know, say):
+        # it does not offer commitment to this node, and the C-STORE success is what we have.
         log.warning("storage commitment refused", extra={"status": f"0x{code:04X}"})
-        return CommitmentAnswer("", dict.fromkeys(uids, Commitment.REQUESTED))
+        return CommitmentAnswer("", dict.fromkeys(uids, Commitment.UNSUPPORTED))
     report = reports.wait(transaction_uid, wait_s)
     if report is None:
         return requested
