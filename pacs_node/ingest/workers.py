@@ -111,12 +111,7 @@ class SCPWorkers:
         self.settings = settings
         self.sink = sink
         self.count = count
-        options = settings.node
-        family = socket.AF_INET6 if ":" in options.dicom_host else socket.AF_INET
-        self.listening = socket.socket(family, socket.SOCK_STREAM)
-        self.listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listening.bind((options.dicom_host, options.dicom_port))
-        self.listening.listen(128)
+        self.listening: socket.socket | None = None
         self._context = multiprocessing.get_context("spawn")
         self._queue: SimpleQueue[Any] = self._context.SimpleQueue()
         self._processes: list[SpawnProcess] = []
@@ -125,9 +120,19 @@ class SCPWorkers:
 
     @property
     def port(self) -> int:
+        if self.listening is None:
+            raise RuntimeError("the SCP is not running")
         return int(self.listening.getsockname()[1])
 
     def start(self) -> None:
+        """Bind the DICOM port (the node's last start step: once it answers, every earlier
+        instance is in the catalog) and spawn the workers that accept on it."""
+        options = self.settings.node
+        family = socket.AF_INET6 if ":" in options.dicom_host else socket.AF_INET
+        self.listening = socket.socket(family, socket.SOCK_STREAM)
+        self.listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listening.bind((options.dicom_host, options.dicom_port))
+        self.listening.listen(128)
         self._processes = [self._spawn() for _ in range(self.count)]
         for target, name in ((self._pump, "scp-pump"), (self._supervise, "scp-supervisor")):
             thread = threading.Thread(target=target, name=name, daemon=True)
@@ -190,4 +195,5 @@ class SCPWorkers:
         self._queue.put(None)
         for thread in self._threads:
             thread.join(10)
-        self.listening.close()
+        if self.listening is not None:
+            self.listening.close()
