@@ -5,10 +5,10 @@ PY := $(VENV)/bin/python
 PIP := PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(PY) -m pip
 WHEELS := $(wildcard /opt/wheels)
 FIND_LINKS := $(if $(WHEELS),--find-links $(WHEELS),)
-APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb
+APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb chromium chromium-driver
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench apt venv clean
+.PHONY: run test lint bench apt venv viewer clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -26,6 +26,8 @@ apt:
 	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
 	command -v Orthanc >/dev/null || missing="$$missing orthanc"; \
 	test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so || missing="$$missing orthanc-dicomweb"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
@@ -35,16 +37,20 @@ apt:
 run: $(STAMP)
 	$(VENV)/bin/pacs-node serve
 
-test: apt $(STAMP)
+# OHIF (the radiologists' viewer in the browser test), unpacked once under .cache/
+viewer:
+	bash tests/viewer/setup.sh
+
+test: apt viewer $(STAMP)
 	$(VENV)/bin/pytest
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check pacs_node tests bench
-	$(VENV)/bin/ruff format --check pacs_node tests bench
+	$(VENV)/bin/ruff check pacs_node models tests bench
+	$(VENV)/bin/ruff format --check pacs_node models tests bench
 	$(VENV)/bin/mypy
 
 bench: apt $(STAMP)
 	$(PY) bench/ingest.py
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) var .cache .pytest_cache .mypy_cache .ruff_cache
