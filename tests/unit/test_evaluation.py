@@ -12,6 +12,9 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pytest
+from phantom.anatomy import LABEL_VALUE
+from phantom.render import TRAINING, render_ct
+from phantom.writers import write_decathlon, write_dicom
 from pydicom import dcmread
 from pydicom.sr.codedict import codes
 
@@ -19,9 +22,6 @@ from pacs_node.evaluation.metrics import label_metrics
 from pacs_node.evaluation.report import evaluate, summarise
 from pacs_node.inference.registry import Registry
 from pacs_node.inference.runner import Runner
-from phantom.anatomy import LABEL_VALUE
-from phantom.render import TRAINING, render_ct
-from phantom.writers import write_decathlon, write_dicom
 from tests.conftest import PACS_NODE
 
 TINY = {
@@ -83,12 +83,16 @@ def test_metrics_against_hand_counts() -> None:
     m = label_metrics(pred, truth, (1.0, 0.5, 0.5))
     assert m.dice == pytest.approx(0.5)
     assert m.iou == pytest.approx(8 / 24)
-    assert m.precision == pytest.approx(0.5) and m.recall == pytest.approx(0.5)
+    assert m.precision == pytest.approx(0.5)
+    assert m.recall == pytest.approx(0.5)
     assert m.volume_error_pct == pytest.approx(0.0)
     assert m.hd95_mm == pytest.approx(1.0)  # two columns of 0.5 mm
     empty = label_metrics(np.zeros_like(truth), truth, (1.0, 1.0, 1.0))
-    assert empty.dice == 0.0 and empty.hd95_mm is None and empty.asd_mm is None
-    assert empty.precision is None and empty.volume_error_pct == pytest.approx(-100.0)
+    assert empty.dice == 0.0
+    assert empty.hd95_mm is None
+    assert empty.asd_mm is None
+    assert empty.precision is None
+    assert empty.volume_error_pct == pytest.approx(-100.0)
 
 
 def test_summary_counts_missing_hd95() -> None:

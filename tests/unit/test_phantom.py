@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from pacs_node.evaluation.groundtruth import volume_from_nifti
-from pacs_node.imaging.volume import VolumeKind, load_series
 from phantom.anatomy import LABEL_VALUE
 from phantom.render import TRAINING, Ranges, render, render_ct, render_mr, render_xr
 from phantom.writers import write_decathlon, write_dicom
+
+from pacs_node.evaluation.groundtruth import volume_from_nifti
+from pacs_node.imaging.volume import VolumeKind, load_series
 
 FAST = replace(TRAINING, pixel_mm=(3.0, 3.5), coverage_mm=(300.0, 320.0), thickness_mm=(4.0, 5.0))
 
@@ -70,7 +70,8 @@ def test_mr_and_radiograph_render_the_same_anatomy() -> None:
     lung_like = np.median(mr.image[mr.labels == LABEL_VALUE["lung_left"]])
     assert lung_like < fat_like
     xr = render_xr(31)
-    assert xr.image.shape[0] == 1 and xr.labels.shape == xr.image.shape
+    assert xr.image.shape[0] == 1
+    assert xr.labels.shape == xr.image.shape
     assert set(np.unique(xr.labels)) == {0, 1, 2}
     # lungs are dark on a radiograph (less attenuation than the mediastinum and the spine)
     lungs = xr.labels[0] > 0
