@@ -338,6 +338,9 @@ def train(
         Path | None, typer.Option("--out", help="Bundle folder (default: models/<name>).")
     ] = None,
     workers: Annotated[int, typer.Option(help="Processes rendering phantom cases.")] = 1,
+    init: Annotated[
+        Path | None, typer.Option("--init", help="Start from these weights (a model.pt).")
+    ] = None,
 ) -> None:
     """Train a model on phantoms from a recipe and write it as a bundle with its model card."""
     from pacs_node.training.bundle import write_bundle
@@ -365,8 +368,13 @@ def train(
                 tasks[stage] = progress.add_task(stage, total=total, note="")
             progress.update(tasks[stage], completed=done, note=note)
 
-        result = run_training(recipe, report, workers=workers)
-    write_bundle(recipe, result, root, card="")
+        result = run_training(recipe, report, workers=workers, init=init)
+    commands = [" ".join(["pacs-node", *sys.argv[1:]])]
+    stage = init.parent.parent / "configs" / "metadata.json" if init is not None else None
+    if stage is not None and stage.is_file():  # weights of an earlier stage: its commands first
+        earlier = json.loads(stage.read_text(encoding="utf-8"))["pacs_node"]["training"]
+        commands = [*earlier.get("commands", []), *commands]
+    write_bundle(recipe, result, root, card="", commands=commands)
     refresh_card(root)
     err.print(
         f"wrote {root}: validation Dice {result.best_val_dice:.3f} (epoch {result.best_epoch} "

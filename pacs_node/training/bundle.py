@@ -90,6 +90,7 @@ def metadata(recipe: Recipe, result: TrainingResult) -> dict[str, Any]:
             "training": {
                 "recipe": recipe.model_dump(mode="json"),
                 "schedule": SCHEDULE,
+                "initialised_from": result.init,
                 "best_epoch": result.best_epoch,
                 "epochs_run": result.epochs_run,
                 "val_dice": round(result.best_val_dice, 4),
@@ -145,12 +146,17 @@ def inference_config(recipe: Recipe) -> dict[str, Any]:
     }
 
 
-def write_bundle(recipe: Recipe, result: TrainingResult, root: Path, card: str) -> Path:
-    """Write configs/, models/model.pt and docs/README.md under ``root``."""
+def write_bundle(
+    recipe: Recipe, result: TrainingResult, root: Path, card: str, commands: list[str]
+) -> Path:
+    """Write configs/, models/model.pt and docs/README.md under ``root``; ``commands`` are the
+    command lines that produced the weights (earlier stages first)."""
     (root / "configs").mkdir(parents=True, exist_ok=True)
     (root / "models").mkdir(exist_ok=True)
     (root / "docs").mkdir(exist_ok=True)
-    meta = json.dumps(metadata(recipe, result), indent=2) + "\n"
+    data = metadata(recipe, result)
+    data["pacs_node"]["training"]["commands"] = commands
+    meta = json.dumps(data, indent=2) + "\n"
     (root / "configs" / "metadata.json").write_text(meta, encoding="utf-8")
     infer = json.dumps(inference_config(recipe), indent=2) + "\n"
     (root / "configs" / "inference.json").write_text(infer, encoding="utf-8")

@@ -83,13 +83,15 @@ def render_card(root: Path) -> str:
             f"Dice {training['val_dice']}) in {training['minutes']} min on {training['machine']}."
         ),
         "",
+        *(
+            [f"- Started from the weights of `{training['initialised_from']}` (see below).", ""]
+            if training.get("initialised_from")
+            else []
+        ),
         "Retrain (same seeds, same result up to thread scheduling):",
         "",
         "```",
-        (
-            f"pacs-node train models/recipes/{meta['name']}.yaml --out models/{meta['name']} "
-            "--workers 2"
-        ),
+        *training.get("commands", [f"pacs-node train models/recipes/{meta['name']}.yaml"]),
         "```",
         "",
         "## Held-out evaluation",
@@ -133,3 +135,30 @@ def render_card(root: Path) -> str:
 def refresh_card(root: Path) -> None:
     """Rewrite docs/README.md from the bundle's own files."""
     (root / "docs" / "README.md").write_text(render_card(root), encoding="utf-8")
+
+
+def overview(roots: list[Path]) -> str:
+    """One table over built-in models: mean Dice per label on each saved evaluation set
+    (held-out first), for the README."""
+    lines: list[str] = []
+    for root in roots:
+        folder = root / EVAL_DIR
+        if not folder.is_dir():
+            continue
+        found = sorted(
+            folder.glob(f"*/{METRICS}"), key=lambda p: (p.parent.name != "heldout", p.parent.name)
+        )
+        reports = [(p.parent.name, json.loads(p.read_text(encoding="utf-8"))) for p in found]
+        if not reports:
+            continue
+        sets = [f"{name} ({r['cases']})" for name, r in reports]
+        lines += [f"`{root.name}`, mean Dice (cases):", "", "| label | " + " | ".join(sets) + " |"]
+        lines.append("|---" * (len(sets) + 1) + "|")
+        for label in reports[0][1]["summary"]:
+            cells = [
+                f"{r['summary'][label]['dice_mean']:.3f}" if label in r["summary"] else ""
+                for _, r in reports
+            ]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,7 @@ class TrainingResult:
     cases: int
     parameters: int
     history: list[dict[str, float]] = field(default_factory=list)
+    init: str | None = None  # weights the run started from
     state_dict: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
 
@@ -204,8 +206,23 @@ def learning_rate(
     return recipe.learning_rate * (0.02 + 0.98 * 0.5 * (1 + float(np.cos(np.pi * progress))))
 
 
-def train(recipe: Recipe, progress: Progress, *, workers: int = 1) -> TrainingResult:
-    """Train the recipe's network; returns the best weights (by mean validation Dice)."""
+def warm_start(network: torch.nn.Module, weights: Path) -> list[str]:
+    """Copy every tensor of ``weights`` whose name and shape match the network (a finished
+    stage, or a model with other output labels: its last layer is left as initialised).
+    Returns the names left out."""
+    state = torch.load(str(weights), map_location="cpu", weights_only=True)
+    own = network.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    own.update(usable)
+    network.load_state_dict(own)
+    return sorted(set(own) - set(usable))
+
+
+def train(
+    recipe: Recipe, progress: Progress, *, workers: int = 1, init: Path | None = None
+) -> TrainingResult:
+    """Train the recipe's network (from ``init`` weights when given); returns the best
+    weights (by mean validation Dice)."""
     from monai.losses.dice import DiceCELoss
 
     started = time.perf_counter()
@@ -216,6 +233,9 @@ def train(recipe: Recipe, progress: Progress, *, workers: int = 1) -> TrainingRe
     training = render_samples(train_seeds, recipe, progress, "render training cases", workers)
     validation = render_samples(val_seeds, recipe, progress, "render validation cases", workers)
     network = build_network(recipe)
+    if init is not None:
+        skipped = warm_start(network, init)
+        log.info("warm start", extra={"weights": str(init), "skipped": len(skipped)})
     parameters = sum(p.numel() for p in network.parameters())
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
     optimiser = torch.optim.AdamW(network.parameters(), lr=recipe.learning_rate, weight_decay=1e-5)
@@ -274,5 +294,6 @@ def train(recipe: Recipe, progress: Progress, *, workers: int = 1) -> TrainingRe
         cases=len(training),
         parameters=parameters,
         history=history,
+        init=None if init is None else str(init),
         state_dict=best_state,
     )
