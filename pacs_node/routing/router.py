@@ -16,7 +16,16 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from pacs_node.catalog.db import Catalog
-from pacs_node.catalog.models import Job, JobState, RouteOutcome, Study, StudyState, utcnow
+from pacs_node.catalog.models import (
+    Instance,
+    Job,
+    JobState,
+    RouteOutcome,
+    Series,
+    Study,
+    StudyState,
+    utcnow,
+)
 from pacs_node.catalog.studies import add_event
 from pacs_node.config import ROUTES_FILE, Settings
 from pacs_node.dispatch.destinations import SOURCE
@@ -24,7 +33,7 @@ from pacs_node.errors import ConfigError
 from pacs_node.inference.registry import Registry
 from pacs_node.ingest.spool import Spool
 from pacs_node.routing.facts import study_facts
-from pacs_node.routing.rules import OnChange, RoutesFile, RuleVerdict, route
+from pacs_node.routing.rules import OnChange, RoutesFile, RuleVerdict, SeriesFacts, route
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +125,11 @@ class Router:
         jobs: list[Job] = []
         if facts and all(f.produced_by_node for f in facts):
             outcome = RouteOutcome.OWN_OUTPUT
+        elif self._only_own_output_since_routed(session, study, facts):
+            # A PACS forwarded our results back into the study: not a change worth a new job.
+            add_event(session, study.id, "own output returned", now)
+            study.routed_at = now
+            return study.route_outcome or RouteOutcome.ROUTED, []
         else:
             verdicts = route(self.routes, facts)
             matched = [v for v in verdicts if v.matched]
@@ -142,3 +156,21 @@ class Router:
         study.route_outcome = outcome
         study.routed_at = now
         return outcome, jobs
+
+    @staticmethod
+    def _only_own_output_since_routed(
+        session: Session, study: Study, facts: Sequence[SeriesFacts]
+    ) -> bool:
+        """True when the study was routed before and every instance received since then
+        belongs to a series this node produced."""
+        if study.routed_at is None:
+            return False
+        changed = set(
+            session.scalars(
+                select(Series.series_uid)
+                .join(Instance, Instance.series_id == Series.id)
+                .where(Series.study_id == study.id, Instance.received_at > study.routed_at)
+            )
+        )
+        ours = {f.series_uid for f in facts if f.produced_by_node}
+        return bool(changed) and changed <= ours

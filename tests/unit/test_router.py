@@ -162,18 +162,7 @@ def test_unknown_modality_is_unrouted_and_explained(catalog: Catalog, tmp_path: 
 
 def test_objects_the_node_produced_are_never_routed(catalog: Catalog, tmp_path: Path) -> None:
     study = new_uid()
-    paths = write_series(tmp_path / "ours", slices=20, study_uid=study)
-    for path in paths:
-        ds = pydicom.dcmread(path)
-        item = Dataset()
-        item.Manufacturer = "pacs-node"
-        purpose = Dataset()
-        purpose.CodeValue = "Newcode1"
-        purpose.CodingSchemeDesignator = "99IHE"
-        purpose.CodeMeaning = "Processing Algorithm"
-        item.PurposeOfReferenceCodeSequence = [purpose]
-        ds.ContributingEquipmentSequence = [item]
-        ds.save_as(path)
+    paths = _ours(write_series(tmp_path / "ours", slices=20, study_uid=study))
     spool = Spool(tmp_path / "spool")
     _spool_and_record(catalog, spool, paths)
     Router(catalog, spool, ROUTES).on_stable(study)
@@ -203,3 +192,37 @@ def test_a_route_to_a_missing_model_stops_the_node_at_start(tmp_path: Path) -> N
     assert caught.value.source == str(tmp_path / "routes.yaml")
     assert caught.value.key == "rules[0].models"
     assert "'ct-torso-organs' is not installed" in caught.value.reason
+
+
+def _ours(paths: list[Path]) -> list[Path]:
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        item = Dataset()
+        item.Manufacturer = "pacs-node"
+        purpose = Dataset()
+        purpose.CodeValue = "Newcode1"
+        purpose.CodingSchemeDesignator = "99IHE"
+        purpose.CodeMeaning = "Processing Algorithm"
+        item.PurposeOfReferenceCodeSequence = [purpose]
+        ds.ContributingEquipmentSequence = [item]
+        ds.save_as(path)
+    return paths
+
+
+def test_results_forwarded_back_start_no_second_job(catalog: Catalog, tmp_path: Path) -> None:
+    study = new_uid()
+    spool = Spool(tmp_path / "spool")
+    _spool_and_record(catalog, spool, write_series(tmp_path / "ct", slices=12, study_uid=study))
+    router = Router(catalog, spool, ROUTES)
+    router.on_stable(study)
+    assert len(_jobs(catalog)) == 2
+    # A PACS sends our own results back into the study: no new job.
+    returned = _ours(write_series(tmp_path / "seg", slices=1, study_uid=study, series_number=9))
+    _spool_and_record(catalog, spool, returned)
+    router.on_stable(study)
+    assert len(_jobs(catalog)) == 2
+    # A real change (a new series from the scanner) is processed again.
+    late = write_series(tmp_path / "late", slices=12, study_uid=study, series_number=4)
+    _spool_and_record(catalog, spool, late)
+    router.on_stable(study)
+    assert len(_jobs(catalog)) == 4
