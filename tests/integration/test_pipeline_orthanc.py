@@ -6,6 +6,7 @@ arrives exactly once."""
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -213,3 +214,89 @@ def test_sigkill_during_a_job_loses_nothing_and_duplicates_nothing(
     assert len(deliveries) == len({d["sop_instance_uid"] for d in deliveries})  # one set, once
     _check_in_orthanc(orthanc, study_uid, deliveries)
     assert orthanc.get("/statistics")["CountInstances"] == len(deliveries)
+
+
+ROUTES_TO_ORTHANC = """
+rules:
+  - name: ct-body
+    when:
+      modality: CT
+      slices: {min: 10}
+    models: [ct-classical]
+    send: {seg: [ORTHANC], sr: [ORTHANC], gsps: [ORTHANC], key_images: [ORTHANC], pdf: [ORTHANC]}
+"""
+
+
+def test_a_scanner_study_is_routed_and_results_forwarded_back_start_no_second_job(
+    tmp_path: Path, make_node: Callable[..., NodeProcess], orthancs: list[OrthancProcess]
+) -> None:
+    orthanc_port = free_port()
+    node = make_node(
+        start=False,
+        peers=[
+            {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc_port},
+            {"ae_title": "STORESCU", "host": "127.0.0.1"},
+        ],
+        models_dir=str(ROOT / "models"),
+        job_workers=1,
+        quiet_period_s=2.0,
+    )
+    node.config_dir.mkdir(parents=True, exist_ok=True)
+    (node.config_dir / "routes.yaml").write_text(ROUTES_TO_ORTHANC)
+    node.start()
+    orthanc = OrthancProcess(
+        tmp_path / "orthanc",
+        free_port(),
+        orthanc_port,
+        modalities={"node": [node.ae_title, "127.0.0.1", node.port]},
+    ).start()
+    orthancs.append(orthanc)
+
+    paths = write_series(tmp_path / "ct", slices=16, rows=64, columns=64, spacing=(5, 5, 5))
+    study_uid = str(dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
+    assert storescu(node, *paths).returncode == 0  # the scanner
+    wait_for(lambda: _json(node, "jobs"), 30, interval=0.5, what="routing after the quiet period")
+    job = wait_for(lambda: _job_done(node), 180, interval=0.5, what="the routed job")
+    assert job["rule"] == "ct-body"
+    assert job["model"] == "ct-classical"
+    assert "infer_s" in job["timings"]
+
+    def delivered() -> list[dict[str, Any]] | None:
+        rows = _json(node, "deliveries")
+        return (
+            rows
+            if len(rows) == len(KINDS) and all(d["state"] == "delivered" for d in rows)
+            else None
+        )
+
+    deliveries = wait_for(delivered, 60, interval=0.5, what="every delivery")
+    _check_in_orthanc(orthanc, study_uid, deliveries)
+    (study,) = node.studies()
+    assert study["status"] == "done"
+
+    # Orthanc forwards the whole study, our results included, back to the node.
+    (orthanc_study,) = orthanc.get("/studies")
+    orthanc.post("/modalities/node/store", json={"Resources": [orthanc_study], "Synchronous": True})
+    total = 16 + len(deliveries)
+    wait_for(lambda: _received(node, study_uid, total), 60, what="the results in the node")
+    wait_for(
+        lambda: (
+            any("own output returned" in line for line in node.log_text().splitlines())
+            or _study_events(node, study_uid, "own output returned")
+        ),
+        30,
+        what="the study to settle again",
+    )
+    assert len(_json(node, "jobs")) == 1  # no second job
+    (study,) = node.studies()
+    assert study["status"] == "done"
+
+
+def _study_events(node: NodeProcess, study_uid: str, kind: str) -> bool:
+    with sqlite3.connect(node.data_dir / "catalog.sqlite") as db:
+        row = db.execute(
+            "select count(*) from study_events e join studies s on s.id = e.study_id "
+            "where s.study_uid = ? and e.kind = ?",
+            (study_uid, kind),
+        ).fetchone()
+    return bool(row[0])
