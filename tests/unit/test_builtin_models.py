@@ -22,7 +22,14 @@ CHECKS = {
     "ct-torso-organs": (
         "CT",
         5000,
-        {"body": 0.9, "lung_left": 0.9, "lung_right": 0.9, "liver": 0.85, "spine": 0.75},
+        {
+            "body": 0.9,
+            "lung_left": 0.9,
+            "lung_right": 0.9,
+            "liver": 0.8,
+            "heart": 0.85,
+            "spine": 0.8,
+        },
     ),
     "mr-torso-organs": ("MR", 6000, {"body": 0.85, "lung_left": 0.85, "liver": 0.8}),
 }
