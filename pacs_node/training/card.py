@@ -68,8 +68,9 @@ def render_card(root: Path) -> str:
         (
             f"- Procedural phantoms (`models/phantom`), {recipe['modality']}, training seeds "
             f"{recipe['train_seeds'][0]}..{recipe['train_seeds'][1] - 1}, validation seeds "
-            f"{recipe['val_seeds'][0]}..{recipe['val_seeds'][1] - 1}; phantom ranges: the modality's training ranges "
-            f"of `phantom.render.TRAINING` with {recipe['phantom'] or 'no overrides'}."
+            f"{recipe['val_seeds'][0]}..{recipe['val_seeds'][1] - 1}; phantom ranges: the "
+            f"modality's training ranges (`phantom.render.DEFAULTS`) with "
+            f"{recipe['phantom'] or 'no overrides'}."
         ),
         f"- Augmentation: {recipe['augmentation']}.",
         (
