@@ -57,16 +57,14 @@ import json
 import os
 import platform
 import shutil
-import signal
 import socket
 import sqlite3
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -80,6 +78,8 @@ from pydicom.uid import generate_uid
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from common import dicom_env, free_port, stop_process, tool_version, wait_until, work_dir  # noqa: E402
 
 from tests.orthanc import ORTHANC, OrthancProcess  # noqa: E402
 
@@ -102,42 +102,6 @@ FHIR_JSON = {"Content-Type": "application/fhir+json"}
 
 # --------------------------------------------------------------------------------------------
 # Helpers
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until(check: Callable[[], bool], timeout_s: float, what: str, interval: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if check():
-            return
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(interval)
-
-
-def dicom_env() -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PACS_NODE_")}
-    env["TCP_NODELAY"] = "1"
-    return env
-
-
-def stop_process(proc: subprocess.Popen[bytes] | None, timeout_s: float = 30.0) -> None:
-    """SIGTERM the process group, then SIGKILL it if it lingers."""
-    if proc is None or proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout_s)
 
 
 def stamp(text: str | None) -> float | None:
@@ -812,15 +776,6 @@ def markdown(results: list[ModelResult], slices: int, runs: int, quiet: float) -
     return "\n".join(lines)
 
 
-def tool_version(argv: Sequence[str]) -> str:
-    try:
-        result = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=20)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"unavailable ({exc})"
-    lines = (result.stdout + result.stderr).strip().splitlines()
-    return lines[0].strip() if lines else "unknown"
-
-
 def machine_info() -> dict[str, Any]:
     import pydicom
     import pynetdicom
@@ -878,15 +833,6 @@ def available(models: Sequence[str]) -> list[str]:
     return [m for m in models if (ROOT / "models" / m / "configs" / "metadata.json").is_file()]
 
 
-@contextlib.contextmanager
-def work_dir(parent: Path | None) -> Iterator[Path]:
-    base = Path(tempfile.mkdtemp(prefix="pacs-node-e2e-", dir=parent))
-    try:
-        yield base
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     for tool in (STORESCU, ORTHANC, str(SEKMET)):
@@ -899,7 +845,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     info = machine_info()
     results: list[ModelResult] = []
-    with work_dir(args.work_dir) as base:
+    with work_dir(args.work_dir, "pacs-node-e2e-") as base:
         print(f"rendering a {args.slices}-slice 512x512 phantom CT ...", file=sys.stderr)
         template = render_template(args.slices)
         bench = Bench(args, base, template)

@@ -62,8 +62,6 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -71,13 +69,14 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from common import dicom_env, free_port, stop_process, tool_version, wait_until, work_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 STORESCU = "/usr/bin/storescu"
@@ -198,26 +197,6 @@ def generate_series(folder: Path, n: int) -> list[Path]:
 # Processes and waits
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until(check: Callable[[], bool], timeout_s: float, what: str, interval: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if check():
-            return
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(interval)
-
-
-def dicom_env() -> dict[str, str]:
-    return {**os.environ, "TCP_NODELAY": "1"}
-
-
 def echo_ok(ae_title: str, port: int) -> bool:
     result = subprocess.run(
         [ECHOSCU, "-to", "2", "-aet", CALLING_AE, "-aec", ae_title, "127.0.0.1", str(port)],
@@ -226,29 +205,6 @@ def echo_ok(ae_title: str, port: int) -> bool:
         check=False,
     )
     return result.returncode == 0
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 20.0) -> None:
-    """SIGTERM the process group, then SIGKILL it if it lingers."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout_s)
-
-
-def tool_version(argv: Sequence[str]) -> str:
-    try:
-        result = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=20)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"unavailable ({exc})"
-    lines = (result.stdout + result.stderr).strip().splitlines()
-    return lines[0].strip() if lines else "unknown"
 
 
 # --------------------------------------------------------------------------------------------
@@ -750,15 +706,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-@contextlib.contextmanager
-def work_dir(parent: Path | None) -> Iterator[Path]:
-    base = Path(tempfile.mkdtemp(prefix="pacs-node-bench-", dir=parent))
-    try:
-        yield base
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     for tool in (STORESCU, STORESCP, ECHOSCU, ORTHANC):
@@ -769,7 +716,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     targets = [t for t in TARGETS if t.key in wanted]
     loads = [1, args.assocs] if args.assocs > 1 else [1]
     results: list[Measurement] = []
-    with work_dir(args.work_dir) as base:
+    with work_dir(args.work_dir, "pacs-node-bench-") as base:
         print(f"generating {args.n} CT slices in {base}", file=sys.stderr)
         files = generate_series(base / "series", args.n)
         size = sum(path.stat().st_size for path in files)
