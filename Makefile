@@ -8,7 +8,7 @@ FIND_LINKS := $(if $(WHEELS),--find-links $(WHEELS),)
 APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb chromium chromium-driver
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench apt venv viewer clean
+.PHONY: run test lint bench eval apt venv viewer clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -49,8 +49,15 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check pacs_node models tests bench
 	$(VENV)/bin/mypy
 
+# Full held-out and robustness evaluation of the built-in models (writes models/<name>/eval/)
+eval: $(STAMP)
+	VENV=$(VENV) bash models/eval.sh
+
+# Every benchmark (ingest, inference, end to end); each prints a table and writes bench/results/
 bench: apt $(STAMP)
 	$(PY) bench/ingest.py
+	$(PY) bench/inference.py
+	$(PY) bench/e2e.py
 
 clean:
 	rm -rf $(VENV) var .cache .pytest_cache .mypy_cache .ruff_cache
