@@ -66,7 +66,7 @@ STRUCTURES: tuple[Structure, ...] = (
     _organ("ribs", "Ribs", ("113197003", "Rib"), (253, 232, 158)),
     _organ("heart", "Heart", ("80891009", "Heart"), (206, 110, 84)),
     _organ("aorta", "Aorta", ("15825003", "Aorta"), (224, 97, 76)),
-    _organ("bone", "Bone", ("272673000", "Bone"), (241, 241, 241), category=TISSUE),
+    _organ("bone", "Bone", ("272673000", "Bone"), (230, 170, 40), category=TISSUE),
     _organ("bowel", "Bowel", ("113276009", "Intestine"), (205, 167, 142)),
 )
 
