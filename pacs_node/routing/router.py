@@ -43,9 +43,11 @@ DEFAULT_SEND: dict[str, tuple[str, ...]] = {
 
 
 def check_models(settings: Settings) -> None:
-    """Every model a rule names must be installed: a typo stops the node at start, not at the
-    first study."""
-    installed = set(Registry(settings.node.models_dir).names())
+    """Every installed bundle must be valid and every model a rule names installed: a broken
+    metadata.json or a typo stops the node at start (file, key, reason), not at the first study."""
+    registry = Registry(settings.node.models_dir)
+    registry.load_all()  # raises BundleError naming the file and the key
+    installed = set(registry.names())
     for index, rule in enumerate(settings.routes.rules):
         for model in rule.models:
             if model not in installed:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,13 +17,15 @@ from pacs_node.catalog.db import Catalog, open_catalog
 from pacs_node.catalog.models import Job, RouteOutcome, Study, StudyState
 from pacs_node.catalog.studies import list_studies, record_instances
 from pacs_node.config import NodeOptions, Settings
-from pacs_node.errors import ConfigError
+from pacs_node.errors import BundleError, ConfigError
 from pacs_node.ingest.header import read_header
 from pacs_node.ingest.spool import Spool
 from pacs_node.refs import InstanceRef
 from pacs_node.routing.router import Router, check_models
 from pacs_node.routing.rules import RoutesFile
 from tests.dicom_factory import new_uid, write_series
+
+MODELS = Path(__file__).resolve().parents[2] / "models"
 
 ROUTES = RoutesFile.model_validate(
     {
@@ -182,8 +185,7 @@ def test_catch_up_routes_stable_studies_left_unrouted(catalog: Catalog, tmp_path
 
 
 def test_a_route_to_a_missing_model_stops_the_node_at_start(tmp_path: Path) -> None:
-    (tmp_path / "models" / "ct-classical" / "configs").mkdir(parents=True)
-    (tmp_path / "models" / "ct-classical" / "configs" / "metadata.json").write_text("{}")
+    shutil.copytree(MODELS / "ct-classical", tmp_path / "models" / "ct-classical")
     settings = Settings(
         node=NodeOptions(models_dir=tmp_path / "models"), routes=ROUTES, config_dir=tmp_path
     )
@@ -226,3 +228,13 @@ def test_results_forwarded_back_start_no_second_job(catalog: Catalog, tmp_path: 
     _spool_and_record(catalog, spool, late)
     router.on_stable(study)
     assert len(_jobs(catalog)) == 4
+
+
+def test_a_broken_bundle_stops_the_node_at_start(tmp_path: Path) -> None:
+    configs = tmp_path / "models" / "broken" / "configs"
+    configs.mkdir(parents=True)
+    (configs / "metadata.json").write_text('{"version": "1.0", "network_data_format": 3}')
+    settings = Settings(node=NodeOptions(models_dir=tmp_path / "models"), config_dir=tmp_path)
+    with pytest.raises(BundleError) as caught:
+        check_models(settings)
+    assert "metadata.json" in str(caught.value)
