@@ -34,7 +34,11 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage  # type: ignore[import-untyped,unused-ignore]
-from scipy.spatial import ConvexHull, QhullError  # type: ignore[import-untyped,unused-ignore]
+from scipy.spatial import (  # type: ignore[import-untyped,unused-ignore]
+    ConvexHull,
+    QhullError,
+    distance,
+)
 from skimage import measure as _skimage_measure  # type: ignore[import-untyped,unused-ignore]
 
 from pacs_node.errors import ResultsError
@@ -166,16 +170,43 @@ class Finding:
 
 
 def measure_labelmap(volume: Volume, labelmap: Labelmap) -> tuple[Finding, ...]:
-    """One Finding per segment of the Labelmap, in segment order (absent ones with zero voxels)."""
+    """One Finding per segment of the Labelmap, in segment order (absent ones with zero voxels).
+
+    Each segment is measured inside its own bounding box (one ``find_objects`` pass over the
+    labels), so a small organ costs what its box costs, not what the whole volume costs."""
     if labelmap.labels.shape != volume.voxels.shape:
         raise ResultsError(
             f"labelmap shape {labelmap.labels.shape} differs from the volume {volume.voxels.shape}"
         )
-    midline_x = _midline_x(volume, labelmap)
-    return tuple(
-        measure_segment(volume, labelmap.mask(spec.value), spec, midline_x=midline_x)
-        for spec in labelmap.segments
-    )
+    boxes = segment_boxes(labelmap)
+    midline_x = _midline_x(volume, labelmap, boxes)
+    findings = []
+    for spec in labelmap.segments:
+        box = boxes.get(spec.value)
+        if box is None:
+            findings.append(Finding(segment=spec, voxel_count=0))
+            continue
+        crop = np.asarray(labelmap.labels[box] == spec.value)
+        findings.append(
+            measure_segment(volume, crop, spec, midline_x=midline_x, offset=_box_start(box))
+        )
+    return tuple(findings)
+
+
+Box = tuple[slice, slice, slice]
+
+
+def segment_boxes(labelmap: Labelmap) -> dict[int, Box]:
+    """The bounding box (array slices) of every label value present in the Labelmap."""
+    values = [spec.value for spec in labelmap.segments if spec.value > 0]
+    if not values:
+        return {}
+    found = ndimage.find_objects(labelmap.labels, max_label=max(values))
+    return {v: found[v - 1] for v in values if found[v - 1] is not None}
+
+
+def _box_start(box: Box) -> tuple[int, int, int]:
+    return (int(box[0].start), int(box[1].start), int(box[2].start))
 
 
 def measure_segment(
@@ -184,21 +215,31 @@ def measure_segment(
     spec: SegmentSpec,
     *,
     midline_x: float | None = None,
+    offset: tuple[int, int, int] = (0, 0, 0),
 ) -> Finding:
-    """Measure one binary mask on the Volume's grid (see the module docstring for definitions)."""
+    """Measure one binary mask on the Volume's grid (see the module docstring for definitions).
+
+    ``mask`` may be a crop of the Volume's grid whose first voxel sits at index ``offset``."""
     count = int(np.count_nonzero(mask))
     if count == 0:
         return Finding(segment=spec, voxel_count=0)
+    start = np.asarray(offset, dtype=np.int64)
+    stop = start + np.asarray(mask.shape, dtype=np.int64)
+    box = (
+        slice(int(start[0]), int(stop[0])),
+        slice(int(start[1]), int(stop[1])),
+        slice(int(start[2]), int(stop[2])),
+    )
     planar = volume.kind is VolumeKind.IMAGE or volume.shape[0] == 1
     real_slices = np.ones(volume.shape[0], dtype=bool)
     if volume.filled_slices:
         real_slices[list(volume.filled_slices)] = False
-    intensity = _intensity(volume, mask, real_slices)
+    intensity = _intensity(volume.voxels[box], mask, real_slices[box[0]], volume)
     structure = np.ones((3, 3, 3), dtype=bool)
     if planar:
         structure[0] = structure[2] = False
     _, components = ndimage.label(mask, structure=structure)
-    z_present = np.flatnonzero(mask.any(axis=(1, 2)))
+    z_present = np.flatnonzero(mask.any(axis=(1, 2))) + start[0]
     slice_range = (int(z_present[0]), int(z_present[-1]))
     if planar:
         return _planar_finding(volume, mask, spec, count, intensity, int(components), slice_range)
@@ -213,15 +254,15 @@ def measure_segment(
     affine = volume.affine_lps()
     voxel_mm3 = abs(float(np.linalg.det(affine[:3, :3])))
     volume_mm3 = count * voxel_mm3
-    indices = np.argwhere(mask)
-    centroid = volume.index_to_patient(indices.mean(axis=0))
-    boundary = np.argwhere(mask & ~ndimage.binary_erosion(mask, structure=structure))
+    centroid = volume.index_to_patient(_mean_index(mask) + start)
+    # extreme coordinates of a linear map over a mask are reached on its boundary voxels
+    boundary = np.argwhere(mask & ~ndimage.binary_erosion(mask, structure=structure)) + start
     points = volume.index_to_patient(boundary)
     half_voxel = 0.5 * np.abs(affine[:3, :3]).sum(axis=1)  # per LPS axis
     low = points.min(axis=0) - half_voxel
     high = points.max(axis=0) + half_voxel
     extents = high - low
-    mesh = _mesh(volume, mask)
+    mesh = _mesh(volume, mask, start, count)
     area = diameter = sphericity = None
     if mesh is not None:
         verts, faces = mesh
@@ -231,9 +272,11 @@ def measure_segment(
             sphericity = math.pi ** (1 / 3) * (6 * volume_mm3) ** (2 / 3) / area
     side = None
     if midline_x is not None:
-        offset = float(centroid[0]) - midline_x
+        side_offset = float(centroid[0]) - midline_x
         side = (
-            Side.MIDLINE if abs(offset) <= MIDLINE_MM else (Side.LEFT if offset > 0 else Side.RIGHT)
+            Side.MIDLINE
+            if abs(side_offset) <= MIDLINE_MM
+            else (Side.LEFT if side_offset > 0 else Side.RIGHT)
         )
     return Finding(
         segment=spec,
@@ -252,6 +295,17 @@ def measure_segment(
         sphericity=sphericity,
         components=int(components),
     )
+
+
+def _mean_index(mask: NDArray[np.bool_]) -> NDArray[np.float64]:
+    """Mean (z, y, x) index of a mask's voxels, from its three projections (no index list)."""
+    total = float(np.count_nonzero(mask))
+    means = []
+    for axis in range(3):
+        others = tuple(a for a in range(3) if a != axis)
+        counts = np.count_nonzero(mask, axis=others).astype(np.float64)
+        means.append(float(counts @ np.arange(counts.size, dtype=np.float64)) / total)
+    return np.asarray(means, dtype=np.float64)
 
 
 def _planar_finding(
@@ -287,9 +341,9 @@ def _planar_finding(
 
 
 def _intensity(
-    volume: Volume, mask: NDArray[np.bool_], real_slices: NDArray[np.bool_]
+    voxels: NDArray[Any], mask: NDArray[np.bool_], real_slices: NDArray[np.bool_], volume: Volume
 ) -> IntensityStats | None:
-    values = volume.voxels[real_slices][mask[real_slices]].astype(np.float64)
+    values = voxels[real_slices][mask[real_slices]].astype(np.float64)
     if values.size == 0:
         return None
     hounsfield = volume.modality.upper() == "CT" and not volume.from_color
@@ -303,46 +357,58 @@ def _intensity(
 
 
 def _mesh(
-    volume: Volume, mask: NDArray[np.bool_]
+    volume: Volume, mask: NDArray[np.bool_], start: NDArray[np.int64], count: int
 ) -> tuple[NDArray[np.float64], NDArray[np.int64]] | None:
-    """Marching-cubes surface of the mask in patient mm, cropped to its bounding box."""
-    if np.count_nonzero(mask) < _MIN_MESH_VOXELS:
+    """Marching-cubes surface of the mask (a crop whose first voxel is ``start``), in patient
+    mm."""
+    if count < _MIN_MESH_VOXELS:
         return None
     pad = 3
-    lo = np.argwhere(mask).min(axis=0)
-    hi = np.argwhere(mask).max(axis=0) + 1
-    crop = np.pad(mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]], pad).astype(np.float32)
+    crop = np.pad(mask, pad).astype(np.float32)
     smooth = ndimage.gaussian_filter(crop, SMOOTH_VOXELS)
     try:
         verts, faces, _, _ = measure.marching_cubes(smooth, level=0.5)
     except (ValueError, RuntimeError):
         return None
-    indices = verts + (lo - pad)
+    indices = verts + (start - pad)
     return volume.index_to_patient(indices), np.asarray(faces, dtype=np.int64)
 
 
 def _max_diameter(points: NDArray[np.float64]) -> float | None:
+    """Largest distance between two points: on the convex hull's vertices, exactly.
+
+    A lower bound ``D`` from a few farthest-point hops prunes every vertex ``p`` with
+    ``|p - c| + R < D`` (c the vertices' mean, R the largest ``|q - c|``): no pair through such a
+    vertex can reach ``D``, so the brute-force search runs on the few vertices left."""
     try:
         hull = ConvexHull(points)
     except (QhullError, ValueError):
         return None
     vertices = points[hull.vertices]
-    best = 0.0
-    for start in range(0, len(vertices), _DIAMETER_CHUNK):
-        block = vertices[start : start + _DIAMETER_CHUNK]
-        dist = np.linalg.norm(block[:, None, :] - vertices[None, :, :], axis=-1)
-        best = max(best, float(dist.max()))
+    centre = vertices.mean(axis=0)
+    radius = np.linalg.norm(vertices - centre, axis=1)
+    best, start = 0.0, int(np.argmax(radius))
+    for _ in range(3):
+        reach = np.linalg.norm(vertices - vertices[start], axis=1)
+        far = int(np.argmax(reach))
+        best = max(best, float(reach[far]))
+        start = far
+    candidates = vertices[radius + radius.max() >= best]
+    for first in range(0, len(candidates), _DIAMETER_CHUNK):
+        block = candidates[first : first + _DIAMETER_CHUNK]
+        best = max(best, float(distance.cdist(block, candidates).max()))
     return best
 
 
-def _midline_x(volume: Volume, labelmap: Labelmap) -> float | None:
+def _midline_x(volume: Volume, labelmap: Labelmap, boxes: dict[int, Box]) -> float | None:
     """Patient x of the midline: the body segment's centroid, else the field's centre."""
     if volume.kind is not VolumeKind.SERIES:
         return None
     for spec in labelmap.segments:
-        if spec.structure.name == "body":
-            body = np.argwhere(labelmap.labels == spec.value)
-            if body.size:
-                return float(volume.index_to_patient(body.mean(axis=0))[0])
+        box = boxes.get(spec.value)
+        if spec.structure.name == "body" and box is not None:
+            body = np.asarray(labelmap.labels[box] == spec.value)
+            mean = _mean_index(body) + np.asarray(_box_start(box), dtype=np.float64)
+            return float(volume.index_to_patient(mean)[0])
     centre = (np.asarray(volume.shape, dtype=np.float64) - 1) / 2
     return float(volume.index_to_patient(centre)[0])

@@ -8,8 +8,8 @@
   finding on request), with contours, a legend and "AI result - verify before use" burned in.
 
 Contours come from scikit-image ``find_contours`` at level 0.5 on each slice's mask, simplified
-to a 0.4-pixel tolerance; pixel coordinates follow PS3.3 C.10.5.1.2 (0,0 is the top-left corner
-of the top-left pixel, so a pixel centre is index + 0.5).
+to a 0.4-pixel tolerance (Douglas-Peucker, by shapely); pixel coordinates follow PS3.3
+C.10.5.1.2 (0,0 is the top-left corner of the top-left pixel, so a pixel centre is index + 0.5).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 
 import highdicom as hd
 import numpy as np
+import shapely
 from numpy.typing import NDArray
 from PIL import Image, ImageDraw, ImageFont
 from pydicom import Dataset
@@ -27,7 +28,7 @@ from skimage import measure as _skimage_measure  # type: ignore[import-untyped,u
 
 from pacs_node.imaging.volume import Volume
 from pacs_node.inference.labelmap import Labelmap
-from pacs_node.results.measurements import Finding
+from pacs_node.results.measurements import Finding, segment_boxes
 from pacs_node.results.options import OutputKind
 from pacs_node.results.provenance import CHARSET, Provenance, utf8_sources
 
@@ -35,6 +36,7 @@ measure: Any = _skimage_measure  # untyped library: typed at this one seam
 
 DISCLAIMER = "AI result - verify before use"
 _MIN_RENDER_PX = 512
+_SIMPLIFY_PX = 0.4
 _TEXT_LAYER = "AI_NOTICE"
 _FONT_PATHS = (
     "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
@@ -70,13 +72,26 @@ def window_for(volume: Volume) -> Window:
 
 def slice_contours(mask: NDArray[np.bool_]) -> list[Polyline]:
     """Closed polylines around a 2D mask, (column, row) in DICOM pixel coordinates."""
-    padded = np.pad(mask.astype(np.float32), 1)
+    rows_any, cols_any = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows_any.size == 0:
+        return []
+    top, left = int(rows_any[0]), int(cols_any[0])
+    crop = mask[top : int(rows_any[-1]) + 1, left : int(cols_any[-1]) + 1]
+    padded = np.pad(crop.astype(np.float32), 1)
+    traced = measure.find_contours(padded, 0.5)
+    # Douglas-Peucker in GEOS: the same simplification as scikit-image's, a hundred times faster
+    simplified = shapely.simplify(
+        np.array([shapely.linestrings(c) for c in traced], dtype=object),
+        _SIMPLIFY_PX,
+        preserve_topology=False,
+    )
     out: list[Polyline] = []
-    for contour in measure.find_contours(padded, 0.5):
-        simple = measure.approximate_polygon(contour, tolerance=0.4)
+    for line in simplified:
+        simple = shapely.get_coordinates(line)
         if len(simple) < 3:
             continue
-        rows, cols = simple[:, 0] - 1 + 0.5, simple[:, 1] - 1 + 0.5
+        rows = simple[:, 0] - 1 + top + 0.5
+        cols = simple[:, 1] - 1 + left + 0.5
         points = np.column_stack([cols, rows])
         if not np.allclose(points[0], points[-1]):
             points = np.vstack([points, points[:1]])
@@ -92,13 +107,17 @@ def key_slices(
     if not present:
         return []
     found = np.isin(labelmap.labels, present)
-    per_slice = found.sum(axis=(1, 2))
+    per_slice = np.count_nonzero(found, axis=(1, 2))
     if every:
         return [int(z) for z in np.flatnonzero(per_slice)]
+    boxes = segment_boxes(labelmap)
     chosen: list[int] = []
     for value in present:
-        areas = (labelmap.labels == value).sum(axis=(1, 2))
-        z = int(np.argmax(areas))
+        box = boxes.get(value)
+        if box is None:
+            continue
+        areas = np.count_nonzero(labelmap.labels[box] == value, axis=(1, 2))
+        z = int(np.argmax(areas)) + int(box[0].start)
         if z not in chosen:
             chosen.append(z)
     chosen.sort(key=lambda z: -int(per_slice[z]))
@@ -124,6 +143,7 @@ def build_presentation_state(
     layers: list[hd.pr.GraphicLayer] = []
     annotations: list[hd.pr.GraphicAnnotation] = []
     annotated: set[str] = set()
+    boxes = segment_boxes(labelmap)
     order = 1
     for finding in findings:
         number = numbering.get(finding.segment.value)
@@ -138,9 +158,14 @@ def build_presentation_state(
         )
         order += 1
         layers.append(layer)
-        mask = labelmap.mask(finding.segment.value)
-        for z in np.flatnonzero(mask.any(axis=(1, 2))):
-            uid = volume.sop_instance_uids[int(z)]
+        box = boxes.get(finding.segment.value)
+        if box is None:
+            continue
+        first = int(box[0].start)
+        mask = np.asarray(labelmap.labels[first : box[0].stop] == finding.segment.value)
+        for k in np.flatnonzero(mask.any(axis=(1, 2))):
+            z = first + int(k)
+            uid = volume.sop_instance_uids[z]
             if not uid:
                 continue
             objects = [
@@ -149,14 +174,14 @@ def build_presentation_state(
                     graphic_data=points,
                     units=hd.pr.AnnotationUnitsValues.PIXEL,
                 )
-                for points in slice_contours(mask[int(z)])
+                for points in slice_contours(mask[int(k)])
             ]
             if objects:
                 annotations.append(
                     hd.pr.GraphicAnnotation(
                         referenced_images=[by_uid[uid]],
                         graphic_layer=layer,
-                        referenced_frame_number=_frame(volume, int(z)),
+                        referenced_frame_number=_frame(volume, z),
                         graphic_objects=objects,
                     )
                 )
@@ -246,7 +271,7 @@ def render_slice(
         if not finding.present:
             continue
         color = finding.segment.structure.color
-        mask = labelmap.mask(finding.segment.value)[z]
+        mask = np.asarray(labelmap.labels[z] == finding.segment.value)
         for points in slice_contours(mask):
             xy = [(float(c) * scale, float(r) * scale) for c, r in points]
             draw.line(xy, fill=color, width=width, joint="curve")

@@ -155,3 +155,38 @@ def test_unknown_spacing_leaves_sizes_absent() -> None:
     assert finding.area_cm2 is None
     assert finding.width_mm is None
     assert finding.voxel_count == 25
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_max_diameter_equals_brute_force(seed: int) -> None:
+    from scipy.spatial import distance
+
+    from pacs_node.results.measurements import _max_diameter
+
+    rng = np.random.default_rng(seed)
+    # an elongated, lumpy cloud: many hull vertices, a diameter that farthest-point hops can miss
+    points = rng.normal(size=(4000, 3)) * np.array([40.0, 15.0, 8.0])
+    points[:50] += rng.normal(scale=30.0, size=(50, 3))
+    expected = float(distance.pdist(points).max())
+    assert _max_diameter(points) == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_crop_measures_like_the_whole_grid() -> None:
+    """measure_labelmap works on each segment's bounding box; the numbers must not change."""
+    shape, spacing = (40, 64, 64), (2.0, 0.9, 0.9)
+    volume = _volume(shape, spacing, oblique_orientation())
+    mask = ball(shape, spacing, 12.0)
+    mask = np.roll(mask, (5, -9, 11), axis=(0, 1, 2))
+    labels = mask.astype(np.uint8)
+    (cropped,) = measure_labelmap(volume, Labelmap(labels, (LIVER,)))
+    whole = measure_segment(volume, mask, LIVER, midline_x=cropped_midline(volume, labels))
+    for name in ("max_diameter_mm", "surface_area_mm2", "sphericity"):  # mesh: float rounding
+        assert getattr(cropped, name) == pytest.approx(getattr(whole, name), rel=1e-6)
+        object.__setattr__(cropped, name, getattr(whole, name))
+    assert cropped == whole
+
+
+def cropped_midline(volume: Volume, labels: np.ndarray) -> float:
+    """No body segment: the midline is the centre of the imaged field."""
+    centre = (np.asarray(volume.shape, dtype=np.float64) - 1) / 2
+    return float(volume.index_to_patient(centre)[0])
