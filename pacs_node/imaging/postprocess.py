@@ -173,23 +173,78 @@ def _structure(connectivity: int) -> NDArray[np.bool_]:
     return np.asarray(ndimage.generate_binary_structure(3, connectivity), dtype=bool)
 
 
-def _boxes(labels: NDArray[Any], values: Iterable[int], pad: int) -> dict[int, tuple[slice, ...]]:
-    """Bounding box of each label value, padded, so work scales with the segment, not the scan."""
-    boxes: dict[int, tuple[slice, ...]] = {}
-    for value in values:
-        where = np.nonzero(labels == value)
-        if where[0].size == 0:
-            continue
-        boxes[value] = tuple(
-            slice(max(0, int(w.min()) - pad), min(n, int(w.max()) + 1 + pad))
-            for w, n in zip(where, labels.shape, strict=True)
-        )
-    return boxes
+Box = tuple[slice, ...]
 
 
-def _present(labels: NDArray[Any], values: Iterable[int] | None) -> list[int]:
-    found = [int(v) for v in np.unique(labels) if v != 0]
-    return found if values is None else [v for v in values if v in found]
+def _boxes(labels: NDArray[Any], values: Iterable[int] | None) -> dict[int, Box]:
+    """Bounding box of each label value present (all values when ``values`` is None), so work
+    scales with the segment, not the scan. One ``find_objects`` pass for them all."""
+    wanted = [int(v) for v in np.unique(labels) if v != 0] if values is None else list(values)
+    wanted = [v for v in wanted if v > 0]
+    if not wanted:
+        return {}
+    found = ndimage.find_objects(labels, max_label=max(wanted))
+    return {v: found[v - 1] for v in wanted if found[v - 1] is not None}
+
+
+def _padded(box: Box, pad: int, shape: tuple[int, ...]) -> Box:
+    return tuple(
+        slice(max(0, int(b.start) - pad), min(n, int(b.stop) + pad))
+        for b, n in zip(box, shape, strict=True)
+    )
+
+
+# Each step below changes one value's voxels inside ``out`` in place and never moves them out of
+# that value's bounding box (removal shrinks it; filled holes and a closing stay inside it), so
+# one set of boxes, found once, serves a whole clean-up recipe.
+
+
+def _keep_largest(out: NDArray[Any], value: int, box: Box, connectivity: int) -> None:
+    region = out[box]
+    mask = region == value
+    components, count = ndimage.label(mask, structure=_structure(connectivity))
+    if count <= 1:
+        return
+    sizes = np.bincount(components.ravel())[1:]
+    region[mask & (components != int(np.argmax(sizes)) + 1)] = 0
+
+
+def _fill_holes(out: NDArray[Any], value: int, box: Box) -> None:
+    region = out[_padded(box, 1, out.shape)]
+    filled = ndimage.binary_fill_holes(region == value)
+    region[filled & (region == 0)] = value
+
+
+def _remove_islands(
+    out: NDArray[Any], value: int, box: Box, threshold: float, connectivity: int
+) -> None:
+    region = out[box]
+    components, _ = ndimage.label(region == value, structure=_structure(connectivity))
+    small = np.bincount(components.ravel()) < threshold
+    small[0] = False
+    region[small[components]] = 0
+
+
+def _smooth(out: NDArray[Any], value: int, box: Box, ball: NDArray[np.bool_]) -> None:
+    region = out[_padded(box, max(ball.shape) // 2 + 1, out.shape)]
+    mask = region == value
+    closed = ndimage.binary_closing(ndimage.binary_opening(mask, structure=ball), structure=ball)
+    region[mask & ~closed] = 0
+    region[closed & (region == 0)] = value
+
+
+def _island_threshold(
+    min_voxels: int | None,
+    min_volume_ml: float | None,
+    spacing: tuple[float, float, float] | None,
+) -> float:
+    threshold = 0.0 if min_voxels is None else float(min_voxels)
+    if min_volume_ml is not None:
+        if spacing is None:
+            raise ValueError("min_volume_ml needs the voxel spacing")
+        voxel_ml = float(np.prod(spacing)) / 1000.0
+        threshold = max(threshold, min_volume_ml / voxel_ml)
+    return threshold
 
 
 def keep_largest_component(
@@ -197,26 +252,16 @@ def keep_largest_component(
 ) -> NDArray[Any]:
     """Per label value, keep only its largest connected component (the rest becomes 0)."""
     out = labels.copy()
-    for value, box in _boxes(labels, _present(labels, values), 0).items():
-        mask = labels[box] == value
-        components, count = ndimage.label(mask, structure=_structure(connectivity))
-        if count <= 1:
-            continue
-        sizes = np.bincount(components.ravel())[1:]
-        keep = components == (int(np.argmax(sizes)) + 1)
-        region = out[box]
-        region[mask & ~keep] = 0
+    for value, box in _boxes(labels, values).items():
+        _keep_largest(out, value, box, connectivity)
     return out
 
 
 def fill_holes(labels: NDArray[Any], values: Iterable[int] | None = None) -> NDArray[Any]:
     """Per label value, fill enclosed background cavities (never another segment's voxels)."""
     out = labels.copy()
-    for value, box in _boxes(labels, _present(labels, values), 1).items():
-        mask = labels[box] == value
-        filled = ndimage.binary_fill_holes(mask)
-        region = out[box]
-        region[filled & (region == 0)] = value
+    for value, box in _boxes(labels, values).items():
+        _fill_holes(out, value, box)
     return out
 
 
@@ -231,23 +276,12 @@ def remove_small_islands(
 ) -> NDArray[Any]:
     """Per label value, drop connected components smaller than ``min_voxels`` or
     ``min_volume_ml`` (which needs ``spacing`` in mm)."""
-    threshold = 0.0 if min_voxels is None else float(min_voxels)
-    if min_volume_ml is not None:
-        if spacing is None:
-            raise ValueError("min_volume_ml needs the voxel spacing")
-        voxel_ml = float(np.prod(spacing)) / 1000.0
-        threshold = max(threshold, min_volume_ml / voxel_ml)
+    threshold = _island_threshold(min_voxels, min_volume_ml, spacing)
     out = labels.copy()
     if threshold <= 1:
         return out
-    for value, box in _boxes(labels, _present(labels, values), 0).items():
-        mask = labels[box] == value
-        components, _ = ndimage.label(mask, structure=_structure(connectivity))
-        sizes = np.bincount(components.ravel())
-        small = sizes < threshold
-        small[0] = False
-        region = out[box]
-        region[small[components]] = 0
+    for value, box in _boxes(labels, values).items():
+        _remove_islands(out, value, box, threshold, connectivity)
     return out
 
 
@@ -267,15 +301,9 @@ def smooth(
     """Per label value, morphological opening then closing with a ball of ``radius_mm``:
     removes spurs thinner than the ball and closes notches, in physical units."""
     ball = _ball(radius_mm, spacing)
-    pad = max(ball.shape) // 2 + 1
     out = labels.copy()
-    for value, box in _boxes(labels, _present(labels, values), pad).items():
-        mask = labels[box] == value
-        opened = ndimage.binary_opening(mask, structure=ball)
-        closed = ndimage.binary_closing(opened, structure=ball)
-        region = out[box]
-        region[mask & ~closed] = 0
-        region[closed & (region == 0)] = value
+    for value, box in _boxes(labels, values).items():
+        _smooth(out, value, box, ball)
     return out
 
 
@@ -286,20 +314,19 @@ def clean_segments(
 ) -> NDArray[Any]:
     """Apply each segment's declared clean-up, in a fixed order: smoothing, island removal,
     hole filling, largest component (so smoothing cannot reopen what the others closed)."""
-    out = labels
+    out = labels.copy()
+    boxes = _boxes(labels, list(recipe))
     for value, steps in recipe.items():
+        box = boxes.get(value)
+        if box is None:
+            continue
         if steps.smoothing_mm:
-            out = smooth(out, spacing, steps.smoothing_mm, [value])
-        if steps.min_voxels or steps.min_volume_ml:
-            out = remove_small_islands(
-                out,
-                [value],
-                min_voxels=steps.min_voxels,
-                min_volume_ml=steps.min_volume_ml,
-                spacing=spacing,
-            )
+            _smooth(out, value, box, _ball(steps.smoothing_mm, spacing))
+        threshold = _island_threshold(steps.min_voxels, steps.min_volume_ml, spacing)
+        if threshold > 1:
+            _remove_islands(out, value, box, threshold, 1)
         if steps.fill_holes:
-            out = fill_holes(out, [value])
+            _fill_holes(out, value, box)
         if steps.largest_component:
-            out = keep_largest_component(out, [value])
-    return out if out is not labels else labels.copy()
+            _keep_largest(out, value, box, 1)
+    return out
