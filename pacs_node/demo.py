@@ -20,7 +20,7 @@ from pacs_node.catalog.models import DeliveryState, JobState, RouteOutcome
 from pacs_node.catalog.studies import list_studies
 
 # Small enough to render, send and segment in seconds on two cores; axial, 4 mm, 30 slices,
-# which the shipped ct-body rule routes to ct-classical.
+# which the shipped ct-body rule routes to ct-torso-organs.
 DEMO_THICKNESS_MM = 4.0
 DEMO_PIXEL_MM = 1.8
 DEMO_COVERAGE_MM = 120.0

@@ -39,7 +39,7 @@ def test_demo_follows_the_study_and_says_the_results_wait(
     run = node.cli("demo", "--seed", "4242", "--timeout", "240", check=False)
     assert run.returncode == 0, run.stderr + node.log_text()[-3000:]
     assert "wait in the node" in run.stderr
-    assert "job 1 ct-classical: done" in run.stderr
+    assert "job 1 ct-torso-organs: done" in run.stderr
     for kind in ("seg", "sr", "gsps", "pdf"):
         assert kind in run.stdout
     deliveries = json.loads(node.cli("deliveries", "--json").stdout)
