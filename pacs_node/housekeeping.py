@@ -39,7 +39,9 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.expression import Exists
 
 from pacs_node.catalog.db import Catalog
+from pacs_node.catalog.deliveries import settle_commitment
 from pacs_node.catalog.models import (
+    Commitment,
     Delivery,
     DeliveryState,
     Instance,
@@ -53,7 +55,7 @@ from pacs_node.catalog.models import (
     utcnow,
 )
 from pacs_node.config import Settings
-from pacs_node.dispatch.commitment import CONFIRMED, Commitment, Reference
+from pacs_node.dispatch.commitment import CONFIRMED, CommitmentAnswer, Reference
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +171,9 @@ def finish_purges(catalog: Catalog, spool_dir: Path, results_dir: Path) -> int:
     return len(pending)
 
 
-Recommit = Callable[[str, list[Reference]], dict[str, str]]
-"""(destination name, references) -> SOP Instance UID -> commitment state."""
+Recommit = Callable[[str, list[Reference]], CommitmentAnswer]
+"""(destination name, references) -> the destination's answer (its Transaction UID and each SOP
+Instance UID's state)."""
 
 
 class Housekeeping:
@@ -281,21 +284,21 @@ class Housekeeping:
                 )
         confirmed = 0
         for destination, items in by_destination.items():
-            states = self.recommit(destination, [ref for _, ref in items])
+            answer = self.recommit(destination, [ref for _, ref in items])
             now = self.clock()
             with self.catalog.sessions.begin() as session:
                 for delivery_id, ref in items:
-                    state = states.get(ref.sop_instance_uid)
+                    found = answer.states.get(ref.sop_instance_uid)
+                    state = None if found is None else found.value
                     row = session.get(Delivery, delivery_id)
-                    if row is None or state is None or state == Commitment.REQUESTED.value:
+                    if row is None or state is None:
                         continue
-                    if state == Commitment.FAILED.value:
-                        row.state = DeliveryState.PENDING  # sent again, then committed again
-                        row.next_attempt_at = now
-                        row.last_error = "storage commitment failed"
-                    else:
+                    if state == Commitment.REQUESTED.value:
+                        # a report may come later on an association of the PACS's own
+                        row.commitment_uid = answer.transaction_uid or row.commitment_uid
+                        continue
+                    if state != Commitment.FAILED.value:
                         confirmed += 1
-                        row.committed_at = now
-                    row.commitment = state
-                    row.updated_at = now
+                    reason = answer.reasons.get(ref.sop_instance_uid, "storage commitment failed")
+                    settle_commitment(row, state, now, reason)
         return confirmed

@@ -50,3 +50,13 @@ class InstanceRef:
     @property
     def sop_instance_uid(self) -> str:
         return self.header.sop_instance_uid
+
+
+@dataclass(frozen=True, slots=True)
+class CommitmentReport:
+    """A Storage Commitment N-EVENT-REPORT, as a PACS sent it on an association of its own."""
+
+    calling_ae: str
+    transaction_uid: str
+    committed: tuple[str, ...]  # SOP Instance UIDs the PACS keeps
+    failed: tuple[tuple[str, int], ...]  # (SOP Instance UID, Failure Reason) it does not

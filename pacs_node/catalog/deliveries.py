@@ -23,7 +23,17 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from pacs_node.catalog.jobs import add_job_event
-from pacs_node.catalog.models import Delivery, DeliveryState, Job, Result, Study, utcnow
+from pacs_node.catalog.models import (
+    Commitment,
+    CommitmentReportRow,
+    Delivery,
+    DeliveryState,
+    Job,
+    Result,
+    Study,
+    utcnow,
+)
+from pacs_node.refs import CommitmentReport
 
 HELD_FOR_DESTINATION = "destination"
 HELD_FOR_PATIENT = "patient"
@@ -172,8 +182,10 @@ def mark_delivered(
         transfer_syntax_uid=transfer_syntax_uid,
         commitment=commitment,
         commitment_uid=commitment_uid,
-        committed_at=now if commitment == "committed" else None,
+        committed_at=now if commitment == Commitment.COMMITTED else None,
     ):
+        if commitment == Commitment.REQUESTED and commitment_uid:
+            _settle_reports(session, commitment_uid, now)  # it may have come first
         add_job_event(
             session,
             item.job_id,
@@ -182,6 +194,74 @@ def mark_delivered(
             destination=item.destination,
             output=item.kind,
         )
+
+
+def settle_commitment(
+    row: Delivery, state: str, now: datetime, reason: str = "storage commitment failed"
+) -> None:
+    """A delivered row's Storage Commitment answer: committed, or refused (then it is sent
+    again and committed again)."""
+    if state == Commitment.FAILED:
+        row.state = DeliveryState.PENDING
+        row.next_attempt_at = now
+        row.last_error = reason
+    elif state == Commitment.COMMITTED:
+        row.committed_at = now
+    row.commitment = state
+    row.updated_at = now
+
+
+def record_commitment_report(session: Session, report: CommitmentReport, now: datetime) -> int:
+    """Keep a report a destination sent on its own association and settle what it can now;
+    how many deliveries it settled. The rest waits for :func:`mark_delivered` to give rows
+    its Transaction UID (the report may come while the node still waits on the results
+    association)."""
+    row = CommitmentReportRow(
+        transaction_uid=report.transaction_uid,
+        calling_ae=report.calling_ae,
+        committed=json.dumps(list(report.committed)),
+        failed=json.dumps([list(item) for item in report.failed]),
+        received_at=now,
+    )
+    session.add(row)
+    session.flush()
+    return _settle_reports(session, report.transaction_uid, now)
+
+
+def _settle_reports(session: Session, transaction_uid: str, now: datetime) -> int:
+    """Apply the stored reports of a transaction to its deliveries still ``requested`` (rows
+    are marked delivered one by one, so a report may settle them over several calls)."""
+    reports = session.scalars(
+        select(CommitmentReportRow).where(CommitmentReportRow.transaction_uid == transaction_uid)
+    ).all()
+    if not reports:
+        return 0
+    states: dict[str, tuple[str, str]] = {}
+    for report in reports:
+        for uid in json.loads(report.committed):
+            states[str(uid)] = (Commitment.COMMITTED.value, "")
+        for uid, reason in json.loads(report.failed):
+            text = f"storage commitment refused (reason 0x{int(reason):04X})"
+            states[str(uid)] = (Commitment.FAILED.value, text)
+    rows = session.execute(
+        select(Delivery, Result.sop_instance_uid)
+        .join(Result, Result.id == Delivery.result_id)
+        .where(
+            Delivery.commitment_uid == transaction_uid,
+            Delivery.state == DeliveryState.DELIVERED,
+            Delivery.commitment == Commitment.REQUESTED.value,
+        )
+    ).all()
+    settled = 0
+    for delivery, sop_instance_uid in rows:
+        answer = states.get(str(sop_instance_uid))
+        if answer is not None:
+            settle_commitment(delivery, answer[0], now, answer[1])
+            settled += 1
+    if settled:
+        for report in reports:
+            report.settled_at = report.settled_at or now
+    return settled
 
 
 def mark_retry(session: Session, item: Outgoing, error: str, at: datetime) -> None:

@@ -99,6 +99,15 @@ class DeliveryState(enum.StrEnum):
     DEAD = "dead"  # permanent refusal or too many attempts; kept, listed, retryable by hand
 
 
+class Commitment(enum.StrEnum):
+    """A delivery's Storage Commitment state (``deliveries.commitment``; None: not asked)."""
+
+    UNSUPPORTED = "unsupported"  # the destination does not offer it: C-STORE success confirms
+    REQUESTED = "requested"  # asked; no report yet
+    COMMITTED = "committed"
+    FAILED = "failed"  # the destination does not commit to keep it: sent again
+
+
 def _enum(cls: type[enum.StrEnum]) -> Enum:
     return Enum(cls, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e])
 
@@ -257,7 +266,7 @@ class Delivery(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     # Storage Commitment (DICOM destinations): None (not asked: STOW-RS, FHIR, or switched off),
-    # unsupported | requested | committed (see dispatch.commitment.Commitment).
+    # a Commitment value (see dispatch.commitment).
     commitment: Mapped[str | None] = mapped_column(String(16))
     commitment_uid: Mapped[str | None] = mapped_column(UID)  # the N-ACTION's Transaction UID
     committed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
@@ -284,6 +293,22 @@ class Purge(Base):
     paths: Mapped[str] = mapped_column(Text)  # JSON {"spool": [relpath], "results": [folder]}
     purged_at: Mapped[datetime] = mapped_column(UTCDateTime())
     files_removed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class CommitmentReportRow(Base):
+    """A Storage Commitment report a destination sent on an association of its own. Kept until
+    its deliveries are marked with its Transaction UID, since the report may arrive while the
+    node still waits for it on the results association; then settled and kept for the audit."""
+
+    __tablename__ = "commitment_reports"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    transaction_uid: Mapped[str] = mapped_column(UID, index=True)
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    committed: Mapped[str] = mapped_column(Text)  # JSON [SOP Instance UID]
+    failed: Mapped[str] = mapped_column(Text)  # JSON [[SOP Instance UID, Failure Reason]]
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    settled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class Counter(Base):

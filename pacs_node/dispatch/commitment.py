@@ -11,16 +11,18 @@ same association for a short while:
 - no report in time: ``requested``, asked again later (housekeeping) on a new association;
   nothing of the study is removed meanwhile.
 
+A PACS may instead send the report later on an association of its own, as the association
+requestor (Orthanc does): the node's Storage SCP accepts the Push Model SOP class with the PACS
+in the SCP role and hands the report to the catalog writer, which settles the deliveries of that
+Transaction UID (:func:`pacs_node.catalog.deliveries.record_commitment_report`).
+
 A destination that refuses the SOP class, or answers the N-ACTION with a failure status, does
 not offer commitment to this node: ``unsupported``, and the C-STORE success is the
-confirmation. A report sent on a separate association (an SCP acting
-as association requestor) is not taken yet: such a destination is configured with
-``storage_commitment: false``.
+confirmation.
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 import threading
 from collections.abc import Sequence
@@ -31,6 +33,9 @@ from pydicom import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom.association import Association
 
+from pacs_node.catalog.models import Commitment
+from pacs_node.refs import CommitmentReport
+
 log = logging.getLogger(__name__)
 
 STORAGE_COMMITMENT_PUSH_MODEL = "1.2.840.10008.1.20.1"
@@ -38,15 +43,6 @@ STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"  # the well-known SOP Ins
 REQUEST_COMMITMENT = 1  # N-ACTION Action Type ID
 COMMITTED_ALL = 1  # N-EVENT-REPORT Event Type IDs
 FAILURES_EXIST = 2
-
-
-class Commitment(enum.StrEnum):
-    """A delivery's Storage Commitment state (``deliveries.commitment``)."""
-
-    UNSUPPORTED = "unsupported"  # the destination does not offer it: C-STORE success confirms
-    REQUESTED = "requested"  # asked; no report yet
-    COMMITTED = "committed"
-    FAILED = "failed"  # the destination does not commit to keep it
 
 
 CONFIRMED = frozenset({None, Commitment.UNSUPPORTED.value, Commitment.COMMITTED.value})
@@ -144,17 +140,32 @@ def request_commitment(
     return _read_report(transaction_uid, uids, report)
 
 
+def parse_report(transaction_uid: str, calling_ae: str, info: Dataset) -> CommitmentReport:
+    """The instances an N-EVENT-REPORT's Event Information commits and refuses."""
+    committed = tuple(
+        str(item.get("ReferencedSOPInstanceUID", ""))
+        for item in info.get("ReferencedSOPSequence", [])
+    )
+    failed = tuple(
+        (str(item.get("ReferencedSOPInstanceUID", "")), int(item.get("FailureReason", 0x0110)))
+        for item in info.get("FailedSOPSequence", [])
+    )
+    return CommitmentReport(calling_ae, transaction_uid, committed, failed)
+
+
+def failure_text(reason: int) -> str:
+    return f"storage commitment failed (reason 0x{reason:04X})"
+
+
 def _read_report(transaction_uid: str, uids: list[str], report: Dataset) -> CommitmentAnswer:
     states = dict.fromkeys(uids, Commitment.REQUESTED)
     reasons: dict[str, str] = {}
-    for item in report.get("ReferencedSOPSequence", []):
-        uid = str(item.get("ReferencedSOPInstanceUID", ""))
+    parsed = parse_report(transaction_uid, "", report)
+    for uid in parsed.committed:
         if uid in states:
             states[uid] = Commitment.COMMITTED
-    for item in report.get("FailedSOPSequence", []):
-        uid = str(item.get("ReferencedSOPInstanceUID", ""))
+    for uid, reason in parsed.failed:
         if uid in states:
             states[uid] = Commitment.FAILED
-            reason = int(item.get("FailureReason", 0x0110))
-            reasons[uid] = f"storage commitment failed (reason 0x{reason:04X})"
+            reasons[uid] = failure_text(reason)
     return CommitmentAnswer(transaction_uid, states, reasons)

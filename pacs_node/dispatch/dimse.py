@@ -20,9 +20,9 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
 
+from pacs_node.catalog.models import Commitment
 from pacs_node.dispatch.commitment import (
     STORAGE_COMMITMENT_PUSH_MODEL,
-    Commitment,
     CommitmentAnswer,
     Reference,
     Reports,
@@ -184,21 +184,22 @@ class CStoreHandler:
 
 def recommitter(
     calling_ae: str, resolve: Callable[[str], object]
-) -> Callable[[str, list[Reference]], dict[str, str]]:
-    """For housekeeping: ask a named destination again for commitment of stored instances;
-    SOP Instance UID -> state (all ``requested`` when it cannot be asked now)."""
+) -> Callable[[str, list[Reference]], CommitmentAnswer]:
+    """For housekeeping: ask a named destination again for commitment of stored instances
+    (all ``requested``, with no transaction, when it cannot be asked now)."""
     handler = CStoreHandler(calling_ae)
 
-    def ask(name: str, references: list[Reference]) -> dict[str, str]:
-        waiting = {ref.sop_instance_uid: Commitment.REQUESTED.value for ref in references}
+    def ask(name: str, references: list[Reference]) -> CommitmentAnswer:
+        waiting = CommitmentAnswer(
+            "", {ref.sop_instance_uid: Commitment.REQUESTED for ref in references}
+        )
         target = resolve(name)
         if not isinstance(target, DimseDestination) or not target.storage_commitment:
             return waiting
         try:
-            answer = handler.commit(target, references)
+            return handler.commit(target, references)
         except (TransientDelivery, PermanentDelivery) as exc:
             log.info("commitment not asked", extra={"destination": name, "reason": str(exc)})
             return waiting
-        return {uid: state.value for uid, state in answer.states.items()}
 
     return ask

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from pacs_node.catalog.db import Catalog
+from pacs_node.catalog.deliveries import record_commitment_report
+from pacs_node.catalog.models import utcnow
 from pacs_node.catalog.studies import (
     RecordOutcome,
     StudyTouch,
@@ -24,7 +26,7 @@ from pacs_node.catalog.studies import (
     record_instances,
 )
 from pacs_node.ingest.spool import Spool
-from pacs_node.refs import InstanceRef
+from pacs_node.refs import CommitmentReport, InstanceRef
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,8 @@ class RecordSink(Protocol):
     def count(self, name: str, by: int = 1) -> None: ...
 
     def duplicate(self, study_uid: str) -> None: ...
+
+    def commitment_report(self, report: CommitmentReport) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +90,10 @@ class CatalogRecorder:
     def duplicate(self, study_uid: str) -> None:
         """A second copy of an instance already spooled: the first was kept, count this one."""
         self._put(_Duplicate(study_uid))
+
+    def commitment_report(self, report: CommitmentReport) -> None:
+        """A Storage Commitment report a PACS sent on its own association: settle its rows."""
+        self._put(report)
 
     def _put(self, item: object) -> None:
         with self._idle:
@@ -147,6 +155,8 @@ class CatalogRecorder:
         refs = [item for item in items if isinstance(item, InstanceRef)]
         counts = [item for item in items if isinstance(item, _Count)]
         duplicates = [item.study_uid for item in items if isinstance(item, _Duplicate)]
+        reports = [item for item in items if isinstance(item, CommitmentReport)]
+        settled: list[int] = []
         delay = 0.05
         while True:
             try:
@@ -155,6 +165,8 @@ class CatalogRecorder:
                     for count in counts:
                         increment(session, count.name, count.by)
                     add_duplicates(session, duplicates)
+                    now = utcnow()
+                    settled = [record_commitment_report(session, r, now) for r in reports]
                 break
             except Exception:
                 # The files are safe in the spool; keep trying (and reconcile covers a crash).
@@ -170,3 +182,14 @@ class CatalogRecorder:
             self._idle.notify_all()
         if refs:
             log.debug("recorded instances", extra={"instances": outcome.recorded})
+        for report, deliveries in zip(reports, settled, strict=True):
+            log.info(
+                "storage commitment report recorded",
+                extra={
+                    "calling_ae": report.calling_ae,
+                    "transaction_uid": report.transaction_uid,
+                    "committed": len(report.committed),
+                    "failed": len(report.failed),
+                    "deliveries_settled": deliveries,
+                },
+            )

@@ -3,6 +3,9 @@
 The handler parses only the identifying attributes, writes the bytes exactly as received to the
 spool (durably), hands a row to the catalog recorder and answers. Pixel data is never decoded
 here and nothing is converted: every transfer syntax is accepted as proposed.
+
+It also takes the Storage Commitment reports a PACS sends on an association of its own (the PACS
+in the Push Model's SCP role, sending N-EVENT-REPORT): the recorder settles those deliveries.
 """
 
 from __future__ import annotations
@@ -16,11 +19,20 @@ from typing import Any, cast
 from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StorageCommitmentPushModel,
+    Verification,
+)
 from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs_node.catalog.models import utcnow
 from pacs_node.config import Settings
+from pacs_node.dispatch.commitment import (
+    COMMITTED_ALL,
+    FAILURES_EXIST,
+    STORAGE_COMMITMENT_PUSH_MODEL,
+    parse_report,
+)
 from pacs_node.errors import DataSetMismatch, IngestError
 from pacs_node.ingest.access import AccessPolicy
 from pacs_node.ingest.header import parse_identifiers, read_header
@@ -41,6 +53,8 @@ _config.UNRESTRICTED_STORAGE_SERVICE = True
 pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 REJECTED_COUNTER = "rejected_associations"
 FAILED_COUNTER = "failed_instances"
+# N-EVENT-REPORT failure statuses (PS3.7 10.1.1.1.8)
+_PROCESSING_FAILURE, _NO_SUCH_EVENT_TYPE, _NO_SUCH_SOP_CLASS = 0x0110, 0x0113, 0x0118
 
 
 def _failure(status: int, comment: str) -> Dataset:
@@ -60,6 +74,11 @@ class StorageSCP:
         options = settings.node
         ae = AE(ae_title=options.ae_title)
         ae.add_supported_context(Verification)
+        # A PACS reporting Storage Commitment on its own association proposes the Push Model,
+        # perhaps with itself as SCP by role selection. The roles are declared for that, but in
+        # unrestricted storage mode pynetdicom 3.0 replies to role selection for storage classes
+        # only; the report is handled either way.
+        ae.add_supported_context(StorageCommitmentPushModel, scu_role=False, scp_role=True)
         # Checked (with a log line and a counter) by the EVT_REQUESTED handler instead.
         ae.require_called_aet = False
         ae.require_calling_aet = []
@@ -81,6 +100,8 @@ class StorageSCP:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_N_EVENT_REPORT, self._on_commitment_report),
+            (evt.EVT_N_ACTION, self._on_commitment_request),
         ]
 
     def start(self) -> None:
@@ -148,6 +169,43 @@ class StorageSCP:
 
     def _on_echo(self, event: evt.Event) -> int:
         return SUCCESS
+
+    def _on_commitment_report(self, event: evt.Event) -> tuple[int, Dataset | None]:
+        calling_ae = str(event.assoc.requestor.ae_title).strip()
+        request: Any = event.request
+        if str(request.AffectedSOPClassUID) != STORAGE_COMMITMENT_PUSH_MODEL:
+            return _NO_SUCH_SOP_CLASS, None
+        if int(request.EventTypeID) not in (COMMITTED_ALL, FAILURES_EXIST):
+            return _NO_SUCH_EVENT_TYPE, None
+        try:
+            info: Any = event.event_information
+            transaction_uid = str(info.TransactionUID)
+            report = parse_report(transaction_uid, calling_ae, info)
+        except (AttributeError, ValueError, TypeError, KeyError) as exc:
+            log.warning(
+                "unreadable storage commitment report",
+                extra={"calling_ae": calling_ae, "reason": str(exc)},
+            )
+            return _PROCESSING_FAILURE, None
+        self.recorder.commitment_report(report)
+        log.info(
+            "storage commitment report received",
+            extra={
+                "calling_ae": calling_ae,
+                "transaction_uid": transaction_uid,
+                "committed": len(report.committed),
+                "failed": len(report.failed),
+            },
+        )
+        return SUCCESS, None
+
+    def _on_commitment_request(self, event: evt.Event) -> tuple[int, None]:
+        """The node takes reports, it does not commit: an N-ACTION gets a processing failure."""
+        log.warning(
+            "storage commitment request refused: the node is not a Storage Commitment SCP",
+            extra={"calling_ae": str(event.assoc.requestor.ae_title).strip()},
+        )
+        return _PROCESSING_FAILURE, None
 
     def _on_store(self, event: evt.Event) -> int | Dataset:
         calling_ae = str(event.assoc.requestor.ae_title).strip()

@@ -30,11 +30,11 @@ from pacs_node.ingest.recorder import RecordSink
 from pacs_node.ingest.scp import StorageSCP
 from pacs_node.ingest.spool import Spool
 from pacs_node.logs import configure_logging
-from pacs_node.refs import InstanceRef
+from pacs_node.refs import CommitmentReport, InstanceRef
 
 log = logging.getLogger(__name__)
 
-_SUBMIT, _COUNT, _DUPLICATE = "submit", "count", "duplicate"
+_SUBMIT, _COUNT, _DUPLICATE, _REPORT = "submit", "count", "duplicate", "report"
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 PROCESS_NAME = b"pacs-node-scp"  # at most 15 bytes
@@ -55,6 +55,9 @@ class _PipeSink:
 
     def duplicate(self, study_uid: str) -> None:
         self._queue.put((_DUPLICATE, study_uid))
+
+    def commitment_report(self, report: CommitmentReport) -> None:
+        self._queue.put((_REPORT, report))
 
 
 def _die_with_parent() -> None:
@@ -169,6 +172,8 @@ class SCPWorkers:
                 self.sink.submit(value)
             elif kind == _COUNT:
                 self.sink.count(*value)
+            elif kind == _REPORT:
+                self.sink.commitment_report(value)
             else:
                 self.sink.duplicate(value)
 

@@ -1,9 +1,12 @@
 """Storage Commitment as SCU against a real SCP (pynetdicom on loopback): the N-ACTION follows
 the C-STOREs on the same association and the report decides each delivery's state; a peer
-without the SOP class confirms by the C-STORE success; a refused instance goes out again."""
+without the SOP class confirms by the C-STORE success; a refused instance goes out again; a
+report the PACS sends later on its own association reaches a running node's SCP and settles the
+deliveries in the catalog."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,19 +15,30 @@ from typing import Any
 import pytest
 from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, build_role, evt
 
 from pacs_node.dispatch.commitment import STORAGE_COMMITMENT_PUSH_MODEL, Reference
 from pacs_node.dispatch.destinations import DimseDestination
 from pacs_node.dispatch.dimse import CStoreHandler
 from pacs_node.dispatch.handler import Delivered, Parcel, Transient
-from tests.conftest import free_port
+from tests.conftest import NodeProcess, free_port, storescu, wait_for
 from tests.dicom_factory import write_series
 
 pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 INSTANCE = "1.2.840.10008.1.20.1.1"
+RESULT_CLASSES = (
+    "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation
+    "1.2.840.10008.5.1.4.1.1.88.22",  # Enhanced SR
+    "1.2.840.10008.5.1.4.1.1.88.33",  # Comprehensive SR
+    "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR
+    "1.2.840.10008.5.1.4.1.1.11.1",  # Grayscale Softcopy Presentation State
+    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.7.4",  # Multi-frame True Color SC
+    "1.2.840.10008.5.1.4.1.1.104.1",  # Encapsulated PDF
+)
 
 
 def _scp(commitment: bool, refuse: set[str]) -> Callable[[], tuple[int, Any]]:
@@ -133,3 +147,109 @@ def test_without_the_sop_class_the_c_store_confirms(
     servers.append(server)
     outcomes = CStoreHandler("PACSNODE").send(_destination(port), parcels)
     assert {o.commitment for o in outcomes} == {"unsupported"}  # type: ignore[union-attr]
+
+
+class _LatePacs:
+    """A PACS that answers the N-ACTION at once but sends the report later on an association of
+    its own, as the Push Model's SCP (what Orthanc does); it refuses ``refuse_once`` the first
+    time it is asked about it."""
+
+    def __init__(self, node: NodeProcess, port: int, refuse_once: int) -> None:
+        self.node = node
+        self.refuse_left = refuse_once
+        self.stored: list[str] = []
+        self.reports: list[int] = []  # N-EVENT-REPORT statuses the node answered
+        self.ae = AE(ae_title="LATEPACS")
+        self.ae.add_supported_context(STORAGE_COMMITMENT_PUSH_MODEL)
+        for sop_class in RESULT_CLASSES:
+            self.ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
+        self.server = self.ae.start_server(
+            ("127.0.0.1", port),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self._on_store), (evt.EVT_N_ACTION, self._on_action)],
+        )
+
+    def _on_store(self, event: Any) -> int:
+        self.stored.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    def _on_action(self, event: Any) -> tuple[int, None]:
+        request = event.action_information
+        threading.Thread(target=self._report, args=(request,), daemon=True).start()
+        return 0x0000, None
+
+    def _report(self, request: Dataset) -> None:
+        info = Dataset()
+        info.TransactionUID = request.TransactionUID
+        ok, failed = [], []
+        for item in request.ReferencedSOPSequence:
+            ref = Dataset()
+            ref.ReferencedSOPClassUID = item.ReferencedSOPClassUID
+            ref.ReferencedSOPInstanceUID = item.ReferencedSOPInstanceUID
+            if self.refuse_left > 0:
+                self.refuse_left -= 1
+                ref.FailureReason = 0x0110
+                failed.append(ref)
+            else:
+                ok.append(ref)
+        info.ReferencedSOPSequence = ok
+        if failed:
+            info.FailedSOPSequence = failed
+        reporter = AE(ae_title="LATEPACS")
+        reporter.add_requested_context(STORAGE_COMMITMENT_PUSH_MODEL)
+        role = build_role(STORAGE_COMMITMENT_PUSH_MODEL, scp_role=True)
+        assoc = reporter.associate(
+            "127.0.0.1", self.node.port, ae_title=self.node.ae_title, ext_neg=[role]
+        )
+        assert assoc.is_established, "the node refused the report's association"
+        status, _ = assoc.send_n_event_report(
+            info, 2 if failed else 1, STORAGE_COMMITMENT_PUSH_MODEL, INSTANCE
+        )
+        self.reports.append(int(status.Status))
+        assoc.release()
+
+
+def test_a_report_on_the_pacs_own_association_settles_the_deliveries(
+    tmp_path: Path, make_node: Callable[..., NodeProcess]
+) -> None:
+    pacs_port = free_port()
+    node = make_node(
+        peers=[
+            {"ae_title": "LATEPACS", "host": "127.0.0.1", "port": pacs_port},
+            {"ae_title": "PACSNODE_SCU", "host": "127.0.0.1"},
+        ],
+        models_dir=str(ROOT / "models"),
+        job_workers=1,
+        dicom_workers=1,  # the report goes through a spawned SCP process, as in production
+        delivery_backoff_s=0.5,
+        delivery_backoff_max_s=2.0,
+    )
+    pacs = _LatePacs(node, pacs_port, refuse_once=1)
+    try:
+        paths = write_series(tmp_path / "ct", slices=12, rows=48, columns=48, spacing=(5, 5, 5))
+        study_uid = str(dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
+        sent = storescu(node, *paths, calling="LATEPACS")
+        assert sent.returncode == 0, sent.stderr
+        wait_for(lambda: any(s["instances"] == 12 for s in node.studies()), 60, what="the study")
+        node.cli("run", study_uid, "--model", "ct-classical")
+
+        def committed() -> list[dict[str, Any]] | None:
+            rows = json.loads(node.cli("deliveries", "--json").stdout)
+            done = rows and all(
+                (d["state"], d["commitment"]) == ("delivered", "committed") for d in rows
+            )
+            return rows if done else None
+
+        try:
+            deliveries = wait_for(committed, 120, interval=0.5, what="every delivery committed")
+        except AssertionError as exc:
+            rows = node.cli("deliveries", "--json").stdout
+            raise AssertionError(f"{exc}\n{rows}\n{node.log_text()[-4000:]}") from None
+    finally:
+        pacs.server.shutdown()
+    assert len(pacs.reports) >= 2  # the first, with the refusal, and the resent one's
+    assert set(pacs.reports) == {0x0000}  # the node answered every report with success
+    attempts = sorted(d["attempts"] for d in deliveries)
+    assert attempts == [1] * (len(deliveries) - 1) + [2]  # the refused one went out again
+    assert len(pacs.stored) == len(deliveries) + 1
+    assert "storage commitment report recorded" in node.log_text()

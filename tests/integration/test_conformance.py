@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pynetdicom import AE
+from pydicom import Dataset
+from pynetdicom import AE, build_role
 from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
 
@@ -24,6 +25,7 @@ DOC = (Path(__file__).resolve().parents[2] / "docs" / "conformance.md").read_tex
 CT = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
 _UID = re.compile(r"^\| [^|]+ \| `([0-9.]+)` \|", re.MULTILINE)
 
 
@@ -106,3 +108,46 @@ def test_listed_option_defaults_are_the_config_defaults() -> None:
         assert yaml.safe_load(default) == expected, name
         checked += 1
     assert checked >= 10
+
+
+def test_storage_commitment_reports_are_taken_as_listed(
+    make_node: Callable[..., NodeProcess],
+) -> None:
+    """4.6: the Push Model with the requestor as SCP; the answers the statement lists."""
+    node = make_node(dicom_workers=1)
+    (push_model,) = _UID.findall(section("4.6"))
+    listed = set(re.findall(r"`(0x[0-9A-F]{4})`", section("4.6")))
+    assert listed == {"0x0000", "0x0110", "0x0113"}
+    ae = AE(ae_title="PACSNODE_SCU")
+    ae.add_requested_context(push_model)
+    assoc = ae.associate(
+        "127.0.0.1",
+        node.port,
+        ae_title=node.ae_title,
+        ext_neg=[build_role(push_model, scp_role=True)],
+    )
+    assert assoc.is_established
+    try:
+        (context,) = assoc.accepted_contexts
+        assert str(context.abstract_syntax) == push_model
+        info = Dataset()
+        info.TransactionUID = "2.25.1234"  # no request of ours: nothing to settle, still taken
+        info.ReferencedSOPSequence = []
+        answers = [
+            assoc.send_n_event_report(info, event_type, push_model, COMMITMENT_INSTANCE)[0]
+            for event_type in (1, 7)
+        ]
+        assert [int(a.Status) for a in answers] == [0x0000, 0x0113]
+    finally:
+        assoc.release()
+    requester = AE(ae_title="PACSNODE_SCU")
+    requester.add_requested_context(push_model)
+    assoc = requester.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+    try:
+        action = Dataset()
+        action.TransactionUID = "2.25.5678"
+        action.ReferencedSOPSequence = []
+        status, _ = assoc.send_n_action(action, 1, push_model, COMMITMENT_INSTANCE)
+        assert int(status.Status) == 0x0110  # the node is not a Storage Commitment SCP
+    finally:
+        assoc.release()

@@ -120,6 +120,13 @@ def test_orthanc_forwards_a_study_and_gets_the_results_back(
     _check_in_orthanc(orthanc, study_uid, deliveries)
     assert orthanc.get("/statistics")["CountInstances"] == 16 + len(deliveries)
 
+    def committed() -> list[dict[str, Any]] | None:
+        rows = _json(node, "deliveries")
+        return rows if all(d["commitment"] == "committed" for d in rows) else None
+
+    # Orthanc answers the N-ACTION, then reports on an association of its own to the node's SCP
+    wait_for(committed, 60, interval=0.5, what="Orthanc's storage commitment reports")
+
 
 def test_outage_backs_off_then_delivers_everything_once(
     tmp_path: Path, make_node: Callable[..., NodeProcess], orthancs: list[OrthancProcess]

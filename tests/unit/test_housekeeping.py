@@ -16,6 +16,7 @@ from pacs_node.catalog.db import Catalog, open_catalog
 from pacs_node.catalog.deliveries import create_deliveries
 from pacs_node.catalog.jobs import queue_job
 from pacs_node.catalog.models import (
+    Commitment,
     Delivery,
     DeliveryState,
     Instance,
@@ -28,7 +29,7 @@ from pacs_node.catalog.models import (
 )
 from pacs_node.catalog.results import StoredEncoding, add_result_rows, write_files
 from pacs_node.config import NodeOptions, Settings
-from pacs_node.dispatch.commitment import Reference
+from pacs_node.dispatch.commitment import CommitmentAnswer, Reference
 from pacs_node.housekeeping import Housekeeping, eligible_studies, finish_purges, purge_study
 from pacs_node.ingest.reconcile import reconcile
 from pacs_node.ingest.recorder import CatalogRecorder
@@ -37,6 +38,7 @@ from tests.catalog_factory import ingest
 from tests.dicom_factory import write_series
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
+COMMITTED, FAILED = Commitment.COMMITTED, Commitment.FAILED
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 
 
@@ -209,9 +211,9 @@ def test_requested_commitment_is_asked_again_then_the_study_may_go(
     study_uid = node.study(tmp_path, "s", "requested", DeliveryState.DELIVERED, age_days=30)
     asked: list[tuple[str, list[Reference]]] = []
 
-    def recommit(name: str, refs: list[Reference]) -> dict[str, str]:
+    def recommit(name: str, refs: list[Reference]) -> CommitmentAnswer:
         asked.append((name, refs))
-        return {ref.sop_instance_uid: "committed" for ref in refs}
+        return CommitmentAnswer("2.25.1", {ref.sop_instance_uid: COMMITTED for ref in refs})
 
     report = Housekeeping(
         node.catalog, node.settings(retention_days=1), recommit=recommit
@@ -227,7 +229,9 @@ def test_a_failed_commitment_sends_the_result_again(node: Node, tmp_path: Path) 
     report = Housekeeping(
         node.catalog,
         node.settings(retention_days=1),
-        recommit=lambda _n, refs: {r.sop_instance_uid: "failed" for r in refs},
+        recommit=lambda _n, refs: CommitmentAnswer(
+            "2.25.2", {r.sop_instance_uid: FAILED for r in refs}
+        ),
     ).run_once()
     assert report.purged == []
     with node.catalog.sessions() as session:
