@@ -63,7 +63,8 @@ log = logging.getLogger(__name__)
 
 POLL_S = 0.5  # how often an idle worker looks for a queued job
 STOP_GRACE_S = 10.0
-PARENT_CHECK_S = 1.0  # how long a stopping worker may finish its job before it is killed
+PARENT_CHECK_S = 1.0  # how often a worker checks that the node is still alive
+SUPERVISE_S = 1.0  # how often the pool looks for a dead worker to replace
 
 
 class Cancelled(Exception):
@@ -363,7 +364,11 @@ def _worker_main(settings: Settings, index: int, stop: EventType) -> None:
 
 
 class WorkerPool:
-    """``size`` worker processes; started after the catalog is reconciled, stopped first."""
+    """``size`` worker processes; started after the catalog is reconciled, stopped first.
+
+    A worker that dies (killed for memory, a crash in a native library) is replaced within
+    ``SUPERVISE_S``, and the job it held goes back to the queue, or fails once it has taken
+    ``job_max_attempts`` workers down with it."""
 
     def __init__(self, catalog: Catalog, settings: Settings) -> None:
         self.catalog = catalog
@@ -373,6 +378,7 @@ class WorkerPool:
         self._stop = self._context.Event()
         self._processes: list[SpawnProcess] = []
         self._lock = threading.Lock()
+        self._supervisor: threading.Thread | None = None
 
     def recover(self) -> tuple[int, int]:
         """Jobs this host left running when it died: back to the queue (or failed)."""
@@ -388,18 +394,61 @@ class WorkerPool:
         self.recover()
         with self._lock:
             for index in range(self.size):
-                process = self._context.Process(
-                    target=_worker_main,
-                    args=(self.settings, index, self._stop),
-                    name=f"pacs-node-job-worker-{index}",
-                    daemon=True,
+                self._processes.append(self._spawn(index))
+        self._supervisor = threading.Thread(
+            target=self._supervise, name="job-worker-supervisor", daemon=True
+        )
+        self._supervisor.start()
+
+    def _spawn(self, index: int) -> SpawnProcess:
+        process = self._context.Process(
+            target=_worker_main,
+            args=(self.settings, index, self._stop),
+            name=f"pacs-node-job-worker-{index}",
+            daemon=True,
+        )
+        process.start()
+        return process
+
+    def _supervise(self) -> None:
+        while not self._stop.wait(SUPERVISE_S):
+            try:
+                self.replace_dead()
+            except SQLAlchemyError:  # the catalog is away: try again on the next round
+                log.exception("could not replace a dead job worker")
+
+    def replace_dead(self) -> int:
+        """Re-queue the job of every dead worker, then start a new worker in its place."""
+        with self._lock:
+            if self._stop.is_set():
+                return 0
+            dead = [(i, p) for i, p in enumerate(self._processes) if not p.is_alive()]
+            for index, process in dead:
+                with self.catalog.sessions.begin() as session:
+                    queued, failed = requeue_orphans(
+                        session,
+                        f"{host_prefix()}{process.pid}:",
+                        self.settings.node.job_max_attempts,
+                        by="worker replaced",
+                    )
+                log.error(
+                    "job worker died; replacing it",
+                    extra={
+                        "worker": index,
+                        "exitcode": process.exitcode,
+                        "requeued": queued,
+                        "failed": failed,
+                    },
                 )
-                process.start()
-                self._processes.append(process)
+                self._processes[index] = self._spawn(index)
+        return len(dead)
 
     def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         """Ask workers to stop after their job; kill any still busy and re-queue its job."""
         self._stop.set()
+        if self._supervisor is not None:
+            self._supervisor.join()
+            self._supervisor = None
         deadline = time.monotonic() + grace_s
         with self._lock:
             for process in self._processes:

@@ -180,7 +180,9 @@ def retry_job(session: Session, job_id: int) -> bool:
     return True
 
 
-def requeue_orphans(session: Session, owner_prefix: str, max_attempts: int) -> tuple[int, int]:
+def requeue_orphans(
+    session: Session, owner_prefix: str, max_attempts: int, by: str = "restart"
+) -> tuple[int, int]:
     """Jobs left ``running`` by a dead process of ours go back to the queue, unless they
     already took ``max_attempts`` workers down with them: those fail. Returns (queued, failed)."""
     rows = session.execute(
@@ -205,7 +207,7 @@ def requeue_orphans(session: Session, owner_prefix: str, max_attempts: int) -> t
                 .where(Job.id == job_id, Job.state == JobState.RUNNING)
                 .values(state=JobState.QUEUED, claimed_by=None, stage=None, progress=0.0)
             )
-            add_job_event(session, job_id, "queued", by="restart", interrupted_stage=stage)
+            add_job_event(session, job_id, "queued", by=by, interrupted_stage=stage)
             queued += 1
     return queued, failed
 

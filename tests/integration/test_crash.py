@@ -12,7 +12,7 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 
-from tests.conftest import NodeProcess, wait_for
+from tests.conftest import NodeProcess, storescu, wait_for
 from tests.dicom_factory import CT_IMAGE, write_series
 
 pytestmark = pytest.mark.integration
@@ -63,3 +63,54 @@ def test_sigkill_mid_send_loses_nothing_acknowledged(
         lambda: [s for s in node.studies() if s["state"] == "stable"], 20, what="stable"
     )[0]
     assert study["instances"] == len(spooled)
+
+
+def test_a_killed_job_worker_is_replaced_and_its_job_runs_again(
+    make_node: Callable[..., NodeProcess], tmp_path: Path
+) -> None:
+    """A worker the kernel kills (out of memory, say) costs the job one attempt, not the node:
+    the pool starts a new worker and the job runs to the end without a restart."""
+    import json
+    import os
+    import signal
+
+    from sqlalchemy import select
+
+    from pacs_node.catalog.db import open_catalog
+    from pacs_node.catalog.models import Job, JobEvent
+
+    root = Path(__file__).resolve().parents[2]
+    node = make_node(models_dir=str(root / "models"), job_workers=1, dicom_workers=0)
+    files = write_series(tmp_path / "ct", slices=40, rows=128, columns=128, spacing=(3, 2, 2))
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    assert storescu(node, *files).returncode == 0
+    wait_for(lambda: any(s["instances"] == 40 for s in node.studies()), 60, what="the study")
+    node.cli("run", study_uid, "--model", "ct-classical")
+    catalog = open_catalog(f"sqlite:///{(node.data_dir / 'catalog.sqlite').resolve()}")
+    try:
+
+        def running_pid() -> int | None:
+            with catalog.sessions() as session:
+                job = session.scalars(select(Job)).one()
+            if job.state != "running" or job.stage not in ("infer", "build"):
+                return None
+            return int((job.claimed_by or "").split(":")[1])
+
+        os.kill(wait_for(running_pid, 120, interval=0.05, what="the job running"), signal.SIGKILL)
+
+        def done() -> dict[str, object] | None:
+            (job,) = json.loads(node.cli("jobs", "--json").stdout)
+            return job if job["state"] in ("done", "failed") else None
+
+        job = wait_for(done, 180, interval=0.5, what="the job, run again by a new worker")
+        with catalog.sessions() as session:
+            events = [
+                (e.kind, e.detail or "")
+                for e in session.scalars(select(JobEvent).order_by(JobEvent.id))
+            ]
+    finally:
+        catalog.dispose()
+    assert (job["state"], job["attempts"]) == ("done", 2)
+    assert [kind for kind, _ in events[:5]] == ["queued", "running", "queued", "running", "done"]
+    assert "worker replaced" in events[2][1]
+    assert "job worker died; replacing it" in node.log_text()
