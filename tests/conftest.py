@@ -69,6 +69,7 @@ class NodeProcess:
     root: Path
     node: dict[str, Any]
     peers: list[dict[str, Any]] = field(default_factory=list)
+    destinations: dict[str, Any] = field(default_factory=dict)  # peers.yaml `destinations:`
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -94,7 +95,10 @@ class NodeProcess:
     def write_config(self) -> None:
         self.config_dir.mkdir(parents=True, exist_ok=True)
         (self.config_dir / "node.yaml").write_text(yaml.safe_dump(self.node))
-        (self.config_dir / "peers.yaml").write_text(yaml.safe_dump({"peers": self.peers}))
+        peers: dict[str, Any] = {"peers": self.peers}
+        if self.destinations:
+            peers["destinations"] = self.destinations
+        (self.config_dir / "peers.yaml").write_text(yaml.safe_dump(peers))
 
     def start(self, timeout: float = 60.0) -> NodeProcess:
         self.write_config()

@@ -1,7 +1,8 @@
-"""The node end to end with a real Orthanc as the PACS: a study forwarded by Orthanc's own
-C-STORE is processed by ``ct-classical`` and its SEG, SR, GSPS, key images and PDF land in the
-same study in Orthanc; with Orthanc down the deliveries back off, and once it is up everything
-arrives exactly once."""
+"""The node end to end with a real Orthanc as the PACS: a scanner's phantom CT is routed by the
+shipped CT rule, and its SEG, SR, GSPS, key images and PDF land in the same study in Orthanc
+(REST and DICOMweb) while a real FHIR server gets the DiagnosticReport and its Observations; a
+study forwarded by Orthanc's own C-STORE comes back with results; with Orthanc down the
+deliveries back off, and once it is up everything arrives exactly once."""
 
 from __future__ import annotations
 
@@ -11,17 +12,24 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import yaml
+from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+from fhir.resources.R4B.observation import Observation
 from pydicom import dcmread
 
 from tests.conftest import NodeProcess, free_port, storescu, wait_for
 from tests.dicom_factory import write_series
+from tests.integration.test_results_fhir_server import fhir_base  # noqa: F401 (fixture)
 from tests.orthanc import OrthancProcess
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 KINDS = {"seg", "sr", "gsps", "key-images", "pdf"}
+DICOM_SEND_KEYS = ("seg", "sr", "gsps", "key_images", "pdf")  # routes.yaml spelling
+FHIR_JSON = {"Content-Type": "application/fhir+json"}
 SOP_CLASSES = {
     "seg": "1.2.840.10008.5.1.4.1.1.66.4",
     "sr": "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR
@@ -126,6 +134,90 @@ def test_orthanc_forwards_a_study_and_gets_the_results_back(
 
     # Orthanc answers the N-ACTION, then reports on an association of its own to the node's SCP
     wait_for(committed, 60, interval=0.5, what="Orthanc's storage commitment reports")
+
+
+def test_a_scanner_study_reaches_the_pacs_and_the_ehr_with_no_one_touching_the_node(
+    tmp_path: Path,
+    make_node: Callable[..., NodeProcess],
+    orthancs: list[OrthancProcess],
+    fhir_base: str,  # noqa: F811
+) -> None:
+    from pacs_node.demo import make_study
+    from pacs_node.results import FhirOptions
+
+    orthanc_port = free_port()
+    node = make_node(
+        start=False,
+        peers=[
+            {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc_port},
+            {"ae_title": "STORESCU", "host": "127.0.0.1"},
+        ],
+        models_dir=str(ROOT / "models"),
+        job_workers=1,
+        quiet_period_s=2.0,
+    )
+    node.destinations = {
+        "PACS": {"type": "dimse", "peer": "ORTHANC"},
+        "EHR": {"type": "fhir", "base_url": fhir_base},
+    }
+    # the shipped CT rule (thinnest axial series, ct-torso-organs), sending to both peers
+    routes = yaml.safe_load((ROOT / "ae_config" / "routes.yaml").read_text())
+    (rule,) = [r for r in routes["rules"] if r["name"] == "ct-body"]
+    rule["send"] = {**{kind: ["PACS"] for kind in DICOM_SEND_KEYS}, "fhir": ["EHR"]}
+    node.config_dir.mkdir(parents=True, exist_ok=True)
+    (node.config_dir / "routes.yaml").write_text(yaml.safe_dump({"rules": [rule]}))
+    node.start()
+    orthanc = OrthancProcess(
+        tmp_path / "orthanc",
+        free_port(),
+        orthanc_port,
+        modalities={"node": [node.ae_title, "127.0.0.1", node.port]},
+        dicomweb=True,
+    ).start()
+    orthancs.append(orthanc)
+
+    study_uid, paths = make_study(tmp_path / "ct", seed=777)
+    patient_id = str(dcmread(paths[0], stop_before_pixels=True).PatientID)
+    patient = {
+        "resourceType": "Patient",
+        "identifier": [{"system": FhirOptions().patient_system, "value": patient_id}],
+    }
+    created = httpx.post(f"{fhir_base}/Patient", json=patient, headers=FHIR_JSON, timeout=30)
+    assert created.status_code == 201, created.text
+
+    assert storescu(node, *paths).returncode == 0  # the scanner; nothing else is done by hand
+    wait_for(lambda: _json(node, "jobs"), 60, interval=0.5, what="routing after the quiet period")
+    job = wait_for(lambda: _job_done(node), 240, interval=0.5, what="the routed job")
+    assert (job["rule"], job["model"]) == ("ct-body", "ct-torso-organs")
+    for stage in ("decode_s", "infer_s", "build_s", "store_s", "total_s"):
+        assert job["timings"][stage] >= 0, stage
+
+    def delivered() -> list[dict[str, Any]] | None:
+        rows = _json(node, "deliveries")
+        kinds = {d["kind"] for d in rows}
+        settled = all(d["state"] == "delivered" for d in rows)
+        return rows if kinds == KINDS | {"fhir"} and settled else None
+
+    deliveries = wait_for(delivered, 120, interval=0.5, what="every delivery")
+    dicom = [d for d in deliveries if d["kind"] != "fhir"]
+    assert {d["destination"] for d in dicom} == {"PACS"}
+    _check_in_orthanc(orthanc, study_uid, dicom)
+    # the viewers' door: DICOMweb lists the result series in the source study
+    series = httpx.get(f"{orthanc.dicomweb_url}/studies/{study_uid}/series", timeout=30).json()
+    modalities = {item["00080060"]["Value"][0] for item in series}
+    assert {"SEG", "SR", "PR", "DOC"} <= modalities  # the CT itself went to the node only
+
+    # the EHR: one DiagnosticReport for the study, with its Observations, valid R4
+    reports = httpx.get(f"{fhir_base}/DiagnosticReport", timeout=30).json()["entry"]
+    assert len(reports) == 1
+    report = DiagnosticReport.model_validate(reports[0]["resource"])
+    assert report.result, "the report lists no Observation"
+    for reference in report.result:  # each one stored on the server, each valid R4
+        read = httpx.get(f"{fhir_base}/{reference.reference}", timeout=30)
+        assert read.status_code == 200, reference.reference
+        Observation.model_validate(read.json())
+    (study,) = node.studies()
+    assert study["status"] == "done"
 
 
 def test_outage_backs_off_then_delivers_everything_once(
