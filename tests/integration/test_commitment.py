@@ -41,6 +41,26 @@ RESULT_CLASSES = (
 )
 
 
+def _event_information(request: Dataset, refuse: Callable[[str], bool]) -> tuple[Dataset, int]:
+    """A PACS's answer to an N-ACTION: its Event Information and Event Type (2 if any fail)."""
+    info = Dataset()
+    info.TransactionUID = request.TransactionUID
+    ok, failed = [], []
+    for item in request.ReferencedSOPSequence:
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = item.ReferencedSOPClassUID
+        ref.ReferencedSOPInstanceUID = item.ReferencedSOPInstanceUID
+        if refuse(str(item.ReferencedSOPInstanceUID)):
+            ref.FailureReason = 0x0110
+            failed.append(ref)
+        else:
+            ok.append(ref)
+    info.ReferencedSOPSequence = ok
+    if failed:
+        info.FailedSOPSequence = failed
+    return info, 2 if failed else 1
+
+
 def _scp(commitment: bool, refuse: set[str]) -> Callable[[], tuple[int, Any]]:
     def start() -> tuple[int, Any]:
         def on_action(event: Any) -> tuple[int, None]:
@@ -48,27 +68,8 @@ def _scp(commitment: bool, refuse: set[str]) -> Callable[[], tuple[int, Any]]:
             assoc = event.assoc
 
             def report() -> None:
-                info = Dataset()
-                info.TransactionUID = request.TransactionUID
-                ok, failed = [], []
-                for item in request.ReferencedSOPSequence:
-                    ref = Dataset()
-                    ref.ReferencedSOPClassUID = item.ReferencedSOPClassUID
-                    ref.ReferencedSOPInstanceUID = item.ReferencedSOPInstanceUID
-                    if item.ReferencedSOPInstanceUID in refuse:
-                        ref.FailureReason = 0x0110
-                        failed.append(ref)
-                    else:
-                        ok.append(ref)
-                info.ReferencedSOPSequence = ok
-                if failed:
-                    info.FailedSOPSequence = failed
-                assoc.send_n_event_report(
-                    info,
-                    2 if failed else 1,
-                    STORAGE_COMMITMENT_PUSH_MODEL,
-                    "1.2.840.10008.1.20.1.1",
-                )
+                info, event_type = _event_information(request, lambda uid: uid in refuse)
+                assoc.send_n_event_report(info, event_type, STORAGE_COMMITMENT_PUSH_MODEL, INSTANCE)
 
             threading.Timer(0.05, report).start()  # after the N-ACTION response
             return 0x0000, None
@@ -173,28 +174,19 @@ class _LatePacs:
         self.stored.append(str(event.request.AffectedSOPInstanceUID))
         return 0x0000
 
+    def _refuse(self, _uid: str) -> bool:
+        if self.refuse_left > 0:
+            self.refuse_left -= 1
+            return True
+        return False
+
     def _on_action(self, event: Any) -> tuple[int, None]:
         request = event.action_information
         threading.Thread(target=self._report, args=(request,), daemon=True).start()
         return 0x0000, None
 
     def _report(self, request: Dataset) -> None:
-        info = Dataset()
-        info.TransactionUID = request.TransactionUID
-        ok, failed = [], []
-        for item in request.ReferencedSOPSequence:
-            ref = Dataset()
-            ref.ReferencedSOPClassUID = item.ReferencedSOPClassUID
-            ref.ReferencedSOPInstanceUID = item.ReferencedSOPInstanceUID
-            if self.refuse_left > 0:
-                self.refuse_left -= 1
-                ref.FailureReason = 0x0110
-                failed.append(ref)
-            else:
-                ok.append(ref)
-        info.ReferencedSOPSequence = ok
-        if failed:
-            info.FailedSOPSequence = failed
+        info, event_type = _event_information(request, self._refuse)
         reporter = AE(ae_title="LATEPACS")
         reporter.add_requested_context(STORAGE_COMMITMENT_PUSH_MODEL)
         role = build_role(STORAGE_COMMITMENT_PUSH_MODEL, scp_role=True)
@@ -203,7 +195,7 @@ class _LatePacs:
         )
         assert assoc.is_established, "the node refused the report's association"
         status, _ = assoc.send_n_event_report(
-            info, 2 if failed else 1, STORAGE_COMMITMENT_PUSH_MODEL, INSTANCE
+            info, event_type, STORAGE_COMMITMENT_PUSH_MODEL, INSTANCE
         )
         self.reports.append(int(status.Status))
         assoc.release()

@@ -61,6 +61,29 @@ def _node(make_node: Callable[..., NodeProcess], orthanc_dicom_port: int) -> Nod
     )
 
 
+def _routed_node(
+    make_node: Callable[..., NodeProcess],
+    orthanc_port: int,
+    routes: str,
+    destinations: dict[str, Any] | None = None,
+) -> NodeProcess:
+    """A node that routes what a scanner (STORESCU) sends by ``routes``, Orthanc as a peer."""
+    node = make_node(
+        start=False,
+        peers=[
+            {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc_port},
+            {"ae_title": "STORESCU", "host": "127.0.0.1"},
+        ],
+        models_dir=str(ROOT / "models"),
+        job_workers=1,
+        quiet_period_s=2.0,
+    )
+    node.destinations = destinations or {}
+    node.config_dir.mkdir(parents=True, exist_ok=True)
+    (node.config_dir / "routes.yaml").write_text(routes)
+    return node.start()
+
+
 def _json(node: NodeProcess, *args: str) -> Any:
     return json.loads(node.cli(*args, "--json").stdout)
 
@@ -146,27 +169,15 @@ def test_a_scanner_study_reaches_the_pacs_and_the_ehr_with_no_one_touching_the_n
     from pacs_node.results import FhirOptions
 
     orthanc_port = free_port()
-    node = make_node(
-        start=False,
-        peers=[
-            {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc_port},
-            {"ae_title": "STORESCU", "host": "127.0.0.1"},
-        ],
-        models_dir=str(ROOT / "models"),
-        job_workers=1,
-        quiet_period_s=2.0,
-    )
-    node.destinations = {
-        "PACS": {"type": "dimse", "peer": "ORTHANC"},
-        "EHR": {"type": "fhir", "base_url": fhir_base},
-    }
     # the shipped CT rule (thinnest axial series, ct-torso-organs), sending to both peers
     routes = yaml.safe_load((ROOT / "ae_config" / "routes.yaml").read_text())
     (rule,) = [r for r in routes["rules"] if r["name"] == "ct-body"]
     rule["send"] = {**{kind: ["PACS"] for kind in DICOM_SEND_KEYS}, "fhir": ["EHR"]}
-    node.config_dir.mkdir(parents=True, exist_ok=True)
-    (node.config_dir / "routes.yaml").write_text(yaml.safe_dump({"rules": [rule]}))
-    node.start()
+    destinations = {
+        "PACS": {"type": "dimse", "peer": "ORTHANC"},
+        "EHR": {"type": "fhir", "base_url": fhir_base},
+    }
+    node = _routed_node(make_node, orthanc_port, yaml.safe_dump({"rules": [rule]}), destinations)
     orthanc = OrthancProcess(
         tmp_path / "orthanc",
         free_port(),
@@ -330,19 +341,7 @@ def test_a_scanner_study_is_routed_and_results_forwarded_back_start_no_second_jo
     tmp_path: Path, make_node: Callable[..., NodeProcess], orthancs: list[OrthancProcess]
 ) -> None:
     orthanc_port = free_port()
-    node = make_node(
-        start=False,
-        peers=[
-            {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc_port},
-            {"ae_title": "STORESCU", "host": "127.0.0.1"},
-        ],
-        models_dir=str(ROOT / "models"),
-        job_workers=1,
-        quiet_period_s=2.0,
-    )
-    node.config_dir.mkdir(parents=True, exist_ok=True)
-    (node.config_dir / "routes.yaml").write_text(ROUTES_TO_ORTHANC)
-    node.start()
+    node = _routed_node(make_node, orthanc_port, ROUTES_TO_ORTHANC)
     orthanc = OrthancProcess(
         tmp_path / "orthanc",
         free_port(),
