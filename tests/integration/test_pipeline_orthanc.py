@@ -1,8 +1,8 @@
 """The node end to end with a real Orthanc as the PACS: a scanner's phantom CT is routed by the
 shipped CT rule, and its SEG, SR, GSPS, key images and PDF land in the same study in Orthanc
 (REST and DICOMweb) while a real FHIR server gets the DiagnosticReport and its Observations; a
-study forwarded by Orthanc's own C-STORE comes back with results; with Orthanc down the
-deliveries back off, and once it is up everything arrives exactly once."""
+study forwarded by Orthanc's own C-STORE comes back with results; with Orthanc and the EHR down
+the deliveries back off, and once they are up everything arrives exactly once."""
 
 from __future__ import annotations
 
@@ -21,7 +21,10 @@ from pydicom import dcmread
 
 from tests.conftest import NodeProcess, free_port, storescu, wait_for
 from tests.dicom_factory import write_series
-from tests.integration.test_results_fhir_server import fhir_base  # noqa: F401 (fixture)
+from tests.integration.test_results_fhir_server import (  # fhir_base: a fixture
+    FhirServer,
+    fhir_base,  # noqa: F401
+)
 from tests.orthanc import OrthancProcess
 
 pytestmark = pytest.mark.integration
@@ -66,6 +69,7 @@ def _routed_node(
     orthanc_port: int,
     routes: str,
     destinations: dict[str, Any] | None = None,
+    **options: Any,
 ) -> NodeProcess:
     """A node that routes what a scanner (STORESCU) sends by ``routes``, Orthanc as a peer."""
     node = make_node(
@@ -77,6 +81,7 @@ def _routed_node(
         models_dir=str(ROOT / "models"),
         job_workers=1,
         quiet_period_s=2.0,
+        **options,
     )
     node.destinations = destinations or {}
     node.config_dir.mkdir(parents=True, exist_ok=True)
@@ -234,24 +239,39 @@ def test_a_scanner_study_reaches_the_pacs_and_the_ehr_with_no_one_touching_the_n
 def test_outage_backs_off_then_delivers_everything_once(
     tmp_path: Path, make_node: Callable[..., NodeProcess], orthancs: list[OrthancProcess]
 ) -> None:
-    dicom_port = free_port()
-    node = _node(make_node, dicom_port)
+    """The PACS and the EHR are both down when the results are ready."""
+    dicom_port, fhir_port = free_port(), free_port()
+    ehr = {
+        "type": "fhir",
+        "base_url": f"http://127.0.0.1:{fhir_port}/fhir",
+        "create_patient": True,  # a test EHR: the Bundle brings its Patient
+    }
+    node = _routed_node(
+        make_node,
+        dicom_port,
+        ROUTES_TO_ORTHANC_AND_EHR,
+        {"EHR": ehr},
+        delivery_backoff_s=0.5,
+        delivery_backoff_max_s=2.0,
+    )
     paths = write_series(tmp_path / "ct", slices=16, rows=64, columns=64, spacing=(5, 5, 5))
     study_uid = str(dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
-    sent = storescu(node, *paths, calling="ORTHANC")  # the PACS sends; it is down afterwards
-    assert sent.returncode == 0, sent.stderr
-    wait_for(lambda: _received(node, study_uid, 16), 60, what="the study in the node")
-    node.cli("run", study_uid, "--model", "ct-classical")
+    assert storescu(node, *paths).returncode == 0
+    wait_for(lambda: _json(node, "jobs"), 60, interval=0.5, what="routing after the quiet period")
     wait_for(lambda: _job_done(node), 180, interval=0.5, what="the job to finish")
 
     def retried() -> list[dict[str, Any]] | None:
         rows = _json(node, "deliveries")
-        ok = rows and all(d["state"] == "pending" and d["attempts"] >= 3 for d in rows)
+        ok = len(rows) == len(KINDS) + 1 and all(
+            d["state"] == "pending" and d["attempts"] >= 3 for d in rows
+        )
         return rows if ok else None
 
     waiting = wait_for(retried, 60, interval=0.5, what="deliveries retried with backoff")
-    assert all("association" in (d["last_error"] or "") for d in waiting)
     assert all(d["next_attempt_at"] is not None for d in waiting)
+    for delivery in waiting:
+        if delivery["kind"] != "fhir":
+            assert "association" in (delivery["last_error"] or ""), delivery
 
     orthanc = OrthancProcess(
         tmp_path / "orthanc",
@@ -260,19 +280,26 @@ def test_outage_backs_off_then_delivers_everything_once(
         modalities={"node": [node.ae_title, "127.0.0.1", node.port]},
     ).start()
     orthancs.append(orthanc)
+    fhir = FhirServer(tmp_path / "fhir", fhir_port)
+    try:
 
-    def delivered() -> list[dict[str, Any]] | None:
-        rows = _json(node, "deliveries")
-        return rows if all(d["state"] == "delivered" for d in rows) else None
+        def delivered() -> list[dict[str, Any]] | None:
+            rows = _json(node, "deliveries")
+            return rows if all(d["state"] == "delivered" for d in rows) else None
 
-    deliveries = wait_for(delivered, 60, interval=0.5, what="every delivery after the outage")
-    assert len(deliveries) == len(waiting)  # none lost, none added
-    _check_in_orthanc(orthanc, study_uid, deliveries)
-    assert orthanc.get("/statistics")["CountInstances"] == len(deliveries)  # each exactly once
-    # once delivered, nothing goes out again
-    before = {d["id"]: d["attempts"] for d in deliveries}
-    after = {d["id"]: d["attempts"] for d in _json(node, "deliveries")}
-    assert after == before
+        deliveries = wait_for(delivered, 60, interval=0.5, what="every delivery after the outage")
+        assert len(deliveries) == len(waiting)  # none lost, none added
+        dicom = [d for d in deliveries if d["kind"] != "fhir"]
+        _check_in_orthanc(orthanc, study_uid, dicom)
+        assert orthanc.get("/statistics")["CountInstances"] == len(dicom)  # each exactly once
+        reports = httpx.get(f"{fhir.base}/DiagnosticReport", timeout=30).json()
+        assert len(reports.get("entry", [])) == 1  # the report exactly once
+        # once delivered, nothing goes out again
+        before = {d["id"]: d["attempts"] for d in deliveries}
+        after = {d["id"]: d["attempts"] for d in _json(node, "deliveries")}
+        assert after == before
+    finally:
+        fhir.stop()
 
 
 def test_sigkill_during_a_job_loses_nothing_and_duplicates_nothing(
@@ -325,6 +352,22 @@ def test_sigkill_during_a_job_loses_nothing_and_duplicates_nothing(
     _check_in_orthanc(orthanc, study_uid, deliveries)
     assert orthanc.get("/statistics")["CountInstances"] == len(deliveries)
 
+
+ROUTES_TO_ORTHANC_AND_EHR = """
+rules:
+  - name: ct-body
+    when:
+      modality: CT
+      slices: {min: 10}
+    models: [ct-classical]
+    send:
+      seg: [ORTHANC]
+      sr: [ORTHANC]
+      gsps: [ORTHANC]
+      key_images: [ORTHANC]
+      pdf: [ORTHANC]
+      fhir: [EHR]
+"""
 
 ROUTES_TO_ORTHANC = """
 rules:

@@ -44,36 +44,49 @@ def _ensure_sekmet() -> None:
         pytest.skip(f"sekmet-fhir could not be installed: {install.stderr[-500:]}")
 
 
-@pytest.fixture(scope="module")
-def fhir_base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    _ensure_sekmet()
-    workdir = tmp_path_factory.mktemp("sekmet")
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "SEKMET_BASE_URL": base}
-    log = (workdir / "server.log").open("wb")
-    process = subprocess.Popen(
-        [str(SEKMET), "serve", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=workdir,
-        env=env,
-        stdout=log,
-        stderr=log,
-    )
+class FhirServer:
+    """sekmet-fhir serving ``http://127.0.0.1:PORT/fhir`` until :meth:`stop`."""
 
-    def ready() -> bool:
-        if process.poll() is not None:
-            raise AssertionError((workdir / "server.log").read_text())
+    def __init__(self, workdir: Path, port: int) -> None:
+        _ensure_sekmet()
+        self.workdir = workdir
+        self.root = f"http://127.0.0.1:{port}"
+        self.base = f"{self.root}/fhir"
+        workdir.mkdir(parents=True, exist_ok=True)
+        log = (workdir / "server.log").open("wb")
+        self.process = subprocess.Popen(
+            [str(SEKMET), "serve", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=workdir,
+            env={**os.environ, "SEKMET_BASE_URL": self.root},
+            stdout=log,
+            stderr=log,
+        )
         try:
-            return httpx.get(f"{base}/fhir/metadata", timeout=1).status_code == 200
+            wait_for(self._ready, 60, what="the FHIR server")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _ready(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError((self.workdir / "server.log").read_text())
+        try:
+            return httpx.get(f"{self.base}/metadata", timeout=1).status_code == 200
         except httpx.HTTPError:
             return False
 
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+
+
+@pytest.fixture(scope="module")
+def fhir_base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    server = FhirServer(tmp_path_factory.mktemp("sekmet"), free_port())
     try:
-        wait_for(ready, 60, what="the FHIR server")
-        yield f"{base}/fhir"
+        yield server.base
     finally:
-        process.terminate()
-        process.wait(30)
+        server.stop()
 
 
 def _count(base: str, resource: str) -> int:
