@@ -17,6 +17,7 @@ import pytest
 import yaml
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.observation import Observation
+from orthanc_api_client import OrthancApiClient
 from pydicom import dcmread
 
 from tests.conftest import NodeProcess, free_port, storescu, wait_for
@@ -218,10 +219,19 @@ def test_a_scanner_study_reaches_the_pacs_and_the_ehr_with_no_one_touching_the_n
     dicom = [d for d in deliveries if d["kind"] != "fhir"]
     assert {d["destination"] for d in dicom} == {"PACS"}
     _check_in_orthanc(orthanc, study_uid, dicom)
+    api = OrthancApiClient(orthanc.url)  # the PACS admin's door: Orthanc's REST API
+    orthanc_study = api.studies.lookup(study_uid)
+    assert orthanc_study is not None
+    rest_modalities = {
+        api.series.get(sid).main_dicom_tags.get("Modality")
+        for sid in api.studies.get_series_ids(orthanc_study)
+    }
+    assert {"SEG", "SR", "PR", "OT", "DOC"} <= rest_modalities
+    assert len(api.studies.get_pdf_instances(orthanc_study)) == 1
     # the viewers' door: DICOMweb lists the result series in the source study
     series = httpx.get(f"{orthanc.dicomweb_url}/studies/{study_uid}/series", timeout=30).json()
     modalities = {item["00080060"]["Value"][0] for item in series}
-    assert {"SEG", "SR", "PR", "DOC"} <= modalities  # the CT itself went to the node only
+    assert {"SEG", "SR", "PR", "OT", "DOC"} <= modalities  # the CT itself went to the node only
 
     # the EHR: one DiagnosticReport for the study, with its Observations, valid R4
     reports = httpx.get(f"{fhir_base}/DiagnosticReport", timeout=30).json()["entry"]
