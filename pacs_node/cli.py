@@ -367,6 +367,8 @@ def train(
             if stage not in tasks:
                 tasks[stage] = progress.add_task(stage, total=total, note="")
             progress.update(tasks[stage], completed=done, note=note)
+            if done == total and not err.is_terminal:  # a log file gets one line per stage
+                err.print(f"{stage}: {note}", highlight=False)
 
         result = run_training(recipe, report, workers=workers, init=init)
     commands = [" ".join(["pacs-node", *sys.argv[1:]])]

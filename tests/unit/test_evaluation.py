@@ -58,6 +58,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
         check=False,
     )
     assert done.returncode == 0, done.stderr
+    (root / "train.stderr").write_text(done.stderr)
     return root
 
 
@@ -73,6 +74,9 @@ def test_tiny_training_writes_a_bundle_the_registry_loads(tiny_models: Path) -> 
     card = (tiny_models / "tiny-ct/docs/README.md").read_text()
     assert "Not for clinical use until validated locally" in card
     assert "pacs-node train" in card
+    said = (tiny_models / "train.stderr").read_text()  # not a terminal: one line per stage
+    assert "epoch 1/2: loss" in said
+    assert "epoch 2/2: loss" in said
 
 
 def test_metrics_against_hand_counts() -> None:
