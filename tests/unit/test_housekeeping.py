@@ -238,3 +238,42 @@ def test_a_failed_commitment_sends_the_result_again(node: Node, tmp_path: Path) 
         delivery = session.scalars(select(Delivery)).one()
         assert (delivery.state, delivery.commitment) == (DeliveryState.PENDING, "failed")
         assert isinstance(delivery.next_attempt_at, datetime)
+
+
+@pytest.mark.parametrize("report_first", [True, False])
+def test_a_report_on_its_own_association_settles_in_either_order(
+    node: Node, tmp_path: Path, report_first: bool
+) -> None:
+    """The PACS's own-association report may come before the node has marked its deliveries
+    with the Transaction UID (it still waits on the results association) or after."""
+    from pacs_node.catalog.deliveries import Outgoing, mark_delivered, record_commitment_report
+    from pacs_node.refs import CommitmentReport
+
+    study_uid = node.study(tmp_path, "s", None, DeliveryState.SENDING, age_days=30)
+    report = CommitmentReport("PACS", "2.25.77", (f"{study_uid}.9",), ())
+    with node.catalog.sessions.begin() as session:
+        delivery = session.scalars(select(Delivery)).one()
+        item = Outgoing(
+            delivery_id=delivery.id,
+            job_id=delivery.job_id,
+            destination="PACS",
+            kind="seg",
+            sop_class_uid=SEG,
+            sop_instance_uid=f"{study_uid}.9",
+            encodings={},
+            patient_search=None,
+            attempts=1,
+        )
+    steps = [
+        lambda s: record_commitment_report(s, report, utcnow()),
+        lambda s: mark_delivered(s, item, EXPLICIT_LE, "requested", "2.25.77"),
+    ]
+    for step in steps if report_first else reversed(steps):
+        with node.catalog.sessions.begin() as session:
+            step(session)
+    with node.catalog.sessions() as session:
+        delivery = session.scalars(select(Delivery)).one()
+        assert (delivery.state, delivery.commitment) == (DeliveryState.DELIVERED, "committed")
+        assert delivery.committed_at is not None
+    swept = Housekeeping(node.catalog, node.settings(retention_days=1)).run_once()
+    assert swept.purged == [study_uid]  # confirmed: retention may remove it
