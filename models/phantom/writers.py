@@ -84,6 +84,7 @@ def dicom_datasets(case: Case) -> Iterable[Dataset]:
             ds.ImageType = ["ORIGINAL", "PRIMARY"]
             ds.WindowCenter, ds.WindowWidth = 2048, 4096
         else:
+            ds.BodyPartExamined = "CHESTABDOMEN"  # the torso, as a scanner would tag it
             ds.FrameOfReferenceUID = frame
             ds.PositionReferenceIndicator = ""
             ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]

@@ -238,3 +238,35 @@ def test_a_broken_bundle_stops_the_node_at_start(tmp_path: Path) -> None:
     with pytest.raises(BundleError) as caught:
         check_models(settings)
     assert "metadata.json" in str(caught.value)
+
+
+def test_the_shipped_rules_send_torso_ct_and_mr_to_their_models_and_leave_a_head_mr(
+    catalog: Catalog, tmp_path: Path
+) -> None:
+    import yaml
+
+    shipped = RoutesFile.model_validate(
+        yaml.safe_load((MODELS.parent / "ae_config" / "routes.yaml").read_text())
+    )
+    spool = Spool(tmp_path / "spool")
+    router = Router(catalog, spool, shipped)
+    studies = {}
+    for name, modality, body_part in (
+        ("ct", "CT", ""),
+        ("mr", "MR", "ABDOMEN"),
+        ("head", "MR", "HEAD"),
+    ):
+        study = new_uid()
+        paths = write_series(tmp_path / name, slices=24, study_uid=study, spacing=(3.0, 1.0, 1.0))
+        _spool_and_record(
+            catalog, spool, _restyle(paths, Modality=modality, BodyPartExamined=body_part)
+        )
+        router.on_stable(study)
+        studies[name] = study
+    assert [(rule, model) for rule, model, _ in _jobs(catalog)] == [
+        ("ct-body", "ct-torso-organs"),
+        ("mr-body", "mr-torso-organs"),
+    ]
+    with catalog.sessions() as session:
+        status = {s.study_uid: s.status for s in list_studies(session)}
+    assert status[studies["head"]] == "unrouted"
