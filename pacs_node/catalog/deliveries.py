@@ -196,6 +196,11 @@ def mark_delivered(
         )
 
 
+def commitment_refusal(reason: int) -> str:
+    """What a delivery's last error says when the PACS will not commit to keep it."""
+    return f"storage commitment failed (reason 0x{reason:04X})"
+
+
 def settle_commitment(
     row: Delivery, state: str, now: datetime, reason: str = "storage commitment failed"
 ) -> None:
@@ -241,8 +246,7 @@ def _settle_reports(session: Session, transaction_uid: str, now: datetime) -> in
         for uid in json.loads(report.committed):
             states[str(uid)] = (Commitment.COMMITTED.value, "")
         for uid, reason in json.loads(report.failed):
-            text = f"storage commitment refused (reason 0x{int(reason):04X})"
-            states[str(uid)] = (Commitment.FAILED.value, text)
+            states[str(uid)] = (Commitment.FAILED.value, commitment_refusal(int(reason)))
     rows = session.execute(
         select(Delivery, Result.sop_instance_uid)
         .join(Result, Result.id == Delivery.result_id)

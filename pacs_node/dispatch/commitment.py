@@ -33,6 +33,7 @@ from pydicom import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom.association import Association
 
+from pacs_node.catalog.deliveries import commitment_refusal
 from pacs_node.catalog.models import Commitment
 from pacs_node.refs import CommitmentReport
 
@@ -153,10 +154,6 @@ def parse_report(transaction_uid: str, calling_ae: str, info: Dataset) -> Commit
     return CommitmentReport(calling_ae, transaction_uid, committed, failed)
 
 
-def failure_text(reason: int) -> str:
-    return f"storage commitment failed (reason 0x{reason:04X})"
-
-
 def _read_report(transaction_uid: str, uids: list[str], report: Dataset) -> CommitmentAnswer:
     states = dict.fromkeys(uids, Commitment.REQUESTED)
     reasons: dict[str, str] = {}
@@ -167,5 +164,5 @@ def _read_report(transaction_uid: str, uids: list[str], report: Dataset) -> Comm
     for uid, reason in parsed.failed:
         if uid in states:
             states[uid] = Commitment.FAILED
-            reasons[uid] = failure_text(reason)
+            reasons[uid] = commitment_refusal(reason)
     return CommitmentAnswer(transaction_uid, states, reasons)

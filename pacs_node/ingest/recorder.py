@@ -156,7 +156,6 @@ class CatalogRecorder:
         counts = [item for item in items if isinstance(item, _Count)]
         duplicates = [item.study_uid for item in items if isinstance(item, _Duplicate)]
         reports = [item for item in items if isinstance(item, CommitmentReport)]
-        settled: list[int] = []
         delay = 0.05
         while True:
             try:
@@ -165,8 +164,6 @@ class CatalogRecorder:
                     for count in counts:
                         increment(session, count.name, count.by)
                     add_duplicates(session, duplicates)
-                    now = utcnow()
-                    settled = [record_commitment_report(session, r, now) for r in reports]
                 break
             except Exception:
                 # The files are safe in the spool; keep trying (and reconcile covers a crash).
@@ -182,14 +179,28 @@ class CatalogRecorder:
             self._idle.notify_all()
         if refs:
             log.debug("recorded instances", extra={"instances": outcome.recorded})
-        for report, deliveries in zip(reports, settled, strict=True):
-            log.info(
-                "storage commitment report recorded",
-                extra={
-                    "calling_ae": report.calling_ae,
-                    "transaction_uid": report.transaction_uid,
-                    "committed": len(report.committed),
-                    "failed": len(report.failed),
-                    "deliveries_settled": deliveries,
-                },
+        for report in reports:
+            self._record_report(report)
+
+    def _record_report(self, report: CommitmentReport) -> None:
+        """In a transaction of its own, so a report the catalog cannot take never holds up the
+        instances; it is lost then, and housekeeping asks the PACS again."""
+        try:
+            with self.catalog.sessions.begin() as session:
+                settled = record_commitment_report(session, report, utcnow())
+        except Exception:
+            log.exception(
+                "storage commitment report not recorded; it will be asked for again",
+                extra={"calling_ae": report.calling_ae, "transaction_uid": report.transaction_uid},
             )
+            return
+        log.info(
+            "storage commitment report recorded",
+            extra={
+                "calling_ae": report.calling_ae,
+                "transaction_uid": report.transaction_uid,
+                "committed": len(report.committed),
+                "failed": len(report.failed),
+                "deliveries_settled": settled,
+            },
+        )

@@ -41,6 +41,7 @@ from pacs_node.ingest.recorder import RecordSink
 from pacs_node.ingest.spool import Spool
 from pacs_node.ingest.statuses import SUCCESS, status_for
 from pacs_node.refs import InstanceRef
+from pacs_node.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +181,8 @@ class StorageSCP:
         try:
             info: Any = event.event_information
             transaction_uid = str(info.TransactionUID)
+            if not is_valid_uid(transaction_uid):
+                raise ValueError(f"invalid Transaction UID {transaction_uid[:70]!r}")
             report = parse_report(transaction_uid, calling_ae, info)
         except (AttributeError, ValueError, TypeError, KeyError) as exc:
             log.warning(

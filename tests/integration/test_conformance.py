@@ -138,6 +138,9 @@ def test_storage_commitment_reports_are_taken_as_listed(
             for event_type in (1, 7)
         ]
         assert [int(a.Status) for a in answers] == [0x0000, 0x0113]
+        info.TransactionUID = "1.2.x" * 20  # unreadable: never reaches the catalog
+        (bad, _) = assoc.send_n_event_report(info, 1, push_model, COMMITMENT_INSTANCE)
+        assert int(bad.Status) == 0x0110
     finally:
         assoc.release()
     requester = AE(ae_title="PACSNODE_SCU")
