@@ -414,7 +414,7 @@ class WorkerPool:
         while not self._stop.wait(SUPERVISE_S):
             try:
                 self.replace_dead()
-            except SQLAlchemyError:  # the catalog is away: try again on the next round
+            except Exception:  # the catalog away, no memory to spawn: try on the next round
                 log.exception("could not replace a dead job worker")
 
     def replace_dead(self) -> int:
