@@ -5,9 +5,10 @@ Each (model, device) runs in a fresh subprocess, so peak memory is that process'
 model load is a cold one. Time is split into decode (DICOM to Volume), load (bundle), preprocess,
 infer and postprocess (mapping back to the source grid, clean-up).
 
-Models: every bundle in the models folder, plus a zoo-layout bundle with the architecture of
-MONAI's spleen_ct_segmentation (UNet 16-256, 1.5 x 1.5 x 2 mm, 96^3 patches) and seeded random
-weights, so the network path is timed even before trained bundles exist. On a GPU when present.
+Models: every bundle in the models folder that takes CT, plus a zoo-layout bundle with the
+architecture of MONAI's spleen_ct_segmentation (UNet 16-256, 1.5 x 1.5 x 2 mm, 96^3 patches)
+and seeded random weights, so the network path is timed even before trained bundles exist. On a
+GPU when present.
 
     .venv/bin/python bench/inference.py [--models-dir models] [--slices 120] [--repeat 1]
 
@@ -98,9 +99,12 @@ def _zoo_bundle(models: Path) -> None:
 
 
 def _link_models(source: Path, target: Path) -> list[str]:
+    """The bundles that take CT (the benchmark's input), linked into ``target``."""
     from pacs_node.inference.registry import Registry
 
-    names = Registry(source).names()
+    registry = Registry(source)
+    takes = {n: registry.get(n).modalities for n in registry.names()}
+    names = [n for n, modalities in takes.items() if not modalities or "CT" in modalities]
     for name in names:
         (target / name).symlink_to((source / name).resolve(), target_is_directory=True)
     return names
