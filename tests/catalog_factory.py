@@ -10,7 +10,7 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from pacs_node.catalog.db import Catalog
-from pacs_node.catalog.models import Study, utcnow
+from pacs_node.catalog.models import JobEvent, Study, utcnow
 from pacs_node.catalog.studies import record_instances
 from pacs_node.ingest.header import read_header
 from pacs_node.refs import InstanceRef
@@ -46,3 +46,12 @@ def ingest(
     assert study_id is not None
     series = list(dict.fromkeys(ref.series_uid for ref in refs))
     return study_id, study_uid, series
+
+
+def job_events(catalog: Catalog) -> list[tuple[str, str]]:
+    """Every job event as (kind, detail), oldest first."""
+    with catalog.sessions() as session:
+        return [
+            (e.kind, e.detail or "")
+            for e in session.scalars(select(JobEvent).order_by(JobEvent.id))
+        ]

@@ -77,7 +77,8 @@ def test_a_killed_job_worker_is_replaced_and_its_job_runs_again(
     from sqlalchemy import select
 
     from pacs_node.catalog.db import open_catalog
-    from pacs_node.catalog.models import Job, JobEvent
+    from pacs_node.catalog.models import Job
+    from tests.catalog_factory import job_events
 
     root = Path(__file__).resolve().parents[2]
     node = make_node(models_dir=str(root / "models"), job_workers=1, dicom_workers=0)
@@ -103,11 +104,7 @@ def test_a_killed_job_worker_is_replaced_and_its_job_runs_again(
             return job if job["state"] in ("done", "failed") else None
 
         job = wait_for(done, 180, interval=0.5, what="the job, run again by a new worker")
-        with catalog.sessions() as session:
-            events = [
-                (e.kind, e.detail or "")
-                for e in session.scalars(select(JobEvent).order_by(JobEvent.id))
-            ]
+        events = job_events(catalog)
     finally:
         catalog.dispose()
     assert (job["state"], job["attempts"]) == ("done", 2)

@@ -318,7 +318,8 @@ def test_sigkill_during_a_job_loses_nothing_and_duplicates_nothing(
     from sqlalchemy import select
 
     from pacs_node.catalog.db import open_catalog
-    from pacs_node.catalog.models import Job, JobEvent
+    from pacs_node.catalog.models import Job
+    from tests.catalog_factory import job_events
 
     dicom_port = free_port()
     node = _node(make_node, dicom_port)
@@ -343,11 +344,7 @@ def test_sigkill_during_a_job_loses_nothing_and_duplicates_nothing(
         node.start()  # the job that was running goes back to the queue and runs again
         job = wait_for(lambda: _job_done(node), 180, interval=0.5, what="the job after restart")
         assert job["attempts"] == 2
-        with catalog.sessions() as session:
-            events = [
-                (e.kind, e.detail or "")
-                for e in session.scalars(select(JobEvent).order_by(JobEvent.id))
-            ]
+        events = job_events(catalog)
     finally:
         catalog.dispose()
     assert [kind for kind, _ in events[:5]] == ["queued", "running", "queued", "running", "done"]
@@ -363,31 +360,21 @@ def test_sigkill_during_a_job_loses_nothing_and_duplicates_nothing(
     assert orthanc.get("/statistics")["CountInstances"] == len(deliveries)
 
 
-ROUTES_TO_ORTHANC_AND_EHR = """
-rules:
-  - name: ct-body
-    when:
-      modality: CT
-      slices: {min: 10}
-    models: [ct-classical]
-    send:
-      seg: [ORTHANC]
-      sr: [ORTHANC]
-      gsps: [ORTHANC]
-      key_images: [ORTHANC]
-      pdf: [ORTHANC]
-      fhir: [EHR]
-"""
+def _ct_rule_to(send: dict[str, list[str]]) -> str:
+    """routes.yaml with one CT rule (ct-classical) sending its outputs as ``send`` says."""
+    rule = {
+        "name": "ct-body",
+        "when": {"modality": "CT", "slices": {"min": 10}},
+        "models": ["ct-classical"],
+        "send": send,
+    }
+    return yaml.safe_dump({"rules": [rule]})
 
-ROUTES_TO_ORTHANC = """
-rules:
-  - name: ct-body
-    when:
-      modality: CT
-      slices: {min: 10}
-    models: [ct-classical]
-    send: {seg: [ORTHANC], sr: [ORTHANC], gsps: [ORTHANC], key_images: [ORTHANC], pdf: [ORTHANC]}
-"""
+
+ROUTES_TO_ORTHANC = _ct_rule_to({kind: ["ORTHANC"] for kind in DICOM_SEND_KEYS})
+ROUTES_TO_ORTHANC_AND_EHR = _ct_rule_to(
+    {**{kind: ["ORTHANC"] for kind in DICOM_SEND_KEYS}, "fhir": ["EHR"]}
+)
 
 
 def test_a_scanner_study_is_routed_and_results_forwarded_back_start_no_second_job(
