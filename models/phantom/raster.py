@@ -268,15 +268,24 @@ def rasterise(anatomy: Anatomy, grid: AxialGrid) -> Raster:
     tissue_flat[bw[gas_loop & above]] = Tissue.GAS
 
     # solid organs (below the diaphragm), lungs (above), heart
+    # The kidneys are retroperitoneal: perirenal fat (thicker in a fatter patient) keeps the liver
+    # and spleen off them, so each kidney is painted last inside its own fat capsule.
     dome = _dome(a, x, y)
+    perirenal_mm = 3.0 + 0.3 * a.fat
     for organ, tissue, name in (
-        (a.kidney_left, Tissue.KIDNEY_CORTEX, "kidney_left"),
-        (a.kidney_right, Tissue.KIDNEY_CORTEX, "kidney_right"),
         (a.spleen, Tissue.SPLEEN, "spleen"),
         (a.liver, Tissue.LIVER, "liver"),
+        (a.kidney_left, Tissue.KIDNEY_CORTEX, "kidney_left"),
+        (a.kidney_right, Tissue.KIDNEY_CORTEX, "kidney_right"),
     ):
         box, f = _organ(coords, organ)
-        inside = (f < 1) & cavity[box] & (z[box] < dome[box] - 4.0)
+        below = cavity[box] & (z[box] < dome[box] - 4.0)
+        if tissue is Tissue.KIDNEY_CORTEX:
+            capsule = (1 + perirenal_mm / np.mean(organ.axes[:2])) ** organ.power
+            fat = (f < capsule) & below
+            t[box][fat] = Tissue.VISCERAL_FAT
+            lab[box][fat] = LABEL_VALUE["body"]
+        inside = (f < 1) & below
         t[box][inside] = tissue
         lab[box][inside] = LABEL_VALUE[name]
         if tissue is Tissue.KIDNEY_CORTEX:
@@ -308,7 +317,10 @@ def rasterise(anatomy: Anatomy, grid: AxialGrid) -> Raster:
         where = where[label_flat[where] != LABEL_VALUE["heart"]]
         tissue_flat[where] = kind
         label_flat[where] = LABEL_VALUE["body"]
+    # the aorta begins at the aortic valve, on the heart's surface: the root inside the heart
+    # is heart, as an annotator would draw it
     where = paint_tubes(Tissue.ARTERY, inner)
+    where = where[label_flat[where] != LABEL_VALUE["heart"]]
     tissue_flat[where] = Tissue.ARTERY
     label_flat[where] = LABEL_VALUE["aorta"]
 

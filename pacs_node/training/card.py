@@ -74,7 +74,13 @@ def render_card(root: Path) -> str:
         ),
         f"- Augmentation: {recipe['augmentation']}.",
         (
-            "- Loss Dice + cross-entropy, AdamW, learning-rate schedule: "
+            "- Loss Dice + cross-entropy"
+            + (
+                " on label fractions (the share of each model voxel every label covers)"
+                if recipe.get("soft_labels")
+                else ""
+            )
+            + ", AdamW, learning-rate schedule: "
             f"{training.get('schedule', SCHEDULE)}, peak "
             f"{recipe['learning_rate']}, batch {recipe['batch_size']}, {recipe['steps_per_epoch']} "
             f"steps per epoch, early stopping after {recipe['patience']} epochs without gain."
@@ -89,6 +95,7 @@ def render_card(root: Path) -> str:
             if training.get("initialised_from")
             else []
         ),
+        *([f"- {training['note']}", ""] if training.get("note") else []),
         "Retrain (same seeds, same result up to thread scheduling):",
         "",
         "```",

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 from numpy.typing import NDArray
 from phantom.render import DEFAULTS, Case, Ranges, modality_key, render
+from scipy import ndimage  # type: ignore[import-untyped,unused-ignore]
 
 from pacs_node.imaging import preprocess
 from pacs_node.imaging.volume import Grid
@@ -20,11 +21,13 @@ from pacs_node.training.recipe import Intensity, Recipe
 
 @dataclass(frozen=True)
 class Sample:
-    """One case on the model grid: image (1, x, y, z) float32, labels (1, x, y, z) uint8."""
+    """One case on the model grid: image (1, x, y, z) float32, labels (1, x, y, z) uint8 and,
+    for a recipe with ``soft_labels``, fractions (labels, x, y, z) uint8 (255 = whole voxel)."""
 
     seed: int
     image: NDArray[np.float32]
     labels: NDArray[np.uint8]
+    fractions: NDArray[np.uint8] | None = None
 
 
 def ranges_for(recipe: Recipe) -> Ranges:
@@ -57,19 +60,46 @@ def case_grid(case: Case) -> Grid:
     return Grid.from_geometry(case.labels.shape, case.spacing, case.origin, np.eye(3))
 
 
+def label_fractions(
+    channels: NDArray[np.uint8], count: int, source: Grid, target: Grid
+) -> NDArray[np.uint8]:
+    """The share of each target voxel that labels 1..``count`` cover (0..255), averaged from
+    the source-resolution labels. A coarse voxel on an organ's edge is part organ: trained on
+    these partial-volume targets the network places a boundary inside the voxel, which the
+    runner's probability upsampling then keeps; nearest-neighbour labels cap Dice below that.
+    """
+    ratio = np.asarray(target.spacing) / np.asarray(source.spacing)
+    sigma = np.where(ratio > 1, ratio / np.sqrt(12.0), 0.0)  # the variance of a box average
+    out = np.zeros((count, *target.shape), dtype=np.uint8)
+    for value in range(1, count + 1):
+        mask = channels == value
+        if not mask.any():
+            continue
+        share = ndimage.gaussian_filter(mask.astype(np.float32), sigma, mode="nearest")
+        share = preprocess.resample(share, source, target, order=1, fill=0.0)
+        out[value - 1] = np.rint(np.clip(share, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return out
+
+
 def prepare(case: Case, recipe: Recipe) -> Sample:
-    """Resample a rendered case onto the recipe's grid (image trilinear, labels nearest)."""
+    """Resample a rendered case onto the recipe's grid (image trilinear, labels nearest, and
+    label fractions when the recipe trains on them)."""
     source = case_grid(case)
     target = preprocess.target_grid(source, recipe.spacing_zyx_mm, "LPS")
     fill = float(case.image.min())
     image = preprocess.resample(case.image, source, target, order=1, fill=fill, dtype=np.float32)
-    labels = label_lookup(case, recipe.labels)[case.labels]
-    labels = preprocess.resample(labels, source, target, order=0, fill=0)
+    channels = label_lookup(case, recipe.labels)[case.labels]
+    labels = preprocess.resample(channels, source, target, order=0, fill=0)
+    fractions = None
+    if recipe.soft_labels:
+        shares = label_fractions(channels, len(recipe.labels), source, target)
+        fractions = np.ascontiguousarray(shares.transpose(0, 3, 2, 1))
     image = apply_intensity(image, recipe.intensity)
     return Sample(
         case.seed,
         np.ascontiguousarray(image.transpose(2, 1, 0)[None]),
         np.ascontiguousarray(labels.transpose(2, 1, 0)[None]),
+        fractions,
     )
 
 

@@ -74,6 +74,8 @@ class Recipe(BaseModel):
     threads: int = Field(2, ge=1)
     seed: int = 0
     phantom: dict[str, tuple[float, float]] = Field(default_factory=dict)  # Ranges overrides
+    # train on the share of each model voxel every label covers instead of nearest labels
+    soft_labels: bool = False
     cleanup: dict[str, dict[str, float | bool]] = Field(default_factory=dict)
 
     @field_validator("labels")

@@ -1,5 +1,6 @@
-"""The training loop: cached phantom cases, MONAI augmentation, Dice + cross-entropy, a
-validation pass each epoch with early stopping, and the best weights written as a bundle.
+"""The training loop: cached phantom cases, MONAI augmentation, Dice + cross-entropy (on label
+values, or on label fractions for a sub-voxel boundary), a validation pass each epoch with
+early stopping, and the best weights written as a bundle.
 
 Cases are rendered once (in a process pool) and augmented on the fly, because rendering costs
 seconds and an augmented view of a cached case costs milliseconds.
@@ -88,7 +89,8 @@ def _swap_pairs(recipe: Recipe) -> list[tuple[int, int]]:
 
 def augmentation(recipe: Recipe) -> Callable[[dict[str, Any]], dict[str, Any]]:
     """MONAI dictionary transforms: pad/crop to the patch, rotation + scaling, elastic warp,
-    left-right flip (labels swapped), intensity scale/shift and noise."""
+    left-right flip (labels swapped), intensity scale/shift and noise. Label fractions are
+    interpolated like the image; label values by nearest neighbour."""
     mt: Any = importlib.import_module("monai.transforms")
 
     aug = recipe.augmentation
@@ -96,6 +98,7 @@ def augmentation(recipe: Recipe) -> Callable[[dict[str, Any]], dict[str, Any]]:
     rot = np.deg2rad(aug.rotate_deg)
     two_d = recipe.network.two_d
     keys = ["image", "label"]
+    label_mode = "bilinear" if recipe.soft_labels else "nearest"
     steps: list[Any] = [
         mt.SpatialPadd(keys, spatial_size=patch, mode="constant", value=0),
         mt.RandSpatialCropd(keys, roi_size=patch, random_size=False),
@@ -104,7 +107,7 @@ def augmentation(recipe: Recipe) -> Callable[[dict[str, Any]], dict[str, Any]]:
             prob=aug.affine_prob,
             rotate_range=(0.0, 0.0, rot) if two_d else (rot / 2, rot / 2, rot),
             scale_range=(aug.scale, aug.scale, 0.0) if two_d else (aug.scale,) * 3,
-            mode=("bilinear", "nearest"),
+            mode=("bilinear", label_mode),
             padding_mode="border",
         ),
     ]
@@ -115,7 +118,7 @@ def augmentation(recipe: Recipe) -> Callable[[dict[str, Any]], dict[str, Any]]:
                 sigma_range=(5, 8),
                 magnitude_range=(50, 150),
                 prob=aug.elastic_prob,
-                mode=("bilinear", "nearest"),
+                mode=("bilinear", label_mode),
                 padding_mode="border",
             )
         )
@@ -135,8 +138,11 @@ def augmentation(recipe: Recipe) -> Callable[[dict[str, Any]], dict[str, Any]]:
             label = torch.flip(torch.as_tensor(out["label"]), dims=[1])
             swapped = label.clone()
             for a, b in pairs:
-                swapped[label == a] = b
-                swapped[label == b] = a
+                if recipe.soft_labels:  # one channel per label: channel a - 1 holds label a
+                    swapped[a - 1], swapped[b - 1] = label[b - 1], label[a - 1]
+                else:
+                    swapped[label == a] = b
+                    swapped[label == b] = a
             out = {"image": image, "label": swapped}
         return out
 
@@ -159,6 +165,27 @@ def render_samples(
             out.append(sample)
             progress(stage, i + 1, len(seeds), f"seed {sample.seed}")
     return out
+
+
+def training_target(sample: Sample, recipe: Recipe) -> NDArray[Any]:
+    """What augmentation moves along with the image: label values, or label fractions (float,
+    0..1) when the recipe trains on them."""
+    if not recipe.soft_labels:
+        return sample.labels
+    if sample.fractions is None:
+        raise ValueError(f"case {sample.seed} was prepared without label fractions")
+    shares: NDArray[Any] = sample.fractions.astype(np.float32) / np.float32(255.0)
+    return shares
+
+
+def soft_target(label: torch.Tensor) -> torch.Tensor:
+    """Label fractions (batch, labels, ...) with the background channel in front, each voxel
+    summing to one (padding and interpolation leave small excesses and gaps)."""
+    label = label.clamp(0.0, 1.0)
+    covered = label.sum(dim=1, keepdim=True)
+    background = (1.0 - covered).clamp(min=0.0)
+    target = torch.cat([background, label], dim=1)
+    return target / target.sum(dim=1, keepdim=True).clamp(min=1e-6)
 
 
 def dice_per_label(pred: NDArray[Any], truth: NDArray[Any], labels: int) -> list[float]:
@@ -237,7 +264,7 @@ def train(
         skipped = warm_start(network, init)
         log.info("warm start", extra={"weights": str(init), "skipped": len(skipped)})
     parameters = sum(p.numel() for p in network.parameters())
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
+    loss_fn = DiceCELoss(to_onehot_y=not recipe.soft_labels, softmax=True, include_background=False)
     optimiser = torch.optim.AdamW(network.parameters(), lr=recipe.learning_rate, weight_decay=1e-5)
     total_steps = recipe.epochs * recipe.steps_per_epoch
     done_steps = 0
@@ -256,11 +283,15 @@ def train(
         losses = []
         for step in range(recipe.steps_per_epoch):
             batch = [
-                augment({"image": s.image, "label": s.labels})
+                augment({"image": s.image, "label": training_target(s, recipe)})
                 for s in (training[i] for i in rng.integers(0, len(training), recipe.batch_size))
             ]
             image = torch.stack([torch.as_tensor(b["image"]).float() for b in batch])
-            label = torch.stack([torch.as_tensor(b["label"]).long() for b in batch])
+            if recipe.soft_labels:
+                shares = torch.stack([torch.as_tensor(b["label"]).float() for b in batch])
+                label = soft_target(shares)
+            else:
+                label = torch.stack([torch.as_tensor(b["label"]).long() for b in batch])
             for group in optimiser.param_groups:
                 group["lr"] = learning_rate(recipe, done_steps, total_steps, loop_start, deadline)
             optimiser.zero_grad()

@@ -33,6 +33,7 @@ TINY = {
     "intensity": {"kind": "range", "a_min": -1000, "a_max": 1000},
     "network": {"channels": [4, 8], "num_res_units": 0},
     "augmentation": {"elastic_prob": 0.5, "flip_prob": 0.5},
+    "soft_labels": True,
     "train_seeds": [0, 2],
     "val_seeds": [100, 101],
     "phantom": {"pixel_mm": [5.0, 6.0], "coverage_mm": [120.0, 140.0]},

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from phantom.anatomy import LABEL_VALUE
+from phantom.anatomy import LABEL_VALUE, Anatomy, Tissue, sample_anatomy
+from phantom.raster import AxialGrid, rasterise
 from phantom.render import TRAINING, Ranges, render, render_ct, render_mr, render_xr
 from phantom.writers import write_decathlon, write_dicom
+from scipy import ndimage  # type: ignore[import-untyped,unused-ignore]
 
 from pacs_node.evaluation.groundtruth import volume_from_nifti
 from pacs_node.imaging.volume import VolumeKind, load_series
@@ -107,3 +109,31 @@ def test_decathlon_layout_matches_the_dicom_geometry(tmp_path: Path) -> None:
     from_dicom = load_series(write_dicom(case, tmp_path / "dcm"))
     assert np.allclose(from_nifti.affine_lps(), from_dicom.affine_lps(), atol=1e-3)
     assert np.array_equal(from_nifti.voxels, from_dicom.voxels)
+
+
+def _whole_torso(seed: int) -> tuple[Anatomy, AxialGrid]:
+    anatomy = sample_anatomy(seed)
+    shape = (int((anatomy.z_apex - anatomy.z_low) / 3.0) + 1, 150, 150)
+    return anatomy, AxialGrid(shape, (3.0, 3.0, 3.0), (-223.5, -223.5, anatomy.z_low))
+
+
+@pytest.mark.parametrize("seed", [3, 8])
+def test_kidneys_sit_in_their_own_fat_and_the_aorta_starts_at_the_heart(seed: int) -> None:
+    anatomy, grid = _whole_torso(seed)
+    raster = rasterise(anatomy, grid)
+    lab = raster.labels
+    for side in ("kidney_left", "kidney_right"):
+        kidney = lab == LABEL_VALUE[side]
+        assert kidney.sum() > 1000
+        around = ndimage.binary_dilation(kidney) & ~kidney
+        neighbours = set(np.unique(lab[around]).tolist())
+        assert LABEL_VALUE["liver"] not in neighbours
+        assert LABEL_VALUE["spleen"] not in neighbours
+        assert np.mean(raster.tissue[around] == Tissue.VISCERAL_FAT) > 0.5
+    # the heart drawn without the aorta: the aorta never reaches inside that outline
+    others = tuple(t for t in anatomy.tubes if t.tissue is not Tissue.ARTERY)
+    heart = rasterise(replace(anatomy, tubes=others), grid).labels == LABEL_VALUE["heart"]
+    aorta = lab == LABEL_VALUE["aorta"]
+    assert aorta.sum() > 1000
+    assert not (aorta & heart).any()
+    assert (ndimage.binary_dilation(aorta) & heart).any()  # but it leaves from the heart
