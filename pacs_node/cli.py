@@ -24,6 +24,7 @@ from pacs_node.config import Settings, load_settings
 from pacs_node.errors import PacsNodeError
 from pacs_node.logs import configure_logging
 from pacs_node.routing.commands import routes_app
+from pacs_node.training.command import train as train_command
 
 app = typer.Typer(
     name="pacs-node",
@@ -331,58 +332,7 @@ def segment(
     )
 
 
-@app.command()
-def train(
-    recipe_path: Annotated[Path, typer.Argument(help="Training recipe (YAML or JSON).")],
-    out_dir: Annotated[
-        Path | None, typer.Option("--out", help="Bundle folder (default: models/<name>).")
-    ] = None,
-    workers: Annotated[int, typer.Option(help="Processes rendering phantom cases.")] = 1,
-    init: Annotated[
-        Path | None, typer.Option("--init", help="Start from these weights (a model.pt).")
-    ] = None,
-) -> None:
-    """Train a model on phantoms from a recipe and write it as a bundle with its model card."""
-    from pacs_node.training.bundle import write_bundle
-    from pacs_node.training.card import refresh_card
-    from pacs_node.training.recipe import load_recipe
-    from pacs_node.training.trainer import train as run_training
-
-    try:
-        recipe = load_recipe(recipe_path)
-    except PacsNodeError as exc:
-        raise _fail(str(exc)) from exc
-    root = out_dir or Path("models") / recipe.name
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[note]}"),
-        TimeRemainingColumn(),
-        console=err,
-    ) as progress:
-        tasks: dict[str, Any] = {}
-
-        def report(stage: str, done: int, total: int, note: str) -> None:
-            if stage not in tasks:
-                tasks[stage] = progress.add_task(stage, total=total, note="")
-            progress.update(tasks[stage], completed=done, note=note)
-            if done == total and not err.is_terminal:  # a log file gets one line per stage
-                err.print(f"{stage}: {note}", highlight=False)
-
-        result = run_training(recipe, report, workers=workers, init=init)
-    commands = [" ".join(["pacs-node", *sys.argv[1:]])]
-    stage = init.parent.parent / "configs" / "metadata.json" if init is not None else None
-    if stage is not None and stage.is_file():  # weights of an earlier stage: its commands first
-        earlier = json.loads(stage.read_text(encoding="utf-8"))["pacs_node"]["training"]
-        commands = [*earlier.get("commands", []), *commands]
-    write_bundle(recipe, result, root, card="", commands=commands)
-    refresh_card(root)
-    err.print(
-        f"wrote {root}: validation Dice {result.best_val_dice:.3f} (epoch {result.best_epoch} "
-        f"of {result.epochs_run}) in {result.minutes:.1f} min",
-        highlight=False,
-    )
+app.command("train")(train_command)
 
 
 @app.command()

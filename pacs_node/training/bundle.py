@@ -99,7 +99,7 @@ def metadata(recipe: Recipe, result: TrainingResult) -> dict[str, Any]:
                 },
                 "minutes": round(result.minutes, 1),
                 "parameters": result.parameters,
-                "machine": f"{platform.machine()} CPU, {recipe.threads} threads",
+                "machine": result.machine or f"{platform.machine()} CPU, {recipe.threads} threads",
             },
         },
     }

@@ -52,7 +52,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     recipe = root / "tiny.json"
     recipe.write_text(json.dumps(TINY))
     done = subprocess.run(
-        [PACS_NODE, "train", str(recipe), "--out", str(root / "tiny-ct")],
+        [PACS_NODE, "train", str(recipe), "--out", str(root / "tiny-ct"), "--loaders", "1"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -72,12 +72,33 @@ def test_tiny_training_writes_a_bundle_the_registry_loads(tiny_models: Path) -> 
     assert bundle.preprocessing.spacing_zyx_mm == (8.0, 8.0, 8.0)
     meta = json.loads((tiny_models / "tiny-ct/configs/metadata.json").read_text())
     assert meta["pacs_node"]["training"]["epochs_run"] == 2
+    assert meta["pacs_node"]["training"]["commands"][-1].endswith("--loaders 1")
     card = (tiny_models / "tiny-ct/docs/README.md").read_text()
     assert "Not for clinical use until validated locally" in card
     assert "pacs-node train" in card
     said = (tiny_models / "train.stderr").read_text()  # not a terminal: one line per stage
     assert "epoch 1/2: loss" in said
     assert "epoch 2/2: loss" in said
+
+
+def test_training_on_an_absent_gpu_fails_before_rendering(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    recipe = tmp_path / "tiny.json"
+    recipe.write_text(json.dumps(TINY))
+    done = subprocess.run(
+        [PACS_NODE, "train", str(recipe), "--out", str(tmp_path / "b"), "--device", "cuda"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "no CUDA GPU" in done.stderr
+    assert "render" not in done.stderr
+    assert not (tmp_path / "b").exists()
 
 
 def test_metrics_against_hand_counts() -> None:

@@ -3,6 +3,7 @@ coarse voxel, and augmentation that moves them (and swaps left and right) like l
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -10,9 +11,10 @@ import pytest
 import torch
 
 from pacs_node.imaging.volume import Grid
-from pacs_node.training.dataset import label_fractions
+from pacs_node.training.command import command_line
+from pacs_node.training.dataset import Sample, label_fractions
 from pacs_node.training.recipe import Recipe
-from pacs_node.training.trainer import augmentation, soft_target
+from pacs_node.training.trainer import augmentation, patch_batches, resolve_device, soft_target
 
 
 def _recipe(**changes: Any) -> Recipe:
@@ -75,3 +77,48 @@ def test_flip_swaps_left_and_right_for_fractions_and_for_values() -> None:
     flipped = torch.as_tensor(out["label"])[0]
     assert (flipped[:4] == 2).all()
     assert (flipped[-2:] == 3).all()
+
+
+def _samples(count: int, recipe: Recipe) -> list[Sample]:
+    rng = np.random.default_rng(0)
+    shape = (14, 12, 9)
+    out = []
+    for seed in range(count):
+        image = rng.random((1, *shape), dtype=np.float32)
+        labels = rng.integers(0, 4, (1, *shape)).astype(np.uint8)
+        shares = (np.arange(1, 4)[:, None, None, None] == labels).astype(np.uint8) * 255
+        out.append(Sample(seed, image, labels, shares))
+    return out
+
+
+def test_loader_processes_draw_their_own_patches_in_the_batch_shape() -> None:
+    recipe = _recipe(soft_labels=True, batch_size=2, augmentation={"affine_prob": 1.0})
+    samples = _samples(3, recipe)
+    batches = patch_batches(samples, recipe, loaders=2, pin=False)
+    first, second = next(batches), next(batches)  # one batch from each loader process
+    assert first["image"].shape == (2, 1, 12, 10, 8)
+    assert first["label"].shape == (2, 3, 12, 10, 8)
+    assert first["label"].dtype == torch.float32
+    assert not torch.equal(first["image"], second["image"])
+    again = next(patch_batches(samples, recipe, loaders=0, pin=False))
+    same = next(patch_batches(samples, recipe, loaders=0, pin=False))
+    assert torch.equal(again["image"], same["image"])  # seeded: a rerun draws the same patches
+
+
+def test_asking_for_an_absent_gpu_fails_before_any_work() -> None:
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            resolve_device("cuda")
+
+
+def test_the_recorded_command_repeats_the_run() -> None:
+    line = command_line(
+        Path("models/recipes/x y.yaml"), Path("/tmp/out"), 4, Path("/tmp/a/model.pt"), "cuda", 14
+    )
+    assert line == (
+        "pacs-node train 'models/recipes/x y.yaml' --out /tmp/out --init /tmp/a/model.pt "
+        "--workers 4 --device cuda --loaders 14"
+    )
+    assert command_line(Path("r.yaml"), None, 1, None, "cpu", 0) == "pacs-node train r.yaml"

@@ -1,0 +1,8 @@
+"""``python -m pacs_node.training RECIPE``: the same as ``pacs-node train``."""
+
+import typer
+
+from pacs_node.training.command import train
+
+if __name__ == "__main__":
+    typer.run(train)
