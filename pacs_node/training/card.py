@@ -96,7 +96,10 @@ def render_card(root: Path) -> str:
             else []
         ),
         *([f"- {training['note']}", ""] if training.get("note") else []),
-        "Retrain (same seeds, same result up to thread scheduling):",
+        (
+            "Retrain (same seeds: the same result up to thread scheduling on the CPU, a close "
+            "one on a GPU):"
+        ),
         "",
         "```",
         *training.get("commands", [f"pacs-node train models/recipes/{meta['name']}.yaml"]),
