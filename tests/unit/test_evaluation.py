@@ -44,20 +44,25 @@ TINY = {
 }
 
 
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A bundle trained end to end through ``pacs-node train`` (seconds; CI keeps the training
-    path alive with it)."""
-    root = tmp_path_factory.mktemp("models")
-    recipe = root / "tiny.json"
+def _train_tiny(folder: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    """``pacs-node train`` on the TINY recipe, as a user runs it."""
+    recipe = folder / "tiny.json"
     recipe.write_text(json.dumps(TINY))
-    done = subprocess.run(
-        [PACS_NODE, "train", str(recipe), "--out", str(root / "tiny-ct"), "--loaders", "1"],
+    return subprocess.run(
+        [PACS_NODE, "train", str(recipe), *options],
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
     )
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundle trained end to end through ``pacs-node train`` (seconds; CI keeps the training
+    path alive with it, augmentation in a loader process included)."""
+    root = tmp_path_factory.mktemp("models")
+    done = _train_tiny(root, "--out", str(root / "tiny-ct"), "--loaders", "1")
     assert done.returncode == 0, done.stderr
     (root / "train.stderr").write_text(done.stderr)
     return root
@@ -86,15 +91,7 @@ def test_training_on_an_absent_gpu_fails_before_rendering(tmp_path: Path) -> Non
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    recipe = tmp_path / "tiny.json"
-    recipe.write_text(json.dumps(TINY))
-    done = subprocess.run(
-        [PACS_NODE, "train", str(recipe), "--out", str(tmp_path / "b"), "--device", "cuda"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = _train_tiny(tmp_path, "--out", str(tmp_path / "b"), "--device", "cuda")
     assert done.returncode == 2
     assert "no CUDA GPU" in done.stderr
     assert "render" not in done.stderr
