@@ -90,6 +90,12 @@ class NodeOptions(BaseModel):
     retention_days: float = Field(default=0.0, ge=0)  # after this long; 0 keeps them
     retention_disk_percent: float = Field(default=0.0, ge=0, le=100)  # oldest first above; 0 off
     housekeeping_interval_s: float = Field(default=600.0, gt=0)
+    # An instance whose Series / SOP Instance UID is held under another study, or whose patient
+    # differs from its study's: refused with a failure status, or kept in quarantine (success).
+    identity_conflict: Literal["reject", "quarantine"] = "reject"
+    # A SOP Instance UID sent again with other bytes: keep the first (new bytes to quarantine),
+    # replace the stored file (the study reopens), or refuse with a failure status.
+    resend_policy: Literal["keep_first", "replace", "reject"] = "keep_first"
 
     @field_validator("ae_title")
     @classmethod

@@ -21,7 +21,10 @@
         ├── MissingAttribute        a required UID is absent or empty
         ├── InvalidUID              a UID is not a valid DICOM UID
         ├── DataSetMismatch         the data set does not match the presentation context / command
-        └── OutOfResources          the spool cannot hold it (disk full, quota, I/O error)
+        ├── OutOfResources          the spool cannot hold it (disk full, quota, I/O error)
+        │   └── StudyBeingRemoved       retention is removing its study right now: send it later
+        ├── IdentityConflict        its UIDs or patient collide with what the catalog holds
+        └── ResendRefused           a re-sent SOP Instance brings other bytes (resend_policy)
 
 Errors from pydicom, pynetdicom or SQLAlchemy are translated at the boundary with
 ``raise ... from exc``; DIMSE statuses are chosen from these classes in one table
@@ -122,3 +125,17 @@ class DataSetMismatch(IngestError):
 
 class OutOfResources(IngestError):
     """The spool cannot take the instance now (disk full, I/O error)."""
+
+
+class StudyBeingRemoved(OutOfResources):
+    """Retention is removing the study this instance belongs to; it is refused before the answer
+    (a sender retries later and the instance then starts a new study)."""
+
+
+class IdentityConflict(IngestError):
+    """The instance's Study, Series or SOP Instance UID, or its patient, collides with what the
+    catalog holds (see :mod:`pacs_node.ingest.identity`)."""
+
+
+class ResendRefused(IngestError):
+    """A SOP Instance UID already held was sent again with other bytes (``resend_policy: reject``)."""

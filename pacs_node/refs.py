@@ -38,6 +38,12 @@ class InstanceRef:
     size_bytes: int
     received_at: datetime
     calling_ae: str | None = None
+    sha256: str | None = None  # of the data set as received (see ingest.spool)
+    # Decided by the receiver already (see ingest.identity): a quarantine reason code when the
+    # file at ``path`` is in the spool's quarantine area and must join no study; ``replaces``
+    # when the file at ``path`` was swapped for a corrected re-send (``resend_policy: replace``).
+    quarantine_reason: str | None = None
+    replaces: bool = False
 
     @property
     def study_uid(self) -> str:

@@ -175,6 +175,55 @@ class Instance(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     calling_ae: Mapped[str | None] = mapped_column(String(16))
     received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # SHA-256 (hex) of the data set as received, after the Part 10 header the node writes: a
+    # re-send with the same digest is a duplicate, another digest follows ``resend_policy``.
+    sha256: Mapped[str | None] = mapped_column(String(64))
+
+
+class QuarantineState(enum.StrEnum):
+    """held -> released | discarded | reassigned, each by an operator (``pacs-node quarantine``)."""
+
+    HELD = "held"
+    RELEASED = "released"  # filed into a study of its own
+    DISCARDED = "discarded"  # bytes deleted, row kept
+    REASSIGNED = "reassigned"  # filed into a study an operator named
+
+
+class QuarantineItem(Base):
+    """An instance the node kept but filed into no study: its identity collided with what the
+    catalog holds (see :mod:`pacs_node.ingest.identity`), a re-send brought other bytes, or the
+    catalog could not record it. ``path`` is under the spool's quarantine area; the UIDs are the
+    ones received. ``reason_text`` never holds patient data."""
+
+    __tablename__ = "quarantine"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    reason: Mapped[str] = mapped_column(String(32))
+    reason_text: Mapped[str] = mapped_column(String(256))
+    study_uid: Mapped[str] = mapped_column(UID)
+    series_uid: Mapped[str] = mapped_column(UID)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    transfer_syntax_uid: Mapped[str] = mapped_column(UID)
+    # The study it collided with (the one it would have been filed into); not a foreign key, so
+    # the item outlives that study's removal by retention.
+    collided_study_uid: Mapped[str | None] = mapped_column(UID, index=True)
+    patient_key: Mapped[str | None] = mapped_column(String(130))
+    path: Mapped[str] = mapped_column(String(512), unique=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    state: Mapped[QuarantineState] = mapped_column(
+        _enum(QuarantineState), default=QuarantineState.HELD
+    )
+    resolved_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    resolved_by: Mapped[str | None] = mapped_column(String(64))
+    # Where release or reassign filed it: the Study / SOP Instance UID in the catalog.
+    resolved_study_uid: Mapped[str | None] = mapped_column(UID)
+    resolved_sop_instance_uid: Mapped[str | None] = mapped_column(UID)
+
+    __table_args__ = (Index("ix_quarantine_state", "state"),)
 
 
 class StudyEvent(Base):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -17,12 +17,17 @@ from pacs_node.catalog.models import (
     Instance,
     Job,
     JobState,
+    QuarantineItem,
+    QuarantineState,
     RouteOutcome,
     Series,
     Study,
     StudyEvent,
     StudyState,
+    utcnow,
 )
+from pacs_node.catalog.quarantine import held_counts, lookup_held
+from pacs_node.ingest.identity import REASON_TEXT, Held, Verdict, decide, header_key
 from pacs_node.refs import InstanceRef
 
 
@@ -40,10 +45,16 @@ class StudyTouch:
 @dataclass(slots=True)
 class RecordOutcome:
     touches: list[StudyTouch] = field(default_factory=list)
-    # Instances whose SOP Instance UID the catalog already held under another path: the file
-    # written second is no longer needed.
-    duplicate_paths: list[str] = field(default_factory=list)
     recorded: int = 0
+    quarantined: int = 0
+    replaced: int = 0
+    # Spool files whose bytes now live in the quarantine area (linked there before the commit):
+    # the recorder removes these names once the transaction is committed.
+    release_paths: list[str] = field(default_factory=list)
+
+
+Hold = Callable[[InstanceRef], tuple[str, str, int]]
+"""Keep a spooled instance's bytes in the quarantine area: ref -> (path, sha256, size)."""
 
 
 def _insert_ignore(session: Session, table: Any, rows: list[dict[str, Any]], key: str) -> None:
@@ -77,20 +88,129 @@ def counters(session: Session) -> dict[str, int]:
     return {row.name: row.value for row in session.scalars(select(Counter))}
 
 
-def record_instances(session: Session, refs: Sequence[InstanceRef]) -> RecordOutcome:
-    """Record a batch of spooled instances; idempotent (reconciliation replays it safely)."""
+def add_quarantined(
+    session: Session,
+    ref: InstanceRef,
+    *,
+    reason: str,
+    path: str,
+    sha256: str | None,
+    size_bytes: int,
+    collided_study_uid: str | None,
+) -> int | None:
+    """A quarantine row (idempotent on its path); its id, or None when it was there already."""
+    name = session.get_bind().dialect.name
+    dialect_insert = postgresql.insert if name == "postgresql" else sqlite.insert
+    row = {
+        "reason": reason,
+        "reason_text": REASON_TEXT.get(reason, reason)[:256],
+        "study_uid": ref.study_uid,
+        "series_uid": ref.series_uid,
+        "sop_instance_uid": ref.sop_instance_uid,
+        "sop_class_uid": ref.header.sop_class_uid,
+        "transfer_syntax_uid": ref.transfer_syntax_uid,
+        "collided_study_uid": collided_study_uid,
+        "patient_key": header_key(ref.header),
+        "path": path,
+        "size_bytes": size_bytes,
+        "sha256": sha256,
+        "calling_ae": ref.calling_ae,
+        "received_at": ref.received_at,
+        "state": QuarantineState.HELD,
+    }
+    inserted = session.execute(
+        dialect_insert(QuarantineItem)
+        .on_conflict_do_nothing(index_elements=["path"])
+        .returning(QuarantineItem.id),
+        [row],
+    ).first()
+    if inserted is None:
+        return None
+    increment(session, "quarantined_instances")
+    increment(session, f"quarantined_{reason}")
+    return int(inserted[0])
+
+
+def record_instances(
+    session: Session, refs: Sequence[InstanceRef], *, hold: Hold | None = None
+) -> RecordOutcome:
+    """Record a batch of spooled instances; idempotent (reconciliation replays it safely).
+
+    Each instance passes the identity check (:mod:`pacs_node.ingest.identity`) in the order it
+    was acknowledged, against the catalog and the instances before it in the batch: one that
+    collides is recorded in quarantine (its bytes linked there by ``hold``) and joins no study.
+    """
     outcome = RecordOutcome()
     if not refs:
         return outcome
+    held = lookup_held(
+        session,
+        {r.study_uid for r in refs},
+        {r.series_uid for r in refs},
+        {r.sop_instance_uid for r in refs},
+    )
+    existed_before = set(held.studies)
+    accepted: list[InstanceRef] = []
+    replaced: list[InstanceRef] = []
+    events: list[tuple[str, str, dict[str, Any]]] = []  # (study UID, kind, detail)
+    for ref in refs:
+        sop_held = held.sops.get(ref.sop_instance_uid)
+        if sop_held is not None and sop_held[0] == ref.path and not ref.replaces:
+            continue  # a replay: the row holds this very file
+        key = header_key(ref.header)
+        decision = decide(
+            ref.study_uid,
+            ref.series_uid,
+            key,
+            ref.sha256,
+            Held.of(held, ref.study_uid, ref.series_uid, ref.sop_instance_uid),
+        )
+        reason: str | None = ref.quarantine_reason
+        if reason is None and decision.verdict == Verdict.CONFLICT:
+            reason = decision.reason
+        if reason is not None:
+            collided = decision.collided_study_uid or (
+                ref.study_uid if ref.study_uid in held.studies else None
+            )
+            if ref.quarantine_reason is None:  # still in the study's folder: link it apart
+                if hold is None:
+                    path, sha, size = ref.path, ref.sha256, ref.size_bytes
+                else:
+                    path, sha, size = hold(ref)
+                    outcome.release_paths.append(ref.path)
+            else:
+                path, sha, size = ref.path, ref.sha256, ref.size_bytes
+            item = add_quarantined(
+                session,
+                ref,
+                reason=reason,
+                path=path,
+                sha256=sha,
+                size_bytes=size,
+                collided_study_uid=collided,
+            )
+            if item is not None:
+                outcome.quarantined += 1
+                if collided is not None:
+                    detail = {"quarantine_id": item, "reason": reason, "sop": ref.sop_instance_uid}
+                    events.append((collided, "quarantined", detail))
+            continue
+        if decision.verdict in (Verdict.DUPLICATE, Verdict.RESEND):
+            if ref.replaces:
+                replaced.append(ref)
+                sop = held.sops[ref.sop_instance_uid]
+                held.sops[ref.sop_instance_uid] = (sop[0], sop[1], sop[2], ref.sha256)
+            continue  # the row holds this file already (a replay)
+        accepted.append(ref)
+        held.studies.setdefault(ref.study_uid, (None, key))
+        held.series.setdefault(ref.series_uid, ref.study_uid)
+        held.sops[ref.sop_instance_uid] = (ref.path, ref.study_uid, ref.series_uid, ref.sha256)
+
     first_of_study: dict[str, InstanceRef] = {}
     first_of_series: dict[str, InstanceRef] = {}
-    for ref in refs:
+    for ref in accepted:
         first_of_study.setdefault(ref.study_uid, ref)
         first_of_series.setdefault(ref.series_uid, ref)
-
-    existed_before = set(
-        session.scalars(select(Study.study_uid).where(Study.study_uid.in_(first_of_study)))
-    )
     _insert_ignore(
         session,
         Study,
@@ -116,9 +236,12 @@ def record_instances(session: Session, refs: Sequence[InstanceRef]) -> RecordOut
         ],
         "study_uid",
     )
+    touched_uids = (
+        set(first_of_study) | {r.study_uid for r in replaced} | {uid for uid, _, _ in events}
+    )
     studies = {
         s.study_uid: s
-        for s in session.scalars(select(Study).where(Study.study_uid.in_(first_of_study)))
+        for s in session.scalars(select(Study).where(Study.study_uid.in_(touched_uids)))
     }
     _insert_ignore(
         session,
@@ -142,46 +265,44 @@ def record_instances(session: Session, refs: Sequence[InstanceRef]) -> RecordOut
             select(Series.series_uid, Series.id).where(Series.series_uid.in_(first_of_series))
         ).all()
     )
-    known = dict(
-        session.execute(
-            select(Instance.sop_instance_uid, Instance.path).where(
-                Instance.sop_instance_uid.in_({r.sop_instance_uid for r in refs})
-            )
-        ).all()
-    )
-    new_rows: list[dict[str, Any]] = []
-    new_by_study: dict[str, list[InstanceRef]] = {}
-    duplicates_per_study: dict[str, int] = {}
-    for ref in refs:
-        existing = known.get(ref.sop_instance_uid)
-        if existing is not None:
-            if existing != ref.path:
-                outcome.duplicate_paths.append(ref.path)
-                duplicates_per_study[ref.study_uid] = duplicates_per_study.get(ref.study_uid, 0) + 1
-            continue
-        known[ref.sop_instance_uid] = ref.path
-        new_by_study.setdefault(ref.study_uid, []).append(ref)
-        new_rows.append(
-            {
-                "sop_instance_uid": ref.sop_instance_uid,
-                "sop_class_uid": ref.header.sop_class_uid,
-                "series_id": series_ids[ref.series_uid],
-                "instance_number": ref.header.instance_number,
-                "transfer_syntax_uid": ref.transfer_syntax_uid,
-                "path": ref.path,
-                "size_bytes": ref.size_bytes,
-                "calling_ae": ref.calling_ae,
-                "received_at": ref.received_at,
-            }
-        )
+    new_rows = [
+        {
+            "sop_instance_uid": ref.sop_instance_uid,
+            "sop_class_uid": ref.header.sop_class_uid,
+            "series_id": series_ids[ref.series_uid],
+            "instance_number": ref.header.instance_number,
+            "transfer_syntax_uid": ref.transfer_syntax_uid,
+            "path": ref.path,
+            "size_bytes": ref.size_bytes,
+            "calling_ae": ref.calling_ae,
+            "received_at": ref.received_at,
+            "sha256": ref.sha256,
+        }
+        for ref in accepted
+    ]
     _insert_ignore(session, Instance, new_rows, "sop_instance_uid")
     outcome.recorded = len(new_rows)
+    for ref in replaced:
+        session.execute(
+            update(Instance)
+            .where(Instance.sop_instance_uid == ref.sop_instance_uid)
+            .values(
+                sha256=ref.sha256,
+                size_bytes=ref.size_bytes,
+                transfer_syntax_uid=ref.transfer_syntax_uid,
+                received_at=ref.received_at,
+                calling_ae=ref.calling_ae,
+            )
+        )
+        events.append((ref.study_uid, "replaced", {"sop": ref.sop_instance_uid}))
+    outcome.replaced = len(replaced)
+    increment(session, "replaced_instances", len(replaced))
 
-    for study_uid, study in studies.items():
-        study.duplicate_count += duplicates_per_study.get(study_uid, 0)
-        added = new_by_study.get(study_uid)
-        if not added:
-            continue
+    added_by_study: dict[str, list[InstanceRef]] = {}
+    for ref in (*accepted, *replaced):
+        added_by_study.setdefault(ref.study_uid, []).append(ref)
+    for study_uid, added in added_by_study.items():
+        study = studies[study_uid]
         latest = max(ref.received_at for ref in added)
         if study_uid not in existed_before:
             add_event(session, study.id, "receiving", study.first_received_at)
@@ -201,7 +322,10 @@ def record_instances(session: Session, refs: Sequence[InstanceRef]) -> RecordOut
                 reopened,
             )
         )
-    increment(session, "duplicate_instances", sum(duplicates_per_study.values()))
+    now = utcnow()
+    for study_uid, kind, detail in events:
+        if study_uid in studies:
+            add_event(session, studies[study_uid].id, kind, now, **detail)
     return outcome
 
 
@@ -302,6 +426,7 @@ class StudySummary:
     series: tuple[SeriesSummary, ...]
     route_outcome: str | None = None
     status: str | None = None
+    quarantined: int = 0  # instances that collided with this study and wait in quarantine
 
     def as_json(self) -> dict[str, Any]:
         """The public shape of ``studies --json``; fields are only ever added."""
@@ -323,6 +448,7 @@ class StudySummary:
             "stable_at": self.stable_at.isoformat() if self.stable_at else None,
             "reopened_count": self.reopened_count,
             "duplicate_count": self.duplicate_count,
+            "quarantined": self.quarantined,
             "series": [
                 {
                     "series_uid": s.series_uid,
@@ -359,6 +485,7 @@ def list_studies(session: Session, study_uids: Iterable[str] | None = None) -> l
         select(Job.study_id, Job.state).where(Job.study_id.in_([s.id for s in studies]))
     ).all():
         job_states.setdefault(study_id, []).append(job_state)
+    quarantined = held_counts(session, [s.study_uid for s in studies])
     summaries = []
     for study in studies:
         series = tuple(
@@ -393,6 +520,7 @@ def list_studies(session: Session, study_uids: Iterable[str] | None = None) -> l
                 series=series,
                 route_outcome=study.route_outcome.value if study.route_outcome else None,
                 status=processing_status(study.route_outcome, job_states.get(study.id, [])),
+                quarantined=quarantined.get(study.study_uid, 0),
             )
         )
     return summaries
@@ -415,4 +543,7 @@ def processing_status(outcome: RouteOutcome | None, jobs: Sequence[JobState]) ->
 
 
 def known_paths(session: Session) -> set[str]:
-    return set(session.scalars(select(Instance.path)))
+    """Spool paths the catalog accounts for: instances, and quarantined copies."""
+    return set(session.scalars(select(Instance.path))) | set(
+        session.scalars(select(QuarantineItem.path))
+    )

@@ -3,17 +3,32 @@
 The SCP acknowledges once the file is fsync'd in the spool; the catalog row follows within
 milliseconds from this single writer thread, one transaction per batch. If the process dies in
 between, :mod:`pacs_node.ingest.reconcile` records the file at the next start.
+
+Failures are told apart. A transient one (the database unreachable, a dropped connection,
+SQLite busy or locked) is retried with backoff for as long as it lasts: the files are safe in
+the spool, the outage is counted, warned about at most once a minute, and shown by
+``pacs-node status`` (a flag file in the spool, since the catalog itself may be what is down).
+Any other failure is the data's: the batch is split in halves until the one instance the
+catalog cannot take is found; it is recorded in quarantine (reason ``unrecordable``) in a
+transaction of its own, and if even that fails it is logged and counted and its file stays in
+the spool, for reconciliation at the next start. The rest of the batch is recorded.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import queue
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
+
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from pacs_node.catalog.db import Catalog
 from pacs_node.catalog.deliveries import record_commitment_report
@@ -22,13 +37,32 @@ from pacs_node.catalog.studies import (
     RecordOutcome,
     StudyTouch,
     add_duplicates,
+    add_quarantined,
     increment,
     record_instances,
 )
+from pacs_node.ingest.identity import Reason
 from pacs_node.ingest.spool import Spool
 from pacs_node.refs import CommitmentReport, InstanceRef
 
 log = logging.getLogger(__name__)
+
+OUTAGE_FILE = ".catalog-outage.json"  # in the spool root: read by `pacs-node status`
+WARN_EVERY_S = 60.0
+BACKOFF_MAX_S = 5.0
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A failure of the database, not of the data: worth retrying as it is."""
+    if isinstance(exc, (OperationalError, PoolTimeout)):
+        return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(exc, sqlite3.OperationalError):
+        return True
+    text = str(exc).lower()
+    return "database is locked" in text or "database is busy" in text
+
 
 TouchListener = Callable[[Sequence[StudyTouch]], None]
 
@@ -77,6 +111,11 @@ class CatalogRecorder:
         self._thread: threading.Thread | None = None
         self._idle = threading.Condition()
         self._pending = 0
+        self.outage_since: float | None = None  # wall-clock start of the current outage
+        self.outage_error: str | None = None
+        self.outages = 0
+        self.unrecorded = 0  # instances neither recorded nor quarantined (left to reconcile)
+        self._warned_at = 0.0
 
     def add_listener(self, listener: TouchListener) -> None:
         self._listeners.append(listener)
@@ -101,6 +140,7 @@ class CatalogRecorder:
         self._queue.put(item)
 
     def start(self) -> None:
+        self._write_status()  # a flag a previous run left is stale now
         self._thread = threading.Thread(target=self._run, name="catalog-recorder", daemon=True)
         self._thread.start()
 
@@ -120,12 +160,16 @@ class CatalogRecorder:
     def record(self, refs: Sequence[InstanceRef]) -> RecordOutcome:
         """Record ``refs`` now, in the calling thread (reconciliation uses this)."""
         with self.catalog.sessions.begin() as session:
-            outcome = record_instances(session, refs)
+            outcome = record_instances(session, refs, hold=self._hold)
         self._after_commit(outcome)
         return outcome
 
+    def _hold(self, ref: InstanceRef) -> tuple[str, str, int]:
+        held = self.spool.hold(ref.path, ref.sop_instance_uid)
+        return held.relpath, held.sha256, held.size_bytes
+
     def _after_commit(self, outcome: RecordOutcome) -> None:
-        for relpath in outcome.duplicate_paths:
+        for relpath in outcome.release_paths:  # their bytes are in quarantine now
             self.spool.remove(relpath)
         if outcome.touches:
             for listener in self._listeners:
@@ -156,31 +200,169 @@ class CatalogRecorder:
         counts = [item for item in items if isinstance(item, _Count)]
         duplicates = [item.study_uid for item in items if isinstance(item, _Duplicate)]
         reports = [item for item in items if isinstance(item, CommitmentReport)]
-        delay = 0.05
-        while True:
-            try:
-                with self.catalog.sessions.begin() as session:
-                    outcome = record_instances(session, refs)
-                    for count in counts:
-                        increment(session, count.name, count.by)
-                    add_duplicates(session, duplicates)
-                break
-            except Exception:
-                # The files are safe in the spool; keep trying (and reconcile covers a crash).
-                log.exception("catalog write failed; retrying", extra={"instances": len(refs)})
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
-        try:
-            self._after_commit(outcome)
-        except Exception:
-            log.exception("post-commit listener failed")
+        recorded = self._record_split(refs) if refs else 0
+        if counts or duplicates:
+            self._record_counts(counts, duplicates)
         with self._idle:
             self._pending -= len(items)
             self._idle.notify_all()
         if refs:
-            log.debug("recorded instances", extra={"instances": outcome.recorded})
+            log.debug("recorded instances", extra={"instances": recorded})
         for report in reports:
             self._record_report(report)
+
+    def _transaction(self, work: Callable[[], RecordOutcome | None]) -> RecordOutcome | None:
+        """Run ``work`` until it succeeds or fails for a reason other than the database's."""
+        delay = 0.05
+        while True:
+            try:
+                outcome = work()
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                self._outage(exc)
+                time.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX_S)
+                continue
+            self._recovered()
+            return outcome
+
+    def _record_split(self, refs: list[InstanceRef]) -> int:
+        """Record ``refs``; on a failure of the data, bisect down to the poison instance."""
+
+        def work() -> RecordOutcome:
+            with self.catalog.sessions.begin() as session:
+                return record_instances(session, refs, hold=self._hold)
+
+        try:
+            outcome = self._transaction(work)
+        except Exception:
+            if len(refs) == 1:
+                self._poison(refs[0])
+                return 0
+            log.warning(
+                "catalog refused a batch; splitting it to find the instance at fault",
+                extra={"instances": len(refs)},
+            )
+            middle = len(refs) // 2
+            return self._record_split(refs[:middle]) + self._record_split(refs[middle:])
+        if outcome is None:
+            return 0
+        try:
+            self._after_commit(outcome)
+        except Exception:
+            log.exception("post-commit listener failed")
+        return outcome.recorded
+
+    def _poison(self, ref: InstanceRef) -> None:
+        """The catalog cannot record this instance: keep it in quarantine, on its own."""
+        log.exception(
+            "instance cannot be recorded; keeping it in quarantine",
+            extra={"sop_instance_uid": ref.sop_instance_uid, "study_uid": ref.study_uid},
+        )
+        moved = ref.quarantine_reason is None
+
+        def work() -> RecordOutcome:
+            if moved:
+                path, sha, size = self._hold(ref)
+            else:
+                path, sha, size = ref.path, ref.sha256, ref.size_bytes
+            with self.catalog.sessions.begin() as session:
+                add_quarantined(
+                    session,
+                    replace(ref, sha256=sha),
+                    reason=Reason.UNRECORDABLE,
+                    path=path,
+                    sha256=sha,
+                    size_bytes=size,
+                    collided_study_uid=None,
+                )
+            return RecordOutcome(release_paths=[ref.path] if moved else [])
+
+        try:
+            outcome = self._transaction(work)
+        except Exception:
+            self.unrecorded += 1
+            self._write_status()
+            log.exception(
+                "instance cannot be quarantined either; its file stays in the spool for "
+                "reconciliation at the next start",
+                extra={"sop_instance_uid": ref.sop_instance_uid, "unrecorded": self.unrecorded},
+            )
+            return
+        if outcome is not None:
+            self._after_commit(outcome)
+
+    def _record_counts(self, counts: list[_Count], duplicates: list[str]) -> None:
+        def work() -> None:
+            with self.catalog.sessions.begin() as session:
+                for count in counts:
+                    increment(session, count.name, count.by)
+                add_duplicates(session, duplicates)
+
+        try:
+            self._transaction(work)
+        except Exception:
+            log.exception("counters not recorded", extra={"counters": len(counts)})
+
+    def _outage(self, exc: Exception) -> None:
+        now = time.monotonic()
+        if self.outage_since is None:
+            self.outage_since = time.time()
+            self.outages += 1
+            self._warned_at = 0.0
+        self.outage_error = type(exc).__name__
+        if now - self._warned_at >= WARN_EVERY_S:
+            self._warned_at = now
+            log.warning(
+                "catalog unavailable; instances stay in the spool and are recorded when it is back",
+                extra={
+                    "error": self.outage_error,
+                    "pending": self._pending,
+                    "since": self.outage_since,
+                },
+            )
+            self._write_status()
+
+    def _recovered(self) -> None:
+        if self.outage_since is None:
+            return
+        seconds = time.time() - self.outage_since
+        self.outage_since = None
+        log.warning("catalog available again", extra={"outage_s": round(seconds, 1)})
+        self._write_status()
+        try:
+            with self.catalog.sessions.begin() as session:
+                increment(session, "catalog_outages")
+                increment(session, "catalog_outage_seconds", round(seconds))
+        except Exception:
+            log.warning("catalog outage not counted", exc_info=True)
+
+    def status(self) -> dict[str, object]:
+        """What ``pacs-node status`` shows about the recorder."""
+        return {
+            "catalog_available": self.outage_since is None,
+            "outage_since": self.outage_since,
+            "last_error": self.outage_error,
+            "outages": self.outages,
+            "pending": self._pending,
+            "unrecorded": self.unrecorded,
+            "written_at": time.time(),
+        }
+
+    def _write_status(self) -> None:
+        """The flag file: written on every change of the outage state (the catalog may be
+        what is down, so the state cannot live there)."""
+        path = self.spool.root / OUTAGE_FILE
+        try:
+            if self.outage_since is None and self.unrecorded == 0:
+                path.unlink(missing_ok=True)
+                return
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.status()), encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError:
+            log.warning("recorder status file not written", exc_info=True)
 
     def _record_report(self, report: CommitmentReport) -> None:
         """In a transaction of its own, so a report the catalog cannot take never holds up the

@@ -3,13 +3,24 @@
 A file in the spool is the durable record that an instance was acknowledged: it is written to a
 temporary file, fsync'd, then hard-linked to its final name (which never overwrites: the first
 copy of a SOP Instance wins) and its directory fsync'd, all before the SCP answers success.
+
+The SHA-256 of the data set (the bytes after the Part 10 header, which the node writes itself
+and which names the calling AE) is computed while writing. When the name is taken, the digests
+are compared: the same data set is a duplicate; another one is never dropped but linked, just as
+durably, into the quarantine area (``.quarantine/<SOP Instance UID>/<sha256>.dcm``), where
+:mod:`pacs_node.ingest.identity` applies ``resend_policy`` to it. Nothing under a name starting
+with a dot is part of any study (:meth:`Spool.walk` skips them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
+import hashlib
 import logging
 import os
+import struct
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -21,8 +32,13 @@ from pacs_node.uids import require_uid
 log = logging.getLogger(__name__)
 
 INCOMING = ".incoming"
+QUARANTINE = ".quarantine"
+LOCK_FILE = ".lock"
 SUFFIX = ".dcm"
 _RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EMFILE, errno.ENFILE}
+_PART10_PREFIX = 128 + 4  # preamble and "DICM"
+_GROUP_LENGTH_END = _PART10_PREFIX + 12  # (0002,0000) UL, explicit VR little endian
+_READ_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +46,64 @@ class StoredFile:
     relpath: str
     size_bytes: int
     duplicate: bool  # an instance with the same UIDs was already in the spool; kept the first
+    sha256: str = ""  # of the data set written (see the module docstring)
+    # When the name was taken by another data set: where these bytes were kept instead
+    # (a path under the quarantine area); None when they were written or were identical.
+    held: str | None = None
+    held_new: bool = False  # ``held`` was linked by this call (not an earlier identical copy)
+
+    @property
+    def identical(self) -> bool:
+        """A second copy of the very data set already stored under this name."""
+        return self.duplicate and self.held is None
+
+
+class DataSetDigest:
+    """SHA-256 of a Part 10 file's data set, fed in chunks: the group 0002 header is skipped
+    (the node writes it, with the calling AE), so a re-send from another AE compares equal.
+    Bytes without a Part 10 header are hashed whole."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self._head = bytearray()
+        self._skip: int | None = None
+        self._seen = 0
+
+    def update(self, chunk: bytes | memoryview) -> None:
+        if self._skip is None:
+            self._head += chunk
+            if len(self._head) < _GROUP_LENGTH_END:
+                return
+            head, self._head = bytes(self._head), bytearray()
+            self._skip = _header_length(head)
+            self._seen = 0
+            chunk = head
+        start = max(0, self._skip - self._seen)
+        self._seen += len(chunk)
+        if start < len(chunk):
+            self._hash.update(memoryview(chunk)[start:])
+
+    def hexdigest(self) -> str:
+        if self._skip is None:  # shorter than a Part 10 header
+            self._hash.update(self._head)
+            self._skip, self._head = 0, bytearray()
+        return self._hash.hexdigest()
+
+
+def _header_length(head: bytes) -> int:
+    if head[128:132] != b"DICM" or head[132:138] != b"\x02\x00\x00\x00UL":
+        return 0
+    (group_length,) = struct.unpack_from("<I", head, _PART10_PREFIX + 8)
+    return int(_GROUP_LENGTH_END + group_length)
+
+
+def file_digest(path: Path) -> str:
+    """:class:`DataSetDigest` of a stored file."""
+    digest = DataSetDigest()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_READ_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -47,6 +121,9 @@ class Spool:
         self.min_free_bytes = min_free_bytes
         self.incoming = root / INCOMING
         self.incoming.mkdir(parents=True, exist_ok=True)
+        self.quarantine = root / QUARANTINE
+        self.quarantine.mkdir(exist_ok=True)
+        (root / LOCK_FILE).touch(exist_ok=True)
 
     def relpath_for(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> str:
         """``<study>/<series>/<sop>.dcm``; every part is a validated UID (digits and dots)."""
@@ -76,38 +153,107 @@ class Spool:
         sop_instance_uid: str,
         chunks: Iterable[bytes | memoryview],
     ) -> StoredFile:
-        """Write ``chunks`` durably under the instance's name; never a partial or replaced file."""
+        """Write ``chunks`` durably under the instance's name; never a partial or replaced file.
+        When the name is taken by another data set, the bytes are kept under the quarantine
+        area instead (``StoredFile.held``)."""
         relpath = self.relpath_for(study_uid, series_uid, sop_instance_uid)
-        final = self.root / relpath
-        if final.exists():
-            return StoredFile(relpath, final.stat().st_size, duplicate=True)
         self._check_free_space()
         fd, tmp_name = tempfile.mkstemp(dir=self.incoming, suffix=".part")
         tmp = Path(tmp_name)
         try:
             size = 0
+            digest = DataSetDigest()
             with os.fdopen(fd, "wb") as handle:
                 for chunk in chunks:
                     handle.write(chunk)
+                    digest.update(chunk)
                     size += len(chunk)
                 handle.flush()
                 if self.fsync:
                     os.fsync(handle.fileno())
-            created = self._make_dirs(final.parent)
-            try:
-                os.link(tmp, final)
-            except FileExistsError:
-                return StoredFile(relpath, final.stat().st_size, duplicate=True)
-            if self.fsync:
-                for directory in (final.parent, *created):
-                    _fsync_dir(directory)
-            return StoredFile(relpath, size, duplicate=False)
+            return self._settle_temp(tmp, relpath, size, digest.hexdigest())
         except OSError as exc:
             if exc.errno in _RESOURCE_ERRNOS:
                 raise OutOfResources(f"spool write failed: {os.strerror(exc.errno or 0)}") from exc
             raise
         finally:
             tmp.unlink(missing_ok=True)
+
+    def _settle_temp(self, tmp: Path, relpath: str, size: int, sha256: str) -> StoredFile:
+        """Link a written, fsync'd temporary file to ``relpath`` (or, when that name holds
+        another data set, into the quarantine area); the caller removes ``tmp``."""
+        final = self.root / relpath
+        if not final.exists():
+            created = self._make_dirs(final.parent)
+            try:
+                os.link(tmp, final)
+            except FileExistsError:
+                pass
+            else:
+                if self.fsync:
+                    for directory in (final.parent, *created):
+                        _fsync_dir(directory)
+                return StoredFile(relpath, size, duplicate=False, sha256=sha256)
+        if file_digest(final) == sha256:
+            return StoredFile(relpath, size, duplicate=True, sha256=sha256)
+        held, new = self._link_held(tmp, Path(relpath).name[: -len(SUFFIX)], sha256)
+        return StoredFile(relpath, size, duplicate=True, sha256=sha256, held=held, held_new=new)
+
+    def _link_held(self, source: Path, sop_instance_uid: str, sha256: str) -> tuple[str, bool]:
+        """Hard-link ``source`` to ``.quarantine/<sop>/<sha256>.dcm`` durably; the same bytes
+        held twice share one name."""
+        held = "/".join(
+            (QUARANTINE, require_uid(sop_instance_uid, "SOPInstanceUID"), sha256 + SUFFIX)
+        )
+        target = self.root / held
+        created = self._make_dirs(target.parent)
+        new = True
+        try:
+            os.link(source, target)
+        except FileExistsError:
+            new = False
+        if self.fsync:
+            for directory in (target.parent, *created):
+                _fsync_dir(directory)
+        return held, new
+
+    def hold(self, relpath: str, sop_instance_uid: str) -> StoredFile:
+        """Keep a stored file's bytes in the quarantine area too (the caller removes the spool
+        name once the catalog says so): for an instance that must join no study."""
+        source = self.root / relpath
+        sha256 = file_digest(source)
+        held, new = self._link_held(source, sop_instance_uid, sha256)
+        size = source.stat().st_size
+        return StoredFile(held, size, duplicate=False, sha256=sha256, held=held, held_new=new)
+
+    def swap_in(self, held: str, relpath: str) -> None:
+        """Replace the file at ``relpath`` by the (fsync'd) held bytes in one rename; the held
+        name stays until the caller removes it."""
+        fd, tmp_name = tempfile.mkstemp(dir=self.incoming, suffix=".part")
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            tmp.unlink()
+            os.link(self.root / held, tmp)
+            os.replace(tmp, self.root / relpath)
+            if self.fsync:
+                _fsync_dir((self.root / relpath).parent)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def digest(self, relpath: str) -> str:
+        return file_digest(self.root / relpath)
+
+    @contextlib.contextmanager
+    def retention_lock(self, *, shared: bool) -> Iterator[None]:
+        """Held shared while an acknowledgement relies on a spool file, exclusively while
+        retention removes a study's rows or files (across the SCP worker processes)."""
+        fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def _make_dirs(self, directory: Path) -> list[Path]:
         """Create ``directory`` and missing parents; return the parents whose entries changed."""
@@ -139,7 +285,7 @@ class Spool:
     def walk(self) -> Iterator[str]:
         """Relative paths of every stored instance."""
         for study in os.scandir(self.root):
-            if not study.is_dir() or study.name == INCOMING:
+            if not study.is_dir() or study.name.startswith("."):
                 continue
             for series in os.scandir(study.path):
                 if not series.is_dir():

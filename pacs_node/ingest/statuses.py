@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from pacs_node.errors import (
     DataSetMismatch,
+    IdentityConflict,
     IngestError,
     InvalidUID,
     MissingAttribute,
     OutOfResources,
+    ResendRefused,
+    StudyBeingRemoved,
     UnreadableDataset,
 )
 
@@ -21,11 +24,21 @@ CANNOT_UNDERSTAND = 0xC000
 CANNOT_UNDERSTAND_UNREADABLE = 0xC001
 CANNOT_UNDERSTAND_MISSING_UID = 0xC002
 CANNOT_UNDERSTAND_INVALID_UID = 0xC003
+# Refused: Out of Resources, for now: retention is removing the study (send again later).
+OUT_OF_RESOURCES_STUDY_BEING_REMOVED = 0xA710
+# Failure: Error (0xC0xx, our own low bytes): the identity check refused the instance: its
+# UIDs or patient collide with another study's (identity_conflict: reject) ...
+IDENTITY_CONFLICT = 0xC010
+# ... or a SOP Instance already held came again with other bytes (resend_policy: reject).
+RESEND_REFUSED = 0xC011
 # Failure: Processing failure (an unexpected error of ours; the association goes on)
 PROCESSING_FAILURE = 0x0110
 
 _TABLE: tuple[tuple[type[IngestError], int], ...] = (
+    (StudyBeingRemoved, OUT_OF_RESOURCES_STUDY_BEING_REMOVED),
     (OutOfResources, OUT_OF_RESOURCES),
+    (IdentityConflict, IDENTITY_CONFLICT),
+    (ResendRefused, RESEND_REFUSED),
     (DataSetMismatch, DATASET_MISMATCH),
     (UnreadableDataset, CANNOT_UNDERSTAND_UNREADABLE),
     (MissingAttribute, CANNOT_UNDERSTAND_MISSING_UID),

@@ -1,0 +1,266 @@
+"""Patient identity: an instance joins a study only if its UIDs and its patient agree with what
+the catalog already holds.
+
+The policy, one rule per collision (:func:`decide`)::
+
+    SOP Instance UID held under another study or series      -> sop_in_other_series
+    Series Instance UID held under another study             -> series_in_other_study
+    Study held under another patient key (Patient ID with    -> patient_mismatch
+      Issuer of Patient ID, normalised by catalog.quarantine.patient_key)
+    SOP Instance UID held in the same place, same data set   -> duplicate (counted, success)
+    SOP Instance UID held in the same place, other bytes     -> resend (``resend_policy``)
+
+A collision follows ``identity_conflict``: ``reject`` answers IDENTITY_CONFLICT (0xC010) with an
+ErrorComment naming the collision; ``quarantine`` answers success and keeps the bytes, fsync'd,
+under the spool's quarantine area with a catalog row and an event on the study it collided
+with. A re-send with other bytes follows ``resend_policy``: ``keep_first`` (the new bytes go to
+quarantine), ``replace`` (the stored file is swapped in one rename, the row updated and the
+study reopened) or ``reject`` (RESEND_REFUSED, 0xC011). A quarantined instance is never counted
+in, routed with or processed as part of any study until an operator releases, re-assigns or
+discards it (:mod:`pacs_node.ingest.quarantine`).
+
+The check runs twice. :class:`IdentityGate` screens each C-STORE before the answer, on a
+read-only catalog handle (SCP worker processes are separate processes); it fails open when the
+catalog cannot answer. The authoritative check runs where rows are written
+(:func:`pacs_node.catalog.studies.record_instances`), in the order instances were
+acknowledged, so instances of one batch, or acknowledged before the row they collide with was
+committed, are still quarantined there.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from pacs_node.catalog.quarantine import HeldUIDs, being_removed, lookup_held, patient_key
+from pacs_node.errors import IdentityConflict, ResendRefused, StudyBeingRemoved
+from pacs_node.ingest.statuses import SUCCESS
+
+if TYPE_CHECKING:
+    from pacs_node.catalog.db import Catalog
+    from pacs_node.ingest.recorder import RecordSink
+    from pacs_node.ingest.spool import Spool, StoredFile
+    from pacs_node.refs import InstanceHeader, InstanceRef
+
+log = logging.getLogger(__name__)
+
+WARN_EVERY_S = 60.0
+
+
+class Reason(enum.StrEnum):
+    """Why an instance is in quarantine (``quarantine.reason``)."""
+
+    SOP_ELSEWHERE = "sop_in_other_series"
+    SERIES_ELSEWHERE = "series_in_other_study"
+    PATIENT_MISMATCH = "patient_mismatch"
+    RESEND = "resend_different_bytes"
+    UNRECORDABLE = "unrecordable"
+
+
+REASON_TEXT: dict[str, str] = {
+    Reason.SOP_ELSEWHERE: "SOP Instance UID is held under another study or series",
+    Reason.SERIES_ELSEWHERE: "Series Instance UID is held under another study",
+    Reason.PATIENT_MISMATCH: "Patient ID or Issuer differs from the study's",
+    Reason.RESEND: "SOP Instance UID re-sent with different bytes",
+    Reason.UNRECORDABLE: "the catalog could not record this instance",
+}
+
+
+class Verdict(enum.StrEnum):
+    NEW = "new"
+    DUPLICATE = "duplicate"
+    RESEND = "resend"
+    CONFLICT = "conflict"
+
+
+class Action(enum.StrEnum):
+    ACCEPT = "accept"
+    DUPLICATE = "duplicate"
+    REJECT = "reject"
+    QUARANTINE = "quarantine"
+    REPLACE = "replace"
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """What the catalog holds for one instance's UIDs (None: not held)."""
+
+    study_patient_key: str | None = None
+    series_study_uid: str | None = None
+    sop_study_uid: str | None = None
+    sop_series_uid: str | None = None
+    sop_sha256: str | None = None
+
+    @classmethod
+    def of(cls, held: HeldUIDs, study_uid: str, series_uid: str, sop_uid: str) -> Held:
+        study = held.studies.get(study_uid)
+        sop = held.sops.get(sop_uid)
+        return cls(
+            study_patient_key=study[1] if study else None,
+            series_study_uid=held.series.get(series_uid),
+            sop_study_uid=sop[1] if sop else None,
+            sop_series_uid=sop[2] if sop else None,
+            sop_sha256=sop[3] if sop else None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    verdict: Verdict
+    reason: Reason | None = None
+    collided_study_uid: str | None = None  # the study it would have mixed with
+
+
+def decide(study_uid: str, series_uid: str, key: str, sha256: str | None, held: Held) -> Decision:
+    """The identity policy (module docstring) for one instance; pure."""
+    if held.sop_series_uid is not None and (
+        held.sop_series_uid != series_uid or held.sop_study_uid != study_uid
+    ):
+        return Decision(Verdict.CONFLICT, Reason.SOP_ELSEWHERE, held.sop_study_uid)
+    if held.series_study_uid is not None and held.series_study_uid != study_uid:
+        return Decision(Verdict.CONFLICT, Reason.SERIES_ELSEWHERE, held.series_study_uid)
+    if held.study_patient_key is not None and held.study_patient_key != key:
+        return Decision(Verdict.CONFLICT, Reason.PATIENT_MISMATCH, study_uid)
+    if held.sop_series_uid is not None:
+        if sha256 and held.sop_sha256 and sha256 != held.sop_sha256:
+            return Decision(Verdict.RESEND, Reason.RESEND, study_uid)
+        return Decision(Verdict.DUPLICATE)
+    return Decision(Verdict.NEW)
+
+
+def act(decision: Decision, identity_conflict: str, resend_policy: str) -> Action:
+    """What the configured policies make of a decision."""
+    if decision.verdict == Verdict.NEW:
+        return Action.ACCEPT
+    if decision.verdict == Verdict.DUPLICATE:
+        return Action.DUPLICATE
+    if decision.verdict == Verdict.CONFLICT:
+        return Action.QUARANTINE if identity_conflict == "quarantine" else Action.REJECT
+    return {
+        "keep_first": Action.QUARANTINE,
+        "replace": Action.REPLACE,
+        "reject": Action.REJECT,
+    }[resend_policy]
+
+
+def header_key(header: InstanceHeader) -> str:
+    return patient_key(header.patient_id, header.issuer_of_patient_id)
+
+
+IDENTITY_REJECTED = "identity_rejected"
+RESEND_REJECTED = "resend_rejected"
+REMOVAL_REFUSED = "refused_during_removal"
+
+
+class IdentityGate:
+    """The C-STORE side of the check: :meth:`screen` after the header is read, :meth:`admit`
+    after the bytes are spooled (it answers, hands the row on and keeps collisions apart)."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        sink: RecordSink,
+        catalog: Catalog | None,
+        *,
+        identity_conflict: str = "reject",
+        resend_policy: str = "keep_first",
+    ) -> None:
+        self.spool = spool
+        self.sink = sink
+        self.catalog = catalog
+        self.identity_conflict = identity_conflict
+        self.resend_policy = resend_policy
+        self._warned_at = 0.0
+
+    def _unavailable(self, exc: Exception) -> None:
+        now = time.monotonic()
+        if now - self._warned_at >= WARN_EVERY_S:
+            self._warned_at = now
+            log.warning(
+                "identity screen cannot read the catalog; the recorder checks instead",
+                extra={"error": type(exc).__name__},
+            )
+
+    def screen(self, header: InstanceHeader) -> Decision:
+        """Refuse a colliding instance before anything is written (``identity_conflict:
+        reject``); otherwise say what :meth:`admit` must do with it."""
+        if self.catalog is None:
+            return Decision(Verdict.NEW)
+        try:
+            with self.catalog.sessions() as session:
+                held = lookup_held(
+                    session, [header.study_uid], [header.series_uid], [header.sop_instance_uid]
+                )
+        except Exception as exc:  # fail open: record_instances is authoritative
+            self._unavailable(exc)
+            return Decision(Verdict.NEW)
+        decision = decide(
+            header.study_uid,
+            header.series_uid,
+            header_key(header),
+            None,
+            Held.of(held, header.study_uid, header.series_uid, header.sop_instance_uid),
+        )
+        if decision.verdict == Verdict.CONFLICT and self.identity_conflict == "reject":
+            self.sink.count(IDENTITY_REJECTED)
+            raise IdentityConflict(REASON_TEXT[decision.reason or Reason.SOP_ELSEWHERE])
+        return decision
+
+    def _being_removed(self, study_uid: str) -> bool:
+        if self.catalog is None:
+            return False
+        try:
+            with self.catalog.sessions() as session:
+                return being_removed(session, study_uid)
+        except Exception as exc:
+            self._unavailable(exc)
+            return False
+
+    def admit(self, screening: Decision, stored: StoredFile, ref: InstanceRef) -> int:
+        """Answer for a spooled instance: hand it to the recorder as it is, as a duplicate, as
+        a quarantined copy or as a replacement; or refuse it (and remove what only it wrote)."""
+        with self.spool.retention_lock(shared=True):
+            return self._admit(screening, stored, ref)
+
+    def _admit(self, screening: Decision, stored: StoredFile, ref: InstanceRef) -> int:
+        ref = replace(ref, sha256=stored.sha256 or None)
+        if self._being_removed(ref.study_uid) or (
+            stored.identical and not self.spool.path(stored.relpath).exists()
+        ):
+            if not stored.duplicate:
+                self.spool.remove(stored.relpath)
+            self.sink.count(REMOVAL_REFUSED)
+            raise StudyBeingRemoved("retention is removing this study; send it again later")
+        conflict = screening.verdict == Verdict.CONFLICT
+        if stored.identical:
+            self.sink.duplicate(ref.study_uid)
+            return SUCCESS
+        if stored.held is not None:  # the name holds another data set: a re-send
+            if conflict:  # identity first (only reached under identity_conflict: quarantine)
+                reason = screening.reason or Reason.RESEND
+                self.sink.submit(replace(ref, path=stored.held, quarantine_reason=reason))
+                return SUCCESS
+            action = act(Decision(Verdict.RESEND, Reason.RESEND), "", self.resend_policy)
+            if action == Action.REJECT:
+                if stored.held_new:
+                    self.spool.remove(stored.held)
+                self.sink.count(RESEND_REJECTED)
+                raise ResendRefused(REASON_TEXT[Reason.RESEND] + " (resend_policy reject)")
+            if action == Action.REPLACE:
+                self.spool.swap_in(stored.held, stored.relpath)
+                if stored.held_new:
+                    self.spool.remove(stored.held)
+                self.sink.submit(replace(ref, replaces=True))
+                return SUCCESS
+            self.sink.submit(replace(ref, path=stored.held, quarantine_reason=Reason.RESEND))
+            return SUCCESS
+        if conflict:  # a fresh file under identity_conflict: quarantine
+            held = self.spool.hold(stored.relpath, ref.sop_instance_uid)
+            self.sink.submit(replace(ref, path=held.relpath, quarantine_reason=screening.reason))
+            self.spool.remove(stored.relpath)
+            return SUCCESS
+        self.sink.submit(ref)
+        return SUCCESS
