@@ -138,4 +138,4 @@ class IdentityConflict(IngestError):
 
 
 class ResendRefused(IngestError):
-    """A SOP Instance UID already held was sent again with other bytes (``resend_policy: reject``)."""
+    """A SOP Instance UID held already came again with other bytes (``resend_policy: reject``)."""

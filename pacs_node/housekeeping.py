@@ -19,6 +19,16 @@ never brings a removed study back::
 
 :func:`finish_purges` runs step 2-3 for any row a crash left unfinished; the node calls it at
 start *before* reconciling the spool, so reconciliation never sees those files.
+
+An instance that arrives for a study being removed is never acknowledged and then deleted.
+Steps 1 and 2 hold the spool's retention lock exclusively; the Storage SCP holds it shared
+from its last check to its answer (:meth:`pacs_node.ingest.identity.IdentityGate.admit`) and
+refuses, with OUT_OF_RESOURCES_STUDY_BEING_REMOVED (0xA710, "send it again later"), an instance
+whose study has a ``purges`` row whose files are not yet removed, or whose identical copy it
+would rely on is gone. One acknowledged before step 1 is either a new file, which step 2 does
+not list, so it survives and is recorded as a new study, or an identical re-send of a file the
+node already held, which retention removes like the rest of the study. Once the files are
+removed, the same instance is received as a new study.
 Delivered rows still waiting for a commitment report are asked again on each pass.
 """
 
@@ -56,6 +66,7 @@ from pacs_node.catalog.models import (
 )
 from pacs_node.config import Settings
 from pacs_node.dispatch.commitment import CONFIRMED, CommitmentAnswer, Reference
+from pacs_node.ingest.spool import retention_lock
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +174,8 @@ def finish_purges(catalog: Catalog, spool_dir: Path, results_dir: Path) -> int:
             return 0
         live = set(session.scalars(select(Instance.path)))
     for purge in pending:
-        _remove_files(purge, spool_dir, results_dir, live)
+        with retention_lock(spool_dir, shared=False):
+            _remove_files(purge, spool_dir, results_dir, live)
         with catalog.sessions.begin() as session:
             row = session.get(Purge, purge.id)
             if row is not None:
@@ -253,7 +265,10 @@ class Housekeeping:
         return purged
 
     def _purge(self, study_id: int, reason: str, now: datetime) -> bool:
-        with self.catalog.sessions.begin() as session:
+        with (
+            retention_lock(self.spool_dir, shared=False),
+            self.catalog.sessions.begin() as session,
+        ):
             study = session.get(Study, study_id)
             purge = purge_study(session, study, reason, now) if study is not None else None
         if purge is None:

@@ -54,7 +54,7 @@ class Node:
         if options.dicom_workers > 0:
             self.scp = SCPWorkers(settings, self.recorder, options.dicom_workers)
         else:
-            self.scp = StorageSCP(settings, self.spool, self.recorder)
+            self.scp = StorageSCP(settings, self.spool, self.recorder, self.catalog)
         self._stopped = threading.Event()
 
     def start(self) -> None:

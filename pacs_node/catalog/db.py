@@ -49,16 +49,30 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def create_catalog_engine(url: str) -> Engine:
+def _sqlite_query_only(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA query_only=ON")
+    cursor.close()
+
+
+def create_catalog_engine(url: str, *, read_only: bool = False) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
+        if read_only:
+            event.listen(engine, "connect", _sqlite_query_only)
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")
+    if read_only:
+        return create_engine(
+            parsed,
+            pool_pre_ping=True,
+            connect_args={"options": "-c default_transaction_read_only=on"},
+        )
     return create_engine(parsed, pool_pre_ping=True)
 
 
@@ -93,11 +107,12 @@ def check_schema(engine: Engine) -> None:
         )
 
 
-def open_catalog(url: str, *, run_migrations: bool = True) -> Catalog:
+def open_catalog(url: str, *, run_migrations: bool = True, read_only: bool = False) -> Catalog:
     """Open (and by default migrate) the catalog; read-only commands pass
-    ``run_migrations=False`` so they never change a schema a running node is using."""
+    ``run_migrations=False`` so they never change a schema a running node is using, and
+    ``read_only`` makes every session refuse writes (the SCP worker processes' handle)."""
     try:
-        engine = create_catalog_engine(url)
+        engine = create_catalog_engine(url, read_only=read_only)
         if run_migrations:
             migrate(engine)
         else:

@@ -90,7 +90,7 @@ def being_removed(session: Session, study_uid: str) -> bool:
 def held_counts(session: Session, study_uids: Iterable[str]) -> dict[str, int]:
     """Per study: how many instances that collided with it wait in quarantine."""
     return {
-        uid: int(n)
+        str(uid): int(n)
         for uid, n in session.execute(
             select(QuarantineItem.collided_study_uid, func.count(QuarantineItem.id))
             .where(

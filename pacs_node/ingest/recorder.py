@@ -263,10 +263,10 @@ class CatalogRecorder:
         moved = ref.quarantine_reason is None
 
         def work() -> RecordOutcome:
+            path, size = ref.path, ref.size_bytes
+            sha: str | None = ref.sha256
             if moved:
                 path, sha, size = self._hold(ref)
-            else:
-                path, sha, size = ref.path, ref.sha256, ref.size_bytes
             with self.catalog.sessions.begin() as session:
                 add_quarantined(
                     session,

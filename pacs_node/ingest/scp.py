@@ -25,6 +25,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
+from pacs_node.catalog.db import Catalog
 from pacs_node.catalog.models import utcnow
 from pacs_node.config import Settings
 from pacs_node.dispatch.commitment import (
@@ -36,6 +37,7 @@ from pacs_node.dispatch.commitment import (
 from pacs_node.errors import DataSetMismatch, IngestError
 from pacs_node.ingest.access import AccessPolicy
 from pacs_node.ingest.header import parse_identifiers, read_header
+from pacs_node.ingest.identity import IdentityGate
 from pacs_node.ingest.part10 import file_meta
 from pacs_node.ingest.recorder import RecordSink
 from pacs_node.ingest.spool import Spool
@@ -66,10 +68,23 @@ def _failure(status: int, comment: str) -> Dataset:
 
 
 class StorageSCP:
-    def __init__(self, settings: Settings, spool: Spool, recorder: RecordSink) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        spool: Spool,
+        recorder: RecordSink,
+        catalog: Catalog | None = None,
+    ) -> None:
         self.settings = settings
         self.spool = spool
         self.recorder = recorder
+        self.identity = IdentityGate(
+            spool,
+            recorder,
+            catalog,
+            identity_conflict=settings.node.identity_conflict,
+            resend_policy=settings.node.resend_policy,
+        )
         self.policy = AccessPolicy(settings)
         self._server: ThreadedAssociationServer | None = None
         options = settings.node
@@ -242,6 +257,8 @@ class StorageSCP:
         if header.sop_instance_uid != str(request.AffectedSOPInstanceUID):
             raise DataSetMismatch("SOP Instance UID differs from the request")
 
+        screening = self.identity.screen(header)  # may refuse before anything is written
+
         meta = file_meta(header.sop_class_uid, header.sop_instance_uid, transfer_syntax, calling_ae)
         stored = self.spool.store(
             header.study_uid,
@@ -249,14 +266,9 @@ class StorageSCP:
             header.sop_instance_uid,
             (meta, stream.getbuffer()),
         )
-        if stored.duplicate:
-            log.info(
-                "duplicate instance; first copy kept",
-                extra={"sop_instance_uid": header.sop_instance_uid, "calling_ae": calling_ae},
-            )
-            self.recorder.duplicate(header.study_uid)
-            return SUCCESS
-        self.recorder.submit(
+        return self.identity.admit(
+            screening,
+            stored,
             InstanceRef(
                 header=header,
                 transfer_syntax_uid=transfer_syntax,
@@ -264,6 +276,5 @@ class StorageSCP:
                 size_bytes=stored.size_bytes,
                 received_at=received_at,
                 calling_ae=calling_ae,
-            )
+            ),
         )
-        return SUCCESS

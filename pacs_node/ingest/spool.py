@@ -97,6 +97,19 @@ def _header_length(head: bytes) -> int:
     return int(_GROUP_LENGTH_END + group_length)
 
 
+@contextlib.contextmanager
+def retention_lock(root: Path, *, shared: bool) -> Iterator[None]:
+    """Held shared while an acknowledgement relies on a spool file, exclusively while retention
+    removes a study's rows or files: an flock, so it holds across the SCP worker processes."""
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def file_digest(path: Path) -> str:
     """:class:`DataSetDigest` of a stored file."""
     digest = DataSetDigest()
@@ -244,16 +257,8 @@ class Spool:
     def digest(self, relpath: str) -> str:
         return file_digest(self.root / relpath)
 
-    @contextlib.contextmanager
-    def retention_lock(self, *, shared: bool) -> Iterator[None]:
-        """Held shared while an acknowledgement relies on a spool file, exclusively while
-        retention removes a study's rows or files (across the SCP worker processes)."""
-        fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+    def retention_lock(self, *, shared: bool) -> contextlib.AbstractContextManager[None]:
+        return retention_lock(self.root, shared=shared)
 
     def _make_dirs(self, directory: Path) -> list[Path]:
         """Create ``directory`` and missing parents; return the parents whose entries changed."""

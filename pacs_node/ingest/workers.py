@@ -25,7 +25,9 @@ from multiprocessing.queues import SimpleQueue
 from types import FrameType
 from typing import Any
 
+from pacs_node.catalog.db import Catalog, open_catalog
 from pacs_node.config import Settings
+from pacs_node.errors import PacsNodeError
 from pacs_node.ingest.recorder import RecordSink
 from pacs_node.ingest.scp import StorageSCP
 from pacs_node.ingest.spool import Spool
@@ -72,6 +74,16 @@ def _die_with_parent() -> None:
         pass
 
 
+def _read_only_catalog(settings: Settings) -> Catalog | None:
+    """The identity screen's handle: read-only (SQLite in WAL and PostgreSQL both let it read
+    while the main process writes); None when it cannot open, the recorder checks anyway."""
+    try:
+        return open_catalog(settings.node.catalog_url, run_migrations=False, read_only=True)
+    except PacsNodeError as exc:
+        log.warning("identity screen has no catalog", extra={"error": str(exc)})
+        return None
+
+
 def _run_worker(
     settings: Settings, listening: socket.socket, queue: SimpleQueue[Any], parent: int
 ) -> None:
@@ -82,7 +94,8 @@ def _run_worker(
     spool = Spool(
         options.spool_dir, fsync=options.fsync, min_free_bytes=options.min_free_mb * 2**20
     )
-    scp = StorageSCP(settings, spool, _PipeSink(queue))
+    catalog = _read_only_catalog(settings)
+    scp = StorageSCP(settings, spool, _PipeSink(queue), catalog)
     stop = threading.Event()
 
     def _on_signal(_signum: int, _frame: FrameType | None) -> None:
