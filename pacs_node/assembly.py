@@ -23,6 +23,8 @@ from pacs_node.config import Settings
 log = logging.getLogger(__name__)
 
 StableListener = Callable[[str], None]
+SWEEP_S = 30.0  # how often studies catalogued by other processes are looked for
+SWEEP_JOB = "assembly-sweep"
 
 
 class Assembly:
@@ -44,6 +46,27 @@ class Assembly:
         self.on_touched(pending)
         if pending:
             log.info("assembly timers rebuilt", extra={"studies": len(pending)})
+        self._scheduler.add_job(
+            self.sweep,
+            "interval",
+            seconds=SWEEP_S,
+            id=SWEEP_JOB,
+            coalesce=True,
+            max_instances=1,
+        )
+
+    def sweep(self) -> int:
+        """Arm a timer for every receiving study that has none: a study another process
+        catalogued (``pacs-node quarantine release``) is assembled like any other."""
+        try:
+            with self.catalog.sessions() as session:
+                pending = receiving_studies(session)
+        except Exception:
+            log.warning("assembly sweep cannot read the catalog", exc_info=True)
+            return 0
+        missing = [t for t in pending if self._scheduler.get_job(t.study_uid) is None]
+        self.on_touched(missing)
+        return len(missing)
 
     def stop(self) -> None:
         if self._scheduler.running:

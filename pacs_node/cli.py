@@ -19,6 +19,7 @@ from rich.table import Table
 
 from pacs_node import __version__
 from pacs_node.cli_demo import register as register_demo_command
+from pacs_node.cli_ingest import register as register_ingest_commands
 from pacs_node.cli_pipeline import register as register_pipeline_commands
 from pacs_node.config import Settings, load_settings
 from pacs_node.errors import PacsNodeError
@@ -37,6 +38,7 @@ out = Console()
 err = Console(stderr=True)
 register_pipeline_commands(app)  # jobs, run, deliveries
 register_demo_command(app)
+register_ingest_commands(app)  # quarantine, status
 
 ConfigOption = Annotated[
     Path | None,
@@ -131,7 +133,15 @@ def studies(config: ConfigOption = None, json_output: JsonOption = False) -> Non
         sys.stdout.write(json.dumps([s.as_json() for s in summaries], ensure_ascii=False) + "\n")
         return
     table = Table(title=f"{len(summaries)} studies")
-    columns = ("Study Instance UID", "State", "Status", "Received", "Series", "Instances")
+    columns = (
+        "Study Instance UID",
+        "State",
+        "Status",
+        "Received",
+        "Series",
+        "Instances",
+        "Quarantined",
+    )
     for column in (*columns, "Modalities"):
         table.add_column(column)
     for s in summaries:
@@ -143,6 +153,7 @@ def studies(config: ConfigOption = None, json_output: JsonOption = False) -> Non
             s.last_received_at.strftime("%Y-%m-%d %H:%M:%S"),
             str(len(s.series)),
             str(s.instances),
+            str(s.quarantined),
             modalities,
         )
     out.print(table)
