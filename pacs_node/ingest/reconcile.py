@@ -38,6 +38,7 @@ def _ref_from_file(spool: Spool, relpath: str) -> InstanceRef:
         size_bytes=stat.st_size,
         received_at=datetime.fromtimestamp(stat.st_mtime, UTC),
         calling_ae=str(calling).strip() if calling else None,
+        sha256=spool.digest(relpath),
     )
 
 
