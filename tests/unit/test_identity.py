@@ -1,0 +1,264 @@
+"""The identity policy as a table, the spool's digests and quarantine area, and the catalog
+recorder: conflicts inside one batch, and a poison instance found by bisecting."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from pacs_node.catalog.db import Catalog, open_catalog
+from pacs_node.catalog.models import Instance, QuarantineItem, StudyEvent, utcnow
+from pacs_node.catalog.quarantine import patient_key
+from pacs_node.catalog.studies import counters, list_studies
+from pacs_node.ingest.header import read_header
+from pacs_node.ingest.identity import Action, Decision, Held, Reason, Verdict, act, decide
+from pacs_node.ingest.part10 import file_meta
+from pacs_node.ingest.recorder import OUTAGE_FILE, CatalogRecorder, is_transient
+from pacs_node.ingest.spool import DataSetDigest, Spool
+from pacs_node.refs import InstanceRef
+from tests.dicom_factory import write_series
+
+S1, S2, X, Y, SOP = "1.2.1", "1.2.2", "1.2.1.1", "1.2.2.1", "1.2.1.1.1"
+P1, P2 = patient_key("P1", "HOSP"), patient_key("P2", "HOSP")
+
+
+@pytest.mark.parametrize(
+    ("study", "series", "key", "sha", "held", "expected"),
+    [
+        (S1, X, P1, "a", Held(), Decision(Verdict.NEW)),
+        (S1, X, P1, "a", Held(study_patient_key=P1, series_study_uid=S1), Decision(Verdict.NEW)),
+        # (a) the series is held under another study
+        (
+            S2,
+            X,
+            P2,
+            "a",
+            Held(series_study_uid=S1),
+            Decision(Verdict.CONFLICT, Reason.SERIES_ELSEWHERE, S1),
+        ),
+        # (b) the study is held under another patient key (ID or issuer)
+        (
+            S1,
+            X,
+            P2,
+            "a",
+            Held(study_patient_key=P1),
+            Decision(Verdict.CONFLICT, Reason.PATIENT_MISMATCH, S1),
+        ),
+        (
+            S1,
+            X,
+            patient_key("P1", "OTHER"),
+            "a",
+            Held(study_patient_key=P1),
+            Decision(Verdict.CONFLICT, Reason.PATIENT_MISMATCH, S1),
+        ),
+        # (c) the SOP Instance UID is held under another study or series
+        (
+            S2,
+            Y,
+            P2,
+            "a",
+            Held(sop_study_uid=S1, sop_series_uid=X),
+            Decision(Verdict.CONFLICT, Reason.SOP_ELSEWHERE, S1),
+        ),
+        (
+            S1,
+            Y,
+            P1,
+            "a",
+            Held(study_patient_key=P1, sop_study_uid=S1, sop_series_uid=X),
+            Decision(Verdict.CONFLICT, Reason.SOP_ELSEWHERE, S1),
+        ),
+        # the same place: the digest tells a duplicate from a re-send
+        (
+            S1,
+            X,
+            P1,
+            "a",
+            Held(P1, S1, S1, X, "a"),
+            Decision(Verdict.DUPLICATE),
+        ),
+        (S1, X, P1, "b", Held(P1, S1, S1, X, "a"), Decision(Verdict.RESEND, Reason.RESEND, S1)),
+        (S1, X, P1, None, Held(P1, S1, S1, X, "a"), Decision(Verdict.DUPLICATE)),
+        # identity goes first: another patient's re-send is a conflict, not a replacement
+        (
+            S1,
+            X,
+            P2,
+            "b",
+            Held(P1, S1, S1, X, "a"),
+            Decision(Verdict.CONFLICT, Reason.PATIENT_MISMATCH, S1),
+        ),
+    ],
+)
+def test_decide(
+    study: str, series: str, key: str, sha: str | None, held: Held, expected: Decision
+) -> None:
+    assert decide(study, series, key, sha, held) == expected
+
+
+@pytest.mark.parametrize(
+    ("verdict", "identity", "resend", "expected"),
+    [
+        (Verdict.NEW, "reject", "reject", Action.ACCEPT),
+        (Verdict.DUPLICATE, "reject", "reject", Action.DUPLICATE),
+        (Verdict.CONFLICT, "reject", "keep_first", Action.REJECT),
+        (Verdict.CONFLICT, "quarantine", "keep_first", Action.QUARANTINE),
+        (Verdict.RESEND, "reject", "keep_first", Action.QUARANTINE),
+        (Verdict.RESEND, "reject", "replace", Action.REPLACE),
+        (Verdict.RESEND, "quarantine", "reject", Action.REJECT),
+    ],
+)
+def test_act(verdict: Verdict, identity: str, resend: str, expected: Action) -> None:
+    assert act(Decision(verdict), identity, resend) == expected
+
+
+def test_patient_key_normalises_padding_not_case() -> None:
+    assert patient_key(" P1 ", "HOSP\0") == patient_key("P1", "HOSP")
+    assert patient_key("p1", "HOSP") != patient_key("P1", "HOSP")
+    assert patient_key(None, None) == patient_key("", "")
+    assert patient_key("P1", None) != patient_key("P1", "HOSP")
+
+
+def test_digest_skips_our_part10_header() -> None:
+    body = b"\x08\x00\x18\x00UI\x04\x001.2\x00" * 50
+    digests = set()
+    for ae in ("CT1", "ANOTHER_AE"):
+        raw = file_meta("1.2.3", "1.2.3.4", "1.2.840.10008.1.2.1", ae) + body
+        for size in (1, 7, 150, len(raw)):
+            digest = DataSetDigest()
+            for start in range(0, len(raw), size):
+                digest.update(raw[start : start + size])
+            digests.add(digest.hexdigest())
+    assert len(digests) == 1
+    short = DataSetDigest()
+    short.update(b"abc")
+    assert short.hexdigest() == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_spool_keeps_other_bytes_apart_and_identical_ones_once(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    meta = file_meta("1.2.3", "1.2.3.4.5", "1.2.840.10008.1.2.1", "CT1")
+    first = spool.store("1.2.3", "1.2.3.4", "1.2.3.4.5", [meta, b"first"])
+    again = spool.store(
+        "1.2.3",
+        "1.2.3.4",
+        "1.2.3.4.5",
+        [file_meta("1.2.3", "1.2.3.4.5", "1.2.840.10008.1.2.1", "X"), b"first"],
+    )
+    assert not first.duplicate and again.identical and again.sha256 == first.sha256
+    other = spool.store("1.2.3", "1.2.3.4", "1.2.3.4.5", [meta, b"other"])
+    assert other.duplicate and not other.identical and other.held_new
+    assert other.held == f".quarantine/1.2.3.4.5/{other.sha256}.dcm"
+    assert (tmp_path / first.relpath).read_bytes() == meta + b"first"
+    assert (tmp_path / other.held).read_bytes() == meta + b"other"
+    assert list(spool.walk()) == [first.relpath]
+    spool.swap_in(other.held, first.relpath)
+    assert (tmp_path / first.relpath).read_bytes() == meta + b"other"
+
+
+def _refs(spool: Spool, files: list[Path], **changes: object) -> list[InstanceRef]:
+    refs = []
+    for path in files:
+        ds = dcmread(path)
+        for keyword, value in changes.items():
+            setattr(ds, keyword, value)
+        header = read_header(ds)
+        if changes:
+            ds.save_as(path, enforce_file_format=True)
+        stored = spool.store(
+            header.study_uid, header.series_uid, header.sop_instance_uid, [path.read_bytes()]
+        )
+        refs.append(
+            InstanceRef(
+                header=header,
+                transfer_syntax_uid="1.2.840.10008.1.2.1",
+                path=stored.relpath,
+                size_bytes=stored.size_bytes,
+                received_at=utcnow(),
+                calling_ae="CT1",
+                sha256=stored.sha256,
+            )
+        )
+    return refs
+
+
+@pytest.fixture
+def catalog(tmp_path: Path) -> Catalog:
+    return open_catalog(f"sqlite:///{tmp_path / 'catalog.sqlite'}")
+
+
+def test_a_series_of_another_study_in_the_same_batch_is_quarantined(
+    tmp_path: Path, catalog: Catalog
+) -> None:
+    spool = Spool(tmp_path / "spool")
+    files = write_series(tmp_path / "s1", slices=3)
+    refs = _refs(spool, files)
+    # the same Series UID, under another study and another patient, in the same batch
+    intruder = _refs(
+        spool,
+        write_series(tmp_path / "s2", slices=1),
+        SeriesInstanceUID=refs[0].series_uid,
+        PatientID="OTHER",
+    )
+    recorder = CatalogRecorder(catalog, spool)
+    recorder.start()
+    for ref in [*refs[:2], *intruder, refs[2]]:
+        recorder.submit(ref)
+    assert recorder.wait_idle(30)
+    recorder.stop()
+    with catalog.sessions() as session:
+        (study,) = list_studies(session)
+        items = list(session.scalars(select(QuarantineItem)))
+        events = [e.kind for e in session.scalars(select(StudyEvent))]
+        assert counters(session)["quarantined_series_in_other_study"] == 1
+    assert study.study_uid == refs[0].study_uid and study.instances == 3
+    assert study.quarantined == 1
+    (item,) = items
+    assert item.reason == Reason.SERIES_ELSEWHERE and item.collided_study_uid == study.study_uid
+    assert item.path.startswith(".quarantine/") and (spool.root / item.path).exists()
+    assert not (spool.root / intruder[0].path).exists()  # never in a study's folder
+    assert "quarantined" in events
+
+
+def test_a_poison_instance_is_found_by_bisecting_and_quarantined(
+    tmp_path: Path, catalog: Catalog
+) -> None:
+    spool = Spool(tmp_path / "spool")
+    refs = _refs(spool, write_series(tmp_path / "s", slices=8))
+    # SQLite cannot hold this Instance Number: a failure of the data, not of the database
+    poison = replace(refs[5], header=replace(refs[5].header, instance_number=2**70))
+    # a naive timestamp cannot even be quarantined: counted, the file stays for reconcile
+    hopeless = replace(refs[2], received_at=datetime(2026, 1, 1))
+    recorder = CatalogRecorder(catalog, spool, linger_s=0.5)
+    recorder.start()
+    for ref in [*refs[:2], hopeless, *refs[3:5], poison, *refs[6:]]:
+        recorder.submit(ref)
+    assert recorder.wait_idle(30)
+    recorder.stop()
+    with catalog.sessions() as session:
+        recorded = set(session.scalars(select(Instance.sop_instance_uid)))
+        (item,) = session.scalars(select(QuarantineItem))
+    assert recorded == {r.sop_instance_uid for r in refs} - {
+        poison.sop_instance_uid,
+        hopeless.sop_instance_uid,
+    }
+    assert item.reason == Reason.UNRECORDABLE and item.sop_instance_uid == poison.sop_instance_uid
+    assert (spool.root / item.path).exists() and not (spool.root / poison.path).exists()
+    assert (spool.root / hopeless.path).exists()
+    assert recorder.unrecorded == 1
+    assert json.loads((spool.root / OUTAGE_FILE).read_text())["unrecorded"] == 1
+
+
+def test_only_database_failures_are_transient() -> None:
+    assert is_transient(OperationalError("INSERT", {}, Exception("database is locked")))
+    assert not is_transient(IntegrityError("INSERT", {}, Exception("UNIQUE constraint failed")))
+    assert not is_transient(ValueError("naive datetimes are not stored"))
