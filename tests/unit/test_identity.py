@@ -154,9 +154,13 @@ def test_spool_keeps_other_bytes_apart_and_identical_ones_once(tmp_path: Path) -
         "1.2.3.4.5",
         [file_meta("1.2.3", "1.2.3.4.5", "1.2.840.10008.1.2.1", "X"), b"first"],
     )
-    assert not first.duplicate and again.identical and again.sha256 == first.sha256
+    assert not first.duplicate
+    assert again.identical
+    assert again.sha256 == first.sha256
     other = spool.store("1.2.3", "1.2.3.4", "1.2.3.4.5", [meta, b"other"])
-    assert other.duplicate and not other.identical and other.held_new
+    assert other.duplicate
+    assert not other.identical
+    assert other.held_new
     assert other.held == f".quarantine/1.2.3.4.5/{other.sha256}.dcm"
     assert (tmp_path / first.relpath).read_bytes() == meta + b"first"
     assert (tmp_path / other.held).read_bytes() == meta + b"other"
@@ -220,11 +224,14 @@ def test_a_series_of_another_study_in_the_same_batch_is_quarantined(
         items = list(session.scalars(select(QuarantineItem)))
         events = [e.kind for e in session.scalars(select(StudyEvent))]
         assert counters(session)["quarantined_series_in_other_study"] == 1
-    assert study.study_uid == refs[0].study_uid and study.instances == 3
+    assert study.study_uid == refs[0].study_uid
+    assert study.instances == 3
     assert study.quarantined == 1
     (item,) = items
-    assert item.reason == Reason.SERIES_ELSEWHERE and item.collided_study_uid == study.study_uid
-    assert item.path.startswith(".quarantine/") and (spool.root / item.path).exists()
+    assert item.reason == Reason.SERIES_ELSEWHERE
+    assert item.collided_study_uid == study.study_uid
+    assert item.path.startswith(".quarantine/")
+    assert (spool.root / item.path).exists()
     assert not (spool.root / intruder[0].path).exists()  # never in a study's folder
     assert "quarantined" in events
 
@@ -251,8 +258,10 @@ def test_a_poison_instance_is_found_by_bisecting_and_quarantined(
         poison.sop_instance_uid,
         hopeless.sop_instance_uid,
     }
-    assert item.reason == Reason.UNRECORDABLE and item.sop_instance_uid == poison.sop_instance_uid
-    assert (spool.root / item.path).exists() and not (spool.root / poison.path).exists()
+    assert item.reason == Reason.UNRECORDABLE
+    assert item.sop_instance_uid == poison.sop_instance_uid
+    assert (spool.root / item.path).exists()
+    assert not (spool.root / poison.path).exists()
     assert (spool.root / hopeless.path).exists()
     assert recorder.unrecorded == 1
     assert json.loads((spool.root / OUTAGE_FILE).read_text())["unrecorded"] == 1
