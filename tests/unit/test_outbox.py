@@ -3,6 +3,7 @@ dead letter, permanent refusals, holds, per-destination concurrency and restart 
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 from collections.abc import Iterator, Sequence
@@ -246,17 +247,29 @@ def test_concurrency_per_destination_is_respected(tmp_path: Path, catalog: Catal
 
 
 def test_rows_cut_off_mid_send_go_out_again_at_start(tmp_path: Path, catalog: Catalog) -> None:
+    """A restarted process takes back at once the claims its node's earlier process left, and
+    only those: another node's live claim on the shared catalog waits for its lease."""
     settings = _settings(tmp_path)
-    _deliveries(catalog, settings)
-    with catalog.sessions.begin() as session:
-        session.query(Delivery).update({"state": DeliveryState.SENDING, "attempts": 1})
+    _deliveries(catalog, settings, n=2)
     fake = FakeHandler()
     outbox = Outbox(catalog, settings, {"dimse": fake})
-    assert outbox.dispatch_due(wait=True) == 0  # 'sending' is not claimed twice
+    earlier = f"{outbox.node_id}/{os.getpid()}/0dead000"  # this node, an earlier life
+    other = f"other-node:abc/{os.getpid()}/00000000"  # another node, alive
+    lease = utcnow() + timedelta(minutes=5)
+    with catalog.sessions.begin() as session:
+        first, second = session.query(Delivery).order_by(Delivery.id).all()
+        for row, owner in ((first, earlier), (second, other)):
+            row.state, row.attempts = DeliveryState.SENDING, 1
+            row.claimed_by, row.lease_expires_at = owner, lease
+    assert outbox.dispatch_due(wait=True) == 0  # a live claim is not claimed twice
     outbox.recover()
     assert outbox.dispatch_due(wait=True) == 1
-    (row,) = _rows(catalog)
-    assert (row.state, row.attempts) == (DeliveryState.DELIVERED, 2)
+    rows = _rows(catalog)
+    assert [(r.state, r.attempts) for r in rows] == [
+        (DeliveryState.DELIVERED, 2),
+        (DeliveryState.SENDING, 1),  # the other node's, untouched
+    ]
+    assert rows[1].claimed_by == other
 
 
 def test_c_store_statuses_and_contexts() -> None:
