@@ -90,10 +90,14 @@ def create_deliveries(
             select(Result.id, Result.destination).where(Result.id.in_([r for r, _ in results]))
         ).all()
     }
+    own = {(kind, only[r]) for r, kind in results if only.get(r)}
     created = 0
     for result_id, kind in results:
         for name in destinations.get(kind, []):
-            if only.get(result_id) not in (None, name):  # built for another destination
+            built_for = only.get(result_id)
+            if built_for not in (None, name):  # built for another destination
+                continue
+            if built_for is None and (kind, name) in own:  # that destination has its own
                 continue
             if (result_id, name) in existing:
                 continue
