@@ -29,6 +29,7 @@ from urllib.parse import quote
 
 from fhir.resources.R4B.bundle import Bundle
 from pydicom import Dataset
+from pydicom.multival import MultiValue
 
 from pacs_node.inference.vocabulary import CodedConcept
 from pacs_node.results import codes
@@ -54,7 +55,15 @@ def patient_identifier(source: Dataset, provenance: Provenance) -> tuple[str, st
     options = provenance.options.fhir
     issuer = str(source.get("IssuerOfPatientID", "") or "")
     system = options.issuer_systems.get(issuer, options.patient_system)
-    return system, str(source.get("PatientID", ""))
+    return system, _single(source.get("PatientID", ""))
+
+
+def _single(value: object) -> str:
+    """A VM 1 text value as sent: a backslash in it made pydicom split it into several values
+    (the DICOM value separator), which are joined back, never shown as a Python list."""
+    if isinstance(value, MultiValue | list | tuple):
+        return "\\".join(str(v) for v in value)
+    return str(value or "")
 
 
 def search_escape(value: str) -> str:
