@@ -417,3 +417,41 @@ def test_a_long_send_renews_its_lease(tmp_path: Path, catalog: Catalog) -> None:
         gate.set()
         outbox.stop()
     assert len(fake.calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("calling_ae", "address", "settled"),
+    [
+        ("PACS", "10.0.0.5", True),
+        ("PACS", "::ffff:10.0.0.5", True),  # the same host over an IPv4-mapped address
+        ("PACS", "10.0.0.6", False),  # the right AE title from another host
+        ("OTHER", "10.0.0.5", False),  # another AE on the right host
+    ],
+)
+def test_a_commitment_report_settles_only_from_the_destination_asked(
+    tmp_path: Path, catalog: Catalog, calling_ae: str, address: str, settled: bool
+) -> None:
+    from pacs_node.catalog.deliveries import (
+        Outgoing,
+        mark_delivered,
+        note_commitment_peer,
+        record_commitment_report,
+    )
+    from pacs_node.catalog.studies import counters
+    from pacs_node.refs import CommitmentReport
+
+    settings = _settings(tmp_path)
+    (delivery_id,) = _deliveries(catalog, settings)
+    item = Outgoing(delivery_id, 1, "PACS", "seg", CT, "1.2.3.0", {}, None, 1)
+    with catalog.sessions.begin() as session:
+        session.query(Delivery).update({"state": DeliveryState.SENDING, "attempts": 1})
+        note_commitment_peer(session, delivery_id, "PACS", ["10.0.0.5"])
+        mark_delivered(session, item, EXPLICIT_LE, "requested", "2.25.9")
+    report = CommitmentReport(calling_ae, "2.25.9", ("1.2.3.0",), (), address)
+    with catalog.sessions.begin() as session:
+        assert record_commitment_report(session, report, utcnow()) == int(settled)
+    (row,) = _rows(catalog)
+    assert row.commitment == ("committed" if settled else "requested")
+    with catalog.sessions() as session:
+        refused = counters(session).get("commitment_reports_refused", 0)
+    assert refused == (0 if settled else 1)
