@@ -85,6 +85,12 @@ class NodeOptions(BaseModel):
     delivery_max_attempts: int = Field(default=12, ge=1, le=1000)  # then dead letter
     delivery_backoff_s: float = Field(default=5.0, gt=0)  # first retry delay, doubled each time
     delivery_backoff_max_s: float = Field(default=900.0, gt=0)
+    # How long an outbox claim ('sending') holds without renewal; the holder renews it while it
+    # sends, so an expired one belongs to a process that died or could not settle: taken back.
+    delivery_lease_s: float = Field(default=300.0, ge=5, le=86_400)
+    # This node's name in the claims it makes on a shared catalog (empty: host name + data dir);
+    # at start a node takes back the claims of its own earlier processes.
+    node_id: str = Field(default="", max_length=64, pattern=r"^[A-Za-z0-9_.:-]*$")
     seg_jpeg2000_copy: bool = False  # also store a JPEG 2000 SEG; C-STORE may choose it
     # Retention (housekeeping): only studies whose deliveries are all confirmed are removed.
     retention_days: float = Field(default=0.0, ge=0)  # after this long; 0 keeps them

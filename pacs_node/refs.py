@@ -66,3 +66,4 @@ class CommitmentReport:
     transaction_uid: str
     committed: tuple[str, ...]  # SOP Instance UIDs the PACS keeps
     failed: tuple[tuple[str, int], ...]  # (SOP Instance UID, Failure Reason) it does not
+    peer_address: str | None = None  # the IP address the association came from

@@ -30,7 +30,7 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.context import SpawnProcess
 from multiprocessing.synchronize import Event as EventType
@@ -149,26 +149,33 @@ def read_job(catalog: Catalog, settings: Settings, job_id: int) -> JobInput:
 
 
 def result_options(settings: Settings, destinations: dict[str, list[str]]) -> ResultOptions:
-    """Results options for this job: the FHIR identity rules of its FHIR destination, if any."""
+    """Results options for this job: the FHIR identity rules of each of its FHIR destinations
+    (one Bundle each; the first one's are also the default Bundle's)."""
     from pacs_node.results import FhirOptions, ResultOptions
 
+    base = FhirOptions()
+    rules: dict[str, FhirOptions] = {}
     for name in destinations.get("fhir", []):
         dest = settings.destinations.get(name)
         if isinstance(dest, FhirDestination):
-            base = FhirOptions()
-            fhir = FhirOptions(
+            rules[name] = FhirOptions(
                 patient_system=dest.patient_system or base.patient_system,
                 issuer_systems=dict(dest.issuer_systems),
                 accession_system=dest.accession_system or base.accession_system,
                 create_patient=dest.create_patient,
             )
-            return ResultOptions(fhir=fhir, jpeg2000_copy=settings.node.seg_jpeg2000_copy)
-    return ResultOptions(jpeg2000_copy=settings.node.seg_jpeg2000_copy)
+    return ResultOptions(
+        fhir=next(iter(rules.values()), base),
+        fhir_destinations=rules,
+        jpeg2000_copy=settings.node.seg_jpeg2000_copy,
+    )
 
 
-def stored_encodings(results: ResultSet) -> list[StoredEncoding]:
+def stored_encodings(results: ResultSet, fhir_names: Sequence[str] = ()) -> list[StoredEncoding]:
     """Every object of a result set as encodings to store; an alternate (the JPEG 2000 SEG)
-    becomes a second encoding of the primary object of its kind."""
+    becomes a second encoding of the primary object of its kind. Each FHIR destination gets
+    the Bundle built under its own rules; the default Bundle is kept for ``fhir_names`` that
+    have none (not configured yet) or when there is no per-destination one."""
     from pacs_node.results import OutputKind
 
     items = [
@@ -195,7 +202,21 @@ def stored_encodings(results: ResultSet) -> list[StoredEncoding]:
                 primary=False,
             )
         )
-    if results.fhir_bundle:
+    for name, (bundle, search) in results.fhir_by_destination.items():
+        items.append(
+            StoredEncoding(
+                kind=str(OutputKind.FHIR),
+                sop_class_uid=None,
+                sop_instance_uid=None,
+                series_uid=None,
+                encoding=FHIR_MEDIA_TYPE,
+                data=bundle,
+                patient_search=search,
+                destination=name,
+            )
+        )
+    own = results.fhir_by_destination
+    if results.fhir_bundle and (not own or any(name not in own for name in fhir_names)):
         items.append(
             StoredEncoding(
                 kind=str(OutputKind.FHIR),
@@ -252,7 +273,7 @@ def run_job(
             started = time.perf_counter()
             built = build_results(volume, segmentation.labelmap, segmentation.model, options)
             watch.add("build_s", time.perf_counter() - started)
-            items.extend(stored_encodings(built))
+            items.extend(stored_encodings(built, job.destinations.get("fhir", [])))
         stage("store", 0.9)
         started = time.perf_counter()
         relpaths = write_files(results_dir(settings), folder, items, fsync=settings.node.fsync)

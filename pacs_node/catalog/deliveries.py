@@ -6,15 +6,26 @@
        ^                  |----transient---------> pending (next_attempt_at later)
        |                  |----too many / permanent> dead
        |                  '----needs a person-----> held (held_for: destination | patient)
-       '-- retry by hand (held | dead), a hold's cause gone, or restart (sending) --'
+       '-- retry by hand (held | dead), a hold's cause gone, or a claim taken back (sending) --'
+
+A claim has an owner (``claimed_by``: one outbox process, ``<node id>/<pid>/<token>``) and a
+lease (``lease_expires_at``) its owner renews while it sends. A settle only applies while the
+claim is still the owner's (:func:`hold_claim`), so a row is never settled twice:
+
+- an expired lease (its process died, or could not settle) is taken back by any node while it
+  runs (:func:`reclaim_expired`);
+- at start a process takes back at once the claims of its own node's earlier processes (same
+  node id, process gone: :func:`reset_own_claims`), never another node's on a shared catalog.
 
 Rows are never deleted: a delivery that cannot go anywhere stays listed with its reason.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
-from collections.abc import Callable, Iterable, Sequence
+import logging
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -33,8 +44,12 @@ from pacs_node.catalog.models import (
     Study,
     utcnow,
 )
+from pacs_node.catalog.studies import increment
 from pacs_node.refs import CommitmentReport
 
+log = logging.getLogger(__name__)
+
+REFUSED_REPORTS_COUNTER = "commitment_reports_refused"
 HELD_FOR_DESTINATION = "destination"
 HELD_FOR_PATIENT = "patient"
 
@@ -52,6 +67,7 @@ class Outgoing:
     encodings: dict[str, str]  # transfer syntax UID or media type -> path under results dir
     patient_search: str | None
     attempts: int
+    claimed_by: str | None = None  # the claim's owner; None: not claimed through claim_due
 
 
 def create_deliveries(
@@ -68,9 +84,21 @@ def create_deliveries(
             select(Delivery.result_id, Delivery.destination).where(Delivery.job_id == job_id)
         ).all()
     }
+    only: dict[int, str | None] = {
+        result_id: destination
+        for result_id, destination in session.execute(
+            select(Result.id, Result.destination).where(Result.id.in_([r for r, _ in results]))
+        ).all()
+    }
+    own = {(kind, only[r]) for r, kind in results if only.get(r)}
     created = 0
     for result_id, kind in results:
         for name in destinations.get(kind, []):
+            built_for = only.get(result_id)
+            if built_for not in (None, name):  # built for another destination
+                continue
+            if built_for is None and (kind, name) in own:  # that destination has its own
+                continue
             if (result_id, name) in existing:
                 continue
             existing.add((result_id, name))
@@ -108,8 +136,16 @@ def next_due_at(session: Session) -> datetime | None:
     )
 
 
-def claim_due(session: Session, destination: str, limit: int, now: datetime) -> list[Outgoing]:
-    """pending -> sending for up to ``limit`` due deliveries of one destination, oldest first."""
+def claim_due(
+    session: Session,
+    destination: str,
+    limit: int,
+    now: datetime,
+    owner: str | None = None,
+    lease_until: datetime | None = None,
+) -> list[Outgoing]:
+    """pending -> sending for up to ``limit`` due deliveries of one destination, oldest first,
+    claimed by ``owner`` until ``lease_until``."""
     ids = list(
         session.scalars(
             select(Delivery.id)
@@ -127,7 +163,13 @@ def claim_due(session: Session, destination: str, limit: int, now: datetime) -> 
         won = session.execute(
             update(Delivery)
             .where(Delivery.id == delivery_id, Delivery.state == DeliveryState.PENDING)
-            .values(state=DeliveryState.SENDING, attempts=Delivery.attempts + 1, updated_at=now)
+            .values(
+                state=DeliveryState.SENDING,
+                attempts=Delivery.attempts + 1,
+                updated_at=now,
+                claimed_by=owner,
+                lease_expires_at=lease_until,
+            )
         )
         if won.rowcount == 1:  # type: ignore[attr-defined]
             claimed.append(delivery_id)
@@ -150,9 +192,89 @@ def claim_due(session: Session, destination: str, limit: int, now: datetime) -> 
             encodings=json.loads(r.encodings),
             patient_search=r.patient_search,
             attempts=d.attempts,
+            claimed_by=owner,
         )
         for d, r in rows
     ]
+
+
+def hold_claim(session: Session, item: Outgoing) -> bool:
+    """Whether ``item``'s claim is still its owner's; if so the row stays locked to this
+    transaction (a write on it), so no other node can take it back before the settle commits."""
+    result = session.execute(
+        update(Delivery)
+        .where(
+            Delivery.id == item.delivery_id,
+            Delivery.state == DeliveryState.SENDING,
+            Delivery.attempts == item.attempts,
+            Delivery.claimed_by == item.claimed_by
+            if item.claimed_by is not None
+            else Delivery.claimed_by.is_(None),
+        )
+        .values(lease_expires_at=None)
+    )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def renew_leases(session: Session, owner: str, ids: Collection[int], until: datetime) -> int:
+    """The owner still sends these: their claims hold until ``until``."""
+    if not ids:
+        return 0
+    result = session.execute(
+        update(Delivery)
+        .where(
+            Delivery.id.in_(list(ids)),
+            Delivery.state == DeliveryState.SENDING,
+            Delivery.claimed_by == owner,
+        )
+        .values(lease_expires_at=until)
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def _take_back(session: Session, *conditions: Any) -> int:
+    now = utcnow()
+    result = session.execute(
+        update(Delivery)
+        .where(Delivery.state == DeliveryState.SENDING, *conditions)
+        .values(
+            state=DeliveryState.PENDING,
+            claimed_by=None,
+            lease_expires_at=None,
+            next_attempt_at=now,
+            updated_at=now,
+        )
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def reclaim_expired(session: Session, now: datetime) -> int:
+    """Claims whose lease ran out (or that never had one: rows claimed before leases existed)
+    go out again; the receivers de-duplicate by UID."""
+    return _take_back(
+        session, or_(Delivery.lease_expires_at.is_(None), Delivery.lease_expires_at < now)
+    )
+
+
+def claim_owners(session: Session, node_id: str) -> list[str]:
+    """The owners of this node's current claims (``<node id>/...``)."""
+    return list(
+        session.scalars(
+            select(Delivery.claimed_by)
+            .where(
+                Delivery.state == DeliveryState.SENDING,
+                Delivery.claimed_by.startswith(f"{node_id}/", autoescape=True),
+            )
+            .distinct()
+        )
+    )
+
+
+def reset_claims(session: Session, owners: Collection[str]) -> int:
+    """At start: the claims of these owners (earlier processes of this node) go out again."""
+    if not owners:
+        return 0
+    return _take_back(session, Delivery.claimed_by.in_(list(owners)))
 
 
 def _leave_sending(session: Session, delivery_id: int, **values: Any) -> bool:
@@ -224,6 +346,7 @@ def record_commitment_report(session: Session, report: CommitmentReport, now: da
     row = CommitmentReportRow(
         transaction_uid=report.transaction_uid,
         calling_ae=report.calling_ae,
+        peer_address=report.peer_address,
         committed=json.dumps(list(report.committed)),
         failed=json.dumps([list(item) for item in report.failed]),
         received_at=now,
@@ -233,20 +356,55 @@ def record_commitment_report(session: Session, report: CommitmentReport, now: da
     return _settle_reports(session, report.transaction_uid, now)
 
 
+def note_commitment_peer(
+    session: Session, delivery_id: int, ae_title: str, hosts: Collection[str] | None
+) -> None:
+    """Who may answer this delivery's commitment request on an association of its own: the
+    destination's AE title, from one of ``hosts`` (its addresses; None: any host)."""
+    session.execute(
+        update(Delivery)
+        .where(Delivery.id == delivery_id)
+        .values(commitment_ae=ae_title, commitment_hosts=" ".join(hosts) if hosts else None)
+    )
+
+
+def _address(text: str) -> str:
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return text
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def answers(report: CommitmentReportRow, delivery: Delivery) -> bool:
+    """Whether ``report`` comes from the destination ``delivery`` asked: its AE title, and one of
+    its host's addresses when it names a host. A row delivered before the asked AE was kept
+    accepts a report from an AE titled as its destination."""
+    if delivery.commitment_ae is None:
+        return report.calling_ae == delivery.destination
+    if report.calling_ae != delivery.commitment_ae:
+        return False
+    if not delivery.commitment_hosts:
+        return True
+    hosts = {_address(h) for h in delivery.commitment_hosts.split()}
+    return report.peer_address is not None and _address(report.peer_address) in hosts
+
+
 def _settle_reports(session: Session, transaction_uid: str, now: datetime) -> int:
     """Apply the stored reports of a transaction to its deliveries still ``requested`` (rows
-    are marked delivered one by one, so a report may settle them over several calls)."""
+    are marked delivered one by one, so a report may settle them over several calls). A report
+    from another AE or host than the destination asked settles nothing: it is marked refused,
+    logged and counted."""
     reports = session.scalars(
-        select(CommitmentReportRow).where(CommitmentReportRow.transaction_uid == transaction_uid)
+        select(CommitmentReportRow).where(
+            CommitmentReportRow.transaction_uid == transaction_uid,
+            CommitmentReportRow.refused_at.is_(None),
+        )
     ).all()
     if not reports:
         return 0
-    states: dict[str, tuple[str, str]] = {}
-    for report in reports:
-        for uid in json.loads(report.committed):
-            states[str(uid)] = (Commitment.COMMITTED.value, "")
-        for uid, reason in json.loads(report.failed):
-            states[str(uid)] = (Commitment.FAILED.value, commitment_refusal(int(reason)))
     rows = session.execute(
         select(Delivery, Result.sop_instance_uid)
         .join(Result, Result.id == Delivery.result_id)
@@ -256,6 +414,31 @@ def _settle_reports(session: Session, transaction_uid: str, now: datetime) -> in
             Delivery.commitment == Commitment.REQUESTED.value,
         )
     ).all()
+    if not rows:
+        return 0
+    trusted = []
+    for report in reports:
+        if all(answers(report, delivery) for delivery, _ in rows):
+            trusted.append(report)
+            continue
+        report.refused_at = now
+        increment(session, REFUSED_REPORTS_COUNTER)
+        log.warning(
+            "storage commitment report from another AE or host than the destination asked; "
+            "it settles nothing",
+            extra={
+                "calling_ae": report.calling_ae,
+                "address": report.peer_address,
+                "transaction_uid": transaction_uid,
+                "destination": rows[0][0].destination,
+            },
+        )
+    states: dict[str, tuple[str, str]] = {}
+    for report in trusted:
+        for uid in json.loads(report.committed):
+            states[str(uid)] = (Commitment.COMMITTED.value, "")
+        for uid, reason in json.loads(report.failed):
+            states[str(uid)] = (Commitment.FAILED.value, commitment_refusal(int(reason)))
     settled = 0
     for delivery, sop_instance_uid in rows:
         answer = states.get(str(sop_instance_uid))
@@ -263,7 +446,7 @@ def _settle_reports(session: Session, transaction_uid: str, now: datetime) -> in
             settle_commitment(delivery, answer[0], now, answer[1])
             settled += 1
     if settled:
-        for report in reports:
+        for report in trusted:
             report.settled_at = report.settled_at or now
     return settled
 
@@ -306,17 +489,6 @@ def mark_held(session: Session, item: Outgoing, reason: str, held_for: str) -> N
             destination=item.destination,
             reason=reason[:500],
         )
-
-
-def reset_sending(session: Session) -> int:
-    """At start: deliveries cut off mid-send go out again (the receiver de-duplicates by UID)."""
-    now = utcnow()
-    result = session.execute(
-        update(Delivery)
-        .where(Delivery.state == DeliveryState.SENDING)
-        .values(state=DeliveryState.PENDING, next_attempt_at=now, updated_at=now)
-    )
-    return int(result.rowcount)  # type: ignore[attr-defined]
 
 
 def release_destination_holds(session: Session, resolvable: Callable[[str], bool]) -> int:

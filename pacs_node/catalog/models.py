@@ -290,6 +290,9 @@ class Result(Base):
     encodings: Mapped[str] = mapped_column(Text)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     patient_search: Mapped[str | None] = mapped_column(Text)  # FHIR: how the EHR finds the patient
+    # Built for this destination only (a FHIR Bundle under that EHR's patient identifier rules);
+    # None: for every destination of its kind.
+    destination: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
@@ -319,6 +322,14 @@ class Delivery(Base):
     commitment: Mapped[str | None] = mapped_column(String(16))
     commitment_uid: Mapped[str | None] = mapped_column(UID)  # the N-ACTION's Transaction UID
     committed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Who may answer that request on an association of its own: the destination's AE title and
+    # the addresses of its host (space-separated), as they were when it was asked.
+    commitment_ae: Mapped[str | None] = mapped_column(String(16))
+    commitment_hosts: Mapped[str | None] = mapped_column(Text)
+    # A claim ('sending'): the outbox process that holds it, and until when. An expired claim is
+    # taken back by any node; a restarted process takes back its own former claims at once.
+    claimed_by: Mapped[str | None] = mapped_column(String(160))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     __table_args__ = (
         UniqueConstraint("result_id", "destination"),
@@ -354,10 +365,13 @@ class CommitmentReportRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     transaction_uid: Mapped[str] = mapped_column(UID, index=True)
     calling_ae: Mapped[str] = mapped_column(String(16))
+    peer_address: Mapped[str | None] = mapped_column(String(64))  # the association's IP address
     committed: Mapped[str] = mapped_column(Text)  # JSON [SOP Instance UID]
     failed: Mapped[str] = mapped_column(Text)  # JSON [[SOP Instance UID, Failure Reason]]
     received_at: Mapped[datetime] = mapped_column(UTCDateTime())
     settled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Sent by another AE or host than the destination asked: it settles nothing.
+    refused_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class Counter(Base):

@@ -31,6 +31,7 @@ class StoredEncoding:
     encoding: str  # transfer syntax UID, or a media type for non-DICOM objects
     data: bytes
     patient_search: str | None = None
+    destination: str | None = None  # built for this destination only (a FHIR Bundle)
     primary: bool = True  # False: a second encoding of the primary object of the same kind
 
 
@@ -101,6 +102,7 @@ def add_result_rows(
             encodings="{}",
             size_bytes=len(item.data),
             patient_search=item.patient_search,
+            destination=item.destination,
             created_at=now,
         )
         rows.append(row)

@@ -14,7 +14,10 @@ same association for a short while:
 A PACS may instead send the report later on an association of its own, as the association
 requestor (Orthanc does): the node's Storage SCP accepts the Push Model SOP class with the PACS
 in the SCP role and hands the report to the catalog writer, which settles the deliveries of that
-Transaction UID (:func:`pacs_node.catalog.deliveries.record_commitment_report`).
+Transaction UID (:func:`pacs_node.catalog.deliveries.record_commitment_report`) if it comes
+from the destination that was asked: its AE title, from one of its host's addresses (noted on
+each delivery when it is asked, :func:`peer_addresses`). A report from any other allowed AE or
+host settles nothing; it is kept, marked refused, logged and counted.
 
 A destination that refuses the SOP class, or answers the N-ACTION with a failure status, does
 not offer commitment to this node: ``unsupported``, and the C-STORE success is the
@@ -23,7 +26,9 @@ confirmation.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import socket
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -141,8 +146,11 @@ def request_commitment(
     return _read_report(transaction_uid, uids, report)
 
 
-def parse_report(transaction_uid: str, calling_ae: str, info: Dataset) -> CommitmentReport:
-    """The instances an N-EVENT-REPORT's Event Information commits and refuses."""
+def parse_report(
+    transaction_uid: str, calling_ae: str, info: Dataset, peer_address: str | None = None
+) -> CommitmentReport:
+    """The instances an N-EVENT-REPORT's Event Information commits and refuses; who sent it
+    (AE title, address) decides later which deliveries it may settle."""
     committed = tuple(
         str(item.get("ReferencedSOPInstanceUID", ""))
         for item in info.get("ReferencedSOPSequence", [])
@@ -151,7 +159,7 @@ def parse_report(transaction_uid: str, calling_ae: str, info: Dataset) -> Commit
         (str(item.get("ReferencedSOPInstanceUID", "")), int(item.get("FailureReason", 0x0110)))
         for item in info.get("FailedSOPSequence", [])
     )
-    return CommitmentReport(calling_ae, transaction_uid, committed, failed)
+    return CommitmentReport(calling_ae, transaction_uid, committed, failed, peer_address)
 
 
 def _read_report(transaction_uid: str, uids: list[str], report: Dataset) -> CommitmentAnswer:
@@ -166,3 +174,18 @@ def _read_report(transaction_uid: str, uids: list[str], report: Dataset) -> Comm
             states[uid] = Commitment.FAILED
             reasons[uid] = commitment_refusal(reason)
     return CommitmentAnswer(transaction_uid, states, reasons)
+
+
+def peer_addresses(host: str) -> tuple[str, ...]:
+    """The addresses a destination's host stands for (an IP literal, or every address of a
+    name); the name itself when it cannot be resolved now."""
+    try:
+        return (str(ipaddress.ip_address(host)),)
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        log.warning("destination host cannot be resolved now", extra={"host": host})
+        return (host,)
+    return tuple(sorted({str(info[4][0]) for info in infos}))

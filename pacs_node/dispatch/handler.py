@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -42,6 +43,7 @@ class Delivered:
 @dataclass(frozen=True)
 class Transient:
     reason: str
+    not_before: datetime | None = None  # the peer asked us to wait until then (Retry-After)
 
 
 @dataclass(frozen=True)

@@ -10,15 +10,29 @@ happens after each attempt.
 - Permanent (refused SOP class, 4xx): dead-lettered at once. Dead rows are kept, listed and
   retryable by hand (``pacs-node deliveries retry``): nothing is ever dropped.
 
+- Transient with a ``not_before`` (an HTTP Retry-After): the next attempt is no earlier than
+  that, even when the backoff would be shorter.
+
 Each destination has at most ``concurrency`` batches in flight (associations, requests). A
 loop thread looks for due rows every ``POLL_S`` or when woken; batches run on a thread pool.
 Handlers are found by destination ``type`` in a registry, so tests put a fake at that seam.
+
+Claims are leased (see :mod:`pacs_node.catalog.deliveries`): each Outbox has an owner id
+``<node id>/<pid>/<token>``; ``node id`` is ``node_id`` from node.yaml, else the host name and a
+hash of the data directory, so a restarted process knows its node's earlier claims and takes
+back those whose process is gone. The loop renews the leases of what it is sending every
+``delivery_lease_s / 3`` and takes back anyone's expired claims (a process that died, or could
+not settle: a settle that fails leaves the row 'sending' until its lease runs out).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import random
+import secrets
+import socket
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -33,17 +47,28 @@ from pacs_node.catalog.deliveries import (
     HELD_FOR_PATIENT,
     Outgoing,
     claim_due,
+    claim_owners,
     due_destinations,
+    hold_claim,
     mark_dead,
     mark_delivered,
     mark_held,
     mark_retry,
+    note_commitment_peer,
+    reclaim_expired,
     release_destination_holds,
-    reset_sending,
+    renew_leases,
+    reset_claims,
 )
-from pacs_node.catalog.models import utcnow
+from pacs_node.catalog.models import Commitment, utcnow
 from pacs_node.config import Settings
-from pacs_node.dispatch.destinations import AnyDestination, Unresolved, resolve
+from pacs_node.dispatch.commitment import peer_addresses
+from pacs_node.dispatch.destinations import (
+    AnyDestination,
+    DimseDestination,
+    Unresolved,
+    resolve,
+)
 from pacs_node.dispatch.handler import (
     Delivered,
     Handler,
@@ -60,6 +85,35 @@ log = logging.getLogger(__name__)
 
 POLL_S = 0.5
 MAX_THREADS = 16
+
+
+def node_id(settings: Settings) -> str:
+    """This node's stable name in the claims it makes: ``node_id``, else host name + data dir."""
+    if settings.node.node_id:
+        return settings.node.node_id
+    folder = str(settings.node.data_dir.resolve()).encode("utf-8", "surrogateescape")
+    return f"{socket.gethostname()[:40]}:{hashlib.sha256(folder).hexdigest()[:12]}"
+
+
+def _process_gone(owner: str, mine: str) -> bool:
+    """Whether the process that made a claim of this node (``<node id>/<pid>/<token>``) is gone:
+    not this Outbox, and its pid is this process (an earlier life: containers reuse pid 1) or
+    no longer alive."""
+    if owner == mine:
+        return False
+    try:
+        pid = int(owner.rsplit("/", 2)[-2])
+    except (ValueError, IndexError):
+        return True
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+    return False
 
 
 def backoff_delay(attempt: int, base_s: float, cap_s: float, rng: random.Random) -> float:
@@ -85,6 +139,10 @@ class Outbox:
         self.rng = rng or random.Random()
         self.clock = clock
         self._in_flight: dict[str, int] = {}
+        self.node_id = node_id(settings)
+        self.owner = f"{self.node_id}/{os.getpid()}/{secrets.token_hex(4)}"
+        self._sending: set[int] = set()  # delivery ids claimed and not yet settled
+        self._renewed_at = clock()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -94,10 +152,15 @@ class Outbox:
     def resolve(self, name: str) -> AnyDestination | Unresolved:
         return resolve(name, self.settings.destinations, self.settings.peers)
 
+    def lease_until(self, now: datetime) -> datetime:
+        return now + timedelta(seconds=self.settings.node.delivery_lease_s)
+
     def recover(self) -> None:
-        """Rows cut off mid-send go out again; holds for want of a destination are re-checked."""
+        """Claims of this node's earlier processes go out again (another node's are left to
+        their lease); holds for want of a destination are re-checked."""
         with self.catalog.sessions.begin() as session:
-            resent = reset_sending(session)
+            gone = [o for o in claim_owners(session, self.node_id) if _process_gone(o, self.owner)]
+            resent = reset_claims(session, gone)
             released = release_destination_holds(
                 session, lambda name: not isinstance(self.resolve(name), Unresolved)
             )
@@ -132,6 +195,7 @@ class Outbox:
         """Start a batch for every due destination with a free slot; the number started.
         ``wait``: run them here and return when they are settled (burst mode, tests)."""
         now = self.clock()
+        self._keep_claims(now)
         with self.catalog.sessions() as session:
             names = due_destinations(session, now)
         started = 0
@@ -144,16 +208,32 @@ class Outbox:
                         break
                     self._in_flight[name] = self._in_flight.get(name, 0) + 1
                 with self.catalog.sessions.begin() as session:
-                    items = claim_due(session, name, batch, now)
+                    items = claim_due(session, name, batch, now, self.owner, self.lease_until(now))
                 if not items:
                     self._release(name)
                     break
+                with self._lock:
+                    self._sending.update(item.delivery_id for item in items)
                 started += 1
                 if wait:
                     self._run(name, target, items)
                 else:
                     self._pool.submit(self._run, name, target, items)
         return started
+
+    def _keep_claims(self, now: datetime) -> None:
+        """Renew the leases of what this Outbox is sending (every third of a lease) and take
+        back expired claims of any process."""
+        period = timedelta(seconds=self.settings.node.delivery_lease_s / 3)
+        with self.catalog.sessions.begin() as session:
+            if now - self._renewed_at >= period:
+                with self._lock:
+                    sending = set(self._sending)
+                renew_leases(session, self.owner, sending, self.lease_until(now))
+                self._renewed_at = now
+            taken = reclaim_expired(session, now)
+        if taken:
+            log.warning("expired delivery claims taken back", extra={"deliveries": taken})
 
     def _limits(self, target: AnyDestination | Unresolved) -> tuple[int, int]:
         if isinstance(target, Unresolved):
@@ -168,20 +248,56 @@ class Outbox:
     def _run(self, name: str, target: AnyDestination | Unresolved, items: list[Outgoing]) -> None:
         try:
             outcomes = self._send(target, items)
+            hosts = self._commitment_hosts(target, outcomes)
+            lost = 0
             with self.catalog.sessions.begin() as session:
                 for item, outcome in zip(items, outcomes, strict=True):
+                    if not hold_claim(session, item):
+                        lost += 1  # its lease ran out and it was taken back: not ours to settle
+                        continue
+                    if (
+                        hosts is not None
+                        and isinstance(target, DimseDestination)
+                        and isinstance(outcome, Delivered)
+                        and outcome.commitment == Commitment.REQUESTED.value
+                    ):
+                        note_commitment_peer(
+                            session, item.delivery_id, target.ae_title or "", hosts
+                        )
                     self._settle(session, item, outcome, target)
+            if lost:
+                log.warning(
+                    "delivery claims lost before settling",
+                    extra={"destination": name, "deliveries": lost},
+                )
             delivered = sum(isinstance(o, Delivered) for o in outcomes)
             log.info(
                 "delivery batch",
                 extra={"destination": name, "items": len(items), "delivered": delivered},
             )
         except Exception:
-            # rows stay 'sending'; the next start sends them again (receivers de-duplicate)
+            # rows stay 'sending' until their lease runs out; then they go out again (the
+            # receivers de-duplicate by UID)
             log.exception("delivery batch could not be settled", extra={"destination": name})
         finally:
+            with self._lock:
+                self._sending.difference_update(item.delivery_id for item in items)
             self._release(name)
             self._wake.set()
+
+    @staticmethod
+    def _commitment_hosts(
+        target: AnyDestination | Unresolved, outcomes: list[Outcome]
+    ) -> tuple[str, ...] | None:
+        """The addresses a commitment report on the destination's own association may come
+        from, when this batch asked for commitment (resolved before the settle transaction)."""
+        asked = any(
+            isinstance(o, Delivered) and o.commitment == Commitment.REQUESTED.value
+            for o in outcomes
+        )
+        if not asked or not isinstance(target, DimseDestination) or not target.host:
+            return None
+        return peer_addresses(target.host)
 
     def _send(self, target: AnyDestination | Unresolved, items: list[Outgoing]) -> list[Outcome]:
         if isinstance(target, Unresolved):
@@ -240,4 +356,7 @@ class Outbox:
             delay = backoff_delay(
                 item.attempts, options.delivery_backoff_s, options.delivery_backoff_max_s, self.rng
             )
-            mark_retry(session, item, outcome.reason, self.clock() + timedelta(seconds=delay))
+            at = self.clock() + timedelta(seconds=delay)
+            if outcome.not_before is not None and outcome.not_before > at:
+                at = outcome.not_before  # the peer said when (Retry-After)
+            mark_retry(session, item, outcome.reason, at)

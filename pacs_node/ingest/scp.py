@@ -198,7 +198,8 @@ class StorageSCP:
             transaction_uid = str(info.TransactionUID)
             if not is_valid_uid(transaction_uid):
                 raise ValueError(f"invalid Transaction UID {transaction_uid[:70]!r}")
-            report = parse_report(transaction_uid, calling_ae, info)
+            address = str(event.assoc.requestor.address)
+            report = parse_report(transaction_uid, calling_ae, info, address)
         except (AttributeError, ValueError, TypeError, KeyError) as exc:
             log.warning(
                 "unreadable storage commitment report",

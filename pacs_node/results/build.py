@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import io
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 
 from pydicom import Dataset
 
@@ -58,6 +59,9 @@ class ResultSet:
     pdf: bytes = b""
     fhir_bundle: bytes = b""
     patient_search: str = ""
+    # One Bundle per FHIR destination, under that EHR's patient identifier rules
+    # (ResultOptions.fhir_destinations): name -> (Bundle bytes, patient search).
+    fhir_by_destination: Mapping[str, tuple[bytes, str]] = field(default_factory=dict)
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     def of_kind(self, kind: OutputKind) -> tuple[StoredObject, ...]:
@@ -124,6 +128,13 @@ def build_results(
     pdf = build_pdf(findings, pictures, provenance)
     objects.append(stored(OutputKind.PDF, encapsulate_pdf(pdf, provenance)))
     bundle = build_bundle(findings, pdf, provenance, sr_uid=sr_uid)
+    by_destination: dict[str, tuple[bytes, str]] = {}
+    for name, rules in options.fhir_destinations.items():
+        theirs = replace(provenance, options=replace(options, fhir=rules))
+        by_destination[name] = (
+            bundle_json(build_bundle(findings, pdf, theirs, sr_uid=sr_uid)),
+            patient_search(theirs),
+        )
     log.info(
         "results built",
         extra={
@@ -140,5 +151,6 @@ def build_results(
         pdf=pdf,
         fhir_bundle=bundle_json(bundle),
         patient_search=patient_search(provenance),
+        fhir_by_destination=by_destination,
         notes=tuple(notes),
     )

@@ -25,9 +25,11 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
+from urllib.parse import quote
 
 from fhir.resources.R4B.bundle import Bundle
 from pydicom import Dataset
+from pydicom.multival import MultiValue
 
 from pacs_node.inference.vocabulary import CodedConcept
 from pacs_node.results import codes
@@ -53,13 +55,43 @@ def patient_identifier(source: Dataset, provenance: Provenance) -> tuple[str, st
     options = provenance.options.fhir
     issuer = str(source.get("IssuerOfPatientID", "") or "")
     system = options.issuer_systems.get(issuer, options.patient_system)
-    return system, str(source.get("PatientID", ""))
+    return system, _single(source.get("PatientID", ""))
+
+
+def _single(value: object) -> str:
+    """A VM 1 text value as sent: a backslash in it made pydicom split it into several values
+    (the DICOM value separator), which are joined back, never shown as a Python list."""
+    if isinstance(value, MultiValue | list | tuple):
+        return "\\".join(str(v) for v in value)
+    return str(value or "")
+
+
+def search_escape(value: str) -> str:
+    r"""A search parameter value as FHIR R4 requires (3.1.1.5.7 Escaping Search Parameters):
+    ``\``, ``,``, ``|`` and ``$`` each preceded by a backslash, so ``a,b`` is one value, not
+    two, and ``a|b`` is not a system."""
+    for char in ("\\", ",", "|", "$"):
+        value = value.replace(char, "\\" + char)
+    return value
+
+
+def identifier_token(system: str, value: str) -> str:
+    """``system|value`` of a token search, both parts escaped."""
+    return f"{search_escape(system)}|{search_escape(value)}"
+
+
+def identifier_query(system: str, value: str) -> str:
+    r"""``identifier=...`` as it appears in a URL: the token escaped, then percent-encoded
+    (``#``, ``&``, ``+``, ``%``, ``\``, ``,`` and ``$`` encoded; ``:``, ``/`` and ``|``
+    kept for the reader)."""
+    return "identifier=" + quote(identifier_token(system, value), safe=":/|")
 
 
 def patient_search(provenance: Provenance) -> str:
-    """The search that finds the patient (also the conditional reference the Bundle uses)."""
+    """The search that finds the patient (also the conditional reference the Bundle uses),
+    escaped and URL-encoded, so PatientID ``12#34`` never names patient ``12``."""
     system, value = patient_identifier(provenance.source, provenance)
-    return f"Patient?identifier={system}|{value}"
+    return f"Patient?{identifier_query(system, value)}"
 
 
 def _oid(uid: str) -> str:
@@ -132,7 +164,7 @@ def build_bundle(
                     "identifier": [{"system": system, "value": value}],
                     "name": [{"text": str(source.get("PatientName", "")).replace("^", " ")}],
                 },
-                f"identifier={system}|{value}",
+                identifier_query(system, value),
             )
         )
     device_id = _oid(provenance.device_uid)
@@ -150,7 +182,7 @@ def build_bundle(
                 "version": [{"value": algorithm.version}],
                 "type": {"text": "AI segmentation model"},
             },
-            f"identifier={DICOM_UID_SYSTEM}|{device_id}",
+            identifier_query(DICOM_UID_SYSTEM, device_id),
         )
     )
     volume = provenance.volume
@@ -177,7 +209,8 @@ def build_bundle(
     based_on = _based_on(source, provenance)
     if based_on:
         study["basedOn"] = [based_on]
-    entries.append(_entry(urls["study"], study, f"identifier={DICOM_UID_SYSTEM}|{_oid(study_uid)}"))
+    study_query = identifier_query(DICOM_UID_SYSTEM, _oid(study_uid))
+    entries.append(_entry(urls["study"], study, study_query))
     observation_urls: list[str] = []
     for finding in findings:
         if not finding.present:
@@ -192,7 +225,7 @@ def build_bundle(
                 _entry(
                     url,
                     _observation(finding, measurement, uid, subject, urls, started),
-                    f"identifier={DICOM_UID_SYSTEM}|{_oid(uid)}",
+                    identifier_query(DICOM_UID_SYSTEM, _oid(uid)),
                 )
             )
     report: dict[str, Any] = {
@@ -233,7 +266,7 @@ def build_bundle(
     if based_on:
         report["basedOn"] = [based_on]
     entries.append(
-        _entry(urls["report"], report, f"identifier={DICOM_UID_SYSTEM}|{_oid(report_uid)}")
+        _entry(urls["report"], report, identifier_query(DICOM_UID_SYSTEM, _oid(report_uid)))
     )
     return Bundle.model_validate(
         {"resourceType": "Bundle", "type": "transaction", "entry": entries}

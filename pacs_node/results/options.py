@@ -59,6 +59,9 @@ class ResultOptions:
     device_serial_number: str = "pacs-node"
     institution_name: str | None = None
     fhir: FhirOptions = field(default_factory=FhirOptions)
+    # The identity rules of each FHIR destination by name: one Bundle is built for each, since
+    # two EHRs may know the same patient under different identifier systems.
+    fhir_destinations: Mapping[str, FhirOptions] = field(default_factory=dict)
     # When the objects are built; fixed in tests so output is reproducible. None: now (UTC).
     created: datetime | None = None
 

@@ -155,9 +155,12 @@ class _LatePacs:
     its own, as the Push Model's SCP (what Orthanc does); it refuses ``refuse_once`` the first
     time it is asked about it."""
 
-    def __init__(self, node: NodeProcess, port: int, refuse_once: int) -> None:
+    def __init__(
+        self, node: NodeProcess, port: int, refuse_once: int, reporter: str = "LATEPACS"
+    ) -> None:
         self.node = node
         self.refuse_left = refuse_once
+        self.reporter = reporter  # the AE title the report comes from
         self.stored: list[str] = []
         self.reports: list[int] = []  # N-EVENT-REPORT statuses the node answered
         self.ae = AE(ae_title="LATEPACS")
@@ -187,7 +190,7 @@ class _LatePacs:
 
     def _report(self, request: Dataset) -> None:
         info, event_type = _event_information(request, self._refuse)
-        reporter = AE(ae_title="LATEPACS")
+        reporter = AE(ae_title=self.reporter)
         reporter.add_requested_context(STORAGE_COMMITMENT_PUSH_MODEL)
         role = build_role(STORAGE_COMMITMENT_PUSH_MODEL, scp_role=True)
         assoc = reporter.associate(
@@ -245,3 +248,56 @@ def test_a_report_on_the_pacs_own_association_settles_the_deliveries(
     assert attempts == [1] * (len(deliveries) - 1) + [2]  # the refused one went out again
     assert len(pacs.stored) == len(deliveries) + 1
     assert "storage commitment report recorded" in node.log_text()
+
+
+def _counter(node: NodeProcess, name: str) -> int:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(f"sqlite:///{node.data_dir / 'catalog.sqlite'}")
+    try:
+        with engine.connect() as connection:
+            value = connection.execute(
+                text("SELECT value FROM counters WHERE name = :name"), {"name": name}
+            ).scalar()
+    finally:
+        engine.dispose()
+    return int(value or 0)
+
+
+def test_a_report_from_another_ae_settles_nothing(
+    tmp_path: Path, make_node: Callable[..., NodeProcess]
+) -> None:
+    """Another allowed AE that knows the Transaction UID cannot confirm the deliveries: only
+    the destination that was asked can (which may then let retention remove the study)."""
+    pacs_port = free_port()
+    node = make_node(
+        peers=[
+            {"ae_title": "LATEPACS", "host": "127.0.0.1", "port": pacs_port},
+            {"ae_title": "INTRUDER", "host": "127.0.0.1"},  # allowed to send, not asked
+            {"ae_title": "PACSNODE_SCU", "host": "127.0.0.1"},
+        ],
+        models_dir=str(ROOT / "models"),
+        job_workers=1,
+        dicom_workers=1,
+    )
+    pacs = _LatePacs(node, pacs_port, refuse_once=0, reporter="INTRUDER")
+    try:
+        paths = write_series(tmp_path / "ct", slices=12, rows=48, columns=48, spacing=(5, 5, 5))
+        study_uid = str(dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
+        sent = storescu(node, *paths, calling="LATEPACS")
+        assert sent.returncode == 0, sent.stderr
+        wait_for(lambda: any(s["instances"] == 12 for s in node.studies()), 60, what="the study")
+        node.cli("run", study_uid, "--model", "ct-classical")
+        wait_for(
+            lambda: _counter(node, "commitment_reports_refused") >= 1,
+            120,
+            interval=0.5,
+            what="the foreign report refused",
+        )
+    finally:
+        pacs.server.shutdown()
+    assert set(pacs.reports) == {0x0000}  # answered (it is an allowed AE), then not trusted
+    deliveries = json.loads(node.cli("deliveries", "--json").stdout)
+    assert deliveries
+    assert {(d["state"], d["commitment"]) for d in deliveries} == {("delivered", "requested")}
+    assert "it settles nothing" in node.log_text()

@@ -29,7 +29,8 @@ JSON = {"Content-Type": "application/fhir+json"}
 
 
 def _ensure_sekmet() -> None:
-    """sekmet-fhir gets a venv of its own: its pins must not touch the node's."""
+    """sekmet-fhir gets a venv of its own: its pins must not touch the node's. ``make test``
+    installs it first; a server that cannot be installed fails the test."""
     if SEKMET.exists():
         return
     subprocess.run([sys.executable, "-m", "venv", str(FHIR_VENV)], check=True, timeout=120)
@@ -40,8 +41,8 @@ def _ensure_sekmet() -> None:
         timeout=600,
         check=False,
     )
-    if install.returncode != 0 or not SEKMET.exists():
-        pytest.skip(f"sekmet-fhir could not be installed: {install.stderr[-500:]}")
+    if install.returncode != 0 or not SEKMET.exists():  # a missing server fails, never skips
+        pytest.fail(f"sekmet-fhir could not be installed: {install.stderr[-500:]}")
 
 
 class FhirServer:

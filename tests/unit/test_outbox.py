@@ -3,11 +3,15 @@ dead letter, permanent refusals, holds, per-destination concurrency and restart 
 
 from __future__ import annotations
 
+import collections
+import os
 import random
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -246,17 +250,29 @@ def test_concurrency_per_destination_is_respected(tmp_path: Path, catalog: Catal
 
 
 def test_rows_cut_off_mid_send_go_out_again_at_start(tmp_path: Path, catalog: Catalog) -> None:
+    """A restarted process takes back at once the claims its node's earlier process left, and
+    only those: another node's live claim on the shared catalog waits for its lease."""
     settings = _settings(tmp_path)
-    _deliveries(catalog, settings)
-    with catalog.sessions.begin() as session:
-        session.query(Delivery).update({"state": DeliveryState.SENDING, "attempts": 1})
+    _deliveries(catalog, settings, n=2)
     fake = FakeHandler()
     outbox = Outbox(catalog, settings, {"dimse": fake})
-    assert outbox.dispatch_due(wait=True) == 0  # 'sending' is not claimed twice
+    earlier = f"{outbox.node_id}/{os.getpid()}/0dead000"  # this node, an earlier life
+    other = f"other-node:abc/{os.getpid()}/00000000"  # another node, alive
+    lease = utcnow() + timedelta(minutes=5)
+    with catalog.sessions.begin() as session:
+        first, second = session.query(Delivery).order_by(Delivery.id).all()
+        for row, owner in ((first, earlier), (second, other)):
+            row.state, row.attempts = DeliveryState.SENDING, 1
+            row.claimed_by, row.lease_expires_at = owner, lease
+    assert outbox.dispatch_due(wait=True) == 0  # a live claim is not claimed twice
     outbox.recover()
     assert outbox.dispatch_due(wait=True) == 1
-    (row,) = _rows(catalog)
-    assert (row.state, row.attempts) == (DeliveryState.DELIVERED, 2)
+    rows = _rows(catalog)
+    assert [(r.state, r.attempts) for r in rows] == [
+        (DeliveryState.DELIVERED, 2),
+        (DeliveryState.SENDING, 1),  # the other node's, untouched
+    ]
+    assert rows[1].claimed_by == other
 
 
 def test_c_store_statuses_and_contexts() -> None:
@@ -277,3 +293,165 @@ def test_c_store_statuses_and_contexts() -> None:
     ]
     # every stored encoding of every SOP class is proposed, each as its own context
     assert contexts_for(parcels) == [(seg, EXPLICIT_LE), (seg, j2k), (CT, EXPLICIT_LE)]
+
+
+class Recorder:
+    """Delivers everything, counting in ``sent`` (shared by the nodes) how often each delivery
+    id went out, and in ``count`` how many this node sent."""
+
+    batch_size = 3
+
+    def __init__(self, sent: collections.Counter[int], lock: threading.Lock) -> None:
+        self.sent = sent
+        self.count = 0
+        self._lock = lock
+
+    def send(self, destination: AnyDestination, parcels: Sequence[Parcel]) -> list[Outcome]:
+        time.sleep(0.005)  # long enough for the other node to try the same rows
+        with self._lock:
+            self.sent.update(p.delivery_id for p in parcels)
+            self.count += len(parcels)
+        return [Delivered(EXPLICIT_LE)] * len(parcels)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_nodes_on_one_catalog_never_send_a_row_twice(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    url = (
+        f"sqlite:///{tmp_path / 'shared.sqlite'}"
+        if backend == "sqlite"
+        else request.getfixturevalue("postgres_url")
+    )
+    shared = open_catalog(url)
+    settings = _settings(tmp_path, concurrency=2)
+    ids = _deliveries(shared, settings, n=40)
+    sent: collections.Counter[int] = collections.Counter()
+    lock = threading.Lock()
+    recorders = [Recorder(sent, lock), Recorder(sent, lock)]
+    outboxes = [
+        Outbox(
+            shared,
+            settings.model_copy(
+                update={"node": settings.node.model_copy(update={"node_id": name})}
+            ),
+            {"dimse": recorder},
+        )
+        for name, recorder in zip(("node-a", "node-b"), recorders, strict=True)
+    ]
+    try:
+        for outbox in outboxes:
+            outbox.start()  # each takes back only its own node's claims: none
+        wait_for(lambda: sum(sent.values()) >= 40, 60, what="every delivery sent")
+        wait_for(
+            lambda: {r.state for r in _rows(shared)} == {DeliveryState.DELIVERED},
+            30,
+            what="every delivery settled",
+        )
+    finally:
+        for outbox in outboxes:
+            outbox.stop()
+        shared.dispose()
+    assert sorted(sent) == ids
+    assert set(sent.values()) == {1}  # never one row twice
+    assert all(r.count > 0 for r in recorders)  # both nodes were sending meanwhile
+
+
+def test_a_settle_failure_is_taken_back_after_its_lease(
+    tmp_path: Path, catalog: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = _settings(tmp_path)
+    settings = settings.model_copy(
+        update={"node": settings.node.model_copy(update={"delivery_lease_s": 30.0})}
+    )
+    _deliveries(catalog, settings)
+    import pacs_node.dispatch.outbox as outbox_module
+
+    real = outbox_module.mark_delivered
+    failures = iter([RuntimeError("the catalog went away")])
+
+    def flaky(*args: Any, **kwargs: Any) -> None:
+        error = next(failures, None)
+        if error is not None:
+            raise error
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(outbox_module, "mark_delivered", flaky)
+    fake = FakeHandler()
+    clock = Clock()
+    outbox = Outbox(catalog, settings, {"dimse": fake}, clock=clock)
+    assert outbox.dispatch_due(wait=True) == 1
+    (row,) = _rows(catalog)
+    assert (row.state, row.claimed_by) == (DeliveryState.SENDING, outbox.owner)
+    clock.advance(20)
+    assert outbox.dispatch_due(wait=True) == 0  # the lease still holds
+    clock.advance(11)
+    assert outbox.dispatch_due(wait=True) == 1  # taken back and sent again, no restart
+    (row,) = _rows(catalog)
+    assert (row.state, row.attempts) == (DeliveryState.DELIVERED, 2)
+    assert len(fake.calls) == 2
+
+
+def test_a_long_send_renews_its_lease(tmp_path: Path, catalog: Catalog) -> None:
+    settings = _settings(tmp_path)
+    settings = settings.model_copy(
+        update={"node": settings.node.model_copy(update={"delivery_lease_s": 30.0})}
+    )
+    _deliveries(catalog, settings)
+    gate = threading.Event()
+    fake = FakeHandler(gate=gate)
+    clock = Clock()
+    outbox = Outbox(catalog, settings, {"dimse": fake}, clock=clock)
+    try:
+        assert outbox.dispatch_due() == 1
+        wait_for(lambda: fake.running == 1, 10, what="the send in flight")
+        clock.advance(15)
+        outbox.dispatch_due()  # renews: a third of the lease has passed
+        clock.advance(20)  # past the first lease, within the renewed one
+        assert outbox.dispatch_due() == 0
+        (row,) = _rows(catalog)
+        assert row.state == DeliveryState.SENDING
+        gate.set()
+        wait_for(lambda: _rows(catalog)[0].state == DeliveryState.DELIVERED, 10, what="done")
+    finally:
+        gate.set()
+        outbox.stop()
+    assert len(fake.calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("calling_ae", "address", "settled"),
+    [
+        ("PACS", "10.0.0.5", True),
+        ("PACS", "::ffff:10.0.0.5", True),  # the same host over an IPv4-mapped address
+        ("PACS", "10.0.0.6", False),  # the right AE title from another host
+        ("OTHER", "10.0.0.5", False),  # another AE on the right host
+    ],
+)
+def test_a_commitment_report_settles_only_from_the_destination_asked(
+    tmp_path: Path, catalog: Catalog, calling_ae: str, address: str, settled: bool
+) -> None:
+    from pacs_node.catalog.deliveries import (
+        Outgoing,
+        mark_delivered,
+        note_commitment_peer,
+        record_commitment_report,
+    )
+    from pacs_node.catalog.studies import counters
+    from pacs_node.refs import CommitmentReport
+
+    settings = _settings(tmp_path)
+    (delivery_id,) = _deliveries(catalog, settings)
+    item = Outgoing(delivery_id, 1, "PACS", "seg", CT, "1.2.3.0", {}, None, 1)
+    with catalog.sessions.begin() as session:
+        session.query(Delivery).update({"state": DeliveryState.SENDING, "attempts": 1})
+        note_commitment_peer(session, delivery_id, "PACS", ["10.0.0.5"])
+        mark_delivered(session, item, EXPLICIT_LE, "requested", "2.25.9")
+    report = CommitmentReport(calling_ae, "2.25.9", ("1.2.3.0",), (), address)
+    with catalog.sessions.begin() as session:
+        assert record_commitment_report(session, report, utcnow()) == int(settled)
+    (row,) = _rows(catalog)
+    assert row.commitment == ("committed" if settled else "requested")
+    with catalog.sessions() as session:
+        refused = counters(session).get("commitment_reports_refused", 0)
+    assert refused == (0 if settled else 1)

@@ -1,0 +1,121 @@
+"""The one HTTP stack of dispatch (httpx), as STOW-RS and FHIR use it: no redirects (a 3xx is
+an answer, not a detour: a login page is never taken for success), no hidden retries (one
+request per outbox attempt; the outbox decides when to try again), a total deadline, a bounded
+answer, and HTTP statuses read as transient or permanent failures.
+
+The deadline is the destination's ``timeout_s`` for the whole exchange (connect, upload,
+answer): httpx's own timeouts apply to each read, so a server that trickles a byte at a time
+would hold a request for ever. The exchange runs on a thread of its own and is abandoned at the
+deadline (the thread ends at httpx's next per-read timeout, at most ``timeout_s`` later).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
+
+import httpx
+
+from pacs_node.errors import PermanentDelivery, TransientDelivery
+
+MAX_ANSWER_BYTES = 8 * 1024 * 1024  # more than any STOW or FHIR answer we read needs
+MAX_RETRY_AFTER_S = 86_400.0  # a Retry-After further out than a day is read as a day
+TRANSIENT_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    headers: httpx.Headers
+    body: bytes
+    truncated: bool = False
+
+    @property
+    def media_type(self) -> str:
+        value = str(self.headers.get("content-type", ""))
+        return value.split(";", 1)[0].strip().lower()
+
+    def text(self, limit: int = 300) -> str:
+        return self.body[:limit].decode("utf-8", "replace")
+
+
+def classify_http(status: int, what: str) -> TransientDelivery | PermanentDelivery:
+    """An HTTP status that is not success as the delivery error it means: 408, 425, 429 and
+    5xx may pass; a redirect or any other 4xx needs a person (wrong URL, credentials, a login
+    page in front of the service, a request the server will never take)."""
+    if status in TRANSIENT_STATUSES or status >= 500:
+        return TransientDelivery(f"{what}: HTTP {status}")
+    if 300 <= status < 400:
+        return PermanentDelivery(f"{what}: HTTP {status} redirect (not followed)")
+    return PermanentDelivery(f"{what}: HTTP {status}")
+
+
+def retry_after(headers: httpx.Headers, now: datetime | None = None) -> datetime | None:
+    """When the server asked to be tried again (Retry-After: seconds or an HTTP date)."""
+    value = str(headers.get("retry-after", "")).strip()
+    if not value:
+        return None
+    now = now or datetime.now(UTC)
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            at = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if at.tzinfo is None:
+            at = at.replace(tzinfo=UTC)
+        seconds = (at - now).total_seconds()
+    if math.isnan(seconds) or seconds <= 0:  # unreadable, or the past
+        return None
+    return now + timedelta(seconds=min(seconds, MAX_RETRY_AFTER_S))
+
+
+def exchange(
+    method: str,
+    url: str,
+    *,
+    timeout_s: float,
+    headers: dict[str, str],
+    content: bytes | None = None,
+    params: dict[str, str] | None = None,
+    what: str,
+) -> Answer:
+    """One request, no redirect followed, finished within ``timeout_s`` or given up on.
+    Raises :class:`TransientDelivery` for a transport failure or the deadline."""
+    outcome: list[Answer | BaseException] = []
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            with (
+                httpx.Client(timeout=httpx.Timeout(timeout_s), follow_redirects=False) as client,
+                client.stream(method, url, headers=headers, content=content, params=params) as r,
+            ):
+                body = bytearray()
+                truncated = False
+                for chunk in r.iter_bytes():
+                    body += chunk
+                    if len(body) > MAX_ANSWER_BYTES:
+                        truncated = True
+                        del body[MAX_ANSWER_BYTES:]
+                        break
+                outcome.append(Answer(r.status_code, r.headers, bytes(body), truncated))
+        except BaseException as exc:  # handed to the caller's thread
+            outcome.append(exc)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=run, name="dispatch-http", daemon=True)
+    thread.start()
+    if not done.wait(timeout_s):
+        raise TransientDelivery(f"{what}: no complete answer within {timeout_s:g} s")
+    result = outcome[0]
+    if isinstance(result, Answer):
+        return result
+    if isinstance(result, httpx.HTTPError | httpx.InvalidURL):
+        raise TransientDelivery(f"{what}: {type(result).__name__}: {result}") from result
+    raise result
