@@ -339,9 +339,9 @@ def _exit_with_parent() -> None:
 
 def _worker_main(settings: Settings, index: int, stop: EventType) -> None:
     """A worker process: claim, run, repeat; idle polls every ``POLL_S``."""
-    from pacs_node.logs import configure_logging
+    from pacs_node.logs import configure_node_logging
 
-    configure_logging(settings.node.log_level, settings.node.log_format)
+    configure_node_logging(settings.node)
     _exit_with_parent()
     catalog = open_catalog(settings.node.catalog_url, run_migrations=False)
     runner = make_runner(settings)
