@@ -54,6 +54,7 @@ from pacs_node.catalog.results import (
 from pacs_node.config import Settings
 from pacs_node.dispatch.destinations import SOURCE, FhirDestination, source_name
 from pacs_node.errors import PacsNodeError
+from pacs_node.redact import scrub_reason
 
 if TYPE_CHECKING:
     from pacs_node.inference.runner import Runner
@@ -288,7 +289,7 @@ def run_job(
     with catalog.sessions.begin() as session:
         current = session.scalar(select(Job.stage).where(Job.id == job_id))
         fail_job(session, job_id, worker, f"{current or 'start'}: {reason}", watch.as_json())
-    log.warning("job failed", extra={**extra, "error": reason})
+    log.warning("job failed", extra={**extra, "error": scrub_reason(reason)})
     return JobState.FAILED
 
 
