@@ -23,7 +23,7 @@ from pacs_node.cli_ingest import register as register_ingest_commands
 from pacs_node.cli_pipeline import register as register_pipeline_commands
 from pacs_node.config import Settings, load_settings
 from pacs_node.errors import PacsNodeError
-from pacs_node.logs import configure_logging
+from pacs_node.logs import configure_node_logging
 from pacs_node.routing.commands import routes_app
 from pacs_node.training.command import train as train_command
 
@@ -59,7 +59,7 @@ def _settings(config: Path | None, overrides: dict[str, Any] | None = None) -> S
         settings = load_settings(config, overrides)
     except PacsNodeError as exc:
         raise _fail(f"configuration: {exc}") from exc
-    configure_logging(settings.node.log_level, settings.node.log_format)
+    configure_node_logging(settings.node)
     return settings
 
 

@@ -36,14 +36,16 @@ deliveries_app = typer.Typer(
 
 def _open(config: Path | None) -> Any:
     """(settings, catalog) for a command; errors end the command with the reason."""
-    from pacs_node.catalog.db import open_catalog
+    from pacs_node.catalog.db import open_catalog, sqlite_file
     from pacs_node.cli import _fail, _settings
+    from pacs_node.datadir import make_private
     from pacs_node.errors import PacsNodeError
 
     settings = _settings(config)
     try:
+        make_private(settings.node.data_dir, sqlite_file(settings.node.catalog_url))
         return settings, open_catalog(settings.node.catalog_url)
-    except PacsNodeError as exc:
+    except (PacsNodeError, OSError) as exc:
         raise _fail(str(exc), 1) from exc
 
 

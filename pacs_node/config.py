@@ -7,15 +7,18 @@ key and the reason; nothing reads configuration after start.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
@@ -36,6 +39,7 @@ PEERS_FILE = "peers.yaml"
 ROUTES_FILE = "routes.yaml"
 
 _M = TypeVar("_M", bound=BaseModel)
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def check_ae_title(value: str) -> str:
@@ -77,7 +81,17 @@ class NodeOptions(BaseModel):
     min_free_mb: int = Field(default=256, ge=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
+    # The same logger and message at WARNING or above is written at most this many times per
+    # window (0: no limit), then one "suppressed K similar" line.
+    log_repeat_limit: int = Field(default=10, ge=0)
+    log_repeat_window_s: float = Field(default=60.0, gt=0)
+    # Libraries allowed to log below WARNING (pynetdicom, httpx, ...): diagnosis only, they
+    # write request URLs and data sets, which hold patient data.
+    log_verbose_libraries: Annotated[tuple[str, ...], NoDecode] = ()
     models_dir: Path = Path("./models")  # model bundles, one folder each (MONAI bundle layout)
+    # SHA-256 of each bundle allowed to run (`pacs-node models --json` prints them); a bundle
+    # not listed stops the node at start. Empty: any bundle under models_dir runs.
+    model_sha256_allowlist: Annotated[tuple[str, ...], NoDecode] = ()
     torch_threads: int = Field(default=0, ge=0)  # CPU threads for inference; 0: torch's default
     # Job worker processes (inference beside the SCP); 1 suits 2 cores, 0 runs none.
     job_workers: int = Field(default=1, ge=0, le=32)
@@ -107,6 +121,33 @@ class NodeOptions(BaseModel):
     @classmethod
     def _valid_ae_title(cls, value: str) -> str:
         return check_ae_title(value)
+
+    @field_validator("log_verbose_libraries", "model_sha256_allowlist", mode="before")
+    @classmethod
+    def _split_list(cls, value: object) -> object:
+        """From the environment: a JSON list, or names separated by commas or spaces."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return tuple(part for part in re.split(r"[\s,]+", text) if part)
+        return value
+
+    @field_validator("model_sha256_allowlist")
+    @classmethod
+    def _digests(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        digests = tuple(v.strip().lower() for v in value)
+        for digest in digests:
+            if not _SHA256.fullmatch(digest):
+                raise ValueError(f"{digest[:80]!r} is not a SHA-256 digest (64 hex digits)")
+        return digests
+
+    @field_validator("models_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        """Bundles execute code: which folder they come from is fixed at start, not by a
+        later working directory."""
+        return value.expanduser().resolve()
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -249,19 +290,20 @@ def _validate_file(model: type[_M], path: Path, values: dict[str, Any]) -> _M:
 
 
 def resolve_config_dir(config_dir: Path | None) -> Path | None:
-    """``--config DIR``, else ``$PACS_NODE_CONFIG_DIR``, else ``./ae_config`` when present."""
+    """``--config DIR``, else ``$PACS_NODE_CONFIG_DIR``, else ``./ae_config`` when present;
+    made absolute, so what the node reads does not depend on a later working directory."""
     if config_dir is not None:
         if not config_dir.is_dir():
             raise ConfigError(str(config_dir), "--config", "is not a directory")
-        return config_dir
+        return config_dir.resolve()
     from_env = os.environ.get(CONFIG_DIR_ENV)
     if from_env:
         path = Path(from_env)
         if not path.is_dir():
             raise ConfigError(CONFIG_DIR_ENV, from_env, "is not a directory")
-        return path
+        return path.resolve()
     default = Path("ae_config")
-    return default if default.is_dir() else None
+    return default.resolve() if default.is_dir() else None
 
 
 def load_settings(

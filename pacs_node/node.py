@@ -7,8 +7,9 @@ import threading
 from pathlib import Path
 
 from pacs_node.assembly import Assembly
-from pacs_node.catalog.db import Catalog, open_catalog
+from pacs_node.catalog.db import Catalog, open_catalog, sqlite_file
 from pacs_node.config import PEERS_FILE, Settings
+from pacs_node.datadir import make_private
 from pacs_node.dispatch.destinations import missing_secrets
 from pacs_node.dispatch.dimse import recommitter
 from pacs_node.dispatch.outbox import Outbox
@@ -29,7 +30,7 @@ class Node:
     def __init__(self, settings: Settings) -> None:
         options = settings.node
         self.settings = settings
-        options.data_dir.mkdir(parents=True, exist_ok=True)
+        make_private(options.data_dir, sqlite_file(options.catalog_url))
         self.catalog: Catalog = open_catalog(options.catalog_url)
         self.spool = Spool(
             options.spool_dir, fsync=options.fsync, min_free_bytes=options.min_free_mb * 2**20

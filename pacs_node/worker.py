@@ -54,6 +54,7 @@ from pacs_node.catalog.results import (
 from pacs_node.config import Settings
 from pacs_node.dispatch.destinations import SOURCE, FhirDestination, source_name
 from pacs_node.errors import PacsNodeError
+from pacs_node.redact import scrub_reason
 
 if TYPE_CHECKING:
     from pacs_node.inference.runner import Runner
@@ -309,7 +310,7 @@ def run_job(
     with catalog.sessions.begin() as session:
         current = session.scalar(select(Job.stage).where(Job.id == job_id))
         fail_job(session, job_id, worker, f"{current or 'start'}: {reason}", watch.as_json())
-    log.warning("job failed", extra={**extra, "error": reason})
+    log.warning("job failed", extra={**extra, "error": scrub_reason(reason)})
     return JobState.FAILED
 
 
@@ -360,9 +361,9 @@ def _exit_with_parent() -> None:
 
 def _worker_main(settings: Settings, index: int, stop: EventType) -> None:
     """A worker process: claim, run, repeat; idle polls every ``POLL_S``."""
-    from pacs_node.logs import configure_logging
+    from pacs_node.logs import configure_node_logging
 
-    configure_logging(settings.node.log_level, settings.node.log_format)
+    configure_node_logging(settings.node)
     _exit_with_parent()
     catalog = open_catalog(settings.node.catalog_url, run_migrations=False)
     runner = make_runner(settings)

@@ -16,6 +16,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from pacs_node.datadir import DIR_MODE, private_sqlite
 from pacs_node.errors import CatalogError
 
 log = logging.getLogger(__name__)
@@ -40,10 +41,11 @@ class Catalog:
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
-    # WAL lets the CLI read while the node writes; NORMAL is safe with WAL against a process
-    # crash, and the spool (fsync'd before every ack) covers the rest at startup.
+    # WAL lets the CLI read while the node writes. FULL fsyncs the WAL at every commit: with
+    # NORMAL a power loss may drop the last commits, and housekeeping removes a study's files
+    # only after the commit that says so (a lost commit would list files that are gone).
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
@@ -59,7 +61,8 @@ def create_catalog_engine(url: str, *, read_only: bool = False) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+            private_sqlite(Path(parsed.database))  # it holds patient names: 0600
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         if read_only:

@@ -45,6 +45,7 @@ from pacs_node.catalog.models import (
     utcnow,
 )
 from pacs_node.catalog.studies import increment
+from pacs_node.redact import scrub_reason
 from pacs_node.refs import CommitmentReport
 
 log = logging.getLogger(__name__)
@@ -331,7 +332,7 @@ def settle_commitment(
     if state == Commitment.FAILED:
         row.state = DeliveryState.PENDING
         row.next_attempt_at = now
-        row.last_error = reason
+        row.last_error = scrub_reason(reason)
     elif state == Commitment.COMMITTED:
         row.committed_at = now
     row.commitment = state
@@ -453,12 +454,15 @@ def _settle_reports(session: Session, transaction_uid: str, now: datetime) -> in
 
 def mark_retry(session: Session, item: Outgoing, error: str, at: datetime) -> None:
     """A transient failure: back to pending, not before ``at``."""
+    # an EHR's error body or a library's message may name a patient
+    error = scrub_reason(error, known=(item.destination,))
     _leave_sending(
         session, item.delivery_id, state=DeliveryState.PENDING, last_error=error, next_attempt_at=at
     )
 
 
 def mark_dead(session: Session, item: Outgoing, error: str) -> None:
+    error = scrub_reason(error, known=(item.destination,))
     if _leave_sending(
         session, item.delivery_id, state=DeliveryState.DEAD, last_error=error, next_attempt_at=None
     ):
@@ -468,11 +472,12 @@ def mark_dead(session: Session, item: Outgoing, error: str) -> None:
             "delivery_dead",
             delivery=item.delivery_id,
             destination=item.destination,
-            error=error[:500],
+            error=error,
         )
 
 
 def mark_held(session: Session, item: Outgoing, reason: str, held_for: str) -> None:
+    reason = scrub_reason(reason, known=(item.destination,))
     if _leave_sending(
         session,
         item.delivery_id,
@@ -487,7 +492,7 @@ def mark_held(session: Session, item: Outgoing, reason: str, held_for: str) -> N
             "delivery_held",
             delivery=item.delivery_id,
             destination=item.destination,
-            reason=reason[:500],
+            reason=reason,
         )
 
 

@@ -19,11 +19,17 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from pacs_node.catalog.models import Job, JobEvent, JobState, Study, utcnow
+from pacs_node.redact import scrub_reason
 
 CLAIM_CANDIDATES = 8  # rows a SQLite claimer tries before saying the queue is empty
+SCRUBBED_DETAIL = frozenset({"error", "reason", "last_error"})  # event details stored scrubbed
 
 
 def add_job_event(session: Session, job_id: int, kind: str, **detail: Any) -> None:
+    # error text may quote patient data; the event's names (destination, model) are kept
+    names = [str(v) for k, v in detail.items() if k not in SCRUBBED_DETAIL and isinstance(v, str)]
+    for key in SCRUBBED_DETAIL.intersection(detail):
+        detail[key] = scrub_reason(str(detail[key]), known=names)
     session.add(
         JobEvent(
             job_id=job_id,
@@ -129,7 +135,10 @@ def finish_job(
 def fail_job(
     session: Session, job_id: int, worker_id: str, error: str, timings: dict[str, float]
 ) -> bool:
-    """running -> failed with the reason; the stage it failed in stays recorded."""
+    """running -> failed with the reason (scrubbed: see :mod:`pacs_node.redact`); the stage
+    it failed in stays recorded."""
+    model = session.scalar(select(Job.model).where(Job.id == job_id))
+    error = scrub_reason(error, known=(model or "",))
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.state == JobState.RUNNING, Job.claimed_by == worker_id)
@@ -142,7 +151,7 @@ def fail_job(
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
         return False
-    add_job_event(session, job_id, "failed", error=error[:500])
+    add_job_event(session, job_id, "failed", error=error, model=model or "")
     return True
 
 

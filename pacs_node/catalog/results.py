@@ -14,6 +14,7 @@ from pathlib import Path
 from sqlalchemy.orm import Session
 
 from pacs_node.catalog.models import Result, utcnow
+from pacs_node.datadir import fsync_dir
 
 FHIR_MEDIA_TYPE = "application/fhir+json"
 PDF_MEDIA_TYPE = "application/pdf"
@@ -76,6 +77,11 @@ def write_files(
         relpath = f"{folder}/{_file_name(item, index)}"
         write_atomic(results_dir / relpath, item.data, fsync=fsync)
         relpaths.append(relpath)
+    if fsync:  # the new folders' own entries, up to the data folder, before a row names them
+        directory = results_dir / folder
+        while directory != results_dir.parent and results_dir in (directory, *directory.parents):
+            directory = directory.parent
+            fsync_dir(directory)
     return relpaths
 
 

@@ -31,7 +31,7 @@ from pacs_node.errors import PacsNodeError
 from pacs_node.ingest.recorder import RecordSink
 from pacs_node.ingest.scp import StorageSCP
 from pacs_node.ingest.spool import Spool
-from pacs_node.logs import configure_logging
+from pacs_node.logs import configure_node_logging
 from pacs_node.refs import CommitmentReport, InstanceRef
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def _run_worker(
     """Entry point of a worker process."""
     _die_with_parent()
     options = settings.node
-    configure_logging(options.log_level, options.log_format)
+    configure_node_logging(options)
     spool = Spool(
         options.spool_dir, fsync=options.fsync, min_free_bytes=options.min_free_mb * 2**20
     )
