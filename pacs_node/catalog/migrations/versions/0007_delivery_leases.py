@@ -2,7 +2,7 @@
 built for one destination
 
 Revision ID: 0007
-Revises: 0005
+Revises: 0006
 Create Date: 2026-12-05
 """
 
