@@ -23,6 +23,7 @@ from pacs_node.catalog.models import (
     StudyEvent,
     StudyState,
 )
+from pacs_node.redact import scrub_detail
 from pacs_node.refs import InstanceRef
 
 
@@ -56,6 +57,7 @@ def _insert_ignore(session: Session, table: Any, rows: list[dict[str, Any]], key
 
 
 def add_event(session: Session, study_id: int, kind: str, at: datetime, **detail: Any) -> None:
+    detail = scrub_detail(detail)  # a reason or error may quote patient data
     session.add(
         StudyEvent(
             study_id=study_id,
