@@ -15,6 +15,8 @@ import pytest
 import yaml
 
 from pacs_node.config import load_settings
+from pacs_node.errors import BundleError
+from pacs_node.inference.registry import Registry
 from tests.conftest import PACS_NODE, clean_env, free_port
 
 REPO_MODELS = Path(__file__).resolve().parents[2] / "models"
@@ -133,3 +135,16 @@ def test_models_dir_and_config_folder_are_absolute(
     assert settings.node.models_dir == tmp_path / "bundles"
     os.chdir("/")
     assert settings.node.models_dir.is_absolute()
+
+
+def test_a_worker_registry_refuses_a_bundle_changed_after_start(tmp_path: Path) -> None:
+    """Job workers load bundles with the allowlist too: a bundle swapped after the node
+    started is refused when a job loads it, not run."""
+    _, bundle = _setup(tmp_path)
+    digest = _expected_sha256(bundle)
+    assert Registry(bundle.parent, [digest]).get("ct-classical").sha256 == digest
+    (bundle / "configs" / "inference.json").write_text('{"network_def": "$print(1)"}')
+    with pytest.raises(BundleError) as refused:
+        Registry(bundle.parent, [digest]).get("ct-classical")
+    assert refused.value.key == "model_sha256_allowlist"
+    assert str(bundle) in str(refused.value)
