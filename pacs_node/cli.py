@@ -242,15 +242,24 @@ def models(
         bundles = Registry(settings.node.models_dir).load_all()
     except PacsNodeError as exc:
         raise _fail(str(exc), 1) from exc
+    allowlist = settings.node.model_sha256_allowlist
+
+    def allowed(sha256: str) -> bool:
+        return not allowlist or sha256 in allowlist
+
     if json_output:
-        sys.stdout.write(json.dumps([b.as_json() for b in bundles], ensure_ascii=False) + "\n")
+        entries = [{**b.as_json(), "allowed": allowed(b.sha256)} for b in bundles]
+        sys.stdout.write(json.dumps(entries, ensure_ascii=False) + "\n")
         return
     table = Table(title=f"{len(bundles)} models in {settings.node.models_dir}")
-    for column in ("Name", "Version", "Kind", "Modalities", "Labels"):
+    for column in ("Name", "Version", "Kind", "Modalities", "Labels", "SHA-256"):
         table.add_column(column)
     for b in bundles:
         labels = ", ".join(f"{s.value}={s.name}" for s in b.segments)
-        table.add_row(b.name, b.version, str(b.kind), ", ".join(b.modalities) or "any", labels)
+        digest = b.sha256[:16] + ("" if allowed(b.sha256) else " (not allowed)")
+        table.add_row(
+            b.name, b.version, str(b.kind), ", ".join(b.modalities) or "any", labels, digest
+        )
     out.print(table)
 
 
@@ -307,7 +316,7 @@ def segment(
 
         try:
             runner = Runner(
-                Registry(settings.node.models_dir),
+                Registry(settings.node.models_dir, settings.node.model_sha256_allowlist),
                 device=device,
                 threads=settings.node.torch_threads,
                 amp=amp,
@@ -386,7 +395,8 @@ def evaluate(
             progress.update(task, description=f"{model}: {done} cases ({case})")
 
         try:
-            runner = Runner(Registry(settings.node.models_dir), threads=settings.node.torch_threads)
+            registry = Registry(settings.node.models_dir, settings.node.model_sha256_allowlist)
+            runner = Runner(registry, threads=settings.node.torch_threads)
             report = run_evaluation(
                 runner, model, data, label_map=mapping, limit=limit, progress=advance
             )

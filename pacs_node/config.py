@@ -88,7 +88,8 @@ class NodeOptions(BaseModel):
     # Libraries allowed to log below WARNING (pynetdicom, httpx, ...): diagnosis only, they
     # write request URLs and data sets, which hold patient data.
     log_verbose_libraries: Annotated[tuple[str, ...], NoDecode] = ()
-    models_dir: Path = Path("./models")  # model bundles, one folder each (MONAI bundle layout)
+    # model bundles, one folder each (MONAI bundle layout); made absolute when read
+    models_dir: Path = Field(default=Path("./models"), validate_default=True)
     # SHA-256 of each bundle allowed to run (`pacs-node models --json` prints them); a bundle
     # not listed stops the node at start. Empty: any bundle under models_dir runs.
     model_sha256_allowlist: Annotated[tuple[str, ...], NoDecode] = ()

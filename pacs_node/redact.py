@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Any
 
 MAX_REASON = 300
 GAP = "…"
+SCRUBBED_DETAIL = frozenset({"error", "reason", "last_error"})  # event detail keys with free text
 
 _WORDS = """
 a able about absent accept accepted access acquisitions action address addresses ae affine
@@ -75,7 +77,7 @@ permanently precondition processing provided quarantine quarantined reclaimed re
 released retries see servname smaller stall stalled statuses supported syntax transfer
 unexpected unexpectedly unprocessable url verify wasn within won discarded down hours later
 local minute minutes named now occurred offline online outage pool quota reasons reassigned
-route unavailable until violation warnings
+route unavailable until violation warnings allowlist sha256 listed
 """
 VOCABULARY = frozenset(_WORDS.split())
 
@@ -84,7 +86,7 @@ _TERMS = """
 A AE ASCII C-ECHO C-FIND C-MOVE C-STORE CPU CR CT CUDA DICOM DICOM-SEG DIMSE DNS DX EHR FHIR
 GET GPU GSPS HTTP HTTPS I ID IP JSON KOS MG MPPS MR MiB GiB KiB MB GB NM N-ACTION
 N-EVENT-REPORT OK PACS PDF PDU POST PT PUT QIDO-RS RAS LPS RT SCP SCU SEG SNOMED SOP SR
-STOW-RS TCP TLS SSL UID UIDs URL US UTC WADO-RS XA YAML OperationOutcome DiagnosticReport
+STOW-RS TCP TLS SSL UID UIDs URL US UTC WADO-RS XA YAML OperationOutcome DiagnosticReport SHA-256
 Observation ImagingStudy Bundle Patient MetaTensor
 """
 TERMS = frozenset(_TERMS.split())
@@ -213,3 +215,13 @@ def scrub_reason(
         message = scrub_text(str(reason), limit, known)
         return _bound(f"{kind}: {message}" if message and message != GAP else kind, limit)
     return scrub_text(reason, limit, known)
+
+
+def scrub_detail(detail: dict[str, Any]) -> dict[str, Any]:
+    """An event's details with its free-text fields (``error``, ``reason``) scrubbed; the
+    event's other string fields (destination, model) count as known names."""
+    names = [str(v) for k, v in detail.items() if k not in SCRUBBED_DETAIL and isinstance(v, str)]
+    return {
+        k: scrub_reason(str(v), known=names) if k in SCRUBBED_DETAIL else v
+        for k, v in detail.items()
+    }

@@ -318,7 +318,8 @@ def make_runner(settings: Settings) -> Runner:
     from pacs_node.inference.registry import Registry
     from pacs_node.inference.runner import Runner
 
-    return Runner(Registry(settings.node.models_dir), threads=settings.node.torch_threads)
+    registry = Registry(settings.node.models_dir, settings.node.model_sha256_allowlist)
+    return Runner(registry, threads=settings.node.torch_threads)
 
 
 def run_burst(

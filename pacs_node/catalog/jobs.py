@@ -19,17 +19,13 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from pacs_node.catalog.models import Job, JobEvent, JobState, Study, utcnow
-from pacs_node.redact import scrub_reason
+from pacs_node.redact import scrub_detail, scrub_reason
 
 CLAIM_CANDIDATES = 8  # rows a SQLite claimer tries before saying the queue is empty
-SCRUBBED_DETAIL = frozenset({"error", "reason", "last_error"})  # event details stored scrubbed
 
 
 def add_job_event(session: Session, job_id: int, kind: str, **detail: Any) -> None:
-    # error text may quote patient data; the event's names (destination, model) are kept
-    names = [str(v) for k, v in detail.items() if k not in SCRUBBED_DETAIL and isinstance(v, str)]
-    for key in SCRUBBED_DETAIL.intersection(detail):
-        detail[key] = scrub_reason(str(detail[key]), known=names)
+    detail = scrub_detail(detail)  # error text may quote patient data
     session.add(
         JobEvent(
             job_id=job_id,

@@ -28,6 +28,7 @@ from pacs_node.catalog.models import (
 )
 from pacs_node.catalog.quarantine import held_counts, lookup_held
 from pacs_node.ingest.identity import REASON_TEXT, Held, Verdict, decide, header_key
+from pacs_node.redact import scrub_detail
 from pacs_node.refs import InstanceRef
 
 
@@ -67,6 +68,7 @@ def _insert_ignore(session: Session, table: Any, rows: list[dict[str, Any]], key
 
 
 def add_event(session: Session, study_id: int, kind: str, at: datetime, **detail: Any) -> None:
+    detail = scrub_detail(detail)  # a reason or error may quote patient data
     session.add(
         StudyEvent(
             study_id=study_id,

@@ -35,9 +35,11 @@ key: inventing codes for an unknown structure would put a wrong SNOMED CT code i
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
@@ -140,6 +142,7 @@ class Bundle:
     cleanup: Mapping[int, SegmentCleanup] = field(default_factory=dict)
     algorithm: str | None = None  # classical algorithm name
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    sha256: str = ""  # over every file of the bundle: see bundle_sha256
 
     @property
     def inference_config(self) -> Path:
@@ -169,6 +172,8 @@ class Bundle:
         return {
             "name": self.name,
             "version": self.version,
+            "sha256": self.sha256,
+            "path": str(self.root),
             "kind": str(self.kind),
             "modalities": list(self.modalities),
             "labels": [_segment_json(s) for s in self.segments],
@@ -504,6 +509,44 @@ def _inferer(inference: Path) -> dict[str, Any]:
     return found
 
 
+ALLOWLIST_KEY = "model_sha256_allowlist"
+_SKIPPED_DIRS = frozenset({"__pycache__"})  # Python writes these itself; bundles are not imported
+_CHUNK = 1 << 20
+
+
+def _bundle_files(root: Path) -> Iterator[tuple[str, Path]]:
+    """(path relative to the bundle, path) of every file, sorted by the relative path; links
+    are followed (what they point to is what runs), each real folder walked once."""
+    seen: set[str] = set()
+    found: list[tuple[str, Path]] = []
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if d not in _SKIPPED_DIRS]
+        for name in files:
+            path = Path(folder) / name
+            if path.is_file():
+                found.append((path.relative_to(root).as_posix(), path))
+    yield from sorted(found)
+
+
+def bundle_sha256(root: Path) -> str:
+    """SHA-256 of a bundle: for each file in path order, its relative path, its size and its
+    bytes. Any change to what the bundle runs (weights, a ``$`` expression in a config, a
+    TorchScript file, a file added or renamed) changes it."""
+    digest = hashlib.sha256()
+    for relpath, path in _bundle_files(root):
+        with path.open("rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            digest.update(f"{relpath}\0{size}\0".encode())
+            while chunk := handle.read(_CHUNK):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def load_bundle(root: Path) -> Bundle:
     """Read and validate one bundle folder; raise :class:`BundleError` with file and key."""
     path = root / METADATA
@@ -591,14 +634,17 @@ def load_bundle(root: Path) -> Bundle:
         cleanup=_cleanup(reader, {s.value for s in segments}),
         algorithm=algorithm,
         metadata=data,
+        sha256=bundle_sha256(root),
     )
 
 
 class Registry:
-    """The bundles of one models folder; each is read once and kept."""
+    """The bundles of one models folder; each is read once and kept. With an ``allowlist`` of
+    SHA-256 digests, a bundle whose digest is not listed is refused when it is loaded."""
 
-    def __init__(self, models_dir: Path) -> None:
+    def __init__(self, models_dir: Path, allowlist: Collection[str] = ()) -> None:
         self.models_dir = models_dir
+        self.allowlist = frozenset(allowlist)
         self._loaded: dict[str, Bundle] = {}
 
     def names(self) -> list[str]:
@@ -614,6 +660,10 @@ class Registry:
             known = ", ".join(self.names()) or "none"
             raise UnknownModel(f"no model {name!r} in {self.models_dir} (available: {known})")
         bundle = load_bundle(self.models_dir / name)
+        if self.allowlist and bundle.sha256 not in self.allowlist:
+            raise BundleError(
+                str(bundle.root), ALLOWLIST_KEY, f"SHA-256 {bundle.sha256} is not in the allowlist"
+            )
         self._loaded[name] = bundle
         return bundle
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,10 +28,10 @@ from pacs_node.catalog.models import (
     utcnow,
 )
 from pacs_node.catalog.studies import add_event
-from pacs_node.config import ROUTES_FILE, Settings
+from pacs_node.config import ENV_PREFIX, NODE_FILE, ROUTES_FILE, Settings
 from pacs_node.dispatch.destinations import SOURCE
 from pacs_node.errors import ConfigError
-from pacs_node.inference.registry import Registry
+from pacs_node.inference.registry import ALLOWLIST_KEY, Registry
 from pacs_node.ingest.spool import Spool
 from pacs_node.routing.facts import study_facts
 from pacs_node.routing.rules import OnChange, RoutesFile, RuleVerdict, SeriesFacts, route
@@ -42,11 +43,29 @@ DEFAULT_SEND: dict[str, tuple[str, ...]] = {
 }
 
 
+def allowlist_source(settings: Settings) -> tuple[str, str]:
+    """Where the model allowlist in force was set: (file or "environment", key)."""
+    env = f"{ENV_PREFIX}{ALLOWLIST_KEY.upper()}"
+    if os.environ.get(env):
+        return "environment", env
+    return str((settings.config_dir or Path(".")) / NODE_FILE), ALLOWLIST_KEY
+
+
 def check_models(settings: Settings) -> None:
     """Every installed bundle must be valid and every model a rule names installed: a broken
     metadata.json or a typo stops the node at start (file, key, reason), not at the first study."""
     registry = Registry(settings.node.models_dir)
-    registry.load_all()  # raises BundleError naming the file and the key
+    bundles = registry.load_all()  # raises BundleError naming the file and the key
+    allowed = settings.node.model_sha256_allowlist
+    for bundle in bundles:
+        if allowed and bundle.sha256 not in allowed:
+            source, key = allowlist_source(settings)
+            raise ConfigError(
+                source,
+                key,
+                f"model bundle {bundle.root} has SHA-256 {bundle.sha256}, which is not listed: "
+                "a bundle runs code, only listed ones may run",
+            )
     installed = set(registry.names())
     for index, rule in enumerate(settings.routes.rules):
         for model in rule.models:

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pacs_node.redact import GAP, MAX_REASON, scrub_reason
+from pacs_node.redact import GAP, MAX_REASON, scrub_detail, scrub_reason
 
 KEPT = [
     "the worker died 3 times (last in stage infer); giving up",
@@ -99,3 +99,18 @@ def test_any_text_becomes_one_bounded_idempotent_line(text: str) -> None:
 def test_an_identifier_anywhere_never_survives(parts: list[str], identifier: str) -> None:
     text = f" {identifier} ".join(parts) + f" ({identifier})"
     assert identifier not in scrub_reason(text)
+
+
+def test_event_details_scrub_only_their_free_text() -> None:
+    detail = {
+        "destination": "EHR_MAIN",
+        "error": "EHR_MAIN refused: Patient DOE^JANE unknown",
+        "instances": 3,
+        "reason": "quiet period",
+    }
+    assert scrub_detail(detail) == {
+        "destination": "EHR_MAIN",
+        "error": f"EHR_MAIN refused: Patient {GAP} unknown",
+        "instances": 3,
+        "reason": "quiet period",
+    }
