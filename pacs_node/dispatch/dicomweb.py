@@ -160,7 +160,8 @@ def read_answer(
     if status not in PER_INSTANCE_STATUSES:
         error = classify_http(status, "STOW-RS")
         if isinstance(error, PermanentDelivery):
-            return [Permanent(f"{error}: {answer.text()}")] * len(parcels)
+            detail = answer.text().strip()
+            return [Permanent(f"{error}: {detail}" if detail else str(error))] * len(parcels)
         return [Transient(f"{error}", retry_after(answer.headers, now))] * len(parcels)
     response = StoreResponse.read(answer)
     if response is None:
