@@ -65,8 +65,9 @@ class StoreResponse:
     """The Store Instances Response: instances stored, and those failed with their reason."""
 
     def __init__(self, stored: set[str], failed: dict[str, int]) -> None:
-        self.stored = stored
-        self.failed = failed
+        nameless = {"", "None"}  # an item without a SOP Instance UID names nothing
+        self.stored = stored - nameless
+        self.failed = {uid: reason for uid, reason in failed.items() if uid not in nameless}
 
     @classmethod
     def read(cls, answer: Answer) -> StoreResponse | None:
