@@ -33,7 +33,8 @@ NOW = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
 def test_search_values_are_escaped_as_fhir_requires(raw: str, escaped: str) -> None:
     assert search_escape(raw) == escaped
     query = identifier_query("urn:oid:1.2", raw)
-    assert "#" not in query and "&" not in query.removeprefix("identifier=")
+    assert "#" not in query
+    assert "&" not in query.removeprefix("identifier=")
     resource, params = search_request(f"Patient?{query}")
     assert (resource, params) == ("Patient", {"identifier": f"urn:oid:1.2|{escaped}"})
 
