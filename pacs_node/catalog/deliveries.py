@@ -251,10 +251,13 @@ def _take_back(session: Session, *conditions: Any) -> int:
 
 def reclaim_expired(session: Session, now: datetime) -> int:
     """Claims whose lease ran out (or that never had one: rows claimed before leases existed)
-    go out again; the receivers de-duplicate by UID."""
-    return _take_back(
-        session, or_(Delivery.lease_expires_at.is_(None), Delivery.lease_expires_at < now)
+    go out again; the receivers de-duplicate by UID. Looks first, so the usual pass with none
+    expired takes no write lock."""
+    expired = or_(Delivery.lease_expires_at.is_(None), Delivery.lease_expires_at < now)
+    found = session.scalar(
+        select(Delivery.id).where(Delivery.state == DeliveryState.SENDING, expired).limit(1)
     )
+    return 0 if found is None else _take_back(session, expired)
 
 
 def claim_owners(session: Session, node_id: str) -> list[str]:

@@ -65,8 +65,9 @@ class StoreResponse:
     """The Store Instances Response: instances stored, and those failed with their reason."""
 
     def __init__(self, stored: set[str], failed: dict[str, int]) -> None:
-        self.stored = stored
-        self.failed = failed
+        nameless = {"", "None"}  # an item without a SOP Instance UID names nothing
+        self.stored = stored - nameless
+        self.failed = {uid: reason for uid, reason in failed.items() if uid not in nameless}
 
     @classmethod
     def read(cls, answer: Answer) -> StoreResponse | None:
@@ -160,7 +161,8 @@ def read_answer(
     if status not in PER_INSTANCE_STATUSES:
         error = classify_http(status, "STOW-RS")
         if isinstance(error, PermanentDelivery):
-            return [Permanent(f"{error}: {answer.text()}")] * len(parcels)
+            detail = answer.text().strip()
+            return [Permanent(f"{error}: {detail}" if detail else str(error))] * len(parcels)
         return [Transient(f"{error}", retry_after(answer.headers, now))] * len(parcels)
     response = StoreResponse.read(answer)
     if response is None:

@@ -6,13 +6,15 @@ answer, and HTTP statuses read as transient or permanent failures.
 The deadline is the destination's ``timeout_s`` for the whole exchange (connect, upload,
 answer): httpx's own timeouts apply to each read, so a server that trickles a byte at a time
 would hold a request for ever. The exchange runs on a thread of its own and is abandoned at the
-deadline (the thread ends at httpx's next per-read timeout, at most ``timeout_s`` later).
+deadline; the thread itself stops reading at the deadline too (a trickling answer) or at httpx's
+next per-read timeout (a silent one), so no thread outlives ``2 * timeout_s``.
 """
 
 from __future__ import annotations
 
 import math
 import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -88,6 +90,7 @@ def exchange(
     Raises :class:`TransientDelivery` for a transport failure or the deadline."""
     outcome: list[Answer | BaseException] = []
     done = threading.Event()
+    deadline = time.monotonic() + timeout_s
 
     def run() -> None:
         try:
@@ -98,6 +101,8 @@ def exchange(
                 body = bytearray()
                 truncated = False
                 for chunk in r.iter_bytes():
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("answer still coming at the deadline")
                     body += chunk
                     if len(body) > MAX_ANSWER_BYTES:
                         truncated = True

@@ -229,7 +229,8 @@ class Outbox:
             if now - self._renewed_at >= period:
                 with self._lock:
                     sending = set(self._sending)
-                renew_leases(session, self.owner, sending, self.lease_until(now))
+                if sending:
+                    renew_leases(session, self.owner, sending, self.lease_until(now))
                 self._renewed_at = now
             taken = reclaim_expired(session, now)
         if taken:

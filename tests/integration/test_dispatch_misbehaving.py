@@ -7,6 +7,7 @@ search is escaped and must find exactly one Patient; each EHR gets its own ident
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from datetime import timedelta
@@ -27,6 +28,7 @@ from pacs_node.dispatch.outbox import Outbox
 from pacs_node.results import build_results
 from pacs_node.results.fhir import search_escape
 from pacs_node.worker import result_options, stored_encodings
+from tests.conftest import wait_for
 from tests.http_server import Reply, Request, scripted
 from tests.results_factory import phantom_study
 
@@ -179,6 +181,11 @@ def test_a_stalled_server_is_cut_at_the_deadline(tmp_path: Path, catalog: Catalo
             started = time.monotonic()
             outbox.dispatch_due(wait=True)
             took = time.monotonic() - started
+            wait_for(  # the server still trickles: the request's thread stops by itself
+                lambda: not any(t.name == "dispatch-http" for t in threading.enumerate()),
+                5,
+                what="the abandoned request's thread to end",
+            )
         finally:
             outbox.stop()
     assert took < 3.0, took

@@ -4,6 +4,7 @@ dead letter, permanent refusals, holds, per-destination concurrency and restart 
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import random
 import threading
@@ -297,20 +298,29 @@ def test_c_store_statuses_and_contexts() -> None:
 
 class Recorder:
     """Delivers everything, counting in ``sent`` (shared by the nodes) how often each delivery
-    id went out, and in ``count`` how many this node sent."""
+    id went out. Its first batch waits at ``both`` until the other node's first batch comes,
+    so the two nodes are sure to be sending at the same time."""
 
     batch_size = 3
 
-    def __init__(self, sent: collections.Counter[int], lock: threading.Lock) -> None:
+    def __init__(
+        self, sent: collections.Counter[int], lock: threading.Lock, both: threading.Barrier
+    ) -> None:
         self.sent = sent
         self.count = 0
         self._lock = lock
+        self._both = both
 
     def send(self, destination: AnyDestination, parcels: Sequence[Parcel]) -> list[Outcome]:
+        with self._lock:
+            first = self.count == 0
+            self.count += len(parcels)
+        if first:
+            with contextlib.suppress(threading.BrokenBarrierError):
+                self._both.wait(10)
         time.sleep(0.005)  # long enough for the other node to try the same rows
         with self._lock:
             self.sent.update(p.delivery_id for p in parcels)
-            self.count += len(parcels)
         return [Delivered(EXPLICIT_LE)] * len(parcels)
 
 
@@ -324,11 +334,11 @@ def test_two_nodes_on_one_catalog_never_send_a_row_twice(
         else request.getfixturevalue("postgres_url")
     )
     shared = open_catalog(url)
-    settings = _settings(tmp_path, concurrency=2)
+    settings = _settings(tmp_path)
     ids = _deliveries(shared, settings, n=40)
     sent: collections.Counter[int] = collections.Counter()
-    lock = threading.Lock()
-    recorders = [Recorder(sent, lock), Recorder(sent, lock)]
+    lock, both = threading.Lock(), threading.Barrier(2)
+    recorders = [Recorder(sent, lock, both), Recorder(sent, lock, both)]
     outboxes = [
         Outbox(
             shared,
@@ -354,7 +364,7 @@ def test_two_nodes_on_one_catalog_never_send_a_row_twice(
         shared.dispose()
     assert sorted(sent) == ids
     assert set(sent.values()) == {1}  # never one row twice
-    assert all(r.count > 0 for r in recorders)  # both nodes were sending meanwhile
+    assert not both.broken  # both nodes were sending at the same time
 
 
 def test_a_settle_failure_is_taken_back_after_its_lease(
