@@ -248,7 +248,7 @@ class IdentityGate:
                 if stored.held_new:
                     self.spool.remove(stored.held)
                 self.sink.count(RESEND_REJECTED)
-                raise ResendRefused(REASON_TEXT[Reason.RESEND] + " (resend_policy reject)")
+                raise ResendRefused(REASON_TEXT[Reason.RESEND])
             if action == Action.REPLACE:
                 self.spool.swap_in(stored.held, stored.relpath)
                 if stored.held_new:
