@@ -177,7 +177,7 @@ class IdentityGate:
 
     def _unavailable(self, exc: Exception) -> None:
         now = time.monotonic()
-        if now - self._warned_at >= WARN_EVERY_S:
+        if not self._warned_at or now - self._warned_at >= WARN_EVERY_S:
             self._warned_at = now
             log.warning(
                 "identity screen cannot read the catalog; the recorder checks instead",

@@ -4,13 +4,15 @@ recorder: conflicts inside one batch, and a poison instance found by bisecting."
 from __future__ import annotations
 
 import json
+import sqlite3
+import threading
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from sqlalchemy import select
+from sqlalchemy import event, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from pacs_node.catalog.db import Catalog, open_catalog
@@ -23,6 +25,7 @@ from pacs_node.ingest.part10 import file_meta
 from pacs_node.ingest.recorder import OUTAGE_FILE, CatalogRecorder, is_transient
 from pacs_node.ingest.spool import DataSetDigest, Spool
 from pacs_node.refs import InstanceRef
+from tests.conftest import wait_for
 from tests.dicom_factory import write_series
 
 S1, S2, X, Y, SOP = "1.2.1", "1.2.2", "1.2.1.1", "1.2.2.1", "1.2.1.1.1"
@@ -271,3 +274,33 @@ def test_only_database_failures_are_transient() -> None:
     assert is_transient(OperationalError("INSERT", {}, Exception("database is locked")))
     assert not is_transient(IntegrityError("INSERT", {}, Exception("UNIQUE constraint failed")))
     assert not is_transient(ValueError("naive datetimes are not stored"))
+
+
+def test_a_catalog_outage_is_retried_shown_and_counted(tmp_path: Path, catalog: Catalog) -> None:
+    spool = Spool(tmp_path / "spool")
+    refs = _refs(spool, write_series(tmp_path / "s", slices=2))
+    down = threading.Event()
+    down.set()
+
+    def locked(*_args: object) -> None:
+        if down.is_set():
+            raise sqlite3.OperationalError("database is locked")
+
+    event.listen(catalog.engine, "before_cursor_execute", locked)
+    recorder = CatalogRecorder(catalog, spool)
+    recorder.start()
+    for ref in refs:
+        recorder.submit(ref)
+    flag = spool.root / OUTAGE_FILE
+    wait_for(flag.exists, 10, what="the outage flag")
+    shown = json.loads(flag.read_text())
+    assert shown["catalog_available"] is False
+    assert shown["last_error"] == "OperationalError"
+    assert not recorder.wait_idle(0.3)  # nothing is dropped while the catalog is down
+    down.clear()
+    assert recorder.wait_idle(30)
+    recorder.stop()
+    assert not flag.exists()
+    with catalog.sessions() as session:
+        assert len(list(session.scalars(select(Instance)))) == 2
+        assert counters(session)["catalog_outages"] == 1
