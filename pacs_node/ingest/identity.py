@@ -232,6 +232,8 @@ class IdentityGate:
         ):
             if not stored.duplicate:
                 self.spool.remove(stored.relpath)
+            if stored.held is not None and stored.held_new:
+                self.spool.remove(stored.held)
             self.sink.count(REMOVAL_REFUSED)
             raise StudyBeingRemoved("retention is removing this study; send it again later")
         conflict = screening.verdict == Verdict.CONFLICT
