@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from pacs_node.catalog.quarantine import HeldUIDs, being_removed, lookup_held, patient_key
+from pacs_node.catalog.quarantine import HeldUIDs, being_removed, lookup_one, patient_key
 from pacs_node.errors import IdentityConflict, ResendRefused, StudyBeingRemoved
 from pacs_node.ingest.statuses import SUCCESS
 
@@ -190,9 +190,9 @@ class IdentityGate:
         if self.catalog is None:
             return Decision(Verdict.NEW)
         try:
-            with self.catalog.sessions() as session:
-                held = lookup_held(
-                    session, [header.study_uid], [header.series_uid], [header.sop_instance_uid]
+            with self.catalog.engine.connect() as connection:
+                held = lookup_one(
+                    connection, header.study_uid, header.series_uid, header.sop_instance_uid
                 )
         except Exception as exc:  # fail open: record_instances is authoritative
             self._unavailable(exc)
@@ -213,8 +213,8 @@ class IdentityGate:
         if self.catalog is None:
             return False
         try:
-            with self.catalog.sessions() as session:
-                return being_removed(session, study_uid)
+            with self.catalog.engine.connect() as connection:
+                return being_removed(connection, study_uid)
         except Exception as exc:
             self._unavailable(exc)
             return False
