@@ -209,7 +209,8 @@ class IdentityGate:
             raise IdentityConflict(REASON_TEXT[decision.reason or Reason.SOP_ELSEWHERE])
         return decision
 
-    def _being_removed(self, study_uid: str) -> bool:
+    def being_removed(self, study_uid: str) -> bool:
+        """Retention is removing ``study_uid`` (False when the catalog cannot say)."""
         if self.catalog is None:
             return False
         try:
@@ -227,7 +228,7 @@ class IdentityGate:
 
     def _admit(self, screening: Decision, stored: StoredFile, ref: InstanceRef) -> int:
         ref = replace(ref, sha256=stored.sha256 or None)
-        if self._being_removed(ref.study_uid) or (
+        if self.being_removed(ref.study_uid) or (
             stored.identical and not self.spool.path(stored.relpath).exists()
         ):
             if not stored.duplicate:
