@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Connection, bindparam, func, select
 from sqlalchemy.orm import Session
 
 from pacs_node.catalog.models import (
@@ -75,16 +75,46 @@ def lookup_held(
     return held
 
 
-def being_removed(session: Session, study_uid: str) -> bool:
+_STUDY_OF_UID = select(Study.patient_id, Study.issuer_of_patient_id).where(
+    Study.study_uid == bindparam("study")
+)
+_SERIES_OF_UID = (
+    select(Study.study_uid)
+    .join(Series, Series.study_id == Study.id)
+    .where(Series.series_uid == bindparam("series"))
+)
+_SOP_OF_UID = (
+    select(Instance.path, Study.study_uid, Series.series_uid, Instance.sha256)
+    .join(Series, Series.id == Instance.series_id)
+    .join(Study, Study.id == Series.study_id)
+    .where(Instance.sop_instance_uid == bindparam("sop"))
+)
+
+
+def lookup_one(connection: Connection, study_uid: str, series_uid: str, sop_uid: str) -> HeldUIDs:
+    """:func:`lookup_held` for one instance, on a plain connection: the per-C-STORE screen
+    (three indexed lookups, statements compiled once)."""
+    held = HeldUIDs()
+    study = connection.execute(_STUDY_OF_UID, {"study": study_uid}).first()
+    if study is not None:
+        held.studies[study_uid] = (None, patient_key(study[0], study[1]))
+    series = connection.execute(_SERIES_OF_UID, {"series": series_uid}).first()
+    if series is not None:
+        held.series[series_uid] = series[0]
+    sop = connection.execute(_SOP_OF_UID, {"sop": sop_uid}).first()
+    if sop is not None:
+        held.sops[sop_uid] = (sop[0], sop[1], sop[2], sop[3])
+    return held
+
+
+_PENDING_PURGE = select(Purge.id).where(
+    Purge.study_uid == bindparam("study"), Purge.files_removed_at.is_(None)
+)
+
+
+def being_removed(connection: Connection | Session, study_uid: str) -> bool:
     """Retention has removed the study's rows and not yet its files."""
-    return (
-        session.scalar(
-            select(func.count(Purge.id)).where(
-                Purge.study_uid == study_uid, Purge.files_removed_at.is_(None)
-            )
-        )
-        or 0
-    ) > 0
+    return connection.execute(_PENDING_PURGE, {"study": study_uid}).first() is not None
 
 
 def held_counts(session: Session, study_uids: Iterable[str]) -> dict[str, int]:

@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from pacs_node.catalog.quarantine import HeldUIDs, being_removed, lookup_held, patient_key
+from pacs_node.catalog.quarantine import HeldUIDs, being_removed, lookup_one, patient_key
 from pacs_node.errors import IdentityConflict, ResendRefused, StudyBeingRemoved
 from pacs_node.ingest.statuses import SUCCESS
 
@@ -177,7 +177,7 @@ class IdentityGate:
 
     def _unavailable(self, exc: Exception) -> None:
         now = time.monotonic()
-        if now - self._warned_at >= WARN_EVERY_S:
+        if not self._warned_at or now - self._warned_at >= WARN_EVERY_S:
             self._warned_at = now
             log.warning(
                 "identity screen cannot read the catalog; the recorder checks instead",
@@ -190,9 +190,9 @@ class IdentityGate:
         if self.catalog is None:
             return Decision(Verdict.NEW)
         try:
-            with self.catalog.sessions() as session:
-                held = lookup_held(
-                    session, [header.study_uid], [header.series_uid], [header.sop_instance_uid]
+            with self.catalog.engine.connect() as connection:
+                held = lookup_one(
+                    connection, header.study_uid, header.series_uid, header.sop_instance_uid
                 )
         except Exception as exc:  # fail open: record_instances is authoritative
             self._unavailable(exc)
@@ -209,12 +209,13 @@ class IdentityGate:
             raise IdentityConflict(REASON_TEXT[decision.reason or Reason.SOP_ELSEWHERE])
         return decision
 
-    def _being_removed(self, study_uid: str) -> bool:
+    def being_removed(self, study_uid: str) -> bool:
+        """Retention is removing ``study_uid`` (False when the catalog cannot say)."""
         if self.catalog is None:
             return False
         try:
-            with self.catalog.sessions() as session:
-                return being_removed(session, study_uid)
+            with self.catalog.engine.connect() as connection:
+                return being_removed(connection, study_uid)
         except Exception as exc:
             self._unavailable(exc)
             return False
@@ -227,11 +228,13 @@ class IdentityGate:
 
     def _admit(self, screening: Decision, stored: StoredFile, ref: InstanceRef) -> int:
         ref = replace(ref, sha256=stored.sha256 or None)
-        if self._being_removed(ref.study_uid) or (
+        if self.being_removed(ref.study_uid) or (
             stored.identical and not self.spool.path(stored.relpath).exists()
         ):
             if not stored.duplicate:
                 self.spool.remove(stored.relpath)
+            if stored.held is not None and stored.held_new:
+                self.spool.remove(stored.held)
             self.sink.count(REMOVAL_REFUSED)
             raise StudyBeingRemoved("retention is removing this study; send it again later")
         conflict = screening.verdict == Verdict.CONFLICT
@@ -248,7 +251,7 @@ class IdentityGate:
                 if stored.held_new:
                     self.spool.remove(stored.held)
                 self.sink.count(RESEND_REJECTED)
-                raise ResendRefused(REASON_TEXT[Reason.RESEND] + " (resend_policy reject)")
+                raise ResendRefused(REASON_TEXT[Reason.RESEND])
             if action == Action.REPLACE:
                 self.spool.swap_in(stored.held, stored.relpath)
                 if stored.held_new:

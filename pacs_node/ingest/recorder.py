@@ -307,12 +307,12 @@ class CatalogRecorder:
 
     def _outage(self, exc: Exception) -> None:
         now = time.monotonic()
-        if self.outage_since is None:
+        first = self.outage_since is None
+        if first:
             self.outage_since = time.time()
             self.outages += 1
-            self._warned_at = 0.0
         self.outage_error = type(exc).__name__
-        if now - self._warned_at >= WARN_EVERY_S:
+        if first or now - self._warned_at >= WARN_EVERY_S:
             self._warned_at = now
             log.warning(
                 "catalog unavailable; instances stay in the spool and are recorded when it is back",

@@ -4,25 +4,35 @@ recorder: conflicts inside one batch, and a poison instance found by bisecting."
 from __future__ import annotations
 
 import json
+import sqlite3
+import threading
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from sqlalchemy import select
+from sqlalchemy import event, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from pacs_node.catalog.db import Catalog, open_catalog
-from pacs_node.catalog.models import Instance, QuarantineItem, StudyEvent, utcnow
+from pacs_node.catalog.models import (
+    Instance,
+    QuarantineItem,
+    QuarantineState,
+    StudyEvent,
+    utcnow,
+)
 from pacs_node.catalog.quarantine import patient_key
 from pacs_node.catalog.studies import counters, list_studies
 from pacs_node.ingest.header import read_header
 from pacs_node.ingest.identity import Action, Decision, Held, Reason, Verdict, act, decide
 from pacs_node.ingest.part10 import file_meta
+from pacs_node.ingest.quarantine import QuarantineError, coerced_uid, reassign, release
 from pacs_node.ingest.recorder import OUTAGE_FILE, CatalogRecorder, is_transient
 from pacs_node.ingest.spool import DataSetDigest, Spool
 from pacs_node.refs import InstanceRef
+from tests.conftest import wait_for
 from tests.dicom_factory import write_series
 
 S1, S2, X, Y, SOP = "1.2.1", "1.2.2", "1.2.1.1", "1.2.2.1", "1.2.1.1.1"
@@ -271,3 +281,108 @@ def test_only_database_failures_are_transient() -> None:
     assert is_transient(OperationalError("INSERT", {}, Exception("database is locked")))
     assert not is_transient(IntegrityError("INSERT", {}, Exception("UNIQUE constraint failed")))
     assert not is_transient(ValueError("naive datetimes are not stored"))
+
+
+def test_a_catalog_outage_is_retried_shown_and_counted(tmp_path: Path, catalog: Catalog) -> None:
+    spool = Spool(tmp_path / "spool")
+    refs = _refs(spool, write_series(tmp_path / "s", slices=2))
+    down = threading.Event()
+    down.set()
+
+    def locked(*_args: object) -> None:
+        if down.is_set():
+            raise sqlite3.OperationalError("database is locked")
+
+    event.listen(catalog.engine, "before_cursor_execute", locked)
+    recorder = CatalogRecorder(catalog, spool)
+    recorder.start()
+    for ref in refs:
+        recorder.submit(ref)
+    flag = spool.root / OUTAGE_FILE
+    wait_for(flag.exists, 10, what="the outage flag")
+    shown = json.loads(flag.read_text())
+    assert shown["catalog_available"] is False
+    assert shown["last_error"] == "OperationalError"
+    assert not recorder.wait_idle(0.3)  # nothing is dropped while the catalog is down
+    down.clear()
+    assert recorder.wait_idle(30)
+    recorder.stop()
+    assert not flag.exists()
+    with catalog.sessions() as session:
+        assert len(list(session.scalars(select(Instance)))) == 2
+        assert counters(session)["catalog_outages"] == 1
+
+
+def _quarantined_intruder(
+    tmp_path: Path, catalog: Catalog, spool: Spool
+) -> tuple[list[InstanceRef], InstanceRef, int]:
+    """S1 with three instances, and another patient's instance under S1's Study UID."""
+    refs = _refs(spool, write_series(tmp_path / "s1", slices=3))
+    (intruder,) = _refs(
+        spool,
+        write_series(tmp_path / "s2", slices=1),
+        StudyInstanceUID=refs[0].study_uid,
+        PatientID="OTHER-1",
+    )
+    recorder = CatalogRecorder(catalog, spool)
+    recorder.record(refs)
+    assert recorder.record([intruder]).quarantined == 1
+    with catalog.sessions() as session:
+        (item,) = session.scalars(select(QuarantineItem))
+    assert item.reason == Reason.PATIENT_MISMATCH
+    return refs, intruder, item.id
+
+
+def test_release_files_another_patient_into_a_study_of_its_own(
+    tmp_path: Path, catalog: Catalog
+) -> None:
+    spool = Spool(tmp_path / "spool")
+    refs, intruder, item_id = _quarantined_intruder(tmp_path, catalog, spool)
+    with catalog.sessions.begin() as session:
+        filed = release(session, spool, item_id, "dr.who")
+    assert filed.coerced
+    assert filed.study_uid == coerced_uid(refs[0].study_uid, patient_key("OTHER-1", None))
+    with catalog.sessions() as session:
+        studies = {s.study_uid: s for s in list_studies(session)}
+        item = session.get(QuarantineItem, item_id)
+        assert item is not None
+        assert item.state == QuarantineState.RELEASED
+        assert item.resolved_by == "dr.who"
+        assert item.study_uid == refs[0].study_uid  # the original UIDs stay on the row
+        assert (spool.root / item.path).exists()  # and the original bytes in quarantine
+        kinds = {e.kind for e in session.scalars(select(StudyEvent))}
+    assert studies[refs[0].study_uid].instances == 3
+    assert studies[refs[0].study_uid].quarantined == 0
+    released = studies[filed.study_uid]
+    assert released.instances == 1
+    assert released.patient_id == "OTHER-1"
+    assert released.series[0].series_uid != refs[0].series_uid
+    copy = dcmread(spool.path(f"{filed.study_uid}/{filed.series_uid}/{filed.sop_instance_uid}.dcm"))
+    assert copy.StudyInstanceUID == filed.study_uid
+    assert copy.PixelData == dcmread(spool.path(item.path)).PixelData
+    assert {"quarantined", "quarantine_released"} <= kinds
+    with catalog.sessions.begin() as session, pytest.raises(QuarantineError, match="released"):
+        release(session, spool, item_id, "dr.who")
+    assert intruder.study_uid == refs[0].study_uid
+
+
+def test_reassign_files_the_instance_into_the_named_study(tmp_path: Path, catalog: Catalog) -> None:
+    spool = Spool(tmp_path / "spool")
+    refs, _intruder, item_id = _quarantined_intruder(tmp_path, catalog, spool)
+    with catalog.sessions.begin() as session:
+        filed = reassign(session, spool, item_id, refs[0].study_uid, "dr.who")
+    with catalog.sessions() as session:
+        (study,) = list_studies(session)
+        item = session.get(QuarantineItem, item_id)
+        assert item is not None
+        assert item.state == QuarantineState.REASSIGNED
+        details = [e.detail or "" for e in session.scalars(select(StudyEvent))]
+    assert study.instances == 4
+    copy = dcmread(spool.path(f"{filed.study_uid}/{filed.series_uid}/{filed.sop_instance_uid}.dcm"))
+    assert copy.PatientID == refs[0].header.patient_id  # the study's patient, by decision
+    assert any('"actor": "dr.who"' in d for d in details)
+    with (
+        catalog.sessions.begin() as session,
+        pytest.raises(QuarantineError, match="no quarantined instance"),
+    ):
+        reassign(session, spool, item_id + 1, "1.2.3", "dr.who")
