@@ -4,7 +4,7 @@ over real associations, and mutated A-ASSOCIATE-RQ and P-DATA-TF PDUs on raw soc
 After every example the node answers C-ECHO within a deadline (it neither crashed nor hangs), the
 spool's ``.incoming`` is empty (no partial file), and the valid instances sent around the mutated
 one in the same association were acknowledged. At the end every catalogued instance has its file
-and every file its row. ``PACS_NODE_TEST_FUZZ_S`` bounds the run (seconds for both tests, 60 by
+and every file its row. ``PACS_NODE_TEST_FUZZ_S`` bounds the run (seconds for both tests, 45 by
 default; ``make fuzz`` sets it large). No shrinking: a failure prints the mutation that caused it.
 """
 
@@ -37,7 +37,7 @@ from tests.dicom_factory import CT_IMAGE, new_uid, write_series
 
 pytestmark = pytest.mark.integration
 
-FUZZ_S = float(os.environ.get("PACS_NODE_TEST_FUZZ_S", "60"))
+FUZZ_S = float(os.environ.get("PACS_NODE_TEST_FUZZ_S", "45"))
 ECHO_DEADLINE_S = 10.0
 CALLING = "PACSNODE_SCU"
 SUCCESS_OR_WARNING = {0x0000, 0xB000, 0xB006, 0xB007}
