@@ -41,6 +41,7 @@ from common import dicom_env, free_port, stop_process, wait_until, work_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 CALLING_AE = "SOAKSCU"
+ECHOSCU = "/usr/bin/echoscu"
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 
@@ -203,8 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             start_new_session=True,
         )
         try:
-            wait_until(lambda: _listening(port), 120, "the node's DICOM port", 0.2)
-            time.sleep(2)  # let the SCP workers come up before the clock starts
+            # the clock starts once an association is answered (the SCP workers are up)
+            wait_until(lambda: _echo_ok(port), 120, "a C-ECHO answered", 0.5)
             context = mp.get_context("spawn")
             results: Any = context.Queue()
             start = time.time()
@@ -286,14 +287,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if failures or lost > 0 else 0
 
 
-def _listening(port: int) -> bool:
-    import socket
-
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
+def _echo_ok(port: int) -> bool:
+    echo = subprocess.run(
+        [ECHOSCU, "-to", "5", "-aet", CALLING_AE, "-aec", "PACSNODE", "127.0.0.1", str(port)],
+        capture_output=True,
+        env=dicom_env(),
+        check=False,
+    )
+    return echo.returncode == 0
 
 
 def _markdown(summary: dict[str, Any], samples: list[dict[str, float]], args: Any) -> str:
