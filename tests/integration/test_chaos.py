@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -27,7 +28,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from sqlalchemy.engine import make_url
 
-from tests.conftest import NodeProcess, wait_for
+from tests.conftest import NodeProcess, free_port, storescu, wait_for
 from tests.dicom_factory import CT_IMAGE, new_uid, write_series
 from tests.integration.test_load_and_limits import _scp_workers
 
@@ -337,3 +338,98 @@ def test_catalog_connection_cut_loses_nothing_and_catches_up(
         node.stop()
     finally:
         proxy.close()
+
+
+# Inference and delivery: SIGKILL at a random point, the PACS and the EHR down and up -------------
+
+PIPELINE_ROUNDS = max(1, ROUNDS // 3)  # a study each, about a minute each
+
+
+def test_sigkill_in_inference_or_delivery_and_peers_down_deliver_every_result_once(
+    make_node: Callable[..., NodeProcess], tmp_path: Path
+) -> None:
+    """Per round a scanner's study is routed (a job, then SEG/SR/GSPS/key images/PDF to Orthanc
+    and a Bundle to the FHIR server); the node is SIGKILLed at a random moment of the job or the
+    deliveries and restarted, then Orthanc and the FHIR server go down for a while and come back.
+    In the end every result is in Orthanc once and every study has one DiagnosticReport."""
+    import httpx
+    from pydicom import dcmread
+
+    from tests.integration.test_pipeline_orthanc import (
+        KINDS,
+        ROUTES_TO_ORTHANC_AND_EHR,
+        _json,
+        _routed_node,
+    )
+    from tests.integration.test_results_fhir_server import FhirServer
+    from tests.orthanc import OrthancProcess
+
+    rng = random.Random(SEED)
+    print(f"chaos seed {SEED}, {PIPELINE_ROUNDS} pipeline rounds")
+    orthanc_dicom, fhir_port = free_port(), free_port()
+    ehr = {"type": "fhir", "base_url": f"http://127.0.0.1:{fhir_port}/fhir"}
+    ehr["create_patient"] = True  # a test EHR: the Bundle brings its Patient
+    node = _routed_node(
+        make_node,
+        orthanc_dicom,
+        ROUTES_TO_ORTHANC_AND_EHR,
+        {"EHR": ehr},
+        delivery_backoff_s=0.5,
+        delivery_backoff_max_s=2.0,
+    )
+    orthanc = OrthancProcess(
+        tmp_path / "orthanc",
+        free_port(),
+        orthanc_dicom,
+        modalities={"node": [node.ae_title, "127.0.0.1", node.port]},
+    ).start()
+    fhir = FhirServer(tmp_path / "fhir", fhir_port)
+    try:
+        studies = []
+        for number in range(PIPELINE_ROUNDS):
+            paths = write_series(
+                tmp_path / f"ct{number}", slices=16, rows=64, columns=64, spacing=(5, 5, 5)
+            )
+            study_uid = str(dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
+            studies.append(study_uid)
+            sent = storescu(node, *paths)
+            assert sent.returncode == 0, sent.stderr
+            wait_for(
+                lambda uid=study_uid: any(j["study_uid"] == uid for j in _json(node, "jobs")),
+                60,
+                interval=0.5,
+                what="the routed job",
+            )
+            delay = rng.uniform(0.0, 15.0)  # the job takes ~5-15 s here, deliveries ~1-3 s
+            time.sleep(delay)  # the random point of the kill, not a synchronisation
+            print(f"round {number}: SIGKILL the node {delay:.1f} s after the job was queued")
+            node.kill()
+            node.start()
+            outage = rng.uniform(1.0, 5.0)
+            print(f"round {number}: Orthanc and the FHIR server down for {outage:.1f} s")
+            orthanc.stop()
+            fhir.stop()
+            time.sleep(outage)  # the length of the outage, not a synchronisation
+            orthanc.start()
+            fhir = FhirServer(tmp_path / "fhir", fhir_port)
+
+        def delivered() -> list[dict[str, Any]] | None:
+            rows = _json(node, "deliveries")
+            done = len(rows) == len(studies) * (len(KINDS) + 1)
+            return rows if done and all(d["state"] == "delivered" for d in rows) else None
+
+        deliveries = wait_for(delivered, 300, interval=1.0, what="every delivery")
+        jobs = _json(node, "jobs")
+        assert sorted(j["study_uid"] for j in jobs) == sorted(studies)  # one job per study
+        assert all(j["state"] == "done" for j in jobs), jobs
+        dicom = [d for d in deliveries if d["kind"] != "fhir"]
+        assert len({d["sop_instance_uid"] for d in dicom}) == len(dicom)  # none built twice
+        for delivery in dicom:
+            found = orthanc.post("/tools/lookup", content=delivery["sop_instance_uid"])
+            assert len([f for f in found if f["Type"] == "Instance"]) == 1, delivery
+        assert orthanc.get("/statistics")["CountInstances"] == len(dicom)
+        reports = httpx.get(f"{fhir.base}/DiagnosticReport", timeout=30).json()
+        assert len(reports.get("entry", [])) == len(studies)  # one report per study
+    finally:
+        fhir.stop()
+        orthanc.stop()
