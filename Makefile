@@ -59,14 +59,14 @@ viewer:
 	bash tests/viewer/setup.sh
 
 test: apt viewer $(STAMP) $(FHIR_STAMP)
-	PACS_NODE_FHIR_VENV=$(CURDIR)/$(FHIR_VENV) $(VENV)/bin/pytest
+	PACS_NODE_FHIR_VENV=$(abspath $(FHIR_VENV)) $(VENV)/bin/pytest
 
 # The long versions of the fuzzing, chaos and soak runs that `make test` runs briefly
 fuzz: apt $(STAMP)
 	PACS_NODE_TEST_FUZZ_S=$(FUZZ_S) $(VENV)/bin/pytest -p no:cacheprovider tests/integration/test_fuzz_scp.py
 
 chaos: apt $(STAMP) $(FHIR_STAMP)
-	PACS_NODE_TEST_CHAOS_ROUNDS=$(CHAOS_ROUNDS) PACS_NODE_FHIR_VENV=$(CURDIR)/$(FHIR_VENV) \
+	PACS_NODE_TEST_CHAOS_ROUNDS=$(CHAOS_ROUNDS) PACS_NODE_FHIR_VENV=$(abspath $(FHIR_VENV)) \
 		$(VENV)/bin/pytest tests/integration/test_chaos.py tests/integration/test_crash.py \
 		tests/integration/test_crash_delivery.py
 

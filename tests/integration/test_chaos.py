@@ -1,11 +1,13 @@
-"""Faults injected while scanners send: SIGKILL at random points of ingest (the node or one SCP
-worker), the disk filling up, the catalog's PostgreSQL connection cut. After each, everything
-acknowledged is stored exactly once and catalogued, and ingest goes on once the fault is gone.
+"""Faults injected while the node works: SIGKILL at random points of ingest (the node or one
+SCP worker) and of a study's job or deliveries, the disk filling up, the catalog's PostgreSQL
+connection cut, the PACS and the EHR down and up. After each, everything acknowledged is stored
+exactly once and catalogued, every result is delivered once, and work goes on once the fault is
+gone.
 
-``PACS_NODE_TEST_CHAOS_ROUNDS`` sets how many random kills (2 by default; ``make chaos`` runs
-more). The random seed is printed, and ``PACS_NODE_TEST_CHAOS_SEED`` replays one run.
-SIGKILL during inference and delivery: ``test_crash.py``, ``test_crash_delivery.py`` and
-``test_pipeline_orthanc.py``; the PACS and the EHR down, then up: ``test_pipeline_orthanc.py``.
+``PACS_NODE_TEST_CHAOS_ROUNDS`` sets how many random ingest kills (2 by default; ``make chaos``
+runs more) and, a third of it, how many studies go through the job and delivery kills (at least
+one). The random seed is printed, and ``PACS_NODE_TEST_CHAOS_SEED`` replays a run. Kills at fixed
+points: ``test_crash.py``, ``test_crash_delivery.py`` and ``test_pipeline_orthanc.py``.
 """
 
 from __future__ import annotations
