@@ -7,8 +7,16 @@ WHEELS := $(wildcard /opt/wheels)
 FIND_LINKS := $(if $(WHEELS),--find-links $(WHEELS),)
 APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb chromium chromium-driver
 STAMP := $(VENV)/.installed
+# The real FHIR R4 server of the EHR tests, in a venv of its own (its pins must not touch ours)
+FHIR_VENV ?= .venv-fhir
+SEKMET_VERSION ?= 0.1.1
+FHIR_STAMP := $(FHIR_VENV)/.installed
+# Long runs: seconds of fuzzing, rounds of chaos, minutes of soak
+FUZZ_S ?= 1800
+CHAOS_ROUNDS ?= 25
+SOAK_MIN ?= 10
 
-.PHONY: run test lint bench eval apt venv viewer clean
+.PHONY: run test lint bench eval apt venv viewer fhir-server fuzz soak chaos clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -19,6 +27,15 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $(STAMP)
 
 venv: $(STAMP)
+
+# Installs sekmet-fhir and proves its command runs; fails (and so fails `make test`) when it cannot.
+$(FHIR_STAMP):
+	@test -x $(FHIR_VENV)/bin/python || python3 -m venv $(FHIR_VENV)
+	$(FHIR_VENV)/bin/python -m pip install --quiet sekmet-fhir==$(SEKMET_VERSION)
+	$(FHIR_VENV)/bin/sekmet --help >/dev/null
+	@touch $(FHIR_STAMP)
+
+fhir-server: $(FHIR_STAMP)
 
 apt:
 	@missing=""; \
@@ -41,8 +58,20 @@ run: $(STAMP)
 viewer:
 	bash tests/viewer/setup.sh
 
-test: apt viewer $(STAMP)
-	$(VENV)/bin/pytest
+test: apt viewer $(STAMP) $(FHIR_STAMP)
+	PACS_NODE_FHIR_VENV=$(abspath $(FHIR_VENV)) $(VENV)/bin/pytest
+
+# The long versions of the fuzzing, chaos and soak runs that `make test` runs briefly
+fuzz: apt $(STAMP)
+	PACS_NODE_TEST_FUZZ_S=$(FUZZ_S) $(VENV)/bin/pytest -p no:cacheprovider tests/integration/test_fuzz_scp.py
+
+chaos: apt $(STAMP) $(FHIR_STAMP)
+	PACS_NODE_TEST_CHAOS_ROUNDS=$(CHAOS_ROUNDS) PACS_NODE_FHIR_VENV=$(abspath $(FHIR_VENV)) \
+		$(VENV)/bin/pytest tests/integration/test_chaos.py tests/integration/test_crash.py \
+		tests/integration/test_crash_delivery.py
+
+soak: apt $(STAMP)
+	$(PY) bench/soak.py --minutes $(SOAK_MIN)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pacs_node models tests bench
@@ -60,4 +89,4 @@ bench: apt $(STAMP)
 	$(PY) bench/e2e.py
 
 clean:
-	rm -rf $(VENV) var .cache .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(FHIR_VENV) var .cache .pytest_cache .mypy_cache .ruff_cache

@@ -53,7 +53,12 @@ class Node:
         )
         self.scp: StorageSCP | SCPWorkers
         if options.dicom_workers > 0:
-            self.scp = SCPWorkers(settings, self.recorder, options.dicom_workers)
+            self.scp = SCPWorkers(
+                settings,
+                self.recorder,
+                options.dicom_workers,
+                on_worker_death=lambda since: reconcile(self.spool, self.recorder, since=since),
+            )
         else:
             self.scp = StorageSCP(settings, self.spool, self.recorder, self.catalog)
         self._stopped = threading.Event()

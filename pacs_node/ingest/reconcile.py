@@ -42,14 +42,31 @@ def _ref_from_file(spool: Spool, relpath: str) -> InstanceRef:
     )
 
 
-def reconcile(spool: Spool, recorder: CatalogRecorder) -> int:
-    """Record spooled files the catalog lacks; return how many were recorded."""
-    removed = spool.clean_incoming()
-    if removed:
-        log.info("removed unacknowledged partial files", extra={"files": removed})
+def _modified_since(spool: Spool, relpath: str, since: float) -> bool:
+    try:
+        return spool.path(relpath).stat().st_mtime >= since
+    except FileNotFoundError:  # removed meanwhile
+        return False
+
+
+def reconcile(spool: Spool, recorder: CatalogRecorder, *, since: float | None = None) -> int:
+    """Record spooled files the catalog lacks; return how many were recorded.
+
+    At start (``since`` None) it also removes partial files. While the node runs (an SCP worker
+    died between spooling a file and handing over its row) it looks only at files modified at
+    or after ``since``, and leaves ``.incoming`` to the live workers writing there.
+    """
+    if since is None:
+        removed = spool.clean_incoming()
+        if removed:
+            log.info("removed unacknowledged partial files", extra={"files": removed})
     with recorder.catalog.sessions() as session:
         known = known_paths(session)
-    missing = [relpath for relpath in spool.walk() if relpath not in known]
+    missing = [
+        relpath
+        for relpath in spool.walk()
+        if relpath not in known and (since is None or _modified_since(spool, relpath, since))
+    ]
     recorded = 0
     batch: list[InstanceRef] = []
     for relpath in missing:

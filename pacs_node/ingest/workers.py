@@ -20,6 +20,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.context import SpawnProcess
 from multiprocessing.queues import SimpleQueue
 from types import FrameType
@@ -123,10 +124,21 @@ def _run_worker(
 class SCPWorkers:
     """The DICOM port served by ``count`` worker processes; records flow to ``sink``."""
 
-    def __init__(self, settings: Settings, sink: RecordSink, count: int) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        sink: RecordSink,
+        count: int,
+        on_worker_death: Callable[[float], object] | None = None,
+    ) -> None:
         self.settings = settings
         self.sink = sink
         self.count = count
+        # Called with the dead worker's start time: a worker killed between spooling a file
+        # and handing over its row leaves a file the catalog lacks (and a re-send of it is
+        # answered as a duplicate), so the node records such files now, not at its next start.
+        self.on_worker_death = on_worker_death
+        self._started: dict[int, float] = {}
         self.listening: socket.socket | None = None
         self._context = multiprocessing.get_context("spawn")
         self._queue: SimpleQueue[Any] = self._context.SimpleQueue()
@@ -166,6 +178,7 @@ class SCPWorkers:
         )
 
     def _spawn(self) -> SpawnProcess:
+        started = time.time()
         process = self._context.Process(
             target=_run_worker,
             args=(self.settings, self.listening, self._queue, os.getpid()),
@@ -173,6 +186,7 @@ class SCPWorkers:
             daemon=True,
         )
         process.start()
+        self._started[id(process)] = started
         return process
 
     def _pump(self) -> None:
@@ -198,6 +212,12 @@ class SCPWorkers:
                 log.error("SCP worker died; replacing it", extra={"exitcode": process.exitcode})
                 self.sink.count("scp_worker_restarts")
                 self._processes[index] = self._spawn()
+                since = self._started.pop(id(process), 0.0)
+                if self.on_worker_death is not None:
+                    try:
+                        self.on_worker_death(since)
+                    except Exception:
+                        log.exception("recording what the dead SCP worker spooled failed")
 
     def stop(self) -> None:
         """Stop accepting, let running associations finish, then drain the pipe."""

@@ -40,3 +40,32 @@ def test_spool_files_without_rows_are_recorded(tmp_path: Path) -> None:
         assert list(spool.incoming.iterdir()) == []
     finally:
         catalog.dispose()
+
+
+def test_while_running_only_recent_files_are_recorded_and_incoming_is_left_alone(
+    tmp_path: Path,
+) -> None:
+    """After an SCP worker dies: the files it spooled since it started get their rows; older
+    files are left alone (a purge may be removing them) and so are other workers' partial files."""
+    import os
+
+    spool = Spool(tmp_path / "spool")
+    old, new = write_series(tmp_path / "src", slices=2)
+    for path in (old, new):
+        ds = pydicom.dcmread(path)
+        spool.store(
+            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, [path.read_bytes()]
+        )
+    old_relpath = next(r for r in spool.walk() if pydicom.dcmread(old).SOPInstanceUID in r)
+    os.utime(spool.path(old_relpath), (1_000_000, 1_000_000))
+    (spool.incoming / "writing.part").write_bytes(b"a live worker's")
+    catalog = open_catalog(f"sqlite:///{tmp_path / 'catalog.sqlite'}")
+    try:
+        recorder = CatalogRecorder(catalog, spool)
+        assert reconcile(spool, recorder, since=2_000_000) == 1
+        assert reconcile(spool, recorder, since=2_000_000) == 0
+        assert (spool.incoming / "writing.part").exists()
+        assert reconcile(spool, recorder) == 1  # at start: everything, and partial files go
+        assert list(spool.incoming.iterdir()) == []
+    finally:
+        catalog.dispose()
