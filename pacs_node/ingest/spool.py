@@ -109,6 +109,41 @@ class Spool:
         finally:
             tmp.unlink(missing_ok=True)
 
+    def adopt(
+        self, temporary: Path, study_uid: str, series_uid: str, sop_instance_uid: str
+    ) -> StoredFile:
+        """Make ``temporary`` (a whole Part 10 file written in :attr:`incoming`) the instance's
+        spool file: fsync'd, then hard-linked under its name like :meth:`store`; never a
+        partial or replaced file. ``temporary`` is gone afterwards, whatever happened."""
+        try:
+            relpath = self.relpath_for(study_uid, series_uid, sop_instance_uid)
+            final = self.root / relpath
+            if final.exists():
+                return StoredFile(relpath, final.stat().st_size, duplicate=True)
+            self._check_free_space()
+            size = temporary.stat().st_size
+            if self.fsync:
+                fd = os.open(temporary, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            created = self._make_dirs(final.parent)
+            try:
+                os.link(temporary, final)
+            except FileExistsError:
+                return StoredFile(relpath, final.stat().st_size, duplicate=True)
+            if self.fsync:
+                for directory in (final.parent, *created):
+                    _fsync_dir(directory)
+            return StoredFile(relpath, size, duplicate=False)
+        except OSError as exc:
+            if exc.errno in _RESOURCE_ERRNOS:
+                raise OutOfResources(f"spool write failed: {os.strerror(exc.errno or 0)}") from exc
+            raise
+        finally:
+            temporary.unlink(missing_ok=True)
+
     def _make_dirs(self, directory: Path) -> list[Path]:
         """Create ``directory`` and missing parents; return the parents whose entries changed."""
         changed: list[Path] = []
