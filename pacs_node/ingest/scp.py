@@ -220,6 +220,9 @@ class StorageSCP:
         """A new connection gets ``assoc_request_timeout_s`` (not the ACSE timeout) for its
         A-ASSOCIATE-RQ: pynetdicom's ARTIM timer and its wait for the request both use it."""
         event.assoc.acse_timeout = self.settings.node.assoc_request_timeout_s
+        connection = getattr(event.assoc.dul.socket, "socket", None)
+        if isinstance(connection, GuardedSocket):
+            connection.attach(event.assoc)
 
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc

@@ -136,6 +136,23 @@ class GuardedSocket(socket.socket):
         self._peer_closed = False
         self._on_close: list[Callable[[], None]] = []
         self._lock = threading.Lock()
+        self._assoc: Any = None
+
+    def attach(self, assoc: Any) -> None:
+        """The pynetdicom Association reading this connection (from EVT_CONN_OPEN), so that a
+        connection dropped before its A-ASSOCIATE-RQ also ends its two threads at once."""
+        self._assoc = assoc
+        if self.dropped and not self.requested:
+            self._end_threads()
+
+    def _end_threads(self) -> None:
+        """Stop the DUL reactor (it polls every millisecond) and wake the Association thread
+        waiting for the A-ASSOCIATE-RQ: ``None`` reads as its timeout, after which it closes."""
+        dul = getattr(self._assoc, "dul", None)
+        if dul is None:
+            return
+        dul.kill_dul()
+        dul.to_user_queue.put(None)
 
     # -- what the SCP attaches -------------------------------------------------------------
     def hold_association(self, lease: Lease) -> None:
@@ -258,6 +275,8 @@ class GuardedSocket(socket.socket):
                 return
             self.dropped = True
         self._release_pending()
+        if not self.requested:
+            self._end_threads()
         try:
             if answer:
                 self.settimeout(1.0)
