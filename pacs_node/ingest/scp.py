@@ -62,10 +62,6 @@ log = logging.getLogger(__name__)
 # Accept every storage SOP class, private and retired ones included, with the transfer syntax the
 # sender proposed first: a node must never refuse what a scanner sends (pynetdicom >= 2.0).
 _config.UNRESTRICTED_STORAGE_SERVICE = True
-# Data sets stream to a file in the spool's incoming folder as their PDUs arrive (see
-# ingest/transport.py), never whole in memory; the handler never touches ``event.dataset``,
-# which would parse (and inflate) the whole file.
-_config.STORE_RECV_CHUNKED_DATASET = True
 # Our own limits (ingest/limits.py) decide; pynetdicom's per-process count of accepted threads,
 # idle connections included, must never refuse first.
 _PYNETDICOM_MAX_ASSOCIATIONS = 100_000
@@ -126,6 +122,10 @@ class StorageSCP:
             max_instance_bytes=options.max_instance_mb * 2**20,
             throttle=self.throttle,
         )
+        # Data sets stream to a file in the spool's incoming folder as their PDUs arrive (see
+        # ingest/transport.py), never whole in memory; the handler never touches
+        # ``event.dataset``, which would parse (and inflate) the whole file.
+        _config.STORE_RECV_CHUNKED_DATASET = True
         install_received_files()
         ae = AE(ae_title=options.ae_title)
         ae.add_supported_context(Verification)

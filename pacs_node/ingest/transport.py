@@ -69,6 +69,95 @@ LOCAL_LIMIT_COUNTER = "local_limit_refusals"
 IDLE_COUNTER = "idle_connections_closed"
 OVERSIZED_PDU_COUNTER = "oversized_pdus"
 STALLED_COUNTER = "stalled_reads"
+OVERSIZED_MESSAGE_COUNTER = "oversized_messages"
+
+# pynetdicom gathers a DIMSE command set, and the data set of any message but a C-STORE-RQ (which
+# streams to a file), in memory without a limit; these bound them.
+COMMAND_LIMIT_BYTES = 64 * 2**10
+OTHER_DATA_SET_LIMIT_BYTES = 16 * 2**20
+C_STORE_RQ = 0x0001
+_COMMAND_FIELD = 0x00000100
+
+
+def command_field(command: bytes | bytearray) -> int | None:
+    """(0000,0100) Command Field of an Implicit VR Little Endian command set, if present."""
+    offset = 0
+    while offset + 8 <= len(command):
+        group, element, length = struct.unpack_from("<HHI", command, offset)
+        offset += 8
+        if (group << 16 | element) == _COMMAND_FIELD and length == 2:
+            (value,) = struct.unpack_from("<H", command, offset)
+            return int(value)
+        offset += length
+    return None
+
+
+class MessageSizes:
+    """Follows the PDVs of P-DATA-TF bodies (PS3.8 9.3.5, E.2) and says when a command set, or
+    the data set of a message other than a C-STORE-RQ, grows past its limit."""
+
+    def __init__(self) -> None:
+        self._header = bytearray()
+        self._left = 0  # bytes of the current PDV's fragment still to come
+        self._is_command = False
+        self._is_last = False
+        self._command = bytearray()
+        self._command_done = False
+        self._is_store = False
+        self._data = 0
+
+    def end_of_pdu(self) -> None:
+        """A PDV never spans PDUs; whatever is left is pynetdicom's to refuse."""
+        self._header.clear()
+        self._left = 0
+
+    def follow(self, data: bytes) -> bool:
+        offset = 0
+        while offset < len(data):
+            if self._left == 0:
+                take = min(6 - len(self._header), len(data) - offset)
+                self._header += data[offset : offset + take]
+                offset += take
+                if len(self._header) == 6:
+                    length, _context, control = struct.unpack(">LBB", bytes(self._header))
+                    self._header.clear()
+                    self._start(max(0, length - 2), control)
+                continue
+            take = min(self._left, len(data) - offset)
+            self._left -= take
+            if self._is_command:
+                if len(self._command) + take > COMMAND_LIMIT_BYTES:
+                    return False
+                self._command += data[offset : offset + take]
+            else:
+                self._data += take
+                if not self._is_store and self._data > OTHER_DATA_SET_LIMIT_BYTES:
+                    return False
+            offset += take
+            if self._left == 0:
+                self._end()
+        return True
+
+    def _start(self, length: int, control: int) -> None:
+        self._is_command, self._is_last = bool(control & 1), bool(control & 2)
+        if self._is_command and self._command_done:  # the next message begins
+            self._command.clear()
+            self._command_done = False
+            self._data = 0
+        self._left = length
+        if length == 0:
+            self._end()
+
+    def _end(self) -> None:
+        if not self._is_last:
+            return
+        if self._is_command:
+            self._command_done = True
+            self._is_store = command_field(self._command) == C_STORE_RQ
+        else:  # the data set is whole: the next PDV starts a new message
+            self._command.clear()
+            self._command_done = False
+            self._data = 0
 
 
 def associate_reject(result: int, source: int, reason: int) -> bytes:
@@ -131,6 +220,7 @@ class GuardedSocket(socket.socket):
         self._header = bytearray()
         self._body_left = 0
         self._pdu_type = 0
+        self._messages = MessageSizes()
         self.requested = False  # a whole A-ASSOCIATE-RQ has been read
         self.dropped = False
         self._peer_closed = False
@@ -195,8 +285,13 @@ class GuardedSocket(socket.socket):
             return data
         if not in_header:
             self._body_left -= len(data)
-            if self._body_left == 0 and not self.requested and self._pdu_type == A_ASSOCIATE_RQ:
-                self._requested()
+            if self._pdu_type == P_DATA_TF and self.requested and not self._messages.follow(data):
+                self._oversized_message()
+                return b""
+            if self._body_left == 0:
+                self._messages.end_of_pdu()
+                if not self.requested and self._pdu_type == A_ASSOCIATE_RQ:
+                    self._requested()
             return data
         self._header += data
         if len(self._header) < PDU_HEADER:
@@ -240,6 +335,15 @@ class GuardedSocket(socket.socket):
         )
         self._drop(answer)
         return False
+
+    def _oversized_message(self) -> None:
+        self.guard.count(OVERSIZED_MESSAGE_COUNTER)
+        self.guard.throttle.warning(
+            "oversized-message",
+            "association aborted: a DIMSE command or a non-storage data set is too large",
+            {"address": self.address},
+        )
+        self._drop(abort_pdu(ABORT_INVALID_PARAMETER))
 
     def _requested(self) -> None:
         self.requested = True
@@ -343,6 +447,11 @@ class GuardedServer(ThreadedAssociationServer):
                     "per_address": limits.caps.pending_per_address,
                 },
             )
+            with contextlib.suppress(OSError):  # read after its A-ASSOCIATE-RQ, if at all
+                guarded.setblocking(False)
+                guarded.send(
+                    associate_reject(REJECT_TRANSIENT, SOURCE_PRESENTATION, LOCAL_LIMIT_EXCEEDED)
+                )
             return False
         guarded.start_guard(self.guard, address, lease)
         with self._pending_lock:

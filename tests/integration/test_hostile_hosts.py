@@ -73,6 +73,7 @@ def _memory_bounded(node: NodeProcess, bound: int) -> Iterator[None]:
     for pid in pids:
         after = _memory(pid)
         grown = after["VmHWM"] - before[pid]["VmHWM"]
+        print(f"pid {pid}: VmHWM +{grown / MIB:.1f} MiB, VmRSS {after['VmRSS'] / MIB:.0f} MiB")
         assert grown < bound, f"pid {pid} peaked {grown / MIB:.0f} MiB higher: {after}"
 
 
@@ -134,6 +135,7 @@ def test_idle_connections_do_not_lock_out_a_scanner(
         start = time.monotonic()
         result = storescu(node, *files)
         elapsed = time.monotonic() - start
+        print(f"storescu behind 120 idle connections: {elapsed:.2f} s")
         assert result.returncode == 0, result.stderr
         assert elapsed < 5, f"storescu took {elapsed:.1f} s"
     finally:

@@ -36,10 +36,14 @@ from pacs_node.ingest.header import HeaderTooLarge, parse_identifiers, read_spoo
 from pacs_node.ingest.limits import Caps, SharedLimits, address_key
 from pacs_node.ingest.part10 import file_meta
 from pacs_node.ingest.transport import (
+    COMMAND_LIMIT_BYTES,
+    OTHER_DATA_SET_LIMIT_BYTES,
     Guard,
     GuardedSocket,
+    MessageSizes,
     ReceivedFile,
     Throttle,
+    command_field,
 )
 
 # What ingest/transport.py relies on, read from pynetdicom 3.0.4. When pynetdicom changes any of
@@ -357,3 +361,42 @@ def test_the_temporary_file_hook_is_installed() -> None:
     guard_module.install_received_files()
     assert dimse_messages.NamedTemporaryFile is guard_module._temporary_file  # type: ignore[attr-defined]
     assert threading.current_thread() is not None
+
+
+# -- DIMSE message sizes --------------------------------------------------------------------------
+
+
+def _pdv(value: bytes, *, command: bool, last: bool) -> bytes:
+    control = (1 if command else 0) | (2 if last else 0)
+    return struct.pack(">LBB", len(value) + 2, 1, control) + value
+
+
+def _command(field: int) -> bytes:
+    return struct.pack("<HHIH", 0x0000, 0x0100, 2, field)
+
+
+def _feed(sizes: MessageSizes, stream: bytes, step: int = 4096) -> bool:
+    return all(sizes.follow(stream[i : i + step]) for i in range(0, len(stream), step))
+
+
+def test_command_field_is_read_from_an_implicit_command_set() -> None:
+    assert command_field(struct.pack("<HHI", 0, 2, 4) + b"1.2\0" + _command(0x0030)) == 0x0030
+    assert command_field(b"\x00\x00") is None
+
+
+def test_a_c_store_data_set_may_be_large_but_other_messages_may_not() -> None:
+    store = _pdv(_command(0x0001), command=True, last=True)
+    chunk = _pdv(b"\0" * 65_536, command=False, last=False)
+    over = OTHER_DATA_SET_LIMIT_BYTES // 65_536 + 1
+    assert _feed(MessageSizes(), store + chunk * over)
+    echo = _pdv(_command(0x0030), command=True, last=True)
+    assert not _feed(MessageSizes(), echo + chunk * over)
+    # a finished C-STORE does not lend its allowance to the next message
+    sizes = MessageSizes()
+    assert _feed(sizes, store + _pdv(b"\0" * 10, command=False, last=True))
+    assert not _feed(sizes, echo + chunk * over)
+
+
+def test_an_endless_command_set_is_refused() -> None:
+    fragment = _pdv(b"\0" * 4096, command=True, last=False)
+    assert not _feed(MessageSizes(), fragment * (COMMAND_LIMIT_BYTES // 4096 + 1))
