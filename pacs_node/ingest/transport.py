@@ -216,7 +216,6 @@ class GuardedSocket(socket.socket):
         self.address = address
         self.accepted = time.monotonic()
         self._pending: Lease | None = pending
-        self._association: Lease | None = None
         self._header = bytearray()
         self._body_left = 0
         self._pdu_type = 0
@@ -226,6 +225,7 @@ class GuardedSocket(socket.socket):
         self._peer_closed = False
         self._on_close: list[Callable[[], None]] = []
         self._lock = threading.Lock()
+        self._finished = False
         self._assoc: Any = None
 
     def attach(self, assoc: Any) -> None:
@@ -247,11 +247,15 @@ class GuardedSocket(socket.socket):
     # -- what the SCP attaches -------------------------------------------------------------
     def hold_association(self, lease: Lease) -> None:
         """Keep ``lease`` (an established association) until this connection closes."""
-        self._association = lease
+        self.on_close(lease.release)
 
     def on_close(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` when the connection closes (at once if it has closed already)."""
         with self._lock:
-            self._on_close.append(callback)
+            if not self._finished:
+                self._on_close.append(callback)
+                return
+        callback()
 
     # -- reading -----------------------------------------------------------------------------
     def _read_timeout(self) -> float:
@@ -401,10 +405,8 @@ class GuardedSocket(socket.socket):
                 # pynetdicom's own ARTIM or ACSE timer closed it before the RQ came.
                 self._drop_idle()
             self._release_pending()
-            association, self._association = self._association, None
-            if association is not None:
-                association.release()
             with self._lock:
+                self._finished = True
                 callbacks, self._on_close = self._on_close, []
             for callback in callbacks:
                 callback()

@@ -137,7 +137,7 @@ def test_idle_connections_do_not_lock_out_a_scanner(
         elapsed = time.monotonic() - start
         print(f"storescu behind 120 idle connections: {elapsed:.2f} s")
         assert result.returncode == 0, result.stderr
-        assert elapsed < 5, f"storescu took {elapsed:.1f} s"
+        assert elapsed < 10, f"storescu took {elapsed:.1f} s"  # the request timeout is 30 s
     finally:
         for sock in idle:
             sock.close()

@@ -400,3 +400,16 @@ def test_a_c_store_data_set_may_be_large_but_other_messages_may_not() -> None:
 def test_an_endless_command_set_is_refused() -> None:
     fragment = _pdv(b"\0" * 4096, command=True, last=False)
     assert not _feed(MessageSizes(), fragment * (COMMAND_LIMIT_BYTES // 4096 + 1))
+
+
+def test_what_is_held_after_the_connection_closed_is_given_back(
+    pair: tuple[GuardedSocket, socket.socket, list[str]],
+) -> None:
+    guarded, _peer, _counted = pair
+    limits = guarded.guard.limits
+    lease, _ = limits.take_association("CT1", "127.0.0.1")
+    assert lease is not None
+    guarded.close()
+    guarded.hold_association(lease)  # EVT_REQUESTED ran after the peer went away
+    assert limits.established() == 0
+    assert limits.pending() == 0
