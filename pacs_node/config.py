@@ -72,7 +72,7 @@ class NodeOptions(BaseModel):
     # Seconds a new connection has to deliver its whole A-ASSOCIATE-RQ; then it is closed.
     assoc_request_timeout_s: float = Field(default=5.0, gt=0)
     # Connections still awaiting their A-ASSOCIATE-RQ, per source address (IPv6: per /64) and in
-    # all; at the limit the oldest such connection makes room for the new one.
+    # all, per SCP worker process; at the limit the oldest such connection makes room.
     max_pending_per_address: int = Field(default=16, ge=1, le=10_000)
     max_pending_connections: int = Field(default=128, ge=1, le=100_000)
     # Largest A-ASSOCIATE-RQ read (PS3.8 sets none; User Identity assertions can be large).

@@ -5,11 +5,13 @@ and hands it to each spawned worker with that worker's row number. Every count i
 row, so a worker that dies leaves nothing held: the main process clears its row before it starts
 the replacement (:meth:`SharedLimits.clear_row`).
 
-Counted node-wide:
+What is counted:
 
+- established associations, node-wide: in total and per peer (calling AE title + address);
 - connections that have not yet sent their A-ASSOCIATE-RQ ("pending"): in total and per source
-  address (an IPv6 address counts by its /64, which one host can otherwise fill at will);
-- established associations: in total and per peer (calling AE title + address).
+  address (an IPv6 address counts by its /64, which one host can otherwise fill at will), in a
+  table of each process's own, so that the process at a limit can always make room by closing
+  one of its own (ingest/transport.py).
 
 Per-key counts live in ``SLOTS`` buckets chosen by a keyed hash (a random key per node start),
 so two keys share a bucket with probability 1/``SLOTS``: a shared bucket can only make a limit

@@ -113,6 +113,7 @@ class StorageSCP:
         max_pdu = options.max_pdu_bytes or UNLIMITED_PDU_BYTES
         self.guard = Guard(
             limits=self.limits,
+            pending=SharedLimits.create(limits_for(settings), rows=1),
             count=recorder.count,
             request_bytes=options.max_assoc_request_bytes,
             data_bytes=max_pdu + 6,

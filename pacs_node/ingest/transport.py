@@ -10,9 +10,10 @@ that touches them, at two points:
   ``recv`` follows the PDU framing itself: it refuses a PDU whose declared length exceeds what
   the association's state allows before reading its body (answering A-ASSOCIATE-RJ or A-ABORT),
   gives a connection ``assoc_request_timeout_s`` to deliver its A-ASSOCIATE-RQ, and times out a
-  read that stalls mid-PDU. Pending connections are admitted against the shared limits
-  (:mod:`pacs_node.ingest.limits`); at a limit the oldest pending connection of this process
-  from the same address is closed to make room, else the new one is.
+  read that stalls mid-PDU. Connections still awaiting their A-ASSOCIATE-RQ are counted per
+  process (:mod:`pacs_node.ingest.limits`): at a limit the oldest such connection from the same
+  address (or any, at the total) is closed to make room, so a flood cannot keep a scanner out,
+  and the process that accepted the new connection always holds one to close.
 - :func:`install_received_files` makes pynetdicom's chunked receive write into a
   :class:`ReceivedFile` in the spool's incoming folder: our own Part 10 header in front, the data
   set as received after it, at most ``max_instance_mb`` of it kept (beyond that nothing more is
@@ -194,7 +195,8 @@ class Throttle:
 class Guard:
     """Everything a guarded connection needs, built once per SCP from the settings."""
 
-    limits: SharedLimits
+    limits: SharedLimits  # established associations, node-wide
+    pending: SharedLimits  # connections awaiting their A-ASSOCIATE-RQ, in this process
     count: Callable[[str], None]
     request_bytes: int  # largest A-ASSOCIATE-RQ read
     data_bytes: int  # largest P-DATA-TF read
@@ -432,7 +434,7 @@ class GuardedServer(ThreadedAssociationServer):
         from the same address (or any, at the total limit) when a limit is reached."""
         guarded: GuardedSocket = request
         address = str(client_address[0])
-        limits = self.guard.limits
+        limits = self.guard.pending
         lease = limits.take_pending(address)
         if lease is None:
             which = limits.pending_limit(address)

@@ -168,6 +168,7 @@ def pair(tmp_path: Path) -> Iterator[tuple[GuardedSocket, socket.socket, list[st
     counted: list[str] = []
     guard = Guard(
         limits=SharedLimits.create(_caps(), rows=1),
+        pending=SharedLimits.create(_caps(), rows=1),
         count=counted.append,
         request_bytes=1024,
         data_bytes=16_384 + 6,
@@ -179,7 +180,7 @@ def pair(tmp_path: Path) -> Iterator[tuple[GuardedSocket, socket.socket, list[st
     )
     ours, peer = socket.socketpair()
     guarded = GuardedSocket(ours.family, ours.type, ours.proto, fileno=ours.detach())
-    lease = guard.limits.take_pending("127.0.0.1")
+    lease = guard.pending.take_pending("127.0.0.1")
     assert lease is not None
     guarded.start_guard(guard, "127.0.0.1", lease)
     yield guarded, peer, counted
@@ -201,7 +202,7 @@ def test_an_oversized_request_is_rejected_unread(
     # A-ASSOCIATE-RJ: permanent, service provider (presentation), local-limit-exceeded
     assert peer.recv(10) == bytes.fromhex("03000000000400010302")
     assert counted == ["oversized_pdus"]
-    assert guarded.guard.limits.pending() == 0
+    assert guarded.guard.pending.pending() == 0
 
 
 def test_frames_are_followed_and_p_data_capped_once_requested(
@@ -212,7 +213,7 @@ def test_frames_are_followed_and_p_data_capped_once_requested(
     assert guarded.recv(6) == _header(0x01, 10)
     assert guarded.recv(4096) == b"0123456789"  # never past the frame
     assert guarded.requested
-    assert guarded.guard.limits.pending() == 0
+    assert guarded.guard.pending.pending() == 0
     assert guarded.recv(6) == _header(0x04, 16_384 + 6)
     peer.sendall(_header(0x04, 16_384 + 7))
     guarded._body_left = 0  # as if the body had been read
@@ -412,4 +413,4 @@ def test_what_is_held_after_the_connection_closed_is_given_back(
     guarded.close()
     guarded.hold_association(lease)  # EVT_REQUESTED ran after the peer went away
     assert limits.established() == 0
-    assert limits.pending() == 0
+    assert guarded.guard.pending.pending() == 0
