@@ -33,7 +33,7 @@ from pacs_node.dispatch.commitment import (
     STORAGE_COMMITMENT_PUSH_MODEL,
     parse_report,
 )
-from pacs_node.errors import DataSetMismatch, IngestError, OutOfResources
+from pacs_node.errors import DataSetMismatch, IngestError, OutOfResources, UnreadableDataset
 from pacs_node.ingest.access import AccessPolicy
 from pacs_node.ingest.header import parse_identifiers, read_header
 from pacs_node.ingest.limits import Caps, SharedLimits
@@ -341,13 +341,16 @@ class StorageSCP:
         only its leading groups are read, and the file itself becomes the spool file."""
         received_at = utcnow()
         request: Any = event.request
-        received = received_file(event.dataset_path)
+        path = event.dataset_path
+        if path is None:
+            raise UnreadableDataset("the C-STORE request carries no data set")
+        received = received_file(path)
         if received is None or not received.claim():
             raise RuntimeError("the received data set is not in the spool's incoming folder")
         try:
             return self._store_received(event, request, received, calling_ae, received_at)
         finally:
-            received.discard()  # the file was linked into place, or is not kept
+            received.remove()  # the file was linked into place, or is not kept
 
     def _store_received(
         self,

@@ -615,6 +615,11 @@ class ReceivedFile:
         with contextlib.suppress(OSError):
             self._handle.close()
 
+    def remove(self) -> None:
+        """Close and delete the temporary name (the spool's link, if made, stays)."""
+        self.close()
+        self.path.unlink(missing_ok=True)
+
     def discard(self) -> None:
         """Close and delete unless the handler claimed it (a data set never answered)."""
         with self._lock:
