@@ -69,7 +69,20 @@ class NodeOptions(BaseModel):
     quiet_period_s: float = Field(default=30.0, gt=0)
     max_wait_s: float = Field(default=600.0, gt=0)
     promiscuous: bool = False
+    # Established associations at once, node-wide (every SCP worker process together).
     max_associations: int = Field(default=32, ge=1, le=1000)
+    # Established associations at once from one peer (calling AE title and address).
+    max_associations_per_peer: int = Field(default=16, ge=1, le=1000)
+    # Seconds a new connection has to deliver its whole A-ASSOCIATE-RQ; then it is closed.
+    assoc_request_timeout_s: float = Field(default=5.0, gt=0)
+    # Connections still awaiting their A-ASSOCIATE-RQ, per source address (IPv6: per /64) and in
+    # all, per SCP worker process; at the limit the oldest such connection makes room.
+    max_pending_per_address: int = Field(default=16, ge=1, le=10_000)
+    max_pending_connections: int = Field(default=128, ge=1, le=100_000)
+    # Largest A-ASSOCIATE-RQ read (PS3.8 sets none; User Identity assertions can be large).
+    max_assoc_request_bytes: int = Field(default=1_048_576, ge=1024, le=2**31)
+    # Largest data set taken in one C-STORE; a larger one gets Out of Resources (0xA700).
+    max_instance_mb: int = Field(default=4096, ge=1, le=2**20)
     # Storage SCP processes sharing the DICOM port (0: one process, threads only). More than one
     # lets several associations use several cores; the catalog stays in the main process.
     dicom_workers: int = Field(default=2, ge=0, le=64)

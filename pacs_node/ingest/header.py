@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import zlib
-from io import BytesIO
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
 
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset
+from pydicom.filereader import _read_file_meta_info, read_dataset
 from pydicom.uid import UID
 
-from pacs_node.errors import UnreadableDataset
+from pacs_node.errors import OutOfResources, UnreadableDataset
 from pacs_node.refs import InstanceHeader
 from pacs_node.uids import require_uid
 
@@ -71,26 +72,126 @@ def read_header(ds: Dataset) -> InstanceHeader:
 # Every attribute the catalog reads sits in groups 0x0008-0x0020; stop parsing after them so the
 # hot path never touches pixel data.
 _LAST_GROUP_READ = 0x0020
+# The most bytes of a data set the header readers take in (inflated, for Deflated Explicit VR
+# Little Endian): leading groups are kilobytes; a data set whose leading groups exceed this is
+# refused rather than read into memory, whatever the transfer syntax.
+HEADER_LIMIT_BYTES = 16 * 2**20
+_CHUNK = 64 * 2**10
+
+
+class HeaderTooLarge(OutOfResources):
+    """The attributes before the ones needed exceed :data:`HEADER_LIMIT_BYTES` (a deflate bomb,
+    or a huge private element in a leading group)."""
+
+
+class HeaderStream:
+    """A read-only, seekable view of the start of a data set, at most ``limit`` bytes of it.
+
+    Deflated data are inflated only as far as they are read, in small steps, with the output
+    capped; pydicom's reader sees an ordinary stream and may seek back within what it read.
+    """
+
+    def __init__(self, source: BinaryIO, *, deflated: bool, limit: int = HEADER_LIMIT_BYTES):
+        self._source = source
+        self._inflater = zlib.decompressobj(-zlib.MAX_WBITS) if deflated else None
+        self._buffer = bytearray()
+        self._position = 0
+        self._limit = limit
+        self._eof = False
+
+    def _fill(self, end: int) -> None:
+        while len(self._buffer) < end and not self._eof:
+            room = self._limit - len(self._buffer)
+            if room <= 0:
+                raise HeaderTooLarge(
+                    f"leading attributes exceed {self._limit // 2**20} MiB; not read further"
+                )
+            step = min(room, _CHUNK)
+            if self._inflater is None:
+                data = self._source.read(step)
+                self._eof = not data
+            else:
+                pending = self._inflater.unconsumed_tail or self._source.read(_CHUNK)
+                if not pending:
+                    data = self._inflater.flush()
+                    self._eof = True
+                else:
+                    data = self._inflater.decompress(pending, step)
+                    self._eof = self._inflater.eof
+            self._buffer += data
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            self._fill(self._limit + 1)
+            end = len(self._buffer)
+        else:
+            end = self._position + size
+            self._fill(end)
+        data = bytes(self._buffer[self._position : end])
+        self._position += len(data)
+        return data
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence == 1:
+            offset += self._position
+        elif whence == 2:
+            self._fill(self._limit + 1)
+            offset += len(self._buffer)
+        self._position = max(0, offset)
+        return self._position
 
 
 def _past_identifiers(tag: Any, _vr: Any, _length: Any) -> bool:
     return int(tag.group) > _LAST_GROUP_READ
 
 
-def parse_identifiers(stream: BytesIO, transfer_syntax_uid: str) -> Dataset:
-    """Parse only the leading groups of a network-encoded data set (no file meta, no pixels)."""
+def parse_identifiers(
+    stream: BinaryIO,
+    transfer_syntax_uid: str,
+    *,
+    stop_when: Callable[[Any, Any, Any], bool] = _past_identifiers,
+    limit: int = HEADER_LIMIT_BYTES,
+) -> Dataset:
+    """Parse only the leading groups of a network-encoded data set (no file meta, no pixels),
+    read from the stream's current position; at most ``limit`` bytes, inflated or not."""
     syntax = UID(transfer_syntax_uid)
     try:
         implicit = syntax.is_implicit_VR if syntax.is_transfer_syntax else False
         little = syntax.is_little_endian if syntax.is_transfer_syntax else True
-        stream.seek(0)
-        if syntax.is_transfer_syntax and syntax.is_deflated:
-            inflated = zlib.decompressobj(-zlib.MAX_WBITS).decompress(stream.getbuffer())
-            stream = BytesIO(inflated)
-        ds = read_dataset(stream, implicit, little, stop_when=_past_identifiers)
+        deflated = bool(syntax.is_transfer_syntax and syntax.is_deflated)
+        view = HeaderStream(stream, deflated=deflated, limit=limit)
+        ds = read_dataset(view, implicit, little, stop_when=stop_when)  # type: ignore[arg-type]
         ds.set_original_encoding(implicit, little)
+    except HeaderTooLarge:
+        raise
     except Exception as exc:  # pydicom raises many types for hostile bytes
+        if isinstance(exc.__context__, HeaderTooLarge):
+            raise exc.__context__ from None
         raise UnreadableDataset(f"data set cannot be parsed: {type(exc).__name__}") from exc
     if len(ds) == 0:
         raise UnreadableDataset("data set is empty")
     return ds
+
+
+def read_spooled_header(
+    path: Path,
+    stop_when: Callable[[Any, Any, Any], bool],
+    limit: int = HEADER_LIMIT_BYTES,
+) -> Dataset:
+    """The leading attributes of a spooled Part 10 file, up to ``stop_when``, never more than
+    ``limit`` bytes of the data set (inflated or not): routing reads a series this way."""
+    with path.open("rb") as handle:
+        handle.seek(128)
+        if handle.read(4) != b"DICM":
+            raise UnreadableDataset("not a Part 10 file")
+        try:
+            meta = _read_file_meta_info(handle)
+        except Exception as exc:
+            raise UnreadableDataset(f"file meta cannot be parsed: {type(exc).__name__}") from exc
+        syntax = str(meta.get("TransferSyntaxUID", ""))
+        if not syntax:
+            raise UnreadableDataset("file meta names no transfer syntax")
+        return parse_identifiers(handle, syntax, stop_when=stop_when, limit=limit)

@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 import socket
 import socketserver
-from io import BytesIO
-from typing import Any, cast
+import threading
+from datetime import datetime
+from typing import Any
 
 from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
@@ -23,7 +24,6 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StorageCommitmentPushModel,
     Verification,
 )
-from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs_node.catalog.db import Catalog
 from pacs_node.catalog.models import utcnow
@@ -34,14 +34,28 @@ from pacs_node.dispatch.commitment import (
     STORAGE_COMMITMENT_PUSH_MODEL,
     parse_report,
 )
-from pacs_node.errors import DataSetMismatch, IngestError
+from pacs_node.errors import DataSetMismatch, IngestError, OutOfResources, UnreadableDataset
 from pacs_node.ingest.access import AccessPolicy
 from pacs_node.ingest.header import parse_identifiers, read_header
 from pacs_node.ingest.identity import IdentityGate
-from pacs_node.ingest.part10 import file_meta
+from pacs_node.ingest.limits import Caps, SharedLimits
 from pacs_node.ingest.recorder import RecordSink
 from pacs_node.ingest.spool import Spool
 from pacs_node.ingest.statuses import SUCCESS, status_for
+from pacs_node.ingest.transport import (
+    LOCAL_LIMIT_COUNTER,
+    LOCAL_LIMIT_EXCEEDED,
+    REJECT_TRANSIENT,
+    SOURCE_PRESENTATION,
+    UNLIMITED_PDU_BYTES,
+    Guard,
+    GuardedServer,
+    GuardedSocket,
+    ReceivedFile,
+    Throttle,
+    install_received_files,
+    received_file,
+)
 from pacs_node.refs import InstanceRef
 from pacs_node.uids import is_valid_uid
 
@@ -50,6 +64,9 @@ log = logging.getLogger(__name__)
 # Accept every storage SOP class, private and retired ones included, with the transfer syntax the
 # sender proposed first: a node must never refuse what a scanner sends (pynetdicom >= 2.0).
 _config.UNRESTRICTED_STORAGE_SERVICE = True
+# Our own limits (ingest/limits.py) decide; pynetdicom's per-process count of accepted threads,
+# idle connections included, must never refuse first.
+_PYNETDICOM_MAX_ASSOCIATIONS = 100_000
 
 # The catalog's attributes are read for the catalog, not judged: UIDs are checked by our own
 # rules and pydicom's per-value validation warnings cost a third of the handler's time.
@@ -67,6 +84,16 @@ def _failure(status: int, comment: str) -> Dataset:
     return reply
 
 
+def limits_for(settings: Settings) -> Caps:
+    options = settings.node
+    return Caps(
+        pending_total=options.max_pending_connections,
+        pending_per_address=options.max_pending_per_address,
+        established_total=options.max_associations,
+        established_per_peer=options.max_associations_per_peer,
+    )
+
+
 class StorageSCP:
     def __init__(
         self,
@@ -74,7 +101,10 @@ class StorageSCP:
         spool: Spool,
         recorder: RecordSink,
         catalog: Catalog | None = None,
+        limits: SharedLimits | None = None,
     ) -> None:
+        """``catalog``: a read-only handle for the identity screen; ``limits``: the node-wide
+        table this process counts in (one of its own if None)."""
         self.settings = settings
         self.spool = spool
         self.recorder = recorder
@@ -86,8 +116,29 @@ class StorageSCP:
             resend_policy=settings.node.resend_policy,
         )
         self.policy = AccessPolicy(settings)
-        self._server: ThreadedAssociationServer | None = None
+        self._server: GuardedServer | None = None
+        self._thread: threading.Thread | None = None
         options = settings.node
+        self.limits = limits or SharedLimits.create(limits_for(settings), rows=1)
+        self.throttle = Throttle()
+        max_pdu = options.max_pdu_bytes or UNLIMITED_PDU_BYTES
+        self.guard = Guard(
+            limits=self.limits,
+            pending=SharedLimits.create(limits_for(settings), rows=1),
+            count=recorder.count,
+            request_bytes=options.max_assoc_request_bytes,
+            data_bytes=max_pdu + 6,
+            request_timeout_s=options.assoc_request_timeout_s,
+            read_timeout_s=options.network_timeout_s,
+            incoming=spool.incoming,
+            max_instance_bytes=options.max_instance_mb * 2**20,
+            throttle=self.throttle,
+        )
+        # Data sets stream to a file in the spool's incoming folder as their PDUs arrive (see
+        # ingest/transport.py), never whole in memory; the handler never touches
+        # ``event.dataset``, which would parse (and inflate) the whole file.
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        install_received_files()
         ae = AE(ae_title=options.ae_title)
         ae.add_supported_context(Verification)
         # A PACS reporting Storage Commitment on its own association proposes the Push Model,
@@ -98,7 +149,7 @@ class StorageSCP:
         # Checked (with a log line and a counter) by the EVT_REQUESTED handler instead.
         ae.require_called_aet = False
         ae.require_calling_aet = []
-        ae.maximum_associations = options.max_associations
+        ae.maximum_associations = _PYNETDICOM_MAX_ASSOCIATIONS
         ae.maximum_pdu_size = options.max_pdu_bytes
         ae.acse_timeout = options.acse_timeout_s
         ae.dimse_timeout = options.dimse_timeout_s
@@ -113,6 +164,7 @@ class StorageSCP:
 
     def _handlers(self) -> list[Any]:
         return [
+            (evt.EVT_CONN_OPEN, self._on_connection),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
@@ -123,20 +175,28 @@ class StorageSCP:
     def start(self) -> None:
         """Bind the DICOM port and serve associations on background threads."""
         options = self.settings.node
-        self._server = self.ae.start_server(
-            (options.dicom_host, options.dicom_port), block=False, evt_handlers=self._handlers()
+        family = socket.AF_INET6 if ":" in options.dicom_host else socket.AF_INET
+        listening = socket.socket(family, socket.SOCK_STREAM)
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.bind((options.dicom_host, options.dicom_port))
+        listening.listen(128)
+        ready = threading.Event()
+        self._thread = threading.Thread(
+            target=self.serve, args=(listening, ready), name="scp", daemon=True
         )
+        self._thread.start()
+        ready.wait(10)
         log.info(
             "storage SCP listening",
             extra={"ae_title": options.ae_title, "host": options.dicom_host, "port": self.port},
         )
 
-    def serve(self, listening: socket.socket) -> None:
+    def serve(self, listening: socket.socket, ready: threading.Event | None = None) -> None:
         """Serve associations accepted on an already listening socket until :meth:`stop`."""
 
         listening.settimeout(self.settings.node.network_timeout_s)  # as pynetdicom's own bind
 
-        class _Inherited(ThreadedAssociationServer):
+        class _Inherited(GuardedServer):
             def server_bind(self) -> None:
                 if self.socket is not None:
                     self.socket.close()
@@ -151,24 +211,41 @@ class StorageSCP:
                 socketserver.TCPServer.shutdown(self)
                 self.server_close()
 
-        self._server = self.ae.make_server(
-            listening.getsockname(), evt_handlers=self._handlers(), server_class=_Inherited
+        server = self.ae.make_server(
+            listening.getsockname(),
+            evt_handlers=self._handlers(),
+            server_class=_Inherited,
+            guard=self.guard,
         )
-        self._server.serve_forever()
+        assert isinstance(server, GuardedServer)
+        self._server = server
+        if ready is not None:
+            ready.set()
+        server.serve_forever()
 
     def stop(self) -> None:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
 
+    def _on_connection(self, event: evt.Event) -> None:
+        """A new connection gets ``assoc_request_timeout_s`` (not the ACSE timeout) for its
+        A-ASSOCIATE-RQ: pynetdicom's ARTIM timer and its wait for the request both use it."""
+        event.assoc.acse_timeout = self.settings.node.assoc_request_timeout_s
+        connection = getattr(event.assoc.dul.socket, "socket", None)
+        if isinstance(connection, GuardedSocket):
+            connection.attach(event.assoc)
+
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
+        assoc.acse_timeout = self.settings.node.acse_timeout_s
         primitive: Any = assoc.requestor.primitive
         calling = str(primitive.calling_ae_title).strip()
         called = str(primitive.called_ae_title).strip()
         address = str(assoc.requestor.address)
         rejection = self.policy.check(calling, called, address)
         if rejection is None:
+            self._admit(assoc, calling, address)
             return
         log.warning(
             "association rejected",
@@ -181,6 +258,32 @@ class StorageSCP:
         )
         self.recorder.count(REJECTED_COUNTER)
         assoc.acse.send_reject(0x01, 0x01, int(rejection.reason))
+        assoc.kill()
+
+    def _admit(self, assoc: Any, calling: str, address: str) -> None:
+        """Count the association against the node-wide limits, or refuse it: A-ASSOCIATE-RJ
+        transient, service provider (presentation), local-limit-exceeded."""
+        lease, which = self.limits.take_association(calling, address)
+        connection = getattr(assoc.dul.socket, "socket", None)
+        if lease is not None:
+            if isinstance(connection, GuardedSocket):
+                connection.hold_association(lease)
+            else:  # not accepted by our server (never in the node); nothing to hold it
+                lease.release()
+            return
+        caps = self.limits.caps
+        log.warning(
+            "association refused: local limit reached",
+            extra={
+                "calling_ae": calling,
+                "address": address,
+                "limit": which,
+                "max_associations": caps.established_total,
+                "max_associations_per_peer": caps.established_per_peer,
+            },
+        )
+        self.recorder.count(LOCAL_LIMIT_COUNTER)
+        assoc.acse.send_reject(REJECT_TRANSIENT, SOURCE_PRESENTATION, LOCAL_LIMIT_EXCEEDED)
         assoc.kill()
 
     def _on_echo(self, event: evt.Event) -> int:
@@ -245,11 +348,40 @@ class StorageSCP:
             return _failure(status, f"internal error: {type(exc).__name__}")
 
     def _store(self, event: evt.Event, calling_ae: str) -> int:
+        """Header, checks, spool, record. The data set is the file pynetdicom streamed into
+        the spool's incoming folder (a :class:`~pacs_node.ingest.transport.ReceivedFile`);
+        only its leading groups are read, and the file itself becomes the spool file."""
         received_at = utcnow()
         request: Any = event.request
-        stream = cast(BytesIO, request.DataSet)
+        path = event.dataset_path
+        if path is None:
+            raise UnreadableDataset("the C-STORE request carries no data set")
+        received = received_file(path)
+        if received is None or not received.claim():
+            raise RuntimeError("the received data set is not in the spool's incoming folder")
+        try:
+            return self._store_received(event, request, received, calling_ae, received_at)
+        finally:
+            received.remove()  # the file was linked into place, or is not kept
+
+    def _store_received(
+        self,
+        event: evt.Event,
+        request: Any,
+        received: ReceivedFile,
+        calling_ae: str,
+        received_at: datetime,
+    ) -> int:
+        if received.oversized:
+            raise OutOfResources(
+                f"data set of {received.dataset_bytes // 2**20} MiB is over max_instance_mb "
+                f"({self.settings.node.max_instance_mb})"
+            )
+        received.finish()
         transfer_syntax = str(event.context.transfer_syntax)
-        ds = parse_identifiers(stream, transfer_syntax)
+        with received.path.open("rb") as stream:
+            stream.seek(received.dataset_offset or 0)
+            ds = parse_identifiers(stream, transfer_syntax)
         header = read_header(ds)
         if header.sop_class_uid != str(request.AffectedSOPClassUID) or header.sop_class_uid != str(
             event.context.abstract_syntax
@@ -258,14 +390,16 @@ class StorageSCP:
         if header.sop_instance_uid != str(request.AffectedSOPInstanceUID):
             raise DataSetMismatch("SOP Instance UID differs from the request")
 
-        screening = self.identity.screen(header)  # may refuse before anything is written
+        screening = self.identity.screen(header)  # may refuse before anything is kept
 
-        meta = file_meta(header.sop_class_uid, header.sop_instance_uid, transfer_syntax, calling_ae)
-        stored = self.spool.store(
+        # The file's Part 10 header was written from the request's UIDs, just checked equal to
+        # the data set's; its data set's SHA-256 was computed as it arrived.
+        stored = self.spool.adopt(
+            received.path,
             header.study_uid,
             header.series_uid,
             header.sop_instance_uid,
-            (meta, stream.getbuffer()),
+            received.sha256,
         )
         return self.identity.admit(
             screening,

@@ -260,6 +260,36 @@ class Spool:
     def retention_lock(self, *, shared: bool) -> contextlib.AbstractContextManager[None]:
         return retention_lock(self.root, shared=shared)
 
+    def adopt(
+        self,
+        temporary: Path,
+        study_uid: str,
+        series_uid: str,
+        sop_instance_uid: str,
+        sha256: str,
+    ) -> StoredFile:
+        """Make ``temporary`` (a whole Part 10 file written in :attr:`incoming`, ``sha256`` the
+        digest of its data set) the instance's spool file: fsync'd, then settled like
+        :meth:`store` (linked under its name, or kept in quarantine when the name holds other
+        bytes). ``temporary`` is gone afterwards, whatever happened."""
+        try:
+            relpath = self.relpath_for(study_uid, series_uid, sop_instance_uid)
+            self._check_free_space()
+            size = temporary.stat().st_size
+            if self.fsync:
+                fd = os.open(temporary, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            return self._settle_temp(temporary, relpath, size, sha256)
+        except OSError as exc:
+            if exc.errno in _RESOURCE_ERRNOS:
+                raise OutOfResources(f"spool write failed: {os.strerror(exc.errno or 0)}") from exc
+            raise
+        finally:
+            temporary.unlink(missing_ok=True)
+
     def _make_dirs(self, directory: Path) -> list[Path]:
         """Create ``directory`` and missing parents; return the parents whose entries changed."""
         changed: list[Path] = []

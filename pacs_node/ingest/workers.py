@@ -29,8 +29,9 @@ from typing import Any
 from pacs_node.catalog.db import Catalog, open_catalog
 from pacs_node.config import Settings
 from pacs_node.errors import PacsNodeError
+from pacs_node.ingest.limits import SharedLimits
 from pacs_node.ingest.recorder import RecordSink
-from pacs_node.ingest.scp import StorageSCP
+from pacs_node.ingest.scp import StorageSCP, limits_for
 from pacs_node.ingest.spool import Spool
 from pacs_node.logs import configure_node_logging
 from pacs_node.refs import CommitmentReport, InstanceRef
@@ -86,7 +87,11 @@ def _read_only_catalog(settings: Settings) -> Catalog | None:
 
 
 def _run_worker(
-    settings: Settings, listening: socket.socket, queue: SimpleQueue[Any], parent: int
+    settings: Settings,
+    listening: socket.socket,
+    queue: SimpleQueue[Any],
+    parent: int,
+    limits: SharedLimits,
 ) -> None:
     """Entry point of a worker process."""
     _die_with_parent()
@@ -96,7 +101,7 @@ def _run_worker(
         options.spool_dir, fsync=options.fsync, min_free_bytes=options.min_free_mb * 2**20
     )
     catalog = _read_only_catalog(settings)
-    scp = StorageSCP(settings, spool, _PipeSink(queue), catalog)
+    scp = StorageSCP(settings, spool, _PipeSink(queue), catalog, limits=limits)
     stop = threading.Event()
 
     def _on_signal(_signum: int, _frame: FrameType | None) -> None:
@@ -143,6 +148,8 @@ class SCPWorkers:
         self._context = multiprocessing.get_context("spawn")
         self._queue: SimpleQueue[Any] = self._context.SimpleQueue()
         self._processes: list[SpawnProcess] = []
+        # Connection and association limits counted across all workers (one row each).
+        self.limits = SharedLimits.create(limits_for(settings), rows=count, context=self._context)
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -161,7 +168,7 @@ class SCPWorkers:
         self.listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listening.bind((options.dicom_host, options.dicom_port))
         self.listening.listen(128)
-        self._processes = [self._spawn() for _ in range(self.count)]
+        self._processes = [self._spawn(row) for row in range(self.count)]
         for target, name in ((self._pump, "scp-pump"), (self._supervise, "scp-supervisor")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -177,11 +184,18 @@ class SCPWorkers:
             },
         )
 
-    def _spawn(self) -> SpawnProcess:
+    def _spawn(self, row: int) -> SpawnProcess:
         started = time.time()
+        self.limits.clear_row(row)  # what a dead worker held went with its connections
         process = self._context.Process(
             target=_run_worker,
-            args=(self.settings, self.listening, self._queue, os.getpid()),
+            args=(
+                self.settings,
+                self.listening,
+                self._queue,
+                os.getpid(),
+                self.limits.for_row(row),
+            ),
             name="pacs-node-scp",
             daemon=True,
         )
@@ -211,7 +225,7 @@ class SCPWorkers:
                     continue
                 log.error("SCP worker died; replacing it", extra={"exitcode": process.exitcode})
                 self.sink.count("scp_worker_restarts")
-                self._processes[index] = self._spawn()
+                self._processes[index] = self._spawn(index)
                 since = self._started.pop(id(process), 0.0)
                 if self.on_worker_death is not None:
                     try:

@@ -7,11 +7,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pydicom import Dataset, dcmread
+from pydicom import Dataset
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from pacs_node.catalog.models import Instance, Study
+from pacs_node.errors import IngestError
+from pacs_node.ingest.header import read_spooled_header
 from pacs_node.ingest.spool import Spool
 from pacs_node.results.codes import PROCESSING_ALGORITHM
 from pacs_node.routing.rules import SeriesFacts
@@ -19,15 +21,13 @@ from pacs_node.routing.rules import SeriesFacts
 log = logging.getLogger(__name__)
 
 NODE_MANUFACTURER = "pacs-node"
-_HEADER_TAGS = [
-    "SOPClassUID",
-    "ImageType",
-    "Manufacturer",
-    "SliceThickness",
-    "NumberOfFrames",
-    "ContributingEquipmentSequence",
-    "SharedFunctionalGroupsSequence",
-]
+# The last attribute routing reads: Shared Functional Groups Sequence (5200,9229). Everything
+# after it (Per-Frame Functional Groups, pixel data) is never read, nor inflated.
+_LAST_TAG_READ = 0x52009229
+
+
+def _past_routing_tags(tag: Any, _vr: Any, _length: Any) -> bool:
+    return int(tag) > _LAST_TAG_READ
 
 
 def produced_by_node(ds: Dataset) -> bool:
@@ -74,10 +74,8 @@ def study_facts(session: Session, spool: Spool, study_uid: str) -> list[SeriesFa
         header = Dataset()
         if first_path is not None:
             try:
-                header = dcmread(
-                    spool.path(first_path), stop_before_pixels=True, specific_tags=_HEADER_TAGS
-                )
-            except (OSError, ValueError) as exc:
+                header = read_spooled_header(spool.path(first_path), _past_routing_tags)
+            except (OSError, ValueError, IngestError) as exc:
                 log.warning(
                     "series header unreadable",
                     extra={"series_uid": series.series_uid, "reason": str(exc)},

@@ -17,6 +17,9 @@ FLAT_ENV = {
     "PACS_NODE_DATABASE_URL": ("database_url", "postgresql://h/db", "postgresql://h/db"),
     "PACS_NODE_QUIET_PERIOD_S": ("quiet_period_s", "12.5", 12.5),
     "PACS_NODE_PROMISCUOUS": ("promiscuous", "true", True),
+    "PACS_NODE_MAX_INSTANCE_MB": ("max_instance_mb", "512", 512),
+    "PACS_NODE_ASSOC_REQUEST_TIMEOUT_S": ("assoc_request_timeout_s", "2.5", 2.5),
+    "PACS_NODE_MAX_ASSOC_REQUEST_BYTES": ("max_assoc_request_bytes", "65536", 65536),
 }
 
 

@@ -1,0 +1,660 @@
+"""What the DICOM port reads before pynetdicom decodes it: limits, deadlines, where data sets go.
+
+pynetdicom 3.0 reads a PDU as its 6-byte header and then the declared length whole
+(``DULServiceProvider._read_pdu_data`` through ``AssociationSocket.recv``) from an accepted socket
+that has no timeout, and writes a chunked C-STORE data set to ``NamedTemporaryFile`` in the
+system temporary folder (``dimse_messages``). Both are private, so this module is the only place
+that touches them, at two points:
+
+- :class:`GuardedServer` accepts each connection as a :class:`GuardedSocket`, a real socket whose
+  ``recv`` follows the PDU framing itself: it refuses a PDU whose declared length exceeds what
+  the association's state allows before reading its body (answering A-ASSOCIATE-RJ or A-ABORT),
+  gives a connection ``assoc_request_timeout_s`` to deliver its A-ASSOCIATE-RQ, and times out a
+  read that stalls mid-PDU. Connections still awaiting their A-ASSOCIATE-RQ are counted per
+  process (:mod:`pacs_node.ingest.limits`): at a limit the oldest such connection from the same
+  address (or any, at the total) is closed to make room, so a flood cannot keep a scanner out,
+  and the process that accepted the new connection always holds one to close.
+- :func:`install_received_files` makes pynetdicom's chunked receive write into a
+  :class:`ReceivedFile` in the spool's incoming folder: our own Part 10 header in front, the data
+  set as received after it, at most ``max_instance_mb`` of it kept (beyond that nothing more is
+  written and the handler answers Out of Resources).
+
+``tests/unit/test_transport.py`` fails when pynetdicom's code at these points changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import socket
+import struct
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+from pydicom.filereader import read_dataset
+from pynetdicom import dimse_messages
+from pynetdicom.transport import ThreadedAssociationServer
+
+from pacs_node.errors import IngestError, OutOfResources, UnreadableDataset
+from pacs_node.ingest.limits import Lease, SharedLimits, address_key
+from pacs_node.ingest.part10 import PREAMBLE, file_meta
+
+log = logging.getLogger(__name__)
+
+PDU_HEADER = 6
+A_ASSOCIATE_RQ, P_DATA_TF = 0x01, 0x04
+KNOWN_PDU_TYPES = frozenset(range(0x01, 0x08))
+# A-RELEASE-RQ/RP, A-ABORT and A-ASSOCIATE-RJ carry 4 bytes; anything but an A-ASSOCIATE-RQ or a
+# P-DATA-TF longer than this is refused unread.
+SMALL_PDU_BYTES = 4096
+# When max_pdu_bytes is 0 (pynetdicom announces "no limit"), a P-DATA-TF is read up to this.
+UNLIMITED_PDU_BYTES = 64 * 2**20
+# A-ASSOCIATE-RJ (PS3.8 9.3.4): result 1 permanent / 2 transient, source 3 service provider
+# (presentation), reason 2 local-limit-exceeded. A-ABORT (9.3.8): source 2 service provider,
+# reason 1 unrecognized-PDU, 6 invalid-PDU-parameter-value.
+REJECT_PERMANENT, REJECT_TRANSIENT = 0x01, 0x02
+SOURCE_PRESENTATION, LOCAL_LIMIT_EXCEEDED = 0x03, 0x02
+ABORT_UNRECOGNIZED_PDU, ABORT_INVALID_PARAMETER = 0x01, 0x06
+
+# Counters (the RecordSink's count()).
+LOCAL_LIMIT_COUNTER = "local_limit_refusals"
+IDLE_COUNTER = "idle_connections_closed"
+OVERSIZED_PDU_COUNTER = "oversized_pdus"
+STALLED_COUNTER = "stalled_reads"
+OVERSIZED_MESSAGE_COUNTER = "oversized_messages"
+
+# pynetdicom gathers a DIMSE command set, and the data set of any message but a C-STORE-RQ (which
+# streams to a file), in memory without a limit; these bound them.
+COMMAND_LIMIT_BYTES = 64 * 2**10
+OTHER_DATA_SET_LIMIT_BYTES = 16 * 2**20
+C_STORE_RQ = 0x0001
+_COMMAND_FIELD = 0x00000100
+
+
+def command_field(command: bytes | bytearray) -> int | None:
+    """(0000,0100) Command Field of an Implicit VR Little Endian command set, if present."""
+    offset = 0
+    while offset + 8 <= len(command):
+        group, element, length = struct.unpack_from("<HHI", command, offset)
+        offset += 8
+        if (group << 16 | element) == _COMMAND_FIELD and length == 2:
+            (value,) = struct.unpack_from("<H", command, offset)
+            return int(value)
+        offset += length
+    return None
+
+
+class MessageSizes:
+    """Follows the PDVs of P-DATA-TF bodies (PS3.8 9.3.5, E.2) and says when a command set, or
+    the data set of a message other than a C-STORE-RQ, grows past its limit."""
+
+    def __init__(self) -> None:
+        self._header = bytearray()
+        self._left = 0  # bytes of the current PDV's fragment still to come
+        self._is_command = False
+        self._is_last = False
+        self._command = bytearray()
+        self._command_done = False
+        self._is_store = False
+        self._data = 0
+
+    def end_of_pdu(self) -> None:
+        """A PDV never spans PDUs; whatever is left is pynetdicom's to refuse."""
+        self._header.clear()
+        self._left = 0
+
+    def follow(self, data: bytes) -> bool:
+        offset = 0
+        while offset < len(data):
+            if self._left == 0:
+                take = min(6 - len(self._header), len(data) - offset)
+                self._header += data[offset : offset + take]
+                offset += take
+                if len(self._header) == 6:
+                    length, _context, control = struct.unpack(">LBB", bytes(self._header))
+                    self._header.clear()
+                    self._start(max(0, length - 2), control)
+                continue
+            take = min(self._left, len(data) - offset)
+            self._left -= take
+            if self._is_command:
+                if len(self._command) + take > COMMAND_LIMIT_BYTES:
+                    return False
+                self._command += data[offset : offset + take]
+            else:
+                self._data += take
+                if not self._is_store and self._data > OTHER_DATA_SET_LIMIT_BYTES:
+                    return False
+            offset += take
+            if self._left == 0:
+                self._end()
+        return True
+
+    def _start(self, length: int, control: int) -> None:
+        self._is_command, self._is_last = bool(control & 1), bool(control & 2)
+        if self._is_command and self._command_done:  # the next message begins
+            self._command.clear()
+            self._command_done = False
+            self._data = 0
+        self._left = length
+        if length == 0:
+            self._end()
+
+    def _end(self) -> None:
+        if not self._is_last:
+            return
+        if self._is_command:
+            self._command_done = True
+            self._is_store = command_field(self._command) == C_STORE_RQ
+        else:  # the data set is whole: the next PDV starts a new message
+            self._command.clear()
+            self._command_done = False
+            self._data = 0
+
+
+def associate_reject(result: int, source: int, reason: int) -> bytes:
+    return struct.pack(">BBIBBBB", 0x03, 0, 4, 0, result, source, reason)
+
+
+def abort_pdu(reason: int) -> bytes:
+    return struct.pack(">BBIBBBB", 0x07, 0, 4, 0, 0, 0x02, reason)
+
+
+class Throttle:
+    """Log the first of a kind of event, then at most one line per ``interval_s`` with a count
+    of those not logged: a flood of refused connections must not become a flood of log lines."""
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warning(self, kind: str, message: str, extra: dict[str, Any]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(kind)
+            if last is not None and now - last < self.interval_s:
+                self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+                return
+            self._last[kind] = now
+            suppressed = self._suppressed.pop(kind, 0)
+        log.warning(message, extra={**extra, "suppressed": suppressed})
+
+
+@dataclass(frozen=True, slots=True)
+class Guard:
+    """Everything a guarded connection needs, built once per SCP from the settings."""
+
+    limits: SharedLimits  # established associations, node-wide
+    pending: SharedLimits  # connections awaiting their A-ASSOCIATE-RQ, in this process
+    count: Callable[[str], None]
+    request_bytes: int  # largest A-ASSOCIATE-RQ read
+    data_bytes: int  # largest P-DATA-TF read
+    request_timeout_s: float  # from accept to a complete A-ASSOCIATE-RQ
+    read_timeout_s: float  # one stalled read inside a PDU, once associated
+    incoming: Path  # where received data sets are written (the spool's filesystem)
+    max_instance_bytes: int
+    throttle: Throttle
+
+
+class GuardedSocket(socket.socket):
+    """An accepted connection whose reads follow the PDU framing (see the module docstring)."""
+
+    guard: Guard
+    address: str
+
+    def start_guard(self, guard: Guard, address: str, pending: Lease) -> None:
+        self.guard = guard
+        self.address = address
+        self.accepted = time.monotonic()
+        self._pending: Lease | None = pending
+        self._header = bytearray()
+        self._body_left = 0
+        self._pdu_type = 0
+        self._messages = MessageSizes()
+        self.requested = False  # a whole A-ASSOCIATE-RQ has been read
+        self.dropped = False
+        self._peer_closed = False
+        self._on_close: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+        self._finished = False
+        self._assoc: Any = None
+
+    def attach(self, assoc: Any) -> None:
+        """The pynetdicom Association reading this connection (from EVT_CONN_OPEN), so that a
+        connection dropped before its A-ASSOCIATE-RQ also ends its two threads at once."""
+        self._assoc = assoc
+        if self.dropped and not self.requested:
+            self._end_threads()
+
+    def _end_threads(self) -> None:
+        """Stop the DUL reactor (it polls every millisecond) and wake the Association thread
+        waiting for the A-ASSOCIATE-RQ: ``None`` reads as its timeout, after which it closes."""
+        dul = getattr(self._assoc, "dul", None)
+        if dul is None:
+            return
+        dul.kill_dul()
+        dul.to_user_queue.put(None)
+
+    # -- what the SCP attaches -------------------------------------------------------------
+    def hold_association(self, lease: Lease) -> None:
+        """Keep ``lease`` (an established association) until this connection closes."""
+        self.on_close(lease.release)
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` when the connection closes (at once if it has closed already)."""
+        with self._lock:
+            if not self._finished:
+                self._on_close.append(callback)
+                return
+        callback()
+
+    # -- reading -----------------------------------------------------------------------------
+    def _read_timeout(self) -> float:
+        if self.requested:
+            return self.guard.read_timeout_s
+        return self.accepted + self.guard.request_timeout_s - time.monotonic()
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        if self.dropped:
+            return b""
+        in_header = self._body_left == 0
+        want = min(bufsize, PDU_HEADER - len(self._header) if in_header else self._body_left)
+        timeout = self._read_timeout()
+        if timeout <= 0:
+            self._drop_idle()
+            return b""
+        try:
+            self.settimeout(timeout)
+            data = super().recv(want, flags)
+        except TimeoutError:
+            if self.requested:
+                self._stalled()
+            else:
+                self._drop_idle()
+            return b""
+        except OSError:
+            self._peer_closed = True
+            return b""
+        if not data:
+            self._peer_closed = True
+            return data
+        if not in_header:
+            self._body_left -= len(data)
+            if self._pdu_type == P_DATA_TF and self.requested and not self._messages.follow(data):
+                self._oversized_message()
+                return b""
+            if self._body_left == 0:
+                self._messages.end_of_pdu()
+                if not self.requested and self._pdu_type == A_ASSOCIATE_RQ:
+                    self._requested()
+            return data
+        self._header += data
+        if len(self._header) < PDU_HEADER:
+            return data
+        pdu_type, _, length = struct.unpack(">BBL", bytes(self._header))
+        self._header.clear()
+        self._pdu_type = pdu_type
+        if not self._allowed(pdu_type, length):
+            return b""
+        self._body_left = length
+        if length == 0 and not self.requested and pdu_type == A_ASSOCIATE_RQ:
+            self._requested()
+        return data
+
+    def _allowed(self, pdu_type: int, length: int) -> bool:
+        guard = self.guard
+        if pdu_type not in KNOWN_PDU_TYPES:
+            limit = 0
+        elif not self.requested:
+            limit = guard.request_bytes if pdu_type == A_ASSOCIATE_RQ else SMALL_PDU_BYTES
+        else:
+            limit = guard.data_bytes if pdu_type == P_DATA_TF else SMALL_PDU_BYTES
+        if length <= limit:
+            return True
+        if not self.requested and pdu_type == A_ASSOCIATE_RQ:
+            answer = associate_reject(REJECT_PERMANENT, SOURCE_PRESENTATION, LOCAL_LIMIT_EXCEEDED)
+        elif pdu_type not in KNOWN_PDU_TYPES:
+            answer = abort_pdu(ABORT_UNRECOGNIZED_PDU)
+        else:
+            answer = abort_pdu(ABORT_INVALID_PARAMETER)
+        guard.count(OVERSIZED_PDU_COUNTER)
+        guard.throttle.warning(
+            "oversized",
+            "PDU refused unread: longer than allowed",
+            {
+                "address": self.address,
+                "pdu_type": f"0x{pdu_type:02X}",
+                "declared_bytes": length,
+                "allowed_bytes": limit,
+            },
+        )
+        self._drop(answer)
+        return False
+
+    def _oversized_message(self) -> None:
+        self.guard.count(OVERSIZED_MESSAGE_COUNTER)
+        self.guard.throttle.warning(
+            "oversized-message",
+            "association aborted: a DIMSE command or a non-storage data set is too large",
+            {"address": self.address},
+        )
+        self._drop(abort_pdu(ABORT_INVALID_PARAMETER))
+
+    def _requested(self) -> None:
+        self.requested = True
+        self._release_pending()
+
+    def _stalled(self) -> None:
+        self.guard.count(STALLED_COUNTER)
+        self.guard.throttle.warning(
+            "stalled",
+            "connection dropped: a PDU stalled mid-read",
+            {"address": self.address, "timeout_s": self.guard.read_timeout_s},
+        )
+        self._drop(abort_pdu(0x00))
+
+    def _drop_idle(self) -> None:
+        self.guard.count(IDLE_COUNTER)
+        self.guard.throttle.warning(
+            "idle",
+            "connection dropped: no A-ASSOCIATE-RQ in time",
+            {"address": self.address, "timeout_s": self.guard.request_timeout_s},
+        )
+        self._drop(b"")
+
+    def evict(self) -> None:
+        """Close a pending connection to make room for a newer one (see GuardedServer)."""
+        self.guard.count(IDLE_COUNTER)
+        self._drop(b"")
+
+    def _drop(self, answer: bytes) -> None:
+        """Answer (best effort), then shut the connection; the reader sees it closed."""
+        with self._lock:
+            if self.dropped:
+                return
+            self.dropped = True
+        self._release_pending()
+        if not self.requested:
+            self._end_threads()
+        try:
+            if answer:
+                self.settimeout(1.0)
+                self.sendall(answer)
+            self.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _release_pending(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.release()
+
+    def close(self) -> None:
+        guard = getattr(self, "guard", None)
+        if guard is not None:
+            if not self.requested and not self.dropped and not self._peer_closed:
+                # pynetdicom's own ARTIM or ACSE timer closed it before the RQ came.
+                self._drop_idle()
+            self._release_pending()
+            with self._lock:
+                self._finished = True
+                callbacks, self._on_close = self._on_close, []
+            for callback in callbacks:
+                callback()
+        super().close()
+
+
+class GuardedServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, accepting connections as :class:`GuardedSocket`."""
+
+    def __init__(self, *args: Any, guard: Guard, **kwargs: Any) -> None:
+        self.guard = guard
+        self._pending: list[GuardedSocket] = []
+        self._pending_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        sock, address = super().get_request()
+        guarded = GuardedSocket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        return guarded, address
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Admit a new connection as pending, making room by closing our oldest pending one
+        from the same address (or any, at the total limit) when a limit is reached."""
+        guarded: GuardedSocket = request
+        address = str(client_address[0])
+        limits = self.guard.pending
+        lease = limits.take_pending(address)
+        if lease is None:
+            which = limits.pending_limit(address)
+            if self._evict(address if which == "address" else None):
+                lease = limits.take_pending(address)
+        if lease is None:
+            self.guard.count(LOCAL_LIMIT_COUNTER)
+            self.guard.throttle.warning(
+                "pending-limit",
+                "connection refused: local limit of connections awaiting A-ASSOCIATE-RQ",
+                {
+                    "address": address,
+                    "pending": limits.pending(),
+                    "per_address": limits.caps.pending_per_address,
+                },
+            )
+            with contextlib.suppress(OSError):  # read after its A-ASSOCIATE-RQ, if at all
+                guarded.setblocking(False)
+                guarded.send(
+                    associate_reject(REJECT_TRANSIENT, SOURCE_PRESENTATION, LOCAL_LIMIT_EXCEEDED)
+                )
+            return False
+        guarded.start_guard(self.guard, address, lease)
+        with self._pending_lock:
+            self._pending = [s for s in self._pending if not (s.requested or s.dropped)]
+            self._pending.append(guarded)
+        return True
+
+    def _evict(self, address: str | None) -> bool:
+        key = address_key(address) if address is not None else None
+        with self._pending_lock:
+            self._pending = [s for s in self._pending if not (s.requested or s.dropped)]
+            for candidate in self._pending:  # oldest first
+                if key is None or address_key(candidate.address) == key:
+                    self._pending.remove(candidate)
+                    break
+            else:
+                return False
+        candidate.evict()
+        return True
+
+
+# -- chunked C-STORE receive ----------------------------------------------------------------------
+
+_RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EMFILE, errno.ENFILE}
+_META_GROUP_LENGTH = b"\x02\x00\x00\x00UL\x04\x00"
+_open_files: dict[str, ReceivedFile] = {}
+_open_lock = threading.Lock()
+_pynetdicom_temporary_file = dimse_messages.NamedTemporaryFile  # type: ignore[attr-defined]
+
+
+class ReceivedFile:
+    """A C-STORE data set written to the spool's incoming folder while its PDUs arrive.
+
+    pynetdicom writes a preamble and its own File Meta Information, then each data set fragment,
+    and calls ``file.flush()`` after each. The meta pynetdicom writes is replaced by ours (the
+    same bytes as :func:`~pacs_node.ingest.part10.file_meta`, Source AE included), so the file
+    is the spool file as it will be linked. Beyond ``max_bytes`` of data set nothing more is
+    written. The SHA-256 of the data set (without the Part 10 header, which names the calling
+    AE) is computed as it is written, as :class:`~pacs_node.ingest.spool.DataSetDigest` does.
+    """
+
+    def __init__(self, directory: Path, max_bytes: int, source_ae: str) -> None:
+        fd, name = tempfile.mkstemp(dir=directory, suffix=".part")
+        self.name = name
+        self.path = Path(name)
+        self.max_bytes = max_bytes
+        self.source_ae = source_ae
+        self._handle = os.fdopen(fd, "wb", buffering=2**20)
+        self._prefix = bytearray()
+        self.dataset_offset: int | None = None  # where the data set starts in the file
+        self.dataset_bytes = 0  # received, including any not kept
+        self.size = 0  # bytes in the file
+        self.oversized = False
+        self.error: IngestError | None = None
+        self._digest = hashlib.sha256()
+        self._lock = threading.Lock()
+        self._state = "receiving"  # -> claimed (by the C-STORE handler) | discarded
+
+    @property
+    def file(self) -> ReceivedFile:
+        return self  # pynetdicom calls ``.file.flush()``
+
+    def flush(self) -> None:
+        """Kept buffered: the handler flushes and the spool fsyncs once the data set is whole."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        length = len(data)
+        if self.error is not None or self._state == "discarded":
+            return length
+        try:
+            if self.dataset_offset is None:
+                self._prefix += data
+                self._start_dataset()
+            else:
+                self._write_dataset(data)
+        except OSError as exc:
+            self._fail(exc)
+        return length
+
+    def _start_dataset(self) -> None:
+        prefix = self._prefix
+        if len(prefix) < len(PREAMBLE) + 12:
+            return
+        if bytes(prefix[len(PREAMBLE) : len(PREAMBLE) + 8]) != _META_GROUP_LENGTH:
+            self.error = UnreadableDataset("unexpected file meta from the network layer")
+            return
+        (group_length,) = struct.unpack("<I", prefix[len(PREAMBLE) + 8 : len(PREAMBLE) + 12])
+        end = len(PREAMBLE) + 12 + group_length
+        if len(prefix) < end:
+            return
+        try:
+            meta = read_dataset(BytesIO(bytes(prefix[len(PREAMBLE) : end])), False, True)
+            ours = file_meta(
+                str(meta.MediaStorageSOPClassUID),
+                str(meta.MediaStorageSOPInstanceUID),
+                str(meta.TransferSyntaxUID),
+                self.source_ae,
+            )
+        except Exception as exc:  # hostile UIDs from the command set
+            self.error = UnreadableDataset(f"file meta cannot be written: {type(exc).__name__}")
+            return
+        self._handle.write(ours)
+        self.size = len(ours)
+        self.dataset_offset = len(ours)
+        rest = bytes(prefix[end:])
+        self._prefix = bytearray()
+        if rest:
+            self._write_dataset(rest)
+
+    def _write_dataset(self, data: bytes | bytearray | memoryview) -> None:
+        self.dataset_bytes += len(data)
+        if self.oversized:
+            return
+        if self.dataset_bytes > self.max_bytes:
+            self.oversized = True  # keep nothing: the file is refused whole
+            self._handle.seek(0)
+            self._handle.truncate()
+            self.size = 0
+            return
+        self._handle.write(data)
+        self._digest.update(data)
+        self.size += len(data)
+
+    def _fail(self, exc: OSError) -> None:
+        if exc.errno in _RESOURCE_ERRNOS:
+            self.error = OutOfResources(f"spool write failed: {os.strerror(exc.errno or 0)}")
+        else:
+            self.error = OutOfResources(f"spool write failed: {type(exc).__name__}")
+
+    @property
+    def sha256(self) -> str:
+        """Hex SHA-256 of the data set as received (the Part 10 header left out)."""
+        return self._digest.hexdigest()
+
+    def claim(self) -> bool:
+        """The C-STORE handler takes the file (False: the association ended first)."""
+        with self._lock:
+            if self._state != "receiving":
+                return False
+            self._state = "claimed"
+        with _open_lock:
+            _open_files.pop(self.name, None)
+        return True
+
+    def finish(self) -> None:
+        """Flush what is buffered and close; raise the error met while writing, if any."""
+        try:
+            self._handle.close()
+        except OSError as exc:
+            self._fail(exc)
+        if self.error is not None:
+            raise self.error
+        if self.dataset_offset is None:
+            raise UnreadableDataset("no data set received")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._handle.close()
+
+    def remove(self) -> None:
+        """Close and delete the temporary name (the spool's link, if made, stays)."""
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+    def discard(self) -> None:
+        """Close and delete unless the handler claimed it (a data set never answered)."""
+        with self._lock:
+            if self._state == "claimed":
+                return
+            self._state = "discarded"
+        with _open_lock:
+            _open_files.pop(self.name, None)
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+
+def received_file(path: str | os.PathLike[str]) -> ReceivedFile | None:
+    """The :class:`ReceivedFile` pynetdicom names by ``event.dataset_path``."""
+    with _open_lock:
+        return _open_files.get(os.fspath(path))
+
+
+def _temporary_file(*args: Any, **kwargs: Any) -> Any:
+    """Stands in for ``NamedTemporaryFile`` in pynetdicom's chunked C-STORE receive."""
+    dul = threading.current_thread()  # the DUL reactor decodes P-DATA on its own thread
+    assoc = getattr(dul, "assoc", None)
+    dul_socket = getattr(getattr(assoc, "dul", None), "socket", None)
+    raw = getattr(dul_socket, "socket", None)
+    if not isinstance(raw, GuardedSocket) or assoc is None:
+        return _pynetdicom_temporary_file(*args, **kwargs)
+    guard = raw.guard
+    source_ae = str(assoc.requestor.ae_title).strip()
+    received = ReceivedFile(guard.incoming, guard.max_instance_bytes, source_ae)
+    with _open_lock:
+        _open_files[received.name] = received
+    raw.on_close(received.discard)
+    return received
+
+
+def install_received_files() -> None:
+    """Route pynetdicom's chunked C-STORE receive into :class:`ReceivedFile` (idempotent)."""
+    dimse_messages.NamedTemporaryFile = _temporary_file  # type: ignore[attr-defined]

@@ -1,0 +1,418 @@
+"""The transport guard's pure parts, and a tripwire on the pynetdicom internals it hooks."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import socket
+import struct
+import threading
+import zlib
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+from pynetdicom import (
+    association,
+    dimse_messages,
+    dul,
+    events,
+    fsm,
+    service_class,
+    transport,
+)
+from pynetdicom.dsutils import create_file_meta
+
+from pacs_node.errors import OutOfResources
+from pacs_node.ingest import transport as guard_module
+from pacs_node.ingest.header import HeaderTooLarge, parse_identifiers, read_spooled_header
+from pacs_node.ingest.limits import Caps, SharedLimits, address_key
+from pacs_node.ingest.part10 import file_meta
+from pacs_node.ingest.spool import file_digest
+from pacs_node.ingest.transport import (
+    COMMAND_LIMIT_BYTES,
+    OTHER_DATA_SET_LIMIT_BYTES,
+    Guard,
+    GuardedSocket,
+    MessageSizes,
+    ReceivedFile,
+    Throttle,
+    command_field,
+)
+
+# What ingest/transport.py relies on, read from pynetdicom 3.0.4. When pynetdicom changes any of
+# these, re-read the module docstring of ingest/transport.py against the new code, then update.
+HOOKED = {
+    # reads the 6-byte header, then the declared length, through AssociationSocket.recv
+    "dul.DULServiceProvider._read_pdu_data": (
+        dul.DULServiceProvider._read_pdu_data,
+        "19f2d4e38c13c835",
+    ),
+    "dul.DULServiceProvider.assoc": (dul.DULServiceProvider.assoc.fget, "394ab04d573893e8"),
+    # loops on socket.recv; a short read (b"") ends the PDU
+    "transport.AssociationSocket.recv": (transport.AssociationSocket.recv, "6bc20a33b1b7cfe7"),
+    "transport.AssociationSocket.close": (transport.AssociationSocket.close, "c726c8db53813d55"),
+    "transport.AssociationSocket.ready": (
+        transport.AssociationSocket.ready.fget,
+        "3eb58e3d39dc076d",
+    ),
+    # accepts; GuardedServer wraps what it returns
+    "transport.AssociationServer.get_request": (
+        transport.AssociationServer.get_request,
+        "925a4f3a3042f6e4",
+    ),
+    "transport.RequestHandler.handle": (transport.RequestHandler.handle, "034823fb4df3a874"),
+    # wraps the accepted socket (ours) in AssociationSocket as is
+    "transport.RequestHandler._create_association": (
+        transport.RequestHandler._create_association,
+        "05c8d12b79863cdb",
+    ),
+    # NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm"): preamble, DICM, file meta, then
+    # each data set fragment followed by .file.flush()
+    "dimse_messages.DIMSEMessage.decode_msg": (
+        dimse_messages.DIMSEMessage.decode_msg,
+        "f51c777e841a76be",
+    ),
+    # closes and unlinks the temporary file after the EVT_C_STORE handler
+    "service_class.StorageServiceClass.SCP": (
+        service_class.StorageServiceClass.SCP,
+        "63afca7fc6c6e7ee",
+    ),
+    # waits acse_timeout for the A-ASSOCIATE-RQ after EVT_CONN_OPEN
+    "association.Association.run_reactor": (
+        association.Association.run_reactor,
+        "ed8bbbe3b3d6ddae",
+    ),
+    # P-DATA is decoded on the DUL reactor's own thread
+    "fsm.DT_2": (fsm.DT_2, "9ec543394e0b49eb"),
+    "events.Event.dataset_path": (events.Event.dataset_path.fget, "7eba7552ff800249"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOOKED))
+def test_hooked_pynetdicom_internals_are_unchanged(name: str) -> None:
+    function, expected = HOOKED[name]
+    digest = hashlib.sha256(inspect.getsource(function).encode()).hexdigest()[:16]
+    assert digest == expected, f"pynetdicom's {name} changed: re-check ingest/transport.py"
+
+
+def test_hooked_names_exist() -> None:
+    assert callable(dimse_messages.NamedTemporaryFile)  # type: ignore[attr-defined]
+    assert hasattr(transport, "ThreadedAssociationServer")
+    parameters = inspect.signature(transport.AssociationSocket.recv).parameters
+    assert list(parameters) == ["self", "nr_bytes"]
+
+
+# -- limits ------------------------------------------------------------------------------------
+
+
+def _caps(**overrides: int) -> Caps:
+    values = {
+        "pending_total": 4,
+        "pending_per_address": 2,
+        "established_total": 3,
+        "established_per_peer": 2,
+    }
+    values.update(overrides)
+    return Caps(**values)
+
+
+def test_pending_limits_per_address_and_in_total() -> None:
+    limits = SharedLimits.create(_caps(), rows=1)
+    first = limits.take_pending("10.0.0.1")
+    second = limits.take_pending("10.0.0.1")
+    assert first is not None
+    assert second is not None
+    assert limits.take_pending("10.0.0.1") is None
+    assert limits.pending_limit("10.0.0.1") == "address"
+    assert limits.take_pending("10.0.0.2") is not None
+    assert limits.take_pending("10.0.0.3") is not None
+    assert limits.take_pending("10.0.0.4") is None  # four pending in all
+    assert limits.pending_limit("10.0.0.4") == "total"
+    first.release()
+    first.release()  # exactly once
+    assert limits.pending() == 3
+    assert limits.take_pending("10.0.0.1") is not None
+
+
+def test_association_limits_per_peer_and_in_total_across_rows() -> None:
+    table = SharedLimits.create(_caps(), rows=2)
+    one, two = table.for_row(0), table.for_row(1)
+    assert one.take_association("CT1", "10.0.0.1")[0] is not None
+    assert two.take_association("CT1", "10.0.0.1")[0] is not None
+    assert one.take_association("CT1", "10.0.0.1") == (None, "peer")
+    assert two.take_association("CT2", "10.0.0.1")[0] is not None
+    assert one.take_association("CT3", "10.0.0.9") == (None, "total")
+    table.clear_row(1)  # worker 1 died
+    assert table.established() == 1
+    assert one.take_association("CT3", "10.0.0.9")[0] is not None
+
+
+def test_an_ipv6_host_counts_by_its_64() -> None:
+    assert address_key("2001:db8:1:2::1") == address_key("2001:db8:1:2:ffff::9")
+    assert address_key("2001:db8:1:3::1") != address_key("2001:db8:1:2::1")
+    assert address_key("::ffff:10.1.2.3") == "10.1.2.3"
+
+
+# -- the guarded socket ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[tuple[GuardedSocket, socket.socket, list[str]]]:
+    counted: list[str] = []
+    guard = Guard(
+        limits=SharedLimits.create(_caps(), rows=1),
+        pending=SharedLimits.create(_caps(), rows=1),
+        count=counted.append,
+        request_bytes=1024,
+        data_bytes=16_384 + 6,
+        request_timeout_s=0.5,
+        read_timeout_s=0.5,
+        incoming=tmp_path,
+        max_instance_bytes=1000,
+        throttle=Throttle(),
+    )
+    ours, peer = socket.socketpair()
+    guarded = GuardedSocket(ours.family, ours.type, ours.proto, fileno=ours.detach())
+    lease = guard.pending.take_pending("127.0.0.1")
+    assert lease is not None
+    guarded.start_guard(guard, "127.0.0.1", lease)
+    yield guarded, peer, counted
+    guarded.close()
+    peer.close()
+
+
+def _header(pdu_type: int, length: int) -> bytes:
+    return struct.pack(">BBL", pdu_type, 0, length)
+
+
+def test_an_oversized_request_is_rejected_unread(
+    pair: tuple[GuardedSocket, socket.socket, list[str]],
+) -> None:
+    guarded, peer, counted = pair
+    peer.sendall(_header(0x01, 256 * 2**20) + b"x" * 100)
+    assert guarded.recv(6) == b""
+    peer.settimeout(2)
+    # A-ASSOCIATE-RJ: permanent, service provider (presentation), local-limit-exceeded
+    assert peer.recv(10) == bytes.fromhex("03000000000400010302")
+    assert counted == ["oversized_pdus"]
+    assert guarded.guard.pending.pending() == 0
+
+
+def test_frames_are_followed_and_p_data_capped_once_requested(
+    pair: tuple[GuardedSocket, socket.socket, list[str]],
+) -> None:
+    guarded, peer, counted = pair
+    peer.sendall(_header(0x01, 10) + b"0123456789" + _header(0x04, 16_384 + 6))
+    assert guarded.recv(6) == _header(0x01, 10)
+    assert guarded.recv(4096) == b"0123456789"  # never past the frame
+    assert guarded.requested
+    assert guarded.guard.pending.pending() == 0
+    assert guarded.recv(6) == _header(0x04, 16_384 + 6)
+    peer.sendall(_header(0x04, 16_384 + 7))
+    guarded._body_left = 0  # as if the body had been read
+    assert guarded.recv(6) == b""
+    peer.settimeout(2)
+    assert peer.recv(10) == bytes.fromhex("07000000000400000206")  # A-ABORT, invalid parameter
+    assert counted == ["oversized_pdus"]
+
+
+def test_a_stalled_read_times_out(pair: tuple[GuardedSocket, socket.socket, list[str]]) -> None:
+    guarded, peer, counted = pair
+    peer.sendall(_header(0x01, 4) + b"ab")
+    assert guarded.recv(6) == _header(0x01, 4)
+    assert guarded.recv(2) == b"ab"
+    assert guarded.recv(2) == b""  # nothing more came within the request deadline
+    assert counted == ["idle_connections_closed"]
+
+
+# -- header reading -----------------------------------------------------------------------------
+
+
+def _dataset(private_bytes: int = 0) -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPInstanceUID = "1.2.3.4"
+    if private_bytes:
+        ds.add_new(0x00090010, "LO", "BOMB")
+        ds.add_new(0x00091010, "OB", b"\0" * private_bytes)
+    ds.PatientID = "P1"
+    ds.StudyInstanceUID = "1.2.3"
+    ds.SeriesInstanceUID = "1.2.3.1"
+    ds.Rows = 1
+    return ds
+
+
+def _encoded(ds: Dataset) -> bytes:
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, ds)
+    return buffer.getvalue()
+
+
+def _deflated(ds: Dataset) -> bytes:
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return compressor.compress(_encoded(ds)) + compressor.flush()
+
+
+def test_deflated_header_is_read_without_the_rest() -> None:
+    ds = parse_identifiers(BytesIO(_deflated(_dataset())), DeflatedExplicitVRLittleEndian)
+    assert ds.StudyInstanceUID == "1.2.3"
+    assert "Rows" not in ds  # group 0x0028 is past what the catalog reads
+
+
+def test_a_deflate_bomb_in_the_leading_groups_stops_at_the_cap() -> None:
+    bomb = _deflated(_dataset(private_bytes=8 * 2**20))
+    assert len(bomb) < 64 * 2**10
+    with pytest.raises(HeaderTooLarge) as caught:
+        parse_identifiers(BytesIO(bomb), DeflatedExplicitVRLittleEndian, limit=2**20)
+    assert isinstance(caught.value, OutOfResources)
+
+
+def test_an_uncompressed_header_is_capped_too() -> None:
+    buffer = BytesIO(_encoded(_dataset(private_bytes=2 * 2**20)))
+    with pytest.raises(HeaderTooLarge):
+        parse_identifiers(buffer, ExplicitVRLittleEndian, limit=2**20)
+
+
+def test_spooled_header_stops_where_asked(tmp_path: Path) -> None:
+    path = tmp_path / "one.dcm"
+    ds = _dataset()
+    ds.file_meta = create_file_meta(
+        sop_class_uid=ds.SOPClassUID,
+        sop_instance_uid=ds.SOPInstanceUID,
+        transfer_syntax=DeflatedExplicitVRLittleEndian,
+    )
+    ds.save_as(path, enforce_file_format=True)
+    header = read_spooled_header(path, lambda tag, vr, length: int(tag.group) > 0x0010)
+    assert header.PatientID == "P1"
+    assert "StudyInstanceUID" not in header
+
+
+# -- the received file ----------------------------------------------------------------------------
+
+
+def _pynetdicom_writes(target: Any, payload: bytes) -> None:
+    """What decode_msg writes: preamble, DICM, pynetdicom's file meta, then fragments."""
+    target.write(b"\x00" * 128)
+    target.write(b"DICM")
+    write_file_meta_info(
+        target,
+        create_file_meta(
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.7",
+            sop_instance_uid="1.2.3.4",
+            transfer_syntax=ExplicitVRLittleEndian,
+        ),
+    )
+    for start in range(0, len(payload), 300):
+        target.write(payload[start : start + 300])
+        target.file.flush()
+
+
+def test_received_file_is_our_part10_file(tmp_path: Path) -> None:
+    payload = _encoded(_dataset())
+    received = ReceivedFile(tmp_path, 10_000, "CT1")
+    _pynetdicom_writes(received, payload)
+    received.finish()
+    meta = file_meta("1.2.840.10008.5.1.4.1.1.7", "1.2.3.4", ExplicitVRLittleEndian, "CT1")
+    data = received.path.read_bytes()
+    assert data == meta + payload
+    assert received.dataset_offset == len(meta)
+    assert received.sha256 == hashlib.sha256(payload).hexdigest()
+    assert received.sha256 == file_digest(received.path)  # the spool's own digest agrees
+    read = pydicom.dcmread(received.path)
+    assert read.file_meta.SourceApplicationEntityTitle.strip() == "CT1"
+    assert read.StudyInstanceUID == "1.2.3"
+
+
+def test_received_file_over_the_cap_keeps_nothing(tmp_path: Path) -> None:
+    received = ReceivedFile(tmp_path, 1000, "CT1")
+    _pynetdicom_writes(received, b"\0" * 5000)
+    assert received.oversized
+    assert received.dataset_bytes == 5000
+    received.finish()
+    assert received.path.stat().st_size == 0
+
+
+def test_an_unclaimed_received_file_is_deleted_once(tmp_path: Path) -> None:
+    received = ReceivedFile(tmp_path, 1000, "CT1")
+    claimed = ReceivedFile(tmp_path, 1000, "CT1")
+    assert claimed.claim()
+    for item in (received, claimed):
+        item.discard()
+    assert not received.path.exists()
+    assert claimed.path.exists()
+    assert not received.claim()
+
+
+def test_throttle_logs_the_first_and_counts_the_rest(caplog: pytest.LogCaptureFixture) -> None:
+    throttle = Throttle(interval_s=60)
+    caplog.set_level("WARNING", logger=guard_module.__name__)
+    for _ in range(5):
+        throttle.warning("kind", "refused", {})
+    assert len(caplog.records) == 1
+
+
+def test_the_temporary_file_hook_is_installed() -> None:
+    guard_module.install_received_files()
+    assert dimse_messages.NamedTemporaryFile is guard_module._temporary_file  # type: ignore[attr-defined]
+    assert threading.current_thread() is not None
+
+
+# -- DIMSE message sizes --------------------------------------------------------------------------
+
+
+def _pdv(value: bytes, *, command: bool, last: bool) -> bytes:
+    control = (1 if command else 0) | (2 if last else 0)
+    return struct.pack(">LBB", len(value) + 2, 1, control) + value
+
+
+def _command(field: int) -> bytes:
+    return struct.pack("<HHIH", 0x0000, 0x0100, 2, field)
+
+
+def _feed(sizes: MessageSizes, stream: bytes, step: int = 4096) -> bool:
+    return all(sizes.follow(stream[i : i + step]) for i in range(0, len(stream), step))
+
+
+def test_command_field_is_read_from_an_implicit_command_set() -> None:
+    assert command_field(struct.pack("<HHI", 0, 2, 4) + b"1.2\0" + _command(0x0030)) == 0x0030
+    assert command_field(b"\x00\x00") is None
+
+
+def test_a_c_store_data_set_may_be_large_but_other_messages_may_not() -> None:
+    store = _pdv(_command(0x0001), command=True, last=True)
+    chunk = _pdv(b"\0" * 65_536, command=False, last=False)
+    over = OTHER_DATA_SET_LIMIT_BYTES // 65_536 + 1
+    assert _feed(MessageSizes(), store + chunk * over)
+    echo = _pdv(_command(0x0030), command=True, last=True)
+    assert not _feed(MessageSizes(), echo + chunk * over)
+    # a finished C-STORE does not lend its allowance to the next message
+    sizes = MessageSizes()
+    assert _feed(sizes, store + _pdv(b"\0" * 10, command=False, last=True))
+    assert not _feed(sizes, echo + chunk * over)
+
+
+def test_an_endless_command_set_is_refused() -> None:
+    fragment = _pdv(b"\0" * 4096, command=True, last=False)
+    assert not _feed(MessageSizes(), fragment * (COMMAND_LIMIT_BYTES // 4096 + 1))
+
+
+def test_what_is_held_after_the_connection_closed_is_given_back(
+    pair: tuple[GuardedSocket, socket.socket, list[str]],
+) -> None:
+    guarded, _peer, _counted = pair
+    limits = guarded.guard.limits
+    lease, _ = limits.take_association("CT1", "127.0.0.1")
+    assert lease is not None
+    guarded.close()
+    guarded.hold_association(lease)  # EVT_REQUESTED ran after the peer went away
+    assert limits.established() == 0
+    assert guarded.guard.pending.pending() == 0
