@@ -100,7 +100,7 @@ def add_quarantined(
     size_bytes: int,
     collided_study_uid: str | None,
 ) -> int | None:
-    """A quarantine row (idempotent on its path); its id, or None when it was there already."""
+    """A quarantine row (idempotent on its path); its id, or None when it was held already."""
     name = session.get_bind().dialect.name
     dialect_insert = postgresql.insert if name == "postgresql" else sqlite.insert
     row = {
@@ -120,11 +120,26 @@ def add_quarantined(
         "received_at": ref.received_at,
         "state": QuarantineState.HELD,
     }
+    # The same bytes kept again after their row was resolved (discarded, released) are held
+    # again: the row goes back to ``held`` rather than the copy having none.
+    again = {key: row[key] for key in ("reason", "reason_text", "collided_study_uid", "state")}
+    again |= {
+        "received_at": ref.received_at,
+        "calling_ae": ref.calling_ae,
+        "resolved_at": None,
+        "resolved_by": None,
+        "resolved_study_uid": None,
+        "resolved_sop_instance_uid": None,
+    }
     inserted = session.execute(
         dialect_insert(QuarantineItem)
-        .on_conflict_do_nothing(index_elements=["path"])
-        .returning(QuarantineItem.id),
-        [row],
+        .values(row)
+        .on_conflict_do_update(
+            index_elements=["path"],
+            set_=again,
+            where=QuarantineItem.state != QuarantineState.HELD,
+        )
+        .returning(QuarantineItem.id)
     ).first()
     if inserted is None:
         return None
@@ -145,6 +160,7 @@ def record_instances(
     outcome = RecordOutcome()
     if not refs:
         return outcome
+    _lock_for_write(session)
     held = lookup_held(
         session,
         {r.study_uid for r in refs},
@@ -328,7 +344,32 @@ def record_instances(
     for study_uid, kind, detail in events:
         if study_uid in studies:
             add_event(session, studies[study_uid].id, kind, now, **detail)
+    # A name an instance row points at (held before, or accepted in this batch) is never
+    # removed: a conflicting replacement's bytes were linked apart, but the name is the row's.
+    in_use = {sop[0] for sop in held.sops.values()}
+    outcome.release_paths = [p for p in outcome.release_paths if p not in in_use]
     return outcome
+
+
+def path_in_use(session: Session, path: str) -> bool:
+    """An instance row points at ``path`` (so its file must stay)."""
+    return session.scalar(select(Instance.id).where(Instance.path == path).limit(1)) is not None
+
+
+RECORD_LOCK = 0x5041_4353  # PostgreSQL advisory lock key of record_instances ("PACS")
+
+
+def _lock_for_write(session: Session) -> None:
+    """Serialise writers before the identity check reads, so two of them (the recorder,
+    reconciliation, the quarantine CLI) cannot both find a study missing and file different
+    patients into it. SQLite: pysqlite begins a transaction only at the first write, so a
+    write matching no row takes the write lock now. PostgreSQL: a transaction advisory lock
+    (read committed: the lookups after it see what the previous writer committed)."""
+    name = session.get_bind().dialect.name
+    if name == "sqlite":
+        session.execute(update(Counter).where(Counter.name == "").values(value=Counter.value))
+    elif name == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(RECORD_LOCK)))
 
 
 def add_duplicates(session: Session, study_uids: Sequence[str]) -> None:

@@ -26,14 +26,20 @@ def _text(ds: Dataset, keyword: str, limit: int = 64) -> str | None:
     return text[:limit] or None
 
 
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+
 def _integer(ds: Dataset, keyword: str) -> int | None:
     value: Any = ds.get(keyword)
     if value is None or value == "":
         return None
     try:
-        return int(value)
+        number = int(value)
     except (TypeError, ValueError):
         return None
+    # IS is at most 12 characters, so values beyond a 32-bit column are possible; such a value
+    # is not a usable number and must not make the catalog refuse the instance.
+    return number if INT32_MIN <= number <= INT32_MAX else None
 
 
 def read_header(ds: Dataset) -> InstanceHeader:

@@ -247,6 +247,11 @@ class IdentityGate:
                 self.sink.submit(replace(ref, path=stored.held, quarantine_reason=reason))
                 return SUCCESS
             action = act(Decision(Verdict.RESEND, Reason.RESEND), "", self.resend_policy)
+            if action == Action.REPLACE and screening.verdict != Verdict.DUPLICATE:
+                # Only a copy the screen saw committed at this very place may be overwritten:
+                # one still queued (or unseen: no catalog) may yet prove another patient's, and
+                # its bytes would be gone. Kept apart instead, as keep_first does.
+                action = Action.QUARANTINE
             if action == Action.REJECT:
                 if stored.held_new:
                     self.spool.remove(stored.held)
@@ -260,10 +265,8 @@ class IdentityGate:
                 return SUCCESS
             self.sink.submit(replace(ref, path=stored.held, quarantine_reason=Reason.RESEND))
             return SUCCESS
-        if conflict:  # a fresh file under identity_conflict: quarantine
-            held = self.spool.hold(stored.relpath, ref.sop_instance_uid)
-            self.sink.submit(replace(ref, path=held.relpath, quarantine_reason=screening.reason))
-            self.spool.remove(stored.relpath)
-            return SUCCESS
+        # A fresh file, colliding or not, stays under its own name until its row commits: the
+        # recorder's check quarantines a collision (linking it apart, then removing the name),
+        # and until then reconciliation finds it there.
         self.sink.submit(ref)
         return SUCCESS

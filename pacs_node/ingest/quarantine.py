@@ -39,7 +39,7 @@ from datetime import datetime
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from sqlalchemy import select
+from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
 from pacs_node.catalog.models import QuarantineItem, QuarantineState, Study, utcnow
@@ -189,7 +189,7 @@ def release(session: Session, spool: Spool, item_id: int, actor: str) -> Filed:
     coerced = _file(session, spool, item, uids, None, now)
     _resolve(session, item, QuarantineState.RELEASED, actor, now, (uids[0], uids[2]))
     if not coerced:
-        spool.remove(item.path)  # the same bytes are in the spool now
+        _remove_after_commit(session, spool, item.path)  # the same bytes are in the spool now
     return Filed(item.id, *uids, coerced=coerced)
 
 
@@ -210,5 +210,25 @@ def discard(session: Session, spool: Spool, item_id: int, actor: str) -> None:
     """Delete the bytes; the row stays, ``discarded``, for the audit."""
     item = _held_item(session, item_id)
     _resolve(session, item, QuarantineState.DISCARDED, actor, utcnow(), None)
-    session.flush()
-    spool.remove(item.path)
+    _remove_after_commit(session, spool, item.path)
+
+
+_REMOVALS = "pacs_node.quarantine.removals"  # session.info key: (spool, relpath) to remove
+
+
+def _remove_after_commit(session: Session, spool: Spool, relpath: str) -> None:
+    """Remove ``relpath`` once the transaction that resolves its row is committed: a failed
+    commit leaves the row held and its bytes where it says."""
+    if not event.contains(session, "after_commit", _removals_committed):
+        event.listen(session, "after_commit", _removals_committed)
+        event.listen(session, "after_rollback", _removals_dropped)
+    session.info.setdefault(_REMOVALS, []).append((spool, relpath))
+
+
+def _removals_committed(session: Session) -> None:
+    for spool, relpath in session.info.pop(_REMOVALS, []):
+        spool.remove(relpath)
+
+
+def _removals_dropped(session: Session) -> None:
+    session.info.pop(_REMOVALS, None)

@@ -2,21 +2,28 @@
 
 An instance is acknowledged once its file is in the spool; its row may still have been queued
 when the process died. At start the spool is compared with the catalog and missing rows are
-recorded from the files' own headers, so nothing acknowledged is ever invisible.
+recorded from the files' own headers, so nothing acknowledged is ever invisible. Copies kept
+apart in the spool's quarantine area are looked at too: one without its row is recorded in
+quarantine.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from pydicom import dcmread
 
+from pacs_node.catalog.quarantine import lookup_held
 from pacs_node.catalog.studies import known_paths
 from pacs_node.errors import IngestError
 from pacs_node.ingest.header import read_header
+from pacs_node.ingest.identity import Held, Reason, Verdict, decide, header_key
 from pacs_node.ingest.recorder import CatalogRecorder
-from pacs_node.ingest.spool import Spool
+from pacs_node.ingest.spool import QUARANTINE, SUFFIX, Spool
 from pacs_node.refs import InstanceRef
 
 log = logging.getLogger(__name__)
@@ -60,11 +67,40 @@ def reconcile(spool: Spool, recorder: CatalogRecorder, *, since: float | None = 
         removed = spool.clean_incoming()
         if removed:
             log.info("removed unacknowledged partial files", extra={"files": removed})
+    recorded = _record_missing(spool, recorder, spool.walk(), since, apart=False)
+    # then the quarantine area: copies kept apart when acknowledged, whose row never committed
+    held = _record_missing(spool, recorder, _walk_quarantine(spool), since, apart=True)
+    if recorded or held:
+        log.info("catalog reconciled from spool", extra={"instances": recorded, "held": held})
+    return recorded
+
+
+def _walk_quarantine(spool: Spool) -> Iterator[str]:
+    """``.quarantine/<SOP Instance UID>/<sha256>.dcm``: every copy kept apart."""
+    for sop in os.scandir(spool.quarantine):
+        if not sop.is_dir():
+            continue
+        for entry in os.scandir(sop.path):
+            if entry.name.endswith(SUFFIX) and entry.is_file():
+                yield f"{QUARANTINE}/{sop.name}/{entry.name}"
+
+
+def _record_missing(
+    spool: Spool,
+    recorder: CatalogRecorder,
+    relpaths: Iterable[str],
+    since: float | None,
+    *,
+    apart: bool,
+) -> int:
+    """Record the files of ``relpaths`` the catalog does not account for; ``apart``: they are
+    quarantined copies (the reason is decided here: the collision they make now, else a
+    re-send of other bytes)."""
     with recorder.catalog.sessions() as session:
         known = known_paths(session)
     missing = [
         relpath
-        for relpath in spool.walk()
+        for relpath in relpaths
         if relpath not in known and (since is None or _modified_since(spool, relpath, since))
     ]
     recorded = 0
@@ -77,10 +113,39 @@ def reconcile(spool: Spool, recorder: CatalogRecorder, *, since: float | None = 
             log.error("spool file cannot be read", extra={"path": relpath, "reason": str(exc)})
             continue
         if len(batch) >= BATCH:
-            recorded += recorder.record(batch).recorded
+            recorded += _record(recorder, batch, apart)
             batch = []
     if batch:
-        recorded += recorder.record(batch).recorded
-    if missing:
-        log.info("catalog reconciled from spool", extra={"instances": recorded})
+        recorded += _record(recorder, batch, apart)
     return recorded
+
+
+def _record(recorder: CatalogRecorder, refs: list[InstanceRef], apart: bool) -> int:
+    # record_each: one instance the catalog cannot take is quarantined alone, and never stops
+    # the node from starting
+    if not apart:
+        return recorder.record_each(refs)
+    recorder.record_each(_with_reasons(recorder, refs))
+    return len(refs)
+
+
+def _with_reasons(recorder: CatalogRecorder, refs: list[InstanceRef]) -> list[InstanceRef]:
+    with recorder.catalog.sessions() as session:
+        held = lookup_held(
+            session,
+            {r.study_uid for r in refs},
+            {r.series_uid for r in refs},
+            {r.sop_instance_uid for r in refs},
+        )
+    out = []
+    for ref in refs:
+        decision = decide(
+            ref.study_uid,
+            ref.series_uid,
+            header_key(ref.header),
+            ref.sha256,
+            Held.of(held, ref.study_uid, ref.series_uid, ref.sop_instance_uid),
+        )
+        reason = decision.reason if decision.verdict == Verdict.CONFLICT else Reason.RESEND
+        out.append(replace(ref, quarantine_reason=reason))
+    return out

@@ -39,6 +39,7 @@ from pacs_node.catalog.studies import (
     add_duplicates,
     add_quarantined,
     increment,
+    path_in_use,
     record_instances,
 )
 from pacs_node.ingest.identity import Reason
@@ -164,6 +165,12 @@ class CatalogRecorder:
         self._after_commit(outcome)
         return outcome
 
+    def record_each(self, refs: list[InstanceRef]) -> int:
+        """Record ``refs`` now, in the calling thread, as the recorder thread does: an instance
+        the catalog cannot take is quarantined on its own, the rest recorded (reconciliation
+        uses this, so one bad file never stops the node from starting)."""
+        return self._record_split(refs) if refs else 0
+
     def _hold(self, ref: InstanceRef) -> tuple[str, str, int]:
         held = self.spool.hold(ref.path, ref.sop_instance_uid)
         return held.relpath, held.sha256, held.size_bytes
@@ -277,7 +284,9 @@ class CatalogRecorder:
                     size_bytes=size,
                     collided_study_uid=None,
                 )
-            return RecordOutcome(release_paths=[ref.path] if moved else [])
+                # a replacement's name is an instance row's: only the copy goes apart
+                release = moved and not path_in_use(session, ref.path)
+            return RecordOutcome(release_paths=[ref.path] if release else [])
 
         try:
             outcome = self._transaction(work)
@@ -285,8 +294,8 @@ class CatalogRecorder:
             self.unrecorded += 1
             self._write_status()
             log.exception(
-                "instance cannot be quarantined either; its file stays in the spool for "
-                "reconciliation at the next start",
+                "instance cannot be quarantined either; its file stays in the spool (or its "
+                "quarantine area) for reconciliation at the next start",
                 extra={"sop_instance_uid": ref.sop_instance_uid, "unrecorded": self.unrecorded},
             )
             return

@@ -24,14 +24,30 @@ from pacs_node.catalog.models import (
     utcnow,
 )
 from pacs_node.catalog.quarantine import patient_key
-from pacs_node.catalog.studies import counters, list_studies
+from pacs_node.catalog.studies import counters, list_studies, record_instances
 from pacs_node.ingest.header import read_header
-from pacs_node.ingest.identity import Action, Decision, Held, Reason, Verdict, act, decide
+from pacs_node.ingest.identity import (
+    Action,
+    Decision,
+    Held,
+    IdentityGate,
+    Reason,
+    Verdict,
+    act,
+    decide,
+)
 from pacs_node.ingest.part10 import file_meta
-from pacs_node.ingest.quarantine import QuarantineError, coerced_uid, reassign, release
+from pacs_node.ingest.quarantine import (
+    QuarantineError,
+    coerced_uid,
+    discard,
+    reassign,
+    release,
+)
 from pacs_node.ingest.recorder import OUTAGE_FILE, CatalogRecorder, is_transient
-from pacs_node.ingest.spool import DataSetDigest, Spool
-from pacs_node.refs import InstanceRef
+from pacs_node.ingest.spool import DataSetDigest, Spool, StoredFile
+from pacs_node.ingest.statuses import SUCCESS
+from pacs_node.refs import CommitmentReport, InstanceRef
 from tests.conftest import wait_for
 from tests.dicom_factory import write_series
 
@@ -386,3 +402,179 @@ def test_reassign_files_the_instance_into_the_named_study(tmp_path: Path, catalo
         pytest.raises(QuarantineError, match="no quarantined instance"),
     ):
         reassign(session, spool, item_id + 1, "1.2.3", "dr.who")
+
+
+class _Sink:
+    """What the gate hands on, kept for the test to look at."""
+
+    def __init__(self) -> None:
+        self.submitted: list[InstanceRef] = []
+
+    def submit(self, ref: InstanceRef) -> None:
+        self.submitted.append(ref)
+
+    def count(self, name: str, by: int = 1) -> None:
+        pass
+
+    def duplicate(self, study_uid: str) -> None:
+        pass
+
+    def commitment_report(self, report: CommitmentReport) -> None:
+        pass
+
+
+def _resend(spool: Spool, ref: InstanceRef, tmp_path: Path, **changes: object) -> StoredFile:
+    """Other bytes under ``ref``'s UIDs, as a C-STORE would spool them."""
+    ds = dcmread(spool.path(ref.path))
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
+    path = tmp_path / "resend.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return spool.store(ref.study_uid, ref.series_uid, ref.sop_instance_uid, [path.read_bytes()])
+
+
+def test_replace_never_overwrites_a_copy_the_screen_did_not_see_committed(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(tmp_path / "spool")
+    (first,) = _refs(spool, write_series(tmp_path / "s", slices=1))
+    original = spool.path(first.path).read_bytes()
+    other = _resend(spool, first, tmp_path, PatientID="OTHER", ImageComments="b")
+    assert other.held is not None
+    sink = _Sink()
+    gate = IdentityGate(spool, sink, None, resend_policy="replace")
+    # the first copy is acknowledged but its row is still queued: the screen saw nothing
+    assert gate.admit(Decision(Verdict.NEW), other, first) == SUCCESS
+    assert spool.path(first.path).read_bytes() == original
+    (kept,) = sink.submitted
+    assert kept.path == other.held
+    assert kept.quarantine_reason == Reason.RESEND
+    assert not kept.replaces
+
+
+def test_a_conflicting_replacement_never_removes_the_name_a_row_points_at(
+    tmp_path: Path, catalog: Catalog
+) -> None:
+    spool = Spool(tmp_path / "spool")
+    (first,) = _refs(spool, write_series(tmp_path / "s", slices=1))
+    # batch [A, B-replaces]: B carries another patient under A's UIDs
+    intruder = replace(
+        first,
+        header=replace(first.header, patient_id="OTHER"),
+        replaces=True,
+        sha256="b" * 64,
+    )
+    outcome = CatalogRecorder(catalog, spool).record([first, intruder])
+    assert outcome.recorded == 1
+    assert outcome.quarantined == 1
+    assert outcome.release_paths == []
+    assert spool.path(first.path).exists()
+    with catalog.sessions() as session:
+        (row,) = session.scalars(select(Instance))
+        (item,) = session.scalars(select(QuarantineItem))
+    assert row.path == first.path
+    assert item.reason == Reason.PATIENT_MISMATCH
+    assert spool.path(item.path).exists()
+
+
+def test_an_unrecordable_replacement_leaves_the_rows_file_in_place(
+    tmp_path: Path, catalog: Catalog
+) -> None:
+    spool = Spool(tmp_path / "spool")
+    (first,) = _refs(spool, write_series(tmp_path / "s", slices=1))
+    recorder = CatalogRecorder(catalog, spool)
+    recorder.record([first])
+    # SQLite cannot hold this size: the replacement's update fails for the data's sake
+    poison = replace(first, replaces=True, sha256="b" * 64, size_bytes=2**70)
+    assert recorder.record_each([poison]) == 0
+    assert spool.path(first.path).exists()
+    with catalog.sessions() as session:
+        (item,) = session.scalars(select(QuarantineItem))
+    assert item.reason == Reason.UNRECORDABLE
+    assert spool.path(item.path).exists()
+
+
+def test_a_fresh_colliding_file_stays_under_its_name_until_the_recorder_holds_it(
+    tmp_path: Path, catalog: Catalog
+) -> None:
+    spool = Spool(tmp_path / "spool")
+    refs, _intruder, _item = _quarantined_intruder(tmp_path, catalog, spool)
+    (late,) = _refs(
+        spool,
+        write_series(tmp_path / "s3", slices=1),
+        StudyInstanceUID=refs[0].study_uid,
+        PatientID="OTHER-2",
+    )
+    sink = _Sink()
+    gate = IdentityGate(spool, sink, catalog, identity_conflict="quarantine")
+    stored = StoredFile(late.path, late.size_bytes, duplicate=False, sha256=late.sha256 or "")
+    screening = gate.screen(late.header)
+    assert screening.verdict == Verdict.CONFLICT
+    assert gate.admit(screening, stored, late) == SUCCESS
+    # acknowledged: the bytes are where reconciliation looks until the row commits
+    assert sink.submitted == [late]
+    assert spool.path(late.path).exists()
+    assert CatalogRecorder(catalog, spool).record(sink.submitted).quarantined == 1
+    assert not spool.path(late.path).exists()
+
+
+def test_a_discard_whose_commit_fails_keeps_the_bytes_and_a_copy_kept_again_is_held_again(
+    tmp_path: Path, catalog: Catalog
+) -> None:
+    spool = Spool(tmp_path / "spool")
+    _refs_s1, intruder, item_id = _quarantined_intruder(tmp_path, catalog, spool)
+    with catalog.sessions() as session:
+        item = session.get(QuarantineItem, item_id)
+        assert item is not None
+        held, data = item.path, spool.path(item.path).read_bytes()
+        discard(session, spool, item_id, "dr.who")
+        session.rollback()  # the commit never happens
+    assert spool.path(held).exists()
+    with catalog.sessions.begin() as session:
+        discard(session, spool, item_id, "dr.who")
+    assert not spool.path(held).exists()
+    # the same bytes sent again: acknowledged, kept, and held again under the same row
+    spool.store(intruder.study_uid, intruder.series_uid, intruder.sop_instance_uid, [data])
+    assert CatalogRecorder(catalog, spool).record([intruder]).quarantined == 1
+    with catalog.sessions() as session:
+        item = session.get(QuarantineItem, item_id)
+        assert item is not None
+        assert item.state == QuarantineState.HELD
+        assert item.resolved_by is None
+    assert spool.path(held).exists()
+
+
+def test_the_identity_check_holds_the_write_lock_before_it_reads(
+    tmp_path: Path, catalog: Catalog
+) -> None:
+    spool = Spool(tmp_path / "spool")
+    (ref,) = _refs(spool, write_series(tmp_path / "s", slices=1))
+    database = tmp_path / "catalog.sqlite"
+    locked: list[bool] = []
+
+    def probe(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        if not locked and "FROM studies" in statement:
+            other = sqlite3.connect(database, timeout=0)
+            try:
+                other.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError:
+                locked.append(True)
+            else:
+                locked.append(False)
+                other.rollback()
+            finally:
+                other.close()
+
+    event.listen(catalog.engine, "before_cursor_execute", probe)
+    with catalog.sessions.begin() as session:
+        assert record_instances(session, [ref]).recorded == 1
+    assert locked == [True]
+
+
+def test_an_instance_number_beyond_32_bits_is_no_number(tmp_path: Path) -> None:
+    ds = dcmread(write_series(tmp_path, slices=1)[0])
+    ds.InstanceNumber = "999999999999"
+    ds.SeriesNumber = "-2147483648"
+    header = read_header(ds)
+    assert header.instance_number is None
+    assert header.series_number == -(2**31)
