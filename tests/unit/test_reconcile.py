@@ -5,9 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pydicom
+from sqlalchemy import event, select
 
 from pacs_node.catalog.db import open_catalog
+from pacs_node.catalog.models import Instance, QuarantineItem
 from pacs_node.catalog.studies import list_studies
+from pacs_node.ingest.identity import Reason
 from pacs_node.ingest.reconcile import reconcile
 from pacs_node.ingest.recorder import CatalogRecorder
 from pacs_node.ingest.spool import Spool
@@ -67,5 +70,66 @@ def test_while_running_only_recent_files_are_recorded_and_incoming_is_left_alone
         assert (spool.incoming / "writing.part").exists()
         assert reconcile(spool, recorder) == 1  # at start: everything, and partial files go
         assert list(spool.incoming.iterdir()) == []
+    finally:
+        catalog.dispose()
+
+
+def test_copies_kept_apart_without_rows_are_recorded_in_quarantine(tmp_path: Path) -> None:
+    """Acknowledged, kept in the quarantine area, and the row never committed: found at start."""
+    spool = Spool(tmp_path / "spool")
+    (path,) = write_series(tmp_path / "src", slices=1)
+    ds = pydicom.dcmread(path)
+    uids = (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    first = spool.store(*uids, [path.read_bytes()])
+    ds.ImageComments = "corrected"
+    ds.save_as(path)
+    other = spool.store(*uids, [path.read_bytes()])
+    assert other.held is not None
+    catalog = open_catalog(f"sqlite:///{tmp_path / 'catalog.sqlite'}")
+    try:
+        recorder = CatalogRecorder(catalog, spool)
+        assert reconcile(spool, recorder) == 1
+        with catalog.sessions() as session:
+            (item,) = session.scalars(select(QuarantineItem))
+            (row,) = session.scalars(select(Instance))
+        assert item.path == other.held
+        assert item.reason == Reason.RESEND
+        assert item.collided_study_uid == ds.StudyInstanceUID
+        assert row.path == first.relpath
+        assert reconcile(spool, recorder) == 0
+        with catalog.sessions() as session:
+            assert len(list(session.scalars(select(QuarantineItem)))) == 1
+    finally:
+        catalog.dispose()
+
+
+def test_an_instance_the_catalog_refuses_is_quarantined_and_the_start_goes_on(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(tmp_path / "spool")
+    files = write_series(tmp_path / "src", slices=3)
+    for path in files:
+        ds = pydicom.dcmread(path)
+        spool.store(
+            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, [path.read_bytes()]
+        )
+    poison = str(pydicom.dcmread(files[1]).SOPInstanceUID)
+    catalog = open_catalog(f"sqlite:///{tmp_path / 'catalog.sqlite'}")
+
+    def refuse(
+        _conn: object, _cursor: object, statement: str, parameters: object, *_a: object
+    ) -> None:
+        if statement.startswith("INSERT INTO instances") and poison in str(parameters):
+            raise ValueError("the catalog cannot hold this instance")
+
+    event.listen(catalog.engine, "before_cursor_execute", refuse)
+    try:
+        recorder = CatalogRecorder(catalog, spool)
+        assert reconcile(spool, recorder) == 2
+        with catalog.sessions() as session:
+            (item,) = session.scalars(select(QuarantineItem))
+        assert item.sop_instance_uid == poison
+        assert item.reason == Reason.UNRECORDABLE
+        assert spool.path(item.path).exists()
     finally:
         catalog.dispose()
