@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from sqlalchemy import event, select
+from sqlalchemy import event, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from pacs_node.catalog.db import Catalog, open_catalog
@@ -578,3 +578,20 @@ def test_an_instance_number_beyond_32_bits_is_no_number(tmp_path: Path) -> None:
     header = read_header(ds)
     assert header.instance_number is None
     assert header.series_number == -(2**31)
+
+
+def test_on_postgresql_the_identity_check_holds_an_advisory_lock(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    catalog = open_catalog(postgres_url)
+    try:
+        spool = Spool(tmp_path / "spool")
+        (ref,) = _refs(spool, write_series(tmp_path / "s", slices=1))
+        with catalog.sessions.begin() as session:
+            assert record_instances(session, [ref]).recorded == 1
+            held = session.scalar(
+                text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted")
+            )
+        assert held == 1
+    finally:
+        catalog.dispose()
