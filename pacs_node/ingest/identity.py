@@ -15,7 +15,8 @@ ErrorComment naming the collision; ``quarantine`` answers success and keeps the 
 under the spool's quarantine area with a catalog row and an event on the study it collided
 with. A re-send with other bytes follows ``resend_policy``: ``keep_first`` (the new bytes go to
 quarantine), ``replace`` (the stored file is swapped in one rename, the row updated and the
-study reopened) or ``reject`` (RESEND_REFUSED, 0xC011). A quarantined instance is never counted
+study reopened; only over a copy the screen saw catalogued, else as ``keep_first``) or
+``reject`` (RESEND_REFUSED, 0xC011). A quarantined instance is never counted
 in, routed with or processed as part of any study until an operator releases, re-assigns or
 discards it (:mod:`pacs_node.ingest.quarantine`).
 
