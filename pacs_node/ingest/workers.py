@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import multiprocessing
 import os
@@ -30,7 +31,6 @@ from typing import Any
 
 from pacs_node.catalog.db import Catalog, open_catalog
 from pacs_node.config import Settings
-from pacs_node.errors import PacsNodeError
 from pacs_node.ingest.limits import SharedLimits
 from pacs_node.ingest.recorder import RecordSink
 from pacs_node.ingest.scp import StorageSCP, limits_for
@@ -86,14 +86,11 @@ def _die_with_parent() -> None:
         pass
 
 
-def _read_only_catalog(settings: Settings) -> Catalog | None:
+def _read_only_catalog(settings: Settings) -> Catalog:
     """The identity screen's handle: read-only (SQLite in WAL and PostgreSQL both let it read
-    while the main process writes); None when it cannot open, the recorder checks anyway."""
-    try:
-        return open_catalog(settings.node.catalog_url, run_migrations=False, read_only=True)
-    except PacsNodeError as exc:
-        log.warning("identity screen has no catalog", extra={"error": str(exc)})
-        return None
+    while the main process writes). The screen opens it when first needed and again after a
+    failure; until it opens, the recorder's check is the only one."""
+    return open_catalog(settings.node.catalog_url, run_migrations=False, read_only=True)
 
 
 def _run_worker(
@@ -110,8 +107,13 @@ def _run_worker(
     spool = Spool(
         options.spool_dir, fsync=options.fsync, min_free_bytes=options.min_free_mb * 2**20
     )
-    catalog = _read_only_catalog(settings)
-    scp = StorageSCP(settings, spool, _PipeSink(pipe), catalog, limits=limits)
+    scp = StorageSCP(
+        settings,
+        spool,
+        _PipeSink(pipe),
+        limits=limits,
+        open_catalog=functools.partial(_read_only_catalog, settings),
+    )
     stop = threading.Event()
 
     def _on_signal(_signum: int, _frame: FrameType | None) -> None:
