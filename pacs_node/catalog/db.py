@@ -51,9 +51,17 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+# The read-only handle screens each C-STORE before it is answered: it must fail fast (the
+# screen then fails open and the recorder checks) rather than hold the answer, or the retention
+# lock taken around it, for the catalog's timeouts (minutes for a blackholed PostgreSQL).
+READ_ONLY_TIMEOUT_S = 2
+READ_ONLY_BUSY_MS = 500
+
+
 def _sqlite_query_only(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA query_only=ON")
+    cursor.execute(f"PRAGMA busy_timeout={READ_ONLY_BUSY_MS}")
     cursor.close()
 
 
@@ -63,7 +71,8 @@ def create_catalog_engine(url: str, *, read_only: bool = False) -> Engine:
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
             private_sqlite(Path(parsed.database))  # it holds patient names: 0600
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        timeout = READ_ONLY_BUSY_MS / 1000 if read_only else 30
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": timeout})
         event.listen(engine, "connect", _sqlite_pragmas)
         if read_only:
             event.listen(engine, "connect", _sqlite_query_only)
@@ -71,10 +80,19 @@ def create_catalog_engine(url: str, *, read_only: bool = False) -> Engine:
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")
     if read_only:
+        statement_ms = READ_ONLY_TIMEOUT_S * 1000
         return create_engine(
             parsed,
             pool_pre_ping=True,
-            connect_args={"options": "-c default_transaction_read_only=on"},
+            pool_timeout=READ_ONLY_TIMEOUT_S,
+            connect_args={
+                "connect_timeout": READ_ONLY_TIMEOUT_S,
+                # unacknowledged bytes (a peer gone silent) end the connection in this time
+                "tcp_user_timeout": statement_ms,
+                "options": (
+                    f"-c default_transaction_read_only=on -c statement_timeout={statement_ms}"
+                ),
+            },
         )
     return create_engine(parsed, pool_pre_ping=True)
 

@@ -10,8 +10,9 @@ one POST per outbox attempt). The answer decides each instance (PS3.18 10.5.3):
   stores it); one in the Failed SOP Sequence (0008,1198) fails by its Failure Reason
   (0008,1197), read as a C-STORE status (0xA7xx out of resources and 0x0110 processing failure
   are transient; 0x0122, 0xA9xx and 0xCxxx permanent). An instance in neither list was not
-  acknowledged: transient. A 200 with no body at all is taken at its word; a 200 with another
-  kind of body (a login page) is not a STOW-RS answer: permanent.
+  acknowledged: transient. A 200 with no body at all acknowledges nothing (the response is
+  required): transient; a 200 with another kind of body (a login page) is not a STOW-RS
+  answer: permanent.
 - 3xx: permanent (a wrong URL or a login page in front of the service; redirects are never
   followed); other 4xx: permanent; 408, 425, 429 and 5xx: transient, and a Retry-After puts
   the next attempt no earlier than it asks.
@@ -167,7 +168,11 @@ def read_answer(
     response = StoreResponse.read(answer)
     if response is None:
         if status == 200 and not answer.body.strip():
-            return [Delivered(ts) for ts in chosen]  # all stored, said without a body
+            # PS3.18 requires the Store Instances Response: a proxy or a cut connection can
+            # answer an empty 200 for a request the service never stored.
+            return [Transient("STOW-RS HTTP 200 without a body: nothing acknowledged")] * len(
+                parcels
+            )
         if status == 200:
             kind = answer.media_type or "no content type"
             return [Permanent(f"STOW-RS HTTP 200 that is not a STOW-RS answer ({kind})")] * len(

@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import enum
 import logging
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -41,6 +43,8 @@ from pacs_node.errors import IdentityConflict, ResendRefused, StudyBeingRemoved
 from pacs_node.ingest.statuses import SUCCESS
 
 if TYPE_CHECKING:
+    from sqlalchemy import Connection
+
     from pacs_node.catalog.db import Catalog
     from pacs_node.ingest.recorder import RecordSink
     from pacs_node.ingest.spool import Spool, StoredFile
@@ -49,6 +53,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WARN_EVERY_S = 60.0
+SKIP_AFTER_FAILURE_S = 10.0  # the screen leaves a failing catalog alone this long
 
 
 class Reason(enum.StrEnum):
@@ -168,16 +173,44 @@ class IdentityGate:
         *,
         identity_conflict: str = "reject",
         resend_policy: str = "keep_first",
+        open_catalog: Callable[[], Catalog] | None = None,
     ) -> None:
+        """``open_catalog`` opens the read-only handle when ``catalog`` is None: at the first
+        C-STORE, and again after a failure (a worker started during a catalog outage screens
+        once the catalog is back)."""
         self.spool = spool
         self.sink = sink
         self.catalog = catalog
         self.identity_conflict = identity_conflict
         self.resend_policy = resend_policy
+        self._open_catalog = open_catalog
+        self._opening = threading.Lock()
+        self._skip_until = 0.0
         self._warned_at = 0.0
+
+    def _connect(self) -> Connection | None:
+        """A connection for one look-up; None when there is no catalog to ask now (none, still
+        opening, or failed less than SKIP_AFTER_FAILURE_S ago: a circuit breaker, so that a
+        catalog that hangs costs one C-STORE a timeout, not every one)."""
+        if time.monotonic() < self._skip_until:
+            return None
+        try:
+            if self.catalog is None:
+                if self._open_catalog is None or not self._opening.acquire(blocking=False):
+                    return None
+                try:
+                    if self.catalog is None:
+                        self.catalog = self._open_catalog()
+                finally:
+                    self._opening.release()
+            return self.catalog.engine.connect()
+        except Exception as exc:
+            self._unavailable(exc)
+            return None
 
     def _unavailable(self, exc: Exception) -> None:
         now = time.monotonic()
+        self._skip_until = now + SKIP_AFTER_FAILURE_S
         if not self._warned_at or now - self._warned_at >= WARN_EVERY_S:
             self._warned_at = now
             log.warning(
@@ -188,10 +221,11 @@ class IdentityGate:
     def screen(self, header: InstanceHeader) -> Decision:
         """Refuse a colliding instance before anything is written (``identity_conflict:
         reject``); otherwise say what :meth:`admit` must do with it."""
-        if self.catalog is None:
+        connection = self._connect()
+        if connection is None:
             return Decision(Verdict.NEW)
         try:
-            with self.catalog.engine.connect() as connection:
+            with connection:
                 held = lookup_one(
                     connection, header.study_uid, header.series_uid, header.sop_instance_uid
                 )
@@ -212,10 +246,11 @@ class IdentityGate:
 
     def being_removed(self, study_uid: str) -> bool:
         """Retention is removing ``study_uid`` (False when the catalog cannot say)."""
-        if self.catalog is None:
+        connection = self._connect()
+        if connection is None:
             return False
         try:
-            with self.catalog.engine.connect() as connection:
+            with connection:
                 return being_removed(connection, study_uid)
         except Exception as exc:
             self._unavailable(exc)

@@ -1,9 +1,14 @@
 """Connection and association limits shared by every Storage SCP process of one node.
 
-The main process creates one :class:`SharedLimits` (a small table in shared memory and its lock)
-and hands it to each spawned worker with that worker's row number. Every count is kept per worker
-row, so a worker that dies leaves nothing held: the main process clears its row before it starts
-the replacement (:meth:`SharedLimits.clear_row`).
+The main process creates one :class:`SharedLimits` (a small table in shared memory) and hands it
+to each spawned worker with that worker's row number. Every count is kept per worker row, so a
+worker that dies leaves nothing held: the main process clears its row before it starts the
+replacement (:meth:`SharedLimits.clear_row`).
+
+No lock is shared between processes (a worker killed while holding one would stop every other
+worker): a process writes only its own row, under a lock of its own, and takes a count by adding
+it first and then reading the sums; over a cap, it takes it back and refuses. Two processes racing
+for the last place may then both refuse, never both succeed: a limit can only be stricter.
 
 What is counted:
 
@@ -25,7 +30,6 @@ import ipaddress
 import os
 import threading
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from multiprocessing.context import BaseContext
 from typing import Any
@@ -82,29 +86,36 @@ class SharedLimits:
         self,
         caps: Caps,
         counts: Any,
-        lock: AbstractContextManager[Any],
         salt: bytes,
         rows: int,
         row: int = 0,
     ) -> None:
         self.caps = caps
         self._counts = counts
-        self._lock = lock
         self._salt = salt
         self._rows = rows
         self.row = row
+        self._lock = threading.Lock()  # this process's writes to its own row
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        del state["_lock"]  # a process gets a lock of its own, never a shared one
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     @classmethod
     def create(cls, caps: Caps, rows: int, context: BaseContext | None = None) -> SharedLimits:
         """A table for ``rows`` processes; with ``context`` it can be handed to spawned ones."""
         if context is None:
-            return cls(caps, [0] * (ROW * rows), threading.Lock(), os.urandom(16), rows)
-        counts = context.RawArray("i", ROW * rows)
-        return cls(caps, counts, context.Lock(), os.urandom(16), rows)
+            return cls(caps, [0] * (ROW * rows), os.urandom(16), rows)
+        return cls(caps, context.RawArray("i", ROW * rows), os.urandom(16), rows)
 
     def for_row(self, row: int) -> SharedLimits:
         """The same table, counting as worker ``row`` (given to that worker)."""
-        return SharedLimits(self.caps, self._counts, self._lock, self._salt, self._rows, row)
+        return SharedLimits(self.caps, self._counts, self._salt, self._rows, row)
 
     def _bucket(self, key: str) -> int:
         digest = hashlib.blake2b(key.encode("utf-8", "replace"), key=self._salt, digest_size=8)
@@ -113,67 +124,61 @@ class SharedLimits:
     def _sum(self, column: int) -> int:
         return sum(self._counts[r * ROW + column] for r in range(self._rows))
 
-    def _take(self, columns: tuple[tuple[int, int], ...]) -> Lease | None:
-        """Increment every column if each stays within its cap; else change nothing."""
+    def _add(self, columns: tuple[tuple[int, int], ...], by: int) -> None:
+        base = self.row * ROW
         with self._lock:
-            if any(self._sum(column) >= cap for column, cap in columns):
-                return None
-            base = self.row * ROW
             for column, _cap in columns:
-                self._counts[base + column] += 1
+                self._counts[base + column] = max(0, self._counts[base + column] + by)
 
-        def give_back() -> None:
-            with self._lock:
-                for column, _cap in columns:
-                    if self._counts[base + column] > 0:
-                        self._counts[base + column] -= 1
-
-        return Lease(give_back)
+    def _take(self, columns: tuple[tuple[int, int], ...]) -> tuple[Lease | None, int]:
+        """Increment every column if each stays within its cap; else change nothing. On
+        refusal, also the index in ``columns`` of the first column over its cap."""
+        self._add(columns, 1)  # its lock's release orders the increments before the reads
+        over = next((i for i, (column, cap) in enumerate(columns) if self._sum(column) > cap), -1)
+        if over >= 0:
+            self._add(columns, -1)
+            return None, over
+        return Lease(lambda: self._add(columns, -1)), -1
 
     def take_pending(self, address: str) -> Lease | None:
         """A connection that has not yet sent its A-ASSOCIATE-RQ; None: a limit is reached."""
         column = _PENDING_BASE + self._bucket(address_key(address))
-        return self._take(
+        lease, _over = self._take(
             (
                 (_PENDING_TOTAL, self.caps.pending_total),
                 (column, self.caps.pending_per_address),
             )
         )
+        return lease
 
     def pending_limit(self, address: str) -> str | None:
         """Which pending limit ``address`` is at now (``"address"`` or ``"total"``), if any."""
         column = _PENDING_BASE + self._bucket(address_key(address))
-        with self._lock:
-            if self._sum(column) >= self.caps.pending_per_address:
-                return "address"
-            if self._sum(_PENDING_TOTAL) >= self.caps.pending_total:
-                return "total"
+        if self._sum(column) >= self.caps.pending_per_address:
+            return "address"
+        if self._sum(_PENDING_TOTAL) >= self.caps.pending_total:
+            return "total"
         return None
 
     def take_association(self, calling_ae: str, address: str) -> tuple[Lease | None, str]:
         """An established association; on refusal, which limit (``"total"`` or ``"peer"``)."""
         peer = _PEER_BASE + self._bucket(f"{calling_ae.strip()}\\{address_key(address)}")
-        with self._lock:
-            if self._sum(_ESTABLISHED_TOTAL) >= self.caps.established_total:
-                return None, "total"
-        lease = self._take(
+        lease, over = self._take(
             (
                 (_ESTABLISHED_TOTAL, self.caps.established_total),
                 (peer, self.caps.established_per_peer),
             )
         )
-        return lease, "" if lease is not None else "peer"
+        return lease, ("total" if over == 0 else "peer") if lease is None else ""
 
     def established(self) -> int:
-        with self._lock:
-            return self._sum(_ESTABLISHED_TOTAL)
+        return self._sum(_ESTABLISHED_TOTAL)
 
     def pending(self) -> int:
-        with self._lock:
-            return self._sum(_PENDING_TOTAL)
+        return self._sum(_PENDING_TOTAL)
 
     def clear_row(self, row: int) -> None:
-        """Forget what worker ``row`` held (it died; the kernel closed its connections)."""
-        with self._lock:
-            for index in range(row * ROW, (row + 1) * ROW):
-                self._counts[index] = 0
+        """Forget what worker ``row`` held (it died; the kernel closed its connections). Only
+        the main process calls it, before the row's next worker starts: nobody else writes it."""
+        for index in range(row * ROW, (row + 1) * ROW):
+            self._counts[index] = 0

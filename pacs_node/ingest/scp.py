@@ -14,6 +14,7 @@ import logging
 import socket
 import socketserver
 import threading
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -102,9 +103,11 @@ class StorageSCP:
         recorder: RecordSink,
         catalog: Catalog | None = None,
         limits: SharedLimits | None = None,
+        open_catalog: Callable[[], Catalog] | None = None,
     ) -> None:
-        """``catalog``: a read-only handle for the identity screen; ``limits``: the node-wide
-        table this process counts in (one of its own if None)."""
+        """``catalog``: a read-only handle for the identity screen (or ``open_catalog`` to open
+        one when first needed); ``limits``: the node-wide table this process counts in (one of
+        its own if None)."""
         self.settings = settings
         self.spool = spool
         self.recorder = recorder
@@ -114,6 +117,7 @@ class StorageSCP:
             catalog,
             identity_conflict=settings.node.identity_conflict,
             resend_policy=settings.node.resend_policy,
+            open_catalog=open_catalog,
         )
         self.policy = AccessPolicy(settings)
         self._server: GuardedServer | None = None

@@ -197,9 +197,8 @@ class Spool:
         another data set, into the quarantine area); the caller removes ``tmp``."""
         final = self.root / relpath
         if not final.exists():
-            created = self._make_dirs(final.parent)
             try:
-                os.link(tmp, final)
+                created = self._link(tmp, final)
             except FileExistsError:
                 pass
             else:
@@ -219,10 +218,10 @@ class Spool:
             (QUARANTINE, require_uid(sop_instance_uid, "SOPInstanceUID"), sha256 + SUFFIX)
         )
         target = self.root / held
-        created = self._make_dirs(target.parent)
+        created: list[Path] = []
         new = True
         try:
-            os.link(source, target)
+            created = self._link(source, target)
         except FileExistsError:
             new = False
         if self.fsync:
@@ -248,9 +247,16 @@ class Spool:
         try:
             tmp.unlink()
             os.link(self.root / held, tmp)
-            os.replace(tmp, self.root / relpath)
+            target = self.root / relpath
+            created: list[Path] = []
+            try:
+                os.replace(tmp, target)
+            except FileNotFoundError:  # retention removed the folder since the name was taken
+                created = self._make_dirs(target.parent)
+                os.replace(tmp, target)
             if self.fsync:
-                _fsync_dir((self.root / relpath).parent)
+                for directory in (target.parent, *created):
+                    _fsync_dir(directory)
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -289,6 +295,20 @@ class Spool:
             raise
         finally:
             temporary.unlink(missing_ok=True)
+
+    def _link(self, source: Path, target: Path) -> list[Path]:
+        """Hard-link ``source`` to ``target``, making its folders; return the folders whose
+        entries changed. Retention removes empty folders without the lock this runs outside
+        of, so a folder just made may be gone again: made once more and linked again."""
+        created = self._make_dirs(target.parent)
+        try:
+            os.link(source, target)
+        except FileNotFoundError:
+            if not source.exists():
+                raise
+            created += self._make_dirs(target.parent)
+            os.link(source, target)
+        return created
 
     def _make_dirs(self, directory: Path) -> list[Path]:
         """Create ``directory`` and missing parents; return the parents whose entries changed."""

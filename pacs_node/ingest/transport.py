@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import logging
 import os
@@ -259,6 +260,12 @@ class GuardedSocket(socket.socket):
                 return
         callback()
 
+    def forget_on_close(self, callback: Callable[[], None]) -> None:
+        """Drop ``callback`` (its work is done): one per C-STORE would otherwise be kept, with
+        what it refers to, until the connection closes."""
+        with self._lock, contextlib.suppress(ValueError):
+            self._on_close.remove(callback)
+
     # -- reading -----------------------------------------------------------------------------
     def _read_timeout(self) -> float:
         if self.requested:
@@ -486,6 +493,10 @@ _open_lock = threading.Lock()
 _pynetdicom_temporary_file = dimse_messages.NamedTemporaryFile  # type: ignore[attr-defined]
 
 
+def _nothing() -> None:
+    pass
+
+
 class ReceivedFile:
     """A C-STORE data set written to the spool's incoming folder while its PDUs arrive.
 
@@ -513,6 +524,7 @@ class ReceivedFile:
         self._digest = hashlib.sha256()
         self._lock = threading.Lock()
         self._state = "receiving"  # -> claimed (by the C-STORE handler) | discarded
+        self.unhook: Callable[[], None] = _nothing  # forgets the connection's close callback
 
     @property
     def file(self) -> ReceivedFile:
@@ -598,6 +610,7 @@ class ReceivedFile:
             self._state = "claimed"
         with _open_lock:
             _open_files.pop(self.name, None)
+        self.unhook()
         return True
 
     def finish(self) -> None:
@@ -628,6 +641,7 @@ class ReceivedFile:
             self._state = "discarded"
         with _open_lock:
             _open_files.pop(self.name, None)
+        self.unhook()
         self.close()
         self.path.unlink(missing_ok=True)
 
@@ -652,6 +666,7 @@ def _temporary_file(*args: Any, **kwargs: Any) -> Any:
     with _open_lock:
         _open_files[received.name] = received
     raw.on_close(received.discard)
+    received.unhook = functools.partial(raw.forget_on_close, received.discard)
     return received
 
 

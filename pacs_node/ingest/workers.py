@@ -4,15 +4,18 @@ pynetdicom decodes PDUs in Python, so one process handles about one core's worth
 whatever the number of associations (the GIL). The main process binds the DICOM port once and
 spawns workers that accept on that same socket; each worker runs the ordinary
 :class:`~pacs_node.ingest.scp.StorageSCP` (parse, spool with fsync, ack) and sends what it spooled
-back over a pipe. The main process keeps the single catalog writer and the assembly timers, so
-state stays in one place. Workers are spawned (not forked) so they never inherit the main
-process's threads or database connections, and a worker that dies is replaced.
+back over a pipe of its own (no lock shared between processes: a worker killed in the middle of
+a write takes only its own pipe with it). The main process keeps the single catalog writer and
+the assembly timers, so state stays in one place. Workers are spawned (not forked) so they
+never inherit the main process's threads or database connections, and a worker that dies is
+replaced.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import multiprocessing
 import os
@@ -21,14 +24,13 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from multiprocessing.connection import Connection, wait
 from multiprocessing.context import SpawnProcess
-from multiprocessing.queues import SimpleQueue
 from types import FrameType
 from typing import Any
 
 from pacs_node.catalog.db import Catalog, open_catalog
 from pacs_node.config import Settings
-from pacs_node.errors import PacsNodeError
 from pacs_node.ingest.limits import SharedLimits
 from pacs_node.ingest.recorder import RecordSink
 from pacs_node.ingest.scp import StorageSCP, limits_for
@@ -46,22 +48,30 @@ DRAIN_S = 30.0  # how long a stopping worker lets running associations finish
 
 
 class _PipeSink:
-    """The worker side: every call is pickled and written before the C-STORE is answered."""
+    """The worker side: every call is pickled and written before the C-STORE is answered.
 
-    def __init__(self, queue: SimpleQueue[Any]) -> None:
-        self._queue = queue
+    Each message carries the system-wide monotonic time taken just before it is written, so the
+    main process can merge the workers' pipes in the order instances were acknowledged."""
+
+    def __init__(self, pipe: Connection) -> None:
+        self._pipe = pipe
+        self._lock = threading.Lock()  # this process's threads only: it dies with the process
+
+    def _send(self, kind: str, value: object) -> None:
+        with self._lock:
+            self._pipe.send((time.monotonic(), kind, value))
 
     def submit(self, ref: InstanceRef) -> None:
-        self._queue.put((_SUBMIT, ref))
+        self._send(_SUBMIT, ref)
 
     def count(self, name: str, by: int = 1) -> None:
-        self._queue.put((_COUNT, (name, by)))
+        self._send(_COUNT, (name, by))
 
     def duplicate(self, study_uid: str) -> None:
-        self._queue.put((_DUPLICATE, study_uid))
+        self._send(_DUPLICATE, study_uid)
 
     def commitment_report(self, report: CommitmentReport) -> None:
-        self._queue.put((_REPORT, report))
+        self._send(_REPORT, report)
 
 
 def _die_with_parent() -> None:
@@ -76,20 +86,17 @@ def _die_with_parent() -> None:
         pass
 
 
-def _read_only_catalog(settings: Settings) -> Catalog | None:
+def _read_only_catalog(settings: Settings) -> Catalog:
     """The identity screen's handle: read-only (SQLite in WAL and PostgreSQL both let it read
-    while the main process writes); None when it cannot open, the recorder checks anyway."""
-    try:
-        return open_catalog(settings.node.catalog_url, run_migrations=False, read_only=True)
-    except PacsNodeError as exc:
-        log.warning("identity screen has no catalog", extra={"error": str(exc)})
-        return None
+    while the main process writes). The screen opens it when first needed and again after a
+    failure; until it opens, the recorder's check is the only one."""
+    return open_catalog(settings.node.catalog_url, run_migrations=False, read_only=True)
 
 
 def _run_worker(
     settings: Settings,
     listening: socket.socket,
-    queue: SimpleQueue[Any],
+    pipe: Connection,
     parent: int,
     limits: SharedLimits,
 ) -> None:
@@ -100,8 +107,13 @@ def _run_worker(
     spool = Spool(
         options.spool_dir, fsync=options.fsync, min_free_bytes=options.min_free_mb * 2**20
     )
-    catalog = _read_only_catalog(settings)
-    scp = StorageSCP(settings, spool, _PipeSink(queue), catalog, limits=limits)
+    scp = StorageSCP(
+        settings,
+        spool,
+        _PipeSink(pipe),
+        limits=limits,
+        open_catalog=functools.partial(_read_only_catalog, settings),
+    )
     stop = threading.Event()
 
     def _on_signal(_signum: int, _frame: FrameType | None) -> None:
@@ -146,7 +158,10 @@ class SCPWorkers:
         self._started: dict[int, float] = {}
         self.listening: socket.socket | None = None
         self._context = multiprocessing.get_context("spawn")
-        self._queue: SimpleQueue[Any] = self._context.SimpleQueue()
+        # One pipe per worker (its read end here); a dead worker's pipe is read to its end.
+        self._pipes: list[Connection] = []
+        self._pipes_lock = threading.Lock()
+        self._wake, self._waker = self._context.Pipe(duplex=False)
         self._processes: list[SpawnProcess] = []
         # Connection and association limits counted across all workers (one row each).
         self.limits = SharedLimits.create(limits_for(settings), rows=count, context=self._context)
@@ -187,12 +202,13 @@ class SCPWorkers:
     def _spawn(self, row: int) -> SpawnProcess:
         started = time.time()
         self.limits.clear_row(row)  # what a dead worker held went with its connections
+        reader, writer = self._context.Pipe(duplex=False)
         process = self._context.Process(
             target=_run_worker,
             args=(
                 self.settings,
                 self.listening,
-                self._queue,
+                writer,
                 os.getpid(),
                 self.limits.for_row(row),
             ),
@@ -200,23 +216,51 @@ class SCPWorkers:
             daemon=True,
         )
         process.start()
+        writer.close()  # the worker holds the only write end: its death ends the pipe
+        with self._pipes_lock:
+            self._pipes.append(reader)
+        self._waker.send(None)  # the pump waits on the new pipe from now on
         self._started[id(process)] = started
         return process
 
+    def _dispatch(self, kind: str, value: Any) -> None:
+        if kind == _SUBMIT:
+            self.sink.submit(value)
+        elif kind == _COUNT:
+            self.sink.count(*value)
+        elif kind == _REPORT:
+            self.sink.commitment_report(value)
+        else:
+            self.sink.duplicate(value)
+
     def _pump(self) -> None:
+        """Hand on what the workers send, oldest first across pipes.
+
+        A message acknowledged before another was written (whole) before the other's time was
+        taken; so when a pipe shows a message, every earlier one is already readable in its own
+        pipe. Holding the next message of each pipe and handing on the oldest, after looking
+        at every pipe without one, keeps the order in which instances were acknowledged."""
+        heads: dict[Connection, tuple[float, str, Any]] = {}
         while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            kind, value = item
-            if kind == _SUBMIT:
-                self.sink.submit(value)
-            elif kind == _COUNT:
-                self.sink.count(*value)
-            elif kind == _REPORT:
-                self.sink.commitment_report(value)
-            else:
-                self.sink.duplicate(value)
+            with self._pipes_lock:
+                idle = [pipe for pipe in self._pipes if pipe not in heads]
+                if self._stopping.is_set() and not self._pipes and not heads:
+                    return
+            for ready in wait([self._wake, *idle], timeout=0 if heads else None):
+                if ready is self._wake:
+                    self._wake.recv()
+                    continue
+                assert isinstance(ready, Connection)
+                try:
+                    heads[ready] = ready.recv()
+                except (EOFError, OSError):  # the worker is gone and its pipe read to the end
+                    with self._pipes_lock:
+                        self._pipes.remove(ready)
+                    ready.close()
+            if heads:
+                oldest = min(heads, key=lambda pipe: heads[pipe][0])
+                _at, kind, value = heads.pop(oldest)
+                self._dispatch(kind, value)
 
     def _supervise(self) -> None:
         while not self._stopping.wait(1.0):
@@ -234,7 +278,7 @@ class SCPWorkers:
                         log.exception("recording what the dead SCP worker spooled failed")
 
     def stop(self) -> None:
-        """Stop accepting, let running associations finish, then drain the pipe."""
+        """Stop accepting, let running associations finish, then drain the pipes."""
         self._stopping.set()
         for process in self._processes:
             if process.is_alive():
@@ -244,7 +288,7 @@ class SCPWorkers:
             if process.is_alive():
                 process.kill()
                 process.join()
-        self._queue.put(None)
+        self._waker.send(None)  # every worker is gone: the pump reads their pipes to the end
         for thread in self._threads:
             thread.join(10)
         if self.listening is not None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from pathlib import Path
 
 import httpx
 import pytest
 
-from pacs_node.dispatch.dicomweb import StoreResponse
+from pacs_node.dispatch.dicomweb import StoreResponse, read_answer
 from pacs_node.dispatch.fhir import search_request
+from pacs_node.dispatch.handler import Parcel, Transient
 from pacs_node.dispatch.http import Answer, classify_http, retry_after
 from pacs_node.errors import PermanentDelivery, TransientDelivery
 from pacs_node.results.fhir import identifier_query, search_escape
@@ -109,3 +111,10 @@ def test_a_stow_answer_with_failures_is_read_per_instance() -> None:
     response = StoreResponse.read(_answer(body))
     assert response is not None
     assert (response.stored, response.failed) == ({"1.1"}, {"1.2": 0xA900})
+
+
+@pytest.mark.parametrize("body", [b"", b"  \r\n"])
+def test_an_empty_200_stow_answer_delivers_nothing(body: bytes) -> None:
+    parcel = Parcel(1, "seg", "1.2.840.10008.5.1.4.1.1.66.4", "1.9", {"ts": Path("x.dcm")})
+    outcomes = read_answer(_answer(body), [parcel], ["ts"], NOW)
+    assert [type(outcome) for outcome in outcomes] == [Transient]

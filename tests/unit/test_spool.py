@@ -100,3 +100,35 @@ def test_clean_incoming_removes_unacknowledged_partials(tmp_path: Path) -> None:
     (spool.incoming / "abc.part").write_bytes(b"half")
     assert spool.clean_incoming() == 1
     assert list(spool.incoming.iterdir()) == []
+
+
+def test_a_replacement_goes_in_after_retention_removed_the_folders(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    first = spool.store(STUDY, SERIES, SOP, [b"first"])
+    again = spool.store(STUDY, SERIES, SOP, [b"second"])
+    assert again.held is not None
+    (tmp_path / first.relpath).unlink()  # retention step 2: file, then the empty folders
+    (tmp_path / STUDY / SERIES).rmdir()
+    (tmp_path / STUDY).rmdir()
+    spool.swap_in(again.held, first.relpath)
+    assert (tmp_path / first.relpath).read_bytes() == b"second"
+
+
+def test_a_folder_removed_between_making_it_and_linking_is_made_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = Spool(tmp_path)
+    make_dirs = spool._make_dirs
+    calls: list[Path] = []
+
+    def racing_retention(directory: Path) -> list[Path]:
+        created = make_dirs(directory)
+        calls.append(directory)
+        if len(calls) == 1:  # retention's rmdir of the (still empty) folder wins the race
+            directory.rmdir()
+        return created
+
+    monkeypatch.setattr(spool, "_make_dirs", racing_retention)
+    stored = spool.store(STUDY, SERIES, SOP, [b"data"])
+    assert (tmp_path / stored.relpath).read_bytes() == b"data"
+    assert len(calls) == 2

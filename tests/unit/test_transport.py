@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import multiprocessing
+import os
+import signal
 import socket
 import struct
 import threading
@@ -11,6 +14,7 @@ import zlib
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pydicom
@@ -153,6 +157,65 @@ def test_association_limits_per_peer_and_in_total_across_rows() -> None:
     table.clear_row(1)  # worker 1 died
     assert table.established() == 1
     assert one.take_association("CT3", "10.0.0.9")[0] is not None
+
+
+def _count_forever(table: SharedLimits, started: Any) -> None:
+    while True:
+        lease, _ = table.take_association("CT1", "10.0.0.1")
+        started.set()
+        if lease is not None:
+            lease.release()
+
+
+def test_a_worker_killed_while_counting_blocks_no_other() -> None:
+    context = multiprocessing.get_context("fork")
+    table = SharedLimits.create(_caps(established_per_peer=10), rows=2, context=context)
+    for _attempt in range(3):
+        started = context.Event()
+        child = context.Process(target=_count_forever, args=(table.for_row(1), started))
+        child.start()
+        assert started.wait(30)
+        os.kill(child.pid or 0, signal.SIGKILL)  # at any point, inside a count or not
+        child.join()
+        done = threading.Event()
+
+        def count_on(done: threading.Event = done) -> None:
+            table.clear_row(1)  # what the supervisor does before the replacement starts
+            for _ in range(100):
+                lease, _ = table.for_row(0).take_association("CT1", "10.0.0.1")
+                assert lease is not None
+                lease.release()
+            done.set()
+
+        threading.Thread(target=count_on, daemon=True).start()
+        assert done.wait(10), "a dead worker left the table locked"
+        assert table.established() == 0
+
+
+def test_racing_rows_never_pass_a_cap() -> None:
+    table = SharedLimits.create(_caps(established_total=3, established_per_peer=3), rows=2)
+    lock = threading.Lock()
+    held = [0, 0]  # now, most at once
+
+    def run(limits: SharedLimits) -> None:
+        for _ in range(2000):
+            lease, _ = limits.take_association("CT1", "10.0.0.1")
+            if lease is None:
+                continue
+            with lock:
+                held[0] += 1
+                held[1] = max(held)
+            with lock:
+                held[0] -= 1
+            lease.release()
+
+    threads = [threading.Thread(target=run, args=(table.for_row(i % 2),)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert 1 <= held[1] <= 3
+    assert table.established() == 0
 
 
 def test_an_ipv6_host_counts_by_its_64() -> None:
@@ -350,6 +413,32 @@ def test_an_unclaimed_received_file_is_deleted_once(tmp_path: Path) -> None:
     assert not received.path.exists()
     assert claimed.path.exists()
     assert not received.claim()
+
+
+def test_a_connection_keeps_no_callback_for_files_already_settled(
+    pair: tuple[GuardedSocket, socket.socket, list[str]],
+) -> None:
+    guarded, _peer, _counted = pair
+    requestor = SimpleNamespace(ae_title="CT1")
+    assoc = SimpleNamespace(dul=SimpleNamespace(socket=SimpleNamespace(socket=guarded)))
+    assoc.requestor = requestor
+    open_at_close: list[ReceivedFile] = []
+
+    def receive() -> None:
+        threading.current_thread().assoc = assoc  # type: ignore[attr-defined]
+        for _ in range(50):  # C-STOREs answered: each claimed its file
+            received = guard_module._temporary_file()
+            assert received.claim()
+            received.remove()
+        guard_module._temporary_file().discard()
+        open_at_close.append(guard_module._temporary_file())  # still arriving at close
+
+    thread = threading.Thread(target=receive)
+    thread.start()
+    thread.join()
+    assert len(guarded._on_close) == 1
+    guarded.close()
+    assert not open_at_close[0].path.exists()
 
 
 def test_throttle_logs_the_first_and_counts_the_rest(caplog: pytest.LogCaptureFixture) -> None:
