@@ -30,6 +30,8 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from sqlalchemy.engine import make_url
 
+from pacs_node.ingest.recorder import OUTAGE_FILE
+from pacs_node.ingest.spool import LOCK_FILE
 from tests.conftest import NodeProcess, free_port, storescu, wait_for
 from tests.dicom_factory import CT_IMAGE, new_uid, write_series
 from tests.integration.test_load_and_limits import _scp_workers
@@ -115,7 +117,12 @@ def _stored_once(
     assert not missing, f"{len(missing)} acknowledged instances lost"
     wait_for(lambda: catalogued() == set(_spooled(node)), 30, interval=0.5, what="the catalog")
     spool = node.data_dir / "spool"
-    partial = [p for p in spool.rglob("*") if p.is_file() and p.parent.name != ".incoming"]
+    control = {spool / LOCK_FILE, spool / OUTAGE_FILE}  # the spool's lock and outage flag
+    partial = [
+        p
+        for p in spool.rglob("*")
+        if p.is_file() and p.parent.name != ".incoming" and p not in control
+    ]
     assert all(p.suffix == ".dcm" for p in partial), "a partial file outside .incoming"
 
 

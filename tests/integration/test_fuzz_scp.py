@@ -10,6 +10,7 @@ default; ``make fuzz`` sets it large). No shrinking: a failure prints the mutati
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import sqlite3
@@ -156,8 +157,7 @@ class Target:
 
     def instance(self, name: str, study_uid: str | None = None) -> tuple[Path, str]:
         """A valid instance written to ``name``; a new study when ``study_uid`` is None."""
-        ds = self.template.copy()
-        ds.file_meta = self.template.file_meta.copy()
+        ds = copy.deepcopy(self.template)  # a shallow copy would share the template's elements
         if study_uid is None:
             ds.StudyInstanceUID = new_uid()
             ds.SeriesInstanceUID = new_uid()
