@@ -8,9 +8,13 @@ from pathlib import Path
 
 from pydicom import dcmread
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from pacs_node.catalog.db import Catalog
+from pacs_node.catalog.deliveries import create_deliveries
+from pacs_node.catalog.jobs import queue_job
 from pacs_node.catalog.models import JobEvent, Study, utcnow
+from pacs_node.catalog.results import StoredEncoding, add_result_rows, write_files
 from pacs_node.catalog.studies import record_instances
 from pacs_node.ingest.header import read_header
 from pacs_node.refs import InstanceRef
@@ -55,3 +59,30 @@ def job_events(catalog: Catalog) -> list[tuple[str, str]]:
             (e.kind, e.detail or "")
             for e in session.scalars(select(JobEvent).order_by(JobEvent.id))
         ]
+
+
+def queue_stored_results(
+    session: Session,
+    results_dir: Path,
+    items: Sequence[StoredEncoding],
+    destinations: dict[str, list[str]],
+    study_uid: str = "1.2.3",
+) -> tuple[int, list[tuple[int, str]]]:
+    """A stable study with one job whose stored ``items`` are to go to ``destinations``."""
+    now = utcnow()
+    study = Study(
+        study_uid=study_uid,
+        state="stable",
+        first_received_at=now,
+        receiving_since=now,
+        last_received_at=now,
+        reopened_count=0,
+        duplicate_count=0,
+    )
+    session.add(study)
+    session.flush()
+    job_id = queue_job(session, study.id, "m", ["1.2.3.4"], {})
+    relpaths = write_files(results_dir, f"{job_id}/1", list(items), fsync=False)
+    results = add_result_rows(session, job_id, list(items), relpaths)
+    create_deliveries(session, job_id, results, destinations)
+    return job_id, results

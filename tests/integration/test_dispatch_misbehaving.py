@@ -18,16 +18,16 @@ from urllib.parse import parse_qs
 import pytest
 
 from pacs_node.catalog.db import Catalog, open_catalog
-from pacs_node.catalog.deliveries import create_deliveries, list_deliveries
-from pacs_node.catalog.jobs import queue_job
-from pacs_node.catalog.models import Delivery, Study, utcnow
-from pacs_node.catalog.results import StoredEncoding, add_result_rows, write_files
+from pacs_node.catalog.deliveries import list_deliveries
+from pacs_node.catalog.models import Delivery, utcnow
+from pacs_node.catalog.results import StoredEncoding
 from pacs_node.config import NodeOptions, Settings
 from pacs_node.dispatch.destinations import AnyDestination, DicomWebDestination, FhirDestination
 from pacs_node.dispatch.outbox import Outbox
 from pacs_node.results import build_results
 from pacs_node.results.fhir import search_escape
 from pacs_node.worker import result_options, stored_encodings
+from tests.catalog_factory import queue_stored_results
 from tests.conftest import wait_for
 from tests.http_server import Reply, Request, scripted
 from tests.results_factory import phantom_study
@@ -66,25 +66,8 @@ def _queue(
     destinations: dict[str, list[str]],
 ) -> None:
     """A job of a stable study whose stored results are to go to ``destinations``."""
-    now = utcnow()
     with catalog.sessions.begin() as session:
-        study = Study(
-            study_uid="1.2.3",
-            state="stable",
-            first_received_at=now,
-            receiving_since=now,
-            last_received_at=now,
-            reopened_count=0,
-            duplicate_count=0,
-        )
-        session.add(study)
-        session.flush()
-        job_id = queue_job(session, study.id, "m", ["1.2.3.4"], {})
-        relpaths = write_files(
-            settings.node.data_dir / "results", f"{job_id}/1", items, fsync=False
-        )
-        results = add_result_rows(session, job_id, items, relpaths)
-        create_deliveries(session, job_id, results, destinations)
+        queue_stored_results(session, settings.node.data_dir / "results", items, destinations)
 
 
 def _rows(catalog: Catalog) -> list[Delivery]:

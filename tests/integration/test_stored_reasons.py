@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 
 from pacs_node.catalog.db import Catalog, open_catalog
-from pacs_node.catalog.deliveries import create_deliveries
-from pacs_node.catalog.jobs import queue_job
-from pacs_node.catalog.models import Delivery, DeliveryState, JobEvent, Study, utcnow
-from pacs_node.catalog.results import FHIR_MEDIA_TYPE, StoredEncoding, add_result_rows, write_files
+from pacs_node.catalog.models import Delivery, DeliveryState, JobEvent, utcnow
+from pacs_node.catalog.results import FHIR_MEDIA_TYPE, StoredEncoding
 from pacs_node.config import NodeOptions, Settings
 from pacs_node.dispatch.destinations import FhirDestination
 from pacs_node.dispatch.outbox import Outbox
+from tests.catalog_factory import queue_stored_results
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration
@@ -74,25 +73,10 @@ def ehr() -> Iterator[str]:
 
 
 def _queue_fhir_delivery(catalog: Catalog, settings: Settings) -> None:
-    now = utcnow()
     bundle = json.dumps({"resourceType": "Bundle", "type": "transaction", "entry": []}).encode()
     items = [StoredEncoding("fhir", None, None, None, FHIR_MEDIA_TYPE, bundle)]
     with catalog.sessions.begin() as session:
-        study = Study(
-            study_uid="1.2.3",
-            state="stable",
-            first_received_at=now,
-            receiving_since=now,
-            last_received_at=now,
-            reopened_count=0,
-            duplicate_count=0,
-        )
-        session.add(study)
-        session.flush()
-        job_id = queue_job(session, study.id, "m", ["1.2.3.4"], {})
-        relpaths = write_files(settings.node.data_dir / "results", f"{job_id}/1", items)
-        results = add_result_rows(session, job_id, items, relpaths)
-        create_deliveries(session, job_id, results, {"fhir": ["EHR"]})
+        queue_stored_results(session, settings.node.data_dir / "results", items, {"fhir": ["EHR"]})
 
 
 def test_ehr_error_bodies_never_reach_the_catalog(tmp_path: Path, ehr: str) -> None:

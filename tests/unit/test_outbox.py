@@ -18,13 +18,13 @@ import pytest
 
 from pacs_node.catalog.db import Catalog, open_catalog
 from pacs_node.catalog.deliveries import create_deliveries, list_deliveries, retry_delivery
-from pacs_node.catalog.jobs import queue_job
-from pacs_node.catalog.models import Delivery, DeliveryState, Study, utcnow
-from pacs_node.catalog.results import StoredEncoding, add_result_rows, write_files
+from pacs_node.catalog.models import Delivery, DeliveryState, utcnow
+from pacs_node.catalog.results import StoredEncoding
 from pacs_node.config import NodeOptions, PeerConfig, Settings
 from pacs_node.dispatch.destinations import AnyDestination, DimseDestination
 from pacs_node.dispatch.handler import Delivered, Held, Outcome, Parcel, Permanent, Transient
 from pacs_node.dispatch.outbox import Outbox, backoff_delay
+from tests.catalog_factory import queue_stored_results
 from tests.conftest import wait_for
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -100,29 +100,14 @@ def _deliveries(
     catalog: Catalog, settings: Settings, n: int = 1, destination: str = "PACS"
 ) -> list[int]:
     """A job with ``n`` stored SEG-like results, each to be delivered to ``destination``."""
-    now = utcnow()
     items = [
         StoredEncoding("seg", CT, f"1.2.3.{i}", "1.2.3.100", EXPLICIT_LE, b"DICM" * 8)
         for i in range(n)
     ]
     with catalog.sessions.begin() as session:
-        study = Study(
-            study_uid="1.2.3",
-            state="stable",
-            first_received_at=now,
-            receiving_since=now,
-            last_received_at=now,
-            reopened_count=0,
-            duplicate_count=0,
+        job_id, results = queue_stored_results(
+            session, settings.node.data_dir / "results", items, {"seg": [destination]}
         )
-        session.add(study)
-        session.flush()
-        job_id = queue_job(session, study.id, "m", ["1.2.3.4"], {})
-        relpaths = write_files(
-            settings.node.data_dir / "results", f"{job_id}/1", items, fsync=False
-        )
-        results = add_result_rows(session, job_id, items, relpaths)
-        create_deliveries(session, job_id, results, {"seg": [destination]})
         create_deliveries(session, job_id, results, {"seg": [destination]})  # idempotent
     with catalog.sessions() as session:
         return [d.id for d in list_deliveries(session)]
