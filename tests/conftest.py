@@ -225,3 +225,14 @@ def storescu(
         timeout=300,
         check=False,
     )
+
+
+@pytest.fixture(autouse=True)
+def _pynetdicom_settings() -> Iterator[None]:
+    """pynetdicom's settings are process-wide, and a Storage SCP built in the test process sets
+    the node's; each test starts from and leaves pynetdicom's own."""
+    from pynetdicom import _config
+
+    saved = (_config.UNRESTRICTED_STORAGE_SERVICE, _config.STORE_RECV_CHUNKED_DATASET)
+    yield
+    _config.UNRESTRICTED_STORAGE_SERVICE, _config.STORE_RECV_CHUNKED_DATASET = saved

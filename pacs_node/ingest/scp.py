@@ -62,9 +62,6 @@ from pacs_node.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
 
-# Accept every storage SOP class, private and retired ones included, with the transfer syntax the
-# sender proposed first: a node must never refuse what a scanner sends (pynetdicom >= 2.0).
-_config.UNRESTRICTED_STORAGE_SERVICE = True
 # Our own limits (ingest/limits.py) decide; pynetdicom's per-process count of accepted threads,
 # idle connections included, must never refuse first.
 _PYNETDICOM_MAX_ASSOCIATIONS = 100_000
@@ -142,6 +139,11 @@ class StorageSCP:
         # ingest/transport.py), never whole in memory; the handler never touches
         # ``event.dataset``, which would parse (and inflate) the whole file.
         _config.STORE_RECV_CHUNKED_DATASET = True
+        # Accept every storage SOP class, private and retired ones included, with the transfer
+        # syntax the sender proposed first: a node must never refuse what a scanner sends. Both
+        # settings are pynetdicom's process-wide ones: set by the process that runs the SCP,
+        # never by importing this module.
+        _config.UNRESTRICTED_STORAGE_SERVICE = True
         install_received_files()
         ae = AE(ae_title=options.ae_title)
         ae.add_supported_context(Verification)
