@@ -229,10 +229,18 @@ def storescu(
 
 @pytest.fixture(autouse=True)
 def _pynetdicom_settings() -> Iterator[None]:
-    """pynetdicom's settings are process-wide, and a Storage SCP built in the test process sets
-    the node's; each test starts from and leaves pynetdicom's own."""
+    """pynetdicom's settings are process-wide: a Storage SCP built in the test process sets the
+    node's, and a test may change them for its own sends; each test leaves them as it found them."""
     from pynetdicom import _config
 
-    saved = (_config.UNRESTRICTED_STORAGE_SERVICE, _config.STORE_RECV_CHUNKED_DATASET)
+    saved = (
+        _config.UNRESTRICTED_STORAGE_SERVICE,
+        _config.STORE_RECV_CHUNKED_DATASET,
+        _config.STORE_SEND_CHUNKED_DATASET,
+    )
     yield
-    _config.UNRESTRICTED_STORAGE_SERVICE, _config.STORE_RECV_CHUNKED_DATASET = saved
+    (
+        _config.UNRESTRICTED_STORAGE_SERVICE,
+        _config.STORE_RECV_CHUNKED_DATASET,
+        _config.STORE_SEND_CHUNKED_DATASET,
+    ) = saved

@@ -207,6 +207,7 @@ class Target:
 
 @pytest.fixture
 def target(make_node: Callable[..., NodeProcess], tmp_path: Path) -> Iterator[Target]:
+    previous = _config.STORE_SEND_CHUNKED_DATASET
     _config.STORE_SEND_CHUNKED_DATASET = True  # send the mutated bytes as they are
     node = make_node(
         dimse_timeout_s=NODE_TIMEOUT_S,
@@ -219,7 +220,7 @@ def target(make_node: Callable[..., NodeProcess], tmp_path: Path) -> Iterator[Ta
     try:
         yield Target(node, pydicom.dcmread(path), work)
     finally:
-        _config.STORE_SEND_CHUNKED_DATASET = False
+        _config.STORE_SEND_CHUNKED_DATASET = previous  # the node's SCU sends files as stored
 
 
 def test_mutated_instances_never_crash_or_hang_the_node(target: Target) -> None:
