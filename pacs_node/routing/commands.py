@@ -1,21 +1,21 @@
-"""``pacs-node routes check`` and ``pacs-node routes explain STUDY_UID``."""
+"""``pacs-node routes check``, ``routes explain STUDY_UID`` and ``routes test PATH...``."""
 
 from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.tree import Tree
 
 from pacs_node.config import Settings, load_settings
 from pacs_node.errors import PacsNodeError
 
-routes_app = typer.Typer(help="Check the routing rules, and explain how a study was routed.")
+routes_app = typer.Typer(
+    help="Check the routing rules, explain how a study was routed, test them on files."
+)
 out = Console()
 err = Console(stderr=True)
 
@@ -53,11 +53,14 @@ def explain(
     config: ConfigOption = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
 ) -> None:
-    """Say, for each rule and series, why it did or did not match."""
+    """Say, for each rule and series, why it did or did not match, and what was queued."""
+    from sqlalchemy import select
     from sqlalchemy.exc import NoResultFound
 
     from pacs_node.catalog.db import open_catalog
+    from pacs_node.catalog.models import Job, Study
     from pacs_node.ingest.spool import Spool
+    from pacs_node.routing.report import JobLine, StudyReport, render
     from pacs_node.routing.router import Router
 
     settings = _load(config)
@@ -70,23 +73,67 @@ def explain(
     try:
         with catalog.sessions() as session:
             verdicts = router.explain(session, study_uid)
+            study = session.scalars(select(Study).where(Study.study_uid == study_uid)).one()
+            jobs = tuple(
+                JobLine(job.rule, job.model, tuple(json.loads(job.series_uids)))
+                for job in session.scalars(
+                    select(Job).where(Job.study_id == study.id).order_by(Job.id)
+                )
+            )
+            outcome = study.route_outcome.value if study.route_outcome else None
     except NoResultFound as exc:
         err.print(f"[bold red]error:[/] no study {study_uid}", highlight=False)
         raise typer.Exit(1) from exc
     finally:
         catalog.dispose()
+    report = StudyReport(study_uid, tuple(verdicts), outcome, jobs)
     if json_output:
-        sys.stdout.write(json.dumps([asdict(v) for v in verdicts]) + "\n")
+        sys.stdout.write(json.dumps(report.as_json()) + "\n")
         return
-    if not verdicts:
-        out.print("no rules: every study is unrouted", highlight=False)
-    for verdict in verdicts:
-        mark = "[green]matched[/]" if verdict.matched else "[red]no match[/]"
-        tree = Tree(f"rule [bold]{verdict.rule}[/]: {mark} ({verdict.reason})")
-        for series in verdict.series:
-            chosen = " [bold green](selected)[/]" if series.series_uid in verdict.selected else ""
-            branch = tree.add(f"series {series.series_uid}{chosen}")
-            for check in series.checks:
-                sign = "[green]✓[/]" if check.passed else "[red]✗[/]"
-                branch.add(f"{sign} {check.attribute}: {check.reason}")
-        out.print(tree, highlight=False)
+    render(out, report, planned=False, heading=False)
+
+
+# Notes on skipped files shown one by one; beyond this, a count.
+_SKIPPED_SHOWN = 20
+
+
+@routes_app.command("test")
+def test(
+    paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders (read recursively).")],
+    config: ConfigOption = None,
+    calling_ae: Annotated[
+        str | None,
+        typer.Option("--calling-ae", help="The AE title the files would come from."),
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+) -> None:
+    """Say what the routes would do with DICOM files, as if the node had received them: each
+    rule's verdict and why, and the jobs it would queue. Reads headers only."""
+    from pacs_node.routing.files import read_studies
+    from pacs_node.routing.plan import plan_study
+    from pacs_node.routing.report import StudyReport, job_lines, render
+
+    settings = _load(config)
+    studies, skipped = read_studies(paths, calling_ae)
+    for note in skipped[:_SKIPPED_SHOWN]:
+        err.print(f"skipped {note.path}: {note.reason}", highlight=False)
+    if len(skipped) > _SKIPPED_SHOWN:
+        err.print(f"skipped {len(skipped) - _SKIPPED_SHOWN} more files", highlight=False)
+    if not studies:
+        err.print("[bold red]error:[/] no DICOM instances found", highlight=False)
+        raise typer.Exit(1)
+    reports = []
+    for study in studies:
+        decided = plan_study(settings.routes, study.series)
+        reports.append(
+            StudyReport(
+                study.study_uid, decided.verdicts, decided.outcome.value, job_lines(decided.jobs)
+            )
+        )
+    if json_output:
+        sys.stdout.write(json.dumps([r.as_json() for r in reports]) + "\n")
+        return
+    for index, report in enumerate(reports):
+        if index:
+            out.print()
+        render(out, report, planned=True, heading=True)

@@ -29,18 +29,16 @@ from pacs_node.catalog.models import (
 )
 from pacs_node.catalog.studies import add_event
 from pacs_node.config import ENV_PREFIX, NODE_FILE, ROUTES_FILE, Settings
-from pacs_node.dispatch.destinations import SOURCE
 from pacs_node.errors import ConfigError
 from pacs_node.inference.registry import ALLOWLIST_KEY, Registry
 from pacs_node.ingest.spool import Spool
 from pacs_node.routing.facts import study_facts
-from pacs_node.routing.rules import OnChange, RoutesFile, RuleVerdict, SeriesFacts, route
+from pacs_node.routing.plan import DEFAULT_SEND, plan_study
+from pacs_node.routing.rules import RoutesFile, RuleVerdict, SeriesFacts, route
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SEND: dict[str, tuple[str, ...]] = {
-    kind: (SOURCE,) for kind in ("seg", "sr", "gsps", "key_images", "pdf")
-}
+__all__ = ["DEFAULT_SEND", "Router", "allowlist_source", "check_models", "queue_job"]
 
 
 def allowlist_source(settings: Settings) -> tuple[str, str]:
@@ -143,40 +141,28 @@ class Router:
         study = session.scalars(select(Study).where(Study.study_uid == study_uid)).one()
         now = utcnow()
         facts = study_facts(session, self.spool, study_uid)
-        jobs: list[Job] = []
-        if facts and all(f.produced_by_node for f in facts):
-            outcome = RouteOutcome.OWN_OUTPUT
-        elif self._only_own_output_since_routed(session, study, facts):
+        own = bool(facts) and all(f.produced_by_node for f in facts)
+        if not own and self._only_own_output_since_routed(session, study, facts):
             # A PACS forwarded our results back into the study: not a change worth a new job.
             add_event(session, study.id, "own output returned", now)
             study.routed_at = now
             return study.route_outcome or RouteOutcome.ROUTED, []
-        else:
-            verdicts = route(self.routes, facts)
-            matched = [v for v in verdicts if v.matched]
-            rules = {rule.name: rule for rule in self.routes.rules}
-            earlier = set(session.scalars(select(Job.rule).where(Job.study_id == study.id)))
-            for verdict in matched:
-                rule = rules[verdict.rule]
-                if rule.name in earlier and rule.on_change is OnChange.IGNORE:
-                    continue
-                send = rule.send or DEFAULT_SEND
-                jobs.extend(
-                    queue_job(session, study, model, verdict.selected, send, rule.name)
-                    for model in rule.models
-                )
-            if jobs:
-                outcome = RouteOutcome.ROUTED
-            elif matched:
-                outcome = RouteOutcome.IGNORED
-            else:
-                outcome = RouteOutcome.UNROUTED
-            if outcome is RouteOutcome.UNROUTED:
-                reasons = {v.rule: v.reason for v in verdicts} or {"routes": "no rules"}
-                add_event(session, study.id, "unrouted", now, **reasons)
-        study.route_outcome = outcome
+        earlier = frozenset(
+            rule
+            for rule in session.scalars(select(Job.rule).where(Job.study_id == study.id))
+            if rule is not None
+        )
+        decided = plan_study(self.routes, facts, earlier)
+        jobs = [
+            queue_job(session, study, job.model, job.series_uids, job.send, job.rule)
+            for job in decided.jobs
+        ]
+        if decided.outcome is RouteOutcome.UNROUTED:
+            reasons = {v.rule: v.reason for v in decided.verdicts} or {"routes": "no rules"}
+            add_event(session, study.id, "unrouted", now, **reasons)
+        study.route_outcome = decided.outcome
         study.routed_at = now
-        return outcome, jobs
+        return decided.outcome, jobs
 
     @staticmethod
     def _only_own_output_since_routed(

@@ -9,10 +9,20 @@ A rule matches a study when at least one of its series satisfies every condition
     calling_ae: [CT1, CT2]            a list: any one of the patterns
     series_description: {not: "(?i).*(localizer|scout|topogram).*"}
                                       {match: P} or {not: P}; both together mean "P and not Q"
-    image_type: {contains: AXIAL}     multi-valued attributes: one value must fully match
-    slices: {min: 20, max: 2000}      numeric ranges, both ends inclusive, either optional
-    slice_thickness: {max: 5.0}       a missing value never satisfies a condition ({not: ...}
-                                      included): a rule only routes what it can see
+    image_type: {contains: AXIAL}     multi-valued attributes (image_type, body_region): one value
+    body_region: {contains: CHEST}    must fully match; {not_contains: P}: no value may
+    slices: {min: 20, max: 2000}      numeric ranges, both ends inclusive, either optional;
+    slice_thickness: {max: 5.0}       ``not: true`` inverts a range
+
+A missing value (absent or empty) fails every positive condition (``P``, ``{match: P}``,
+``contains``, ``min`` / ``max``): a rule only takes what it can see. A negation only says what to
+exclude, and with no value there is nothing to exclude: ``{not: P}`` alone, ``not_contains`` and
+a range with ``not: true`` all pass a missing value ("value is missing: nothing to exclude").
+``{match: P, not: Q}`` needs P, so a missing value fails it. To require a value, say so
+positively (``slices: {min: 20}``, not ``{max: 19, not: true}``).
+
+``body_region`` is derived (:mod:`pacs_node.routing.region`): Body Part Examined, else keywords
+in the descriptions, else the volume's size; each check's reason says which evidence it read.
 
 Every pattern is compiled when the file loads, so a bad regular expression stops the node at
 start with the rule and the key, not when the first study arrives.
@@ -28,6 +38,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pacs_node.routing.region import BodyRegion
+
 STRING_ATTRIBUTES = (
     "modality",
     "body_part",
@@ -37,8 +49,12 @@ STRING_ATTRIBUTES = (
     "calling_ae",
     "manufacturer",
 )
-MULTI_ATTRIBUTES = ("image_type",)
+MULTI_ATTRIBUTES = ("image_type", "body_region")
 NUMBER_ATTRIBUTES = ("slices", "slice_thickness", "series_number")
+
+
+NOTHING_TO_EXCLUDE = "value is missing: nothing to exclude"
+NOT_DERIVED = BodyRegion((), "not derived")
 
 
 def _compile(pattern: str) -> re.Pattern[str]:
@@ -85,7 +101,9 @@ class TextCondition(BaseModel):
 
     def test(self, value: str | None) -> tuple[bool, str]:
         if value is None or value == "":
-            return False, "value is missing"
+            if self.match:
+                return False, "value is missing"
+            return True, NOTHING_TO_EXCLUDE
         if self.match and not any(re.fullmatch(p, value) for p in self.match):
             return False, f"{value!r} does not match {' | '.join(self.match)}"
         for pattern in self.not_:
@@ -115,17 +133,21 @@ class MultiCondition(BaseModel):
             raise ValueError("give contains or not_contains")
         return self
 
-    def test(self, values: Sequence[str] | None) -> tuple[bool, str]:
+    def test(self, values: Sequence[str] | None, shown: str | None = None) -> tuple[bool, str]:
+        """``shown``: how the value reads in the reason (a derived value names its evidence)."""
         if not values:
-            return False, "value is missing"
-        shown = "\\".join(values)
+            where = f" ({shown})" if shown else ""
+            if self.contains is not None:
+                return False, f"value is missing{where}"
+            return True, f"{NOTHING_TO_EXCLUDE}{where}"
+        shown = shown or repr("\\".join(values))
         if self.contains is not None and not any(re.fullmatch(self.contains, v) for v in values):
-            return False, f"{shown!r} has no value matching {self.contains}"
+            return False, f"{shown} has no value matching {self.contains}"
         if self.not_contains is not None and any(
             re.fullmatch(self.not_contains, v) for v in values
         ):
-            return False, f"{shown!r} has a value matching excluded {self.not_contains}"
-        return True, f"{shown!r} matches"
+            return False, f"{shown} has a value matching excluded {self.not_contains}"
+        return True, f"{shown} matches"
 
 
 class RangeCondition(BaseModel):
@@ -147,7 +169,7 @@ class RangeCondition(BaseModel):
 
     def test(self, value: float | None) -> tuple[bool, str]:
         if value is None:
-            return False, "value is missing"
+            return (True, NOTHING_TO_EXCLUDE) if self.not_ else (False, "value is missing")
         inside = (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
         bounds = f"[{'' if self.min is None else self.min}, {'' if self.max is None else self.max}]"
         if inside != self.not_:
@@ -168,6 +190,7 @@ class Conditions(BaseModel):
     calling_ae: TextCondition | None = None
     manufacturer: TextCondition | None = None
     image_type: MultiCondition | None = None
+    body_region: MultiCondition | None = None
     slices: RangeCondition | None = None
     slice_thickness: RangeCondition | None = None
     series_number: RangeCondition | None = None
@@ -229,7 +252,7 @@ class RoutesFile(BaseModel):
 
 @dataclass(frozen=True)
 class SeriesFacts:
-    """What routing knows of one series (from the catalog and its first instance's header)."""
+    """What routing knows of one series (see :mod:`pacs_node.routing.facts`)."""
 
     series_uid: str
     modality: str | None = None
@@ -240,6 +263,7 @@ class SeriesFacts:
     calling_ae: str | None = None
     manufacturer: str | None = None
     image_type: tuple[str, ...] = ()
+    body_region: BodyRegion = NOT_DERIVED
     slices: int | None = None
     slice_thickness: float | None = None
     series_number: int | None = None
@@ -276,7 +300,11 @@ def check_series(conditions: Conditions, facts: SeriesFacts) -> SeriesVerdict:
         if condition is None:
             continue
         value = getattr(facts, name)
-        passed, reason = condition.test(value)
+        if isinstance(value, BodyRegion):
+            shown = str(value) if value.regions else value.evidence
+            passed, reason = condition.test(value.regions, shown)
+        else:
+            passed, reason = condition.test(value)
         checks.append(Check(name, passed, reason))
     return SeriesVerdict(facts.series_uid, all(c.passed for c in checks), tuple(checks))
 

@@ -84,10 +84,15 @@ def _spool_and_record(catalog: Catalog, spool: Spool, paths: list[Path]) -> None
 
 
 def _restyle(paths: list[Path], **attributes: object) -> list[Path]:
+    """Set attributes on every file of a series; ``None`` removes one."""
     for path in paths:
         ds = pydicom.dcmread(path)
         for keyword, value in attributes.items():
-            setattr(ds, keyword, value)
+            if value is None:
+                if keyword in ds:
+                    delattr(ds, keyword)
+            else:
+                setattr(ds, keyword, value)
         ds.save_as(path)
     return paths
 
@@ -240,33 +245,82 @@ def test_a_broken_bundle_stops_the_node_at_start(tmp_path: Path) -> None:
     assert "metadata.json" in str(caught.value)
 
 
-def test_the_shipped_rules_send_torso_ct_and_mr_to_their_models_and_leave_a_head_mr(
-    catalog: Catalog, tmp_path: Path
-) -> None:
+def _shipped() -> RoutesFile:
     import yaml
 
-    shipped = RoutesFile.model_validate(
+    return RoutesFile.model_validate(
         yaml.safe_load((MODELS.parent / "ae_config" / "routes.yaml").read_text())
     )
-    spool = Spool(tmp_path / "spool")
-    router = Router(catalog, spool, shipped)
+
+
+NO_DESCRIPTIONS = {"BodyPartExamined": None, "SeriesDescription": None, "StudyDescription": None}
+# (name, modality, slices, (dz, dy, dx) spacing, attributes): 64 x 64 pixels, so the field is 64 x dx
+SHIPPED_CASES: list[tuple[str, str, int, tuple[float, float, float], dict[str, object]]] = [
+    ("ct-without-series-description", "CT", 24, (3.0, 1.0, 1.0), {"SeriesDescription": None}),
+    ("ct-thorax-description", "CT", 24, (3.0, 1.0, 1.0), {
+        **NO_DESCRIPTIONS, "SeriesDescription": "CT THORAX"
+    }),
+    ("ct-torso-geometry", "CT", 24, (5.0, 6.0, 6.0), NO_DESCRIPTIONS),  # field 384 mm
+    ("ct-head-body-part", "CT", 24, (3.0, 1.0, 1.0), {"BodyPartExamined": "HEAD"}),
+    ("ct-head-geometry", "CT", 36, (5.0, 3.6, 3.6), NO_DESCRIPTIONS),  # 180 mm, field 230 mm
+    ("mr-abdomen", "MR", 24, (3.0, 1.0, 1.0), {"BodyPartExamined": "ABDOMEN"}),
+    ("mr-liver-description", "MR", 24, (3.0, 1.0, 1.0), {
+        **NO_DESCRIPTIONS, "SeriesDescription": "t1_vibe_fs_tra_Leber"
+    }),
+    ("mr-head", "MR", 24, (3.0, 1.0, 1.0), {"BodyPartExamined": "HEAD"}),
+    ("mr-torso-geometry", "MR", 24, (5.0, 6.0, 6.0), NO_DESCRIPTIONS),  # size alone: not for MR
+]  # fmt: skip
+
+
+def write_shipped_cases(root: Path) -> dict[str, str]:
+    """One study per case under ``root/<name>``; case name -> Study Instance UID."""
     studies = {}
-    for name, modality, body_part in (
-        ("ct", "CT", ""),
-        ("mr", "MR", "ABDOMEN"),
-        ("head", "MR", "HEAD"),
-    ):
+    for name, modality, slices, spacing, attributes in SHIPPED_CASES:
         study = new_uid()
-        paths = write_series(tmp_path / name, slices=24, study_uid=study, spacing=(3.0, 1.0, 1.0))
-        _spool_and_record(
-            catalog, spool, _restyle(paths, Modality=modality, BodyPartExamined=body_part)
+        paths = write_series(
+            root / name, modality=modality, slices=slices, study_uid=study, spacing=spacing
         )
-        router.on_stable(study)
+        _restyle(paths, **attributes)
         studies[name] = study
-    assert [(rule, model) for rule, model, _ in _jobs(catalog)] == [
-        ("ct-body", "ct-torso-organs"),
-        ("mr-body", "mr-torso-organs"),
-    ]
+    return studies
+
+
+def test_the_shipped_rules_route_torso_ct_and_mr_by_body_region(
+    catalog: Catalog, tmp_path: Path
+) -> None:
+    studies = write_shipped_cases(tmp_path / "cases")
+    spool = Spool(tmp_path / "spool")
+    router = Router(catalog, spool, _shipped())
+    for name, study in studies.items():
+        _spool_and_record(catalog, spool, sorted((tmp_path / "cases" / name).glob("*.dcm")))
+        router.on_stable(study)
+    routed = {}
     with catalog.sessions() as session:
+        for job in session.scalars(select(Job).order_by(Job.id)):
+            routed[session.get(Study, job.study_id).study_uid] = (job.rule, job.model)  # type: ignore[union-attr]
         status = {s.study_uid: s.status for s in list_studies(session)}
-    assert status[studies["head"]] == "unrouted"
+        reasons = {}
+        for name in ("ct-head-body-part", "ct-head-geometry", "mr-torso-geometry"):
+            verdicts = {v.rule: v for v in router.explain(session, studies[name])}
+            rule = "ct-body" if name.startswith("ct") else "mr-body"
+            (series,) = verdicts[rule].series
+            reasons[name] = {c.attribute: c for c in series.checks}["body_region"]
+    assert {name: routed.get(uid) for name, uid in studies.items()} == {
+        "ct-without-series-description": ("ct-body", "ct-torso-organs"),
+        "ct-thorax-description": ("ct-body", "ct-torso-organs"),
+        "ct-torso-geometry": ("ct-body", "ct-torso-organs"),
+        "ct-head-body-part": None,
+        "ct-head-geometry": None,
+        "mr-abdomen": ("mr-body", "mr-torso-organs"),
+        "mr-liver-description": ("mr-body", "mr-torso-organs"),
+        "mr-head": None,
+        "mr-torso-geometry": None,
+    }
+    for name in ("ct-head-body-part", "ct-head-geometry", "mr-head", "mr-torso-geometry"):
+        assert status[studies[name]] == "unrouted", name
+    assert not any(check.passed for check in reasons.values())
+    assert reasons["ct-head-body-part"].reason.startswith("HEAD (Body Part Examined 'HEAD')")
+    assert reasons["ct-head-geometry"].reason.startswith(
+        "HEAD (no body part or description; z extent 180 mm, field 230 mm)"
+    )
+    assert reasons["mr-torso-geometry"].reason.startswith("TORSO (no body part or description")

@@ -1,4 +1,5 @@
-"""The routing grammar, table-driven: full-match semantics, negation, ranges, selection."""
+"""The routing grammar, table-driven: full-match semantics, negation (and what it does with a
+missing value), ranges, selection, and the derived body region in a check's reason."""
 
 from __future__ import annotations
 
@@ -7,16 +8,22 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from pacs_node.routing.region import BodyRegion
 from pacs_node.routing.rules import (
+    NOTHING_TO_EXCLUDE,
+    Conditions,
     MultiCondition,
     RangeCondition,
     RoutesFile,
     Selection,
     SeriesFacts,
     TextCondition,
+    check_series,
     evaluate_rule,
     route,
 )
+
+MISSING = "value is missing"
 
 
 @pytest.mark.parametrize(
@@ -32,15 +39,31 @@ from pacs_node.routing.rules import (
         ({"not": "(?i).*localizer.*"}, "LOCALIZER", False),
         ({"match": "CHEST|ABDOMEN", "not": "ABDOMEN"}, "CHEST", True),
         ({"match": "CHEST|ABDOMEN", "not": "ABDOMEN"}, "ABDOMEN", False),
-        ("CT", None, False),
-        ({"not": "CT"}, None, False),  # a missing value never satisfies a condition
-        ("CT", "", False),
     ],
 )
 def test_text_condition(spec: Any, value: str | None, expected: bool) -> None:
     passed, reason = TextCondition.model_validate(spec).test(value)
     assert passed is expected
     assert reason
+
+
+# A missing value (absent or empty) fails what a condition requires and passes what it excludes.
+@pytest.mark.parametrize("value", [None, ""])
+@pytest.mark.parametrize(
+    ("spec", "expected", "reason"),
+    [
+        ("CT", False, MISSING),
+        ({"match": "CT"}, False, MISSING),
+        (["CR", "DX"], False, MISSING),
+        ({"not": "(?i).*scout.*"}, True, NOTHING_TO_EXCLUDE),
+        ({"not": ["A", "B"]}, True, NOTHING_TO_EXCLUDE),
+        ({"match": "CHEST", "not": "ABDOMEN"}, False, MISSING),  # needs CHEST
+    ],
+)
+def test_text_condition_on_a_missing_value(
+    spec: Any, value: str | None, expected: bool, reason: str
+) -> None:
+    assert TextCondition.model_validate(spec).test(value) == (expected, reason)
 
 
 @pytest.mark.parametrize(
@@ -50,11 +73,23 @@ def test_text_condition(spec: Any, value: str | None, expected: bool) -> None:
         ({"contains": "AXIAL"}, ("ORIGINAL", "PRIMARY", "AXIAL_2"), False),
         ({"not_contains": "LOCALIZER"}, ("ORIGINAL", "PRIMARY", "LOCALIZER"), False),
         ({"not_contains": "LOCALIZER"}, ("ORIGINAL", "PRIMARY", "AXIAL"), True),
-        ({"contains": "AXIAL"}, (), False),
+        ({"contains": "AXIAL", "not_contains": "LOCALIZER"}, ("AXIAL", "LOCALIZER"), False),
     ],
 )
 def test_multi_condition(spec: Any, values: tuple[str, ...], expected: bool) -> None:
     assert MultiCondition.model_validate(spec).test(values)[0] is expected
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected", "reason"),
+    [
+        ({"contains": "AXIAL"}, False, MISSING),
+        ({"not_contains": "LOCALIZER"}, True, NOTHING_TO_EXCLUDE),
+        ({"contains": "AXIAL", "not_contains": "LOCALIZER"}, False, MISSING),  # needs AXIAL
+    ],
+)
+def test_multi_condition_on_a_missing_value(spec: Any, expected: bool, reason: str) -> None:
+    assert MultiCondition.model_validate(spec).test(()) == (expected, reason)
 
 
 @pytest.mark.parametrize(
@@ -67,11 +102,41 @@ def test_multi_condition(spec: Any, values: tuple[str, ...], expected: bool) -> 
         ({"min": 1, "max": 3}, 2, True),
         ({"min": 1, "max": 3, "not": True}, 2, False),
         ({"min": 1, "max": 3, "not": True}, 4, True),
-        ({"min": 1}, None, False),
     ],
 )
 def test_range_condition(spec: Any, value: float | None, expected: bool) -> None:
     assert RangeCondition.model_validate(spec).test(value)[0] is expected
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected", "reason"),
+    [
+        ({"min": 1}, False, MISSING),
+        ({"min": 1, "max": 3}, False, MISSING),
+        ({"max": 5.0, "not": True}, True, NOTHING_TO_EXCLUDE),  # excludes <= 5: nothing here
+        ({"min": 1, "max": 3, "not": True}, True, NOTHING_TO_EXCLUDE),
+    ],
+)
+def test_range_condition_on_a_missing_value(spec: Any, expected: bool, reason: str) -> None:
+    assert RangeCondition.model_validate(spec).test(None) == (expected, reason)
+
+
+def test_a_body_region_check_names_its_evidence() -> None:
+    conditions = Conditions.model_validate({"body_region": {"contains": "CHEST|TORSO"}})
+    head = BodyRegion(("HEAD",), "Body Part Examined 'HEAD'")
+    (check,) = check_series(conditions, SeriesFacts("1", body_region=head)).checks
+    assert not check.passed
+    assert check.reason == "HEAD (Body Part Examined 'HEAD') has no value matching CHEST|TORSO"
+    unknown = BodyRegion((), "no body part or description; no usable geometry")
+    (check,) = check_series(conditions, SeriesFacts("1", body_region=unknown)).checks
+    assert (check.passed, check.reason) == (
+        False,
+        "value is missing (no body part or description; no usable geometry)",
+    )
+    excluding = Conditions.model_validate({"body_region": {"not_contains": "HEAD"}})
+    (check,) = check_series(excluding, SeriesFacts("1", body_region=unknown)).checks
+    assert check.passed
+    assert check.reason.startswith(NOTHING_TO_EXCLUDE)
 
 
 @pytest.mark.parametrize(
