@@ -1,4 +1,5 @@
-"""Synthetic, dciodvfy-clean DICOM series for tests: CT and MR with consistent geometry."""
+"""Synthetic, dciodvfy-clean DICOM series for tests: CT and MR with consistent geometry, and the
+studies that show how the shipped routes read a body region."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -155,3 +157,66 @@ def write_study(directory: Path, series: Sequence[tuple[str, int]], **kwargs: ob
             **kwargs,  # type: ignore[arg-type]
         )
     return study_uid
+
+
+def restyle(paths: list[Path], **attributes: object) -> list[Path]:
+    """Set attributes on every file of a series; ``None`` removes one."""
+    for path in paths:
+        ds = dcmread(path)
+        for keyword, value in attributes.items():
+            if value is None:
+                if keyword in ds:
+                    delattr(ds, keyword)
+            else:
+                setattr(ds, keyword, value)
+        ds.save_as(path)
+    return paths
+
+
+_NO_DESCRIPTIONS = {"BodyPartExamined": None, "SeriesDescription": None, "StudyDescription": None}
+# (name, modality, slices, (dz, dy, dx) spacing, attributes); 64 x 64 pixels: the field is 64 dx.
+# Each is one study for the shipped routes (ae_config/routes.yaml).
+ROUTING_CASES: list[tuple[str, str, int, tuple[float, float, float], dict[str, object]]] = [
+    ("ct-without-series-description", "CT", 20, (3.0, 1.0, 1.0), {"SeriesDescription": None}),
+    ("ct-thorax-description", "CT", 20, (3.0, 1.0, 1.0), {
+        **_NO_DESCRIPTIONS, "SeriesDescription": "CT THORAX"
+    }),
+    ("ct-torso-geometry", "CT", 20, (5.0, 6.0, 6.0), _NO_DESCRIPTIONS),  # field 384 mm
+    ("ct-head-body-part", "CT", 20, (3.0, 1.0, 1.0), {"BodyPartExamined": "HEAD"}),
+    ("ct-head-geometry", "CT", 20, (5.0, 3.6, 3.6), _NO_DESCRIPTIONS),  # 100 mm, field 230 mm
+    ("mr-abdomen", "MR", 20, (3.0, 1.0, 1.0), {"BodyPartExamined": "ABDOMEN"}),
+    ("mr-liver-description", "MR", 20, (3.0, 1.0, 1.0), {
+        **_NO_DESCRIPTIONS, "SeriesDescription": "t1_vibe_fs_tra_Leber"
+    }),
+    ("mr-head", "MR", 20, (3.0, 1.0, 1.0), {"BodyPartExamined": "HEAD"}),
+    ("mr-torso-geometry", "MR", 20, (5.0, 6.0, 6.0), _NO_DESCRIPTIONS),  # size alone: not for MR
+]  # fmt: skip
+
+# What the shipped routes do with each case: (rule, model), or None for unrouted.
+ROUTING_EXPECTED: dict[str, tuple[str, str] | None] = {
+    "ct-without-series-description": ("ct-body", "ct-torso-organs"),
+    "ct-thorax-description": ("ct-body", "ct-torso-organs"),
+    "ct-torso-geometry": ("ct-body", "ct-torso-organs"),
+    "ct-head-body-part": None,
+    "ct-head-geometry": None,
+    "mr-abdomen": ("mr-body", "mr-torso-organs"),
+    "mr-liver-description": ("mr-body", "mr-torso-organs"),
+    "mr-head": None,
+    "mr-torso-geometry": None,
+}
+
+
+def write_routing_cases(root: Path, only: Sequence[str] = ()) -> dict[str, str]:
+    """One study per routing case (or those named) under ``root/<name>``; case name -> Study
+    Instance UID."""
+    studies = {}
+    for name, modality, slices, spacing, attributes in ROUTING_CASES:
+        if only and name not in only:
+            continue
+        study = new_uid()
+        paths = write_series(
+            root / name, modality=modality, slices=slices, study_uid=study, spacing=spacing
+        )
+        restyle(paths, **attributes)
+        studies[name] = study
+    return studies

@@ -98,7 +98,7 @@ _SKIPPED_SHOWN = 20
 
 
 @routes_app.command("test")
-def test(
+def try_on_files(
     paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders (read recursively).")],
     config: ConfigOption = None,
     calling_ae: Annotated[
@@ -116,7 +116,7 @@ def test(
     settings = _load(config)
     studies, skipped = read_studies(paths, calling_ae)
     for note in skipped[:_SKIPPED_SHOWN]:
-        err.print(f"skipped {note.path}: {note.reason}", highlight=False)
+        err.print(f"skipped {note.path}: {note.reason}", highlight=False, soft_wrap=True)
     if len(skipped) > _SKIPPED_SHOWN:
         err.print(f"skipped {len(skipped) - _SKIPPED_SHOWN} more files", highlight=False)
     if not studies:

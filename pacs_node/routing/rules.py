@@ -140,7 +140,7 @@ class MultiCondition(BaseModel):
             if self.contains is not None:
                 return False, f"value is missing{where}"
             return True, f"{NOTHING_TO_EXCLUDE}{where}"
-        shown = shown or repr("\\".join(values))
+        shown = shown or "'" + "\\".join(values) + "'"
         if self.contains is not None and not any(re.fullmatch(self.contains, v) for v in values):
             return False, f"{shown} has no value matching {self.contains}"
         if self.not_contains is not None and any(

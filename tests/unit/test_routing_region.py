@@ -137,17 +137,20 @@ def test_geometry_from_the_leading_and_ending_headers() -> None:
     assert found.axial
     with_diameter = _slice(0.0, 1, ReconstructionDiameter=350)
     found = geometry(SeriesSample("1", 36, with_diameter, last))
-    assert found is not None and found.field_mm == 350.0
+    assert found is not None
+    assert found.field_mm == 350.0
     sagittal = _slice(0.0, 1, ImageOrientationPatient=[0, 1, 0, 0, 0, -1])
     found = geometry(SeriesSample("1", 36, sagittal, _slice(-175.0, 36)))
-    assert found is not None and not found.axial
+    assert found is not None
+    assert not found.axial
     assert geometry(SeriesSample("1", 1, Dataset(), Dataset())) is None
 
 
 def test_geometry_of_a_multi_frame_instance() -> None:
     ds = _slice(0.0, 1, NumberOfFrames=60, SliceThickness=3.0)
     found = geometry(SeriesSample("1", 1, ds, ds))
-    assert found is not None and found.z_extent_mm == pytest.approx(180.0)
+    assert found is not None
+    assert found.z_extent_mm == pytest.approx(180.0)
 
 
 def test_series_facts_carry_the_region_and_its_evidence() -> None:
