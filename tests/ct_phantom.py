@@ -193,6 +193,7 @@ def write_phantom_series(phantom: Phantom, directory: Path, *, modality: str = "
         ds.SOPInstanceUID = new_uid()
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
         ds.Modality = modality
+        ds.BodyPartExamined = "CHEST"  # what it is; routing reads it before the volume's size
         ds.PatientName, ds.PatientID = "Phantom^CT", "PHANTOM"
         ds.InstanceNumber = nz - k  # reversed on purpose: order must come from positions
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
