@@ -126,7 +126,7 @@ def test_models_lists_bundles_as_json(tmp_path: Path, broken: bool) -> None:
                                  "meaning": "Anatomical Structure"},
                     "type": {"value": "78961009", "scheme": "SCT", "meaning": "Spleen",
                              "modifier": None},
-                    "color": [157, 108, 162],
+                    "color": [140, 70, 180],
                 }
             ],
         }
