@@ -164,8 +164,10 @@ def render_card(root: Path) -> str:
         "- `body` is the body outside the other labels (one label per voxel).",
         *(
             [
-                "- The clean-up keeps the body's largest piece: arms imaged apart from the trunk "
-                "(the phantoms have none) would be dropped from `body`."
+                (
+                    "- The clean-up keeps the body's largest piece: arms imaged apart from the "
+                    "trunk (the phantoms have none) would be dropped from `body`."
+                )
             ]
             if any(
                 labels.get(value) == "body" and steps.get("largest_component")
