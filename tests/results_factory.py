@@ -178,3 +178,46 @@ def phantom_study(
         segments=segments,
     )
     return volume, labelmap, info
+
+
+def torso_study(
+    *, one_lung_label: bool = False, kidney_on_wrong_side: bool = False, body_island: bool = False
+) -> tuple[Volume, Labelmap, ModelInfo]:
+    """A coarse axial torso (10 x 48 x 64 voxels of 4 x 3 x 3 mm, patient left at high column
+    indices): body, left and right lung (or one ``lung`` label for both), kidneys, spine and
+    heart, each a box or ellipse where anatomy puts it. ``kidney_on_wrong_side`` draws the left
+    kidney on the patient's right (a model's left/right swap); ``body_island`` adds a body
+    fragment apart from the trunk."""
+    shape, spacing = (10, 48, 64), (4.0, 3.0, 3.0)
+    _, rows, cols = np.indices(shape)
+    trunk = ((rows - 24) / 19) ** 2 + ((cols - 31.5) / 28) ** 2 <= 1
+    parts = {
+        "lung_left": box(shape, (4, 12, 37), (6, 16, 15)),
+        "lung_right": box(shape, (4, 12, 12), (6, 16, 15)),
+        "kidney_left": box(shape, (0, 28, 41), (4, 8, 7)),
+        "kidney_right": box(shape, (0, 28, 16), (4, 8, 7)),
+        "spine": box(shape, (0, 33, 29), (10, 6, 6)),
+        "heart": box(shape, (5, 14, 30), (4, 9, 9)),
+    }
+    if kidney_on_wrong_side:
+        parts["kidney_left"], parts["kidney_right"] = parts["kidney_right"], np.zeros(shape, bool)
+    names = ["body", "lung", *parts] if one_lung_label else ["body", *parts]
+    if one_lung_label:
+        parts["lung"] = parts.pop("lung_left") | parts.pop("lung_right")
+        names = [n for n in names if n not in ("lung_left", "lung_right")]
+    labels = np.zeros(shape, dtype=np.uint8)
+    labels[trunk] = 1
+    if body_island:
+        labels[2:6, 2:5, 2:5] = 1  # outside the trunk's ellipse
+    for value, name in enumerate(names[1:], start=2):
+        labels[parts[name]] = value
+    rng = np.random.default_rng(11)
+    stored = np.where(labels > 0, 40, -1000) + rng.normal(0, 5, shape)
+    volume = load_series(make_series(stored.round().astype(np.int16), spacing=spacing))
+    segments = tuple(SegmentSpec(v, structure(n)) for v, n in enumerate(names, start=1))
+    info = ModelInfo(
+        algorithm=Algorithm(name="phantom-torso", version="1.0.0", description="test model"),
+        modalities=("CT",),
+        segments=segments,
+    )
+    return volume, Labelmap(labels=labels, segments=segments), info

@@ -322,6 +322,7 @@ def _custom_structure(reader: _Reader, key: str, entry: dict[str, Any]) -> Struc
         type=_concept(reader, f"{key}.type", entry["type"]),
         modifier=modifier,
         color=(128, 128, 128),
+        paired=modifier is not None,
     )
     if "type" in entry:
         structure = replace(structure, type=_concept(reader, f"{key}.type", entry["type"]))
@@ -331,7 +332,7 @@ def _custom_structure(reader: _Reader, key: str, entry: dict[str, Any]) -> Struc
     if "color" in entry:
         structure = replace(structure, color=_color(reader, f"{key}.color", entry["color"]))
     if modifier is not None:
-        structure = replace(structure, modifier=modifier)
+        structure = replace(structure, modifier=modifier, paired=True)
     return structure
 
 

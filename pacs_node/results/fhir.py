@@ -4,7 +4,12 @@ an R4 server accepts; R4B changed none of the resources used here).
 - DiagnosticReport: status preliminary, category v2-0074 RAD, code LOINC 18748-4, effective
   time = the study's, conclusion text, the PDF as presentedForm, basedOn the order.
 - One Observation per measurement: code and method (derivation) from :mod:`.codes`, UCUM
-  quantity, SNOMED CT body site, derivedFrom the ImagingStudy, device the model.
+  quantity, SNOMED CT body site, derivedFrom the ImagingStudy, device the model. A paired
+  structure's laterality (and only a paired structure's, as in the SR's finding site) rides on
+  bodySite as the core extension ``observation-structureLaterality`` (SNOMED CT left / right /
+  bilateral, PS3.16 CID 244), which is what that extension is for while the site code is not
+  pre-coordinated; a finding's warnings (left/right conflict, several pieces) are each
+  Observation's ``note`` and close the report's conclusion.
 - ImagingStudy identified by ``urn:dicom:uid`` / ``urn:oid:<StudyInstanceUID>``; Device for the
   model identified by its Device UID.
 - Every entry is a conditional create (``ifNoneExist`` on its deterministic identifier), so a
@@ -40,6 +45,7 @@ from pacs_node.results.provenance import Provenance
 DICOM_UID_SYSTEM = "urn:dicom:uid"
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
+STRUCTURE_LATERALITY = "http://hl7.org/fhir/StructureDefinition/observation-structureLaterality"
 
 
 def coding(concept: CodedConcept) -> dict[str, str]:
@@ -114,20 +120,23 @@ def _instant(moment: datetime) -> str:
 
 
 def conclusion(findings: Sequence[Finding], provenance: Provenance) -> str:
-    """One line per structure: what was found, how big, where."""
+    """One sentence per structure (its label as the PDF and legend show it, and its size), then
+    every warning."""
     parts: list[str] = []
+    warnings: list[str] = []
     for finding in findings:
-        name = finding.segment.structure.display
         if not finding.present:
-            parts.append(f"{name}: not found.")
+            parts.append(f"{finding.segment.structure.display}: not found.")
             continue
         size = next(
             (m.formatted() for m in finding.measurements() if m.key in ("volume", "area")), ""
         )
-        side = f", {finding.side.value}" if finding.side else ""
-        parts.append(f"{name}: {size}{side}.".replace(" ,", ","))
+        parts.append(f"{finding.label}: {size}." if size else f"{finding.label}: found.")
+        warnings.extend(f"Warning: {w}." for w in finding.warnings())
     model = f"{provenance.algorithm.name} {provenance.algorithm.version}"
-    return f"AI segmentation by {model} (preliminary, verify before use). " + " ".join(parts)
+    return f"AI segmentation by {model} (preliminary, verify before use). " + " ".join(
+        parts + warnings
+    )
 
 
 def build_bundle(
@@ -305,7 +314,14 @@ def _observation(
     effective: str | None,
 ) -> dict[str, Any]:
     structure = finding.segment.structure
-    body_site: dict[str, Any] = {"coding": [coding(structure.type)], "text": structure.display}
+    body_site: dict[str, Any] = {"coding": [coding(structure.type)], "text": finding.label}
+    if finding.laterality is not None:
+        body_site["extension"] = [
+            {
+                "url": STRUCTURE_LATERALITY,
+                "valueCodeableConcept": {"coding": [coding(finding.laterality.concept)]},
+            }
+        ]
     observation: dict[str, Any] = {
         "resourceType": "Observation",
         "identifier": [{"system": DICOM_UID_SYSTEM, "value": _oid(uid)}],
@@ -315,7 +331,7 @@ def _observation(
         ],
         "code": {
             "coding": [coding(measurement.name)],
-            "text": f"{structure.display}: {measurement.label}",
+            "text": f"{finding.label}: {measurement.label}",
         },
         "subject": subject,
         "bodySite": body_site,
@@ -330,6 +346,9 @@ def _observation(
     }
     if measurement.derivation is not None:
         observation["method"] = {"coding": [coding(measurement.derivation)]}
+    warnings = finding.warnings()
+    if warnings:
+        observation["note"] = [{"text": f"Warning: {w}."} for w in warnings]
     if effective:
         observation["effectiveDateTime"] = effective
     return observation

@@ -6,9 +6,18 @@ Definitions (each a documented choice, so two readers get the same number):
   right). Only for cross-sectional series with known spacing.
 - Intensity: mean, population SD (ddof=0), min and max of the Volume's voxels inside the mask,
   blank filled slices excluded; Hounsfield units on CT, unitless otherwise.
-- Centroid: mean of the voxel centres, in patient LPS mm. Its side is judged against a midline:
-  the centroid of a ``body`` segment when the Labelmap has one, else the centre of the imaged
-  field; within ``MIDLINE_MM`` of it is "midline". +x in LPS is the patient's left.
+- Centroid: mean of the voxel centres, in patient LPS mm. Its offset from a midline is kept:
+  the midline is the centroid of a ``body`` segment when the Labelmap has one, else the centre
+  of the imaged field; within ``MIDLINE_MM`` (10 mm) of it is "midline". +x in LPS is the
+  patient's left.
+- Laterality (PS3.16 CID 244), only for paired structures (``Structure.paired``): a lateralised
+  structure (``lung_left``) has its own; a paired structure without a side in its name
+  (``lung``) is "bilateral" when its voxel centres reach beyond ``MIDLINE_MM`` on both sides of
+  the midline, else the side they reach beyond it on (none when it lies wholly within it);
+  unpaired structures (spine, heart, body, ...) have none. The centroid is a consistency check:
+  a lateralised structure whose centroid lies beyond ``MIDLINE_MM`` on the other side (a
+  left/right swap by the model, a wrong orientation) is flagged (``side_conflict``), never
+  silently printed, and every renderer shows the warning.
 - Extents along L/R, A/P, S/I: the span of the voxel centres' patient coordinates plus one
   voxel's own span along that axis (so a 40 mm box measures 40 mm, not 40 mm less a voxel); the
   cranio-caudal "from-to" is the superior and inferior edge in patient z, with the slice range.
@@ -17,7 +26,8 @@ Definitions (each a documented choice, so two readers get the same number):
   maximum 3D diameter is the largest distance between vertices of that mesh's convex hull
   (scipy.spatial), in patient mm.
 - Sphericity: pi^(1/3) (6 V)^(2/3) / A with V the voxel volume and A the mesh area (1 for a ball).
-- Connected components: 26-connectivity in 3D, 8 in 2D.
+- Connected components: 26-connectivity in 3D, 8 in 2D. A structure that is one piece in a
+  patient (``Structure.one_piece``) found in several is reported so (``fragmented``).
 - 2D images (one slice): area in cm2 and width (along columns) / height (along rows) in mm, when
   the pixel spacing is known.
 
@@ -44,7 +54,7 @@ from skimage import measure as _skimage_measure  # type: ignore[import-untyped,u
 from pacs_node.errors import ResultsError
 from pacs_node.imaging.volume import Volume, VolumeKind
 from pacs_node.inference.labelmap import Labelmap, SegmentSpec
-from pacs_node.inference.vocabulary import CodedConcept
+from pacs_node.inference.vocabulary import CodedConcept, Laterality
 from pacs_node.results import codes
 
 measure: Any = _skimage_measure  # untyped library: typed at this one seam
@@ -56,7 +66,8 @@ _DIAMETER_CHUNK = 2048
 
 
 class Side(StrEnum):
-    """Which side of the patient a finding's centroid lies on."""
+    """Which side of the midline a finding's centroid lies on (not a laterality: see
+    :attr:`Finding.laterality`)."""
 
     LEFT = "left"
     RIGHT = "right"
@@ -100,7 +111,8 @@ class Finding:
     area_cm2: float | None = None
     intensity: IntensityStats | None = None
     centroid_lps: tuple[float, float, float] | None = None
-    side: Side | None = None
+    midline_offset_mm: float | None = None  # centroid x minus the midline's (+: patient left)
+    laterality: Laterality | None = None
     slice_range: tuple[int, int] | None = None  # 0-based first and last slice index
     craniocaudal_mm: tuple[float, float] | None = None  # superior edge, inferior edge (patient z)
     extent_lr_mm: float | None = None
@@ -116,6 +128,54 @@ class Finding:
     @property
     def present(self) -> bool:
         return self.voxel_count > 0
+
+    @property
+    def centroid_side(self) -> Side | None:
+        if self.midline_offset_mm is None:
+            return None
+        if abs(self.midline_offset_mm) <= MIDLINE_MM:
+            return Side.MIDLINE
+        return Side.LEFT if self.midline_offset_mm > 0 else Side.RIGHT
+
+    @property
+    def side_conflict(self) -> bool:
+        """A lateralised structure whose centroid lies beyond the tolerance on the other side."""
+        own = self.segment.structure.laterality
+        side = self.centroid_side
+        if own is None or own is Laterality.BILATERAL or side is None or side is Side.MIDLINE:
+            return False
+        return side.value != own.value
+
+    @property
+    def fragmented(self) -> bool:
+        """A structure that is one piece in a patient, found in several."""
+        return self.segment.structure.one_piece and self.components > 1
+
+    @property
+    def label(self) -> str:
+        """The name every renderer shows: the structure's, with its laterality where the name
+        does not already start with it ("Lungs (bilateral)", "Left lung", "Spine")."""
+        display = self.segment.structure.display
+        if self.laterality is None or display.lower().startswith(self.laterality.value):
+            return display
+        return f"{display} ({self.laterality.value})"
+
+    def warnings(self) -> tuple[str, ...]:
+        """What a reader must know before trusting this finding, one sentence each."""
+        out: list[str] = []
+        if self.side_conflict and self.midline_offset_mm is not None:
+            side = self.centroid_side.value if self.centroid_side else ""
+            out.append(
+                f"{self.label}: its centre lies {abs(self.midline_offset_mm):.0f} mm to the "
+                f"patient's {side} of the midline; check for a left/right swap or a wrong "
+                "image orientation"
+            )
+        if self.fragmented:
+            out.append(
+                f"{self.label}: in {self.components} separate parts where one is expected; "
+                "read its numbers with care"
+            )
+        return tuple(out)
 
     def measurements(self) -> tuple[Measurement, ...]:
         """The coded numbers, in the order every renderer shows them; absent values left out."""
@@ -250,6 +310,7 @@ def measure_segment(
             intensity=intensity,
             slice_range=slice_range,
             components=int(components),
+            laterality=laterality_of(spec, None),
         )
     affine = volume.affine_lps()
     voxel_mm3 = abs(float(np.linalg.det(affine[:3, :3])))
@@ -270,21 +331,18 @@ def measure_segment(
         diameter = _max_diameter(verts)
         if area > 0:
             sphericity = math.pi ** (1 / 3) * (6 * volume_mm3) ** (2 / 3) / area
-    side = None
+    midline_offset = None if midline_x is None else float(centroid[0]) - midline_x
+    reach = None
     if midline_x is not None:
-        side_offset = float(centroid[0]) - midline_x
-        side = (
-            Side.MIDLINE
-            if abs(side_offset) <= MIDLINE_MM
-            else (Side.LEFT if side_offset > 0 else Side.RIGHT)
-        )
+        reach = (float(points[:, 0].min()) - midline_x, float(points[:, 0].max()) - midline_x)
     return Finding(
         segment=spec,
         voxel_count=count,
         volume_ml=volume_mm3 / 1000.0,
         intensity=intensity,
         centroid_lps=(float(centroid[0]), float(centroid[1]), float(centroid[2])),
-        side=side,
+        midline_offset_mm=midline_offset,
+        laterality=laterality_of(spec, reach),
         slice_range=slice_range,
         craniocaudal_mm=(float(high[2]), float(low[2])),
         extent_lr_mm=float(extents[0]),
@@ -295,6 +353,25 @@ def measure_segment(
         sphericity=sphericity,
         components=int(components),
     )
+
+
+def laterality_of(spec: SegmentSpec, reach: tuple[float, float] | None) -> Laterality | None:
+    """A paired structure's laterality: its own when its name has a side, else from how far its
+    voxel centres ``reach`` to the patient's right (negative) and left of the midline, in mm;
+    ``None`` for unpaired structures and when the reach is unknown (2D, no geometry)."""
+    structure = spec.structure
+    if not structure.paired:
+        return None
+    if structure.laterality is not None:
+        return structure.laterality
+    if reach is None:
+        return None
+    right, left = reach[0] < -MIDLINE_MM, reach[1] > MIDLINE_MM
+    if right and left:
+        return Laterality.BILATERAL
+    if left or right:
+        return Laterality.LEFT if left else Laterality.RIGHT
+    return None
 
 
 def _mean_index(mask: NDArray[np.bool_]) -> NDArray[np.float64]:
@@ -324,6 +401,7 @@ def _planar_finding(
             intensity=intensity,
             slice_range=slice_range,
             components=components,
+            laterality=laterality_of(spec, None),
         )
     _, dy, dx = volume.spacing
     rows = np.flatnonzero(mask.any(axis=(0, 2)))
@@ -337,6 +415,7 @@ def _planar_finding(
         width_mm=float((cols[-1] - cols[0] + 1) * dx),
         height_mm=float((rows[-1] - rows[0] + 1) * dy),
         components=components,
+        laterality=laterality_of(spec, None),
     )
 
 

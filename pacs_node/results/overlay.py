@@ -6,6 +6,9 @@
 - A key-image series: colour secondary-capture images (highdicom ``sc``) of a few key slices (the
   slice of largest area per segment, capped at ``ResultOptions.key_images``; or every slice with a
   finding on request), with contours, a legend and "AI result - verify before use" burned in.
+  The legend names each structure as :attr:`Finding.label` does (laterality only for paired
+  structures, the same words as the SR, PDF and FHIR) and prints its warnings (a left/right
+  conflict, a structure in several pieces) under it, in amber.
 
 Contours come from scikit-image ``find_contours`` at level 0.5 on each slice's mask, simplified
 to a 0.4-pixel tolerance (Douglas-Peucker, by shapely); pixel coordinates follow PS3.3
@@ -14,6 +17,7 @@ C.10.5.1.2 (0,0 is the top-left corner of the top-left pixel, so a pixel centre 
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +42,7 @@ DISCLAIMER = "AI result - verify before use"
 _MIN_RENDER_PX = 512
 _SIMPLIFY_PX = 0.4
 _TEXT_LAYER = "AI_NOTICE"
+WARNING_RGB = (255, 190, 0)
 _FONT_PATHS = (
     "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
     "/usr/share/fonts/truetype/noto/NotoSans-Regular.ttf",
@@ -153,7 +158,7 @@ def build_presentation_state(
         layer = hd.pr.GraphicLayer(
             layer_name=_layer_name(number, structure.name),
             order=order,
-            description=structure.display[:64],
+            description=layer_description(finding),
             display_color=hd.color.CIELabColor.from_rgb(*structure.color),
         )
         order += 1
@@ -266,7 +271,7 @@ def render_slice(
     image = Image.fromarray(grey, mode="L").resize((cols * scale, rows * scale)).convert("RGB")
     draw = ImageDraw.Draw(image)
     width = max(2, scale // 2)
-    legend: list[tuple[tuple[int, int, int], str]] = []
+    shown: list[Finding] = []
     for finding in findings:
         if not finding.present:
             continue
@@ -276,26 +281,67 @@ def render_slice(
             xy = [(float(c) * scale, float(r) * scale) for c, r in points]
             draw.line(xy, fill=color, width=width, joint="curve")
         if mask.any():
-            legend.append((color, _legend_text(finding)))
+            shown.append(finding)
     font = _font(max(12, image.height // 40))
     line = int(font.size * 1.3) if isinstance(font, ImageFont.FreeTypeFont) else 14
     banner = f"{DISCLAIMER} - {provenance.algorithm.name} {provenance.algorithm.version}"
     draw.rectangle((0, 0, image.width, line + 6), fill=(0, 0, 0))
     draw.text((6, 3), banner, fill=(255, 220, 0), font=font)
+    columns = max(20, int((image.width - 18 - line) / max(draw.textlength("n", font=font), 1)))
+    legend: list[tuple[tuple[int, int, int] | None, str, bool]] = []  # swatch, text, warning
+    for entry in legend_entries(shown):
+        wrapped = textwrap.wrap(entry.text, columns) or [entry.text]
+        legend.append((entry.color, wrapped[0], entry.warning))
+        legend.extend((None, more, entry.warning) for more in wrapped[1:])
     top = image.height - line * len(legend) - 8
     if legend:
         draw.rectangle((0, top - 4, image.width, image.height), fill=(0, 0, 0))
-    for i, (color, label) in enumerate(legend):
+    for i, (swatch, text, warning) in enumerate(legend):
         y = top + i * line
-        draw.rectangle((6, y + 2, 6 + line - 6, y + line - 4), fill=color)
-        draw.text((12 + line, y), label, fill=(255, 255, 255), font=font)
+        if swatch is not None:
+            draw.rectangle((6, y + 2, 6 + line - 6, y + line - 4), fill=swatch)
+        fill = WARNING_RGB if warning else (255, 255, 255)
+        draw.text((12 + line, y), text, fill=fill, font=font)
     return image
 
 
-def _legend_text(finding: Finding) -> str:
-    size = next((m.formatted() for m in finding.measurements() if m.key in ("volume", "area")), "")
-    side = f", {finding.side.value}" if finding.side else ""
-    return f"{finding.segment.structure.display}: {size}{side}".strip()
+@dataclass(frozen=True)
+class LegendEntry:
+    """One legend line: a finding (with its colour swatch) or one of its warnings (no swatch)."""
+
+    color: tuple[int, int, int] | None
+    text: str
+
+    @property
+    def warning(self) -> bool:
+        return self.color is None
+
+
+def legend_entries(findings: Sequence[Finding]) -> list[LegendEntry]:
+    """The key-image legend of these findings: "<label>: <volume or area>", each followed by
+    its warnings ("! ..."). Labels and laterality words are :attr:`Finding.label`'s, as in the
+    PDF table, the SR finding sites and the FHIR text."""
+    entries: list[LegendEntry] = []
+    for finding in findings:
+        if not finding.present:
+            continue
+        size = next(
+            (m.formatted() for m in finding.measurements() if m.key in ("volume", "area")), ""
+        )
+        text = f"{finding.label}: {size}" if size else finding.label
+        entries.append(LegendEntry(finding.segment.structure.color, text))
+        entries.extend(LegendEntry(None, f"! {warning}") for warning in finding.warnings())
+    return entries
+
+
+def layer_description(finding: Finding) -> str:
+    """The GSPS layer's description: the finding's label, and "check" when it has warnings."""
+    text = finding.label
+    if finding.side_conflict:
+        text += " - check side"
+    if finding.fragmented:
+        text += f" - {finding.components} parts"
+    return text[:64]
 
 
 def _orientation_letters(vector: NDArray[np.float64]) -> str:

@@ -1,6 +1,10 @@
 """A one-page PDF summary (reportlab): key images with overlays and the measurement table; and
 the same bytes as an Encapsulated PDF instance (PS3.3 A.45.1) in the source study.
 
+The table's rows (:func:`table_rows`) name each structure as :attr:`Finding.label` does, the
+same words as the key-image legend, the SR and FHIR; every finding's warnings (a left/right
+conflict, a structure in several pieces) are printed under the table in red.
+
 Text uses DejaVu Sans when the system has it (accented and most non-Latin names), else
 reportlab's bundled Vera (Latin only).
 """
@@ -9,6 +13,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
@@ -128,6 +133,39 @@ def build_pdf(
     return buffer.getvalue()
 
 
+@dataclass(frozen=True)
+class TableRow:
+    """One row of the measurement table: a found structure and its formatted values."""
+
+    color: tuple[int, int, int]
+    label: str
+    values: dict[str, str]  # column label -> formatted value
+
+
+def table_rows(findings: Sequence[Finding]) -> tuple[list[str], list[TableRow]]:
+    """The table's columns and one row per structure found, in the findings' order."""
+    present = [f for f in findings if f.present]
+    columns: list[str] = []
+    for finding in present:
+        for m in finding.measurements():
+            if m.key in _TABLE_KEYS and m.label not in columns:
+                columns.append(m.label)
+    rows = [
+        TableRow(
+            finding.segment.structure.color,
+            finding.label,
+            {m.label: m.formatted() for m in finding.measurements() if m.label in columns},
+        )
+        for finding in present
+    ]
+    return columns, rows
+
+
+def report_warnings(findings: Sequence[Finding]) -> list[str]:
+    """Every found structure's warnings, in the findings' order."""
+    return [w for f in findings if f.present for w in f.warnings()]
+
+
 def _table(
     page: canvas.Canvas,
     font: str,
@@ -136,36 +174,51 @@ def _table(
     y: float,
     width: float,
 ) -> None:
-    present = [f for f in findings if f.present]
-    labels: list[str] = []
-    for finding in present:
-        for m in finding.measurements():
-            if m.key in _TABLE_KEYS and m.label not in labels:
-                labels.append(m.label)
+    columns, rows = table_rows(findings)
     first = 32 * mm
-    step = (width - first) / max(len(labels), 1)
+    step = (width - first) / max(len(columns), 1)
     page.setFont(font, 7.5)
     page.setFillColor(colors.HexColor("#333333"))
     page.drawString(x, y, "Structure")
-    for i, label in enumerate(labels):
+    for i, label in enumerate(columns):
         page.drawString(x + first + i * step, y, label)
     page.setFillColor(colors.black)
     y -= 11
-    for finding in present:
-        values = {m.label: m.formatted() for m in finding.measurements()}
-        structure = finding.segment.structure
-        page.setFillColor(colors.Color(*(c / 255 for c in structure.color)))
+    for row in rows:
+        page.setFillColor(colors.Color(*(c / 255 for c in row.color)))
         page.rect(x, y - 1, 6, 6, stroke=0, fill=1)
         page.setFillColor(colors.black)
-        side = f" ({finding.side.value})" if finding.side else ""
-        page.drawString(x + 9, y, f"{structure.display}{side}"[:28])
-        for i, label in enumerate(labels):
-            page.drawString(x + first + i * step, y, values.get(label, "-"))
+        page.drawString(x + 9, y, row.label[:28])
+        for i, label in enumerate(columns):
+            page.drawString(x + first + i * step, y, row.values.get(label, "-"))
         y -= 10
     absent = [f.segment.structure.display for f in findings if not f.present]
     if absent:
         y -= 4
         page.drawString(x, y, "Not found by the model: " + ", ".join(absent))
+        y -= 10
+    warnings = report_warnings(findings)
+    if warnings:
+        y -= 4
+        page.setFillColor(colors.HexColor("#b00000"))
+        for warning in warnings:
+            for line in _wrap(f"Warning: {warning}", font, 7.5, width):
+                page.drawString(x, y, line)
+                y -= 10
+        page.setFillColor(colors.black)
+
+
+def _wrap(text: str, font: str, size: float, width: float) -> list[str]:
+    """Words of ``text`` in lines no wider than ``width`` points."""
+    lines: list[str] = []
+    current = ""
+    for word in text.split():
+        candidate = f"{current} {word}".strip()
+        if current and pdfmetrics.stringWidth(candidate, font, size) > width:
+            lines.append(current)
+            candidate = word
+        current = candidate
+    return [*lines, current] if current else lines
 
 
 def encapsulate_pdf(pdf: bytes, provenance: Provenance) -> Dataset:

@@ -5,9 +5,11 @@ What IHE AI Results asks of it, and how this module does it:
 - Procedure Reported names the imaging procedure analysed (by modality), not the algorithm.
 - The observer is a device: the model, with the Device UID that changes with its version.
 - One measurement group (TID 1411 volumetric, or TID 1410 planar for a 2D image) per segment
-  found, with the SEG segment's tracking identifier and UID, finding type and finding site
-  (with laterality), the model as algorithm identification, and a reference to that segment
-  and to the source series.
+  found, with the SEG segment's tracking identifier and UID, finding type and finding site,
+  the model as algorithm identification, and a reference to that segment and to the source
+  series. The finding site carries a laterality (CID 244 left / right / bilateral) only for a
+  paired structure, the one :attr:`Finding.laterality` gives (see :mod:`.measurements`), so
+  the SR, PDF, key images and FHIR say the same.
 - Measurements carry standard codes (SCT, DCM) and UCUM units; those no standard names
   (sphericity, components, extents, surface area) use the documented private scheme
   ``99PACSNODE`` declared in the Coding Scheme Identification Sequence (see :mod:`.codes`).
@@ -85,9 +87,10 @@ def build_measurement_report(
             uid=tracking_uid(provenance, finding.segment),
             identifier=tracking_id(finding.segment),
         )
+        laterality = finding.laterality
         site = hd.sr.FindingSite(
             anatomic_location=code(structure.type),
-            laterality=code(structure.modifier) if structure.modifier else None,
+            laterality=code(laterality.concept) if laterality is not None else None,
         )
         measurements = [
             hd.sr.Measurement(

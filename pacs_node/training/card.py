@@ -31,6 +31,26 @@ def _table(summary: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _cleanup(cleanup: dict[str, dict[str, Any]], labels: dict[str, str]) -> str:
+    """The bundle's per-label clean-up in words, in label order."""
+    words = {
+        "largest_component": "largest component",
+        "fill_holes": "holes filled",
+        "min_volume_ml": "islands under {} mL removed",
+        "min_voxels": "islands under {} voxels removed",
+        "smoothing_mm": "smoothed ({} mm)",
+    }
+    parts = []
+    for value in sorted(cleanup, key=int):
+        steps = [
+            words[k].format(v) if "{}" in words[k] else words[k]
+            for k, v in cleanup[value].items()
+            if v is not False and k in words
+        ]
+        parts.append(f"{labels.get(value, value)} {', '.join(steps)}")
+    return "; ".join(parts) if parts else "none"
+
+
 def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -61,6 +81,12 @@ def render_card(root: Path) -> str:
         (
             f"- Network: MONAI UNet, channels {recipe['network']['channels']}, "
             f"{training['parameters']:,} parameters."
+        ),
+        f"- Clean-up after inference: {_cleanup(node.get('cleanup', {}), labels)}.",
+        *(
+            [f"- Changes in {meta['version']}: {meta['changelog'][meta['version']]}."]
+            if meta["version"] in meta.get("changelog", {})
+            else []
         ),
         "",
         "## Training data and recipe",
@@ -115,8 +141,10 @@ def render_card(root: Path) -> str:
         lines.append("No evaluation saved yet (`pacs-node evaluate`).")
     for path in evals:
         report = json.loads(path.read_text(encoding="utf-8"))
+        ran = report.get("version", meta["version"])
         lines += [
-            f"### {path.parent.name}: {report['cases']} cases",
+            f"### {path.parent.name}: {report['cases']} cases"
+            + ("" if ran == meta["version"] else f" (model {ran})"),
             "",
             report.get("description", ""),
             "",
@@ -134,6 +162,19 @@ def render_card(root: Path) -> str:
             "real data."
         ),
         "- `body` is the body outside the other labels (one label per voxel).",
+        *(
+            [
+                (
+                    "- The clean-up keeps the body's largest piece: arms imaged apart from the "
+                    "trunk (the phantoms have none) would be dropped from `body`."
+                )
+            ]
+            if any(
+                labels.get(value) == "body" and steps.get("largest_component")
+                for value, steps in node.get("cleanup", {}).items()
+            )
+            else []
+        ),
         (
             "- Left and right follow the patient LPS axes of the DICOM geometry; a wrong "
             "ImageOrientationPatient gives swapped sides."

@@ -19,7 +19,10 @@ from pydicom import dcmread
 from pacs_node.imaging import Volume
 from pacs_node.inference.labelmap import Labelmap, ModelInfo
 from pacs_node.results import OutputKind, ResultOptions, ResultSet, build_results, codes
-from tests.results_factory import oblique_orientation, phantom_study
+from pacs_node.results.fhir import STRUCTURE_LATERALITY
+from pacs_node.results.overlay import legend_entries
+from pacs_node.results.pdf import report_warnings, table_rows
+from tests.results_factory import oblique_orientation, phantom_study, torso_study
 
 DCIODVFY = "/usr/bin/dciodvfy"
 GOLDEN = Path(__file__).parent.parent / "golden" / "results_structure.json"
@@ -297,6 +300,155 @@ def test_nothing_found_still_reports(
         if e["resource"]["resourceType"] == "DiagnosticReport"
     )
     assert "Liver: not found." in conclusion
+
+
+# --------------------------------------------------------------------------- laterality
+
+LEFT, RIGHT, BILATERAL = "7771000", "24028007", "51440002"  # SNOMED CT, PS3.16 CID 244
+SIDE_WORDS = ("left", "right", "bilateral")
+
+
+@pytest.fixture(scope="module")
+def torso() -> ResultSet:
+    volume, labelmap, info = torso_study()
+    return build_results(volume, labelmap, info, ResultOptions(key_images=2, created=FIXED))
+
+
+@pytest.fixture(scope="module")
+def flawed_torso() -> ResultSet:
+    """One label for both lungs, the left kidney drawn on the right, a body fragment."""
+    volume, labelmap, info = torso_study(
+        one_lung_label=True, kidney_on_wrong_side=True, body_island=True
+    )
+    return build_results(volume, labelmap, info, ResultOptions(key_images=2, created=FIXED))
+
+
+def sr_sites(results: ResultSet) -> dict[str, str | None]:
+    """Each SR measurement group's structure (SEG segment label) -> finding-site laterality,
+    read back through highdicom."""
+    (stored,) = results.of_kind(OutputKind.SR)
+    sr = hd.sr.srread(io.BytesIO(stored.data))
+    sites: dict[str, str | None] = {}
+    for group in sr.content.get_volumetric_roi_measurement_groups():
+        (site,) = group.finding_sites
+        name = str(group.tracking_identifier).split(" (label")[0]
+        sites[name] = None if site.laterality is None else site.laterality.value
+    return sites
+
+
+def fhir_sites(results: ResultSet) -> dict[str, set[tuple[str, str | None]]]:
+    """Each Observation's bodySite text -> (site code, laterality code) pairs."""
+    bundle = Bundle.model_validate_json(results.fhir_bundle)
+    sites: dict[str, set[tuple[str, str | None]]] = {}
+    for entry in bundle.entry:
+        resource = entry.resource
+        if resource.get_resource_type() != "Observation":
+            continue
+        extensions = [e for e in resource.bodySite.extension or [] if e.url == STRUCTURE_LATERALITY]
+        laterality = extensions[0].valueCodeableConcept.coding[0].code if extensions else None
+        sites.setdefault(resource.bodySite.text, set()).add(
+            (resource.bodySite.coding[0].code, laterality)
+        )
+    return sites
+
+
+def test_sr_finding_sites_carry_laterality_only_for_paired_structures(
+    torso: ResultSet, flawed_torso: ResultSet, tmp_path: Path
+) -> None:
+    assert sr_sites(torso) == {
+        "Body": None,
+        "Left lung": LEFT,
+        "Right lung": RIGHT,
+        "Left kidney": LEFT,
+        "Right kidney": RIGHT,
+        "Spine": None,
+        "Heart": None,
+    }
+    # one label for both lungs spans the midline: bilateral; the misplaced left kidney is
+    # still the left kidney the model named (and flagged, see below)
+    assert sr_sites(flawed_torso) == {
+        "Body": None,
+        "Lungs": BILATERAL,
+        "Left kidney": LEFT,
+        "Spine": None,
+        "Heart": None,
+    }
+    for results in (torso, flawed_torso):
+        for kind in (OutputKind.SR, OutputKind.SEG, OutputKind.GSPS):
+            (stored,) = results.of_kind(kind)
+            dciodvfy(stored.data, tmp_path)
+
+
+def test_pdf_key_images_fhir_and_sr_name_structures_alike(torso: ResultSet) -> None:
+    findings = torso.findings
+    labels = [f.label for f in findings if f.present]
+    assert labels == [
+        "Body", "Left lung", "Right lung", "Left kidney", "Right kidney", "Spine", "Heart"
+    ]  # fmt: skip
+    legend = [e.text.split(":")[0] for e in legend_entries(findings) if not e.warning]
+    _, rows = table_rows(findings)
+    assert legend == [row.label for row in rows] == labels
+    sr = sr_sites(torso)
+    fhir = fhir_sites(torso)
+    assert set(fhir) == set(labels)
+    for finding in (f for f in findings if f.present):
+        paired = finding.segment.structure.paired
+        words = [w for w in SIDE_WORDS if w in finding.label.lower()]
+        assert bool(words) is paired, finding.label
+        laterality = sr[finding.segment.structure.display]
+        assert (laterality is not None) is paired
+        assert fhir[finding.label] == {(finding.segment.structure.type.value, laterality)}
+    # every renderer takes its colour from the vocabulary
+    for entry, finding in zip(
+        [e for e in legend_entries(findings) if not e.warning],
+        [f for f in findings if f.present],
+        strict=True,
+    ):
+        assert entry.color == finding.segment.structure.color
+    assert [row.color for row in rows] == [f.segment.structure.color for f in findings]
+    seg = hd.seg.Segmentation.from_dataset(
+        dcmread(io.BytesIO(torso.of_kind(OutputKind.SEG)[0].data))
+    )
+    gsps = dcmread(io.BytesIO(torso.of_kind(OutputKind.GSPS)[0].data))
+    for number, finding in enumerate(findings, start=1):
+        lab = list(hd.color.CIELabColor.from_rgb(*finding.segment.structure.color).value)
+        assert list(seg.get_segment_description(number).RecommendedDisplayCIELabValue) == lab
+        layer = gsps.GraphicLayerSequence[number - 1]
+        assert list(layer.GraphicLayerRecommendedDisplayCIELabValue) == lab
+        assert layer.GraphicLayerDescription == finding.label
+    assert report_warnings(findings) == []
+
+
+def test_a_left_right_conflict_and_a_body_in_pieces_are_reported_everywhere(
+    flawed_torso: ResultSet,
+) -> None:
+    findings = {f.segment.structure.name: f for f in flawed_torso.findings}
+    kidney, body = findings["kidney_left"], findings["body"]
+    assert kidney.side_conflict
+    assert body.fragmented
+    warnings = report_warnings(flawed_torso.findings)
+    assert warnings == [*body.warnings(), *kidney.warnings()]
+    assert "Left kidney: its centre lies" in warnings[1]
+    assert "patient's right of the midline" in warnings[1]
+    assert "Body: in 2 separate parts" in warnings[0]
+    legend = [e.text for e in legend_entries(flawed_torso.findings) if e.warning]
+    assert legend == [f"! {w}" for w in warnings]
+    bundle = json.loads(flawed_torso.fhir_bundle)
+    resources = [e["resource"] for e in bundle["entry"]]
+    conclusion = next(r["conclusion"] for r in resources if r["resourceType"] == "DiagnosticReport")
+    assert "Lungs (bilateral):" in conclusion
+    for warning in warnings:
+        assert f"Warning: {warning}." in conclusion
+    noted = {
+        r["bodySite"]["text"]: r["note"][0]["text"]
+        for r in resources
+        if r["resourceType"] == "Observation" and "note" in r
+    }
+    assert noted == {"Body": f"Warning: {warnings[0]}.", "Left kidney": f"Warning: {warnings[1]}."}
+    gsps = dcmread(io.BytesIO(flawed_torso.of_kind(OutputKind.GSPS)[0].data))
+    descriptions = [layer.GraphicLayerDescription for layer in gsps.GraphicLayerSequence]
+    assert "Left kidney - check side" in descriptions
+    assert "Body - 2 parts" in descriptions
 
 
 # --------------------------------------------------------------------------- golden structure

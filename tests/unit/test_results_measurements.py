@@ -9,9 +9,9 @@ import pytest
 
 from pacs_node.imaging import Volume, load_series
 from pacs_node.inference.labelmap import Labelmap, SegmentSpec
-from pacs_node.inference.vocabulary import structure
+from pacs_node.inference.vocabulary import Laterality, structure
 from pacs_node.results import Side, measure_labelmap
-from pacs_node.results.measurements import measure_segment
+from pacs_node.results.measurements import MIDLINE_MM, measure_segment
 from tests.results_factory import AXIAL, ball, box, make_series, oblique_orientation
 
 LIVER = SegmentSpec(1, structure("liver"))
@@ -94,7 +94,8 @@ def test_cranio_caudal_range_side_and_intensity() -> None:
         labels, (SegmentSpec(2, structure("kidney_left")), SegmentSpec(5, structure("spleen")))
     )
     kidney, spleen = measure_labelmap(volume, labelmap)
-    assert kidney.side is Side.LEFT
+    assert kidney.centroid_side is Side.LEFT
+    assert kidney.laterality is Laterality.LEFT
     assert kidney.slice_range == (5, 8)
     top, bottom = kidney.craniocaudal_mm  # type: ignore[misc]
     assert top - bottom == pytest.approx(8.0)
@@ -130,7 +131,76 @@ def test_components_and_midline() -> None:
         LIVER,
         midline_x=float(volume.index_to_patient((0, 0, 20))[0]),
     )
-    assert centred.side is Side.MIDLINE
+    assert centred.centroid_side is Side.MIDLINE
+    assert centred.laterality is None  # the liver is not paired
+
+
+# (structure, first and last x voxel of the mask relative to the midline voxel, laterality,
+# whether the centroid contradicts the name, label every renderer shows)
+LATERALITY_CASES = [
+    ("spine", (-4, 4), None, False, "Spine"),
+    ("spine", (-30, -15), None, False, "Spine"),  # off-centre, still no "Spine (right)"
+    ("heart", (0, 25), None, False, "Heart"),
+    ("body", (-28, 28), None, False, "Body"),
+    ("ribs", (-28, -20), None, False, "Ribs"),  # the rib cage as one set: not lateralised
+    ("lung", (-25, 25), Laterality.BILATERAL, False, "Lungs (bilateral)"),
+    ("lung", (2, 25), Laterality.LEFT, False, "Lungs (left)"),
+    ("lung", (-25, 4), Laterality.RIGHT, False, "Lungs (right)"),
+    ("lung", (-int(MIDLINE_MM), int(MIDLINE_MM)), None, False, "Lungs"),  # within the band
+    ("lung_left", (5, 25), Laterality.LEFT, False, "Left lung"),
+    ("kidney_right", (-14, -2), Laterality.RIGHT, False, "Right kidney"),  # within tolerance
+    ("lung_left", (-25, -5), Laterality.LEFT, True, "Left lung"),  # swapped by the model
+    ("kidney_right", (12, 20), Laterality.RIGHT, True, "Right kidney"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "span", "laterality", "conflict", "label"),
+    LATERALITY_CASES,
+    ids=[f"{c[0]}{c[1]}" for c in LATERALITY_CASES],
+)
+def test_laterality_only_for_paired_structures(
+    name: str,
+    span: tuple[int, int],
+    laterality: Laterality | None,
+    conflict: bool,
+    label: str,
+) -> None:
+    shape = (6, 20, 61)  # 1 mm pixels: x voxel k lies k - 30 mm from the midline voxel 30
+    volume = _volume(shape, (2.0, 1.0, 1.0))
+    midline = float(volume.index_to_patient((0, 0, 30))[0])
+    mask = box(shape, (1, 5, 30 + span[0]), (3, 8, span[1] - span[0] + 1))
+    finding = measure_segment(volume, mask, SegmentSpec(1, structure(name)), midline_x=midline)
+    assert finding.laterality is laterality
+    assert finding.side_conflict is conflict
+    assert finding.label == label
+    warned = [w for w in finding.warnings() if "midline" in w]
+    assert bool(warned) is conflict
+    if conflict:
+        side = "right" if finding.midline_offset_mm < 0 else "left"  # type: ignore[operator]
+        assert f"to the patient's {side} of the midline" in warned[0]
+        assert warned[0].startswith(label)
+
+
+def test_a_structure_that_is_one_piece_is_reported_in_pieces() -> None:
+    shape = (10, 30, 40)
+    volume = _volume(shape, (2.0, 1.0, 1.0))
+    two = box(shape, (1, 2, 2), (3, 6, 6)) | box(shape, (6, 15, 20), (3, 6, 6))
+    body = measure_segment(volume, two, SegmentSpec(1, structure("body")), midline_x=0.0)
+    assert body.components == 2
+    assert body.fragmented
+    expected = "Body: in 2 separate parts where one is expected; read its numbers with care"
+    assert body.warnings() == (expected,)
+    # vertebrae and the ribs may be separate pieces: no warning
+    spine = measure_segment(volume, two, SegmentSpec(2, structure("spine")), midline_x=0.0)
+    assert spine.components == 2
+    assert not spine.fragmented
+    assert spine.warnings() == ()
+    # diagonal neighbours are one piece, as the 26-connected count has it
+    diagonal = box(shape, (1, 2, 2), (2, 2, 2)) | box(shape, (3, 4, 4), (2, 2, 2))
+    single = measure_segment(volume, diagonal, SegmentSpec(1, structure("body")))
+    assert single.components == 1
+    assert not single.fragmented
 
 
 def test_planar_image_has_area_and_no_volume() -> None:
@@ -145,6 +215,13 @@ def test_planar_image_has_area_and_no_volume() -> None:
     assert finding.width_mm == pytest.approx(25 * 0.4)
     assert finding.height_mm == pytest.approx(20 * 0.5)
     assert [m.key for m in finding.measurements()][:2] == ["area", "intensity_mean"]
+    # a radiograph has no midline to check against: a lung keeps the side its name states
+    lung = measure_segment(volume, mask, SegmentSpec(2, structure("lung_left")))
+    assert (lung.laterality, lung.centroid_side, lung.side_conflict) == (
+        Laterality.LEFT,
+        None,
+        False,
+    )
 
 
 def test_unknown_spacing_leaves_sizes_absent() -> None:

@@ -1,11 +1,32 @@
-"""The label vocabulary: unique names, standard codes where pydicom's code dictionary has them."""
+"""The label vocabulary: unique names, standard codes where pydicom's code dictionary has them,
+laterality only on paired structures, colours told apart at a glance."""
 
 from __future__ import annotations
 
+import itertools
+from pathlib import Path
+
+import numpy as np
 import pytest
 from pydicom.sr.codedict import codes
+from skimage.color import deltaE_ciede2000, rgb2lab  # type: ignore[import-untyped,unused-ignore]
 
-from pacs_node.inference.vocabulary import BY_NAME, STRUCTURES, UnknownStructure, structure
+from pacs_node.inference.registry import Registry
+from pacs_node.inference.vocabulary import (
+    BY_NAME,
+    STRUCTURES,
+    Laterality,
+    UnknownStructure,
+    structure,
+)
+
+MODELS = Path(__file__).resolve().parents[2] / "models"
+MIN_DELTA_E = 20.0  # CIEDE2000: two colours this far apart are told apart at a glance
+# A coarse label and the finer ones it stands for: no model outputs both in one labelmap.
+ALTERNATIVES = {
+    frozenset(pair)
+    for pair in (("bone", "spine"), ("bone", "ribs"), ("lung", "lung_left"), ("lung", "lung_right"))
+}
 
 PYDICOM_NAMES = {
     "38266002": "EntireBody",
@@ -52,3 +73,42 @@ def test_paired_organs_carry_laterality() -> None:
 def test_unknown_name_is_a_clear_error() -> None:
     with pytest.raises(UnknownStructure, match="not in the vocabulary"):
         structure("pancreas_tail")
+
+
+def test_only_paired_structures_are_lateralised() -> None:
+    paired = {s.name for s in STRUCTURES if s.paired}
+    assert paired == {"lung", "lung_left", "lung_right", "kidney_left", "kidney_right"}
+    assert structure("lung_left").laterality is Laterality.LEFT
+    assert structure("kidney_right").laterality is Laterality.RIGHT
+    assert structure("lung").laterality is None  # paired, side found from the mask
+    assert Laterality.BILATERAL.concept.value == codes.SCT.RightAndLeft.value  # CID 244
+    one_piece = {s.name for s in STRUCTURES if s.one_piece}
+    assert "body" in one_piece
+    assert not one_piece & {"spine", "ribs", "aorta", "bone", "bowel", "lung"}
+
+
+def delta_e(a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
+    lab = rgb2lab(np.array([[a, b]], dtype=np.float64) / 255.0)[0]
+    return float(deltaE_ciede2000(lab[0], lab[1]))
+
+
+def test_colours_of_any_two_structures_differ_at_a_glance() -> None:
+    close = [
+        (a.name, b.name, round(delta_e(a.color, b.color), 1))
+        for a, b in itertools.combinations(STRUCTURES, 2)
+        if frozenset((a.name, b.name)) not in ALTERNATIVES
+        and delta_e(a.color, b.color) < MIN_DELTA_E
+    ]
+    assert not close
+    for left, right in (("lung_left", "lung_right"), ("kidney_left", "kidney_right")):
+        assert delta_e(structure(left).color, structure(right).color) >= MIN_DELTA_E
+
+
+@pytest.mark.parametrize("name", Registry(MODELS).names())
+def test_colours_of_each_shipped_model_differ_at_a_glance(name: str) -> None:
+    """What one model outputs together, with any colour its bundle sets itself."""
+    segments = Registry(MODELS).get(name).segments
+    assert len(segments) >= 2
+    for a, b in itertools.combinations(segments, 2):
+        distance = delta_e(a.structure.color, b.structure.color)
+        assert distance >= MIN_DELTA_E, (name, a.name, b.name, distance)
