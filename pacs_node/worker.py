@@ -18,7 +18,7 @@ A job whose worker died (SIGKILL, OOM) is ``running`` in the catalog with that w
 :meth:`WorkerPool.start` puts such jobs of this host back in the queue, and fails the ones that
 already took ``job_max_attempts`` workers down. A stopping node asks each worker, over a pipe of
 its own, to stop after its current job (SIGTERM does the same); one still busy at the node's
-deadline is killed and its job re-queued without counting the attempt.
+deadline is killed and its job re-queued (a stop never fails a job).
 """
 
 from __future__ import annotations
@@ -501,7 +501,7 @@ class WorkerPool:
 
     def stop(self, deadline: float) -> tuple[int, int]:
         """Wait for the workers until ``deadline`` (``time.monotonic()``); kill any still busy
-        then and re-queue its job without counting the attempt. Returns (stopped, killed)."""
+        then and re-queue its job (never failed for it). Returns (stopped, killed)."""
         self.request_stop()
         if self._supervisor is not None:
             self._supervisor.join()
