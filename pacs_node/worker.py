@@ -523,7 +523,10 @@ class WorkerPool:
         for pid in pids:
             with self.catalog.sessions.begin() as session:
                 requeue_orphans(
-                    session, f"{host_prefix()}{pid}:", self.settings.node.job_max_attempts + 1
+                    session,
+                    f"{host_prefix()}{pid}:",
+                    self.settings.node.job_max_attempts + 1,
+                    by="node stopping",
                 )
         return stopped, len(killed)
 

@@ -176,12 +176,13 @@ def test_a_dead_child_is_replaced_and_the_node_still_stops(
     _healthy(node)
 
 
-def test_a_second_signal_stops_at_once_and_the_job_is_queued_again(
+def test_a_running_job_is_queued_again_after_a_forced_stop_and_handed_back_by_a_graceful_one(
     make_node: Callable[..., NodeProcess], tmp_path: Path
 ) -> None:
     """Ctrl-C twice in the terminal while a job runs: the first asks for a graceful stop, which
     waits for the job; the second kills every process now. The catalog is as after a SIGKILL:
-    the next start puts the job back in the queue and every received instance is there."""
+    the next start puts the job back in the queue. When the job outlasts a graceful stop's
+    bound, its worker is stopped and the job handed back to the queue, and the node exits 0."""
     node = _serving(make_node, stop_timeout_s=120)
     files = write_series(tmp_path / "ct", slices=48, rows=256, columns=256, spacing=(3, 2, 2))
     study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
@@ -190,16 +191,18 @@ def test_a_second_signal_stops_at_once_and_the_job_is_queued_again(
     catalog = _catalog(node)
     try:
 
-        def busy() -> bool:
+        def in_inference() -> bool:
             with catalog.sessions() as session:
                 job = session.scalars(select(Job)).one_or_none()
             return job is not None and job.state == JobState.RUNNING and job.stage == "infer"
 
-        wait_for(busy, 120, interval=0.05, what="the job in inference")
+        wait_for(in_inference, 120, interval=0.05, what="the job in inference")
         before = len(node.log_text())
         started = time.monotonic()
         _signal(node, signal.SIGINT, group=True)
-        wait_for(lambda: "stopping" in node.log_text()[before:], 10, interval=0.02, what="stop")
+        wait_for(  # the graceful stop is now waiting for the job
+            lambda: "scp closed" in node.log_text()[before:], 10, interval=0.02, what="scp closed"
+        )
         second = time.monotonic()
         _signal(node, signal.SIGINT, group=True)
         code, took = _gone(node, started, "a second SIGINT to the group while a job runs")
@@ -215,16 +218,26 @@ def test_a_second_signal_stops_at_once_and_the_job_is_queued_again(
         with catalog.sessions() as session:
             assert session.scalars(select(Job.state)).one() == JobState.RUNNING  # cut off
 
-        node.node["job_workers"] = 0  # the restarted node only takes stock
-        _start(node)
+        node.node["stop_timeout_s"] = 3  # shorter than the job: the stop hands it back
+        _start(node)  # puts the job back in the queue; the worker takes it again
+        wait_for(in_inference, 120, interval=0.05, what="the job in inference again")
+        before = len(node.log_text())
+        started = time.monotonic()
+        _signal(node, signal.SIGTERM, group=True)
+        code, took = _gone(node, started, "SIGTERM to the group, the job outlasting 3 s")
+        assert code == 0
+        assert took < BOUND_S
+        assert _phases(node.log_text()[before:]) == list(PHASES)
+        assert "killed_and_requeued=1" in node.log_text()[before:]
         with catalog.sessions() as session:
             job = session.scalars(select(Job)).one()
         events = job_events(catalog)
     finally:
         catalog.dispose()
-    assert (job.state, job.attempts) == (JobState.QUEUED, 1)
-    assert [kind for kind, _ in events] == ["queued", "running", "queued"]
-    assert "restart" in events[-1][1]
+    assert job.state == JobState.QUEUED
+    assert [kind for kind, _ in events] == ["queued", "running", "queued", "running", "queued"]
+    assert "restart" in events[2][1]
+    assert "node stopping" in events[4][1]
     assert [s["instances"] for s in node.studies() if s["study_uid"] == study_uid] == [48]
     _healthy(node)
 
