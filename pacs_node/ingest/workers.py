@@ -13,6 +13,7 @@ replaced.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -305,6 +306,9 @@ class SCPWorkers:
         for process in self._processes:
             if process.is_alive():
                 process.terminate()  # SIGTERM: the worker drains and exits
+        if self.listening is not None:  # new connections are refused now, in every process;
+            with contextlib.suppress(OSError):  # established associations have sockets of
+                self.listening.shutdown(socket.SHUT_RDWR)  # their own and go on
         for process in self._processes:
             process.join(max(0.0, deadline - time.monotonic()))
         killed = [p for p in self._processes if p.is_alive()]

@@ -146,13 +146,16 @@ def test_one_signal_stops_the_node_gracefully(
     _healthy(node)
 
 
-def test_a_dead_child_is_replaced_and_the_node_still_stops(
+def test_workers_that_end_first_are_replaced_and_the_node_still_stops(
     make_node: Callable[..., NodeProcess],
 ) -> None:
+    """A job worker killed and an SCP worker stopped on their own: both are replaced, the DICOM
+    port still answers, and the node then stops as cleanly as ever."""
     node = _serving(make_node)
     (scp_worker,) = wait_for(lambda: _scp_workers(node), 30, what="the SCP worker")
     (job_worker,) = re.findall(r"job worker started worker=\S+:(\d+):w0", node.log_text())
-    os.kill(scp_worker, signal.SIGKILL)
+    # SIGTERM: the SCP worker drains and exits (it used to take the shared port down with it)
+    os.kill(scp_worker, signal.SIGTERM)
     os.kill(int(job_worker), signal.SIGKILL)
     wait_for(
         lambda: (
