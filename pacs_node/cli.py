@@ -9,7 +9,6 @@ import json
 import signal
 import sys
 from pathlib import Path
-from types import FrameType
 from typing import Annotated, Any
 
 import typer
@@ -79,7 +78,8 @@ def serve(
         bool | None, typer.Option("--promiscuous/--no-promiscuous", help="Accept any calling AE.")
     ] = None,
 ) -> None:
-    """Run the node: Storage SCP, catalog and study assembly."""
+    """Run the node: Storage SCP, catalog and study assembly. SIGTERM or SIGINT stops it
+    (exit 0); a second one, or the stop outlasting stop_timeout_s, forces it (128 + signal)."""
     settings = _settings(
         config,
         {
@@ -93,6 +93,7 @@ def serve(
             "promiscuous": promiscuous,
         },
     )
+    from pacs_node.lifecycle import SignalPipe
     from pacs_node.node import Node
 
     try:
@@ -100,13 +101,9 @@ def serve(
         node.start()
     except (PacsNodeError, OSError) as exc:
         raise _fail(f"cannot start: {exc}", 1) from exc
-
-    def _stop(signum: int, _frame: FrameType | None) -> None:
-        node.stop()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    node.wait()
+    # From here SIGTERM and SIGINT are only recorded; the node acts on them in run().
+    code = node.run(SignalPipe((signal.SIGTERM, signal.SIGINT)))
+    raise typer.Exit(code)
 
 
 @app.command()

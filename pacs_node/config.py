@@ -110,6 +110,10 @@ class NodeOptions(BaseModel):
     # Job worker processes (inference beside the SCP); 1 suits 2 cores, 0 runs none.
     job_workers: int = Field(default=1, ge=0, le=32)
     job_max_attempts: int = Field(default=3, ge=1, le=100)  # a job that kills its worker
+    # A graceful stop's bound (SIGTERM, SIGINT): associations get half of it to finish, a job in
+    # progress most of it (then its worker is killed and the job re-queued); past it the node
+    # kills its processes and exits 128 + signal. A supervisor's own bound must be longer.
+    stop_timeout_s: float = Field(default=30.0, ge=2, le=3600)
     delivery_max_attempts: int = Field(default=12, ge=1, le=1000)  # then dead letter
     delivery_backoff_s: float = Field(default=5.0, gt=0)  # first retry delay, doubled each time
     delivery_backoff_max_s: float = Field(default=900.0, gt=0)

@@ -1,10 +1,23 @@
-"""The running node: builds the stages from one Settings and starts and stops them in order."""
+"""The running node: builds the stages from one Settings and starts and stops them in order.
+
+Stopping. The first SIGTERM or SIGINT starts a graceful stop in the main thread: job workers
+are asked to stop after their current job, the DICOM port closes and running associations get
+half of ``stop_timeout_s`` to finish, what the SCP workers spooled is recorded, a job still
+running near the deadline is handed back to the queue, then the outbox and the catalog close;
+exit status 0. A second signal, or the stop outlasting ``stop_timeout_s``, kills every child
+process and exits ``128 + signal`` at once; the catalog is then as after a SIGKILL, which the
+next start repairs (jobs re-queued, deliveries taken back, spooled files recorded).
+"""
 
 from __future__ import annotations
 
 import logging
+import signal
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from pacs_node.assembly import Assembly
 from pacs_node.catalog.db import Catalog, open_catalog, sqlite_file
@@ -19,11 +32,14 @@ from pacs_node.ingest.reconcile import reconcile
 from pacs_node.ingest.recorder import CatalogRecorder
 from pacs_node.ingest.scp import StorageSCP
 from pacs_node.ingest.spool import Spool
-from pacs_node.ingest.workers import SCPWorkers
+from pacs_node.ingest.workers import SCPWorkers, drain_s
+from pacs_node.lifecycle import SignalPipe, exit_now
 from pacs_node.routing.router import Router, check_models
 from pacs_node.worker import WorkerPool
 
 log = logging.getLogger(__name__)
+
+RESERVE_S = 5.0  # at most this much of a stop is kept for what follows the job workers
 
 
 class Node:
@@ -61,7 +77,9 @@ class Node:
             )
         else:
             self.scp = StorageSCP(settings, self.spool, self.recorder, self.catalog)
-        self._stopped = threading.Event()
+        self._ending = threading.Lock()  # the graceful end and the forced one exclude each other
+        self._exit_code: int | None = None  # set once the graceful stop is over
+        self._stopped = False
 
     def start(self) -> None:
         """Reconcile the catalog with the spool, rebuild timers, then open the DICOM port."""
@@ -80,18 +98,124 @@ class Node:
             extra={"catalog": self.catalog.url, "recovered_instances": recovered},
         )
 
-    def stop(self) -> None:
-        if self._stopped.is_set():
-            return
-        self._stopped.set()
-        self.scp.stop()
-        self.recorder.stop()
-        self.assembly.stop()
-        self.housekeeping.stop()
-        self.workers.stop()
-        self.outbox.stop()
-        self.catalog.dispose()
-        log.info("node stopped")
+    def run(self, signals: SignalPipe) -> int:
+        """Serve until SIGTERM or SIGINT, then stop gracefully in this (the main) thread.
 
-    def wait(self) -> None:
-        self._stopped.wait()
+        A second signal, or the stop still running after ``stop_timeout_s``, stops the node at
+        once from another thread (:meth:`stop_now`), whatever this one is waiting for. Returns
+        the exit status of a graceful stop: 0, or 1 when a step of it failed."""
+        signum = signals.next()
+        if signum is None:  # pragma: no cover - next() without a timeout always returns one
+            return 1
+        started = time.monotonic()
+        timeout = self.settings.node.stop_timeout_s
+        log.info("stopping", extra={"signal": signal.Signals(signum).name, "timeout_s": timeout})
+        threading.Thread(
+            target=self._escalate,
+            args=(signals, signum, started),
+            name="stop-deadline",
+            daemon=True,
+        ).start()
+        failed = self.stop(started + timeout)
+        with self._ending:
+            self._exit_code = 1 if failed else 0
+            log.info(
+                "stopped",
+                extra={
+                    "seconds": round(time.monotonic() - started, 2),
+                    "exit_code": self._exit_code,
+                },
+            )
+        return self._exit_code
+
+    def _escalate(self, signals: SignalPipe, signum: int, started: float) -> None:
+        deadline = started + self.settings.node.stop_timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                reason = "stop_timeout_s passed"
+                break
+            if signals.next(remaining) is not None:
+                reason = "second signal"
+                break
+        with self._ending:
+            if self._exit_code is None:
+                self.stop_now(reason, signum, started)
+            # The stop is over, but the interpreter has not exited by the deadline.
+            log.warning("exit held up; leaving now", extra={"reason": reason})
+            exit_now(self._exit_code)
+
+    def stop_now(self, reason: str, signum: int, started: float) -> NoReturn:
+        """Kill every child process and exit ``128 + signum`` at once, waiting for nothing
+        the main thread may hold. The catalog stays consistent as after a SIGKILL: at the next
+        start, jobs left running are re-queued, deliveries left sending are taken back, and
+        spooled instances without a row are recorded."""
+        log.warning(
+            "stopping now",
+            extra={"reason": reason, "seconds": round(time.monotonic() - started, 2)},
+        )
+        self.workers.kill_now()
+        if isinstance(self.scp, SCPWorkers):
+            self.scp.kill_now()
+        code = 128 + signum
+        log.warning(
+            "stopped",
+            extra={
+                "seconds": round(time.monotonic() - started, 2),
+                "exit_code": code,
+                "forced": True,
+            },
+        )
+        exit_now(code)
+
+    def stop(self, deadline: float | None = None) -> bool:
+        """Stop every stage in order by ``deadline`` (``time.monotonic()``; default: now plus
+        ``stop_timeout_s``). Job workers are asked first, so they finish their job while the
+        SCP drains its associations. Returns True when a step failed (the others still ran)."""
+        if self._stopped:
+            return False
+        self._stopped = True
+        started = time.monotonic()
+        timeout = self.settings.node.stop_timeout_s
+        if deadline is None:
+            deadline = started + timeout
+        # What is left after the job workers' share: re-queueing, the outbox, the catalog.
+        workers_deadline = deadline - min(RESERVE_S, timeout / 5)
+        scp_deadline = min(started + drain_s(self.settings) + timeout / 10, workers_deadline)
+        failed = False
+
+        def step(name: str, action: Callable[[], object]) -> object:
+            nonlocal failed
+            try:
+                return action()
+            except Exception:  # one stage failing to stop must not keep the others running
+                log.exception("stopping a stage failed", extra={"stage": name})
+                failed = True
+                return None
+
+        step("job workers", self.workers.request_stop)
+        scp = self.scp
+        if isinstance(scp, SCPWorkers):
+            killed = step("scp", lambda: scp.stop(scp_deadline))
+        else:
+            killed = step("scp", scp.stop)
+        step("recorder", lambda: self.recorder.stop(max(0.1, workers_deadline - time.monotonic())))
+        log.info(
+            "scp closed",
+            extra={"seconds": round(time.monotonic() - started, 2), "killed": killed or 0},
+        )
+        step("assembly", self.assembly.stop)
+        step("housekeeping", self.housekeeping.stop)
+        counts = step("job workers", lambda: self.workers.stop(workers_deadline))
+        stopped, killed = counts if isinstance(counts, tuple) else (0, 0)
+        log.info(
+            "job workers stopped",
+            extra={
+                "seconds": round(time.monotonic() - started, 2),
+                "stopped": stopped,
+                "killed_and_requeued": killed,
+            },
+        )
+        step("outbox", self.outbox.stop)
+        step("catalog", self.catalog.dispose)
+        return failed

@@ -16,24 +16,28 @@ same job. :func:`run_burst` runs the same loop in the calling process until the 
 
 A job whose worker died (SIGKILL, OOM) is ``running`` in the catalog with that worker's id;
 :meth:`WorkerPool.start` puts such jobs of this host back in the queue, and fails the ones that
-already took ``job_max_attempts`` workers down.
+already took ``job_max_attempts`` workers down. A stopping node asks each worker, over a pipe of
+its own, to stop after its current job (SIGTERM does the same); one still busy at the node's
+deadline is killed and its job re-queued (a stop never fails a job).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import socket
 import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
 from multiprocessing.context import SpawnProcess
-from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -54,6 +58,7 @@ from pacs_node.catalog.results import (
 from pacs_node.config import Settings
 from pacs_node.dispatch.destinations import SOURCE, FhirDestination, source_name
 from pacs_node.errors import PacsNodeError
+from pacs_node.lifecycle import SignalPipe, exit_now
 from pacs_node.redact import scrub_reason
 
 if TYPE_CHECKING:
@@ -63,8 +68,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 POLL_S = 0.5  # how often an idle worker looks for a queued job
-STOP_GRACE_S = 10.0
-PARENT_CHECK_S = 1.0  # how often a worker checks that the node is still alive
+KILL_WAIT_S = 5.0  # how long a SIGKILLed worker may take to be gone
+STOP = "stop"  # the node's message to a worker: stop after the current job
 SUPERVISE_S = 1.0  # how often the pool looks for a dead worker to replace
 
 
@@ -345,27 +350,36 @@ def run_burst(
             on_job(job_id, state)
 
 
-def _exit_with_parent() -> None:
-    """A worker dies with the node: a SIGKILLed node must not leave a worker running a job
-    that the restarted node hands to a new worker."""
-    parent = multiprocessing.parent_process()
-    if parent is None:
-        return
+def _follow_the_node(control: Connection, signals: SignalPipe, stop: threading.Event) -> None:
+    """Set ``stop`` when the node asks (a message on ``control``) or SIGTERM arrives; end the
+    process at once when the node is gone (``control`` at its end): a SIGKILLed node must not
+    leave a worker running a job that the restarted node hands to a new worker."""
 
-    def watch() -> None:
-        while parent.is_alive():
-            time.sleep(PARENT_CHECK_S)
-        os._exit(1)
+    def follow() -> None:
+        while True:
+            for ready in wait([control, signals.fileno()]):
+                if ready is control:
+                    try:
+                        control.recv()
+                    except (EOFError, OSError):
+                        os._exit(1)
+                    stop.set()
+                elif signals.next(0) is not None:
+                    stop.set()
 
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    threading.Thread(target=follow, name="node-link", daemon=True).start()
 
 
-def _worker_main(settings: Settings, index: int, stop: EventType) -> None:
-    """A worker process: claim, run, repeat; idle polls every ``POLL_S``."""
+def _worker_main(settings: Settings, index: int, control: Connection) -> None:
+    """A worker process: claim, run, repeat; idle polls every ``POLL_S``. The node's request
+    or a SIGTERM stops it after its current job; SIGINT is the node's to act on, not ours."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signals = SignalPipe((signal.SIGTERM,))
     from pacs_node.logs import configure_node_logging
 
     configure_node_logging(settings.node)
-    _exit_with_parent()
+    stop = threading.Event()
+    _follow_the_node(control, signals, stop)
     catalog = open_catalog(settings.node.catalog_url, run_migrations=False)
     runner = make_runner(settings)
     me = worker_id(f"w{index}")
@@ -384,12 +398,17 @@ def _worker_main(settings: Settings, index: int, stop: EventType) -> None:
                 stop.wait(POLL_S * 10)
     finally:
         catalog.dispose()
+    log.info("job worker stopped", extra={"worker": me})
+    exit_now(0)  # its last job is in the catalog
 
 
 class WorkerPool:
     """``size`` worker processes; started after the catalog is reconciled, stopped first.
 
-    A worker that dies (killed for memory, a crash in a native library) is replaced within
+    Each worker has a pipe of its own from the node: a message asks it to stop after its job,
+    the pipe's end tells it the node is gone. Nothing is shared between the workers, so one
+    that dies (killed for memory, a crash in a native library, a SIGTERM to the process group)
+    can never leave another process waiting for it. A dead worker is replaced within
     ``SUPERVISE_S``, and the job it held goes back to the queue, or fails once it has taken
     ``job_max_attempts`` workers down with it."""
 
@@ -398,8 +417,9 @@ class WorkerPool:
         self.settings = settings
         self.size = settings.node.job_workers
         self._context = multiprocessing.get_context("spawn")
-        self._stop = self._context.Event()
+        self._stopping = threading.Event()
         self._processes: list[SpawnProcess] = []
+        self._links: list[Connection] = []  # the node's end of each worker's pipe
         self._lock = threading.Lock()
         self._supervisor: threading.Thread | None = None
 
@@ -417,24 +437,28 @@ class WorkerPool:
         self.recover()
         with self._lock:
             for index in range(self.size):
-                self._processes.append(self._spawn(index))
+                process, link = self._spawn(index)
+                self._processes.append(process)
+                self._links.append(link)
         self._supervisor = threading.Thread(
             target=self._supervise, name="job-worker-supervisor", daemon=True
         )
         self._supervisor.start()
 
-    def _spawn(self, index: int) -> SpawnProcess:
+    def _spawn(self, index: int) -> tuple[SpawnProcess, Connection]:
+        reader, link = self._context.Pipe(duplex=False)
         process = self._context.Process(
             target=_worker_main,
-            args=(self.settings, index, self._stop),
+            args=(self.settings, index, reader),
             name=f"pacs-node-job-worker-{index}",
             daemon=True,
         )
         process.start()
-        return process
+        reader.close()  # the worker has its own copy; the node keeps the only writing end
+        return process, link
 
     def _supervise(self) -> None:
-        while not self._stop.wait(SUPERVISE_S):
+        while not self._stopping.wait(SUPERVISE_S):
             try:
                 self.replace_dead()
             except Exception:  # the catalog away, no memory to spawn: try on the next round
@@ -443,7 +467,7 @@ class WorkerPool:
     def replace_dead(self) -> int:
         """Re-queue the job of every dead worker, then start a new worker in its place."""
         with self._lock:
-            if self._stop.is_set():
+            if self._stopping.is_set():
                 return 0
             dead = [(i, p) for i, p in enumerate(self._processes) if not p.is_alive()]
             for index, process in dead:
@@ -463,30 +487,55 @@ class WorkerPool:
                         "failed": failed,
                     },
                 )
-                self._processes[index] = self._spawn(index)
+                self._links[index].close()
+                self._processes[index], self._links[index] = self._spawn(index)
         return len(dead)
 
-    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
-        """Ask workers to stop after their job; kill any still busy and re-queue its job."""
-        self._stop.set()
+    def request_stop(self) -> None:
+        """Ask every worker to stop after its current job; from now on none is replaced."""
+        self._stopping.set()
+        with self._lock:
+            for link in self._links:
+                with contextlib.suppress(OSError):  # that worker is gone already
+                    link.send(STOP)
+
+    def stop(self, deadline: float) -> tuple[int, int]:
+        """Wait for the workers until ``deadline`` (``time.monotonic()``); kill any still busy
+        then and re-queue its job (never failed for it). Returns (stopped, killed)."""
+        self.request_stop()
         if self._supervisor is not None:
             self._supervisor.join()
             self._supervisor = None
-        deadline = time.monotonic() + grace_s
         with self._lock:
             for process in self._processes:
                 process.join(max(0.0, deadline - time.monotonic()))
             killed = [p for p in self._processes if p.is_alive()]
             for process in killed:
                 process.kill()
-                process.join()
+            for process in killed:
+                process.join(KILL_WAIT_S)
             pids = [p.pid for p in killed]
+            stopped = len(self._processes) - len(killed)
+            for link in self._links:
+                link.close()
             self._processes.clear()
+            self._links.clear()
         for pid in pids:
             with self.catalog.sessions.begin() as session:
                 requeue_orphans(
-                    session, f"{host_prefix()}{pid}:", self.settings.node.job_max_attempts + 1
+                    session,
+                    f"{host_prefix()}{pid}:",
+                    self.settings.node.job_max_attempts + 1,
+                    by="node stopping",
                 )
+        return stopped, len(killed)
+
+    def kill_now(self) -> None:
+        """SIGKILL every worker, waiting for nothing (not even the pool's lock): the node is
+        stopping at once, and the jobs they held are re-queued when it starts again."""
+        for process in list(self._processes):
+            if process.exitcode is None:
+                process.kill()
 
     @property
     def alive(self) -> int:

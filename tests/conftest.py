@@ -100,7 +100,9 @@ class NodeProcess:
             peers["destinations"] = self.destinations
         (self.config_dir / "peers.yaml").write_text(yaml.safe_dump(peers))
 
-    def start(self, timeout: float = 60.0) -> NodeProcess:
+    def start(self, timeout: float = 60.0, *, own_group: bool = False) -> NodeProcess:
+        """Start ``pacs-node serve``; ``own_group``: in a session and process group of its own
+        (as a service manager starts it), so a test can signal the whole group."""
         self.write_config()
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
@@ -108,6 +110,7 @@ class NodeProcess:
             stdout=log,
             stderr=log,
             env=clean_env(),
+            start_new_session=own_group,
         )
         wait_for(self._listening, timeout, what="the node's DICOM port")
         return self

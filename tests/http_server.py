@@ -65,8 +65,11 @@ class ScriptedServer:
                     for _ in range(int(reply.stall_s / 0.2)):
                         if server.stopping.wait(0.2):
                             return
-                        self.wfile.write(b" ")
-                        self.wfile.flush()
+                        try:
+                            self.wfile.write(b" ")
+                            self.wfile.flush()
+                        except (BrokenPipeError, ConnectionResetError):  # the client is gone
+                            return
                     return
                 self.send_header("Content-Length", str(len(reply.body)))
                 self.end_headers()

@@ -217,6 +217,11 @@ class StorageSCP:
                 socketserver.TCPServer.shutdown(self)
                 self.server_close()
 
+            def server_close(self) -> None:
+                """Close this process's descriptor only: pynetdicom's shutdown(SHUT_RDWR) would
+                stop the socket listening for every process that shares it."""
+                listening.close()
+
         server = self.ae.make_server(
             listening.getsockname(),
             evt_handlers=self._handlers(),

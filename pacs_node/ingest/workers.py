@@ -13,6 +13,7 @@ replaced.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -26,7 +27,6 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from multiprocessing.context import SpawnProcess
-from types import FrameType
 from typing import Any
 
 from pacs_node.catalog.db import Catalog, open_catalog
@@ -35,6 +35,7 @@ from pacs_node.ingest.limits import SharedLimits
 from pacs_node.ingest.recorder import RecordSink
 from pacs_node.ingest.scp import StorageSCP, limits_for
 from pacs_node.ingest.spool import Spool
+from pacs_node.lifecycle import SignalPipe, exit_now
 from pacs_node.logs import configure_node_logging
 from pacs_node.refs import CommitmentReport, InstanceRef
 
@@ -44,7 +45,13 @@ _SUBMIT, _COUNT, _DUPLICATE, _REPORT = "submit", "count", "duplicate", "report"
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 PROCESS_NAME = b"pacs-node-scp"  # at most 15 bytes
-DRAIN_S = 30.0  # how long a stopping worker lets running associations finish
+KILL_WAIT_S = 5.0  # how long a SIGKILLed worker may take to be gone
+
+
+def drain_s(settings: Settings) -> float:
+    """How long a stopping worker lets running associations finish: half the stop's bound
+    (``stop_timeout_s``), so a job in progress and the catalog's last writes keep the rest."""
+    return settings.node.stop_timeout_s / 2
 
 
 class _PipeSink:
@@ -100,7 +107,11 @@ def _run_worker(
     parent: int,
     limits: SharedLimits,
 ) -> None:
-    """Entry point of a worker process."""
+    """Entry point of a worker process: serve until SIGTERM (from the node, from a signal to the
+    whole process group, or as the main process's death signal), then drain and exit. SIGINT
+    is the node's to act on: a Ctrl-C in a terminal reaches every process of the group."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signals = SignalPipe((signal.SIGTERM,))
     _die_with_parent()
     options = settings.node
     configure_node_logging(options)
@@ -114,28 +125,28 @@ def _run_worker(
         limits=limits,
         open_catalog=functools.partial(_read_only_catalog, settings),
     )
-    stop = threading.Event()
-
-    def _on_signal(_signum: int, _frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when to stop
     server = threading.Thread(target=scp.serve, args=(listening,), name="scp", daemon=True)
     server.start()
-    while not stop.wait(1.0):
+    while signals.next(1.0) is None:
         if os.getppid() != parent:  # the main process is gone: nobody records what we spool
             break
     if os.getppid() != parent:
         log.error("main process gone; worker stopping")
+    stopping = time.monotonic()
     scp.stop()  # closes this process's copy of the listening socket first
-    deadline = time.monotonic() + DRAIN_S
+    deadline = stopping + drain_s(settings)
     # Let established associations finish their C-STOREs; connections that never sent an
     # A-ASSOCIATE-RQ (port probes) are not worth waiting for.
     while time.monotonic() < deadline and any(
         assoc.is_established for assoc in scp.ae.active_associations
     ):
         time.sleep(0.05)
+    cut = sum(1 for assoc in scp.ae.active_associations if assoc.is_established)
+    log.info(
+        "SCP worker stopped",
+        extra={"seconds": round(time.monotonic() - stopping, 2), "associations_cut": cut},
+    )
+    exit_now(0)  # what it spooled is on disk and in the pipe
 
 
 class SCPWorkers:
@@ -166,7 +177,8 @@ class SCPWorkers:
         # Connection and association limits counted across all workers (one row each).
         self.limits = SharedLimits.create(limits_for(settings), rows=count, context=self._context)
         self._stopping = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._pump_thread: threading.Thread | None = None
+        self._supervisor: threading.Thread | None = None
 
     @property
     def port(self) -> int:
@@ -184,10 +196,14 @@ class SCPWorkers:
         self.listening.bind((options.dicom_host, options.dicom_port))
         self.listening.listen(128)
         self._processes = [self._spawn(row) for row in range(self.count)]
-        for target, name in ((self._pump, "scp-pump"), (self._supervise, "scp-supervisor")):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self._pump_thread = threading.Thread(target=self._pump, name="scp-pump", daemon=True)
+        self._pump_thread.start()
+        # Workers it replaces get SIGTERM as their death signal when this thread ends (Linux ties
+        # PR_SET_PDEATHSIG to the spawning thread): it ends only when the SCP stops them anyway.
+        self._supervisor = threading.Thread(
+            target=self._supervise, name="scp-supervisor", daemon=True
+        )
+        self._supervisor.start()
         options = self.settings.node
         log.info(
             "storage SCP listening",
@@ -277,19 +293,39 @@ class SCPWorkers:
                     except Exception:
                         log.exception("recording what the dead SCP worker spooled failed")
 
-    def stop(self) -> None:
-        """Stop accepting, let running associations finish, then drain the pipes."""
+    def stop(self, deadline: float | None = None) -> int:
+        """Stop accepting, let running associations finish until ``deadline``
+        (``time.monotonic()``; default: the workers' drain time and a second), kill the workers
+        still there, then drain the pipes. Returns how many workers had to be killed."""
+        if deadline is None:
+            deadline = time.monotonic() + drain_s(self.settings) + 1.0
         self._stopping.set()
+        if self._supervisor is not None:  # no worker is replaced once it has returned
+            self._supervisor.join()
+            self._supervisor = None
         for process in self._processes:
             if process.is_alive():
                 process.terminate()  # SIGTERM: the worker drains and exits
+        if self.listening is not None:  # new connections are refused now, in every process;
+            with contextlib.suppress(OSError):  # established associations have sockets of
+                self.listening.shutdown(socket.SHUT_RDWR)  # their own and go on
         for process in self._processes:
-            process.join(DRAIN_S + 5)
-            if process.is_alive():
-                process.kill()
-                process.join()
+            process.join(max(0.0, deadline - time.monotonic()))
+        killed = [p for p in self._processes if p.is_alive()]
+        for process in killed:
+            process.kill()
+        for process in killed:
+            process.join(KILL_WAIT_S)
         self._waker.send(None)  # every worker is gone: the pump reads their pipes to the end
-        for thread in self._threads:
-            thread.join(10)
+        if self._pump_thread is not None:
+            self._pump_thread.join(10)
         if self.listening is not None:
             self.listening.close()
+        return len(killed)
+
+    def kill_now(self) -> None:
+        """SIGKILL every worker, waiting for nothing: the node is stopping at once, and what
+        they spooled without a catalog row is recorded when it starts again."""
+        for process in list(self._processes):
+            if process.exitcode is None:
+                process.kill()

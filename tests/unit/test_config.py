@@ -20,6 +20,7 @@ FLAT_ENV = {
     "PACS_NODE_MAX_INSTANCE_MB": ("max_instance_mb", "512", 512),
     "PACS_NODE_ASSOC_REQUEST_TIMEOUT_S": ("assoc_request_timeout_s", "2.5", 2.5),
     "PACS_NODE_MAX_ASSOC_REQUEST_BYTES": ("max_assoc_request_bytes", "65536", 65536),
+    "PACS_NODE_STOP_TIMEOUT_S": ("stop_timeout_s", "90", 90.0),
 }
 
 
@@ -103,6 +104,7 @@ def test_peers_and_per_ae_quiet_period(tmp_path: Path) -> None:
         ("node.yaml", "dicom_port: 70000\n", "dicom_port", "less than or equal to 65535"),
         ("node.yaml", "ae_title: WAY_TOO_LONG_AE_TITLE\n", "ae_title", "at most 16"),
         ("node.yaml", "colour: blue\n", "colour", "Extra inputs are not permitted"),
+        ("node.yaml", "stop_timeout_s: 1\n", "stop_timeout_s", "greater than or equal to 2"),
         ("node.yaml", "quiet_period_s: [1\n", "line 2 column 1", "not valid YAML"),
         ("node.yaml", "- a\n- b\n", "(top level)", "mapping"),
         ("peers.yaml", "peers:\n  - host: 1.2.3.4\n", "peers[0].ae_title", "Field required"),
