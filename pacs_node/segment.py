@@ -67,6 +67,7 @@ class SegmentReport:
     notes: tuple[str, ...] = ()
 
     def as_json(self) -> dict[str, object]:
+        names = {spec.value: spec.name for spec in self.segmentation.labelmap.segments}
         return {
             "series_instance_uid": self.series_instance_uid,
             "model": self.segmentation.model.algorithm.name,
@@ -77,6 +78,15 @@ class SegmentReport:
             "voxels": self.voxels,
             "results": [str(path) for path in self.results],
             "notes": list(self.notes),
+            "removed": [
+                {
+                    "label": names.get(r.value, str(r.value)),
+                    "rule": r.rule,
+                    "voxels": r.voxels,
+                    "ml": r.ml,
+                }
+                for r in self.segmentation.removals
+            ],
             "timings": self.segmentation.timings.as_json(),
         }
 
@@ -224,9 +234,12 @@ def segment_paths(
         s.name: int(counts[s.value]) if s.value < counts.size else 0
         for s in result.labelmap.segments
     }
+    removed = tuple(result.notes)  # what the model's anatomical rules took away
     if results is None:
-        return SegmentReport(uid, nifti, labels_json, result, voxels)
+        return SegmentReport(uid, nifti, labels_json, result, voxels, notes=removed)
     step("results")
     built = build_results(volume, result.labelmap, result.model, results)
     written = write_results(built, out_dir)
-    return SegmentReport(uid, nifti, labels_json, result, voxels, tuple(written), built.notes)
+    return SegmentReport(
+        uid, nifti, labels_json, result, voxels, tuple(written), removed + built.notes
+    )

@@ -252,6 +252,35 @@ def _fill_holes_bright(bone: NDArray[np.bool_], hu: NDArray[Any]) -> NDArray[np.
     return out
 
 
+def _full_resolution_body(
+    hu: NDArray[Any],
+    body_work: NDArray[np.bool_],
+    table_work: NDArray[np.bool_],
+    f: tuple[int, int, int],
+    work_spacing: Spacing,
+) -> NDArray[np.bool_]:
+    """The body at full resolution: the threshold decides the boundary, the working grid decides
+    membership (and keeps the table out)."""
+    margin = max(work_spacing) * 1.5
+    allowed = _dilate_mm(body_work, work_spacing, margin) & ~(table_work & ~body_work)
+    near_body = _upsample(allowed, f, hu.shape)
+    return _fill_slices((hu > AIR_BODY_HU) & near_body)
+
+
+def patient_mask(hu: NDArray[Any], spacing: Spacing) -> NDArray[np.bool_]:
+    """The patient on a CT in HU (z, y, x): tissue above -500 HU, holes filled per slice, the
+    table and head rest left out. The body label of :func:`segment_ct`, and what confines the
+    learned models' labels (:mod:`pacs_node.inference.anatomy`)."""
+    if hu.ndim != 3:
+        raise ValueError(f"expected a (z, y, x) array, got shape {hu.shape}")
+    f = _factors(spacing)
+    work_spacing = (spacing[0] * f[0], spacing[1] * f[1], spacing[2] * f[2])
+    body_work, table_work = _body(_block_mean(hu, f), work_spacing)
+    if not body_work.any():
+        return np.zeros(hu.shape, dtype=bool)
+    return _full_resolution_body(hu, body_work, table_work, f, work_spacing)
+
+
 def segment_ct(
     hu: NDArray[Any], spacing: Spacing, direction: NDArray[np.float64]
 ) -> NDArray[np.uint8]:
@@ -266,12 +295,9 @@ def segment_ct(
     labels = np.zeros(hu.shape, dtype=np.uint8)
     if not body_work.any():
         return labels
-    # full resolution: the threshold decides the boundary, the working grid decides membership
-    margin = max(work_spacing) * 1.5
-    allowed = _dilate_mm(body_work, work_spacing, margin) & ~(table_work & ~body_work)
-    near_body = _upsample(allowed, f, hu.shape)
-    body = _fill_slices((hu > AIR_BODY_HU) & near_body)
+    body = _full_resolution_body(hu, body_work, table_work, f, work_spacing)
     labels[body] = BODY
+    margin = max(work_spacing) * 1.5
 
     lungs_work = _lungs(work, body_work, work_spacing, direction)
     if lungs_work.any():

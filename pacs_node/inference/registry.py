@@ -24,7 +24,11 @@ metadata.json; every key in it is optional::
         "intensity": {"kind": "range", "a_min": -57, "a_max": 164}},  # or window / zscore
       "patch_size": [96, 96, 96],        # network (x, y, z); default: the inferer's roi_size
       "overlap": 0.25, "sw_batch_size": 1,
-      "cleanup": {"1": {"largest_component": true, "fill_holes": true, "min_volume_ml": 1}}
+      "cleanup": {"1": {"largest_component": true, "fill_holes": true, "min_volume_ml": 1}},
+      "anatomy": {"body": "body",        # anatomical limits, before the clean-up: see
+                  "confine_to_body": true,  # inference/anatomy.py; label names, not values
+                  "air_only": ["lung_left", "lung_right"], "air_hu_max": -400,
+                  "exclude_table": true}
     }
 
 Label names: a ``channel_def`` name is matched to the vocabulary after normalising case,
@@ -48,6 +52,7 @@ from typing import Any, Literal
 from pacs_node.errors import BundleError, UnknownModel
 from pacs_node.imaging.postprocess import SegmentCleanup
 from pacs_node.imaging.preprocess import orientation_matrix
+from pacs_node.inference.anatomy import AnatomyRules
 from pacs_node.inference.labelmap import Algorithm, ModelInfo, SegmentSpec
 from pacs_node.inference.vocabulary import (
     ANATOMICAL_STRUCTURE,
@@ -140,6 +145,7 @@ class Bundle:
     overlap: float = 0.25
     sw_batch_size: int = 1
     cleanup: Mapping[int, SegmentCleanup] = field(default_factory=dict)
+    anatomy: AnatomyRules | None = None
     algorithm: str | None = None  # classical algorithm name
     metadata: Mapping[str, Any] = field(default_factory=dict)
     sha256: str = ""  # over every file of the bundle: see bundle_sha256
@@ -491,6 +497,35 @@ def _cleanup(reader: _Reader, values: set[int]) -> dict[int, SegmentCleanup]:
     return result
 
 
+def _anatomy(reader: _Reader, segments: tuple[SegmentSpec, ...]) -> AnatomyRules | None:
+    key = f"{NODE_KEY}.anatomy"
+    spec = reader.mapping(key)
+    if spec is None:
+        return None
+    allowed = {"body", "confine_to_body", "air_only", "air_hu_max", "exclude_table"}
+    unknown = sorted(set(spec) - allowed)
+    if unknown:
+        raise reader.fail(f"{key}.{unknown[0]}", f"unknown rule (known: {sorted(allowed)})")
+    by_name = {s.name: s.value for s in segments}
+    body = reader.string(f"{key}.body", required=True) or ""
+    if body not in by_name:
+        raise reader.fail(f"{key}.body", f"{body!r} is not a label of the bundle")
+    air_only = spec.get("air_only", [])
+    if not isinstance(air_only, list) or any(n not in by_name or n == body for n in air_only):
+        raise reader.fail(f"{key}.air_only", "must list label names of the bundle (not the body)")
+    for flag in ("confine_to_body", "exclude_table"):
+        if not isinstance(spec.get(flag, False), bool):
+            raise reader.fail(f"{key}.{flag}", "must be true or false")
+    air_hu_max = reader.number(f"{key}.air_hu_max", low=-1000.0, high=0.0)
+    return AnatomyRules(
+        body=by_name[body],
+        confine_to_body=bool(spec.get("confine_to_body", False)),
+        air_only=tuple(by_name[n] for n in air_only),
+        air_hu_max=-400.0 if air_hu_max is None else air_hu_max,
+        exclude_table=bool(spec.get("exclude_table", False)),
+    )
+
+
 def _inferer(inference: Path) -> dict[str, Any]:
     """Plain values of the SlidingWindowInferer in inference.json (roi_size, overlap,
     sw_batch_size); expressions (``$...``, ``@...``) are left to the defaults."""
@@ -633,6 +668,7 @@ def load_bundle(root: Path) -> Bundle:
         overlap=inferer.get("overlap", 0.25) if overlap is None else overlap,
         sw_batch_size=inferer.get("sw_batch_size", 1) if sw_batch is None else int(sw_batch),
         cleanup=_cleanup(reader, {s.value for s in segments}),
+        anatomy=_anatomy(reader, segments),
         algorithm=algorithm,
         metadata=data,
         sha256=bundle_sha256(root),

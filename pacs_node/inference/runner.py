@@ -38,6 +38,7 @@ from pacs_node.errors import BundleError, ModelError, UnsuitableInput
 from pacs_node.imaging import preprocess
 from pacs_node.imaging.postprocess import clean_segments, probabilities_to_source
 from pacs_node.imaging.volume import Grid, Volume, VolumeKind
+from pacs_node.inference.anatomy import Removal, apply_anatomy, describe
 from pacs_node.inference.classical import ALGORITHMS
 from pacs_node.inference.labelmap import Labelmap, ModelInfo
 from pacs_node.inference.registry import Bundle, BundleKind, Intensity, Registry
@@ -84,6 +85,13 @@ class Segmentation:
     model: ModelInfo
     timings: Timings
     device: str
+    removals: tuple[Removal, ...] = ()  # what the bundle's anatomical rules took away
+
+    @property
+    def notes(self) -> list[str]:
+        """The removals in words, per label and rule."""
+        names = {s.value: s.name for s in self.labelmap.segments}
+        return describe(self.removals, names)
 
 
 @dataclass
@@ -335,11 +343,15 @@ class Runner:
         else:
             labels = self._network(loaded, volume, timings, step)
         started = time.perf_counter()
+        removals: list[Removal] = []
+        if bundle.anatomy is not None:
+            hu = volume.voxels if volume.modality.upper() == "CT" else None
+            labels, removals = apply_anatomy(labels, bundle.anatomy, volume.spacing, hu)
         if bundle.cleanup:
             labels = clean_segments(labels, volume.spacing, bundle.cleanup)
         timings.postprocess += time.perf_counter() - started
         labelmap = Labelmap(labels=labels, segments=bundle.segments)
-        return Segmentation(labelmap, bundle.info, timings, str(self.device))
+        return Segmentation(labelmap, bundle.info, timings, str(self.device), tuple(removals))
 
     def _network(
         self, loaded: LoadedModel, volume: Volume, timings: Timings, step: Progress

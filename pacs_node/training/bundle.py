@@ -87,6 +87,7 @@ def metadata(recipe: Recipe, result: TrainingResult) -> dict[str, Any]:
             "overlap": 0.25,
             "sw_batch_size": 1,
             "cleanup": cleanup,
+            **({"anatomy": dict(recipe.anatomy)} if recipe.anatomy else {}),
             "training": {
                 "recipe": recipe.model_dump(mode="json"),
                 "schedule": SCHEDULE,

@@ -51,6 +51,21 @@ def _cleanup(cleanup: dict[str, dict[str, Any]], labels: dict[str, str]) -> str:
     return "; ".join(parts) if parts else "none"
 
 
+def _anatomy(rules: dict[str, Any] | None) -> str:
+    """The bundle's anatomical limits (pacs_node.anatomy) in words."""
+    if not rules:
+        return "none"
+    parts = []
+    if rules.get("exclude_table"):
+        parts.append(f"`{rules['body']}` only within the patient (CT: table and air left out)")
+    if rules.get("confine_to_body"):
+        parts.append(f"every label inside the outline of `{rules['body']}` and the organs")
+    if rules.get("air_only"):
+        names = ", ".join(f"`{n}`" for n in rules["air_only"])
+        parts.append(f"{names} only where the CT holds air (< {rules.get('air_hu_max', -400)} HU)")
+    return "; ".join(parts)
+
+
 def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -82,6 +97,7 @@ def render_card(root: Path) -> str:
             f"- Network: MONAI UNet, channels {recipe['network']['channels']}, "
             f"{training['parameters']:,} parameters."
         ),
+        f"- Anatomical limits, before the clean-up: {_anatomy(node.get('anatomy'))}.",
         f"- Clean-up after inference: {_cleanup(node.get('cleanup', {}), labels)}.",
         *(
             [f"- Changes in {meta['version']}: {meta['changelog'][meta['version']]}."]

@@ -77,6 +77,8 @@ class Recipe(BaseModel):
     # train on the share of each model voxel every label covers instead of nearest labels
     soft_labels: bool = False
     cleanup: dict[str, dict[str, float | bool]] = Field(default_factory=dict)
+    # anatomical limits before the clean-up (the bundle's pacs_node.anatomy, label names)
+    anatomy: dict[str, str | bool | float | list[str]] = Field(default_factory=dict)
 
     @field_validator("labels")
     @classmethod
