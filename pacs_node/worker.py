@@ -272,6 +272,10 @@ def run_job(
             watch.add("decode_s", time.perf_counter() - started)
             stage("infer", base + 0.1 * share)
             segmentation = runner.segment(job.model, volume)
+            if segmentation.removals:  # the model's anatomical limits took labels away
+                log.info(
+                    "anatomical limits applied", extra={**extra, "removed": segmentation.notes}
+                )
             for name, seconds in segmentation.timings.as_json().items():
                 if name not in ("decode_s", "total_s"):
                     watch.add(name, seconds)

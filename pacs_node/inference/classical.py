@@ -61,12 +61,12 @@ LABELS: dict[int, str] = {
 Spacing = tuple[float, float, float]
 
 
-def _factors(spacing: Spacing) -> tuple[int, int, int]:
+def _factors(spacing: Spacing, work_mm: float = WORK_SPACING_MM) -> tuple[int, int, int]:
     """Block sizes that bring each axis nearest to the working spacing (never finer)."""
     return (
-        max(1, round(WORK_SPACING_MM / spacing[0])),
-        max(1, round(WORK_SPACING_MM / spacing[1])),
-        max(1, round(WORK_SPACING_MM / spacing[2])),
+        max(1, round(work_mm / spacing[0])),
+        max(1, round(work_mm / spacing[1])),
+        max(1, round(work_mm / spacing[2])),
     )
 
 
@@ -110,13 +110,20 @@ def _dilate_mm(mask: NDArray[np.bool_], spacing: Spacing, radius_mm: float) -> N
     return result
 
 
-def _fill_slices(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
+def fill_slices(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
     """2D hole filling per axial slice: lungs, airways and gas are enclosed in a slice even where
-    they reach the outside in 3D (the airway through the larynx)."""
-    out = np.empty_like(mask)
-    for z in range(mask.shape[0]):
-        out[z] = ndimage.binary_fill_holes(mask[z]) if mask[z].any() else mask[z]
-    return out
+    they reach the outside in 3D (the airway through the larynx). All slices in one labelling of
+    the background (in-plane 4-connectivity, as ``binary_fill_holes``): what does not reach a
+    slice's edge is a hole."""
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1] = ndimage.generate_binary_structure(2, 1)
+    background, count = ndimage.label(~mask, structure=structure)
+    reaches_edge = np.zeros(count + 1, dtype=bool)
+    for edge in (background[:, 0], background[:, -1], background[:, :, 0], background[:, :, -1]):
+        reaches_edge[edge] = True
+    reaches_edge[0] = False
+    filled: NDArray[np.bool_] = ~reaches_edge[background]
+    return filled
 
 
 def _components(mask: NDArray[np.bool_]) -> tuple[NDArray[np.int32], NDArray[np.int64]]:
@@ -150,7 +157,7 @@ def _body(
     foreign = np.unique(pieces[thin & ~near])
     table = np.isin(pieces, foreign[foreign > 0])
     restored = core | (thin & near & ~table)
-    return _fill_slices(restored), table
+    return fill_slices(restored), table
 
 
 def _side_of(
@@ -264,16 +271,19 @@ def _full_resolution_body(
     margin = max(work_spacing) * 1.5
     allowed = _dilate_mm(body_work, work_spacing, margin) & ~(table_work & ~body_work)
     near_body = _upsample(allowed, f, hu.shape)
-    return _fill_slices((hu > AIR_BODY_HU) & near_body)
+    return fill_slices((hu > AIR_BODY_HU) & near_body)
 
 
-def patient_mask(hu: NDArray[Any], spacing: Spacing) -> NDArray[np.bool_]:
+def patient_mask(
+    hu: NDArray[Any], spacing: Spacing, work_mm: float = WORK_SPACING_MM
+) -> NDArray[np.bool_]:
     """The patient on a CT in HU (z, y, x): tissue above -500 HU, holes filled per slice, the
     table and head rest left out. The body label of :func:`segment_ct`, and what confines the
-    learned models' labels (:mod:`pacs_node.inference.anatomy`)."""
+    learned models' labels (:mod:`pacs_node.inference.anatomy`). ``work_mm`` is the grid the
+    decisions (components, table) are made on; the boundary is always the full-resolution one."""
     if hu.ndim != 3:
         raise ValueError(f"expected a (z, y, x) array, got shape {hu.shape}")
-    f = _factors(spacing)
+    f = _factors(spacing, work_mm)
     work_spacing = (spacing[0] * f[0], spacing[1] * f[1], spacing[2] * f[2])
     body_work, table_work = _body(_block_mean(hu, f), work_spacing)
     if not body_work.any():
@@ -308,7 +318,7 @@ def segment_ct(
         side_map = _upsample(grown, f, hu.shape)
         air = (hu < LUNG_HU) & body
         for side in (LUNG_LEFT, LUNG_RIGHT):
-            lung = _fill_slices(air & (side_map == side))
+            lung = fill_slices(air & (side_map == side))
             labels[lung & (labels == BODY)] = side
 
     bone = _fill_holes_bright((hu > BONE_HU) & body, hu)

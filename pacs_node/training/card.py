@@ -59,7 +59,9 @@ def _anatomy(rules: dict[str, Any] | None) -> str:
     if rules.get("exclude_table"):
         parts.append(f"`{rules['body']}` only within the patient (CT: table and air left out)")
     if rules.get("confine_to_body"):
-        parts.append(f"every label inside the outline of `{rules['body']}` and the organs")
+        parts.append(
+            "the other labels only inside the patient's outline and surrounded mostly by tissue"
+        )
     if rules.get("air_only"):
         names = ", ".join(f"`{n}`" for n in rules["air_only"])
         parts.append(f"{names} only where the CT holds air (< {rules.get('air_hu_max', -400)} HU)")
