@@ -37,7 +37,14 @@ Definitions (each a documented choice, so two readers get the same number):
 - Connected components: 26-connectivity in 3D, 8 in 2D. A structure that is one piece in a
   patient (``Structure.one_piece``) found in several is reported so (``fragmented``).
 - 2D images (one slice): area in cm2 and width (along columns) / height (along rows) in mm, when
-  the pixel spacing is known.
+  the pixel spacing is known (see :mod:`pacs_node.imaging.volume`: Pixel Spacing above 0, else
+  Imager Pixel Spacing corrected by the Estimated Radiographic Magnification Factor when given;
+  ``size_basis`` says which, for the report).
+- Unknown spacing (a radiograph with Pixel Spacing 0 and no Imager Pixel Spacing, ultrasound
+  without calibrated regions, a series without Pixel Spacing): the sizes are "not measurable"
+  (``not_measurable``, :meth:`Finding.unmeasured`): the SR leaves them out, the PDF, key-image
+  legend and FHIR say so (FHIR: no valueQuantity, a dataAbsentReason). Pixels are never taken
+  as 1 mm.
 
 A value that cannot be computed (unknown spacing, too few voxels for a mesh) is ``None``, never 0.
 """
@@ -101,6 +108,28 @@ class Measurement:
         return f"{self.value:.{digits}f} {unit}".strip()
 
 
+NOT_MEASURABLE = "not measurable: the image gives no pixel spacing"
+
+
+@dataclass(frozen=True, slots=True)
+class Unmeasured:
+    """A size the image does not allow (unknown pixel spacing): named, never given a value."""
+
+    key: str
+    label: str
+    name: CodedConcept
+    unit: CodedConcept
+    reason: str = NOT_MEASURABLE
+
+
+_SIZES = {
+    "volume": ("Volume", codes.VOLUME, codes.MILLILITER),
+    "area": ("Area", codes.AREA, codes.SQUARE_CENTIMETER),
+    "width": ("Width", codes.WIDTH, codes.MILLIMETER),
+    "height": ("Height", codes.HEIGHT, codes.MILLIMETER),
+}
+
+
 @dataclass(frozen=True, slots=True)
 class IntensityStats:
     mean: float
@@ -135,6 +164,22 @@ class Finding:
     surface_area_mm2: float | None = None
     sphericity: float | None = None
     components: int = 0
+    not_measurable: tuple[str, ...] = ()  # size keys the unknown pixel spacing rules out
+    size_basis: str = ""  # where the pixel spacing behind the sizes came from (2D images)
+
+    def unmeasured(self) -> tuple[Unmeasured, ...]:
+        """The sizes this finding cannot have, in the order :meth:`measurements` would give."""
+        if not self.present:
+            return ()
+        return tuple(Unmeasured(key, *_SIZES[key]) for key in self.not_measurable)
+
+    def size_text(self) -> str:
+        """The headline size as legends and conclusions show it: the volume or area, "not
+        measurable" when the spacing rules it out, else empty."""
+        size = next((m.formatted() for m in self.measurements() if m.key in ("volume", "area")), "")
+        if size or not self.unmeasured():
+            return size
+        return f"{self.unmeasured()[0].label.lower()} not measurable (no pixel spacing)"
 
     @property
     def present(self) -> bool:
@@ -339,6 +384,7 @@ def measure_segment(
             slice_range=slice_range,
             components=int(components),
             laterality=laterality_of(spec, None),
+            not_measurable=("volume",) if volume.kind is VolumeKind.SERIES else (),
         )
     affine = volume.affine_lps()
     voxel_mm3 = abs(float(np.linalg.det(affine[:3, :3])))
@@ -473,6 +519,7 @@ def _planar_finding(
             slice_range=slice_range,
             components=components,
             laterality=laterality_of(spec, None),
+            not_measurable=("area", "width", "height"),
         )
     _, dy, dx = volume.spacing
     rows = np.flatnonzero(mask.any(axis=(0, 2)))
@@ -490,6 +537,7 @@ def _planar_finding(
         height_mm=float((rows[-1] - rows[0] + 1) * dy),
         components=components,
         laterality=laterality_of(spec, None),
+        size_basis=volume.spacing_source,
     )
 
 

@@ -325,9 +325,7 @@ def legend_entries(findings: Sequence[Finding]) -> list[LegendEntry]:
     for finding in findings:
         if not finding.present:
             continue
-        size = next(
-            (m.formatted() for m in finding.measurements() if m.key in ("volume", "area")), ""
-        )
+        size = finding.size_text()
         text = f"{finding.label}: {size}" if size else finding.label
         entries.append(LegendEntry(finding.segment.structure.color, text))
         entries.extend(LegendEntry(None, f"! {warning}") for warning in finding.warnings())
