@@ -66,6 +66,9 @@ def test_pixel_spacing_zero_means_not_measurable_everywhere() -> None:
         "Left lung: area not measurable (no pixel spacing)",
         "Right lung: area not measurable (no pixel spacing)",
     ]
+    # key images keep the source's Patient Orientation (not one made up from the grid)
+    for key in (o for o in results.dicom if o.kind is OutputKind.KEY_IMAGES):
+        assert list(pydicom.dcmread(io.BytesIO(key.data)).PatientOrientation) == ["L", "F"]
     # FHIR: every size Observation without a value, with a data-absent reason
     bundle = json.loads(results.fhir_bundle)
     observations = [
