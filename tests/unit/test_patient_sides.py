@@ -69,7 +69,7 @@ def small(modality: str) -> object:
     )
 
 
-@pytest.mark.parametrize("seed", [7001, 7002])
+@pytest.mark.parametrize("seed", [7001])
 def test_the_radiograph_phantom_is_not_mirrored(seed: int, tmp_path: Path) -> None:
     case = render("DX", seed, small("DX"))  # type: ignore[arg-type]
     (path,) = write_dicom(case, tmp_path)
