@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from pydicom import Dataset
 
 from pacs_node.imaging import Volume, load_series
 from pacs_node.inference.labelmap import Labelmap, SegmentSpec
@@ -282,6 +283,24 @@ def test_unknown_spacing_leaves_sizes_absent() -> None:
     assert finding.area_cm2 is None
     assert finding.width_mm is None
     assert finding.voxel_count == 25
+    assert [u.key for u in finding.unmeasured()] == ["area", "width", "height"]
+    assert finding.size_text() == "area not measurable (no pixel spacing)"
+    assert finding.size_basis == ""
+
+
+def test_ultrasound_without_calibrated_regions_is_not_measurable() -> None:
+    ds = make_series(np.zeros((1, 30, 30), np.int16), modality="US")[0]
+    del ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.PixelSpacing
+    region = Dataset()
+    region.PhysicalUnitsXDirection = region.PhysicalUnitsYDirection = 0  # none: not calibrated
+    region.PhysicalDeltaX = region.PhysicalDeltaY = 0.01
+    ds.SequenceOfUltrasoundRegions = [region]
+    volume = load_series([ds])
+    finding = measure_segment(volume, box(volume.shape, (0, 5, 5), (1, 5, 5)), LIVER)
+    assert not volume.spacing_known
+    assert finding.area_cm2 is None
+    assert [m.key for m in finding.measurements() if m.unit.value in ("cm2", "mm")] == []
+    assert [u.key for u in finding.unmeasured()] == ["area", "width", "height"]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
