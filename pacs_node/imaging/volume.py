@@ -41,8 +41,14 @@ Decisions on what a series may hold (each refusal raises :class:`VolumeError` wi
   YBR_FULL) in float32, so every Volume is 3D and every model, resampler and measurement sees one
   channel; ``from_color`` records it.
 - A single image without ImagePositionPatient (CR, DX, MG, US) is a one-slice Volume of kind
-  ``IMAGE``; pixel spacing comes from PixelSpacing, ImagerPixelSpacing or the ultrasound region
-  calibration, else 1.0 with ``spacing_known`` False. A multi-frame image without plane positions
+  ``IMAGE``; pixel spacing comes from PixelSpacing when it is above 0, else ImagerPixelSpacing
+  (divided by EstimatedRadiographicMagnificationFactor when that is present, so it is the size
+  at the patient rather than at the detector), else the ultrasound region calibration. A zero,
+  negative or absent spacing is never taken as 1 mm for a measurement: the grid carries 1.0 so
+  that resampling has a number, ``spacing_known`` is False and every size is "not measurable".
+  ``spacing_source`` says in words where a known spacing came from (PS3.3 C.7.6.3.1.7 and
+  C.8.11.1.1: Pixel Spacing with its Pixel Spacing Calibration Type, or Imager Pixel Spacing)
+  for the report. A multi-frame image without plane positions
   (cine) is kind ``FRAMES``: frames stacked in file order, ``dz`` meaningless.
 
 Memory: headers are read first (no pixel data), the output array is allocated once, and frames are
@@ -161,6 +167,7 @@ class Volume:
     modality: str
     kind: VolumeKind = VolumeKind.SERIES
     spacing_known: bool = True
+    spacing_source: str = ""  # where a known pixel spacing came from, in words (for reports)
     inverted: bool = False
     from_color: bool = False
     dropped: tuple[Dropped, ...] = ()
@@ -677,12 +684,25 @@ def _ultrasound_spacing(header: Dataset) -> tuple[float, float] | None:
     return None
 
 
-def _planar_spacing(header: Dataset, s: _Slice) -> tuple[float, float] | None:
-    return (
-        s.pixel_spacing
-        or _spacing_pair(header.get("ImagerPixelSpacing"))
-        or _ultrasound_spacing(header)
-    )
+def _planar_spacing(header: Dataset, s: _Slice) -> tuple[tuple[float, float], str] | None:
+    """The pixel size (row, column) mm and where it came from; None when none is usable."""
+    if s.pixel_spacing is not None:
+        calibration = str(header.get("PixelSpacingCalibrationType", "") or "")
+        detail = f" (calibration {calibration})" if calibration else ""
+        return s.pixel_spacing, f"Pixel Spacing{detail}"
+    imager = _spacing_pair(header.get("ImagerPixelSpacing"))
+    if imager is not None:
+        factor = _optional_float(header.get("EstimatedRadiographicMagnificationFactor"))
+        if factor is not None and factor > 0:
+            return (
+                (imager[0] / factor, imager[1] / factor),
+                f"Imager Pixel Spacing / Estimated Radiographic Magnification Factor {factor:g}",
+            )
+        return imager, "Imager Pixel Spacing (at the detector, not corrected for magnification)"
+    ultrasound = _ultrasound_spacing(header)
+    if ultrasound is not None:
+        return ultrasound, "ultrasound region calibration"
+    return None
 
 
 # --------------------------------------------------------------------------- entry point
@@ -722,7 +742,6 @@ def load_series(
     first = slices[0]
     first_header = headers[first.source]
     positioned = [s for s in slices if s.position is not None and s.orientation is not None]
-    spacing_known = True
     if positioned and len(positioned) == len(slices):
         layout = _layout_series(
             slices,
@@ -733,8 +752,6 @@ def load_series(
         )
         kind = VolumeKind.SERIES
         found = _planar_spacing(headers[layout.slices[0].source], layout.slices[0])
-        planar = found or (1.0, 1.0)
-        spacing_known = found is not None
     elif positioned:
         raise VolumeError(
             f"{len(slices) - len(positioned)} of {len(slices)} images lack "
@@ -750,8 +767,6 @@ def load_series(
         kind = VolumeKind.IMAGE if len(slices) == 1 else VolumeKind.FRAMES
         slices.sort(key=lambda s: -1 if s.frame is None else s.frame)
         found = _planar_spacing(first_header, first)
-        planar = found or (1.0, 1.0)
-        spacing_known = found is not None
         orientation = first.orientation
         if orientation is not None:
             normal = _unit_normal(orientation)
@@ -768,6 +783,8 @@ def load_series(
             direction=direction,
             filled=[],
         )
+    planar, spacing_source = found or ((1.0, 1.0), "")
+    spacing_known = found is not None
     dtype = _choose_dtype(layout.slices, headers)
     voxels = np.empty((layout.depth, first.rows, first.columns), dtype=dtype)
     _decode_into(voxels, layout.slices, layout.slots, sources, headers)
@@ -792,6 +809,7 @@ def load_series(
         modality=str(first_header.get("Modality", "")),
         kind=kind,
         spacing_known=spacing_known,
+        spacing_source=spacing_source,
         inverted="MONOCHROME1" in photometrics,
         from_color=any(_is_color(headers[i]) for i in used_sources),
         dropped=tuple(dropped),

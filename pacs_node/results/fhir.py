@@ -9,7 +9,9 @@ an R4 server accepts; R4B changed none of the resources used here).
   bodySite as the core extension ``observation-structureLaterality`` (SNOMED CT left / right /
   bilateral, PS3.16 CID 244), which is what that extension is for while the site code is not
   pre-coordinated; a finding's warnings (left/right conflict, several pieces) are each
-  Observation's ``note`` and close the report's conclusion.
+  Observation's ``note`` and close the report's conclusion. A size the image's pixel spacing
+  does not allow (see :mod:`.measurements`) is an Observation without valueQuantity, with
+  dataAbsentReason ``unknown`` and a note saying it is not measurable.
 - ImagingStudy identified by ``urn:dicom:uid`` / ``urn:oid:<StudyInstanceUID>``; Device for the
   model identified by its Device UID.
 - Every entry is a conditional create (``ifNoneExist`` on its deterministic identifier), so a
@@ -38,13 +40,14 @@ from pydicom.multival import MultiValue
 
 from pacs_node.inference.vocabulary import CodedConcept
 from pacs_node.results import codes
-from pacs_node.results.measurements import Finding, Measurement
+from pacs_node.results.measurements import Finding, Measurement, Unmeasured
 from pacs_node.results.options import OutputKind
 from pacs_node.results.provenance import Provenance
 
 DICOM_UID_SYSTEM = "urn:dicom:uid"
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
+DATA_ABSENT_REASON = "http://terminology.hl7.org/CodeSystem/data-absent-reason"
 STRUCTURE_LATERALITY = "http://hl7.org/fhir/StructureDefinition/observation-structureLaterality"
 
 
@@ -128,9 +131,7 @@ def conclusion(findings: Sequence[Finding], provenance: Provenance) -> str:
         if not finding.present:
             parts.append(f"{finding.segment.structure.display}: not found.")
             continue
-        size = next(
-            (m.formatted() for m in finding.measurements() if m.key in ("volume", "area")), ""
-        )
+        size = finding.size_text()
         parts.append(f"{finding.label}: {size}." if size else f"{finding.label}: found.")
         warnings.extend(f"Warning: {w}." for w in finding.warnings())
     model = f"{provenance.algorithm.name} {provenance.algorithm.version}"
@@ -224,7 +225,8 @@ def build_bundle(
     for finding in findings:
         if not finding.present:
             continue
-        for measurement in finding.measurements():
+        given: list[Measurement | Unmeasured] = [*finding.measurements(), *finding.unmeasured()]
+        for measurement in given:
             uid = provenance.uid(
                 OutputKind.FHIR, f"obs-{finding.segment.structure.name}-{measurement.key}"
             )
@@ -307,7 +309,7 @@ def _based_on(source: Dataset, provenance: Provenance) -> dict[str, Any] | None:
 
 def _observation(
     finding: Finding,
-    measurement: Measurement,
+    measurement: Measurement | Unmeasured,
     uid: str,
     subject: dict[str, str],
     urls: dict[str, str],
@@ -335,20 +337,28 @@ def _observation(
         },
         "subject": subject,
         "bodySite": body_site,
-        "valueQuantity": {
+        "derivedFrom": [{"reference": urls["study"]}],
+        "device": {"reference": urls["device"]},
+    }
+    notes = [f"Warning: {w}." for w in finding.warnings()]
+    if isinstance(measurement, Unmeasured):
+        # R4: no value, and why (obs-6: dataAbsentReason only where value[x] is absent)
+        observation["dataAbsentReason"] = {
+            "coding": [{"system": DATA_ABSENT_REASON, "code": "unknown", "display": "Unknown"}],
+            "text": measurement.reason,
+        }
+        notes.insert(0, f"{measurement.label} {measurement.reason}.")
+    else:
+        observation["valueQuantity"] = {
             "value": _decimal(measurement.value),
             "unit": measurement.unit.meaning,
             "system": codes.FHIR_SYSTEMS["UCUM"],
             "code": measurement.unit.value,
-        },
-        "derivedFrom": [{"reference": urls["study"]}],
-        "device": {"reference": urls["device"]},
-    }
-    if measurement.derivation is not None:
-        observation["method"] = {"coding": [coding(measurement.derivation)]}
-    warnings = finding.warnings()
-    if warnings:
-        observation["note"] = [{"text": f"Warning: {w}."} for w in warnings]
+        }
+        if measurement.derivation is not None:
+            observation["method"] = {"coding": [coding(measurement.derivation)]}
+    if notes:
+        observation["note"] = [{"text": text} for text in notes]
     if effective:
         observation["effectiveDateTime"] = effective
     return observation

@@ -18,6 +18,14 @@ Definitions (each a documented choice, so two readers get the same number):
   a lateralised structure whose centroid lies beyond ``MIDLINE_MM`` on the other side (a
   left/right swap by the model, a wrong orientation) is flagged (``side_conflict``), never
   silently printed, and every renderer shows the warning.
+- Sides on 2D images (radiographs, ultrasound): never from the image's own left/right, which
+  depends on how the image was stored. Patient Orientation (0020,0020, PS3.3 C.7.6.1.1.1) names
+  the patient direction along which the column index (first value) and the row index (second
+  value) increase; the axis whose direction starts with L or R is the left-right one. The
+  centroid's side is taken against the image centre on that axis (within ``MIDLINE_MM``, or 3 %
+  of the axis when the pixel spacing is unknown, is "midline"). Without Patient Orientation, or
+  when neither axis is left-right (a lateral view), the side cannot be checked and a lateralised
+  structure says so (``side_unchecked``) instead of passing silently.
 - Extents along L/R, A/P, S/I: the span of the voxel centres' patient coordinates plus one
   voxel's own span along that axis (so a 40 mm box measures 40 mm, not 40 mm less a voxel); the
   cranio-caudal "from-to" is the superior and inferior edge in patient z, with the slice range.
@@ -29,7 +37,14 @@ Definitions (each a documented choice, so two readers get the same number):
 - Connected components: 26-connectivity in 3D, 8 in 2D. A structure that is one piece in a
   patient (``Structure.one_piece``) found in several is reported so (``fragmented``).
 - 2D images (one slice): area in cm2 and width (along columns) / height (along rows) in mm, when
-  the pixel spacing is known.
+  the pixel spacing is known (see :mod:`pacs_node.imaging.volume`: Pixel Spacing above 0, else
+  Imager Pixel Spacing corrected by the Estimated Radiographic Magnification Factor when given;
+  ``size_basis`` says which, for the report).
+- Unknown spacing (a radiograph with Pixel Spacing 0 and no Imager Pixel Spacing, ultrasound
+  without calibrated regions, a series without Pixel Spacing): the sizes are "not measurable"
+  (``not_measurable``, :meth:`Finding.unmeasured`): the SR leaves them out, the PDF, key-image
+  legend and FHIR say so (FHIR: no valueQuantity, a dataAbsentReason). Pixels are never taken
+  as 1 mm.
 
 A value that cannot be computed (unknown spacing, too few voxels for a mesh) is ``None``, never 0.
 """
@@ -60,6 +75,7 @@ from pacs_node.results import codes
 measure: Any = _skimage_measure  # untyped library: typed at this one seam
 
 MIDLINE_MM = 10.0
+MIDLINE_FRACTION = 0.03  # 2D images of unknown pixel spacing: the midline band, per image axis
 SMOOTH_VOXELS = 0.7
 _MIN_MESH_VOXELS = 8
 _DIAMETER_CHUNK = 2048
@@ -92,6 +108,28 @@ class Measurement:
         return f"{self.value:.{digits}f} {unit}".strip()
 
 
+NOT_MEASURABLE = "not measurable: the image gives no pixel spacing"
+
+
+@dataclass(frozen=True, slots=True)
+class Unmeasured:
+    """A size the image does not allow (unknown pixel spacing): named, never given a value."""
+
+    key: str
+    label: str
+    name: CodedConcept
+    unit: CodedConcept
+    reason: str = NOT_MEASURABLE
+
+
+_SIZES = {
+    "volume": ("Volume", codes.VOLUME, codes.MILLILITER),
+    "area": ("Area", codes.AREA, codes.SQUARE_CENTIMETER),
+    "width": ("Width", codes.WIDTH, codes.MILLIMETER),
+    "height": ("Height", codes.HEIGHT, codes.MILLIMETER),
+}
+
+
 @dataclass(frozen=True, slots=True)
 class IntensityStats:
     mean: float
@@ -112,6 +150,8 @@ class Finding:
     intensity: IntensityStats | None = None
     centroid_lps: tuple[float, float, float] | None = None
     midline_offset_mm: float | None = None  # centroid x minus the midline's (+: patient left)
+    image_side: Side | None = None  # 2D: the centroid's side from Patient Orientation
+    side_unchecked: str | None = None  # 2D, lateralised structure: why its side cannot be checked
     laterality: Laterality | None = None
     slice_range: tuple[int, int] | None = None  # 0-based first and last slice index
     craniocaudal_mm: tuple[float, float] | None = None  # superior edge, inferior edge (patient z)
@@ -124,6 +164,22 @@ class Finding:
     surface_area_mm2: float | None = None
     sphericity: float | None = None
     components: int = 0
+    not_measurable: tuple[str, ...] = ()  # size keys the unknown pixel spacing rules out
+    size_basis: str = ""  # where the pixel spacing behind the sizes came from (2D images)
+
+    def unmeasured(self) -> tuple[Unmeasured, ...]:
+        """The sizes this finding cannot have, in the order :meth:`measurements` would give."""
+        if not self.present:
+            return ()
+        return tuple(Unmeasured(key, *_SIZES[key]) for key in self.not_measurable)
+
+    def size_text(self) -> str:
+        """The headline size as legends and conclusions show it: the volume or area, "not
+        measurable" when the spacing rules it out, else empty."""
+        size = next((m.formatted() for m in self.measurements() if m.key in ("volume", "area")), "")
+        if size or not self.unmeasured():
+            return size
+        return f"{self.unmeasured()[0].label.lower()} not measurable (no pixel spacing)"
 
     @property
     def present(self) -> bool:
@@ -131,6 +187,8 @@ class Finding:
 
     @property
     def centroid_side(self) -> Side | None:
+        if self.image_side is not None:
+            return self.image_side
         if self.midline_offset_mm is None:
             return None
         if abs(self.midline_offset_mm) <= MIDLINE_MM:
@@ -163,13 +221,26 @@ class Finding:
     def warnings(self) -> tuple[str, ...]:
         """What a reader must know before trusting this finding, one sentence each."""
         out: list[str] = []
-        if self.side_conflict and self.midline_offset_mm is not None:
-            side = self.centroid_side.value if self.centroid_side else ""
+        side = self.centroid_side.value if self.centroid_side else ""
+        if self.side_conflict and self.image_side is not None:
+            distance = (
+                f", {abs(self.midline_offset_mm):.0f} mm from its centre"
+                if self.midline_offset_mm is not None
+                else ""
+            )
+            out.append(
+                f"{self.label}: its centre lies on the patient's {side} half of the image (by "
+                f"Patient Orientation{distance}); check for a left/right swap or a wrong image "
+                "orientation"
+            )
+        elif self.side_conflict and self.midline_offset_mm is not None:
             out.append(
                 f"{self.label}: its centre lies {abs(self.midline_offset_mm):.0f} mm to the "
                 f"patient's {side} of the midline; check for a left/right swap or a wrong "
                 "image orientation"
             )
+        if self.side_unchecked:
+            out.append(f"{self.label}: its side cannot be checked ({self.side_unchecked})")
         if self.fragmented:
             out.append(
                 f"{self.label}: in {self.components} separate parts where one is expected; "
@@ -302,7 +373,9 @@ def measure_segment(
     z_present = np.flatnonzero(mask.any(axis=(1, 2))) + start[0]
     slice_range = (int(z_present[0]), int(z_present[-1]))
     if planar:
-        return _planar_finding(volume, mask, spec, count, intensity, int(components), slice_range)
+        return _planar_finding(
+            volume, mask, spec, count, intensity, int(components), slice_range, start
+        )
     if volume.kind is not VolumeKind.SERIES or not volume.spacing_known:
         return Finding(
             segment=spec,
@@ -311,6 +384,7 @@ def measure_segment(
             slice_range=slice_range,
             components=int(components),
             laterality=laterality_of(spec, None),
+            not_measurable=("volume",) if volume.kind is VolumeKind.SERIES else (),
         )
     affine = volume.affine_lps()
     voxel_mm3 = abs(float(np.linalg.det(affine[:3, :3])))
@@ -385,6 +459,45 @@ def _mean_index(mask: NDArray[np.bool_]) -> NDArray[np.float64]:
     return np.asarray(means, dtype=np.float64)
 
 
+def left_right_axis(volume: Volume) -> tuple[int, int] | str:
+    """The array axis of a 2D image that runs left-right in the patient, and +1 when its index
+    increases toward the patient's left (-1: right), from Patient Orientation; else why not."""
+    header = volume.headers[0] if volume.headers else None
+    values = (
+        [] if header is None else [str(v).upper() for v in header.get("PatientOrientation") or []]
+    )
+    if len(values) != 2 or not all(values):
+        view = "" if header is None else str(header.get("ViewPosition", "") or "").upper()
+        if view in ("LL", "RL", "LLO", "RLO"):
+            return f"a {view} view without Patient Orientation"
+        return "the image carries no Patient Orientation"
+    for axis, direction in ((2, values[0]), (1, values[1])):
+        if direction[0] in "LR":
+            return axis, 1 if direction[0] == "L" else -1
+    return f"Patient Orientation {values[0]}\\{values[1]} has no left-right axis"
+
+
+def _image_side(
+    volume: Volume, mask: NDArray[np.bool_], spec: SegmentSpec, offset: NDArray[np.int64]
+) -> tuple[Side | None, float | None, str | None]:
+    """A 2D finding's side by Patient Orientation, its offset (mm, when the spacing is known)
+    from the image centre, and why the side of a lateralised structure cannot be checked."""
+    axis_sign = left_right_axis(volume)
+    if isinstance(axis_sign, str):
+        lateralised = spec.structure.laterality in (Laterality.LEFT, Laterality.RIGHT)
+        return None, None, axis_sign if lateralised else None
+    axis, sign = axis_sign
+    size = volume.shape[axis]
+    pixels = (float(_mean_index(mask)[axis] + offset[axis]) - (size - 1) / 2) * sign
+    if volume.spacing_known:
+        offset_mm = pixels * volume.spacing[axis]
+        side = Side.MIDLINE if abs(offset_mm) <= MIDLINE_MM else None
+        return side or (Side.LEFT if offset_mm > 0 else Side.RIGHT), offset_mm, None
+    if abs(pixels) <= MIDLINE_FRACTION * size:
+        return Side.MIDLINE, None, None
+    return (Side.LEFT if pixels > 0 else Side.RIGHT), None, None
+
+
 def _planar_finding(
     volume: Volume,
     mask: NDArray[np.bool_],
@@ -393,15 +506,20 @@ def _planar_finding(
     intensity: IntensityStats | None,
     components: int,
     slice_range: tuple[int, int],
+    offset: NDArray[np.int64],
 ) -> Finding:
+    side, offset_mm, unchecked = _image_side(volume, mask, spec, offset)
     if not volume.spacing_known:
         return Finding(
             segment=spec,
             voxel_count=count,
             intensity=intensity,
+            image_side=side,
+            side_unchecked=unchecked,
             slice_range=slice_range,
             components=components,
             laterality=laterality_of(spec, None),
+            not_measurable=("area", "width", "height"),
         )
     _, dy, dx = volume.spacing
     rows = np.flatnonzero(mask.any(axis=(0, 2)))
@@ -411,11 +529,15 @@ def _planar_finding(
         voxel_count=count,
         area_cm2=count * dy * dx / 100.0,
         intensity=intensity,
+        midline_offset_mm=offset_mm,
+        image_side=side,
+        side_unchecked=unchecked,
         slice_range=slice_range,
         width_mm=float((cols[-1] - cols[0] + 1) * dx),
         height_mm=float((rows[-1] - rows[0] + 1) * dy),
         components=components,
         laterality=laterality_of(spec, None),
+        size_basis=volume.spacing_source,
     )
 
 

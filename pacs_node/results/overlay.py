@@ -34,7 +34,12 @@ from pacs_node.imaging.volume import Volume
 from pacs_node.inference.labelmap import Labelmap
 from pacs_node.results.measurements import Finding, segment_boxes
 from pacs_node.results.options import OutputKind
-from pacs_node.results.provenance import CHARSET, Provenance, utf8_sources
+from pacs_node.results.provenance import (
+    CHARSET,
+    Provenance,
+    source_patient_orientation,
+    utf8_sources,
+)
 
 measure: Any = _skimage_measure  # untyped library: typed at this one seam
 
@@ -325,9 +330,7 @@ def legend_entries(findings: Sequence[Finding]) -> list[LegendEntry]:
     for finding in findings:
         if not finding.present:
             continue
-        size = next(
-            (m.formatted() for m in finding.measurements() if m.key in ("volume", "area")), ""
-        )
+        size = finding.size_text()
         text = f"{finding.label}: {size}" if size else finding.label
         entries.append(LegendEntry(finding.segment.structure.color, text))
         entries.extend(LegendEntry(None, f"! {warning}") for warning in finding.warnings())
@@ -371,6 +374,7 @@ def build_key_images(
         source = by_uid.get(volume.sop_instance_uids[z]) or sources[0]
         picture = render_slice(volume, labelmap, z, findings, provenance)
         pixels = np.asarray(picture, dtype=np.uint8)
+        own = source_patient_orientation(source)
         image = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=source,
             pixel_array=pixels,
@@ -382,12 +386,14 @@ def build_key_images(
             sop_instance_uid=provenance.instance_uid(OutputKind.KEY_IMAGES, index),
             instance_number=options.instance_number + index,
             manufacturer="pacs-node",
-            patient_orientation=orientation,
+            patient_orientation=(own[0][0], own[1][0]) if own else orientation,
             series_description=provenance.description("AI Key images"),
             specific_character_set=CHARSET,
             contributing_equipment=[provenance.contributing_equipment()],
         )
         image.BurnedInAnnotation = "YES"
+        if own is not None:
+            image.PatientOrientation = own
         image.Laterality = source.get("Laterality", "")  # type 2C: dciodvfy asks for it
         image.SourceImageSequence = [_source_item(source)]
         images.append(image)

@@ -28,7 +28,7 @@ from reportlab.pdfbase import pdfmetrics  # type: ignore[import-untyped]
 from reportlab.pdfbase.ttfonts import TTFont  # type: ignore[import-untyped]
 from reportlab.pdfgen import canvas  # type: ignore[import-untyped]
 
-from pacs_node.results.measurements import Finding
+from pacs_node.results.measurements import Finding, Measurement, Unmeasured
 from pacs_node.results.options import OutputKind
 from pacs_node.results.overlay import DISCLAIMER
 from pacs_node.results.provenance import CHARSET, Provenance, copy_patient_study
@@ -105,6 +105,9 @@ def build_pdf(
         f"Created: {provenance.created:%Y-%m-%d %H:%M} UTC"
     )
     lines = [patient, study, series]
+    basis = size_basis(findings)
+    if basis:
+        lines.append(basis)
     for text in lines:
         page.drawString(margin, y, text)
         y -= 12
@@ -147,18 +150,29 @@ def table_rows(findings: Sequence[Finding]) -> tuple[list[str], list[TableRow]]:
     present = [f for f in findings if f.present]
     columns: list[str] = []
     for finding in present:
-        for m in finding.measurements():
+        named: list[Measurement | Unmeasured] = [*finding.unmeasured(), *finding.measurements()]
+        for m in named:
             if m.key in _TABLE_KEYS and m.label not in columns:
                 columns.append(m.label)
-    rows = [
-        TableRow(
-            finding.segment.structure.color,
-            finding.label,
-            {m.label: m.formatted() for m in finding.measurements() if m.label in columns},
+    rows = []
+    for finding in present:
+        values = {u.label: "not measurable" for u in finding.unmeasured() if u.label in columns}
+        values.update(
+            {m.label: m.formatted() for m in finding.measurements() if m.label in columns}
         )
-        for finding in present
-    ]
+        rows.append(TableRow(finding.segment.structure.color, finding.label, values))
     return columns, rows
+
+
+def size_basis(findings: Sequence[Finding]) -> str:
+    """The report line saying where 2D sizes come from, or that they are not measurable."""
+    present = [f for f in findings if f.present]
+    if any(f.unmeasured() for f in present):
+        return (
+            "Sizes: not measurable (the image gives no pixel spacing; pixels are not millimetres)"
+        )
+    basis = next((f.size_basis for f in present if f.size_basis), "")
+    return f"Sizes from: {basis}" if basis else ""
 
 
 def report_warnings(findings: Sequence[Finding]) -> list[str]:

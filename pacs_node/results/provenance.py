@@ -213,3 +213,14 @@ def kind_label(kind: OutputKind) -> str:
         OutputKind.KEY_IMAGES: "AI Key images",
         OutputKind.PDF: "AI Report",
     }.get(kind, "AI")
+
+
+def source_patient_orientation(source: Dataset) -> list[str] | None:
+    """A source image's own Patient Orientation to copy onto its SEG and key images, for 2D
+    images without direction cosines (radiographs): never invented from the grid's placeholder
+    axes, which would claim L\\P whatever the image shows. ``[]`` when it has none (left
+    empty: type 2C); ``None`` when the direction cosines say it."""
+    if "ImageOrientationPatient" in source:
+        return None
+    values = [str(v).upper() for v in source.get("PatientOrientation") or []]
+    return values if len(values) == 2 and all(values) else []

@@ -25,7 +25,13 @@ from pacs_node.errors import ResultsError
 from pacs_node.imaging.volume import Volume, VolumeKind
 from pacs_node.inference.labelmap import Algorithm, Labelmap, SegmentSpec
 from pacs_node.results.options import OutputKind
-from pacs_node.results.provenance import CHARSET, Provenance, code, utf8_sources
+from pacs_node.results.provenance import (
+    CHARSET,
+    Provenance,
+    code,
+    source_patient_orientation,
+    utf8_sources,
+)
 
 _FAMILIES = {
     str(c.meaning).lower(): c
@@ -106,7 +112,7 @@ def build_segmentation(
         pixels = array
     # The JPEG 2000 copy is a second encoding of the same SEG instance, not another object:
     # same SOP Instance UID and series, so a PACS holding either holds the one SEG.
-    return hd.seg.Segmentation(
+    seg = hd.seg.Segmentation(
         source_images=sources,
         pixel_array=pixels,
         segmentation_type="FRACTIONAL" if fractional else "BINARY",
@@ -133,6 +139,12 @@ def build_segmentation(
         series_time=provenance.created.time().replace(microsecond=0),
         institution_name=provenance.options.institution_name,
     )
+    own = source_patient_orientation(sources[0])
+    if own is not None and "PatientOrientation" not in seg:
+        # a radiograph's SEG has no plane geometry: General Image asks for Patient Orientation
+        # (type 2C), the source's own, or empty when it has none
+        seg.PatientOrientation = own
+    return seg
 
 
 def _pixels(labelmap: Labelmap, numbering: SegmentNumbering, fractional: bool) -> NDArray[Any]:

@@ -179,7 +179,11 @@ def render_card(root: Path) -> str:
             "states, arms beside the body, contrast timing, devices); expect lower numbers on "
             "real data."
         ),
-        "- `body` is the body outside the other labels (one label per voxel).",
+        *(
+            ["- `body` is the body outside the other labels (one label per voxel)."]
+            if "body" in labels.values()
+            else []
+        ),
         *(
             [
                 (
@@ -194,9 +198,13 @@ def render_card(root: Path) -> str:
             else []
         ),
         (
-            "- Left and right follow the patient LPS axes of the DICOM geometry; a wrong "
+            "- Left and right on a radiograph: the node checks each lung's side against Patient "
+            "Orientation (0020,0020) and warns on a mismatch, or when the image has none."
+            if recipe["network"].get("two_d")
+            else "- Left and right follow the patient LPS axes of the DICOM geometry; a wrong "
             "ImageOrientationPatient gives swapped sides."
         ),
+        *(f"- {text}" for text in node.get("known_limits", [])),
         "",
     ]
     return "\n".join(lines)

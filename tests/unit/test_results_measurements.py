@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from pydicom import Dataset
 
 from pacs_node.imaging import Volume, load_series
 from pacs_node.inference.labelmap import Labelmap, SegmentSpec
@@ -215,13 +216,63 @@ def test_planar_image_has_area_and_no_volume() -> None:
     assert finding.width_mm == pytest.approx(25 * 0.4)
     assert finding.height_mm == pytest.approx(20 * 0.5)
     assert [m.key for m in finding.measurements()][:2] == ["area", "intensity_mean"]
-    # a radiograph has no midline to check against: a lung keeps the side its name states
+    # without Patient Orientation a lung keeps the side its name states, and says it is unchecked
     lung = measure_segment(volume, mask, SegmentSpec(2, structure("lung_left")))
     assert (lung.laterality, lung.centroid_side, lung.side_conflict) == (
         Laterality.LEFT,
         None,
         False,
     )
+    assert lung.side_unchecked == "the image carries no Patient Orientation"
+    assert lung.warnings() == (
+        "Left lung: its side cannot be checked (the image carries no Patient Orientation)",
+    )
+    assert measure_segment(volume, mask, LIVER).warnings() == ()
+
+
+def _radiograph(orientation: list[str] | None, spacing: bool = True) -> Volume:
+    ds = make_series(np.zeros((1, 100, 120), np.int16), spacing=(1.0, 0.5, 0.5))[0]
+    del ds.ImagePositionPatient, ds.ImageOrientationPatient
+    if not spacing:
+        del ds.PixelSpacing
+    if orientation is not None:
+        ds.PatientOrientation = orientation
+    return load_series([ds])
+
+
+@pytest.mark.parametrize("spacing", [True, False])
+@pytest.mark.parametrize(
+    ("orientation", "left_lung_at", "side"),
+    [
+        (["L", "F"], 90, Side.LEFT),  # as a PA chest is read: the patient's left on the right
+        (["L", "F"], 20, Side.RIGHT),
+        (["R", "F"], 20, Side.LEFT),  # stored mirrored, and saying so
+        (["F", "L"], 20, None),  # rotated: the rows run left-right; left lung near the top
+    ],
+)
+def test_radiograph_sides_come_from_patient_orientation(
+    orientation: list[str], left_lung_at: int, side: Side | None, spacing: bool
+) -> None:
+    volume = _radiograph(orientation, spacing)
+    mask = box(volume.shape, (0, 5, left_lung_at), (1, 20, 10))  # columns 20-29 or 90-99
+    lung = measure_segment(volume, mask, SegmentSpec(1, structure("lung_left")))
+    if side is None:  # rows 5-24 of 100: F\L puts the patient's left below, so this is right
+        side = Side.RIGHT
+    assert lung.centroid_side is side
+    assert lung.side_conflict is (side is Side.RIGHT)
+    assert lung.side_unchecked is None
+    if lung.side_conflict:
+        assert "patient's right half of the image (by Patient Orientation" in lung.warnings()[0]
+    if spacing and orientation == ["L", "F"]:
+        assert lung.midline_offset_mm == pytest.approx((left_lung_at + 4.5 - 59.5) * 0.5)
+
+
+def test_a_lateral_radiograph_cannot_check_sides() -> None:
+    volume = _radiograph(["A", "F"])
+    mask = box(volume.shape, (0, 30, 90), (1, 20, 10))
+    lung = measure_segment(volume, mask, SegmentSpec(1, structure("lung_right")))
+    assert not lung.side_conflict
+    assert lung.side_unchecked == "Patient Orientation A\\F has no left-right axis"
 
 
 def test_unknown_spacing_leaves_sizes_absent() -> None:
@@ -232,6 +283,24 @@ def test_unknown_spacing_leaves_sizes_absent() -> None:
     assert finding.area_cm2 is None
     assert finding.width_mm is None
     assert finding.voxel_count == 25
+    assert [u.key for u in finding.unmeasured()] == ["area", "width", "height"]
+    assert finding.size_text() == "area not measurable (no pixel spacing)"
+    assert finding.size_basis == ""
+
+
+def test_ultrasound_without_calibrated_regions_is_not_measurable() -> None:
+    ds = make_series(np.zeros((1, 30, 30), np.int16), modality="US")[0]
+    del ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.PixelSpacing
+    region = Dataset()
+    region.PhysicalUnitsXDirection = region.PhysicalUnitsYDirection = 0  # none: not calibrated
+    region.PhysicalDeltaX = region.PhysicalDeltaY = 0.01
+    ds.SequenceOfUltrasoundRegions = [region]
+    volume = load_series([ds])
+    finding = measure_segment(volume, box(volume.shape, (0, 5, 5), (1, 5, 5)), LIVER)
+    assert not volume.spacing_known
+    assert finding.area_cm2 is None
+    assert [m.key for m in finding.measurements() if m.unit.value in ("cm2", "mm")] == []
+    assert [u.key for u in finding.unmeasured()] == ["area", "width", "height"]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -334,6 +334,42 @@ def test_monochrome1_is_inverted_and_imager_spacing_used() -> None:
     np.testing.assert_array_equal(volume.voxels[0], 4095 - pixels.astype(np.int16))
 
 
+@pytest.mark.parametrize(
+    ("tags", "spacing", "source"),
+    [
+        (
+            {"PixelSpacing": [0, 0], "ImagerPixelSpacing": [0.2, 0.2]},
+            (0.2, 0.2),
+            "Imager Pixel Spacing (at the detector, not corrected for magnification)",
+        ),
+        (
+            {"ImagerPixelSpacing": [0.2, 0.3], "EstimatedRadiographicMagnificationFactor": 1.25},
+            (0.16, 0.24),
+            "Imager Pixel Spacing / Estimated Radiographic Magnification Factor 1.25",
+        ),
+        (
+            {
+                "PixelSpacing": [0.18, 0.18],
+                "PixelSpacingCalibrationType": "GEOMETRY",
+                "ImagerPixelSpacing": [0.2, 0.2],
+            },
+            (0.18, 0.18),
+            "Pixel Spacing (calibration GEOMETRY)",
+        ),
+        ({"PixelSpacing": [0, 0]}, None, ""),
+        ({"PixelSpacing": [-0.2, 0.2], "ImagerPixelSpacing": [0, 0]}, None, ""),
+    ],
+)
+def test_radiograph_spacing_and_where_it_came_from(
+    tags: dict[str, object], spacing: tuple[float, float] | None, source: str
+) -> None:
+    volume = load_series([_planar("MONOCHROME2", np.zeros((2, 2), np.uint16), **tags)])
+    assert volume.spacing_known is (spacing is not None)
+    assert volume.spacing_source == source
+    if spacing is not None:
+        assert volume.spacing[1:] == pytest.approx(spacing)
+
+
 def test_rgb_becomes_luminance_and_unknown_spacing_is_flagged() -> None:
     pixels = np.zeros((2, 3, 3), dtype=np.uint8)
     pixels[0, 0] = (255, 0, 0)
