@@ -18,6 +18,7 @@ from typing import Any
 import highdicom as hd
 import numpy as np
 from numpy.typing import NDArray
+from pydicom import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
@@ -32,6 +33,8 @@ from pacs_node.results.provenance import (
     source_patient_orientation,
     utf8_sources,
 )
+
+NOMINAL_PROJECTION_THICKNESS_MM = 1.0  # Slice Thickness of a projection that states no depth
 
 _FAMILIES = {
     str(c.meaning).lower(): c
@@ -138,6 +141,7 @@ def build_segmentation(
         series_date=provenance.created.date(),
         series_time=provenance.created.time().replace(microsecond=0),
         institution_name=provenance.options.institution_name,
+        pixel_measures=projection_pixel_measures(sources[0]),
     )
     own = source_patient_orientation(sources[0])
     if own is not None and "PatientOrientation" not in seg:
@@ -145,6 +149,33 @@ def build_segmentation(
         # (type 2C), the source's own, or empty when it has none
         seg.PatientOrientation = own
     return seg
+
+
+def projection_pixel_measures(source: Dataset) -> hd.PixelMeasuresSequence | None:
+    """Pixel Measures for an image without plane position (radiograph, ultrasound); ``None``
+    where highdicom derives them from plane geometry, or where the source has no Pixel Spacing
+    (then the SEG has none either, as highdicom does).
+
+    highdicom copies such a source's Pixel Spacing into the SEG but leaves Slice Thickness out
+    when the source has none (projections have none), and then ``hd.seg.segread`` cannot read
+    the SEG back (dciodvfy refuses it too when the source has a Frame of Reference). Passing the
+    Pixel Measures to highdicom keeps its own construction: the source's Pixel Spacing, and as
+    Slice Thickness the depth the image represents, the source's Slice Thickness if stated, else
+    its Body Part Thickness (a projection spans the body part along the beam), else a nominal
+    1 mm.
+    """
+    spacing = source.get("PixelSpacing")
+    if not spacing or hd.spatial.get_image_coordinate_system(source) is not None:
+        return None
+    thickness = next(
+        (
+            float(value)
+            for value in (source.get("SliceThickness"), source.get("BodyPartThickness"))
+            if value not in (None, "") and float(value) > 0
+        ),
+        NOMINAL_PROJECTION_THICKNESS_MM,
+    )
+    return hd.PixelMeasuresSequence(pixel_spacing=list(spacing), slice_thickness=thickness)
 
 
 def _pixels(labelmap: Labelmap, numbering: SegmentNumbering, fractional: bool) -> NDArray[Any]:

@@ -4,12 +4,12 @@ What IHE AI Results asks of it, and how this module does it:
 
 - Procedure Reported names the imaging procedure analysed (by modality), not the algorithm.
 - The observer is a device: the model, with the Device UID that changes with its version.
-- One measurement group (TID 1411 volumetric, or TID 1410 planar for a 2D image) per segment
-  found, with the SEG segment's tracking identifier and UID, finding type and finding site,
-  the model as algorithm identification, and a reference to that segment and to the source
-  series. The finding site carries a laterality (CID 244 left / right / bilateral) only for a
-  paired structure, the one :attr:`Finding.laterality` gives (see :mod:`.measurements`), so
-  the SR, PDF, key images and FHIR say the same.
+- One measurement group (TID 1411) per segment found, with the SEG segment's tracking
+  identifier and UID, finding type and finding site, the model as algorithm identification, and
+  a Referenced Segment (segment number only) with the source series, or for a single 2D image
+  (radiograph, ultrasound) the source image. The finding site carries a laterality (CID 244
+  left / right / bilateral) only for a paired structure, the one :attr:`Finding.laterality`
+  gives (see :mod:`.measurements`), so the SR, PDF, key images and FHIR say the same.
 - Measurements carry standard codes (SCT, DCM) and UCUM units; those no standard names
   (sphericity, components, extents, surface area) use the documented private scheme
   ``99PACSNODE`` declared in the Coding Scheme Identification Sequence (see :mod:`.codes`).
@@ -73,11 +73,8 @@ def build_measurement_report(
         name=provenance.algorithm.name[:64],
         version=provenance.algorithm.version[:64],
     )
-    groups: list[
-        hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
-        | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
-    ] = []
-    planar = volume.kind is VolumeKind.IMAGE
+    groups: list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations] = []
+    single_image = volume.kind is VolumeKind.IMAGE
     for finding in findings:
         number = numbering.number(finding.segment.value)
         if segmentation is None or number is None or not finding.present:
@@ -109,31 +106,31 @@ def build_measurement_report(
             "algorithm_id": algorithm_id,
             "measurements": measurements,
         }
-        if planar:
-            groups.append(
-                hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                    referenced_segment=hd.sr.ReferencedSegmentationFrame(
-                        sop_class_uid=segmentation.SOPClassUID,
-                        sop_instance_uid=segmentation.SOPInstanceUID,
-                        frame_number=_frame_of_segment(segmentation, number),
-                        segment_number=number,
-                        source_image=hd.sr.SourceImageForSegmentation.from_source_image(sources[0]),
-                    ),
-                    **common,  # type: ignore[arg-type]
-                )
+        if single_image:
+            # One 2D image: a TID 1411 group whose Referenced Segment names the segment number
+            # only, with the image it was drawn on. highdicom's TID 1410 (planar) group takes
+            # only a Referenced Segmentation Frame, which it writes with both Referenced Frame
+            # Number and Referenced Segment Number; the Image SOP Instance Reference Macro
+            # (PS3.3 Table 10-3) allows one of them at a time (dciodvfy: an error each).
+            referenced = hd.sr.ReferencedSegment(
+                sop_class_uid=segmentation.SOPClassUID,
+                sop_instance_uid=segmentation.SOPInstanceUID,
+                segment_number=number,
+                source_images=[hd.sr.SourceImageForSegmentation.from_source_image(sources[0])],
             )
         else:
-            groups.append(
-                hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                    referenced_segment=hd.sr.ReferencedSegment(
-                        sop_class_uid=segmentation.SOPClassUID,
-                        sop_instance_uid=segmentation.SOPInstanceUID,
-                        segment_number=number,
-                        source_series=hd.sr.SourceSeriesForSegmentation(volume.series_instance_uid),
-                    ),
-                    **common,  # type: ignore[arg-type]
-                )
+            referenced = hd.sr.ReferencedSegment(
+                sop_class_uid=segmentation.SOPClassUID,
+                sop_instance_uid=segmentation.SOPInstanceUID,
+                segment_number=number,
+                source_series=hd.sr.SourceSeriesForSegmentation(volume.series_instance_uid),
             )
+        groups.append(
+            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                referenced_segment=referenced,
+                **common,  # type: ignore[arg-type]
+            )
+        )
     report = hd.sr.MeasurementReport(
         observation_context=observer_context(provenance),
         procedure_reported=code(codes.procedure_for(volume.modality)),
@@ -163,10 +160,3 @@ def build_measurement_report(
         series_date=provenance.created.date(),
         series_time=provenance.created.time().replace(microsecond=0),
     )
-
-
-def _frame_of_segment(segmentation: Dataset, number: int) -> int:
-    for index, item in enumerate(segmentation.PerFrameFunctionalGroupsSequence, start=1):
-        if int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber) == number:
-            return index
-    raise ValueError(f"segment {number} has no frame")
