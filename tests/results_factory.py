@@ -4,11 +4,19 @@ with phantoms of known geometry (a ball, a box) and a Labelmap on the same grid.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 from numpy.typing import NDArray
+from phantom.render import TRAINING, render
+from phantom.writers import dicom_datasets
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    MRImageStorage,
+    UltrasoundImageStorage,
+)
 
 from pacs_node.imaging import Volume, load_series
 from pacs_node.inference.labelmap import Algorithm, Labelmap, ModelInfo, SegmentSpec
@@ -221,3 +229,76 @@ def torso_study(
         segments=segments,
     )
     return volume, Labelmap(labels=labels, segments=segments), info
+
+
+LUNGS = (SegmentSpec(1, structure("lung_left")), SegmentSpec(2, structure("lung_right")))
+
+
+def radiograph_study(
+    *, seed: int = 7001, body_part_thickness_mm: float | None = 210.0
+) -> tuple[Volume, Labelmap, ModelInfo]:
+    """A phantom PA chest radiograph (DX: no Frame of Reference, Patient Orientation L\\F) and
+    its own left and right lung labels, as the xr-chest-lungs model is trained on."""
+    case = render("DX", seed, replace(TRAINING, pixel_mm=(2.8, 3.2)))
+    (ds,) = dicom_datasets(case)
+    if body_part_thickness_mm is not None:
+        ds.BodyPartThickness = body_part_thickness_mm
+    info = ModelInfo(
+        algorithm=Algorithm(name="phantom-lungs", version="1.0.0", description="test model"),
+        modalities=("DX",),
+        segments=LUNGS,
+    )
+    return load_series([ds]), Labelmap(case.labels.astype(np.uint8), LUNGS), info
+
+
+def ultrasound_study() -> tuple[Volume, Labelmap, ModelInfo]:
+    """One B-mode ultrasound image (US Image Storage, 8-bit, no Frame of Reference or Pixel
+    Spacing; one calibrated region of 0.5 mm pixels) with a "liver" ellipse and a "kidney_left"
+    box labelled on it."""
+    rows, cols = 96, 128
+    labels = np.zeros((1, rows, cols), dtype=np.uint8)
+    yy, xx = np.indices((rows, cols))
+    labels[0][((yy - 40) / 25) ** 2 + ((xx - 50) / 35) ** 2 <= 1] = 1
+    labels[0, 60:85, 90:115] = 3
+    pixels = np.where(labels[0] == 1, 120, np.where(labels[0] == 3, 80, 30))
+    pixels = pixels + np.random.default_rng(5).integers(0, 20, (rows, cols))
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SOPClassUID = UltrasoundImageStorage
+    ds.SOPInstanceUID = new_uid()
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = (
+        "Doe^Jane",
+        "PID-4711",
+        "",
+        "",
+    )
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = new_uid(), new_uid()
+    ds.StudyDate, ds.StudyTime, ds.ReferringPhysicianName = "20260101", "101500", ""
+    ds.StudyID, ds.AccessionNumber, ds.StudyDescription = "S1", "ACC-78", "Abdomen ultrasound"
+    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "US", 1, 1
+    ds.Manufacturer, ds.PatientOrientation = "pacs-node tests", ""
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "ABDOMINAL"]
+    ds.ContentDate, ds.ContentTime = "20260101", "101500"
+    region = Dataset()
+    region.RegionSpatialFormat, region.RegionDataType, region.RegionFlags = 1, 1, 0
+    region.RegionLocationMinX0, region.RegionLocationMinY0 = 0, 0
+    region.RegionLocationMaxX1, region.RegionLocationMaxY1 = cols - 1, rows - 1
+    region.PhysicalUnitsXDirection = region.PhysicalUnitsYDirection = 3  # cm
+    region.PhysicalDeltaX = region.PhysicalDeltaY = 0.05
+    ds.SequenceOfUltrasoundRegions = [region]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows, ds.Columns = rows, cols
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit, ds.PixelRepresentation = 7, 0
+    ds.PixelData = pixels.astype(np.uint8).tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    segments = (SegmentSpec(1, structure("liver")), SegmentSpec(3, structure("kidney_left")))
+    info = ModelInfo(
+        algorithm=Algorithm(name="phantom-us", version="1.0.0", description="test model"),
+        modalities=("US",),
+        segments=segments,
+    )
+    return load_series([ds]), Labelmap(labels=labels, segments=segments), info

@@ -16,13 +16,19 @@ import pytest
 from fhir.resources.R4B.bundle import Bundle
 from pydicom import dcmread
 
-from pacs_node.imaging import Volume
+from pacs_node.imaging import Volume, VolumeKind
 from pacs_node.inference.labelmap import Labelmap, ModelInfo
 from pacs_node.results import OutputKind, ResultOptions, ResultSet, build_results, codes
 from pacs_node.results.fhir import STRUCTURE_LATERALITY
 from pacs_node.results.overlay import legend_entries
 from pacs_node.results.pdf import report_warnings, table_rows
-from tests.results_factory import oblique_orientation, phantom_study, torso_study
+from tests.results_factory import (
+    oblique_orientation,
+    phantom_study,
+    radiograph_study,
+    torso_study,
+    ultrasound_study,
+)
 
 DCIODVFY = "/usr/bin/dciodvfy"
 GOLDEN = Path(__file__).parent.parent / "golden" / "results_structure.json"
@@ -58,7 +64,25 @@ def dciodvfy(data: bytes, tmp_path: Path) -> list[str]:
     return [line for line in lines if line.startswith("Warning")]
 
 
-def test_every_object_passes_dciodvfy(results: ResultSet, tmp_path: Path) -> None:
+Built = tuple[Volume, Labelmap, ResultSet]
+
+
+@pytest.fixture(scope="module", params=["ct-phantom", "radiograph", "ultrasound"])
+def built(request: pytest.FixtureRequest) -> Built:
+    """Every result of a CT series, of a DX radiograph (no Frame of Reference) and of one
+    ultrasound image (no Pixel Spacing), each with the JPEG 2000 SEG copy."""
+    if request.param == "ct-phantom":
+        volume, labelmap, _ = request.getfixturevalue("study")
+        return volume, labelmap, request.getfixturevalue("results")
+    volume, labelmap, info = (
+        radiograph_study() if request.param == "radiograph" else ultrasound_study()
+    )
+    options = ResultOptions(jpeg2000_copy=True, key_images=1, created=FIXED)
+    return volume, labelmap, build_results(volume, labelmap, info, options)
+
+
+def test_every_object_passes_dciodvfy(built: Built, tmp_path: Path) -> None:
+    _, _, results = built
     kinds = {o.kind for o in results.dicom}
     assert kinds == {
         OutputKind.SEG,
@@ -67,10 +91,61 @@ def test_every_object_passes_dciodvfy(results: ResultSet, tmp_path: Path) -> Non
         OutputKind.KEY_IMAGES,
         OutputKind.PDF,
     }
+    assert [o.kind for o in results.alternates] == [OutputKind.SEG_JPEG2000]
     for stored in (*results.dicom, *results.alternates):
         warnings = dciodvfy(stored.data, tmp_path)
         unexpected = [w for w in warnings if not any(a in w for a in ALLOWED_WARNINGS)]
         assert not unexpected, (stored.kind, unexpected)
+
+
+def test_seg_and_sr_read_back_with_their_segment_references(built: Built) -> None:
+    """highdicom reads both back; each SR group names its SEG segment by number only (never a
+    frame number as well), the one with its tracking UID, and the source it was drawn on."""
+    volume, labelmap, results = built
+    (seg_object,) = results.of_kind(OutputKind.SEG)
+    present = [s for s in labelmap.segments if np.any(labelmap.labels == s.value)]
+    for stored in (seg_object, *results.of_kind(OutputKind.SEG_JPEG2000)):
+        seg = hd.seg.segread(io.BytesIO(stored.data))
+        assert seg.number_of_segments == len(present)
+        for number, spec in enumerate(present, start=1):
+            description = seg.get_segment_description(number)
+            assert description.segmented_property_type.value == spec.structure.type.value
+        array = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=list(volume.sop_instance_uids), combine_segments=True
+        )
+        expected = np.select(
+            [labelmap.labels == s.value for s in present], range(1, 1 + len(present)), 0
+        )
+        assert np.array_equal(array, expected)
+    header = volume.headers[0]
+    measures = seg.SharedFunctionalGroupsSequence[0].get("PixelMeasuresSequence")
+    if "PixelSpacing" in header:
+        spacing = [float(v) for v in header.PixelSpacing]
+        assert [float(v) for v in measures[0].PixelSpacing] == pytest.approx(spacing)
+        expected_thickness = header.get("SliceThickness") or header.get("BodyPartThickness")
+        assert float(measures[0].SliceThickness) == float(expected_thickness)
+    else:  # the ultrasound image: calibrated by its region, no Pixel Spacing to copy
+        assert measures is None
+    tracking = {seg.get_segment_description(n).tracking_uid: n for n in range(1, 1 + len(present))}
+    (sr_object,) = results.of_kind(OutputKind.SR)
+    sr = hd.sr.srread(io.BytesIO(sr_object.data))
+    assert sr.content.get_planar_roi_measurement_groups() == []
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    assert [tracking[g.tracking_uid] for g in groups] == list(range(1, 1 + len(present)))
+    for group in groups:
+        reference = group.referenced_segment
+        assert reference is not None
+        assert reference.referenced_sop_instance_uid == seg_object.sop_instance_uid
+        assert reference.referenced_segment_numbers == [tracking[group.tracking_uid]]
+        assert reference.referenced_frame_numbers is None
+        item = reference[0].ReferencedSOPSequence[0]
+        assert "ReferencedFrameNumber" not in item
+        if volume.kind is VolumeKind.IMAGE:
+            (source,) = reference.source_images_for_segmentation
+            assert source.referenced_sop_instance_uid == volume.sop_instance_uids[0]
+        else:
+            source_series = reference.source_series_for_segmentation
+            assert source_series.value == volume.series_instance_uid
 
 
 def test_jpeg2000_seg_is_a_second_encoding_of_the_same_instance(results: ResultSet) -> None:
