@@ -24,6 +24,7 @@ from pacs_node.inference.vocabulary import structure
 from pacs_node.results import OutputKind, build_results, codes, measure_labelmap
 from pacs_node.results.overlay import legend_entries
 from pacs_node.results.pdf import size_basis, table_rows
+from pacs_node.results.seg import NOMINAL_PROJECTION_THICKNESS_MM, projection_pixel_measures
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 LUNGS = (SegmentSpec(1, structure("lung_left")), SegmentSpec(2, structure("lung_right")))
@@ -117,3 +118,23 @@ def test_real_radiograph_sides_are_checked_by_patient_orientation(tmp_path: Path
         assert finding.side_conflict is (side != own), (name, side, columns.mean())
         if finding.side_conflict:
             assert any("left/right swap" in w for w in finding.warnings())
+
+
+def test_a_seg_of_a_projection_states_the_depth_it_represents() -> None:
+    """Slice Thickness for a SEG's Pixel Measures without plane geometry: the source's own, else
+    its Body Part Thickness, else the nominal 1 mm; none without Pixel Spacing or with planes."""
+    ds = pydicom.Dataset()
+    ds.PixelSpacing = [0.2, 0.25]
+    measures = projection_pixel_measures(ds)
+    assert measures is not None
+    assert [float(v) for v in measures[0].PixelSpacing] == [0.2, 0.25]
+    assert float(measures[0].SliceThickness) == NOMINAL_PROJECTION_THICKNESS_MM == 1.0
+    ds.BodyPartThickness = 180
+    assert float(projection_pixel_measures(ds)[0].SliceThickness) == 180.0  # type: ignore[index]
+    ds.SliceThickness = 5
+    assert float(projection_pixel_measures(ds)[0].SliceThickness) == 5.0  # type: ignore[index]
+    ds.FrameOfReferenceUID = "1.2.3"
+    ds.ImagePositionPatient = [0, 0, 0]
+    assert projection_pixel_measures(ds) is None  # highdicom derives them from the planes
+    del ds.PixelSpacing, ds.ImagePositionPatient
+    assert projection_pixel_measures(ds) is None
