@@ -98,6 +98,7 @@ def build_segmentation(
     fractional = labelmap.probabilities is not None
     array = _pixels(labelmap, numbering, fractional)
     sources = utf8_sources(volume)
+    _drop_unknown_spacing(sources[0])
     frame_uid = str(sources[0].get("FrameOfReferenceUID", "")) or None
     pixels: hd.Volume | NDArray[np.generic]
     if frame_uid is not None and volume.kind is VolumeKind.SERIES:
@@ -176,6 +177,19 @@ def projection_pixel_measures(source: Dataset) -> hd.PixelMeasuresSequence | Non
         NOMINAL_PROJECTION_THICKNESS_MM,
     )
     return hd.PixelMeasuresSequence(pixel_spacing=list(spacing), slice_thickness=thickness)
+
+
+def _drop_unknown_spacing(source: Dataset) -> None:
+    """A Pixel Spacing of 0 (a CR that states none) would be copied by highdicom into the SEG's
+    Pixel Measures, where dciodvfy refuses a zero: the SEG then states no spacing, as for a
+    source without one. Only on this copy of the header, and only without plane geometry."""
+    spacing = source.get("PixelSpacing")
+    if (
+        spacing
+        and hd.spatial.get_image_coordinate_system(source) is None
+        and not all(float(v) > 0 for v in spacing)
+    ):
+        del source.PixelSpacing
 
 
 def _pixels(labelmap: Labelmap, numbering: SegmentNumbering, fractional: bool) -> NDArray[Any]:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 import pydicom
 from phantom.render import TRAINING, render
@@ -55,6 +56,11 @@ def test_pixel_spacing_zero_means_not_measurable_everywhere() -> None:
     names = set(_content_names(pydicom.dcmread(io.BytesIO(sr.data)).ContentSequence))
     assert not names & {c.meaning for c in (codes.AREA, codes.WIDTH, codes.HEIGHT)}
     assert codes.IMAGE_INTENSITY.meaning in names  # the rest of the report is there
+    # SEG: no Pixel Measures rather than a zero spacing, and highdicom reads it back
+    (seg_object,) = results.of_kind(OutputKind.SEG)
+    seg = hd.seg.segread(io.BytesIO(seg_object.data))
+    assert "PixelMeasuresSequence" not in seg.SharedFunctionalGroupsSequence[0]
+    assert seg.number_of_segments == 2
     # PDF: the table and the line above it say so
     columns, rows = table_rows(findings)
     assert "Area" in columns
