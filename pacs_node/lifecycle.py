@@ -17,11 +17,14 @@ import os
 import select
 import signal
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Sequence
+from multiprocessing.process import BaseProcess
 from types import FrameType
 from typing import NoReturn
 
 CLOSE_LOGS_S = 1.0
+KILL_WAIT_S = 5.0  # how long a SIGKILLed process may take to be gone
 
 
 def _recorded(_signum: int, _frame: FrameType | None) -> None:
@@ -72,3 +75,16 @@ def exit_now(code: int) -> NoReturn:
     closing.start()
     closing.join(CLOSE_LOGS_S)
     os._exit(code)
+
+
+def join_or_kill(processes: Sequence[BaseProcess], deadline: float) -> list[BaseProcess]:
+    """Wait for ``processes`` until ``deadline`` (``time.monotonic()``), then SIGKILL those
+    still alive and reap them; returns the killed ones (their work must be handed back)."""
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    killed = [p for p in processes if p.is_alive()]
+    for process in killed:
+        process.kill()
+    for process in killed:
+        process.join(KILL_WAIT_S)
+    return killed

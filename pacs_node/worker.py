@@ -58,7 +58,7 @@ from pacs_node.catalog.results import (
 from pacs_node.config import Settings
 from pacs_node.dispatch.destinations import SOURCE, FhirDestination, source_name
 from pacs_node.errors import PacsNodeError
-from pacs_node.lifecycle import SignalPipe, exit_now
+from pacs_node.lifecycle import SignalPipe, exit_now, join_or_kill
 from pacs_node.redact import scrub_reason
 
 if TYPE_CHECKING:
@@ -68,7 +68,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 POLL_S = 0.5  # how often an idle worker looks for a queued job
-KILL_WAIT_S = 5.0  # how long a SIGKILLed worker may take to be gone
 STOP = "stop"  # the node's message to a worker: stop after the current job
 SUPERVISE_S = 1.0  # how often the pool looks for a dead worker to replace
 
@@ -511,13 +510,7 @@ class WorkerPool:
             self._supervisor.join()
             self._supervisor = None
         with self._lock:
-            for process in self._processes:
-                process.join(max(0.0, deadline - time.monotonic()))
-            killed = [p for p in self._processes if p.is_alive()]
-            for process in killed:
-                process.kill()
-            for process in killed:
-                process.join(KILL_WAIT_S)
+            killed = join_or_kill(self._processes, deadline)
             pids = [p.pid for p in killed]
             stopped = len(self._processes) - len(killed)
             for link in self._links:

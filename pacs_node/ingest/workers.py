@@ -35,7 +35,7 @@ from pacs_node.ingest.limits import SharedLimits
 from pacs_node.ingest.recorder import RecordSink
 from pacs_node.ingest.scp import StorageSCP, limits_for
 from pacs_node.ingest.spool import Spool
-from pacs_node.lifecycle import SignalPipe, exit_now
+from pacs_node.lifecycle import SignalPipe, exit_now, join_or_kill
 from pacs_node.logs import configure_node_logging
 from pacs_node.refs import CommitmentReport, InstanceRef
 
@@ -45,7 +45,6 @@ _SUBMIT, _COUNT, _DUPLICATE, _REPORT = "submit", "count", "duplicate", "report"
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 PROCESS_NAME = b"pacs-node-scp"  # at most 15 bytes
-KILL_WAIT_S = 5.0  # how long a SIGKILLed worker may take to be gone
 
 
 def drain_s(settings: Settings) -> float:
@@ -309,13 +308,7 @@ class SCPWorkers:
         if self.listening is not None:  # new connections are refused now, in every process;
             with contextlib.suppress(OSError):  # established associations have sockets of
                 self.listening.shutdown(socket.SHUT_RDWR)  # their own and go on
-        for process in self._processes:
-            process.join(max(0.0, deadline - time.monotonic()))
-        killed = [p for p in self._processes if p.is_alive()]
-        for process in killed:
-            process.kill()
-        for process in killed:
-            process.join(KILL_WAIT_S)
+        killed = join_or_kill(self._processes, deadline)
         self._waker.send(None)  # every worker is gone: the pump reads their pipes to the end
         if self._pump_thread is not None:
             self._pump_thread.join(10)
