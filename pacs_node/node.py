@@ -194,6 +194,7 @@ class Node:
                 return None
 
         step("job workers", self.workers.request_stop)
+        step("outbox", self.outbox.request_stop)  # no new batch; the sends under way go on
         scp = self.scp
         if isinstance(scp, SCPWorkers):
             killed = step("scp", lambda: scp.stop(scp_deadline))
@@ -216,6 +217,11 @@ class Node:
                 "killed_and_requeued": killed,
             },
         )
-        step("outbox", self.outbox.stop)
+        sending = step("outbox", lambda: self.outbox.stop(deadline - min(1.0, timeout / 10)))
+        if sending:
+            log.warning(
+                "deliveries still sending at the stop deadline; sent again after the restart",
+                extra={"deliveries": sending},
+            )
         step("catalog", self.catalog.dispose)
         return failed

@@ -507,7 +507,7 @@ class WorkerPool:
         then and re-queue its job (never failed for it). Returns (stopped, killed)."""
         self.request_stop()
         if self._supervisor is not None:
-            self._supervisor.join()
+            self._supervisor.join(max(0.0, deadline - time.monotonic()))
             self._supervisor = None
         with self._lock:
             killed = join_or_kill(self._processes, deadline)
@@ -522,8 +522,9 @@ class WorkerPool:
                 requeue_orphans(
                     session,
                     f"{host_prefix()}{pid}:",
-                    self.settings.node.job_max_attempts + 1,
+                    self.settings.node.job_max_attempts,
                     by="node stopping",
+                    stopped=True,
                 )
         return stopped, len(killed)
 

@@ -186,10 +186,18 @@ def retry_job(session: Session, job_id: int) -> bool:
 
 
 def requeue_orphans(
-    session: Session, owner_prefix: str, max_attempts: int, by: str = "restart"
+    session: Session,
+    owner_prefix: str,
+    max_attempts: int,
+    by: str = "restart",
+    *,
+    stopped: bool = False,
 ) -> tuple[int, int]:
     """Jobs left ``running`` by a dead process of ours go back to the queue, unless they
-    already took ``max_attempts`` workers down with them: those fail. Returns (queued, failed)."""
+    already took ``max_attempts`` workers down with them: those fail. Returns (queued, failed).
+
+    ``stopped``: the node stopped the worker itself (a graceful stop's deadline); that is no
+    fault of the job, so its claim's attempt is given back and it never fails for it."""
     rows = session.execute(
         select(Job.id, Job.attempts, Job.stage).where(
             Job.state == JobState.RUNNING, Job.claimed_by.startswith(owner_prefix)
@@ -197,7 +205,7 @@ def requeue_orphans(
     ).all()
     queued = failed = 0
     for job_id, attempts, stage in rows:
-        if attempts >= max_attempts:
+        if not stopped and attempts >= max_attempts:
             error = f"the worker died {attempts} times (last in stage {stage}); giving up"
             session.execute(
                 update(Job)
@@ -210,7 +218,13 @@ def requeue_orphans(
             session.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.state == JobState.RUNNING)
-                .values(state=JobState.QUEUED, claimed_by=None, stage=None, progress=0.0)
+                .values(
+                    state=JobState.QUEUED,
+                    claimed_by=None,
+                    stage=None,
+                    progress=0.0,
+                    attempts=max(0, attempts - 1) if stopped else attempts,
+                )
             )
             add_job_event(session, job_id, "queued", by=by, interrupted_stage=stage)
             queued += 1

@@ -34,8 +34,9 @@ import random
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -148,6 +149,7 @@ class Outbox:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._pool = ThreadPoolExecutor(MAX_THREADS, thread_name_prefix="outbox")
+        self._batches: set[Future[None]] = set()  # batches submitted and not yet settled
 
     def resolve(self, name: str) -> AnyDestination | Unresolved:
         return resolve(name, self.settings.destinations, self.settings.peers)
@@ -172,12 +174,33 @@ class Outbox:
         self._thread = threading.Thread(target=self._loop, name="outbox", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def request_stop(self) -> None:
+        """No new batch starts from now; the sends under way go on."""
         self._stopping.set()
         self._wake.set()
+
+    def stop(self, deadline: float | None = None) -> int:
+        """Stop by ``deadline`` (``time.monotonic()``; None: wait for every send under way).
+        Returns how many deliveries were still being sent then: a peer that stalls must not
+        hold the node's stop. Their claims stay; the next start sends them again (a peer
+        stores the same SOP Instance UIDs once)."""
+        self.request_stop()
+
+        def left() -> float | None:
+            return None if deadline is None else max(0.0, deadline - time.monotonic())
+
         if self._thread is not None:
-            self._thread.join(30)
-        self._pool.shutdown(wait=True, cancel_futures=True)
+            self._thread.join(30 if deadline is None else left())
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            batches = set(self._batches)
+        wait(batches, timeout=left())
+        with self._lock:
+            return len(self._sending)
+
+    def _forget(self, batch: Future[None]) -> None:
+        with self._lock:
+            self._batches.discard(batch)
 
     def wake(self) -> None:
         self._wake.set()
@@ -218,7 +241,10 @@ class Outbox:
                 if wait:
                     self._run(name, target, items)
                 else:
-                    self._pool.submit(self._run, name, target, items)
+                    batch_future = self._pool.submit(self._run, name, target, items)
+                    with self._lock:
+                        self._batches.add(batch_future)
+                    batch_future.add_done_callback(self._forget)
         return started
 
     def _keep_claims(self, now: datetime) -> None:

@@ -110,17 +110,35 @@ def _dilate_mm(mask: NDArray[np.bool_], spacing: Spacing, radius_mm: float) -> N
     return result
 
 
-def fill_slices(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
+def fill_slices(mask: NDArray[np.bool_], *, close_field_edge: bool = False) -> NDArray[np.bool_]:
     """2D hole filling per axial slice: lungs, airways and gas are enclosed in a slice even where
     they reach the outside in 3D (the airway through the larynx). All slices in one labelling of
     the background (in-plane 4-connectivity, as ``binary_fill_holes``): what does not reach a
-    slice's edge is a hole."""
+    slice's edge is a hole.
+
+    ``close_field_edge``: where the patient is cut by the reconstructed field (a targeted or
+    cardiac field), a slice's edge between the first and last ``mask`` pixel along it counts as
+    closed, so lung air that reaches the edge there is still inside the patient."""
     structure = np.zeros((3, 3, 3), dtype=bool)
     structure[1] = ndimage.generate_binary_structure(2, 1)
     background, count = ndimage.label(~mask, structure=structure)
     reaches_edge = np.zeros(count + 1, dtype=bool)
-    for edge in (background[:, 0], background[:, -1], background[:, :, 0], background[:, :, -1]):
-        reaches_edge[edge] = True
+    edges = (
+        (background[:, 0], mask[:, 0]),
+        (background[:, -1], mask[:, -1]),
+        (background[:, :, 0], mask[:, :, 0]),
+        (background[:, :, -1], mask[:, :, -1]),
+    )
+    for edge, tissue in edges:
+        open_ = np.ones(edge.shape, dtype=bool)
+        if close_field_edge:
+            index = np.arange(edge.shape[1])
+            first = np.argmax(tissue, axis=1)[:, None]
+            last = edge.shape[1] - 1 - np.argmax(tissue[:, ::-1], axis=1)[:, None]
+            present = np.asarray(tissue.any(axis=1), dtype=bool)[:, None]
+            between = (index >= first) & (index <= last) & present
+            open_ = ~between
+        reaches_edge[edge[open_]] = True
     reaches_edge[0] = False
     filled: NDArray[np.bool_] = ~reaches_edge[background]
     return filled
@@ -134,7 +152,7 @@ def _components(mask: NDArray[np.bool_]) -> tuple[NDArray[np.int32], NDArray[np.
 
 
 def _body(
-    work: NDArray[np.float32], spacing: Spacing
+    work: NDArray[np.float32], spacing: Spacing, close_field_edge: bool = False
 ) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
     """The body on the working grid (table removed, holes filled) and what was taken for the
     table (thin dense structures reaching beyond the body's margin)."""
@@ -157,7 +175,7 @@ def _body(
     foreign = np.unique(pieces[thin & ~near])
     table = np.isin(pieces, foreign[foreign > 0])
     restored = core | (thin & near & ~table)
-    return fill_slices(restored), table
+    return fill_slices(restored, close_field_edge=close_field_edge), table
 
 
 def _side_of(
@@ -265,13 +283,14 @@ def _full_resolution_body(
     table_work: NDArray[np.bool_],
     f: tuple[int, int, int],
     work_spacing: Spacing,
+    close_field_edge: bool = False,
 ) -> NDArray[np.bool_]:
     """The body at full resolution: the threshold decides the boundary, the working grid decides
     membership (and keeps the table out)."""
     margin = max(work_spacing) * 1.5
     allowed = _dilate_mm(body_work, work_spacing, margin) & ~(table_work & ~body_work)
     near_body = _upsample(allowed, f, hu.shape)
-    return fill_slices((hu > AIR_BODY_HU) & near_body)
+    return fill_slices((hu > AIR_BODY_HU) & near_body, close_field_edge=close_field_edge)
 
 
 def patient_mask(
@@ -279,16 +298,18 @@ def patient_mask(
 ) -> NDArray[np.bool_]:
     """The patient on a CT in HU (z, y, x): tissue above -500 HU, holes filled per slice, the
     table and head rest left out. The body label of :func:`segment_ct`, and what confines the
-    learned models' labels (:mod:`pacs_node.inference.anatomy`). ``work_mm`` is the grid the
-    decisions (components, table) are made on; the boundary is always the full-resolution one."""
+    learned models' labels (:mod:`pacs_node.inference.anatomy`); a patient cut by the field's
+    edge keeps what lies inside along that edge (see :func:`fill_slices`). ``work_mm`` is the
+    grid the decisions (components, table) are made on; the boundary is always the full-resolution
+    one."""
     if hu.ndim != 3:
         raise ValueError(f"expected a (z, y, x) array, got shape {hu.shape}")
     f = _factors(spacing, work_mm)
     work_spacing = (spacing[0] * f[0], spacing[1] * f[1], spacing[2] * f[2])
-    body_work, table_work = _body(_block_mean(hu, f), work_spacing)
+    body_work, table_work = _body(_block_mean(hu, f), work_spacing, close_field_edge=True)
     if not body_work.any():
         return np.zeros(hu.shape, dtype=bool)
-    return _full_resolution_body(hu, body_work, table_work, f, work_spacing)
+    return _full_resolution_body(hu, body_work, table_work, f, work_spacing, close_field_edge=True)
 
 
 def segment_ct(

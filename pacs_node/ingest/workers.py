@@ -299,8 +299,9 @@ class SCPWorkers:
         if deadline is None:
             deadline = time.monotonic() + drain_s(self.settings) + 1.0
         self._stopping.set()
-        if self._supervisor is not None:  # no worker is replaced once it has returned
-            self._supervisor.join()
+        if self._supervisor is not None:  # no worker is replaced once it has returned; one
+            # busy recording a dead worker's files is not waited for past the deadline
+            self._supervisor.join(max(0.0, deadline - time.monotonic()))
             self._supervisor = None
         for process in self._processes:
             if process.is_alive():

@@ -25,7 +25,7 @@ from pacs_node.errors import IngestError
 from pacs_node.ingest.header import read_spooled_header
 from pacs_node.ingest.spool import Spool
 from pacs_node.results.codes import PROCESSING_ALGORITHM
-from pacs_node.routing.region import AXIAL_MIN_COSINE, Geometry, body_region
+from pacs_node.routing.region import AXIAL_MIN_COSINE, SERIES_DESCRIPTION, Geometry, body_region
 from pacs_node.routing.rules import SeriesFacts
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ def descriptions(
         ds.get("RequestAttributesSequence"), "RequestedProcedureCodeSequence"
     )
     found = [
-        ("series description", series_description),
+        (SERIES_DESCRIPTION, series_description),
         ("protocol name", _text(ds.get("ProtocolName"))),
         ("study description", study_description),
         ("requested procedure", " / ".join(dict.fromkeys(r for r in requested if r))),

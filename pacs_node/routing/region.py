@@ -187,6 +187,33 @@ def regions_of_geometry(geometry: Geometry) -> tuple[str, ...]:
     return ()
 
 
+SERIES_DESCRIPTION = "series description"
+"""The one description that speaks of this series alone; the others (protocol, study, request,
+procedure code) may name every region a whole examination covers."""
+
+
+def _settled(found: BodyRegion, geometry: Geometry | None) -> BodyRegion:
+    """Evidence that may speak of the whole examination ("CT HEAD AND CHEST", a polytrauma
+    protocol, WHOLEBODY) names the head beside the torso: this series' own size says which of
+    them it shows, so a head reconstruction is never sent to a torso model for the study's
+    words. Without usable geometry the evidence stands as read."""
+    regions = set(found.regions)
+    mixed = WHOLEBODY in regions or (HEAD in regions and bool(regions & {*_TRUNK, TORSO}))
+    if not mixed or geometry is None:
+        return found
+    sized = regions_of_geometry(geometry)
+    if sized == (HEAD,):
+        return BodyRegion(
+            (HEAD,), f"{found.evidence}; this series is head-sized: {geometry.describe()}"
+        )
+    if sized == (TORSO,) and HEAD in regions:
+        kept = _ordered(regions - {HEAD, NECK}) or (TORSO,)
+        return BodyRegion(
+            kept, f"{found.evidence}; this series is torso-sized: {geometry.describe()}"
+        )
+    return found
+
+
 @dataclass(frozen=True)
 class BodyRegion:
     """The regions a series shows (empty: unknown) and the evidence they were read from."""
@@ -210,12 +237,13 @@ def body_region(
     if body_part:
         regions = regions_of_body_part(body_part)
         if regions:
-            return BodyRegion(regions, f"Body Part Examined {body_part!r}")
+            return _settled(BodyRegion(regions, f"Body Part Examined {body_part!r}"), geometry)
         gaps.append(f"Body Part Examined {body_part!r} names no known region")
     for what, text in descriptions:
         regions = regions_in_text(text)
         if regions:
-            return BodyRegion(regions, "; ".join([*gaps, f"{what} {text!r}"]))
+            found = BodyRegion(regions, "; ".join([*gaps, f"{what} {text!r}"]))
+            return found if what == SERIES_DESCRIPTION else _settled(found, geometry)
     if not body_part and not descriptions:
         gaps = ["no body part or description"]
     else:

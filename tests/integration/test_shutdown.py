@@ -245,11 +245,12 @@ def test_a_running_job_is_queued_again_after_a_forced_stop_and_handed_back_by_a_
     _healthy(node)
 
 
-def test_a_stop_that_overruns_stop_timeout_s_is_forced(
+def test_a_stalled_peer_does_not_hold_the_stop(
     make_node: Callable[..., NodeProcess],
 ) -> None:
-    """A STOW-RS peer that stalls mid-answer holds the outbox's send past ``stop_timeout_s``:
-    the node forces its own stop, and the delivery cut off goes out again after a restart."""
+    """A STOW-RS peer that stalls mid-answer: the outbox lets go of the send by
+    ``stop_timeout_s``, the stop stays graceful, and the delivery goes out again after a
+    restart."""
     (item,) = _instances(1)
     answered = Reply(200, _stow_answer([str(item.sop_instance_uid)], {}), DICOM_JSON)
     stalled = Reply(200, answered.body, DICOM_JSON, stall_s=60.0)
@@ -278,12 +279,12 @@ def test_a_stop_that_overruns_stop_timeout_s_is_forced(
             before = len(node.log_text())
             started = time.monotonic()
             _signal(node, signal.SIGTERM, group=False)
-            code, took = _gone(node, started, "SIGTERM to the node, stop overrunning 2 s")
-            assert code == 128 + signal.SIGTERM
-            assert 2.0 <= took < BOUND_S
+            code, took = _gone(node, started, "SIGTERM to the node, a send stalled")
+            assert code == 0
+            assert 1.5 <= took < BOUND_S
             text = node.log_text()[before:]
-            assert _phases(text)[-2:] == ["stopping now", "stopped"]
-            assert 'reason="stop_timeout_s passed"' in text
+            assert "stopping now" not in text
+            assert "deliveries still sending at the stop deadline" in text
             with catalog.sessions() as session:
                 assert session.scalars(select(Delivery.state)).one().value == "sending"
 

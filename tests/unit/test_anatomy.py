@@ -106,16 +106,39 @@ def test_lung_voxels_of_soft_tissue_become_body_vessels_inside_stay_lung() -> No
     assert 6 * 7 * 10 <= sum(r.voxels for r in soft) < 6 * 7 * 10 + 6 * 8
 
 
+def test_lungs_cut_by_the_field_edge_stay_lungs() -> None:
+    """A targeted field: the trunk fills the image and both lungs reach its side edges."""
+    hu = np.full((6, 80, 64), 40.0, dtype=np.float32)
+    hu[:, 70:, :] = -1000.0  # air below the patient's back, the field's bottom rows
+    hu[:, 15:45, 0:18] = -850.0  # the right lung, cut by the left edge
+    hu[:, 15:45, 46:64] = -850.0  # the left lung, cut by the right edge
+    labels = np.where(hu > -500, BODY, 0).astype(np.uint8)
+    labels[:, 15:45, 0:18] = LUNG
+    labels[:, 15:45, 46:64] = LIVER  # a second air-filled label, as the other lung
+    shipped = AnatomyRules(body=BODY, confine_to_body=True, exclude_table=True)
+    out, removals = apply_anatomy(labels, shipped, SPACING, hu)
+    assert np.array_equal(out == LUNG, labels == LUNG)
+    assert np.array_equal(out == LIVER, labels == LIVER)
+    assert not [r for r in removals if r.value in (LUNG, LIVER)]
+    assert patient_mask(hu, SPACING)[:, 15:45, 0:18].all()
+
+
+def test_lung_without_air_stays_lung_under_the_shipped_rules() -> None:
+    """Consolidation: the lung's lower half at soft-tissue density is still lung."""
+    hu, labels = _torso()
+    lung = labels == LUNG
+    rows = np.indices(labels.shape)[1]
+    hu[lung & (rows >= 35)] = 30.0
+    shipped = AnatomyRules(body=BODY, confine_to_body=True, exclude_table=True)
+    out, _ = apply_anatomy(labels, shipped, SPACING, hu)
+    assert np.array_equal(out == LUNG, lung)
+
+
 def test_the_bundle_declares_the_rules_by_label_name(tmp_path: Path) -> None:
     ct = Registry(MODELS).get("ct-torso-organs")
     names = {s.name: s.value for s in ct.segments}
-    assert ct.anatomy == AnatomyRules(
-        body=names["body"],
-        confine_to_body=True,
-        air_only=(names["lung_left"], names["lung_right"]),
-        air_hu_max=-400.0,
-        exclude_table=True,
-    )
+    # no air_only: lung that holds no air (consolidation, effusion) must stay lung
+    assert ct.anatomy == AnatomyRules(body=names["body"], confine_to_body=True, exclude_table=True)
     assert Registry(MODELS).get("mr-torso-organs").anatomy == AnatomyRules(body=names["body"])
     assert Registry(MODELS).get("ct-classical").anatomy is None  # undeclared: untouched
     # the shipped recipe is what the bundle carries, anatomy included

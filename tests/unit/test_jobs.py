@@ -143,3 +143,24 @@ def test_orphans_are_requeued_then_failed(catalog: Catalog) -> None:
     assert summary.state == "failed"
     assert summary.error is not None
     assert "died 2 times" in summary.error
+
+
+def test_a_job_stopped_by_the_node_gets_its_attempt_back(catalog: Catalog) -> None:
+    """Graceful stops at their deadline are no fault of the job: any number of them never
+    fails it, and a later real crash still counts from where the job was."""
+    study_id = _study(catalog)
+    (job,) = _queue(catalog, study_id, 1)
+    for pid in range(20, 25):
+        with catalog.sessions.begin() as session:
+            assert claim_job(session, f"here:{pid}:w0") == job
+        with catalog.sessions.begin() as session:
+            assert requeue_orphans(
+                session, f"here:{pid}:", max_attempts=2, by="node stopping", stopped=True
+            ) == (1, 0)
+        with catalog.sessions() as session:
+            assert list_jobs(session, [job])[0].attempts == 0
+    with catalog.sessions.begin() as session:
+        assert claim_job(session, "here:30:w0") == job
+    with catalog.sessions.begin() as session:
+        assert requeue_orphans(session, "here:", max_attempts=2) == (1, 0)  # one real death
+    assert _state(catalog, job) == "queued"

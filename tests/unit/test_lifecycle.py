@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
+import time
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 
@@ -34,3 +37,54 @@ def test_signals_come_one_per_call_and_others_are_left_out() -> None:
     assert pipe.next(2.0) == signal.SIGTERM
     assert pipe.next(0) == signal.SIGTERM  # the second, read with the first, kept for this call
     assert pipe.next(0.01) is None
+
+
+class _Quiet:
+    """A signal source on which no second signal ever comes."""
+
+    def next(self, timeout: float | None = None) -> int | None:
+        time.sleep(timeout or 0.0)
+        return None
+
+
+class _Ended(Exception):
+    """Stands for the process's end: the watchdog's exits never return."""
+
+
+def _watched_node(monkeypatch: pytest.MonkeyPatch, exit_code: int | None) -> list[object]:
+    import pacs_node.node as node_module
+
+    ends: list[object] = []
+
+    def stop_now(_self: object, reason: str, signum: int, _started: float) -> None:
+        ends.append(("stop_now", reason, signum))
+        raise _Ended
+
+    def exit_now(code: int) -> None:
+        ends.append(("exit_now", code))
+        raise _Ended
+
+    monkeypatch.setattr(node_module.Node, "stop_now", stop_now)
+    monkeypatch.setattr(node_module, "exit_now", exit_now)
+    node = object.__new__(node_module.Node)
+    node.settings = SimpleNamespace(node=SimpleNamespace(stop_timeout_s=0.3))  # type: ignore[assignment]
+    node._ending = threading.Lock()
+    node._exit_code = exit_code
+    with pytest.raises(_Ended):
+        node._escalate(_Quiet(), signal.SIGTERM, time.monotonic())  # type: ignore[arg-type]
+    return ends
+
+
+def test_a_stop_still_running_at_stop_timeout_s_is_forced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    started = time.monotonic()
+    ends = _watched_node(monkeypatch, exit_code=None)
+    assert ends == [("stop_now", "stop_timeout_s passed", signal.SIGTERM)]
+    assert 0.3 <= time.monotonic() - started < 2.0
+
+
+def test_a_finished_stop_whose_exit_is_held_up_leaves_with_its_own_code(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert _watched_node(monkeypatch, exit_code=0) == [("exit_now", 0)]

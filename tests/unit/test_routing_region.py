@@ -114,6 +114,27 @@ def test_evidence_is_taken_in_order_and_named() -> None:
     assert body_region(None, [], None).evidence == "no body part or description; no usable geometry"
 
 
+def test_examination_wide_words_are_settled_by_the_series_own_size() -> None:
+    """A trauma study "CT HEAD AND CHEST": its thin head reconstruction must not reach a torso
+    rule for the study's words, nor its body series lose the chest."""
+    study = [("series description", "Axial 0.625 STND"), ("study description", "CT HEAD AND CHEST")]
+    head, torso = Geometry(180.0, 230.0, True), Geometry(420.0, 380.0, True)
+    assert body_region(None, study, head).regions == ("HEAD",)
+    assert "this series is head-sized" in body_region(None, study, head).evidence
+    assert body_region(None, study, torso).regions == ("CHEST",)
+    assert body_region(None, study, None).regions == ("HEAD", "CHEST")  # nothing to settle it
+    assert body_region("WHOLEBODY", [], head).regions == ("HEAD",)
+    assert body_region("WHOLEBODY", [], torso).regions == ("WHOLEBODY",)
+    # the series' own description is about this series alone: taken as written
+    own = [("series description", "HEAD AND CHEST")]
+    assert body_region(None, own, head).regions == ("HEAD", "CHEST")
+    # words naming no trunk region are not mixed: they stand, whatever the size
+    protocol = [("protocol name", "Polytrauma Head Neck")]
+    assert body_region(None, protocol, torso).regions == ("HEAD", "NECK")
+    both = [("protocol name", "Head + Chest/Abd/Pelvis")]
+    assert body_region(None, both, torso).regions == TRUNK
+
+
 def _slice(z: float, number: int, **attributes: object) -> Dataset:
     ds = Dataset()
     ds.SOPInstanceUID = f"1.2.3.{number}"
