@@ -6,8 +6,8 @@ an R4 server accepts; R4B changed none of the resources used here).
 - One Observation per measurement: code and method (derivation) from :mod:`.codes`, UCUM
   quantity, SNOMED CT body site, derivedFrom the ImagingStudy, device the model. A paired
   structure's laterality (and only a paired structure's, as in the SR's finding site) rides on
-  bodySite as the core extension ``observation-structureLaterality`` (SNOMED CT left / right /
-  bilateral, PS3.16 CID 244), which is what that extension is for while the site code is not
+  bodySite as the FHIR Extensions Pack's ``observation-structureLaterality`` (SNOMED CT left /
+  right / bilateral, PS3.16 CID 244), which is what that extension is for while the site code is not
   pre-coordinated; a finding's warnings (left/right conflict, several pieces) are each
   Observation's ``note`` and close the report's conclusion. A size the image's pixel spacing
   does not allow (see :mod:`.measurements`) is an Observation without valueQuantity, with
