@@ -123,6 +123,9 @@ class NodePreprocessing:
     spacing_zyx_mm: tuple[float, float, float] | None = None
     orientation: str | None = None
     intensity: Intensity | None = None
+    # a 2D image without a usable pixel spacing spans this many mm along its longer side, for
+    # resampling only; its sizes stay "not measurable"
+    unknown_spacing_field_mm: float | None = None
 
 
 @dataclass(frozen=True)
@@ -462,10 +465,12 @@ def _preprocessing(reader: _Reader) -> NodePreprocessing | None:
             orientation_matrix(orientation)
         except ValueError as exc:
             raise reader.fail(f"{key}.orientation", str(exc)) from exc
+    field = reader.number(f"{key}.unknown_spacing_field_mm", low=10.0, high=2000.0)
     return NodePreprocessing(
         spacing_zyx_mm=None if spacing is None else (spacing[0], spacing[1], spacing[2]),
         orientation=orientation,
         intensity=_intensity(reader, f"{key}.intensity"),
+        unknown_spacing_field_mm=field,
     )
 
 

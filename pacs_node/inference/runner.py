@@ -27,7 +27,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -260,6 +260,21 @@ def _monai_input(volume: Volume, loaded: LoadedModel) -> tuple[torch.Tensor, Gri
     return result.as_tensor().float(), grid
 
 
+def assumed_spacing(volume: Volume, bundle: Bundle) -> Volume:
+    """The Volume the model runs on. A 2D image without a usable pixel spacing (Pixel Spacing
+    0, none given) would be resampled as 1 mm pixels and reach the network many times too
+    small; a bundle that declares ``unknown_spacing_field_mm`` (a chest detector's 430 mm)
+    has it taken to span that along its longer side instead. Labels come back on the same
+    pixels; the Volume the results measure keeps ``spacing_known`` False, so no size is ever
+    reported from the assumption."""
+    recipe = bundle.preprocessing
+    field = recipe.unknown_spacing_field_mm if recipe else None
+    if field is None or volume.spacing_known or volume.kind is not VolumeKind.IMAGE:
+        return volume
+    pixel = field / max(volume.shape[1], volume.shape[2])
+    return replace(volume, spacing=(volume.spacing[0], pixel, pixel))
+
+
 def _node_input(volume: Volume, bundle: Bundle) -> tuple[torch.Tensor, Grid]:
     """The node-side recipe: resample to the declared grid, scale intensities, (x, y, z) order."""
     recipe = bundle.preprocessing
@@ -338,17 +353,18 @@ class Runner:
         started = time.perf_counter()
         loaded = load_model(bundle, self.device)
         timings.load = time.perf_counter() - started
+        model_volume = assumed_spacing(volume, bundle)
         if bundle.kind is BundleKind.CLASSICAL:
-            labels = self._classical(bundle, volume, timings, step)
+            labels = self._classical(bundle, model_volume, timings, step)
         else:
-            labels = self._network(loaded, volume, timings, step)
+            labels = self._network(loaded, model_volume, timings, step)
         started = time.perf_counter()
         removals: list[Removal] = []
         if bundle.anatomy is not None:
             hu = volume.voxels if volume.modality.upper() == "CT" else None
-            labels, removals = apply_anatomy(labels, bundle.anatomy, volume.spacing, hu)
+            labels, removals = apply_anatomy(labels, bundle.anatomy, model_volume.spacing, hu)
         if bundle.cleanup:
-            labels = clean_segments(labels, volume.spacing, bundle.cleanup)
+            labels = clean_segments(labels, model_volume.spacing, bundle.cleanup)
         timings.postprocess += time.perf_counter() - started
         labelmap = Labelmap(labels=labels, segments=bundle.segments)
         return Segmentation(labelmap, bundle.info, timings, str(self.device), tuple(removals))

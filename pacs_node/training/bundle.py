@@ -82,6 +82,11 @@ def metadata(recipe: Recipe, result: TrainingResult) -> dict[str, Any]:
                 "spacing_zyx_mm": list(recipe.spacing_zyx_mm),
                 "orientation": "LPS",
                 "intensity": intensity,
+                **(
+                    {"unknown_spacing_field_mm": recipe.unknown_spacing_field_mm}
+                    if recipe.unknown_spacing_field_mm
+                    else {}
+                ),
             },
             "patch_size": list(recipe.patch_xyz),
             "overlap": 0.25,

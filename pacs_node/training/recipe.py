@@ -59,6 +59,10 @@ class Recipe(BaseModel):
     modalities: tuple[str, ...] = ()  # accepted at inference; default: (modality,)
     labels: tuple[str, ...]
     spacing_zyx_mm: tuple[Positive, Positive, Positive]
+    # a 2D image without a usable pixel spacing is taken to span this many mm along its longer
+    # side, for resampling to the model grid only (never for a size): None refuses no image but
+    # resamples it as 1 mm pixels
+    unknown_spacing_field_mm: Positive | None = None
     patch_xyz: tuple[int, int, int]
     intensity: Intensity
     network: Network = Network()

@@ -126,6 +126,30 @@ def test_real_radiograph_sides_are_checked_by_patient_orientation(tmp_path: Path
             assert any("left/right swap" in w for w in finding.warnings())
 
 
+def test_rg1_as_stored_gets_two_lung_fields_and_no_sizes() -> None:
+    """RG1 with its Pixel Spacing 0: the network sees it as a 430 mm chest detector (the
+    bundle's ``unknown_spacing_field_mm``), not as 1 mm pixels, which gave two slivers; each
+    lung field covers a plausible share of the image, one in each half, and no size is given."""
+    ds = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
+    orientation = [str(v) for v in ds.PatientOrientation]
+    volume = load_series([ds])
+    assert not volume.spacing_known
+    labelmap = Runner(Registry(MODELS), threads=2).segment("xr-chest-lungs", volume).labelmap
+    values = {s.name: s.value for s in labelmap.segments}
+    labels = np.asarray(labelmap.labels[0])
+    halves = set()
+    for name in ("lung_left", "lung_right"):
+        rows, columns = np.nonzero(labels == values[name])
+        assert columns.size > 0.05 * labels.size, (name, columns.size)
+        assert columns.max() - columns.min() > 0.15 * ds.Columns, name  # a field, not a sliver
+        assert rows.max() - rows.min() > 0.25 * ds.Rows, name
+        halves.add(_patient_side(float(columns.mean()), ds.Columns, orientation))
+    assert halves == {"left", "right"}
+    for finding in measure_labelmap(volume, labelmap):
+        assert finding.area_cm2 is None
+        assert finding.width_mm is None
+
+
 def test_a_seg_of_a_projection_states_the_depth_it_represents() -> None:
     """Slice Thickness for a SEG's Pixel Measures without plane geometry: the source's own, else
     its Body Part Thickness, else the nominal 1 mm; none without Pixel Spacing or with planes."""
