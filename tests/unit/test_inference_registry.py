@@ -150,6 +150,11 @@ CHANNELS = "network_data_format.outputs.pred.channel_def"
         ("pacs_node.modalities", "CT", "pacs_node.modalities"),
         ("pacs_node.kind", "magic", "pacs_node.kind"),
         ("pacs_node.preprocessing", {"orientation": "XYZ"}, "pacs_node.preprocessing.orientation"),
+        (
+            "pacs_node.preprocessing",
+            {"unknown_spacing_field_mm": 0},
+            "pacs_node.preprocessing.unknown_spacing_field_mm",
+        ),
         ("pacs_node.labels", {"1": "pancreas"}, "pacs_node.labels.1"),
         ("pacs_node.labels", {"5": "liver"}, "pacs_node.labels.5"),
         ("pacs_node.cleanup", {"1": {"shrink": True}}, "pacs_node.cleanup.1.shrink"),
