@@ -368,8 +368,11 @@ class CatalogRecorder:
                 path.unlink(missing_ok=True)
                 return
             tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.status()), encoding="utf-8")
-            os.replace(tmp, path)
+            try:
+                tmp.write_text(json.dumps(self.status()), encoding="utf-8")
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)  # a full disk leaves a partial one behind
         except OSError:
             log.warning("recorder status file not written", exc_info=True)
 
