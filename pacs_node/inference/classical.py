@@ -25,8 +25,9 @@ from the full-resolution thresholds, so their boundaries are exact.
 Labels are exclusive: ``body`` holds the body voxels no more specific label claims, so the body
 outline is the union of all labels. Known limits: contrast-filled vessels, bowel and kidneys
 above +250 HU are taken as bone; large bowel-gas pockets in an abdomen-only scan can be taken as
-lung; fatty marrow (long-bone shafts) is not filled; a cushion denser than -500 HU that the
-patient lies in with no gap is part of the body.
+lung; a neck CT that holds only the lung apices, each under a tenth of the body's
+cross-section, finds no lung; fatty marrow (long-bone shafts) is not filled; a cushion denser
+than -500 HU that the patient lies in with no gap is part of the body.
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ WORK_SPACING_MM = 1.5
 KEEP_FRACTION = 0.10  # a body part (an arm) is kept when at least this fraction of the largest
 LUNG_MIN_AREA_MM2 = 400.0  # a lung shows at least 4 cm2 in its largest slice
 LUNG_MIN_VOLUME_ML = 15.0  # ... and, in a series thicker than 3 cm, at least this volume
+# ... and fills at least this share of the body's cross-section there: a lung at its widest
+# fills a third or more of the chest, the paranasal sinuses of a head CT (10-15 mL, 6-10 cm2)
+# a twentieth of the head
+LUNG_MIN_SECTION_SHARE = 0.10
 BONE_MIN_VOLUME_ML = 0.05
 MAX_SPLIT_DEPTH_MM = 30.0
 
@@ -206,8 +211,11 @@ def _lungs(
     depth = work.shape[0]
     z_index = np.broadcast_to(np.arange(depth)[:, None, None], labels.shape)
     per_slice = np.bincount((labels * depth + z_index)[air], minlength=sizes.size * depth)
-    largest_slice = per_slice.reshape(sizes.size, depth).max(axis=1) * pixel_mm2
-    keep = largest_slice >= LUNG_MIN_AREA_MM2
+    per_slice = per_slice.reshape(sizes.size, depth)
+    largest_slice = per_slice.max(axis=1) * pixel_mm2
+    body_per_slice = np.maximum(np.count_nonzero(body, axis=(1, 2)), 1)
+    largest_share = (per_slice / body_per_slice[None, :]).max(axis=1)
+    keep = (largest_slice >= LUNG_MIN_AREA_MM2) & (largest_share >= LUNG_MIN_SECTION_SHARE)
     if extent_mm > 30.0:
         keep &= sizes * voxel_ml >= LUNG_MIN_VOLUME_ML
     keep[0] = False
