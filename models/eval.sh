@@ -17,10 +17,12 @@ ct-torso-organs CT thin 5100 5108
 ct-torso-organs CT thick 5200 5208
 ct-torso-organs CT noisy 5300 5308
 ct-torso-organs CT cropped 5400 5408
+ct-torso-organs CT context 5500 5508
 mr-torso-organs MR heldout 6000 6020
 mr-torso-organs MR thick 6200 6208
 mr-torso-organs MR noisy 6300 6308
 mr-torso-organs MR cropped 6400 6408
+mr-torso-organs MR context 6500 6508
 "
 want=" ${*:-xr-chest-lungs ct-torso-organs mr-torso-organs} "
 echo "$SETS" | while read -r model modality set first last; do

@@ -22,6 +22,7 @@ SETS: dict[str, dict[str, Any]] = {
     "noisy": {"noise": (45.0, 70.0)},
     "cropped": {"fov_scale": (0.6, 0.75)},
     "finepixel": {"pixel_mm": (0.35, 0.5)},
+    "context": {"context": 1.0},
 }
 
 

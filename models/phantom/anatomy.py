@@ -66,6 +66,8 @@ class Tissue(IntEnum):
     TABLE_SHELL = 23
     TABLE_FOAM = 24
     METAL = 25
+    PAD = 26  # a mattress or gel pad between the table and the patient
+    STRAP = 27  # a restraint strap over the patient
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,12 @@ class Anatomy:
     warp: tuple[NDArray[np.float32], NDArray[np.float32]] = field(repr=False, default=None)  # type: ignore[assignment]
     warp_amplitude: tuple[float, float] = (6.0, 2.0)
     warp_wavelength: tuple[float, float] = (90.0, 30.0)
+    # what surrounds the patient on a real table (drawn by the renderer, never by the anatomy's
+    # own random stream, so a seed's patient stays the same):
+    arms: tuple[float, float, float] | None = None  # arms beside the trunk: radius, gap, AP (mm)
+    table_curve_mm: float = 0.0  # radius of a curved (cradle) table top; 0: flat
+    pad_mm: float = 0.0  # mattress thickness on the table top
+    strap: tuple[float, float] | None = None  # a strap over the trunk: z centre, width (mm)
 
 
 def _u(rng: np.random.Generator, low: float, high: float) -> float:

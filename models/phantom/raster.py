@@ -226,6 +226,10 @@ def rasterise(anatomy: Anatomy, grid: AxialGrid) -> Raster:
     t[body & (depth < 2.0)] = Tissue.SKIN
     lab[body] = LABEL_VALUE["body"]
     cavity = depth > a.fat + a.muscle
+    strap = np.zeros(grid.shape, dtype=bool)
+    if a.strap is not None:  # over the front and sides, 2.5 mm thick on the skin
+        strap = (depth <= 0) & (depth > -2.5) & (np.abs(z - a.strap[0]) < a.strap[1] / 2)
+        strap &= y < a.body_b * 0.3
     del depth
 
     # spine centre line and paraspinal muscles
@@ -367,14 +371,55 @@ def rasterise(anatomy: Anatomy, grid: AxialGrid) -> Raster:
         screw = (np.sqrt((x - mx) ** 2 + (z - mz) ** 2) < 3.0) & (y > my - 35) & (y < my + 10)
         t[screw & body] = Tissue.METAL
 
-    # the table, in world coordinates under the patient
+    patient = body | _paint_arms(a, x, y, t, lab, body)
+    t[strap & ~patient] = Tissue.STRAP
+
+    # the table, in world coordinates under the patient: flat, or a cradle whose edges rise
     ys_world = grid.axis(1)[None, :, None]
     reach_b = a.body_b * (1 + float(np.abs(a.body_harmonics).sum())) + a.body_shift_y
-    top = a.offset[1] + reach_b + a.table_y
     xs_world = grid.axis(2)[None, None, :]
-    bed = (ys_world >= top) & (ys_world < top + 45.0) & (np.abs(xs_world - a.offset[0]) < 230.0)
-    bed = np.broadcast_to(bed, grid.shape) & ~body
-    shell = bed & ((ys_world < top + 3.0) | (ys_world > top + 42.0))
+    across = xs_world - a.offset[0]
+    table_top = np.full(across.shape, a.offset[1] + reach_b + a.table_y)
+    if a.table_curve_mm > 0:
+        cradle = a.table_curve_mm
+        table_top -= cradle - np.sqrt(np.clip(cradle**2 - across**2, 0, None))
+    width = np.abs(across) < 230.0
+    bed = (ys_world >= table_top) & (ys_world < table_top + 45.0) & width
+    bed = np.broadcast_to(bed, grid.shape) & ~patient
+    shell = bed & ((ys_world < table_top + 3.0) | (ys_world > table_top + 42.0))
     t[bed] = Tissue.TABLE_FOAM
     t[shell] = Tissue.TABLE_SHELL
+    if a.pad_mm > 0:  # the mattress fills the gap and yields to the patient
+        pad = (ys_world >= table_top - a.pad_mm) & (ys_world < table_top) & width
+        t[np.broadcast_to(pad, grid.shape) & ~patient & (t == Tissue.AIR)] = Tissue.PAD
     return Raster(grid, t, lab)
+
+
+def _paint_arms(
+    a: Anatomy,
+    x: F32,
+    y: F32,
+    t: NDArray[np.uint8],
+    lab: NDArray[np.uint8],
+    body: NDArray[np.bool_],
+) -> NDArray[np.bool_]:
+    """Both arms beside the trunk along the whole series (skin, fat, muscle round a humerus
+    with fatty marrow), labelled body: they are the patient. Returns where they are."""
+    arms = np.zeros(t.shape, dtype=bool)
+    if a.arms is None:
+        return arms
+    radius, gap, ap = a.arms
+    for side in (-1.0, 1.0):  # gap 0: the arm rests on the trunk's widest point
+        cx = side * (a.body_a + gap + radius)
+        rho = np.sqrt(((x - cx) / (radius * 0.85)) ** 2 + ((y - ap) / radius) ** 2)
+        depth = (1 - rho) * radius * 0.85  # mm inside the arm's skin, roughly
+        arm = (depth > 0) & ~body
+        bone = np.hypot(x - cx, y - ap)
+        t[arm] = Tissue.MUSCLE
+        t[arm & (depth < 8.0)] = Tissue.FAT
+        t[arm & (depth < 2.0)] = Tissue.SKIN
+        t[arm & (bone < 11.0)] = Tissue.CORTICAL_BONE
+        t[arm & (bone < 8.0)] = Tissue.FAT  # fatty marrow of the shaft
+        lab[arm] = LABEL_VALUE["body"]
+        arms |= arm
+    return arms

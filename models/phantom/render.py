@@ -35,6 +35,10 @@ class Ranges:
     metal: bool = True
     table: bool = True
     size: Range | None = None  # patient size factor; None: the anatomy's own draw
+    # CT and MR: the share of cases with what a real table holds besides the trunk (arms at the
+    # sides, a cradle table, a mattress, a strap) and stored with flipped rows or columns; from
+    # a random stream of its own, so at 0 a seed gives the same series as before
+    context: float = 0.0
 
 
 TRAINING = Ranges()
@@ -55,6 +59,9 @@ class Case:
     modality: Literal["CT", "MR", "DX"]
     seed: int
     settings: dict[str, Any] = field(default_factory=dict)
+    # rows run to the patient's front, columns to the patient's right (stored flipped, as
+    # feet-first and prone series and some reformats are); ``origin`` is the first voxel's centre
+    flips: tuple[bool, bool] = (False, False)
 
     @property
     def label_names(self) -> dict[int, str]:
@@ -90,7 +97,11 @@ def _series_grid(
     Returns the grid, the reconstruction diameter (mm) and the sub-slice oversampling."""
     thickness = _u(rng, ranges.thickness_mm)
     pixel = _u(rng, ranges.pixel_mm)
-    diameter = 2.0 * anatomy.body_a * _u(rng, ranges.fov_scale)
+    half = anatomy.body_a
+    if anatomy.arms is not None:  # arms at the sides: the field is set to hold them, mostly
+        radius, gap, _ = anatomy.arms
+        half += (2 * radius + gap) * float(np.random.default_rng(anatomy.seed).uniform(0.7, 1.1))
+    diameter = 2.0 * half * _u(rng, ranges.fov_scale)
     matrix = max(32, round(diameter / pixel))
     pixel = diameter / matrix
     coverage = min(_u(rng, ranges.coverage_mm), ranges.max_slices * thickness)
@@ -174,12 +185,67 @@ def _metal_streaks(
             image[k] += np.float32(amp) * np.exp(-perp / 1.5) * np.exp(-along / 150.0)
 
 
+def _with_context(
+    anatomy: Anatomy, rng: np.random.Generator, share: float
+) -> tuple[Anatomy, dict[str, Any]]:
+    """The patient on a real table: arms at the sides (half the cases), a cradle or flat table,
+    a mattress, a strap over the trunk; and which way the series is stored."""
+    if rng.random() >= share:
+        return anatomy, {}
+    arms = None
+    if rng.random() < 0.5:
+        arms = (_u(rng, (35.0, 50.0)), _u(rng, (0.0, 20.0)), _u(rng, (-30.0, 30.0)))
+    curve = _u(rng, (300.0, 600.0)) if rng.random() < 0.5 else 0.0
+    pad = _u(rng, (20.0, 60.0)) if rng.random() < 0.6 else 0.0
+    strap = None
+    if rng.random() < 0.4:
+        strap = (_u(rng, (anatomy.z_low + 40.0, anatomy.z_apex - 40.0)), _u(rng, (40.0, 70.0)))
+    flips = (bool(rng.random() < 0.35), bool(rng.random() < 0.35))
+    anatomy = replace(anatomy, arms=arms, table_curve_mm=curve, pad_mm=pad, strap=strap)
+    context = {
+        "arms": arms is not None,
+        "table": "cradle" if curve else "flat",
+        "pad_mm": round(pad, 1),
+        "strap": strap is not None,
+        "flipped_rows": flips[0],
+        "flipped_columns": flips[1],
+    }
+    return anatomy, context
+
+
+def _flipped(case: Case, rows: bool, columns: bool) -> Case:
+    """The case stored with its rows and/or columns reversed: same patient, same labels."""
+    if not (rows or columns):
+        return case
+    index = (
+        slice(None),
+        slice(None, None, -1 if rows else 1),
+        slice(None, None, -1 if columns else 1),
+    )
+    _, dy, dx = case.spacing
+    ny, nx = case.image.shape[1:]
+    origin = (
+        case.origin[0] + (nx - 1) * dx * columns,
+        case.origin[1] + (ny - 1) * dy * rows,
+        case.origin[2],
+    )
+    return replace(
+        case,
+        image=np.ascontiguousarray(case.image[index]),
+        labels=np.ascontiguousarray(case.labels[index]),
+        origin=origin,
+        flips=(rows, columns),
+    )
+
+
 def render_ct(seed: int, ranges: Ranges = TRAINING) -> Case:
     """An axial CT series in HU with labels: random phase, noise, slice thickness, field of view,
     beam-hardening cupping and, in some patients, a spinal screw with metal streaks."""
     anatomy = sample_anatomy(
         seed, size=None if ranges.size is None else _u(np.random.default_rng(seed), ranges.size)
     )
+    context_rng = np.random.default_rng(seed + 31_337)
+    anatomy, context = _with_context(anatomy, context_rng, ranges.context)
     rng = np.random.default_rng(seed + 7_919)
     grid, diameter, sub = _series_grid(anatomy, rng, ranges, "CT")
     if not ranges.metal:
@@ -189,6 +255,10 @@ def render_ct(seed: int, ranges: Ranges = TRAINING) -> Case:
     fine = rasterise(anatomy, _subsampled(grid, sub))
     phase = int(rng.integers(0, 4))
     table = ct_hu_table(rng, phase)
+    if context:
+        gel = context_rng.random() < 0.3  # a gel pad; most mattresses are foam
+        table[Tissue.PAD] = _u(context_rng, (-60.0, 30.0) if gel else (-900.0, -700.0))
+        table[Tissue.STRAP] = _u(context_rng, (0.0, 200.0))
     hu = table[fine.tissue]
     # organ texture and lung parenchyma heterogeneity
     hu += _smooth_noise(rng, hu.shape, 2.0) * np.where(
@@ -227,8 +297,10 @@ def render_ct(seed: int, ranges: Ranges = TRAINING) -> Case:
         "fov_mm": round(diameter, 1),
         "truncated": bool(diameter < 2 * (anatomy.body_a + abs(anatomy.offset[0]))),
         "metal": anatomy.metal is not None,
+        **context,
     }
-    return Case(hu, labels, grid.spacing, grid.origin, "CT", seed, settings)
+    case = Case(hu, labels, grid.spacing, grid.origin, "CT", seed, settings)
+    return _flipped(case, bool(context.get("flipped_rows")), bool(context.get("flipped_columns")))
 
 
 # Relative signal of each tissue: (T1-weighted, T2-weighted); vessels and heart blood are given
@@ -264,6 +336,7 @@ def render_mr(seed: int, ranges: Ranges = TRAINING_MR) -> Case:
     """An axial MR-like series: T1- or T2-like tissue signal, bright or dark blood, a smooth
     multiplicative bias field, Rician noise and an arbitrary scanner scale."""
     anatomy = sample_anatomy(seed)
+    anatomy, context = _with_context(anatomy, np.random.default_rng(seed + 31_337), ranges.context)
     rng = np.random.default_rng(seed + 15_485)
     grid, diameter, sub = _series_grid(anatomy, rng, ranges, "MR")
     anatomy = replace(anatomy, metal=None)
@@ -272,7 +345,10 @@ def render_mr(seed: int, ranges: Ranges = TRAINING_MR) -> Case:
     table = np.array(
         [_MR.get(Tissue(i), (0.0, 0.0))[weighting] for i in range(len(Tissue))], dtype=np.float32
     )
-    table *= rng.uniform(0.9, 1.1, len(table)).astype(np.float32)
+    # one draw per tissue up to the table accessories (invisible on MR), so each seed keeps the
+    # contrast it had before they existed
+    drawn = int(Tissue.PAD)
+    table[:drawn] *= rng.uniform(0.9, 1.1, drawn).astype(np.float32)
     blood = _u(rng, (0.05, 0.2)) if rng.random() < 0.5 else _u(rng, (0.7, 1.0))
     for t in _BLOOD:
         table[t] = blood
@@ -311,8 +387,10 @@ def render_mr(seed: int, ranges: Ranges = TRAINING_MR) -> Case:
         "bias": round(bias_strength, 2),
         "noise_sigma": round(sigma * scale, 2),
         "fov_mm": round(diameter, 1),
+        **context,
     }
-    return Case(image, labels, grid.spacing, grid.origin, "MR", seed, settings)
+    case = Case(image, labels, grid.spacing, grid.origin, "MR", seed, settings)
+    return _flipped(case, bool(context.get("flipped_rows")), bool(context.get("flipped_columns")))
 
 
 def _mu(hu: F32) -> F32:

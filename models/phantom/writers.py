@@ -88,7 +88,8 @@ def dicom_datasets(case: Case) -> Iterable[Dataset]:
             ds.FrameOfReferenceUID = frame
             ds.PositionReferenceIndicator = ""
             ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-            ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+            rows, columns = case.flips
+            ds.ImageOrientationPatient = [-1 if columns else 1, 0, 0, 0, -1 if rows else 1, 0]
             z = case.origin[2] + k * dz
             ds.ImagePositionPatient = [case.origin[0], case.origin[1], round(z, 4)]
             ds.SliceLocation = round(z, 4)
@@ -122,7 +123,8 @@ def write_dicom(case: Case, folder: Path) -> list[Path]:
 def nifti_affine(case: Case) -> NDArray[np.float64]:
     """RAS affine of the (x, y, z)-ordered array NIfTI stores."""
     dz, dy, dx = case.spacing
-    affine = np.diag([-dx, -dy, dz, 1.0])
+    rows, columns = case.flips
+    affine = np.diag([-dx * (-1 if columns else 1), -dy * (-1 if rows else 1), dz, 1.0])
     affine[:3, 3] = [-case.origin[0], -case.origin[1], case.origin[2]]
     return affine
 

@@ -135,3 +135,31 @@ def test_each_shipped_model_labels_the_patients_left_as_left(
     assert lps_x(paths, out, values["lung_right"]) < midline - 30
     if "heart" in values:
         assert lps_x(paths, out, values["heart"]) > midline
+
+
+@pytest.mark.parametrize(
+    ("seed", "flips"), [(7002, (True, False)), (7006, (False, True)), (7013, (True, True))]
+)
+def test_a_series_stored_flipped_keeps_the_patients_sides(
+    seed: int, flips: tuple[bool, bool], tmp_path: Path
+) -> None:
+    """Rows or columns stored reversed (Image Orientation -1), as feet-first or prone series and
+    some reformats are: the written geometry still puts each side where it is, and the CT model
+    still labels the patient's left as left."""
+    case = render("CT", seed, replace(small("CT"), context=1.0))  # type: ignore[arg-type]
+    assert case.flips == flips
+    paths = write_dicom(case, tmp_path)
+    iop = [float(v) for v in pydicom.dcmread(paths[0]).ImageOrientationPatient]
+    assert (iop[4] < 0, iop[0] < 0) == flips
+    midline = lps_x(paths, case.labels, SPINE)
+    assert lps_x(paths, case.labels, LEFT) > midline + 30
+    assert lps_x(paths, case.labels, RIGHT) < midline - 30
+    if not (MODELS / "ct-torso-organs" / "models" / "model.pt").is_file():
+        return
+    labelmap = (
+        Runner(Registry(MODELS), threads=2).segment("ct-torso-organs", load_series(paths)).labelmap
+    )
+    values = {s.name: s.value for s in labelmap.segments}
+    out = np.asarray(labelmap.labels)
+    assert lps_x(paths, out, values["lung_left"]) > midline + 30
+    assert lps_x(paths, out, values["lung_right"]) < midline - 30
