@@ -23,6 +23,7 @@ mr-torso-organs MR thick 6200 6208
 mr-torso-organs MR noisy 6300 6308
 mr-torso-organs MR cropped 6400 6408
 mr-torso-organs MR context 6500 6508
+mr-torso-organs MR sequences 6600 6608
 "
 want=" ${*:-xr-chest-lungs ct-torso-organs mr-torso-organs} "
 echo "$SETS" | while read -r model modality set first last; do

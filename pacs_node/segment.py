@@ -32,6 +32,7 @@ from pydicom.errors import InvalidDicomError
 
 from pacs_node.errors import SeriesChoiceError
 from pacs_node.imaging.volume import Volume, load_series
+from pacs_node.inference.anatomy import PATIENT_ADDED
 from pacs_node.inference.labelmap import Labelmap
 from pacs_node.inference.runner import Runner, Segmentation, ras_xyz_affine
 from pacs_node.results import OutputKind, ResultOptions, ResultSet, build_results
@@ -86,6 +87,17 @@ class SegmentReport:
                     "ml": r.ml,
                 }
                 for r in self.segmentation.removals
+                if r.rule != PATIENT_ADDED
+            ],
+            "added": [
+                {
+                    "label": names.get(r.value, str(r.value)),
+                    "rule": r.rule,
+                    "voxels": r.voxels,
+                    "ml": r.ml,
+                }
+                for r in self.segmentation.removals
+                if r.rule == PATIENT_ADDED
             ],
             "timings": self.segmentation.timings.as_json(),
         }

@@ -23,6 +23,7 @@ SETS: dict[str, dict[str, Any]] = {
     "cropped": {"fov_scale": (0.6, 0.75)},
     "finepixel": {"pixel_mm": (0.35, 0.5)},
     "context": {"context": 1.0},
+    "sequences": {"mr_sequences": 1.0},
 }
 
 

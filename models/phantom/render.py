@@ -39,6 +39,10 @@ class Ranges:
     # sides, a cradle table, a mattress, a strap) and stored with flipped rows or columns; from
     # a random stream of its own, so at 0 a seed gives the same series as before
     context: float = 0.0
+    # MR: the share of series written as other sequences and scanners write them (fat-suppressed,
+    # contrast-enhanced, opposed-phase; surface-coil shading, wrap-around, vendor scales); own
+    # random stream too
+    mr_sequences: float = 0.0
 
 
 TRAINING = Ranges()
@@ -332,6 +336,91 @@ _MR: dict[Tissue, tuple[float, float]] = {
 _BLOOD = (Tissue.HEART_BLOOD, Tissue.ARTERY, Tissue.VEIN, Tissue.PULMONARY_VESSEL)
 
 
+# Relative signal of each tissue in sequences beyond plain T1/T2 (fat suppressed, after
+# gadolinium): (T1 fat-sat arterial, T1 fat-sat portal venous, T2 fat-sat)
+_MR_SEQUENCES = ("T1 FS arterial", "T1 FS portal", "T2 FS", "T1 opposed phase")
+_MR_FS: dict[Tissue, tuple[float, float, float]] = {
+    Tissue.SKIN: (0.35, 0.35, 0.3),
+    Tissue.FAT: (0.1, 0.1, 0.08),
+    Tissue.VISCERAL_FAT: (0.1, 0.1, 0.08),
+    Tissue.MUSCLE: (0.3, 0.35, 0.15),
+    Tissue.LUNG: (0.03, 0.04, 0.05),
+    Tissue.LIVER: (0.45, 0.7, 0.2),
+    Tissue.SPLEEN: (0.6, 0.75, 0.55),
+    Tissue.KIDNEY_CORTEX: (1.0, 0.85, 0.6),
+    Tissue.KIDNEY_MEDULLA: (0.35, 0.8, 0.8),
+    Tissue.MYOCARDIUM: (0.55, 0.5, 0.25),
+    Tissue.HEART_BLOOD: (0.95, 0.8, 0.05),
+    Tissue.ARTERY: (1.0, 0.75, 0.05),
+    Tissue.VEIN: (0.4, 0.85, 0.05),
+    Tissue.PULMONARY_VESSEL: (0.9, 0.7, 0.05),
+    Tissue.CORTICAL_BONE: (0.03, 0.03, 0.03),
+    Tissue.CANCELLOUS_BONE: (0.25, 0.3, 0.2),
+    Tissue.DISC: (0.2, 0.25, 0.6),
+    Tissue.CSF: (0.08, 0.08, 1.0),
+    Tissue.BOWEL_WALL: (0.5, 0.6, 0.3),
+    Tissue.BOWEL_CONTENT: (0.15, 0.15, 0.8),
+}
+
+
+def _mr_sequence(
+    rng: np.random.Generator, table: F32, tissue: NDArray[np.uint8]
+) -> tuple[F32, str, NDArray[np.bool_] | None]:
+    """Another sequence: its tissue signal (in place of ``table``), its name, and for opposed
+    phase the voxels of ``tissue`` where fat meets water (dark there: the India-ink edge)."""
+    kind = int(rng.integers(0, len(_MR_SEQUENCES)))
+    if kind < 3:
+        table = np.zeros_like(table)
+        for t, values in _MR_FS.items():
+            table[t] = values[kind] * _u(rng, (0.85, 1.15))
+        return table, _MR_SEQUENCES[kind], None
+    table = table.copy()  # a T1 gradient echo: T1 contrast whatever the base weighting
+    for t, (t1, _) in _MR.items():
+        if t not in _BLOOD:
+            table[t] = t1 * _u(rng, (0.9, 1.1))
+    fat = np.isin(tissue, (Tissue.FAT, Tissue.VISCERAL_FAT))
+    water = ~fat & (table[tissue] > 0.1)
+    edge = np.zeros(tissue.shape, dtype=bool)
+    for k in range(tissue.shape[0]):
+        edge[k] = (ndimage.binary_dilation(fat[k]) & water[k]) | (
+            ndimage.binary_dilation(water[k]) & fat[k]
+        )
+    return table, _MR_SEQUENCES[kind], edge
+
+
+def _coil_shading(
+    rng: np.random.Generator, shape: tuple[int, ...], ys: NDArray[np.float64], body_b: float
+) -> F32:
+    """Anterior and posterior surface coils: signal falling with depth from both."""
+    reach = _u(rng, (40.0, 90.0))
+    gain = _u(rng, (0.5, 2.0))
+    front = np.exp(-np.clip(ys + body_b, 0, None) / reach)
+    back = np.exp(-np.clip(body_b - ys, 0, None) / reach)
+    profile = (1 + gain * (front + back)).astype(np.float32)
+    return np.broadcast_to(profile[None, :, None], shape)
+
+
+def _wrapped(
+    image: F32, labels: NDArray[np.uint8], share: float, axis: int
+) -> tuple[F32, NDArray[np.uint8], int]:
+    """Wrap-around along ``axis`` (1 rows, 2 columns): a phase field of view ``share`` smaller,
+    so what lies beyond each edge folds onto the opposite edge. Returns the cropped image and
+    labels and how many pixels were cut from the start."""
+    n = image.shape[axis]
+    cut = max(1, round(n * share / 2))
+
+    def part(start: int, stop: int) -> tuple[slice, ...]:
+        index = [slice(None)] * 3
+        index[axis] = slice(start, stop)
+        return tuple(index)
+
+    folded = image[part(cut, n - cut)].copy()
+    m = folded.shape[axis]
+    folded[part(m - cut, m)] += image[part(0, cut)]
+    folded[part(0, cut)] += image[part(n - cut, n)]
+    return folded, np.ascontiguousarray(labels[part(cut, n - cut)]), cut
+
+
 def render_mr(seed: int, ranges: Ranges = TRAINING_MR) -> Case:
     """An axial MR-like series: T1- or T2-like tissue signal, bright or dark blood, a smooth
     multiplicative bias field, Rician noise and an arbitrary scanner scale."""
@@ -352,7 +441,16 @@ def render_mr(seed: int, ranges: Ranges = TRAINING_MR) -> Case:
     blood = _u(rng, (0.05, 0.2)) if rng.random() < 0.5 else _u(rng, (0.7, 1.0))
     for t in _BLOOD:
         table[t] = blood
+    # other sequences and scanners, from a stream of their own
+    scanner = np.random.default_rng(seed + 92_821)
+    written = scanner.random() < ranges.mr_sequences
+    sequence = ("T1", "T2")[weighting]
+    edge = None
+    if written:
+        table, sequence, edge = _mr_sequence(scanner, table, fine.tissue)
     signal = table[fine.tissue]
+    if edge is not None:
+        signal[edge] *= np.float32(0.15)
     signal *= 1 + _smooth_noise(rng, signal.shape, 1.5) * np.float32(0.04)
     if sub > 1:
         signal = signal.reshape(grid.shape[0], sub, *grid.shape[1:]).mean(axis=1)
@@ -361,6 +459,10 @@ def render_mr(seed: int, ranges: Ranges = TRAINING_MR) -> Case:
         labels = fine.labels.copy()
     bias_strength = _u(rng, (0.1, 0.45))
     signal *= np.exp(_smooth_field(rng, signal.shape, 3) * np.float32(bias_strength))
+    if written and scanner.random() < 0.6:
+        signal *= _coil_shading(
+            scanner, signal.shape, grid.axis(1) - anatomy.offset[1], anatomy.body_b
+        )
     sigma = (
         _u(rng, ranges.noise)
         / 30.0
@@ -371,25 +473,37 @@ def render_mr(seed: int, ranges: Ranges = TRAINING_MR) -> Case:
     n2 = rng.normal(0.0, sigma, signal.shape).astype(np.float32)
     signal = np.sqrt((signal + n1) ** 2 + n2**2)
     scale = _u(rng, (300.0, 3000.0))
+    if written:  # vendors' scales: from tens to tens of thousands
+        scale = float(np.exp(scanner.uniform(np.log(40.0), np.log(30000.0))))
     image = (signal * np.float32(scale)).astype(np.float32)
     ys = grid.axis(1)[:, None]
     xs = grid.axis(2)[None, :]
     outside = (xs**2 + ys**2) > (diameter / 2) ** 2
     labels[:, outside] = 0
     image[:, outside] = 0.0
+    origin = grid.origin
+    wrap = 0.0
+    if written and scanner.random() < 0.4:
+        wrap = _u(scanner, (0.12, 0.3))
+        axis = int(scanner.integers(1, 3))
+        image, labels, cut = _wrapped(image, labels, wrap, axis)
+        shift = cut * grid.spacing[axis]
+        origin = (origin[0] + shift * (axis == 2), origin[1] + shift * (axis == 1), origin[2])
     settings = {
         "thickness_mm": grid.spacing[0],
         "pixel_mm": grid.spacing[1],
         "matrix": grid.shape[1],
         "slices": grid.shape[0],
         "weighting": ("T1", "T2")[weighting],
+        "sequence": sequence,
+        "wrap": round(wrap, 2),
         "blood": "bright" if blood > 0.5 else "dark",
         "bias": round(bias_strength, 2),
         "noise_sigma": round(sigma * scale, 2),
         "fov_mm": round(diameter, 1),
         **context,
     }
-    case = Case(image, labels, grid.spacing, grid.origin, "MR", seed, settings)
+    case = Case(image, labels, grid.spacing, origin, "MR", seed, settings)
     return _flipped(case, bool(context.get("flipped_rows")), bool(context.get("flipped_columns")))
 
 

@@ -122,18 +122,37 @@ def fill_slices(mask: NDArray[np.bool_], *, close_field_edge: bool = False) -> N
     slice's edge is a hole.
 
     ``close_field_edge``: where the patient is cut by the reconstructed field (a targeted or
-    cardiac field), a slice's edge between the first and last ``mask`` pixel along it counts as
-    closed, so lung air that reaches the edge there is still inside the patient."""
+    cardiac field), the field's edge between the first and last ``mask`` pixel along it counts
+    as closed, so lung air that reaches the edge there is still inside the patient. The field is
+    the image's rectangle, or, in a slice with nothing outside it and the patient reaching it,
+    the reconstruction circle inscribed in the matrix (scanners pad beyond it): its four
+    quarter arcs then play the rectangle's four sides."""
     structure = np.zeros((3, 3, 3), dtype=bool)
     structure[1] = ndimage.generate_binary_structure(2, 1)
-    background, count = ndimage.label(~mask, structure=structure)
+    circle = _reconstruction_circle(mask.shape[1:]) if close_field_edge else None
+    round_slices: NDArray[np.bool_] = np.zeros(mask.shape[0], dtype=bool)
+    if circle is not None:
+        outside, arcs = circle
+        ring = np.concatenate(arcs)
+        touching = mask[:, ring[:, 0], ring[:, 1]].any(axis=1)
+        round_slices = np.asarray(~mask[:, outside].any(axis=1) & touching, dtype=bool)
+    blocked = outside[None] & round_slices[:, None, None] if circle is not None else None
+    free = ~mask if blocked is None else ~mask & ~blocked
+    background, count = ndimage.label(free, structure=structure)
     reaches_edge = np.zeros(count + 1, dtype=bool)
-    edges = (
-        (background[:, 0], mask[:, 0]),
-        (background[:, -1], mask[:, -1]),
-        (background[:, :, 0], mask[:, :, 0]),
-        (background[:, :, -1], mask[:, :, -1]),
-    )
+    square, square_mask = background[~round_slices], mask[~round_slices]
+    edges = [
+        (square[:, 0], square_mask[:, 0]),
+        (square[:, -1], square_mask[:, -1]),
+        (square[:, :, 0], square_mask[:, :, 0]),
+        (square[:, :, -1], square_mask[:, :, -1]),
+    ]
+    if circle is not None and round_slices.any():
+        round_background, round_mask = background[round_slices], mask[round_slices]
+        for arc in circle[1]:
+            edges.append(
+                (round_background[:, arc[:, 0], arc[:, 1]], round_mask[:, arc[:, 0], arc[:, 1]])
+            )
     for edge, tissue in edges:
         open_ = np.ones(edge.shape, dtype=bool)
         if close_field_edge:
@@ -146,7 +165,35 @@ def fill_slices(mask: NDArray[np.bool_], *, close_field_edge: bool = False) -> N
         reaches_edge[edge[open_]] = True
     reaches_edge[0] = False
     filled: NDArray[np.bool_] = ~reaches_edge[background]
+    if blocked is not None:
+        filled &= ~blocked
     return filled
+
+
+def _reconstruction_circle(
+    shape: tuple[int, ...],
+) -> tuple[NDArray[np.bool_], tuple[NDArray[np.intp], ...]] | None:
+    """The pixels outside the circle (ellipse) inscribed in a slice of ``shape``, and the pixels
+    just inside its edge as four arcs (right, bottom, left, top), each ordered along the edge;
+    ``None`` for a matrix too small to have one."""
+    ny, nx = int(shape[0]), int(shape[1])
+    if min(ny, nx) < 8:
+        return None
+    rows, cols = np.mgrid[0:ny, 0:nx]
+    dy, dx = (rows - (ny - 1) / 2) / (ny / 2), (cols - (nx - 1) / 2) / (nx / 2)
+    outside = dy**2 + dx**2 > 1.0
+    cross = ndimage.generate_binary_structure(2, 1)
+    ring = ~outside & ndimage.binary_dilation(outside, structure=cross)
+    r, c = np.nonzero(ring)
+    angle = np.arctan2(dy[r, c], dx[r, c])  # 0: right, pi/2: bottom (rows grow downwards)
+    quarter = np.floor((angle + np.pi / 4) / (np.pi / 2)).astype(int) % 4
+    arcs = []
+    for q in range(4):
+        sel = np.flatnonzero(quarter == q)
+        turn = (angle[sel] - (q * np.pi / 2 - np.pi / 4)) % (2 * np.pi)
+        order = sel[np.argsort(turn, kind="stable")]
+        arcs.append(np.stack([r[order], c[order]], axis=1))
+    return outside, tuple(arcs)
 
 
 def _components(mask: NDArray[np.bool_]) -> tuple[NDArray[np.int32], NDArray[np.int64]]:

@@ -123,6 +123,29 @@ def test_lungs_cut_by_the_field_edge_stay_lungs() -> None:
     assert patient_mask(hu, SPACING)[:, 15:45, 0:18].all()
 
 
+def test_lungs_cut_by_the_reconstruction_circle_stay_lungs() -> None:
+    """A field smaller than the patient, padded beyond the reconstruction circle as scanners
+    write it: a lung that reaches the circle is inside the patient, the air in front is not."""
+    zz, yy, xx = np.indices((6, 96, 96))
+    inside = ((yy - 47.5) / 48.0) ** 2 + ((xx - 47.5) / 48.0) ** 2 <= 1.0
+    trunk = (((yy - 50) / 32.0) ** 2 + ((xx - 47.5) / 75.0) ** 2 <= 1.0) & inside
+    lung = (((yy - 48) / 10.0) ** 2 + ((xx - 86) / 14.0) ** 2 <= 1.0) & inside
+    hu = np.full(zz.shape, -1000.0, dtype=np.float32)
+    hu[trunk] = 40.0
+    hu[lung] = -850.0
+    hu[:, ~inside[0]] = -1024.0  # padding outside the circle
+    assert (ndimage.binary_dilation(~inside[0]) & lung[0]).sum() >= 5  # it reaches the circle
+    labels = np.where(hu > -500, BODY, 0).astype(np.uint8)
+    labels[lung] = LUNG
+    shipped = AnatomyRules(body=BODY, confine_to_body=True, exclude_table=True)
+    out, removals = apply_anatomy(labels, shipped, SPACING, hu)
+    assert np.array_equal(out == LUNG, labels == LUNG)
+    assert not [r for r in removals if r.value == LUNG]
+    patient = patient_mask(hu, SPACING)
+    assert patient[lung].all()
+    assert not patient[:, 5, 48].any()  # the air in front of the patient stays outside
+
+
 def test_lung_without_air_stays_lung_under_the_shipped_rules() -> None:
     """Consolidation: the lung's lower half at soft-tissue density is still lung."""
     hu, labels = _torso()
