@@ -22,6 +22,8 @@ SETS: dict[str, dict[str, Any]] = {
     "noisy": {"noise": (45.0, 70.0)},
     "cropped": {"fov_scale": (0.6, 0.75)},
     "finepixel": {"pixel_mm": (0.35, 0.5)},
+    # radiographs as departments write them: extra anatomy and every department effect
+    "department": {"xr_anatomy": 1.0, "xr_department": 1.0},
 }
 
 

@@ -14,6 +14,7 @@ from numpy.typing import NDArray
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     UID,
+    ComputedRadiographyImageStorage,
     CTImageStorage,
     DigitalXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
@@ -35,6 +36,12 @@ def _stored(case: Case) -> tuple[NDArray[np.integer], float]:
     """Stored pixel values and the rescale intercept: CT int16 HU, MR/DX uint16."""
     if case.modality == "CT":
         return np.clip(np.rint(case.image), -1024, 3071).astype(np.int16), 0.0
+    if case.modality == "DX":
+        top = 2 ** int(case.settings.get("bits", 12)) - 1
+        stored = np.clip(np.rint(case.image), 0, top).astype(np.uint16)
+        if case.settings.get("photometric") == "MONOCHROME1":  # minimum white: stored inverted
+            stored = (top - stored).astype(np.uint16)
+        return stored, 0.0
     return np.clip(np.rint(case.image), 0, 65535).astype(np.uint16), 0.0
 
 
@@ -75,14 +82,27 @@ def dicom_datasets(case: Case) -> Iterable[Dataset]:
         ds.PixelRepresentation = 1 if pixels.dtype == np.int16 else 0
         ds.PixelData = np.ascontiguousarray(pixels[k]).tobytes()
         if case.modality == "DX":
-            ds.BitsStored, ds.HighBit = 12, 11
-            ds.ImagerPixelSpacing = ds.PixelSpacing = [dy, dx]
+            bits = int(case.settings.get("bits", 12))
+            ds.BitsStored, ds.HighBit = bits, bits - 1
+            photometric = str(case.settings.get("photometric", "MONOCHROME2"))
+            ds.PhotometricInterpretation = photometric
+            spacing = case.settings.get("spacing", "known")
+            if spacing == "known":
+                ds.ImagerPixelSpacing = ds.PixelSpacing = [dy, dx]
+            else:  # a CR reader that wrote no usable spacing (zero, as RG1, or none)
+                ds.file_meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
+                ds.SOPClassUID = ComputedRadiographyImageStorage
+                ds.Modality = "CR"
+                if spacing == "zero":
+                    ds.PixelSpacing = [0, 0]
             ds.PatientOrientation = ["L", "F"]
             ds.ViewPosition = str(case.settings.get("view", "PA"))
             ds.BodyPartExamined = "CHEST"
             ds.PresentationIntentType = "FOR PRESENTATION"
             ds.ImageType = ["ORIGINAL", "PRIMARY"]
-            ds.WindowCenter, ds.WindowWidth = 2048, 4096
+            ds.WindowCenter, ds.WindowWidth = 2 ** (bits - 1), 2**bits
+            if ds.Modality == "DX":  # DX Image: the shape follows the photometric
+                ds.PresentationLUTShape = "INVERSE" if photometric == "MONOCHROME1" else "IDENTITY"
         else:
             ds.BodyPartExamined = "CHESTABDOMEN"  # the torso, as a scanner would tag it
             ds.FrameOfReferenceUID = frame
