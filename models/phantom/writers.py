@@ -32,17 +32,23 @@ def _uid(case: Case, *parts: object) -> str:
     return generate_uid(_PREFIX, [case.modality, str(case.seed), *map(str, parts)])
 
 
-def _stored(case: Case) -> tuple[NDArray[np.integer], float]:
-    """Stored pixel values and the rescale intercept: CT int16 HU, MR/DX uint16."""
+def _values(case: Case) -> NDArray[np.integer]:
+    """The image as integers, higher brighter (what a loader gives back): CT int16 HU, MR/DX
+    uint16 (a radiograph within its stored bits)."""
     if case.modality == "CT":
-        return np.clip(np.rint(case.image), -1024, 3071).astype(np.int16), 0.0
-    if case.modality == "DX":
+        return np.clip(np.rint(case.image), -1024, 3071).astype(np.int16)
+    top = 2 ** int(case.settings.get("bits", 12)) - 1 if case.modality == "DX" else 65535
+    return np.clip(np.rint(case.image), 0, top).astype(np.uint16)
+
+
+def _stored(case: Case) -> tuple[NDArray[np.integer], float]:
+    """Stored pixel values and the rescale intercept: a MONOCHROME1 radiograph (minimum white)
+    stores them inverted within its bits, so a reader's inversion gives the image back."""
+    values = _values(case)
+    if case.modality == "DX" and case.settings.get("photometric") == "MONOCHROME1":
         top = 2 ** int(case.settings.get("bits", 12)) - 1
-        stored = np.clip(np.rint(case.image), 0, top).astype(np.uint16)
-        if case.settings.get("photometric") == "MONOCHROME1":  # minimum white: stored inverted
-            stored = (top - stored).astype(np.uint16)
-        return stored, 0.0
-    return np.clip(np.rint(case.image), 0, 65535).astype(np.uint16), 0.0
+        return (top - values).astype(np.uint16), 0.0
+    return values, 0.0
 
 
 def dicom_datasets(case: Case) -> Iterable[Dataset]:
@@ -150,7 +156,7 @@ def nifti_affine(case: Case) -> NDArray[np.float64]:
 def write_nifti_pair(case: Case, image: Path, labels: Path) -> None:
     """Image (float32, or int16 HU for CT) and labels (uint8) in x, y, z order."""
     affine = nifti_affine(case)
-    pixels, _ = _stored(case)
+    pixels = _values(case)  # NIfTI has no photometric interpretation: higher is brighter
     for path, array in ((image, pixels), (labels, case.labels)):
         path.parent.mkdir(parents=True, exist_ok=True)
         data = np.ascontiguousarray(array.transpose(2, 1, 0))

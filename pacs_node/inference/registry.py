@@ -21,7 +21,8 @@ metadata.json; every key in it is optional::
                        "color": [230, 180, 100]}},  # names a structure outside the vocabulary
       "preprocessing": {                 # replaces inference.json's preprocessing when present
         "spacing_zyx_mm": [2.0, 1.5, 1.5], "orientation": "RAS",
-        "intensity": {"kind": "range", "a_min": -57, "a_max": 164}},  # or window / zscore
+        "intensity": {"kind": "range", "a_min": -57, "a_max": 164}},  # or window / zscore /
+                                         # percentile {"lower": 1, "upper": 99} (the image's own)
       "patch_size": [96, 96, 96],        # network (x, y, z); default: the inferer's roi_size
       "overlap": 0.25, "sw_batch_size": 1,
       "cleanup": {"1": {"largest_component": true, "fill_holes": true, "min_volume_ml": 1}},

@@ -169,6 +169,11 @@ def test_department_radiographs_read_back_as_rendered(seed: int, tmp_path: Path)
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     assert ds.PhotometricInterpretation == case.settings["photometric"]
     assert int(ds.BitsStored) == case.settings["bits"]
+    # the evaluation's NIfTI copy holds the same image (NIfTI has no photometric flag)
+    root = write_decathlon(tmp_path / "set", [], [case], "dx_test")
+    meta = json.loads((root / "dataset.json").read_text())
+    from_nifti = volume_from_nifti(root / meta["test"][0]["image"], "DX")
+    assert np.array_equal(np.asarray(from_nifti.voxels), np.asarray(volume.voxels))
     # a lung field stays a lung field: both present, the patient's left at higher columns
     labels = case.labels[0]
     left, right = np.nonzero(labels == 1)[1], np.nonzero(labels == 2)[1]
