@@ -349,7 +349,8 @@ def _extra_anatomy(
 ) -> F32:
     """Attenuation line integrals (z, x) of what the torso model lacks and every chest film
     shows: clavicles, scapulae, arms beside the chest or raised out of the field, shoulder and
-    breast soft tissue. Symmetric about the patient's midline, so no side is taught by them."""
+    breast soft tissue (symmetric about the midline), and gas below the diaphragm (the
+    stomach's bubble on the patient's left, as in life)."""
     zz = (corner[0] + (np.arange(shape[0], dtype=np.float32) + 0.5) * step)[:, None]
     xx = (corner[1] + (np.arange(shape[1], dtype=np.float32) + 0.5) * step)[None, :]
     zz, xx = np.broadcast_arrays(zz, xx)
@@ -399,6 +400,16 @@ def _extra_anatomy(
             d = ((xx - bx) / r) ** 2 + ((zz - bz) / (r * np.where(zz > bz, 1.6, 0.7))) ** 2
             fold = zz > bz - r * 0.5
             out += np.sqrt(np.clip(1 - d, 0, None)) * breasts * _MU_SOFT * fold
+    # gas below the diaphragm: the stomach's bubble under the left dome and the colon's
+    # flexures, as dark as lung but outside every lung field
+    blobs = [(anatomy.dome_left - _u(rng, (45.0, 75.0)), half * _u(rng, (0.2, 0.5)))]
+    blobs = blobs if rng.random() < 0.7 else []
+    for _ in range(int(rng.integers(0, 4))):
+        blobs.append((dome - _u(rng, (40.0, 120.0)), half * _u(rng, (-0.7, 0.7))))
+    for gz, gx in blobs:
+        rx, rz = _u(rng, (15.0, 45.0)), _u(rng, (10.0, 30.0))
+        d = ((xx - cx - gx) / rx) ** 2 + ((zz - gz) / rz) ** 2
+        out -= np.sqrt(np.clip(1 - d, 0, None)) * _u(rng, (30.0, 80.0)) * _MU_SOFT
     return np.asarray(out, dtype=np.float32)
 
 
