@@ -12,6 +12,7 @@ SETS="
 xr-chest-lungs DX heldout 7000 7020
 xr-chest-lungs DX noisy 7100 7108
 xr-chest-lungs DX finepixel 7200 7208
+xr-chest-lungs DX department 7000 7020
 ct-torso-organs CT heldout 5000 5020
 ct-torso-organs CT thin 5100 5108
 ct-torso-organs CT thick 5200 5208

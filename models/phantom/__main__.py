@@ -24,6 +24,8 @@ SETS: dict[str, dict[str, Any]] = {
     "finepixel": {"pixel_mm": (0.35, 0.5)},
     "context": {"context": 1.0},
     "sequences": {"mr_sequences": 1.0},
+    # radiographs as departments write them: extra anatomy and every department effect
+    "department": {"xr_anatomy": 1.0, "xr_department": 1.0},
 }
 
 

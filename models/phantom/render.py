@@ -9,6 +9,7 @@ the image's own grid; partial volume is in the image only, as on a scanner.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from itertools import pairwise
 from typing import Any, Literal
 
 import numpy as np
@@ -43,6 +44,12 @@ class Ranges:
     # contrast-enhanced, opposed-phase; surface-coil shading, wrap-around, vendor scales); own
     # random stream too
     mr_sequences: float = 0.0
+    # radiographs only: the share of cases with the extra projected anatomy (clavicles,
+    # scapulae, arms, breasts) and with what departments add (photometric interpretation,
+    # processing, grid lines, shutters, markers, tilt, portable views, unknown spacing); both
+    # come from their own random stream, so at 0 a seed gives the same image as before
+    xr_anatomy: float = 0.0
+    xr_department: float = 0.0
 
 
 TRAINING = Ranges()
@@ -512,6 +519,197 @@ def _mu(hu: F32) -> F32:
     return np.asarray(np.clip(0.0195 * (1.0 + hu / 1000.0), 0.0, None), dtype=np.float32)
 
 
+_MU_SOFT, _MU_BONE = 0.0205, 0.042  # 1/mm: soft tissue and a cortical/cancellous mix
+
+
+def _tube_path(zz: F32, xx: F32, points: NDArray[np.float64], radius: float) -> F32:
+    """Chord length (mm) through a round tube along ``points`` (z, x), as projected."""
+    best = np.full(zz.shape, np.inf, dtype=np.float32)
+    for (za, xa), (zb, xb) in pairwise(points):
+        dz, dx = zb - za, xb - xa
+        t = np.clip(((zz - za) * dz + (xx - xa) * dx) / max(dz * dz + dx * dx, 1e-6), 0, 1)
+        best = np.minimum(best, np.hypot(zz - za - t * dz, xx - xa - t * dx))
+    return np.asarray(2 * np.sqrt(np.clip(radius**2 - best**2, 0, None)), dtype=np.float32)
+
+
+def _extra_anatomy(
+    rng: np.random.Generator,
+    anatomy: Anatomy,
+    shape: tuple[int, ...],
+    corner: tuple[float, float],
+    step: float,
+) -> F32:
+    """Attenuation line integrals (z, x) of what the torso model lacks and every chest film
+    shows: clavicles, scapulae, arms beside the chest or raised out of the field, shoulder and
+    breast soft tissue (symmetric about the midline), and gas below the diaphragm (the
+    stomach's bubble on the patient's left, as in life)."""
+    zz = (corner[0] + (np.arange(shape[0], dtype=np.float32) + 0.5) * step)[:, None]
+    xx = (corner[1] + (np.arange(shape[1], dtype=np.float32) + 0.5) * step)[None, :]
+    zz, xx = np.broadcast_arrays(zz, xx)
+    cx = anatomy.offset[0]
+    half = anatomy.body_a
+    apex = anatomy.z_apex
+    dome = max(anatomy.dome_left, anatomy.dome_right)
+    out = np.zeros(shape, dtype=np.float32)
+    arms_in = rng.random() < 0.5
+    tilt = _u(rng, (-0.08, 0.08))  # shoulders not level
+    breasts = _u(rng, (30.0, 80.0)) if rng.random() < 0.45 else 0.0
+    for side in (-1.0, 1.0):
+        lift = side * tilt * half
+        # clavicle: sternal end to the acromion, gently S-shaped, rising laterally
+        notch = apex + _u(rng, (-5.0, 25.0)) + lift * 0.3
+        rise = _u(rng, (5.0, 40.0))
+        xs = np.linspace(0.12, 0.95, 6) * half
+        bend = np.array([0, 4, 6, 3, -2, -6], dtype=np.float64) * _u(rng, (0.5, 1.5))
+        points = np.stack([notch + rise * (xs / half) ** 1.5 + bend + lift, cx + side * xs], 1)
+        out += _tube_path(zz, xx, points, _u(rng, (6.0, 9.0))) * _MU_BONE
+        # scapula: a thin plate whose medial border lies over the lateral lung (arms in) or
+        # rotated out beyond it (arms raised, the PA position)
+        medial = half * (_u(rng, (0.45, 0.6)) if arms_in else _u(rng, (0.7, 0.85)))
+        top, bottom = notch + rise * 0.6, notch - _u(rng, (120.0, 160.0))
+        frac = np.clip((zz - bottom) / max(top - bottom, 1.0), 0, 1)
+        inner = medial + (1 - frac) * half * 0.15
+        outer = half * (0.75 + 0.35 * frac)  # narrowing to the inferior angle
+        plate = (zz > bottom) & (zz < top) & (side * (xx - cx) > inner) & (side * (xx - cx) < outer)
+        edge = np.clip((side * (xx - cx) - inner) / 6.0, 0, 1)
+        out += plate * (_u(rng, (4.0, 8.0)) * _MU_BONE + 20.0 * _MU_SOFT) * (0.5 + 0.5 * edge)
+        # shoulder soft tissue over the apex
+        shoulder = np.clip(1 - ((xx - cx - side * half * 0.7) / (half * 0.5)) ** 2, 0, None)
+        out += (shoulder * np.clip((zz - notch + 10) / 40.0, 0, 1) * 60.0 * _MU_SOFT).astype(
+            np.float32
+        )
+        if arms_in:
+            radius = _u(rng, (35.0, 50.0))
+            centre = cx + side * (half + radius + _u(rng, (0.0, 25.0)))
+            arm = np.asarray(2 * np.sqrt(np.clip(radius**2 - (xx - centre) ** 2, 0, None)))
+            bone = np.asarray(2 * np.sqrt(np.clip(12.0**2 - (xx - centre) ** 2, 0, None)))
+            below = (zz < notch + 20).astype(np.float32)
+            out += (arm * _MU_SOFT + bone * (_MU_BONE - _MU_SOFT)) * below
+        if breasts:  # soft tissue fading upward, with a sharp lower edge (the fold)
+            bz = dome + _u(rng, (-10.0, 40.0))
+            bx = cx + side * half * _u(rng, (0.5, 0.62))
+            r = _u(rng, (40.0, 65.0))
+            d = ((xx - bx) / r) ** 2 + ((zz - bz) / (r * np.where(zz > bz, 1.6, 0.7))) ** 2
+            fold = zz > bz - r * 0.5
+            out += np.sqrt(np.clip(1 - d, 0, None)) * breasts * _MU_SOFT * fold
+    # gas below the diaphragm: the stomach's bubble under the left dome and the colon's
+    # flexures, as dark as lung but outside every lung field
+    blobs = [(anatomy.dome_left - _u(rng, (45.0, 75.0)), half * _u(rng, (0.2, 0.5)))]
+    blobs = blobs if rng.random() < 0.7 else []
+    for _ in range(int(rng.integers(0, 4))):
+        blobs.append((dome - _u(rng, (40.0, 120.0)), half * _u(rng, (-0.7, 0.7))))
+    for gz, gx in blobs:
+        rx, rz = _u(rng, (15.0, 45.0)), _u(rng, (10.0, 30.0))
+        d = ((xx - cx - gx) / rx) ** 2 + ((zz - gz) / rz) ** 2
+        out -= np.sqrt(np.clip(1 - d, 0, None)) * _u(rng, (30.0, 80.0)) * _MU_SOFT
+    return np.asarray(out, dtype=np.float32)
+
+
+# 5 x 3 glyphs of the burned-in side markers and a few characters of annotation text
+_GLYPHS = {
+    "L": ["100", "100", "100", "100", "111"],
+    "R": ["110", "101", "110", "101", "101"],
+    "A": ["010", "101", "111", "101", "101"],
+    "P": ["110", "101", "110", "100", "100"],
+    "T": ["111", "010", "010", "010", "010"],
+    "E": ["111", "100", "110", "100", "111"],
+    "1": ["010", "110", "010", "010", "111"],
+    "0": ["111", "101", "101", "101", "111"],
+}
+
+
+def _burn(image: F32, text: str, row: int, col: int, size: int, value: float) -> None:
+    """Burn ``text`` into ``image`` in place (block glyphs, ``size`` pixels a dot)."""
+    for k, char in enumerate(text):
+        glyph = np.array([[c == "1" for c in line] for line in _GLYPHS.get(char, _GLYPHS["T"])])
+        block = np.kron(glyph, np.ones((size, size), dtype=bool))
+        r0, c0 = row, col + k * 4 * size
+        r1, c1 = min(r0 + block.shape[0], image.shape[0]), min(c0 + block.shape[1], image.shape[1])
+        if r0 < 0 or c0 < 0 or r1 <= r0 or c1 <= c0:
+            continue
+        image[r0:r1, c0:c1][block[: r1 - r0, : c1 - c0]] = value
+
+
+def _department(
+    rng: np.random.Generator, image: F32, labels: NDArray[np.uint8], settings: dict[str, Any]
+) -> tuple[F32, NDArray[np.uint8]]:
+    """What a department's equipment adds to a projection (``image`` 0..4095, bright where
+    attenuation is high, as the node reads either photometric interpretation): portable AP
+    views, processing (gamma, contrast curve, edge enhancement), grid lines, a tilted patient,
+    collimation shutters, burned-in side markers and text, and how the file is written
+    (photometric interpretation, stored bits, pixel spacing zero or absent)."""
+    value = np.asarray(image, dtype=np.float32) / 4095.0
+    portable = rng.random() < 0.3
+    if portable:
+        settings["view"] = "AP"
+        settings["portable"] = True
+        # no grid, more scatter: a veil that flattens the contrast
+        veil = _u(rng, (0.1, 0.35))
+        value = value * (1 - veil) + veil * float(value.mean())
+    # processing: gamma, a sigmoid contrast curve, unsharp-mask edge enhancement
+    value = np.clip(value, 0, 1) ** _u(rng, (0.6, 1.6))
+    if rng.random() < 0.6:
+        gain = _u(rng, (3.0, 8.0))
+        mid = _u(rng, (0.35, 0.65))
+        curve = 1 / (1 + np.exp(-gain * (value - mid)))
+        low, high = 1 / (1 + np.exp(gain * mid)), 1 / (1 + np.exp(-gain * (1 - mid)))
+        value = (curve - low) / (high - low)
+    if rng.random() < 0.6:
+        blur = ndimage.gaussian_filter(value, _u(rng, (5.0, 20.0)))
+        value = value + _u(rng, (0.3, 1.2)) * (value - blur)
+    if not portable and rng.random() < 0.5:  # an anti-scatter grid's lines
+        period = _u(rng, (2.2, 5.0))
+        axis = int(rng.integers(0, 2))
+        phase = np.arange(value.shape[axis], dtype=np.float32) * 2 * np.pi / period
+        stripes = _u(rng, (0.01, 0.04)) * np.sin(phase)
+        value = value + (stripes[None, :] if axis == 1 else stripes[:, None])
+    value = value + rng.normal(0, _u(rng, (0.0, 0.02)), value.shape).astype(np.float32)
+    # a tilted patient (or detector): image and labels turn together
+    angle = _u(rng, (-8.0, 8.0)) if rng.random() < 0.6 else 0.0
+    if angle:
+        fill = float(np.percentile(value, 2))
+        value = ndimage.rotate(value, angle, reshape=False, order=1, mode="constant", cval=fill)
+        labels = ndimage.rotate(labels, angle, reshape=False, order=0, mode="constant", cval=0)
+    settings["tilt_deg"] = round(angle, 1)
+    # collimation shutters: unexposed detector, bright, where nothing of the patient is seen
+    ny, nx = value.shape
+    if rng.random() < 0.7:
+        top, bottom = (int(_u(rng, (0.0, 0.12)) * ny) for _ in range(2))
+        left, right = (int(_u(rng, (0.0, 0.12)) * nx) for _ in range(2))
+        shutter = np.ones((ny, nx), dtype=bool)
+        shutter[top : ny - bottom, left : nx - right] = False
+        if rng.random() < 0.5:
+            turned = ndimage.rotate(
+                shutter.astype(np.uint8), _u(rng, (-4.0, 4.0)), reshape=False, order=0, cval=1
+            )
+            shutter = turned > 0
+        value[shutter] = _u(rng, (0.85, 1.05))
+        labels = np.where(shutter, 0, labels).astype(np.uint8)
+        settings["shutters"] = True
+    # burned-in side marker (on the patient's side it names) and annotation text
+    size = max(2, round(min(ny, nx) / _u(rng, (60.0, 110.0))))
+    bright = _u(rng, (0.95, 1.2))
+    if rng.random() < 0.8:
+        row = int(_u(rng, (0.03, 0.25)) * ny)
+        if rng.random() < 0.5:  # columns run toward the patient's left: L on the right
+            _burn(value, "L", row, int(nx * _u(rng, (0.8, 0.93))), size, bright)
+        else:
+            _burn(value, "R", row, int(nx * _u(rng, (0.03, 0.15))), size, bright)
+    if rng.random() < 0.7:
+        words = ["AP", "PA", "ERECT", "TE10", "AP10"]
+        text = str(words[int(rng.integers(0, len(words)))])
+        row = int(_u(rng, (0.01, 0.06)) * ny) if rng.random() < 0.5 else int(ny * 0.92)
+        _burn(value, text, row, int(_u(rng, (0.02, 0.5)) * nx), max(1, size - 1), bright)
+    value = np.clip(value, 0, 1.2) / 1.2
+    # how the file is written
+    bits = int(rng.choice([10, 12, 14, 15]))
+    settings["bits"] = bits
+    settings["photometric"] = "MONOCHROME1" if rng.random() < 0.5 else "MONOCHROME2"
+    settings["spacing"] = str(rng.choice(["known", "known", "zero", "missing"]))
+    scaled = np.rint(value * (2**bits - 1)).astype(np.float32)
+    return scaled, np.ascontiguousarray(labels)
+
+
 def render_xr(seed: int, ranges: Ranges = TRAINING) -> Case:
     """A frontal chest radiograph: the CT anatomy projected antero-posteriorly, scatter,
     quantum noise at a random dose, detector blur and collimation. Labels are the lung fields
@@ -536,6 +734,11 @@ def render_xr(seed: int, ranges: Ranges = TRAINING) -> Case:
     # detector grid: rows top (head) to bottom, columns to the patient's left
     pixel = _u(rng, ranges.pixel_mm)
     zoom = step / pixel
+    extra = np.random.default_rng(seed + 7_919_311)  # the realism draws' own stream
+    realistic = extra.random() < ranges.xr_anatomy
+    department = extra.random() < ranges.xr_department
+    if realistic:
+        path = path + _extra_anatomy(extra, anatomy, path.shape, (z0, x0), step)
     path = ndimage.zoom(path[::-1], zoom, order=1)
     lung_l = ndimage.zoom(lung_l[::-1], zoom, order=1)
     lung_r = ndimage.zoom(lung_r[::-1], zoom, order=1)
@@ -557,7 +760,7 @@ def render_xr(seed: int, ranges: Ranges = TRAINING) -> Case:
     left, right = (int(rng.uniform(0, 0.1) * nx) for _ in range(2))
     image = image[top : ny - bottom, left : nx - right]
     labels = labels[top : ny - bottom, left : nx - right]
-    settings = {
+    settings: dict[str, Any] = {
         "pixel_mm": round(pixel, 3),
         "rows": image.shape[0],
         "columns": image.shape[1],
@@ -565,6 +768,8 @@ def render_xr(seed: int, ranges: Ranges = TRAINING) -> Case:
         "dose": round(dose, 1),
         "scatter": round(scatter, 3),
     }
+    if department:
+        image, labels = _department(extra, image, labels, settings)
     return Case(
         image[None].astype(np.float32),
         np.ascontiguousarray(labels[None]),

@@ -14,6 +14,7 @@ from numpy.typing import NDArray
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     UID,
+    ComputedRadiographyImageStorage,
     CTImageStorage,
     DigitalXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
@@ -31,11 +32,23 @@ def _uid(case: Case, *parts: object) -> str:
     return generate_uid(_PREFIX, [case.modality, str(case.seed), *map(str, parts)])
 
 
-def _stored(case: Case) -> tuple[NDArray[np.integer], float]:
-    """Stored pixel values and the rescale intercept: CT int16 HU, MR/DX uint16."""
+def _values(case: Case) -> NDArray[np.integer]:
+    """The image as integers, higher brighter (what a loader gives back): CT int16 HU, MR/DX
+    uint16 (a radiograph within its stored bits)."""
     if case.modality == "CT":
-        return np.clip(np.rint(case.image), -1024, 3071).astype(np.int16), 0.0
-    return np.clip(np.rint(case.image), 0, 65535).astype(np.uint16), 0.0
+        return np.clip(np.rint(case.image), -1024, 3071).astype(np.int16)
+    top = 2 ** int(case.settings.get("bits", 12)) - 1 if case.modality == "DX" else 65535
+    return np.clip(np.rint(case.image), 0, top).astype(np.uint16)
+
+
+def _stored(case: Case) -> tuple[NDArray[np.integer], float]:
+    """Stored pixel values and the rescale intercept: a MONOCHROME1 radiograph (minimum white)
+    stores them inverted within its bits, so a reader's inversion gives the image back."""
+    values = _values(case)
+    if case.modality == "DX" and case.settings.get("photometric") == "MONOCHROME1":
+        top = 2 ** int(case.settings.get("bits", 12)) - 1
+        return (top - values).astype(np.uint16), 0.0
+    return values, 0.0
 
 
 def dicom_datasets(case: Case) -> Iterable[Dataset]:
@@ -75,14 +88,27 @@ def dicom_datasets(case: Case) -> Iterable[Dataset]:
         ds.PixelRepresentation = 1 if pixels.dtype == np.int16 else 0
         ds.PixelData = np.ascontiguousarray(pixels[k]).tobytes()
         if case.modality == "DX":
-            ds.BitsStored, ds.HighBit = 12, 11
-            ds.ImagerPixelSpacing = ds.PixelSpacing = [dy, dx]
+            bits = int(case.settings.get("bits", 12))
+            ds.BitsStored, ds.HighBit = bits, bits - 1
+            photometric = str(case.settings.get("photometric", "MONOCHROME2"))
+            ds.PhotometricInterpretation = photometric
+            spacing = case.settings.get("spacing", "known")
+            if spacing == "known":
+                ds.ImagerPixelSpacing = ds.PixelSpacing = [dy, dx]
+            else:  # a CR reader that wrote no usable spacing (zero, as RG1, or none)
+                ds.file_meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
+                ds.SOPClassUID = ComputedRadiographyImageStorage
+                ds.Modality = "CR"
+                if spacing == "zero":
+                    ds.PixelSpacing = [0, 0]
             ds.PatientOrientation = ["L", "F"]
             ds.ViewPosition = str(case.settings.get("view", "PA"))
             ds.BodyPartExamined = "CHEST"
             ds.PresentationIntentType = "FOR PRESENTATION"
             ds.ImageType = ["ORIGINAL", "PRIMARY"]
-            ds.WindowCenter, ds.WindowWidth = 2048, 4096
+            ds.WindowCenter, ds.WindowWidth = 2 ** (bits - 1), 2**bits
+            if ds.Modality == "DX":  # DX Image: the shape follows the photometric
+                ds.PresentationLUTShape = "INVERSE" if photometric == "MONOCHROME1" else "IDENTITY"
         else:
             ds.BodyPartExamined = "CHESTABDOMEN"  # the torso, as a scanner would tag it
             ds.FrameOfReferenceUID = frame
@@ -132,7 +158,7 @@ def nifti_affine(case: Case) -> NDArray[np.float64]:
 def write_nifti_pair(case: Case, image: Path, labels: Path) -> None:
     """Image (float32, or int16 HU for CT) and labels (uint8) in x, y, z order."""
     affine = nifti_affine(case)
-    pixels, _ = _stored(case)
+    pixels = _values(case)  # NIfTI has no photometric interpretation: higher is brighter
     for path, array in ((image, pixels), (labels, case.labels)):
         path.parent.mkdir(parents=True, exist_ok=True)
         data = np.ascontiguousarray(array.transpose(2, 1, 0))

@@ -212,6 +212,24 @@ def zscore(
     return out
 
 
+def percentile_scale(
+    voxels: NDArray[Any], lower: float = 1.0, upper: float = 99.0
+) -> NDArray[np.float32]:
+    """The image's own [lower, upper] percentiles mapped onto [0, 1], clipped: no absolute value
+    matters (bit depth, exposure, a vendor's scale), and a few extreme pixels (shutters,
+    burned-in text, metal) cannot stretch the rest as they do a mean and deviation."""
+    out = np.asarray(voxels, dtype=np.float32).copy()
+    if out.size == 0:
+        return out
+    lo, hi = (float(v) for v in np.percentile(out, [lower, upper]))
+    if hi <= lo:
+        return np.zeros_like(out)
+    out -= np.float32(lo)
+    out /= np.float32(hi - lo)
+    np.clip(out, 0.0, 1.0, out=out)
+    return out
+
+
 def denoise(
     voxels: NDArray[Any], spacing: tuple[float, float, float], sigma_mm: float
 ) -> NDArray[np.float32]:

@@ -21,7 +21,8 @@ metadata.json; every key in it is optional::
                        "color": [230, 180, 100]}},  # names a structure outside the vocabulary
       "preprocessing": {                 # replaces inference.json's preprocessing when present
         "spacing_zyx_mm": [2.0, 1.5, 1.5], "orientation": "RAS",
-        "intensity": {"kind": "range", "a_min": -57, "a_max": 164}},  # or window / zscore
+        "intensity": {"kind": "range", "a_min": -57, "a_max": 164}},  # or window / zscore /
+                                         # percentile {"lower": 1, "upper": 99} (the image's own)
       "patch_size": [96, 96, 96],        # network (x, y, z); default: the inferer's roi_size
       "overlap": 0.25, "sw_batch_size": 1,
       "cleanup": {"1": {"largest_component": true, "fill_holes": true, "min_volume_ml": 1}},
@@ -103,7 +104,7 @@ class BundleKind(StrEnum):
 class Intensity:
     """The node-side intensity recipe (MONAI ScaleIntensityRange, a display window, z-score)."""
 
-    kind: Literal["range", "window", "zscore"]
+    kind: Literal["range", "window", "zscore", "percentile"]
     a_min: float = 0.0
     a_max: float = 1.0
     b_min: float = 0.0
@@ -112,6 +113,8 @@ class Intensity:
     center: float = 0.0
     width: float = 1.0
     nonzero: bool = False
+    lower: float = 1.0  # percentile: the image's own percentiles mapped onto [0, 1]
+    upper: float = 99.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -444,7 +447,16 @@ def _intensity(reader: _Reader, key: str) -> Intensity | None:
         if not isinstance(nonzero, bool):
             raise reader.fail(f"{key}.nonzero", "must be true or false")
         return Intensity("zscore", nonzero=nonzero)
-    raise reader.fail(f"{key}.kind", f'must be "range", "window" or "zscore", got {kind!r}')
+    if kind == "percentile":
+        lower = reader.number(f"{key}.lower", low=0.0, high=100.0)
+        upper = reader.number(f"{key}.upper", low=0.0, high=100.0)
+        lower, upper = 1.0 if lower is None else lower, 99.0 if upper is None else upper
+        if lower >= upper:
+            raise reader.fail(key, "percentile needs lower below upper")
+        return Intensity("percentile", lower=lower, upper=upper)
+    raise reader.fail(
+        f"{key}.kind", f'must be "range", "window", "zscore" or "percentile", got {kind!r}'
+    )
 
 
 def _preprocessing(reader: _Reader) -> NodePreprocessing | None:

@@ -228,6 +228,8 @@ def _intensity(voxels: NDArray[np.float32], recipe: Intensity | None) -> NDArray
         )
     if recipe.kind == "window":
         return preprocess.window(voxels, recipe.center, recipe.width)
+    if recipe.kind == "percentile":
+        return preprocess.percentile_scale(voxels, recipe.lower, recipe.upper)
     return preprocess.zscore(voxels, nonzero=recipe.nonzero)
 
 

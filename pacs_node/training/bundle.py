@@ -30,6 +30,8 @@ def metadata(recipe: Recipe, result: TrainingResult) -> dict[str, Any]:
     intensity: dict[str, Any] = {"kind": recipe.intensity.kind}
     if recipe.intensity.kind == "range":
         intensity |= {"a_min": recipe.intensity.a_min, "a_max": recipe.intensity.a_max}
+    if recipe.intensity.kind == "percentile":
+        intensity |= {"lower": recipe.intensity.lower, "upper": recipe.intensity.upper}
     cleanup = {str(recipe.labels.index(name) + 1): steps for name, steps in recipe.cleanup.items()}
     return {
         "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/"
@@ -56,7 +58,7 @@ def metadata(recipe: Recipe, result: TrainingResult) -> dict[str, Any]:
                     "num_channels": 1,
                     "spatial_shape": list(recipe.patch_xyz),
                     "dtype": "float32",
-                    "value_range": [0, 1] if recipe.intensity.kind == "range" else [],
+                    "value_range": [0, 1] if recipe.intensity.kind != "zscore" else [],
                     "is_patch_data": True,
                     "channel_def": {"0": "image"},
                 }
@@ -121,6 +123,16 @@ def inference_config(recipe: Recipe) -> dict[str, Any]:
             "keys": "image",
             "a_min": recipe.intensity.a_min,
             "a_max": recipe.intensity.a_max,
+            "b_min": 0.0,
+            "b_max": 1.0,
+            "clip": True,
+        }
+    elif recipe.intensity.kind == "percentile":
+        scale = {
+            "_target_": "ScaleIntensityRangePercentilesd",
+            "keys": "image",
+            "lower": recipe.intensity.lower,
+            "upper": recipe.intensity.upper,
             "b_min": 0.0,
             "b_max": 1.0,
             "clip": True,

@@ -33,7 +33,11 @@ class Sample:
 def ranges_for(recipe: Recipe) -> Ranges:
     """The phantom's training ranges with the recipe's overrides."""
     known = {f.name for f in fields(Ranges)}
-    values = {k: tuple(v) for k, v in recipe.phantom.items() if k in known}
+    values = {
+        k: tuple(v) if isinstance(v, list | tuple) else v
+        for k, v in recipe.phantom.items()
+        if k in known
+    }
     unknown = set(recipe.phantom) - known
     if unknown:
         raise ValueError(f"unknown phantom ranges: {', '.join(sorted(unknown))}")
@@ -44,6 +48,8 @@ def ranges_for(recipe: Recipe) -> Ranges:
 def apply_intensity(voxels: NDArray[np.float32], intensity: Intensity) -> NDArray[np.float32]:
     if intensity.kind == "range":
         return preprocess.scale_intensity_range(voxels, intensity.a_min, intensity.a_max)
+    if intensity.kind == "percentile":
+        return preprocess.percentile_scale(voxels, intensity.lower, intensity.upper)
     return preprocess.zscore(voxels)
 
 
@@ -85,6 +91,13 @@ def prepare(case: Case, recipe: Recipe) -> Sample:
     """Resample a rendered case onto the recipe's grid (image trilinear, labels nearest, and
     label fractions when the recipe trains on them)."""
     source = case_grid(case)
+    field = recipe.unknown_spacing_field_mm
+    if field and case.settings.get("spacing") in ("zero", "missing"):
+        # written without a usable spacing: the network gets what the node's runner assumes
+        pixel = field / max(case.labels.shape[1:])
+        source = Grid.from_geometry(
+            case.labels.shape, (case.spacing[0], pixel, pixel), case.origin, np.eye(3)
+        )
     target = preprocess.target_grid(source, recipe.spacing_zyx_mm, "LPS")
     fill = float(case.image.min())
     image = preprocess.resample(case.image, source, target, order=1, fill=fill, dtype=np.float32)

@@ -20,9 +20,11 @@ class Intensity(BaseModel):
     """The node-side intensity recipe written into the bundle (registry ``intensity``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    kind: Literal["range", "zscore"]
+    kind: Literal["range", "zscore", "percentile"]
     a_min: float = -1000.0
     a_max: float = 1000.0
+    lower: float = Field(1.0, ge=0, le=100)  # percentile: of the image's own values
+    upper: float = Field(99.0, ge=0, le=100)
 
 
 class Network(BaseModel):
@@ -77,7 +79,8 @@ class Recipe(BaseModel):
     max_minutes: float = Field(28.0, gt=0)  # rendering included
     threads: int = Field(2, ge=1)
     seed: int = 0
-    phantom: dict[str, tuple[float, float]] = Field(default_factory=dict)  # Ranges overrides
+    # Ranges overrides: (low, high) ranges, or a share for the radiograph realism fields
+    phantom: dict[str, tuple[float, float] | float] = Field(default_factory=dict)
     # train on the share of each model voxel every label covers instead of nearest labels
     soft_labels: bool = False
     cleanup: dict[str, dict[str, float | bool]] = Field(default_factory=dict)

@@ -72,3 +72,15 @@ def test_body_is_one_piece_after_the_shipped_clean_up(name: str, demo_volume: Vo
     for finding in findings.values():
         if finding.segment.structure.laterality is not None:
             assert not finding.side_conflict, finding.label
+
+
+def test_the_lung_model_holds_on_radiographs_as_departments_write_them(tmp_path: Path) -> None:
+    """Two held-out seeds with the extra anatomy and every department effect (the card's
+    `department` set): inverted photometric, shutters, markers, tilt and the rest."""
+    base = DEFAULTS["DX"]
+    ranges = replace(base, pixel_mm=(1.8, 2.2), xr_anatomy=1.0, xr_department=1.0)
+    cases = [render("DX", seed, ranges) for seed in (7002, 7003)]
+    data = write_decathlon(tmp_path / "data", [], cases, "dx")
+    report = evaluate(Runner(Registry(MODELS), threads=2), "xr-chest-lungs", data)
+    for label in ("lung_left", "lung_right"):
+        assert report["summary"][label]["dice_mean"] >= 0.85, (label, report["summary"][label])

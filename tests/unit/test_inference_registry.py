@@ -155,6 +155,16 @@ CHANNELS = "network_data_format.outputs.pred.channel_def"
             {"unknown_spacing_field_mm": 0},
             "pacs_node.preprocessing.unknown_spacing_field_mm",
         ),
+        (
+            "pacs_node.preprocessing",
+            {"intensity": {"kind": "percentile", "lower": 99, "upper": 1}},
+            "pacs_node.preprocessing.intensity",
+        ),
+        (
+            "pacs_node.preprocessing",
+            {"intensity": {"kind": "percentile", "upper": 101}},
+            "pacs_node.preprocessing.intensity.upper",
+        ),
         ("pacs_node.labels", {"1": "pancreas"}, "pacs_node.labels.1"),
         ("pacs_node.labels", {"5": "liver"}, "pacs_node.labels.5"),
         ("pacs_node.cleanup", {"1": {"shrink": True}}, "pacs_node.cleanup.1.shrink"),
@@ -285,3 +295,20 @@ def test_the_network_sees_ras(tmp_path: Path, direction: np.ndarray) -> None:
     assert abs(marked[:, 0].mean() - left_face) < 3.0
     # the other axes: the mark spans the face, centred on the block
     assert np.allclose(marked[:, 1:].mean(axis=0), block[:, 1:].mean(axis=0), atol=2.0)
+
+
+def test_a_percentile_intensity_recipe_is_read(tmp_path: Path) -> None:
+    meta = _edit(
+        metadata(SPLEEN),
+        "pacs_node.preprocessing",
+        {"intensity": {"kind": "percentile", "lower": 2, "upper": 98}},
+    )
+    write_bundle(tmp_path / "pct", inference_config(TINY_UNET), meta)
+    recipe = Registry(tmp_path).get("pct").preprocessing
+    assert recipe is not None
+    assert recipe.intensity is not None
+    assert (recipe.intensity.kind, recipe.intensity.lower, recipe.intensity.upper) == (
+        "percentile",
+        2.0,
+        98.0,
+    )

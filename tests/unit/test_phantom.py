@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from phantom.anatomy import LABEL_VALUE, Anatomy, Tissue, sample_anatomy
 from phantom.raster import AxialGrid, rasterise
@@ -137,3 +138,60 @@ def test_kidneys_sit_in_their_own_fat_and_the_aorta_starts_at_the_heart(seed: in
     assert aorta.sum() > 1000
     assert not (aorta & heart).any()
     assert (ndimage.binary_dilation(aorta) & heart).any()  # but it leaves from the heart
+
+
+REAL = replace(FAST, xr_anatomy=1.0, xr_department=1.0)
+
+
+def test_radiograph_realism_leaves_the_held_out_cases_as_they_were() -> None:
+    """The realism draws come from their own stream: at share 0 a seed renders the same case
+    whatever the share fields say elsewhere, and with them on it is still reproducible."""
+    plain, again = render_xr(7003, FAST), render_xr(7003, replace(FAST, xr_anatomy=0.0))
+    assert np.array_equal(plain.image, again.image)
+    real, real_again = render_xr(7003, REAL), render_xr(7003, REAL)
+    assert np.array_equal(real.image, real_again.image)
+    assert real.settings == real_again.settings
+    assert not np.array_equal(plain.image, real.image)
+
+
+@pytest.mark.parametrize("seed", range(3000, 3006))
+def test_department_radiographs_read_back_as_rendered(seed: int, tmp_path: Path) -> None:
+    """Whatever photometric interpretation, bit depth and spacing a case is written with, the
+    node's loader hands back the rendered image (bright where attenuation is high) and knows
+    when the spacing is unusable."""
+    case = render_xr(seed, REAL)
+    (path,) = write_dicom(case, tmp_path)
+    volume = load_series([path])
+    assert np.array_equal(volume.voxels, np.rint(case.image).astype(volume.voxels.dtype))
+    spacing = case.settings["spacing"]
+    assert volume.spacing_known is (spacing == "known")
+    assert volume.modality == ("DX" if spacing == "known" else "CR")
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    assert ds.PhotometricInterpretation == case.settings["photometric"]
+    assert int(ds.BitsStored) == case.settings["bits"]
+    # the evaluation's NIfTI copy holds the same image (NIfTI has no photometric flag)
+    root = write_decathlon(tmp_path / "set", [], [case], "dx_test")
+    meta = json.loads((root / "dataset.json").read_text())
+    from_nifti = volume_from_nifti(root / meta["test"][0]["image"], "DX")
+    assert np.array_equal(np.asarray(from_nifti.voxels), np.asarray(volume.voxels))
+    # a lung field stays a lung field: both present, the patient's left at higher columns
+    labels = case.labels[0]
+    left, right = np.nonzero(labels == 1)[1], np.nonzero(labels == 2)[1]
+    assert left.size > 0.03 * labels.size
+    assert right.size > 0.03 * labels.size
+    assert left.mean() > right.mean()
+
+
+def test_department_effects_cover_what_departments_do() -> None:
+    """Over a few seeds every effect occurs: both photometric interpretations, portable AP
+    views, shutters, tilts, each way of writing the spacing."""
+    seen: dict[str, set[object]] = {}
+    for seed in range(3000, 3024):
+        for key, value in render_xr(seed, REAL).settings.items():
+            seen.setdefault(key, set()).add(value)
+    assert seen["photometric"] == {"MONOCHROME1", "MONOCHROME2"}
+    assert seen["spacing"] == {"known", "zero", "missing"}
+    assert {"AP", "PA"} <= seen["view"]
+    assert True in seen["portable"]
+    assert True in seen["shutters"]
+    assert len(seen["tilt_deg"]) > 3

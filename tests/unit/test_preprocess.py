@@ -12,6 +12,7 @@ from pacs_node.imaging.postprocess import labels_to_source
 from pacs_node.imaging.preprocess import (
     denoise,
     orientation_matrix,
+    percentile_scale,
     resample,
     resample_volume,
     scale_intensity_range,
@@ -172,3 +173,20 @@ def test_denoise_smooths_in_millimetres() -> None:
     # Thick slices: the kernel spans fewer voxels along z than along x.
     assert out[5, 4, 4] < out[4, 4, 5]
     np.testing.assert_array_equal(denoise(spike, (1.0, 1.0, 1.0), 0.0), spike)
+
+
+def test_percentile_scale_ignores_absolute_values_and_outliers() -> None:
+    rng = np.random.default_rng(3)
+    image = rng.normal(1000.0, 200.0, (64, 64)).astype(np.float32)
+    base = percentile_scale(image)
+    assert float(base.min()) == 0.0
+    assert float(base.max()) == 1.0
+    # another bit depth or exposure (any positive gain and offset): the same network input
+    np.testing.assert_allclose(percentile_scale(image * 16.0 + 300.0), base, atol=1e-5)
+    # a burned-in marker (0.5 % of pixels at the maximum) hardly moves the scale, where it
+    # squeezes a z-score's range
+    marked = image.copy()
+    marked[:4, :5] = 65535.0
+    np.testing.assert_allclose(percentile_scale(marked)[8:], base[8:], atol=0.05)
+    assert np.ptp(zscore(marked)[8:]) < 0.5 * np.ptp(zscore(image)[8:])
+    assert np.array_equal(percentile_scale(np.full((4, 4), 7.0)), np.zeros((4, 4)))

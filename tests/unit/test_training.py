@@ -122,3 +122,31 @@ def test_the_recorded_command_repeats_the_run() -> None:
         "--workers 4 --device cuda --loaders 14"
     )
     assert command_line(Path("r.yaml"), None, 1, None, "cpu", 0) == "pacs-node train r.yaml"
+
+
+def test_a_radiograph_written_without_spacing_trains_as_the_node_will_see_it() -> None:
+    """A case written with Pixel Spacing zero or absent reaches the network on the grid the
+    runner assumes (the bundle's detector field along the longer side), percentile-scaled."""
+    from phantom.render import render_xr
+
+    from pacs_node.training.bundle import inference_config
+    from pacs_node.training.dataset import prepare, ranges_for
+
+    recipe = _recipe(
+        modality="DX",
+        labels=["lung_left", "lung_right"],
+        spacing_zyx_mm=[1000.0, 2.0, 2.0],
+        patch_xyz=[64, 64, 1],
+        intensity={"kind": "percentile", "lower": 1.0, "upper": 99.0},
+        unknown_spacing_field_mm=430.0,
+        phantom={"xr_anatomy": 1.0, "xr_department": 1.0, "pixel_mm": [2.5, 3.0]},
+    )
+    ranges = ranges_for(recipe)
+    cases = (render_xr(seed, ranges) for seed in range(3000, 3040))
+    case = next(c for c in cases if c.settings["spacing"] != "known")
+    sample = prepare(case, recipe)
+    assert max(sample.image.shape[1:3]) == pytest.approx(430.0 / 2.0, abs=1.5)
+    assert float(sample.image.min()) == 0.0
+    assert float(sample.image.max()) == 1.0
+    scale = inference_config(recipe)["preprocessing"]["transforms"]
+    assert any(t.get("_target_") == "ScaleIntensityRangePercentilesd" for t in scale)
