@@ -47,6 +47,7 @@ def test_segment_writes_labels_on_the_source_grid(tmp_path: Path) -> None:
         "2": "lung_left",
         "3": "lung_right",
         "4": "bone",
+        "quality": {"verdict": "pass", "failures": []},
     }
     image = nib.load(out / "labels.nii.gz")
     volume = load_series(sorted(series.iterdir()))
