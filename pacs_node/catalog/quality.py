@@ -22,6 +22,7 @@ from pacs_node.catalog.jobs import add_job_event
 from pacs_node.catalog.models import Delivery, DeliveryState, Job, JobState, utcnow
 from pacs_node.redact import scrub_reason
 
+REJECTED_TEXT = "rejected at the quality gate"
 RELEASED = "released"
 REJECTED = "rejected"
 
@@ -110,9 +111,7 @@ def release_result(session: Session, job_id: int, actor: str) -> int:
 def reject_result(session: Session, job_id: int, actor: str, reason: str = "") -> int:
     """A person rejected the held result: its deliveries are never sent; how many."""
     now = utcnow()
-    text = scrub_reason(
-        f"rejected at the quality gate by {actor}" + (f": {reason}" if reason else "")
-    )
+    text = REJECTED_TEXT  # who and why: in the job event
     result = session.execute(
         update(Delivery)
         .where(*_held(job_id))
