@@ -12,17 +12,19 @@ runs the model on each through the DICOM path the node uses, and prints the limi
 stores them under ``pacs_node.quality`` in the bundle's ``configs/metadata.json``). The second
 runs the gate with the bundle's stored limits on the seeds given (the held-out set of ``make
 eval``) and prints how many results it would hold (the false-hold rate: every phantom result
-is a plausible one). Needs ``models/`` on ``PYTHONPATH`` for the phantom generator.
+is a plausible one); MODALITY ``demo`` checks the studies ``pacs-node demo`` sends. Needs
+``models/`` on ``PYTHONPATH`` for the phantom generator.
 
 How each limit follows from what the model gave (``n`` seeds):
 
 - ``sizes``: per label, [0.25 x the smallest, 1.5 x the largest] (series cover the torso
   partly, so an organ may be cut; the floor is low on purpose, the ceiling is what catches a
   lung in the air outside the patient);
-- ``pair_ratio_max``: 1.5 x the largest left/right ratio seen, at least 3;
+- ``pair_ratio_max``: 1.5 x the largest left/right ratio seen between pairs the series did not
+  cut (see :func:`cut_by_series`), at least 3;
 - ``sides``: an unpaired label whose centre lay on the same side of the midline in every seed;
 - ``order``: (upper, lower) among lungs, heart, liver, spleen and kidneys whose centres lay at
-  least 20 mm apart in that order in every seed where both were found;
+  least 20 mm apart in that order in every seed where the series cut neither (at least 3);
 - ``max_components``: 2 x the most pieces seen plus 1, for structures that are one piece;
 - ``min_slices``: 2 on 3D series (a label in one inner slice of a long series is no organ);
 - ``max_image_fraction``: 2 x the largest fraction of the image any label but the body
@@ -46,7 +48,7 @@ from pacs_node.imaging.volume import Volume, VolumeKind, load_series
 from pacs_node.inference.labelmap import Labelmap
 from pacs_node.inference.registry import METADATA, Registry
 from pacs_node.inference.runner import Runner
-from pacs_node.quality.checks import input_percentiles, run_checks
+from pacs_node.quality.checks import cut_by_series, input_percentiles, run_checks
 from pacs_node.quality.limits import QUALITY_KEY, QualityLimits
 from pacs_node.results.measurements import Finding, measure_labelmap
 
@@ -54,15 +56,21 @@ PERCENTILES = (5.0, 50.0, 95.0)
 ORDER_CANDIDATES = ("lung_left", "lung_right", "heart", "liver", "spleen", "kidney_left",
                     "kidney_right")  # fmt: skip
 ORDER_GAP_MM = 20.0
+ORDER_MIN_CASES = 3
 
 
-def _render(modality: str, seed: int) -> Volume:
+def render_volume(modality: str, seed: int) -> Volume:
+    """One phantom render as the node loads it (DICOM files, then :func:`load_series`);
+    modality ``demo``: the study ``pacs-node demo`` sends for that seed."""
     from phantom.render import render
     from phantom.writers import write_dicom
 
-    case = render(modality, seed)
     with tempfile.TemporaryDirectory() as folder:
-        return load_series(write_dicom(case, Path(folder)))
+        if modality == "demo":
+            from pacs_node.demo import make_study
+
+            return load_series(make_study(Path(folder), seed)[1])
+        return load_series(write_dicom(render(modality, seed), Path(folder)))
 
 
 def results(
@@ -70,7 +78,7 @@ def results(
 ) -> list[tuple[Volume, Labelmap, tuple[Finding, ...]]]:
     out = []
     for seed in seeds:
-        volume = _render(modality, seed)
+        volume = render_volume(modality, seed)
         labelmap = runner.segment(model, volume).labelmap
         out.append((volume, labelmap, measure_labelmap(volume, labelmap)))
         sys.stderr.write(f"{model} seed {seed} done\n")
@@ -94,6 +102,7 @@ def derive(cases: list[tuple[Volume, Labelmap, tuple[Finding, ...]]]) -> dict[st
     ct = all(v.modality.upper() == "CT" for v, _, _ in cases)
     for volume, labelmap, findings in cases:
         present = {f.segment.name: f for f in findings if f.present}
+        whole = {n: f for n, f in present.items() if not cut_by_series(volume, f)}
         total = float(volume.voxels.size)
         for name, finding in present.items():
             size = _size(finding)
@@ -106,15 +115,15 @@ def derive(cases: list[tuple[Volume, Labelmap, tuple[Finding, ...]]]) -> dict[st
                 pieces[name] = max(pieces.get(name, 0), finding.components)
             if name != "body":
                 fractions.append(finding.voxel_count / total)
-        for name, left in present.items():
-            right = present.get(name.removesuffix("_left") + "_right")
+        for name, left in whole.items():
+            right = whole.get(name.removesuffix("_left") + "_right")
             if name.endswith("_left") and right is not None:
                 a, b = _size(left), _size(right)
                 if a and b:
                     ratios.append(max(a, b) / min(a, b))
         for upper in ORDER_CANDIDATES:
             for lower in ORDER_CANDIDATES:
-                u, low = present.get(upper), present.get(lower)
+                u, low = whole.get(upper), whole.get(lower)
                 if upper == lower or u is None or low is None:
                     continue
                 if u.centroid_lps is None or low.centroid_lps is None:
@@ -147,7 +156,7 @@ def derive(cases: list[tuple[Volume, Labelmap, tuple[Finding, ...]]]) -> dict[st
         limits["order"] = [
             {"upper": upper, "lower": lower}
             for (upper, lower), seen in sorted(gaps.items())
-            if len(seen) == len(cases) and min(seen) >= ORDER_GAP_MM
+            if len(seen) >= ORDER_MIN_CASES and min(seen) >= ORDER_GAP_MM
         ]
     return QualityLimits.model_validate(limits).model_dump(mode="json", exclude_none=True)
 

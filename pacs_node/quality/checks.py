@@ -12,7 +12,10 @@ Check ids::
     pair_balance      left/right pair: larger over smaller above ``pair_ratio_max``
     position_side     centre on the other side of the patient's midline than ``sides`` says
                       (within the midline band passes: a large organ may reach it)
-    position_order    ``upper`` not superior to ``lower`` (``order``, 3D series)
+    position_order    ``upper``'s centre not superior to ``lower``'s (``order``, 3D series)
+
+A 3D label cut by the series' first or last slice is a part of the organ: pairs and positions
+are not judged on it (its size still is, against a floor low enough for a part).
     fragmented        more separate pieces than ``max_components``
     coverage_slices   a label in fewer than ``min_slices`` inner slices of a long series
     coverage_image    a label (not the body) covering more than ``max_image_fraction``
@@ -86,6 +89,14 @@ class Verdict:
         return cls(tuple(FailedCheck(**item) for item in data.get("failures", [])))
 
 
+def cut_by_series(volume: Volume, finding: Finding) -> bool:
+    """Whether a 3D series' first or last slice cuts the label: its size and centre are then
+    of a part, so pairs and positions are not judged on it."""
+    if volume.kind is not VolumeKind.SERIES or finding.slice_range is None:
+        return False
+    return finding.slice_range[0] == 0 or finding.slice_range[1] >= volume.shape[0] - 1
+
+
 def _size(finding: Finding) -> tuple[float, str] | None:
     if finding.volume_ml is not None:
         return finding.volume_ml, "mL"
@@ -152,10 +163,10 @@ def _sides(findings: Sequence[Finding], limits: QualityLimits) -> list[FailedChe
     return out
 
 
-def _pairs(findings: Sequence[Finding], limits: QualityLimits) -> list[FailedCheck]:
+def _pairs(volume: Volume, findings: Sequence[Finding], limits: QualityLimits) -> list[FailedCheck]:
     if limits.pair_ratio_max is None:
         return []
-    by_name = {f.segment.name: f for f in findings if f.present}
+    by_name = {f.segment.name: f for f in findings if f.present and not cut_by_series(volume, f)}
     out = []
     for name, left in by_name.items():
         if not name.endswith(_PAIRS[0]):
@@ -187,7 +198,11 @@ def _pairs(findings: Sequence[Finding], limits: QualityLimits) -> list[FailedChe
 def _order(volume: Volume, findings: Sequence[Finding], limits: QualityLimits) -> list[FailedCheck]:
     if volume.kind is not VolumeKind.SERIES:
         return []
-    by_name = {f.segment.name: f for f in findings if f.present and f.centroid_lps is not None}
+    by_name = {
+        f.segment.name: f
+        for f in findings
+        if f.present and f.centroid_lps is not None and not cut_by_series(volume, f)
+    }
     out = []
     for rule in limits.order:
         upper, lower = by_name.get(rule.upper), by_name.get(rule.lower)
@@ -329,7 +344,7 @@ def run_checks(
     failures = [
         *_sides(findings, limits),
         *_sizes(findings, limits),
-        *_pairs(findings, limits),
+        *_pairs(volume, findings, limits),
         *_order(volume, findings, limits),
         *_components(findings, limits),
         *_coverage(volume, findings, limits),

@@ -79,8 +79,20 @@ def test_an_unmeasurable_size_is_not_a_failure() -> None:
     assert run_checks(volume, gone, tiny).passed
 
 
+def _inner(labelmap: Labelmap, *names: str) -> Labelmap:
+    """``names`` trimmed off the series' first and last slice (body there instead), so the
+    series cuts none of them."""
+    labels = labelmap.labels.copy()
+    for spec in labelmap.segments:
+        if spec.name in names:
+            for z in (0, labels.shape[0] - 1):
+                labels[z][labels[z] == spec.value] = 1
+    return Labelmap(labels, labelmap.segments)
+
+
 def test_pair_balance() -> None:
     volume, labelmap, _ = torso_study()
+    labelmap = _inner(labelmap, "kidney_left", "kidney_right")
     labels = labelmap.labels.copy()
     right = next(s.value for s in labelmap.segments if s.name == "kidney_right")
     rows = np.argwhere(labels == right)
@@ -94,11 +106,15 @@ def test_pair_balance() -> None:
     assert _ids(verdict) == [("pair_balance", "kidney")]
     assert float(verdict.failures[0].value) > 3.5
     assert run_checks(volume, measure_labelmap(volume, labelmap), limits).passed
+    # the same pair cut by the series' first slice is a part of each kidney: not compared
+    labels[0, 28:30, 16:18] = right  # where the right kidney's box starts
+    cut = measure_labelmap(volume, Labelmap(labels, labelmap.segments))
+    assert run_checks(volume, cut, limits).passed
 
 
 def test_position_side_and_order() -> None:
     volume, labelmap, _ = torso_study()
-    findings = measure_labelmap(volume, labelmap)
+    findings = measure_labelmap(volume, _inner(labelmap, "lung_left", "kidney_left"))
     good = QualityLimits.model_validate(
         {"sides": {"spine": "left"}, "order": [{"upper": "lung_left", "lower": "kidney_left"}]}
     )
@@ -111,6 +127,9 @@ def test_position_side_and_order() -> None:
     verdict = run_checks(volume, findings, wrong)
     assert _ids(verdict) == [("position_side", "lung_left"), ("position_order", "kidney_left")]
     assert verdict.failures[0].value == "left"
+    # organs cut by the series' ends: their centres are of parts, so no order is judged
+    cut = measure_labelmap(volume, labelmap)
+    assert _ids(run_checks(volume, cut, wrong)) == [("position_side", "lung_left")]
     assert "below" in verdict.failures[1].message
 
 
