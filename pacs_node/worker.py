@@ -1,8 +1,10 @@
 """Runs jobs: the one place that ties the stages together.
 
 A claimed job goes: the spooled files of its series -> :func:`load_series` -> the model
-(:class:`Runner`) -> :func:`build_results`, once -> the bytes stored (atomic files) and their
-``results`` rows -> one ``deliveries`` row per (result, destination) -> ``done``. Each stage is
+(:class:`Runner`) -> :func:`build_results`, once, with the quality gate of the job's route
+(:mod:`pacs_node.quality`) -> the bytes stored (atomic files) and their ``results`` rows -> one
+``deliveries`` row per (result, destination), held for an operator when the result failed the
+gate under ``qa: hold`` (:mod:`pacs_node.catalog.quality`) -> ``done``. Each stage is
 recorded on the job (stage, progress, seconds); a failure records the stage and the reason.
 
 Where it runs. Inference takes both cores for seconds and building results holds the GIL in

@@ -64,7 +64,7 @@ from pacs_node.inference.vocabulary import (
     CodedConcept,
     Structure,
 )
-from pacs_node.quality.limits import QUALITY_KEY, QualityLimits
+from pacs_node.quality.limits import QUALITY_KEY, QualityLimits, limit_labels
 
 METADATA = Path("configs/metadata.json")
 INFERENCE = Path("configs/inference.json")
@@ -544,10 +544,7 @@ def _quality(reader: _Reader, segments: tuple[SegmentSpec, ...]) -> QualityLimit
         limits = QualityLimits.model_validate(raw)
     except ValidationError as exc:
         raise reader.fail(key, _pydantic_reason(exc)) from exc
-    names = {s.name for s in segments}
-    named = {*limits.sizes, *limits.sides, *limits.max_components}
-    named |= {n for o in limits.order for n in (o.upper, o.lower)}
-    unknown = sorted(named - names)
+    unknown = sorted(limit_labels(limits) - {s.name for s in segments})
     if unknown:
         raise reader.fail(key, f"names labels the bundle does not have: {', '.join(unknown)}")
     return limits

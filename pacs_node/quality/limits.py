@@ -126,3 +126,10 @@ def limits_from_metadata(metadata: dict[str, Any]) -> QualityLimits:
     node = metadata.get("pacs_node")
     raw = node.get(QUALITY_KEY) if isinstance(node, dict) else None
     return QualityLimits.model_validate(raw or {})
+
+
+def limit_labels(raw: dict[str, Any] | QualityLimits) -> set[str]:
+    """The label names limits speak of (to check them against a model's labels)."""
+    limits = raw if isinstance(raw, QualityLimits) else merge_limits(QualityLimits(), raw)
+    names = {*limits.sizes, *limits.sides, *limits.max_components}
+    return names | {n for o in limits.order for n in (o.upper, o.lower)}
