@@ -4,10 +4,11 @@ results on phantom renders, and measure how often the gate holds a held-out phan
 Limits come from the model's output on seeds it was not trained on (the recipe's validation
 range), never typed by hand, so a re-run gives the same numbers::
 
-    python -m pacs_node.quality.calibrate MODEL MODALITY FIRST LAST [--write]
-    python -m pacs_node.quality.calibrate MODEL MODALITY FIRST LAST --check
+    python -m pacs_node.quality.calibrate MODEL MODALITY FIRST LAST [M F L]... [--write]
+    python -m pacs_node.quality.calibrate MODEL MODALITY FIRST LAST [M F L]... --check
 
-The first form renders seeds FIRST..LAST-1 with the training ranges (``phantom.render``),
+The first form renders seeds FIRST..LAST-1 with the training ranges (``phantom.render``; each
+further triple adds a set, e.g. ``demo 100 106``: the short studies ``pacs-node demo`` sends),
 runs the model on each through the DICOM path the node uses, and prints the limits (``--write``
 stores them under ``pacs_node.quality`` in the bundle's ``configs/metadata.json``). The second
 runs the gate with the bundle's stored limits on the seeds given (the held-out set of ``make
@@ -41,6 +42,7 @@ import statistics
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +76,9 @@ def render_volume(modality: str, seed: int) -> Volume:
 
 
 def results(
-    runner: Runner, model: str, modality: str, seeds: range
+    runner: Runner, model: str, modality: str, seeds: Iterable[int]
 ) -> list[tuple[Volume, Labelmap, tuple[Finding, ...]]]:
+    """The model's result on each seed's render, measured as the node measures it."""
     out = []
     for seed in seeds:
         volume = render_volume(modality, seed)
@@ -192,27 +195,29 @@ def check(
 
 def main(argv: list[str]) -> int:
     args = [a for a in argv if not a.startswith("--")]
-    if len(args) != 4:
+    if len(args) < 4 or (len(args) - 1) % 3:
         sys.stderr.write(
             "usage: python -m pacs_node.quality.calibrate MODEL MODALITY FIRST LAST "
-            "[--write | --check]\n"
+            "[MODALITY FIRST LAST ...] [--write | --check]\n"
         )
         return 2
-    model, modality, first, last = args
-    models_dir = Path("models")
-    registry = Registry(models_dir)
+    model, sets = args[0], args[1:]
+    registry = Registry(Path("models"))
     runner = Runner(registry)
-    cases = results(runner, model, modality, range(int(first), int(last)))
-    command = f"python -m pacs_node.quality.calibrate {model} {modality} {first} {last} --write"
+    cases = []
+    for at in range(0, len(sets), 3):
+        modality, first, last = sets[at : at + 3]
+        cases += results(runner, model, modality, range(int(first), int(last)))
+    command = f"python -m pacs_node.quality.calibrate {' '.join(args)}"
     if "--check" in argv:
         report = check(cases, registry.get(model).quality)
-        report["command"] = command.replace("--write", "--check")
+        report["command"] = f"{command} --check"
         sys.stdout.write(json.dumps(report, indent=1) + "\n")
         return 0
     limits = derive(cases)
     sys.stdout.write(json.dumps(limits, indent=1) + "\n")
     if "--write" in argv:
-        write_limits(registry.get(model).root, limits, command)
+        write_limits(registry.get(model).root, limits, f"{command} --write")
     return 0
 
 

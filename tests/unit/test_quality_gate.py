@@ -11,6 +11,7 @@ import zlib
 from dataclasses import replace
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 import pytest
 from pydantic import ValidationError
@@ -252,6 +253,9 @@ def test_flagged_results_name_the_failed_checks() -> None:
     assert len(texts) == 1
     assert "side_conflict" in texts[0]
     assert "swap" in texts[0]
+    read = hd.sr.srread(io.BytesIO(sr_object.data))  # still a TID 1500 report highdicom reads
+    found = sum(f.present for f in flagged.findings)
+    assert len(read.content.get_volumetric_roi_measurement_groups()) == found
     (plain_sr,) = plain.of_kind(OutputKind.SR)
     assert b"C0034375" not in plain_sr.data
     bundle = json.loads(flagged.fhir_bundle)
