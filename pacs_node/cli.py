@@ -341,6 +341,17 @@ def segment(
     for note in report.notes:
         err.print(f"note: {note}", highlight=False)
     err.print(f"voxels: {found}", highlight=False)
+    verdict = report.verdict
+    if verdict.passed:
+        err.print("quality gate: pass", highlight=False)
+    else:
+        err.print(
+            f"quality gate: FAIL ({len(verdict.failures)} checks; in the node this result "
+            "would be held or flagged, see labels.json)",
+            highlight=False,
+        )
+        for failure in verdict.failures:
+            err.print(f"  {failure.check} {failure.label}: {failure.message}", highlight=False)
     err.print(
         f"time {t.total:.2f} s (decode {t.decode:.2f}, load {t.load:.2f}, preprocess "
         f"{t.preprocess:.2f}, infer {t.infer:.2f}, postprocess {t.postprocess:.2f}) "

@@ -1,4 +1,5 @@
-"""``pacs-node jobs``, ``run`` and ``deliveries``: the job queue and the outbox by hand.
+"""``pacs-node jobs``, ``run``, ``deliveries`` and ``results``: the job queue, the outbox and
+the quality gate's held results by hand.
 
 Registered on the main app by :mod:`pacs_node.cli`; JSON goes alone to stdout.
 """
@@ -6,6 +7,7 @@ Registered on the main app by :mod:`pacs_node.cli`; JSON goes alone to stdout.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -32,6 +34,17 @@ deliveries_app = typer.Typer(
     invoke_without_command=True,
     no_args_is_help=False,
 )
+
+results_app = typer.Typer(
+    help="Results held by the quality gate: release (send) or reject them. ID is the job id "
+    "(see `pacs-node jobs`): the gate judges a job's whole result, so all its objects go or "
+    "none.",
+    no_args_is_help=True,
+)
+ActorOption = Annotated[
+    str,
+    typer.Option("--actor", help="Who decides, for the job's events (default: the login name)."),
+]
 
 
 def _open(config: Path | None) -> Any:
@@ -71,7 +84,8 @@ def jobs(ctx: typer.Context, config: ConfigOption = None, json_output: JsonOptio
         _print_json([s.as_json() for s in summaries])
         return
     table = Table(title=f"{len(summaries)} jobs")
-    for column in ("ID", "Study", "Model", "Rule", "State", "Stage", "Tries", "Seconds", "Error"):
+    columns = ("ID", "Study", "Model", "Rule", "State", "Stage", "Tries", "Seconds", "Quality")
+    for column in (*columns, "Error"):
         table.add_column(column)
     for s in summaries:
         table.add_row(
@@ -83,6 +97,7 @@ def jobs(ctx: typer.Context, config: ConfigOption = None, json_output: JsonOptio
             f"{s.stage or ''} {s.progress:.0%}".strip(),
             str(s.attempts),
             f"{s.timings.get('total_s', 0.0):.1f}",
+            s.quality_text[:120],
             (s.error or "")[:60],
         )
     out.print(table)
@@ -233,7 +248,8 @@ def deliveries(
     state: Annotated[
         list[str] | None,
         typer.Option(
-            "--state", help="Only these states (pending, sending, delivered, held, dead)."
+            "--state",
+            help="Only these states (pending, sending, delivered, held, dead, rejected).",
         ),
     ] = None,
     config: ConfigOption = None,
@@ -258,15 +274,16 @@ def deliveries(
     for column in ("ID", "Job", "Kind", "Destination", "State", "Tries", "Next", "Last error"):
         table.add_column(column)
     for r in rows:
+        shown = f"{r.state} ({r.held_for})" if r.held_for else r.state
         table.add_row(
             str(r.id),
             str(r.job_id),
             r.kind,
             r.destination,
-            r.state,
+            shown,
             str(r.attempts),
             r.next_attempt_at.strftime("%H:%M:%S") if r.next_attempt_at else "",
-            (r.last_error or "")[:60],
+            (r.last_error or "")[: 160 if r.held_for == "quality" else 60],
         )
     out.print(table)
 
@@ -281,8 +298,54 @@ def deliveries_retry(
     _transition(config, "delivery", delivery_id, retry_delivery, "that is held or dead")
 
 
+def _default_actor() -> str:
+    return os.environ.get("USER") or os.environ.get("LOGNAME") or "operator"
+
+
+def _decide(config: Path | None, job_id: int, action: Any, verb: str) -> None:
+    from pacs_node.cli import _fail, err
+
+    _, catalog = _open(config)
+    try:
+        with catalog.sessions.begin() as session:
+            count = action(session, job_id)
+    finally:
+        catalog.dispose()
+    if not count:
+        raise _fail(f"job {job_id}: no result held by the quality gate", 1)
+    err.print(f"job {job_id}: {count} deliveries {verb}", highlight=False)
+
+
+@results_app.command("release")
+def results_release(
+    job_id: Annotated[int, typer.Argument(help="Job ID whose result is held.")],
+    actor: ActorOption = "",
+    config: ConfigOption = None,
+) -> None:
+    """Send a result the quality gate held: its deliveries become due now."""
+    from pacs_node.catalog.quality import release_result
+
+    who = actor or _default_actor()
+    _decide(config, job_id, lambda s, j: release_result(s, j, who), "released")
+
+
+@results_app.command("reject")
+def results_reject(
+    job_id: Annotated[int, typer.Argument(help="Job ID whose result is held.")],
+    actor: ActorOption = "",
+    reason: Annotated[str, typer.Option("--reason", help="Why, for the job's events.")] = "",
+    config: ConfigOption = None,
+) -> None:
+    """Reject a result the quality gate held: its deliveries are never sent."""
+    from pacs_node.catalog.quality import reject_result
+
+    who = actor or _default_actor()
+    _decide(config, job_id, lambda s, j: reject_result(s, j, who, reason), "rejected")
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``jobs``, ``run`` and ``deliveries`` to the ``pacs-node`` app."""
+    """Add ``jobs``, ``run``, ``deliveries`` and ``results`` to the ``pacs-node`` app."""
     app.add_typer(jobs_app, name="jobs")
     app.command()(run)
     app.add_typer(deliveries_app, name="deliveries")
+    app.add_typer(results_app, name="results")

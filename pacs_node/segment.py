@@ -3,9 +3,12 @@
 Pure pipeline (paths in, files out): find the series among the given files and folders, load
 it as a Volume, run the model, write ``labels.nii.gz`` (the labels on the source grid, a NIfTI
 with the RAS affine of the Volume, array order x, y, z as dcm2niix and MONAI write) and
-``labels.json`` (``{"1": "liver", ...}``, vocabulary names, background left out), and then
-the result objects as the node would send them (:func:`pacs_node.results.build_results`), so a
-result can be inspected without a PACS::
+``labels.json`` (``{"1": "liver", ...}``, vocabulary names, background left out, and under
+``"quality"`` the quality gate's verdict with the model's default limits: ``{"verdict": "pass"
+| "fail", "failures": [{check, label, value, limit, message}]}``), and then the result objects
+as the node would send them (:func:`pacs_node.results.build_results`), so a result can be
+inspected without a PACS. ``segment`` sends nothing, so it holds nothing back: every output is
+written whatever the verdict::
 
     DIR/dicom/seg.dcm, sr.dcm, gsps.dcm, key-image-NN.dcm, pdf.dcm   what goes to the PACS
     DIR/alternates/seg-jpeg2000.dcm                                  the optional JPEG 2000 SEG
@@ -22,7 +25,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +38,9 @@ from pacs_node.imaging.volume import Volume, load_series
 from pacs_node.inference.anatomy import PATIENT_ADDED
 from pacs_node.inference.labelmap import Labelmap
 from pacs_node.inference.runner import Runner, Segmentation, ras_xyz_affine
+from pacs_node.quality.checks import Verdict, run_checks
 from pacs_node.results import OutputKind, ResultOptions, ResultSet, build_results
+from pacs_node.results.measurements import measure_labelmap
 
 LABELS_NIFTI = "labels.nii.gz"
 LABELS_JSON = "labels.json"
@@ -66,6 +71,7 @@ class SegmentReport:
     voxels: dict[str, int]
     results: tuple[Path, ...] = ()  # result files written, empty with results skipped
     notes: tuple[str, ...] = ()
+    verdict: Verdict = field(default_factory=Verdict)  # the gate's, with the model's limits
 
     def as_json(self) -> dict[str, object]:
         names = {spec.value: spec.name for spec in self.segmentation.labelmap.segments}
@@ -79,6 +85,7 @@ class SegmentReport:
             "voxels": self.voxels,
             "results": [str(path) for path in self.results],
             "notes": list(self.notes),
+            "quality": self.verdict.as_json(),
             "removed": [
                 {
                     "label": names.get(r.value, str(r.value)),
@@ -146,8 +153,11 @@ def choose_series(groups: dict[str, list[Path]], series_uid: str | None) -> tupl
     return uid, files
 
 
-def write_labels(volume: Volume, labelmap: Labelmap, out_dir: Path) -> tuple[Path, Path]:
-    """``labels.nii.gz`` on the Volume's grid and ``labels.json``, written atomically."""
+def write_labels(
+    volume: Volume, labelmap: Labelmap, out_dir: Path, verdict: Verdict | None = None
+) -> tuple[Path, Path]:
+    """``labels.nii.gz`` on the Volume's grid and ``labels.json`` (with the gate's verdict
+    under ``"quality"`` when given), written atomically."""
     import nibabel
 
     nib: Any = nibabel  # nibabel's annotations are partial
@@ -164,7 +174,11 @@ def write_labels(volume: Volume, labelmap: Labelmap, out_dir: Path) -> tuple[Pat
     tmp = out_dir / f".{LABELS_NIFTI}.tmp.nii.gz"
     nib.save(image, tmp)
     os.replace(tmp, nifti)
-    names = {str(s.value): s.name for s in sorted(labelmap.segments, key=lambda s: s.value)}
+    names: dict[str, Any] = {
+        str(s.value): s.name for s in sorted(labelmap.segments, key=lambda s: s.value)
+    }
+    if verdict is not None:
+        names["quality"] = verdict.as_json()
     labels_json = out_dir / LABELS_JSON
     tmp_json = out_dir / f".{LABELS_JSON}.tmp"
     tmp_json.write_text(json.dumps(names, indent=2) + "\n", encoding="utf-8")
@@ -240,7 +254,6 @@ def segment_paths(
     result = runner.segment(bundle.name, volume, progress=step)
     result.timings.decode = decode
     step("write")
-    nifti, labels_json = write_labels(volume, result.labelmap, out_dir)
     counts = np.bincount(result.labelmap.labels.ravel().astype(np.int64))
     voxels = {
         s.name: int(counts[s.value]) if s.value < counts.size else 0
@@ -248,10 +261,26 @@ def segment_paths(
     }
     removed = tuple(result.notes)  # what the model's anatomical rules took away
     if results is None:
-        return SegmentReport(uid, nifti, labels_json, result, voxels, notes=removed)
+        findings = measure_labelmap(volume, result.labelmap)
+        verdict = run_checks(volume, findings, bundle.quality, result.labelmap)
+        nifti, labels_json = write_labels(volume, result.labelmap, out_dir, verdict)
+        return SegmentReport(
+            uid, nifti, labels_json, result, voxels, notes=removed, verdict=verdict
+        )
     step("results")
-    built = build_results(volume, result.labelmap, result.model, results)
+    built = build_results(
+        volume, result.labelmap, result.model, replace(results, quality=bundle.quality)
+    )
+    verdict = built.verdict or Verdict()
+    nifti, labels_json = write_labels(volume, result.labelmap, out_dir, verdict)
     written = write_results(built, out_dir)
     return SegmentReport(
-        uid, nifti, labels_json, result, voxels, tuple(written), removed + built.notes
+        uid,
+        nifti,
+        labels_json,
+        result,
+        voxels,
+        tuple(written),
+        removed + built.notes,
+        verdict,
     )

@@ -1,8 +1,10 @@
 """Runs jobs: the one place that ties the stages together.
 
 A claimed job goes: the spooled files of its series -> :func:`load_series` -> the model
-(:class:`Runner`) -> :func:`build_results`, once -> the bytes stored (atomic files) and their
-``results`` rows -> one ``deliveries`` row per (result, destination) -> ``done``. Each stage is
+(:class:`Runner`) -> :func:`build_results`, once, with the quality gate of the job's route
+(:mod:`pacs_node.quality`) -> the bytes stored (atomic files) and their ``results`` rows -> one
+``deliveries`` row per (result, destination), held for an operator when the result failed the
+gate under ``qa: hold`` (:mod:`pacs_node.catalog.quality`) -> ``done``. Each stage is
 recorded on the job (stage, progress, seconds); a failure records the stage and the reason.
 
 Where it runs. Inference takes both cores for seconds and building results holds the GIL in
@@ -35,11 +37,11 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from multiprocessing.context import SpawnProcess
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
@@ -48,6 +50,7 @@ from pacs_node.catalog.db import Catalog, open_catalog
 from pacs_node.catalog.deliveries import create_deliveries
 from pacs_node.catalog.jobs import claim_job, fail_job, finish_job, requeue_orphans, set_progress
 from pacs_node.catalog.models import Instance, Job, JobState, Series, Study
+from pacs_node.catalog.quality import hold_for_quality, record_verdict
 from pacs_node.catalog.results import (
     FHIR_MEDIA_TYPE,
     StoredEncoding,
@@ -63,6 +66,7 @@ from pacs_node.redact import scrub_reason
 
 if TYPE_CHECKING:
     from pacs_node.inference.runner import Runner
+    from pacs_node.quality import QaMode, QualityLimits
     from pacs_node.results import ResultOptions, ResultSet
 
 log = logging.getLogger(__name__)
@@ -94,6 +98,7 @@ class JobInput:
 
     job_id: int
     model: str
+    rule: str | None
     study_uid: str
     calling_ae: str | None
     destinations: dict[str, list[str]]
@@ -144,6 +149,7 @@ def read_job(catalog: Catalog, settings: Settings, job_id: int) -> JobInput:
         return JobInput(
             job_id=job.id,
             model=job.model,
+            rule=job.rule,
             study_uid=study.study_uid,
             calling_ae=study.calling_ae,
             destinations=destinations,
@@ -174,6 +180,17 @@ def result_options(settings: Settings, destinations: dict[str, list[str]]) -> Re
         fhir_destinations=rules,
         jpeg2000_copy=settings.node.seg_jpeg2000_copy,
     )
+
+
+def quality_policy(settings: Settings, job: JobInput) -> tuple[QaMode, dict[str, Any] | None]:
+    """The gate for this job: its route's ``qa`` mode (hold for a job started by hand or by a
+    rule no longer configured) and the route's overrides of the model's limits."""
+    from pacs_node.quality import QaMode
+
+    rule = next((r for r in settings.routes.rules if r.name == job.rule), None)
+    if rule is None:
+        return QaMode.HOLD, None
+    return rule.qa, rule.qa_limits
 
 
 def stored_encodings(results: ResultSet, fhir_names: Sequence[str] = ()) -> list[StoredEncoding]:
@@ -258,7 +275,10 @@ def run_job(
         folder = attempt_folder(job_id, job.attempt)
         extra["study_uid"] = job.study_uid  # type: ignore[assignment]
         log.info("job started", extra={**extra, "model": job.model})
+        mode, overrides = quality_policy(settings, job)
         options = result_options(settings, job.destinations)
+        limits: QualityLimits | None = None
+        failures: list[dict[str, Any]] = []
         items: list[StoredEncoding] = []
         share = 0.9 / max(1, len(job.series))
         for index, (series_uid, paths) in enumerate(job.series.items()):
@@ -279,9 +299,16 @@ def run_job(
                 if name not in ("decode_s", "total_s"):
                     watch.add(name, seconds)
             stage("build", base + 0.6 * share)
+            if mode != "off" and limits is None:  # the model's limits, the route's overrides
+                from pacs_node.quality import merge_limits
+
+                limits = merge_limits(runner.registry.get(job.model).quality, overrides)
+                options = replace(options, quality=limits, quality_flag=mode == "flag")
             started = time.perf_counter()
             built = build_results(volume, segmentation.labelmap, segmentation.model, options)
             watch.add("build_s", time.perf_counter() - started)
+            if built.verdict is not None:
+                failures.extend(f.as_json() for f in built.verdict.failures)
             items.extend(stored_encodings(built, job.destinations.get("fhir", [])))
         stage("store", 0.9)
         started = time.perf_counter()
@@ -289,6 +316,10 @@ def run_job(
         with catalog.sessions.begin() as session:
             results = add_result_rows(session, job_id, items, relpaths)
             deliveries = create_deliveries(session, job_id, results, job.destinations)
+            verdict = None if limits is None else ("fail" if failures else "pass")
+            record_verdict(session, job_id, str(mode), verdict, failures)
+            if failures and mode == "hold":
+                hold_for_quality(session, job_id, failures)
             watch.add("store_s", time.perf_counter() - started)
             if not finish_job(
                 session,
@@ -301,7 +332,13 @@ def run_job(
                 raise Cancelled("store")
         log.info(
             "job done",
-            extra={**extra, "results": len(results), "deliveries": deliveries, **watch.as_json()},
+            extra={
+                **extra,
+                "results": len(results),
+                "deliveries": deliveries,
+                "quality": verdict or "off",
+                **watch.as_json(),
+            },
         )
         return JobState.DONE
     except Cancelled:

@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 REFUSED_REPORTS_COUNTER = "commitment_reports_refused"
 HELD_FOR_DESTINATION = "destination"
 HELD_FOR_PATIENT = "patient"
+HELD_FOR_QUALITY = "quality"  # see pacs_node.catalog.quality
 
 
 @dataclass(frozen=True)
@@ -525,13 +526,15 @@ def release_destination_holds(session: Session, resolvable: Callable[[str], bool
 
 
 def retry_delivery(session: Session, delivery_id: int) -> bool:
-    """held | dead -> pending now, attempts counted afresh (a person decided to try again)."""
+    """held | dead -> pending now, attempts counted afresh (a person decided to try again).
+    A result held by the quality gate is released as a whole (``results release``), not here."""
     now = utcnow()
     result = session.execute(
         update(Delivery)
         .where(
             Delivery.id == delivery_id,
             Delivery.state.in_([DeliveryState.HELD, DeliveryState.DEAD]),
+            or_(Delivery.held_for.is_(None), Delivery.held_for != HELD_FOR_QUALITY),
         )
         .values(
             state=DeliveryState.PENDING,

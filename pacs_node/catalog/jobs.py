@@ -248,6 +248,10 @@ class JobSummary:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    qa_mode: str | None = None
+    qa_verdict: str | None = None
+    qa_reasons: list[dict[str, Any]] | None = None
+    qa_decision: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The public shape of ``jobs --json``; fields are only ever added."""
@@ -267,7 +271,25 @@ class JobSummary:
             "created_at": self.created_at.isoformat(),
             "started_at": self.started_at.isoformat() if self.started_at else None,
             "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+            "quality": {
+                "mode": self.qa_mode,
+                "verdict": self.qa_verdict,
+                "failures": self.qa_reasons or [],
+                "decision": self.qa_decision,
+            },
         }
+
+    @property
+    def quality_text(self) -> str:
+        """The gate's state in a few words: a table cell."""
+        if self.qa_verdict is None:
+            return "off" if self.qa_mode == "off" else ""
+        text = self.qa_verdict
+        if self.qa_verdict == "fail":
+            text = f"fail ({self.qa_mode})" + (f" {self.qa_decision}" if self.qa_decision else "")
+            failed = ", ".join(f"{r['check']} {r['label']}".strip() for r in self.qa_reasons or [])
+            text += f": {failed}"
+        return text
 
 
 def list_jobs(session: Session, job_ids: Sequence[int] | None = None) -> list[JobSummary]:
@@ -291,6 +313,10 @@ def list_jobs(session: Session, job_ids: Sequence[int] | None = None) -> list[Jo
             created_at=job.created_at,
             started_at=job.started_at,
             finished_at=job.finished_at,
+            qa_mode=job.qa_mode,
+            qa_verdict=job.qa_verdict,
+            qa_reasons=json.loads(job.qa_reasons) if job.qa_reasons else None,
+            qa_decision=job.qa_decision,
         )
         for job, study_uid in session.execute(query).all()
     ]

@@ -90,13 +90,15 @@ class JobState(enum.StrEnum):
 
 class DeliveryState(enum.StrEnum):
     """pending -> sending -> delivered | pending (retry later) | held | dead;
-    held | dead -> pending by hand (``deliveries retry``) or when the hold's cause is gone."""
+    held | dead -> pending by hand (``deliveries retry``) or when the hold's cause is gone;
+    held for quality -> pending (``results release``) | rejected (``results reject``, final)."""
 
     PENDING = "pending"
     SENDING = "sending"
     DELIVERED = "delivered"
     HELD = "held"  # waits for a person or for config: no destination, unknown patient
     DEAD = "dead"  # permanent refusal or too many attempts; kept, listed, retryable by hand
+    REJECTED = "rejected"  # an operator rejected the result at the quality gate; never sent
 
 
 class Commitment(enum.StrEnum):
@@ -259,6 +261,13 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The quality gate: the route's mode (hold | flag | off), the verdict (pass | fail; None:
+    # not run), the failed checks (JSON list of {check, label, value, limit, message}) and an
+    # operator's decision on a held result (released | rejected).
+    qa_mode: Mapped[str | None] = mapped_column(String(8))
+    qa_verdict: Mapped[str | None] = mapped_column(String(8))
+    qa_reasons: Mapped[str | None] = mapped_column(Text)
+    qa_decision: Mapped[str | None] = mapped_column(String(16))
 
     __table_args__ = (Index("ix_jobs_state", "state"),)
 
@@ -311,7 +320,8 @@ class Delivery(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_error: Mapped[str | None] = mapped_column(Text)
-    # Why it is held: "destination" (none configured yet) or "patient" (unknown to the EHR).
+    # Why it is held: "destination" (none configured yet), "patient" (unknown to the EHR) or
+    # "quality" (the result failed the quality gate: an operator releases or rejects it).
     held_for: Mapped[str | None] = mapped_column(String(16))
     transfer_syntax_uid: Mapped[str | None] = mapped_column(UID)  # the encoding that was sent
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -1,5 +1,7 @@
 """An evaluation run: the model through the runner on every case, metrics per case and label,
-and the report files (metrics.json, report.md, box plots)."""
+the quality gate's verdict per case with the bundle's default limits (on labelled cases that
+are all plausible, every hold is a false hold), and the report files (metrics.json, report.md,
+box plots)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import numpy as np
 from pacs_node.evaluation.groundtruth import read_cases
 from pacs_node.evaluation.metrics import label_metrics
 from pacs_node.inference.runner import Runner
+from pacs_node.quality.checks import run_checks
+from pacs_node.results.measurements import measure_labelmap
 
 Progress = Callable[[int, str], None]
 _KEYS = ("dice", "iou", "hd95_mm", "asd_mm", "precision", "recall")
@@ -73,6 +77,8 @@ def evaluate(
         result = runner.segment(model, case.volume)
         seconds = time.perf_counter() - started
         labels = np.asarray(result.labelmap.labels)
+        findings = measure_labelmap(case.volume, result.labelmap)
+        verdict = run_checks(case.volume, findings, bundle.quality, result.labelmap)
         scores = {
             name: label_metrics(labels == model_values[name], mask, case.volume.spacing).as_json()
             for name, mask in case.masks.items()
@@ -85,6 +91,7 @@ def evaluate(
                 "spacing_mm": [round(s, 4) for s in case.volume.spacing],
                 "seconds": round(seconds, 2),
                 "labels": scores,
+                "quality": verdict.as_json(),
             }
         )
         if progress is not None:
@@ -95,7 +102,25 @@ def evaluate(
         "data": str(data),
         "cases": len(per_case),
         "summary": summarise(per_case),
+        "quality": quality_summary(per_case),
         "per_case": per_case,
+    }
+
+
+def quality_summary(per_case: list[dict[str, Any]]) -> dict[str, Any]:
+    """How many cases the gate would hold (all of them plausible: the false-hold rate), and
+    which checks failed how often."""
+    held = [c for c in per_case if c.get("quality", {}).get("verdict") == "fail"]
+    checks: dict[str, int] = {}
+    for case in held:
+        for failure in case["quality"]["failures"]:
+            key = f"{failure['check']}:{failure['label']}"
+            checks[key] = checks.get(key, 0) + 1
+    return {
+        "cases": len(per_case),
+        "held": len(held),
+        "false_hold_rate": round(len(held) / len(per_case), 4) if per_case else None,
+        "failed_checks": dict(sorted(checks.items())),
     }
 
 
@@ -121,6 +146,16 @@ def markdown(report: Mapping[str, Any]) -> str:
             f"{num(s['precision_mean'])} | {num(s['recall_mean'])} | "
             f"{num(s['volume_error_pct_mean'])} | {s['hd95_missing']} |"
         )
+    quality = report.get("quality")
+    if quality and quality.get("cases"):
+        failed = ", ".join(f"{k} ({v})" for k, v in quality["failed_checks"].items()) or "none"
+        lines += [
+            "",
+            (
+                f"Quality gate (default limits): {quality['held']} of {quality['cases']} cases "
+                f"held (false-hold rate {quality['false_hold_rate']:.2f}); failed checks: {failed}."
+            ),
+        ]
     names = list(report["summary"])
     lines += ["", "Per case Dice:", "", "| case | " + " | ".join(names) + " |"]
     lines.append("|---" * (len(names) + 1) + "|")

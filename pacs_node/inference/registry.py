@@ -50,6 +50,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import ValidationError
+
 from pacs_node.errors import BundleError, UnknownModel
 from pacs_node.imaging.postprocess import SegmentCleanup
 from pacs_node.imaging.preprocess import orientation_matrix
@@ -63,6 +65,7 @@ from pacs_node.inference.vocabulary import (
     CodedConcept,
     Structure,
 )
+from pacs_node.quality.limits import QUALITY_KEY, QualityLimits, limit_labels
 
 METADATA = Path("configs/metadata.json")
 INFERENCE = Path("configs/inference.json")
@@ -155,6 +158,7 @@ class Bundle:
     algorithm: str | None = None  # classical algorithm name
     metadata: Mapping[str, Any] = field(default_factory=dict)
     sha256: str = ""  # over every file of the bundle: see bundle_sha256
+    quality: QualityLimits = field(default_factory=QualityLimits)  # the gate's default limits
 
     @property
     def inference_config(self) -> Path:
@@ -543,6 +547,27 @@ def _anatomy(reader: _Reader, segments: tuple[SegmentSpec, ...]) -> AnatomyRules
     )
 
 
+def _quality(reader: _Reader, segments: tuple[SegmentSpec, ...]) -> QualityLimits:
+    """The quality gate's limits (``pacs_node.quality``), refused at load when a value is
+    wrong or a label is not one of the bundle's."""
+    key = f"{NODE_KEY}.{QUALITY_KEY}"
+    raw = reader.mapping(key) or {}
+    try:
+        limits = QualityLimits.model_validate(raw)
+    except ValidationError as exc:
+        raise reader.fail(key, _pydantic_reason(exc)) from exc
+    unknown = sorted(limit_labels(limits) - {s.name for s in segments})
+    if unknown:
+        raise reader.fail(key, f"names labels the bundle does not have: {', '.join(unknown)}")
+    return limits
+
+
+def _pydantic_reason(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or '(value)'}: {e['msg']}" for e in exc.errors()
+    )
+
+
 def _inferer(inference: Path) -> dict[str, Any]:
     """Plain values of the SlidingWindowInferer in inference.json (roi_size, overlap,
     sw_batch_size); expressions (``$...``, ``@...``) are left to the defaults."""
@@ -689,6 +714,7 @@ def load_bundle(root: Path) -> Bundle:
         algorithm=algorithm,
         metadata=data,
         sha256=bundle_sha256(root),
+        quality=_quality(reader, segments),
     )
 
 

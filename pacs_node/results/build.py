@@ -17,6 +17,7 @@ from pydicom import Dataset
 from pacs_node.errors import ResultsError
 from pacs_node.imaging.volume import Volume
 from pacs_node.inference.labelmap import Labelmap, ModelInfo
+from pacs_node.quality.checks import Verdict, run_checks
 from pacs_node.results.fhir import build_bundle, bundle_json, patient_search
 from pacs_node.results.measurements import Finding, measure_labelmap
 from pacs_node.results.options import OutputKind, ResultOptions
@@ -63,6 +64,7 @@ class ResultSet:
     # (ResultOptions.fhir_destinations): name -> (Bundle bytes, patient search).
     fhir_by_destination: Mapping[str, tuple[bytes, str]] = field(default_factory=dict)
     notes: tuple[str, ...] = field(default_factory=tuple)
+    verdict: Verdict | None = None  # the quality gate's, None when it did not run
 
     def of_kind(self, kind: OutputKind) -> tuple[StoredObject, ...]:
         return tuple(o for o in (*self.dicom, *self.alternates) if o.kind is kind)
@@ -92,13 +94,23 @@ def build_results(
 
     With nothing found there is no SEG to reference, so no SR, GSPS or key image either
     (highdicom's TID 1500 needs at least one measurement group): the PDF and the FHIR report
-    still say so, and ``notes`` records it.
+    still say so, and ``notes`` records it. With ``options.quality`` the gate's checks run on
+    the findings (``verdict``); with ``options.quality_flag`` a failed check is also named in
+    the SR, the PDF and the FHIR report.
     """
     options = options or ResultOptions()
     if not volume.headers:
         raise ResultsError("the volume has no source headers to reference")
     provenance = Provenance.of(volume, labelmap, model_info, options)
     findings = measure_labelmap(volume, labelmap)
+    verdict = (
+        run_checks(volume, findings, options.quality, labelmap)
+        if options.quality is not None
+        else None
+    )
+    flagged = (
+        verdict if verdict is not None and options.quality_flag and not verdict.passed else None
+    )
     numbering = segment_numbering(labelmap)
     objects: list[StoredObject] = []
     alternates: list[StoredObject] = []
@@ -120,19 +132,19 @@ def build_results(
         notes.append("no segment found: no SEG, SR, presentation state or key images")
     sr_uid = None
     if seg is not None:
-        sr = build_measurement_report(findings, seg, numbering, provenance)
+        sr = build_measurement_report(findings, seg, numbering, provenance, flagged=flagged)
         objects.insert(1, stored(OutputKind.SR, sr))
         sr_uid = str(sr.SOPInstanceUID)
     slices = key_slices(labelmap, findings, options.key_images or 4, every=False)
     pictures = [render_slice(volume, labelmap, z, findings, provenance) for z in slices]
-    pdf = build_pdf(findings, pictures, provenance)
+    pdf = build_pdf(findings, pictures, provenance, flagged=flagged)
     objects.append(stored(OutputKind.PDF, encapsulate_pdf(pdf, provenance)))
-    bundle = build_bundle(findings, pdf, provenance, sr_uid=sr_uid)
+    bundle = build_bundle(findings, pdf, provenance, sr_uid=sr_uid, flagged=flagged)
     by_destination: dict[str, tuple[bytes, str]] = {}
     for name, rules in options.fhir_destinations.items():
         theirs = replace(provenance, options=replace(options, fhir=rules))
         by_destination[name] = (
-            bundle_json(build_bundle(findings, pdf, theirs, sr_uid=sr_uid)),
+            bundle_json(build_bundle(findings, pdf, theirs, sr_uid=sr_uid, flagged=flagged)),
             patient_search(theirs),
         )
     log.info(
@@ -153,4 +165,5 @@ def build_results(
         patient_search=patient_search(provenance),
         fhir_by_destination=by_destination,
         notes=tuple(notes),
+        verdict=verdict,
     )

@@ -39,6 +39,7 @@ from pydicom import Dataset
 from pydicom.multival import MultiValue
 
 from pacs_node.inference.vocabulary import CodedConcept
+from pacs_node.quality.checks import FailedCheck, Verdict
 from pacs_node.results import codes
 from pacs_node.results.measurements import Finding, Measurement, Unmeasured
 from pacs_node.results.options import OutputKind
@@ -122,9 +123,26 @@ def _instant(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def conclusion(findings: Sequence[Finding], provenance: Provenance) -> str:
+QUALITY_PREFIX = "Quality check failed"
+
+
+def quality_failures(flagged: Verdict | None, finding: Finding) -> list[FailedCheck]:
+    """The failed checks that concern ``finding``'s label (a pair's check: both sides)."""
+    if flagged is None:
+        return []
+    name = finding.segment.name
+    return [
+        f
+        for f in flagged.failures
+        if f.label and name in (f.label, f"{f.label}_left", f"{f.label}_right")
+    ]
+
+
+def conclusion(
+    findings: Sequence[Finding], provenance: Provenance, flagged: Verdict | None = None
+) -> str:
     """One sentence per structure (its label as the PDF and legend show it, and its size), then
-    every warning."""
+    every warning; a result that failed the quality gate (``flagged``) says so first."""
     parts: list[str] = []
     warnings: list[str] = []
     for finding in findings:
@@ -135,8 +153,13 @@ def conclusion(findings: Sequence[Finding], provenance: Provenance) -> str:
         parts.append(f"{finding.label}: {size}." if size else f"{finding.label}: found.")
         warnings.extend(f"Warning: {w}." for w in finding.warnings())
     model = f"{provenance.algorithm.name} {provenance.algorithm.version}"
+    quality = (
+        [f"{QUALITY_PREFIX}: {'; '.join(flagged.sentences())}."]
+        if flagged is not None and flagged.failures
+        else []
+    )
     return f"AI segmentation by {model} (preliminary, verify before use). " + " ".join(
-        parts + warnings
+        quality + parts + warnings
     )
 
 
@@ -146,8 +169,11 @@ def build_bundle(
     provenance: Provenance,
     *,
     sr_uid: str | None,
+    flagged: Verdict | None = None,
 ) -> Bundle:
-    """The transaction Bundle; ``sr_uid`` (the SR's SOP Instance UID) identifies the report."""
+    """The transaction Bundle; ``sr_uid`` (the SR's SOP Instance UID) identifies the report;
+    ``flagged``: the quality checks the result failed, in the conclusion and as a note on
+    each Observation of a label they concern."""
     source = provenance.source
     options = provenance.options.fhir
     study_uid = provenance.study_uid
@@ -235,7 +261,15 @@ def build_bundle(
             entries.append(
                 _entry(
                     url,
-                    _observation(finding, measurement, uid, subject, urls, started),
+                    _observation(
+                        finding,
+                        measurement,
+                        uid,
+                        subject,
+                        urls,
+                        started,
+                        quality_failures(flagged, finding),
+                    ),
                     identifier_query(DICOM_UID_SYSTEM, _oid(uid)),
                 )
             )
@@ -251,7 +285,7 @@ def build_bundle(
         "issued": _instant(provenance.created),
         "imagingStudy": [{"reference": urls["study"]}],
         "result": [{"reference": url} for url in observation_urls],
-        "conclusion": conclusion(findings, provenance),
+        "conclusion": conclusion(findings, provenance, flagged),
         "presentedForm": [
             {
                 "contentType": "application/pdf",
@@ -314,6 +348,7 @@ def _observation(
     subject: dict[str, str],
     urls: dict[str, str],
     effective: str | None,
+    failed: Sequence[FailedCheck] = (),
 ) -> dict[str, Any]:
     structure = finding.segment.structure
     body_site: dict[str, Any] = {"coding": [coding(structure.type)], "text": finding.label}
@@ -340,7 +375,8 @@ def _observation(
         "derivedFrom": [{"reference": urls["study"]}],
         "device": {"reference": urls["device"]},
     }
-    notes = [f"Warning: {w}." for w in finding.warnings()]
+    notes = [f"{QUALITY_PREFIX} ({f.check}): {f.message}." for f in failed]
+    notes += [f"Warning: {w}." for w in finding.warnings()]
     if isinstance(measurement, Unmeasured):
         # R4: no value, and why (obs-6: dataAbsentReason only where value[x] is absent)
         observation["dataAbsentReason"] = {

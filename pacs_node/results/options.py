@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 
+from pacs_node.quality.limits import QualityLimits
+
 
 class OutputKind(StrEnum):
     """One result object kind; part of every UID we derive, and the key of its series number."""
@@ -64,6 +66,10 @@ class ResultOptions:
     fhir_destinations: Mapping[str, FhirOptions] = field(default_factory=dict)
     # When the objects are built; fixed in tests so output is reproducible. None: now (UTC).
     created: datetime | None = None
+    # The quality gate's limits (None: no gate) and whether a failed check is named in the
+    # SR, the PDF and the FHIR report (a route's ``qa: flag``).
+    quality: QualityLimits | None = None
+    quality_flag: bool = False
 
     def series_number(self, kind: OutputKind) -> int:
         return int(self.series_numbers.get(kind, DEFAULT_SERIES_NUMBERS.get(kind, 9000)))

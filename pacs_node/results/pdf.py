@@ -28,6 +28,7 @@ from reportlab.pdfbase import pdfmetrics  # type: ignore[import-untyped]
 from reportlab.pdfbase.ttfonts import TTFont  # type: ignore[import-untyped]
 from reportlab.pdfgen import canvas  # type: ignore[import-untyped]
 
+from pacs_node.quality.checks import Verdict
 from pacs_node.results.measurements import Finding, Measurement, Unmeasured
 from pacs_node.results.options import OutputKind
 from pacs_node.results.overlay import DISCLAIMER
@@ -71,8 +72,11 @@ def build_pdf(
     findings: Sequence[Finding],
     pictures: Sequence[Image.Image],
     provenance: Provenance,
+    *,
+    flagged: Verdict | None = None,
 ) -> bytes:
-    """The one-page summary as PDF bytes."""
+    """The one-page summary as PDF bytes; ``flagged``: the quality checks the result failed,
+    in a red box above the images, so nobody reads the numbers without them."""
     font = _font()
     buffer = io.BytesIO()
     page = canvas.Canvas(buffer, pagesize=A4, invariant=True, pageCompression=1)
@@ -112,6 +116,8 @@ def build_pdf(
         page.drawString(margin, y, text)
         y -= 12
     y -= 4
+    if flagged is not None and flagged.failures:
+        y = _quality_box(page, font, flagged, margin, y, width - 2 * margin)
     shown = list(pictures)[:_MAX_IMAGES]
     if shown:
         cell = (width - 2 * margin - 5 * mm) / _IMAGES_PER_ROW
@@ -134,6 +140,37 @@ def build_pdf(
     page.showPage()
     page.save()
     return buffer.getvalue()
+
+
+QUALITY_TITLE = "Quality check failed: read this result with care"
+
+
+def _quality_box(
+    page: canvas.Canvas, font: str, flagged: Verdict, x: float, y: float, width: float
+) -> float:
+    """A red-framed box naming every failed check; returns the y below it."""
+    lines = [
+        line
+        for failure in flagged.failures
+        for line in _wrap(f"- {failure.message}.", font, 8, width - 12)
+    ]
+    height = 16 + 10 * len(lines) + 6
+    page.setStrokeColor(colors.HexColor("#b00000"))
+    page.setFillColor(colors.HexColor("#fde8e8"))
+    page.setLineWidth(1.5)
+    page.rect(x, y - height, width, height, stroke=1, fill=1)
+    page.setFillColor(colors.HexColor("#b00000"))
+    page.setFont(font, 9.5)
+    page.drawString(x + 6, y - 13, QUALITY_TITLE)
+    page.setFont(font, 8)
+    line_y = y - 26
+    for line in lines:
+        page.drawString(x + 6, line_y, line)
+        line_y -= 10
+    page.setFillColor(colors.black)
+    page.setStrokeColor(colors.black)
+    page.setFont(font, 9)
+    return y - height - 8
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
 
 from pacs_node.imaging.volume import VolumeKind
+from pacs_node.quality.checks import Verdict
 from pacs_node.results import codes
 from pacs_node.results.measurements import Finding
 from pacs_node.results.options import OutputKind
@@ -59,14 +60,41 @@ def observer_context(provenance: Provenance) -> hd.sr.ObservationContext:
     )
 
 
+QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
+
+
+def quality_evaluations(flagged: Verdict) -> hd.sr.ContainerContentItem:
+    """TID 1500 row 12: the Qualitative Evaluations container, one TEXT item per failed
+    quality check (a radiologist reads why the result needs care)."""
+    container = hd.sr.ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    container.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.TextContentItem(
+                name=QUALITATIVE_EVALUATIONS,
+                value=f"Quality check failed ({failure.check}): {failure.message}."[:1024],
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+            for failure in flagged.failures
+        ],
+        is_root=False,
+        is_sr=True,
+    )
+    return container
+
+
 def build_measurement_report(
     findings: Sequence[Finding],
     segmentation: Dataset | None,
     numbering: SegmentNumbering,
     provenance: Provenance,
+    *,
+    flagged: Verdict | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The SR: one group per finding that has a SEG segment, referencing it (none without one:
-    a report that the model found nothing is still a report)."""
+    a report that the model found nothing is still a report). ``flagged``: the quality checks
+    the result failed, named in a Qualitative Evaluations container (TID 1500 row 12)."""
     volume = provenance.volume
     sources = utf8_sources(volume)
     algorithm_id = hd.sr.AlgorithmIdentification(
@@ -137,6 +165,8 @@ def build_measurement_report(
         imaging_measurements=groups,
         title=dcm_codes.DCM.ImagingMeasurementReport,
     )
+    if flagged is not None and flagged.failures:
+        report[0].ContentSequence.append(quality_evaluations(flagged))
     return hd.sr.Comprehensive3DSR(
         evidence=[*sources, segmentation] if segmentation is not None else sources,
         content=report,

@@ -32,6 +32,7 @@ from pacs_node.config import ENV_PREFIX, NODE_FILE, ROUTES_FILE, Settings
 from pacs_node.errors import ConfigError
 from pacs_node.inference.registry import ALLOWLIST_KEY, Registry
 from pacs_node.ingest.spool import Spool
+from pacs_node.quality.limits import limit_labels
 from pacs_node.routing.facts import study_facts
 from pacs_node.routing.plan import DEFAULT_SEND, plan_study
 from pacs_node.routing.rules import RoutesFile, RuleVerdict, SeriesFacts, route
@@ -65,15 +66,25 @@ def check_models(settings: Settings) -> None:
                 "a bundle runs code, only listed ones may run",
             )
     installed = set(registry.names())
+    by_name = {b.name: b for b in bundles}
     for index, rule in enumerate(settings.routes.rules):
+        source = str((settings.config_dir or Path(".")) / ROUTES_FILE)
         for model in rule.models:
             if model not in installed:
-                source = str((settings.config_dir or Path(".")) / ROUTES_FILE)
                 known = ", ".join(sorted(installed)) or "none"
                 raise ConfigError(
                     source,
                     f"rules[{index}].models",
                     f"model {model!r} is not installed in {settings.node.models_dir} ({known})",
+                )
+            unknown = sorted(
+                limit_labels(rule.qa_limits) - {s.name for s in by_name[model].segments}
+            )
+            if unknown:
+                raise ConfigError(
+                    source,
+                    f"rules[{index}].qa_limits",
+                    f"model {model!r} has no label {', '.join(unknown)}",
                 )
 
 

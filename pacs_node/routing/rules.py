@@ -38,6 +38,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pacs_node.quality.limits import QaMode, QualityLimits, merge_limits
 from pacs_node.routing.region import BodyRegion
 
 STRING_ATTRIBUTES = (
@@ -226,6 +227,15 @@ class RouteRule(BaseModel):
     models: tuple[str, ...] = Field(min_length=1)
     send: dict[str, tuple[str, ...]] = Field(default_factory=dict)
     on_change: OnChange = OnChange.REPROCESS
+    # The quality gate: hold (default) | flag | off, and limits that override the model's.
+    qa: QaMode = QaMode.HOLD
+    qa_limits: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("qa_limits")
+    @classmethod
+    def _valid_limits(cls, limits: dict[str, Any]) -> dict[str, Any]:
+        merge_limits(QualityLimits(), limits)  # raises, naming the key, when a value is wrong
+        return limits
 
     @field_validator("send")
     @classmethod

@@ -18,6 +18,7 @@ from pydicom import dcmread
 
 from pacs_node.imaging import Volume, VolumeKind
 from pacs_node.inference.labelmap import Labelmap, ModelInfo
+from pacs_node.quality.limits import QualityLimits
 from pacs_node.results import OutputKind, ResultOptions, ResultSet, build_results, codes
 from pacs_node.results.fhir import STRUCTURE_LATERALITY
 from pacs_node.results.overlay import legend_entries
@@ -67,13 +68,26 @@ def dciodvfy(data: bytes, tmp_path: Path) -> list[str]:
 Built = tuple[Volume, Labelmap, ResultSet]
 
 
-@pytest.fixture(scope="module", params=["ct-phantom", "radiograph", "ultrasound"])
+@pytest.fixture(scope="module", params=["ct-phantom", "radiograph", "ultrasound", "flagged"])
 def built(request: pytest.FixtureRequest) -> Built:
     """Every result of a CT series, of a DX radiograph (no Frame of Reference) and of one
-    ultrasound image (no Pixel Spacing), each with the JPEG 2000 SEG copy."""
+    ultrasound image (no Pixel Spacing), each with the JPEG 2000 SEG copy; and a torso whose
+    result failed the quality gate under ``qa: flag`` (the failed checks in the SR)."""
     if request.param == "ct-phantom":
         volume, labelmap, _ = request.getfixturevalue("study")
         return volume, labelmap, request.getfixturevalue("results")
+    if request.param == "flagged":
+        volume, labelmap, info = torso_study(kidney_on_wrong_side=True)
+        limits = QualityLimits.model_validate({"sizes": {"liver": [1, 2], "spine": [0, 1]}})
+        options = ResultOptions(
+            jpeg2000_copy=True, key_images=1, created=FIXED, quality=limits, quality_flag=True
+        )
+        flagged = build_results(volume, labelmap, info, options)
+        assert flagged.verdict is not None
+        assert [f.check for f in flagged.verdict.failures] == ["side_conflict", "size_range"]
+        (sr,) = flagged.of_kind(OutputKind.SR)
+        assert b"Quality check failed (side_conflict)" in sr.data
+        return volume, labelmap, flagged
     volume, labelmap, info = (
         radiograph_study() if request.param == "radiograph" else ultrasound_study()
     )

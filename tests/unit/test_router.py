@@ -193,6 +193,23 @@ def test_a_route_to_a_missing_model_stops_the_node_at_start(tmp_path: Path) -> N
     assert "'ct-torso-organs' is not installed" in caught.value.reason
 
 
+def test_route_limits_for_a_label_the_model_lacks_stop_the_node_at_start(tmp_path: Path) -> None:
+    shutil.copytree(MODELS / "ct-classical", tmp_path / "models" / "ct-classical")
+    rule = {"name": "ct", "models": ["ct-classical"], "qa": "flag"}
+    good = RoutesFile.model_validate(
+        {"rules": [{**rule, "qa_limits": {"sizes": {"bone": [1, 9]}}}]}
+    )
+    bad = RoutesFile.model_validate(
+        {"rules": [{**rule, "qa_limits": {"sides": {"liver": "right"}}}]}
+    )
+    node = NodeOptions(models_dir=tmp_path / "models")
+    check_models(Settings(node=node, routes=good, config_dir=tmp_path))
+    with pytest.raises(ConfigError) as caught:
+        check_models(Settings(node=node, routes=bad, config_dir=tmp_path))
+    assert caught.value.key == "rules[0].qa_limits"
+    assert "has no label liver" in caught.value.reason
+
+
 def _ours(paths: list[Path]) -> list[Path]:
     for path in paths:
         ds = pydicom.dcmread(path)

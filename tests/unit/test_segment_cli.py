@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -47,6 +48,7 @@ def test_segment_writes_labels_on_the_source_grid(tmp_path: Path) -> None:
         "2": "lung_left",
         "3": "lung_right",
         "4": "bone",
+        "quality": {"verdict": "pass", "failures": []},
     }
     image = nib.load(out / "labels.nii.gz")
     volume = load_series(sorted(series.iterdir()))
@@ -137,3 +139,36 @@ def test_models_lists_bundles_as_json(tmp_path: Path, broken: bool) -> None:
             ],
         }
     ]  # fmt: skip
+
+
+def test_segment_writes_everything_and_the_gate_verdict_beside_it(tmp_path: Path) -> None:
+    """segment sends nothing, so a failed gate holds nothing back: every output is written and
+    the verdict is in labels.json, in --json and in a readable line."""
+    models = tmp_path / "models"
+    shutil.copytree(MODELS / "ct-classical", models / "ct-classical")
+    meta = models / "ct-classical" / "configs" / "metadata.json"
+    data = json.loads(meta.read_text())
+    data.setdefault("pacs_node", {})["quality"] = {"sizes": {"body": [0, 1]}}
+    meta.write_text(json.dumps(data))
+    phantom = make_ct_phantom(22, shape=(12, 96, 96), spacing=(5.0, 4.0, 4.0))
+    series = tmp_path / "series"
+    write_phantom_series(phantom, series)
+    args = ("segment", "ct-classical", str(series), "--models-dir", str(models))
+    shown = pacs_node(*args, "--out", str(tmp_path / "a"))
+    assert shown.returncode == 0, shown.stderr
+    assert "quality gate: FAIL (1 checks" in shown.stderr
+    assert "size_range body: Body measures" in shown.stderr
+    labels = json.loads((tmp_path / "a" / "labels.json").read_text())
+    (failure,) = labels["quality"]["failures"]
+    assert labels["quality"]["verdict"] == "fail"
+    assert (failure["check"], failure["label"], failure["limit"]) == (
+        "size_range",
+        "body",
+        "[0, 1] mL",
+    )
+    written = {p.name for p in (tmp_path / "a" / "dicom").iterdir()}
+    assert {"seg.dcm", "sr.dcm", "gsps.dcm", "pdf.dcm"} <= written
+    assert (tmp_path / "a" / "fhir-bundle.json").is_file()
+    as_json = pacs_node(*args, "--out", str(tmp_path / "b"), "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout)["quality"] == labels["quality"]

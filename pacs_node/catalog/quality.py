@@ -1,0 +1,149 @@
+"""The quality gate's state in the catalog: each job's verdict, and the held results an operator
+releases or rejects.
+
+A job whose result fails the gate under ``qa: hold`` has its deliveries created ``held`` with
+``held_for = "quality"`` in the same transaction that stores the results, so the outbox never
+sees them pending. ``release`` makes them due now (the outbox sends them); ``reject`` ends
+them (``rejected``, never sent). Both act on the job id, since the gate judges one job's whole
+result, and both append a job event naming the actor.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from pacs_node.catalog.deliveries import HELD_FOR_QUALITY
+from pacs_node.catalog.jobs import add_job_event
+from pacs_node.catalog.models import Delivery, DeliveryState, Job, JobState, utcnow
+from pacs_node.redact import scrub_reason
+
+REJECTED_TEXT = "rejected at the quality gate"
+RELEASED = "released"
+REJECTED = "rejected"
+
+
+def reasons_text(failures: Sequence[dict[str, Any]]) -> str:
+    """The failed checks as one line: what a delivery's reason and a table show."""
+    return "quality: " + "; ".join(f"{f['check']} {f['label']}: {f['message']}" for f in failures)
+
+
+def record_verdict(
+    session: Session, job_id: int, mode: str, verdict: str | None, failures: list[dict[str, Any]]
+) -> None:
+    """The gate's verdict on a job (``verdict`` None: the gate is off), kept on the job row
+    and as a ``quality`` job event."""
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(
+            qa_mode=mode,
+            qa_verdict=verdict,
+            qa_reasons=json.dumps(failures) if failures else None,
+            qa_decision=None,
+        )
+    )
+    if verdict is not None:
+        add_job_event(
+            session,
+            job_id,
+            "quality",
+            mode=mode,
+            verdict=verdict,
+            failed=[f"{f['check']}:{f['label']}" for f in failures],
+        )
+
+
+def hold_for_quality(session: Session, job_id: int, failures: Sequence[dict[str, Any]]) -> int:
+    """Every pending delivery of the job -> held for quality; how many."""
+    reason = scrub_reason(reasons_text(failures))
+    result = session.execute(
+        update(Delivery)
+        .where(Delivery.job_id == job_id, Delivery.state == DeliveryState.PENDING)
+        .values(
+            state=DeliveryState.HELD,
+            held_for=HELD_FOR_QUALITY,
+            last_error=reason,
+            next_attempt_at=None,
+            updated_at=utcnow(),
+        )
+    )
+    count = int(result.rowcount)  # type: ignore[attr-defined]
+    if count:
+        add_job_event(session, job_id, "quality_held", deliveries=count)
+    return count
+
+
+def _held(job_id: int) -> Any:
+    return (
+        Delivery.job_id == job_id,
+        Delivery.state == DeliveryState.HELD,
+        Delivery.held_for == HELD_FOR_QUALITY,
+    )
+
+
+def release_result(session: Session, job_id: int, actor: str) -> int:
+    """A person judged the held result fit to send: its deliveries go out now; how many."""
+    now = utcnow()
+    result = session.execute(
+        update(Delivery)
+        .where(*_held(job_id))
+        .values(
+            state=DeliveryState.PENDING,
+            held_for=None,
+            last_error=None,
+            attempts=0,
+            next_attempt_at=now,
+            updated_at=now,
+        )
+    )
+    count = int(result.rowcount)  # type: ignore[attr-defined]
+    if count:
+        _decide(session, job_id, RELEASED)
+        add_job_event(session, job_id, "quality_released", by=actor, deliveries=count)
+    return count
+
+
+def reject_result(session: Session, job_id: int, actor: str, reason: str = "") -> int:
+    """A person rejected the held result: its deliveries are never sent; how many."""
+    now = utcnow()
+    text = REJECTED_TEXT  # who and why: in the job event
+    result = session.execute(
+        update(Delivery)
+        .where(*_held(job_id))
+        .values(
+            state=DeliveryState.REJECTED,
+            last_error=text,
+            next_attempt_at=None,
+            updated_at=now,
+        )
+    )
+    count = int(result.rowcount)  # type: ignore[attr-defined]
+    if count:
+        _decide(session, job_id, REJECTED)
+        add_job_event(
+            session, job_id, "quality_rejected", by=actor, reason=reason, deliveries=count
+        )
+    return count
+
+
+def _decide(session: Session, job_id: int, decision: str) -> None:
+    session.execute(
+        update(Job).where(Job.id == job_id, Job.state == JobState.DONE).values(qa_decision=decision)
+    )
+
+
+def held_jobs(session: Session) -> list[int]:
+    """Jobs with deliveries held for quality, oldest first."""
+    return list(
+        session.scalars(
+            select(Delivery.job_id)
+            .where(Delivery.state == DeliveryState.HELD, Delivery.held_for == HELD_FOR_QUALITY)
+            .distinct()
+            .order_by(Delivery.job_id)
+        )
+    )
