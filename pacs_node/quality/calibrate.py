@@ -18,9 +18,10 @@ is a plausible one); MODALITY ``demo`` checks the studies ``pacs-node demo`` sen
 
 How each limit follows from what the model gave (``n`` seeds):
 
-- ``sizes``: per label, [0.25 x the smallest, 1.5 x the largest] (series cover the torso
-  partly, so an organ may be cut; the floor is low on purpose, the ceiling is what catches a
-  lung in the air outside the patient);
+- ``sizes``: per label, [0.25 x the smallest whole one, 1.5 x the largest]: the floor only
+  from results the series did not cut (a cut organ is exempt from it, see
+  :mod:`~pacs_node.quality.checks`), none when every result was cut; the ceiling from all
+  (it catches a lung in the air outside the patient);
 - ``pair_ratio_max``: 1.5 x the largest left/right ratio seen between pairs the series did not
   cut (see :func:`cut_by_series`), at least 3;
 - ``sides``: an unpaired label whose centre lay on the same side of the midline in every seed;
@@ -95,6 +96,7 @@ def _size(finding: Finding) -> float | None:
 def derive(cases: list[tuple[Volume, Labelmap, tuple[Finding, ...]]]) -> dict[str, Any]:
     """The limits (as metadata.json holds them) from the model's results on ``cases``."""
     sizes: dict[str, list[float]] = {}
+    whole_sizes: dict[str, list[float]] = {}
     sides: dict[str, set[str]] = {}
     pieces: dict[str, int] = {}
     ratios: list[float] = [1.0]
@@ -111,6 +113,8 @@ def derive(cases: list[tuple[Volume, Labelmap, tuple[Finding, ...]]]) -> dict[st
             size = _size(finding)
             if size is not None:
                 sizes.setdefault(name, []).append(size)
+                if name in whole:
+                    whole_sizes.setdefault(name, []).append(size)
             side = finding.centroid_side
             if finding.segment.structure.laterality is None and name != "body":
                 sides.setdefault(name, set()).add(side.value if side is not None else "?")
@@ -137,7 +141,8 @@ def derive(cases: list[tuple[Volume, Labelmap, tuple[Finding, ...]]]) -> dict[st
     spread = max(abs(p[i] - reference[i]) for p in percentiles for i in range(len(PERCENTILES)))
     limits: dict[str, Any] = {
         "sizes": {
-            name: [round(0.25 * min(values), 1), round(1.5 * max(values), 1)]
+            name: {"max": round(1.5 * max(values), 1)}
+            | ({"min": round(0.25 * min(whole_sizes[name]), 1)} if whole_sizes.get(name) else {})
             for name, values in sorted(sizes.items())
         },
         "pair_ratio_max": round(max(3.0, 1.5 * max(ratios)), 2),

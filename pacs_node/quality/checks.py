@@ -13,13 +13,14 @@ Check ids::
     position_side     centre on the other side of the patient's midline than ``sides`` says
                       (within the midline band passes: a large organ may reach it)
     position_order    ``upper``'s centre not superior to ``lower``'s (``order``, 3D series)
-
-A 3D label cut by the series' first or last slice is a part of the organ: pairs and positions
-are not judged on it (its size still is, against a floor low enough for a part).
     fragmented        more separate pieces than ``max_components``
     coverage_slices   a label in fewer than ``min_slices`` inner slices of a long series
     coverage_image    a label (not the body) covering more than ``max_image_fraction``
     input_intensity   the input's percentiles far from the training renders' (``intensity``)
+
+A 3D label cut by the series' first or last slice is a part of the organ: pairs and positions
+are not judged on it, nor is its size against the range's floor (a part may be any size; the
+ceiling still holds).
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def _size(finding: Finding) -> tuple[float, str] | None:
     return None
 
 
-def _sizes(findings: Sequence[Finding], limits: QualityLimits) -> list[FailedCheck]:
+def _sizes(volume: Volume, findings: Sequence[Finding], limits: QualityLimits) -> list[FailedCheck]:
     out = []
     for finding in findings:
         normal = limits.sizes.get(finding.segment.name)
@@ -113,7 +114,8 @@ def _sizes(findings: Sequence[Finding], limits: QualityLimits) -> list[FailedChe
         if normal is None or size is None or not finding.present:
             continue
         value, unit = size
-        low = normal.min is not None and value < normal.min
+        part = cut_by_series(volume, finding)
+        low = normal.min is not None and value < normal.min and not part
         high = normal.max is not None and value > normal.max
         if low or high:
             word = "smaller" if low else "larger"
@@ -343,7 +345,7 @@ def run_checks(
     """Every check ``limits`` enables, on one result; a wrong side always counts."""
     failures = [
         *_sides(findings, limits),
-        *_sizes(findings, limits),
+        *_sizes(volume, findings, limits),
         *_pairs(volume, findings, limits),
         *_order(volume, findings, limits),
         *_components(findings, limits),

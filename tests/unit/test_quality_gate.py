@@ -20,7 +20,7 @@ from pydicom import dcmread
 from pacs_node.errors import BundleError
 from pacs_node.inference.labelmap import Labelmap
 from pacs_node.inference.registry import load_bundle
-from pacs_node.quality.checks import Verdict, run_checks
+from pacs_node.quality.checks import Verdict, cut_by_series, run_checks
 from pacs_node.quality.limits import QualityLimits, merge_limits
 from pacs_node.results import OutputKind, ResultOptions, build_results, measure_labelmap
 from pacs_node.routing.rules import RouteRule
@@ -53,7 +53,7 @@ def test_a_side_on_the_wrong_side_always_fails() -> None:
 
 def test_size_outside_the_normal_range() -> None:
     volume, labelmap, _ = torso_study()
-    findings = measure_labelmap(volume, labelmap)
+    findings = measure_labelmap(volume, _inner(labelmap, "lung_left"))
     lung = next(f for f in findings if f.segment.name == "lung_left")
     assert lung.volume_ml is not None
     inside = QualityLimits.model_validate(
@@ -67,6 +67,24 @@ def test_size_outside_the_normal_range() -> None:
     assert "smaller than the normal range" in verdict.failures[0].message
     large = QualityLimits.model_validate({"sizes": {"lung_left": [0, lung.volume_ml / 2]}})
     assert "larger" in run_checks(volume, findings, large).failures[0].message
+
+
+def test_a_part_cut_by_the_series_end_is_never_too_small() -> None:
+    """A short series holds part of an organ: the floor of its range does not apply to a label
+    the first or last slice cuts; the ceiling does."""
+    volume, labelmap, _ = torso_study()
+    findings = measure_labelmap(volume, labelmap)
+    part = next(
+        f for f in findings if f.present and f.segment.name != "body" and cut_by_series(volume, f)
+    )
+    assert part.volume_ml is not None
+    name = part.segment.name
+    floor = QualityLimits.model_validate({"sizes": {name: {"min": part.volume_ml * 10}}})
+    assert run_checks(volume, findings, floor).passed
+    ceiling = QualityLimits.model_validate({"sizes": {name: [0, part.volume_ml / 2]}})
+    assert _ids(run_checks(volume, findings, ceiling)) == [("size_range", name)]
+    whole = measure_labelmap(volume, _inner(labelmap, name))
+    assert _ids(run_checks(volume, whole, floor)) == [("size_range", name)]
 
 
 def test_an_unmeasurable_size_is_not_a_failure() -> None:
