@@ -13,7 +13,8 @@ runs the model on each through the DICOM path the node uses, and prints the limi
 stores them under ``pacs_node.quality`` in the bundle's ``configs/metadata.json``). The second
 runs the gate with the bundle's stored limits on the seeds given (the held-out set of ``make
 eval``) and prints how many results it would hold (the false-hold rate: every phantom result
-is a plausible one); MODALITY ``demo`` checks the studies ``pacs-node demo`` sends. Needs
+is a plausible one) and keeps the report in the bundle's ``eval/gate/`` for its model card;
+MODALITY ``demo`` checks the studies ``pacs-node demo`` sends. Needs
 ``models/`` on ``PYTHONPATH`` for the phantom generator.
 
 How each limit follows from what the model gave (``n`` seeds):
@@ -179,6 +180,16 @@ def write_limits(bundle_root: Path, limits: dict[str, Any], source: str) -> None
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
+def write_verdicts(bundle_root: Path, report: dict[str, Any]) -> Path:
+    """Keep a ``--check`` report beside the bundle's evaluations (``eval/gate/``), where the
+    model card reads the false-hold rates from."""
+    name = "_".join(s.replace(" ", "-") for s in report["sets"])
+    path = bundle_root / "eval" / "gate" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    return path
+
+
 def check(
     cases: list[tuple[Volume, Labelmap, tuple[Finding, ...]]], limits: QualityLimits
 ) -> dict[str, Any]:
@@ -216,8 +227,10 @@ def main(argv: list[str]) -> int:
     command = f"python -m pacs_node.quality.calibrate {' '.join(args)}"
     if "--check" in argv:
         report = check(cases, registry.get(model).quality)
+        report["sets"] = [" ".join(sets[at : at + 3]) for at in range(0, len(sets), 3)]
         report["command"] = f"{command} --check"
         sys.stdout.write(json.dumps(report, indent=1) + "\n")
+        write_verdicts(registry.get(model).root, report)
         return 0
     limits = derive(cases)
     sys.stdout.write(json.dumps(limits, indent=1) + "\n")

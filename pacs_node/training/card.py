@@ -171,6 +171,7 @@ def render_card(root: Path) -> str:
             *_table(report["summary"]),
             "",
         ]
+    lines += _quality(root, node.get("quality"), node.get("quality_note"))
     lines += [
         "## Known limits",
         "",
@@ -208,6 +209,91 @@ def render_card(root: Path) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _quality(root: Path, limits: dict[str, Any] | None, note: str | None) -> list[str]:
+    """The gate's default limits in words and its verdicts on phantom sets (``eval/gate/``,
+    written by ``python -m pacs_node.quality.calibrate ... --check``)."""
+    if not limits:
+        return []
+    sizes = ", ".join(
+        f"{name} {r.get('min', 0)}-{r['max']}" if isinstance(r, dict) else f"{name} {r[0]}-{r[1]}"
+        for name, r in sorted(limits.get("sizes", {}).items())
+    )
+    source = limits.get("intensity", {}).get("source", "")
+    lines = [
+        "## Quality gate",
+        "",
+        (
+            "Default limits (`pacs_node.quality` in configs/metadata.json), derived from this "
+            "model's results on phantom renders it was not trained on"
+            + (f" with `{source}`" if source else "")
+            + " (rules: `pacs_node/quality/calibrate.py`; a route may override them with "
+            "`qa_limits`):"
+        ),
+        "",
+        (
+            f"- normal sizes: {sizes or 'none'} (mL in 3D, cm2 on radiographs; no floor for an "
+            "organ the series' first or last slice cuts)"
+        ),
+        f"- left/right pairs: larger at most {limits.get('pair_ratio_max')} x the smaller",
+    ]
+    if limits.get("sides"):
+        lines.append(
+            "- sides: "
+            + ", ".join(f"{n} on the patient's {s}" for n, s in sorted(limits["sides"].items()))
+        )
+    if limits.get("order"):
+        lines.append(
+            "- above: " + ", ".join(f"{o['upper']} above {o['lower']}" for o in limits["order"])
+        )
+    if limits.get("max_components"):
+        lines.append(
+            "- at most pieces: "
+            + ", ".join(f"{n} {k}" for n, k in sorted(limits["max_components"].items()))
+        )
+    if limits.get("min_slices"):
+        lines.append(f"- a label in at least {limits['min_slices']} inner slices")
+    if limits.get("max_image_fraction") is not None:
+        lines.append(
+            f"- no label but the body over {limits['max_image_fraction']:.0%} of the image"
+        )
+    intensity = limits.get("intensity")
+    if intensity:
+        lines.append(
+            "- input percentiles "
+            + "/".join(f"P{p:g}" for p in intensity["percentiles"])
+            + ": "
+            + ", ".join(f"{v:g}" for v in intensity["reference"])
+            + f" +/- {intensity['tolerance']:g} (inside the body: HU on CT, else the image "
+            "scaled to its own 1st-99th percentile range)"
+        )
+    reports = sorted((root / "eval" / "gate").glob("*.json"))
+    if reports:
+        lines += [
+            "",
+            (
+                "Gate verdicts on phantom results (every one plausible, so every hold is a false "
+                "hold):"
+            ),
+            "",
+            (
+                "| renders (modality, seeds from, to) | held | false-hold rate | failed checks | "
+                "command |"
+            ),
+            "|---|---|---|---|---|",
+        ]
+        for path in reports:
+            report = json.loads(path.read_text(encoding="utf-8"))
+            failed = ", ".join(f"{k} ({v})" for k, v in report["failed_checks"].items())
+            lines.append(
+                f"| {'; '.join(report.get('sets', []))} | {report['held']} of {report['cases']} "
+                f"| {report['false_hold_rate']:.2f} | {failed or 'none'} | "
+                f"`{report['command']}` |"
+            )
+    if note:
+        lines += ["", note]
+    return [*lines, ""]
 
 
 def refresh_card(root: Path) -> None:
