@@ -15,8 +15,12 @@ import pytest
 from numpy.typing import NDArray
 from scipy import ndimage  # type: ignore[import-untyped,unused-ignore]
 
+from pacs_node.imaging.volume import load_series
+from pacs_node.inference.registry import Registry
+from pacs_node.inference.runner import Runner
 from tests.conftest import PACS_NODE, clean_env
 from tests.invesalius_head import HeadCT, write_head_ct
+from tests.overlays import save_overlay
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 
@@ -80,3 +84,13 @@ def test_ct_classical_on_a_real_head_ct(head: HeadCT, tmp_path: Path) -> None:
     # the sinuses and mastoid cells hold air inside the body, yet are not lungs
     assert report["voxels"]["lung_left"] == 0
     assert report["voxels"]["lung_right"] == 0
+    assert report["quality"] == {"verdict": "pass", "failures": []}
+
+
+def test_the_head_ct_overlay(head: HeadCT, tmp_path: Path) -> None:
+    """The key image of ct-classical's result on the head CT, at the orbits (bone, air in the
+    sinuses, the head rest below), kept as an artifact and as the README's picture."""
+    volume = load_series(head.paths)
+    segmentation = Runner(Registry(MODELS), threads=2).segment("ct-classical", volume)
+    path = save_overlay(volume, segmentation, tmp_path, "ct-classical-head-ct.png", z=20)
+    assert path.stat().st_size > 10_000

@@ -25,9 +25,12 @@ from pacs_node.inference.anatomy import (
 from pacs_node.inference.classical import patient_mask
 from pacs_node.inference.registry import Registry, load_bundle
 from pacs_node.inference.runner import Runner
+from pacs_node.quality.checks import run_checks
+from pacs_node.results import measure_labelmap
 from pacs_node.training.recipe import load_recipe
 from tests.conftest import PACS_NODE, clean_env
 from tests.corpus_series import stack_corpus_file
+from tests.overlays import save_overlay
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 SPACING = (5.0, 1.5, 1.5)
@@ -210,11 +213,22 @@ def test_ct_torso_organs_on_a_real_abdominal_ct(tmp_path: Path) -> None:
                for n in report["notes"])  # fmt: skip
 
 
+def test_the_real_ct_overlay(tmp_path: Path) -> None:
+    """The key image of ct-torso-organs on the corpus' abdominal CT slice (the stack's middle),
+    kept as an artifact and as the README's picture."""
+    paths = stack_corpus_file("explicit_VR-UN.dcm", tmp_path / "ct", 16, 5.0)
+    volume = load_series(paths)
+    result = Runner(Registry(MODELS), threads=2).segment("ct-torso-organs", volume)
+    path = save_overlay(volume, result, tmp_path, "ct-torso-organs-real-ct.png", z=8)
+    assert path.stat().st_size > 10_000
+
+
 def test_mr_torso_organs_on_a_real_abdominal_mr(tmp_path: Path) -> None:
     """The corpus' abdominal MR slice, 16 times: no lung beside the arm, outside the patient."""
     paths = stack_corpus_file("MR-SIEMENS-DICOM-WithOverlays.dcm", tmp_path / "mr", 16, 4.0)
     volume = load_series(paths)
     result = Runner(Registry(MODELS), threads=2).segment("mr-torso-organs", volume)
+    save_overlay(volume, result, tmp_path, "mr-torso-organs-real-mr.png", z=8)
     lungs = np.isin(result.labelmap.labels, [2, 3])
     # the patient independently of the model: signal above 15 % of the bright end, filled per
     # slice, its largest piece (the trunk)
@@ -224,3 +238,9 @@ def test_mr_torso_organs_on_a_real_abdominal_mr(tmp_path: Path) -> None:
     trunk = parts == np.argmax(np.bincount(parts.ravel())[1:]) + 1
     assert np.count_nonzero(lungs & ~trunk) == 0
     assert any(n.startswith("lung_") and "outside the body removed" in n for n in result.notes)
+    # the gate holds it: kidneys and lungs on the wrong sides (a model trained on plain T1/T2)
+    findings = measure_labelmap(volume, result.labelmap)
+    limits = Registry(MODELS).get("mr-torso-organs").quality
+    verdict = run_checks(volume, findings, limits, result.labelmap)
+    failed = {(f.check, f.label) for f in verdict.failures}
+    assert ("side_conflict", "kidney_left") in failed, verdict.sentences()

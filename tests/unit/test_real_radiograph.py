@@ -58,6 +58,7 @@ def test_rg1_gets_both_lung_fields_on_the_patients_own_sides(tmp_path: Path) -> 
     assert {f.segment.name for f in findings if f.present} == {"lung_left", "lung_right"}
     assert not any(f.side_conflict for f in findings)
     assert all(f.area_cm2 is None for f in findings)
+    assert report.verdict.passed, report.verdict.sentences()  # the gate lets it through
 
     # what a radiologist sees on the key image, kept beside the test's output
     provenance = Provenance.of(volume, labelmap, report.segmentation.model, ResultOptions())
