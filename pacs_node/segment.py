@@ -86,28 +86,23 @@ class SegmentReport:
             "results": [str(path) for path in self.results],
             "notes": list(self.notes),
             "quality": self.verdict.as_json(),
-            "removed": [
-                {
-                    "label": names.get(r.value, str(r.value)),
-                    "rule": r.rule,
-                    "voxels": r.voxels,
-                    "ml": r.ml,
-                }
-                for r in self.segmentation.removals
-                if r.rule != PATIENT_ADDED
-            ],
-            "added": [
-                {
-                    "label": names.get(r.value, str(r.value)),
-                    "rule": r.rule,
-                    "voxels": r.voxels,
-                    "ml": r.ml,
-                }
-                for r in self.segmentation.removals
-                if r.rule == PATIENT_ADDED
-            ],
+            "removed": self._changes(names, added=False),
+            "added": self._changes(names, added=True),
             "timings": self.segmentation.timings.as_json(),
         }
+
+    def _changes(self, names: dict[int, str], *, added: bool) -> list[dict[str, object]]:
+        """The anatomical rules' removals, or the one rule's additions, for ``--json``."""
+        return [
+            {
+                "label": names.get(r.value, str(r.value)),
+                "rule": r.rule,
+                "voxels": r.voxels,
+                "ml": r.ml,
+            }
+            for r in self.segmentation.removals
+            if (r.rule == PATIENT_ADDED) == added
+        ]
 
 
 def _files(paths: Iterable[Path]) -> list[Path]:
