@@ -295,7 +295,13 @@ def deliveries_retry(
     """Send a held or dead delivery again now (attempts counted afresh)."""
     from pacs_node.catalog.deliveries import retry_delivery
 
-    _transition(config, "delivery", delivery_id, retry_delivery, "that is held or dead")
+    _transition(
+        config,
+        "delivery",
+        delivery_id,
+        retry_delivery,
+        "that is held or dead (one the quality gate holds: `pacs-node results release JOB`)",
+    )
 
 
 def _default_actor() -> str:

@@ -303,7 +303,8 @@ def run_job(
                 from pacs_node.quality import merge_limits
 
                 limits = merge_limits(runner.registry.get(job.model).quality, overrides)
-                options = replace(options, quality=limits, quality_flag=mode == "flag")
+                # held ones too: released later, they reach the PACS with the failed checks named
+                options = replace(options, quality=limits, quality_flag=mode in ("flag", "hold"))
             started = time.perf_counter()
             built = build_results(volume, segmentation.labelmap, segmentation.model, options)
             watch.add("build_s", time.perf_counter() - started)

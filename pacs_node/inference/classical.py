@@ -115,7 +115,12 @@ def _dilate_mm(mask: NDArray[np.bool_], spacing: Spacing, radius_mm: float) -> N
     return result
 
 
-def fill_slices(mask: NDArray[np.bool_], *, close_field_edge: bool = False) -> NDArray[np.bool_]:
+def fill_slices(
+    mask: NDArray[np.bool_],
+    *,
+    close_field_edge: bool = False,
+    padded: NDArray[np.bool_] | None = None,
+) -> NDArray[np.bool_]:
     """2D hole filling per axial slice: lungs, airways and gas are enclosed in a slice even where
     they reach the outside in 3D (the airway through the larynx). All slices in one labelling of
     the background (in-plane 4-connectivity, as ``binary_fill_holes``): what does not reach a
@@ -124,18 +129,26 @@ def fill_slices(mask: NDArray[np.bool_], *, close_field_edge: bool = False) -> N
     ``close_field_edge``: where the patient is cut by the reconstructed field (a targeted or
     cardiac field), the field's edge between the first and last ``mask`` pixel along it counts
     as closed, so lung air that reaches the edge there is still inside the patient. The field is
-    the image's rectangle, or, in a slice with nothing outside it and the patient reaching it,
-    the reconstruction circle inscribed in the matrix (scanners pad beyond it): its four
-    quarter arcs then play the rectangle's four sides."""
+    the image's rectangle, or, in a slice ``padded`` says the scanner padded beyond the
+    reconstruction circle inscribed in the matrix (one value everywhere outside it) and where
+    the patient reaches that circle, the circle: its four quarter arcs then play the
+    rectangle's four sides. Without ``padded`` the circle is never used: real air outside it
+    cannot be told from padding by the mask alone."""
     structure = np.zeros((3, 3, 3), dtype=bool)
     structure[1] = ndimage.generate_binary_structure(2, 1)
-    circle = _reconstruction_circle(mask.shape[1:]) if close_field_edge else None
+    circle = (
+        _reconstruction_circle(mask.shape[1:])
+        if close_field_edge and padded is not None and padded.any()
+        else None
+    )
     round_slices: NDArray[np.bool_] = np.zeros(mask.shape[0], dtype=bool)
     if circle is not None:
         outside, arcs = circle
         ring = np.concatenate(arcs)
         touching = mask[:, ring[:, 0], ring[:, 1]].any(axis=1)
-        round_slices = np.asarray(~mask[:, outside].any(axis=1) & touching, dtype=bool)
+        round_slices = np.asarray(
+            np.asarray(padded, dtype=bool) & ~mask[:, outside].any(axis=1) & touching, dtype=bool
+        )
     blocked = outside[None] & round_slices[:, None, None] if circle is not None else None
     free = ~mask if blocked is None else ~mask & ~blocked
     background, count = ndimage.label(free, structure=structure)
@@ -204,7 +217,10 @@ def _components(mask: NDArray[np.bool_]) -> tuple[NDArray[np.int32], NDArray[np.
 
 
 def _body(
-    work: NDArray[np.float32], spacing: Spacing, close_field_edge: bool = False
+    work: NDArray[np.float32],
+    spacing: Spacing,
+    close_field_edge: bool = False,
+    padded: NDArray[np.bool_] | None = None,
 ) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
     """The body on the working grid (table removed, holes filled) and what was taken for the
     table (thin dense structures reaching beyond the body's margin)."""
@@ -227,7 +243,7 @@ def _body(
     foreign = np.unique(pieces[thin & ~near])
     table = np.isin(pieces, foreign[foreign > 0])
     restored = core | (thin & near & ~table)
-    return fill_slices(restored, close_field_edge=close_field_edge), table
+    return fill_slices(restored, close_field_edge=close_field_edge, padded=padded), table
 
 
 def _side_of(
@@ -339,13 +355,16 @@ def _full_resolution_body(
     f: tuple[int, int, int],
     work_spacing: Spacing,
     close_field_edge: bool = False,
+    padded: NDArray[np.bool_] | None = None,
 ) -> NDArray[np.bool_]:
     """The body at full resolution: the threshold decides the boundary, the working grid decides
     membership (and keeps the table out)."""
     margin = max(work_spacing) * 1.5
     allowed = _dilate_mm(body_work, work_spacing, margin) & ~(table_work & ~body_work)
     near_body = _upsample(allowed, f, hu.shape)
-    return fill_slices((hu > AIR_BODY_HU) & near_body, close_field_edge=close_field_edge)
+    return fill_slices(
+        (hu > AIR_BODY_HU) & near_body, close_field_edge=close_field_edge, padded=padded
+    )
 
 
 def patient_mask(
@@ -361,10 +380,28 @@ def patient_mask(
         raise ValueError(f"expected a (z, y, x) array, got shape {hu.shape}")
     f = _factors(spacing, work_mm)
     work_spacing = (spacing[0] * f[0], spacing[1] * f[1], spacing[2] * f[2])
-    body_work, table_work = _body(_block_mean(hu, f), work_spacing, close_field_edge=True)
+    padded = padded_slices(hu)
+    padded_work = np.logical_and.reduce(
+        np.pad(padded, (0, (-padded.size) % f[0]), mode="edge").reshape(-1, f[0]), axis=1
+    )
+    body_work, table_work = _body(
+        _block_mean(hu, f), work_spacing, close_field_edge=True, padded=padded_work
+    )
     if not body_work.any():
         return np.zeros(hu.shape, dtype=bool)
-    return _full_resolution_body(hu, body_work, table_work, f, work_spacing, close_field_edge=True)
+    return _full_resolution_body(
+        hu, body_work, table_work, f, work_spacing, close_field_edge=True, padded=padded
+    )
+
+
+def padded_slices(hu: NDArray[Any]) -> NDArray[np.bool_]:
+    """Per slice: one value everywhere outside the reconstruction circle inscribed in the
+    matrix, as scanners pad there (real air outside a patient is noisy)."""
+    circle = _reconstruction_circle(hu.shape[1:])
+    if circle is None or not circle[0].any():
+        return np.zeros(hu.shape[0], dtype=bool)
+    outside = np.asarray(hu)[:, circle[0]]
+    return np.asarray(outside.max(axis=1) == outside.min(axis=1), dtype=bool)
 
 
 def segment_ct(

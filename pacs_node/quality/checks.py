@@ -9,7 +9,8 @@ Check ids::
 
     side_conflict     a lateralised label's centre on the other side of the patient (always)
     size_range        volume (mL) or area (cm2) outside the label's normal range
-    pair_balance      left/right pair: larger over smaller above ``pair_ratio_max``
+    pair_balance      left/right pair: larger over smaller above ``pair_ratio_max``, or one
+                      side found whole and the other not at all
     position_side     centre on the other side of the patient's midline than ``sides`` says
                       (within the midline band passes: a large organ may reach it)
     position_order    ``upper``'s centre not superior to ``lower``'s (``order``, 3D series)
@@ -165,11 +166,36 @@ def _sides(findings: Sequence[Finding], limits: QualityLimits) -> list[FailedChe
     return out
 
 
+def _missing_sides(findings: Sequence[Finding], whole: dict[str, Finding]) -> list[FailedCheck]:
+    """One side of a pair found whole (the series covers its level) and the other not at all:
+    the model missed it, or the patient lacks it; either way a person should look."""
+    present = {f.segment.name for f in findings if f.present}
+    named = {f.segment.name: f for f in findings}
+    out = []
+    for name, found in whole.items():
+        for own, other in (_PAIRS, _PAIRS[::-1]):
+            if not name.endswith(own):
+                continue
+            partner = name[: -len(own)] + other
+            if partner in named and partner not in present:
+                out.append(
+                    FailedCheck(
+                        "pair_balance",
+                        name[: -len(own)],
+                        "one side absent",
+                        "both sides",
+                        f"{found.label} was found but {named[partner].label} was not: "
+                        "the model may have missed it",
+                    )
+                )
+    return out
+
+
 def _pairs(volume: Volume, findings: Sequence[Finding], limits: QualityLimits) -> list[FailedCheck]:
     if limits.pair_ratio_max is None:
         return []
     by_name = {f.segment.name: f for f in findings if f.present and not cut_by_series(volume, f)}
-    out = []
+    out = _missing_sides(findings, by_name)
     for name, left in by_name.items():
         if not name.endswith(_PAIRS[0]):
             continue
@@ -309,7 +335,7 @@ def input_percentiles(
     if volume.modality.upper() != "CT":
         low, high = np.percentile(voxels, [1.0, 99.0])
         inside = (inside - low) / max(float(high - low), 1e-6)
-    return [float(v) for v in np.percentile(inside, list(percentiles))]
+    return [float(v) for v in np.nanpercentile(inside, list(percentiles))]
 
 
 def _intensity(
@@ -318,9 +344,14 @@ def _intensity(
     if rule is None or volume.voxels.size == 0:
         return []
     measured = input_percentiles(volume, labelmap, rule.percentiles)
-    worst = max(range(len(measured)), key=lambda i: abs(measured[i] - rule.reference[i]), default=0)
+    finite = all(np.isfinite(measured))
+    worst = max(
+        range(len(measured)),
+        key=lambda i: abs(measured[i] - rule.reference[i]) if finite else 0.0,
+        default=0,
+    )
     off = abs(measured[worst] - rule.reference[worst])
-    if off <= rule.tolerance:
+    if finite and off <= rule.tolerance:  # no finite values at all: nothing the model knows
         return []
     p = rule.percentiles[worst]
     return [

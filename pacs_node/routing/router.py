@@ -32,7 +32,7 @@ from pacs_node.config import ENV_PREFIX, NODE_FILE, ROUTES_FILE, Settings
 from pacs_node.errors import ConfigError
 from pacs_node.inference.registry import ALLOWLIST_KEY, Registry
 from pacs_node.ingest.spool import Spool
-from pacs_node.quality.limits import limit_labels
+from pacs_node.quality.limits import limit_labels, merge_limits
 from pacs_node.routing.facts import study_facts
 from pacs_node.routing.plan import DEFAULT_SEND, plan_study
 from pacs_node.routing.rules import RoutesFile, RuleVerdict, SeriesFacts, route
@@ -77,9 +77,11 @@ def check_models(settings: Settings) -> None:
                     f"rules[{index}].models",
                     f"model {model!r} is not installed in {settings.node.models_dir} ({known})",
                 )
-            unknown = sorted(
-                limit_labels(rule.qa_limits) - {s.name for s in by_name[model].segments}
-            )
+            try:
+                merged = merge_limits(by_name[model].quality, rule.qa_limits)
+            except ValueError as exc:  # pydantic's names the key and the reason
+                raise ConfigError(source, f"rules[{index}].qa_limits", str(exc)) from exc
+            unknown = sorted(limit_labels(merged) - {s.name for s in by_name[model].segments})
             if unknown:
                 raise ConfigError(
                     source,

@@ -38,7 +38,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pacs_node.quality.limits import QaMode, QualityLimits, merge_limits
+from pacs_node.quality.limits import QaMode, QualityLimits
 from pacs_node.routing.region import BodyRegion
 
 STRING_ATTRIBUTES = (
@@ -234,7 +234,11 @@ class RouteRule(BaseModel):
     @field_validator("qa_limits")
     @classmethod
     def _valid_limits(cls, limits: dict[str, Any]) -> dict[str, Any]:
-        merge_limits(QualityLimits(), limits)  # raises, naming the key, when a value is wrong
+        # each key known here; the values are checked merged with each model's own limits at
+        # start (a partial override, say only the intensity tolerance, is valid only then)
+        unknown = sorted(set(limits) - set(QualityLimits.model_fields))
+        if unknown:
+            raise ValueError(f"unknown keys {unknown}; known: {sorted(QualityLimits.model_fields)}")
         return limits
 
     @field_validator("send")

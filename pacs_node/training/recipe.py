@@ -5,10 +5,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+)
 
 from pacs_node.errors import ConfigError
 from pacs_node.inference.vocabulary import BY_NAME
@@ -25,6 +33,16 @@ class Intensity(BaseModel):
     a_max: float = 1000.0
     lower: float = Field(1.0, ge=0, le=100)  # percentile: of the image's own values
     upper: float = Field(99.0, ge=0, le=100)
+
+    @model_serializer(mode="wrap")
+    def _only_what_the_kind_reads(self, handler: SerializerFunctionWrapHandler) -> Any:
+        """The percentiles only for the kind that reads them, so a bundle's recorded recipe
+        stays what it was for the other kinds."""
+        data = handler(self)
+        if self.kind != "percentile" and isinstance(data, dict):
+            data.pop("lower", None)
+            data.pop("upper", None)
+        return data
 
 
 class Network(BaseModel):

@@ -210,6 +210,25 @@ def test_route_limits_for_a_label_the_model_lacks_stop_the_node_at_start(tmp_pat
     assert "has no label liver" in caught.value.reason
 
 
+def test_route_limits_are_checked_merged_with_the_models_own(tmp_path: Path) -> None:
+    """A partial override (only the intensity tolerance) is valid once merged with the model's
+    limits; a wrong value stops the node at start, naming the route's key."""
+    shutil.copytree(MODELS / "ct-torso-organs", tmp_path / "models" / "ct-torso-organs")
+    rule = {"name": "ct", "models": ["ct-torso-organs"]}
+    node = NodeOptions(models_dir=tmp_path / "models")
+    tolerance = {"rules": [{**rule, "qa_limits": {"intensity": {"tolerance": 50}}}]}
+    check_models(
+        Settings(node=node, routes=RoutesFile.model_validate(tolerance), config_dir=tmp_path)
+    )
+    inverted = {"rules": [{**rule, "qa_limits": {"sizes": {"liver": [9, 1]}}}]}
+    with pytest.raises(ConfigError) as caught:
+        check_models(
+            Settings(node=node, routes=RoutesFile.model_validate(inverted), config_dir=tmp_path)
+        )
+    assert caught.value.key == "rules[0].qa_limits"
+    assert "min is larger than max" in caught.value.reason
+
+
 def _ours(paths: list[Path]) -> list[Path]:
     for path in paths:
         ds = pydicom.dcmread(path)
