@@ -135,12 +135,33 @@ def test_a_failed_result_is_held_then_released_or_rejected(
     rows = wait_for(settled, 60, interval=0.5, what="the released result in the PACS")
     sent = [d for d in rows if d["job_id"] == release_job]
     _check_in_orthanc(orthanc, released_uid, sent)
+    # built flagged while held: the radiologist sees the failed checks in what was released
+    (sr_row,) = [d for d in sent if d["kind"] == "sr"]
+    (text,) = _quality_texts(orthanc, sr_row["sop_instance_uid"])
+    assert text.startswith(QUALITY_TEXT)
     rejected = [d for d in rows if d["job_id"] == reject_job]
     assert {d["state"] for d in rejected} == {"rejected"}
     assert {d["last_error"] for d in rejected} == {"rejected at the quality gate"}
     assert orthanc.get("/statistics")["CountInstances"] == len(sent)
     decisions = {j["id"]: j["quality"]["decision"] for j in _json(node, "jobs")}
     assert decisions == {release_job: "released", reject_job: "rejected"}
+
+
+def _quality_texts(orthanc: OrthancProcess, sop_instance_uid: str) -> list[str]:
+    """The text items of the SR's Qualitative Evaluations container, as Orthanc stores it."""
+    (found,) = [
+        f
+        for f in orthanc.post("/tools/lookup", content=sop_instance_uid)
+        if f["Type"] == "Instance"
+    ]
+    raw = httpx.get(f"{orthanc.url}/instances/{found['ID']}/file", timeout=30)
+    sr = dcmread(io.BytesIO(raw.content))
+    return [
+        str(item.TextValue)
+        for container in sr.ContentSequence
+        if container.ConceptNameCodeSequence[0].CodeMeaning == "Qualitative Evaluations"
+        for item in container.ContentSequence
+    ]
 
 
 def test_a_flagged_result_reaches_the_pacs_and_the_ehr_with_the_failed_checks(
@@ -168,19 +189,7 @@ def test_a_flagged_result_reaches_the_pacs_and_the_ehr_with_the_failed_checks(
     rows = wait_for(delivered, 120, interval=0.5, what="every delivery")
     _check_in_orthanc(orthanc, study_uid, [d for d in rows if d["kind"] != "fhir"])
     (sr_row,) = [d for d in rows if d["kind"] == "sr"]
-    (found,) = [
-        f
-        for f in orthanc.post("/tools/lookup", content=sr_row["sop_instance_uid"])
-        if f["Type"] == "Instance"
-    ]
-    raw = httpx.get(f"{orthanc.url}/instances/{found['ID']}/file", timeout=30)
-    sr = dcmread(io.BytesIO(raw.content))
-    texts = [
-        item.TextValue
-        for container in sr.ContentSequence
-        if container.ConceptNameCodeSequence[0].CodeMeaning == "Qualitative Evaluations"
-        for item in container.ContentSequence
-    ]
+    texts = _quality_texts(orthanc, sr_row["sop_instance_uid"])
     assert len(texts) == 1
     assert texts[0].startswith(QUALITY_TEXT)
     assert "Body measures" in texts[0]
