@@ -13,7 +13,8 @@ runs the model on each through the DICOM path the node uses, and prints the limi
 stores them under ``pacs_node.quality`` in the bundle's ``configs/metadata.json``). The second
 runs the gate with the bundle's stored limits on the seeds given (the held-out set of ``make
 eval``) and prints how many results it would hold (the false-hold rate: every phantom result
-is a plausible one) and keeps the report in the bundle's ``eval/gate/`` for its model card;
+is a plausible one; ``MODALITY:SET`` renders one of ``python -m phantom``'s sets, such as
+``MR:sequences``) and keeps the report in the bundle's ``eval/gate/`` for its model card;
 MODALITY ``demo`` checks the studies ``pacs-node demo`` sends. Needs
 ``models/`` on ``PYTHONPATH`` for the phantom generator.
 
@@ -45,6 +46,7 @@ import sys
 import tempfile
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +76,13 @@ def render_volume(modality: str, seed: int) -> Volume:
             from pacs_node.demo import make_study
 
             return load_series(make_study(Path(folder), seed)[1])
+        if ":" in modality:  # MODALITY:SET, one of `python -m phantom`'s sets
+            from phantom.__main__ import SETS
+            from phantom.render import DEFAULTS, modality_key
+
+            modality, name = modality.split(":", 1)
+            ranges = replace(DEFAULTS[modality_key(modality)], **SETS[name])
+            return load_series(write_dicom(render(modality, seed, ranges), Path(folder)))
         return load_series(write_dicom(render(modality, seed), Path(folder)))
 
 
@@ -183,7 +192,7 @@ def write_limits(bundle_root: Path, limits: dict[str, Any], source: str) -> None
 def write_verdicts(bundle_root: Path, report: dict[str, Any]) -> Path:
     """Keep a ``--check`` report beside the bundle's evaluations (``eval/gate/``), where the
     model card reads the false-hold rates from."""
-    name = "_".join(s.replace(" ", "-") for s in report["sets"])
+    name = "_".join(s.replace(" ", "-").replace(":", "-") for s in report["sets"])
     path = bundle_root / "eval" / "gate" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
