@@ -273,8 +273,9 @@ def _quality(root: Path, limits: dict[str, Any] | None, note: str | None) -> lis
         lines += [
             "",
             (
-                "Gate verdicts on phantom results (every one plausible, so every hold is a false "
-                "hold):"
+                "Gate verdicts on phantom sets: on held-out renders and demo studies every "
+                "result is plausible, so every hold is a false hold; on a robustness set "
+                "(MODALITY:SET) the model may fail, and a hold may be a true one:"
             ),
             "",
             (
