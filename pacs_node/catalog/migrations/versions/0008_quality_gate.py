@@ -25,8 +25,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("jobs", schema=None) as batch_op:
-        batch_op.drop_column("qa_decision")
-        batch_op.drop_column("qa_reasons")
-        batch_op.drop_column("qa_verdict")
-        batch_op.drop_column("qa_mode")
+    # plain ALTER TABLE ... DROP COLUMN (SQLite 3.35 and later), not a batch rebuild: rebuilding
+    # `jobs` with foreign keys on would cascade its DROP TABLE to results and deliveries
+    for column in ("qa_decision", "qa_reasons", "qa_verdict", "qa_mode"):
+        op.drop_column("jobs", column)
