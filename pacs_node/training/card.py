@@ -279,7 +279,7 @@ def _quality(root: Path, limits: dict[str, Any] | None, note: str | None) -> lis
             ),
             "",
             (
-                "| renders (modality, seeds from, to) | held | false-hold rate | failed checks | "
+                "| renders (modality, seeds from, to) | held | hold rate | failed checks | "
                 "command |"
             ),
             "|---|---|---|---|---|",
