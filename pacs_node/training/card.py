@@ -278,10 +278,7 @@ def _quality(root: Path, limits: dict[str, Any] | None, note: str | None) -> lis
                 "(MODALITY:SET) the model may fail, and a hold may be a true one:"
             ),
             "",
-            (
-                "| renders (modality, seeds from, to) | held | hold rate | failed checks | "
-                "command |"
-            ),
+            ("| renders (modality, seeds from, to) | held | hold rate | failed checks | command |"),
             "|---|---|---|---|---|",
         ]
         for path in reports:

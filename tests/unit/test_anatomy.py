@@ -207,6 +207,10 @@ def test_ct_torso_organs_on_a_real_abdominal_ct(tmp_path: Path) -> None:
     assert not np.any(labels[table])
     lungs = np.count_nonzero(np.isin(labels, [2, 3])) * ml
     assert lungs < 50.0
+    assert report["quality"]["verdict"] == "fail"  # held: a speck of right lung
+    assert ("size_range", "lung_right") in {
+        (f["check"], f["label"]) for f in report["quality"]["failures"]
+    }
     removed = {(r["label"], r["rule"]): r["ml"] for r in report["removed"]}
     assert removed[("lung_left", OUTSIDE_BODY)] > 100.0
     assert any(n.startswith("lung_left: ") and "outside the body removed" in n
