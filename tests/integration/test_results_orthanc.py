@@ -84,7 +84,8 @@ def dciodvfy_warnings(path: Path) -> list[str]:
 
 def check_seg(seg: hd.seg.Segmentation, segmented: Segmented) -> None:
     """Segments, their codes and the referenced source images are those of the run."""
-    names = json.loads((segmented.out / "labels.json").read_text())
+    labels = json.loads((segmented.out / "labels.json").read_text())
+    names = {key: name for key, name in labels.items() if key.isdigit()}  # not "quality"
     assert seg.SegmentationType == "BINARY"
     assert seg.number_of_segments == len(names)
     for number, name in enumerate(names.values(), start=1):
