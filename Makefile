@@ -78,6 +78,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check pacs_node models tests bench
 	$(VENV)/bin/ruff format --check pacs_node models tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 # Full held-out and robustness evaluation of the built-in models (writes models/<name>/eval/)
 eval: $(STAMP)
@@ -90,4 +91,4 @@ bench: apt $(STAMP)
 	$(PY) bench/e2e.py
 
 clean:
-	rm -rf $(VENV) $(FHIR_VENV) var .cache .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(FHIR_VENV) var .cache .pytest_cache .mypy_cache .ruff_cache .import_linter_cache
