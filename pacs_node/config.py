@@ -23,7 +23,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from pacs_node.dispatch.destinations import (
+from pacs_node.aetitle import check_ae_title
+from pacs_node.destinations import (
     AnyDestination,
     Destination,
     DimseDestination,
@@ -40,18 +41,6 @@ ROUTES_FILE = "routes.yaml"
 
 _M = TypeVar("_M", bound=BaseModel)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-def check_ae_title(value: str) -> str:
-    """PS3.5 AE: 1-16 characters of the default repertoire, no backslash or control characters."""
-    title = value.strip()
-    if not title:
-        raise ValueError("an AE title cannot be empty")
-    if len(title) > 16:
-        raise ValueError(f"an AE title has at most 16 characters, got {len(title)}")
-    if any(ch == "\\" or ord(ch) < 0x20 or ord(ch) > 0x7E for ch in title):
-        raise ValueError("an AE title may hold printable ASCII only, without backslash")
-    return title
 
 
 class NodeOptions(BaseModel):

@@ -23,7 +23,7 @@ from pacs_node.assembly import Assembly
 from pacs_node.catalog.db import Catalog, open_catalog, sqlite_file
 from pacs_node.config import PEERS_FILE, Settings
 from pacs_node.datadir import make_private
-from pacs_node.dispatch.destinations import missing_secrets
+from pacs_node.destinations import missing_secrets
 from pacs_node.dispatch.dimse import recommitter
 from pacs_node.dispatch.outbox import Outbox
 from pacs_node.errors import ConfigError

@@ -15,7 +15,7 @@ from pynetdicom import AE, _config
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from pacs_node.config import check_ae_title
+from pacs_node.aetitle import check_ae_title
 
 log = logging.getLogger(__name__)
 

@@ -59,7 +59,7 @@ from pacs_node.catalog.results import (
     write_files,
 )
 from pacs_node.config import Settings
-from pacs_node.dispatch.destinations import SOURCE, FhirDestination, source_name
+from pacs_node.destinations import SOURCE, FhirDestination, source_name
 from pacs_node.errors import PacsNodeError
 from pacs_node.lifecycle import SignalPipe, exit_now, join_or_kill
 from pacs_node.redact import scrub_reason

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
 
-from pacs_node.dispatch.destinations import AnyDestination, DicomWebDestination
+from pacs_node.destinations import AnyDestination, DicomWebDestination
 from pacs_node.dispatch.dimse import classify_status
 from pacs_node.dispatch.handler import Delivered, Outcome, Parcel, Permanent, Transient
 from pacs_node.dispatch.http import Answer, classify_http, exchange, retry_after

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import parse_qsl
 
-from pacs_node.dispatch.destinations import AnyDestination, FhirDestination
+from pacs_node.destinations import AnyDestination, FhirDestination
 from pacs_node.dispatch.handler import Delivered, Held, Outcome, Parcel, Permanent, Transient
 from pacs_node.dispatch.http import Answer, classify_http, exchange, retry_after
 from pacs_node.errors import DeliveryError, PermanentDelivery

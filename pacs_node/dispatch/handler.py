@@ -10,13 +10,13 @@ catalog and never rebuild an object: they send the stored bytes named in ``encod
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
-from pacs_node.dispatch.destinations import AnyDestination
+from pacs_node.destinations import AnyDestination
 
 
 @dataclass(frozen=True)
@@ -67,12 +67,3 @@ class Handler(Protocol):
     batch_size: int  # parcels per call (per association, per request)
 
     def send(self, destination: AnyDestination, parcels: Sequence[Parcel]) -> list[Outcome]: ...
-
-
-def default_handlers(calling_ae: str) -> Mapping[str, Handler]:
-    """The built-in handlers by destination ``type``."""
-    from pacs_node.dispatch.dicomweb import StowHandler
-    from pacs_node.dispatch.dimse import CStoreHandler
-    from pacs_node.dispatch.fhir import FhirHandler
-
-    return {"dimse": CStoreHandler(calling_ae), "dicomweb": StowHandler(), "fhir": FhirHandler()}

@@ -63,13 +63,9 @@ from pacs_node.catalog.deliveries import (
 )
 from pacs_node.catalog.models import Commitment, utcnow
 from pacs_node.config import Settings
+from pacs_node.destinations import AnyDestination, DimseDestination
 from pacs_node.dispatch.commitment import peer_addresses
-from pacs_node.dispatch.destinations import (
-    AnyDestination,
-    DimseDestination,
-    Unresolved,
-    resolve,
-)
+from pacs_node.dispatch.destinations import Unresolved, resolve
 from pacs_node.dispatch.handler import (
     Delivered,
     Handler,
@@ -78,7 +74,6 @@ from pacs_node.dispatch.handler import (
     Parcel,
     Permanent,
     Transient,
-    default_handlers,
 )
 from pacs_node.errors import DeliveryError, PermanentDelivery
 
@@ -86,6 +81,15 @@ log = logging.getLogger(__name__)
 
 POLL_S = 0.5
 MAX_THREADS = 16
+
+
+def default_handlers(calling_ae: str) -> Mapping[str, Handler]:
+    """The built-in handlers by destination ``type``."""
+    from pacs_node.dispatch.dicomweb import StowHandler
+    from pacs_node.dispatch.dimse import CStoreHandler
+    from pacs_node.dispatch.fhir import FhirHandler
+
+    return {"dimse": CStoreHandler(calling_ae), "dicomweb": StowHandler(), "fhir": FhirHandler()}
 
 
 def node_id(settings: Settings) -> str:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pacs_node.catalog.models import RouteOutcome
-from pacs_node.dispatch.destinations import SOURCE
+from pacs_node.destinations import SOURCE
 from pacs_node.routing.rules import OnChange, RoutesFile, RuleVerdict, SeriesFacts, route
 
 DEFAULT_SEND: dict[str, tuple[str, ...]] = {

@@ -20,7 +20,7 @@ from pacs_node.catalog.jobs import queue_job
 from pacs_node.catalog.models import Study, utcnow
 from pacs_node.catalog.results import add_result_rows, write_files
 from pacs_node.config import NodeOptions, Settings
-from pacs_node.dispatch.destinations import DimseDestination
+from pacs_node.destinations import DimseDestination
 from pacs_node.dispatch.outbox import Outbox
 from pacs_node.results import ResultOptions, build_results
 from pacs_node.worker import results_dir, stored_encodings

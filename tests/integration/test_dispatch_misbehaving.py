@@ -22,7 +22,7 @@ from pacs_node.catalog.deliveries import list_deliveries
 from pacs_node.catalog.models import Delivery, utcnow
 from pacs_node.catalog.results import StoredEncoding
 from pacs_node.config import NodeOptions, Settings
-from pacs_node.dispatch.destinations import AnyDestination, DicomWebDestination, FhirDestination
+from pacs_node.destinations import AnyDestination, DicomWebDestination, FhirDestination
 from pacs_node.dispatch.outbox import Outbox
 from pacs_node.results import build_results
 from pacs_node.results.fhir import search_escape

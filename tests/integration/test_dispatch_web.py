@@ -14,7 +14,7 @@ from pacs_node.catalog.db import open_catalog
 from pacs_node.catalog.deliveries import list_deliveries, retry_delivery
 from pacs_node.catalog.jobs import queue_job
 from pacs_node.config import NodeOptions, Settings
-from pacs_node.dispatch.destinations import DicomWebDestination, FhirDestination
+from pacs_node.destinations import DicomWebDestination, FhirDestination
 from pacs_node.dispatch.outbox import Outbox
 from pacs_node.results import FhirOptions
 from pacs_node.worker import run_burst

@@ -16,7 +16,7 @@ from pacs_node.catalog.db import Catalog, open_catalog
 from pacs_node.catalog.models import Delivery, DeliveryState, JobEvent, utcnow
 from pacs_node.catalog.results import FHIR_MEDIA_TYPE, StoredEncoding
 from pacs_node.config import NodeOptions, Settings
-from pacs_node.dispatch.destinations import FhirDestination
+from pacs_node.destinations import FhirDestination
 from pacs_node.dispatch.outbox import Outbox
 from tests.catalog_factory import queue_stored_results
 from tests.conftest import free_port

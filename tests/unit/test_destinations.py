@@ -8,18 +8,17 @@ from pathlib import Path
 import pytest
 
 from pacs_node.config import load_settings
-from pacs_node.dispatch.destinations import (
+from pacs_node.destinations import (
     SOURCE,
     BasicAuth,
     BearerAuth,
     DicomWebDestination,
     DimseDestination,
     FhirDestination,
-    Unresolved,
     missing_secrets,
-    resolve,
     source_name,
 )
+from pacs_node.dispatch.destinations import Unresolved, resolve
 from pacs_node.errors import ConfigError
 
 PEERS = """

@@ -21,7 +21,7 @@ from pacs_node.catalog.deliveries import create_deliveries, list_deliveries, ret
 from pacs_node.catalog.models import Delivery, DeliveryState, utcnow
 from pacs_node.catalog.results import StoredEncoding
 from pacs_node.config import NodeOptions, PeerConfig, Settings
-from pacs_node.dispatch.destinations import AnyDestination, DimseDestination
+from pacs_node.destinations import AnyDestination, DimseDestination
 from pacs_node.dispatch.handler import Delivered, Held, Outcome, Parcel, Permanent, Transient
 from pacs_node.dispatch.outbox import Outbox, backoff_delay
 from tests.catalog_factory import queue_stored_results

@@ -17,7 +17,7 @@ from pacs_node.catalog.deliveries import list_deliveries
 from pacs_node.catalog.jobs import list_jobs, queue_job
 from pacs_node.catalog.models import Result
 from pacs_node.config import NodeOptions, PeerConfig, Settings
-from pacs_node.dispatch.destinations import FhirDestination
+from pacs_node.destinations import FhirDestination
 from pacs_node.worker import results_dir, run_burst
 from tests.catalog_factory import ingest
 from tests.dicom_factory import write_series
