@@ -40,15 +40,14 @@ from pynetdicom.association import Association
 
 from pacs_node.catalog.deliveries import commitment_refusal
 from pacs_node.catalog.models import Commitment
-from pacs_node.refs import CommitmentReport
+from pacs_node.commitment import (
+    REQUEST_COMMITMENT,
+    STORAGE_COMMITMENT_INSTANCE,
+    STORAGE_COMMITMENT_PUSH_MODEL,
+    parse_report,
+)
 
 log = logging.getLogger(__name__)
-
-STORAGE_COMMITMENT_PUSH_MODEL = "1.2.840.10008.1.20.1"
-STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"  # the well-known SOP Instance
-REQUEST_COMMITMENT = 1  # N-ACTION Action Type ID
-COMMITTED_ALL = 1  # N-EVENT-REPORT Event Type IDs
-FAILURES_EXIST = 2
 
 
 CONFIRMED = frozenset({None, Commitment.UNSUPPORTED.value, Commitment.COMMITTED.value})
@@ -144,22 +143,6 @@ def request_commitment(
     if report is None:
         return requested
     return _read_report(transaction_uid, uids, report)
-
-
-def parse_report(
-    transaction_uid: str, calling_ae: str, info: Dataset, peer_address: str | None = None
-) -> CommitmentReport:
-    """The instances an N-EVENT-REPORT's Event Information commits and refuses; who sent it
-    (AE title, address) decides later which deliveries it may settle."""
-    committed = tuple(
-        str(item.get("ReferencedSOPInstanceUID", ""))
-        for item in info.get("ReferencedSOPSequence", [])
-    )
-    failed = tuple(
-        (str(item.get("ReferencedSOPInstanceUID", "")), int(item.get("FailureReason", 0x0110)))
-        for item in info.get("FailedSOPSequence", [])
-    )
-    return CommitmentReport(calling_ae, transaction_uid, committed, failed, peer_address)
 
 
 def _read_report(transaction_uid: str, uids: list[str], report: Dataset) -> CommitmentAnswer:

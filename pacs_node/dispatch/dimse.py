@@ -21,14 +21,9 @@ from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
 
 from pacs_node.catalog.models import Commitment
+from pacs_node.commitment import STORAGE_COMMITMENT_PUSH_MODEL
 from pacs_node.destinations import AnyDestination, DimseDestination
-from pacs_node.dispatch.commitment import (
-    STORAGE_COMMITMENT_PUSH_MODEL,
-    CommitmentAnswer,
-    Reference,
-    Reports,
-    request_commitment,
-)
+from pacs_node.dispatch.commitment import CommitmentAnswer, Reference, Reports, request_commitment
 from pacs_node.dispatch.handler import Delivered, Outcome, Parcel, Permanent, Transient
 from pacs_node.errors import PermanentDelivery, TransientDelivery
 

@@ -28,13 +28,13 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from pacs_node.catalog.db import Catalog
 from pacs_node.catalog.models import utcnow
-from pacs_node.config import Settings
-from pacs_node.dispatch.commitment import (
+from pacs_node.commitment import (
     COMMITTED_ALL,
     FAILURES_EXIST,
     STORAGE_COMMITMENT_PUSH_MODEL,
     parse_report,
 )
+from pacs_node.config import Settings
 from pacs_node.errors import DataSetMismatch, IngestError, OutOfResources, UnreadableDataset
 from pacs_node.ingest.access import AccessPolicy
 from pacs_node.ingest.header import parse_identifiers, read_header

@@ -17,8 +17,9 @@ from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, build_role, evt
 
+from pacs_node.commitment import STORAGE_COMMITMENT_PUSH_MODEL
 from pacs_node.destinations import DimseDestination
-from pacs_node.dispatch.commitment import STORAGE_COMMITMENT_PUSH_MODEL, Reference
+from pacs_node.dispatch.commitment import Reference
 from pacs_node.dispatch.dimse import CStoreHandler
 from pacs_node.dispatch.handler import Delivered, Parcel, Transient
 from tests.conftest import NodeProcess, free_port, storescu, wait_for
