@@ -28,6 +28,7 @@ from pacs_node.dispatch.dimse import recommitter
 from pacs_node.dispatch.outbox import Outbox
 from pacs_node.errors import ConfigError
 from pacs_node.housekeeping import Housekeeping, finish_purges
+from pacs_node.ingest.header import skip_value_validation
 from pacs_node.ingest.reconcile import reconcile
 from pacs_node.ingest.recorder import CatalogRecorder
 from pacs_node.ingest.scp import StorageSCP
@@ -44,6 +45,7 @@ RESERVE_S = 5.0  # at most this much of a stop is kept for what follows the job 
 
 class Node:
     def __init__(self, settings: Settings) -> None:
+        skip_value_validation()  # the spool is read here too: reconcile, routing
         options = settings.node
         self.settings = settings
         make_private(options.data_dir, sqlite_file(options.catalog_url))

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pydicom.filereader import _read_file_meta_info, read_dataset
 from pydicom.uid import UID
@@ -14,6 +15,16 @@ from pydicom.uid import UID
 from pacs_node.errors import OutOfResources, UnreadableDataset
 from pacs_node.refs import InstanceHeader
 from pacs_node.uids import require_uid
+
+
+def skip_value_validation() -> None:
+    """Have pydicom read values without judging them, from now on in this process.
+
+    The catalog's attributes are read for the catalog, not judged: UIDs are checked by our own
+    rules, and pydicom's per-value validation warnings cost a third of the C-STORE handler's
+    time. The setting is pydicom's one process-wide mode, so each process that receives sets it
+    when it starts (the node, every SCP worker), and no import changes it."""
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 
 
 def _text(ds: Dataset, keyword: str, limit: int = 64) -> str | None:

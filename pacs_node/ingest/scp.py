@@ -18,7 +18,6 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -37,7 +36,7 @@ from pacs_node.commitment import (
 from pacs_node.config import Settings
 from pacs_node.errors import DataSetMismatch, IngestError, OutOfResources, UnreadableDataset
 from pacs_node.ingest.access import AccessPolicy
-from pacs_node.ingest.header import parse_identifiers, read_header
+from pacs_node.ingest.header import parse_identifiers, read_header, skip_value_validation
 from pacs_node.ingest.identity import IdentityGate
 from pacs_node.ingest.limits import Caps, SharedLimits
 from pacs_node.ingest.recorder import RecordSink
@@ -66,9 +65,6 @@ log = logging.getLogger(__name__)
 # idle connections included, must never refuse first.
 _PYNETDICOM_MAX_ASSOCIATIONS = 100_000
 
-# The catalog's attributes are read for the catalog, not judged: UIDs are checked by our own
-# rules and pydicom's per-value validation warnings cost a third of the handler's time.
-pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 REJECTED_COUNTER = "rejected_associations"
 FAILED_COUNTER = "failed_instances"
 # N-EVENT-REPORT failure statuses (PS3.7 10.1.1.1.8)
@@ -144,6 +140,7 @@ class StorageSCP:
         # settings are pynetdicom's process-wide ones: set by the process that runs the SCP,
         # never by importing this module.
         _config.UNRESTRICTED_STORAGE_SERVICE = True
+        skip_value_validation()
         install_received_files()
         ae = AE(ae_title=options.ae_title)
         ae.add_supported_context(Verification)
