@@ -11,6 +11,7 @@ from __future__ import annotations
 from pydicom import Dataset
 
 from pacs_node.refs import CommitmentReport
+from pacs_node.statuses import PROCESSING_FAILURE
 
 STORAGE_COMMITMENT_PUSH_MODEL = "1.2.840.10008.1.20.1"
 STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"  # the well-known SOP Instance
@@ -29,7 +30,10 @@ def parse_report(
         for item in info.get("ReferencedSOPSequence", [])
     )
     failed = tuple(
-        (str(item.get("ReferencedSOPInstanceUID", "")), int(item.get("FailureReason", 0x0110)))
+        (
+            str(item.get("ReferencedSOPInstanceUID", "")),
+            int(item.get("FailureReason", PROCESSING_FAILURE)),
+        )
         for item in info.get("FailedSOPSequence", [])
     )
     return CommitmentReport(calling_ae, transaction_uid, committed, failed, peer_address)

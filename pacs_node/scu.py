@@ -16,6 +16,7 @@ from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from pacs_node.aetitle import check_ae_title
+from pacs_node.statuses import SUCCESS, is_stored
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ def send(
                     break
                 status = assoc.send_c_store(item.path)
                 code = int(getattr(status, "Status", -1)) if status else -1
-                if code in (0x0000, 0xB000, 0xB007, 0xB006):
+                if is_stored(code):
                     report.sent += 1
                 else:
                     comment = str(getattr(status, "ErrorComment", "")) if status else ""
@@ -157,6 +158,6 @@ def echo(peer: Peer, calling_ae: str) -> float:
     finally:
         assoc.release()
     code = int(getattr(status, "Status", -1)) if status else -1
-    if code != 0:
+    if code != SUCCESS:
         raise ConnectionError(f"C-ECHO answered status 0x{code:04X}" if code >= 0 else "no reply")
     return time.perf_counter() - started

@@ -46,6 +46,7 @@ from pacs_node.commitment import (
     STORAGE_COMMITMENT_PUSH_MODEL,
     parse_report,
 )
+from pacs_node.statuses import PROCESSING_FAILURE, SUCCESS
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +75,12 @@ class Reports:
             uid = str(info.get("TransactionUID", ""))
         except (AttributeError, ValueError) as exc:  # an unreadable report: say so, keep nothing
             log.warning("unreadable N-EVENT-REPORT", extra={"reason": str(exc)})
-            return 0x0110, None
+            return PROCESSING_FAILURE, None
         info.EventTypeID = int(event.request.EventTypeID)
         with self._changed:
             self._received[uid] = info
             self._changed.notify_all()
-        return 0x0000, None
+        return SUCCESS, None
 
     def wait(self, transaction_uid: str, timeout_s: float) -> Dataset | None:
         with self._changed:
@@ -134,7 +135,7 @@ def request_commitment(
         log.warning("storage commitment request failed", extra={"reason": str(exc)})
         return CommitmentAnswer("", dict.fromkeys(uids, Commitment.REQUESTED))
     code = int(getattr(status, "Status", -1)) if status else -1
-    if code != 0x0000:
+    if code != SUCCESS:
         # The peer has the SOP class but will not commit for us (an AE it does not know, say):
         # it does not offer commitment to this node, and the C-STORE success is what we have.
         log.warning("storage commitment refused", extra={"status": f"0x{code:04X}"})

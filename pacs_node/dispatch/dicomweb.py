@@ -34,6 +34,7 @@ from pacs_node.dispatch.dimse import classify_status
 from pacs_node.dispatch.handler import Delivered, Outcome, Parcel, Permanent, Transient
 from pacs_node.dispatch.http import Answer, classify_http, exchange, retry_after
 from pacs_node.errors import PermanentDelivery
+from pacs_node.statuses import PROCESSING_FAILURE
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,6 @@ REFERENCED_SOP_SEQUENCE = "00081199"
 FAILED_SOP_SEQUENCE = "00081198"
 REFERENCED_SOP_INSTANCE_UID = "00081155"
 FAILURE_REASON = "00081197"
-PROCESSING_FAILURE = 0x0110
 PER_INSTANCE_STATUSES = frozenset({200, 202, 409})
 
 

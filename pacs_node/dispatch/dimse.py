@@ -26,6 +26,7 @@ from pacs_node.destinations import AnyDestination, DimseDestination
 from pacs_node.dispatch.commitment import CommitmentAnswer, Reference, Reports, request_commitment
 from pacs_node.dispatch.handler import Delivered, Outcome, Parcel, Permanent, Transient
 from pacs_node.errors import PermanentDelivery, TransientDelivery
+from pacs_node.statuses import is_refused_for_good, is_stored
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +34,14 @@ log = logging.getLogger(__name__)
 _config.STORE_SEND_CHUNKED_DATASET = True
 
 MAX_CONTEXTS = 128
-SUCCESS_OR_WARNING = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
 
 
 def classify_status(code: int, comment: str = "") -> Outcome:
     """A C-STORE response status as an outcome (PS3.4 Annex B.2.3)."""
-    if code in SUCCESS_OR_WARNING:
+    if is_stored(code):
         return Delivered()
     what = f"C-STORE status 0x{code:04X}" + (f" {comment}" if comment else "")
-    if code == 0x0122 or 0xA900 <= code <= 0xA9FF or 0xC000 <= code <= 0xCFFF:
+    if is_refused_for_good(code):
         return Permanent(what)  # SOP class refused, data set does not match, cannot understand
     return Transient(what)  # out of resources (0xA7xx), busy, anything else the peer may fix
 

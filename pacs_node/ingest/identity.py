@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 
 from pacs_node.catalog.quarantine import HeldUIDs, being_removed, lookup_one, patient_key
 from pacs_node.errors import IdentityConflict, ResendRefused, StudyBeingRemoved
-from pacs_node.ingest.statuses import SUCCESS
+from pacs_node.statuses import SUCCESS
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection

@@ -41,7 +41,7 @@ from pacs_node.ingest.identity import IdentityGate
 from pacs_node.ingest.limits import Caps, SharedLimits
 from pacs_node.ingest.recorder import RecordSink
 from pacs_node.ingest.spool import Spool
-from pacs_node.ingest.statuses import SUCCESS, status_for
+from pacs_node.ingest.statuses import status_for
 from pacs_node.ingest.transport import (
     LOCAL_LIMIT_COUNTER,
     LOCAL_LIMIT_EXCEEDED,
@@ -57,6 +57,7 @@ from pacs_node.ingest.transport import (
     received_file,
 )
 from pacs_node.refs import InstanceRef
+from pacs_node.statuses import NO_SUCH_EVENT_TYPE, NO_SUCH_SOP_CLASS, PROCESSING_FAILURE, SUCCESS
 from pacs_node.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,6 @@ _PYNETDICOM_MAX_ASSOCIATIONS = 100_000
 
 REJECTED_COUNTER = "rejected_associations"
 FAILED_COUNTER = "failed_instances"
-# N-EVENT-REPORT failure statuses (PS3.7 10.1.1.1.8)
-_PROCESSING_FAILURE, _NO_SUCH_EVENT_TYPE, _NO_SUCH_SOP_CLASS = 0x0110, 0x0113, 0x0118
 
 
 def _failure(status: int, comment: str) -> Dataset:
@@ -301,9 +300,9 @@ class StorageSCP:
         calling_ae = str(event.assoc.requestor.ae_title).strip()
         request: Any = event.request
         if str(request.AffectedSOPClassUID) != STORAGE_COMMITMENT_PUSH_MODEL:
-            return _NO_SUCH_SOP_CLASS, None
+            return NO_SUCH_SOP_CLASS, None
         if int(request.EventTypeID) not in (COMMITTED_ALL, FAILURES_EXIST):
-            return _NO_SUCH_EVENT_TYPE, None
+            return NO_SUCH_EVENT_TYPE, None
         try:
             info: Any = event.event_information
             transaction_uid = str(info.TransactionUID)
@@ -316,7 +315,7 @@ class StorageSCP:
                 "unreadable storage commitment report",
                 extra={"calling_ae": calling_ae, "reason": str(exc)},
             )
-            return _PROCESSING_FAILURE, None
+            return PROCESSING_FAILURE, None
         self.recorder.commitment_report(report)
         log.info(
             "storage commitment report received",
@@ -335,7 +334,7 @@ class StorageSCP:
             "storage commitment request refused: the node is not a Storage Commitment SCP",
             extra={"calling_ae": str(event.assoc.requestor.ae_title).strip()},
         )
-        return _PROCESSING_FAILURE, None
+        return PROCESSING_FAILURE, None
 
     def _on_store(self, event: evt.Event) -> int | Dataset:
         calling_ae = str(event.assoc.requestor.ae_title).strip()

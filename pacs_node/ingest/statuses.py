@@ -1,4 +1,7 @@
-"""The one table from ingest errors to C-STORE statuses (PS3.4 Annex B.2.3, PS3.7 C)."""
+"""The one table from ingest errors to C-STORE statuses (PS3.4 Annex B.2.3, PS3.7 C): every
+status the node's SCP answers a C-STORE with, and no other name (docs/conformance.md 4.4 lists
+them). The standard's numbers are named in :mod:`pacs_node.statuses`; the node's own low bytes
+here."""
 
 from __future__ import annotations
 
@@ -13,14 +16,30 @@ from pacs_node.errors import (
     StudyBeingRemoved,
     UnreadableDataset,
 )
+from pacs_node.statuses import (
+    CANNOT_UNDERSTAND,
+    DATASET_MISMATCH,
+    OUT_OF_RESOURCES,
+    PROCESSING_FAILURE,
+    SUCCESS,
+)
 
-SUCCESS = 0x0000
-# Failure: Refused: Out of Resources
-OUT_OF_RESOURCES = 0xA700
-# Failure: Error: Data Set does not match SOP Class
-DATASET_MISMATCH = 0xA900
+__all__ = [
+    "CANNOT_UNDERSTAND",
+    "CANNOT_UNDERSTAND_INVALID_UID",
+    "CANNOT_UNDERSTAND_MISSING_UID",
+    "CANNOT_UNDERSTAND_UNREADABLE",
+    "DATASET_MISMATCH",
+    "IDENTITY_CONFLICT",
+    "OUT_OF_RESOURCES",
+    "OUT_OF_RESOURCES_STUDY_BEING_REMOVED",
+    "PROCESSING_FAILURE",
+    "RESEND_REFUSED",
+    "SUCCESS",
+    "status_for",
+]
+
 # Failure: Error: Cannot understand (0xC000-0xCFFF); the low byte says what we could not read.
-CANNOT_UNDERSTAND = 0xC000
 CANNOT_UNDERSTAND_UNREADABLE = 0xC001
 CANNOT_UNDERSTAND_MISSING_UID = 0xC002
 CANNOT_UNDERSTAND_INVALID_UID = 0xC003
@@ -31,8 +50,6 @@ OUT_OF_RESOURCES_STUDY_BEING_REMOVED = 0xA710
 IDENTITY_CONFLICT = 0xC010
 # ... or a SOP Instance already held came again with other bytes (resend_policy: reject).
 RESEND_REFUSED = 0xC011
-# Failure: Processing failure (an unexpected error of ours; the association goes on)
-PROCESSING_FAILURE = 0x0110
 
 _TABLE: tuple[tuple[type[IngestError], int], ...] = (
     (StudyBeingRemoved, OUT_OF_RESOURCES_STUDY_BEING_REMOVED),
