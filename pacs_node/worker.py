@@ -62,6 +62,7 @@ from pacs_node.config import Settings
 from pacs_node.destinations import SOURCE, FhirDestination, source_name
 from pacs_node.errors import PacsNodeError
 from pacs_node.lifecycle import SignalPipe, exit_now, join_or_kill
+from pacs_node.outputs import OutputKind, kind_of_route_key
 from pacs_node.redact import scrub_reason
 
 if TYPE_CHECKING:
@@ -121,11 +122,6 @@ class Stopwatch:
         return {**self.seconds, "total_s": round(total, 4)}
 
 
-def _kind_key(kind: str) -> str:
-    """routes.yaml spells output kinds with ``_`` (key_images), OutputKind with ``-``."""
-    return kind.replace("_", "-")
-
-
 def read_job(catalog: Catalog, settings: Settings, job_id: int) -> JobInput:
     with catalog.sessions() as session:
         job, study = session.execute(
@@ -140,7 +136,9 @@ def read_job(catalog: Catalog, settings: Settings, job_id: int) -> JobInput:
         ).all()
         raw: dict[str, list[str]] = json.loads(job.destinations)
         destinations = {
-            _kind_key(kind): [source_name(study.calling_ae) if n == SOURCE else n for n in names]
+            kind_of_route_key(kind): [
+                source_name(study.calling_ae) if n == SOURCE else n for n in names
+            ]
             for kind, names in raw.items()
         }
         series: dict[str, list[Path]] = {uid: [] for uid in wanted}
@@ -166,7 +164,7 @@ def result_options(settings: Settings, destinations: dict[str, list[str]]) -> Re
 
     base = FhirOptions()
     rules: dict[str, FhirOptions] = {}
-    for name in destinations.get("fhir", []):
+    for name in destinations.get(OutputKind.FHIR, []):
         dest = settings.destinations.get(name)
         if isinstance(dest, FhirDestination):
             rules[name] = FhirOptions(
@@ -198,8 +196,6 @@ def stored_encodings(results: ResultSet, fhir_names: Sequence[str] = ()) -> list
     becomes a second encoding of the primary object of its kind. Each FHIR destination gets
     the Bundle built under its own rules; the default Bundle is kept for ``fhir_names`` that
     have none (not configured yet) or when there is no per-destination one."""
-    from pacs_node.results import OutputKind
-
     items = [
         StoredEncoding(
             kind=str(o.kind),
@@ -310,7 +306,7 @@ def run_job(
             watch.add("build_s", time.perf_counter() - started)
             if built.verdict is not None:
                 failures.extend(f.as_json() for f in built.verdict.failures)
-            items.extend(stored_encodings(built, job.destinations.get("fhir", [])))
+            items.extend(stored_encodings(built, job.destinations.get(OutputKind.FHIR, [])))
         stage("store", 0.9)
         started = time.perf_counter()
         relpaths = write_files(results_dir(settings), folder, items, fsync=settings.node.fsync)

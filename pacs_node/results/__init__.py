@@ -5,9 +5,10 @@ out; no catalog, no network. :func:`build_results` makes them all once, as store
 
 from __future__ import annotations
 
+from pacs_node.outputs import OutputKind
 from pacs_node.results.build import ResultSet, StoredObject, build_results
 from pacs_node.results.measurements import Finding, Measurement, Side, measure_labelmap
-from pacs_node.results.options import FhirOptions, OutputKind, ResultOptions
+from pacs_node.results.options import FhirOptions, ResultOptions
 
 __all__ = [
     "FhirOptions",

@@ -17,10 +17,11 @@ from pydicom import Dataset
 from pacs_node.errors import ResultsError
 from pacs_node.imaging.volume import Volume
 from pacs_node.inference.labelmap import Labelmap, ModelInfo
+from pacs_node.outputs import OutputKind
 from pacs_node.quality.checks import Verdict, run_checks
 from pacs_node.results.fhir import build_bundle, bundle_json, patient_search
 from pacs_node.results.measurements import Finding, measure_labelmap
-from pacs_node.results.options import OutputKind, ResultOptions
+from pacs_node.results.options import ResultOptions
 from pacs_node.results.overlay import (
     build_key_images,
     build_presentation_state,

@@ -39,10 +39,10 @@ from pydicom import Dataset
 from pydicom.multival import MultiValue
 
 from pacs_node.inference.vocabulary import CodedConcept
+from pacs_node.outputs import OutputKind
 from pacs_node.quality.checks import FailedCheck, Verdict
 from pacs_node.results import codes
 from pacs_node.results.measurements import Finding, Measurement, Unmeasured
-from pacs_node.results.options import OutputKind
 from pacs_node.results.provenance import Provenance
 
 DICOM_UID_SYSTEM = "urn:dicom:uid"

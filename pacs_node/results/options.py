@@ -5,22 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from enum import StrEnum
 
+from pacs_node.outputs import OutputKind
 from pacs_node.quality.limits import QualityLimits
-
-
-class OutputKind(StrEnum):
-    """One result object kind; part of every UID we derive, and the key of its series number."""
-
-    SEG = "seg"
-    SEG_JPEG2000 = "seg-jpeg2000"
-    SR = "sr"
-    GSPS = "gsps"
-    KEY_IMAGES = "key-images"
-    PDF = "pdf"
-    FHIR = "fhir"
-
 
 DEFAULT_SERIES_NUMBERS: Mapping[OutputKind, int] = {
     OutputKind.SEG: 9001,

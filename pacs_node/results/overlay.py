@@ -32,8 +32,8 @@ from skimage import measure as _skimage_measure  # type: ignore[import-untyped,u
 
 from pacs_node.imaging.volume import Volume
 from pacs_node.inference.labelmap import Labelmap
+from pacs_node.outputs import OutputKind
 from pacs_node.results.measurements import Finding, segment_boxes
-from pacs_node.results.options import OutputKind
 from pacs_node.results.provenance import (
     CHARSET,
     Provenance,

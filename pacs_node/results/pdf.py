@@ -28,9 +28,9 @@ from reportlab.pdfbase import pdfmetrics  # type: ignore[import-untyped]
 from reportlab.pdfbase.ttfonts import TTFont  # type: ignore[import-untyped]
 from reportlab.pdfgen import canvas  # type: ignore[import-untyped]
 
+from pacs_node.outputs import OutputKind
 from pacs_node.quality.checks import Verdict
 from pacs_node.results.measurements import Finding, Measurement, Unmeasured
-from pacs_node.results.options import OutputKind
 from pacs_node.results.overlay import DISCLAIMER
 from pacs_node.results.provenance import CHARSET, Provenance, copy_patient_study
 

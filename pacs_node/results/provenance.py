@@ -24,8 +24,9 @@ from pacs_node import __version__
 from pacs_node.imaging.volume import Volume
 from pacs_node.inference.labelmap import Algorithm, Labelmap, ModelInfo
 from pacs_node.inference.vocabulary import CodedConcept
+from pacs_node.outputs import OutputKind
 from pacs_node.results import codes
-from pacs_node.results.options import OutputKind, ResultOptions
+from pacs_node.results.options import ResultOptions
 
 CHARSET = "ISO_IR 192"
 MANUFACTURER = "pacs-node"

@@ -25,7 +25,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 from pacs_node.errors import ResultsError
 from pacs_node.imaging.volume import Volume, VolumeKind
 from pacs_node.inference.labelmap import Algorithm, Labelmap, SegmentSpec
-from pacs_node.results.options import OutputKind
+from pacs_node.outputs import OutputKind
 from pacs_node.results.provenance import (
     CHARSET,
     Provenance,

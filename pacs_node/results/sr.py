@@ -25,10 +25,10 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
 
 from pacs_node.imaging.volume import VolumeKind
+from pacs_node.outputs import OutputKind
 from pacs_node.quality.checks import Verdict
 from pacs_node.results import codes
 from pacs_node.results.measurements import Finding
-from pacs_node.results.options import OutputKind
 from pacs_node.results.provenance import CHARSET, Provenance, code, utf8_sources
 from pacs_node.results.seg import SegmentNumbering, tracking_id, tracking_uid
 

@@ -11,11 +11,10 @@ from dataclasses import dataclass
 
 from pacs_node.catalog.models import RouteOutcome
 from pacs_node.destinations import SOURCE
+from pacs_node.outputs import SENT_TO_SOURCE, route_key
 from pacs_node.routing.rules import OnChange, RoutesFile, RuleVerdict, SeriesFacts, route
 
-DEFAULT_SEND: dict[str, tuple[str, ...]] = {
-    kind: (SOURCE,) for kind in ("seg", "sr", "gsps", "key_images", "pdf")
-}
+DEFAULT_SEND: dict[str, tuple[str, ...]] = {route_key(kind): (SOURCE,) for kind in SENT_TO_SOURCE}
 
 
 @dataclass(frozen=True)

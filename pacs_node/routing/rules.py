@@ -38,6 +38,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pacs_node.outputs import ROUTE_KEYS
 from pacs_node.quality.limits import QaMode, QualityLimits
 from pacs_node.routing.region import BodyRegion
 
@@ -213,9 +214,6 @@ class OnChange(StrEnum):
     IGNORE = "ignore"
 
 
-OUTPUT_KINDS = ("seg", "sr", "gsps", "key_images", "pdf", "fhir")
-
-
 class RouteRule(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -244,9 +242,9 @@ class RouteRule(BaseModel):
     @field_validator("send")
     @classmethod
     def _known_outputs(cls, send: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
-        unknown = sorted(set(send) - set(OUTPUT_KINDS))
+        unknown = sorted(set(send) - set(ROUTE_KEYS))
         if unknown:
-            raise ValueError(f"unknown output kinds {unknown}; known: {list(OUTPUT_KINDS)}")
+            raise ValueError(f"unknown output kinds {unknown}; known: {list(ROUTE_KEYS)}")
         return send
 
 
