@@ -10,6 +10,8 @@ from itertools import pairwise
 
 import grimp
 from importlinter import Contract, ContractCheck, fields, output
+from importlinter.application import contract_utils
+from importlinter.application.contract_utils import AlertLevel
 
 
 def import_cycles(graph: grimp.ImportGraph, package: str) -> list[tuple[int, list[str]]]:
@@ -44,20 +46,34 @@ def _one_cycle(graph: grimp.ImportGraph, start: str, group: set[str]) -> list[st
 
 
 class ModuleCyclesContract(Contract):
-    """No module under `packages` imports itself, directly or through other modules."""
+    """No module under `packages` imports itself, directly or through other modules.
+
+    `ignore_imports` works as in import-linter's own contracts, and an entry that matches no
+    import is an error: an exemption ends with the import it excused."""
 
     type_name = "module_acyclic"
 
     packages = fields.ListField(subfield=fields.StringField())
+    ignore_imports = fields.SetField(subfield=fields.ImportExpressionField(), required=False)
 
     def check(self, graph: grimp.ImportGraph, verbose: bool) -> ContractCheck:
+        removal = contract_utils.remove_ignored_imports_and_report(
+            graph=graph,
+            ignore_imports=self.ignore_imports,  # type: ignore[arg-type]
+            unmatched_alerting=AlertLevel.ERROR,
+        )
         packages: list[str] = self.packages  # type: ignore[assignment]
         cycles = [cycle for package in packages for cycle in import_cycles(graph, package)]
         found = [
             (size, [(a, b, _line_numbers(graph, a, b)) for a, b in pairwise(cycle)])
             for size, cycle in cycles
         ]
-        return ContractCheck(kept=not cycles, metadata={"cycles": found})
+        return ContractCheck(
+            kept=not cycles,
+            metadata={"cycles": found},
+            warnings=list(removal.warnings),
+            ignored_import_count=removal.ignored_import_count,
+        )
 
     def render_broken_contract(self, check: ContractCheck) -> None:
         cycles: list[tuple[int, list[tuple[str, str, str]]]] = check.metadata["cycles"]
