@@ -8,7 +8,7 @@ back over a pipe of its own (no lock shared between processes: a worker killed i
 a write takes only its own pipe with it). The main process keeps the single catalog writer and
 the assembly timers, so state stays in one place. Workers are spawned (not forked) so they
 never inherit the main process's threads or database connections, and a worker that dies is
-replaced.
+replaced (:mod:`pacs_node.supervisor`, as for job workers).
 """
 
 from __future__ import annotations
