@@ -34,9 +34,9 @@ from pacs_node.ingest.recorder import CatalogRecorder
 from pacs_node.ingest.scp import StorageSCP
 from pacs_node.ingest.spool import Spool
 from pacs_node.ingest.workers import SCPWorkers, drain_s
+from pacs_node.jobs import JobQueue, open_job_queue
 from pacs_node.lifecycle import SignalPipe, exit_now
 from pacs_node.routing.router import Router, check_models
-from pacs_node.worker import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class Node:
         for name, env in missing_secrets(settings.destinations):
             source = str((settings.config_dir or Path(".")) / PEERS_FILE)
             raise ConfigError(source, f"destinations.{name}.auth", f"${env} is not set")
-        self.workers = WorkerPool(self.catalog, settings)
+        self.jobs: JobQueue = open_job_queue(self.catalog, settings)
         self.outbox = Outbox(self.catalog, settings)
         self.housekeeping = Housekeeping(
             self.catalog,
@@ -91,7 +91,7 @@ class Node:
         self.router.catch_up()
         self.recorder.start()
         self.assembly.start()
-        self.workers.start()  # re-queues jobs a dead process left running
+        self.jobs.start()  # re-queues jobs a dead process left running
         self.outbox.start()  # re-sends deliveries cut off mid-send
         self.housekeeping.start()
         self.scp.start()
@@ -156,7 +156,7 @@ class Node:
             "stopping now",
             extra={"reason": reason, "seconds": round(time.monotonic() - started, 2)},
         )
-        self.workers.kill_now()
+        self.jobs.kill_now()
         if isinstance(self.scp, SCPWorkers):
             self.scp.kill_now()
         code = 128 + signum
@@ -195,7 +195,7 @@ class Node:
                 failed = True
                 return None
 
-        step("job workers", self.workers.request_stop)
+        step("job workers", self.jobs.request_stop)
         step("outbox", self.outbox.request_stop)  # no new batch; the sends under way go on
         scp = self.scp
         if isinstance(scp, SCPWorkers):
@@ -209,7 +209,7 @@ class Node:
         )
         step("assembly", self.assembly.stop)
         step("housekeeping", self.housekeeping.stop)
-        counts = step("job workers", lambda: self.workers.stop(workers_deadline))
+        counts = step("job workers", lambda: self.jobs.stop(workers_deadline))
         stopped, killed = counts if isinstance(counts, tuple) else (0, 0)
         log.info(
             "job workers stopped",

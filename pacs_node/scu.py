@@ -1,4 +1,5 @@
-"""A Storage and Verification SCU: what ``pacs-node send`` and ``pacs-node echo`` use."""
+"""A Storage and Verification SCU: what ``pacs-node send`` and ``pacs-node echo`` use (the
+C-STORE itself is :mod:`pacs_node.cstore`, shared with the outbox)."""
 
 from __future__ import annotations
 
@@ -11,20 +12,24 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from pynetdicom import AE, _config
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from pacs_node.aetitle import check_ae_title
-from pacs_node.statuses import SUCCESS, is_stored
+from pacs_node.cstore import (
+    ABORTED,
+    MAX_CONTEXTS,
+    NO_RESPONSE,
+    StoreResult,
+    accepted_pairs,
+    associate,
+    pair_contexts,
+    store,
+)
+from pacs_node.statuses import SUCCESS
 
 log = logging.getLogger(__name__)
 
-# Send each file's data set bytes exactly as stored, read in chunks, instead of decoding and
-# re-encoding it (the default): nothing is converted and memory stays flat for large files.
-_config.STORE_SEND_CHUNKED_DATASET = True
-
-MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1-255
 _ADDRESS = re.compile(r"(?P<ae>[^@]{1,16})@(?P<host>\[[^\]]+\]|[^:]+):(?P<port>\d{1,5})")
 
 
@@ -114,30 +119,28 @@ def send(
 ) -> SendReport:
     """C-STORE every file as stored on disk (its own transfer syntax, nothing converted)."""
     for batch in _batches(files):
-        ae = AE(ae_title=calling_ae)
         keys = sorted({(f.sop_class_uid, f.transfer_syntax_uid) for f in batch})
-        ae.requested_contexts = [build_context(sop, [ts]) for sop, ts in keys]
-        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+        assoc = associate(calling_ae, peer.ae_title, peer.host, peer.port, pair_contexts(keys))
         if not assoc.is_established:
             reason = "association rejected" if assoc.is_rejected else "association failed"
             report.failed.extend((f.path, reason) for f in batch)
             progress(len(batch))
             continue
         try:
+            accepted = accepted_pairs(assoc)
             for index, item in enumerate(batch):
                 if not assoc.is_established:
                     rest = batch[index:]
-                    report.failed.extend((f.path, "association aborted") for f in rest)
+                    report.failed.extend((f.path, ABORTED) for f in rest)
                     progress(len(rest))
                     break
-                status = assoc.send_c_store(item.path)
-                code = int(getattr(status, "Status", -1)) if status else -1
-                if is_stored(code):
+                result = store(
+                    assoc, item.sop_class_uid, {item.transfer_syntax_uid: item.path}, accepted
+                )
+                if result.stored:
                     report.sent += 1
                 else:
-                    comment = str(getattr(status, "ErrorComment", "")) if status else ""
-                    what = f"status 0x{code:04X} {comment}".strip() if code >= 0 else "no response"
-                    report.failed.append((item.path, what))
+                    report.failed.append((item.path, _failure(result)))
                 progress(1)
         finally:
             if assoc.is_established:
@@ -145,12 +148,19 @@ def send(
     return report
 
 
+def _failure(result: StoreResult) -> str:
+    """A failed C-STORE in the words ``pacs-node send`` reports."""
+    if result.status is not None:
+        return f"status 0x{result.status:04X} {result.comment}".strip()
+    return "no response" if result.problem == NO_RESPONSE else result.problem
+
+
 def echo(peer: Peer, calling_ae: str) -> float:
     """C-ECHO ``peer``; return the round trip in seconds or raise ``ConnectionError``."""
-    ae = AE(ae_title=calling_ae)
-    ae.add_requested_context(Verification)
     started = time.perf_counter()
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    assoc = associate(
+        calling_ae, peer.ae_title, peer.host, peer.port, [build_context(Verification)]
+    )
     if not assoc.is_established:
         raise ConnectionError("association rejected" if assoc.is_rejected else "no association")
     try:

@@ -23,9 +23,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +33,13 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from pacs_node.errors import SeriesChoiceError
-from pacs_node.imaging.volume import Volume, load_series
+from pacs_node.imaging.volume import Volume
 from pacs_node.inference.anatomy import PATIENT_ADDED
 from pacs_node.inference.labelmap import Labelmap
 from pacs_node.inference.runner import Runner, Segmentation, ras_xyz_affine
-from pacs_node.quality.checks import Verdict, run_checks
-from pacs_node.results import OutputKind, ResultOptions, ResultSet, build_results
-from pacs_node.results.measurements import measure_labelmap
+from pacs_node.pipeline import BUILD, Gate, run_series
+from pacs_node.quality.checks import Verdict
+from pacs_node.results import OutputKind, ResultOptions, ResultSet
 
 LABELS_NIFTI = "labels.nii.gz"
 LABELS_JSON = "labels.json"
@@ -243,32 +242,37 @@ def segment_paths(
     bundle = runner.registry.get(model)  # an unknown model fails before any decoding
     step("read")
     uid, files = choose_series(group_series(paths), series_uid)
-    started = time.perf_counter()
-    volume = load_series(files)
-    decode = time.perf_counter() - started
-    result = runner.segment(bundle.name, volume, progress=step)
-    result.timings.decode = decode
-    step("write")
+
+    def on_stage(stage: str) -> None:
+        if stage == BUILD:
+            step("write")
+            if results is not None:
+                step("results")
+
+    run = run_series(
+        runner,
+        bundle.name,
+        uid,
+        files,
+        results,
+        gate=Gate(flag=results.quality_flag if results is not None else False),
+        on_stage=on_stage,
+        progress=step,
+    )
+    result = run.segmentation
     counts = np.bincount(result.labelmap.labels.ravel().astype(np.int64))
     voxels = {
         s.name: int(counts[s.value]) if s.value < counts.size else 0
         for s in result.labelmap.segments
     }
     removed = tuple(result.notes)  # what the model's anatomical rules took away
-    if results is None:
-        findings = measure_labelmap(volume, result.labelmap)
-        verdict = run_checks(volume, findings, bundle.quality, result.labelmap)
-        nifti, labels_json = write_labels(volume, result.labelmap, out_dir, verdict)
+    verdict = run.verdict or Verdict()
+    nifti, labels_json = write_labels(run.volume, result.labelmap, out_dir, verdict)
+    if run.results is None:
         return SegmentReport(
             uid, nifti, labels_json, result, voxels, notes=removed, verdict=verdict
         )
-    step("results")
-    built = build_results(
-        volume, result.labelmap, result.model, replace(results, quality=bundle.quality)
-    )
-    verdict = built.verdict or Verdict()
-    nifti, labels_json = write_labels(volume, result.labelmap, out_dir, verdict)
-    written = write_results(built, out_dir)
+    written = write_results(run.results, out_dir)
     return SegmentReport(
         uid,
         nifti,
@@ -276,6 +280,6 @@ def segment_paths(
         result,
         voxels,
         tuple(written),
-        removed + built.notes,
+        removed + run.results.notes,
         verdict,
     )

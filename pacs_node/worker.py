@@ -1,54 +1,38 @@
-"""Runs jobs: the one place that ties the stages together.
+"""Runs jobs: a claimed job from the catalog to stored results and deliveries.
 
-A claimed job goes: the spooled files of its series -> :func:`load_series` -> the model
-(:class:`Runner`) -> :func:`build_results`, once, with the quality gate of the job's route
-(:mod:`pacs_node.quality`) -> the bytes stored (atomic files) and their ``results`` rows -> one
+A claimed job goes: the spooled files of each of its series through :func:`run_series` (decode,
+the model, :func:`build_results` once, with the quality gate of the job's route,
+:mod:`pacs_node.quality`) -> the bytes stored (atomic files) and their ``results`` rows -> one
 ``deliveries`` row per (result, destination), held for an operator when the result failed the
 gate under ``qa: hold`` (:mod:`pacs_node.catalog.quality`) -> ``done``. Each stage is
 recorded on the job (stage, progress, seconds); a failure records the stage and the reason.
 
-Where it runs. Inference takes both cores for seconds and building results holds the GIL in
-pure Python (highdicom, matplotlib), so jobs run in worker *processes* (``job_workers``, 1 by
-default on 2 cores), started with ``spawn``: the main process, which records received
-instances and runs assembly and the outbox, never imports torch and stays responsive while a
-model runs. Workers share nothing but the catalog; claims are compare-and-set (see
-:mod:`pacs_node.catalog.jobs`), so any number of them, in any number of nodes, never take the
-same job. :func:`run_burst` runs the same loop in the calling process until the queue is empty
-(tests, ``pacs-node run --wait``); a Celery task would call :func:`run_job` the same way.
-
-A job whose worker died (SIGKILL, OOM) is ``running`` in the catalog with that worker's id;
-:meth:`WorkerPool.start` puts such jobs of this host back in the queue, and fails the ones that
-already took ``job_max_attempts`` workers down. A stopping node asks each worker, over a pipe of
-its own, to stop after its current job (SIGTERM does the same); one still busy at the node's
-deadline is killed and its job re-queued (a stop never fails a job).
+Where it runs: in the worker processes of :mod:`pacs_node.jobs` (the main process never
+imports torch), or, with :func:`run_burst`, in the calling process until the queue is empty
+(tests, ``pacs-node run --wait``); any other runner of jobs calls :func:`run_job` the same way.
+Claims are compare-and-set (see :mod:`pacs_node.catalog.jobs`), so any number of runners, in
+any number of nodes, never take the same job.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import multiprocessing
 import os
 import shutil
-import signal
 import socket
-import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from multiprocessing.connection import Connection, wait
-from multiprocessing.context import SpawnProcess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
-from sqlalchemy.exc import SQLAlchemyError
 
-from pacs_node.catalog.db import Catalog, open_catalog
+from pacs_node.catalog.db import Catalog
 from pacs_node.catalog.deliveries import create_deliveries
-from pacs_node.catalog.jobs import claim_job, fail_job, finish_job, requeue_orphans, set_progress
+from pacs_node.catalog.jobs import claim_job, fail_job, finish_job, set_progress
 from pacs_node.catalog.models import Instance, Job, JobState, Series, Study
 from pacs_node.catalog.quality import hold_for_quality, record_verdict
 from pacs_node.catalog.results import (
@@ -61,8 +45,8 @@ from pacs_node.catalog.results import (
 from pacs_node.config import Settings
 from pacs_node.destinations import SOURCE, FhirDestination, source_name
 from pacs_node.errors import PacsNodeError
-from pacs_node.lifecycle import SignalPipe, exit_now, join_or_kill
 from pacs_node.outputs import OutputKind, kind_of_route_key
+from pacs_node.pipeline import STAGE_SHARE, Gate, Stopwatch, run_series
 from pacs_node.redact import scrub_reason
 
 if TYPE_CHECKING:
@@ -71,10 +55,6 @@ if TYPE_CHECKING:
     from pacs_node.results import ResultOptions, ResultSet
 
 log = logging.getLogger(__name__)
-
-POLL_S = 0.5  # how often an idle worker looks for a queued job
-STOP = "stop"  # the node's message to a worker: stop after the current job
-SUPERVISE_S = 1.0  # how often the pool looks for a dead worker to replace
 
 
 class Cancelled(Exception):
@@ -106,20 +86,6 @@ class JobInput:
     series: dict[str, list[Path]]
     attempt: int
     waited_s: float  # from queued to claimed
-
-
-@dataclass
-class Stopwatch:
-    """Seconds per stage, in the order stages ran."""
-
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    def add(self, stage: str, value: float) -> None:
-        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + value, 4)
-
-    def as_json(self) -> dict[str, float]:
-        total = sum(v for k, v in self.seconds.items() if k != "queued_s")
-        return {**self.seconds, "total_s": round(total, 4)}
 
 
 def read_job(catalog: Catalog, settings: Settings, job_id: int) -> JobInput:
@@ -253,9 +219,6 @@ def run_job(
     catalog: Catalog, settings: Settings, runner: Runner, job_id: int, worker: str
 ) -> JobState:
     """Run one claimed job to done or failed (or discard it if cancelled meanwhile)."""
-    from pacs_node.imaging.volume import load_series
-    from pacs_node.results import build_results
-
     watch = Stopwatch()
 
     def stage(name: str, progress: float) -> None:
@@ -272,41 +235,40 @@ def run_job(
         extra["study_uid"] = job.study_uid  # type: ignore[assignment]
         log.info("job started", extra={**extra, "model": job.model})
         mode, overrides = quality_policy(settings, job)
+        gate = None if mode == "off" else Gate(overrides, flag=mode in ("flag", "hold"))
         options = result_options(settings, job.destinations)
         limits: QualityLimits | None = None
         failures: list[dict[str, Any]] = []
         items: list[StoredEncoding] = []
         share = 0.9 / max(1, len(job.series))
         for index, (series_uid, paths) in enumerate(job.series.items()):
-            base = index * share
-            stage("decode", base)
-            if not paths:
-                raise PacsNodeError(f"series {series_uid} has no stored instances")
-            started = time.perf_counter()
-            volume = load_series(paths)
-            watch.add("decode_s", time.perf_counter() - started)
-            stage("infer", base + 0.1 * share)
-            segmentation = runner.segment(job.model, volume)
-            if segmentation.removals:  # the model's anatomical limits took labels away
-                log.info(
-                    "anatomical limits applied", extra={**extra, "removed": segmentation.notes}
-                )
-            for name, seconds in segmentation.timings.as_json().items():
-                if name not in ("decode_s", "total_s"):
-                    watch.add(name, seconds)
-            stage("build", base + 0.6 * share)
-            if mode != "off" and limits is None:  # the model's limits, the route's overrides
-                from pacs_node.quality import merge_limits
 
-                limits = merge_limits(runner.registry.get(job.model).quality, overrides)
-                # held ones too: released later, they reach the PACS with the failed checks named
-                options = replace(options, quality=limits, quality_flag=mode in ("flag", "hold"))
-            started = time.perf_counter()
-            built = build_results(volume, segmentation.labelmap, segmentation.model, options)
-            watch.add("build_s", time.perf_counter() - started)
-            if built.verdict is not None:
-                failures.extend(f.as_json() for f in built.verdict.failures)
-            items.extend(stored_encodings(built, job.destinations.get(OutputKind.FHIR, [])))
+            def on_stage(name: str, base: float = index * share) -> None:
+                stage(name, base + STAGE_SHARE[name] * share)
+
+            run = run_series(
+                runner,
+                job.model,
+                series_uid,
+                paths,
+                options,
+                gate=gate,
+                on_stage=on_stage,
+                timings=watch,
+            )
+            if run.segmentation.removals:  # the model's anatomical limits took labels away
+                log.info(
+                    "anatomical limits applied",
+                    extra={**extra, "removed": run.segmentation.notes},
+                )
+            if run.limits is not None:
+                limits = run.limits
+            if run.verdict is not None:
+                failures.extend(f.as_json() for f in run.verdict.failures)
+            if run.results is not None:  # always, with options given
+                items.extend(
+                    stored_encodings(run.results, job.destinations.get(OutputKind.FHIR, []))
+                )
         stage("store", 0.9)
         started = time.perf_counter()
         relpaths = write_files(results_dir(settings), folder, items, fsync=settings.node.fsync)
@@ -385,190 +347,3 @@ def run_burst(
         ran.append(job_id)
         if on_job is not None:
             on_job(job_id, state)
-
-
-def _follow_the_node(control: Connection, signals: SignalPipe, stop: threading.Event) -> None:
-    """Set ``stop`` when the node asks (a message on ``control``) or SIGTERM arrives; end the
-    process at once when the node is gone (``control`` at its end): a SIGKILLed node must not
-    leave a worker running a job that the restarted node hands to a new worker."""
-
-    def follow() -> None:
-        while True:
-            for ready in wait([control, signals.fileno()]):
-                if ready is control:
-                    try:
-                        control.recv()
-                    except (EOFError, OSError):
-                        os._exit(1)
-                    stop.set()
-                elif signals.next(0) is not None:
-                    stop.set()
-
-    threading.Thread(target=follow, name="node-link", daemon=True).start()
-
-
-def _worker_main(settings: Settings, index: int, control: Connection) -> None:
-    """A worker process: claim, run, repeat; idle polls every ``POLL_S``. The node's request
-    or a SIGTERM stops it after its current job; SIGINT is the node's to act on, not ours."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signals = SignalPipe((signal.SIGTERM,))
-    from pacs_node.logs import configure_node_logging
-
-    configure_node_logging(settings.node)
-    stop = threading.Event()
-    _follow_the_node(control, signals, stop)
-    catalog = open_catalog(settings.node.catalog_url, run_migrations=False)
-    runner = make_runner(settings)
-    me = worker_id(f"w{index}")
-    log.info("job worker started", extra={"worker": me})
-    try:
-        while not stop.is_set():
-            try:
-                with catalog.sessions.begin() as session:
-                    job_id = claim_job(session, me)
-                if job_id is None:
-                    stop.wait(POLL_S)
-                    continue
-                run_job(catalog, settings, runner, job_id, me)
-            except SQLAlchemyError:  # the catalog is away for a moment: the job stays running
-                log.exception("catalog unavailable; the worker tries again", extra={"worker": me})
-                stop.wait(POLL_S * 10)
-    finally:
-        catalog.dispose()
-    log.info("job worker stopped", extra={"worker": me})
-    exit_now(0)  # its last job is in the catalog
-
-
-class WorkerPool:
-    """``size`` worker processes; started after the catalog is reconciled, stopped first.
-
-    Each worker has a pipe of its own from the node: a message asks it to stop after its job,
-    the pipe's end tells it the node is gone. Nothing is shared between the workers, so one
-    that dies (killed for memory, a crash in a native library, a SIGTERM to the process group)
-    can never leave another process waiting for it. A dead worker is replaced within
-    ``SUPERVISE_S``, and the job it held goes back to the queue, or fails once it has taken
-    ``job_max_attempts`` workers down with it."""
-
-    def __init__(self, catalog: Catalog, settings: Settings) -> None:
-        self.catalog = catalog
-        self.settings = settings
-        self.size = settings.node.job_workers
-        self._context = multiprocessing.get_context("spawn")
-        self._stopping = threading.Event()
-        self._processes: list[SpawnProcess] = []
-        self._links: list[Connection] = []  # the node's end of each worker's pipe
-        self._lock = threading.Lock()
-        self._supervisor: threading.Thread | None = None
-
-    def recover(self) -> tuple[int, int]:
-        """Jobs this host left running when it died: back to the queue (or failed)."""
-        with self.catalog.sessions.begin() as session:
-            queued, failed = requeue_orphans(
-                session, host_prefix(), self.settings.node.job_max_attempts
-            )
-        if queued or failed:
-            log.info("interrupted jobs recovered", extra={"requeued": queued, "failed": failed})
-        return queued, failed
-
-    def start(self) -> None:
-        self.recover()
-        with self._lock:
-            for index in range(self.size):
-                process, link = self._spawn(index)
-                self._processes.append(process)
-                self._links.append(link)
-        self._supervisor = threading.Thread(
-            target=self._supervise, name="job-worker-supervisor", daemon=True
-        )
-        self._supervisor.start()
-
-    def _spawn(self, index: int) -> tuple[SpawnProcess, Connection]:
-        reader, link = self._context.Pipe(duplex=False)
-        process = self._context.Process(
-            target=_worker_main,
-            args=(self.settings, index, reader),
-            name=f"pacs-node-job-worker-{index}",
-            daemon=True,
-        )
-        process.start()
-        reader.close()  # the worker has its own copy; the node keeps the only writing end
-        return process, link
-
-    def _supervise(self) -> None:
-        while not self._stopping.wait(SUPERVISE_S):
-            try:
-                self.replace_dead()
-            except Exception:  # the catalog away, no memory to spawn: try on the next round
-                log.exception("could not replace a dead job worker")
-
-    def replace_dead(self) -> int:
-        """Re-queue the job of every dead worker, then start a new worker in its place."""
-        with self._lock:
-            if self._stopping.is_set():
-                return 0
-            dead = [(i, p) for i, p in enumerate(self._processes) if not p.is_alive()]
-            for index, process in dead:
-                with self.catalog.sessions.begin() as session:
-                    queued, failed = requeue_orphans(
-                        session,
-                        f"{host_prefix()}{process.pid}:",
-                        self.settings.node.job_max_attempts,
-                        by="worker replaced",
-                    )
-                log.error(
-                    "job worker died; replacing it",
-                    extra={
-                        "worker": index,
-                        "exitcode": process.exitcode,
-                        "requeued": queued,
-                        "failed": failed,
-                    },
-                )
-                self._links[index].close()
-                self._processes[index], self._links[index] = self._spawn(index)
-        return len(dead)
-
-    def request_stop(self) -> None:
-        """Ask every worker to stop after its current job; from now on none is replaced."""
-        self._stopping.set()
-        with self._lock:
-            for link in self._links:
-                with contextlib.suppress(OSError):  # that worker is gone already
-                    link.send(STOP)
-
-    def stop(self, deadline: float) -> tuple[int, int]:
-        """Wait for the workers until ``deadline`` (``time.monotonic()``); kill any still busy
-        then and re-queue its job (never failed for it). Returns (stopped, killed)."""
-        self.request_stop()
-        if self._supervisor is not None:
-            self._supervisor.join(max(0.0, deadline - time.monotonic()))
-            self._supervisor = None
-        with self._lock:
-            killed = join_or_kill(self._processes, deadline)
-            pids = [p.pid for p in killed]
-            stopped = len(self._processes) - len(killed)
-            for link in self._links:
-                link.close()
-            self._processes.clear()
-            self._links.clear()
-        for pid in pids:
-            with self.catalog.sessions.begin() as session:
-                requeue_orphans(
-                    session,
-                    f"{host_prefix()}{pid}:",
-                    self.settings.node.job_max_attempts,
-                    by="node stopping",
-                    stopped=True,
-                )
-        return stopped, len(killed)
-
-    def kill_now(self) -> None:
-        """SIGKILL every worker, waiting for nothing (not even the pool's lock): the node is
-        stopping at once, and the jobs they held are re-queued when it starts again."""
-        for process in list(self._processes):
-            if process.exitcode is None:
-                process.kill()
-
-    @property
-    def alive(self) -> int:
-        return sum(1 for p in self._processes if p.is_alive())

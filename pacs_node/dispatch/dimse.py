@@ -1,12 +1,11 @@
 """C-STORE SCU: results to a DICOM AE, as the stored bytes of an encoding it accepted.
 
-One association per batch. Every (SOP class, stored transfer syntax) pair of the batch is
-proposed as its own presentation context, so the peer accepts or refuses each encoding on its
-own; each parcel then goes out in the first of its encodings (in stored order: uncompressed
-first) whose context was accepted. A SOP class refused in every encoding is a permanent
-failure for that parcel; the file is sent as read from disk, never decoded and re-encoded.
-Where the destination offers Storage Commitment, what it stored is committed on the same
-association (:mod:`.commitment`).
+One association per batch (:mod:`pacs_node.cstore`). Every (SOP class, stored transfer syntax)
+pair of the batch is proposed as its own presentation context; each parcel then goes out in
+the first of its encodings (in stored order: uncompressed first) whose context was accepted.
+A SOP class refused in every encoding is a permanent failure for that parcel. Where the
+destination offers Storage Commitment, what it stored is committed on the same association
+(:mod:`.commitment`).
 """
 
 from __future__ import annotations
@@ -16,24 +15,31 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, _config, evt
+from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
 
 from pacs_node.catalog.models import Commitment
 from pacs_node.commitment import STORAGE_COMMITMENT_PUSH_MODEL
+from pacs_node.cstore import (
+    MAX_CONTEXTS,
+    accepted_pairs,
+    associate,
+    pair_contexts,
+    store,
+)
 from pacs_node.destinations import AnyDestination, DimseDestination
-from pacs_node.dispatch.commitment import CommitmentAnswer, Reference, Reports, request_commitment
+from pacs_node.dispatch.commitment import (
+    CommitmentAnswer,
+    Reference,
+    Reports,
+    request_commitment,
+)
 from pacs_node.dispatch.handler import Delivered, Outcome, Parcel, Permanent, Transient
 from pacs_node.errors import PermanentDelivery, TransientDelivery
 from pacs_node.statuses import is_refused_for_good, is_stored
 
 log = logging.getLogger(__name__)
-
-# Send each file's data set exactly as stored, read in chunks (nothing converted).
-_config.STORE_SEND_CHUNKED_DATASET = True
-
-MAX_CONTEXTS = 128
 
 
 def classify_status(code: int, comment: str = "") -> Outcome:
@@ -71,14 +77,10 @@ class CStoreHandler:
         pairs = contexts_for(parcels)
         if len(pairs) > MAX_CONTEXTS - 1:
             raise PermanentDelivery(f"{len(pairs)} presentation contexts needed, at most 127")
-        contexts = [build_context(sop, [syntax]) for sop, syntax in pairs]
         reports = Reports()
-        assoc = self._associate(destination, contexts, reports)
+        assoc = self._associate(destination, pair_contexts(pairs), reports)
         try:
-            accepted = {
-                (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
-                for cx in assoc.accepted_contexts
-            }
+            accepted = accepted_pairs(assoc)
             outcomes = [self._send_one(assoc, parcel, accepted) for parcel in parcels]
             if destination.storage_commitment and assoc.is_established:
                 outcomes = self._commit(assoc, destination, parcels, outcomes, reports)
@@ -104,19 +106,17 @@ class CStoreHandler:
     ) -> Association:
         if destination.host is None or destination.port is None or destination.ae_title is None:
             raise PermanentDelivery("the destination has no address")
-        ae = AE(ae_title=self.calling_ae)
-        ae.acse_timeout = destination.timeout_s
-        ae.dimse_timeout = destination.timeout_s
-        ae.network_timeout = destination.timeout_s
         if destination.storage_commitment:
             syntaxes: list[str | UID] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
             contexts = [*contexts, build_context(STORAGE_COMMITMENT_PUSH_MODEL, syntaxes)]
-        ae.requested_contexts = contexts
         where = f"{destination.ae_title}@{destination.host}:{destination.port}"
-        assoc = ae.associate(
+        assoc = associate(
+            self.calling_ae,
+            destination.ae_title,
             destination.host,
             destination.port,
-            ae_title=destination.ae_title,
+            contexts,
+            timeout_s=destination.timeout_s,
             evt_handlers=[(evt.EVT_N_EVENT_REPORT, reports.on_report)],
         )
         if not assoc.is_established:
@@ -159,22 +159,13 @@ class CStoreHandler:
 
     @staticmethod
     def _send_one(assoc: Association, parcel: Parcel, accepted: set[tuple[str, str]]) -> Outcome:
-        syntax = next(
-            (ts for ts in parcel.encodings if (parcel.sop_class_uid or "", ts) in accepted), None
-        )
-        if syntax is None:
-            offered = ", ".join(parcel.encodings)
-            return Permanent(f"SOP class {parcel.sop_class_uid} not accepted in {offered}")
-        if not assoc.is_established:
-            return Transient("association aborted")
-        try:
-            status = assoc.send_c_store(parcel.encodings[syntax])
-        except (OSError, ValueError, RuntimeError) as exc:
-            return Transient(f"C-STORE failed: {exc}")
-        if not status or "Status" not in status:
-            return Transient("no C-STORE response")
-        outcome = classify_status(int(status.Status), str(status.get("ErrorComment", "")))
-        return Delivered(syntax) if isinstance(outcome, Delivered) else outcome
+        result = store(assoc, parcel.sop_class_uid or "", parcel.encodings, accepted)
+        if result.refused:
+            return Permanent(result.problem)
+        if result.status is None:
+            return Transient(result.problem)
+        outcome = classify_status(result.status, result.comment)
+        return Delivered(result.transfer_syntax_uid) if isinstance(outcome, Delivered) else outcome
 
 
 def recommitter(

@@ -8,7 +8,7 @@ back over a pipe of its own (no lock shared between processes: a worker killed i
 a write takes only its own pipe with it). The main process keeps the single catalog writer and
 the assembly timers, so state stays in one place. Workers are spawned (not forked) so they
 never inherit the main process's threads or database connections, and a worker that dies is
-replaced.
+replaced (:mod:`pacs_node.supervisor`, as for job workers).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
-from multiprocessing.context import SpawnProcess
 from typing import Any
 
 from pacs_node.catalog.db import Catalog, open_catalog
@@ -35,9 +34,10 @@ from pacs_node.ingest.limits import SharedLimits
 from pacs_node.ingest.recorder import RecordSink
 from pacs_node.ingest.scp import StorageSCP, limits_for
 from pacs_node.ingest.spool import Spool
-from pacs_node.lifecycle import SignalPipe, exit_now, join_or_kill
+from pacs_node.lifecycle import exit_now
 from pacs_node.logs import configure_node_logging
 from pacs_node.refs import CommitmentReport, InstanceRef
+from pacs_node.supervisor import Child, NodeLink, Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +105,13 @@ def _run_worker(
     pipe: Connection,
     parent: int,
     limits: SharedLimits,
+    control: Connection,
 ) -> None:
-    """Entry point of a worker process: serve until SIGTERM (from the node, from a signal to the
-    whole process group, or as the main process's death signal), then drain and exit. SIGINT
-    is the node's to act on: a Ctrl-C in a terminal reaches every process of the group."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signals = SignalPipe((signal.SIGTERM,))
+    """Entry point of a worker process: serve until asked to stop (the node's message on
+    ``control``, or SIGTERM from the node, from a signal to the whole process group, or as the
+    main process's death signal) or the main process is gone, then drain and exit. SIGINT is
+    the node's to act on: a Ctrl-C in a terminal reaches every process of the group."""
+    link = NodeLink(control)
     _die_with_parent()
     options = settings.node
     configure_node_logging(options)
@@ -126,10 +127,10 @@ def _run_worker(
     )
     server = threading.Thread(target=scp.serve, args=(listening,), name="scp", daemon=True)
     server.start()
-    while signals.next(1.0) is None:
+    while not link.stopping.wait(1.0):
         if os.getppid() != parent:  # the main process is gone: nobody records what we spool
             break
-    if os.getppid() != parent:
+    if link.gone.is_set() or os.getppid() != parent:
         log.error("main process gone; worker stopping")
     stopping = time.monotonic()
     scp.stop()  # closes this process's copy of the listening socket first
@@ -165,19 +166,27 @@ class SCPWorkers:
         # and handing over its row leaves a file the catalog lacks (and a re-send of it is
         # answered as a duplicate), so the node records such files now, not at its next start.
         self.on_worker_death = on_worker_death
-        self._started: dict[int, float] = {}
         self.listening: socket.socket | None = None
         self._context = multiprocessing.get_context("spawn")
         # One pipe per worker (its read end here); a dead worker's pipe is read to its end.
         self._pipes: list[Connection] = []
         self._pipes_lock = threading.Lock()
+        self._opening: dict[int, tuple[Connection, Connection]] = {}  # a row's pipe, starting
         self._wake, self._waker = self._context.Pipe(duplex=False)
-        self._processes: list[SpawnProcess] = []
         # Connection and association limits counted across all workers (one row each).
         self.limits = SharedLimits.create(limits_for(settings), rows=count, context=self._context)
         self._stopping = threading.Event()
         self._pump_thread: threading.Thread | None = None
-        self._supervisor: threading.Thread | None = None
+        self.children = Supervisor(
+            "SCP worker",
+            count,
+            _run_worker,
+            self._worker_args,
+            process_name=PROCESS_NAME.decode(),
+            started=self._worker_started,
+            died=self._worker_died,
+            replaced=self._worker_replaced,
+        )
 
     @property
     def port(self) -> int:
@@ -194,15 +203,9 @@ class SCPWorkers:
         self.listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listening.bind((options.dicom_host, options.dicom_port))
         self.listening.listen(128)
-        self._processes = [self._spawn(row) for row in range(self.count)]
         self._pump_thread = threading.Thread(target=self._pump, name="scp-pump", daemon=True)
         self._pump_thread.start()
-        # Workers it replaces get SIGTERM as their death signal when this thread ends (Linux ties
-        # PR_SET_PDEATHSIG to the spawning thread): it ends only when the SCP stops them anyway.
-        self._supervisor = threading.Thread(
-            target=self._supervise, name="scp-supervisor", daemon=True
-        )
-        self._supervisor.start()
+        self.children.start()
         options = self.settings.node
         log.info(
             "storage SCP listening",
@@ -214,29 +217,30 @@ class SCPWorkers:
             },
         )
 
-    def _spawn(self, row: int) -> SpawnProcess:
-        started = time.time()
+    def _worker_args(self, row: int) -> tuple[object, ...]:
         self.limits.clear_row(row)  # what a dead worker held went with its connections
         reader, writer = self._context.Pipe(duplex=False)
-        process = self._context.Process(
-            target=_run_worker,
-            args=(
-                self.settings,
-                self.listening,
-                writer,
-                os.getpid(),
-                self.limits.for_row(row),
-            ),
-            name="pacs-node-scp",
-            daemon=True,
-        )
-        process.start()
+        self._opening[row] = (reader, writer)
+        return (self.settings, self.listening, writer, os.getpid(), self.limits.for_row(row))
+
+    def _worker_started(self, child: Child) -> None:
+        reader, writer = self._opening.pop(child.slot)
         writer.close()  # the worker holds the only write end: its death ends the pipe
         with self._pipes_lock:
             self._pipes.append(reader)
         self._waker.send(None)  # the pump waits on the new pipe from now on
-        self._started[id(process)] = started
-        return process
+
+    def _worker_died(self, child: Child) -> None:
+        log.error("SCP worker died; replacing it", extra={"exitcode": child.process.exitcode})
+        self.sink.count("scp_worker_restarts")
+
+    def _worker_replaced(self, child: Child) -> None:
+        if self.on_worker_death is None:
+            return
+        try:
+            self.on_worker_death(child.started_at)
+        except Exception:
+            log.exception("recording what the dead SCP worker spooled failed")
 
     def _dispatch(self, kind: str, value: Any) -> None:
         if kind == _SUBMIT:
@@ -277,21 +281,6 @@ class SCPWorkers:
                 _at, kind, value = heads.pop(oldest)
                 self._dispatch(kind, value)
 
-    def _supervise(self) -> None:
-        while not self._stopping.wait(1.0):
-            for index, process in enumerate(self._processes):
-                if process.is_alive() or self._stopping.is_set():
-                    continue
-                log.error("SCP worker died; replacing it", extra={"exitcode": process.exitcode})
-                self.sink.count("scp_worker_restarts")
-                self._processes[index] = self._spawn(index)
-                since = self._started.pop(id(process), 0.0)
-                if self.on_worker_death is not None:
-                    try:
-                        self.on_worker_death(since)
-                    except Exception:
-                        log.exception("recording what the dead SCP worker spooled failed")
-
     def stop(self, deadline: float | None = None) -> int:
         """Stop accepting, let running associations finish until ``deadline``
         (``time.monotonic()``; default: the workers' drain time and a second), kill the workers
@@ -299,17 +288,11 @@ class SCPWorkers:
         if deadline is None:
             deadline = time.monotonic() + drain_s(self.settings) + 1.0
         self._stopping.set()
-        if self._supervisor is not None:  # no worker is replaced once it has returned; one
-            # busy recording a dead worker's files is not waited for past the deadline
-            self._supervisor.join(max(0.0, deadline - time.monotonic()))
-            self._supervisor = None
-        for process in self._processes:
-            if process.is_alive():
-                process.terminate()  # SIGTERM: the worker drains and exits
+        self.children.request_stop()  # from now on no worker is replaced; each one drains
         if self.listening is not None:  # new connections are refused now, in every process;
             with contextlib.suppress(OSError):  # established associations have sockets of
                 self.listening.shutdown(socket.SHUT_RDWR)  # their own and go on
-        killed = join_or_kill(self._processes, deadline)
+        killed = self.children.stop(deadline)
         self._waker.send(None)  # every worker is gone: the pump reads their pipes to the end
         if self._pump_thread is not None:
             self._pump_thread.join(10)
@@ -320,6 +303,4 @@ class SCPWorkers:
     def kill_now(self) -> None:
         """SIGKILL every worker, waiting for nothing: the node is stopping at once, and what
         they spooled without a catalog row is recorded when it starts again."""
-        for process in list(self._processes):
-            if process.exitcode is None:
-                process.kill()
+        self.children.kill_now()
