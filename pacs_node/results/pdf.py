@@ -416,7 +416,7 @@ def _column_width(label: str, values: Sequence[str], styles: _Styles) -> float:
     """Room for the column's longest header word and its widest value."""
     texts = [(word, styles.head) for word in label.split()] + [(v, styles.cell) for v in values]
     return _CELL_PAD + max(
-        pdfmetrics.stringWidth(text, style.fontName, style.fontSize) for text, style in texts
+        float(pdfmetrics.stringWidth(text, style.fontName, style.fontSize)) for text, style in texts
     )
 
 
