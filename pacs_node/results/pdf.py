@@ -77,7 +77,7 @@ _TABLE_ROOM = 80 * mm  # kept free under the images for the table on the first p
 # narrower down to the minimum when the value columns need the room; they share what is left.
 _STRUCTURE_MIN = 30 * mm
 _STRUCTURE_MAX = 60 * mm
-_CELL_PAD = 3
+_CELL_PAD = 5  # points between columns
 _SWATCH = 6  # points: the structure's colour square
 _RED = colors.HexColor("#b00000")
 _PINK = colors.HexColor("#fde8e8")
@@ -218,7 +218,7 @@ def build_pdf(
         leftPadding=0,
         rightPadding=0,
         topPadding=0,
-        bottomPadding=0,
+        bottomPadding=4,  # clear of the footer
     )
     document.addPageTemplates([PageTemplate(id="summary", frames=[frame], onPage=footer)])
     document.build(story)
@@ -415,7 +415,7 @@ def _table(findings: Sequence[Finding], styles: _Styles, width: float) -> list[F
 def _column_width(label: str, values: Sequence[str], styles: _Styles) -> float:
     """Room for the column's longest header word and its widest value."""
     texts = [(word, styles.head) for word in label.split()] + [(v, styles.cell) for v in values]
-    return _CELL_PAD + max(
+    return 1.5 * _CELL_PAD + max(
         float(pdfmetrics.stringWidth(text, style.fontName, style.fontSize)) for text, style in texts
     )
 
