@@ -35,7 +35,6 @@ Delivered rows still waiting for a commitment report are asked again on each pas
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import shutil
 from collections.abc import Callable
@@ -138,9 +137,7 @@ def purge_study(session: Session, study: Study, reason: str, now: datetime) -> P
         reason=reason,
         instances=len(rows),
         size_bytes=sum(int(size) for _, size in rows) + int(result_size or 0),
-        paths=json.dumps(
-            {"spool": [str(path) for path, _ in rows], "results": [str(j) for j in job_ids]}
-        ),
+        paths={"spool": [str(path) for path, _ in rows], "results": [str(j) for j in job_ids]},
         purged_at=now,
     )
     session.add(purge)
@@ -151,7 +148,7 @@ def purge_study(session: Session, study: Study, reason: str, now: datetime) -> P
 
 def _remove_files(purge: Purge, spool_dir: Path, results_dir: Path, live: set[str]) -> None:
     """Step 2: remove what the purge lists; a spool file a live row names again stays."""
-    paths = json.loads(purge.paths)
+    paths = purge.paths
     folders: set[Path] = set()
     for relpath in paths.get("spool", []):
         if relpath in live:

@@ -16,7 +16,6 @@ any number of nodes, never take the same job.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -93,14 +92,14 @@ def read_job(catalog: Catalog, settings: Settings, job_id: int) -> JobInput:
         job, study = session.execute(
             select(Job, Study).join(Study, Study.id == Job.study_id).where(Job.id == job_id)
         ).one()
-        wanted: list[str] = json.loads(job.series_uids)
+        wanted = job.series_uids
         rows = session.execute(
             select(Series.series_uid, Instance.path)
             .join(Instance, Instance.series_id == Series.id)
             .where(Series.series_uid.in_(wanted), Series.study_id == study.id)
             .order_by(Instance.id)
         ).all()
-        raw: dict[str, list[str]] = json.loads(job.destinations)
+        raw = job.destinations
         destinations = {
             kind_of_route_key(kind): [
                 source_name(study.calling_ae) if n == SOURCE else n for n in names

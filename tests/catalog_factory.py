@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,7 +57,7 @@ def job_events(catalog: Catalog) -> list[tuple[str, str]]:
     """Every job event as (kind, detail), oldest first."""
     with catalog.sessions() as session:
         return [
-            (e.kind, e.detail or "")
+            (e.kind, json.dumps(e.detail, sort_keys=True) if e.detail else "")
             for e in session.scalars(select(JobEvent).order_by(JobEvent.id))
         ]
 

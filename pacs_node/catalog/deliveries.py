@@ -23,7 +23,6 @@ Rows are never deleted: a delivery that cannot go anywhere stays listed with its
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
@@ -191,7 +190,7 @@ def claim_due(
             kind=r.kind,
             sop_class_uid=r.sop_class_uid,
             sop_instance_uid=r.sop_instance_uid,
-            encodings=json.loads(r.encodings),
+            encodings=r.encodings,
             patient_search=r.patient_search,
             attempts=d.attempts,
             claimed_by=owner,
@@ -352,8 +351,8 @@ def record_commitment_report(session: Session, report: CommitmentReport, now: da
         transaction_uid=report.transaction_uid,
         calling_ae=report.calling_ae,
         peer_address=report.peer_address,
-        committed=json.dumps(list(report.committed)),
-        failed=json.dumps([list(item) for item in report.failed]),
+        committed=list(report.committed),
+        failed=[[uid, reason] for uid, reason in report.failed],
         received_at=now,
     )
     session.add(row)
@@ -440,10 +439,10 @@ def _settle_reports(session: Session, transaction_uid: str, now: datetime) -> in
         )
     states: dict[str, tuple[str, str]] = {}
     for report in trusted:
-        for uid in json.loads(report.committed):
-            states[str(uid)] = (Commitment.COMMITTED.value, "")
-        for uid, reason in json.loads(report.failed):
-            states[str(uid)] = (Commitment.FAILED.value, commitment_refusal(int(reason)))
+        for uid in report.committed:
+            states[uid] = (Commitment.COMMITTED.value, "")
+        for failed_uid, reason in report.failed:
+            states[str(failed_uid)] = (Commitment.FAILED.value, commitment_refusal(int(reason)))
     settled = 0
     for delivery, sop_instance_uid in rows:
         answer = states.get(str(sop_instance_uid))

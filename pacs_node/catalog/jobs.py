@@ -9,7 +9,6 @@ count says who won is enough there (the loser tries the next row).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -31,7 +30,7 @@ def add_job_event(session: Session, job_id: int, kind: str, **detail: Any) -> No
             job_id=job_id,
             at=utcnow(),
             kind=kind,
-            detail=json.dumps(detail, sort_keys=True) if detail else None,
+            detail=dict(sorted(detail.items())) or None,
         )
     )
 
@@ -51,12 +50,12 @@ def queue_job(
         study_id=study_id,
         rule=rule,
         model=model,
-        series_uids=json.dumps(list(series_uids)),
-        destinations=json.dumps(destinations, sort_keys=True),
+        series_uids=list(series_uids),
+        destinations=dict(sorted(destinations.items())),
         state=JobState.QUEUED,
         attempts=0,
         progress=0.0,
-        timings="{}",
+        timings={},
         created_at=utcnow(),
     )
     session.add(job)
@@ -118,7 +117,7 @@ def finish_job(
             state=JobState.DONE,
             stage="done",
             progress=1.0,
-            timings=json.dumps(timings, sort_keys=True),
+            timings=dict(sorted(timings.items())),
             finished_at=utcnow(),
         )
     )
@@ -141,7 +140,7 @@ def fail_job(
         .values(
             state=JobState.FAILED,
             error=error,
-            timings=json.dumps(timings, sort_keys=True),
+            timings=dict(sorted(timings.items())),
             finished_at=utcnow(),
         )
     )
@@ -302,20 +301,20 @@ def list_jobs(session: Session, job_ids: Sequence[int] | None = None) -> list[Jo
             study_uid=study_uid,
             rule=job.rule,
             model=job.model,
-            series_uids=json.loads(job.series_uids),
-            destinations=json.loads(job.destinations),
+            series_uids=job.series_uids,
+            destinations=job.destinations,
             state=job.state.value,
             attempts=job.attempts,
             stage=job.stage,
             progress=job.progress,
-            timings=json.loads(job.timings),
+            timings=job.timings,
             error=job.error,
             created_at=job.created_at,
             started_at=job.started_at,
             finished_at=job.finished_at,
             qa_mode=job.qa_mode,
             qa_verdict=job.qa_verdict,
-            qa_reasons=json.loads(job.qa_reasons) if job.qa_reasons else None,
+            qa_reasons=job.qa_reasons or None,
             qa_decision=job.qa_decision,
         )
         for job, study_uid in session.execute(query).all()

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     DateTime,
     Enum,
@@ -20,6 +21,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 NAMING = {
@@ -52,6 +54,21 @@ class UTCDateTime(TypeDecorator[datetime]):
         if isinstance(value, datetime) and value.tzinfo is None:
             return value.replace(tzinfo=UTC)
         return value  # type: ignore[no-any-return]
+
+
+class JSONText(JSON):
+    """JSON values (serialised by SQLAlchemy), SQL NULL for None; PostgreSQL stores them in
+    ``json`` columns, SQLite in ``TEXT`` ones: JSON is text there, and a declared ``JSON``
+    would give the column numeric affinity and, for the old TEXT columns, a table rebuild
+    whose DROP TABLE cascades to every child row."""
+
+    def __init__(self) -> None:
+        super().__init__(none_as_null=True)
+
+
+@compiles(JSONText, "sqlite")
+def _json_as_sqlite_text(_type: JSONText, _compiler: Any, **_kw: Any) -> str:
+    return "TEXT"
 
 
 def utcnow() -> datetime:
@@ -237,7 +254,7 @@ class StudyEvent(Base):
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
     at: Mapped[datetime] = mapped_column(UTCDateTime())
     kind: Mapped[str] = mapped_column(String(32))
-    detail: Mapped[str | None] = mapped_column(Text)
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSONText())
 
 
 class Job(Base):
@@ -249,24 +266,25 @@ class Job(Base):
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
     rule: Mapped[str | None] = mapped_column(String(64))  # None when started by hand
     model: Mapped[str] = mapped_column(String(64))
-    series_uids: Mapped[str] = mapped_column(Text)  # JSON list, the series to process
-    destinations: Mapped[str] = mapped_column(Text, default="{}")  # JSON {output kind: [names]}
+    series_uids: Mapped[list[str]] = mapped_column(JSONText())  # the series to process
+    # {output kind: [destination names]}
+    destinations: Mapped[dict[str, list[str]]] = mapped_column(JSONText(), default=dict)
     state: Mapped[JobState] = mapped_column(_enum(JobState), default=JobState.QUEUED)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     progress: Mapped[float] = mapped_column(default=0.0)
     stage: Mapped[str | None] = mapped_column(String(32))
-    timings: Mapped[str] = mapped_column(Text, default="{}")  # JSON {stage: seconds}
+    timings: Mapped[dict[str, float]] = mapped_column(JSONText(), default=dict)  # {stage: s}
     error: Mapped[str | None] = mapped_column(Text)
     claimed_by: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     # The quality gate: the route's mode (hold | flag | off), the verdict (pass | fail; None:
-    # not run), the failed checks (JSON list of {check, label, value, limit, message}) and an
+    # not run), the failed checks (a list of {check, label, value, limit, message}) and an
     # operator's decision on a held result (released | rejected).
     qa_mode: Mapped[str | None] = mapped_column(String(8))
     qa_verdict: Mapped[str | None] = mapped_column(String(8))
-    qa_reasons: Mapped[str | None] = mapped_column(Text)
+    qa_reasons: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONText())
     qa_decision: Mapped[str | None] = mapped_column(String(16))
 
     __table_args__ = (Index("ix_jobs_state", "state"),)
@@ -281,7 +299,7 @@ class JobEvent(Base):
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     at: Mapped[datetime] = mapped_column(UTCDateTime())
     kind: Mapped[str] = mapped_column(String(32))
-    detail: Mapped[str | None] = mapped_column(Text)
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSONText())
 
 
 class Result(Base):
@@ -295,8 +313,9 @@ class Result(Base):
     sop_class_uid: Mapped[str | None] = mapped_column(UID)  # None for the FHIR Bundle
     sop_instance_uid: Mapped[str | None] = mapped_column(UID)
     series_uid: Mapped[str | None] = mapped_column(UID)
-    # JSON {transfer syntax UID (or media type for FHIR): path under data_dir/results}
-    encodings: Mapped[str] = mapped_column(Text)
+    # {transfer syntax UID (or media type for FHIR): path under data_dir/results}, the
+    # preferred first
+    encodings: Mapped[dict[str, str]] = mapped_column(JSONText())
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     patient_search: Mapped[str | None] = mapped_column(Text)  # FHIR: how the EHR finds the patient
     # Built for this destination only (a FHIR Bundle under that EHR's patient identifier rules);
@@ -360,7 +379,8 @@ class Purge(Base):
     reason: Mapped[str] = mapped_column(String(32))  # retention_days | disk_watermark
     instances: Mapped[int] = mapped_column(Integer)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
-    paths: Mapped[str] = mapped_column(Text)  # JSON {"spool": [relpath], "results": [folder]}
+    # {"spool": [relpath], "results": [folder]}
+    paths: Mapped[dict[str, list[str]]] = mapped_column(JSONText())
     purged_at: Mapped[datetime] = mapped_column(UTCDateTime())
     files_removed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
@@ -376,8 +396,9 @@ class CommitmentReportRow(Base):
     transaction_uid: Mapped[str] = mapped_column(UID, index=True)
     calling_ae: Mapped[str] = mapped_column(String(16))
     peer_address: Mapped[str | None] = mapped_column(String(64))  # the association's IP address
-    committed: Mapped[str] = mapped_column(Text)  # JSON [SOP Instance UID]
-    failed: Mapped[str] = mapped_column(Text)  # JSON [[SOP Instance UID, Failure Reason]]
+    committed: Mapped[list[str]] = mapped_column(JSONText())  # [SOP Instance UID]
+    # [[SOP Instance UID, Failure Reason]]
+    failed: Mapped[list[list[str | int]]] = mapped_column(JSONText())
     received_at: Mapped[datetime] = mapped_column(UTCDateTime())
     settled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     # Sent by another AE or host than the destination asked: it settles nothing.

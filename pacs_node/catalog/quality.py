@@ -10,7 +10,6 @@ result, and both append a job event naming the actor.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,7 +42,7 @@ def record_verdict(
         .values(
             qa_mode=mode,
             qa_verdict=verdict,
-            qa_reasons=json.dumps(failures) if failures else None,
+            qa_reasons=failures or None,
             qa_decision=None,
         )
     )

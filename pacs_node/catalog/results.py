@@ -5,7 +5,6 @@ rebuilds an object, so a retry re-sends exactly the bytes that were built.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -105,7 +104,7 @@ def add_result_rows(
             sop_class_uid=item.sop_class_uid,
             sop_instance_uid=item.sop_instance_uid,
             series_uid=item.series_uid,
-            encodings="{}",
+            encodings={},
             size_bytes=len(item.data),
             patient_search=item.patient_search,
             destination=item.destination,
@@ -115,7 +114,7 @@ def add_result_rows(
         by_kind.setdefault(item.kind, row)
         encodings[id(row)] = {item.encoding: relpath}
     for row in rows:
-        row.encodings = json.dumps(encodings[id(row)])  # insertion order: preferred first
+        row.encodings = encodings[id(row)]  # insertion order: preferred first
         session.add(row)
     session.flush()
     return [(row.id, row.kind) for row in rows]

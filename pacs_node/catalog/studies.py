@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -74,7 +73,7 @@ def add_event(session: Session, study_id: int, kind: str, at: datetime, **detail
             study_id=study_id,
             at=at,
             kind=kind,
-            detail=json.dumps(detail, sort_keys=True) if detail else None,
+            detail=dict(sorted(detail.items())) or None,
         )
     )
 

@@ -75,7 +75,7 @@ def explain(
             verdicts = router.explain(session, study_uid)
             study = session.scalars(select(Study).where(Study.study_uid == study_uid)).one()
             jobs = tuple(
-                JobLine(job.rule, job.model, tuple(json.loads(job.series_uids)))
+                JobLine(job.rule, job.model, tuple(job.series_uids))
                 for job in session.scalars(
                     select(Job).where(Job.study_id == study.id).order_by(Job.id)
                 )

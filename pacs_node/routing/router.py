@@ -7,7 +7,6 @@ alone as each rule's ``on_change`` says.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -103,12 +102,12 @@ def queue_job(
         study_id=study.id,
         rule=rule,
         model=model,
-        series_uids=json.dumps(list(series_uids)),
-        destinations=json.dumps({k: list(v) for k, v in destinations.items()}),
+        series_uids=list(series_uids),
+        destinations={k: list(v) for k, v in destinations.items()},
         state=JobState.QUEUED,
         attempts=0,
         progress=0.0,
-        timings="{}",
+        timings={},
         created_at=now,
     )
     session.add(job)

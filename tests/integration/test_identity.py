@@ -300,7 +300,7 @@ def test_an_instance_for_a_study_being_removed_is_refused_then_starts_a_new_stud
                     reason="retention_days",
                     instances=1,
                     size_bytes=1,
-                    paths=json.dumps({"spool": [], "results": []}),
+                    paths={"spool": [], "results": []},
                     purged_at=utcnow(),
                 )
             )

@@ -104,7 +104,7 @@ def test_ehr_error_bodies_never_reach_the_catalog(tmp_path: Path, ehr: str) -> N
         assert outbox.dispatch_due(wait=True) == 1
         with catalog.sessions() as session:
             row = session.query(Delivery).one()
-            events = [e.detail or "" for e in session.query(JobEvent)]
+            events = [json.dumps(e.detail) if e.detail else "" for e in session.query(JobEvent)]
         assert row.state == DeliveryState.DEAD  # 400: permanent
         assert row.last_error is not None
         assert "400" in row.last_error

@@ -3,7 +3,6 @@ order of removal (rows first, files after), a crash between the two, and the dis
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -151,7 +150,7 @@ def test_retention_days_removes_rows_then_files(node: Node, tmp_path: Path) -> N
         (purge,) = session.scalars(select(Purge))
         assert (purge.study_uid, purge.reason, purge.instances) == (old, "retention_days", 3)
         assert purge.files_removed_at is not None
-        jobs = json.loads(purge.paths)["results"]
+        jobs = purge.paths["results"]
         assert session.scalar(select(func.count(Delivery.id))) == 1  # the new study's
     assert not (node.results / jobs[0]).exists()
 

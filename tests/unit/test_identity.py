@@ -392,7 +392,8 @@ def test_reassign_files_the_instance_into_the_named_study(tmp_path: Path, catalo
         item = session.get(QuarantineItem, item_id)
         assert item is not None
         assert item.state == QuarantineState.REASSIGNED
-        details = [e.detail or "" for e in session.scalars(select(StudyEvent))]
+        events = session.scalars(select(StudyEvent))
+        details = [json.dumps(e.detail) if e.detail else "" for e in events]
     assert study.instances == 4
     copy = dcmread(spool.path(f"{filed.study_uid}/{filed.series_uid}/{filed.sop_instance_uid}.dcm"))
     assert copy.PatientID == refs[0].header.patient_id  # the study's patient, by decision

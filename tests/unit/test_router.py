@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -92,7 +91,7 @@ def _spool_and_record(catalog: Catalog, spool: Spool, paths: list[Path]) -> None
 def _jobs(catalog: Catalog) -> list[tuple[str, str, list[str]]]:
     with catalog.sessions() as session:
         return [
-            (job.rule or "", job.model, json.loads(job.series_uids))
+            (job.rule or "", job.model, job.series_uids)
             for job in session.scalars(select(Job).order_by(Job.id))
         ]
 
@@ -124,7 +123,7 @@ def test_thin_axial_series_wins_over_thick_and_localizer(catalog: Catalog, tmp_p
         assert summary.route_outcome == "routed"
         job = session.scalars(select(Job)).first()
         assert job is not None
-        assert json.loads(job.destinations) == {"seg": ["PACS"]}
+        assert job.destinations == {"seg": ["PACS"]}
 
 
 def test_cr_chest_goes_to_the_radiograph_model_once(catalog: Catalog, tmp_path: Path) -> None:

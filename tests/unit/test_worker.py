@@ -4,7 +4,6 @@ the stage and the reason."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -79,7 +78,7 @@ def test_burst_runs_a_job_to_stored_results_and_deliveries(
         assert stage in job.timings, stage
     assert {r.kind for r in rows} == EVERY_KIND
     for row in rows:
-        encodings = json.loads(row.encodings)
+        encodings = dict(row.encodings)
         if row.kind == "seg":  # the JPEG 2000 copy is a second encoding of the SEG
             assert list(encodings)[1] == "1.2.840.10008.1.2.4.90"
             assert (results_dir(settings) / encodings.pop("1.2.840.10008.1.2.4.90")).is_file()
