@@ -45,6 +45,7 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage  # type: ignore[import-untyped,unused-ignore]
 
+from pacs_node.imaging.postprocess import label_sizes
 from pacs_node.inference.classical import AIR_BODY_HU, fill_slices, patient_mask
 
 PATIENT_WORK_MM = 3.0  # the patient mask's decision grid: a 120-slice CT in about 3 s, not 9
@@ -110,7 +111,7 @@ def body_outline(
     if box is None:
         return filled
     parts, count = ndimage.label(filled[box])
-    in_body = np.bincount(parts[labels[box] == body], minlength=count + 1)
+    in_body = label_sizes(parts, count, labels[box] == body)
     in_body[0] = 0
     if in_body.max(initial=0) == 0:
         return filled  # no body found: nothing to confine to beyond the patient

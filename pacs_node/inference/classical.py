@@ -53,7 +53,7 @@ LUNG_MIN_VOLUME_ML = 15.0  # ... and, in a series thicker than 3 cm, at least th
 # a twentieth of the head
 LUNG_MIN_SECTION_SHARE = 0.10
 BONE_MIN_VOLUME_ML = 0.05
-FILL_SLAB = 32  # slices labelled at once when filling holes per slice (memory, not results)
+FILL_SLAB = 32  # slices worked at once where slices are independent (memory, not results)
 MAX_SPLIT_DEPTH_MM = 30.0
 
 BODY, LUNG_LEFT, LUNG_RIGHT, BONE = 1, 2, 3, 4
@@ -77,9 +77,16 @@ def _factors(spacing: Spacing, work_mm: float = WORK_SPACING_MM) -> tuple[int, i
 
 
 def _block_mean(array: NDArray[Any], f: tuple[int, int, int]) -> NDArray[np.float32]:
-    """Mean over f-sized blocks (edges padded by replication), for the working grid."""
+    """Mean over f-sized blocks (edges padded by replication), for the working grid. Worked
+    a slab of whole blocks at a time, so the float copy is a slab's, not the series'."""
     if f == (1, 1, 1):
         return np.asarray(array, dtype=np.float32)
+    step = f[0] * max(1, FILL_SLAB // f[0])
+    slabs = [_slab_block_mean(array[z0 : z0 + step], f) for z0 in range(0, array.shape[0], step)]
+    return np.concatenate(slabs, axis=0)
+
+
+def _slab_block_mean(array: NDArray[Any], f: tuple[int, int, int]) -> NDArray[np.float32]:
     pad = [(0, (-n) % k) for n, k in zip(array.shape, f, strict=True)]
     padded = np.pad(np.asarray(array, dtype=np.float32), pad, mode="edge")
     z, y, x = (n // k for n, k in zip(padded.shape, f, strict=True))
