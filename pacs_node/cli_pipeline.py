@@ -309,12 +309,15 @@ def _default_actor() -> str:
 
 
 def _decide(config: Path | None, job_id: int, action: Any, verb: str) -> None:
+    from pacs_node.catalog.quality import StaleRelease
     from pacs_node.cli import _fail, err
 
     _, catalog = _open(config)
     try:
         with catalog.sessions.begin() as session:
             count = action(session, job_id)
+    except StaleRelease as exc:
+        raise _fail(str(exc), 1) from exc
     finally:
         catalog.dispose()
     if not count:

@@ -6,6 +6,10 @@ A job whose result fails the gate under ``qa: hold`` has its deliveries created 
 sees them pending. ``release`` makes them due now (the outbox sends them); ``reject`` ends
 them (``rejected``, never sent). Both act on the job id, since the gate judges one job's whole
 result, and both append a job event naming the actor.
+
+A held result is never released once a newer job of the same study and model has gone out
+(delivered, on its way, or released): the PACS would receive the stale result after the current
+one. Such a release is refused (:class:`StaleRelease`); rejecting it stays allowed.
 """
 
 from __future__ import annotations
@@ -19,11 +23,19 @@ from sqlalchemy.orm import Session
 from pacs_node.catalog.deliveries import HELD_FOR_QUALITY
 from pacs_node.catalog.jobs import add_job_event
 from pacs_node.catalog.models import Delivery, DeliveryState, Job, JobState, utcnow
+from pacs_node.errors import PacsNodeError
 from pacs_node.redact import scrub_reason
 
 REJECTED_TEXT = "rejected at the quality gate"
 RELEASED = "released"
 REJECTED = "rejected"
+# a newer job's result with a delivery in one of these states has reached, or is reaching, the PACS
+_GONE_OUT = (DeliveryState.PENDING, DeliveryState.SENDING, DeliveryState.DELIVERED)
+
+
+class StaleRelease(PacsNodeError):
+    """Releasing this held result would send it after a newer result of the same study and
+    model; the message names the newer job."""
 
 
 def reasons_text(failures: Sequence[dict[str, Any]]) -> str:
@@ -85,8 +97,41 @@ def _held(job_id: int) -> Any:
     )
 
 
+def newer_sent_job(session: Session, job_id: int) -> int | None:
+    """The newest later job of the same study and model whose result has gone out (a delivery
+    pending, sending or delivered, or released at the gate); None if there is none."""
+    job = session.get(Job, job_id)
+    if job is None:
+        return None
+    gone_out = (
+        select(Delivery.id).where(Delivery.job_id == Job.id, Delivery.state.in_(_GONE_OUT)).exists()
+    )
+    return session.scalar(
+        select(Job.id)
+        .where(
+            Job.study_id == job.study_id,
+            Job.model == job.model,
+            Job.id > job_id,
+            gone_out | (Job.qa_decision == RELEASED),
+        )
+        .order_by(Job.id.desc())
+        .limit(1)
+    )
+
+
 def release_result(session: Session, job_id: int, actor: str) -> int:
-    """A person judged the held result fit to send: its deliveries go out now; how many."""
+    """A person judged the held result fit to send: its deliveries go out now; how many.
+
+    Raises :class:`StaleRelease` when a newer result of the same study and model has gone out.
+    """
+    if session.scalar(select(Delivery.id).where(*_held(job_id)).limit(1)) is not None:
+        newer = newer_sent_job(session, job_id)
+        if newer is not None:
+            raise StaleRelease(
+                f"job {newer}, a newer result of the same study and model, has already been "
+                f"sent or released; releasing job {job_id} would send a stale result after it "
+                "(reject it instead)"
+            )
     now = utcnow()
     result = session.execute(
         update(Delivery)

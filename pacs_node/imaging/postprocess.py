@@ -199,13 +199,28 @@ def _padded(box: Box, pad: int, shape: tuple[int, ...]) -> Box:
 # one set of boxes, found once, serves a whole clean-up recipe.
 
 
+def label_sizes(
+    components: NDArray[Any], count: int, where: NDArray[np.bool_] | None = None
+) -> NDArray[np.int64]:
+    """Voxels per label 0..``count`` of a labelled array (only where ``where`` is True), counted
+    slab by slab: ``np.bincount`` converts its input to int64, 8 bytes a voxel at once on a
+    whole series."""
+    sizes = np.zeros(count + 1, dtype=np.int64)
+    step = max(1, SLAB_VOXELS // max(1, int(np.prod(components.shape[1:]))))
+    for z0 in range(0, components.shape[0], step):
+        part = components[z0 : z0 + step]
+        values = part.ravel() if where is None else part[where[z0 : z0 + step]]
+        sizes += np.bincount(values, minlength=count + 1)
+    return sizes
+
+
 def _keep_largest(out: NDArray[Any], value: int, box: Box, connectivity: int) -> None:
     region = out[box]
     mask = region == value
     components, count = ndimage.label(mask, structure=_structure(connectivity))
     if count <= 1:
         return
-    sizes = np.bincount(components.ravel())[1:]
+    sizes = label_sizes(components, count)[1:]
     region[mask & (components != int(np.argmax(sizes)) + 1)] = 0
 
 
@@ -219,8 +234,8 @@ def _remove_islands(
     out: NDArray[Any], value: int, box: Box, threshold: float, connectivity: int
 ) -> None:
     region = out[box]
-    components, _ = ndimage.label(region == value, structure=_structure(connectivity))
-    small = np.bincount(components.ravel()) < threshold
+    components, count = ndimage.label(region == value, structure=_structure(connectivity))
+    small = label_sizes(components, count) < threshold
     small[0] = False
     region[small[components]] = 0
 

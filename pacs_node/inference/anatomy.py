@@ -45,6 +45,7 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage  # type: ignore[import-untyped,unused-ignore]
 
+from pacs_node.imaging.postprocess import label_sizes
 from pacs_node.inference.classical import AIR_BODY_HU, fill_slices, patient_mask
 
 PATIENT_WORK_MM = 3.0  # the patient mask's decision grid: a 120-slice CT in about 3 s, not 9
@@ -53,6 +54,7 @@ MAX_OPEN_SHARE = 0.5
 AIR_SMOOTHING_PIXELS = 3
 
 Spacing = tuple[float, float, float]
+Box = tuple[slice, ...]
 
 OUTSIDE_PATIENT = "outside the patient"
 OUTSIDE_BODY = "outside the body"
@@ -86,40 +88,62 @@ class Removal:
     ml: float
 
 
+def _box(mask: NDArray[np.bool_], pad: tuple[int, int, int] = (0, 0, 0)) -> Box | None:
+    """The bounding box of a mask's voxels widened by ``pad`` (within the array); None if empty."""
+    (found,) = ndimage.find_objects(mask.view(np.uint8)) or [None]
+    if found is None:
+        return None
+    return tuple(
+        slice(max(0, int(b.start) - p), min(n, int(b.stop) + p))
+        for b, p, n in zip(found, pad, mask.shape, strict=True)
+    )
+
+
 def body_outline(
     labels: NDArray[Any], body: int, patient: NDArray[np.bool_] | None = None
 ) -> NDArray[np.bool_]:
-    """Where the patient is, by the labels: see the module docstring (organs inside the body)."""
+    """Where the patient is, by the labels: see the module docstring (organs inside the body).
+    The connected parts are labelled inside the outline's bounding box only (memory)."""
     filled = fill_slices(labels != 0)
     if patient is not None:
         filled &= patient
-    parts, count = ndimage.label(filled)
-    in_body = np.bincount(parts[labels == body], minlength=count + 1)
+    box = _box(filled)
+    if box is None:
+        return filled
+    parts, count = ndimage.label(filled[box])
+    in_body = label_sizes(parts, count, labels[box] == body)
     in_body[0] = 0
     if in_body.max(initial=0) == 0:
         return filled  # no body found: nothing to confine to beyond the patient
     keep = in_body >= KEEP_FRACTION * in_body.max()
     keep[0] = False
-    result: NDArray[np.bool_] = keep[parts]
+    result = np.zeros(labels.shape, dtype=bool)
+    result[box] = keep[parts]
     return result
 
 
 def unenclosed(labels: NDArray[Any], body: int) -> NDArray[np.bool_]:
     """Pieces of organ labels (3D-connected, any non-body label) more than
-    :data:`MAX_OPEN_SHARE` of whose in-plane surroundings are background."""
-    organs = (labels != 0) & (labels != body)
-    parts, count = ndimage.label(organs)
-    if count == 0:
-        return np.zeros(labels.shape, dtype=bool)
+    :data:`MAX_OPEN_SHARE` of whose in-plane surroundings are background. Worked out inside
+    the organs' bounding box, one pixel wider in-plane (all the surroundings look at)."""
+    organs = labels != 0
+    organs &= labels != body
+    result = np.zeros(labels.shape, dtype=bool)
+    box = _box(organs, (0, 1, 1))
+    if box is None:
+        return result
+    parts, count = ndimage.label(organs[box])
+    del organs
     cross = np.zeros((1, 3, 3), dtype=bool)
     cross[0, 1, :] = cross[0, :, 1] = True
     around = ndimage.grey_dilation(parts, footprint=cross)
     shell = (parts == 0) & (around > 0)
     total = np.bincount(around[shell], minlength=count + 1)
-    open_ = np.bincount(around[shell & (labels == 0)], minlength=count + 1)
+    shell &= labels[box] == 0
+    open_ = np.bincount(around[shell], minlength=count + 1)
     drop = open_ > MAX_OPEN_SHARE * np.maximum(total, 1)
     drop[0] = False
-    result: NDArray[np.bool_] = drop[parts]
+    result[box] = drop[parts]
     return result
 
 
@@ -155,17 +179,25 @@ def apply_anatomy(
     if hu is not None and (rules.exclude_table or rules.confine_to_body):
         patient = patient_mask(hu, spacing, PATIENT_WORK_MM)
     if rules.exclude_table and patient is not None:
-        dropped = (out == rules.body) & ~patient
+        dropped = out == rules.body
+        dropped &= ~patient
         _record(removals, out, dropped, OUTSIDE_PATIENT, voxel_ml)
         out[dropped] = 0
-        added = (out == 0) & patient & (np.asarray(hu) > AIR_BODY_HU)  # tissue, never air
+        del dropped
+        added = out == 0
+        added &= patient
+        added &= np.asarray(hu) > AIR_BODY_HU  # tissue, never air
         out[added] = rules.body
         _record(removals, out, added, PATIENT_ADDED, voxel_ml)
+        del added
     if rules.confine_to_body:
-        inside = body_outline(out, rules.body, patient)
-        dropped = (out != 0) & (out != rules.body) & (~inside | unenclosed(out, rules.body))
-        _record(removals, out, dropped, OUTSIDE_BODY, voxel_ml)
-        out[dropped] = 0
+        outside = ~body_outline(out, rules.body, patient)
+        outside |= unenclosed(out, rules.body)
+        outside &= out != 0
+        outside &= out != rules.body
+        _record(removals, out, outside, OUTSIDE_BODY, voxel_ml)
+        out[outside] = 0
+        del outside
     if rules.air_only and hu is not None:
         air = aerated(hu, rules.air_hu_max)
         for value in rules.air_only:

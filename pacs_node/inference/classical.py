@@ -53,6 +53,7 @@ LUNG_MIN_VOLUME_ML = 15.0  # ... and, in a series thicker than 3 cm, at least th
 # a twentieth of the head
 LUNG_MIN_SECTION_SHARE = 0.10
 BONE_MIN_VOLUME_ML = 0.05
+FILL_SLAB = 32  # slices worked at once where slices are independent (memory, not results)
 MAX_SPLIT_DEPTH_MM = 30.0
 
 BODY, LUNG_LEFT, LUNG_RIGHT, BONE = 1, 2, 3, 4
@@ -76,9 +77,16 @@ def _factors(spacing: Spacing, work_mm: float = WORK_SPACING_MM) -> tuple[int, i
 
 
 def _block_mean(array: NDArray[Any], f: tuple[int, int, int]) -> NDArray[np.float32]:
-    """Mean over f-sized blocks (edges padded by replication), for the working grid."""
+    """Mean over f-sized blocks (edges padded by replication), for the working grid. Worked
+    a slab of whole blocks at a time, so the float copy is a slab's, not the series'."""
     if f == (1, 1, 1):
         return np.asarray(array, dtype=np.float32)
+    step = f[0] * max(1, FILL_SLAB // f[0])
+    slabs = [_slab_block_mean(array[z0 : z0 + step], f) for z0 in range(0, array.shape[0], step)]
+    return np.concatenate(slabs, axis=0)
+
+
+def _slab_block_mean(array: NDArray[Any], f: tuple[int, int, int]) -> NDArray[np.float32]:
     pad = [(0, (-n) % k) for n, k in zip(array.shape, f, strict=True)]
     padded = np.pad(np.asarray(array, dtype=np.float32), pad, mode="edge")
     z, y, x = (n // k for n, k in zip(padded.shape, f, strict=True))
@@ -122,9 +130,10 @@ def fill_slices(
     padded: NDArray[np.bool_] | None = None,
 ) -> NDArray[np.bool_]:
     """2D hole filling per axial slice: lungs, airways and gas are enclosed in a slice even where
-    they reach the outside in 3D (the airway through the larynx). All slices in one labelling of
-    the background (in-plane 4-connectivity, as ``binary_fill_holes``): what does not reach a
-    slice's edge is a hole.
+    they reach the outside in 3D (the airway through the larynx). The background is labelled
+    in-plane (4-connectivity, as ``binary_fill_holes``), :data:`FILL_SLAB` slices at a time so
+    the labels' memory is a slab's, not the series': what does not reach a slice's edge is a
+    hole.
 
     ``close_field_edge``: where the patient is cut by the reconstructed field (a targeted or
     cardiac field), the field's edge between the first and last ``mask`` pixel along it counts
@@ -134,6 +143,22 @@ def fill_slices(
     the patient reaches that circle, the circle: its four quarter arcs then play the
     rectangle's four sides. Without ``padded`` the circle is never used: real air outside it
     cannot be told from padding by the mask alone."""
+    if mask.shape[0] <= FILL_SLAB:
+        return _fill_slab(mask, close_field_edge, padded)
+    out = np.empty(mask.shape, dtype=bool)
+    for z0 in range(0, mask.shape[0], FILL_SLAB):
+        z1 = z0 + FILL_SLAB
+        out[z0:z1] = _fill_slab(
+            mask[z0:z1], close_field_edge, None if padded is None else padded[z0:z1]
+        )
+    return out
+
+
+def _fill_slab(
+    mask: NDArray[np.bool_], close_field_edge: bool, padded: NDArray[np.bool_] | None
+) -> NDArray[np.bool_]:
+    """:func:`fill_slices` on a slab of slices (no step connects slices, so slabs are
+    independent: labelling slab by slab bounds the int32 labels to one slab's size)."""
     structure = np.zeros((3, 3, 3), dtype=bool)
     structure[1] = ndimage.generate_binary_structure(2, 1)
     circle = (

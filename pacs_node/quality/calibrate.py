@@ -25,7 +25,7 @@ How each limit follows from what the model gave (``n`` seeds):
   :mod:`~pacs_node.quality.checks`), none when every result was cut; the ceiling from all
   (it catches a lung in the air outside the patient);
 - ``pair_ratio_max``: 1.5 x the largest left/right ratio seen between pairs the series did not
-  cut (see :func:`cut_by_series`), at least 3;
+  cut (see :func:`cut_by_volume`), at least 3;
 - ``sides``: an unpaired label whose centre lay on the same side of the midline in every seed;
 - ``order``: (upper, lower) among lungs, heart, liver, spleen and kidneys whose centres lay at
   least 20 mm apart in that order in every seed where the series cut neither (at least 3);
@@ -54,7 +54,7 @@ from pacs_node.imaging.volume import Volume, VolumeKind, load_series
 from pacs_node.inference.labelmap import Labelmap
 from pacs_node.inference.registry import METADATA, Registry
 from pacs_node.inference.runner import Runner
-from pacs_node.quality.checks import cut_by_series, input_percentiles, run_checks
+from pacs_node.quality.checks import cut_by_volume, input_percentiles, run_checks
 from pacs_node.quality.limits import QUALITY_KEY, QualityLimits
 from pacs_node.results.measurements import Finding, measure_labelmap
 
@@ -117,7 +117,7 @@ def derive(cases: list[tuple[Volume, Labelmap, tuple[Finding, ...]]]) -> dict[st
     ct = all(v.modality.upper() == "CT" for v, _, _ in cases)
     for volume, labelmap, findings in cases:
         present = {f.segment.name: f for f in findings if f.present}
-        whole = {n: f for n, f in present.items() if not cut_by_series(volume, f)}
+        whole = {n: f for n, f in present.items() if not cut_by_volume(volume, f)}
         total = float(volume.voxels.size)
         for name, finding in present.items():
             size = _size(finding)

@@ -19,9 +19,10 @@ Check ids::
     coverage_image    a label (not the body) covering more than ``max_image_fraction``
     input_intensity   the input's percentiles far from the training renders' (``intensity``)
 
-A 3D label cut by the series' first or last slice is a part of the organ: pairs and positions
-are not judged on it, nor is its size against the range's floor (a part may be any size; the
-ceiling still holds).
+A 3D label that touches a face of the imaged volume (the series' first or last slice, or the
+first or last row or column: the edge of the field of view, whatever the series' orientation)
+is a part of the organ: pairs and positions are not judged on it, nor is its size against the
+range's floor (a part may be any size; the ceiling still holds).
 """
 
 from __future__ import annotations
@@ -91,12 +92,16 @@ class Verdict:
         return cls(tuple(FailedCheck(**item) for item in data.get("failures", [])))
 
 
-def cut_by_series(volume: Volume, finding: Finding) -> bool:
-    """Whether a 3D series' first or last slice cuts the label: its size and centre are then
-    of a part, so pairs and positions are not judged on it."""
-    if volume.kind is not VolumeKind.SERIES or finding.slice_range is None:
+def cut_by_volume(volume: Volume, finding: Finding) -> bool:
+    """Whether a face of a 3D series' voxel grid cuts the label (its first or last slice, row
+    or column: the series' ends or the field's edge, along whichever patient axis each runs):
+    its size and centre are then of a part, so pairs and positions are not judged on it."""
+    if volume.kind is not VolumeKind.SERIES or finding.index_box is None:
         return False
-    return finding.slice_range[0] == 0 or finding.slice_range[1] >= volume.shape[0] - 1
+    return any(
+        first == 0 or last >= size - 1
+        for (first, last), size in zip(finding.index_box, volume.shape, strict=True)
+    )
 
 
 def _size(finding: Finding) -> tuple[float, str] | None:
@@ -115,7 +120,7 @@ def _sizes(volume: Volume, findings: Sequence[Finding], limits: QualityLimits) -
         if normal is None or size is None or not finding.present:
             continue
         value, unit = size
-        part = cut_by_series(volume, finding)
+        part = cut_by_volume(volume, finding)
         low = normal.min is not None and value < normal.min and not part
         high = normal.max is not None and value > normal.max
         if low or high:
@@ -194,7 +199,7 @@ def _missing_sides(findings: Sequence[Finding], whole: dict[str, Finding]) -> li
 def _pairs(volume: Volume, findings: Sequence[Finding], limits: QualityLimits) -> list[FailedCheck]:
     if limits.pair_ratio_max is None:
         return []
-    by_name = {f.segment.name: f for f in findings if f.present and not cut_by_series(volume, f)}
+    by_name = {f.segment.name: f for f in findings if f.present and not cut_by_volume(volume, f)}
     out = _missing_sides(findings, by_name)
     for name, left in by_name.items():
         if not name.endswith(_PAIRS[0]):
@@ -229,7 +234,7 @@ def _order(volume: Volume, findings: Sequence[Finding], limits: QualityLimits) -
     by_name = {
         f.segment.name: f
         for f in findings
-        if f.present and f.centroid_lps is not None and not cut_by_series(volume, f)
+        if f.present and f.centroid_lps is not None and not cut_by_volume(volume, f)
     }
     out = []
     for rule in limits.order:

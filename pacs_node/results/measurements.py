@@ -154,6 +154,8 @@ class Finding:
     side_unchecked: str | None = None  # 2D, lateralised structure: why its side cannot be checked
     laterality: Laterality | None = None
     slice_range: tuple[int, int] | None = None  # 0-based first and last slice index
+    # 0-based first and last array index along z, y and x (the label's tight bounding box)
+    index_box: tuple[tuple[int, int], tuple[int, int], tuple[int, int]] | None = None
     craniocaudal_mm: tuple[float, float] | None = None  # superior edge, inferior edge (patient z)
     extent_lr_mm: float | None = None
     extent_ap_mm: float | None = None
@@ -370,11 +372,11 @@ def measure_segment(
     if planar:
         structure[0] = structure[2] = False
     _, components = ndimage.label(mask, structure=structure)
-    z_present = np.flatnonzero(mask.any(axis=(1, 2))) + start[0]
-    slice_range = (int(z_present[0]), int(z_present[-1]))
+    index_box = _index_box(mask, start)
+    slice_range = index_box[0]
     if planar:
         return _planar_finding(
-            volume, mask, spec, count, intensity, int(components), slice_range, start
+            volume, mask, spec, count, intensity, int(components), index_box, start
         )
     if volume.kind is not VolumeKind.SERIES or not volume.spacing_known:
         return Finding(
@@ -382,6 +384,7 @@ def measure_segment(
             voxel_count=count,
             intensity=intensity,
             slice_range=slice_range,
+            index_box=index_box,
             components=int(components),
             laterality=laterality_of(spec, None),
             not_measurable=("volume",) if volume.kind is VolumeKind.SERIES else (),
@@ -418,6 +421,7 @@ def measure_segment(
         midline_offset_mm=midline_offset,
         laterality=laterality_of(spec, reach),
         slice_range=slice_range,
+        index_box=index_box,
         craniocaudal_mm=(float(high[2]), float(low[2])),
         extent_lr_mm=float(extents[0]),
         extent_ap_mm=float(extents[1]),
@@ -427,6 +431,18 @@ def measure_segment(
         sphericity=sphericity,
         components=int(components),
     )
+
+
+def _index_box(
+    mask: NDArray[np.bool_], start: NDArray[np.int64]
+) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """First and last index of a non-empty mask along z, y and x, on the Volume's grid."""
+    spans = []
+    for axis in range(3):
+        others = tuple(a for a in range(3) if a != axis)
+        present = np.flatnonzero(mask.any(axis=others)) + start[axis]
+        spans.append((int(present[0]), int(present[-1])))
+    return spans[0], spans[1], spans[2]
 
 
 def laterality_of(spec: SegmentSpec, reach: tuple[float, float] | None) -> Laterality | None:
@@ -505,10 +521,11 @@ def _planar_finding(
     count: int,
     intensity: IntensityStats | None,
     components: int,
-    slice_range: tuple[int, int],
+    index_box: tuple[tuple[int, int], tuple[int, int], tuple[int, int]],
     offset: NDArray[np.int64],
 ) -> Finding:
     side, offset_mm, unchecked = _image_side(volume, mask, spec, offset)
+    slice_range = index_box[0]
     if not volume.spacing_known:
         return Finding(
             segment=spec,
@@ -517,13 +534,13 @@ def _planar_finding(
             image_side=side,
             side_unchecked=unchecked,
             slice_range=slice_range,
+            index_box=index_box,
             components=components,
             laterality=laterality_of(spec, None),
             not_measurable=("area", "width", "height"),
         )
     _, dy, dx = volume.spacing
-    rows = np.flatnonzero(mask.any(axis=(0, 2)))
-    cols = np.flatnonzero(mask.any(axis=(0, 1)))
+    _, rows, cols = index_box
     return Finding(
         segment=spec,
         voxel_count=count,
@@ -533,8 +550,9 @@ def _planar_finding(
         image_side=side,
         side_unchecked=unchecked,
         slice_range=slice_range,
-        width_mm=float((cols[-1] - cols[0] + 1) * dx),
-        height_mm=float((rows[-1] - rows[0] + 1) * dy),
+        index_box=index_box,
+        width_mm=float((cols[1] - cols[0] + 1) * dx),
+        height_mm=float((rows[1] - rows[0] + 1) * dy),
         components=components,
         laterality=laterality_of(spec, None),
         size_basis=volume.spacing_source,

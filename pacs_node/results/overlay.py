@@ -5,7 +5,8 @@
   contour on every slice it touches, plus a text layer saying the result is the model's.
 - A key-image series: colour secondary-capture images (highdicom ``sc``) of a few key slices (the
   slice of largest area per segment, capped at ``ResultOptions.key_images``; or every slice with a
-  finding on request), with contours, a legend and "AI result - verify before use" burned in.
+  finding on request), with contours, a legend and "AI result - verify before use" burned in,
+  the banner above the image and the legend below or beside it, never over image pixels.
   The legend names each structure as :attr:`Finding.label` does (laterality only for paired
   structures, the same words as the SR, PDF and FHIR) and prints its warnings (a left/right
   conflict, a structure in several pieces) under it, in amber.
@@ -18,7 +19,7 @@ C.10.5.1.2 (0,0 is the top-left corner of the top-left pixel, so a pixel centre 
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -259,6 +260,44 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
+PixelBox = tuple[int, int, int, int]  # left, top, right, bottom (right and bottom exclusive)
+
+
+@dataclass(frozen=True)
+class KeyImageLayout:
+    """Where a key image's parts lie on its canvas: the banner above the image, the legend below
+    it (landscape and square images) or beside it (portrait ones). No part covers another, so
+    the legend never hides image pixels."""
+
+    size: tuple[int, int]  # canvas width, height
+    banner: PixelBox
+    image: PixelBox
+    legend: PixelBox | None  # None: nothing to list
+
+
+def key_image_layout(
+    width: int, height: int, line: int, legend_rows: Callable[[int], int]
+) -> KeyImageLayout:
+    """The layout for a ``width`` x ``height`` rendered slice, text lines ``line`` pixels high;
+    ``legend_rows(panel_width)`` says how many lines the legend takes wrapped at that width."""
+    banner_height = line + 6
+    top = banner_height
+    image = (0, top, width, top + height)
+    beside = height > width
+    panel_width = max(width, 16 * line) if beside else width
+    rows = legend_rows(panel_width)
+    if rows == 0:
+        return KeyImageLayout((width, top + height), (0, 0, width, top), image, None)
+    panel_height = rows * line + 12
+    if beside:
+        canvas = (width + panel_width, top + max(height, panel_height))
+        legend = (width, top, width + panel_width, canvas[1])
+    else:
+        canvas = (width, top + height + panel_height)
+        legend = (0, top + height, width, canvas[1])
+    return KeyImageLayout(canvas, (0, 0, canvas[0], top), image, legend)
+
+
 def render_slice(
     volume: Volume,
     labelmap: Labelmap,
@@ -267,6 +306,17 @@ def render_slice(
     provenance: Provenance,
 ) -> Image.Image:
     """One slice as an RGB picture: windowed grey, contours, legend and the disclaimer."""
+    return render_slice_layout(volume, labelmap, z, findings, provenance)[0]
+
+
+def render_slice_layout(
+    volume: Volume,
+    labelmap: Labelmap,
+    z: int,
+    findings: Sequence[Finding],
+    provenance: Provenance,
+) -> tuple[Image.Image, KeyImageLayout]:
+    """:func:`render_slice`'s picture and where its parts lie on it."""
     window = window_for(volume)
     plane = volume.voxels[z].astype(np.float64)
     low = window.center - window.width / 2
@@ -289,25 +339,34 @@ def render_slice(
             shown.append(finding)
     font = _font(max(12, image.height // 40))
     line = int(font.size * 1.3) if isinstance(font, ImageFont.FreeTypeFont) else 14
+    char = max(draw.textlength("n", font=font), 1)
+    entries = legend_entries(shown)
+
+    def wrapped(panel_width: int) -> list[tuple[tuple[int, int, int] | None, str, bool]]:
+        """The legend's lines at this panel width: (swatch, text, warning)."""
+        columns = max(20, int((panel_width - 18 - line) / char))
+        lines: list[tuple[tuple[int, int, int] | None, str, bool]] = []
+        for entry in entries:
+            parts = textwrap.wrap(entry.text, columns) or [entry.text]
+            lines.append((entry.color, parts[0], entry.warning))
+            lines.extend((None, more, entry.warning) for more in parts[1:])
+        return lines
+
+    layout = key_image_layout(image.width, image.height, line, lambda w: len(wrapped(w)))
+    canvas = Image.new("RGB", layout.size, (0, 0, 0))
+    canvas.paste(image, layout.image[:2])
+    draw = ImageDraw.Draw(canvas)
     banner = f"{DISCLAIMER} - {provenance.algorithm.name} {provenance.algorithm.version}"
-    draw.rectangle((0, 0, image.width, line + 6), fill=(0, 0, 0))
-    draw.text((6, 3), banner, fill=(255, 220, 0), font=font)
-    columns = max(20, int((image.width - 18 - line) / max(draw.textlength("n", font=font), 1)))
-    legend: list[tuple[tuple[int, int, int] | None, str, bool]] = []  # swatch, text, warning
-    for entry in legend_entries(shown):
-        wrapped = textwrap.wrap(entry.text, columns) or [entry.text]
-        legend.append((entry.color, wrapped[0], entry.warning))
-        legend.extend((None, more, entry.warning) for more in wrapped[1:])
-    top = image.height - line * len(legend) - 8
-    if legend:
-        draw.rectangle((0, top - 4, image.width, image.height), fill=(0, 0, 0))
-    for i, (swatch, text, warning) in enumerate(legend):
-        y = top + i * line
-        if swatch is not None:
-            draw.rectangle((6, y + 2, 6 + line - 6, y + line - 4), fill=swatch)
-        fill = WARNING_RGB if warning else (255, 255, 255)
-        draw.text((12 + line, y), text, fill=fill, font=font)
-    return image
+    draw.text((layout.banner[0] + 6, layout.banner[1] + 3), banner, fill=(255, 220, 0), font=font)
+    if layout.legend is not None:
+        left, top, right, _ = layout.legend
+        for i, (swatch, text, warning) in enumerate(wrapped(right - left)):
+            y = top + 6 + i * line
+            if swatch is not None:
+                draw.rectangle((left + 6, y + 2, left + line, y + line - 4), fill=swatch)
+            fill = WARNING_RGB if warning else (255, 255, 255)
+            draw.text((left + 12 + line, y), text, fill=fill, font=font)
+    return canvas, layout
 
 
 @dataclass(frozen=True)

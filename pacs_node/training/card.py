@@ -234,7 +234,7 @@ def _quality(root: Path, limits: dict[str, Any] | None, note: str | None) -> lis
         "",
         (
             f"- normal sizes: {sizes or 'none'} (mL in 3D, cm2 on radiographs; no floor for an "
-            "organ the series' first or last slice cuts)"
+            "organ a face of the series cuts: its first or last slice, or the field's edge)"
         ),
         f"- left/right pairs: larger at most {limits.get('pair_ratio_max')} x the smaller",
     ]

@@ -146,6 +146,18 @@ def test_a_failed_result_is_held_then_released_or_rejected(
     decisions = {j["id"]: j["quality"]["decision"] for j in _json(node, "jobs")}
     assert decisions == {release_job: "released", reject_job: "rejected"}
 
+    # the study run twice more, both held: once the newer result is released, the older one
+    # would reach the PACS after it, so its release is refused (it can still be rejected)
+    node.cli("run", released_uid)
+    node.cli("run", released_uid)
+    rerun = wait_for(lambda: _jobs_done(node, 4), 240, interval=0.5, what="both re-runs")
+    older, newer = sorted(j["id"] for j in rerun)[2:]
+    node.cli("results", "release", str(newer))
+    stale = node.cli("results", "release", str(older), check=False)
+    assert stale.returncode == 1
+    assert f"job {newer}, a newer result" in stale.stderr
+    node.cli("results", "reject", str(older))
+
 
 def _quality_texts(orthanc: OrthancProcess, sop_instance_uid: str) -> list[str]:
     """The text items of the SR's Qualitative Evaluations container, as Orthanc stores it."""

@@ -10,7 +10,15 @@ from pydicom.data import get_testdata_file
 from scipy import ndimage
 
 from pacs_node.imaging.volume import load_series
-from pacs_node.inference.classical import BODY, BONE, LUNG_LEFT, LUNG_RIGHT, segment_ct
+from pacs_node.inference.classical import (
+    BODY,
+    BONE,
+    FILL_SLAB,
+    LUNG_LEFT,
+    LUNG_RIGHT,
+    fill_slices,
+    segment_ct,
+)
 from pacs_node.inference.registry import Registry
 from pacs_node.inference.runner import Runner
 from tests.ct_phantom import Phantom, dice, make_ct_phantom
@@ -95,3 +103,12 @@ def test_real_head_ct_slice_body_without_head_rest(name: str) -> None:
     assert (labels == BONE).sum() * volume.spacing[1] * volume.spacing[2] > 2000.0  # > 20 cm2
     assert not (labels == LUNG_LEFT).any()
     assert not (labels == LUNG_RIGHT).any()
+
+
+def test_fill_slices_fills_each_slice_on_its_own_across_slabs() -> None:
+    """Worked slab by slab, the per-slice filling is the same as 2D hole filling slice by slice."""
+    rng = np.random.default_rng(3)
+    mask = rng.random((2 * FILL_SLAB + 5, 40, 40)) > 0.55
+    expected = np.stack([ndimage.binary_fill_holes(plane) for plane in mask])
+    assert expected.sum() > mask.sum()  # there were holes to fill
+    assert np.array_equal(fill_slices(mask), expected)

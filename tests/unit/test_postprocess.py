@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from pacs_node.imaging import Grid
 from pacs_node.imaging.postprocess import (
@@ -11,6 +12,7 @@ from pacs_node.imaging.postprocess import (
     clean_segments,
     fill_holes,
     keep_largest_component,
+    label_sizes,
     labels_to_source,
     probabilities_to_source,
     remove_small_islands,
@@ -168,3 +170,12 @@ def test_clean_segments_applies_each_segments_recipe() -> None:
     assert out[1, 7, 7] == 0
     assert int((out == 2).sum()) == 26
     assert labels[8, 8, 8] == 1  # input untouched
+
+
+def test_label_sizes_are_counted_slab_by_slab_as_in_one_go() -> None:
+    rng = np.random.default_rng(4)
+    components, count = ndimage.label(rng.random((40, 330, 330)) > 0.6)  # several slabs
+    where = rng.random(components.shape) > 0.3
+    assert label_sizes(components, count).tolist() == np.bincount(components.ravel()).tolist()
+    expected = np.bincount(components[where], minlength=count + 1)
+    assert label_sizes(components, count, where).tolist() == expected.tolist()

@@ -18,13 +18,15 @@ from pydantic import ValidationError
 from pydicom import dcmread
 
 from pacs_node.errors import BundleError
-from pacs_node.inference.labelmap import Labelmap
+from pacs_node.imaging import load_series
+from pacs_node.inference.labelmap import Labelmap, SegmentSpec
 from pacs_node.inference.registry import load_bundle
-from pacs_node.quality.checks import Verdict, cut_by_series, run_checks
+from pacs_node.inference.vocabulary import structure
+from pacs_node.quality.checks import Verdict, cut_by_volume, run_checks
 from pacs_node.quality.limits import QualityLimits, merge_limits
 from pacs_node.results import OutputKind, ResultOptions, build_results, measure_labelmap
 from pacs_node.routing.rules import RouteRule
-from tests.results_factory import radiograph_study, torso_study
+from tests.results_factory import AXIAL, box, make_series, radiograph_study, torso_study
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 
@@ -75,7 +77,7 @@ def test_a_part_cut_by_the_series_end_is_never_too_small() -> None:
     volume, labelmap, _ = torso_study()
     findings = measure_labelmap(volume, labelmap)
     part = next(
-        f for f in findings if f.present and f.segment.name != "body" and cut_by_series(volume, f)
+        f for f in findings if f.present and f.segment.name != "body" and cut_by_volume(volume, f)
     )
     assert part.volume_ml is not None
     name = part.segment.name
@@ -85,6 +87,48 @@ def test_a_part_cut_by_the_series_end_is_never_too_small() -> None:
     assert _ids(run_checks(volume, findings, ceiling)) == [("size_range", name)]
     whole = measure_labelmap(volume, _inner(labelmap, name))
     assert _ids(run_checks(volume, whole, floor)) == [("size_range", name)]
+
+
+CORONAL = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)  # rows run from head to feet, slices front to back
+LIVER = (SegmentSpec(1, structure("liver")),)
+
+
+def _liver_floor(orientation: tuple[float, ...], start: tuple[int, int, int]) -> list[str]:
+    """The size_range failures of a 6 x 8 x 8 voxel "liver" at array index ``start`` of a
+    12 x 24 x 24 series, held to a floor far above its size."""
+    shape = (12, 24, 24)
+    liver = box(shape, start, (6, 8, 8))
+    stored = np.where(liver, 60, -50).astype(np.int16)
+    volume = load_series(make_series(stored, spacing=(3.0, 2.0, 2.0), orientation=orientation))
+    labelmap = Labelmap(liver.astype(np.uint8), LIVER)
+    (finding,) = measure_labelmap(volume, labelmap)
+    assert finding.volume_ml is not None
+    floor = QualityLimits.model_validate({"sizes": {"liver": {"min": finding.volume_ml * 10}}})
+    cut = cut_by_volume(volume, finding)
+    labels = [label for _, label in _ids(run_checks(volume, [finding], floor))]
+    assert cut == (not labels)  # a part is exempt from the floor, a whole organ is not
+    return labels
+
+
+@pytest.mark.parametrize(
+    ("orientation", "start", "held"),
+    [
+        (AXIAL, (3, 8, 8), True),  # inside the volume: whole, too small
+        (AXIAL, (0, 8, 8), False),  # cut by the series' first slice
+        (AXIAL, (6, 8, 8), False),  # cut by its last slice
+        (CORONAL, (3, 0, 8), False),  # coronal: cut by the field's top edge (head end)
+        (CORONAL, (3, 16, 8), False),  # ... and by its bottom edge (feet end)
+        (CORONAL, (3, 8, 8), True),  # coronal, inside: whole
+        (AXIAL, (3, 8, 16), False),  # axial, cut by the field's edge at the last column
+        (AXIAL, (3, 0, 8), False),  # ... and at the first row
+    ],
+)
+def test_a_part_cut_by_any_face_of_the_volume_is_never_too_small(
+    orientation: tuple[float, ...], start: tuple[int, int, int], held: bool
+) -> None:
+    """Whatever the series' orientation, the volume's six faces (its first and last slice, row
+    and column) cut what reaches them: the floor of the range does not apply."""
+    assert _liver_floor(orientation, start) == (["liver"] if held else [])
 
 
 def test_an_unmeasurable_size_is_not_a_failure() -> None:
