@@ -3,33 +3,28 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-from pacs_node.config import Settings, load_settings
+from pacs_node.cli.common import settings_for
+from pacs_node.cli.console import FAILED, err, fail, out, print_json
+from pacs_node.config import Settings
 from pacs_node.errors import PacsNodeError
 
 routes_app = typer.Typer(
     help="Check the routing rules, explain how a study was routed, test them on files."
 )
-out = Console()
-err = Console(stderr=True)
 
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", help="Folder with routes.yaml.", show_default=False)
 ]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON only.")]
 
 
 def _load(config: Path | None) -> Settings:
-    try:
-        return load_settings(config)
-    except PacsNodeError as exc:
-        err.print(f"[bold red]error:[/] configuration: {exc}", highlight=False)
-        raise typer.Exit(2) from exc
+    return settings_for(config, node_logging=False)
 
 
 @routes_app.command("check")
@@ -41,8 +36,7 @@ def check(config: ConfigOption = None) -> None:
     try:
         check_models(settings)
     except PacsNodeError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(1) from exc
+        fail(str(exc), FAILED)
     enabled = sum(rule.enabled for rule in settings.routes.rules)
     out.print(f"routes ok: {len(settings.routes.rules)} rules, {enabled} enabled", highlight=False)
 
@@ -51,7 +45,7 @@ def check(config: ConfigOption = None) -> None:
 def explain(
     study_uid: Annotated[str, typer.Argument(help="Study Instance UID")],
     config: ConfigOption = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+    json_output: JsonOption = False,
 ) -> None:
     """Say, for each rule and series, why it did or did not match, and what was queued."""
     from sqlalchemy import select
@@ -67,8 +61,7 @@ def explain(
     try:
         catalog = open_catalog(settings.node.catalog_url, run_migrations=False)
     except PacsNodeError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(1) from exc
+        fail(str(exc), FAILED)
     router = Router(catalog, Spool(settings.node.spool_dir), settings.routes)
     try:
         with catalog.sessions() as session:
@@ -81,14 +74,13 @@ def explain(
                 )
             )
             outcome = study.route_outcome.value if study.route_outcome else None
-    except NoResultFound as exc:
-        err.print(f"[bold red]error:[/] no study {study_uid}", highlight=False)
-        raise typer.Exit(1) from exc
+    except NoResultFound:
+        fail(f"no study {study_uid}", FAILED)
     finally:
         catalog.dispose()
     report = StudyReport(study_uid, tuple(verdicts), outcome, jobs)
     if json_output:
-        sys.stdout.write(json.dumps(report.as_json()) + "\n")
+        print_json(report.as_json(), ascii_only=True)
         return
     render(out, report, planned=False, heading=False)
 
@@ -105,7 +97,7 @@ def try_on_files(
         str | None,
         typer.Option("--calling-ae", help="The AE title the files would come from."),
     ] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+    json_output: JsonOption = False,
 ) -> None:
     """Say what the routes would do with DICOM files, as if the node had received them: each
     rule's verdict and why, and the jobs it would queue. Reads headers only."""
@@ -120,8 +112,7 @@ def try_on_files(
     if len(skipped) > _SKIPPED_SHOWN:
         err.print(f"skipped {len(skipped) - _SKIPPED_SHOWN} more files", highlight=False)
     if not studies:
-        err.print("[bold red]error:[/] no DICOM instances found", highlight=False)
-        raise typer.Exit(1)
+        fail("no DICOM instances found", FAILED)
     reports = []
     for study in studies:
         decided = plan_study(settings.routes, study.series)
@@ -131,7 +122,7 @@ def try_on_files(
             )
         )
     if json_output:
-        sys.stdout.write(json.dumps([r.as_json() for r in reports]) + "\n")
+        print_json([r.as_json() for r in reports], ascii_only=True)
         return
     for index, report in enumerate(reports):
         if index:
