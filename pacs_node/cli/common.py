@@ -4,13 +4,14 @@ settings loader and the catalog a command opens."""
 from __future__ import annotations
 
 import getpass
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from pacs_node.actor import Actor
 from pacs_node.catalog.db import Catalog, open_catalog, sqlite_file
 from pacs_node.cli.console import FAILED, fail
 from pacs_node.config import Settings, load_settings
@@ -63,12 +64,19 @@ def opened_catalog(settings: Settings, *, migrate: bool = False) -> Iterator[Cat
         catalog.dispose()
 
 
-def login_name(given: str | None = None) -> str:
-    """Who is at the keyboard, for the events a decision records: ``--actor`` when given,
+def change(config: Path | None, action: Callable[[Catalog], int]) -> int:
+    """Run one change by hand (a retry, a cancel, a decision) on the migrated catalog; how
+    many rows it changed (0: the state did not allow it)."""
+    with opened_catalog(settings_for(config), migrate=True) as catalog:
+        return action(catalog)
+
+
+def user(given: str | None = None) -> Actor:
+    """The person at the keyboard, for the events a change records: ``--actor`` when given,
     else the login name."""
     if given:
-        return given
+        return Actor.user(given)
     try:
-        return getpass.getuser()
+        return Actor.user(getpass.getuser())
     except (KeyError, OSError):
-        return "unknown"
+        return Actor.user("unknown")

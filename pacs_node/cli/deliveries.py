@@ -7,9 +7,15 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from pacs_node.cli.common import ConfigOption, JsonOption, opened_catalog, settings_for
-from pacs_node.cli.console import out, print_json
-from pacs_node.cli.jobs import transition
+from pacs_node.cli.common import (
+    ConfigOption,
+    JsonOption,
+    change,
+    opened_catalog,
+    settings_for,
+    user,
+)
+from pacs_node.cli.console import FAILED, err, fail, out, print_json
 
 deliveries_app = typer.Typer(
     help="The outbox: every result's way to every destination; retry a held or dead one.",
@@ -34,11 +40,10 @@ def deliveries(
     """List deliveries: destination, state, attempts, next attempt and the last error."""
     if ctx.invoked_subcommand is not None:
         return
-    from pacs_node.catalog.deliveries import list_deliveries
+    from pacs_node.services.deliveries import list_deliveries
 
-    settings = settings_for(config)
-    with opened_catalog(settings, migrate=True) as catalog, catalog.sessions() as session:
-        rows = list_deliveries(session, states=state)
+    with opened_catalog(settings_for(config), migrate=True) as catalog:
+        rows = list_deliveries(catalog, states=state)
     if json_output:
         print_json([r.as_json() for r in rows])
         return
@@ -65,12 +70,12 @@ def deliveries_retry(
     delivery_id: Annotated[int, typer.Argument(help="Delivery ID.")], config: ConfigOption = None
 ) -> None:
     """Send a held or dead delivery again now (attempts counted afresh)."""
-    from pacs_node.catalog.deliveries import retry_delivery
+    from pacs_node.services.deliveries import retry_delivery
 
-    transition(
-        config,
-        "delivery",
-        delivery_id,
-        retry_delivery,
-        "that is held or dead (one the quality gate holds: `pacs-node results release JOB`)",
-    )
+    if not change(config, lambda catalog: retry_delivery(catalog, delivery_id, user())):
+        fail(
+            f"delivery {delivery_id}: no such delivery that is held or dead (one the quality "
+            "gate holds: `pacs-node results release JOB`)",
+            FAILED,
+        )
+    err.print(f"delivery {delivery_id}: done", highlight=False)

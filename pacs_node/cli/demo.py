@@ -18,7 +18,7 @@ import typer
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from pacs_node.cli.common import ConfigOption, JsonOption, settings_for
+from pacs_node.cli.common import ConfigOption, JsonOption, opened_catalog, settings_for
 from pacs_node.cli.console import FAILED, err, fail, out, print_json
 from pacs_node.config import Settings
 
@@ -134,18 +134,11 @@ def demo(
 
 def _explain(settings: Settings, study_uid: str, why: str) -> None:
     """Say why the study was not routed, rule by rule (what ``routes explain`` says)."""
-    from pacs_node.catalog.db import open_catalog
-    from pacs_node.ingest.spool import Spool
-    from pacs_node.routing.router import Router
+    from pacs_node.services.routes import explain_study
 
     err.print(f"[bold red]error:[/] study {study_uid} was not routed: {why}", highlight=False)
-    catalog = open_catalog(settings.node.catalog_url, run_migrations=False)
-    try:
-        router = Router(catalog, Spool(settings.node.spool_dir), settings.routes)
-        with catalog.sessions() as session:
-            verdicts = router.explain(session, study_uid)
-    finally:
-        catalog.dispose()
+    with opened_catalog(settings) as catalog:
+        verdicts = explain_study(catalog, settings, study_uid).verdicts
     if not verdicts:
         err.print("  routes.yaml has no rules (or none enabled)", highlight=False)
     for verdict in verdicts:

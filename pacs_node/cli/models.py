@@ -23,26 +23,22 @@ def models(
 ) -> None:
     """List the model bundles and their labels; a broken bundle is an error."""
     settings = settings_for(config, {"models_dir": models_dir})
-    from pacs_node.inference.registry import Registry
+    from pacs_node.services.models import list_models
 
     try:
-        bundles = Registry(settings.node.models_dir).load_all()
+        entries = list_models(settings)
     except PacsNodeError as exc:
         fail(str(exc), FAILED)
-    allowlist = settings.node.model_sha256_allowlist
-
-    def allowed(sha256: str) -> bool:
-        return not allowlist or sha256 in allowlist
-
     if json_output:
-        print_json([{**b.as_json(), "allowed": allowed(b.sha256)} for b in bundles])
+        print_json([entry.as_json() for entry in entries])
         return
-    table = Table(title=f"{len(bundles)} models in {settings.node.models_dir}")
+    table = Table(title=f"{len(entries)} models in {settings.node.models_dir}")
     for column in ("Name", "Version", "Kind", "Modalities", "Labels", "SHA-256"):
         table.add_column(column)
-    for b in bundles:
+    for entry in entries:
+        b = entry.bundle
         labels = ", ".join(f"{s.value}={s.name}" for s in b.segments)
-        digest = b.sha256[:16] + ("" if allowed(b.sha256) else " (not allowed)")
+        digest = b.sha256[:16] + ("" if entry.allowed else " (not allowed)")
         table.add_row(
             b.name, b.version, str(b.kind), ", ".join(b.modalities) or "any", labels, digest
         )

@@ -10,18 +10,12 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
-from sqlalchemy.orm import Session
 
-from pacs_node.cli.common import (
-    ConfigOption,
-    JsonOption,
-    login_name,
-    opened_catalog,
-    settings_for,
-)
+from pacs_node.catalog.db import Catalog
+from pacs_node.cli.common import ConfigOption, JsonOption, opened_catalog, settings_for, user
 from pacs_node.cli.console import FAILED, fail, out, print_json
+from pacs_node.config import Settings
 from pacs_node.errors import PacsNodeError
-from pacs_node.ingest.spool import Spool
 
 ActorOption = Annotated[
     str | None, typer.Option("--actor", help="Who decides (recorded); default: the login name.")
@@ -42,10 +36,10 @@ def quarantine(
     """List quarantined instances with the reason each was kept apart."""
     if ctx.invoked_subcommand is not None:
         return
-    from pacs_node.catalog.quarantine import item_json, list_items
+    from pacs_node.services.quarantine import list_quarantined
 
-    with opened_catalog(settings_for(config)) as catalog, catalog.sessions() as session:
-        items = [item_json(item) for item in list_items(session)]
+    with opened_catalog(settings_for(config)) as catalog:
+        items = list_quarantined(catalog)
     if json_output:
         print_json(items)
         return
@@ -56,22 +50,20 @@ def quarantine(
     for i in items:
         table.add_row(
             str(i["id"]),
-            i["state"],
-            i["reason_text"],
-            i["sop_instance_uid"],
-            i["collided_study_uid"] or "",
-            i["received_at"][:19],
+            str(i["state"]),
+            str(i["reason_text"]),
+            str(i["sop_instance_uid"]),
+            str(i["collided_study_uid"] or ""),
+            str(i["received_at"])[:19],
         )
     out.print(table)
 
 
-def _act(config: ConfigOption, what: str, action: Callable[[Session, Spool], str]) -> None:
+def _act(config: ConfigOption, what: str, action: Callable[[Catalog, Settings], str]) -> None:
     settings = settings_for(config)
-    spool = Spool(settings.node.spool_dir)
     with opened_catalog(settings) as catalog:
         try:
-            with catalog.sessions.begin() as session:
-                result = action(session, spool)
+            result = action(catalog, settings)
         except PacsNodeError as exc:
             fail(f"{what}: {exc}", FAILED)
     out.print(f"{what}: {result}", highlight=False)
@@ -82,10 +74,10 @@ def quarantine_release(
     item_id: ItemArgument, config: ConfigOption = None, actor: ActorOption = None
 ) -> None:
     """File the instance into a study of its own (new UIDs where its own collide)."""
-    from pacs_node.ingest.quarantine import release
+    from pacs_node.services.quarantine import release
 
-    def action(session: Session, spool: Spool) -> str:
-        filed = release(session, spool, item_id, login_name(actor))
+    def action(catalog: Catalog, settings: Settings) -> str:
+        filed = release(catalog, settings, item_id, user(actor))
         how = "a copy with new UIDs" if filed.coerced else "as received"
         return f"released into study {filed.study_uid} ({how})"
 
@@ -100,10 +92,10 @@ def quarantine_reassign(
     actor: ActorOption = None,
 ) -> None:
     """File the instance into an existing study (the operator's decision, recorded)."""
-    from pacs_node.ingest.quarantine import reassign
+    from pacs_node.services.quarantine import reassign
 
-    def action(session: Session, spool: Spool) -> str:
-        filed = reassign(session, spool, item_id, study, login_name(actor))
+    def action(catalog: Catalog, settings: Settings) -> str:
+        filed = reassign(catalog, settings, item_id, study, user(actor))
         return f"re-assigned to study {filed.study_uid}"
 
     _act(config, f"quarantine {item_id}", action)
@@ -114,10 +106,10 @@ def quarantine_discard(
     item_id: ItemArgument, config: ConfigOption = None, actor: ActorOption = None
 ) -> None:
     """Delete the instance's bytes; the row stays as discarded."""
-    from pacs_node.ingest.quarantine import discard
+    from pacs_node.services.quarantine import discard
 
-    def action(session: Session, spool: Spool) -> str:
-        discard(session, spool, item_id, login_name(actor))
+    def action(catalog: Catalog, settings: Settings) -> str:
+        discard(catalog, settings, item_id, user(actor))
         return "discarded"
 
     _act(config, f"quarantine {item_id}", action)

@@ -3,13 +3,11 @@ held."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Annotated
 
 import typer
-from sqlalchemy.orm import Session
 
-from pacs_node.cli.common import ConfigOption, login_name, opened_catalog, settings_for
+from pacs_node.cli.common import ConfigOption, change, user
 from pacs_node.cli.console import FAILED, err, fail
 
 results_app = typer.Typer(
@@ -25,26 +23,15 @@ ActorOption = Annotated[
 HeldJobArgument = Annotated[int, typer.Argument(help="Job ID whose result is held.")]
 
 
-def _decide(
-    config: ConfigOption, job_id: int, action: Callable[[Session, int], int], verb: str
-) -> None:
-    settings = settings_for(config)
-    with opened_catalog(settings, migrate=True) as catalog, catalog.sessions.begin() as session:
-        count = action(session, job_id)
-    if not count:
-        fail(f"job {job_id}: no result held by the quality gate", FAILED)
-    err.print(f"job {job_id}: {count} deliveries {verb}", highlight=False)
-
-
 @results_app.command("release")
 def results_release(
     job_id: HeldJobArgument, actor: ActorOption = "", config: ConfigOption = None
 ) -> None:
     """Send a result the quality gate held: its deliveries become due now."""
-    from pacs_node.catalog.quality import release_result
+    from pacs_node.services.deliveries import release_result
 
-    who = login_name(actor)
-    _decide(config, job_id, lambda s, j: release_result(s, j, who), "released")
+    count = change(config, lambda catalog: release_result(catalog, job_id, user(actor)))
+    _decided(job_id, count, "released")
 
 
 @results_app.command("reject")
@@ -55,7 +42,13 @@ def results_reject(
     config: ConfigOption = None,
 ) -> None:
     """Reject a result the quality gate held: its deliveries are never sent."""
-    from pacs_node.catalog.quality import reject_result
+    from pacs_node.services.deliveries import reject_result
 
-    who = login_name(actor)
-    _decide(config, job_id, lambda s, j: reject_result(s, j, who, reason), "rejected")
+    count = change(config, lambda catalog: reject_result(catalog, job_id, user(actor), reason))
+    _decided(job_id, count, "rejected")
+
+
+def _decided(job_id: int, count: int, verb: str) -> None:
+    if not count:
+        fail(f"job {job_id}: no result held by the quality gate", FAILED)
+    err.print(f"job {job_id}: {count} deliveries {verb}", highlight=False)

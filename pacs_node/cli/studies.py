@@ -13,13 +13,13 @@ from pacs_node.cli.console import out, print_json
 def studies(config: ConfigOption = None, json_output: JsonOption = False) -> None:
     """List received studies with their series and assembly state."""
     settings = settings_for(config)
-    from pacs_node.catalog.studies import list_studies
+    from pacs_node.services.studies import list_studies
 
     path = sqlite_file(settings.node.catalog_url)
     summaries: list[StudySummary] = []
-    if path is None or path.exists():
-        with opened_catalog(settings) as catalog, catalog.sessions() as session:
-            summaries = list_studies(session)
+    if path is None or path.exists():  # a node that never ran has no studies (and no file)
+        with opened_catalog(settings) as catalog:
+            summaries = list_studies(catalog)
     if json_output:
         print_json([s.as_json() for s in summaries])
         return
