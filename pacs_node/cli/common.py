@@ -29,6 +29,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON only, on st
 ModelsDirOption = Annotated[
     Path | None, typer.Option("--models-dir", help="Folder of model bundles.", show_default=False)
 ]
+ModelArgument = Annotated[str, typer.Argument(help="Model bundle name (see `pacs-node models`).")]
 Overrides = Mapping[str, str | int | float | bool | Path | None]
 
 

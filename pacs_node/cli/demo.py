@@ -58,7 +58,7 @@ def demo(
     """Send a phantom CT study to the running node, follow it through routing, the job and
     delivery, and print where every result went."""
     from pacs_node.catalog.db import open_catalog
-    from pacs_node.demo import make_study, observe
+    from pacs_node.demo import follow, make_study
     from pacs_node.errors import PacsNodeError
     from pacs_node.scu import SendReport, echo, scan, send
 
@@ -102,8 +102,7 @@ def demo(
             sent_at = time.monotonic()
             deadline = sent_at + timeout
             while True:
-                with catalog.sessions() as session:
-                    progress = observe(session, study_uid, len(paths))
+                progress = follow(catalog, study_uid, len(paths))
                 display.update(
                     task,
                     description=progress.phase,

@@ -11,11 +11,15 @@ import typer
 from rich.progress import Progress, TextColumn
 from rich.table import Table
 
-from pacs_node.cli.common import ConfigOption, JsonOption, ModelsDirOption, settings_for
+from pacs_node.cli.common import (
+    ConfigOption,
+    JsonOption,
+    ModelArgument,
+    ModelsDirOption,
+    settings_for,
+)
 from pacs_node.cli.console import FAILED, err, fail, out, print_json
 from pacs_node.errors import PacsNodeError
-
-ModelArgument = Annotated[str, typer.Argument(help="Model bundle name (see `pacs-node models`).")]
 
 
 def models(

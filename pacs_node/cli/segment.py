@@ -8,9 +8,14 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from pacs_node.cli.common import ConfigOption, JsonOption, ModelsDirOption, settings_for
+from pacs_node.cli.common import (
+    ConfigOption,
+    JsonOption,
+    ModelArgument,
+    ModelsDirOption,
+    settings_for,
+)
 from pacs_node.cli.console import FAILED, err, fail, print_json
-from pacs_node.cli.models import ModelArgument
 from pacs_node.errors import PacsNodeError
 
 STAGES = ("read", "load", "preprocess", "infer", "postprocess", "write", "results")
