@@ -674,7 +674,7 @@ def machine_info(base: Path) -> dict[str, Any]:
 
 def serve_no_catalog(argv: list[str]) -> None:
     """``pacs-node serve`` with ``CatalogRecorder.submit`` a no-op (the catalog-share variant)."""
-    from pacs_node import cli
+    from pacs_node.cli.app import app
     from pacs_node.ingest.recorder import CatalogRecorder
     from pacs_node.refs import InstanceRef
 
@@ -683,7 +683,7 @@ def serve_no_catalog(argv: list[str]) -> None:
 
     CatalogRecorder.submit = submit  # type: ignore[method-assign]
     sys.argv = ["pacs-node", *argv]
-    cli.app()
+    app()
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
+from pacs_node.catalog.db import Catalog
 from pacs_node.catalog.deliveries import DeliverySummary, list_deliveries
 from pacs_node.catalog.jobs import JobSummary, list_jobs
 from pacs_node.catalog.models import DeliveryState, JobState, RouteOutcome
@@ -119,6 +120,12 @@ class Progress:
         if not self.jobs:
             return 0.0
         return sum(1.0 if j.state in _JOB_OVER else j.progress for j in self.jobs) / len(self.jobs)
+
+
+def follow(catalog: Catalog, study_uid: str, expected: int) -> Progress:
+    """:func:`observe` in a session of its own (one poll of a door that follows the study)."""
+    with catalog.sessions() as session:
+        return observe(session, study_uid, expected)
 
 
 def observe(session: Session, study_uid: str, expected: int) -> Progress:

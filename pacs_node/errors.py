@@ -5,6 +5,7 @@
     PacsNodeError
     ├── ConfigError             a config file or env var is wrong; names file, key and reason
     ├── CatalogError            the catalog database cannot be opened or migrated
+    ├── RequestError            a door's request cannot be done: no such study, nothing fits
     ├── VolumeError             a series cannot become one Volume (tilt, gaps, mixed geometry, ...)
     ├── ResultsError            results cannot be built from this Volume + Labelmap (grid mismatch,
     │                           nothing to encode, a source the standard objects cannot reference)
@@ -54,6 +55,10 @@ class ConfigError(PacsNodeError):
 
 class CatalogError(PacsNodeError):
     """The catalog cannot be opened, migrated or written."""
+
+
+class RequestError(PacsNodeError):
+    """A request through a door (CLI, web) cannot be done as asked; the message says why."""
 
 
 class VolumeError(PacsNodeError):

@@ -32,6 +32,7 @@ from typing import Any
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
+from pacs_node.actor import Actor
 from pacs_node.catalog.jobs import add_job_event
 from pacs_node.catalog.models import (
     Commitment,
@@ -524,7 +525,7 @@ def release_destination_holds(session: Session, resolvable: Callable[[str], bool
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
-def retry_delivery(session: Session, delivery_id: int) -> bool:
+def retry_delivery(session: Session, delivery_id: int, actor: Actor | None = None) -> bool:
     """held | dead -> pending now, attempts counted afresh (a person decided to try again).
     A result held by the quality gate is released as a whole (``results release``), not here."""
     now = utcnow()
@@ -547,7 +548,7 @@ def retry_delivery(session: Session, delivery_id: int) -> bool:
         return False
     job_id = session.scalar(select(Delivery.job_id).where(Delivery.id == delivery_id))
     if job_id is not None:
-        add_job_event(session, job_id, "delivery_retry", delivery=delivery_id, by="user")
+        add_job_event(session, job_id, "delivery_retry", actor=actor, delivery=delivery_id)
     return True
 
 

@@ -9,7 +9,7 @@ count says who won is enough there (the loser tries the next row).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -17,13 +17,20 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from pacs_node.actor import ROUTING, Actor
 from pacs_node.catalog.models import Job, JobEvent, JobState, Study, utcnow
 from pacs_node.redact import scrub_detail, scrub_reason
 
 CLAIM_CANDIDATES = 8  # rows a SQLite claimer tries before saying the queue is empty
 
 
-def add_job_event(session: Session, job_id: int, kind: str, **detail: Any) -> None:
+def add_job_event(
+    session: Session, job_id: int, kind: str, *, actor: Actor | None = None, **detail: Any
+) -> None:
+    """Append one event to the job's timeline; ``actor``: who asked for it, when someone did
+    (kept in the detail as ``"kind:name"``)."""
+    if actor is not None:
+        detail["actor"] = str(actor)
     detail = scrub_detail(detail)  # error text may quote patient data
     session.add(
         JobEvent(
@@ -40,18 +47,20 @@ def queue_job(
     study_id: int,
     model: str,
     series_uids: Sequence[str],
-    destinations: dict[str, list[str]],
+    destinations: Mapping[str, Sequence[str]],
     *,
     rule: str | None = None,
-    by: str = "routing",
+    actor: Actor = ROUTING,
 ) -> int:
-    """A new queued job; ``destinations`` maps output kinds to destination names."""
+    """A new queued job, and its ``queued`` event naming the actor, the model and the rule
+    (None: by hand); ``destinations`` maps output kinds to destination names. Routing and every
+    door queue through here, so a job's timeline does not depend on who queued it."""
     job = Job(
         study_id=study_id,
         rule=rule,
         model=model,
         series_uids=list(series_uids),
-        destinations=dict(sorted(destinations.items())),
+        destinations={k: list(v) for k, v in sorted(destinations.items())},
         state=JobState.QUEUED,
         attempts=0,
         progress=0.0,
@@ -60,7 +69,7 @@ def queue_job(
     )
     session.add(job)
     session.flush()
-    add_job_event(session, job.id, "queued", by=by, model=model)
+    add_job_event(session, job.id, "queued", actor=actor, model=model, rule=rule)
     return job.id
 
 
@@ -150,7 +159,7 @@ def fail_job(
     return True
 
 
-def cancel_job(session: Session, job_id: int) -> bool:
+def cancel_job(session: Session, job_id: int, actor: Actor | None = None) -> bool:
     """queued | running -> cancelled; a running worker notices at its next stage."""
     result = session.execute(
         update(Job)
@@ -159,11 +168,11 @@ def cancel_job(session: Session, job_id: int) -> bool:
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
         return False
-    add_job_event(session, job_id, "cancelled", by="user")
+    add_job_event(session, job_id, "cancelled", actor=actor)
     return True
 
 
-def retry_job(session: Session, job_id: int) -> bool:
+def retry_job(session: Session, job_id: int, actor: Actor | None = None) -> bool:
     """failed | cancelled -> queued, attempts counted afresh (a person decided to try again)."""
     result = session.execute(
         update(Job)
@@ -180,7 +189,7 @@ def retry_job(session: Session, job_id: int) -> bool:
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
         return False
-    add_job_event(session, job_id, "queued", by="retry")
+    add_job_event(session, job_id, "queued", actor=actor, by="retry")
     return True
 
 

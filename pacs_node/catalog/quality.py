@@ -20,10 +20,11 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from pacs_node.actor import Actor
 from pacs_node.catalog.deliveries import HELD_FOR_QUALITY
 from pacs_node.catalog.jobs import add_job_event
 from pacs_node.catalog.models import Delivery, DeliveryState, Job, JobState, utcnow
-from pacs_node.errors import PacsNodeError
+from pacs_node.errors import RequestError
 from pacs_node.redact import scrub_reason
 
 REJECTED_TEXT = "rejected at the quality gate"
@@ -33,7 +34,7 @@ REJECTED = "rejected"
 _GONE_OUT = (DeliveryState.PENDING, DeliveryState.SENDING, DeliveryState.DELIVERED)
 
 
-class StaleRelease(PacsNodeError):
+class StaleRelease(RequestError):
     """Releasing this held result would send it after a newer result of the same study and
     model; the message names the newer job."""
 
@@ -119,7 +120,7 @@ def newer_sent_job(session: Session, job_id: int) -> int | None:
     )
 
 
-def release_result(session: Session, job_id: int, actor: str) -> int:
+def release_result(session: Session, job_id: int, actor: Actor) -> int:
     """A person judged the held result fit to send: its deliveries go out now; how many.
 
     Raises :class:`StaleRelease` when a newer result of the same study and model has gone out.
@@ -148,11 +149,11 @@ def release_result(session: Session, job_id: int, actor: str) -> int:
     count = int(result.rowcount)  # type: ignore[attr-defined]
     if count:
         _decide(session, job_id, RELEASED)
-        add_job_event(session, job_id, "quality_released", by=actor, deliveries=count)
+        add_job_event(session, job_id, "quality_released", actor=actor, deliveries=count)
     return count
 
 
-def reject_result(session: Session, job_id: int, actor: str, reason: str = "") -> int:
+def reject_result(session: Session, job_id: int, actor: Actor, reason: str = "") -> int:
     """A person rejected the held result: its deliveries are never sent; how many."""
     now = utcnow()
     text = REJECTED_TEXT  # who and why: in the job event
@@ -170,7 +171,7 @@ def reject_result(session: Session, job_id: int, actor: str, reason: str = "") -
     if count:
         _decide(session, job_id, REJECTED)
         add_job_event(
-            session, job_id, "quality_rejected", by=actor, reason=reason, deliveries=count
+            session, job_id, "quality_rejected", actor=actor, reason=reason, deliveries=count
         )
     return count
 

@@ -11,6 +11,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from pacs_node.catalog.identity import REASON_TEXT, Held, Verdict, decide, header_key
 from pacs_node.catalog.models import (
     Counter,
     Instance,
@@ -26,7 +27,6 @@ from pacs_node.catalog.models import (
     utcnow,
 )
 from pacs_node.catalog.quarantine import held_counts, lookup_held
-from pacs_node.ingest.identity import REASON_TEXT, Held, Verdict, decide, header_key
 from pacs_node.redact import scrub_detail
 from pacs_node.refs import InstanceRef
 
@@ -152,7 +152,7 @@ def record_instances(
 ) -> RecordOutcome:
     """Record a batch of spooled instances; idempotent (reconciliation replays it safely).
 
-    Each instance passes the identity check (:mod:`pacs_node.ingest.identity`) in the order it
+    Each instance passes the identity check (:mod:`pacs_node.catalog.identity`) in the order it
     was acknowledged, against the catalog and the instances before it in the batch: one that
     collides is recorded in quarantine (its bytes linked there by ``hold``) and joins no study.
     """

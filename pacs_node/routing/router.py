@@ -15,11 +15,12 @@ from pathlib import Path
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
+from pacs_node.actor import ROUTING
 from pacs_node.catalog.db import Catalog
+from pacs_node.catalog.jobs import queue_job
 from pacs_node.catalog.models import (
     Instance,
     Job,
-    JobState,
     RouteOutcome,
     Series,
     Study,
@@ -38,7 +39,7 @@ from pacs_node.routing.rules import RoutesFile, RuleVerdict, SeriesFacts, route
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_SEND", "Router", "allowlist_source", "check_models", "queue_job"]
+__all__ = ["DEFAULT_SEND", "Router", "allowlist_source", "check_models"]
 
 
 def allowlist_source(settings: Settings) -> tuple[str, str]:
@@ -89,33 +90,6 @@ def check_models(settings: Settings) -> None:
                 )
 
 
-def queue_job(
-    session: Session,
-    study: Study,
-    model: str,
-    series_uids: Sequence[str],
-    destinations: dict[str, tuple[str, ...]],
-    rule: str | None,
-) -> Job:
-    now = utcnow()
-    job = Job(
-        study_id=study.id,
-        rule=rule,
-        model=model,
-        series_uids=list(series_uids),
-        destinations={k: list(v) for k, v in destinations.items()},
-        state=JobState.QUEUED,
-        attempts=0,
-        progress=0.0,
-        timings={},
-        created_at=now,
-    )
-    session.add(job)
-    session.flush()
-    add_event(session, study.id, "job queued", now, job=job.id, model=model, rule=rule)
-    return job
-
-
 class Router:
     def __init__(self, catalog: Catalog, spool: Spool, routes: RoutesFile) -> None:
         self.catalog = catalog
@@ -149,7 +123,8 @@ class Router:
             extra={"study_uid": study_uid, "outcome": outcome.value, "jobs": len(jobs)},
         )
 
-    def route_study(self, session: Session, study_uid: str) -> tuple[RouteOutcome, list[Job]]:
+    def route_study(self, session: Session, study_uid: str) -> tuple[RouteOutcome, list[int]]:
+        """Decide the study's outcome and queue its jobs; returns the outcome and the job ids."""
         study = session.scalars(select(Study).where(Study.study_uid == study_uid)).one()
         now = utcnow()
         facts = study_facts(session, self.spool, study_uid)
@@ -166,7 +141,15 @@ class Router:
         )
         decided = plan_study(self.routes, facts, earlier)
         jobs = [
-            queue_job(session, study, job.model, job.series_uids, job.send, job.rule)
+            queue_job(
+                session,
+                study.id,
+                job.model,
+                job.series_uids,
+                job.send,
+                rule=job.rule,
+                actor=ROUTING,
+            )
             for job in decided.jobs
         ]
         if decided.outcome is RouteOutcome.UNROUTED:

@@ -2,7 +2,7 @@
 
 import typer
 
-from pacs_node.training.command import train
+from pacs_node.cli.train import train
 
 if __name__ == "__main__":
     typer.run(train)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from typer.main import get_command
 
-from pacs_node.cli import app
+from pacs_node.cli.app import app
 from pacs_node.config import NodeOptions, load_settings
 
 ROOT = Path(__file__).parents[2]

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from pacs_node.cli.train import command_line
 from pacs_node.imaging.volume import Grid
-from pacs_node.training.command import command_line
 from pacs_node.training.dataset import Sample, label_fractions
 from pacs_node.training.recipe import Recipe
 from pacs_node.training.trainer import augmentation, patch_batches, resolve_device, soft_target

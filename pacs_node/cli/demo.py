@@ -1,6 +1,6 @@
 """``pacs-node demo``: a phantom CT study through the running node, and where its results went.
 
-Registered on the main app by :mod:`pacs_node.cli`. Progress goes to stderr; the table of
+Progress goes to stderr; the table of
 results (or ``--json``) to stdout. Exit status 0 when every job is done and no delivery is
 dead; 1 when the node does not answer, the study is not routed, a job fails or a delivery is
 dead-lettered; 2 for a bad option or configuration.
@@ -8,29 +8,29 @@ dead-lettered; 2 for a bad option or configuration.
 
 from __future__ import annotations
 
-import json
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--config", help="Folder with node.yaml, peers.yaml and routes.yaml.", show_default=False
-    ),
-]
+from pacs_node.cli.common import ConfigOption, JsonOption, opened_catalog, settings_for
+from pacs_node.cli.console import FAILED, err, fail, out, print_json
+from pacs_node.config import Settings
+
+if TYPE_CHECKING:
+    from pacs_node.demo import Progress as DemoProgress
+    from pacs_node.scu import Peer
+
 POLL_S = 0.25
 _ANY_ADDRESS = {"0.0.0.0", "::", ""}
 
 
-def _node_address(settings: Any, to: str | None) -> Any:
+def _node_address(settings: Settings, to: str | None) -> Peer:
     from pacs_node.scu import Peer
 
     if to is not None:
@@ -53,36 +53,33 @@ def demo(
     ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the node.")] = 600.0,
     config: ConfigOption = None,
-    json_output: Annotated[
-        bool, typer.Option("--json", help="Print JSON only, on stdout.")
-    ] = False,
+    json_output: JsonOption = False,
 ) -> None:
     """Send a phantom CT study to the running node, follow it through routing, the job and
     delivery, and print where every result went."""
     from pacs_node.catalog.db import open_catalog
-    from pacs_node.cli import _fail, _settings, err
-    from pacs_node.demo import make_study, observe
+    from pacs_node.demo import follow, make_study
     from pacs_node.errors import PacsNodeError
     from pacs_node.scu import SendReport, echo, scan, send
 
-    settings = _settings(config)
+    settings = settings_for(config)
     try:
         node = _node_address(settings, to)
     except ValueError as exc:
-        raise _fail(str(exc)) from exc
+        fail(str(exc))
     try:
         echo(node, calling_ae)
     except ConnectionError as exc:
-        raise _fail(
+        fail(
             f"nothing answers at {node} ({exc}): start the node with `pacs-node serve`, or "
             "name it with --to; its peers.yaml must let "
             f"{calling_ae} send from this host",
-            1,
-        ) from exc
+            FAILED,
+        )
     try:
         catalog = open_catalog(settings.node.catalog_url, run_migrations=False)
     except PacsNodeError as exc:
-        raise _fail(f"{exc} (--config must be the running node's configuration)", 1) from exc
+        fail(f"{exc} (--config must be the running node's configuration)", FAILED)
     seed = seed if seed is not None else random.SystemRandom().randrange(1_000_000, 2**31)
     display = Progress(
         SpinnerColumn(),
@@ -101,12 +98,11 @@ def demo(
             send(scan(paths, report), node, calling_ae, report)
             if not report.ok:
                 reason = report.failed[0][1]
-                raise _fail(f"{len(report.failed)} of {len(paths)} images refused: {reason}", 1)
+                fail(f"{len(report.failed)} of {len(paths)} images refused: {reason}", FAILED)
             sent_at = time.monotonic()
             deadline = sent_at + timeout
             while True:
-                with catalog.sessions() as session:
-                    progress = observe(session, study_uid, len(paths))
+                progress = follow(catalog, study_uid, len(paths))
                 display.update(
                     task,
                     description=progress.phase,
@@ -116,10 +112,10 @@ def demo(
                 if progress.finished:
                     break
                 if time.monotonic() > deadline:
-                    raise _fail(
+                    fail(
                         f"gave up after {timeout:.0f} s: {progress.phase} "
                         f"(study {study_uid}; `pacs-node studies`, `jobs`, `deliveries`)",
-                        1,
+                        FAILED,
                     )
                 time.sleep(POLL_S)
             elapsed = time.monotonic() - sent_at
@@ -127,29 +123,21 @@ def demo(
         catalog.dispose()
     if progress.not_routed is not None:
         _explain(settings, study_uid, progress.not_routed)
-        raise typer.Exit(1)
+        raise typer.Exit(FAILED)
     _report(progress, elapsed, json_output)
     failed = [j for j in progress.jobs if j.state != "done"]
     dead = [d for d in progress.deliveries if d.state == "dead"]
     if failed or dead:
-        raise typer.Exit(1)
+        raise typer.Exit(FAILED)
 
 
-def _explain(settings: Any, study_uid: str, why: str) -> None:
+def _explain(settings: Settings, study_uid: str, why: str) -> None:
     """Say why the study was not routed, rule by rule (what ``routes explain`` says)."""
-    from pacs_node.catalog.db import open_catalog
-    from pacs_node.cli import err
-    from pacs_node.ingest.spool import Spool
-    from pacs_node.routing.router import Router
+    from pacs_node.services.routes import explain_study
 
     err.print(f"[bold red]error:[/] study {study_uid} was not routed: {why}", highlight=False)
-    catalog = open_catalog(settings.node.catalog_url, run_migrations=False)
-    try:
-        router = Router(catalog, Spool(settings.node.spool_dir), settings.routes)
-        with catalog.sessions() as session:
-            verdicts = router.explain(session, study_uid)
-    finally:
-        catalog.dispose()
+    with opened_catalog(settings) as catalog:
+        verdicts = explain_study(catalog, settings, study_uid).verdicts
     if not verdicts:
         err.print("  routes.yaml has no rules (or none enabled)", highlight=False)
     for verdict in verdicts:
@@ -157,22 +145,19 @@ def _explain(settings: Any, study_uid: str, why: str) -> None:
     err.print(f"  details: pacs-node routes explain {study_uid}", highlight=False)
 
 
-def _report(progress: Any, elapsed: float, json_output: bool) -> None:
+def _report(progress: DemoProgress, elapsed: float, json_output: bool) -> None:
     from pacs_node.catalog.deliveries import HELD_FOR_DESTINATION
-    from pacs_node.cli import err, out
 
     if json_output:
-        sys.stdout.write(
-            json.dumps(
-                {
-                    "study_uid": progress.study_uid,
-                    "instances": progress.expected,
-                    "seconds": round(elapsed, 2),
-                    "jobs": [j.as_json() for j in progress.jobs],
-                    "deliveries": [d.as_json() for d in progress.deliveries],
-                }
-            )
-            + "\n"
+        print_json(
+            {
+                "study_uid": progress.study_uid,
+                "instances": progress.expected,
+                "seconds": round(elapsed, 2),
+                "jobs": [j.as_json() for j in progress.jobs],
+                "deliveries": [d.as_json() for d in progress.deliveries],
+            },
+            ascii_only=True,
         )
         return
     for job in progress.jobs:
@@ -208,8 +193,3 @@ def _report(progress: Any, elapsed: float, json_output: bool) -> None:
             "(`pacs-node deliveries`)",
             highlight=False,
         )
-
-
-def register(app: typer.Typer) -> None:
-    """Add ``demo`` to the ``pacs-node`` app."""
-    app.command()(demo)

@@ -1,21 +1,27 @@
 """``pacs-node train``: one implementation behind the node's CLI and ``python -m
 pacs_node.training``, which needs only what training imports (torch, MONAI, pydantic, pydicom),
-so a GPU workstation without the node's services can train a bundle."""
+so a GPU workstation without the node's services can train a bundle. Imports nothing of the CLI
+but its consoles."""
 
 from __future__ import annotations
 
 import json
 import shlex
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
+from pacs_node.cli.console import err, fail
 from pacs_node.errors import PacsNodeError
-
-err = Console(stderr=True)
 
 
 def command_line(
@@ -61,8 +67,7 @@ def train(
     try:
         recipe = load_recipe(recipe_path)
     except PacsNodeError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(2) from exc
+        fail(str(exc))
     root = out_dir or Path("models") / recipe.name
     with Progress(
         TextColumn("[bold]{task.description}"),
@@ -72,7 +77,7 @@ def train(
         TimeRemainingColumn(),
         console=err,
     ) as progress:
-        tasks: dict[str, Any] = {}
+        tasks: dict[str, TaskID] = {}
 
         def report(stage: str, done: int, total: int, note: str) -> None:
             if stage not in tasks:
@@ -86,8 +91,7 @@ def train(
                 recipe, report, workers=workers, init=init, device=device, loaders=loaders
             )
         except ValueError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False)
-            raise typer.Exit(2) from exc
+            fail(str(exc))
     commands = [command_line(recipe_path, out_dir, workers, init, device, loaders)]
     stage = init.parent.parent / "configs" / "metadata.json" if init is not None else None
     if stage is not None and stage.is_file():  # weights of an earlier stage: its commands first
