@@ -131,14 +131,19 @@ class Supervisor:
 
     def _spawn(self, slot: int, quick_deaths: int = 0) -> Child:
         control, link = self._context.Pipe(duplex=False)
-        process = self._context.Process(
-            target=self._target,
-            args=(*self._args(slot), control),
-            name=self._process_name.format(slot=slot),
-            daemon=True,
-        )
-        started_at = time.time()
-        process.start()
+        try:
+            process = self._context.Process(
+                target=self._target,
+                args=(*self._args(slot), control),
+                name=self._process_name.format(slot=slot),
+                daemon=True,
+            )
+            started_at = time.time()
+            process.start()
+        except BaseException:  # no fork (memory, process limit): no pipe left behind either
+            link.close()
+            control.close()
+            raise
         control.close()  # the child has its own copy; the node keeps the only writing end
         child = Child(slot, process, link, started_at, time.monotonic(), quick_deaths)
         if self._started is not None:
@@ -156,38 +161,40 @@ class Supervisor:
         """Start a new child in the place of each dead one whose pause is over; returns how
         many were started."""
         replaced: list[Child] = []
-        with self._lock:
-            if self._stopping.is_set():
-                return 0
-            now = time.monotonic()
-            for slot, child in enumerate(self._children):
-                if child.process.is_alive():
-                    continue
-                if not child.seen_dead:
-                    if self._died is not None:
-                        self._died(child)
-                    child.seen_dead = True
-                    quick = now - child.started < self.backoff.steady_s
-                    child.quick_deaths = child.quick_deaths + 1 if quick else 0
-                    child.due = now + self.backoff.delay(child.quick_deaths)
-                    if child.due > now:
-                        log.warning(
-                            "child process keeps dying; its restart waits",
-                            extra={
-                                "child": self.what,
-                                "slot": slot,
-                                "wait_s": round(child.due - now, 1),
-                            },
-                        )
-                if now < child.due:
-                    continue
-                child.link.close()
-                self._children[slot] = self._spawn(slot, child.quick_deaths)
-                self.restarts += 1
-                replaced.append(child)
-        for dead in replaced:
-            if self._replaced is not None:
-                self._replaced(dead)
+        try:
+            with self._lock:
+                if self._stopping.is_set():
+                    return 0
+                now = time.monotonic()
+                for slot, child in enumerate(self._children):
+                    if child.process.is_alive():
+                        continue
+                    if not child.seen_dead:
+                        if self._died is not None:
+                            self._died(child)
+                        child.seen_dead = True
+                        quick = now - child.started < self.backoff.steady_s
+                        child.quick_deaths = child.quick_deaths + 1 if quick else 0
+                        child.due = now + self.backoff.delay(child.quick_deaths)
+                        if child.due > now:
+                            log.warning(
+                                "child process keeps dying; its restart waits",
+                                extra={
+                                    "child": self.what,
+                                    "slot": slot,
+                                    "wait_s": round(child.due - now, 1),
+                                },
+                            )
+                    if now < child.due:
+                        continue
+                    child.link.close()
+                    self._children[slot] = self._spawn(slot, child.quick_deaths)
+                    self.restarts += 1
+                    replaced.append(child)
+        finally:  # a failed spawn must not cost the children already replaced their hook
+            for dead in replaced:
+                if self._replaced is not None:
+                    self._replaced(dead)
         return len(replaced)
 
     def request_stop(self) -> None:

@@ -7,7 +7,7 @@ sees them pending. ``release`` makes them due now (the outbox sends them); ``rej
 them (``rejected``, never sent). Both act on the job id, since the gate judges one job's whole
 result, and both append a job event naming the actor.
 
-A held result is never released once a newer job of the same study and model has gone out
+A held result is never released once a newer job of the same study, model and series has gone out
 (delivered, on its way, or released): the PACS would receive the stale result after the current
 one. Such a release is refused (:class:`StaleRelease`); rejecting it stays allowed.
 """
@@ -99,39 +99,44 @@ def _held(job_id: int) -> Any:
 
 
 def newer_sent_job(session: Session, job_id: int) -> int | None:
-    """The newest later job of the same study and model whose result has gone out (a delivery
-    pending, sending or delivered, or released at the gate); None if there is none."""
+    """The newest later job of the same study, model and series whose result has gone out (a
+    delivery pending, sending or delivered, or released at the gate); None if there is none.
+
+    The later jobs of that study and model are locked first (PostgreSQL), so a release decided
+    at the same time is waited for and then seen."""
     job = session.get(Job, job_id)
     if job is None:
         return None
     gone_out = (
         select(Delivery.id).where(Delivery.job_id == Job.id, Delivery.state.in_(_GONE_OUT)).exists()
     )
-    return session.scalar(
-        select(Job.id)
-        .where(
-            Job.study_id == job.study_id,
-            Job.model == job.model,
-            Job.id > job_id,
-            gone_out | (Job.qa_decision == RELEASED),
-        )
+    later = (Job.study_id == job.study_id, Job.model == job.model, Job.id > job_id)
+    session.execute(select(Job.id).where(*later).with_for_update()).all()
+    rows = session.execute(  # a statement of its own: it sees what the lock waited for
+        select(Job.id, Job.series_uids, gone_out | (Job.qa_decision == RELEASED))
+        .where(*later)
         .order_by(Job.id.desc())
-        .limit(1)
-    )
+    ).all()
+    series = set(job.series_uids)  # compared here: PostgreSQL's json type has no equality
+    return next((int(i) for i, uids, out in rows if out and set(uids) == series), None)
 
 
 def release_result(session: Session, job_id: int, actor: Actor) -> int:
     """A person judged the held result fit to send: its deliveries go out now; how many.
 
-    Raises :class:`StaleRelease` when a newer result of the same study and model has gone out.
+    Raises :class:`StaleRelease`, changing nothing, when a newer result of the same study, model
+    and series has gone out.
     """
+    # the job's own row first: SQLite's write lock (PostgreSQL: this row's), so two releases
+    # decided at once are checked one after the other
+    session.execute(update(Job).where(Job.id == job_id).values(qa_decision=Job.qa_decision))
     if session.scalar(select(Delivery.id).where(*_held(job_id)).limit(1)) is not None:
         newer = newer_sent_job(session, job_id)
         if newer is not None:
             raise StaleRelease(
-                f"job {newer}, a newer result of the same study and model, has already been "
-                f"sent or released; releasing job {job_id} would send a stale result after it "
-                "(reject it instead)"
+                f"job {newer}, a newer result of the same study, model and series, has "
+                f"already been sent or released; releasing job {job_id} would send a stale "
+                "result after it (reject it instead)"
             )
     now = utcnow()
     result = session.execute(

@@ -62,6 +62,8 @@ def _event(
 ) -> TimelineEvent:
     detail: dict[str, JsonValue] = dict(stored or {})  # a copy: the row's value stays as it is
     named = detail.pop("actor", None)
+    if named is None:  # events recorded before actors were: who acted was kept as "by"
+        named = detail.pop("by", None)
     actor: Actor | None = None
     if isinstance(named, str):
         try:

@@ -1,5 +1,5 @@
-"""Releasing a held result: refused once a newer result of the same study and model has gone
-out (the PACS would get the stale one after it); rejecting it stays allowed."""
+"""Releasing a held result: refused once a newer result of the same study, model and series
+has gone out (the PACS would get the stale one after it); rejecting it stays allowed."""
 
 from __future__ import annotations
 
@@ -51,9 +51,16 @@ def _study(session: Session, uid: str = "1.2.3") -> int:
     return study.id
 
 
-def _job(session: Session, results_dir: Path, study_id: int, model: str = "ct") -> int:
-    """A done job of ``model`` on the study with one stored result, pending to PACS."""
-    job_id = queue_job(session, study_id, model, ["1.2.3.4"], {})
+def _job(
+    session: Session,
+    results_dir: Path,
+    study_id: int,
+    model: str = "ct",
+    series: tuple[str, ...] = ("1.2.3.4",),
+) -> int:
+    """A done job of ``model`` on the study's ``series`` with one stored result, pending to
+    PACS."""
+    job_id = queue_job(session, study_id, model, list(series), {})
     item = StoredEncoding("seg", CT, f"1.2.3.9.{job_id}", "1.2.3.100", EXPLICIT_LE, b"DICM" * 8)
     relpaths = write_files(results_dir, f"{job_id}/1", [item], fsync=False)
     results = add_result_rows(session, job_id, [item], relpaths)
@@ -155,3 +162,25 @@ def test_a_job_with_nothing_held_is_not_a_refusal(tmp_path: Path, catalog: Catal
         old = _job(session, results_dir, study_id)
         _job(session, results_dir, study_id)  # newer, pending
         assert release_result(session, old, "dr.house") == 0  # "no result held", as before
+
+
+def test_a_newer_result_of_another_series_does_not_block_the_release(
+    tmp_path: Path, catalog: Catalog
+) -> None:
+    results_dir = tmp_path / "results"
+    with catalog.sessions.begin() as session:
+        study_id = _study(session)
+        arterial = _job(session, results_dir, study_id, series=("1.2.3.4",))
+        venous = _job(session, results_dir, study_id, series=("1.2.3.5",))
+        both = _job(session, results_dir, study_id, series=("1.2.3.5", "1.2.3.4"))
+        hold_for_quality(session, arterial, FAILED)
+        hold_for_quality(session, both, FAILED)
+        _set_state(session, venous, DeliveryState.DELIVERED)
+        assert newer_sent_job(session, arterial) is None  # the venous series is another result
+        assert release_result(session, arterial, "dr.house") == 1
+    with catalog.sessions.begin() as session:
+        again = _job(session, results_dir, study_id, series=("1.2.3.4", "1.2.3.5"))
+        assert again > both
+        # the same series in another order is the same result: the earlier job is now stale
+        _set_state(session, again, DeliveryState.DELIVERED)
+        assert newer_sent_job(session, both) == again

@@ -4,7 +4,6 @@ study timeline."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -90,7 +89,7 @@ def test_a_job_queued_by_routing_and_one_queued_from_the_cli_record_the_same_eve
     assert by_cli.actor.kind is ActorKind.USER
     # the jobs themselves are the same: rule, model, series and destinations serialised alike
     assert rows[0] == rows[1]
-    assert json.loads(rows[0][3]) == {"seg": ["PACS"], "sr": ["PACS", "EHR"]}
+    assert rows[0][3] == {"seg": ["PACS"], "sr": ["PACS", "EHR"]}
     # the events around them are the same kinds, in the same shape, whoever queued
     kinds = [(e.kind, e.subject.kind) for e in detail.timeline if e.subject.kind != "study"]
     assert kinds == [("queued", SubjectKind.JOB)] * 2
