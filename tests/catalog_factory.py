@@ -62,14 +62,8 @@ def job_events(catalog: Catalog) -> list[tuple[str, str]]:
         ]
 
 
-def queue_stored_results(
-    session: Session,
-    results_dir: Path,
-    items: Sequence[StoredEncoding],
-    destinations: dict[str, list[str]],
-    study_uid: str = "1.2.3",
-) -> tuple[int, list[tuple[int, str]]]:
-    """A stable study with one job whose stored ``items`` are to go to ``destinations``."""
+def stable_study(session: Session, study_uid: str = "1.2.3") -> int:
+    """A stable study with nothing received yet; its row id."""
     now = utcnow()
     study = Study(
         study_uid=study_uid,
@@ -82,7 +76,18 @@ def queue_stored_results(
     )
     session.add(study)
     session.flush()
-    job_id = queue_job(session, study.id, "m", ["1.2.3.4"], {})
+    return study.id
+
+
+def queue_stored_results(
+    session: Session,
+    results_dir: Path,
+    items: Sequence[StoredEncoding],
+    destinations: dict[str, list[str]],
+    study_uid: str = "1.2.3",
+) -> tuple[int, list[tuple[int, str]]]:
+    """A stable study with one job whose stored ``items`` are to go to ``destinations``."""
+    job_id = queue_job(session, stable_study(session, study_uid), "m", ["1.2.3.4"], {})
     relpaths = write_files(results_dir, f"{job_id}/1", list(items), fsync=False)
     results = add_result_rows(session, job_id, list(items), relpaths)
     create_deliveries(session, job_id, results, destinations)

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from pacs_node.catalog.db import Catalog, open_catalog
 from pacs_node.catalog.deliveries import create_deliveries
 from pacs_node.catalog.jobs import queue_job
-from pacs_node.catalog.models import Delivery, DeliveryState, Job, JobState, Study, utcnow
+from pacs_node.catalog.models import Delivery, DeliveryState, Job, JobState
 from pacs_node.catalog.quality import (
     StaleRelease,
     hold_for_quality,
@@ -22,6 +22,7 @@ from pacs_node.catalog.quality import (
     release_result,
 )
 from pacs_node.catalog.results import StoredEncoding, add_result_rows, write_files
+from tests.catalog_factory import stable_study
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -33,22 +34,6 @@ def catalog(tmp_path: Path) -> Iterator[Catalog]:
     opened = open_catalog(f"sqlite:///{tmp_path / 'c.sqlite'}")
     yield opened
     opened.dispose()
-
-
-def _study(session: Session, uid: str = "1.2.3") -> int:
-    now = utcnow()
-    study = Study(
-        study_uid=uid,
-        state="stable",
-        first_received_at=now,
-        receiving_since=now,
-        last_received_at=now,
-        reopened_count=0,
-        duplicate_count=0,
-    )
-    session.add(study)
-    session.flush()
-    return study.id
 
 
 def _job(
@@ -83,7 +68,7 @@ def test_an_old_held_result_is_not_released_after_a_newer_one_went_out(
 ) -> None:
     results_dir = tmp_path / "results"
     with catalog.sessions.begin() as session:
-        study_id = _study(session)
+        study_id = stable_study(session)
         old = _job(session, results_dir, study_id)
         newer = _job(session, results_dir, study_id)
         other_model = _job(session, results_dir, study_id, model="mr")
@@ -120,7 +105,7 @@ def test_which_newer_results_count_as_gone_out(
 ) -> None:
     results_dir = tmp_path / "results"
     with catalog.sessions.begin() as session:
-        study_id = _study(session)
+        study_id = stable_study(session)
         old = _job(session, results_dir, study_id)
         newer = _job(session, results_dir, study_id)
         hold_for_quality(session, old, FAILED)
@@ -138,8 +123,8 @@ def test_a_newer_result_released_at_the_gate_blocks_the_older_one(
 ) -> None:
     results_dir = tmp_path / "results"
     with catalog.sessions.begin() as session:
-        study_id = _study(session)
-        other_study = _study(session, "1.2.4")
+        study_id = stable_study(session)
+        other_study = stable_study(session, "1.2.4")
         old = _job(session, results_dir, study_id)
         newer = _job(session, results_dir, study_id)
         elsewhere = _job(session, results_dir, other_study)
@@ -158,7 +143,7 @@ def test_a_newer_result_released_at_the_gate_blocks_the_older_one(
 def test_a_job_with_nothing_held_is_not_a_refusal(tmp_path: Path, catalog: Catalog) -> None:
     results_dir = tmp_path / "results"
     with catalog.sessions.begin() as session:
-        study_id = _study(session)
+        study_id = stable_study(session)
         old = _job(session, results_dir, study_id)
         _job(session, results_dir, study_id)  # newer, pending
         assert release_result(session, old, "dr.house") == 0  # "no result held", as before
@@ -169,7 +154,7 @@ def test_a_newer_result_of_another_series_does_not_block_the_release(
 ) -> None:
     results_dir = tmp_path / "results"
     with catalog.sessions.begin() as session:
-        study_id = _study(session)
+        study_id = stable_study(session)
         arterial = _job(session, results_dir, study_id, series=("1.2.3.4",))
         venous = _job(session, results_dir, study_id, series=("1.2.3.5",))
         both = _job(session, results_dir, study_id, series=("1.2.3.5", "1.2.3.4"))
