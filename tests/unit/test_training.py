@@ -220,3 +220,32 @@ def test_a_bundle_keeps_nothing_from_another_model(tmp_path: Path) -> None:
         assert "quality" not in data["pacs_node"]
         assert "quality_note" not in data["pacs_node"]
         assert "changelog" not in data
+
+
+def test_a_case_stored_flipped_trains_as_the_same_patient() -> None:
+    """A phantom stored with reversed rows or columns (the ``context`` share: feet-first and
+    prone series) reaches the network on the LPS grid unchanged, the left lung on the left,
+    as the node's loader places it; read as unflipped it would be a mirrored patient whose
+    labels teach the network that left and right are interchangeable."""
+    from phantom.render import LABEL_VALUE, Case, _flipped
+
+    from pacs_node.training.dataset import prepare
+
+    shape = (10, 20, 24)  # z, y, x
+    labels = np.zeros(shape, dtype=np.uint8)
+    labels[:, 5:15, 16:22] = LABEL_VALUE["lung_left"]  # +x: the patient's left
+    labels[:, 5:15, 2:8] = LABEL_VALUE["lung_right"]
+    image = (labels > 0).astype(np.float32)
+    image[:, 2:6, 10:14] = 2.0  # something that is not symmetric in y
+    case = Case(image, labels, (4.0, 4.0, 4.0), (-46.0, -38.0, 0.0), "MR", 1)
+    recipe = _recipe(modality="MR", intensity={"kind": "zscore"}, soft_labels=True)
+    plain = prepare(case, recipe)
+    left = np.nonzero(plain.labels[0] == 1)[0].mean()
+    assert left > np.nonzero(plain.labels[0] == 2)[0].mean()  # (x, y, z): x runs to the left
+    for rows, columns in ((True, False), (False, True), (True, True)):
+        stored = prepare(_flipped(case, rows, columns), recipe)
+        assert np.array_equal(stored.labels, plain.labels), (rows, columns)
+        assert np.array_equal(stored.image, plain.image)
+        assert stored.fractions is not None
+        assert plain.fractions is not None
+        assert np.array_equal(stored.fractions, plain.fractions)
