@@ -94,10 +94,13 @@ def train(
             fail(str(exc))
     commands = [command_line(recipe_path, out_dir, workers, init, device, loaders)]
     stage = init.parent.parent / "configs" / "metadata.json" if init is not None else None
+    started: dict[str, Any] | None = None
     if stage is not None and stage.is_file():  # weights of an earlier stage: its commands first
-        earlier = json.loads(stage.read_text(encoding="utf-8"))["pacs_node"]["training"]
-        commands = [*earlier.get("commands", []), *commands]
-    write_bundle(recipe, result, root, card="", commands=commands)
+        started = json.loads(stage.read_text(encoding="utf-8"))
+        commands = [*started["pacs_node"]["training"].get("commands", []), *commands]
+    replaced = root / "configs" / "metadata.json"
+    previous = json.loads(replaced.read_text(encoding="utf-8")) if replaced.is_file() else started
+    write_bundle(recipe, result, root, card="", commands=commands, previous=previous)
     refresh_card(root)
     err.print(
         f"wrote {root}: validation Dice {result.best_val_dice:.3f} (epoch {result.best_epoch} "

@@ -185,7 +185,9 @@ def write_limits(bundle_root: Path, limits: dict[str, Any], source: str) -> None
     path = bundle_root / METADATA
     data = json.loads(path.read_text(encoding="utf-8"))
     limits = {**limits, "intensity": {**limits["intensity"], "source": source}}
-    data.setdefault("pacs_node", {})[QUALITY_KEY] = limits
+    node = data.setdefault("pacs_node", {})
+    node[QUALITY_KEY] = limits
+    node.pop("quality_note", None)  # limits carried from earlier weights: now these weights'
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 

@@ -21,6 +21,15 @@ NOT_CLINICAL = (
 
 SCHEDULE = "warm-up, then cosine decay over the epochs or the time budget"
 
+# what a maintainer or the gate's calibration wrote into a bundle's metadata, not training:
+# kept when a run replaces the bundle or continues one of the same model
+CARRIED = ("quality", "known_limits")
+QUALITY_NOTE = (
+    "These limits were derived for the weights of {name} {version}, which these weights "
+    "replace: re-check them with `python -m pacs_node.quality.calibrate {name} ... --check` "
+    "and derive them anew with `--write` (see that module) before relying on the gate."
+)
+
 
 def metadata(recipe: Recipe, result: TrainingResult) -> dict[str, Any]:
     """configs/metadata.json: MONAI's standard keys plus ``pacs_node``."""
@@ -164,15 +173,46 @@ def inference_config(recipe: Recipe) -> dict[str, Any]:
     }
 
 
+def carry_over(data: dict[str, Any], previous: dict[str, Any] | None) -> dict[str, Any]:
+    """``data`` with what ``previous`` (the metadata of the bundle being replaced, or of the
+    one the weights started from) holds beyond training: the gate's limits (marked as derived
+    for the earlier weights), known limits and the changelog. Nothing from another model (a
+    CT stage that starts an MR one) or from one with other labels."""
+    if not previous or previous.get("name") != data["name"]:
+        return data
+    labels = data["network_data_format"]["outputs"]["pred"]["channel_def"]
+    earlier = previous.get("network_data_format", {}).get("outputs", {}).get("pred", {})
+    if earlier.get("channel_def") != labels:
+        return data
+    node = previous.get("pacs_node", {})
+    for key in CARRIED:
+        if key in node:
+            data["pacs_node"][key] = node[key]
+    if "quality" in node:
+        data["pacs_node"]["quality_note"] = node.get("quality_note") or QUALITY_NOTE.format(
+            name=previous["name"], version=previous.get("version", "")
+        )
+    if previous.get("changelog"):
+        data["changelog"] = dict(previous["changelog"])
+    return data
+
+
 def write_bundle(
-    recipe: Recipe, result: TrainingResult, root: Path, card: str, commands: list[str]
+    recipe: Recipe,
+    result: TrainingResult,
+    root: Path,
+    card: str,
+    commands: list[str],
+    previous: dict[str, Any] | None = None,
 ) -> Path:
     """Write configs/, models/model.pt and docs/README.md under ``root``; ``commands`` are the
-    command lines that produced the weights (earlier stages first)."""
+    command lines that produced the weights (earlier stages first); ``previous`` is the
+    metadata whose gate limits, known limits and changelog the bundle keeps (see
+    :func:`carry_over`)."""
     (root / "configs").mkdir(parents=True, exist_ok=True)
     (root / "models").mkdir(exist_ok=True)
     (root / "docs").mkdir(exist_ok=True)
-    data = metadata(recipe, result)
+    data = carry_over(metadata(recipe, result), previous)
     data["pacs_node"]["training"]["commands"] = commands
     meta = json.dumps(data, indent=2) + "\n"
     (root / "configs" / "metadata.json").write_text(meta, encoding="utf-8")

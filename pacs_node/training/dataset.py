@@ -62,8 +62,16 @@ def label_lookup(case: Case, labels: tuple[str, ...]) -> NDArray[np.uint8]:
     return lookup
 
 
+def case_direction(case: Case) -> NDArray[np.float64]:
+    """The case's axes as its DICOM files give them (columns x, rows y, slices z): a series
+    stored with flipped rows or columns runs along -y or -x, so the patient's left stays
+    where it is on the model's LPS grid, as the node's loader places it."""
+    rows, columns = case.flips
+    return np.diag([-1.0 if columns else 1.0, -1.0 if rows else 1.0, 1.0])
+
+
 def case_grid(case: Case) -> Grid:
-    return Grid.from_geometry(case.labels.shape, case.spacing, case.origin, np.eye(3))
+    return Grid.from_geometry(case.labels.shape, case.spacing, case.origin, case_direction(case))
 
 
 def label_fractions(
@@ -96,7 +104,7 @@ def prepare(case: Case, recipe: Recipe) -> Sample:
         # written without a usable spacing: the network gets what the node's runner assumes
         pixel = field / max(case.labels.shape[1:])
         source = Grid.from_geometry(
-            case.labels.shape, (case.spacing[0], pixel, pixel), case.origin, np.eye(3)
+            case.labels.shape, (case.spacing[0], pixel, pixel), case.origin, case_direction(case)
         )
     target = preprocess.target_grid(source, recipe.spacing_zyx_mm, "LPS")
     fill = float(case.image.min())

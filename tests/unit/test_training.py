@@ -150,3 +150,102 @@ def test_a_radiograph_written_without_spacing_trains_as_the_node_will_see_it() -
     assert float(sample.image.max()) == 1.0
     scale = inference_config(recipe)["preprocessing"]["transforms"]
     assert any(t.get("_target_") == "ScaleIntensityRangePercentilesd" for t in scale)
+
+
+def _trained(recipe: Recipe) -> Any:
+    from pacs_node.training.trainer import TrainingResult, build_network
+
+    state = build_network(recipe).state_dict()
+    labels = dict.fromkeys(recipe.labels, 0.5)
+    return TrainingResult(1, 1, 0.5, labels, 0.1, 1, 10, state_dict=state)
+
+
+def _bundle_recipe(name: str = "t") -> Recipe:
+    return _recipe(name=name, network={"channels": [4, 8]}, version="1.1.0")
+
+
+def test_a_retrained_bundle_keeps_the_gate_limits_marked_for_re_checking(tmp_path: Path) -> None:
+    """Weights replacing a bundle, or continuing one of the same model, keep its gate limits
+    (and known limits and changelog); the card says they were derived for the earlier weights
+    until ``calibrate --write`` derives them anew, which drops that note."""
+    import json
+
+    from pacs_node.inference.registry import Registry
+    from pacs_node.quality.calibrate import write_limits
+    from pacs_node.training.bundle import metadata, write_bundle
+    from pacs_node.training.card import render_card
+
+    recipe = _bundle_recipe()
+    earlier = metadata(recipe.model_copy(update={"version": "1.0.0"}), _trained(recipe))
+    quality = {"sizes": {"liver": {"min": 100.0, "max": 3000.0}}, "pair_ratio_max": 3.0}
+    earlier["pacs_node"] |= {"quality": quality, "known_limits": ["no arms"]}
+    earlier["changelog"] = {"1.0.0": "first release"}
+    root = tmp_path / "models" / "t"
+    write_bundle(recipe, _trained(recipe), root, card="", commands=["x"], previous=earlier)
+    data = json.loads((root / "configs" / "metadata.json").read_text(encoding="utf-8"))
+    node = data["pacs_node"]
+    assert node["quality"] == quality
+    assert node["known_limits"] == ["no arms"]
+    assert data["changelog"] == {"1.0.0": "first release"}
+    assert data["version"] == "1.1.0"
+    assert "derived for the weights of t 1.0.0" in node["quality_note"]
+    assert "derived for the weights of t 1.0.0" in render_card(root)
+    loaded = Registry(tmp_path / "models").get("t").quality
+    assert loaded.sizes["liver"].max == 3000.0  # the node's gate reads the carried limits
+    intensity = {"percentiles": [5.0, 50.0, 95.0], "reference": [0.1, 0.5, 0.9], "tolerance": 0.5}
+    write_limits(root, {**quality, "intensity": intensity}, "calibrated")
+    node = json.loads((root / "configs" / "metadata.json").read_text(encoding="utf-8"))["pacs_node"]
+    assert "quality_note" not in node
+    assert "derived for the weights" not in render_card(root)
+
+
+def test_a_bundle_keeps_nothing_from_another_model(tmp_path: Path) -> None:
+    """A stage started from another model's weights (CT weights starting the MR model) or from
+    one with other labels carries none of its gate limits."""
+    import json
+
+    from pacs_node.training.bundle import metadata, write_bundle
+
+    recipe = _bundle_recipe()
+    for other in (
+        _bundle_recipe(name="ct"),
+        _bundle_recipe().model_copy(update={"labels": ("lung_left", "lung_right", "spleen")}),
+    ):
+        earlier = metadata(other, _trained(other))
+        earlier["pacs_node"]["quality"] = {"pair_ratio_max": 3.0}
+        earlier["changelog"] = {"1.0.0": "first release"}
+        root = tmp_path / other.name / str(len(other.labels))
+        write_bundle(recipe, _trained(recipe), root, card="", commands=[], previous=earlier)
+        data = json.loads((root / "configs" / "metadata.json").read_text(encoding="utf-8"))
+        assert "quality" not in data["pacs_node"]
+        assert "quality_note" not in data["pacs_node"]
+        assert "changelog" not in data
+
+
+def test_a_case_stored_flipped_trains_as_the_same_patient() -> None:
+    """A phantom stored with reversed rows or columns (the ``context`` share: feet-first and
+    prone series) reaches the network on the LPS grid unchanged, the left lung on the left,
+    as the node's loader places it; read as unflipped it would be a mirrored patient whose
+    labels teach the network that left and right are interchangeable."""
+    from phantom.render import LABEL_VALUE, Case, _flipped
+
+    from pacs_node.training.dataset import prepare
+
+    shape = (10, 20, 24)  # z, y, x
+    labels = np.zeros(shape, dtype=np.uint8)
+    labels[:, 5:15, 16:22] = LABEL_VALUE["lung_left"]  # +x: the patient's left
+    labels[:, 5:15, 2:8] = LABEL_VALUE["lung_right"]
+    image = (labels > 0).astype(np.float32)
+    image[:, 2:6, 10:14] = 2.0  # something that is not symmetric in y
+    case = Case(image, labels, (4.0, 4.0, 4.0), (-46.0, -38.0, 0.0), "MR", 1)
+    recipe = _recipe(modality="MR", intensity={"kind": "zscore"}, soft_labels=True)
+    plain = prepare(case, recipe)
+    left = np.nonzero(plain.labels[0] == 1)[0].mean()
+    assert left > np.nonzero(plain.labels[0] == 2)[0].mean()  # (x, y, z): x runs to the left
+    for rows, columns in ((True, False), (False, True), (True, True)):
+        stored = prepare(_flipped(case, rows, columns), recipe)
+        assert np.array_equal(stored.labels, plain.labels), (rows, columns)
+        assert np.array_equal(stored.image, plain.image)
+        assert stored.fractions is not None
+        assert plain.fractions is not None
+        assert np.array_equal(stored.fractions, plain.fractions)
