@@ -5,7 +5,6 @@ but its consoles."""
 
 from __future__ import annotations
 
-import json
 import shlex
 from pathlib import Path
 from typing import Annotated
@@ -59,7 +58,7 @@ def train(
     ] = 0,
 ) -> None:
     """Train a model on phantoms from a recipe and write it as a bundle with its model card."""
-    from pacs_node.training.bundle import write_bundle
+    from pacs_node.training.bundle import earlier_stages, write_bundle
     from pacs_node.training.card import refresh_card
     from pacs_node.training.recipe import load_recipe
     from pacs_node.training.trainer import train as run_training
@@ -93,13 +92,8 @@ def train(
         except ValueError as exc:
             fail(str(exc))
     commands = [command_line(recipe_path, out_dir, workers, init, device, loaders)]
-    stage = init.parent.parent / "configs" / "metadata.json" if init is not None else None
-    started: dict[str, Any] | None = None
-    if stage is not None and stage.is_file():  # weights of an earlier stage: its commands first
-        started = json.loads(stage.read_text(encoding="utf-8"))
-        commands = [*started["pacs_node"]["training"].get("commands", []), *commands]
-    replaced = root / "configs" / "metadata.json"
-    previous = json.loads(replaced.read_text(encoding="utf-8")) if replaced.is_file() else started
+    earlier, previous = earlier_stages(init, root)
+    commands = [*earlier, *commands]
     write_bundle(recipe, result, root, card="", commands=commands, previous=previous)
     refresh_card(root)
     err.print(

@@ -197,6 +197,22 @@ def carry_over(data: dict[str, Any], previous: dict[str, Any] | None) -> dict[st
     return data
 
 
+def earlier_stages(init: Path | None, root: Path) -> tuple[list[str], dict[str, Any] | None]:
+    """The commands of the stages that made the ``--init`` weights (listed before this one's),
+    and the metadata whose gate limits carry over: the bundle being replaced, else the one
+    continued."""
+    metadata = init.parent.parent / "configs" / "metadata.json" if init is not None else None
+    started: dict[str, Any] | None = None
+    commands: list[str] = []
+    if metadata is not None and metadata.is_file():
+        started = json.loads(metadata.read_text(encoding="utf-8"))
+        commands = list(started["pacs_node"]["training"].get("commands", []))
+    replaced = root / "configs" / "metadata.json"
+    if replaced.is_file():
+        return commands, json.loads(replaced.read_text(encoding="utf-8"))
+    return commands, started
+
+
 def write_bundle(
     recipe: Recipe,
     result: TrainingResult,
