@@ -3,7 +3,7 @@ settings loader and the catalog a command opens."""
 
 from __future__ import annotations
 
-import getpass
+import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -74,10 +74,5 @@ def change(config: Path | None, action: Callable[[Catalog], int]) -> int:
 
 def user(given: str | None = None) -> Actor:
     """The person at the keyboard, for the events a change records: ``--actor`` when given,
-    else the login name."""
-    if given:
-        return Actor.user(given)
-    try:
-        return Actor.user(getpass.getuser())
-    except (KeyError, OSError):
-        return Actor.user("unknown")
+    else the login name from the environment (``operator`` when there is none)."""
+    return Actor.user(given or os.environ.get("USER") or os.environ.get("LOGNAME") or "operator")
