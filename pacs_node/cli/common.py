@@ -7,17 +7,19 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from pacs_node.actor import Actor
-from pacs_node.catalog.db import Catalog, open_catalog, sqlite_file
 from pacs_node.cli.console import FAILED, fail
 from pacs_node.config import Settings, load_settings
 from pacs_node.datadir import make_private
 from pacs_node.errors import PacsNodeError
 from pacs_node.logs import configure_node_logging
+
+if TYPE_CHECKING:  # the catalog (SQLAlchemy, alembic) loads only for commands that open it
+    from pacs_node.catalog.db import Catalog
 
 ConfigOption = Annotated[
     Path | None,
@@ -52,6 +54,8 @@ def opened_catalog(settings: Settings, *, migrate: bool = False) -> Iterator[Cat
     """The node's catalog for one command, disposed after it; one that cannot be opened ends
     the command (exit 1). ``migrate``: bring the schema up to date (commands that write jobs
     or deliveries); the rest never change a schema a running node uses."""
+    from pacs_node.catalog.db import open_catalog, sqlite_file
+
     url = settings.node.catalog_url
     try:
         if migrate:

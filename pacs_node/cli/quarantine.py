@@ -6,16 +6,18 @@ JSON goes alone to stdout.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
-from pacs_node.catalog.db import Catalog
 from pacs_node.cli.common import ConfigOption, JsonOption, opened_catalog, settings_for, user
 from pacs_node.cli.console import FAILED, fail, out, print_json
 from pacs_node.config import Settings
 from pacs_node.errors import PacsNodeError
+
+if TYPE_CHECKING:
+    from pacs_node.catalog.db import Catalog
 
 ActorOption = Annotated[
     str | None, typer.Option("--actor", help="Who decides (recorded); default: the login name.")

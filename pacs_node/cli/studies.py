@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from pacs_node.catalog.db import sqlite_file
-from pacs_node.catalog.studies import StudySummary
 from pacs_node.cli.common import ConfigOption, JsonOption, opened_catalog, settings_for
 from pacs_node.cli.console import out, print_json
 
@@ -13,6 +11,8 @@ from pacs_node.cli.console import out, print_json
 def studies(config: ConfigOption = None, json_output: JsonOption = False) -> None:
     """List received studies with their series and assembly state."""
     settings = settings_for(config)
+    from pacs_node.catalog.db import sqlite_file
+    from pacs_node.catalog.studies import StudySummary
     from pacs_node.services.studies import list_studies
 
     path = sqlite_file(settings.node.catalog_url)
