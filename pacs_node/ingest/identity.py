@@ -1,14 +1,8 @@
 """Patient identity: an instance joins a study only if its UIDs and its patient agree with what
 the catalog already holds.
 
-The policy, one rule per collision (:func:`pacs_node.catalog.identity.decide`)::
-
-    SOP Instance UID held under another study or series      -> sop_in_other_series
-    Series Instance UID held under another study             -> series_in_other_study
-    Study held under another patient key (Patient ID with    -> patient_mismatch
-      Issuer of Patient ID, normalised by catalog.quarantine.patient_key)
-    SOP Instance UID held in the same place, same data set   -> duplicate (counted, success)
-    SOP Instance UID held in the same place, other bytes     -> resend (``resend_policy``)
+The policy, one rule per collision, is :func:`pacs_node.catalog.identity.decide` (its module
+lists the rules).
 
 A collision follows ``identity_conflict``: ``reject`` answers IDENTITY_CONFLICT (0xC010) with an
 ErrorComment naming the collision; ``quarantine`` answers success and keeps the bytes, fsync'd,
