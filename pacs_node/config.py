@@ -52,7 +52,7 @@ class NodeOptions(BaseModel):
     dicom_host: str = "0.0.0.0"
     dicom_port: int = Field(default=11112, ge=1, le=65535)
     web_host: str = "0.0.0.0"
-    web_port: int = Field(default=8080, ge=1, le=65535)
+    web_port: int = Field(default=8080, ge=0, le=65535)  # 0: no web face
     data_dir: Path = Path("./var")
     database_url: str | None = None
     quiet_period_s: float = Field(default=30.0, gt=0)

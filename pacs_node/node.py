@@ -11,6 +11,7 @@ next start repairs (jobs re-queued, deliveries taken back, spooled files recorde
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import threading
@@ -26,9 +27,11 @@ from pacs_node.datadir import make_private
 from pacs_node.destinations import missing_secrets
 from pacs_node.dispatch.dimse import recommitter
 from pacs_node.dispatch.outbox import Outbox
+from pacs_node.doors import NodeParts, open_doors
 from pacs_node.errors import ConfigError
 from pacs_node.housekeeping import Housekeeping, finish_purges
 from pacs_node.ingest.header import skip_value_validation
+from pacs_node.ingest.receive import Receiver
 from pacs_node.ingest.reconcile import reconcile
 from pacs_node.ingest.recorder import CatalogRecorder
 from pacs_node.ingest.scp import StorageSCP
@@ -79,9 +82,19 @@ class Node:
             )
         else:
             self.scp = StorageSCP(settings, self.spool, self.recorder, self.catalog)
+        self.receiver = Receiver(settings, self.spool, self.recorder, self.catalog)
+        readiness = {"job workers": self._job_workers_alive}
+        # Bound here, so a port in use fails the start before anything runs.
+        self.doors = open_doors(
+            NodeParts(settings, self.catalog, self.spool, self.receiver, readiness)
+        )
         self._ending = threading.Lock()  # the graceful end and the forced one exclude each other
         self._exit_code: int | None = None  # set once the graceful stop is over
         self._stopped = False
+
+    def _job_workers_alive(self) -> bool:
+        health = self.jobs.health()
+        return health.workers == 0 or health.alive > 0
 
     def start(self) -> None:
         """Reconcile the catalog with the spool, rebuild timers, then open the DICOM port."""
@@ -95,6 +108,8 @@ class Node:
         self.outbox.start()  # re-sends deliveries cut off mid-send
         self.housekeeping.start()
         self.scp.start()
+        for door in self.doors:
+            door.start()
         log.info(
             "node started",
             extra={"catalog": self.catalog.url, "recovered_instances": recovered},
@@ -195,6 +210,8 @@ class Node:
                 failed = True
                 return None
 
+        for door in self.doors:  # no new requests; those under way get a few seconds
+            step("web", functools.partial(door.stop, max(0.1, min(5.0, timeout / 5))))
         step("job workers", self.jobs.request_stop)
         step("outbox", self.outbox.request_stop)  # no new batch; the sends under way go on
         scp = self.scp

@@ -15,7 +15,6 @@ import socket
 import socketserver
 import threading
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -34,11 +33,11 @@ from pacs_node.commitment import (
     parse_report,
 )
 from pacs_node.config import Settings
-from pacs_node.errors import DataSetMismatch, IngestError, OutOfResources, UnreadableDataset
+from pacs_node.errors import IngestError, UnreadableDataset
 from pacs_node.ingest.access import AccessPolicy
-from pacs_node.ingest.header import parse_identifiers, read_header, skip_value_validation
-from pacs_node.ingest.identity import IdentityGate
+from pacs_node.ingest.header import skip_value_validation
 from pacs_node.ingest.limits import Caps, SharedLimits
+from pacs_node.ingest.receive import Announced, Receiver
 from pacs_node.ingest.recorder import RecordSink
 from pacs_node.ingest.spool import Spool
 from pacs_node.ingest.statuses import status_for
@@ -51,12 +50,10 @@ from pacs_node.ingest.transport import (
     Guard,
     GuardedServer,
     GuardedSocket,
-    ReceivedFile,
     Throttle,
     install_received_files,
     received_file,
 )
-from pacs_node.refs import InstanceRef
 from pacs_node.statuses import NO_SUCH_EVENT_TYPE, NO_SUCH_SOP_CLASS, PROCESSING_FAILURE, SUCCESS
 from pacs_node.uids import is_valid_uid
 
@@ -103,14 +100,7 @@ class StorageSCP:
         self.settings = settings
         self.spool = spool
         self.recorder = recorder
-        self.identity = IdentityGate(
-            spool,
-            recorder,
-            catalog,
-            identity_conflict=settings.node.identity_conflict,
-            resend_policy=settings.node.resend_policy,
-            open_catalog=open_catalog,
-        )
+        self.receiver = Receiver(settings, spool, recorder, catalog, open_catalog)
         self.policy = AccessPolicy(settings)
         self._server: GuardedServer | None = None
         self._thread: threading.Thread | None = None
@@ -355,9 +345,8 @@ class StorageSCP:
             return _failure(status, f"internal error: {type(exc).__name__}")
 
     def _store(self, event: evt.Event, calling_ae: str) -> int:
-        """Header, checks, spool, record. The data set is the file pynetdicom streamed into
-        the spool's incoming folder (a :class:`~pacs_node.ingest.transport.ReceivedFile`);
-        only its leading groups are read, and the file itself becomes the spool file."""
+        """The data set is the file pynetdicom streamed into the spool's incoming folder (a
+        :class:`~pacs_node.ingest.transport.ReceivedFile`); the receive path does the rest."""
         received_at = utcnow()
         request: Any = event.request
         path = event.dataset_path
@@ -366,57 +355,9 @@ class StorageSCP:
         received = received_file(path)
         if received is None or not received.claim():
             raise RuntimeError("the received data set is not in the spool's incoming folder")
-        try:
-            return self._store_received(event, request, received, calling_ae, received_at)
-        finally:
-            received.remove()  # the file was linked into place, or is not kept
-
-    def _store_received(
-        self,
-        event: evt.Event,
-        request: Any,
-        received: ReceivedFile,
-        calling_ae: str,
-        received_at: datetime,
-    ) -> int:
-        if received.oversized:
-            raise OutOfResources(
-                f"data set of {received.dataset_bytes // 2**20} MiB is over max_instance_mb "
-                f"({self.settings.node.max_instance_mb})"
-            )
-        received.finish()
-        transfer_syntax = str(event.context.transfer_syntax)
-        with received.path.open("rb") as stream:
-            stream.seek(received.dataset_offset or 0)
-            ds = parse_identifiers(stream, transfer_syntax)
-        header = read_header(ds)
-        if header.sop_class_uid != str(request.AffectedSOPClassUID) or header.sop_class_uid != str(
-            event.context.abstract_syntax
-        ):
-            raise DataSetMismatch("SOP Class UID differs from the request or presentation context")
-        if header.sop_instance_uid != str(request.AffectedSOPInstanceUID):
-            raise DataSetMismatch("SOP Instance UID differs from the request")
-
-        screening = self.identity.screen(header)  # may refuse before anything is kept
-
-        # The file's Part 10 header was written from the request's UIDs, just checked equal to
-        # the data set's; its data set's SHA-256 was computed as it arrived.
-        stored = self.spool.adopt(
-            received.path,
-            header.study_uid,
-            header.series_uid,
-            header.sop_instance_uid,
-            received.sha256,
+        announced = Announced(
+            sop_class_uids=(str(request.AffectedSOPClassUID), str(event.context.abstract_syntax)),
+            sop_instance_uid=str(request.AffectedSOPInstanceUID),
+            transfer_syntax_uid=str(event.context.transfer_syntax),
         )
-        return self.identity.admit(
-            screening,
-            stored,
-            InstanceRef(
-                header=header,
-                transfer_syntax_uid=transfer_syntax,
-                path=stored.relpath,
-                size_bytes=stored.size_bytes,
-                received_at=received_at,
-                calling_ae=calling_ae,
-            ),
-        )
+        return self.receiver.receive(received, announced, calling_ae, received_at)

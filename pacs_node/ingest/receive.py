@@ -1,0 +1,132 @@
+"""The one receive path behind every transport: parse, check, spool, record.
+
+A transport (the C-STORE handler, STOW-RS) streams a data set into a :class:`ReceivedFile` in the
+spool's incoming folder, the node's own Part 10 header in front; :meth:`Receiver.receive` then
+reads its identifying header, checks it against what the transport announced, screens its
+identity, makes the file the spool file (fsync'd) and hands the row to the recorder. The status it
+returns (or the :class:`~pacs_node.errors.IngestError` it raises) is a DICOM status, which C-STORE
+answers as it is and STOW-RS puts in its response's Referenced or Failed SOP Sequence. Pixel data
+is never decoded here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from pacs_node.catalog.db import Catalog
+from pacs_node.catalog.models import utcnow
+from pacs_node.config import Settings
+from pacs_node.errors import DataSetMismatch, OutOfResources
+from pacs_node.ingest.header import parse_identifiers, read_header
+from pacs_node.ingest.identity import IdentityGate
+from pacs_node.ingest.recorder import RecordSink
+from pacs_node.ingest.spool import Spool
+from pacs_node.ingest.transport import ReceivedFile
+from pacs_node.refs import InstanceRef
+
+
+@dataclass(frozen=True, slots=True)
+class Announced:
+    """What the transport said the data set is, before it was read: the C-STORE request and
+    its presentation context, or a STOW-RS part's File Meta Information."""
+
+    sop_class_uids: tuple[str, ...]  # every one must equal the data set's SOP Class UID
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+
+
+class Receiver:
+    """Parse, check, spool and record one received data set, whatever carried it."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        spool: Spool,
+        recorder: RecordSink,
+        catalog: Catalog | None = None,
+        open_catalog: Callable[[], Catalog] | None = None,
+    ) -> None:
+        """``catalog``: a read-only handle for the identity screen (or ``open_catalog`` to open
+        one when first needed)."""
+        self.settings = settings
+        self.spool = spool
+        self.recorder = recorder
+        self.max_instance_bytes = settings.node.max_instance_mb * 2**20
+        self.identity = IdentityGate(
+            spool,
+            recorder,
+            catalog,
+            identity_conflict=settings.node.identity_conflict,
+            resend_policy=settings.node.resend_policy,
+            open_catalog=open_catalog,
+        )
+
+    def incoming(self, source_ae: str) -> ReceivedFile:
+        """A new file in the spool's incoming folder for a transport to stream a Part 10
+        data set into (``source_ae`` goes into its header; empty for none)."""
+        return ReceivedFile(self.spool.incoming, self.max_instance_bytes, source_ae)
+
+    def receive(
+        self,
+        received: ReceivedFile,
+        announced: Announced,
+        calling_ae: str | None,
+        received_at: datetime | None = None,
+    ) -> int:
+        """Keep ``received`` as its instance's spool file and answer with a DICOM status, or
+        raise an :class:`~pacs_node.errors.IngestError`. The temporary name is gone afterwards
+        either way (the spool's link, if made, stays)."""
+        received_at = received_at or utcnow()
+        try:
+            return self._receive(received, announced, calling_ae, received_at)
+        finally:
+            received.remove()
+
+    def _receive(
+        self,
+        received: ReceivedFile,
+        announced: Announced,
+        calling_ae: str | None,
+        received_at: datetime,
+    ) -> int:
+        if received.oversized:
+            raise OutOfResources(
+                f"data set of {received.dataset_bytes // 2**20} MiB is over max_instance_mb "
+                f"({self.settings.node.max_instance_mb})"
+            )
+        received.finish()
+        transfer_syntax = announced.transfer_syntax_uid
+        with received.path.open("rb") as stream:
+            stream.seek(received.dataset_offset or 0)
+            ds = parse_identifiers(stream, transfer_syntax)
+        header = read_header(ds)
+        if any(header.sop_class_uid != uid for uid in announced.sop_class_uids):
+            raise DataSetMismatch("SOP Class UID differs from the request or presentation context")
+        if header.sop_instance_uid != announced.sop_instance_uid:
+            raise DataSetMismatch("SOP Instance UID differs from the request")
+
+        screening = self.identity.screen(header)  # may refuse before anything is kept
+
+        # The file's Part 10 header was written from the announced UIDs, just checked equal to
+        # the data set's; its data set's SHA-256 was computed as it arrived.
+        stored = self.spool.adopt(
+            received.path,
+            header.study_uid,
+            header.series_uid,
+            header.sop_instance_uid,
+            received.sha256,
+        )
+        return self.identity.admit(
+            screening,
+            stored,
+            InstanceRef(
+                header=header,
+                transfer_syntax_uid=transfer_syntax,
+                path=stored.relpath,
+                size_bytes=stored.size_bytes,
+                received_at=received_at,
+                calling_ae=calling_ae,
+            ),
+        )

@@ -1,0 +1,34 @@
+"""What every web route needs from the node, handed to the app once at start."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from fastapi import Request
+
+from pacs_node.catalog.db import Catalog
+from pacs_node.config import Settings
+from pacs_node.ingest.receive import Receiver
+from pacs_node.ingest.spool import Spool
+
+
+@dataclass
+class WebContext:
+    """The node's parts the web face uses. ``receiver`` is None where the app serves reads only
+    (no STOW-RS, no upload)."""
+
+    settings: Settings
+    catalog: Catalog
+    spool: Spool
+    receiver: Receiver | None = None
+    session_lifetime: timedelta = field(default=timedelta(hours=8))
+    # Named checks ``/readyz`` runs beside the catalog's (e.g. "workers": are they alive).
+    readiness: dict[str, Callable[[], bool]] = field(default_factory=dict)
+
+
+def web_context(request: Request) -> WebContext:
+    context = request.app.state.context
+    assert isinstance(context, WebContext)
+    return context

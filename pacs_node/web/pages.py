@@ -1,0 +1,56 @@
+"""What every server-rendered page shares: the templates, the signed-in user and the CSRF token
+their forms and scripts send back, and the redirect to the login page for a browser without a
+session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from fastapi import HTTPException, Request, status
+from fastapi.responses import HTMLResponse
+from fastapi.templating import Jinja2Templates
+
+from pacs_node.catalog.models import Role
+from pacs_node.services.accounts import Principal
+from pacs_node.web.auth import credentials
+
+TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
+STATIC_DIR = Path(__file__).parent / "static"
+LOGIN_PATH = "/login"
+
+
+class LoginRequired(Exception):
+    """A page asked for without a session: answered with a redirect to the login page."""
+
+    def __init__(self, next_path: str) -> None:
+        self.next_path = next_path
+
+
+def page_user(role: Role = Role.VIEWER) -> Any:
+    """A dependency for pages: the signed-in principal holding ``role``; a browser without a
+    session is sent to the login page (and back here after it)."""
+
+    def dependency(request: Request) -> Principal:
+        principal = credentials(request)
+        if principal is None:
+            target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            raise LoginRequired(target)
+        if not principal.may(role):
+            raise HTTPException(status.HTTP_403_FORBIDDEN, f"the {role.value} role is required")
+        request.state.principal = principal
+        return principal
+
+    return dependency
+
+
+def login_redirect(next_path: str) -> str:
+    return f"{LOGIN_PATH}?next={quote(next_path, safe='')}"
+
+
+def render(request: Request, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+    """A page with the principal and the CSRF token its forms must send back."""
+    context.setdefault("principal", getattr(request.state, "principal", None))
+    context.setdefault("csrf_token", getattr(request.state, "csrf_token", ""))
+    return TEMPLATES.TemplateResponse(request, template, context, status_code=status_code)
