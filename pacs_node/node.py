@@ -66,6 +66,7 @@ class Node:
             source = str((settings.config_dir or Path(".")) / PEERS_FILE)
             raise ConfigError(source, f"destinations.{name}.auth", f"${env} is not set")
         self.jobs: JobQueue = open_job_queue(self.catalog, settings)
+        self.router.add_listener(self.jobs.submitted)
         self.outbox = Outbox(self.catalog, settings)
         self.housekeeping = Housekeeping(
             self.catalog,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from sqlalchemy import or_, select
@@ -95,6 +95,12 @@ class Router:
         self.catalog = catalog
         self.spool = spool
         self.routes = routes
+        self._listeners: list[Callable[[int], None]] = []
+
+    def add_listener(self, listener: Callable[[int], None]) -> None:
+        """Called with each job routing queued, once its row is committed (a job queue takes
+        it at once rather than at its next poll)."""
+        self._listeners.append(listener)
 
     def explain(self, session: Session, study_uid: str) -> list[RuleVerdict]:
         return route(self.routes, study_facts(session, self.spool, study_uid))
@@ -122,6 +128,12 @@ class Router:
             "study routed",
             extra={"study_uid": study_uid, "outcome": outcome.value, "jobs": len(jobs)},
         )
+        for job_id in jobs:
+            for listener in self._listeners:
+                try:
+                    listener(job_id)
+                except Exception:  # the job is queued; a poll takes it anyway
+                    log.exception("job listener failed", extra={"job_id": job_id})
 
     def route_study(self, session: Session, study_uid: str) -> tuple[RouteOutcome, list[int]]:
         """Decide the study's outcome and queue its jobs; returns the outcome and the job ids."""
