@@ -1,0 +1,99 @@
+"""Slowing password guessing beyond the per-account lock: two records kept in memory.
+
+- Per source address, a token bucket of failed sign-ins: ``burst`` of them at once, then one
+  more every ``refill``. An address with none left is refused before its password is even
+  checked (the web answers 429 with ``Retry-After``), so one address can neither spray a common
+  password over many names nor make the node hash passwords at its pace.
+- Per name that is no account, the same failure count and lock the catalog keeps for an account
+  (:class:`Strikes`), so "locked until ..." is answered alike whether the name exists or not.
+
+In memory, per process, because losing them is cheap: a restart forgives an address its
+failures, while the account locks (the defence of one account's password) stay in the catalog.
+Both records are bounded; the entry touched longest ago is forgotten first.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+REFILL = timedelta(seconds=30)
+CAPACITY = 10_000
+
+
+@dataclass(slots=True)
+class Strikes:
+    """Failed sign-ins in a row and the lock they earned, as a ``users`` row keeps them."""
+
+    failures: int = 0
+    locked_until: datetime | None = None
+
+
+@dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    at: datetime
+
+
+class LoginThrottle:
+    """Failed sign-ins per address and per unknown name; thread-safe (routes run in a pool)."""
+
+    def __init__(self, burst: int, refill: timedelta = REFILL, capacity: int = CAPACITY) -> None:
+        if burst < 1:
+            raise ValueError("burst must be at least 1")
+        self.burst = burst
+        self.refill = refill
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+        self._strikes: OrderedDict[str, Strikes] = OrderedDict()
+
+    def _bucket(self, address: str, now: datetime) -> _Bucket:
+        bucket = self._buckets.get(address)
+        if bucket is None:
+            bucket = _Bucket(float(self.burst), now)
+            self._buckets[address] = bucket
+            if len(self._buckets) > self.capacity:
+                self._buckets.popitem(last=False)
+        else:
+            earned = max((now - bucket.at) / self.refill, 0.0)
+            bucket.tokens = min(float(self.burst), bucket.tokens + earned)
+            bucket.at = now
+            self._buckets.move_to_end(address)
+        return bucket
+
+    def wait(self, address: str, now: datetime) -> timedelta | None:
+        """How long ``address`` must wait before its next sign-in is checked; None: no wait."""
+        with self._lock:
+            bucket = self._bucket(address, now)
+            if bucket.tokens >= 1:
+                return None
+            return self.refill * (1 - bucket.tokens)
+
+    def failed(self, address: str, now: datetime) -> None:
+        """Count one failed sign-in from ``address``."""
+        with self._lock:
+            bucket = self._bucket(address, now)
+            bucket.tokens = max(bucket.tokens - 1, 0.0)
+
+    def strike(
+        self, name: str, now: datetime, lock_after: Callable[[int, datetime], datetime | None]
+    ) -> datetime | None:
+        """One failed sign-in as ``name``, which is no account: counted as an account counts
+        it (not while locked); until when the name is locked, None when it is not."""
+        with self._lock:
+            strikes = self._strikes.get(name)
+            if strikes is None:
+                strikes = self._strikes[name] = Strikes()
+                if len(self._strikes) > self.capacity:
+                    self._strikes.popitem(last=False)
+            else:
+                self._strikes.move_to_end(name)
+            if strikes.locked_until is not None and strikes.locked_until > now:
+                return strikes.locked_until
+            strikes.failures += 1
+            strikes.locked_until = lock_after(strikes.failures, now)
+            return strikes.locked_until
