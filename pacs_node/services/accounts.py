@@ -455,7 +455,7 @@ def ensure_first_admin(catalog: Catalog, data_dir: Path, actor: Actor) -> Path |
     os.replace(partial, path)
     fsync_dir(data_dir)
     log.warning(
-        "first start: user 'admin' created; its password is in the file named here, "
+        "first start: user 'admin' created; its one-time password is in the file at path, "
         "to be changed at first login",
         extra={"path": str(path)},
     )

@@ -1,9 +1,10 @@
 """Slowing password guessing beyond the per-account lock: two records kept in memory.
 
-- Per source address, a token bucket of failed sign-ins: ``burst`` of them at once, then one
-  more every ``refill``. An address with none left is refused before its password is even
-  checked (the web answers 429 with ``Retry-After``), so one address can neither spray a common
-  password over many names nor make the node hash passwords at its pace.
+- Per source address (an IPv6 address by its /64, as the DICOM port counts), a token bucket of
+  failed sign-ins: ``burst`` of them at once, then one more every ``refill``. An address with
+  none left is refused before its password is even checked (the web answers 429 with
+  ``Retry-After``), so one address can neither spray a common password over many names nor
+  make the node hash passwords at its pace.
 - Per name that is no account, the same failure count and lock the catalog keeps for an account
   (:class:`Strikes`), so "locked until ..." is answered alike whether the name exists or not.
 
@@ -19,6 +20,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+
+from pacs_node.ingest.limits import address_key
 
 REFILL = timedelta(seconds=30)
 CAPACITY = 10_000
@@ -52,6 +55,7 @@ class LoginThrottle:
         self._strikes: OrderedDict[str, Strikes] = OrderedDict()
 
     def _bucket(self, address: str, now: datetime) -> _Bucket:
+        address = address_key(address)
         bucket = self._buckets.get(address)
         if bucket is None:
             bucket = _Bucket(float(self.burst), now)

@@ -193,6 +193,9 @@ def login(
     if isinstance(found, LoginRefused):
         message, code, headers = _refusal(found)
         return _login_page(request, next_path, message, code, headers)
+    earlier = request.cookies.get(SESSION_COOKIE)
+    if earlier:  # a browser signing in again leaves no older session behind
+        close_session(context.catalog, earlier)
     session = open_session(context.catalog, found, context.session_lifetime)
     target = local_path(next_path)
     if found.must_change_password:

@@ -131,10 +131,13 @@ def test_login_sets_a_strict_cookie_and_redirects_only_to_local_paths(web_node: 
             "role": "operator",
             "must_change_password": False,
         }
-    with web_node.client(role=None) as client:
+        first = client.cookies[SESSION_COOKIE]
         elsewhere = sign_in(client, "alice", PASSWORD, "//evil.example/x")
         assert elsewhere.status_code == 303
         assert elsewhere.headers["location"] == "/"
+        assert client.cookies[SESSION_COOKIE] != first
+    with web_node.client(role=None, cookies={SESSION_COOKIE: first}) as stale:
+        assert stale.get("/api/me").status_code == 401  # signing in again closed it
 
 
 @pytest.mark.parametrize(
@@ -376,3 +379,6 @@ def test_the_throttle_refills_one_failure_per_interval() -> None:
     assert throttle.wait("10.0.0.2", now) is None  # another address is not slowed
     assert throttle.wait("10.0.0.1", now + timedelta(seconds=15)) == timedelta(seconds=15)
     assert throttle.wait("10.0.0.1", now + timedelta(seconds=30)) is None
+    throttle.failed("2001:db8::1", now)
+    throttle.failed("2001:db8::2", now)  # one host's /64 counts as one address
+    assert throttle.wait("2001:db8::3", now) == timedelta(seconds=30)
