@@ -14,6 +14,7 @@ A node with no account yet makes one, ``admin``, whose random password it writes
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -52,8 +53,13 @@ FIRST_ADMIN = "admin"
 FIRST_ADMIN_PASSWORD_FILE = "initial-admin-password"
 
 _hasher = PasswordHasher()
-# A hash to verify against when the user does not exist, so both answers take as long.
-_DUMMY_HASH = _hasher.hash(secrets.token_hex(16))
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """A hash to verify against when the user does not exist, so both answers take as long;
+    made at first need, not at import (every CLI command imports this module)."""
+    return _hasher.hash(secrets.token_hex(16))
 
 
 class AccountError(RequestError):
@@ -268,7 +274,7 @@ def _check_password(
         stored = user.password_hash if user is not None and user.disabled_at is None else None
         try:
             # Hashed even for an unknown name, so both answers take as long.
-            matches = _hasher.verify(stored or _DUMMY_HASH, password) and stored is not None
+            matches = _hasher.verify(stored or _dummy_hash(), password) and stored is not None
         except (VerificationError, InvalidHashError):
             matches = False
         if user is None or stored is None:

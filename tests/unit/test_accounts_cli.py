@@ -1,5 +1,6 @@
 """``pacs-node users`` and ``tokens`` through the console script, on a data folder with no
-catalog yet; the token made there works against a real web face over the same catalog."""
+catalog yet; the token made there works against a real web face over the same catalog, until
+revoked, while the node runs."""
 
 from __future__ import annotations
 
@@ -10,9 +11,15 @@ from pathlib import Path
 import httpx
 import yaml
 
-from pacs_node.services.accounts import FIRST_ADMIN_PASSWORD_FILE
+from pacs_node.services.accounts import (
+    FIRST_ADMIN_PASSWORD_FILE,
+    Principal,
+    authenticate_password,
+)
 from tests.conftest import PACS_NODE, clean_env
 from tests.web_node import PASSWORD, start_web_node
+
+NEW = "another long passphrase"
 
 
 def pacs_node(config: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
@@ -56,6 +63,9 @@ def test_users_and_tokens_on_a_fresh_catalog_then_over_http(tmp_path: Path) -> N
             revoked = pacs_node(config, "tokens", "revoke", "carol", "--label", "ci")
             assert revoked.returncode == 0, revoked.stderr
             assert client.get("/api/me").status_code == 401
+        changed = pacs_node(config, "users", "passwd", "carol", "--password-stdin", stdin=NEW)
+        assert changed.returncode == 0, changed.stderr
+        assert isinstance(authenticate_password(node.catalog, "carol", NEW), Principal)
     finally:
         node.server.stop()
         node.recorder.stop()

@@ -174,6 +174,9 @@ def test_the_login_form_needs_its_own_csrf_token_and_origin(web_node: WebNode) -
         assert cross.status_code == 403
         assert SESSION_COOKIE not in client.cookies
         assert client.post("/login", data={**form, "csrf_token": token[1]}).status_code == 303
+        page = client.get("/login", params={"next": '/x"><script>alert(1)</script>'})
+        assert "<script>alert" not in page.text  # a local path, and escaped where it is echoed
+        assert 'value="/x&#34;&gt;&lt;script&gt;' in page.text
 
 
 def test_failures_get_one_answer_and_lock_names_alike_whether_they_exist(
