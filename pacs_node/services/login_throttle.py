@@ -1,4 +1,5 @@
-"""Slowing password guessing beyond the per-account lock: two records kept in memory.
+"""What the doors facing the network remember of sign-ins, in memory: two records that slow
+password guessing beyond the per-account lock, and the passwords verified lately.
 
 - Per source address (an IPv6 address by its /64, as the DICOM port counts), a token bucket of
   failed sign-ins: ``burst`` of them at once, then one more every ``refill``. An address with
@@ -11,10 +12,18 @@
 In memory, per process, because losing them is cheap: a restart forgives an address its
 failures, while the account locks (the defence of one account's password) stay in the catalog.
 Both records are bounded; the entry touched longest ago is forgotten first.
+
+:class:`VerifiedPasswords` spares HTTP Basic (sent again with every DICOMweb request) an
+argon2 check per request: a name and password verified against a stored hash are remembered, as
+a keyed hash under a random key of this process, for a few minutes and for that stored hash
+only, so a changed password is checked afresh (and a lock or a disabled account still refuses).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import secrets
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -101,3 +110,36 @@ class LoginThrottle:
             strikes.failures += 1
             strikes.locked_until = lock_after(strikes.failures, now)
             return strikes.locked_until
+
+
+class VerifiedPasswords:
+    """Name and password pairs that matched a stored hash lately; thread-safe and bounded."""
+
+    def __init__(self, ttl: timedelta = timedelta(minutes=5), capacity: int = 1024) -> None:
+        self.ttl = ttl
+        self.capacity = capacity
+        self._key = secrets.token_bytes(32)
+        self._lock = threading.Lock()
+        self._seen: OrderedDict[bytes, tuple[str, datetime]] = OrderedDict()
+
+    def _digest(self, name: str, password: str) -> bytes:
+        message = name.encode("utf-8") + b"\0" + password.encode("utf-8")
+        return hmac.new(self._key, message, hashlib.sha256).digest()
+
+    def matches(self, name: str, password: str, stored: str, now: datetime) -> bool:
+        """Whether this pair matched ``stored`` less than ``ttl`` ago."""
+        with self._lock:
+            found = self._seen.get(self._digest(name, password))
+        if found is None:
+            return False
+        held, at = found
+        return hmac.compare_digest(held, stored) and now - at < self.ttl
+
+    def remember(self, name: str, password: str, stored: str, now: datetime) -> None:
+        """Remember that this pair matched ``stored`` at ``now``."""
+        digest = self._digest(name, password)
+        with self._lock:
+            self._seen[digest] = (stored, now)
+            self._seen.move_to_end(digest)
+            if len(self._seen) > self.capacity:
+                self._seen.popitem(last=False)

@@ -81,6 +81,7 @@ def _basic(request: Request, value: str) -> Principal | None:
         password,
         throttle=context.login_throttle,
         address=client_address(request),
+        verified=context.verified_passwords,
     )
     if isinstance(found, LoginRefused):
         slow = too_many_failures(found)

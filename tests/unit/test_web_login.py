@@ -11,10 +11,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import httpx
 import pytest
+from argon2 import PasswordHasher
 from fastapi import Depends
 from sqlalchemy import func, select, update
 
@@ -240,6 +241,31 @@ def test_basic_only_on_dicomweb_and_through_the_same_lock(web_node: WebNode) -> 
         assert client.get("/dicomweb/probe", headers=basic("pacs", PASSWORD)).status_code == 401
     with web_node.client(role=None) as browser:
         assert "locked until" in message(sign_in(browser, "pacs", PASSWORD))
+
+
+class CountingHasher(PasswordHasher):
+    """argon2 as the node uses it, counting the checks."""
+
+    checks = 0
+
+    def verify(self, hash: str | bytes, password: str | bytes) -> Literal[True]:
+        CountingHasher.checks += 1
+        return super().verify(hash, password)
+
+
+def test_basic_hashes_a_password_once_until_it_changes(
+    web_node: WebNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(accounts, "_hasher", CountingHasher())
+    CountingHasher.checks = 0
+    web_node.user("orthanc", Role.OPERATOR)
+    with probe_server(web_node) as url, httpx.Client(base_url=url) as pacs:
+        for _ in range(3):  # every DICOMweb request carries the password again
+            assert pacs.get("/dicomweb/probe", headers=basic("orthanc", PASSWORD)).is_success
+        assert CountingHasher.checks == 1
+        accounts.set_password(web_node.catalog, "orthanc", NEW_PASSWORD, SETUP)
+        assert pacs.get("/dicomweb/probe", headers=basic("orthanc", PASSWORD)).status_code == 401
+        assert pacs.get("/dicomweb/probe", headers=basic("orthanc", NEW_PASSWORD)).is_success
 
 
 def test_form_posts_need_the_session_csrf_token(web_node: WebNode) -> None:
