@@ -123,6 +123,11 @@ class NodeOptions(BaseModel):
     # A SOP Instance UID sent again with other bytes: keep the first (new bytes to quarantine),
     # replace the stored file (the study reopens), or refuse with a failure status.
     resend_policy: Literal["keep_first", "replace", "reject"] = "keep_first"
+    # How long a browser stays signed in to the web face (no sliding renewal).
+    session_hours: float = Field(default=8.0, gt=0, le=24 * 30)
+    # Failed sign-ins one address may make in a burst; it earns one more every 30 s, and while it
+    # has none left its sign-ins are refused unchecked (HTTP 429).
+    login_failures_per_address: int = Field(default=10, ge=1, le=10_000)
 
     @field_validator("ae_title")
     @classmethod

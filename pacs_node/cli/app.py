@@ -22,7 +22,9 @@ from pacs_node.cli.segment import segment
 from pacs_node.cli.serve import serve
 from pacs_node.cli.status import status
 from pacs_node.cli.studies import studies
+from pacs_node.cli.tokens import tokens_app
 from pacs_node.cli.train import train
+from pacs_node.cli.users import users_app
 
 app = typer.Typer(
     name="pacs-node",
@@ -46,6 +48,8 @@ app.add_typer(deliveries_app, name="deliveries")
 app.add_typer(results_app, name="results")
 app.add_typer(quarantine_app, name="quarantine")
 app.add_typer(routes_app, name="routes")
+app.add_typer(users_app, name="users")
+app.add_typer(tokens_app, name="tokens")
 
 
 def main() -> None:

@@ -2,29 +2,40 @@
 
 Passwords are kept as argon2id hashes; tokens and session cookies are random and only their
 SHA-256 is kept (they carry 256 bits, so a slow hash adds nothing). Repeated failed logins lock
-an account for a while, so a password cannot be guessed at network speed. Every door checks
-credentials here and gets a :class:`Principal`, whose :attr:`~Principal.actor` its commands
-record.
+an account for a while, so a password cannot be guessed at network speed; a door facing the
+network also passes a :class:`~pacs_node.services.login_throttle.LoginThrottle`, which slows
+each source address and locks names that are no account just as it locks accounts. Every door
+checks credentials here and gets a :class:`Principal`, whose :attr:`~Principal.actor` its
+commands record.
+
+A node with no account yet makes one, ``admin``, whose random password it writes once to a
+0600 file in the data folder (:func:`ensure_first_admin`); it must be changed at first login.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
+import os
 import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import select
+from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from pacs_node.actor import Actor
 from pacs_node.catalog.db import Catalog
 from pacs_node.catalog.models import ApiToken, Role, User, WebSession, utcnow
+from pacs_node.datadir import FILE_MODE, fsync_dir
 from pacs_node.errors import RequestError
+from pacs_node.services.login_throttle import LoginThrottle, VerifiedPasswords
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +48,18 @@ LOCK_AFTER_FAILURES = 5
 LOCK_FIRST = timedelta(minutes=1)
 LOCK_MAX = timedelta(hours=1)
 NAME_PATTERN_HELP = "1-64 letters, digits, '.', '_', '-' or '@'"
+DEFAULT_TOKEN_LABEL = "default"
+FIRST_ADMIN = "admin"
+FIRST_ADMIN_PASSWORD_FILE = "initial-admin-password"
 
 _hasher = PasswordHasher()
-# A hash to verify against when the user does not exist, so both answers take as long.
-_DUMMY_HASH = _hasher.hash(secrets.token_hex(16))
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """A hash to verify against when the user does not exist, so both answers take as long;
+    made at first need, not at import (every CLI command imports this module)."""
+    return _hasher.hash(secrets.token_hex(16))
 
 
 class AccountError(RequestError):
@@ -68,9 +87,12 @@ class Principal:
 @dataclass(frozen=True, slots=True)
 class LoginRefused:
     """Why a login failed: wrong credentials (one answer for unknown user and bad password),
-    or the account is locked until ``until``."""
+    the name is locked until ``locked_until`` (answered alike for names that are no account),
+    or the source address failed too often and must wait ``retry_after`` (nothing was checked).
+    """
 
     locked_until: datetime | None = None
+    retry_after: timedelta | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +103,17 @@ class UserSummary:
     locked_until: datetime | None
     disabled: bool
     tokens: int
+    must_change_password: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSummary:
+    """A token as listed: never its text, which only its creator saw."""
+
+    user: str
+    label: str
+    created_at: datetime
+    last_used_at: datetime | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +128,6 @@ def _digest(secret: str) -> str:
 
 
 def check_name(name: str) -> str:
-
     if not re.fullmatch(r"[A-Za-z0-9._@-]{1,64}", name):
         raise AccountError(f"invalid user name {name[:70]!r}: {NAME_PATTERN_HELP}")
     return name
@@ -123,6 +155,17 @@ def count_users(catalog: Catalog) -> int:
         return len(session.scalars(select(User.id)).all())
 
 
+def lock_after(failures: int, now: datetime) -> datetime | None:
+    """Until when ``failures`` failed logins in a row lock a name: from
+    :data:`LOCK_AFTER_FAILURES` on, :data:`LOCK_FIRST`, doubled per further failure, at most
+    :data:`LOCK_MAX`; None below it."""
+    over = failures - LOCK_AFTER_FAILURES
+    if over < 0:
+        return None
+    lock: timedelta = min(LOCK_FIRST * (2 ** min(over, 32)), LOCK_MAX)
+    return now + lock
+
+
 def create_user(
     catalog: Catalog,
     name: str,
@@ -146,7 +189,10 @@ def create_user(
             created_at=utcnow(),
         )
         session.add(user)
-        session.commit()
+        try:
+            session.commit()
+        except IntegrityError as exc:  # made by another process meanwhile
+            raise AccountError(f"user {name!r} exists already") from exc
         log.info("user created", extra={"user": name, "role": role.value, "actor": str(actor)})
         return _principal(user)
 
@@ -169,6 +215,7 @@ def list_users(catalog: Catalog) -> list[UserSummary]:
                     user.locked_until,
                     user.disabled_at is not None,
                     len(tokens),
+                    user.must_change_password,
                 )
             )
         return summaries
@@ -191,75 +238,153 @@ def set_password(catalog: Catalog, name: str, password: str, actor: Actor) -> No
 
 
 def authenticate_password(
-    catalog: Catalog, name: str, password: str, now: datetime | None = None
+    catalog: Catalog,
+    name: str,
+    password: str,
+    now: datetime | None = None,
+    *,
+    throttle: LoginThrottle | None = None,
+    address: str | None = None,
+    verified: VerifiedPasswords | None = None,
 ) -> Principal | LoginRefused:
     """Check a name and password; count a failure against the account, lock it after
-    :data:`LOCK_AFTER_FAILURES` in a row. A locked account refuses even the right password."""
+    :data:`LOCK_AFTER_FAILURES` in a row. A locked account refuses even the right password.
+
+    With a ``throttle`` (the doors facing the network), an ``address`` that failed too often
+    is refused unchecked, and a name that is no account is counted and locked like one.
+    With ``verified`` (HTTP Basic), a pair that matched the same stored hash lately is not
+    hashed again."""
     now = now or utcnow()
+    if throttle is not None and address is not None:
+        wait = throttle.wait(address, now)
+        if wait is not None:
+            return LoginRefused(retry_after=wait)
+    found, known = _check_password(catalog, name, password, now, verified)
+    if isinstance(found, LoginRefused) and throttle is not None:
+        if address is not None:
+            throttle.failed(address, now)
+        if not known:
+            found = LoginRefused(throttle.strike(name, now, lock_after))
+    return found
+
+
+def _check_password(
+    catalog: Catalog, name: str, password: str, now: datetime, verified: VerifiedPasswords | None
+) -> tuple[Principal | LoginRefused, bool]:
+    """The answer, and whether ``name`` is an account that may log in."""
     with catalog.sessions() as session:
         user = session.scalars(select(User).where(User.name == name)).one_or_none()
         stored = user.password_hash if user is not None and user.disabled_at is None else None
-        try:
-            matches = _hasher.verify(stored or _DUMMY_HASH, password) and stored is not None
-        except (VerificationError, InvalidHashError):
-            matches = False
+        if (
+            stored is not None
+            and verified is not None
+            and verified.matches(name, password, stored, now)
+        ):
+            matches = True
+        else:
+            try:
+                # Hashed even for an unknown name, so both answers take as long.
+                matches = _hasher.verify(stored or _dummy_hash(), password) and stored is not None
+            except (VerificationError, InvalidHashError):
+                matches = False
         if user is None or stored is None:
-            return LoginRefused()
+            return LoginRefused(), False
         if user.locked_until is not None and user.locked_until > now:
-            return LoginRefused(user.locked_until)
+            return LoginRefused(user.locked_until), True
         if not matches:
             user.failed_logins += 1
-            over = user.failed_logins - LOCK_AFTER_FAILURES
-            if over >= 0:
-                user.locked_until = now + min(LOCK_FIRST * 2**over, LOCK_MAX)
+            user.locked_until = lock_after(user.failed_logins, now)
+            if user.locked_until is not None:
                 log.warning(
                     "account locked after failed logins",
                     extra={"user": user.name, "failures": user.failed_logins},
                 )
             session.commit()
-            return LoginRefused(user.locked_until if over >= 0 else None)
+            return LoginRefused(user.locked_until), True
+        changed = user.failed_logins != 0 or user.locked_until is not None
         user.failed_logins = 0
         user.locked_until = None
         if _hasher.check_needs_rehash(stored):
             user.password_hash = _hasher.hash(password)
-        session.commit()
-        return _principal(user)
+            changed = True
+        if changed:  # HTTP Basic checks on every request: most of them write nothing
+            session.commit()
+        if verified is not None and user.password_hash is not None:
+            verified.remember(name, password, user.password_hash, now)
+        return _principal(user), True
 
 
-def create_token(catalog: Catalog, user_name: str, token_name: str, actor: Actor) -> str:
-    """A new API token acting as ``user_name``; the only time its text is seen."""
+def create_token(
+    catalog: Catalog, user_name: str, label: str, actor: Actor, *, unique: bool = False
+) -> str:
+    """A new API token acting as ``user_name``, named ``label``; the only time its text is
+    seen. ``unique``: refuse a label the user's live tokens already carry (so that revoking
+    by label revokes this one alone)."""
+    check_label(label)
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     with catalog.sessions() as session:
         user = _user(session, user_name)
-        session.add(
-            ApiToken(
-                user_id=user.id,
-                name=token_name[:64],
-                digest=_digest(token),
-                created_at=utcnow(),
+        if unique and _live_tokens(session, user.id, label):
+            raise AccountError(
+                f"{user_name!r} has a live token labelled {label!r} already: "
+                "revoke it first, or give another label"
             )
+        session.add(
+            ApiToken(user_id=user.id, name=label, digest=_digest(token), created_at=utcnow())
         )
         session.commit()
-    log.info("token created", extra={"user": user_name, "token": token_name, "actor": str(actor)})
+    log.info("token created", extra={"user": user_name, "token": label, "actor": str(actor)})
     return token
 
 
-def revoke_token(catalog: Catalog, user_name: str, token_name: str, actor: Actor) -> int:
-    """Revoke every live token of ``user_name`` named ``token_name``; how many were."""
-    with catalog.sessions() as session:
-        user = _user(session, user_name)
-        tokens = session.scalars(
+def check_label(label: str) -> str:
+    if not 1 <= len(label) <= 64 or not label.isprintable():
+        raise AccountError("a token label is 1-64 printable characters")
+    return label
+
+
+def _live_tokens(session: Session, user_id: int, label: str) -> list[ApiToken]:
+    return list(
+        session.scalars(
             select(ApiToken).where(
-                ApiToken.user_id == user.id,
-                ApiToken.name == token_name,
+                ApiToken.user_id == user_id,
+                ApiToken.name == label,
                 ApiToken.revoked_at.is_(None),
             )
-        ).all()
+        )
+    )
+
+
+def revoke_token(catalog: Catalog, user_name: str, label: str, actor: Actor) -> int:
+    """Revoke every live token of ``user_name`` labelled ``label``; how many were."""
+    with catalog.sessions() as session:
+        user = _user(session, user_name)
+        tokens = _live_tokens(session, user.id, label)
         for token in tokens:
             token.revoked_at = utcnow()
         session.commit()
-    log.info("token revoked", extra={"user": user_name, "token": token_name, "actor": str(actor)})
+    log.info(
+        "token revoked",
+        extra={"user": user_name, "token": label, "count": len(tokens), "actor": str(actor)},
+    )
     return len(tokens)
+
+
+def list_tokens(catalog: Catalog, user_name: str | None = None) -> list[TokenSummary]:
+    """The live tokens, of one user or of all, by user and label."""
+    with catalog.sessions() as session:
+        query = (
+            select(ApiToken, User.name)
+            .join(User, User.id == ApiToken.user_id)
+            .where(ApiToken.revoked_at.is_(None))
+            .order_by(User.name, ApiToken.name, ApiToken.id)
+        )
+        if user_name is not None:
+            query = query.where(User.id == _user(session, user_name).id)
+        return [
+            TokenSummary(name, token.name, token.created_at, token.last_used_at)
+            for token, name in session.execute(query).tuples()
+        ]
 
 
 def authenticate_token(catalog: Catalog, token: str) -> Principal | None:
@@ -283,10 +408,12 @@ def authenticate_token(catalog: Catalog, token: str) -> Principal | None:
 
 
 def open_session(catalog: Catalog, principal: Principal, lifetime: timedelta) -> NewSession:
+    """A new browser session; the expired ones of every user are removed on the way."""
     cookie = secrets.token_urlsafe(32)
     csrf = secrets.token_urlsafe(32)
     now = utcnow()
     with catalog.sessions() as session:
+        session.execute(delete(WebSession).where(WebSession.expires_at <= now))
         session.add(
             WebSession(
                 digest=_digest(cookie),
@@ -316,6 +443,38 @@ def session_principal(catalog: Catalog, cookie: str) -> tuple[Principal, str] | 
 
 def close_session(catalog: Catalog, cookie: str) -> None:
     with catalog.sessions() as session:
-        for row in session.scalars(select(WebSession).where(WebSession.digest == _digest(cookie))):
-            session.delete(row)
+        session.execute(delete(WebSession).where(WebSession.digest == _digest(cookie)))
         session.commit()
+
+
+def ensure_first_admin(catalog: Catalog, data_dir: Path, actor: Actor) -> Path | None:
+    """On a catalog with no account: create ``admin`` (role admin, to change its password at
+    first login) and write its random password to :data:`FIRST_ADMIN_PASSWORD_FILE` in
+    ``data_dir`` (mode 0600); the file's path, None when accounts exist already (then nothing
+    is written, whatever the file holds). A file left from an earlier catalog is replaced."""
+    if count_users(catalog):
+        return None
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = data_dir / FIRST_ADMIN_PASSWORD_FILE
+    partial = path.with_name(path.name + ".partial")
+    password = secrets.token_urlsafe(18)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)
+        os.write(fd, f"{password}\n".encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        create_user(catalog, FIRST_ADMIN, Role.ADMIN, password, actor, must_change_password=True)
+    except AccountError:  # another process sharing the catalog made it first
+        partial.unlink()
+        return None
+    os.replace(partial, path)
+    fsync_dir(data_dir)
+    log.warning(
+        "first start: user 'admin' created; its one-time password is in the file at path, "
+        "to be changed at first login",
+        extra={"path": str(path)},
+    )
+    return path

@@ -7,9 +7,10 @@ from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
 from pacs_node import __version__
-from pacs_node.web import health, review
+from pacs_node.web import accounts, health, review
 from pacs_node.web.context import WebContext
-from pacs_node.web.pages import STATIC_DIR, LoginRequired, login_redirect
+from pacs_node.web.csrf import FormCsrf
+from pacs_node.web.pages import STATIC_DIR, PageRedirect
 
 
 def create_app(context: WebContext) -> FastAPI:
@@ -22,11 +23,13 @@ def create_app(context: WebContext) -> FastAPI:
     )
     app.state.context = context
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.add_middleware(FormCsrf)
     app.include_router(health.router)
     app.include_router(review.router)
+    app.include_router(accounts.router)
 
-    @app.exception_handler(LoginRequired)
-    def _login(_request: Request, exc: LoginRequired) -> RedirectResponse:
-        return RedirectResponse(login_redirect(exc.next_path), status_code=303)
+    @app.exception_handler(PageRedirect)
+    def _redirect(_request: Request, exc: PageRedirect) -> RedirectResponse:
+        return RedirectResponse(exc.location, status_code=303)
 
     return app

@@ -1,9 +1,12 @@
 """Who a request is from: a bearer token (API and DICOMweb), HTTP Basic (DICOMweb only, for
 PACS clients that speak nothing else) or a browser session (pages, and the API calls the pages
-make, with their CSRF token on every change).
+make, with their CSRF token on every change: the ``X-CSRF-Token`` header from scripts, the
+``csrf_token`` field from HTML forms, moved into that header by :mod:`pacs_node.web.csrf`).
 
 Routes declare what they need with :func:`require`; a request without credentials gets 401 (with
-the challenges it may answer), one whose account lacks the role gets 403.
+the challenges it may answer), one whose account lacks the role gets 403, and so does a browser
+session whose password must be changed first. HTTP Basic goes through the same account lock and
+per-address slowing as the login page (429 with ``Retry-After`` while an address must wait).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import math
 from collections.abc import Callable
 
 from fastapi import Depends, HTTPException, Request, status
@@ -45,6 +49,23 @@ def _unauthorized(request: Request, detail: str) -> HTTPException:
     )
 
 
+def client_address(request: Request) -> str:
+    """The peer's address, as the login throttle counts it."""
+    return request.client.host if request.client is not None else "unknown"
+
+
+def too_many_failures(refused: LoginRefused) -> HTTPException | None:
+    """429 with ``Retry-After`` for an address that must wait; None otherwise."""
+    if refused.retry_after is None:
+        return None
+    seconds = max(1, math.ceil(refused.retry_after.total_seconds()))
+    return HTTPException(
+        status.HTTP_429_TOO_MANY_REQUESTS,
+        "too many failed sign-ins from this address",
+        headers={"Retry-After": str(seconds)},
+    )
+
+
 def _basic(request: Request, value: str) -> Principal | None:
     try:
         decoded = base64.b64decode(value, validate=True).decode("utf-8")
@@ -53,8 +74,21 @@ def _basic(request: Request, value: str) -> Principal | None:
     name, sep, password = decoded.partition(":")
     if not sep:
         return None
-    found = authenticate_password(web_context(request).catalog, name, password)
-    return None if isinstance(found, LoginRefused) else found
+    context = web_context(request)
+    found = authenticate_password(
+        context.catalog,
+        name,
+        password,
+        throttle=context.login_throttle,
+        address=client_address(request),
+        verified=context.verified_passwords,
+    )
+    if isinstance(found, LoginRefused):
+        slow = too_many_failures(found)
+        if slow is not None:
+            raise slow
+        return None
+    return found
 
 
 def credentials(request: Request) -> Principal | None:
@@ -84,6 +118,7 @@ def credentials(request: Request) -> Principal | None:
         if not hmac.compare_digest(sent.encode(), csrf.encode()):
             raise HTTPException(status.HTTP_403_FORBIDDEN, "missing or wrong CSRF token")
     request.state.csrf_token = csrf
+    request.state.via_session = True
     return principal
 
 
@@ -94,6 +129,8 @@ def require(role: Role) -> Callable[[Request], Principal]:
         principal = credentials(request)
         if principal is None:
             raise _unauthorized(request, "authentication required")
+        if principal.must_change_password and getattr(request.state, "via_session", False):
+            raise HTTPException(status.HTTP_403_FORBIDDEN, "change your password first")
         if not principal.may(role):
             raise HTTPException(status.HTTP_403_FORBIDDEN, f"the {role.value} role is required")
         request.state.principal = principal

@@ -12,6 +12,7 @@ from pacs_node.catalog.db import Catalog
 from pacs_node.config import Settings
 from pacs_node.ingest.receive import Receiver
 from pacs_node.ingest.spool import Spool
+from pacs_node.services.login_throttle import LoginThrottle, VerifiedPasswords
 
 
 @dataclass
@@ -24,6 +25,10 @@ class WebContext:
     spool: Spool
     receiver: Receiver | None = None
     session_lifetime: timedelta = field(default=timedelta(hours=8))
+    # Failed sign-ins per address and per unknown name (in memory: this process's doors).
+    login_throttle: LoginThrottle = field(default_factory=lambda: LoginThrottle(burst=10))
+    # HTTP Basic pairs verified lately, so each DICOMweb request is not one more argon2 check.
+    verified_passwords: VerifiedPasswords = field(default_factory=VerifiedPasswords)
     # Named checks ``/readyz`` runs beside the catalog's (e.g. "workers": are they alive).
     readiness: dict[str, Callable[[], bool]] = field(default_factory=dict)
 
