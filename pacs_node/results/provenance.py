@@ -124,6 +124,18 @@ class Provenance:
             part,
         )
 
+    @property
+    def report_uid(self) -> str:
+        """The EHR report's identity: the same for every run of this model (any version, any
+        labels) on this series, so a re-run updates the one DiagnosticReport the EHR holds."""
+        return uid_from(
+            self.study_uid,
+            self.volume.series_instance_uid,
+            self.algorithm.name,
+            str(OutputKind.FHIR),
+            "report",
+        )
+
     def series_uid(self, kind: OutputKind) -> str:
         return self.uid(kind, "series")
 
