@@ -239,6 +239,7 @@ def run_job(
         limits: QualityLimits | None = None
         failures: list[dict[str, Any]] = []
         items: list[StoredEncoding] = []
+        version: str | None = None
         share = 0.9 / max(1, len(job.series))
         for index, (series_uid, paths) in enumerate(job.series.items()):
 
@@ -260,6 +261,7 @@ def run_job(
                     "anatomical limits applied",
                     extra={**extra, "removed": run.segmentation.notes},
                 )
+            version = run.segmentation.model.algorithm.version
             if run.limits is not None:
                 limits = run.limits
             if run.verdict is not None:
@@ -286,6 +288,7 @@ def run_job(
                 watch.as_json(),
                 results=len(results),
                 deliveries=deliveries,
+                model_version=version,
             ):
                 raise Cancelled("store")
         log.info(
