@@ -102,6 +102,14 @@ def _header(results_dir: Path, encodings: dict[str, str]) -> Dataset:
         raise ResultsError(f"a stored result cannot be read ({path.name}): {exc}") from exc
 
 
+def _stored_bytes(results_dir: Path, encodings: dict[str, str]) -> bytes:
+    path = results_dir / next(iter(encodings.values()))
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ResultsError(f"a stored result cannot be read ({path.name}): {exc}") from exc
+
+
 def _model_version(headers: list[Dataset]) -> str | None:
     """The model's version as the objects name it: the Contributing Equipment item that
     carries the model's Device UID (see :mod:`pacs_node.results.provenance`)."""
@@ -159,10 +167,9 @@ def reject_results(
             items.append((encoding, dicom_names))
         fhir_names: list[str] = []
         if newer is None:
-            for bundle in fhir_sent:
-                if bundle.destination in fhir_names:
-                    continue
-                sent_bytes = (results_dir / next(iter(bundle.encodings.values()))).read_bytes()
+            # each Bundle that went out (one per series of the job) to each EHR
+            for bundle in {(s.result_id, s.destination): s for s in fhir_sent}.values():
+                sent_bytes = _stored_bytes(results_dir, bundle.encodings)
                 withdrawal = StoredEncoding(
                     kind=str(OutputKind.REJECTION),
                     sop_class_uid=None,
@@ -174,7 +181,8 @@ def reject_results(
                     destination=bundle.destination,
                 )
                 items.append((withdrawal, (bundle.destination,)))
-                fhir_names.append(bundle.destination)
+                if bundle.destination not in fhir_names:
+                    fhir_names.append(bundle.destination)
         if items:
             relpaths = write_files(
                 results_dir,
@@ -212,10 +220,8 @@ def accept_results(catalog: Catalog, job_id: int, actor: Actor) -> Acceptance:
     rejected; StaleRelease when a held result is older than one already sent."""
     with catalog.sessions.begin() as session:
         job = reviews.reviewed_job(session, job_id)
-        if job.decision == reviews.REJECTED:
-            reviews.accept_job(session, job, actor)  # refuses, naming why
-        released = quality.release_result(session, job_id, actor)
-        reviews.accept_job(session, job, actor)
+        reviews.accept_job(session, job, actor)  # refuses a rejected result
+        released = quality.release_result(session, job_id, actor)  # a stale one: all undone
     return Acceptance(job_id=job_id, released=released)
 
 
