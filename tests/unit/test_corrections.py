@@ -30,6 +30,7 @@ from pacs_node.results.rejection import KEY_OBJECT_SELECTION, build_rejection_no
 from pacs_node.review import RejectionKind
 from pacs_node.services import corrections, deliveries
 from tests.catalog_factory import done_job_with_results
+from tests.conftest import run_cli
 from tests.integration.test_results_objects import dciodvfy
 from tests.results_factory import phantom_study
 from tests.web_node import WebNode, web_node
@@ -267,6 +268,20 @@ def test_reject_of_nothing_sent_only_marks_and_stops(
     assert (event["code"], event["model_version"]) == ("113001", "1.0.0")
 
 
+def test_reject_of_an_older_result_leaves_the_newer_report_alone(
+    catalog: Catalog, built: ResultSet, tmp_path: Path
+) -> None:
+    older, newer = (
+        done_job_with_results(catalog, tmp_path / "results", built, SENT_TO) for _ in range(2)
+    )
+    _deliver(catalog, older, *DICOM_KINDS, "fhir")
+    _deliver(catalog, newer, "fhir")  # the EHR's one report now holds the newer result
+    done = corrections.reject_results(catalog, _settings(tmp_path), older, ALICE, "")
+    assert (done.dicom_destinations, done.fhir_destinations) == (("PACS",), ())
+    assert done.fhir_kept == ("EHR",)
+    assert ("rejection", "EHR") not in _deliveries(catalog, older)
+
+
 def test_a_failed_attempt_after_the_reject_ends_the_delivery(
     catalog: Catalog, built: ResultSet, tmp_path: Path
 ) -> None:
@@ -348,3 +363,37 @@ def test_api_rejects_accepts_and_counts(web_node: WebNode, built: ResultSet) -> 
     assert counts == [{"model": "m", "model_version": "1.0.0", "accepted": 1, "rejected": 1}]
     (event,) = _events(web_node.catalog, rejected, "rejected")
     assert event["actor"] == "user:test-operator"
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def test_cli_rejects_for_patient_safety_and_accepts(built: ResultSet, tmp_path: Path) -> None:
+    config, data = tmp_path / "cfg", tmp_path / "var"
+    config.mkdir()
+    (config / "node.yaml").write_text(f"data_dir: {data}\nfsync: false\n")
+    catalog = open_catalog(f"sqlite:///{(data / 'catalog.sqlite').resolve()}")
+    try:
+        rejected = done_job_with_results(catalog, data / "results", built, SENT_TO)
+        accepted = done_job_with_results(catalog, data / "results", built, SENT_TO, "1", "m2")
+        _deliver(catalog, rejected, "seg")
+    finally:
+        catalog.dispose()
+    cfg = ("--config", str(config), "--actor", "dr.house")
+
+    reject = ("results", "reject", str(rejected), "--reason", "another patient's CT")
+    ran = run_cli(*reject, "--patient-safety", *cfg)
+    assert "rejection note (Rejected for Patient Safety Reasons) queued to PACS" in ran.stderr
+    assert "report entered-in-error" not in ran.stderr  # the Bundle never went out
+    assert "accepted" in run_cli("results", "accept", str(accepted), *cfg).stderr
+
+    catalog = open_catalog(f"sqlite:///{(data / 'catalog.sqlite').resolve()}")
+    try:
+        (event,) = _events(catalog, rejected, "rejected")
+        assert (event["actor"], event["code"]) == ("user:dr.house", "113037")
+        assert event["reason_text"] == "another patient's CT"
+        assert _deliveries(catalog, rejected)[("rejection", "PACS")] == "pending"
+        counts = [(c.model, c.accepted, c.rejected) for c in corrections.review_counts(catalog)]
+        assert counts == [("m", 0, 1), ("m2", 1, 0)]
+    finally:
+        catalog.dispose()
