@@ -20,15 +20,19 @@ from sqlalchemy import select, update
 from pacs_node.actor import Actor
 from pacs_node.catalog.db import Catalog, open_catalog
 from pacs_node.catalog.deliveries import claim_due, mark_retry
+from pacs_node.catalog.jobs import queue_job
 from pacs_node.catalog.models import Delivery, DeliveryState, Job, JobEvent, Result, Role, utcnow
 from pacs_node.catalog.quality import hold_for_quality
 from pacs_node.config import NodeOptions, Settings
+from pacs_node.imaging import Volume
+from pacs_node.inference.labelmap import Labelmap, ModelInfo
 from pacs_node.outputs import ROUTABLE, OutputKind
 from pacs_node.results import ResultOptions, ResultSet, build_results
 from pacs_node.results.fhir import bundle_json, withdrawal_bundle
 from pacs_node.results.rejection import KEY_OBJECT_SELECTION, build_rejection_note
 from pacs_node.review import RejectionKind
 from pacs_node.services import corrections, deliveries
+from pacs_node.worker import read_job
 from tests.catalog_factory import done_job_with_results
 from tests.conftest import run_cli
 from tests.integration.test_results_objects import dciodvfy
@@ -43,9 +47,13 @@ ALICE = Actor.user("alice")
 
 
 @pytest.fixture(scope="module")
-def built() -> ResultSet:
-    volume, labelmap, info = phantom_study(shape=(8, 24, 24))
-    return build_results(volume, labelmap, info, ResultOptions(key_images=1))
+def source() -> tuple[Volume, Labelmap, ModelInfo]:
+    return phantom_study(shape=(8, 24, 24))
+
+
+@pytest.fixture(scope="module")
+def built(source: tuple[Volume, Labelmap, ModelInfo]) -> ResultSet:
+    return build_results(*source, ResultOptions(key_images=1))
 
 
 @pytest.fixture
@@ -158,7 +166,40 @@ def test_withdrawal_bundle_sets_report_and_observations_entered_in_error(
     )
 
 
+def test_a_rerun_after_a_reject_gets_new_uids_and_the_same_report(
+    source: tuple[Volume, Labelmap, ModelInfo], built: ResultSet
+) -> None:
+    again = build_results(*source, ResultOptions(key_images=1))
+    revised = build_results(*source, ResultOptions(key_images=1, revision=1))
+    assert [o.sop_instance_uid for o in again.dicom] == [o.sop_instance_uid for o in built.dicom]
+    assert not {o.sop_instance_uid for o in revised.dicom} & {
+        o.sop_instance_uid for o in built.dicom
+    }
+
+    def report(result: ResultSet) -> Any:
+        bundle = Bundle.model_validate_json(result.fhir_bundle)
+        (entry,) = [e for e in bundle.entry if e.resource.get_resource_type() == "DiagnosticReport"]
+        return entry.request.url
+
+    assert report(revised) == report(built)  # the EHR's one report, updated
+
+
 # ---------------------------------------------------------------- the service
+
+
+def test_a_job_after_a_rejected_one_is_a_new_revision(
+    catalog: Catalog, built: ResultSet, tmp_path: Path
+) -> None:
+    settings = _settings(tmp_path)
+    first = done_job_with_results(catalog, tmp_path / "results", built, SENT_TO)
+    corrections.reject_results(catalog, settings, first, ALICE, "")
+    with catalog.sessions.begin() as session:
+        study_id = session.scalar(select(Job.study_id).where(Job.id == first))
+        assert study_id is not None
+        rerun = queue_job(session, study_id, "m", ["1.2.3.4"], {})
+        other_series = queue_job(session, study_id, "m", ["1.2.3.5"], {})
+    assert read_job(catalog, settings, rerun).revision == 1
+    assert read_job(catalog, settings, other_series).revision == 0
 
 
 def _deliveries(catalog: Catalog, job_id: int) -> dict[tuple[str, str], str]:
