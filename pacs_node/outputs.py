@@ -21,6 +21,9 @@ class OutputKind(StrEnum):
     KEY_IMAGES = "key-images"
     PDF = "pdf"
     FHIR = "fhir"
+    # An IOCM rejection note (Key Object Selection) or the EHR's entered-in-error Bundle that
+    # withdraws a rejected result: made by a person's decision, never named by a route.
+    REJECTION = "rejection"
 
 
 def route_key(kind: OutputKind) -> str:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 
 from pacs_node.catalog.db import Catalog
-from pacs_node.catalog.deliveries import create_deliveries
+from pacs_node.catalog.deliveries import JOB_REJECTED, create_deliveries
 from pacs_node.catalog.jobs import claim_job, fail_job, finish_job, set_progress
 from pacs_node.catalog.models import Instance, Job, JobState, Series, Study
 from pacs_node.catalog.quality import hold_for_quality, record_verdict
@@ -85,6 +85,7 @@ class JobInput:
     series: dict[str, list[Path]]
     attempt: int
     waited_s: float  # from queued to claimed
+    revision: int = 0  # earlier results of this model on these series a person rejected
 
 
 def read_job(catalog: Catalog, settings: Settings, job_id: int) -> JobInput:
@@ -106,6 +107,15 @@ def read_job(catalog: Catalog, settings: Settings, job_id: int) -> JobInput:
             ]
             for kind, names in raw.items()
         }
+        earlier = session.scalars(
+            select(Job.series_uids).where(
+                Job.study_id == job.study_id,
+                Job.model == job.model,
+                Job.id < job.id,
+                Job.qa_decision == JOB_REJECTED,
+            )
+        ).all()
+        revision = sum(1 for uids in earlier if set(uids) == set(wanted))
         series: dict[str, list[Path]] = {uid: [] for uid in wanted}
         for uid, path in rows:
             series[uid].append(settings.node.spool_dir / path)
@@ -119,12 +129,16 @@ def read_job(catalog: Catalog, settings: Settings, job_id: int) -> JobInput:
             series=series,
             attempt=job.attempts,
             waited_s=((job.started_at or job.created_at) - job.created_at).total_seconds(),
+            revision=revision,
         )
 
 
-def result_options(settings: Settings, destinations: dict[str, list[str]]) -> ResultOptions:
+def result_options(
+    settings: Settings, destinations: dict[str, list[str]], revision: int = 0
+) -> ResultOptions:
     """Results options for this job: the FHIR identity rules of each of its FHIR destinations
-    (one Bundle each; the first one's are also the default Bundle's)."""
+    (one Bundle each; the first one's are also the default Bundle's), and its revision (see
+    :attr:`ResultOptions.revision`)."""
     from pacs_node.results import FhirOptions, ResultOptions
 
     base = FhirOptions()
@@ -142,6 +156,7 @@ def result_options(settings: Settings, destinations: dict[str, list[str]]) -> Re
         fhir=next(iter(rules.values()), base),
         fhir_destinations=rules,
         jpeg2000_copy=settings.node.seg_jpeg2000_copy,
+        revision=revision,
     )
 
 
@@ -235,10 +250,11 @@ def run_job(
         log.info("job started", extra={**extra, "model": job.model})
         mode, overrides = quality_policy(settings, job)
         gate = None if mode == "off" else Gate(overrides, flag=mode in ("flag", "hold"))
-        options = result_options(settings, job.destinations)
+        options = result_options(settings, job.destinations, job.revision)
         limits: QualityLimits | None = None
         failures: list[dict[str, Any]] = []
         items: list[StoredEncoding] = []
+        version: str | None = None
         share = 0.9 / max(1, len(job.series))
         for index, (series_uid, paths) in enumerate(job.series.items()):
 
@@ -260,6 +276,7 @@ def run_job(
                     "anatomical limits applied",
                     extra={**extra, "removed": run.segmentation.notes},
                 )
+            version = run.segmentation.model.algorithm.version
             if run.limits is not None:
                 limits = run.limits
             if run.verdict is not None:
@@ -286,6 +303,7 @@ def run_job(
                 watch.as_json(),
                 results=len(results),
                 deliveries=deliveries,
+                model_version=version,
             ):
                 raise Cancelled("store")
         log.info(

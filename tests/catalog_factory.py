@@ -6,19 +6,23 @@ import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydicom import dcmread
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from pacs_node.catalog.db import Catalog
 from pacs_node.catalog.deliveries import create_deliveries
-from pacs_node.catalog.jobs import queue_job
-from pacs_node.catalog.models import JobEvent, Study, utcnow
+from pacs_node.catalog.jobs import add_job_event, queue_job
+from pacs_node.catalog.models import Job, JobEvent, JobState, Study, utcnow
 from pacs_node.catalog.results import StoredEncoding, add_result_rows, write_files
 from pacs_node.catalog.studies import record_instances
 from pacs_node.ingest.header import read_header
 from pacs_node.refs import InstanceRef
+
+if TYPE_CHECKING:
+    from pacs_node.results import ResultSet
 
 
 def ingest(
@@ -92,3 +96,30 @@ def queue_stored_results(
     results = add_result_rows(session, job_id, list(items), relpaths)
     create_deliveries(session, job_id, results, destinations)
     return job_id, results
+
+
+def done_job_with_results(
+    catalog: Catalog,
+    results_dir: Path,
+    built: ResultSet,
+    destinations: dict[str, list[str]],
+    model_version: str = "1.0.0",
+    model: str = "m",
+) -> int:
+    """A done job of ``built``'s study whose results are stored and due to ``destinations``
+    (keyed by result kind), as a worker leaves it; its id. Jobs of one study share its row."""
+    from pacs_node.worker import stored_encodings
+
+    items = stored_encodings(built, destinations.get("fhir", []))
+    with catalog.sessions.begin() as session:
+        uid = built.study_instance_uid
+        study_id = session.scalar(select(Study.id).where(Study.study_uid == uid))
+        if study_id is None:
+            study_id = stable_study(session, uid)
+        job_id = queue_job(session, study_id, model, ["1.2.3.4"], {})
+        relpaths = write_files(results_dir, f"{job_id}/1", items, fsync=False)
+        results = add_result_rows(session, job_id, items, relpaths)
+        create_deliveries(session, job_id, results, destinations)
+        session.execute(update(Job).where(Job.id == job_id).values(state=JobState.DONE))
+        add_job_event(session, job_id, "done", model_version=model_version)
+    return job_id

@@ -45,6 +45,7 @@ from pacs_node.catalog.models import (
     utcnow,
 )
 from pacs_node.catalog.studies import increment
+from pacs_node.outputs import OutputKind
 from pacs_node.redact import scrub_reason
 from pacs_node.refs import CommitmentReport
 
@@ -54,6 +55,7 @@ REFUSED_REPORTS_COUNTER = "commitment_reports_refused"
 HELD_FOR_DESTINATION = "destination"
 HELD_FOR_PATIENT = "patient"
 HELD_FOR_QUALITY = "quality"  # see pacs_node.catalog.quality
+JOB_REJECTED = "rejected"  # jobs.qa_decision of a result a person rejected (see .reviews)
 
 
 @dataclass(frozen=True)
@@ -456,10 +458,29 @@ def _settle_reports(session: Session, transaction_uid: str, now: datetime) -> in
     return settled
 
 
+def _rejected_meanwhile(session: Session, item: Outgoing) -> bool:
+    """Whether a person rejected the job's result while ``item`` of it was being sent (see
+    :mod:`.reviews`): a failed attempt then ends it, never to be sent again."""
+    if item.kind == OutputKind.REJECTION:  # the note that withdraws the result goes on trying
+        return False
+    decision = session.scalar(select(Job.qa_decision).where(Job.id == item.job_id))
+    return decision == JOB_REJECTED
+
+
 def mark_retry(session: Session, item: Outgoing, error: str, at: datetime) -> None:
-    """A transient failure: back to pending, not before ``at``."""
+    """A transient failure: back to pending, not before ``at`` (rejected, when the job's
+    result was rejected meanwhile)."""
     # an EHR's error body or a library's message may name a patient
     error = scrub_reason(error, known=(item.destination,))
+    if _rejected_meanwhile(session, item):
+        _leave_sending(
+            session,
+            item.delivery_id,
+            state=DeliveryState.REJECTED,
+            last_error=error,
+            next_attempt_at=None,
+        )
+        return
     _leave_sending(
         session, item.delivery_id, state=DeliveryState.PENDING, last_error=error, next_attempt_at=at
     )

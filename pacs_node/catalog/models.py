@@ -109,14 +109,15 @@ class JobState(enum.StrEnum):
 class DeliveryState(enum.StrEnum):
     """pending -> sending -> delivered | pending (retry later) | held | dead;
     held | dead -> pending by hand (``deliveries retry``) or when the hold's cause is gone;
-    held for quality -> pending (``results release``) | rejected (``results reject``, final)."""
+    held for quality -> pending (``results release``);
+    pending | held | dead -> rejected when a person rejects the job's result (final)."""
 
     PENDING = "pending"
     SENDING = "sending"
     DELIVERED = "delivered"
     HELD = "held"  # waits for a person or for config: no destination, unknown patient
     DEAD = "dead"  # permanent refusal or too many attempts; kept, listed, retryable by hand
-    REJECTED = "rejected"  # an operator rejected the result at the quality gate; never sent
+    REJECTED = "rejected"  # an operator rejected the result (see catalog.reviews); never sent
 
 
 class Commitment(enum.StrEnum):

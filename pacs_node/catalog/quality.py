@@ -4,8 +4,8 @@ releases or rejects.
 A job whose result fails the gate under ``qa: hold`` has its deliveries created ``held`` with
 ``held_for = "quality"`` in the same transaction that stores the results, so the outbox never
 sees them pending. ``release`` makes them due now (the outbox sends them); ``reject`` ends
-them (``rejected``, never sent). Both act on the job id, since the gate judges one job's whole
-result, and both append a job event naming the actor.
+them (``rejected``, never sent: :mod:`.reviews`, the one reject path). Both act on the job id,
+since the gate judges one job's whole result, and both append a job event naming the actor.
 
 A held result is never released once a newer job of the same study, model and series has gone out
 (delivered, on its way, or released): the PACS would receive the stale result after the current
@@ -21,11 +21,13 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from pacs_node.actor import Actor
+from pacs_node.catalog import reviews
 from pacs_node.catalog.deliveries import HELD_FOR_QUALITY
 from pacs_node.catalog.jobs import add_job_event
 from pacs_node.catalog.models import Delivery, DeliveryState, Job, JobState, utcnow
 from pacs_node.errors import RequestError
 from pacs_node.redact import scrub_reason
+from pacs_node.review import RejectionKind
 
 REJECTED_TEXT = "rejected at the quality gate"
 RELEASED = "released"
@@ -159,26 +161,13 @@ def release_result(session: Session, job_id: int, actor: Actor) -> int:
 
 
 def reject_result(session: Session, job_id: int, actor: Actor, reason: str = "") -> int:
-    """A person rejected the held result: its deliveries are never sent; how many."""
-    now = utcnow()
-    text = REJECTED_TEXT  # who and why: in the job event
-    result = session.execute(
-        update(Delivery)
-        .where(*_held(job_id))
-        .values(
-            state=DeliveryState.REJECTED,
-            last_error=text,
-            next_attempt_at=None,
-            updated_at=now,
-        )
-    )
-    count = int(result.rowcount)  # type: ignore[attr-defined]
-    if count:
-        _decide(session, job_id, REJECTED)
-        add_job_event(
-            session, job_id, "quality_rejected", actor=actor, reason=reason, deliveries=count
-        )
-    return count
+    """A person rejected the held result: its deliveries are never sent; how many (0: none is
+    held). The one reject path: :func:`pacs_node.catalog.reviews.reject_job`, for quality
+    reasons."""
+    if session.scalar(select(Delivery.id).where(*_held(job_id)).limit(1)) is None:
+        return 0
+    job = reviews.reviewed_job(session, job_id)
+    return reviews.reject_job(session, job, actor, reason or REJECTED_TEXT, RejectionKind.QUALITY)
 
 
 def _decide(session: Session, job_id: int, decision: str) -> None:

@@ -5,8 +5,8 @@ the Bundle references (``patient_search``, built under this destination's identi
 escaped and URL-encoded as FHIR requires). Exactly one match lets the Bundle go; none, or more
 than one, *holds* the delivery with that reason (a person has to reconcile the patient), never
 retried blindly. A destination with ``create_patient: true`` (test systems) skips the look-up:
-its Bundle creates the Patient conditionally. Every entry is a conditional create, so a re-send
-never duplicates.
+its Bundle creates the Patient conditionally. Every entry is a conditional create or update on a
+deterministic identifier, so a re-send never duplicates.
 
 Only a transaction-response Bundle whose every entry answers 2xx, with no OperationOutcome of
 severity ``error`` or ``fatal`` anywhere (the body, an entry's ``response.outcome`` or
@@ -19,7 +19,7 @@ resource), counts as delivered. Otherwise:
   codes a server uses for passing trouble (``transient``, ``lock-out``, ``no-store``,
   ``exception``, ``timeout``, ``incomplete``, ``throttled``), a truncated answer, or a
   response with fewer entries than the request: transient (a re-send is harmless: the entries
-  are conditional creates);
+  are conditional creates and updates);
 - any other error OperationOutcome (invalid, not found, business rule...): permanent.
 
 Every request goes through :mod:`.http`: no redirect, the destination's ``timeout_s`` as a

@@ -14,8 +14,14 @@ an R4 server accepts; R4B changed none of the resources used here).
   dataAbsentReason ``unknown`` and a note saying it is not measurable.
 - ImagingStudy identified by ``urn:dicom:uid`` / ``urn:oid:<StudyInstanceUID>``; Device for the
   model identified by its Device UID.
-- Every entry is a conditional create (``ifNoneExist`` on its deterministic identifier), so a
-  re-sent Bundle never duplicates anything.
+- The DiagnosticReport and its Observations are conditional updates (``PUT
+  DiagnosticReport?identifier=...``), the rest conditional creates (``ifNoneExist``), each on its
+  deterministic identifier, so a re-sent Bundle never duplicates anything. The report's
+  identifier is the same for every run of the model on the series
+  (:attr:`Provenance.report_uid`): a re-run updates the one report the EHR holds, and brings it
+  back to ``preliminary`` after a rejection.
+- A rejected result is withdrawn with :func:`withdrawal_bundle`: the Bundle that went out, its
+  report and Observations ``entered-in-error``.
 - The Patient is referenced by identifier only (a conditional reference, resolved by the
   server): a node never creates patients. If the EHR does not know the patient the transaction
   fails and the delivery is held for a person to look at. ``FhirOptions.create_patient`` (test
@@ -177,7 +183,7 @@ def build_bundle(
     source = provenance.source
     options = provenance.options.fhir
     study_uid = provenance.study_uid
-    report_uid = provenance.uid(OutputKind.FHIR, "report")
+    report_uid = provenance.report_uid
     urls = {
         "report": f"urn:uuid:{_uuid(report_uid)}",
         "study": f"urn:uuid:{_uuid(provenance.uid(OutputKind.FHIR, 'study'))}",
@@ -259,7 +265,7 @@ def build_bundle(
             url = f"urn:uuid:{_uuid(uid)}"
             observation_urls.append(url)
             entries.append(
-                _entry(
+                _update_entry(
                     url,
                     _observation(
                         finding,
@@ -311,7 +317,7 @@ def build_bundle(
     if based_on:
         report["basedOn"] = [based_on]
     entries.append(
-        _entry(urls["report"], report, identifier_query(DICOM_UID_SYSTEM, _oid(report_uid)))
+        _update_entry(urls["report"], report, identifier_query(DICOM_UID_SYSTEM, _oid(report_uid)))
     )
     return Bundle.model_validate(
         {"resourceType": "Bundle", "type": "transaction", "entry": entries}
@@ -414,6 +420,42 @@ def _entry(full_url: str, resource: dict[str, Any], if_none_exist: str) -> dict[
             "ifNoneExist": if_none_exist,
         },
     }
+
+
+def _update_entry(full_url: str, resource: dict[str, Any], query: str) -> dict[str, Any]:
+    """A conditional update: the one resource with this identifier is replaced (created when
+    there is none), so a later Bundle's status and content win."""
+    return {
+        "fullUrl": full_url,
+        "resource": resource,
+        "request": {"method": "PUT", "url": f"{resource['resourceType']}?{query}"},
+    }
+
+
+WITHDRAWN = ("DiagnosticReport", "Observation")
+ENTERED_IN_ERROR = "entered-in-error"
+
+
+def withdrawal_bundle(sent: bytes, why: str) -> Bundle:
+    """The transaction that withdraws a result from the EHR: the Bundle ``sent`` there, with its
+    DiagnosticReport and each Observation ``entered-in-error`` as conditional updates on their
+    identifiers (the other entries, conditional creates, resolve the references again and
+    change nothing). ``why`` (no patient data) closes the report's conclusion."""
+    bundle = json.loads(sent)
+    for entry in bundle.get("entry") or []:
+        resource = entry.get("resource") or {}
+        kind = resource.get("resourceType")
+        if kind not in WITHDRAWN:
+            continue
+        identifier = (resource.get("identifier") or [{}])[0]
+        if not identifier.get("system") or not identifier.get("value"):
+            raise ValueError(f"a {kind} without an identifier cannot be withdrawn")
+        resource["status"] = ENTERED_IN_ERROR
+        if kind == "DiagnosticReport":
+            resource["conclusion"] = f"Entered in error: {why}. " + resource.get("conclusion", "")
+        query = identifier_query(identifier["system"], identifier["value"])
+        entry["request"] = {"method": "PUT", "url": f"{kind}?{query}"}
+    return Bundle.model_validate(bundle)
 
 
 def _uuid(uid: str) -> str:

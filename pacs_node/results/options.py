@@ -57,6 +57,10 @@ class ResultOptions:
     # SR, the PDF and the FHIR report (a route's ``qa: flag``).
     quality: QualityLimits | None = None
     quality_flag: bool = False
+    # How many earlier results of this model on this series a person rejected: part of every
+    # object's UIDs when above 0, so a re-run after an IOCM rejection never re-uses a SOP
+    # Instance UID the PACS has marked rejected (the EHR's report keeps its one identifier).
+    revision: int = 0
 
     def series_number(self, kind: OutputKind) -> int:
         return int(self.series_numbers.get(kind, DEFAULT_SERIES_NUMBERS.get(kind, 9000)))

@@ -3,7 +3,8 @@ series descriptions, and the source attributes every object copies.
 
 UIDs are ``2.25.<n>`` with ``n`` the integer of a UUID (version 5) over (source study, source
 series, model, model version, labelmap digest, output kind, part): a retry of the same result
-re-sends the same UIDs, which a PACS de-duplicates; a re-run whose labels differ gets new ones.
+re-sends the same UIDs, which a PACS de-duplicates; a re-run whose labels differ gets new ones,
+and so does a re-run after a person rejected the result (its revision is a part too).
 The Device UID of the model depends on name and version only, so it changes with each version.
 """
 
@@ -113,7 +114,9 @@ class Provenance:
         return str(self.source.StudyInstanceUID)
 
     def uid(self, kind: OutputKind, part: str = "") -> str:
-        """Deterministic UID for (source, model, version, result, kind, part)."""
+        """Deterministic UID for (source, model, version, result, kind, part), and the
+        revision after a rejection (:attr:`ResultOptions.revision`) when there is one."""
+        revision = self.options.revision
         return uid_from(
             self.study_uid,
             self.volume.series_instance_uid,
@@ -122,6 +125,19 @@ class Provenance:
             self.digest,
             str(kind),
             part,
+            *((f"revision-{revision}",) if revision else ()),
+        )
+
+    @property
+    def report_uid(self) -> str:
+        """The EHR report's identity: the same for every run of this model (any version, any
+        labels) on this series, so a re-run updates the one DiagnosticReport the EHR holds."""
+        return uid_from(
+            self.study_uid,
+            self.volume.series_instance_uid,
+            self.algorithm.name,
+            str(OutputKind.FHIR),
+            "report",
         )
 
     def series_uid(self, kind: OutputKind) -> str:

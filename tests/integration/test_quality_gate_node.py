@@ -141,7 +141,7 @@ def test_a_failed_result_is_held_then_released_or_rejected(
     assert text.startswith(QUALITY_TEXT)
     rejected = [d for d in rows if d["job_id"] == reject_job]
     assert {d["state"] for d in rejected} == {"rejected"}
-    assert {d["last_error"] for d in rejected} == {"rejected at the quality gate"}
+    assert {d["last_error"] for d in rejected} == {"rejected: Rejected for Quality Reasons"}
     assert orthanc.get("/statistics")["CountInstances"] == len(sent)
     decisions = {j["id"]: j["quality"]["decision"] for j in _json(node, "jobs")}
     assert decisions == {release_job: "released", reject_job: "rejected"}
