@@ -19,6 +19,7 @@ from pacs_node.doors import NodeParts
 from pacs_node.ingest.receive import Receiver
 from pacs_node.ingest.recorder import CatalogRecorder
 from pacs_node.ingest.spool import Spool
+from pacs_node.routing.rules import RoutesFile
 from pacs_node.services import accounts
 from pacs_node.web.door import open_door
 from pacs_node.web.server import WebServer
@@ -56,7 +57,7 @@ class WebNode:
         return httpx.Client(base_url=self.url, headers=headers, timeout=60, **options)
 
 
-def start_web_node(data_dir: Path, **options: Any) -> WebNode:
+def start_web_node(data_dir: Path, *, routes: RoutesFile | None = None, **options: Any) -> WebNode:
     node_options = NodeOptions(
         data_dir=data_dir,
         web_host="127.0.0.1",
@@ -65,7 +66,7 @@ def start_web_node(data_dir: Path, **options: Any) -> WebNode:
         min_free_mb=0,
         **options,
     )
-    settings = Settings(node=node_options)
+    settings = Settings(node=node_options, routes=routes or RoutesFile())
     catalog = open_catalog(node_options.catalog_url)
     spool = Spool(node_options.spool_dir, fsync=False, min_free_bytes=0)
     recorder = CatalogRecorder(catalog, spool)
