@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from pacs_node.actor import Actor
 from pacs_node.catalog.db import Catalog, open_catalog
@@ -77,6 +78,22 @@ def start_web_node(data_dir: Path, *, routes: RoutesFile | None = None, **option
     assert isinstance(server, WebServer)
     server.start()
     return WebNode(settings, catalog, spool, recorder, server)
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(url: str) -> tuple[str, Samples]:
+    """The text of ``url``'s ``/metrics`` (asked for without credentials) and its samples by
+    name and sorted labels, as prometheus_client's own parser reads them."""
+    answer = httpx.get(f"{url}/metrics", timeout=30)
+    assert answer.status_code == 200
+    assert answer.headers["content-type"].startswith("text/plain")
+    samples: Samples = {}
+    for family in text_string_to_metric_families(answer.text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return answer.text, samples
 
 
 @pytest.fixture
