@@ -23,7 +23,7 @@ from tests.catalog_factory import ingest, queue_stored_results
 from tests.dicom_factory import new_uid, write_series
 from tests.web_node import WebNode, start_web_node
 
-ROOT = Path(__file__).parents[2]
+ROOT = Path(__file__).parents[1]
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 RULE: dict[str, object] = {
     "name": "ct",

@@ -71,4 +71,4 @@ def test_no_operation_answers_with_a_server_error(api_node: Populated, tmp_path:
         f"{method.upper()} {path}" for path, item in document["paths"].items() for method in item
     }
     assert len(operations) >= 13
-    assert tested == operations
+    assert operations <= tested  # (the stateful phase adds a case of its own)

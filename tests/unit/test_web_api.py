@@ -220,7 +220,7 @@ def test_a_study_is_run_again_for_a_model(api_node: Populated) -> None:
 
         body = {"model": "ct-classical", "series": api_node.series["a"]}
         chosen = client.post(f"/api/studies/{a}/rerun", json=body)
-        assert chosen.status_code == 202
+        assert chosen.status_code == 202, chosen.text
         assert chosen.json()["jobs"][0]["series_uids"] == api_node.series["a"]
 
         refusals = [
