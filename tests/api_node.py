@@ -15,10 +15,11 @@ from pydicom import dcmread
 from sqlalchemy import update
 
 from pacs_node.catalog.jobs import claim_job, fail_job, finish_job, queue_job
-from pacs_node.catalog.models import Delivery, DeliveryState, Role
+from pacs_node.catalog.models import Delivery, DeliveryState
 from pacs_node.catalog.quality import hold_for_quality
 from pacs_node.catalog.results import StoredEncoding
 from pacs_node.routing.rules import RoutesFile
+from pacs_node.services import deliveries
 from tests.catalog_factory import ingest, queue_stored_results
 from tests.dicom_factory import new_uid, write_series
 from tests.web_node import WebNode, start_web_node
@@ -108,10 +109,9 @@ def _populate(web: WebNode, tmp_path: Path) -> Populated:
             session, tmp_path / "results", [item], {"seg": ["PACS"]}, studies["e"]
         )
         hold_for_quality(session, held_job, [{"check": "c", "label": "l", "message": "m"}])
-    page = web.client(Role.VIEWER).get("/api/deliveries", params={"limit": 10}).json()["items"]
     by_state: dict[str, list[int]] = {}
-    for d in page:
-        by_state.setdefault(d["state"], []).append(d["id"])
+    for d in deliveries.list_deliveries(catalog):
+        by_state.setdefault(d.state, []).append(d.id)
     dead, pending = sorted(by_state["pending"])
     with catalog.sessions.begin() as session:
         session.execute(
