@@ -9,6 +9,8 @@ from typing import Annotated, Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pacs_node.catalog.models import DeliveryState, JobState, StudyState
+
 T = TypeVar("T")
 
 UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"
@@ -48,7 +50,7 @@ class SeriesOut(Shape):
 
 class StudyOut(Shape):
     study_uid: str
-    state: str = Field(description="receiving | stable")
+    state: StudyState
     status: str | None = Field(
         description="unrouted | queued | processing | done | failed; null until routed"
     )
@@ -84,7 +86,7 @@ class JobOut(Shape):
     model: str
     series_uids: list[str]
     destinations: dict[str, list[str]]
-    state: str = Field(description="queued | running | done | failed | cancelled")
+    state: JobState
     attempts: int
     stage: str | None
     progress: float
@@ -103,7 +105,7 @@ class DeliveryOut(Shape):
     destination: str
     kind: str
     sop_instance_uid: str | None
-    state: str = Field(description="pending | sending | delivered | held | dead | rejected")
+    state: DeliveryState
     attempts: int
     next_attempt_at: datetime | None
     last_error: str | None
