@@ -37,6 +37,24 @@ COUNTERS = {
     "duplicate_instances": "Second copies of instances the node holds already.",
     "quarantined_instances": "Instances kept apart by the identity check.",
 }
+# The families below: a catalog counter of one of these names (or of one counter's name made
+# a metric name already) would clash, so it is left out.
+FAMILIES = frozenset(
+    {
+        "catalog_up",
+        "studies",
+        "instances",
+        "instance_bytes",
+        "jobs",
+        "queue_depth",
+        "deliveries",
+        "quarantine_held",
+        "recorder_catalog_available",
+        "recorder_unrecorded",
+        "job_stage_seconds",
+        "job_stage_recent_jobs",
+    }
+)
 _NAME = re.compile(r"[^a-zA-Z0-9_]")
 _lock = threading.Lock()
 
@@ -74,9 +92,14 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
 
 def _metrics(m: NodeMetrics) -> Iterator[Metric]:
     values: dict[str, int] = {name: 0 for name in COUNTERS} | m.counters
+    seen = set(FAMILIES)
     for name, value in sorted(values.items()):
+        metric = _NAME.sub("_", name)
+        if metric in seen:
+            continue
+        seen.add(metric)
         doc = COUNTERS.get(name, f"The node's {name.replace('_', ' ')} (catalog counter).")
-        yield CounterMetricFamily(f"{PREFIX}_{_NAME.sub('_', name)}", doc, value=value)
+        yield CounterMetricFamily(f"{PREFIX}_{metric}", doc, value=value)
     yield _by_state("studies", "Studies in the catalog by state.", m.studies)
     yield _gauge("instances", "Instances the catalog holds now.", m.instances)
     yield _gauge(
