@@ -15,8 +15,10 @@ FHIR_STAMP := $(FHIR_VENV)/.installed
 FUZZ_S ?= 1800
 CHAOS_ROUNDS ?= 25
 SOAK_MIN ?= 10
+# Examples per API operation of the long schemathesis run
+SCHEMATHESIS_EXAMPLES ?= 200
 
-.PHONY: run test lint bench eval apt venv viewer fhir-server fuzz soak chaos clean
+.PHONY: run test lint bench eval apt venv viewer fhir-server fuzz soak chaos schemathesis clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -62,7 +64,7 @@ viewer:
 test: apt viewer $(STAMP) $(FHIR_STAMP)
 	PACS_NODE_FHIR_VENV=$(abspath $(FHIR_VENV)) $(VENV)/bin/pytest
 
-# The long versions of the fuzzing, chaos and soak runs that `make test` runs briefly
+# The long versions of the fuzzing, chaos, soak and schemathesis runs that `make test` runs briefly
 fuzz: apt $(STAMP)
 	PACS_NODE_TEST_FUZZ_S=$(FUZZ_S) $(VENV)/bin/pytest -p no:cacheprovider tests/integration/test_fuzz_scp.py
 
@@ -73,6 +75,12 @@ chaos: apt $(STAMP) $(FHIR_STAMP)
 
 soak: apt $(STAMP)
 	$(PY) bench/soak.py --minutes $(SOAK_MIN)
+
+# The JSON API against its OpenAPI document: every phase, many examples per operation
+schemathesis: $(STAMP)
+	PACS_NODE_TEST_SCHEMATHESIS_EXAMPLES=$(SCHEMATHESIS_EXAMPLES) \
+		PACS_NODE_TEST_SCHEMATHESIS_PHASES=examples,coverage,fuzzing,stateful \
+		$(VENV)/bin/pytest -p no:cacheprovider tests/integration/test_api_schemathesis.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pacs_node models tests bench

@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from pacs_node.actor import Actor
 from pacs_node.catalog.db import Catalog, open_catalog
@@ -19,6 +20,7 @@ from pacs_node.doors import NodeParts
 from pacs_node.ingest.receive import Receiver
 from pacs_node.ingest.recorder import CatalogRecorder
 from pacs_node.ingest.spool import Spool
+from pacs_node.routing.rules import RoutesFile
 from pacs_node.services import accounts
 from pacs_node.web.door import open_door
 from pacs_node.web.server import WebServer
@@ -56,7 +58,7 @@ class WebNode:
         return httpx.Client(base_url=self.url, headers=headers, timeout=60, **options)
 
 
-def start_web_node(data_dir: Path, **options: Any) -> WebNode:
+def start_web_node(data_dir: Path, *, routes: RoutesFile | None = None, **options: Any) -> WebNode:
     node_options = NodeOptions(
         data_dir=data_dir,
         web_host="127.0.0.1",
@@ -65,7 +67,7 @@ def start_web_node(data_dir: Path, **options: Any) -> WebNode:
         min_free_mb=0,
         **options,
     )
-    settings = Settings(node=node_options)
+    settings = Settings(node=node_options, routes=routes or RoutesFile())
     catalog = open_catalog(node_options.catalog_url)
     spool = Spool(node_options.spool_dir, fsync=False, min_free_bytes=0)
     recorder = CatalogRecorder(catalog, spool)
@@ -76,6 +78,22 @@ def start_web_node(data_dir: Path, **options: Any) -> WebNode:
     assert isinstance(server, WebServer)
     server.start()
     return WebNode(settings, catalog, spool, recorder, server)
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(url: str) -> tuple[str, Samples]:
+    """The text of ``url``'s ``/metrics`` (asked for without credentials) and its samples by
+    name and sorted labels, as prometheus_client's own parser reads them."""
+    answer = httpx.get(f"{url}/metrics", timeout=30)
+    assert answer.status_code == 200
+    assert answer.headers["content-type"].startswith("text/plain")
+    samples: Samples = {}
+    for family in text_string_to_metric_families(answer.text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return answer.text, samples
 
 
 @pytest.fixture

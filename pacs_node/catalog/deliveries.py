@@ -613,7 +613,11 @@ class DeliverySummary:
 
 
 def list_deliveries(
-    session: Session, *, states: Iterable[str] | None = None, job_id: int | None = None
+    session: Session,
+    *,
+    states: Iterable[str] | None = None,
+    job_id: int | None = None,
+    ids: Collection[int] | None = None,
 ) -> list[DeliverySummary]:
     query = (
         select(Delivery, Result.kind, Result.sop_instance_uid, Study.study_uid)
@@ -626,6 +630,8 @@ def list_deliveries(
         query = query.where(or_(*(Delivery.state == s for s in states)))
     if job_id is not None:
         query = query.where(Delivery.job_id == job_id)
+    if ids is not None:
+        query = query.where(Delivery.id.in_(list(ids)))
     return [
         DeliverySummary(
             id=d.id,

@@ -30,6 +30,9 @@ from pacs_node.catalog.quarantine import held_counts, lookup_held
 from pacs_node.redact import scrub_detail
 from pacs_node.refs import InstanceRef
 
+RECEIVED_INSTANCES = "received_instances"  # counters: instances recorded into studies
+RECEIVED_BYTES = "received_bytes"  # and their bytes
+
 
 @dataclass(frozen=True, slots=True)
 class StudyTouch:
@@ -299,6 +302,9 @@ def record_instances(
     ]
     _insert_ignore(session, Instance, new_rows, "sop_instance_uid")
     outcome.recorded = len(new_rows)
+    # received and kept (a replay or a second copy is not counted again): /metrics reads these
+    increment(session, RECEIVED_INSTANCES, len(new_rows))
+    increment(session, RECEIVED_BYTES, sum(ref.size_bytes for ref in accepted))
     for ref in replaced:
         session.execute(
             update(Instance)

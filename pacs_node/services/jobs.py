@@ -19,7 +19,7 @@ from pacs_node.catalog.db import Catalog
 from pacs_node.catalog.jobs import JobSummary
 from pacs_node.catalog.models import Study
 from pacs_node.config import Settings
-from pacs_node.errors import RequestError
+from pacs_node.errors import NotFound, RequestError
 from pacs_node.inference.registry import Registry
 from pacs_node.ingest.spool import Spool
 from pacs_node.routing.facts import study_facts
@@ -94,12 +94,17 @@ def queue_processing(
     series: Sequence[str] = (),
 ) -> list[int]:
     """Queue a received study by hand (see :func:`choose_jobs`); the new job ids. Raises
-    :class:`RequestError` when there is no such study or nothing fits, and the registry's
-    error for an unknown model."""
+    :class:`NotFound` when there is no such study, :class:`RequestError` when a series is not
+    the study's or nothing fits, and the registry's error for an unknown model."""
+    if model is not None:
+        Registry(settings.node.models_dir).get(model)
     with catalog.sessions.begin() as session:
         study = session.scalars(select(Study).where(Study.study_uid == study_uid)).first()
         if study is None:
-            raise RequestError(f"no study {study_uid} in the catalog")
+            raise NotFound(f"no study {study_uid} in the catalog")
+        others = sorted(set(series) - {s.series_uid for s in study.series})
+        if others:
+            raise RequestError(f"series {', '.join(others)} not in study {study_uid}")
         facts = study_facts(session, Spool(settings.node.spool_dir), study_uid)
         requests = choose_jobs(settings, facts, model, series)
         if not requests:

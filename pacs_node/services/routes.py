@@ -10,7 +10,7 @@ from sqlalchemy import select
 from pacs_node.catalog.db import Catalog
 from pacs_node.catalog.models import Job, Study
 from pacs_node.config import Settings
-from pacs_node.errors import RequestError
+from pacs_node.errors import NotFound
 from pacs_node.ingest.spool import Spool
 from pacs_node.routing.files import Skipped, read_studies
 from pacs_node.routing.plan import plan_study
@@ -28,12 +28,12 @@ def check_routes(settings: Settings) -> tuple[int, int]:
 
 def explain_study(catalog: Catalog, settings: Settings, study_uid: str) -> StudyReport:
     """Each rule's verdict on the study's series and why, its routing outcome and the jobs
-    queued for it; :class:`RequestError` when there is no such study."""
+    queued for it; :class:`NotFound` when there is no such study."""
     router = Router(catalog, Spool(settings.node.spool_dir), settings.routes)
     with catalog.sessions() as session:
         study = session.scalars(select(Study).where(Study.study_uid == study_uid)).first()
         if study is None:
-            raise RequestError(f"no study {study_uid}")
+            raise NotFound(f"no study {study_uid}")
         verdicts = router.explain(session, study_uid)
         jobs = tuple(
             JobLine(job.rule, job.model, tuple(job.series_uids))

@@ -50,7 +50,8 @@ class NodeHealth:
         return report
 
 
-def _recorder(settings: Settings) -> dict[str, JsonValue]:
+def recorder_state(settings: Settings) -> dict[str, JsonValue]:
+    """The recorder's outage file (the catalog may be what is down, so it is not there)."""
     flag = settings.node.spool_dir / OUTAGE_FILE
     if not flag.exists():
         return {"catalog_available": True}
@@ -64,7 +65,7 @@ def _recorder(settings: Settings) -> dict[str, JsonValue]:
 def node_health(settings: Settings) -> NodeHealth:
     """Read the health; a catalog that cannot be opened or read is reported, never raised."""
     address = settings.node.catalog_url.split("@")[-1]
-    recorder = _recorder(settings)
+    recorder = recorder_state(settings)
     try:
         catalog = open_catalog(settings.node.catalog_url, run_migrations=False)
         try:

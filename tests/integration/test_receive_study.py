@@ -6,11 +6,13 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pydicom
 import pytest
 
 from tests.conftest import NodeProcess, run_cli, storescu, wait_for
 from tests.dicom_factory import new_uid, write_study
+from tests.web_node import scrape
 
 pytestmark = pytest.mark.integration
 
@@ -50,6 +52,15 @@ def test_ct_and_mr_series_become_one_stable_study(
     series = sorted(study["series"], key=lambda s: s["modality"])
     assert [(s["modality"], s["instances"]) for s in series] == [("CT", 120), ("MR", 20)]
     assert all(s["series_uid"] for s in series)
+
+    # The web face of the running node: ready with its job workers, and /metrics counts what
+    # the Storage SCP's worker processes recorded (read from the catalog, not from memory).
+    web = f"http://127.0.0.1:{node.node['web_port']}"
+    ready = httpx.get(f"{web}/readyz", timeout=10).json()
+    assert ready == {"status": "ready", "checks": {"catalog": "ok", "job workers": "ok"}}
+    received = scrape(web)[1]
+    assert received[("pacs_node_received_instances_total", ())] == 140
+    assert received[("pacs_node_instances", ())] == 140
 
     # Stored exactly as received: the data set bytes are those of the file storescu sent.
     for source in sorted((tmp_path / "study").rglob("*.dcm"))[:5]:

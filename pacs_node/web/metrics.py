@@ -1,0 +1,155 @@
+"""``/metrics`` in the Prometheus text format: open, counts only, no patient data.
+
+The node's work is done in several processes (Storage SCP workers, job workers, the outbox),
+so a process-local metric would count this process's share only. One custom collector reads
+every value from the catalog at scrape time (:mod:`pacs_node.services.metrics`) and is
+registered on a registry of this app, never on the global default one. Counters come from the
+catalog's ``counters`` table, so they survive restarts; job stage seconds are quantiles over
+the most recently finished jobs, exposed as gauges (a window, not a running total).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Iterator
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from pacs_node.catalog.studies import RECEIVED_BYTES, RECEIVED_INSTANCES
+from pacs_node.services.metrics import NodeMetrics, node_metrics
+from pacs_node.web.context import WebContext, web_context
+
+log = logging.getLogger(__name__)
+router = APIRouter(include_in_schema=False)
+
+PREFIX = "pacs_node"
+# Counters of the catalog every node shows, 0 before the first event; others appear once counted.
+COUNTERS = {
+    RECEIVED_INSTANCES: "Instances received and recorded into studies.",
+    RECEIVED_BYTES: "Bytes of the instances received and recorded into studies.",
+    "rejected_associations": "Associations the Storage SCP rejected.",
+    "failed_instances": "Instances received that could not be stored (a failure status sent).",
+    "duplicate_instances": "Second copies of instances the node holds already.",
+    "quarantined_instances": "Instances kept apart by the identity check.",
+}
+# The families below: a catalog counter of one of these names (or of one counter's name made
+# a metric name already) would clash, so it is left out.
+FAMILIES = frozenset(
+    {
+        "catalog_up",
+        "studies",
+        "instances",
+        "instance_bytes",
+        "jobs",
+        "queue_depth",
+        "deliveries",
+        "quarantine_held",
+        "recorder_catalog_available",
+        "recorder_unrecorded",
+        "job_stage_seconds",
+        "job_stage_recent_jobs",
+    }
+)
+_NAME = re.compile(r"[^a-zA-Z0-9_]")
+_lock = threading.Lock()
+
+
+class CatalogCollector(Collector):
+    """Every metric of the node, read from its catalog when scraped."""
+
+    def __init__(self, context: WebContext) -> None:
+        self.context = context
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(f"{PREFIX}_catalog_up", "Whether the catalog could be read.")
+        try:
+            reading = node_metrics(self.context.catalog, self.context.settings)
+        except Exception as exc:  # a scrape reports the outage rather than failing on it
+            log.warning("metrics: catalog unreadable (%s)", type(exc).__name__)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        yield from _metrics(reading)
+
+
+def _by_state(name: str, doc: str, counts: dict[str, int]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=["state"])
+    for state, n in sorted(counts.items()):
+        family.add_metric([state], n)
+    return family
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+
+
+def _metrics(m: NodeMetrics) -> Iterator[Metric]:
+    values: dict[str, int] = {name: 0 for name in COUNTERS} | m.counters
+    seen = set(FAMILIES)
+    for name, value in sorted(values.items()):
+        metric = _NAME.sub("_", name)
+        if metric in seen:
+            continue
+        seen.add(metric)
+        doc = COUNTERS.get(name, f"The node's {name.replace('_', ' ')} (catalog counter).")
+        yield CounterMetricFamily(f"{PREFIX}_{metric}", doc, value=value)
+    yield _by_state("studies", "Studies in the catalog by state.", m.studies)
+    yield _gauge("instances", "Instances the catalog holds now.", m.instances)
+    yield _gauge(
+        "instance_bytes", "Bytes of the instances the catalog holds now.", m.instance_bytes
+    )
+    yield _by_state("jobs", "Jobs by state.", m.jobs)
+    yield _gauge("queue_depth", "Jobs queued and waiting for a worker.", m.queue_depth)
+    yield _by_state("deliveries", "Deliveries by state.", m.deliveries)
+    yield _gauge("quarantine_held", "Instances held in quarantine.", m.quarantine_held)
+    yield _gauge(
+        "recorder_catalog_available",
+        "Whether the ingest recorder reaches the catalog (1) or spools through an outage (0).",
+        int(m.recorder_catalog_available),
+    )
+    yield _gauge(
+        "recorder_unrecorded",
+        "Instances acknowledged but not yet recorded in the catalog.",
+        m.recorder_unrecorded,
+    )
+    seconds = GaugeMetricFamily(
+        f"{PREFIX}_job_stage_seconds",
+        "Seconds a pipeline stage took: quantiles over the recently finished jobs.",
+        labels=["stage", "quantile"],
+    )
+    jobs = GaugeMetricFamily(
+        f"{PREFIX}_job_stage_recent_jobs",
+        "Recently finished jobs that ran the stage (the quantiles' sample).",
+        labels=["stage"],
+    )
+    for stage, timing in m.stages.items():
+        for q, took in timing.quantiles.items():
+            seconds.add_metric([stage, f"{q:g}"], took)
+        jobs.add_metric([stage], timing.jobs)
+    yield seconds
+    yield jobs
+
+
+def _registry(request: Request) -> CollectorRegistry:
+    """The app's registry, made with its collector at the first scrape."""
+    state = request.app.state
+    with _lock:
+        registry = getattr(state, "metrics_registry", None)
+        if registry is None:
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(CatalogCollector(web_context(request)))
+            state.metrics_registry = registry
+    assert isinstance(registry, CollectorRegistry)
+    return registry
+
+
+@router.get("/metrics")
+def metrics(request: Request) -> Response:
+    return Response(generate_latest(_registry(request)), media_type=CONTENT_TYPE_LATEST)
