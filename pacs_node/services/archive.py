@@ -176,12 +176,20 @@ class Archive:
         if sop_instance_uid is not None:
             stmt = stmt.where(Result.sop_instance_uid == sop_instance_uid)
         found = (self.produced(r, study_uid) for r in session.scalars(stmt))
-        return [o for o in found if o is not None]
+        return not_received(session, [o for o in found if o is not None])
 
 
-def first_of_each(objects: Sequence[StoredObject]) -> dict[str, StoredObject]:
-    """The first object of each series, by Series Instance UID."""
-    out: dict[str, StoredObject] = {}
-    for obj in objects:
-        out.setdefault(obj.series_uid, obj)
-    return out
+def not_received(session: Session, produced: Sequence[StoredObject]) -> list[StoredObject]:
+    """``produced`` less the results that came back to the node as received instances (a PACS
+    forwarding everything): those are served once, as received."""
+    uids = [o.sop_instance_uid for o in produced]
+    echoed: set[str] = set()
+    for start in range(0, len(uids), 500):
+        echoed.update(
+            session.scalars(
+                select(Instance.sop_instance_uid).where(
+                    Instance.sop_instance_uid.in_(uids[start : start + 500])
+                )
+            )
+        )
+    return [o for o in produced if o.sop_instance_uid not in echoed]

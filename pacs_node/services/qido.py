@@ -28,7 +28,13 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from pacs_node.catalog.models import Instance, Job, Result, Series, Study
 from pacs_node.errors import RequestError
-from pacs_node.services.archive import Archive, StoredObject, header_or_none, result_visible
+from pacs_node.services.archive import (
+    Archive,
+    StoredObject,
+    header_or_none,
+    not_received,
+    result_visible,
+)
 from pacs_node.uids import is_valid_uid
 
 # The most results one response holds; a search that matches more says so in a Warning.
@@ -456,11 +462,11 @@ def _produced(archive: Archive, session: Session, query: Query) -> list[StoredOb
         for c in query.conditions
         if c.keyword in (SERIES_KEYS | INSTANCE_KEYS) and c.keyword not in _RESULT_COLUMNS
     ]
+    found = (
+        archive.produced(r, study_uid) for r, study_uid in session.execute(_results_stmt(query))
+    )
     out: list[StoredObject] = []
-    for result, study_uid in session.execute(_results_stmt(query)):
-        obj = archive.produced(result, study_uid)
-        if obj is None:
-            continue
+    for obj in not_received(session, [o for o in found if o is not None]):
         header = header_or_none(obj.path)
         if header is None:
             continue
@@ -534,10 +540,12 @@ class _Studies:
         )
         if study_ids is not None:
             stmt = stmt.where(Study.id.in_(study_ids))
+        rows = list(self.session.execute(stmt))
+        found = [self.archive.produced(result, study_uid) for result, study_uid, _ in rows]
+        served = {id(o) for o in not_received(self.session, [o for o in found if o is not None])}
         out: dict[int, list[StoredObject]] = {}
-        for result, study_uid, study_id in self.session.execute(stmt):
-            obj = self.archive.produced(result, study_uid)
-            if obj is not None:
+        for obj, (_, _, study_id) in zip(found, rows, strict=True):
+            if obj is not None and id(obj) in served:
                 out.setdefault(study_id, []).append(obj)
         return out
 

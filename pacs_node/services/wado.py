@@ -9,6 +9,7 @@ that accepts nothing but uncompressed frames.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,10 +137,9 @@ def metadata(obj: StoredObject, instance_url: str) -> dict[str, Any]:
 def bulkdata(obj: StoredObject, tag_text: str) -> list[Part]:
     """A top-level binary value of the object: Pixel Data as its frames, anything else as
     octet-stream bytes read from the file."""
-    try:
-        tag = Tag(int(tag_text, 16))
-    except ValueError as exc:
-        raise NotFound(f"not a tag: {tag_text!r}") from exc
+    if not re.fullmatch(r"[0-9A-Fa-f]{8}", tag_text):
+        raise NotFound(f"not a tag: {tag_text!r}")
+    tag = Tag(int(tag_text, 16))
     if tag == PIXEL_DATA:
         return frames(obj, None, [("*/*", "*")])
     ds = _open(obj)
