@@ -135,14 +135,14 @@ def metadata(obj: StoredObject, instance_url: str) -> dict[str, Any]:
 
 
 def bulkdata(obj: StoredObject, tag_text: str) -> list[Part]:
-    """A top-level binary value of the object: Pixel Data as its frames, anything else as
-    octet-stream bytes read from the file."""
+    """A top-level binary value of the object as octet-stream bytes read from the file;
+    compressed Pixel Data as its frames, each in the media type of its compression."""
     if not re.fullmatch(r"[0-9A-Fa-f]{8}", tag_text):
         raise NotFound(f"not a tag: {tag_text!r}")
     tag = Tag(int(tag_text, 16))
-    if tag == PIXEL_DATA:
-        return frames(obj, None, [("*/*", "*")])
     ds = _open(obj)
+    if tag == PIXEL_DATA and UID(str(ds.file_meta.get("TransferSyntaxUID", ""))).is_compressed:
+        return frames(obj, None, [("*/*", "*")])
     raw = ds.get_item(tag, keep_deferred=True)
     if raw is None or _vr(ds, tag, raw) not in _BULK_VRS:
         raise NotFound(f"no bulk data element {tag_text}")
