@@ -28,6 +28,7 @@ from tests.web_node import WebNode, start_web_node
 
 SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.4"
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+GRAYSCALE_PS = "1.2.840.10008.5.1.4.1.1.11.1"
 
 
 @dataclass
@@ -38,6 +39,8 @@ class Archive:
     ct_paths: dict[str, Path]  # SOP Instance UID -> spool file
     seg_series: str
     seg_instance: str
+    echoed_series: str
+    echoed_instance: str
     rejected_series: str
     rejected_instance: str
     jp_study: str
@@ -108,6 +111,11 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
         _job_with(node, study_id, seg, rejected=False)
         withdrawn = _result(paths[0], COMPREHENSIVE_SR, "SR", 901)
         _job_with(node, study_id, withdrawn, rejected=True)
+        # a result the PACS forwarded back to the node: received, and served once
+        echoed = _result(paths[0], GRAYSCALE_PS, "PR", 902)
+        _job_with(node, study_id, echoed, rejected=False)
+        (root / "echoed.dcm").write_bytes(echoed.data)
+        ingest(node.catalog, spool, [root / "echoed.dcm"])
         jp_file = Path(get_charset_files("chrH31.dcm")[0])
         _, jp_study, (jp_series,) = ingest(node.catalog, spool, [jp_file])
         jpeg_file = Path(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm"))
@@ -116,6 +124,8 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
         assert seg.sop_instance_uid
         assert withdrawn.series_uid
         assert withdrawn.sop_instance_uid
+        assert echoed.series_uid
+        assert echoed.sop_instance_uid
         yield Archive(
             node=node,
             ct_study=ct_study,
@@ -123,6 +133,8 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
             ct_paths=ct_paths,
             seg_series=seg.series_uid,
             seg_instance=seg.sop_instance_uid,
+            echoed_series=echoed.series_uid,
+            echoed_instance=echoed.sop_instance_uid,
             rejected_series=withdrawn.series_uid,
             rejected_instance=withdrawn.sop_instance_uid,
             jp_study=jp_study,
@@ -149,10 +161,10 @@ def test_studies_are_found_by_the_usual_keys(archive: Archive) -> None:
     client = archive.dicomweb()
     (ct,) = client.search_for_studies(search_filters={"PatientName": "doe*"})
     assert _values(ct, STUDY_UID) == [archive.ct_study]
-    # the node's SEG result counts in the study; the rejected SR does not
-    assert _values(ct, "00080061") == ["CT", "SEG"]
-    assert _values(ct, "00201206") == [2]
-    assert _values(ct, "00201208") == [4]
+    # the node's SEG result counts in the study, the forwarded-back PR once, the rejected SR not
+    assert _values(ct, "00080061") == ["CT", "PR", "SEG"]
+    assert _values(ct, "00201206") == [3]
+    assert _values(ct, "00201208") == [5]
     assert ct["00081190"]["Value"][0].endswith(f"/dicomweb/studies/{archive.ct_study}")
     by_modality = client.search_for_studies(search_filters={"ModalitiesInStudy": "SEG"})
     assert [_values(s, STUDY_UID) for s in by_modality] == [[archive.ct_study]]
@@ -178,20 +190,34 @@ def test_series_and_instances_include_results_but_not_rejected_ones(archive: Arc
     client = archive.dicomweb()
     series = client.search_for_series(archive.ct_study)
     found = {_values(s, SERIES_UID)[0]: _values(s, MODALITY) for s in series}
-    assert found == {archive.ct_series: ["CT"], archive.seg_series: ["SEG"]}
+    assert len(series) == 3
+    assert found == {
+        archive.ct_series: ["CT"],
+        archive.seg_series: ["SEG"],
+        archive.echoed_series: ["PR"],
+    }
     (seg,) = client.search_for_series(search_filters={"Modality": "SEG"})
     assert _values(seg, "0008103E") == ["AI SEG"]
     assert _values(seg, "00201209") == [1]
     instances = client.search_for_instances(archive.ct_study, archive.ct_series)
     assert sorted(_values(i, SOP_UID)[0] for i in instances) == sorted(archive.ct_paths)
     assert {(_values(i, "00280010")[0], _values(i, "00280011")[0]) for i in instances} == {(32, 48)}
-    two = client.search_for_instances(archive.ct_study, limit=2, offset=2)
-    uids = [_values(i, SOP_UID)[0] for i in two]
-    assert len(uids) == 2
-    assert uids[1] == archive.seg_instance  # received first, then the results
+    two = client.search_for_instances(archive.ct_study, limit=2, offset=3)
+    # received first (the forwarded-back PR among them), then the results
+    assert [_values(i, SOP_UID)[0] for i in two] == [archive.echoed_instance, archive.seg_instance]
     everywhere = client.search_for_instances(search_filters={"SOPClassUID": SEGMENTATION})
     assert [_values(i, SOP_UID) for i in everywhere] == [[archive.seg_instance]]
     assert client.search_for_instances(search_filters={"InstanceNumber": "2"}) != []
+    # includefield=all: more of each level, read from the stored headers
+    (study,) = client.search_for_studies(search_filters={"PatientID": "TEST-0001"}, fields=["all"])
+    assert _values(study, "00100040") == ["O"]
+    every = client.search_for_series(archive.ct_study, fields=["all"])
+    assert {_values(s, "00180015")[0] for s in every} == {"CHEST"}
+    (one,) = client.search_for_instances(
+        search_filters={"SOPInstanceUID": archive.seg_instance}, fields=["all"]
+    )
+    assert _values(one, "00180050") == [2.5]
+    assert "7FE00010" not in one
     assert (
         client.search_for_instances(search_filters={"SOPInstanceUID": archive.rejected_instance})
         == []
@@ -235,7 +261,9 @@ def test_retrieve_gives_the_stored_bytes(archive: Archive) -> None:
     ds = client.retrieve_instance(archive.ct_study, archive.ct_series, sop)
     assert ds.SOPInstanceUID == sop
     study = client.retrieve_study(archive.ct_study)
-    assert {d.SOPInstanceUID for d in study} == {*archive.ct_paths, archive.seg_instance}
+    assert sorted(d.SOPInstanceUID for d in study) == sorted(
+        [*archive.ct_paths, archive.seg_instance, archive.echoed_instance]
+    )
     accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
     with archive.client() as http:
         series = http.get(
