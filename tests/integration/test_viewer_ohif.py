@@ -1,10 +1,12 @@
-"""A radiologist's viewer shows our results: OHIF 3 in headless Chromium opens a study from a real
-Orthanc's DICOMweb and renders the node's DICOM-SEG over the CT, each segment in its recommended
-colour, with the segment labels in OHIF's segmentation panel.
+"""A radiologist's viewer shows our results: OHIF 3 in headless Chromium opens a study straight
+from the node's own DICOMweb (QIDO-RS, WADO-RS metadata, frames and bulk data) and renders the
+node's DICOM-SEG over the CT, each segment in its recommended colour, with the segment labels in
+OHIF's segmentation panel.
 
 OHIF's built viewer (``tests/viewer/setup.sh`` unpacks the ``dist/`` of ``@ohif/app`` under
-``.cache/ohif/``) is served at the site root by a small proxy that forwards ``/dicom-web/*`` to
-Orthanc, so the viewer and DICOMweb share one origin, as behind a hospital's reverse proxy.
+``.cache/ohif/``) is served at the site root by a small proxy that forwards ``/dicomweb/*`` to the
+node with a viewer's bearer token, so the viewer and DICOMweb share one origin, as behind a
+hospital's reverse proxy that signs its users in.
 
 OHIF 3.12.10 does not show the TID 1500 SR: its measurements are volumetric, tied to the SEG's
 segments (TID 1411) rather than to image coordinates, which OHIF cannot place, and opening the SR
@@ -46,9 +48,13 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from tests.conftest import PACS_NODE, clean_env, free_port, wait_for
+from pacs_node.catalog.jobs import queue_job
+from pacs_node.catalog.models import Role
+from pacs_node.catalog.results import StoredEncoding, add_result_rows, write_files
+from tests.catalog_factory import ingest
+from tests.conftest import PACS_NODE, clean_env, wait_for
 from tests.ct_phantom import make_ct_phantom, write_phantom_series
-from tests.orthanc import OrthancProcess
+from tests.web_node import WebNode, start_web_node
 
 pytestmark = pytest.mark.integration
 
@@ -91,8 +97,8 @@ ISOLATION = {  # cross-origin isolation: lets cornerstone3D use SharedArrayBuffe
 
 
 def app_config(origin: str) -> str:
-    """OHIF's ``window.config``: one DICOMweb data source, Orthanc behind the proxy."""
-    dicomweb = f"{origin}/dicom-web"
+    """OHIF's ``window.config``: one DICOMweb data source, the node behind the proxy."""
+    dicomweb = f"{origin}/dicomweb"
     config = {
         "routerBasename": "/",
         "extensions": [],
@@ -106,14 +112,14 @@ def app_config(origin: str) -> str:
         "investigationalUseDialog": {"option": "never"},
         "customizationService": {"ohif.tours": {"$set": []}},  # no onboarding tour
         "maxNumberOfWebWorkers": 2,
-        "defaultDataSourceName": "orthanc",
+        "defaultDataSourceName": "pacs-node",
         "dataSources": [
             {
                 "namespace": "@ohif/extension-default.dataSourcesModule.dicomweb",
-                "sourceName": "orthanc",
+                "sourceName": "pacs-node",
                 "configuration": {
-                    "friendlyName": "Orthanc DICOMweb",
-                    "name": "orthanc",
+                    "friendlyName": "pacs-node DICOMweb",
+                    "name": "pacs-node",
                     "qidoRoot": dicomweb,
                     "wadoRoot": dicomweb,
                     "wadoUriRoot": dicomweb,
@@ -122,7 +128,7 @@ def app_config(origin: str) -> str:
                     "imageRendering": "wadors",
                     "thumbnailRendering": "wadors",
                     "enableStudyLazyLoad": True,
-                    "supportsFuzzyMatching": True,
+                    "supportsFuzzyMatching": False,
                     "supportsWildcard": True,
                     "omitQuotationForMultipartRequest": True,
                     "bulkDataURI": {"enabled": True},
@@ -133,14 +139,16 @@ def app_config(origin: str) -> str:
     return f"window.config = {json.dumps(config, indent=2)};\n"
 
 
-def viewer_app(dist: Path, orthanc_url: str) -> Starlette:
-    """OHIF's static files at the root (index.html for its client-side routes) and /dicom-web/*
-    forwarded to Orthanc with the Host header kept, so Orthanc's bulk data URIs name our origin."""
-    client = httpx.AsyncClient(base_url=orthanc_url, timeout=60)
+def viewer_app(dist: Path, node_url: str, token: str) -> Starlette:
+    """OHIF's static files at the root (index.html for its client-side routes) and /dicomweb/*
+    forwarded to the node with a bearer token and the Host header kept, so the node's retrieve
+    and bulk data URIs name our origin."""
+    client = httpx.AsyncClient(base_url=node_url, timeout=60)
 
     async def dicomweb(request: Request) -> Response:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in NOT_FORWARDED}
-        path = f"/dicom-web/{request.path_params['path']}"
+        headers["Authorization"] = f"Bearer {token}"
+        path = f"/dicomweb/{request.path_params['path']}"
         upstream = client.build_request(
             "GET", httpx.URL(path, query=request.url.query.encode()), headers=headers
         )
@@ -171,7 +179,7 @@ def viewer_app(dist: Path, orthanc_url: str) -> Starlette:
     return Starlette(
         routes=[
             Route("/app-config.js", config),
-            Route("/dicom-web/{path:path}", dicomweb),
+            Route("/dicomweb/{path:path}", dicomweb),
             Route("/{path:path}", static),
         ],
         lifespan=lifespan,
@@ -251,10 +259,31 @@ def require_browser_and_viewer() -> None:
             pytest.skip(f"OHIF {OHIF_VERSION} could not be installed: {run.stderr.strip()}")
 
 
+def record_results(node: WebNode, study_id: int, files: list[Path]) -> None:
+    """The objects ``pacs-node segment`` made, recorded as one job's stored results."""
+    items = []
+    for path in files:
+        ds = dcmread(path, stop_before_pixels=True)
+        items.append(
+            StoredEncoding(
+                kind=path.stem,
+                sop_class_uid=str(ds.SOPClassUID),
+                sop_instance_uid=str(ds.SOPInstanceUID),
+                series_uid=str(ds.SeriesInstanceUID),
+                encoding=str(ds.file_meta.TransferSyntaxUID),
+                data=path.read_bytes(),
+            )
+        )
+    with node.catalog.sessions.begin() as session:
+        job_id = queue_job(session, study_id, "ct-classical", [], {})
+        relpaths = write_files(node.settings.node.data_dir / "results", f"{job_id}/1", items)
+        add_result_rows(session, job_id, items, relpaths)
+
+
 @pytest.fixture(scope="module")
 def viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Viewer]:
-    """A phantom CT and every DICOM object ``pacs-node segment`` made of it in a fresh Orthanc,
-    and OHIF in front of its DICOMweb."""
+    """A phantom CT received by the node and every DICOM object ``pacs-node segment`` made of
+    it stored as the node's results, and OHIF in front of the node's DICOMweb."""
     require_browser_and_viewer()
     root = tmp_path_factory.mktemp("viewer")
     phantom = make_ct_phantom(3, shape=(SLICES, 192, 192), spacing=(5.0, 1.8, 1.8))
@@ -268,13 +297,13 @@ def viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Viewer]:
     assert run.returncode == 0, run.stderr
     seg_path = out / "dicom" / "seg.dcm"
     seg = dcmread(seg_path, stop_before_pixels=True)
-    orthanc = OrthancProcess(root / "orthanc", free_port(), free_port(), dicomweb=True).start()
+    node = start_web_node(root / "var")
     server: ViewerServer | None = None
     try:
-        with httpx.Client(base_url=orthanc.url, timeout=60) as client:
-            for path in [*sources, *sorted((out / "dicom").iterdir())]:
-                client.post("/instances", content=path.read_bytes()).raise_for_status()
-        server = ViewerServer(viewer_app(OHIF_DIST, orthanc.url)).start()
+        study_id, _, _ = ingest(node.catalog, node.settings.node.spool_dir, sources)
+        record_results(node, study_id, sorted((out / "dicom").iterdir()))
+        token = node.user("ohif", Role.VIEWER)
+        server = ViewerServer(viewer_app(OHIF_DIST, node.url, token)).start()
         yield Viewer(
             server.url,
             str(seg.StudyInstanceUID),
@@ -285,7 +314,9 @@ def viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Viewer]:
     finally:
         if server is not None:
             server.stop()
-        orthanc.stop()
+        node.server.stop()
+        node.recorder.stop()
+        node.catalog.dispose()
 
 
 @pytest.fixture
