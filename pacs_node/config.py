@@ -123,6 +123,9 @@ class NodeOptions(BaseModel):
     # A SOP Instance UID sent again with other bytes: keep the first (new bytes to quarantine),
     # replace the stored file (the study reopens), or refuse with a failure status.
     resend_policy: Literal["keep_first", "replace", "reject"] = "keep_first"
+    # The study in the hospital's own viewer, linked from the result viewer: a URL in which
+    # {study_uid} is replaced (e.g. an OHIF or Orthanc address). Empty: no link.
+    pacs_viewer_url: str = Field(default="", max_length=2000)
 
     @field_validator("ae_title")
     @classmethod
