@@ -209,6 +209,23 @@ def edge_letters(direction: NDArray[np.float64]) -> EdgeLetters:
     )
 
 
+_OPPOSITE = str.maketrans("LRAPHFSI", "RLPAFHIS")
+NO_EDGES = EdgeLetters("", "", "", "")
+
+
+def image_edge_letters(header: Any) -> EdgeLetters:
+    """Edge letters of an image without plane geometry (a radiograph) from its Patient
+    Orientation (PS3.3 C.7.6.1.1.1: the row direction, then the column direction); none when
+    it states none."""
+    value = header.get("PatientOrientation")
+    if not value or len(value) != 2:
+        return NO_EDGES
+    across, down = str(value[0]), str(value[1])
+    return EdgeLetters(
+        left=across.translate(_OPPOSITE), right=across, top=down.translate(_OPPOSITE), bottom=down
+    )
+
+
 def _auto_window(voxels: NDArray[Any]) -> tuple[float, float]:
     sample = np.asarray(voxels[:: max(1, voxels.shape[0] // 16)], dtype=np.float32)
     low, high = np.percentile(sample, AUTO_PERCENTILES)
@@ -272,7 +289,7 @@ def _matching_seg(paths: Sequence[Path], series_uid: str) -> Path | None:
 
 def load_stack(files: JobFiles) -> ViewerStack:
     """Decode the job's source series and read its SEG onto the same slices."""
-    from pacs_node.imaging.volume import load_series
+    from pacs_node.imaging.volume import VolumeKind, load_series
 
     if not files.sources:
         raise NoSuchResult(f"series {files.series_uid} has no stored instances")
@@ -292,6 +309,10 @@ def load_stack(files: JobFiles) -> ViewerStack:
             [volume.frame_numbers[z] for z in known],
         )
         labels[known] = found.reshape(len(known), *volume.voxels.shape[1:])
+    if volume.kind is VolumeKind.SERIES:
+        edges = edge_letters(volume.direction)
+    else:  # no plane position: the orientation, if any, is the image's own statement
+        edges = image_edge_letters(volume.headers[0]) if volume.headers else NO_EDGES
     return ViewerStack(
         key=files.key,
         voxels=volume.voxels,
@@ -299,7 +320,7 @@ def load_stack(files: JobFiles) -> ViewerStack:
         segments=legend,
         modality=volume.modality,
         pixel_spacing=(float(volume.spacing[1]), float(volume.spacing[2])),
-        edges=edge_letters(volume.direction),
+        edges=edges,
         auto_window=_auto_window(volume.voxels),
     )
 
