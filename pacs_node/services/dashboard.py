@@ -46,6 +46,18 @@ HELDOUT_METRICS = Path("eval") / "heldout" / "metrics.json"
 THROUGHPUT_WINDOW = timedelta(hours=1)
 
 
+# A job's stages in the order they run (the worker's and the model runner's timings).
+STAGE_ORDER = ("queued", "decode", "load", "preprocess", "infer", "postprocess", "build", "store")
+
+
+def stage_seconds(timings: dict[str, float]) -> list[tuple[str, float]]:
+    """A job's stage timings (``decode_s``: seconds) in the order the stages ran, without the
+    total; a stage this list does not know comes last."""
+    stages = {k.removesuffix("_s"): v for k, v in timings.items() if k != "total_s"}
+    rank = {name: n for n, name in enumerate(STAGE_ORDER)}
+    return sorted(stages.items(), key=lambda item: rank.get(item[0], len(rank)))
+
+
 @dataclass(frozen=True, slots=True)
 class StudyRow:
     """One line of the studies page: the study, the modalities of its series, its jobs and how

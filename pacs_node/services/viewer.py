@@ -56,14 +56,28 @@ class JobFiles:
     study_uid: str
     model: str
     state: str
-    series_uid: str
+    series_uid: str  # the series shown
+    series: tuple[str, ...]  # every series the job processed
     sources: tuple[Path, ...]
     results: dict[str, tuple[Path, ...]]  # result kind -> files (preferred encoding each)
-    key: tuple[Any, ...]  # changes when the job's results do (a re-run)
+    key: tuple[Any, ...]  # the series shown, and it changes when the job's results do
+
+    def of_series(self, kind: OutputKind) -> tuple[Path, ...]:
+        """The stored objects of ``kind`` made from the series shown: a SEG or SR whose
+        references name it (Referenced Series, the SR's evidence); of any other kind (the PDF,
+        one per series, stored in the job's series order) the one at the series' place."""
+        paths = self.results.get(kind.value, ())
+        if kind in (OutputKind.SEG, OutputKind.SR):
+            return tuple(p for p in paths if self.series_uid in _referenced_series(p))
+        place = self.series.index(self.series_uid)  # one per series, in the job's order
+        return paths[place : place + 1] if len(paths) == len(self.series) else paths[:1]
 
 
-def job_files(catalog: Catalog, settings: Settings, study_uid: str, job_id: int) -> JobFiles:
-    """A job of ``study_uid`` and its files; :class:`NoSuchResult` when there is none."""
+def job_files(
+    catalog: Catalog, settings: Settings, study_uid: str, job_id: int, series_uid: str = ""
+) -> JobFiles:
+    """A job of ``study_uid`` and its files for one of its series (``series_uid``, default
+    its first); :class:`NoSuchResult` when there is no such job or series."""
     results_root = settings.node.data_dir / "results"
     with catalog.sessions() as session:
         job = session.execute(
@@ -75,7 +89,10 @@ def job_files(catalog: Catalog, settings: Settings, study_uid: str, job_id: int)
             raise NoSuchResult(f"no job {job_id} for study {study_uid}")
         if not job.series_uids:
             raise NoSuchResult(f"job {job_id} names no series")
-        series_uid = str(job.series_uids[0])
+        series = [str(uid) for uid in job.series_uids]
+        series_uid = series_uid or series[0]
+        if series_uid not in series:
+            raise NoSuchResult(f"job {job_id} did not process series {series_uid}")
         paths = session.scalars(
             select(Instance.path)
             .join(Series, Series.id == Instance.series_id)
@@ -96,9 +113,10 @@ def job_files(catalog: Catalog, settings: Settings, study_uid: str, job_id: int)
             model=job.model,
             state=job.state.value,
             series_uid=series_uid,
+            series=tuple(series),
             sources=tuple(settings.node.spool_dir / p for p in paths),
             results={kind: tuple(files) for kind, files in results.items()},
-            key=(job.id, job.attempts, tuple(ids)),
+            key=(job.id, series_uid, job.attempts, tuple(ids)),
         )
 
 
@@ -129,7 +147,7 @@ class ViewerStack:
 
     key: tuple[Any, ...]
     voxels: NDArray[Any]
-    labels: NDArray[np.uint16]
+    labels: NDArray[np.unsignedinteger[Any]]  # segment numbers, 0: none
     segments: tuple[SegmentLegend, ...]
     modality: str
     pixel_spacing: tuple[float, float]  # (between rows, between columns) mm
@@ -273,18 +291,15 @@ def _seg_labels(seg: Any, uids: Sequence[str], frames: Sequence[int | None]) -> 
     return np.where(np.max(pixels, axis=-1) >= 0.5, numbers[strongest], 0)
 
 
-def _matching_seg(paths: Sequence[Path], series_uid: str) -> Path | None:
+def _referenced_series(path: Path) -> set[str]:
+    """The source series an object names: a SEG's Referenced Series, an SR's evidence."""
     from pydicom import dcmread
 
-    for path in paths:
-        header = dcmread(path, stop_before_pixels=True)
-        referenced = {
-            str(item.get("SeriesInstanceUID", ""))
-            for item in header.get("ReferencedSeriesSequence", [])
-        }
-        if series_uid in referenced:
-            return path
-    return None
+    header = dcmread(path, stop_before_pixels=True)
+    items = list(header.get("ReferencedSeriesSequence", []))
+    for evidence in header.get("CurrentRequestedProcedureEvidenceSequence", []):
+        items.extend(evidence.get("ReferencedSeriesSequence", []))
+    return {str(item.get("SeriesInstanceUID", "")) for item in items}
 
 
 def load_stack(files: JobFiles) -> ViewerStack:
@@ -294,14 +309,17 @@ def load_stack(files: JobFiles) -> ViewerStack:
     if not files.sources:
         raise NoSuchResult(f"series {files.series_uid} has no stored instances")
     volume = load_series(files.sources)
-    labels = np.zeros(volume.voxels.shape, dtype=np.uint16)
+    labels = np.zeros(volume.voxels.shape, dtype=np.uint8)
     legend: tuple[SegmentLegend, ...] = ()
-    seg_path = _matching_seg(files.results.get(OutputKind.SEG.value, ()), files.series_uid)
-    if seg_path is not None:
+    segs = files.of_series(OutputKind.SEG)
+    if segs:
+        seg_path = segs[0]
         import highdicom as hd
 
         seg = hd.seg.segread(seg_path)
         legend = _legend(seg)
+        if max((s.number for s in legend), default=0) > np.iinfo(np.uint8).max:
+            labels = labels.astype(np.uint16)
         known = [z for z, uid in enumerate(volume.sop_instance_uids) if uid]
         found = _seg_labels(
             seg,
@@ -325,14 +343,19 @@ def load_stack(files: JobFiles) -> ViewerStack:
     )
 
 
+def _slot(files: JobFiles) -> tuple[int, str]:
+    return (files.job_id, files.series_uid)
+
+
 class StackCache:
-    """The last ``size`` stacks loaded, per job; a re-run (new results) loads afresh."""
+    """The last ``size`` stacks loaded, per job and series; a re-run (new results) loads
+    afresh."""
 
     def __init__(self, size: int = 4) -> None:
         self.size = size
-        self._stacks: OrderedDict[int, ViewerStack] = OrderedDict()
+        self._stacks: OrderedDict[tuple[int, str], ViewerStack] = OrderedDict()
         self._lock = threading.Lock()
-        self._loading: dict[int, threading.Lock] = {}
+        self._loading: dict[tuple[int, str], threading.Lock] = {}
 
     def get(
         self, files: JobFiles, load: Callable[[JobFiles], ViewerStack] = load_stack
@@ -341,26 +364,26 @@ class StackCache:
             stack = self._cached(files)
             if stack is not None:
                 return stack
-            gate = self._loading.setdefault(files.job_id, threading.Lock())
+            gate = self._loading.setdefault(_slot(files), threading.Lock())
         with gate:  # one load per job at a time: the slice requests of one page wait for it
             with self._lock:
                 stack = self._cached(files)
             if stack is None:
                 stack = load(files)
                 with self._lock:
-                    self._stacks[files.job_id] = stack
-                    self._stacks.move_to_end(files.job_id)
+                    self._stacks[_slot(files)] = stack
+                    self._stacks.move_to_end(_slot(files))
                     while len(self._stacks) > self.size:
                         self._stacks.popitem(last=False)
             with self._lock:
-                self._loading.pop(files.job_id, None)
+                self._loading.pop(_slot(files), None)
         return stack
 
     def _cached(self, files: JobFiles) -> ViewerStack | None:
-        stack = self._stacks.get(files.job_id)
+        stack = self._stacks.get(_slot(files))
         if stack is None or stack.key != files.key:
             return None
-        self._stacks.move_to_end(files.job_id)
+        self._stacks.move_to_end(_slot(files))
         return stack
 
 
@@ -405,7 +428,7 @@ def findings(files: JobFiles) -> list[MeasuredFinding]:
     import highdicom as hd
 
     found = []
-    for path in files.results.get(OutputKind.SR.value, ()):
+    for path in files.of_series(OutputKind.SR):
         content: Any = hd.sr.srread(path).content  # a TID 1500 MeasurementReport
         for group in content.get_volumetric_roi_measurement_groups():
             label = str(group.tracking_identifier).split(" (label")[0]
@@ -427,7 +450,7 @@ def report_pdf(files: JobFiles) -> bytes:
     """The PDF summary the job stored (inside its Encapsulated PDF instance)."""
     from pydicom import dcmread
 
-    for path in files.results.get(OutputKind.PDF.value, ()):
+    for path in files.of_series(OutputKind.PDF):
         ds = dcmread(path)
         data = bytes(ds.EncapsulatedDocument)
         length = ds.get("EncapsulatedDocumentLength")

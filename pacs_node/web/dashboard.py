@@ -23,6 +23,7 @@ from pacs_node.services.dashboard import (
     newest_deliveries,
     newest_jobs,
     node_overview,
+    stage_seconds,
     study_page,
 )
 from pacs_node.services.deliveries import retry_delivery
@@ -79,7 +80,8 @@ def study(request: Request, study_uid: str, _user: Viewer) -> HTMLResponse:
     if detail is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no study {study_uid}")
     viewable = {r.job_id for r in detail.results if r.kind == "seg"}
-    return render(request, "study.html", detail=detail, viewable=viewable)
+    stages = {job.id: stage_seconds(job.timings) for job in detail.jobs}
+    return render(request, "study.html", detail=detail, viewable=viewable, stages=stages)
 
 
 @router.get("/jobs", response_class=HTMLResponse)

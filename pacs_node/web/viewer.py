@@ -17,6 +17,7 @@ from fastapi.responses import HTMLResponse, Response
 
 from pacs_node.catalog.models import Role
 from pacs_node.errors import PacsNodeError
+from pacs_node.outputs import OutputKind
 from pacs_node.services.accounts import Principal
 from pacs_node.services.viewer import (
     JobFiles,
@@ -37,6 +38,8 @@ PNG = "image/png"
 _PRIVATE = {"Cache-Control": "private, max-age=300"}  # patient images: never a shared cache
 
 Viewer = Annotated[Principal, Depends(page_user(Role.VIEWER))]
+# Which of the job's series (a rule may select several); default: its first.
+SeriesUid = Annotated[str, Query(max_length=64, pattern=r"^[0-9.]*$")]
 _cache_lock = threading.Lock()
 
 
@@ -50,10 +53,10 @@ def _stacks(request: Request) -> StackCache:
         return cache
 
 
-def _files(request: Request, study_uid: str, job_id: int) -> JobFiles:
+def _files(request: Request, study_uid: str, job_id: int, series: str) -> JobFiles:
     context = web_context(request)
     try:
-        return job_files(context.catalog, context.settings, study_uid, job_id)
+        return job_files(context.catalog, context.settings, study_uid, job_id, series)
     except NoSuchResult as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
 
@@ -73,8 +76,10 @@ def pacs_viewer_link(template: str, study_uid: str) -> str:
 
 
 @router.get(BASE, response_class=HTMLResponse)
-def viewer_page(request: Request, study_uid: str, job_id: int, _user: Viewer) -> HTMLResponse:
-    files = _files(request, study_uid, job_id)
+def viewer_page(
+    request: Request, study_uid: str, job_id: int, _user: Viewer, series: SeriesUid = ""
+) -> HTMLResponse:
+    files = _files(request, study_uid, job_id, series)
     stack = _stack(request, files)
     try:
         measured = findings(files)
@@ -91,7 +96,7 @@ def viewer_page(request: Request, study_uid: str, job_id: int, _user: Viewer) ->
         centre=centre,
         width=width,
         base=BASE.format(study_uid=study_uid, job_id=job_id),
-        has_pdf=bool(files.results.get("pdf")),
+        has_pdf=bool(files.of_series(OutputKind.PDF)),
         pacs_link=pacs_viewer_link(web_context(request).settings.node.pacs_viewer_url, study_uid),
     )
 
@@ -103,11 +108,12 @@ def slice_image(
     job_id: int,
     index: int,
     _user: Viewer,
+    series: SeriesUid = "",
     wc: Annotated[float | None, Query(ge=-1e6, le=1e6)] = None,
     ww: Annotated[float | None, Query(gt=0, le=1e6)] = None,
 ) -> Response:
     """One source slice, windowed (``wc``/``ww``, default: the modality's) to 8-bit grey."""
-    stack = _stack(request, _files(request, study_uid, job_id))
+    stack = _stack(request, _files(request, study_uid, job_id, series))
     centre, width = stack.default_window()
     try:
         data = stack.slice_png(index, centre if wc is None else wc, width if ww is None else ww)
@@ -123,10 +129,11 @@ def label_image(
     job_id: int,
     index: int,
     _user: Viewer,
+    series: SeriesUid = "",
     segments: Annotated[str | None, Query(max_length=2000, pattern=r"^[0-9,]*$")] = None,
 ) -> Response:
     """One slice of the segmentation: the segments named (all when none is) in their colours."""
-    stack = _stack(request, _files(request, study_uid, job_id))
+    stack = _stack(request, _files(request, study_uid, job_id, series))
     shown = None if segments is None else [int(s) for s in segments.split(",") if s]
     try:
         data = stack.labels_png(index, shown)
@@ -136,9 +143,11 @@ def label_image(
 
 
 @router.get(BASE + "/report.pdf")
-def pdf(request: Request, study_uid: str, job_id: int, _user: Viewer) -> Response:
-    """The job's PDF summary, as stored."""
-    files = _files(request, study_uid, job_id)
+def pdf(
+    request: Request, study_uid: str, job_id: int, _user: Viewer, series: SeriesUid = ""
+) -> Response:
+    """The job's PDF summary (of the series), as stored."""
+    files = _files(request, study_uid, job_id, series)
     try:
         data = report_pdf(files)
     except NoSuchResult as exc:

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 from pydicom import Dataset
 
+from pacs_node.outputs import OutputKind
 from pacs_node.services.viewer import (
     CT_PRESETS,
     EdgeLetters,
@@ -99,7 +100,9 @@ def test_the_cache_is_bounded_and_reloads_a_rerun_job() -> None:
     loads: list[tuple[int, tuple[int, ...]]] = []
 
     def files(job_id: int, attempt: int) -> JobFiles:
-        return JobFiles(job_id, "1.2", "m", "done", "1.2.3", (Path("x"),), {}, (job_id, attempt))
+        return JobFiles(
+            job_id, "1.2", "m", "done", "1.2.3", ("1.2.3",), (Path("x"),), {}, (job_id, attempt)
+        )
 
     def load(found: JobFiles) -> ViewerStack:
         loads.append((found.job_id, found.key))
@@ -115,3 +118,12 @@ def test_the_cache_is_bounded_and_reloads_a_rerun_job() -> None:
     assert len(loads) == 4
     cache.get(files(1, 2), load)  # a re-run: new results, loaded afresh
     assert loads[-1] == (1, (1, 2))
+
+
+def test_a_pdf_is_the_one_at_its_series_place_in_the_job() -> None:
+    pdfs = (Path("first.dcm"), Path("second.dcm"))
+    shown = JobFiles(1, "1.2", "m", "done", "1.2.4", ("1.2.3", "1.2.4"), (), {"pdf": pdfs}, ())
+    assert shown.of_series(OutputKind.PDF) == (Path("second.dcm"),)
+    first = JobFiles(1, "1.2", "m", "done", "1.2.3", ("1.2.3", "1.2.4"), (), {"pdf": pdfs}, ())
+    assert first.of_series(OutputKind.PDF) == (Path("first.dcm"),)
+    assert first.of_series(OutputKind.SEG) == ()

@@ -14,6 +14,7 @@
   const boxes = Array.from(document.querySelectorAll("input.segment"));
   const base = root.dataset.base;
   const slices = Number(root.dataset.slices);
+  const series = root.dataset.series ? `&series=${encodeURIComponent(root.dataset.series)}` : "";
   const state = {
     index: Number(slider.value),
     wc: Number(root.dataset.wc),
@@ -50,9 +51,9 @@
   async function draw() {
     const ticket = ++drawing;
     const shown = shownSegments();
-    const sliceUrl = `${base}/slices/${state.index}.png?wc=${state.wc}&ww=${state.ww}`;
+    const sliceUrl = `${base}/slices/${state.index}.png?wc=${state.wc}&ww=${state.ww}${series}`;
     const labelUrl = shown.length
-      ? `${base}/labels/${state.index}.png?segments=${shown.join(",")}`
+      ? `${base}/labels/${state.index}.png?segments=${shown.join(",")}${series}`
       : null;
     const [slice, labels] = await Promise.all([load(sliceUrl), labelUrl ? load(labelUrl) : null]);
     if (ticket !== drawing) return; // a newer request will draw
