@@ -79,7 +79,7 @@ def study(request: Request, study_uid: str, _user: Viewer) -> HTMLResponse:
     detail = study_detail(web_context(request).catalog, study_uid)
     if detail is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no study {study_uid}")
-    viewable = {r.job_id for r in detail.results if r.kind == "seg"}
+    viewable = {r.job_id for r in detail.results}  # stored results: the viewer shows them
     stages = {job.id: stage_seconds(job.timings) for job in detail.jobs}
     return render(request, "study.html", detail=detail, viewable=viewable, stages=stages)
 
