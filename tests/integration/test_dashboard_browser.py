@@ -1,7 +1,8 @@
-"""The node's own result viewer in headless Chromium: from the studies page to the study, into
-the viewer of its processed job; the segmentation drawn over the CT, paged with the keyboard,
-a segment toggled off (the canvas loses that segment's colour, on the patient's left, shown on
-the screen's right), with screenshots saved beside the test (and once for the README)."""
+"""The node's own result viewer in headless Chromium: from the studies page (which refreshes
+its table in place) to the study, into the viewer of its processed job; the segmentation drawn
+over the CT, paged with the keyboard, a segment toggled off (the canvas loses that segment's
+colour, on the patient's left, shown on the screen's right), with screenshots saved beside the
+test (and once for the README)."""
 
 from __future__ import annotations
 
@@ -86,6 +87,13 @@ def test_viewer_draws_the_segmentation_and_toggles_a_segment(
     driver.add_cookie({"name": SESSION_COOKIE, "value": cookie, "path": "/"})
 
     driver.get(f"{node.url}/")
+    wait_for(  # the studies table refreshes itself from its fragment route
+        lambda: driver.execute_script(
+            "return document.getElementById('study-rows').dataset.refreshedAt"
+        ),
+        15,
+        what="the studies table refreshed in place",
+    )
     driver.find_element(By.CSS_SELECTOR, f'tr[data-study="{processed.study_uid}"] a').click()
     wait_for(lambda: "Timeline" in driver.page_source, 10, what="the study page")
     driver.find_element(By.CSS_SELECTOR, "a.open-viewer").click()
