@@ -128,6 +128,9 @@ class NodeOptions(BaseModel):
     # Failed sign-ins one address may make in a burst; it earns one more every 30 s, and while it
     # has none left its sign-ins are refused unchecked (HTTP 429).
     login_failures_per_address: int = Field(default=10, ge=1, le=10_000)
+    # The study in the hospital's own viewer, linked from the result viewer: a URL in which
+    # {study_uid} is replaced (e.g. an OHIF or Orthanc address). Empty: no link.
+    pacs_viewer_url: str = Field(default="", max_length=2000)
 
     @field_validator("ae_title")
     @classmethod

@@ -124,7 +124,7 @@ def demo(
     if progress.not_routed is not None:
         _explain(settings, study_uid, progress.not_routed)
         raise typer.Exit(FAILED)
-    _report(progress, elapsed, json_output)
+    _report(progress, elapsed, json_output, study_url(settings, study_uid))
     failed = [j for j in progress.jobs if j.state != "done"]
     dead = [d for d in progress.deliveries if d.state == "dead"]
     if failed or dead:
@@ -145,13 +145,25 @@ def _explain(settings: Settings, study_uid: str, why: str) -> None:
     err.print(f"  details: pacs-node routes explain {study_uid}", highlight=False)
 
 
-def _report(progress: DemoProgress, elapsed: float, json_output: bool) -> None:
+def study_url(settings: Settings, study_uid: str) -> str | None:
+    """The study's page in the node's own web face; None when the node serves none."""
+    options = settings.node
+    if not options.web_port:
+        return None
+    host = "localhost" if options.web_host in _ANY_ADDRESS else options.web_host
+    if ":" in host:  # an IPv6 address
+        host = f"[{host}]"
+    return f"http://{host}:{options.web_port}/studies/{study_uid}"
+
+
+def _report(progress: DemoProgress, elapsed: float, json_output: bool, url: str | None) -> None:
     from pacs_node.catalog.deliveries import HELD_FOR_DESTINATION
 
     if json_output:
         print_json(
             {
                 "study_uid": progress.study_uid,
+                "url": url,
                 "instances": progress.expected,
                 "seconds": round(elapsed, 2),
                 "jobs": [j.as_json() for j in progress.jobs],
@@ -193,3 +205,6 @@ def _report(progress: DemoProgress, elapsed: float, json_output: bool) -> None:
             "(`pacs-node deliveries`)",
             highlight=False,
         )
+    if url is not None:
+        err.print("open the study and its results in the node's viewer:", highlight=False)
+        err.print(url, highlight=False, soft_wrap=True)  # whole, on a line of its own

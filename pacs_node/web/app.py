@@ -7,7 +7,7 @@ from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
 from pacs_node import __version__
-from pacs_node.web import accounts, api, api_review, health, metrics, qido, review, wado
+from pacs_node.web import accounts, api, dashboard, health, metrics, qido, review, viewer, wado
 from pacs_node.web.context import WebContext
 from pacs_node.web.csrf import FormCsrf
 from pacs_node.web.pages import STATIC_DIR, PageRedirect
@@ -27,11 +27,12 @@ def create_app(context: WebContext) -> FastAPI:
     app.include_router(health.router)
     app.include_router(review.router)
     app.include_router(accounts.router)
-    app.include_router(api_review.router)
     app.include_router(api.router)
     app.include_router(metrics.router)
     app.include_router(qido.router)
     app.include_router(wado.router)
+    app.include_router(dashboard.router)
+    app.include_router(viewer.router)
 
     @app.exception_handler(PageRedirect)
     def _redirect(_request: Request, exc: PageRedirect) -> RedirectResponse:

@@ -5,6 +5,7 @@ an unrouted study and a node that does not answer end with the reason and a non-
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +41,9 @@ def test_demo_follows_the_study_and_says_the_results_wait(
     assert run.returncode == 0, run.stderr + node.log_text()[-3000:]
     assert "wait in the node" in run.stderr
     assert "job 1 ct-torso-organs: done" in run.stderr
+    url = re.search(r"http://(\S+?):(\d+)/studies/([0-9.]+)\s*$", run.stderr)
+    assert url is not None, run.stderr  # the study in the node's viewer, said last
+    assert (url.group(1), int(url.group(2))) == ("localhost", node.node["web_port"])
     for kind in ("seg", "sr", "gsps", "pdf"):
         assert kind in run.stdout
     deliveries = json.loads(node.cli("deliveries", "--json").stdout)

@@ -112,7 +112,9 @@ def message(response: httpx.Response) -> str:
     return found[1] if found else ""
 
 
-def test_login_sets_a_lax_http_only_cookie_and_redirects_only_to_local_paths(web_node: WebNode) -> None:
+def test_login_sets_a_lax_http_only_cookie_and_redirects_only_to_local_paths(
+    web_node: WebNode,
+) -> None:
     web_node.user("alice", Role.OPERATOR)
     with web_node.client(role=None) as client:
         signed = sign_in(client, "alice", PASSWORD, "/api/me?x=1")

@@ -16,7 +16,7 @@ from pacs_node.services.accounts import Principal
 from pacs_node.web.auth import require
 from pacs_node.web.context import web_context
 
-router = APIRouter(prefix="/api", tags=["review"])
+router = APIRouter(tags=["review"])
 Operator = Annotated[Principal, Depends(require(Role.OPERATOR))]
 Viewer = Annotated[Principal, Depends(require(Role.VIEWER))]
 
