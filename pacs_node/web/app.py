@@ -7,7 +7,7 @@ from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
 from pacs_node import __version__
-from pacs_node.web import health
+from pacs_node.web import health, stow, upload
 from pacs_node.web.context import WebContext
 from pacs_node.web.pages import STATIC_DIR, LoginRequired, login_redirect
 
@@ -23,6 +23,8 @@ def create_app(context: WebContext) -> FastAPI:
     app.state.context = context
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.include_router(health.router)
+    app.include_router(stow.router)
+    app.include_router(upload.router)
 
     @app.exception_handler(LoginRequired)
     def _login(_request: Request, exc: LoginRequired) -> RedirectResponse:
