@@ -42,6 +42,9 @@ META_LIMIT_BYTES = 64 * 2**10  # a File Meta Information group longer than this 
 _PREFIX = len(PREAMBLE)  # 128-byte preamble + "DICM"
 _GROUP_LENGTH_TAG = b"\x02\x00\x00\x00UL\x04\x00"
 _PART_HEADER_LIMIT = 8 * 2**10
+# RFC 2046 allows 70 characters, but Orthanc's DICOMweb client sends two UUIDs (73); the parser
+# takes up to 256.
+MAX_BOUNDARY_LENGTH = 200
 
 
 class MalformedBody(Exception):
@@ -73,7 +76,7 @@ def multipart_boundary(content_type: str) -> str | None:
         return None
     kind = options.get(b"type", DICOM_MEDIA_TYPE.encode()).decode("latin-1").strip().lower()
     boundary = options.get(b"boundary", b"").decode("latin-1")
-    if kind != DICOM_MEDIA_TYPE or not boundary or len(boundary) > 70:
+    if kind != DICOM_MEDIA_TYPE or not boundary or len(boundary) > MAX_BOUNDARY_LENGTH:
         return None
     return boundary
 
