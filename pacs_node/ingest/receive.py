@@ -96,12 +96,14 @@ class Receiver:
         announced: Announced,
         calling_ae: str | None,
         received_at: datetime | None = None,
+        sender: str | None = None,
     ) -> Receipt:
         """As :meth:`receive`, with the header read (STOW-RS names the study and series of
-        each stored instance in its response)."""
+        each stored instance in its response); ``sender``: the user, where no AE title names
+        who sent it (recorded in the study's events)."""
         received_at = received_at or utcnow()
         try:
-            return self._receive(received, announced, calling_ae, received_at)
+            return self._receive(received, announced, calling_ae, received_at, sender)
         finally:
             received.remove()
 
@@ -111,6 +113,7 @@ class Receiver:
         announced: Announced,
         calling_ae: str | None,
         received_at: datetime,
+        sender: str | None = None,
     ) -> Receipt:
         if received.oversized:
             raise OutOfResources(
@@ -151,6 +154,7 @@ class Receiver:
                 size_bytes=stored.size_bytes,
                 received_at=received_at,
                 calling_ae=calling_ae,
+                sender=sender,
             ),
         )
         return Receipt(status, header)

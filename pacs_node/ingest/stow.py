@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from python_multipart.exceptions import MultipartParseError
@@ -147,12 +146,14 @@ class StowBody:
         receiver: Receiver,
         boundary: str,
         study_uid: str | None = None,
-        on_result: Callable[[PartResult], None] | None = None,
+        sender: str | None = None,
     ) -> None:
+        """``study_uid``: the study of a ``/studies/{study}`` request; ``sender``: the user
+        (recorded in the study's events, STOW-RS having no AE title)."""
         self.receiver = receiver
         self.study_uid = study_uid
+        self.sender = sender
         self.results: list[PartResult] = []
-        self.on_result = on_result
         self._part: _Part | None = None
         self._ended = False
         self._parser = MultipartParser(
@@ -243,8 +244,6 @@ class StowBody:
                 extra={"status": f"0x{result.status:04X}", "reason": result.reason},
             )
         self.results.append(result)
-        if self.on_result is not None:
-            self.on_result(result)
 
     def _body_end(self) -> None:
         self._ended = True
@@ -275,7 +274,7 @@ class StowBody:
                 transfer_syntax_uid=uids[2],
                 study_uid=self.study_uid,
             )
-            receipt = self.receiver.receive_instance(received, announced, None)
+            receipt = self.receiver.receive_instance(received, announced, None, sender=self.sender)
         except IngestError as exc:
             received.remove()
             return self._failed(exc, uids, oversized=received.oversized)

@@ -77,7 +77,7 @@ async def _store(request: Request, principal: Principal, study: str | None) -> J
         )
     if not _acceptable(request.headers.get("accept", "")):
         raise HTTPException(status.HTTP_406_NOT_ACCEPTABLE, f"the response is {DICOM_JSON}")
-    body = StowBody(context.receiver, boundary, study)
+    body = StowBody(context.receiver, boundary, study, sender=principal.name)
     finished = False
     try:
         results = await _read(request, body)

@@ -17,7 +17,7 @@ from requests.exceptions import HTTPError
 from sqlalchemy import select
 
 from pacs_node.catalog.db import open_catalog
-from pacs_node.catalog.models import Counter, Instance, Role, Series, Study
+from pacs_node.catalog.models import Counter, Instance, Role, Series, Study, StudyEvent
 from pacs_node.config import NodeOptions, Settings
 from pacs_node.ingest.receive import Receiver
 from pacs_node.ingest.recorder import CatalogRecorder
@@ -118,6 +118,13 @@ def test_dicomweb_client_stores_a_series_recorded_in_the_catalog(
     for row in rows.values():
         stored = pydicom.dcmread(web_node.spool.path(row.path))
         assert stored.file_meta.SourceApplicationEntityTitle in (None, "")
+    with web_node.catalog.sessions() as session:
+        event = session.scalars(
+            select(StudyEvent).where(
+                StudyEvent.study_id == study.id, StudyEvent.kind == "receiving"
+            )
+        ).one()
+        assert event.detail == {"sender": "stow-operator"}
 
 
 def test_stored_data_set_is_byte_identical_to_a_c_store(
@@ -345,3 +352,26 @@ def test_a_failed_request_raises_in_dicomweb_client(
     other = pydicom.dcmread(write_series(tmp_path / "x", slices=1, rows=8, columns=8)[0])
     with pytest.raises(HTTPError):
         dicomweb.store_instances([other], study_instance_uid=new_uid())
+
+
+def test_part10_fronts_that_are_refused_say_why(web_node: WebNode, series: list[Path]) -> None:
+    """A meta without its group length, an overlong meta and a part of another media type each
+    fail with a reason; the epilogue after the close delimiter is ignored."""
+    raw = series[0].read_bytes()
+    without_group_length = raw[:132] + raw[144:]
+    overlong = raw[:140] + (2**20).to_bytes(4, "little") + raw[144:]
+    boundary = "b0undary"
+    body, _ = multipart([without_group_length, overlong, raw], boundary)
+    body = body.replace(
+        b"Content-Type: application/dicom\r\n\r\n" + raw,
+        b"Content-Type: application/dicom+json\r\n\r\n" + raw,
+    )
+    receiver = Receiver(web_node.settings, web_node.spool, web_node.recorder, web_node.catalog)
+    parts = StowBody(receiver, boundary)
+    parts.write(body + b"an epilogue")
+    results = parts.close()
+    assert [(r.status, r.stored) for r in results] == [(0xC001, False)] * 3
+    assert "Group Length" in results[0].reason
+    assert "too long" in results[1].reason
+    assert "application/dicom+json" in results[2].reason
+    assert list(web_node.spool.incoming.iterdir()) == []
