@@ -7,7 +7,8 @@ the same receive path as a C-STORE (checks, identity and resend policies, ``max_
 The answer is the Store Instances Response Module (PS3.18 Annex I) in DICOM JSON.
 
 STOW-RS clients have no AE title: the stored files' Source AE Title is empty and the catalog's
-calling AE is None for them; who sent them is the signed-in user, logged with the counts.
+calling AE is None for them; who sent them is the signed-in user, logged with the counts and
+named as ``sender`` in a new study's ``receiving`` event.
 """
 
 from __future__ import annotations

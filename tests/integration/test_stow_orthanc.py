@@ -30,7 +30,7 @@ ROUTES = yaml.safe_dump(
         "rules": [
             {
                 "name": "ct",
-                "when": {"modality": "CT", "slices": {"min": 10}},
+                "when": {"modality": "CT", "slices": {"min": 3}},
                 "models": ["ct-classical"],
             }
         ]
@@ -77,7 +77,7 @@ def test_orthanc_stows_a_study_that_the_node_routes(
             "Password": PASSWORD,
         }
         orthanc = orthanc_pushing.start()
-        paths = write_series(tmp_path / "ct", slices=12, rows=32, columns=32, spacing=(5, 5, 5))
+        paths = write_series(tmp_path / "ct", slices=4, rows=32, columns=32, spacing=(5, 5, 5))
         study_uid = str(dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
         for path in paths:
             orthanc.post("/instances", content=path.read_bytes())
@@ -95,4 +95,4 @@ def test_orthanc_stows_a_study_that_the_node_routes(
     finally:
         catalog.dispose()
     study = next(s for s in node.studies() if s["study_uid"] == study_uid)
-    assert (study["route_outcome"], study["instances"], study["calling_ae"]) == ("routed", 12, None)
+    assert (study["route_outcome"], study["instances"], study["calling_ae"]) == ("routed", 4, None)
