@@ -6,6 +6,7 @@
     ├── ConfigError             a config file or env var is wrong; names file, key and reason
     ├── CatalogError            the catalog database cannot be opened or migrated
     ├── RequestError            a door's request cannot be done: no such study, nothing fits
+    │   └── MalformedBody           a STOW-RS body is not a readable multipart/related message
     ├── VolumeError             a series cannot become one Volume (tilt, gaps, mixed geometry, ...)
     ├── ResultsError            results cannot be built from this Volume + Labelmap (grid mismatch,
     │                           nothing to encode, a source the standard objects cannot reference)
@@ -59,6 +60,11 @@ class CatalogError(PacsNodeError):
 
 class RequestError(PacsNodeError):
     """A request through a door (CLI, web) cannot be done as asked; the message says why."""
+
+
+class MalformedBody(RequestError):
+    """A STOW-RS body is not a readable multipart/related message (PS3.18: 400 Bad Request);
+    the parts stored before it broke stay stored."""
 
 
 class VolumeError(PacsNodeError):

@@ -26,17 +26,17 @@ from dataclasses import dataclass
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from pacs_node.errors import IngestError, OutOfResources, UnreadableDataset
+from pacs_node.errors import IngestError, MalformedBody, OutOfResources, UnreadableDataset
 from pacs_node.ingest.part10 import PREAMBLE
 from pacs_node.ingest.receive import Announced, Receiver
+from pacs_node.ingest.scp import FAILED_COUNTER
 from pacs_node.ingest.statuses import status_for
 from pacs_node.ingest.transport import ReceivedFile
-from pacs_node.statuses import SUCCESS
+from pacs_node.statuses import is_stored
 
 log = logging.getLogger(__name__)
 
 DICOM_MEDIA_TYPE = "application/dicom"
-FAILED_COUNTER = "failed_instances"  # the Storage SCP's counter of refused instances
 META_LIMIT_BYTES = 64 * 2**10  # a File Meta Information group longer than this is refused
 _PREFIX = len(PREAMBLE)  # 128-byte preamble + "DICM"
 _GROUP_LENGTH_TAG = b"\x02\x00\x00\x00UL\x04\x00"
@@ -44,10 +44,6 @@ _PART_HEADER_LIMIT = 8 * 2**10
 # RFC 2046 allows 70 characters, but Orthanc's DICOMweb client sends two UUIDs (73); the parser
 # takes up to 256.
 MAX_BOUNDARY_LENGTH = 200
-
-
-class MalformedBody(Exception):
-    """The body is not a readable multipart/related message (PS3.18: 400 Bad Request)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +60,7 @@ class PartResult:
 
     @property
     def stored(self) -> bool:
-        return self.status == SUCCESS or (self.status & 0xF000) == 0xB000
+        return is_stored(self.status)
 
 
 def multipart_boundary(content_type: str) -> str | None:

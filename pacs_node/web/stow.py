@@ -22,9 +22,10 @@ from fastapi.responses import JSONResponse
 from pydicom.dataset import Dataset
 
 from pacs_node.catalog.models import Role
-from pacs_node.ingest.stow import MalformedBody, PartResult, StowBody, multipart_boundary
+from pacs_node.errors import MalformedBody
+from pacs_node.ingest.stow import PartResult, StowBody, multipart_boundary
 from pacs_node.services.accounts import Principal
-from pacs_node.statuses import CANNOT_UNDERSTAND
+from pacs_node.statuses import CANNOT_UNDERSTAND, SUCCESS
 from pacs_node.uids import is_valid_uid
 from pacs_node.web.auth import require
 from pacs_node.web.context import web_context
@@ -130,7 +131,7 @@ def http_status(results: list[PartResult]) -> int:
         if all(result.oversized for result in results):
             return status.HTTP_413_CONTENT_TOO_LARGE
         return status.HTTP_409_CONFLICT
-    if len(stored) == len(results) and all(result.status == 0 for result in stored):
+    if len(stored) == len(results) and all(result.status == SUCCESS for result in stored):
         return status.HTTP_200_OK
     return status.HTTP_202_ACCEPTED
 
@@ -154,7 +155,7 @@ def response_module(results: list[PartResult], base: str, study: str | None) -> 
                 f"{base}/studies/{result.study_uid}/series/{result.series_uid}"
                 f"/instances/{result.sop_instance_uid}"
             )
-            if result.status != 0:
+            if result.status != SUCCESS:
                 item.WarningReason = result.status
             referenced.append(item)
         else:
