@@ -146,9 +146,10 @@ def response_module(results: list[PartResult], base: str, study: str | None) -> 
     failed: list[Dataset] = []
     for result in results:
         item = Dataset()
-        if result.sop_class_uid:
+        # a failed part's UIDs come from its own File Meta Information: only valid ones are named
+        if result.sop_class_uid and is_valid_uid(result.sop_class_uid):
             item.ReferencedSOPClassUID = result.sop_class_uid
-        if result.sop_instance_uid:
+        if result.sop_instance_uid and is_valid_uid(result.sop_instance_uid):
             item.ReferencedSOPInstanceUID = result.sop_instance_uid
         if result.stored:
             item.RetrieveURL = (

@@ -202,11 +202,14 @@ def test_a_bad_part_fails_while_the_rest_is_stored(
         assert counter.value == 2
 
 
-def test_only_failures_answer_409(web_node: WebNode) -> None:
+def test_only_failures_answer_409(web_node: WebNode, series: list[Path]) -> None:
+    raw = series[0].read_bytes()
+    uid = str(pydicom.dcmread(series[0]).SOPInstanceUID).encode()
+    hostile = raw.replace(uid, b"x" * len(uid), 1)  # the meta's SOP Instance UID is no UID
     with web_node.client(Role.OPERATOR) as client:
-        response = post(client, [b"garbage", b"DICM" + b"\x00" * 200])
+        response = post(client, [b"garbage", b"DICM" + b"\x00" * 200, hostile])
     assert response.status_code == 409
-    assert [reason for _, reason in failures(response)] == [0xC001, 0xC001]
+    assert failures(response) == [(None, 0xC001), (None, 0xC001), (None, DATASET_MISMATCH)]
     assert REFERENCED not in response.json()
 
 
