@@ -6,7 +6,8 @@
     ├── ConfigError             a config file or env var is wrong; names file, key and reason
     ├── CatalogError            the catalog database cannot be opened or migrated
     ├── RequestError            a door's request cannot be done: no such study, nothing fits
-    │   └── NotFound                the study (or job, delivery) it names is not in the catalog
+    │   ├── NotFound                the study (or job, delivery) it names is not in the catalog
+    │   └── MalformedBody           a STOW-RS body is not a readable multipart/related message
     ├── VolumeError             a series cannot become one Volume (tilt, gaps, mixed geometry, ...)
     ├── ResultsError            results cannot be built from this Volume + Labelmap (grid mismatch,
     │                           nothing to encode, a source the standard objects cannot reference)
@@ -64,6 +65,11 @@ class RequestError(PacsNodeError):
 
 class NotFound(RequestError):
     """What a request names is not in the catalog (a door answers 404)."""
+
+
+class MalformedBody(RequestError):
+    """A STOW-RS body is not a readable multipart/related message (PS3.18: 400 Bad Request);
+    the parts stored before it broke stay stored."""
 
 
 class VolumeError(PacsNodeError):

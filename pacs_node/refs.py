@@ -39,6 +39,8 @@ class InstanceRef:
     received_at: datetime
     calling_ae: str | None = None
     sha256: str | None = None  # of the data set as received (see ingest.spool)
+    # Who sent it where no AE title says so: the user who stored it over STOW-RS.
+    sender: str | None = None
     # Decided by the receiver already (see ingest.identity): a quarantine reason code when the
     # file at ``path`` is in the spool's quarantine area and must join no study; ``replaces``
     # when the file at ``path`` was swapped for a corrected re-send (``resend_policy: replace``).

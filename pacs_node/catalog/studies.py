@@ -328,7 +328,8 @@ def record_instances(
         study = studies[study_uid]
         latest = max(ref.received_at for ref in added)
         if study_uid not in existed_before:
-            add_event(session, study.id, "receiving", study.first_received_at)
+            sender = {"sender": added[0].sender} if added[0].sender else {}
+            add_event(session, study.id, "receiving", study.first_received_at, **sender)
         reopened = study.state == StudyState.STABLE
         if reopened:
             study.state = StudyState.RECEIVING

@@ -24,7 +24,7 @@ from pacs_node.ingest.identity import IdentityGate
 from pacs_node.ingest.recorder import RecordSink
 from pacs_node.ingest.spool import Spool
 from pacs_node.ingest.transport import ReceivedFile
-from pacs_node.refs import InstanceRef
+from pacs_node.refs import InstanceHeader, InstanceRef
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +35,16 @@ class Announced:
     sop_class_uids: tuple[str, ...]  # every one must equal the data set's SOP Class UID
     sop_instance_uid: str
     transfer_syntax_uid: str
+    # STOW-RS to /studies/{study}: the data set must belong to this study (None: any study).
+    study_uid: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """The answer for one received data set and the header it was kept under."""
+
+    status: int
+    header: InstanceHeader
 
 
 class Receiver:
@@ -78,9 +88,22 @@ class Receiver:
         """Keep ``received`` as its instance's spool file and answer with a DICOM status, or
         raise an :class:`~pacs_node.errors.IngestError`. The temporary name is gone afterwards
         either way (the spool's link, if made, stays)."""
+        return self.receive_instance(received, announced, calling_ae, received_at).status
+
+    def receive_instance(
+        self,
+        received: ReceivedFile,
+        announced: Announced,
+        calling_ae: str | None,
+        received_at: datetime | None = None,
+        sender: str | None = None,
+    ) -> Receipt:
+        """As :meth:`receive`, with the header read (STOW-RS names the study and series of
+        each stored instance in its response); ``sender``: the user, where no AE title names
+        who sent it (recorded in the study's events)."""
         received_at = received_at or utcnow()
         try:
-            return self._receive(received, announced, calling_ae, received_at)
+            return self._receive(received, announced, calling_ae, received_at, sender)
         finally:
             received.remove()
 
@@ -90,7 +113,8 @@ class Receiver:
         announced: Announced,
         calling_ae: str | None,
         received_at: datetime,
-    ) -> int:
+        sender: str | None = None,
+    ) -> Receipt:
         if received.oversized:
             raise OutOfResources(
                 f"data set of {received.dataset_bytes // 2**20} MiB is over max_instance_mb "
@@ -106,6 +130,8 @@ class Receiver:
             raise DataSetMismatch("SOP Class UID differs from the request or presentation context")
         if header.sop_instance_uid != announced.sop_instance_uid:
             raise DataSetMismatch("SOP Instance UID differs from the request")
+        if announced.study_uid is not None and header.study_uid != announced.study_uid:
+            raise DataSetMismatch("Study Instance UID differs from the study of the request")
 
         screening = self.identity.screen(header)  # may refuse before anything is kept
 
@@ -118,7 +144,7 @@ class Receiver:
             header.sop_instance_uid,
             received.sha256,
         )
-        return self.identity.admit(
+        status = self.identity.admit(
             screening,
             stored,
             InstanceRef(
@@ -128,5 +154,7 @@ class Receiver:
                 size_bytes=stored.size_bytes,
                 received_at=received_at,
                 calling_ae=calling_ae,
+                sender=sender,
             ),
         )
+        return Receipt(status, header)

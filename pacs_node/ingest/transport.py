@@ -498,7 +498,8 @@ def _nothing() -> None:
 
 
 class ReceivedFile:
-    """A C-STORE data set written to the spool's incoming folder while its PDUs arrive.
+    """A C-STORE data set written to the spool's incoming folder while its PDUs arrive (or a
+    STOW-RS part while its bytes arrive, see :mod:`pacs_node.ingest.stow`).
 
     pynetdicom writes a preamble and its own File Meta Information, then each data set fragment,
     and calls ``file.flush()`` after each. The meta pynetdicom writes is replaced by ours (the
@@ -517,6 +518,8 @@ class ReceivedFile:
         self._handle = os.fdopen(fd, "wb", buffering=2**20)
         self._prefix = bytearray()
         self.dataset_offset: int | None = None  # where the data set starts in the file
+        # (SOP Class, SOP Instance, Transfer Syntax) UIDs of the File Meta Information received
+        self.meta_uids: tuple[str, str, str] | None = None
         self.dataset_bytes = 0  # received, including any not kept
         self.size = 0  # bytes in the file
         self.oversized = False
@@ -560,15 +563,16 @@ class ReceivedFile:
             return
         try:
             meta = read_dataset(BytesIO(bytes(prefix[len(PREAMBLE) : end])), False, True)
-            ours = file_meta(
+            uids = (
                 str(meta.MediaStorageSOPClassUID),
                 str(meta.MediaStorageSOPInstanceUID),
                 str(meta.TransferSyntaxUID),
-                self.source_ae,
             )
+            ours = file_meta(*uids, self.source_ae)
         except Exception as exc:  # hostile UIDs from the command set
             self.error = UnreadableDataset(f"file meta cannot be written: {type(exc).__name__}")
             return
+        self.meta_uids = uids
         self._handle.write(ours)
         self.size = len(ours)
         self.dataset_offset = len(ours)

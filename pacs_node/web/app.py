@@ -7,7 +7,19 @@ from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
 from pacs_node import __version__
-from pacs_node.web import accounts, api, dashboard, health, metrics, qido, review, viewer, wado
+from pacs_node.web import (
+    accounts,
+    api,
+    dashboard,
+    health,
+    metrics,
+    qido,
+    review,
+    stow,
+    upload,
+    viewer,
+    wado,
+)
 from pacs_node.web.context import WebContext
 from pacs_node.web.csrf import FormCsrf
 from pacs_node.web.pages import STATIC_DIR, PageRedirect
@@ -33,6 +45,8 @@ def create_app(context: WebContext) -> FastAPI:
     app.include_router(wado.router)
     app.include_router(dashboard.router)
     app.include_router(viewer.router)
+    app.include_router(stow.router)
+    app.include_router(upload.router)
 
     @app.exception_handler(PageRedirect)
     def _redirect(_request: Request, exc: PageRedirect) -> RedirectResponse:
