@@ -17,7 +17,7 @@ from pacs_node.catalog.jobs import queue_job
 from pacs_node.catalog.models import JobEvent, Study, utcnow
 from pacs_node.catalog.results import StoredEncoding, add_result_rows, write_files
 from pacs_node.catalog.studies import record_instances
-from pacs_node.ingest.header import read_header
+from pacs_node.ingest.header import read_header, read_routing_header
 from pacs_node.refs import InstanceRef
 
 
@@ -42,6 +42,7 @@ def ingest(
                 size_bytes=target.stat().st_size,
                 received_at=now,
                 calling_ae=calling_ae,
+                routing=read_routing_header(ds),
             )
         )
     with catalog.sessions.begin() as session:

@@ -1,19 +1,22 @@
-"""Read the identifying attributes of a received data set, decoded in its own character set."""
+"""Read the attributes of a received data set the node keeps, decoded in its own character set:
+the identifying ones the catalog files it by, and those routing reads, in one pass."""
 
 from __future__ import annotations
 
+import math
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from pydicom import config as pydicom_config
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.filereader import _read_file_meta_info, read_dataset
 from pydicom.uid import UID
 
 from pacs_node.errors import OutOfResources, UnreadableDataset
-from pacs_node.refs import InstanceHeader
+from pacs_node.refs import Equipment, InstanceHeader, RoutingHeader
 from pacs_node.uids import require_uid
 
 
@@ -86,9 +89,172 @@ def read_header(ds: Dataset) -> InstanceHeader:
         raise UnreadableDataset(f"attribute cannot be decoded: {exc}") from exc
 
 
-# Every attribute the catalog reads sits in groups 0x0008-0x0020; stop parsing after them so the
-# hot path never touches pixel data.
+# Bounds on what a routing header keeps of hostile values: the attributes are LO or CS (64 or 16
+# characters), and the few sequences hold a handful of items.
+_ROUTING_TEXT_LIMIT = 1024
+_ROUTING_ITEMS_LIMIT = 64
+
+
+_UNREADABLE = (ValueError, TypeError, KeyError, LookupError, UnicodeError)
+
+
+def _get(ds: Dataset, keyword: str) -> Any:
+    """A value routing may read; None where it is absent or cannot be decoded, as routing
+    would not use it (the identifying attributes, which must decode, are :func:`read_header`'s).
+    Looked up by tag: most are absent, and a missing keyword costs pydicom an exception."""
+    tag = tag_for_keyword(keyword)
+    try:
+        return ds[tag].value if tag is not None and tag in ds else None
+    except _UNREADABLE:
+        return None
+
+
+def _free_text(value: Any) -> str | None:
+    """A value as routing compares it: multi-values joined by backslash, stripped, None if empty."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        value = "\\".join(str(v) for v in value)
+    text = str(value).strip()
+    return text[:_ROUTING_TEXT_LIMIT] or None
+
+
+def _values(value: Any) -> tuple[str, ...]:
+    """A multi-valued code string's values (one value is a str, not its characters)."""
+    if value is None or value == "":
+        return ()
+    if isinstance(value, (str, bytes)):
+        value = [value]
+    try:
+        return tuple(str(v)[:_ROUTING_TEXT_LIMIT] for v in value)[:_ROUTING_ITEMS_LIMIT]
+    except TypeError:
+        return ()
+
+
+def _number(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _whole(value: Any) -> int | None:
+    number = _number(value)
+    return int(number) if number is not None and number.is_integer() else None
+
+
+def _numbers(value: Any, count: int) -> tuple[float, ...] | None:
+    if value is None or isinstance(value, (str, bytes)):
+        return None
+    try:
+        numbers = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    ok = len(numbers) == count and all(math.isfinite(n) for n in numbers)
+    return numbers if ok else None
+
+
+def _items(ds: Dataset, keyword: str) -> list[Dataset]:
+    """A sequence's items, at most :data:`_ROUTING_ITEMS_LIMIT`; none for a value of another VR."""
+    value = _get(ds, keyword)
+    if value is None or isinstance(value, (str, bytes)):
+        return []
+    try:
+        return [item for item in list(value)[:_ROUTING_ITEMS_LIMIT] if isinstance(item, Dataset)]
+    except TypeError:
+        return []
+
+
+def _shared(ds: Dataset, sequence: str, keyword: str) -> Any:
+    """An attribute from the data set, else from its Shared Functional Groups (enhanced IODs)."""
+    value = _get(ds, keyword)
+    if value not in (None, ""):
+        return value
+    for group in _items(ds, "SharedFunctionalGroupsSequence"):
+        for item in _items(group, sequence):
+            value = _get(item, keyword)
+            if value not in (None, ""):
+                return value
+    return None
+
+
+def _meanings(items: Iterable[Dataset], keyword: str) -> list[str]:
+    meanings = []
+    for item in items:
+        for code in _items(item, keyword):
+            meaning = _free_text(_get(code, "CodeMeaning"))
+            if meaning:
+                meanings.append(meaning)
+    return meanings
+
+
+def _requested(ds: Dataset) -> tuple[str, ...]:
+    requests = _items(ds, "RequestAttributesSequence")
+    found = [_free_text(_get(ds, "RequestedProcedureDescription"))]
+    for item in requests:
+        found.append(_free_text(_get(item, "RequestedProcedureDescription")))
+        found.append(_free_text(_get(item, "ScheduledProcedureStepDescription")))
+    found += _meanings(requests, "RequestedProcedureCodeSequence")
+    return tuple(text for text in found if text)[:_ROUTING_ITEMS_LIMIT]
+
+
+def _equipment(ds: Dataset) -> tuple[Equipment, ...]:
+    found = []
+    for item in _items(ds, "ContributingEquipmentSequence"):
+        purposes = tuple(
+            (str(_get(code, "CodeValue") or ""), str(_get(code, "CodingSchemeDesignator") or ""))
+            for code in _items(item, "PurposeOfReferenceCodeSequence")
+        )
+        found.append((_free_text(_get(item, "Manufacturer")), purposes))
+    return tuple(found)
+
+
+def read_routing_header(ds: Dataset) -> RoutingHeader:
+    """What routing reads of ``ds`` (parsed up to :func:`stop_after_routing` or further): one
+    implementation for the receive path and for files on a disk. Nothing here refuses an
+    instance: a value that cannot be decoded or is malformed is left out."""
+    return RoutingHeader(
+        modality=_free_text(_get(ds, "Modality")),
+        sop_class_uid=_free_text(_get(ds, "SOPClassUID")),
+        manufacturer=_free_text(_get(ds, "Manufacturer")),
+        body_part_examined=_free_text(_get(ds, "BodyPartExamined")),
+        study_description=_free_text(_get(ds, "StudyDescription")),
+        series_description=_free_text(_get(ds, "SeriesDescription")),
+        protocol_name=_free_text(_get(ds, "ProtocolName")),
+        image_type=_values(_get(ds, "ImageType")),
+        series_number=_whole(_get(ds, "SeriesNumber")),
+        number_of_frames=_whole(_get(ds, "NumberOfFrames")),
+        requested_procedures=_requested(ds),
+        procedure_codes=tuple(_meanings([ds], "ProcedureCodeSequence"))[:_ROUTING_ITEMS_LIMIT],
+        image_position_patient=_numbers(_get(ds, "ImagePositionPatient"), 3),
+        image_orientation_patient=_numbers(
+            _shared(ds, "PlaneOrientationSequence", "ImageOrientationPatient"), 6
+        ),
+        pixel_spacing=_numbers(_shared(ds, "PixelMeasuresSequence", "PixelSpacing"), 2),
+        columns=_whole(_get(ds, "Columns")),
+        reconstruction_diameter=_number(_get(ds, "ReconstructionDiameter")),
+        slice_thickness=_number(_shared(ds, "PixelMeasuresSequence", "SliceThickness")),
+        spacing_between_slices=_number(
+            _shared(ds, "PixelMeasuresSequence", "SpacingBetweenSlices")
+        ),
+        contributing_equipment=_equipment(ds),
+    )
+
+
+# Every attribute the catalog files an instance by sits in groups 0x0008-0x0020: those must be
+# read, or the instance is refused.
 _LAST_GROUP_READ = 0x0020
+# The last attribute routing reads: Shared Functional Groups Sequence (5200,9229). Everything
+# after it (Per-Frame Functional Groups, pixel data) is never read, nor inflated. Every other
+# attribute routing judges a series by (descriptions, requests, positions, field) sits in groups
+# 0x0008-0x0040; the Shared Functional Groups belong to multi-frame IODs only, which have Number
+# of Frames (0028,0008) (Multi-frame Functional Groups Module, type 1), so an instance without it
+# is read no further than group 0x0040 (past it: vendors' private groups, documents, overlays).
+_LAST_ROUTING_TAG = 0x52009229
+_LAST_SINGLE_FRAME_ROUTING_TAG = 0x0040FFFF
+_NUMBER_OF_FRAMES = 0x00280008
+_UNDEFINED_LENGTH = 0xFFFFFFFF
 # The most bytes of a data set the header readers take in (inflated, for Deflated Explicit VR
 # Little Endian): leading groups are kilobytes; a data set whose leading groups exceed this is
 # refused rather than read into memory, whatever the transfer syntax.
@@ -165,6 +331,39 @@ def _past_identifiers(tag: Any, _vr: Any, _length: Any) -> bool:
     return int(tag.group) > _LAST_GROUP_READ
 
 
+def stop_after_routing() -> Callable[[Any, Any, Any], bool]:
+    """A fresh ``stop_when`` for one parse that reads the identifiers and what routing reads,
+    and nothing after (see :data:`_LAST_ROUTING_TAG`)."""
+    multi_frame = False
+
+    def stop(tag: Any, _vr: Any, _length: Any) -> bool:
+        nonlocal multi_frame
+        number = int(tag)
+        if number == _NUMBER_OF_FRAMES:
+            multi_frame = True
+        last = _LAST_ROUTING_TAG if multi_frame else _LAST_SINGLE_FRAME_ROUTING_TAG
+        return number > last
+
+    return stop
+
+
+def _bounded(
+    stop_when: Callable[[Any, Any, Any], bool], view: HeaderStream, limit: int
+) -> Callable[[Any, Any, Any], bool]:
+    """``stop_when``, and stop before an attribute past the identifying groups whose value would
+    end beyond ``limit``: routing's attributes are optional (an Encapsulated Document may hold
+    tens of MiB before them), so such an instance keeps the attributes before it instead of
+    being refused. A sequence of undefined length cannot be judged ahead and stays capped."""
+
+    def stop(tag: Any, vr: Any, length: Any) -> bool:
+        if stop_when(tag, vr, length):
+            return True
+        optional = int(tag.group) > _LAST_GROUP_READ and length != _UNDEFINED_LENGTH
+        return optional and view.tell() + int(length) > limit
+
+    return stop
+
+
 def parse_identifiers(
     stream: BinaryIO,
     transfer_syntax_uid: str,
@@ -173,14 +372,18 @@ def parse_identifiers(
     limit: int = HEADER_LIMIT_BYTES,
 ) -> Dataset:
     """Parse only the leading groups of a network-encoded data set (no file meta, no pixels),
-    read from the stream's current position; at most ``limit`` bytes, inflated or not."""
+    read from the stream's current position; at most ``limit`` bytes, inflated or not.
+
+    The receive path passes :func:`stop_after_routing`, so the header routing reads is parsed in
+    the same pass as the identifiers."""
     syntax = UID(transfer_syntax_uid)
     try:
         implicit = syntax.is_implicit_VR if syntax.is_transfer_syntax else False
         little = syntax.is_little_endian if syntax.is_transfer_syntax else True
         deflated = bool(syntax.is_transfer_syntax and syntax.is_deflated)
         view = HeaderStream(stream, deflated=deflated, limit=limit)
-        ds = read_dataset(view, implicit, little, stop_when=stop_when)  # type: ignore[arg-type]
+        stop = _bounded(stop_when, view, limit)
+        ds = read_dataset(view, implicit, little, stop_when=stop)  # type: ignore[arg-type]
         ds.set_original_encoding(implicit, little)
     except HeaderTooLarge:
         raise
