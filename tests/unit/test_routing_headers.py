@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
@@ -40,7 +39,13 @@ from pacs_node.routing.facts import study_facts
 from pacs_node.routing.files import read_studies
 from pacs_node.routing.rules import SeriesFacts
 from tests.corpus_series import stack_corpus_file
-from tests.dicom_factory import new_uid, restyle, write_series
+from tests.dicom_factory import (
+    new_uid,
+    restyle,
+    write_enhanced_mr,
+    write_requested_ct,
+    write_series,
+)
 
 CALLING_AE = "CT1"
 
@@ -95,61 +100,9 @@ def _forget_headers(catalog: Catalog) -> None:
         session.execute(update(Series).values(routing_first=None, routing_last=None))
 
 
-def _ct_series(directory: Path) -> list[Path]:
-    """A torso CT series whose region is known from its request only, as from a RIS."""
-    study = new_uid()
-    paths = write_series(directory, slices=40, study_uid=study, spacing=(2.0, 0.8, 0.8))
-    request = Dataset()
-    request.RequestedProcedureDescription = "CT Thorax Abdomen"
-    request.ScheduledProcedureStepDescription = "CT TAP w/ contrast"
-    code = Dataset()
-    code.CodeValue, code.CodingSchemeDesignator = "RPID17", "LN"
-    code.CodeMeaning = "CT CHEST ABDOMEN PELVIS"
-    request.RequestedProcedureCodeSequence = [code]
-    return restyle(
-        paths,
-        BodyPartExamined=None,
-        SeriesDescription=None,
-        StudyDescription=None,
-        ProtocolName="Routine 2.0",
-        RequestAttributesSequence=[request],
-        ImageType=["ORIGINAL", "PRIMARY", "AXIAL", "CT_SOM5 SPI"],
-    )
-
-
 def _corpus_ct(directory: Path) -> list[Path]:
     """A real scanner's CT header (GE, private groups included), stacked into a series."""
     return stack_corpus_file("CT_small.dcm", directory, slices=30, spacing_mm=5.0)
-
-
-def _enhanced_mr(directory: Path) -> list[Path]:
-    """Enhanced MR (one multi-frame instance) with its geometry in the functional groups, as an
-    enhanced IOD holds it: orientation and pixel measures shared, positions per frame."""
-    source = get_testdata_file("emri_small.dcm")
-    assert source is not None
-    ds = dcmread(source)
-    orientation, measures = Dataset(), Dataset()
-    orientation.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]  # coronal
-    measures.PixelSpacing = [3.2, 3.2]
-    measures.SliceThickness = 12.0
-    measures.SpacingBetweenSlices = 12.0
-    shared = Dataset()
-    shared.PlaneOrientationSequence = [orientation]
-    shared.PixelMeasuresSequence = [measures]
-    ds.SharedFunctionalGroupsSequence = [shared]
-    frames = []
-    for index in range(int(ds.NumberOfFrames)):
-        position, frame = Dataset(), Dataset()
-        position.ImagePositionPatient = [-100.0, -50.0 + 12.0 * index, 100.0]
-        frame.PlanePositionSequence = [position]
-        frames.append(frame)
-    ds.PerFrameFunctionalGroupsSequence = frames
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = new_uid(), new_uid()
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = new_uid()
-    directory.mkdir(parents=True)
-    path = directory / "emri.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    return [path]
 
 
 def _mr_series(directory: Path) -> list[Path]:
@@ -157,7 +110,12 @@ def _mr_series(directory: Path) -> list[Path]:
     return restyle(paths, BodyPartExamined=None, SeriesDescription="t1_vibe_fs_tra_Leber")
 
 
-CASES = {"ct": _ct_series, "corpus-ct": _corpus_ct, "enhanced-mr": _enhanced_mr, "mr": _mr_series}
+CASES = {
+    "ct": write_requested_ct,
+    "corpus-ct": _corpus_ct,
+    "enhanced-mr": write_enhanced_mr,
+    "mr": _mr_series,
+}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -199,7 +157,7 @@ def test_recorded_headers_give_the_facts_the_files_give(
 def test_routing_opens_no_file_once_the_headers_are_recorded(
     catalog: Catalog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    paths = _ct_series(tmp_path / "ct")
+    paths = write_requested_ct(tmp_path / "ct")
     spool = Spool(tmp_path / "spool")
     _record(catalog, [_receive(spool, path) for path in paths])
     study_uid = dcmread(paths[0]).StudyInstanceUID
@@ -217,7 +175,7 @@ def test_routing_opens_no_file_once_the_headers_are_recorded(
 def test_a_series_recorded_without_headers_is_read_from_its_files(
     catalog: Catalog, tmp_path: Path
 ) -> None:
-    paths = _ct_series(tmp_path / "ct")
+    paths = write_requested_ct(tmp_path / "ct")
     spool = Spool(tmp_path / "spool")
     refs = [_receive(spool, path, with_routing=False) for path in paths]
     _record(catalog, refs)
