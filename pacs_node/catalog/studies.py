@@ -136,14 +136,15 @@ def _record_series_ends(
     if not touched:
         return
     for series in session.scalars(select(Series).where(Series.series_uid.in_(touched))):
-        new = [SeriesEnd.of(ref) for ref in added.get(series.series_uid, [])]
+        held: list[SeriesEnd] = []
         if series.series_uid in series_before:
             if series.routing_first is None or series.routing_last is None:
                 continue
-            new += [
+            held = [
                 SeriesEnd.from_json(series.routing_first),
                 SeriesEnd.from_json(series.routing_last),
             ]
+        new = held + [SeriesEnd.of(ref) for ref in added.get(series.series_uid, [])]
         ends = [min(new, key=SeriesEnd.order), max(new, key=SeriesEnd.order)] if new else []
         for ref in replaced:
             if ref.series_uid != series.series_uid:
@@ -153,13 +154,9 @@ def _record_series_ends(
                     ends[index] = SeriesEnd(
                         end.sop_instance_uid, end.instance_number, ref.calling_ae, ref.routing
                     )
-        if not ends:
-            continue
-        first, last = ends[0].to_json(), ends[1].to_json()
-        if series.routing_first != first:
-            series.routing_first = first
-        if series.routing_last != last:
-            series.routing_last = last
+        if not ends or ends == held:
+            continue  # unchanged: the row is not written again
+        series.routing_first, series.routing_last = ends[0].to_json(), ends[1].to_json()
 
 
 Hold = Callable[[InstanceRef], tuple[str, str, int]]

@@ -6,6 +6,7 @@ ending instance in header order across batches, replacements and quarantined ins
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import shutil
 from collections.abc import Iterator, Sequence
@@ -271,7 +272,7 @@ def test_a_series_recorded_before_the_headers_were_kept_stays_read_from_files(
     assert facts == _from_files(tmp_path / "ct")
 
 
-def test_the_routing_header_survives_json() -> None:
+def test_the_routing_header_survives_json_and_the_pipe_from_a_worker() -> None:
     header = RoutingHeader(
         modality="CT",
         image_type=("ORIGINAL", "PRIMARY"),
@@ -284,6 +285,7 @@ def test_the_routing_header_survives_json() -> None:
     )
     text = json.dumps(header.to_json())
     assert RoutingHeader.from_json(json.loads(text)) == header
+    assert pickle.loads(pickle.dumps(header)) == header  # SCP worker -> recorder
     assert RoutingHeader.from_json({}) == RoutingHeader()
     assert RoutingHeader().to_json() == {}
 
