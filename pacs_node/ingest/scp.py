@@ -37,11 +37,10 @@ from pacs_node.config import Settings
 from pacs_node.errors import DataSetMismatch, IngestError, OutOfResources, UnreadableDataset
 from pacs_node.ingest.access import AccessPolicy
 from pacs_node.ingest.header import (
-    parse_identifiers,
+    parse_received,
     read_header,
     read_routing_header,
     skip_value_validation,
-    stop_after_routing,
 )
 from pacs_node.ingest.identity import IdentityGate
 from pacs_node.ingest.limits import Caps, SharedLimits
@@ -394,7 +393,7 @@ class StorageSCP:
         transfer_syntax = str(event.context.transfer_syntax)
         with received.path.open("rb") as stream:
             stream.seek(received.dataset_offset or 0)
-            ds = parse_identifiers(stream, transfer_syntax, stop_when=stop_after_routing())
+            ds = parse_received(stream, transfer_syntax)
         header = read_header(ds)
         if header.sop_class_uid != str(request.AffectedSOPClassUID) or header.sop_class_uid != str(
             event.context.abstract_syntax

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from pacs_node.catalog.models import Instance, Series, Study
 from pacs_node.catalog.studies import series_headers
 from pacs_node.errors import IngestError
-from pacs_node.ingest.header import read_routing_header, read_spooled_header, stop_after_routing
+from pacs_node.ingest.header import read_received_file, read_routing_header
 from pacs_node.ingest.spool import Spool
 from pacs_node.refs import RoutingHeader, header_order
 from pacs_node.results.codes import PROCESSING_ALGORITHM
@@ -155,7 +155,7 @@ def series_order(facts: SeriesFacts) -> tuple[bool, int, str]:
 
 def _read(spool: Spool, relpath: str, series_uid: str) -> RoutingHeader:
     try:
-        return read_routing_header(read_spooled_header(spool.path(relpath), stop_after_routing()))
+        return read_routing_header(read_received_file(spool.path(relpath)))
     except (OSError, ValueError, IngestError) as exc:
         log.warning(
             "series header unreadable", extra={"series_uid": series_uid, "reason": str(exc)}

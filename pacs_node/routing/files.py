@@ -19,9 +19,9 @@ from typing import Any
 from pacs_node.errors import IngestError
 from pacs_node.ingest.header import (
     read_header,
+    read_received_file,
     read_routing_header,
     read_spooled_header,
-    stop_after_routing,
 )
 from pacs_node.refs import RoutingHeader, header_order
 from pacs_node.routing.facts import SeriesSample, series_facts, series_order
@@ -125,6 +125,6 @@ def _routing_header(path: Path) -> RoutingHeader:
     moment ago, so a failure now (it changed or went away) leaves the header empty, as an
     unreadable spool file does."""
     try:
-        return read_routing_header(read_spooled_header(path, stop_after_routing()))
+        return read_routing_header(read_received_file(path))
     except (OSError, ValueError, IngestError):
         return RoutingHeader()

@@ -123,5 +123,5 @@ def test_routing_reads_what_the_scp_recorded_and_opens_no_file(
     def no_file(*_args: object) -> Dataset:
         raise AssertionError("routing opened a spooled file")
 
-    monkeypatch.setattr(facts_module, "read_spooled_header", no_file)
+    monkeypatch.setattr(facts_module, "read_received_file", no_file)
     assert _node_facts(catalog, scp.spool) == expected

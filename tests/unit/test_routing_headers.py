@@ -10,7 +10,7 @@ import pickle
 import random
 import shutil
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
 from datetime import UTC, datetime
 from io import BytesIO
 from pathlib import Path
@@ -29,10 +29,10 @@ from pacs_node.catalog.models import Series
 from pacs_node.catalog.studies import SeriesEnd, record_instances, series_headers
 from pacs_node.ingest.header import (
     parse_identifiers,
+    parse_received,
     read_header,
+    read_received_file,
     read_routing_header,
-    read_spooled_header,
-    stop_after_routing,
 )
 from pacs_node.ingest.spool import Spool
 from pacs_node.refs import InstanceRef, RoutingHeader, header_order
@@ -60,8 +60,9 @@ def catalog(tmp_path: Path) -> Iterator[Catalog]:
 
 def _receive(spool: Spool, path: Path, *, with_routing: bool = True) -> InstanceRef:
     """``path`` spooled and described as the receive path does it: one parse of the data set
-    up to what routing reads, then the identifiers and the routing header from it."""
-    ds = read_spooled_header(path, stop_after_routing())
+    (:func:`~pacs_node.ingest.header.parse_received`), then the identifiers and the routing
+    header from it."""
+    ds = read_received_file(path)
     header = read_header(ds)
     stored = spool.store(
         header.study_uid, header.series_uid, header.sop_instance_uid, [path.read_bytes()]
@@ -169,7 +170,7 @@ def test_routing_opens_no_file_once_the_headers_are_recorded(
     def no_file(*_args: object) -> Dataset:
         raise AssertionError("routing opened a spooled file")
 
-    monkeypatch.setattr(facts_module, "read_spooled_header", no_file)
+    monkeypatch.setattr(facts_module, "read_received_file", no_file)
     assert _facts(catalog, spool, study_uid) == before
 
 
@@ -324,27 +325,77 @@ def _instance(frames: int | None) -> Dataset:
 def test_a_single_frame_header_is_read_to_group_0040_a_multi_frame_one_to_the_shared_groups() -> (
     None
 ):
-    single = parse_identifiers(
-        _encoded(_instance(None)), ExplicitVRLittleEndian, stop_when=(stop_after_routing())
-    )
+    single = parse_received(_encoded(_instance(None)), ExplicitVRLittleEndian)
     assert "RequestAttributesSequence" in single
     assert 0x00431001 not in single
     assert "SharedFunctionalGroupsSequence" not in single
-    multi = parse_identifiers(
-        _encoded(_instance(2)), ExplicitVRLittleEndian, stop_when=stop_after_routing()
-    )
-    assert 0x00431001 in multi
+    multi = parse_received(_encoded(_instance(2)), ExplicitVRLittleEndian)
     assert "SharedFunctionalGroupsSequence" in multi
     assert "PerFrameFunctionalGroupsSequence" not in multi
+    assert 0x00431001 not in multi  # stepped over: no reader takes it
 
 
 def test_a_large_document_past_the_identifiers_ends_the_parse_instead_of_refusing() -> None:
     ds = _instance(2)
     ds.add_new(0x00420011, "OB", b"\0" * 2 * 2**20)  # Encapsulated Document
-    found = parse_identifiers(
-        _encoded(ds), ExplicitVRLittleEndian, stop_when=stop_after_routing(), limit=2**20
-    )
+    found = parse_received(_encoded(ds), ExplicitVRLittleEndian, limit=2**20)
     assert read_header(found).sop_instance_uid == "1.2.3.4"
     assert "RequestAttributesSequence" in found
-    assert 0x00420011 not in found
     assert "SharedFunctionalGroupsSequence" not in found
+
+
+def _everything() -> Dataset:
+    """A data set with every attribute the identifiers and the routing header are read from."""
+    ds = _instance(3)
+    for keyword, value in {
+        "PatientName": "Doe^Jane",
+        "PatientID": "P1",
+        "IssuerOfPatientID": "HOSP",
+        "StudyDate": "20260101",
+        "StudyTime": "120000",
+        "AccessionNumber": "A1",
+        "StudyDescription": "CT Thorax",
+        "SeriesDescription": "Axial 1mm",
+        "Modality": "CT",
+        "Manufacturer": "Vendor",
+        "BodyPartExamined": "CHEST",
+        "ProtocolName": "Routine",
+        "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"],
+        "SeriesNumber": 3,
+        "InstanceNumber": 7,
+        "RequestedProcedureDescription": "CT CHEST",
+        "ImagePositionPatient": [-100.0, -100.0, 5.0],
+        "ImageOrientationPatient": [1, 0, 0, 0, 1, 0],
+        "PixelSpacing": [0.7, 0.7],
+        "Columns": 512,
+        "ReconstructionDiameter": 358.4,
+        "SliceThickness": 1.0,
+        "SpacingBetweenSlices": 0.8,
+    }.items():
+        setattr(ds, keyword, value)
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "1", "L", "CT CHEST"
+    ds.ProcedureCodeSequence = [code]
+    purpose = Dataset()
+    purpose.CodeValue, purpose.CodingSchemeDesignator = "Newcode1", "99IHE"
+    equipment = Dataset()
+    equipment.Manufacturer = "pacs-node"
+    equipment.PurposeOfReferenceCodeSequence = [purpose]
+    ds.ContributingEquipmentSequence = [equipment]
+    return ds
+
+
+def test_the_receive_parse_keeps_every_attribute_its_readers_take() -> None:
+    """RECEIVED_TAGS and the readers cannot drift apart: every value either reader takes is
+    the same from the receive parse as from the whole data set."""
+    ds = _everything()
+    received = parse_received(_encoded(ds), ExplicitVRLittleEndian)
+    whole = parse_identifiers(_encoded(ds), ExplicitVRLittleEndian, stop_when=lambda *_: False)
+    assert 0x00431001 in whole
+    assert 0x00431001 not in received
+    header = read_header(whole)
+    assert None not in (getattr(header, f.name) for f in fields(header))
+    routing = read_routing_header(whole)
+    missing = [f.name for f in fields(routing) if getattr(routing, f.name) == f.default]
+    assert missing == []
+    assert (read_header(received), read_routing_header(received)) == (header, routing)
