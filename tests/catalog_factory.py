@@ -17,7 +17,8 @@ from pacs_node.catalog.jobs import queue_job
 from pacs_node.catalog.models import JobEvent, Study, utcnow
 from pacs_node.catalog.results import StoredEncoding, add_result_rows, write_files
 from pacs_node.catalog.studies import record_instances
-from pacs_node.ingest.header import read_header, read_routing_header
+from pacs_node.ingest.header import read_header
+from pacs_node.ingest.routing_header import read_routing_header
 from pacs_node.refs import InstanceRef
 
 

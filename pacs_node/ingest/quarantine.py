@@ -46,7 +46,8 @@ from pacs_node.catalog.models import QuarantineItem, QuarantineState, Study, utc
 from pacs_node.catalog.quarantine import lookup_held, patient_key
 from pacs_node.catalog.studies import add_event, increment, record_instances
 from pacs_node.errors import PacsNodeError
-from pacs_node.ingest.header import read_header, read_routing_header
+from pacs_node.ingest.header import read_header
+from pacs_node.ingest.routing_header import read_routing_header
 from pacs_node.ingest.spool import Spool
 from pacs_node.refs import InstanceRef
 

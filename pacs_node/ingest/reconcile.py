@@ -20,9 +20,10 @@ from pydicom import dcmread
 from pacs_node.catalog.quarantine import lookup_held
 from pacs_node.catalog.studies import known_paths
 from pacs_node.errors import IngestError
-from pacs_node.ingest.header import read_header, read_routing_header
+from pacs_node.ingest.header import read_header
 from pacs_node.ingest.identity import Held, Reason, Verdict, decide, header_key
 from pacs_node.ingest.recorder import CatalogRecorder
+from pacs_node.ingest.routing_header import read_routing_header
 from pacs_node.ingest.spool import QUARANTINE, SUFFIX, Spool
 from pacs_node.refs import InstanceRef
 

@@ -36,15 +36,11 @@ from pacs_node.commitment import (
 from pacs_node.config import Settings
 from pacs_node.errors import DataSetMismatch, IngestError, OutOfResources, UnreadableDataset
 from pacs_node.ingest.access import AccessPolicy
-from pacs_node.ingest.header import (
-    parse_received,
-    read_header,
-    read_routing_header,
-    skip_value_validation,
-)
+from pacs_node.ingest.header import parse_received, read_header, skip_value_validation
 from pacs_node.ingest.identity import IdentityGate
 from pacs_node.ingest.limits import Caps, SharedLimits
 from pacs_node.ingest.recorder import RecordSink
+from pacs_node.ingest.routing_header import read_routing_header
 from pacs_node.ingest.spool import Spool
 from pacs_node.ingest.statuses import status_for
 from pacs_node.ingest.transport import (

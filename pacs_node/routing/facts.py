@@ -23,7 +23,8 @@ from sqlalchemy.orm import Session
 from pacs_node.catalog.models import Instance, Series, Study
 from pacs_node.catalog.studies import series_headers
 from pacs_node.errors import IngestError
-from pacs_node.ingest.header import read_received_file, read_routing_header
+from pacs_node.ingest.header import read_received_file
+from pacs_node.ingest.routing_header import read_routing_header
 from pacs_node.ingest.spool import Spool
 from pacs_node.refs import RoutingHeader, header_order
 from pacs_node.results.codes import PROCESSING_ALGORITHM

@@ -20,9 +20,9 @@ from pacs_node.errors import IngestError
 from pacs_node.ingest.header import (
     read_header,
     read_received_file,
-    read_routing_header,
     read_spooled_header,
 )
+from pacs_node.ingest.routing_header import read_routing_header
 from pacs_node.refs import RoutingHeader, header_order
 from pacs_node.routing.facts import SeriesSample, series_facts, series_order
 from pacs_node.routing.rules import SeriesFacts

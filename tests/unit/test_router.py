@@ -17,7 +17,8 @@ from pacs_node.catalog.models import Job, RouteOutcome, Study, StudyState
 from pacs_node.catalog.studies import list_studies, record_instances
 from pacs_node.config import NodeOptions, Settings
 from pacs_node.errors import BundleError, ConfigError
-from pacs_node.ingest.header import read_header, read_routing_header
+from pacs_node.ingest.header import read_header
+from pacs_node.ingest.routing_header import read_routing_header
 from pacs_node.ingest.spool import Spool
 from pacs_node.refs import InstanceRef
 from pacs_node.routing.router import Router, check_models

@@ -32,8 +32,8 @@ from pacs_node.ingest.header import (
     parse_received,
     read_header,
     read_received_file,
-    read_routing_header,
 )
+from pacs_node.ingest.routing_header import read_routing_header
 from pacs_node.ingest.spool import Spool
 from pacs_node.refs import InstanceRef, RoutingHeader, header_order
 from pacs_node.routing.facts import study_facts

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from pydicom.dataset import Dataset
 
-from pacs_node.ingest.header import read_routing_header
+from pacs_node.ingest.routing_header import read_routing_header
 from pacs_node.refs import RoutingHeader
 from pacs_node.routing.facts import SeriesSample, geometry, header_order, series_facts
 from pacs_node.routing.region import (
