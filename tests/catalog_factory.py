@@ -19,6 +19,7 @@ from pacs_node.catalog.models import Job, JobEvent, JobState, Study, utcnow
 from pacs_node.catalog.results import StoredEncoding, add_result_rows, write_files
 from pacs_node.catalog.studies import record_instances
 from pacs_node.ingest.header import read_header
+from pacs_node.ingest.routing_header import read_routing_header
 from pacs_node.refs import InstanceRef
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ def ingest(
                 size_bytes=target.stat().st_size,
                 received_at=now,
                 calling_ae=calling_ae,
+                routing=read_routing_header(ds),
             )
         )
     with catalog.sessions.begin() as session:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 from pydicom import dcmread
+from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -220,3 +221,59 @@ def write_routing_cases(root: Path, only: Sequence[str] = ()) -> dict[str, str]:
         restyle(paths, **attributes)
         studies[name] = study
     return studies
+
+
+def write_requested_ct(directory: Path) -> list[Path]:
+    """A torso CT series (40 slices) whose region is known from its request only, as a RIS
+    fills it: Request Attributes with descriptions and a procedure code, a protocol name."""
+    study = new_uid()
+    paths = write_series(directory, slices=40, study_uid=study, spacing=(2.0, 0.8, 0.8))
+    request = Dataset()
+    request.RequestedProcedureDescription = "CT Thorax Abdomen"
+    request.ScheduledProcedureStepDescription = "CT TAP w/ contrast"
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator = "RPID17", "LN"
+    code.CodeMeaning = "CT CHEST ABDOMEN PELVIS"
+    request.RequestedProcedureCodeSequence = [code]
+    return restyle(
+        paths,
+        BodyPartExamined=None,
+        Laterality="",  # type 2C: present, and empty, once no body part is named
+        SeriesDescription=None,
+        StudyDescription=None,
+        ProtocolName="Routine 2.0",
+        RequestAttributesSequence=[request],
+        ImageType=["ORIGINAL", "PRIMARY", "AXIAL", "CT_SOM5 SPI"],
+    )
+
+
+def write_enhanced_mr(directory: Path) -> list[Path]:
+    """pydicom's Enhanced MR example (one instance of 10 frames) with its geometry in the
+    functional groups, as an enhanced IOD holds it: orientation (coronal) and pixel measures
+    (12 mm slices) shared, positions per frame. Read for its header only: like the example, it
+    lacks most of the IOD's other functional groups, so it is no dciodvfy-clean object."""
+    source = get_testdata_file("emri_small.dcm")
+    assert source is not None
+    ds = dcmread(source)
+    orientation, measures = Dataset(), Dataset()
+    orientation.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]  # coronal
+    measures.PixelSpacing = [3.2, 3.2]
+    measures.SliceThickness = 12.0
+    measures.SpacingBetweenSlices = 12.0
+    shared = Dataset()
+    shared.PlaneOrientationSequence = [orientation]
+    shared.PixelMeasuresSequence = [measures]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    frames = []
+    for index in range(int(ds.NumberOfFrames)):
+        position, frame = Dataset(), Dataset()
+        position.ImagePositionPatient = [-100.0, -50.0 + 12.0 * index, 100.0]
+        frame.PlanePositionSequence = [position]
+        frames.append(frame)
+    ds.PerFrameFunctionalGroupsSequence = frames
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = new_uid(), new_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = new_uid()
+    directory.mkdir(parents=True)
+    path = directory / "emri.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return [path]

@@ -187,6 +187,12 @@ class Series(Base):
     series_description: Mapped[str | None] = mapped_column(String(64))
     body_part: Mapped[str | None] = mapped_column(String(64))
     first_received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # The instances that lead and end the series in header order (by Instance Number, then SOP
+    # Instance UID), each with the header routing reads, recorded as they arrived (see
+    # catalog.studies.SeriesEnd). NULL for a series recorded before they were kept: routing
+    # reads those two files from the spool instead.
+    routing_first: Mapped[dict[str, Any] | None] = mapped_column(JSONText())
+    routing_last: Mapped[dict[str, Any] | None] = mapped_column(JSONText())
 
     study: Mapped[Study] = relationship(back_populates="series")
 

@@ -28,7 +28,7 @@ from pacs_node.catalog.models import (
 )
 from pacs_node.catalog.quarantine import held_counts, lookup_held
 from pacs_node.redact import scrub_detail
-from pacs_node.refs import InstanceRef
+from pacs_node.refs import InstanceRef, RoutingHeader, header_order
 
 RECEIVED_INSTANCES = "received_instances"  # counters: instances recorded into studies
 RECEIVED_BYTES = "received_bytes"  # and their bytes
@@ -54,6 +54,112 @@ class RecordOutcome:
     # Spool files whose bytes now live in the quarantine area (linked there before the commit):
     # the recorder removes these names once the transaction is committed.
     release_paths: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesEnd:
+    """The instance that leads or ends a series in :func:`~pacs_node.refs.header_order`, with
+    the header routing reads of it (None where the recorder was given none): what a series row
+    keeps in ``routing_first`` and ``routing_last``, so routing reads no file for it."""
+
+    sop_instance_uid: str
+    instance_number: int | None
+    calling_ae: str | None
+    header: RoutingHeader | None
+
+    @classmethod
+    def of(cls, ref: InstanceRef) -> SeriesEnd:
+        return cls(ref.sop_instance_uid, ref.header.instance_number, ref.calling_ae, ref.routing)
+
+    def order(self) -> tuple[bool, int, str]:
+        return header_order(self.instance_number, self.sop_instance_uid)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sop": self.sop_instance_uid,
+            "number": self.instance_number,
+            "calling_ae": self.calling_ae,
+            "header": None if self.header is None else self.header.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SeriesEnd:
+        header = data.get("header")
+        return cls(
+            str(data["sop"]),
+            data.get("number"),
+            data.get("calling_ae"),
+            None if header is None else RoutingHeader.from_json(header),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesHeaders:
+    """The routing headers of a series' leading and ending instances, as recorded, and the
+    calling AE of the leading one."""
+
+    first: RoutingHeader
+    last: RoutingHeader
+    calling_ae: str | None
+
+
+def series_headers(series: Series) -> SeriesHeaders | None:
+    """What the catalog recorded of a series for routing, or None where it has not both headers
+    (a series recorded before they were kept, or an end recorded without one): routing then
+    reads the spooled files."""
+    if series.routing_first is None or series.routing_last is None:
+        return None
+    first = SeriesEnd.from_json(series.routing_first)
+    last = SeriesEnd.from_json(series.routing_last)
+    if first.header is None or last.header is None:
+        return None
+    return SeriesHeaders(first.header, last.header, first.calling_ae)
+
+
+def _record_series_ends(
+    session: Session,
+    series_before: set[str],
+    accepted: Sequence[InstanceRef],
+    replaced: Sequence[InstanceRef],
+) -> None:
+    """Keep each touched series' leading and ending instance (see :class:`SeriesEnd`).
+
+    A series new in this batch takes the ends of its accepted instances; an older one moves an
+    end only when a new instance sorts before its first or after its last, and keeps NULL ends
+    (recorded before they were kept) as they are, for its other instances were never read. A
+    replacement (``resend_policy: replace``) keeps its row's Instance Number, so it keeps its
+    place; when it is an end, that end takes its header. Quarantined instances join no series
+    and never get here. Instances leave only with their whole study (retention purges a study
+    and its series with it), so an end never names an instance the catalog no longer holds.
+    """
+    added: dict[str, list[InstanceRef]] = {}
+    for ref in accepted:
+        added.setdefault(ref.series_uid, []).append(ref)
+    touched = set(added) | {ref.series_uid for ref in replaced}
+    if not touched:
+        return
+    for series in session.scalars(select(Series).where(Series.series_uid.in_(touched))):
+        held: list[SeriesEnd] = []
+        if series.series_uid in series_before:
+            if series.routing_first is None or series.routing_last is None:
+                continue
+            held = [
+                SeriesEnd.from_json(series.routing_first),
+                SeriesEnd.from_json(series.routing_last),
+            ]
+        new = held + [SeriesEnd.of(ref) for ref in added.get(series.series_uid, [])]
+        ends = [min(new, key=SeriesEnd.order), max(new, key=SeriesEnd.order)] if new else []
+        for ref in replaced:
+            if ref.series_uid != series.series_uid:
+                continue
+            for index, end in enumerate(ends):
+                if end.sop_instance_uid == ref.sop_instance_uid:
+                    ends[index] = SeriesEnd(
+                        end.sop_instance_uid, end.instance_number, ref.calling_ae, ref.routing
+                    )
+        if not ends or ends == held:
+            continue  # unchanged: the row is not written again
+        series.routing_first, series.routing_last = ends[0].to_json(), ends[1].to_json()
 
 
 Hold = Callable[[InstanceRef], tuple[str, str, int]]
@@ -170,6 +276,7 @@ def record_instances(
         {r.sop_instance_uid for r in refs},
     )
     existed_before = set(held.studies)
+    series_before = set(held.series)
     accepted: list[InstanceRef] = []
     replaced: list[InstanceRef] = []
     events: list[tuple[str, str, dict[str, Any]]] = []  # (study UID, kind, detail)
@@ -320,6 +427,7 @@ def record_instances(
         events.append((ref.study_uid, "replaced", {"sop": ref.sop_instance_uid}))
     outcome.replaced = len(replaced)
     increment(session, "replaced_instances", len(replaced))
+    _record_series_ends(session, series_before, accepted, replaced)
 
     added_by_study: dict[str, list[InstanceRef]] = {}
     for ref in (*accepted, *replaced):

@@ -1,18 +1,22 @@
-"""Read the identifying attributes of a received data set, decoded in its own character set."""
+"""Read the attributes of a received data set the node keeps, decoded in its own character set:
+the identifying ones the catalog files it by, parsed in one pass with those routing reads
+(:mod:`pacs_node.ingest.routing_header`)."""
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from pydicom import config as pydicom_config
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.filereader import _read_file_meta_info, read_dataset
 from pydicom.uid import UID
 
 from pacs_node.errors import OutOfResources, UnreadableDataset
+from pacs_node.ingest.routing_header import ROUTING_KEYWORDS
 from pacs_node.refs import InstanceHeader
 from pacs_node.uids import require_uid
 
@@ -86,9 +90,19 @@ def read_header(ds: Dataset) -> InstanceHeader:
         raise UnreadableDataset(f"attribute cannot be decoded: {exc}") from exc
 
 
-# Every attribute the catalog reads sits in groups 0x0008-0x0020; stop parsing after them so the
-# hot path never touches pixel data.
+# Every attribute the catalog files an instance by sits in groups 0x0008-0x0020: those must be
+# read, or the instance is refused.
 _LAST_GROUP_READ = 0x0020
+# The last attribute routing reads: Shared Functional Groups Sequence (5200,9229). Everything
+# after it (Per-Frame Functional Groups, pixel data) is never read, nor inflated. Every other
+# attribute routing judges a series by (descriptions, requests, positions, field) sits in groups
+# 0x0008-0x0040; the Shared Functional Groups belong to multi-frame IODs only, which have Number
+# of Frames (0028,0008) (Multi-frame Functional Groups Module, type 1), so an instance without it
+# is read no further than group 0x0040 (past it: vendors' private groups, documents, overlays).
+_LAST_ROUTING_TAG = 0x52009229
+_LAST_SINGLE_FRAME_ROUTING_TAG = 0x0040FFFF
+_NUMBER_OF_FRAMES = 0x00280008
+_UNDEFINED_LENGTH = 0xFFFFFFFF
 # The most bytes of a data set the header readers take in (inflated, for Deflated Explicit VR
 # Little Endian): leading groups are kilobytes; a data set whose leading groups exceed this is
 # refused rather than read into memory, whatever the transfer syntax.
@@ -165,22 +179,64 @@ def _past_identifiers(tag: Any, _vr: Any, _length: Any) -> bool:
     return int(tag.group) > _LAST_GROUP_READ
 
 
+def stop_after_routing() -> Callable[[Any, Any, Any], bool]:
+    """A fresh ``stop_when`` for one parse that reads the identifiers and what routing reads,
+    and nothing after (see :data:`_LAST_ROUTING_TAG`)."""
+    multi_frame = False
+
+    def stop(tag: Any, _vr: Any, _length: Any) -> bool:
+        nonlocal multi_frame
+        number = int(tag)
+        if number == _NUMBER_OF_FRAMES:
+            multi_frame = True
+        last = _LAST_ROUTING_TAG if multi_frame else _LAST_SINGLE_FRAME_ROUTING_TAG
+        return number > last
+
+    return stop
+
+
+def _bounded(
+    stop_when: Callable[[Any, Any, Any], bool], view: HeaderStream, limit: int
+) -> Callable[[Any, Any, Any], bool]:
+    """``stop_when``, and stop before an attribute past the identifying groups whose value would
+    end beyond ``limit``: routing's attributes are optional (an Encapsulated Document may hold
+    tens of MiB before them), so such an instance keeps the attributes before it instead of
+    being refused. A sequence of undefined length cannot be judged ahead and stays capped."""
+
+    def stop(tag: Any, vr: Any, length: Any) -> bool:
+        if stop_when(tag, vr, length):
+            return True
+        optional = int(tag.group) > _LAST_GROUP_READ and length != _UNDEFINED_LENGTH
+        return optional and view.tell() + int(length) > limit
+
+    return stop
+
+
 def parse_identifiers(
     stream: BinaryIO,
     transfer_syntax_uid: str,
     *,
     stop_when: Callable[[Any, Any, Any], bool] = _past_identifiers,
     limit: int = HEADER_LIMIT_BYTES,
+    only: Collection[int] | None = None,
 ) -> Dataset:
     """Parse only the leading groups of a network-encoded data set (no file meta, no pixels),
-    read from the stream's current position; at most ``limit`` bytes, inflated or not."""
+    read from the stream's current position; at most ``limit`` bytes, inflated or not.
+    ``only``: the top-level attributes to keep (others are stepped over, not decoded)."""
     syntax = UID(transfer_syntax_uid)
     try:
         implicit = syntax.is_implicit_VR if syntax.is_transfer_syntax else False
         little = syntax.is_little_endian if syntax.is_transfer_syntax else True
         deflated = bool(syntax.is_transfer_syntax and syntax.is_deflated)
         view = HeaderStream(stream, deflated=deflated, limit=limit)
-        ds = read_dataset(view, implicit, little, stop_when=stop_when)  # type: ignore[arg-type]
+        stop = _bounded(stop_when, view, limit)
+        ds = read_dataset(
+            view,  # type: ignore[arg-type]
+            implicit,
+            little,
+            stop_when=stop,
+            specific_tags=None if only is None else list(only),
+        )
         ds.set_original_encoding(implicit, little)
     except HeaderTooLarge:
         raise
@@ -193,13 +249,51 @@ def parse_identifiers(
     return ds
 
 
-def read_spooled_header(
-    path: Path,
-    stop_when: Callable[[Any, Any, Any], bool],
-    limit: int = HEADER_LIMIT_BYTES,
+# What the receive path keeps of a data set: what read_header files it by and what routing
+# reads (routing_header.ROUTING_KEYWORDS). Every other attribute before the stop is stepped
+# over, not decoded into an element: a GE CT header (private groups 0009-0029) is read in a
+# sixth less time so.
+_IDENTIFYING_KEYWORDS = (
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "SOPClassUID",
+    "Modality",
+    "InstanceNumber",
+    "SeriesNumber",
+    "SeriesDescription",
+    "BodyPartExamined",
+    "StudyDescription",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+)
+RECEIVED_TAGS = frozenset(
+    int(tag)
+    for tag in (tag_for_keyword(k) for k in _IDENTIFYING_KEYWORDS + ROUTING_KEYWORDS)
+    if tag is not None
+)
+
+
+def parse_received(
+    stream: BinaryIO, transfer_syntax_uid: str, *, limit: int = HEADER_LIMIT_BYTES
 ) -> Dataset:
-    """The leading attributes of a spooled Part 10 file, up to ``stop_when``, never more than
-    ``limit`` bytes of the data set (inflated or not): routing reads a series this way."""
+    """What the receive path reads of a data set, in one pass: the attributes :func:`read_header`
+    and :func:`~pacs_node.ingest.routing_header.read_routing_header` take (:data:`RECEIVED_TAGS`),
+    up to :func:`stop_after_routing`."""
+    return parse_identifiers(
+        stream,
+        transfer_syntax_uid,
+        stop_when=stop_after_routing(),
+        limit=limit,
+        only=RECEIVED_TAGS,
+    )
+
+
+def _read_spooled(path: Path, parse: Callable[[BinaryIO, str], Dataset]) -> Dataset:
     with path.open("rb") as handle:
         handle.seek(128)
         if handle.read(4) != b"DICM":
@@ -211,4 +305,24 @@ def read_spooled_header(
         syntax = str(meta.get("TransferSyntaxUID", ""))
         if not syntax:
             raise UnreadableDataset("file meta names no transfer syntax")
+        return parse(handle, syntax)
+
+
+def read_spooled_header(
+    path: Path,
+    stop_when: Callable[[Any, Any, Any], bool],
+    limit: int = HEADER_LIMIT_BYTES,
+) -> Dataset:
+    """The leading attributes of a spooled Part 10 file, up to ``stop_when``, never more than
+    ``limit`` bytes of the data set (inflated or not)."""
+
+    def parse(handle: BinaryIO, syntax: str) -> Dataset:
         return parse_identifiers(handle, syntax, stop_when=stop_when, limit=limit)
+
+    return _read_spooled(path, parse)
+
+
+def read_received_file(path: Path) -> Dataset:
+    """A Part 10 file read as :func:`parse_received` reads a data set that arrives: routing
+    reads a series received before its headers were recorded, and files on a disk, this way."""
+    return _read_spooled(path, parse_received)

@@ -47,6 +47,7 @@ from pacs_node.catalog.quarantine import lookup_held, patient_key
 from pacs_node.catalog.studies import add_event, increment, record_instances
 from pacs_node.errors import PacsNodeError
 from pacs_node.ingest.header import read_header
+from pacs_node.ingest.routing_header import read_routing_header
 from pacs_node.ingest.spool import Spool
 from pacs_node.refs import InstanceRef
 
@@ -126,15 +127,16 @@ def _file(
     if stored.held is not None:  # another data set holds that name: should not happen
         spool.remove(stored.held)
         raise QuarantineError(f"the spool holds other bytes under {stored.relpath}")
-    header = read_header(dcmread(spool.path(stored.relpath), stop_before_pixels=True))
+    ds = dcmread(spool.path(stored.relpath), stop_before_pixels=True)
     ref = InstanceRef(
-        header=header,
+        header=read_header(ds),
         transfer_syntax_uid=item.transfer_syntax_uid,
         path=stored.relpath,
         size_bytes=stored.size_bytes,
         received_at=now,
         calling_ae=item.calling_ae,
         sha256=stored.sha256,
+        routing=read_routing_header(ds),
     )
     outcome = record_instances(session, [ref])
     if outcome.quarantined:

@@ -19,9 +19,10 @@ from pacs_node.catalog.db import Catalog
 from pacs_node.catalog.models import utcnow
 from pacs_node.config import Settings
 from pacs_node.errors import DataSetMismatch, OutOfResources
-from pacs_node.ingest.header import parse_identifiers, read_header
+from pacs_node.ingest.header import parse_received, read_header
 from pacs_node.ingest.identity import IdentityGate
 from pacs_node.ingest.recorder import RecordSink
+from pacs_node.ingest.routing_header import read_routing_header
 from pacs_node.ingest.spool import Spool
 from pacs_node.ingest.transport import ReceivedFile
 from pacs_node.refs import InstanceHeader, InstanceRef
@@ -124,7 +125,7 @@ class Receiver:
         transfer_syntax = announced.transfer_syntax_uid
         with received.path.open("rb") as stream:
             stream.seek(received.dataset_offset or 0)
-            ds = parse_identifiers(stream, transfer_syntax)
+            ds = parse_received(stream, transfer_syntax)
         header = read_header(ds)
         if any(header.sop_class_uid != uid for uid in announced.sop_class_uids):
             raise DataSetMismatch("SOP Class UID differs from the request or presentation context")
@@ -154,6 +155,7 @@ class Receiver:
                 size_bytes=stored.size_bytes,
                 received_at=received_at,
                 calling_ae=calling_ae,
+                routing=read_routing_header(ds),
                 sender=sender,
             ),
         )

@@ -23,6 +23,7 @@ from pacs_node.errors import IngestError
 from pacs_node.ingest.header import read_header
 from pacs_node.ingest.identity import Held, Reason, Verdict, decide, header_key
 from pacs_node.ingest.recorder import CatalogRecorder
+from pacs_node.ingest.routing_header import read_routing_header
 from pacs_node.ingest.spool import QUARANTINE, SUFFIX, Spool
 from pacs_node.refs import InstanceRef
 
@@ -46,6 +47,7 @@ def _ref_from_file(spool: Spool, relpath: str) -> InstanceRef:
         received_at=datetime.fromtimestamp(stat.st_mtime, UTC),
         calling_ae=str(calling).strip() if calling else None,
         sha256=spool.digest(relpath),
+        routing=read_routing_header(ds),
     )
 
 

@@ -1,29 +1,32 @@
 """What routing sees of a series, computed the same way for the node and for files on a disk.
 
-A series is read as a :class:`SeriesSample`: its instance count, the calling AE, and the headers
-of the instance that leads it and the one that ends it in :func:`header_order` (lowest and highest
-(Instance Number, SOP Instance UID)). :func:`series_facts` turns a sample into
-:class:`~pacs_node.routing.rules.SeriesFacts`; the node builds samples from the catalog and the
-spool (:func:`study_facts`), ``pacs-node routes test`` from files (:mod:`pacs_node.routing.files`).
-Headers are read up to (5200,9229); pixel data is never read.
+A series is read as a :class:`SeriesSample`: its instance count, the calling AE, and the
+:class:`~pacs_node.refs.RoutingHeader` of the instance that leads it and the one that ends it in
+:func:`header_order` (lowest and highest (Instance Number, SOP Instance UID)).
+:func:`series_facts` turns a sample into :class:`~pacs_node.routing.rules.SeriesFacts`.
+The node takes those two headers from the catalog, which recorded them as the instances arrived
+(:func:`study_facts`); a series recorded before the catalog kept them is read from the spool.
+``pacs-node routes test`` reads them from files (:mod:`pacs_node.routing.files`). Either way the
+header comes from :func:`~pacs_node.ingest.header.read_routing_header`, parsed up to
+(5200,9229); pixel data is never read.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from pydicom import Dataset
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from pacs_node.catalog.models import Instance, Study
+from pacs_node.catalog.models import Instance, Series, Study
+from pacs_node.catalog.studies import series_headers
 from pacs_node.errors import IngestError
-from pacs_node.ingest.header import read_spooled_header
+from pacs_node.ingest.header import read_received_file
+from pacs_node.ingest.routing_header import read_routing_header
 from pacs_node.ingest.spool import Spool
+from pacs_node.refs import RoutingHeader, header_order
 from pacs_node.results.codes import PROCESSING_ALGORITHM
 from pacs_node.routing.region import AXIAL_MIN_COSINE, SERIES_DESCRIPTION, Geometry, body_region
 from pacs_node.routing.rules import SeriesFacts
@@ -31,21 +34,6 @@ from pacs_node.routing.rules import SeriesFacts
 log = logging.getLogger(__name__)
 
 NODE_MANUFACTURER = "pacs-node"
-# The last attribute routing reads: Shared Functional Groups Sequence (5200,9229). Everything
-# after it (Per-Frame Functional Groups, pixel data) is never read, nor inflated. Every attribute
-# the body region needs (descriptions, requests, positions, field) comes before it.
-_LAST_TAG_READ = 0x52009229
-
-
-def past_routing_tags(tag: Any, _vr: Any, _length: Any) -> bool:
-    """``stop_when`` for :func:`~pacs_node.ingest.header.read_spooled_header`."""
-    return int(tag) > _LAST_TAG_READ
-
-
-def header_order(instance_number: int | None, sop_instance_uid: str) -> tuple[bool, int, str]:
-    """Sort key of a series' instances: by Instance Number, unnumbered ones last, then by SOP
-    Instance UID, so both ways of reading a series pick the same headers."""
-    return (instance_number is None, instance_number or 0, sop_instance_uid)
 
 
 @dataclass(frozen=True)
@@ -55,14 +43,14 @@ class SeriesSample:
 
     series_uid: str
     instances: int
-    first: Dataset
-    last: Dataset
+    first: RoutingHeader
+    last: RoutingHeader
     calling_ae: str | None = None
 
 
 @dataclass(frozen=True)
 class Recorded:
-    """What the catalog recorded of a series, used where its header cannot be read."""
+    """What the catalog recorded of a series, used where its header lacks it."""
 
     modality: str | None = None
     body_part: str | None = None
@@ -71,78 +59,22 @@ class Recorded:
     series_number: int | None = None
 
 
-def produced_by_node(ds: Dataset) -> bool:
+def produced_by_node(header: RoutingHeader) -> bool:
     """An object this node wrote: its Contributing Equipment names us as processing algorithm
     (IHE AIR). A PACS that forwards everything back must not start a loop."""
-    for item in ds.get("ContributingEquipmentSequence", []):
-        purposes = item.get("PurposeOfReferenceCodeSequence", [])
-        is_algorithm = any(
-            p.get("CodeValue") == PROCESSING_ALGORITHM.value
-            and p.get("CodingSchemeDesignator") == PROCESSING_ALGORITHM.scheme
-            for p in purposes
-        )
-        if is_algorithm and str(item.get("Manufacturer", "")).strip() == NODE_MANUFACTURER:
-            return True
-    return False
-
-
-def _text(value: Any) -> str | None:
-    if value is None or value == "":
-        return None
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        value = "\\".join(str(v) for v in value)
-    text = str(value).strip()
-    return text or None
-
-
-def _number(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
-def _numbers(value: Any, count: int) -> tuple[float, ...] | None:
-    if value is None or isinstance(value, (str, bytes)):
-        return None
-    try:
-        numbers = tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        return None
-    ok = len(numbers) == count and all(math.isfinite(n) for n in numbers)
-    return numbers if ok else None
-
-
-def _shared(ds: Dataset, sequence: str, keyword: str) -> Any:
-    """An attribute from the data set, else from its Shared Functional Groups (enhanced IODs)."""
-    value = ds.get(keyword)
-    if value not in (None, ""):
-        return value
-    for group in ds.get("SharedFunctionalGroupsSequence", []):
-        for item in group.get(sequence, []):
-            value = item.get(keyword)
-            if value not in (None, ""):
-                return value
-    return None
-
-
-def _thickness(ds: Dataset) -> float | None:
-    return _number(_shared(ds, "PixelMeasuresSequence", "SliceThickness"))
-
-
-def _integer(value: Any) -> int | None:
-    number = _number(value)
-    return int(number) if number is not None and number.is_integer() else None
+    algorithm = (PROCESSING_ALGORITHM.value, PROCESSING_ALGORITHM.scheme)
+    return any(
+        maker == NODE_MANUFACTURER and algorithm in purposes
+        for maker, purposes in header.contributing_equipment
+    )
 
 
 def geometry(sample: SeriesSample) -> Geometry | None:
     """The volume's extent along the slice normal and its field, from two headers: the leading
     and ending positions projected on the normal plus one slice (multi-frame: frames x spacing),
     and Reconstruction Diameter, else Columns x column spacing."""
-    orientation = _numbers(
-        _shared(sample.first, "PlaneOrientationSequence", "ImageOrientationPatient"), 6
-    )
+    first = sample.first
+    orientation = first.image_orientation_patient
     if orientation is None:
         return None
     row, column = orientation[:3], orientation[3:]
@@ -155,20 +87,17 @@ def geometry(sample: SeriesSample) -> Geometry | None:
     if length < 1e-6:
         return None
     normal = (normal[0] / length, normal[1] / length, normal[2] / length)
-    field = _number(sample.first.get("ReconstructionDiameter"))
-    spacing = _numbers(_shared(sample.first, "PixelMeasuresSequence", "PixelSpacing"), 2)
-    columns = _number(sample.first.get("Columns"))
-    if (field is None or field <= 0) and spacing is not None and columns is not None:
-        field = columns * spacing[1]
+    field = first.reconstruction_diameter
+    spacing = first.pixel_spacing
+    if (field is None or field <= 0) and spacing is not None and first.columns is not None:
+        field = first.columns * spacing[1]
     z_extent: float | None = None
-    frames = _integer(sample.first.get("NumberOfFrames"))
+    frames = first.number_of_frames
     if sample.instances == 1 and frames is not None and frames > 1:
-        step = _number(_shared(sample.first, "PixelMeasuresSequence", "SpacingBetweenSlices"))
-        step = step or _thickness(sample.first)
+        step = first.spacing_between_slices or first.slice_thickness
         z_extent = frames * abs(step) if step else None
     elif sample.instances > 1:
-        start = _numbers(sample.first.get("ImagePositionPatient"), 3)
-        end = _numbers(sample.last.get("ImagePositionPatient"), 3)
+        start, end = first.image_position_patient, sample.last.image_position_patient
         if start is not None and end is not None:
             distance = abs(sum((e - s) * n for s, e, n in zip(start, end, normal, strict=True)))
             if distance > 0:
@@ -178,64 +107,45 @@ def geometry(sample: SeriesSample) -> Geometry | None:
     return Geometry(z_extent, field, abs(normal[2]) >= AXIAL_MIN_COSINE)
 
 
-def _code_meanings(items: Any, keyword: str) -> list[str]:
-    meanings = []
-    for item in items or []:
-        for code in item.get(keyword, []) or []:
-            meaning = _text(code.get("CodeMeaning"))
-            if meaning:
-                meanings.append(meaning)
-    return meanings
-
-
 def descriptions(
-    ds: Dataset, series_description: str | None, study_description: str | None
+    header: RoutingHeader, series_description: str | None, study_description: str | None
 ) -> list[tuple[str, str]]:
     """The free-text evidence of a series' body region, most specific first."""
-    requested = [_text(ds.get("RequestedProcedureDescription"))]
-    for item in ds.get("RequestAttributesSequence", []) or []:
-        requested.append(_text(item.get("RequestedProcedureDescription")))
-        requested.append(_text(item.get("ScheduledProcedureStepDescription")))
-    requested += _code_meanings(
-        ds.get("RequestAttributesSequence"), "RequestedProcedureCodeSequence"
-    )
     found = [
         (SERIES_DESCRIPTION, series_description),
-        ("protocol name", _text(ds.get("ProtocolName"))),
+        ("protocol name", header.protocol_name),
         ("study description", study_description),
-        ("requested procedure", " / ".join(dict.fromkeys(r for r in requested if r))),
-        ("procedure code", " / ".join(_code_meanings([ds], "ProcedureCodeSequence"))),
+        ("requested procedure", " / ".join(dict.fromkeys(header.requested_procedures))),
+        ("procedure code", " / ".join(header.procedure_codes)),
     ]
     return [(what, text) for what, text in found if text]
 
 
 def series_facts(sample: SeriesSample, recorded: Recorded | None = None) -> SeriesFacts:
     """What routing knows of one series: its leading header, else what the catalog recorded."""
-    ds, known = sample.first, recorded or Recorded()
+    header, known = sample.first, recorded or Recorded()
     slices = sample.instances
-    frames = _integer(ds.get("NumberOfFrames"))
-    if slices == 1 and frames is not None:
-        slices = frames
-    body_part = _text(ds.get("BodyPartExamined")) or known.body_part
-    study_description = _text(ds.get("StudyDescription")) or known.study_description
-    series_description = _text(ds.get("SeriesDescription")) or known.series_description
-    evidence = descriptions(ds, series_description, study_description)
-    series_number = _integer(ds.get("SeriesNumber"))
+    if slices == 1 and header.number_of_frames is not None:
+        slices = header.number_of_frames
+    body_part = header.body_part_examined or known.body_part
+    study_description = header.study_description or known.study_description
+    series_description = header.series_description or known.series_description
+    evidence = descriptions(header, series_description, study_description)
     return SeriesFacts(
         series_uid=sample.series_uid,
-        modality=_text(ds.get("Modality")) or known.modality,
+        modality=header.modality or known.modality,
         body_part=body_part,
         study_description=study_description,
         series_description=series_description,
-        sop_class=_text(ds.get("SOPClassUID")),
+        sop_class=header.sop_class_uid,
         calling_ae=sample.calling_ae,
-        manufacturer=_text(ds.get("Manufacturer")),
-        image_type=tuple(str(v) for v in ds.get("ImageType", []) or []),
+        manufacturer=header.manufacturer,
+        image_type=header.image_type,
         body_region=body_region(body_part, evidence, geometry(sample)),
         slices=slices,
-        slice_thickness=_thickness(ds),
-        series_number=known.series_number if series_number is None else series_number,
-        produced_by_node=produced_by_node(ds),
+        slice_thickness=header.slice_thickness,
+        series_number=known.series_number if header.series_number is None else header.series_number,
+        produced_by_node=produced_by_node(header),
     )
 
 
@@ -244,37 +154,63 @@ def series_order(facts: SeriesFacts) -> tuple[bool, int, str]:
     return (facts.series_number is None, facts.series_number or 0, facts.series_uid)
 
 
-def _read(spool: Spool, relpath: str, series_uid: str) -> Dataset:
+def _read(spool: Spool, relpath: str, series_uid: str) -> RoutingHeader:
     try:
-        return read_spooled_header(spool.path(relpath), past_routing_tags)
+        return read_routing_header(read_received_file(spool.path(relpath)))
     except (OSError, ValueError, IngestError) as exc:
         log.warning(
             "series header unreadable", extra={"series_uid": series_uid, "reason": str(exc)}
         )
-        return Dataset()
+        return RoutingHeader()
+
+
+def _sample_from_spool(
+    session: Session, spool: Spool, series: Series, calling_ae: str | None
+) -> SeriesSample:
+    """A series the catalog recorded no headers for (recorded before it kept them): its
+    leading and ending instances' files are read, as they were before."""
+    rows = session.execute(
+        select(
+            Instance.instance_number,
+            Instance.sop_instance_uid,
+            Instance.path,
+            Instance.calling_ae,
+        ).where(Instance.series_id == series.id)
+    ).all()
+    ordered = sorted(rows, key=lambda r: header_order(r[0], r[1]))
+    first = last = RoutingHeader()
+    if ordered:
+        first = _read(spool, ordered[0].path, series.series_uid)
+        last = first if len(ordered) == 1 else _read(spool, ordered[-1].path, series.series_uid)
+        calling_ae = ordered[0].calling_ae or calling_ae
+    return SeriesSample(series.series_uid, len(ordered), first, last, calling_ae)
 
 
 def study_facts(session: Session, spool: Spool, study_uid: str) -> list[SeriesFacts]:
-    """Every series of a catalogued study, read from the catalog and the spool."""
+    """Every series of a catalogued study, from the headers the catalog recorded as its
+    instances arrived; a series without them is read from the spool."""
     study = session.scalars(select(Study).where(Study.study_uid == study_uid)).one()
+    counts: dict[int, int] = dict(
+        session.execute(
+            select(Instance.series_id, func.count())
+            .join(Series, Series.id == Instance.series_id)
+            .where(Series.study_id == study.id)
+            .group_by(Instance.series_id)
+        ).all()
+    )
     facts: list[SeriesFacts] = []
     for series in study.series:
-        rows = session.execute(
-            select(
-                Instance.instance_number,
-                Instance.sop_instance_uid,
-                Instance.path,
-                Instance.calling_ae,
-            ).where(Instance.series_id == series.id)
-        ).all()
-        ordered: Sequence[Any] = sorted(rows, key=lambda r: header_order(r[0], r[1]))
-        first = last = Dataset()
-        calling = study.calling_ae
-        if ordered:
-            first = _read(spool, ordered[0].path, series.series_uid)
-            last = first if len(ordered) == 1 else _read(spool, ordered[-1].path, series.series_uid)
-            calling = ordered[0].calling_ae or calling
-        sample = SeriesSample(series.series_uid, len(ordered), first, last, calling)
+        recorded_headers = series_headers(series)
+        if recorded_headers is None:
+            sample = _sample_from_spool(session, spool, series, study.calling_ae)
+        else:
+            sample = SeriesSample(
+                series.series_uid,
+                counts.get(series.id, 0),
+                recorded_headers.first,
+                recorded_headers.last,
+                recorded_headers.calling_ae or study.calling_ae,
+            )
         recorded = Recorded(
             modality=series.modality,
             body_part=series.body_part,

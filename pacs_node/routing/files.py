@@ -2,9 +2,10 @@
 
 Files are grouped into studies and series by their UIDs, a SOP Instance UID met twice counts
 once, and each series is read as :func:`~pacs_node.routing.facts.series_facts` reads one from the
-spool: the same leading and ending headers, the same attributes. Only headers are read (never
-pixel data), and a file that is not DICOM, or that the node would refuse, is skipped with the
-reason.
+catalog: the same leading and ending headers, the same attributes, taken by the same
+:func:`~pacs_node.ingest.header.read_routing_header` the receive path uses. Only headers are
+read (never pixel data), and a file that is not DICOM, or that the node would refuse, is skipped
+with the reason.
 """
 
 from __future__ import annotations
@@ -15,17 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydicom import Dataset
-
 from pacs_node.errors import IngestError
-from pacs_node.ingest.header import read_header, read_spooled_header
-from pacs_node.routing.facts import (
-    SeriesSample,
-    header_order,
-    past_routing_tags,
-    series_facts,
-    series_order,
+from pacs_node.ingest.header import (
+    read_header,
+    read_received_file,
+    read_spooled_header,
 )
+from pacs_node.ingest.routing_header import read_routing_header
+from pacs_node.refs import RoutingHeader, header_order
+from pacs_node.routing.facts import SeriesSample, series_facts, series_order
 from pacs_node.routing.rules import SeriesFacts
 
 # Grouping needs the UIDs and the Instance Number only: groups 0008-0020.
@@ -121,10 +120,11 @@ def read_studies(
     return found, skipped
 
 
-def _routing_header(path: Path) -> Dataset:
-    """The attributes routing reads; the file was readable a moment ago, so a failure now (it
-    changed or went away) leaves the header empty, as an unreadable spool file does."""
+def _routing_header(path: Path) -> RoutingHeader:
+    """The attributes routing reads, as the receive path takes them; the file was readable a
+    moment ago, so a failure now (it changed or went away) leaves the header empty, as an
+    unreadable spool file does."""
     try:
-        return read_spooled_header(path, past_routing_tags)
+        return read_routing_header(read_received_file(path))
     except (OSError, ValueError, IngestError):
-        return Dataset()
+        return RoutingHeader()

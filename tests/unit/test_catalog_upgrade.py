@@ -54,6 +54,7 @@ COMMITTED = JsonText('["1.2.3.9.1"]')
 FAILED = JsonText('[["1.2.3.9.2", 272]]')
 STUDY_DETAIL = JsonText('{"quarantine_id": 1, "reason": "identity", "sop": "1.2.3.6.1"}')
 JOB_DETAIL = JsonText('{"by": "routing", "model": "torso"}')
+ROUTING_FIRST = {"sop": "1.2.3.4.1", "number": 1, "calling_ae": None, "header": {"modality": "CT"}}
 
 # One row for every table of schema 0008, every column given (None: SQL NULL).
 ROWS: dict[str, list[dict[str, Any]]] = {
@@ -318,11 +319,18 @@ def test_a_previous_release_catalog_upgrades_with_every_value_kept(
                 "1.2.840.10008.1.2.4.90",
             ]
             assert session.get_one(models["commitment_reports"], 1).failed == [["1.2.3.9.2", 272]]
+            # a series recorded before its routing headers were kept has none: routing reads
+            # its files (routing.facts); the new release records them as JSON
+            series = session.get_one(models["series"], 1)
+            assert (series.routing_first, series.routing_last) == (None, None)
+            series.routing_first = ROUTING_FIRST
             # the new release writes through the models; SQL NULL stays NULL
             job.timings = {**job.timings, "store_s": 1.5}
             session.add(JobEvent(job_id=1, at=utcnow(), kind="retried", detail=None))
             session.add(JobEvent(job_id=1, at=utcnow(), kind="noted", detail={"by": "dr.who"}))
             session.commit()
+        with Session(engine) as session:
+            assert session.get_one(models["series"], 1).routing_first == ROUTING_FIRST
 
         _alembic(engine, "downgrade", PREVIOUS)
         after = _json_text(engine)
@@ -341,9 +349,11 @@ def test_a_previous_release_catalog_upgrades_with_every_value_kept(
             ("retried", None),
             ("noted", '{"by": "dr.who"}'),
         ]
+        assert "routing_first" not in {c["name"] for c in inspect(engine).get_columns("series")}
         _alembic(engine, "upgrade", "head")  # and up again, as a rolled-back release would
         with Session(engine) as session:
             assert session.get_one(Job, 1).qa_reasons == json.loads(QA_REASONS)
+            assert session.get_one(models["series"], 1).routing_first is None
     finally:
         engine.dispose()
 

@@ -18,6 +18,7 @@ from pacs_node.catalog.studies import list_studies, record_instances
 from pacs_node.config import NodeOptions, Settings
 from pacs_node.errors import BundleError, ConfigError
 from pacs_node.ingest.header import read_header
+from pacs_node.ingest.routing_header import read_routing_header
 from pacs_node.ingest.spool import Spool
 from pacs_node.refs import InstanceRef
 from pacs_node.routing.router import Router, check_models
@@ -79,6 +80,7 @@ def _spool_and_record(catalog: Catalog, spool: Spool, paths: list[Path]) -> None
                 size_bytes=stored.size_bytes,
                 received_at=datetime.now(UTC),
                 calling_ae="CT1",
+                routing=read_routing_header(ds),
             )
         )
     with catalog.sessions.begin() as session:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 from pydicom.dataset import Dataset
 
+from pacs_node.ingest.routing_header import read_routing_header
+from pacs_node.refs import RoutingHeader
 from pacs_node.routing.facts import SeriesSample, geometry, header_order, series_facts
 from pacs_node.routing.region import (
     Geometry,
@@ -135,6 +137,10 @@ def test_examination_wide_words_are_settled_by_the_series_own_size() -> None:
     assert body_region(None, both, torso).regions == TRUNK
 
 
+def _header(z: float, number: int, **attributes: object) -> RoutingHeader:
+    return read_routing_header(_slice(z, number, **attributes))
+
+
 def _slice(z: float, number: int, **attributes: object) -> Dataset:
     ds = Dataset()
     ds.SOPInstanceUID = f"1.2.3.{number}"
@@ -150,32 +156,32 @@ def _slice(z: float, number: int, **attributes: object) -> Dataset:
 
 
 def test_geometry_from_the_leading_and_ending_headers() -> None:
-    first, last = _slice(0.0, 1), _slice(-175.0, 36)  # 36 slices 5 mm apart, feet first
+    first, last = _header(0.0, 1), _header(-175.0, 36)  # 36 slices 5 mm apart, feet first
     found = geometry(SeriesSample("1", 36, first, last))
     assert found is not None
     assert found.z_extent_mm == pytest.approx(180.0)  # 175 mm between centres + one slice
     assert found.field_mm == pytest.approx(230.4)  # 512 columns x 0.45 mm
     assert found.axial
-    with_diameter = _slice(0.0, 1, ReconstructionDiameter=350)
+    with_diameter = _header(0.0, 1, ReconstructionDiameter=350)
     found = geometry(SeriesSample("1", 36, with_diameter, last))
     assert found is not None
     assert found.field_mm == 350.0
-    sagittal = _slice(0.0, 1, ImageOrientationPatient=[0, 1, 0, 0, 0, -1])
-    found = geometry(SeriesSample("1", 36, sagittal, _slice(-175.0, 36)))
+    sagittal = _header(0.0, 1, ImageOrientationPatient=[0, 1, 0, 0, 0, -1])
+    found = geometry(SeriesSample("1", 36, sagittal, _header(-175.0, 36)))
     assert found is not None
     assert not found.axial
-    assert geometry(SeriesSample("1", 1, Dataset(), Dataset())) is None
+    assert geometry(SeriesSample("1", 1, RoutingHeader(), RoutingHeader())) is None
 
 
 def test_geometry_of_a_multi_frame_instance() -> None:
-    ds = _slice(0.0, 1, NumberOfFrames=60, SliceThickness=3.0)
-    found = geometry(SeriesSample("1", 1, ds, ds))
+    header = _header(0.0, 1, NumberOfFrames=60, SliceThickness=3.0)
+    found = geometry(SeriesSample("1", 1, header, header))
     assert found is not None
     assert found.z_extent_mm == pytest.approx(180.0)
 
 
 def test_series_facts_carry_the_region_and_its_evidence() -> None:
-    first, last = _slice(0.0, 1), _slice(-175.0, 36)
+    first, last = _header(0.0, 1), _header(-175.0, 36)
     facts = series_facts(SeriesSample("1.2", 36, first, last, "CT1"))
     assert facts.body_region.regions == ("HEAD",)
     assert str(facts.body_region) == (
@@ -186,7 +192,7 @@ def test_series_facts_carry_the_region_and_its_evidence() -> None:
     item = Dataset()
     item.RequestedProcedureDescription = "CT TAP"
     requested.RequestAttributesSequence = [item]
-    facts = series_facts(SeriesSample("1.2", 36, requested, last))
+    facts = series_facts(SeriesSample("1.2", 36, read_routing_header(requested), last))
     assert str(facts.body_region) == "CHEST\\ABDOMEN\\PELVIS (requested procedure 'CT TAP')"
 
 
