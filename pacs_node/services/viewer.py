@@ -61,6 +61,7 @@ class JobFiles:
     sources: tuple[Path, ...]
     results: dict[str, tuple[Path, ...]]  # result kind -> files (preferred encoding each)
     key: tuple[Any, ...]  # the series shown, and it changes when the job's results do
+    decision: str | None = None  # a person's (or the quality gate's) review: jobs.qa_decision
 
     def of_series(self, kind: OutputKind) -> tuple[Path, ...]:
         """The stored objects of ``kind`` made from the series shown: a SEG or SR whose
@@ -112,6 +113,7 @@ def job_files(
             study_uid=study_uid,
             model=job.model,
             state=job.state.value,
+            decision=job.qa_decision,
             series_uid=series_uid,
             series=tuple(series),
             sources=tuple(settings.node.spool_dir / p for p in paths),

@@ -15,8 +15,10 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from markdown_it import MarkdownIt
 
 from pacs_node.catalog.models import DeliveryState, Role
+from pacs_node.catalog.reviews import ReviewCount
 from pacs_node.errors import RequestError
 from pacs_node.services.accounts import Principal
+from pacs_node.services.corrections import review_counts
 from pacs_node.services.dashboard import (
     PAGE_SIZE,
     model_cards,
@@ -125,9 +127,13 @@ def retry(request: Request, delivery_id: int, principal: Operator) -> RedirectRe
 
 @router.get("/models", response_class=HTMLResponse)
 def models(request: Request, _user: Viewer) -> HTMLResponse:
-    cards = model_cards(web_context(request).settings)
+    context = web_context(request)
+    cards = model_cards(context.settings)
     rendered = {card.entry.bundle.name: _MARKDOWN.render(card.card) for card in cards}
-    return render(request, "models.html", cards=cards, rendered=rendered)
+    reviews: dict[str, list[ReviewCount]] = {}
+    for count in review_counts(context.catalog):
+        reviews.setdefault(count.model, []).append(count)
+    return render(request, "models.html", cards=cards, rendered=rendered, reviews=reviews)
 
 
 @router.get("/routes", response_class=HTMLResponse)

@@ -13,7 +13,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from pacs_node.catalog.deliveries import HELD_FOR_QUALITY, DeliverySummary
 from pacs_node.catalog.models import DeliveryState, QuarantineState, Role
 from pacs_node.errors import PacsNodeError
-from pacs_node.services import deliveries, quarantine
+from pacs_node.services import corrections, deliveries, quarantine
 from pacs_node.services.accounts import Principal
 from pacs_node.web.context import web_context
 from pacs_node.web.pages import page_user, render
@@ -81,12 +81,13 @@ def discard_instance(request: Request, item_id: int, principal: Operator) -> Red
 
 @router.post("/review/jobs/{job_id}/release")
 def release_held(request: Request, job_id: int, principal: Operator) -> RedirectResponse:
+    """An operator judged the held result right: accepted, and sent now."""
+    if job_id not in _held_results(request):
+        raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} has no held result")
     try:
-        count = deliveries.release_result(web_context(request).catalog, job_id, principal.actor)
+        corrections.accept_results(web_context(request).catalog, job_id, principal.actor)
     except PacsNodeError as exc:
         raise _refused(exc) from exc
-    if not count:
-        raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} has no held result")
     return _back("released")
 
 
@@ -97,12 +98,14 @@ def reject_held(
     principal: Operator,
     reason: Annotated[str, Form(max_length=200)] = "",
 ) -> RedirectResponse:
+    """The same rejection as anywhere else (services.corrections); nothing of it went out."""
+    if job_id not in _held_results(request):
+        raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} has no held result")
+    context = web_context(request)
     try:
-        count = deliveries.reject_result(
-            web_context(request).catalog, job_id, principal.actor, reason
+        corrections.reject_results(
+            context.catalog, context.settings, job_id, principal.actor, reason or "held result"
         )
     except PacsNodeError as exc:
         raise _refused(exc) from exc
-    if not count:
-        raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} has no held result")
     return _back("rejected")

@@ -12,12 +12,14 @@ import threading
 from typing import Annotated
 from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
-from fastapi.responses import HTMLResponse, Response
+from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request, status
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from pacs_node.catalog.models import Role
 from pacs_node.errors import PacsNodeError
 from pacs_node.outputs import OutputKind
+from pacs_node.review import RejectionKind
+from pacs_node.services import corrections
 from pacs_node.services.accounts import Principal
 from pacs_node.services.viewer import (
     JobFiles,
@@ -38,6 +40,7 @@ PNG = "image/png"
 _PRIVATE = {"Cache-Control": "private, max-age=300"}  # patient images: never a shared cache
 
 Viewer = Annotated[Principal, Depends(page_user(Role.VIEWER))]
+Operator = Annotated[Principal, Depends(page_user(Role.OPERATOR))]
 # Which of the job's series (a rule may select several); default: its first.
 SeriesUid = Annotated[str, Query(max_length=64, pattern=r"^[0-9.]*$")]
 _cache_lock = threading.Lock()
@@ -98,7 +101,47 @@ def viewer_page(
         base=BASE.format(study_uid=study_uid, job_id=job_id),
         has_pdf=bool(files.of_series(OutputKind.PDF)),
         pacs_link=pacs_viewer_link(web_context(request).settings.node.pacs_viewer_url, study_uid),
+        may_review=_user.may(Role.OPERATOR),
+        rejection_kinds=list(RejectionKind),
+        done=request.query_params.get("done", ""),
     )
+
+
+def _reviewed(study_uid: str, job_id: int, done: str) -> RedirectResponse:
+    target = BASE.format(study_uid=quote(study_uid, safe=""), job_id=job_id) + f"?done={done}"
+    return RedirectResponse(target, status_code=status.HTTP_303_SEE_OTHER)
+
+
+@router.post(BASE + "/reject")
+def reject(
+    request: Request,
+    study_uid: str,
+    job_id: int,
+    principal: Operator,
+    reason: Annotated[str, Form(min_length=1, max_length=1000)],
+    kind: Annotated[RejectionKind, Form()] = RejectionKind.QUALITY,
+) -> RedirectResponse:
+    """Withdraw the job's result: the PACS gets a rejection note, the EHR entered-in-error."""
+    context = web_context(request)
+    _files(request, study_uid, job_id, "")  # 404 for a job of another study
+    try:
+        corrections.reject_results(
+            context.catalog, context.settings, job_id, principal.actor, reason, kind
+        )
+    except PacsNodeError as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+    return _reviewed(study_uid, job_id, "rejected")
+
+
+@router.post(BASE + "/accept")
+def accept(request: Request, study_uid: str, job_id: int, principal: Operator) -> RedirectResponse:
+    """Judge the job's result right (a result the quality gate held is sent now)."""
+    _files(request, study_uid, job_id, "")
+    try:
+        corrections.accept_results(web_context(request).catalog, job_id, principal.actor)
+    except PacsNodeError as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+    return _reviewed(study_uid, job_id, "accepted")
 
 
 @router.get(BASE + "/slices/{index}.png")

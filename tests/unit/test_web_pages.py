@@ -267,3 +267,43 @@ def test_models_routes_and_health_pages(processed: ProcessedStudy, viewer: httpx
     for part in ("Disk (data folder)", "Queue", "Last hour", "Rejected associations", "Peers"):
         assert part in health
     assert re.search(r'id="throughput">\d+ instances received, [1-9]\d* jobs done', health)
+
+
+def test_an_operator_rejects_the_result_in_the_viewer_and_the_model_page_counts_it(
+    processed: ProcessedStudy, viewer: httpx.Client
+) -> None:
+    """Last in this module: it withdraws the shared study's result."""
+    page = viewer.get(processed.viewer_path).text
+    assert 'id="reject-form"' not in page  # a viewer may look, not decide
+    cookie, csrf = processed.session(Role.VIEWER)
+    with processed.node.client(role=None, cookies=cookies(cookie)) as client:
+        refused = client.post(
+            processed.viewer_path + "/reject",
+            data={CSRF_FIELD: csrf, "reason": "wrong side"},
+        )
+    assert refused.status_code == 403
+    cookie, csrf = processed.session(Role.OPERATOR)
+    with processed.node.client(role=None, cookies=cookies(cookie)) as operator:
+        form = operator.get(processed.viewer_path).text
+        assert 'id="reject-form"' in form
+        assert "Rejected for Patient Safety Reasons (113037, DCM)" in form
+        no_csrf = operator.post(processed.viewer_path + "/reject", data={"reason": "x"})
+        assert no_csrf.status_code == 403
+        done = operator.post(
+            processed.viewer_path + "/reject",
+            data={CSRF_FIELD: csrf, "reason": "liver outline leaks into the kidney"},
+        )
+        assert done.status_code == 303
+        after = operator.get(done.headers["location"]).text
+        assert 'id="review-state"' in after
+        assert 'id="reject-form"' not in after  # rejected once, for good
+        again = operator.post(
+            processed.viewer_path + "/reject", data={CSRF_FIELD: csrf, "reason": "twice"}
+        )
+        assert again.status_code == 409
+    with processed.node.catalog.sessions() as session:
+        states = {d.state for d in list_deliveries(session) if d.job_id == processed.job_id}
+    assert states <= {"rejected", "delivered"}  # nothing of it goes out any more
+    models = viewer.get("/models").text.split('id="model-ct-classical"', 1)[1]
+    models = models.split("</section>", 1)[0]
+    assert re.search(r'<td class="num">0</td><td class="num">1</td>', models)
