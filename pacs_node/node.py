@@ -84,7 +84,11 @@ class Node:
         else:
             self.scp = StorageSCP(settings, self.spool, self.recorder, self.catalog)
         self.receiver = Receiver(settings, self.spool, self.recorder, self.catalog)
-        readiness = {"job workers": self._job_workers_alive}
+        readiness = {
+            "storage scp": self.scp.alive,
+            "recorder": self.recorder.alive,
+            "job workers": self._job_workers_alive,
+        }
         # Bound here, so a port in use fails the start before anything runs.
         self.doors = open_doors(
             NodeParts(settings, self.catalog, self.spool, self.receiver, readiness)
@@ -95,7 +99,7 @@ class Node:
 
     def _job_workers_alive(self) -> bool:
         health = self.jobs.health()
-        return health.workers == 0 or health.alive > 0
+        return health.alive >= health.workers
 
     def start(self) -> None:
         """Reconcile the catalog with the spool, rebuild timers, then open the DICOM port."""

@@ -145,6 +145,10 @@ class CatalogRecorder:
         self._thread = threading.Thread(target=self._run, name="catalog-recorder", daemon=True)
         self._thread.start()
 
+    def alive(self) -> bool:
+        """Whether the writer thread runs (received instances reach the catalog)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self, timeout: float = 30.0) -> None:
         """Record what is queued, then stop."""
         if self._thread is None:

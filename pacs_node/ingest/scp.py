@@ -220,6 +220,10 @@ class StorageSCP:
             ready.set()
         server.serve_forever()
 
+    def alive(self) -> bool:
+        """Whether the thread serving the DICOM port runs."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self) -> None:
         if self._server is not None:
             self._server.shutdown()

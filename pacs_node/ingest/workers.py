@@ -281,6 +281,10 @@ class SCPWorkers:
                 _at, kind, value = heads.pop(oldest)
                 self._dispatch(kind, value)
 
+    def alive(self) -> bool:
+        """Whether every SCP worker process runs (one being replaced: not yet)."""
+        return self.children.alive == self.count
+
     def stop(self, deadline: float | None = None) -> int:
         """Stop accepting, let running associations finish until ``deadline``
         (``time.monotonic()``; default: the workers' drain time and a second), kill the workers

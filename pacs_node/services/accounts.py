@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import secrets
+import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -456,9 +457,10 @@ def ensure_first_admin(catalog: Catalog, data_dir: Path, actor: Actor) -> Path |
         return None
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = data_dir / FIRST_ADMIN_PASSWORD_FILE
-    partial = path.with_name(path.name + ".partial")
     password = secrets.token_urlsafe(18)
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, FILE_MODE)
+    # a name of this process's own: two nodes starting on one data folder never share it
+    fd, name = tempfile.mkstemp(dir=data_dir, prefix=f".{FIRST_ADMIN_PASSWORD_FILE}.")
+    partial = Path(name)
     try:
         os.fchmod(fd, FILE_MODE)
         os.write(fd, f"{password}\n".encode())

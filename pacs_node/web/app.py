@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Request
-from fastapi.responses import RedirectResponse
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
 from pacs_node import __version__
+from pacs_node.catalog.models import Role
+from pacs_node.services.accounts import Principal
 from pacs_node.web import (
     accounts,
     api,
@@ -20,17 +24,22 @@ from pacs_node.web import (
     viewer,
     wado,
 )
+from pacs_node.web.auth import require
 from pacs_node.web.context import WebContext
 from pacs_node.web.csrf import FormCsrf
 from pacs_node.web.pages import STATIC_DIR, PageRedirect
+
+Viewer = Annotated[Principal, Depends(require(Role.VIEWER))]
 
 
 def create_app(context: WebContext) -> FastAPI:
     app = FastAPI(
         title="pacs-node",
         version=__version__,
-        openapi_url="/api/openapi.json",
-        docs_url="/api/docs",
+        # served below, to signed-in users only (the API holds no open resource); no
+        # browsable docs page: it loads its scripts from a CDN a hospital network may not reach
+        openapi_url=None,
+        docs_url=None,
         redoc_url=None,
     )
     app.state.context = context
@@ -47,6 +56,12 @@ def create_app(context: WebContext) -> FastAPI:
     app.include_router(viewer.router)
     app.include_router(stow.router)
     app.include_router(upload.router)
+
+    @app.get("/api/openapi.json", include_in_schema=False)
+    def openapi_document(
+        _user: Annotated[Principal, Depends(require(Role.VIEWER))],
+    ) -> JSONResponse:
+        return JSONResponse(app.openapi())
 
     @app.exception_handler(PageRedirect)
     def _redirect(_request: Request, exc: PageRedirect) -> RedirectResponse:

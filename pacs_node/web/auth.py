@@ -103,6 +103,9 @@ def credentials(request: Request) -> Principal | None:
             found = authenticate_token(context.catalog, value.strip())
         elif scheme.lower() == "basic" and request.url.path.startswith(DICOMWEB_PREFIX):
             found = _basic(request, value.strip())
+            # A password to change at first login (the first admin's) signs in nowhere else
+            # until it is changed.
+            request.state.via_password = True
         if found is None:
             raise _unauthorized(request, "invalid credentials")
         return found
@@ -129,7 +132,10 @@ def require(role: Role) -> Callable[[Request], Principal]:
         principal = credentials(request)
         if principal is None:
             raise _unauthorized(request, "authentication required")
-        if principal.must_change_password and getattr(request.state, "via_session", False):
+        by_password = getattr(request.state, "via_session", False) or getattr(
+            request.state, "via_password", False
+        )
+        if principal.must_change_password and by_password:
             raise HTTPException(status.HTTP_403_FORBIDDEN, "change your password first")
         if not principal.may(role):
             raise HTTPException(status.HTTP_403_FORBIDDEN, f"the {role.value} role is required")

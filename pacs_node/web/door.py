@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from pacs_node.actor import Actor
+from pacs_node.config import NODE_FILE
 from pacs_node.doors import NodeParts
 from pacs_node.services.accounts import ensure_first_admin
 from pacs_node.services.login_throttle import LoginThrottle
@@ -30,4 +31,6 @@ def open_door(parts: NodeParts) -> WebServer | None:
         login_throttle=LoginThrottle(burst=options.login_failures_per_address),
         readiness=parts.readiness,
     )
-    return WebServer(create_app(context), options.web_host, options.web_port)
+    config_dir = parts.settings.config_dir
+    source = str(config_dir / NODE_FILE) if config_dir else "the embedded defaults"
+    return WebServer(create_app(context), options.web_host, options.web_port, source)

@@ -28,7 +28,10 @@ def readyz(request: Request) -> JSONResponse:
     except Exception as exc:  # any failure means not ready; the reason is not patient data
         checks["catalog"] = f"unreachable: {type(exc).__name__}"
     for name, probe in context.readiness.items():
-        checks[name] = "ok" if probe() else "down"
+        try:
+            checks[name] = "ok" if probe() else "down"
+        except Exception as exc:  # a probe that fails says "not ready", never 500
+            checks[name] = f"unknown: {type(exc).__name__}"
     ready = all(value == "ok" for value in checks.values())
     return JSONResponse(
         {"status": "ready" if ready else "not ready", "checks": checks},

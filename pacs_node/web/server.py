@@ -23,7 +23,8 @@ START_TIMEOUT_S = 30.0
 
 
 class WebServer:
-    def __init__(self, app: FastAPI, host: str, port: int) -> None:
+    def __init__(self, app: FastAPI, host: str, port: int, source: str = "node.yaml") -> None:
+        """``source``: where ``web_port`` was set, named when the port cannot be bound."""
         self.host = host
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._socket = socket.socket(family, socket.SOCK_STREAM)
@@ -33,7 +34,7 @@ class WebServer:
         except OSError as exc:
             self._socket.close()
             raise ConfigError(
-                "node.yaml", "web_port", f"cannot listen on {host}:{port}: {exc.strerror}"
+                source, "web_port", f"cannot listen on {host}:{port}: {exc.strerror}"
             ) from exc
         self._socket.listen(128)
         config = uvicorn.Config(

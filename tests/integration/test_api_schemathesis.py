@@ -66,7 +66,9 @@ def test_no_operation_answers_with_a_server_error(api_node: Populated, tmp_path:
     (junit,) = report.glob("junit*.xml")
     cases = ElementTree.parse(junit).getroot().iter("testcase")
     tested = {case.get("name") for case in cases if not list(case)}  # passed: no failure child
-    document = httpx.get(f"{web.url}/api/openapi.json", timeout=30).json()
+    document = httpx.get(
+        f"{web.url}/api/openapi.json", headers={"Authorization": f"Bearer {token}"}, timeout=30
+    ).json()
     operations = {
         f"{method.upper()} {path}" for path, item in document["paths"].items() for method in item
     }

@@ -94,7 +94,13 @@ def test_viewer_draws_the_segmentation_and_toggles_a_segment(
         15,
         what="the studies table refreshed in place",
     )
-    driver.find_element(By.CSS_SELECTOR, f'tr[data-study="{processed.study_uid}"] a').click()
+    # the row's link read in one script: the table is replaced every few seconds, so an element
+    # found first and clicked after may be gone
+    link = driver.execute_script(
+        "return document.querySelector(arguments[0]).href",
+        f'tr[data-study="{processed.study_uid}"] a',
+    )
+    driver.get(link)
     wait_for(lambda: "Timeline" in driver.page_source, 10, what="the study page")
     driver.find_element(By.CSS_SELECTOR, "a.open-viewer").click()
     wait_for(lambda: drawn(driver), 20, what="the first slice drawn")

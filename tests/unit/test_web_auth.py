@@ -22,8 +22,11 @@ def test_health_is_open_and_readiness_checks_the_catalog(web_node: WebNode) -> N
     assert ready.json()["checks"] == {"catalog": "ok"}
 
 
-def test_the_openapi_document_is_served(web_node: WebNode) -> None:
+def test_the_openapi_document_is_served_to_signed_in_users_only(web_node: WebNode) -> None:
     with web_node.client(role=None) as client:
+        assert client.get("/api/openapi.json").status_code == 401
+        assert client.get("/api/docs").status_code in (401, 404)  # no page loading a CDN
+    with web_node.client(Role.VIEWER) as client:
         document = client.get("/api/openapi.json")
     assert document.status_code == 200
     assert document.json()["info"]["title"] == "pacs-node"
@@ -83,3 +86,15 @@ def test_tokens_act_as_their_user_until_revoked(web_node: WebNode) -> None:
     assert accounts.authenticate_token(catalog, token + "x") is None
     assert accounts.revoke_token(catalog, "script", "nightly", SETUP) == 1
     assert accounts.authenticate_token(catalog, token) is None
+
+
+def test_a_password_to_change_opens_no_dicomweb_door_over_basic(web_node: WebNode) -> None:
+    accounts.create_user(
+        web_node.catalog, "firstadmin", Role.ADMIN, PASSWORD, SETUP, must_change_password=True
+    )
+    with web_node.client(role=None) as client:
+        answer = client.get("/dicomweb/studies", auth=("firstadmin", PASSWORD))
+        assert answer.status_code == 403
+        accounts.set_password(web_node.catalog, "firstadmin", PASSWORD + "!", SETUP)
+        answer = client.get("/dicomweb/studies", auth=("firstadmin", PASSWORD + "!"))
+        assert answer.status_code == 200
