@@ -17,6 +17,10 @@ claim is still the owner's (:func:`hold_claim`), so a row is never settled twice
 - at start a process takes back at once the claims of its own node's earlier processes (same
   node id, process gone: :func:`reset_own_claims`), never another node's on a shared catalog.
 
+A delivery of a result a person rejected is never claimed again, whatever made it pending: the
+claim turns it ``rejected`` instead (only the withdrawal, a ``rejection`` result, goes out), and
+a retry by hand refuses it.
+
 Rows are never deleted: a delivery that cannot go anywhere stays listed with its reason.
 """
 
@@ -29,7 +33,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import and_, func, not_, or_, select, update
 from sqlalchemy.orm import Session
 
 from pacs_node.actor import Actor
@@ -140,6 +144,16 @@ def next_due_at(session: Session) -> datetime | None:
     )
 
 
+def _withdrawn() -> Any:
+    """A delivery of a result a person rejected (see :mod:`.reviews`), not the withdrawal
+    itself: it must never go out, whichever path made it pending again (a claim taken back, a
+    hold released, a retry)."""
+    return and_(
+        Delivery.job_id.in_(select(Job.id).where(Job.qa_decision == JOB_REJECTED)),
+        Delivery.result_id.in_(select(Result.id).where(Result.kind != str(OutputKind.REJECTION))),
+    )
+
+
 def claim_due(
     session: Session,
     destination: str,
@@ -149,15 +163,29 @@ def claim_due(
     lease_until: datetime | None = None,
 ) -> list[Outgoing]:
     """pending -> sending for up to ``limit`` due deliveries of one destination, oldest first,
-    claimed by ``owner`` until ``lease_until``."""
+    claimed by ``owner`` until ``lease_until``. Due deliveries of a rejected result become
+    ``rejected`` instead, in the same transaction."""
+    due = (
+        Delivery.destination == destination,
+        Delivery.state == DeliveryState.PENDING,
+        Delivery.next_attempt_at <= now,
+    )
+    session.execute(
+        update(Delivery)
+        .where(*due, _withdrawn())
+        .values(
+            state=DeliveryState.REJECTED,
+            last_error="rejected: the result was rejected",
+            claimed_by=None,
+            lease_expires_at=None,
+            next_attempt_at=None,
+            updated_at=now,
+        )
+    )
     ids = list(
         session.scalars(
             select(Delivery.id)
-            .where(
-                Delivery.destination == destination,
-                Delivery.state == DeliveryState.PENDING,
-                Delivery.next_attempt_at <= now,
-            )
+            .where(*due, not_(_withdrawn()))
             .order_by(Delivery.next_attempt_at, Delivery.id)
             .limit(limit)
         )
@@ -166,7 +194,11 @@ def claim_due(
     for delivery_id in ids:
         won = session.execute(
             update(Delivery)
-            .where(Delivery.id == delivery_id, Delivery.state == DeliveryState.PENDING)
+            .where(
+                Delivery.id == delivery_id,
+                Delivery.state == DeliveryState.PENDING,
+                not_(_withdrawn()),
+            )
             .values(
                 state=DeliveryState.SENDING,
                 attempts=Delivery.attempts + 1,
@@ -548,7 +580,8 @@ def release_destination_holds(session: Session, resolvable: Callable[[str], bool
 
 def retry_delivery(session: Session, delivery_id: int, actor: Actor | None = None) -> bool:
     """held | dead -> pending now, attempts counted afresh (a person decided to try again).
-    A result held by the quality gate is released as a whole (``results release``), not here."""
+    A result held by the quality gate is released as a whole (``results release``), not here;
+    a rejected result is never sent again."""
     now = utcnow()
     result = session.execute(
         update(Delivery)
@@ -556,6 +589,7 @@ def retry_delivery(session: Session, delivery_id: int, actor: Actor | None = Non
             Delivery.id == delivery_id,
             Delivery.state.in_([DeliveryState.HELD, DeliveryState.DEAD]),
             or_(Delivery.held_for.is_(None), Delivery.held_for != HELD_FOR_QUALITY),
+            not_(_withdrawn()),
         )
         .values(
             state=DeliveryState.PENDING,

@@ -24,8 +24,9 @@ from pacs_node.actor import Actor
 from pacs_node.catalog import reviews
 from pacs_node.catalog.deliveries import HELD_FOR_QUALITY
 from pacs_node.catalog.jobs import add_job_event
-from pacs_node.catalog.models import Delivery, DeliveryState, Job, JobState, utcnow
+from pacs_node.catalog.models import Delivery, DeliveryState, Job, JobState, Result, utcnow
 from pacs_node.errors import RequestError
+from pacs_node.outputs import OutputKind
 from pacs_node.redact import scrub_reason
 from pacs_node.review import RejectionKind
 
@@ -121,6 +122,30 @@ def newer_sent_job(session: Session, job_id: int) -> int | None:
     ).all()
     series = set(job.series_uids)  # compared here: PostgreSQL's json type has no equality
     return next((int(i) for i, uids, out in rows if out and set(uids) == series), None)
+
+
+def newer_reports(session: Session, job_id: int) -> set[str]:
+    """The EHRs whose report a later job of the same study, model and series has reached: its
+    FHIR Bundle delivered there, or being sent. (A pending or released one has not: the report
+    there still holds what this job sent.) Later jobs are locked as :func:`newer_sent_job`
+    does."""
+    job = session.get(Job, job_id)
+    if job is None:
+        return set()
+    later = (Job.study_id == job.study_id, Job.model == job.model, Job.id > job_id)
+    session.execute(select(Job.id).where(*later).with_for_update()).all()
+    rows = session.execute(
+        select(Job.series_uids, Delivery.destination)
+        .join(Delivery, Delivery.job_id == Job.id)
+        .join(Result, Result.id == Delivery.result_id)
+        .where(
+            *later,
+            Result.kind == str(OutputKind.FHIR),
+            Delivery.state.in_((DeliveryState.SENDING, DeliveryState.DELIVERED)),
+        )
+    ).all()
+    series = set(job.series_uids)
+    return {str(destination) for uids, destination in rows if set(uids) == series}
 
 
 def release_result(session: Session, job_id: int, actor: Actor) -> int:

@@ -145,11 +145,13 @@ def reject_job(
     reason: str,
     kind: RejectionKind,
     model_version: str | None = None,
+    fhir_kept: Sequence[str] = (),
 ) -> int:
     """Reject ``job`` (from :func:`reviewed_job` in this transaction): its decision, its
     deliveries not yet sent stopped, the event; how many deliveries were stopped.
-    ``model_version``: when the caller read it from the stored objects. ReviewRefused when it
-    is rejected already."""
+    ``model_version``: when the caller read it from the stored objects; ``fhir_kept``: the EHRs
+    whose report a newer result holds (no withdrawal goes there). ReviewRefused when it is
+    rejected already."""
     if job.decision == REJECTED:
         raise ReviewRefused(f"job {job.job_id} is rejected already")
     now = utcnow()
@@ -177,6 +179,7 @@ def reject_job(
         model=job.model,
         model_version=model_version or job.model_version,
         deliveries=count,
+        fhir_kept=list(fhir_kept),
     )
     return count
 
@@ -246,6 +249,12 @@ def queue_withdrawals(
     for (result_id, kind), (_, names) in zip(results, items, strict=True):
         created += create_deliveries(session, job_id, [(result_id, kind)], {kind: list(names)})
     return created
+
+
+def note_not_withdrawn(session: Session, job_id: int, destinations: Sequence[str]) -> None:
+    """A ``not_withdrawn`` job event: these destinations got the rejected result, but no
+    withdrawal could be built for them (a stored object cannot be read); a person must act."""
+    add_job_event(session, job_id, "not_withdrawn", destinations=list(destinations))
 
 
 def review_counts(session: Session) -> list[ReviewCount]:

@@ -79,6 +79,13 @@ def results_reject(
     if done.fhir_kept:
         names = ", ".join(done.fhir_kept)
         err.print(f"the report at {names} holds a newer result: left as it is", highlight=False)
+    if done.not_withdrawn:
+        names = ", ".join(done.not_withdrawn)
+        err.print(
+            f"nothing could be withdrawn from {names}: a stored result cannot be read (see the "
+            "log); withdraw it there by hand",
+            highlight=False,
+        )
 
 
 @results_app.command("accept")

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,19 @@ from sqlalchemy import select, update
 
 from pacs_node.actor import Actor
 from pacs_node.catalog.db import Catalog, open_catalog
-from pacs_node.catalog.deliveries import claim_due, mark_retry
+from pacs_node.catalog.deliveries import (
+    claim_due,
+    mark_dead,
+    mark_retry,
+    reclaim_expired,
+    reset_claims,
+    retry_delivery,
+)
 from pacs_node.catalog.jobs import queue_job
 from pacs_node.catalog.models import Delivery, DeliveryState, Job, JobEvent, Result, Role, utcnow
 from pacs_node.catalog.quality import hold_for_quality
 from pacs_node.config import NodeOptions, Settings
+from pacs_node.errors import ResultsError
 from pacs_node.imaging import Volume
 from pacs_node.inference.labelmap import Labelmap, ModelInfo
 from pacs_node.outputs import ROUTABLE, OutputKind
@@ -312,15 +321,94 @@ def test_reject_of_nothing_sent_only_marks_and_stops(
 def test_reject_of_an_older_result_leaves_the_newer_report_alone(
     catalog: Catalog, built: ResultSet, tmp_path: Path
 ) -> None:
+    two_ehrs = {**SENT_TO, "fhir": ["EHR", "EHR2"]}
+    older, newer = (
+        done_job_with_results(catalog, tmp_path / "results", built, two_ehrs) for _ in range(2)
+    )
+    _deliver(catalog, older, *DICOM_KINDS, "fhir")
+    with catalog.sessions.begin() as session:  # EHR's one report now holds the newer result
+        session.execute(
+            update(Delivery)
+            .where(Delivery.job_id == newer, Delivery.destination == "EHR")
+            .values(state=DeliveryState.DELIVERED, delivered_at=utcnow())
+        )
+    done = corrections.reject_results(catalog, _settings(tmp_path), older, ALICE, "")
+    assert (done.dicom_destinations, done.fhir_destinations) == (("PACS",), ("EHR2",))
+    assert done.fhir_kept == ("EHR",)
+    states = _deliveries(catalog, older)
+    assert ("rejection", "EHR") not in states
+    assert states[("rejection", "EHR2")] == "pending"  # the newer Bundle has not reached it
+    (event,) = _events(catalog, older, "rejected")
+    assert event["fhir_kept"] == ["EHR"]
+
+
+def test_a_newer_result_not_yet_at_the_ehr_does_not_stop_the_withdrawal(
+    catalog: Catalog, built: ResultSet, tmp_path: Path
+) -> None:
     older, newer = (
         done_job_with_results(catalog, tmp_path / "results", built, SENT_TO) for _ in range(2)
     )
     _deliver(catalog, older, *DICOM_KINDS, "fhir")
-    _deliver(catalog, newer, "fhir")  # the EHR's one report now holds the newer result
+    _deliver(catalog, newer, *DICOM_KINDS)  # at the PACS; its Bundle still pending to the EHR
     done = corrections.reject_results(catalog, _settings(tmp_path), older, ALICE, "")
-    assert (done.dicom_destinations, done.fhir_destinations) == (("PACS",), ())
-    assert done.fhir_kept == ("EHR",)
-    assert ("rejection", "EHR") not in _deliveries(catalog, older)
+    assert (done.fhir_destinations, done.fhir_kept) == (("EHR",), ())
+    assert _deliveries(catalog, older)[("rejection", "EHR")] == "pending"
+
+
+def test_a_rejected_result_is_never_claimed_again_nor_retried(
+    catalog: Catalog, built: ResultSet, tmp_path: Path
+) -> None:
+    to_pacs = {kind: ["PACS"] for kind in ("seg", "sr", "gsps")}
+    job_id = done_job_with_results(catalog, tmp_path / "results", built, to_pacs)
+    now = utcnow()
+    with catalog.sessions.begin() as session:  # all three are being sent when the reject comes
+        (restarted,) = claim_due(session, "PACS", 1, now, "node/1/a", now + timedelta(hours=1))
+        assert len(claim_due(session, "PACS", 1, now, "node/2/b", now - timedelta(seconds=1))) == 1
+        (failing,) = claim_due(session, "PACS", 1, now, "node/3/c", now + timedelta(hours=1))
+    done = corrections.reject_results(catalog, _settings(tmp_path), job_id, ALICE, "wrong")
+    assert done.stopped == 0
+    with catalog.sessions.begin() as session:
+        mark_dead(session, failing, "refused")
+        assert reset_claims(session, [restarted.claimed_by or ""]) == 1
+        assert reclaim_expired(session, utcnow()) == 1
+    with catalog.sessions.begin() as session:
+        claimed = claim_due(session, "PACS", 10, utcnow(), "node/4/d")
+    assert [c.kind for c in claimed] == ["rejection"]  # only the note that withdraws it
+    states = _deliveries(catalog, job_id)
+    assert states[("seg", "PACS")] == states[("sr", "PACS")] == "rejected"
+    with catalog.sessions.begin() as session:
+        assert not retry_delivery(session, failing.delivery_id, ALICE)
+    assert _deliveries(catalog, job_id)[("gsps", "PACS")] == "dead"
+
+
+def test_a_reject_is_recorded_though_the_stored_results_cannot_be_read(
+    catalog: Catalog, built: ResultSet, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    results_dir = tmp_path / "results"
+    job_id = done_job_with_results(catalog, results_dir, built, SENT_TO)
+    _deliver(catalog, job_id, "seg", "fhir")
+    with catalog.sessions.begin() as session:  # a job run before the version was kept
+        session.execute(
+            update(JobEvent)
+            .where(JobEvent.job_id == job_id, JobEvent.kind == "done")
+            .values(detail={})
+        )
+    for path in (results_dir / str(job_id)).rglob("*.*"):
+        path.write_bytes(b"junk")
+    with caplog.at_level(logging.WARNING, logger="pacs_node.services.corrections"):
+        done = corrections.reject_results(catalog, _settings(tmp_path), job_id, ALICE, "bad")
+    assert (done.note_uid, done.dicom_destinations, done.fhir_destinations) == (None, (), ())
+    assert done.not_withdrawn == ("PACS", "EHR")
+    assert done.stopped == len(built.dicom) - 1
+    states = _deliveries(catalog, job_id)
+    assert states[("pdf", "PACS")] == "rejected"
+    assert ("rejection", "PACS") not in states
+    (event,) = _events(catalog, job_id, "rejected")
+    assert event["model_version"] is None
+    assert _events(catalog, job_id, "not_withdrawn") == [{"destinations": ["PACS", "EHR"]}]
+    levels = {r.levelname for r in caplog.records}
+    assert levels >= {"WARNING", "ERROR"}
+    assert built.patient_search not in caplog.text
 
 
 def test_a_failed_attempt_after_the_reject_ends_the_delivery(
@@ -394,8 +482,15 @@ def test_api_rejects_accepts_and_counts(web_node: WebNode, built: ResultSet) -> 
         assert answer.json()["stopped"] == 1  # the FHIR Bundle, never sent
         assert operator.post(f"/api/jobs/{rejected}/reject", json=body).status_code == 409
         assert operator.post("/api/jobs/999/reject", json=body).status_code == 404
-        bad = operator.post(f"/api/jobs/{accepted}/reject", json={"kind": "whim"})
-        assert bad.status_code == 422
+        for bad_body in ({"reason": "x", "kind": "whim"}, {}, {"reason": ""}, {"reason": "  "}):
+            bad = operator.post(f"/api/jobs/{accepted}/reject", json=bad_body)
+            assert bad.status_code == 422, bad_body
+        for path in (
+            f"/api/jobs/{2**70}/reject",
+            f"/api/jobs/{2**70}/accept",
+            "/api/jobs/0/accept",
+        ):
+            assert operator.post(path, json=body).status_code == 422, path
         assert operator.post(f"/api/jobs/{accepted}/accept").json() == {
             "job_id": accepted,
             "released": 0,
@@ -404,6 +499,19 @@ def test_api_rejects_accepts_and_counts(web_node: WebNode, built: ResultSet) -> 
     assert counts == [{"model": "m", "model_version": "1.0.0", "accepted": 1, "rejected": 1}]
     (event,) = _events(web_node.catalog, rejected, "rejected")
     assert event["actor"] == "user:test-operator"
+
+
+def test_api_answers_409_when_the_node_refuses(
+    web_node: WebNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing(*_args: Any, **_kwargs: Any) -> corrections.Rejection:
+        raise ResultsError("a stored result cannot be written")
+
+    monkeypatch.setattr(corrections, "reject_results", failing)
+    with web_node.client(Role.OPERATOR) as operator:
+        answer = operator.post("/api/jobs/1/reject", json={"reason": "wrong"})
+    assert answer.status_code == 409
+    assert "cannot be written" in answer.text
 
 
 # ---------------------------------------------------------------- the command line

@@ -9,10 +9,11 @@ from fastapi import APIRouter, Depends, HTTPException, Request, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from pacs_node.catalog.models import Role
-from pacs_node.catalog.quality import StaleRelease
+from pacs_node.errors import PacsNodeError
 from pacs_node.review import RejectionKind
 from pacs_node.services import corrections
 from pacs_node.services.accounts import Principal
+from pacs_node.web.api.deps import RowId
 from pacs_node.web.auth import require
 from pacs_node.web.context import web_context
 
@@ -22,9 +23,9 @@ Viewer = Annotated[Principal, Depends(require(Role.VIEWER))]
 
 
 class RejectRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
-    reason: str = Field(default="", max_length=1000, description="Why, for the job's events.")
+    reason: str = Field(min_length=1, max_length=1000, description="Why, for the job's events.")
     kind: RejectionKind = Field(
         default=RejectionKind.QUALITY,
         description="quality: 'Rejected for Quality Reasons' (113001, DCM); patient-safety: "
@@ -42,6 +43,10 @@ class RejectionOut(BaseModel):
     dicom_destinations: list[str] = Field(description="Where the rejection note goes.")
     fhir_destinations: list[str] = Field(description="Where the entered-in-error Bundle goes.")
     fhir_kept: list[str] = Field(description="FHIR destinations a newer result has reached.")
+    not_withdrawn: list[str] = Field(
+        description="Destinations that got the result but no withdrawal: a stored object "
+        "cannot be read (see the node's log and the job's events)."
+    )
 
 
 class AcceptanceOut(BaseModel):
@@ -56,7 +61,9 @@ class ReviewCountOut(BaseModel):
     rejected: int
 
 
-def _refused(exc: corrections.ReviewRefused) -> HTTPException:
+def _refused(exc: PacsNodeError) -> HTTPException:
+    """Unknown job: 404; anything else the node refuses (not done, rejected already, a stale
+    release, a catalog or results error): 409."""
     unknown = isinstance(exc, corrections.UnknownJob)
     return HTTPException(
         status.HTTP_404_NOT_FOUND if unknown else status.HTTP_409_CONFLICT, str(exc)
@@ -65,7 +72,7 @@ def _refused(exc: corrections.ReviewRefused) -> HTTPException:
 
 @router.post("/jobs/{job_id}/reject", response_model=RejectionOut)
 def reject_job(
-    job_id: int, body: RejectRequest, request: Request, principal: Operator
+    job_id: RowId, body: RejectRequest, request: Request, principal: Operator
 ) -> RejectionOut:
     """Reject a job's result (held or sent) and withdraw what went out."""
     context = web_context(request)
@@ -73,21 +80,19 @@ def reject_job(
         done = corrections.reject_results(
             context.catalog, context.settings, job_id, principal.actor, body.reason, body.kind
         )
-    except corrections.ReviewRefused as exc:
+    except PacsNodeError as exc:
         raise _refused(exc) from exc
     return RejectionOut.model_validate(done.as_json())
 
 
 @router.post("/jobs/{job_id}/accept", response_model=AcceptanceOut)
-def accept_job(job_id: int, request: Request, principal: Operator) -> AcceptanceOut:
+def accept_job(job_id: RowId, request: Request, principal: Operator) -> AcceptanceOut:
     """Accept a job's result; a result the quality gate holds is sent now."""
     context = web_context(request)
     try:
         done = corrections.accept_results(context.catalog, job_id, principal.actor)
-    except corrections.ReviewRefused as exc:
+    except PacsNodeError as exc:
         raise _refused(exc) from exc
-    except StaleRelease as exc:
-        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
     return AcceptanceOut.model_validate(done.as_json())
 
 
