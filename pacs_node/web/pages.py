@@ -77,4 +77,6 @@ def render(request: Request, template: str, status_code: int = 200, **context: A
     """A page with the principal and the CSRF token its forms must send back."""
     context.setdefault("principal", getattr(request.state, "principal", None))
     context.setdefault("csrf_token", getattr(request.state, "csrf_token", ""))
+    principal = context["principal"]
+    context.setdefault("may_operate", principal is not None and principal.may(Role.OPERATOR))
     return TEMPLATES.TemplateResponse(request, template, context, status_code=status_code)
