@@ -33,6 +33,7 @@ from pacs_node.services.archive import (
     StoredObject,
     header_or_none,
     not_received,
+    received_visible,
     result_visible,
 )
 from pacs_node.uids import is_valid_uid
@@ -522,7 +523,11 @@ class _Studies:
         return Page(items, more and window.cut_by_node)
 
     def _modalities_match(self, condition: Condition) -> ColumnElement[bool]:
-        received = select(Series.study_id).where(Series.modality.in_(condition.values()))
+        received = (
+            select(Series.study_id)
+            .join(Instance, Instance.series_id == Series.id)
+            .where(Series.modality.in_(condition.values()), received_visible())
+        )
         studies = {
             study_id
             for study_id, objects in self._produced(None).items()
@@ -554,7 +559,7 @@ class _Studies:
         stmt = (
             select(Series.study_id, Series.modality, func.count(Instance.id))
             .join(Instance, Instance.series_id == Series.id)
-            .where(Series.study_id.in_(study_ids))
+            .where(Series.study_id.in_(study_ids), received_visible())
             .group_by(Series.study_id, Series.id, Series.modality)
         )
         for study_id, modality, instances in self.session.execute(stmt):
@@ -600,7 +605,7 @@ class _Studies:
         path = self.session.scalar(
             select(Instance.path)
             .join(Series, Instance.series_id == Series.id)
-            .where(Series.study_id == study_id)
+            .where(Series.study_id == study_id, received_visible())
             .order_by(Instance.id)
             .limit(1)
         )
@@ -639,6 +644,13 @@ class _Lower:
                 .join(Study, Series.study_id == Study.id)
             )
         stmt = stmt.where(*_study_filters(query))
+        if self.series_level:
+            # a series the node holds only rejected results' received copies of is not listed
+            served = select(Instance.series_id).where(received_visible())
+            withdrawn = select(Instance.series_id).where(~received_visible())
+            stmt = stmt.where(or_(Series.id.in_(served), Series.id.not_in(withdrawn)))
+        else:
+            stmt = stmt.where(received_visible())
         for condition in query.of(SERIES_KEYS):
             stmt = stmt.where(condition.sql(_SERIES_COLUMNS[condition.keyword]))
         for condition in query.of(INSTANCE_KEYS):
@@ -696,7 +708,7 @@ class _Lower:
         counts = dict(
             self.session.execute(
                 select(Instance.series_id, func.count(Instance.id))
-                .where(Instance.series_id.in_([r[0].id for r in rows]))
+                .where(Instance.series_id.in_([r[0].id for r in rows]), received_visible())
                 .group_by(Instance.series_id)
             ).all()
         )
@@ -763,7 +775,7 @@ class _Lower:
     def _first_of_series(self, series_id: int) -> Dataset | None:
         path = self.session.scalar(
             select(Instance.path)
-            .where(Instance.series_id == series_id)
+            .where(Instance.series_id == series_id, received_visible())
             .order_by(Instance.id)
             .limit(1)
         )
