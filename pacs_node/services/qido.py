@@ -40,6 +40,8 @@ from pacs_node.uids import is_valid_uid
 
 # The most results one response holds; a search that matches more says so in a Warning.
 MAX_RESULTS = 1000
+# The largest limit or offset a search takes (the catalog's integers are 64-bit).
+MAX_OFFSET = 10**9
 CHARSET = "ISO_IR 192"  # every string this module returns is Unicode (UTF-8 on the wire)
 MORE_RESULTS = '299 pacs-node "There are additional results that can be requested"'
 NO_FUZZY = (
@@ -378,8 +380,8 @@ def parse_query(
 
 
 def _natural(key: str, value: str) -> int:
-    if not value.isdigit():
-        raise QueryError(f"{key} must be a non-negative integer")
+    if not re.fullmatch(r"[0-9]{1,10}", value) or int(value) > MAX_OFFSET:
+        raise QueryError(f"{key} must be an integer from 0 to {MAX_OFFSET}")
     return int(value)
 
 

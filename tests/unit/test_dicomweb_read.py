@@ -251,6 +251,13 @@ def test_bad_searches_are_refused_and_long_answers_say_so(
         assert unsupported.status_code == 400
         assert client.get("/dicomweb/studies", params={"StudyDate": "2026"}).status_code == 400
         assert client.get("/dicomweb/studies", params={"limit": "-1"}).status_code == 400
+        for level in ("studies", "series", "instances"):
+            for value in (str(10**20), "1" * 5000, "\u00b2"):
+                for key in ("offset", "limit"):
+                    huge = client.get(f"/dicomweb/{level}", params={key: value})
+                    assert huge.status_code == 400, (level, key, value[:20])
+                    assert key in huge.json()["detail"]
+        assert client.get("/dicomweb/instances", params={"offset": str(10**9)}).json() == []
         empty = client.get("/dicomweb/studies", params={"PatientID": "nobody"})
         assert (empty.status_code, empty.json()) == (200, [])
         assert empty.headers["content-type"] == "application/dicom+json"
