@@ -359,6 +359,12 @@ def test_frames_and_rendered_images(archive: Archive) -> None:
         base = f"/dicomweb/studies/{archive.ct_study}/series/{archive.ct_series}/instances/{sop}"
         assert http.get(f"{base}/frames/2").status_code == 404
         assert http.get(f"{base}/frames/x").status_code == 400
+        # a repeated frame is sent once; a list longer than the cap, or a huge number, is refused
+        repeated = http.get(f"{base}/frames/1,1,1")
+        assert repeated.status_code == 200
+        assert _parts(repeated) == [dcmread(path).PixelData]
+        assert http.get(f"{base}/frames/" + ",".join(["1"] * 4097)).status_code == 400
+        assert http.get(f"{base}/frames/" + "1" * 5000).status_code == 400
         jpeg = http.get(f"{base}/frames/1/rendered", headers={"Accept": "image/jpeg"})
         assert jpeg.headers["content-type"] == "image/jpeg"
         assert Image.open(io.BytesIO(jpeg.content)).size == (48, 32)
