@@ -15,8 +15,9 @@ results, each in the order the catalog recorded them.
 from __future__ import annotations
 
 import functools
+import itertools
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -459,23 +460,54 @@ def _results_stmt(query: Query) -> Select[Result, str]:
 
 
 def _produced(archive: Archive, session: Session, query: Query) -> list[StoredObject]:
-    """The results ``query`` matches, their header-borne keys checked on their files."""
-    checks = [
+    """The results ``query`` matches in the catalog, echoed ones left out; their header-borne
+    keys are not checked yet (see :func:`_matching`): no file is read here."""
+    found = (
+        archive.produced(r, study_uid) for r, study_uid in session.execute(_results_stmt(query))
+    )
+    return not_received(session, [o for o in found if o is not None])
+
+
+def _header_checks(query: Query) -> list[Condition]:
+    """The series and instance conditions a result is matched on by its stored header."""
+    return [
         c
         for c in query.conditions
         if c.keyword in (SERIES_KEYS | INSTANCE_KEYS) and c.keyword not in _RESULT_COLUMNS
     ]
-    found = (
-        archive.produced(r, study_uid) for r, study_uid in session.execute(_results_stmt(query))
-    )
-    out: list[StoredObject] = []
-    for obj in not_received(session, [o for o in found if o is not None]):
-        header = header_or_none(obj.path)
-        if header is None:
+
+
+def _matching(
+    objects: Iterable[StoredObject], checks: Sequence[Condition]
+) -> Iterator[StoredObject]:
+    """``objects`` whose stored file is there and matches ``checks``, each file looked at only
+    when the caller reaches it (a page stops early), its header read only when there are
+    checks."""
+    for obj in objects:
+        if not checks:
+            if obj.path.is_file():
+                yield obj
             continue
-        if all(c.test(header.get(c.keyword)) for c in checks):
-            out.append(obj)
-    return out
+        header = header_or_none(obj.path)
+        if header is not None and all(c.test(header.get(c.keyword)) for c in checks):
+            yield obj
+
+
+def _units(
+    objects: list[StoredObject], by_series: bool, checks: Sequence[Condition]
+) -> Iterator[list[StoredObject]]:
+    """The matching results as the page's units, in catalog order: one per object, or one
+    per series (in the order its first result was recorded) with all its matching objects."""
+    if not by_series:
+        yield from ([obj] for obj in _matching(objects, checks))
+        return
+    grouped: dict[str, list[StoredObject]] = {}
+    for obj in objects:
+        grouped.setdefault(obj.series_uid, []).append(obj)
+    for group in grouped.values():
+        kept = list(_matching(group, checks))
+        if kept:
+            yield kept
 
 
 def _element(ds: Dataset, keyword: str, value: Any) -> None:
@@ -519,7 +551,7 @@ class _Studies:
         rows = list(self.session.scalars(stmt.offset(window.offset).limit(window.size + 1)))
         more = len(rows) > window.size
         rows = rows[: window.size]
-        produced = self._produced([s.id for s in rows])
+        produced = self._produced(Study.id.in_([s.id for s in rows]))
         counts = self._received_counts([s.id for s in rows])
         items = [self._item(study, counts, produced.get(study.id, [])) for study in rows]
         return Page(items, more and window.cut_by_node)
@@ -530,23 +562,23 @@ class _Studies:
             .join(Instance, Instance.series_id == Series.id)
             .where(Series.modality.in_(condition.values()), received_visible())
         )
+        # only the results of studies the other keys match: their headers are read
         studies = {
             study_id
-            for study_id, objects in self._produced(None).items()
+            for study_id, objects in self._produced(*_study_filters(self.query)).items()
             if any(condition.test(_modality(o)) for o in objects)
         }
         return or_(Study.id.in_(received), Study.id.in_(studies))
 
-    def _produced(self, study_ids: list[int] | None) -> dict[int, list[StoredObject]]:
+    def _produced(self, *where: ColumnElement[bool]) -> dict[int, list[StoredObject]]:
+        """The visible results of the studies ``where`` selects, by study row."""
         stmt = (
             select(Result, Study.study_uid, Study.id)
             .join(Job, Result.job_id == Job.id)
             .join(Study, Job.study_id == Study.id)
-            .where(result_visible(), Result.sop_instance_uid.is_not(None))
+            .where(result_visible(), Result.sop_instance_uid.is_not(None), *where)
             .order_by(Result.id)
         )
-        if study_ids is not None:
-            stmt = stmt.where(Study.id.in_(study_ids))
         rows = list(self.session.execute(stmt))
         found = [self.archive.produced(result, study_uid) for result, study_uid, _ in rows]
         served = {id(o) for o in not_received(self.session, [o for o in found if o is not None])}
@@ -668,16 +700,12 @@ class _Lower:
         total = int(self.session.scalar(select(func.count()).select_from(stmt.subquery())) or 0)
         rows = list(self.session.execute(stmt.offset(window.offset).limit(window.size)))
         produced = _produced(self.archive, self.session, self.query)
-        produced_units: list[list[StoredObject]]
-        if self.series_level:
-            grouped: dict[str, list[StoredObject]] = {}
-            for obj in produced:
-                grouped.setdefault(obj.series_uid, []).append(obj)
-            produced_units = list(grouped.values())
-        else:
-            produced_units = [[obj] for obj in produced]
         start = max(0, window.offset - total)
         room = window.size - len(rows)
+        # the results' files are looked at up to the end of the page (one more: is there more?)
+        wanted = start + room + (1 if window.cut_by_node else 0)
+        units = _units(produced, self.series_level, _header_checks(self.query))
+        produced_units = list(itertools.islice(units, wanted))
         extra = produced_units[start : start + room]
         more = total + len(produced_units) > window.offset + window.size
         if self.series_level:

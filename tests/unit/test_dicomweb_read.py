@@ -12,7 +12,7 @@ import httpx
 import pytest
 from dicomweb_client.api import DICOMwebClient
 from PIL import Image
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.data import get_charset_files, get_testdata_file
 from pydicom.encaps import get_frame
 from pydicom.uid import ExplicitVRLittleEndian
@@ -388,3 +388,31 @@ def test_a_rejected_result_sent_back_by_the_pacs_is_not_served(archive: Archive)
             assert http.get(f"{base}{path}").status_code == 404
         for path in ("", "/metadata", "/frames/1", "/rendered", "/bulkdata/7FE00010"):
             assert http.get(f"{base}/instances/{uid}{path}").status_code == 404
+
+
+def test_a_page_reads_only_the_result_files_it_needs(
+    archive: Archive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    results_dir = archive.node.settings.node.data_dir / "results"
+    read: list[Path] = []
+    real = qido.header_or_none
+
+    def counting(path: Path) -> Dataset | None:
+        read.append(path)
+        return real(path)
+
+    monkeypatch.setattr(qido, "header_or_none", counting)
+    client = archive.dicomweb()
+    # pages full of received entities: no result file is read
+    assert len(client.search_for_instances(limit=1)) == 1
+    assert len(client.search_for_instances(search_filters={"InstanceNumber": "1"}, limit=1)) == 1
+    assert len(client.search_for_series(search_filters={"Modality": "CT"}, limit=1)) == 1
+    # ModalitiesInStudy: only the results of the studies the other keys match
+    only = {"ModalitiesInStudy": "SEG", "PatientID": "nobody"}
+    assert client.search_for_studies(search_filters=only) == []
+    assert [p for p in read if results_dir in p.parents] == []
+    # a page past the received instances still finds the results, header-borne keys checked
+    (seg,) = client.search_for_instances(
+        archive.ct_study, search_filters={"InstanceNumber": "1"}, limit=1, offset=2
+    )
+    assert _values(seg, SOP_UID) == [archive.seg_instance]
