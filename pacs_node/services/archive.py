@@ -3,7 +3,8 @@ spool) and the result objects it produced (files under ``data_dir/results``), th
 under the study they were made from.
 
 A result whose job an operator rejected is not served at all (IOCM: rejected objects disappear
-from the archive's own query and retrieve); :func:`result_visible` is the one place that says so.
+from the archive's own query and retrieve); :func:`result_visible` is the one place that says so
+for the node's own copy, :func:`received_visible` for a copy the PACS sent back to the node.
 FHIR Bundles have no SOP Instance UID and are not DICOM: they are never part of the archive.
 
 Result files are immutable once written (see :mod:`pacs_node.catalog.results`), so their headers
@@ -37,6 +38,17 @@ HEADER_CACHE_SIZE = 4096
 def result_visible() -> ColumnElement[bool]:
     """The IOCM filter: a result is served unless an operator rejected its job's result."""
     return or_(Job.qa_decision.is_(None), Job.qa_decision != REJECTED)
+
+
+def received_visible() -> ColumnElement[bool]:
+    """The IOCM filter for received instances: a PACS that forwards everything sends the node's
+    results back, and a rejected one must not come back to life as a received instance."""
+    rejected = (
+        select(Result.sop_instance_uid)
+        .join(Job, Result.job_id == Job.id)
+        .where(Job.qa_decision == REJECTED, Result.sop_instance_uid.is_not(None))
+    )
+    return Instance.sop_instance_uid.not_in(rejected)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +159,7 @@ class Archive:
             select(Instance, Series.series_uid)
             .join(Series, Instance.series_id == Series.id)
             .join(Study, Series.study_id == Study.id)
-            .where(Study.study_uid == study_uid)
+            .where(Study.study_uid == study_uid, received_visible())
             .order_by(Series.id, Instance.instance_number, Instance.id)
         )
         if series_uid is not None:

@@ -15,8 +15,9 @@ results, each in the order the catalog recorded them.
 from __future__ import annotations
 
 import functools
+import itertools
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -33,12 +34,15 @@ from pacs_node.services.archive import (
     StoredObject,
     header_or_none,
     not_received,
+    received_visible,
     result_visible,
 )
 from pacs_node.uids import is_valid_uid
 
 # The most results one response holds; a search that matches more says so in a Warning.
 MAX_RESULTS = 1000
+# The largest limit or offset a search takes (the catalog's integers are 64-bit).
+MAX_OFFSET = 10**9
 CHARSET = "ISO_IR 192"  # every string this module returns is Unicode (UTF-8 on the wire)
 MORE_RESULTS = '299 pacs-node "There are additional results that can be requested"'
 NO_FUZZY = (
@@ -377,8 +381,8 @@ def parse_query(
 
 
 def _natural(key: str, value: str) -> int:
-    if not value.isdigit():
-        raise QueryError(f"{key} must be a non-negative integer")
+    if not re.fullmatch(r"[0-9]{1,10}", value) or int(value) > MAX_OFFSET:
+        raise QueryError(f"{key} must be an integer from 0 to {MAX_OFFSET}")
     return int(value)
 
 
@@ -456,23 +460,54 @@ def _results_stmt(query: Query) -> Select[Result, str]:
 
 
 def _produced(archive: Archive, session: Session, query: Query) -> list[StoredObject]:
-    """The results ``query`` matches, their header-borne keys checked on their files."""
-    checks = [
+    """The results ``query`` matches in the catalog, echoed ones left out; their header-borne
+    keys are not checked yet (see :func:`_matching`): no file is read here."""
+    found = (
+        archive.produced(r, study_uid) for r, study_uid in session.execute(_results_stmt(query))
+    )
+    return not_received(session, [o for o in found if o is not None])
+
+
+def _header_checks(query: Query) -> list[Condition]:
+    """The series and instance conditions a result is matched on by its stored header."""
+    return [
         c
         for c in query.conditions
         if c.keyword in (SERIES_KEYS | INSTANCE_KEYS) and c.keyword not in _RESULT_COLUMNS
     ]
-    found = (
-        archive.produced(r, study_uid) for r, study_uid in session.execute(_results_stmt(query))
-    )
-    out: list[StoredObject] = []
-    for obj in not_received(session, [o for o in found if o is not None]):
-        header = header_or_none(obj.path)
-        if header is None:
+
+
+def _matching(
+    objects: Iterable[StoredObject], checks: Sequence[Condition]
+) -> Iterator[StoredObject]:
+    """``objects`` whose stored file is there and matches ``checks``, each file looked at only
+    when the caller reaches it (a page stops early), its header read only when there are
+    checks."""
+    for obj in objects:
+        if not checks:
+            if obj.path.is_file():
+                yield obj
             continue
-        if all(c.test(header.get(c.keyword)) for c in checks):
-            out.append(obj)
-    return out
+        header = header_or_none(obj.path)
+        if header is not None and all(c.test(header.get(c.keyword)) for c in checks):
+            yield obj
+
+
+def _units(
+    objects: list[StoredObject], by_series: bool, checks: Sequence[Condition]
+) -> Iterator[list[StoredObject]]:
+    """The matching results as the page's units, in catalog order: one per object, or one
+    per series (in the order its first result was recorded) with all its matching objects."""
+    if not by_series:
+        yield from ([obj] for obj in _matching(objects, checks))
+        return
+    grouped: dict[str, list[StoredObject]] = {}
+    for obj in objects:
+        grouped.setdefault(obj.series_uid, []).append(obj)
+    for group in grouped.values():
+        kept = list(_matching(group, checks))
+        if kept:
+            yield kept
 
 
 def _element(ds: Dataset, keyword: str, value: Any) -> None:
@@ -516,30 +551,34 @@ class _Studies:
         rows = list(self.session.scalars(stmt.offset(window.offset).limit(window.size + 1)))
         more = len(rows) > window.size
         rows = rows[: window.size]
-        produced = self._produced([s.id for s in rows])
+        produced = self._produced(Study.id.in_([s.id for s in rows]))
         counts = self._received_counts([s.id for s in rows])
         items = [self._item(study, counts, produced.get(study.id, [])) for study in rows]
         return Page(items, more and window.cut_by_node)
 
     def _modalities_match(self, condition: Condition) -> ColumnElement[bool]:
-        received = select(Series.study_id).where(Series.modality.in_(condition.values()))
+        received = (
+            select(Series.study_id)
+            .join(Instance, Instance.series_id == Series.id)
+            .where(Series.modality.in_(condition.values()), received_visible())
+        )
+        # only the results of studies the other keys match: their headers are read
         studies = {
             study_id
-            for study_id, objects in self._produced(None).items()
+            for study_id, objects in self._produced(*_study_filters(self.query)).items()
             if any(condition.test(_modality(o)) for o in objects)
         }
         return or_(Study.id.in_(received), Study.id.in_(studies))
 
-    def _produced(self, study_ids: list[int] | None) -> dict[int, list[StoredObject]]:
+    def _produced(self, *where: ColumnElement[bool]) -> dict[int, list[StoredObject]]:
+        """The visible results of the studies ``where`` selects, by study row."""
         stmt = (
             select(Result, Study.study_uid, Study.id)
             .join(Job, Result.job_id == Job.id)
             .join(Study, Job.study_id == Study.id)
-            .where(result_visible(), Result.sop_instance_uid.is_not(None))
+            .where(result_visible(), Result.sop_instance_uid.is_not(None), *where)
             .order_by(Result.id)
         )
-        if study_ids is not None:
-            stmt = stmt.where(Study.id.in_(study_ids))
         rows = list(self.session.execute(stmt))
         found = [self.archive.produced(result, study_uid) for result, study_uid, _ in rows]
         served = {id(o) for o in not_received(self.session, [o for o in found if o is not None])}
@@ -554,7 +593,7 @@ class _Studies:
         stmt = (
             select(Series.study_id, Series.modality, func.count(Instance.id))
             .join(Instance, Instance.series_id == Series.id)
-            .where(Series.study_id.in_(study_ids))
+            .where(Series.study_id.in_(study_ids), received_visible())
             .group_by(Series.study_id, Series.id, Series.modality)
         )
         for study_id, modality, instances in self.session.execute(stmt):
@@ -600,7 +639,7 @@ class _Studies:
         path = self.session.scalar(
             select(Instance.path)
             .join(Series, Instance.series_id == Series.id)
-            .where(Series.study_id == study_id)
+            .where(Series.study_id == study_id, received_visible())
             .order_by(Instance.id)
             .limit(1)
         )
@@ -639,6 +678,13 @@ class _Lower:
                 .join(Study, Series.study_id == Study.id)
             )
         stmt = stmt.where(*_study_filters(query))
+        if self.series_level:
+            # a series the node holds only rejected results' received copies of is not listed
+            served = select(Instance.series_id).where(received_visible())
+            withdrawn = select(Instance.series_id).where(~received_visible())
+            stmt = stmt.where(or_(Series.id.in_(served), Series.id.not_in(withdrawn)))
+        else:
+            stmt = stmt.where(received_visible())
         for condition in query.of(SERIES_KEYS):
             stmt = stmt.where(condition.sql(_SERIES_COLUMNS[condition.keyword]))
         for condition in query.of(INSTANCE_KEYS):
@@ -654,16 +700,12 @@ class _Lower:
         total = int(self.session.scalar(select(func.count()).select_from(stmt.subquery())) or 0)
         rows = list(self.session.execute(stmt.offset(window.offset).limit(window.size)))
         produced = _produced(self.archive, self.session, self.query)
-        produced_units: list[list[StoredObject]]
-        if self.series_level:
-            grouped: dict[str, list[StoredObject]] = {}
-            for obj in produced:
-                grouped.setdefault(obj.series_uid, []).append(obj)
-            produced_units = list(grouped.values())
-        else:
-            produced_units = [[obj] for obj in produced]
         start = max(0, window.offset - total)
         room = window.size - len(rows)
+        # the results' files are looked at up to the end of the page (one more: is there more?)
+        wanted = start + room + (1 if window.cut_by_node else 0)
+        units = _units(produced, self.series_level, _header_checks(self.query))
+        produced_units = list(itertools.islice(units, wanted))
         extra = produced_units[start : start + room]
         more = total + len(produced_units) > window.offset + window.size
         if self.series_level:
@@ -696,7 +738,7 @@ class _Lower:
         counts = dict(
             self.session.execute(
                 select(Instance.series_id, func.count(Instance.id))
-                .where(Instance.series_id.in_([r[0].id for r in rows]))
+                .where(Instance.series_id.in_([r[0].id for r in rows]), received_visible())
                 .group_by(Instance.series_id)
             ).all()
         )
@@ -763,7 +805,7 @@ class _Lower:
     def _first_of_series(self, series_id: int) -> Dataset | None:
         path = self.session.scalar(
             select(Instance.path)
-            .where(Instance.series_id == series_id)
+            .where(Instance.series_id == series_id, received_visible())
             .order_by(Instance.id)
             .limit(1)
         )

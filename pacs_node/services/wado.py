@@ -4,7 +4,8 @@ bulk data, its frames and rendered images.
 Frames are cut from the stored bytes without decoding where the stored encoding allows: native
 (uncompressed) frames are read at their offset in the file, compressed ones taken out of the
 encapsulated Pixel Data as they were compressed. A compressed frame is decoded only for a client
-that accepts nothing but uncompressed frames.
+that accepts nothing but uncompressed frames. Each frame is read from the file only when its part
+is sent, so an answer holds one frame in memory at a time, however many it lists.
 """
 
 from __future__ import annotations
@@ -172,14 +173,15 @@ def frame_count(ds: Dataset) -> int:
 def frames(
     obj: StoredObject, numbers: list[int] | None, accepted: list[tuple[str, str]]
 ) -> list[Part]:
-    """Frames ``numbers`` (1-based; None: all) as ``accepted`` allows: (media type, transfer
-    syntax or "*") pairs in order of preference. Raises :class:`NotAcceptable` when none
-    fits, :class:`NotFound` for a frame the object does not have."""
+    """Frames ``numbers`` (1-based; None: all; a repeated one sent once, where it first
+    appears) as ``accepted`` allows: (media type, transfer syntax or "*") pairs in order of
+    preference. Raises :class:`NotAcceptable` when none fits, :class:`NotFound` for a frame
+    the object does not have. The parts read their frame when they are sent."""
     ds = _open(obj)
     if ds.get_item(PIXEL_DATA, keep_deferred=True) is None or "Rows" not in ds:
         raise NotAnImage("the object has no pixel data")
     count = frame_count(ds)
-    wanted = list(range(1, count + 1)) if numbers is None else numbers
+    wanted = list(range(1, count + 1)) if numbers is None else list(dict.fromkeys(numbers))
     for number in wanted:
         if not 1 <= number <= count:
             raise NotFound(f"frame {number} is not one of the object's {count} frames")
@@ -190,13 +192,13 @@ def frames(
     for media_type, asked in accepted:
         anything = media_type in ("*/*", "*")
         if compressed and asked in ("*", syntax) and (anything or media_type == stored_type):
-            return [Part(stored_type, syntax, iter([b])) for b in _stored_frames(obj, ds, wanted)]
+            return [Part(stored_type, syntax, _stored_frame(obj, ds, n)) for n in wanted]
         if compressed and asked in ("*", syntax) and media_type == OCTET_STREAM:
-            return [Part(OCTET_STREAM, syntax, iter([b])) for b in _stored_frames(obj, ds, wanted)]
+            return [Part(OCTET_STREAM, syntax, _stored_frame(obj, ds, n)) for n in wanted]
         if (anything or media_type == OCTET_STREAM) and asked in ("*", native, syntax):
             if compressed or syntax == ExplicitVRBigEndian:
-                return [Part(OCTET_STREAM, native, iter([_decoded(obj, n)])) for n in wanted]
-            return [Part(OCTET_STREAM, native, iter([b])) for b in _stored_frames(obj, ds, wanted)]
+                return [Part(OCTET_STREAM, native, _decoded_chunks(obj, n)) for n in wanted]
+            return [Part(OCTET_STREAM, native, _stored_frame(obj, ds, n)) for n in wanted]
     raise NotAcceptable(f"frames are stored as {stored_type} ({syntax})")
 
 
@@ -204,29 +206,42 @@ class NotAcceptable(RequestError):
     """No representation the client accepts can be given (406)."""
 
 
-def _stored_frames(obj: StoredObject, ds: Dataset, numbers: list[int]) -> Iterator[bytes]:
+def _stored_frame(obj: StoredObject, ds: Dataset, number: int) -> Iterator[bytes]:
+    """Frame ``number`` as stored, read from the file only when iterated: a native frame at
+    its offset, a compressed one found through the offset tables (or the fragments' item
+    headers) without reading the other frames."""
     syntax = UID(str(ds.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian)))
-    count = frame_count(ds)
+    raw = ds.get_item(PIXEL_DATA, keep_deferred=True)
     if syntax.is_compressed:
-        pixel = ds.PixelData
         offsets = None
         if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
             offsets = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
-        for number in numbers:
-            yield get_frame(pixel, number - 1, extended_offsets=offsets, number_of_frames=count)
+        count = frame_count(ds)
+        if isinstance(raw, RawDataElement) and raw.value is None:
+            with obj.path.open("rb") as handle:
+                handle.seek(int(raw.value_tell))
+                yield get_frame(
+                    handle, number - 1, extended_offsets=offsets, number_of_frames=count
+                )
+            return
+        yield get_frame(ds.PixelData, number - 1, extended_offsets=offsets, number_of_frames=count)
         return
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     bits = int(ds.Rows) * int(ds.Columns) * samples * int(ds.BitsAllocated)
-    raw = ds.get_item(PIXEL_DATA, keep_deferred=True)
-    located = _location(obj, ds, raw) if bits % 8 == 0 else None
+    if bits % 8:
+        yield _decoded(obj, number)
+        return
     size = bits // 8
-    for number in numbers:
-        if bits % 8:
-            yield _decoded(obj, number)
-        elif located is not None:
-            yield b"".join(_file_bytes(obj.path, located[0] + (number - 1) * size, size))
-        else:
-            yield bytes(ds.PixelData[(number - 1) * size : number * size])
+    located = _location(obj, ds, raw)
+    if located is not None:
+        yield from _file_bytes(obj.path, located[0] + (number - 1) * size, size)
+    else:
+        yield bytes(ds.PixelData[(number - 1) * size : number * size])
+
+
+def _decoded_chunks(obj: StoredObject, number: int) -> Iterator[bytes]:
+    """:func:`_decoded`, run only when iterated."""
+    yield _decoded(obj, number)
 
 
 def _decoded(obj: StoredObject, number: int) -> bytes:

@@ -4,6 +4,7 @@ data and rendered images. See :mod:`pacs_node.services.wado` for what each one h
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path as FilePath
@@ -32,6 +33,7 @@ from pacs_node.web.qido import (
 DICOM = "application/dicom"
 MULTIPART = "multipart/related"
 _ANY = frozenset({"*/*", "multipart/*"})
+MAX_FRAMES = 4096  # the most frame numbers one frames request may list
 
 router = APIRouter(prefix=PREFIX, tags=["DICOMweb"], dependencies=[Depends(require(Role.VIEWER))])
 
@@ -158,9 +160,15 @@ def instance_metadata(
 
 
 def _frame_numbers(text: str) -> list[int]:
+    """The frame list of the path: at most :data:`MAX_FRAMES` positive integers."""
+    pieces = text.split(",")
+    if len(pieces) > MAX_FRAMES:
+        raise HTTPException(
+            status.HTTP_400_BAD_REQUEST, f"at most {MAX_FRAMES} frames in one request"
+        )
     numbers: list[int] = []
-    for piece in text.split(","):
-        if not piece.strip().isdigit() or int(piece) < 1:
+    for piece in pieces:
+        if not re.fullmatch(r"[0-9]{1,9}", piece.strip()) or int(piece) < 1:
             raise HTTPException(status.HTTP_400_BAD_REQUEST, "frames are positive integers")
         numbers.append(int(piece))
     return numbers

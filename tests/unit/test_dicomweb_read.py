@@ -12,7 +12,7 @@ import httpx
 import pytest
 from dicomweb_client.api import DICOMwebClient
 from PIL import Image
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.data import get_charset_files, get_testdata_file
 from pydicom.encaps import get_frame
 from pydicom.uid import ExplicitVRLittleEndian
@@ -29,6 +29,7 @@ from tests.web_node import WebNode, start_web_node
 SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.4"
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 GRAYSCALE_PS = "1.2.840.10008.5.1.4.1.1.11.1"
+ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
 
 
 @dataclass
@@ -43,6 +44,8 @@ class Archive:
     echoed_instance: str
     rejected_series: str
     rejected_instance: str
+    rejected_echo_series: str
+    rejected_echo_instance: str
     jp_study: str
     jp_series: str
     jp_instance: str
@@ -116,6 +119,11 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
         _job_with(node, study_id, echoed, rejected=False)
         (root / "echoed.dcm").write_bytes(echoed.data)
         ingest(node.catalog, spool, [root / "echoed.dcm"])
+        # a rejected result the PACS forwarded back: neither copy is served
+        rejected_echo = _result(paths[0], ENCAPSULATED_PDF, "DOC", 903)
+        _job_with(node, study_id, rejected_echo, rejected=True)
+        (root / "rejected_echo.dcm").write_bytes(rejected_echo.data)
+        ingest(node.catalog, spool, [root / "rejected_echo.dcm"])
         jp_file = Path(get_charset_files("chrH31.dcm")[0])
         _, jp_study, (jp_series,) = ingest(node.catalog, spool, [jp_file])
         jpeg_file = Path(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm"))
@@ -126,6 +134,8 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
         assert withdrawn.sop_instance_uid
         assert echoed.series_uid
         assert echoed.sop_instance_uid
+        assert rejected_echo.series_uid
+        assert rejected_echo.sop_instance_uid
         yield Archive(
             node=node,
             ct_study=ct_study,
@@ -137,6 +147,8 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
             echoed_instance=echoed.sop_instance_uid,
             rejected_series=withdrawn.series_uid,
             rejected_instance=withdrawn.sop_instance_uid,
+            rejected_echo_series=rejected_echo.series_uid,
+            rejected_echo_instance=rejected_echo.sop_instance_uid,
             jp_study=jp_study,
             jp_series=jp_series,
             jp_instance=str(dcmread(jp_file, stop_before_pixels=True).SOPInstanceUID),
@@ -169,6 +181,7 @@ def test_studies_are_found_by_the_usual_keys(archive: Archive) -> None:
     by_modality = client.search_for_studies(search_filters={"ModalitiesInStudy": "SEG"})
     assert [_values(s, STUDY_UID) for s in by_modality] == [[archive.ct_study]]
     assert client.search_for_studies(search_filters={"ModalitiesInStudy": "SR"}) == []
+    assert client.search_for_studies(search_filters={"ModalitiesInStudy": "DOC"}) == []
     in_range = client.search_for_studies(search_filters={"StudyDate": "20251231-20260102"})
     assert [_values(s, STUDY_UID) for s in in_range] == [[archive.ct_study]]
     # a key by its tag, and a field read from the stored header
@@ -238,6 +251,13 @@ def test_bad_searches_are_refused_and_long_answers_say_so(
         assert unsupported.status_code == 400
         assert client.get("/dicomweb/studies", params={"StudyDate": "2026"}).status_code == 400
         assert client.get("/dicomweb/studies", params={"limit": "-1"}).status_code == 400
+        for level in ("studies", "series", "instances"):
+            for value in (str(10**20), "1" * 5000, "\u00b2"):
+                for key in ("offset", "limit"):
+                    huge = client.get(f"/dicomweb/{level}", params={key: value})
+                    assert huge.status_code == 400, (level, key, value[:20])
+                    assert key in huge.json()["detail"]
+        assert client.get("/dicomweb/instances", params={"offset": str(10**9)}).json() == []
         empty = client.get("/dicomweb/studies", params={"PatientID": "nobody"})
         assert (empty.status_code, empty.json()) == (200, [])
         assert empty.headers["content-type"] == "application/dicom+json"
@@ -339,6 +359,60 @@ def test_frames_and_rendered_images(archive: Archive) -> None:
         base = f"/dicomweb/studies/{archive.ct_study}/series/{archive.ct_series}/instances/{sop}"
         assert http.get(f"{base}/frames/2").status_code == 404
         assert http.get(f"{base}/frames/x").status_code == 400
+        # a repeated frame is sent once; a list longer than the cap, or a huge number, is refused
+        repeated = http.get(f"{base}/frames/1,1,1")
+        assert repeated.status_code == 200
+        assert _parts(repeated) == [dcmread(path).PixelData]
+        assert http.get(f"{base}/frames/" + ",".join(["1"] * 4097)).status_code == 400
+        assert http.get(f"{base}/frames/" + "1" * 5000).status_code == 400
         jpeg = http.get(f"{base}/frames/1/rendered", headers={"Accept": "image/jpeg"})
         assert jpeg.headers["content-type"] == "image/jpeg"
         assert Image.open(io.BytesIO(jpeg.content)).size == (48, 32)
+
+
+def test_a_rejected_result_sent_back_by_the_pacs_is_not_served(archive: Archive) -> None:
+    client = archive.dicomweb()
+    uid = archive.rejected_echo_instance
+    assert client.search_for_instances(search_filters={"SOPInstanceUID": uid}) == []
+    assert client.search_for_series(search_filters={"Modality": "DOC"}) == []
+    assert archive.rejected_echo_series not in {
+        _values(s, SERIES_UID)[0] for s in client.search_for_series(archive.ct_study)
+    }
+    assert uid not in {_values(i, SOP_UID)[0] for i in client.search_for_instances()}
+    assert uid not in {d.SOPInstanceUID for d in client.retrieve_study(archive.ct_study)}
+    meta = client.retrieve_study_metadata(archive.ct_study)
+    assert uid not in {_values(m, SOP_UID)[0] for m in meta}
+    base = f"/dicomweb/studies/{archive.ct_study}/series/{archive.rejected_echo_series}"
+    with archive.client() as http:
+        for path in ("", "/metadata"):
+            assert http.get(f"{base}{path}").status_code == 404
+        for path in ("", "/metadata", "/frames/1", "/rendered", "/bulkdata/7FE00010"):
+            assert http.get(f"{base}/instances/{uid}{path}").status_code == 404
+
+
+def test_a_page_reads_only_the_result_files_it_needs(
+    archive: Archive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    results_dir = archive.node.settings.node.data_dir / "results"
+    read: list[Path] = []
+    real = qido.header_or_none
+
+    def counting(path: Path) -> Dataset | None:
+        read.append(path)
+        return real(path)
+
+    monkeypatch.setattr(qido, "header_or_none", counting)
+    client = archive.dicomweb()
+    # pages full of received entities: no result file is read
+    assert len(client.search_for_instances(limit=1)) == 1
+    assert len(client.search_for_instances(search_filters={"InstanceNumber": "1"}, limit=1)) == 1
+    assert len(client.search_for_series(search_filters={"Modality": "CT"}, limit=1)) == 1
+    # ModalitiesInStudy: only the results of the studies the other keys match
+    only = {"ModalitiesInStudy": "SEG", "PatientID": "nobody"}
+    assert client.search_for_studies(search_filters=only) == []
+    assert [p for p in read if results_dir in p.parents] == []
+    # a page past the received instances still finds the results, header-borne keys checked
+    (seg,) = client.search_for_instances(
+        archive.ct_study, search_filters={"InstanceNumber": "1"}, limit=1, offset=2
+    )
+    assert _values(seg, SOP_UID) == [archive.seg_instance]
