@@ -222,7 +222,11 @@ class StowBody:
                 shown = media_type.decode("latin-1")[:60]
                 part.refused = UnreadableDataset(f"part of media type {shown!r} is not DICOM")
                 return
-        part.received = self.receiver.incoming("")
+        try:
+            part.received = self.receiver.incoming("")
+        except OSError as exc:  # no file to write it to (disk full, no descriptor left)
+            part.refused = OutOfResources(f"the spool cannot take it: {exc.strerror or exc}")
+            return
         part.front = _Part10Front(part.received)
 
     def _data(self, data: bytes, start: int, end: int) -> None:

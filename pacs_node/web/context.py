@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -13,6 +14,8 @@ from pacs_node.config import Settings
 from pacs_node.ingest.receive import Receiver
 from pacs_node.ingest.spool import Spool
 from pacs_node.services.login_throttle import LoginThrottle, VerifiedPasswords
+
+STOW_PARTS = 4  # STOW-RS parts received at once: bounds the memory a burst takes
 
 
 @dataclass
@@ -31,6 +34,10 @@ class WebContext:
     verified_passwords: VerifiedPasswords = field(default_factory=VerifiedPasswords)
     # Named checks ``/readyz`` runs beside the catalog's (e.g. "workers": are they alive).
     readiness: dict[str, Callable[[], bool]] = field(default_factory=dict)
+    # STOW-RS writes (parse, spool, header read) running at once in this process; more wait.
+    stow_parts: threading.BoundedSemaphore = field(
+        default_factory=lambda: threading.BoundedSemaphore(STOW_PARTS)
+    )
 
 
 def web_context(request: Request) -> WebContext:

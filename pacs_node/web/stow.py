@@ -14,15 +14,18 @@ named as ``sender`` in a new study's ``receiving`` event.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, Depends, HTTPException, Request, status
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydicom.dataset import Dataset
+from starlette.requests import ClientDisconnect
 
 from pacs_node.catalog.models import Role
 from pacs_node.errors import MalformedBody
+from pacs_node.ingest.statuses import status_for
 from pacs_node.ingest.stow import PartResult, StowBody, multipart_boundary
 from pacs_node.services.accounts import Principal
 from pacs_node.statuses import CANNOT_UNDERSTAND, SUCCESS
@@ -42,7 +45,7 @@ Operator = Annotated[Principal, Depends(require(Role.OPERATOR))]
 
 
 @router.post("/studies", response_class=JSONResponse, summary="STOW-RS: store instances")
-async def store_instances(request: Request, principal: Operator) -> JSONResponse:
+async def store_instances(request: Request, principal: Operator) -> Response:
     return await _store(request, principal, None)
 
 
@@ -51,7 +54,7 @@ async def store_instances(request: Request, principal: Operator) -> JSONResponse
     response_class=JSONResponse,
     summary="STOW-RS: store instances of one study",
 )
-async def store_study_instances(request: Request, principal: Operator, study: str) -> JSONResponse:
+async def store_study_instances(request: Request, principal: Operator, study: str) -> Response:
     if not is_valid_uid(study):
         raise HTTPException(status.HTTP_400_BAD_REQUEST, "the study is not a valid UID")
     return await _store(request, principal, study)
@@ -67,7 +70,7 @@ def _acceptable(accept: str) -> bool:
     return False
 
 
-async def _store(request: Request, principal: Principal, study: str | None) -> JSONResponse:
+async def _store(request: Request, principal: Principal, study: str | None) -> Response:
     context = web_context(request)
     if context.receiver is None:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "this node does not store")
@@ -82,7 +85,7 @@ async def _store(request: Request, principal: Principal, study: str | None) -> J
     body = StowBody(context.receiver, boundary, study, sender=principal.name)
     finished = False
     try:
-        results = await _read(request, body)
+        results = await _read(request, body, context.stow_parts)
         finished = True
     except MalformedBody as exc:
         if not body.results:
@@ -92,6 +95,17 @@ async def _store(request: Request, principal: Principal, study: str | None) -> J
         results = [*body.results, broken]
         finished = True
         log.warning("STOW-RS body broke off", extra={"user": principal.name, "reason": str(exc)})
+    except ClientDisconnect:
+        # Nobody reads the answer; the part under way is dropped (below), those stored stay.
+        log.info("STOW-RS client went away", extra={"user": principal.name})
+        return Response(status_code=status.HTTP_400_BAD_REQUEST)
+    except Exception as exc:
+        if not body.results:
+            raise
+        # The parts stored before it stay stored and are answered as such.
+        log.exception("STOW-RS request failed", extra={"user": principal.name})
+        failure = PartResult(status_for(exc), reason=f"internal error: {type(exc).__name__}")
+        results = [*body.results, failure]
     finally:
         if not finished:  # the client went away (or the request was cancelled)
             with anyio.CancelScope(shield=True):
@@ -111,15 +125,22 @@ async def _store(request: Request, principal: Principal, study: str | None) -> J
     )
 
 
-async def _read(request: Request, body: StowBody) -> list[PartResult]:
+async def _read(request: Request, body: StowBody, slots: threading.Semaphore) -> list[PartResult]:
+    """Feed the body to ``body`` off the event loop; each hop holds one of ``slots``, so no
+    more than that many threads parse and store parts at once, however many requests come."""
+
+    def write(data: bytes) -> None:
+        with slots:
+            body.write(data)
+
     pending = bytearray()
     async for chunk in request.stream():
         pending += chunk
         if len(pending) >= BATCH_BYTES:
-            await anyio.to_thread.run_sync(body.write, bytes(pending))
+            await anyio.to_thread.run_sync(write, bytes(pending))
             pending.clear()
     if pending:
-        await anyio.to_thread.run_sync(body.write, bytes(pending))
+        await anyio.to_thread.run_sync(write, bytes(pending))
     return body.close()
 
 

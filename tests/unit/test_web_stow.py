@@ -3,6 +3,8 @@ web face, the stored bytes compared with what the Storage SCP stores for the sam
 
 from __future__ import annotations
 
+import errno
+import os
 import subprocess
 import uuid
 from collections.abc import Iterator, Sequence
@@ -24,8 +26,9 @@ from pacs_node.ingest.recorder import CatalogRecorder
 from pacs_node.ingest.scp import StorageSCP
 from pacs_node.ingest.spool import Spool
 from pacs_node.ingest.stow import StowBody, multipart_boundary
+from pacs_node.ingest.transport import ReceivedFile
 from pacs_node.services import accounts
-from pacs_node.statuses import DATASET_MISMATCH, OUT_OF_RESOURCES
+from pacs_node.statuses import DATASET_MISMATCH, OUT_OF_RESOURCES, PROCESSING_FAILURE
 from pacs_node.web.auth import SESSION_COOKIE
 from tests.conftest import STORESCU, free_port
 from tests.dicom_factory import new_uid, write_series
@@ -377,4 +380,52 @@ def test_part10_fronts_that_are_refused_say_why(web_node: WebNode, series: list[
     assert "Group Length" in results[0].reason
     assert "too long" in results[1].reason
     assert "application/dicom+json" in results[2].reason
+    assert list(web_node.spool.incoming.iterdir()) == []
+
+
+def test_a_part_the_spool_cannot_open_fails_while_the_rest_is_stored(
+    web_node: WebNode, series: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = Receiver.incoming
+    calls: list[str] = []
+
+    def incoming(self: Receiver, source_ae: str) -> ReceivedFile:
+        calls.append(source_ae)
+        if len(calls) == 2:  # the second part finds the disk full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, source_ae)
+
+    monkeypatch.setattr(Receiver, "incoming", incoming)
+    with web_node.client(Role.OPERATOR) as client:
+        response = post(client, [path.read_bytes() for path in series])
+        alone = post(client, [series[1].read_bytes()])
+    assert response.status_code == 202, response.text
+    expected = [str(pydicom.dcmread(series[i]).SOPInstanceUID) for i in (0, 2)]
+    assert stored_uids(response) == expected
+    assert failures(response) == [(None, OUT_OF_RESOURCES)]
+    assert sorted(catalogued(web_node, expected)) == sorted(expected)
+    assert alone.status_code == 200  # the next request finds room again
+    assert list(web_node.spool.incoming.iterdir()) == []
+
+
+def test_an_unexpected_error_keeps_the_parts_stored_before_it(
+    web_node: WebNode, series: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = Receiver.incoming
+    calls: list[str] = []
+
+    def incoming(self: Receiver, source_ae: str) -> ReceivedFile:
+        calls.append(source_ae)
+        if len(calls) == 2:
+            raise RuntimeError("a bug")
+        return real(self, source_ae)
+
+    monkeypatch.setattr(Receiver, "incoming", incoming)
+    with web_node.client(Role.OPERATOR) as client:
+        response = post(client, [path.read_bytes() for path in series])
+    assert response.status_code == 202, response.text
+    expected = [str(pydicom.dcmread(series[0]).SOPInstanceUID)]
+    assert stored_uids(response) == expected
+    assert failures(response) == [(None, PROCESSING_FAILURE)]
+    assert sorted(catalogued(web_node, expected)) == expected
     assert list(web_node.spool.incoming.iterdir()) == []
