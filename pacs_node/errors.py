@@ -5,6 +5,7 @@
     PacsNodeError
     ├── ConfigError             a config file or env var is wrong; names file, key and reason
     ├── CatalogError            the catalog database cannot be opened or migrated
+    ├── StartError              a part of the node (a door) cannot start; the node stops again
     ├── RequestError            a door's request cannot be done: no such study, nothing fits
     │   ├── NotFound                the study (or job, delivery) it names is not in the catalog
     │   └── MalformedBody           a STOW-RS body is not a readable multipart/related message
@@ -57,6 +58,11 @@ class ConfigError(PacsNodeError):
 
 class CatalogError(PacsNodeError):
     """The catalog cannot be opened, migrated or written."""
+
+
+class StartError(PacsNodeError):
+    """A part of the node cannot start (the web server stopped while starting); what had
+    started is stopped again, so the user gets this one line and no process is left behind."""
 
 
 class RequestError(PacsNodeError):

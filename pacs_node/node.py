@@ -113,8 +113,12 @@ class Node:
         self.outbox.start()  # re-sends deliveries cut off mid-send
         self.housekeeping.start()
         self.scp.start()
-        for door in self.doors:
-            door.start()
+        try:
+            for door in self.doors:
+                door.start()
+        except BaseException:
+            self.stop()  # the SCP and the workers run already: no process is left behind
+            raise
         log.info(
             "node started",
             extra={"catalog": self.catalog.url, "recovered_instances": recovered},

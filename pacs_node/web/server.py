@@ -7,6 +7,7 @@ with the address and the reason.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
@@ -15,7 +16,7 @@ import time
 import uvicorn
 from fastapi import FastAPI
 
-from pacs_node.errors import ConfigError
+from pacs_node.errors import ConfigError, StartError
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class WebServer:
                 source, "web_port", f"cannot listen on {host}:{port}: {exc.strerror}"
             ) from exc
         self._socket.listen(128)
+        self._port = int(self._socket.getsockname()[1])
         config = uvicorn.Config(
             app,
             log_level="warning",
@@ -44,7 +46,7 @@ class WebServer:
             server_header=False,
             proxy_headers=False,
             timeout_keep_alive=30,
-            timeout_graceful_shutdown=5,
+            timeout_graceful_shutdown=5,  # stop() sets it from the time it is given
             # uvicorn's own logging setup would replace the node's handlers
             log_config=None,
         )
@@ -53,26 +55,35 @@ class WebServer:
 
     @property
     def port(self) -> int:
-        return int(self._socket.getsockname()[1])
+        return self._port
 
     def start(self) -> None:
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [self._socket]}, name="web", daemon=True
-        )
+        self._thread = threading.Thread(target=self._run, name="web", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self._server.started:
             if not self._thread.is_alive():
-                raise RuntimeError("the web server stopped while starting")
+                raise StartError(f"the web server on port {self.port} stopped while starting")
             if time.monotonic() > deadline:
-                raise RuntimeError("the web server did not start in time")
+                raise StartError(f"the web server on port {self.port} did not start in time")
             time.sleep(0.02)
         log.info("web server listening", extra={"host": self.host, "port": self.port})
+
+    def _run(self) -> None:
+        # uvicorn exits (SystemExit) when the app cannot start; start() says so
+        with contextlib.suppress(SystemExit):
+            self._server.run(sockets=[self._socket])
 
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop within ``timeout`` seconds: requests under way get all of it but a margin to
+        finish, then are cancelled, so none outlasts the wait (nor the parts stopped next)."""
+        margin = max(0.3, min(1.0, timeout / 5))  # uvicorn polls should_exit every 0.1 s
+        # typed int by uvicorn, but read only by asyncio.timeout, which takes any seconds
+        grace = max(0.05, timeout - margin)
+        self._server.config.timeout_graceful_shutdown = grace  # type: ignore[assignment]
         self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout)

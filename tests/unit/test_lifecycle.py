@@ -8,10 +8,12 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+from pacs_node.errors import StartError
 from pacs_node.lifecycle import SignalPipe
 
 
@@ -88,3 +90,38 @@ def test_a_finished_stop_whose_exit_is_held_up_leaves_with_its_own_code(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     assert _watched_node(monkeypatch, exit_code=0) == [("exit_now", 0)]
+
+
+class _Part:
+    """A stage of the node that only records its start."""
+
+    def __init__(self, name: str, log: list[str], fails: bool = False) -> None:
+        self.name, self.log, self.fails = name, log, fails
+
+    def start(self) -> None:
+        if self.fails:
+            raise StartError(f"{self.name} cannot start")
+        self.log.append(f"{self.name} started")
+
+    def catch_up(self) -> None:
+        pass
+
+
+def test_a_door_that_cannot_start_stops_what_had_started(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import pacs_node.node as node_module
+
+    log: list[str] = []
+    monkeypatch.setattr(node_module, "finish_purges", lambda *args: None)
+    monkeypatch.setattr(node_module, "reconcile", lambda *args: 0)
+    monkeypatch.setattr(node_module.Node, "stop", lambda self: log.append("stopped") or False)
+    node = object.__new__(node_module.Node)
+    node.settings = SimpleNamespace(node=SimpleNamespace(data_dir=Path("var")))  # type: ignore[assignment]
+    node.catalog = node.spool = SimpleNamespace(root=Path("var/spool"))  # type: ignore[assignment]
+    for name in ("router", "recorder", "assembly", "jobs", "outbox", "housekeeping", "scp"):
+        setattr(node, name, _Part(name, log))
+    node.doors = [_Part("web", log, fails=True)]
+    with pytest.raises(StartError, match="web cannot start"):
+        node.start()
+    assert log[-2:] == ["scp started", "stopped"]
