@@ -113,10 +113,13 @@ def test_a_folder_and_a_zip_are_uploaded_file_by_file(
     # a folder, as a CD's: nested folders walked, its relative paths shown
     folder = write_series(tmp_path / "cd2" / "DICOM" / "S1", slices=2, rows=16, columns=16)
     (tmp_path / "cd2" / "AUTORUN.INF").write_text("[autorun]")
+    (tmp_path / "cd2" / "COPY").mkdir()  # the same instance twice in one batch: both stored
+    (tmp_path / "cd2" / "COPY" / "IM0").write_bytes(folder[0].read_bytes())
     chromium.find_element(By.ID, "pick-folder").send_keys(str(tmp_path / "cd2"))
-    wait_for(lambda: summary.text.startswith("6 stored") and "done" in summary.text, 30)
+    wait_for(lambda: summary.text.startswith("7 stored") and "done" in summary.text, 30)
     names = [row.text for row in chromium.find_elements(By.CSS_SELECTOR, "#results tbody tr")]
     assert sum(name.startswith("cd2/DICOM/S1/") and "stored" in name for name in names) == 2
+    assert any(name.startswith("cd2/COPY/IM0 stored") for name in names)
     assert any(name.startswith("cd2/AUTORUN.INF skipped") for name in names)
     chromium.save_screenshot(str(tmp_path / "upload-folder.png"))
     uids += [str(pydicom.dcmread(path).SOPInstanceUID) for path in folder]

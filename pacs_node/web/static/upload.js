@@ -192,24 +192,40 @@
   }
 
   function answer(batch, response) {
-    const byUid = new Map(batch.map((part) => [part.meta.sopInstance, part]));
+    // A batch may hold the same instance twice (a CD's copies): each UID names a list of parts.
+    const byUid = new Map();
+    for (const part of batch) {
+      const uid = part.meta.sopInstance;
+      if (!byUid.has(uid)) byUid.set(uid, []);
+      byUid.get(uid).push(part);
+    }
     const answered = new Set();
-    for (const item of items(response.json, "00081199")) {
-      const part = byUid.get(first(item, "00081155"));
-      if (!part) continue;
+    const verdicts = new Map(); // UID -> [state, detail] of its last answer, for copies unnamed
+    const next = (uid) => (byUid.get(uid) || []).find((part) => !answered.has(part));
+    const mark = (uid, part, state, detail) => {
       answered.add(part);
+      verdicts.set(uid, [state, detail]);
+      settle(part.tr, state, detail);
+    };
+    for (const item of items(response.json, "00081199")) {
+      const uid = first(item, "00081155");
+      const part = next(uid);
+      if (!part) continue;
       const warning = first(item, "00081196");
-      settle(part.tr, "stored", warning === undefined ? "" : `warning ${hex(warning)}`);
+      mark(uid, part, "stored", warning === undefined ? "" : `warning ${hex(warning)}`);
     }
     const unnamed = [];
     for (const item of items(response.json, "00081198")) {
       const code = first(item, "00081197");
-      const part = byUid.get(first(item, "00081155"));
+      const uid = first(item, "00081155");
+      const part = next(uid);
       const detail = `${hex(code)} ${REASONS[code] || REASONS[code & 0xff00] || ""}`.trim();
-      if (part && !answered.has(part)) { answered.add(part); settle(part.tr, "failed", detail); } else unnamed.push(detail);
+      if (part) mark(uid, part, "failed", detail); else unnamed.push(detail);
     }
     for (const part of batch) {
       if (answered.has(part)) continue;
+      const verdict = verdicts.get(part.meta.sopInstance);
+      if (verdict) { settle(part.tr, ...verdict); continue; }
       const why = response.json && response.json.detail ? response.json.detail
         : unnamed.shift() || (response.status ? `HTTP ${response.status}` : "network error");
       settle(part.tr, "failed", why);
