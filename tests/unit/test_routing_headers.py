@@ -26,7 +26,7 @@ from sqlalchemy import select, update
 
 import pacs_node.routing.facts as facts_module
 from pacs_node.catalog.db import Catalog, open_catalog
-from pacs_node.catalog.models import Series
+from pacs_node.catalog.models import Instance, Series
 from pacs_node.catalog.studies import SeriesEnd, record_instances, series_headers
 from pacs_node.errors import OutOfResources
 from pacs_node.ingest.header import (
@@ -466,3 +466,29 @@ def test_the_routing_header_keeps_codes_short() -> None:
     ds.ContributingEquipmentSequence = [equipment]
     ((_, codes),) = read_routing_header(ds).contributing_equipment
     assert codes == (("v" * 64, "s" * 64),)
+
+
+def _renumbered(ref: InstanceRef, number: int) -> InstanceRef:
+    """``ref`` sent again (``resend_policy: replace``) with another Instance Number."""
+    header = replace(ref.header, instance_number=number)
+    return replace(ref, header=header, sha256="2" * 64, replaces=True)
+
+
+def test_a_replacement_with_another_instance_number_moves_its_row_and_the_ends(
+    catalog: Catalog, tmp_path: Path
+) -> None:
+    paths = write_series(tmp_path / "ct", slices=4)
+    spool = Spool(tmp_path / "spool")
+    refs = [_receive(spool, path) for path in paths]
+    _record(catalog, refs)
+    with catalog.sessions.begin() as session:
+        record_instances(session, [_renumbered(refs[1], 20)])  # no end: now the last
+    assert _ends(catalog) == (refs[0].sop_instance_uid, refs[1].sop_instance_uid)
+    with catalog.sessions.begin() as session:
+        record_instances(session, [_renumbered(refs[0], 10)])  # the first: where now?
+    assert _ends(catalog) is None  # routing reads the files
+    with catalog.sessions() as session:
+        rows = session.execute(select(Instance.sop_instance_uid, Instance.instance_number))
+        numbers = {sop: number for sop, number in rows}
+    assert numbers[refs[0].sop_instance_uid] == 10
+    assert numbers[refs[1].sop_instance_uid] == 20
