@@ -127,8 +127,10 @@ def _record_series_ends(
     A series new in this batch takes the ends of its accepted instances; an older one moves an
     end only when a new instance sorts before its first or after its last, and keeps NULL ends
     (recorded before they were kept) as they are, for its other instances were never read. A
-    replacement (``resend_policy: replace``) keeps its row's Instance Number, so it keeps its
-    place; when it is an end, that end takes its header. Quarantined instances join no series
+    replacement (``resend_policy: replace``) that is an end gives that end its header; when it
+    changed its Instance Number, the instance now at that end is not known without reading the
+    others, so the series' ends are set NULL (routing reads its files). A replacement that is no
+    end moves an end as a new instance does. Quarantined instances join no series
     and never get here. Instances leave only with their whole study (retention purges a study
     and its series with it), so an end never names an instance the catalog no longer holds.
     """
@@ -149,14 +151,24 @@ def _record_series_ends(
             ]
         new = held + [SeriesEnd.of(ref) for ref in added.get(series.series_uid, [])]
         ends = [min(new, key=SeriesEnd.order), max(new, key=SeriesEnd.order)] if new else []
+        moved = False
         for ref in replaced:
-            if ref.series_uid != series.series_uid:
+            if ref.series_uid != series.series_uid or not ends:
                 continue
-            for index, end in enumerate(ends):
-                if end.sop_instance_uid == ref.sop_instance_uid:
-                    ends[index] = SeriesEnd(
-                        end.sop_instance_uid, end.instance_number, ref.calling_ae, ref.routing
-                    )
+            at = [i for i, end in enumerate(ends) if end.sop_instance_uid == ref.sop_instance_uid]
+            if any(ends[i].instance_number != ref.header.instance_number for i in at):
+                moved = True  # an end moved inside the series: its new end is not known
+            for index in at:
+                ends[index] = SeriesEnd.of(ref)
+            if not at:
+                candidate = SeriesEnd.of(ref)
+                ends = [
+                    min(ends[0], candidate, key=SeriesEnd.order),
+                    max(ends[1], candidate, key=SeriesEnd.order),
+                ]
+        if moved:
+            series.routing_first = series.routing_last = None
+            continue
         if not ends or ends == held:
             continue  # unchanged: the row is not written again
         series.routing_first, series.routing_last = ends[0].to_json(), ends[1].to_json()
@@ -422,6 +434,7 @@ def record_instances(
                 transfer_syntax_uid=ref.transfer_syntax_uid,
                 received_at=ref.received_at,
                 calling_ae=ref.calling_ae,
+                instance_number=ref.header.instance_number,
             )
         )
         events.append((ref.study_uid, "replaced", {"sop": ref.sop_instance_uid}))

@@ -98,21 +98,34 @@ _LAST_GROUP_READ = 0x0020
 # attribute routing judges a series by (descriptions, requests, positions, field) sits in groups
 # 0x0008-0x0040; the Shared Functional Groups belong to multi-frame IODs only, which have Number
 # of Frames (0028,0008) (Multi-frame Functional Groups Module, type 1), so an instance without it
-# is read no further than group 0x0040 (past it: vendors' private groups, documents, overlays).
+# is read no further than Request Attributes Sequence (0040,0275), routing's last attribute of
+# group 0x0040 (past it: an SR's Content Sequence (0040,A730), private groups, documents).
 _LAST_ROUTING_TAG = 0x52009229
-_LAST_SINGLE_FRAME_ROUTING_TAG = 0x0040FFFF
+_LAST_SINGLE_FRAME_ROUTING_TAG = 0x00400275
 _NUMBER_OF_FRAMES = 0x00280008
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 # The most bytes of a data set the header readers take in (inflated, for Deflated Explicit VR
 # Little Endian): leading groups are kilobytes; a data set whose leading groups exceed this is
 # refused rather than read into memory, whatever the transfer syntax.
 HEADER_LIMIT_BYTES = 16 * 2**20
+# The most bytes of an undefined-length sequence the readers build: pydicom makes Python objects
+# of every item (1 MiB of empty items costs some 90 MiB), and the sequences read are kilobytes.
+SEQUENCE_LIMIT_BYTES = 2**20
 _CHUNK = 64 * 2**10
 
 
 class HeaderTooLarge(OutOfResources):
     """The attributes before the ones needed exceed :data:`HEADER_LIMIT_BYTES` (a deflate bomb,
     or a huge private element in a leading group)."""
+
+
+class SequenceTooLarge(HeaderTooLarge):
+    """An undefined-length value the readers would build exceeds :data:`SEQUENCE_LIMIT_BYTES`
+    (``tag``: its attribute)."""
+
+    def __init__(self, message: str, tag: int) -> None:
+        super().__init__(message)
+        self.tag = tag
 
 
 class HeaderStream:
@@ -128,7 +141,15 @@ class HeaderStream:
         self._buffer = bytearray()
         self._position = 0
         self._limit = limit
+        self._sequence_end: int | None = None
+        self._sequence_tag = 0
         self._eof = False
+
+    def bound_sequence(self, tag: int, budget: int | None) -> None:
+        """Have the next ``budget`` bytes be all the undefined-length value of ``tag`` starting
+        here may take (None: no bound but the stream's)."""
+        self._sequence_end = None if budget is None else self._position + budget
+        self._sequence_tag = tag
 
     def _fill(self, end: int) -> None:
         while len(self._buffer) < end and not self._eof:
@@ -157,6 +178,13 @@ class HeaderStream:
             end = len(self._buffer)
         else:
             end = self._position + size
+            if self._sequence_end is not None and end > self._sequence_end:
+                raise SequenceTooLarge(
+                    f"the undefined-length value of ({self._sequence_tag >> 16:04X},"
+                    f"{self._sequence_tag & 0xFFFF:04X}) exceeds "
+                    f"{SEQUENCE_LIMIT_BYTES // 2**20} MiB; not read",
+                    self._sequence_tag,
+                )
             self._fill(end)
         data = bytes(self._buffer[self._position : end])
         self._position += len(data)
@@ -196,20 +224,39 @@ def stop_after_routing() -> Callable[[Any, Any, Any], bool]:
 
 
 def _bounded(
-    stop_when: Callable[[Any, Any, Any], bool], view: HeaderStream, limit: int
+    stop_when: Callable[[Any, Any, Any], bool],
+    view: HeaderStream,
+    limit: int,
+    ends: Collection[int],
 ) -> Callable[[Any, Any, Any], bool]:
     """``stop_when``, and stop before an attribute past the identifying groups whose value would
     end beyond ``limit``: routing's attributes are optional (an Encapsulated Document may hold
     tens of MiB before them), so such an instance keeps the attributes before it instead of
-    being refused. A sequence of undefined length cannot be judged ahead and stays capped."""
+    being refused. A value of undefined length cannot be judged ahead: pydicom builds every item
+    of a sequence, even one it steps over, so it may take :data:`SEQUENCE_LIMIT_BYTES`; past the
+    identifying groups, one that exceeds it is put in ``ends`` and the parse is run again to
+    stop before it (see :func:`parse_identifiers`)."""
 
     def stop(tag: Any, vr: Any, length: Any) -> bool:
-        if stop_when(tag, vr, length):
+        number = int(tag)
+        view.bound_sequence(number, None)
+        if stop_when(tag, vr, length) or number in ends:
             return True
-        optional = int(tag.group) > _LAST_GROUP_READ and length != _UNDEFINED_LENGTH
+        if length == _UNDEFINED_LENGTH:
+            view.bound_sequence(number, SEQUENCE_LIMIT_BYTES)
+            return False
+        optional = int(tag.group) > _LAST_GROUP_READ
         return optional and view.tell() + int(length) > limit
 
     return stop
+
+
+def _too_large(exc: BaseException) -> HeaderTooLarge | None:
+    """The bound ``exc`` is, or that pydicom's exception was raised over."""
+    for found in (exc, exc.__context__, exc.__cause__):
+        if isinstance(found, HeaderTooLarge):
+            return found
+    return None
 
 
 def parse_identifiers(
@@ -224,26 +271,34 @@ def parse_identifiers(
     read from the stream's current position; at most ``limit`` bytes, inflated or not.
     ``only``: the top-level attributes to keep (others are stepped over, not decoded)."""
     syntax = UID(transfer_syntax_uid)
-    try:
-        implicit = syntax.is_implicit_VR if syntax.is_transfer_syntax else False
-        little = syntax.is_little_endian if syntax.is_transfer_syntax else True
-        deflated = bool(syntax.is_transfer_syntax and syntax.is_deflated)
-        view = HeaderStream(stream, deflated=deflated, limit=limit)
-        stop = _bounded(stop_when, view, limit)
-        ds = read_dataset(
-            view,  # type: ignore[arg-type]
-            implicit,
-            little,
-            stop_when=stop,
-            specific_tags=None if only is None else list(only),
-        )
-        ds.set_original_encoding(implicit, little)
-    except HeaderTooLarge:
-        raise
-    except Exception as exc:  # pydicom raises many types for hostile bytes
-        if isinstance(exc.__context__, HeaderTooLarge):
-            raise exc.__context__ from None
-        raise UnreadableDataset(f"data set cannot be parsed: {type(exc).__name__}") from exc
+    ends: set[int] = set()
+    view: HeaderStream | None = None
+    while True:
+        try:
+            implicit = syntax.is_implicit_VR if syntax.is_transfer_syntax else False
+            little = syntax.is_little_endian if syntax.is_transfer_syntax else True
+            deflated = bool(syntax.is_transfer_syntax and syntax.is_deflated)
+            if view is None:
+                view = HeaderStream(stream, deflated=deflated, limit=limit)
+            view.seek(0)  # again from the start: the view keeps what it read
+            ds = read_dataset(
+                view,  # type: ignore[arg-type]
+                implicit,
+                little,
+                stop_when=_bounded(stop_when, view, limit, ends),
+                specific_tags=None if only is None else list(only),
+            )
+            ds.set_original_encoding(implicit, little)
+            break
+        except Exception as exc:  # pydicom raises many types for hostile bytes
+            bound = _too_large(exc)
+            optional = isinstance(bound, SequenceTooLarge) and bound.tag >> 16 > _LAST_GROUP_READ
+            if optional and isinstance(bound, SequenceTooLarge) and bound.tag not in ends:
+                ends.add(bound.tag)  # the parse stops before it instead
+                continue
+            if bound is not None:
+                raise bound from None
+            raise UnreadableDataset(f"data set cannot be parsed: {type(exc).__name__}") from exc
     if len(ds) == 0:
         raise UnreadableDataset("data set is empty")
     return ds

@@ -46,7 +46,7 @@ from pacs_node.catalog.models import QuarantineItem, QuarantineState, Study, utc
 from pacs_node.catalog.quarantine import lookup_held, patient_key
 from pacs_node.catalog.studies import add_event, increment, record_instances
 from pacs_node.errors import PacsNodeError
-from pacs_node.ingest.header import read_header
+from pacs_node.ingest.header import read_header, read_received_file
 from pacs_node.ingest.routing_header import read_routing_header
 from pacs_node.ingest.spool import Spool
 from pacs_node.refs import InstanceRef
@@ -127,16 +127,17 @@ def _file(
     if stored.held is not None:  # another data set holds that name: should not happen
         spool.remove(stored.held)
         raise QuarantineError(f"the spool holds other bytes under {stored.relpath}")
-    ds = dcmread(spool.path(stored.relpath), stop_before_pixels=True)
+    # read as the receive path reads a data set, so its facts are those a receipt records
+    received = read_received_file(spool.path(stored.relpath))
     ref = InstanceRef(
-        header=read_header(ds),
+        header=read_header(received),
         transfer_syntax_uid=item.transfer_syntax_uid,
         path=stored.relpath,
         size_bytes=stored.size_bytes,
         received_at=now,
         calling_ae=item.calling_ae,
         sha256=stored.sha256,
-        routing=read_routing_header(ds),
+        routing=read_routing_header(received),
     )
     outcome = record_instances(session, [ref])
     if outcome.quarantined:

@@ -135,6 +135,9 @@ class Receiver:
             raise DataSetMismatch("Study Instance UID differs from the study of the request")
 
         screening = self.identity.screen(header)  # may refuse before anything is kept
+        # Read before the file is kept: nothing may fail between keeping it and recording it
+        # (read_routing_header never raises; it leaves out what it cannot decode).
+        routing = read_routing_header(ds)
 
         # The file's Part 10 header was written from the announced UIDs, just checked equal to
         # the data set's; its data set's SHA-256 was computed as it arrived.
@@ -155,7 +158,7 @@ class Receiver:
                 size_bytes=stored.size_bytes,
                 received_at=received_at,
                 calling_ae=calling_ae,
-                routing=read_routing_header(ds),
+                routing=routing,
                 sender=sender,
             ),
         )

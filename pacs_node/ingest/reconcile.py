@@ -15,12 +15,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
 
-from pydicom import dcmread
+from pydicom.filereader import read_file_meta_info
 
 from pacs_node.catalog.quarantine import lookup_held
 from pacs_node.catalog.studies import known_paths
 from pacs_node.errors import IngestError
-from pacs_node.ingest.header import read_header
+from pacs_node.ingest.header import read_header, read_received_file
 from pacs_node.ingest.identity import Held, Reason, Verdict, decide, header_key
 from pacs_node.ingest.recorder import CatalogRecorder
 from pacs_node.ingest.routing_header import read_routing_header
@@ -34,9 +34,10 @@ BATCH = 500
 
 def _ref_from_file(spool: Spool, relpath: str) -> InstanceRef:
     path = spool.path(relpath)
-    ds = dcmread(path, stop_before_pixels=True)
+    # read as the receive path reads a data set, so its facts are those a receipt records
+    ds = read_received_file(path)
     header = read_header(ds)
-    meta = ds.file_meta
+    meta = read_file_meta_info(path)
     calling = meta.get("SourceApplicationEntityTitle")
     stat = path.stat()
     return InstanceRef(

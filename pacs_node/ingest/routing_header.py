@@ -50,20 +50,22 @@ ROUTING_KEYWORDS = (
 # characters), and the few sequences hold a handful of items.
 _ROUTING_TEXT_LIMIT = 1024
 _ROUTING_ITEMS_LIMIT = 64
-
-
-_UNREADABLE = (ValueError, TypeError, KeyError, LookupError, UnicodeError)
+# A code's value and scheme (SH, 16 characters; UC code values are kept to this): a hostile
+# instance cannot make a series end's JSON megabytes long.
+_CODE_LIMIT = 64
 
 
 def _get(ds: Dataset, keyword: str) -> Any:
     """A value routing may read; None where it is absent or cannot be decoded, as routing
     would not use it (the identifying attributes, which must decode, are
     :func:`~pacs_node.ingest.header.read_header`'s).
-    Looked up by tag: most are absent, and a missing keyword costs pydicom an exception."""
+    Looked up by tag: most are absent, and a missing keyword costs pydicom an exception.
+    Any exception is caught: pydicom decodes lazily and raises many types (OSError, struct.error)
+    for hostile bytes, and the routing header is read after the identifiers were accepted."""
     tag = tag_for_keyword(keyword)
     try:
         return ds[tag].value if tag is not None and tag in ds else None
-    except _UNREADABLE:
+    except Exception:  # any type: see above
         return None
 
 
@@ -71,9 +73,12 @@ def _free_text(value: Any) -> str | None:
     """A value as routing compares it: multi-values joined by backslash, stripped, None if empty."""
     if value is None or value == "":
         return None
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        value = "\\".join(str(v) for v in value)
-    text = str(value).strip()
+    try:
+        if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+            value = "\\".join(str(v) for v in value)
+        text = str(value).strip()
+    except Exception:  # a value pydicom cannot decode: left out
+        return None
     return text[:_ROUTING_TEXT_LIMIT] or None
 
 
@@ -85,14 +90,14 @@ def _values(value: Any) -> tuple[str, ...]:
         value = [value]
     try:
         return tuple(str(v)[:_ROUTING_TEXT_LIMIT] for v in value)[:_ROUTING_ITEMS_LIMIT]
-    except TypeError:
+    except Exception:  # a lazily decoded value may raise any type
         return ()
 
 
 def _number(value: Any) -> float | None:
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except Exception:  # not a number, whatever the value is
         return None
     return number if math.isfinite(number) else None
 
@@ -107,7 +112,7 @@ def _numbers(value: Any, count: int) -> tuple[float, ...] | None:
         return None
     try:
         numbers = tuple(float(v) for v in value)
-    except (TypeError, ValueError):
+    except Exception:  # not numbers, whatever the value is
         return None
     ok = len(numbers) == count and all(math.isfinite(n) for n in numbers)
     return numbers if ok else None
@@ -120,7 +125,7 @@ def _items(ds: Dataset, keyword: str) -> list[Dataset]:
         return []
     try:
         return [item for item in list(value)[:_ROUTING_ITEMS_LIMIT] if isinstance(item, Dataset)]
-    except TypeError:
+    except Exception:  # a lazily decoded sequence may raise any type
         return []
 
 
@@ -157,11 +162,15 @@ def _requested(ds: Dataset) -> tuple[str, ...]:
     return tuple(text for text in found if text)[:_ROUTING_ITEMS_LIMIT]
 
 
+def _code(ds: Dataset, keyword: str) -> str:
+    return str(_get(ds, keyword) or "")[:_CODE_LIMIT]
+
+
 def _equipment(ds: Dataset) -> tuple[Equipment, ...]:
     found = []
     for item in _items(ds, "ContributingEquipmentSequence"):
         purposes = tuple(
-            (str(_get(code, "CodeValue") or ""), str(_get(code, "CodingSchemeDesignator") or ""))
+            (_code(code, "CodeValue"), _code(code, "CodingSchemeDesignator"))
             for code in _items(item, "PurposeOfReferenceCodeSequence")
         )
         found.append((_free_text(_get(item, "Manufacturer")), purposes))

@@ -24,7 +24,7 @@ from sqlalchemy import select
 
 import pacs_node.routing.facts as facts_module
 from pacs_node.catalog.db import Catalog, open_catalog
-from pacs_node.catalog.models import Study
+from pacs_node.catalog.models import Instance, Study
 from pacs_node.config import NodeOptions, Settings
 from pacs_node.ingest.recorder import CatalogRecorder
 from pacs_node.ingest.scp import StorageSCP
@@ -125,3 +125,39 @@ def test_routing_reads_what_the_scp_recorded_and_opens_no_file(
 
     monkeypatch.setattr(facts_module, "read_received_file", no_file)
     assert _node_facts(catalog, scp.spool) == expected
+
+
+def _with_damaged_request_sequence(path: Path) -> Path:
+    """``path`` rewritten as Implicit VR Little Endian, a Request Attributes Sequence
+    (0040,0275) of 7 garbage bytes inserted before its pixel data: pydicom parses it only when
+    the value is read (and raises OSError then)."""
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True, implicit_vr=True, little_endian=True)
+    data = path.read_bytes()
+    pixels = data.rindex(b"\xe0\x7f\x10\x00")
+    damaged = b"\x40\x00\x75\x02" + (7).to_bytes(4, "little") + b"\x01" * 7
+    path.write_bytes(data[:pixels] + damaged + data[pixels:])
+    return path
+
+
+def test_an_instance_with_an_undecodable_routing_sequence_is_stored_and_recorded(
+    node: tuple[StorageSCP, CatalogRecorder, Catalog], tmp_path: Path
+) -> None:
+    scp, recorder, catalog = node
+    (path,) = write_series(tmp_path / "ct", slices=1)
+    _with_damaged_request_sequence(path)
+    ae = AE(ae_title=CALLING_AE)
+    ae.add_requested_context(CTImageStorage, ImplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="PACSNODE")
+    assert assoc.is_established
+    try:
+        status: Dataset = assoc.send_c_store(path)  # the bytes as they are
+    finally:
+        assoc.release()
+    assert int(status.Status) == 0
+    assert recorder.wait_idle(10)
+    sop_uid = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+    with catalog.sessions() as session:
+        (row,) = session.scalars(select(Instance).where(Instance.sop_instance_uid == sop_uid))
+        assert scp.spool.path(row.path).exists()

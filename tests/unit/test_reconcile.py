@@ -5,14 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pydicom
+from pydicom.dataset import Dataset
 from sqlalchemy import event, select
 
 from pacs_node.catalog.db import open_catalog
-from pacs_node.catalog.models import Instance, QuarantineItem
-from pacs_node.catalog.studies import list_studies
+from pacs_node.catalog.models import Instance, QuarantineItem, Series
+from pacs_node.catalog.studies import list_studies, series_headers
+from pacs_node.ingest.header import read_received_file
 from pacs_node.ingest.identity import Reason
 from pacs_node.ingest.reconcile import reconcile
 from pacs_node.ingest.recorder import CatalogRecorder
+from pacs_node.ingest.routing_header import read_routing_header
 from pacs_node.ingest.spool import Spool
 from tests.dicom_factory import write_series
 
@@ -133,3 +136,33 @@ def test_an_instance_the_catalog_refuses_is_quarantined_and_the_start_goes_on(
         assert spool.path(item.path).exists()
     finally:
         catalog.dispose()
+
+
+def test_reconciled_instances_get_the_routing_header_the_receive_path_reads(
+    tmp_path: Path,
+) -> None:
+    """A single-frame instance is read no further than group 0040 on receipt: reconciling it
+    must not read more (here: a pixel spacing only in Shared Functional Groups)."""
+    (path,) = write_series(tmp_path / "src", slices=1)
+    ds = pydicom.dcmread(path)
+    measures = Dataset()
+    measures.PixelSpacing = [0.5, 0.5]
+    shared = Dataset()
+    shared.PixelMeasuresSequence = [measures]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    del ds.PixelSpacing
+    ds.save_as(path)
+    assert read_routing_header(pydicom.dcmread(path)).pixel_spacing == (0.5, 0.5)
+    spool = Spool(tmp_path / "spool")
+    spool.store(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, [path.read_bytes()])
+    catalog = open_catalog(f"sqlite:///{tmp_path / 'catalog.sqlite'}")
+    try:
+        assert reconcile(spool, CatalogRecorder(catalog, spool)) == 1
+        with catalog.sessions() as session:
+            (series,) = session.scalars(select(Series))
+            headers = series_headers(series)
+    finally:
+        catalog.dispose()
+    assert headers is not None
+    assert headers.first == read_routing_header(read_received_file(path))
+    assert headers.first.pixel_spacing is None

@@ -9,6 +9,7 @@ import json
 import pickle
 import random
 import shutil
+import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import fields, replace
 from datetime import UTC, datetime
@@ -25,8 +26,9 @@ from sqlalchemy import select, update
 
 import pacs_node.routing.facts as facts_module
 from pacs_node.catalog.db import Catalog, open_catalog
-from pacs_node.catalog.models import Series
+from pacs_node.catalog.models import Instance, Series
 from pacs_node.catalog.studies import SeriesEnd, record_instances, series_headers
+from pacs_node.errors import OutOfResources
 from pacs_node.ingest.header import (
     parse_identifiers,
     parse_received,
@@ -399,3 +401,94 @@ def test_the_receive_parse_keeps_every_attribute_its_readers_take() -> None:
     missing = [f.name for f in fields(routing) if getattr(routing, f.name) == f.default]
     assert missing == []
     assert (read_header(received), read_routing_header(received)) == (header, routing)
+
+
+def _content(text_bytes: int) -> list[Dataset]:
+    """A Content Sequence of ``text_bytes`` of text, in items of 64 KiB."""
+    items = []
+    for _ in range(max(1, text_bytes // 2**16)):
+        item = Dataset()
+        item.ValueType = "TEXT"
+        item.TextValue = "x" * 2**16
+        item.is_undefined_length_sequence_item = True
+        items.append(item)
+    return items
+
+
+@pytest.mark.parametrize("mib", [4, 20])
+def test_a_structured_report_is_read_no_further_than_the_requests(mib: int) -> None:
+    """An SR's Content Sequence (0040,A730) follows routing's last attribute of group 0040:
+    it is neither built nor counted against the header limit (20 MiB is over it)."""
+    ds = _instance(None)
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.22"
+    ds.ContentSequence = _content(mib * 2**20)
+    ds["ContentSequence"].is_undefined_length = True  # as SRs are mostly written
+    found = parse_received(_encoded(ds), ExplicitVRLittleEndian)
+    assert read_header(found).sop_instance_uid == "1.2.3.4"
+    assert "RequestAttributesSequence" in found
+    assert "ContentSequence" not in found
+
+
+def _with_raw_sequence(ds: Dataset, tag: int, items: int) -> BytesIO:
+    """``ds`` encoded with an undefined-length private sequence of ``items`` empty items at
+    ``tag`` (pydicom would build an object per item)."""
+    before, after = Dataset(), Dataset()
+    for element in ds:
+        (before if element.tag < tag else after).add(element)
+    start = struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, b"SQ", 0, 0xFFFFFFFF)
+    raw = start + struct.pack("<HHI", 0xFFFE, 0xE000, 0) * items
+    raw += struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    return BytesIO(_encoded(before).getvalue() + raw + _encoded(after).getvalue())
+
+
+def test_a_huge_sequence_before_the_identifiers_end_is_refused() -> None:
+    ds = _instance(None)
+    ds.add_new(0x00190010, "LO", "VENDOR")
+    with pytest.raises(OutOfResources, match=r"\(0019,1010\)"):
+        parse_received(_with_raw_sequence(ds, 0x00191010, 2**17 + 2**12), ExplicitVRLittleEndian)
+
+
+def test_a_huge_optional_sequence_ends_the_parse_before_it() -> None:
+    ds = _instance(2)
+    ds.add_new(0x00290010, "LO", "VENDOR")
+    encoded = _with_raw_sequence(ds, 0x00291010, 2**17 + 2**12)
+    found = parse_received(encoded, ExplicitVRLittleEndian)
+    assert read_header(found).sop_instance_uid == "1.2.3.4"
+    assert "SharedFunctionalGroupsSequence" not in found  # after it: not read
+
+
+def test_the_routing_header_keeps_codes_short() -> None:
+    purpose = Dataset()
+    purpose.CodeValue, purpose.CodingSchemeDesignator = "v" * 10_000, "s" * 10_000
+    equipment = Dataset()
+    equipment.PurposeOfReferenceCodeSequence = [purpose]
+    ds = Dataset()
+    ds.ContributingEquipmentSequence = [equipment]
+    ((_, codes),) = read_routing_header(ds).contributing_equipment
+    assert codes == (("v" * 64, "s" * 64),)
+
+
+def _renumbered(ref: InstanceRef, number: int) -> InstanceRef:
+    """``ref`` sent again (``resend_policy: replace``) with another Instance Number."""
+    header = replace(ref.header, instance_number=number)
+    return replace(ref, header=header, sha256="2" * 64, replaces=True)
+
+
+def test_a_replacement_with_another_instance_number_moves_its_row_and_the_ends(
+    catalog: Catalog, tmp_path: Path
+) -> None:
+    paths = write_series(tmp_path / "ct", slices=4)
+    spool = Spool(tmp_path / "spool")
+    refs = [_receive(spool, path) for path in paths]
+    _record(catalog, refs)
+    with catalog.sessions.begin() as session:
+        record_instances(session, [_renumbered(refs[1], 20)])  # no end: now the last
+    assert _ends(catalog) == (refs[0].sop_instance_uid, refs[1].sop_instance_uid)
+    with catalog.sessions.begin() as session:
+        record_instances(session, [_renumbered(refs[0], 10)])  # the first: where now?
+    assert _ends(catalog) is None  # routing reads the files
+    with catalog.sessions() as session:
+        rows = session.execute(select(Instance.sop_instance_uid, Instance.instance_number))
+        numbers = {sop: number for sop, number in rows}
+    assert numbers[refs[0].sop_instance_uid] == 10
+    assert numbers[refs[1].sop_instance_uid] == 20
