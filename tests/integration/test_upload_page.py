@@ -5,61 +5,26 @@ DICOM show as skipped."""
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import pydicom
 import pytest
 from selenium import webdriver
-from selenium.webdriver.chrome.options import Options
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from sqlalchemy import select
 
 from pacs_node.catalog.models import Instance, Role
 from pacs_node.services import accounts
 from pacs_node.web.auth import SESSION_COOKIE
+from tests.browser import chromium
 from tests.conftest import wait_for
 from tests.dicom_factory import write_series
 from tests.web_node import PASSWORD, SETUP, WebNode, web_node
 
-__all__ = ["web_node"]
+__all__ = ["chromium", "web_node"]
 
 pytestmark = pytest.mark.integration
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
-FLAGS = (
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--window-size=1280,900",
-)
-
-
-@pytest.fixture
-def chromium(tmp_path: Path) -> Iterator[webdriver.Chrome]:
-    options = Options()
-    options.binary_location = str(CHROMIUM)
-    for flag in FLAGS:
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    service = Service(str(CHROMEDRIVER), log_output=str(tmp_path / "chromedriver.log"))
-    driver = webdriver.Chrome(options=options, service=service)
-    driver.set_page_load_timeout(60)
-    try:
-        yield driver
-    finally:
-        console = driver.get_log("browser")
-        (tmp_path / "console.log").write_text("\n".join(e["message"] for e in console))
-        driver.quit()
 
 
 def test_a_folder_and_a_zip_are_uploaded_file_by_file(

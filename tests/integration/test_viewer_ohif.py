@@ -36,8 +36,6 @@ from numpy.typing import NDArray
 from PIL import Image
 from pydicom import dcmread
 from selenium import webdriver
-from selenium.webdriver.chrome.options import Options
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -51,6 +49,7 @@ from starlette.routing import Route
 from pacs_node.catalog.jobs import queue_job
 from pacs_node.catalog.models import Role
 from pacs_node.catalog.results import StoredEncoding, add_result_rows, write_files
+from tests.browser import CHROMEDRIVER, CHROMIUM, start_chromium, stop_chromium
 from tests.catalog_factory import ingest
 from tests.conftest import PACS_NODE, clean_env, wait_for
 from tests.ct_phantom import make_ct_phantom, write_phantom_series
@@ -63,20 +62,8 @@ MODELS = ROOT / "models"
 OHIF_VERSION = "3.12.10"
 OHIF_SETUP = ROOT / "tests" / "viewer" / "setup.sh"
 OHIF_DIST = ROOT / ".cache" / "ohif" / OHIF_VERSION / "dist"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
-CHROMIUM_FLAGS = (
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--enable-unsafe-swiftshader",  # WebGL in software: cornerstone3D renders with it
-    "--disable-dev-shm-usage",
-    "--disable-background-networking",  # no internet here: keep Chromium from calling Google
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--window-size=1440,900",
-)
+# WebGL in software: cornerstone3D renders with it
+SWIFTSHADER = ("--enable-unsafe-swiftshader",)
 SLICES = 40
 # Hop-by-hop headers (RFC 9110 section 7.6.1) and the framing the proxy redoes itself.
 NOT_FORWARDED = {
@@ -321,23 +308,12 @@ def viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Viewer]:
 
 @pytest.fixture
 def chromium(tmp_path: Path) -> Iterator[webdriver.Chrome]:
-    """Headless Chromium driven by Debian's chromedriver, with a fresh profile; its console log
-    is written next to the test's screenshots."""
-    options = Options()
-    options.binary_location = str(CHROMIUM)
-    for flag in CHROMIUM_FLAGS:
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    service = Service(str(CHROMEDRIVER), log_output=str(tmp_path / "chromedriver.log"))
-    driver = webdriver.Chrome(options=options, service=service)
-    driver.set_page_load_timeout(60)
+    """Headless Chromium at the size OHIF lays out for."""
+    driver = start_chromium(tmp_path, window=(1440, 900), extra=SWIFTSHADER)
     try:
         yield driver
     finally:
-        console = driver.get_log("browser")
-        (tmp_path / "console.log").write_text("\n".join(e["message"] for e in console))
-        driver.quit()
+        stop_chromium(driver, tmp_path)
 
 
 def page_text(driver: webdriver.Chrome) -> str:

@@ -20,8 +20,9 @@ from pydicom import dcmread
 from selenium import webdriver
 from selenium.webdriver.common.by import By
 
+from tests.browser import chromium
 from tests.conftest import PACS_NODE, NodeProcess, clean_env, free_port, storescu, wait_for
-from tests.integration.test_dashboard_browser import canvas_rgb, chromium, drawn
+from tests.integration.test_dashboard_browser import canvas_rgb, drawn
 from tests.integration.test_results_fhir_server import fhir_base
 from tests.orthanc import OrthancProcess
 
