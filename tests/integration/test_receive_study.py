@@ -57,7 +57,8 @@ def test_ct_and_mr_series_become_one_stable_study(
     # the Storage SCP's worker processes recorded (read from the catalog, not from memory).
     web = f"http://127.0.0.1:{node.node['web_port']}"
     ready = httpx.get(f"{web}/readyz", timeout=10).json()
-    assert ready == {"status": "ready", "checks": {"catalog": "ok", "job workers": "ok"}}
+    checks = {"catalog": "ok", "storage scp": "ok", "recorder": "ok", "job workers": "ok"}
+    assert ready == {"status": "ready", "checks": checks}
     received = scrape(web)[1]
     assert received[("pacs_node_received_instances_total", ())] == 140
     assert received[("pacs_node_instances", ())] == 140
