@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
+from cryptography import x509
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -50,7 +51,14 @@ class NodeOptions(BaseModel):
 
     ae_title: str = "PACSNODE"
     dicom_host: str = "0.0.0.0"
-    dicom_port: int = Field(default=11112, ge=1, le=65535)
+    dicom_port: int = Field(default=11112, ge=0, le=65535)  # 0: no plain DICOM port
+    # DICOM over TLS (PS3.15 B.9, BCP 195): the SCP's TLS port (0: none), its certificate and
+    # key, the CA that client certificates must chain to, and whether a client must show one.
+    dicom_tls_port: int = Field(default=0, ge=0, le=65535)
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None
+    tls_require_client_cert: bool = False
     web_host: str = "0.0.0.0"
     web_port: int = Field(default=8080, ge=0, le=65535)  # 0: no web face
     data_dir: Path = Path("./var")
@@ -164,6 +172,12 @@ class NodeOptions(BaseModel):
         later working directory."""
         return value.expanduser().resolve()
 
+    @field_validator("tls_cert_file", "tls_key_file", "tls_ca_file")
+    @classmethod
+    def _absolute_file(cls, value: Path | None) -> Path | None:
+        """Read again when they change (a renewed certificate): fixed at start, as models_dir."""
+        return None if value is None else value.expanduser().resolve()
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: object) -> object:
@@ -173,6 +187,19 @@ class NodeOptions(BaseModel):
     def _wait_covers_quiet(self) -> NodeOptions:
         if self.max_wait_s < self.quiet_period_s:
             raise ValueError("max_wait_s must be at least quiet_period_s")
+        return self
+
+    @model_validator(mode="after")
+    def _dicom_ports(self) -> NodeOptions:
+        """Whether the files load is checked when the node starts (:mod:`pacs_node.tls`)."""
+        if self.dicom_port == 0 and self.dicom_tls_port == 0:
+            raise ValueError("dicom_port and dicom_tls_port are both 0: no DICOM port is open")
+        if self.dicom_port != 0 and self.dicom_port == self.dicom_tls_port:
+            raise ValueError("dicom_tls_port must differ from dicom_port")
+        if self.dicom_tls_port and (self.tls_cert_file is None or self.tls_key_file is None):
+            raise ValueError("dicom_tls_port needs tls_cert_file and tls_key_file")
+        if self.tls_require_client_cert and self.tls_ca_file is None:
+            raise ValueError("tls_require_client_cert needs tls_ca_file")
         return self
 
     @property
@@ -206,12 +233,26 @@ class PeerConfig(BaseModel):
     )
     port: int | None = Field(default=None, ge=1, le=65535, description="the peer's DICOM port")
     quiet_period_s: float | None = Field(default=None, gt=0)
+    # The subject of the TLS client certificate this AE must show: a distinguished name
+    # ("CN=CT1,O=Hospital", attributes in any order) or a common name alone ("CT1"). Set, the AE
+    # is accepted only over TLS with that certificate, even when the node is promiscuous.
+    tls_subject: str | None = Field(default=None, min_length=1, max_length=1024)
     description: str = ""
 
     @field_validator("ae_title")
     @classmethod
     def _valid_ae_title(cls, value: str) -> str:
         return check_ae_title(value)
+
+    @field_validator("tls_subject")
+    @classmethod
+    def _valid_subject(cls, value: str | None) -> str | None:
+        if value is not None and "=" in value:
+            try:
+                x509.Name.from_rfc4514_string(value)
+            except ValueError as exc:
+                raise ValueError(f"{value[:80]!r} is not a distinguished name: {exc}") from exc
+        return value
 
 
 class PeersFile(BaseModel):

@@ -11,6 +11,7 @@ why it could not answer, is the caller's to judge.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,17 +57,22 @@ def associate(
     *,
     timeout_s: float | None = None,
     evt_handlers: list[Any] | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> Association:
     """An association as ``calling_ae`` proposing ``requested``; established or not (the
     caller words the refusal). ``timeout_s`` bounds the ACSE, DIMSE and network waits (None:
-    pynetdicom's defaults)."""
+    pynetdicom's defaults); ``tls``: over DICOM TLS with this client context, the host name
+    checked against the peer's certificate."""
     ae = AE(ae_title=calling_ae)
     if timeout_s is not None:
         ae.acse_timeout = timeout_s
         ae.dimse_timeout = timeout_s
         ae.network_timeout = timeout_s
     ae.requested_contexts = list(requested)
-    return ae.associate(host, port, ae_title=called_ae, evt_handlers=evt_handlers)
+    tls_args = (tls, host) if tls is not None else None
+    return ae.associate(
+        host, port, ae_title=called_ae, evt_handlers=evt_handlers, tls_args=tls_args
+    )
 
 
 def accepted_pairs(assoc: Association) -> set[tuple[str, str]]:

@@ -12,6 +12,10 @@
         host: 10.20.0.9
         port: 104
         concurrency: 2               # associations at once (default 1)
+        tls: true                    # DICOM TLS (PS3.15 B.9): the peer's certificate is
+        tls_ca_file: /etc/pacs-node/pacs-ca.pem   # checked against this CA and the host name,
+        tls_cert_file: /etc/pacs-node/node.pem    # and this client certificate is shown
+        tls_key_file: /etc/pacs-node/node.key     # (both optional)
       WEB:
         type: dicomweb               # STOW-RS
         url: https://pacs.example/dicom-web
@@ -33,11 +37,13 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from pacs_node.aetitle import check_ae_title
+from pacs_node.tls import TLSFiles
 
 SOURCE = "SOURCE"
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -126,6 +132,21 @@ class DimseDestination(BaseModel):
     # the same association; false: the C-STORE success alone confirms a delivery.
     storage_commitment: bool = True
     commitment_wait_s: float = Field(default=5.0, gt=0, le=600)
+    # DICOM TLS: the peer's certificate checked against tls_ca_file (the system's CAs when
+    # unset) and its host name; tls_cert_file and tls_key_file: the node's client certificate.
+    tls: bool = False
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _tls(self) -> DimseDestination:
+        files = (self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
+        if not self.tls and any(f is not None for f in files):
+            raise ValueError("tls_ca_file, tls_cert_file and tls_key_file need tls: true")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("give both tls_cert_file and tls_key_file, or neither")
+        return self
 
     @model_validator(mode="after")
     def _address(self) -> DimseDestination:
@@ -136,6 +157,9 @@ class DimseDestination(BaseModel):
         elif any(v is None for v in direct):
             raise ValueError("a dimse destination needs peer, or ae_title, host and port")
         return self
+
+    def tls_files(self) -> TLSFiles:
+        return TLSFiles(self.tls_cert_file, self.tls_key_file, self.tls_ca_file)
 
     def secret_names(self) -> tuple[str, ...]:
         return ()

@@ -24,7 +24,7 @@ from pacs_node.assembly import Assembly
 from pacs_node.catalog.db import Catalog, open_catalog, sqlite_file
 from pacs_node.config import PEERS_FILE, Settings
 from pacs_node.datadir import make_private
-from pacs_node.destinations import missing_secrets
+from pacs_node.destinations import DimseDestination, missing_secrets
 from pacs_node.dispatch.dimse import recommitter
 from pacs_node.dispatch.outbox import Outbox
 from pacs_node.doors import NodeParts, open_doors
@@ -40,10 +40,23 @@ from pacs_node.ingest.workers import SCPWorkers, drain_s
 from pacs_node.jobs import JobQueue, open_job_queue
 from pacs_node.lifecycle import SignalPipe, exit_now
 from pacs_node.routing.router import Router, check_models
+from pacs_node.tls import TLSFileError, client_context
 
 log = logging.getLogger(__name__)
 
 RESERVE_S = 5.0  # at most this much of a stop is kept for what follows the job workers
+
+
+def check_destination_tls(settings: Settings) -> None:
+    """Every DICOM TLS destination's CA and client certificate load, or the node does not start."""
+    for name, destination in settings.destinations.items():
+        if not isinstance(destination, DimseDestination) or not destination.tls:
+            continue
+        try:
+            client_context(destination.tls_files(), prefix=f"destinations.{name}.")
+        except TLSFileError as exc:
+            source = str((settings.config_dir or Path(".")) / PEERS_FILE)
+            raise ConfigError(source, exc.key, exc.reason) from exc
 
 
 class Node:
@@ -65,6 +78,7 @@ class Node:
         for name, env in missing_secrets(settings.destinations):
             source = str((settings.config_dir or Path(".")) / PEERS_FILE)
             raise ConfigError(source, f"destinations.{name}.auth", f"${env} is not set")
+        check_destination_tls(settings)
         self.jobs: JobQueue = open_job_queue(self.catalog, settings)
         self.router.add_listener(self.jobs.submitted)
         self.outbox = Outbox(self.catalog, settings)

@@ -29,6 +29,7 @@ class OrthancProcess:
     ae_title: str = "ORTHANC"
     modalities: dict[str, list[Any]] = field(default_factory=dict)
     dicomweb: bool = False  # load the DICOMweb plugin (STOW-RS, QIDO-RS, WADO-RS)
+    extra: dict[str, Any] = field(default_factory=dict)  # more configuration (e.g. DicomTls*)
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -57,6 +58,7 @@ class OrthancProcess:
             "DicomWeb": {"Enable": self.dicomweb, "Root": "/dicom-web/"},
             "StableAge": 1,
         }
+        config.update(self.extra)
         path = self.root / "orthanc.json"
         path.write_text(json.dumps(config, indent=2))
         return path

@@ -38,6 +38,7 @@ from pacs_node.dispatch.commitment import (
 from pacs_node.dispatch.handler import Delivered, Outcome, Parcel, Permanent, Transient
 from pacs_node.errors import PermanentDelivery, TransientDelivery
 from pacs_node.statuses import is_refused_for_good, is_stored
+from pacs_node.tls import TLSFileError, shared_client_context
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,12 @@ class CStoreHandler:
             syntaxes: list[str | UID] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
             contexts = [*contexts, build_context(STORAGE_COMMITMENT_PUSH_MODEL, syntaxes)]
         where = f"{destination.ae_title}@{destination.host}:{destination.port}"
+        tls = None
+        if destination.tls:
+            try:
+                tls = shared_client_context(destination.tls_files())
+            except TLSFileError as exc:
+                raise TransientDelivery(f"{where}: TLS {exc}") from exc
         assoc = associate(
             self.calling_ae,
             destination.ae_title,
@@ -118,6 +125,7 @@ class CStoreHandler:
             contexts,
             timeout_s=destination.timeout_s,
             evt_handlers=[(evt.EVT_N_EVENT_REPORT, reports.on_report)],
+            tls=tls,
         )
         if not assoc.is_established:
             reason = "association rejected" if assoc.is_rejected else "no association"

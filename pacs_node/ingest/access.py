@@ -1,4 +1,5 @@
-"""Who may open an association: the called-AE check and the calling-AE allowlist of peers.yaml."""
+"""Who may open an association: the called-AE check, the calling-AE allowlist of peers.yaml, and
+the TLS client certificate a peer is bound to (its ``tls_subject``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from pacs_node.config import Settings
+from pacs_node.tls import subject_matches
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +26,7 @@ class RejectReason(IntEnum):
 class Rejection:
     reason: RejectReason
     detail: str
+    certificate: bool = False  # the peer did not show the TLS certificate it is bound to
 
 
 def _addresses(host: str) -> frozenset[str]:
@@ -49,13 +52,21 @@ class AccessPolicy:
         self._hosts: dict[str, frozenset[str] | None] = {
             peer.ae_title: (_addresses(peer.host) if peer.host else None) for peer in settings.peers
         }
+        self._subjects = {p.ae_title: p.tls_subject for p in settings.peers if p.tls_subject}
 
-    def check(self, calling_ae: str, called_ae: str, address: str) -> Rejection | None:
+    def check(
+        self, calling_ae: str, called_ae: str, address: str, tls_subject: str | None = None
+    ) -> Rejection | None:
+        """``tls_subject``: the subject of the client certificate shown over TLS, if any."""
         if called_ae.strip() != self.ae_title:
             return Rejection(RejectReason.CALLED_AE_NOT_RECOGNIZED, "called AE title is not ours")
+        calling = calling_ae.strip()
+        expected = self._subjects.get(calling)
+        if expected is not None and not subject_matches(expected, tls_subject):
+            detail = "calling AE did not show the TLS client certificate it is bound to"
+            return Rejection(RejectReason.CALLING_AE_NOT_RECOGNIZED, detail, certificate=True)
         if self.promiscuous:
             return None
-        calling = calling_ae.strip()
         if calling not in self._hosts:
             return Rejection(RejectReason.CALLING_AE_NOT_RECOGNIZED, "calling AE is not in peers")
         hosts = self._hosts[calling]

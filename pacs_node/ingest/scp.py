@@ -4,6 +4,10 @@ The handler parses only the identifying attributes, writes the bytes exactly as 
 spool (durably), hands a row to the catalog recorder and answers. Pixel data is never decoded
 here and nothing is converted: every transfer syntax is accepted as proposed.
 
+It serves the plain DICOM port, the DICOM TLS port, or both (``dicom_port``, ``dicom_tls_port``);
+over TLS the handshake and the peer's certificate are :mod:`~pacs_node.ingest.transport`'s, and
+a peer bound to a certificate subject in peers.yaml is accepted only with it.
+
 It also takes the Storage Commitment reports a PACS sends on an association of its own (the PACS
 in the Push Model's SCP role, sending N-EVENT-REPORT): the recorder settles those deliveries.
 """
@@ -15,6 +19,7 @@ import socket
 import socketserver
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -32,8 +37,8 @@ from pacs_node.commitment import (
     STORAGE_COMMITMENT_PUSH_MODEL,
     parse_report,
 )
-from pacs_node.config import Settings
-from pacs_node.errors import IngestError, UnreadableDataset
+from pacs_node.config import NODE_FILE, Settings
+from pacs_node.errors import ConfigError, IngestError, UnreadableDataset
 from pacs_node.ingest.access import AccessPolicy
 from pacs_node.ingest.header import skip_value_validation
 from pacs_node.ingest.limits import Caps, SharedLimits
@@ -50,11 +55,15 @@ from pacs_node.ingest.transport import (
     Guard,
     GuardedServer,
     GuardedSocket,
+    SecurityAlert,
     Throttle,
     install_received_files,
+    log_security_alert,
     received_file,
+    tls_subject,
 )
 from pacs_node.statuses import NO_SUCH_EVENT_TYPE, NO_SUCH_SOP_CLASS, PROCESSING_FAILURE, SUCCESS
+from pacs_node.tls import ReloadingContext, TLSFileError, TLSFiles, reloading_server_context
 from pacs_node.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
@@ -84,6 +93,29 @@ def limits_for(settings: Settings) -> Caps:
     )
 
 
+def server_tls(settings: Settings) -> ReloadingContext | None:
+    """The TLS port's context (None when there is no TLS port); a certificate, key or CA file
+    that is missing or does not load is a :class:`ConfigError` naming its key."""
+    options = settings.node
+    if not options.dicom_tls_port:
+        return None
+    files = TLSFiles(options.tls_cert_file, options.tls_key_file, options.tls_ca_file)
+    try:
+        return reloading_server_context(files, options.tls_require_client_cert)
+    except TLSFileError as exc:
+        source = str((settings.config_dir or Path(".")) / NODE_FILE)
+        raise ConfigError(source, exc.key, exc.reason) from exc
+
+
+def bind_listening(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listening = socket.socket(family, socket.SOCK_STREAM)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listening.bind((host, port))
+    listening.listen(128)
+    return listening
+
+
 class StorageSCP:
     def __init__(
         self,
@@ -93,17 +125,21 @@ class StorageSCP:
         catalog: Catalog | None = None,
         limits: SharedLimits | None = None,
         open_catalog: Callable[[], Catalog] | None = None,
+        security_alert: SecurityAlert = log_security_alert,
     ) -> None:
         """``catalog``: a read-only handle for the identity screen (or ``open_catalog`` to open
         one when first needed); ``limits``: the node-wide table this process counts in (one of
-        its own if None)."""
+        its own if None); ``security_alert``: told of every refused TLS handshake or
+        certificate (see :data:`~pacs_node.ingest.transport.SecurityAlert`)."""
         self.settings = settings
         self.spool = spool
         self.recorder = recorder
         self.receiver = Receiver(settings, spool, recorder, catalog, open_catalog)
         self.policy = AccessPolicy(settings)
-        self._server: GuardedServer | None = None
-        self._thread: threading.Thread | None = None
+        self.tls = server_tls(settings)
+        self._servers: list[GuardedServer] = []
+        self._servers_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
         options = settings.node
         self.limits = limits or SharedLimits.create(limits_for(settings), rows=1)
         self.throttle = Throttle()
@@ -119,6 +155,7 @@ class StorageSCP:
             incoming=spool.incoming,
             max_instance_bytes=options.max_instance_mb * 2**20,
             throttle=self.throttle,
+            alert=security_alert,
         )
         # Data sets stream to a file in the spool's incoming folder as their PDUs arrive (see
         # ingest/transport.py), never whole in memory; the handler never touches
@@ -148,11 +185,22 @@ class StorageSCP:
         ae.network_timeout = options.network_timeout_s
         self.ae = ae
 
+    def _server(self, tls: bool) -> GuardedServer:
+        with self._servers_lock:
+            for server in self._servers:
+                if (server.tls is not None) == tls:
+                    return server
+        raise RuntimeError(f"the SCP is not serving a {'TLS' if tls else 'plain'} DICOM port")
+
     @property
     def port(self) -> int:
-        if self._server is None:
-            raise RuntimeError("the SCP is not running")
-        return int(self._server.server_address[1])
+        """The plain DICOM port being served."""
+        return int(self._server(tls=False).server_address[1])
+
+    @property
+    def tls_port(self) -> int:
+        """The DICOM TLS port being served."""
+        return int(self._server(tls=True).server_address[1])
 
     def _handlers(self) -> list[Any]:
         return [
@@ -165,26 +213,38 @@ class StorageSCP:
         ]
 
     def start(self) -> None:
-        """Bind the DICOM port and serve associations on background threads."""
+        """Bind the DICOM port and the TLS port (those not 0) and serve associations on
+        background threads."""
         options = self.settings.node
-        family = socket.AF_INET6 if ":" in options.dicom_host else socket.AF_INET
-        listening = socket.socket(family, socket.SOCK_STREAM)
-        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listening.bind((options.dicom_host, options.dicom_port))
-        listening.listen(128)
-        ready = threading.Event()
-        self._thread = threading.Thread(
-            target=self.serve, args=(listening, ready), name="scp", daemon=True
-        )
-        self._thread.start()
-        ready.wait(10)
-        log.info(
-            "storage SCP listening",
-            extra={"ae_title": options.ae_title, "host": options.dicom_host, "port": self.port},
-        )
+        for port, tls in ((options.dicom_port, False), (options.dicom_tls_port, True)):
+            if not port:
+                continue
+            listening = bind_listening(options.dicom_host, port)
+            ready = threading.Event()
+            thread = threading.Thread(
+                target=self.serve,
+                args=(listening, ready, tls),
+                name="scp-tls" if tls else "scp",
+                daemon=True,
+            )
+            thread.start()
+            self._threads.append(thread)
+            ready.wait(10)
+            log.info(
+                "storage SCP listening",
+                extra={
+                    "ae_title": options.ae_title,
+                    "host": options.dicom_host,
+                    "port": self.tls_port if tls else self.port,
+                    "tls": tls,
+                },
+            )
 
-    def serve(self, listening: socket.socket, ready: threading.Event | None = None) -> None:
-        """Serve associations accepted on an already listening socket until :meth:`stop`."""
+    def serve(
+        self, listening: socket.socket, ready: threading.Event | None = None, tls: bool = False
+    ) -> None:
+        """Serve associations accepted on an already listening socket until :meth:`stop`
+        (``tls``: the DICOM TLS port)."""
 
         listening.settimeout(self.settings.node.network_timeout_s)  # as pynetdicom's own bind
 
@@ -208,26 +268,31 @@ class StorageSCP:
                 stop the socket listening for every process that shares it."""
                 listening.close()
 
+        if tls and self.tls is None:
+            raise RuntimeError("a TLS port without dicom_tls_port")
         server = self.ae.make_server(
             listening.getsockname(),
             evt_handlers=self._handlers(),
             server_class=_Inherited,
             guard=self.guard,
+            tls=self.tls if tls else None,
         )
         assert isinstance(server, GuardedServer)
-        self._server = server
+        with self._servers_lock:
+            self._servers.append(server)
         if ready is not None:
             ready.set()
         server.serve_forever()
 
     def alive(self) -> bool:
-        """Whether the thread serving the DICOM port runs."""
-        return self._thread is not None and self._thread.is_alive()
+        """Whether the threads serving the DICOM ports run."""
+        return bool(self._threads) and all(thread.is_alive() for thread in self._threads)
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        with self._servers_lock:
+            servers, self._servers = self._servers, []
+        for server in servers:
+            server.shutdown()
 
     def _on_connection(self, event: evt.Event) -> None:
         """A new connection gets ``assoc_request_timeout_s`` (not the ACSE timeout) for its
@@ -244,10 +309,17 @@ class StorageSCP:
         calling = str(primitive.calling_ae_title).strip()
         called = str(primitive.called_ae_title).strip()
         address = str(assoc.requestor.address)
-        rejection = self.policy.check(calling, called, address)
+        subject = tls_subject(assoc)
+        rejection = self.policy.check(calling, called, address, subject)
         if rejection is None:
             self._admit(assoc, calling, address)
             return
+        if rejection.certificate:
+            detail = f"calling AE {calling}: certificate subject {subject or '(none)'}"
+            try:
+                self.guard.alert("tls-certificate-not-bound", address, detail[:300])
+            except Exception:
+                log.exception("the security alert hook failed")
         log.warning(
             "association rejected",
             extra={

@@ -14,6 +14,12 @@ that touches them, at two points:
   process (:mod:`pacs_node.ingest.limits`): at a limit the oldest such connection from the same
   address (or any, at the total) is closed to make room, so a flood cannot keep a scanner out,
   and the process that accepted the new connection always holds one to close.
+- Over TLS (``dicom_tls_port``) :class:`GuardedServer` wraps each accepted connection without
+  any I/O on the accept thread (pynetdicom's own ``ssl_context`` handshakes there, so one silent
+  client would hold the port) and :class:`GuardedTLSSocket` runs the handshake on the
+  connection's own thread within ``assoc_request_timeout_s`` of the accept; the same limits
+  apply to the PDUs read through it. A failed handshake is counted, closed and reported to the
+  Guard's ``alert`` (:data:`SecurityAlert`).
 - :func:`install_received_files` makes pynetdicom's chunked receive write into a
   :class:`ReceivedFile` in the spool's incoming folder: our own Part 10 header in front, the data
   set as received after it, at most ``max_instance_mb`` of it kept (beyond that nothing more is
@@ -31,6 +37,7 @@ import hashlib
 import logging
 import os
 import socket
+import ssl
 import struct
 import tempfile
 import threading
@@ -48,6 +55,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from pacs_node.errors import IngestError, OutOfResources, UnreadableDataset
 from pacs_node.ingest.limits import Lease, SharedLimits, address_key
 from pacs_node.ingest.part10 import PREAMBLE, file_meta
+from pacs_node.tls import ReloadingContext, subject_text
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +80,21 @@ IDLE_COUNTER = "idle_connections_closed"
 OVERSIZED_PDU_COUNTER = "oversized_pdus"
 STALLED_COUNTER = "stalled_reads"
 OVERSIZED_MESSAGE_COUNTER = "oversized_messages"
+TLS_HANDSHAKE_COUNTER = "tls_handshake_failures"
+
+# security_alert(kind, address, detail): a refused TLS handshake or certificate. Kinds:
+# "tls-handshake-timeout", "tls-handshake-failed", "tls-certificate-refused" (no or untrusted
+# client certificate), "tls-certificate-not-bound" (a subject other than peers.yaml's).
+# ``detail`` is a short reason (an OpenSSL reason code, a subject): never patient data.
+SecurityAlert = Callable[[str, str, str], None]
+# OpenSSL reasons that mean the peer's certificate was missing or not trusted.
+_CERTIFICATE_REASONS = ("CERTIFICATE", "UNKNOWN_CA", "NO_CERTIFICATE")
+
+
+def log_security_alert(kind: str, address: str, detail: str) -> None:
+    """The default :data:`SecurityAlert`: one warning line."""
+    log.warning("security alert", extra={"kind": kind, "address": address, "detail": detail})
+
 
 # pynetdicom gathers a DIMSE command set, and the data set of any message but a C-STORE-RQ (which
 # streams to a file), in memory without a limit; these bound them.
@@ -206,6 +229,7 @@ class Guard:
     incoming: Path  # where received data sets are written (the spool's filesystem)
     max_instance_bytes: int
     throttle: Throttle
+    alert: SecurityAlert = log_security_alert
 
 
 class GuardedSocket(socket.socket):
@@ -422,19 +446,99 @@ class GuardedSocket(socket.socket):
         super().close()
 
 
-class GuardedServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server, accepting connections as :class:`GuardedSocket`."""
+class GuardedTLSSocket(GuardedSocket, ssl.SSLSocket):  # type: ignore[misc]  # recv: same use
+    """A guarded connection over TLS. Wrapped on the accept thread without any I/O; its
+    :meth:`handshake` runs on the connection's own thread before pynetdicom reads from it."""
 
-    def __init__(self, *args: Any, guard: Guard, **kwargs: Any) -> None:
+    tls_subject: str | None = None  # the verified client certificate's subject (RFC 4514)
+
+    def handshake(self) -> bool:
+        """Complete the TLS handshake by the connection's deadline (``assoc_request_timeout_s``
+        after the accept, as for the A-ASSOCIATE-RQ); on failure count it, report it to the
+        guard's ``alert``, close the connection and return False."""
+        guard = self.guard
+        try:
+            remaining = self.accepted + guard.request_timeout_s - time.monotonic()
+            if self.dropped or remaining <= 0:
+                raise TimeoutError
+            self.settimeout(remaining)
+            self.do_handshake()
+        except TimeoutError:
+            kind, detail = "tls-handshake-timeout", f"no handshake in {guard.request_timeout_s} s"
+        except ssl.SSLError as exc:
+            reason = str(exc.reason or type(exc).__name__)
+            kind = "tls-handshake-failed"
+            if any(word in reason for word in _CERTIFICATE_REASONS):
+                kind = "tls-certificate-refused"
+            detail = reason
+        except (OSError, AttributeError) as exc:  # reset by the peer, or closed to make room
+            kind, detail = "tls-handshake-failed", type(exc).__name__
+        else:
+            self.tls_subject = subject_text(self.getpeercert(binary_form=True))
+            return True
+        if self.dropped:  # closed to make room for a newer connection: counted there
+            return False
+        guard.count(TLS_HANDSHAKE_COUNTER)
+        guard.throttle.warning(
+            "tls-handshake", "TLS handshake failed", {"address": self.address, "reason": detail}
+        )
+        try:
+            guard.alert(kind, self.address, detail)
+        except Exception:
+            log.exception("the security alert hook failed")
+        self._drop(b"")
+        return False
+
+
+def connection_of(assoc: Any) -> GuardedSocket | None:
+    """The guarded connection an acceptor association reads (None for any other)."""
+    connection = getattr(getattr(assoc, "dul", None), "socket", None)
+    raw = getattr(connection, "socket", None)
+    return raw if isinstance(raw, GuardedSocket) else None
+
+
+def tls_subject(assoc: Any) -> str | None:
+    """The subject of the client certificate an association's peer showed over TLS (RFC 4514,
+    e.g. ``CN=CT1,O=Hospital``); None on the plain port or when it showed none."""
+    connection = connection_of(assoc)
+    return connection.tls_subject if isinstance(connection, GuardedTLSSocket) else None
+
+
+def is_tls(assoc: Any) -> bool:
+    """Whether an acceptor association came in over DICOM TLS."""
+    return isinstance(connection_of(assoc), GuardedTLSSocket)
+
+
+class GuardedServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, accepting connections as :class:`GuardedSocket` (over TLS
+    as :class:`GuardedTLSSocket` when given ``tls``, the server context in force)."""
+
+    def __init__(
+        self, *args: Any, guard: Guard, tls: ReloadingContext | None = None, **kwargs: Any
+    ) -> None:
         self.guard = guard
+        self.tls = tls
         self._pending: list[GuardedSocket] = []
         self._pending_lock = threading.Lock()
         super().__init__(*args, **kwargs)
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         sock, address = super().get_request()
+        if self.tls is not None:
+            context = self.tls.context()  # a renewed certificate serves from here on
+            context.sslsocket_class = GuardedTLSSocket
+            wrapped = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            assert isinstance(wrapped, GuardedTLSSocket)
+            return wrapped, address
         guarded = GuardedSocket(sock.family, sock.type, sock.proto, fileno=sock.detach())
         return guarded, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """The connection's own thread: over TLS the handshake comes first, here."""
+        if isinstance(request, GuardedTLSSocket) and not request.handshake():
+            self.shutdown_request(request)
+            return
+        super().process_request_thread(request, client_address)
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         """Admit a new connection as pending, making room by closing our oldest pending one
@@ -458,11 +562,14 @@ class GuardedServer(ThreadedAssociationServer):
                     "per_address": limits.caps.pending_per_address,
                 },
             )
-            with contextlib.suppress(OSError):  # read after its A-ASSOCIATE-RQ, if at all
-                guarded.setblocking(False)
-                guarded.send(
-                    associate_reject(REJECT_TRANSIENT, SOURCE_PRESENTATION, LOCAL_LIMIT_EXCEEDED)
-                )
+            if not isinstance(guarded, GuardedTLSSocket):  # no TLS session to answer in yet
+                with contextlib.suppress(OSError):  # read after its A-ASSOCIATE-RQ, if at all
+                    guarded.setblocking(False)
+                    guarded.send(
+                        associate_reject(
+                            REJECT_TRANSIENT, SOURCE_PRESENTATION, LOCAL_LIMIT_EXCEEDED
+                        )
+                    )
             return False
         guarded.start_guard(self.guard, address, lease)
         with self._pending_lock:

@@ -9,6 +9,10 @@ a write takes only its own pipe with it). The main process keeps the single cata
 the assembly timers, so state stays in one place. Workers are spawned (not forked) so they
 never inherit the main process's threads or database connections, and a worker that dies is
 replaced (:mod:`pacs_node.supervisor`, as for job workers).
+
+The DICOM TLS port, when configured, is bound the same way and served by every worker beside
+the plain one; each worker does its own TLS handshakes (and certificate reloads), and reports
+refused ones over its pipe to the node's ``security_alert``.
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ from pacs_node.catalog.db import Catalog, open_catalog
 from pacs_node.config import Settings
 from pacs_node.ingest.limits import SharedLimits
 from pacs_node.ingest.recorder import RecordSink
-from pacs_node.ingest.scp import StorageSCP, limits_for
+from pacs_node.ingest.scp import StorageSCP, bind_listening, limits_for, server_tls
 from pacs_node.ingest.spool import Spool
+from pacs_node.ingest.transport import SecurityAlert, log_security_alert
 from pacs_node.lifecycle import exit_now
 from pacs_node.logs import configure_node_logging
 from pacs_node.refs import CommitmentReport, InstanceRef
@@ -42,6 +47,7 @@ from pacs_node.supervisor import Child, NodeLink, Supervisor
 log = logging.getLogger(__name__)
 
 _SUBMIT, _COUNT, _DUPLICATE, _REPORT = "submit", "count", "duplicate", "report"
+_ALERT = "alert"
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 PROCESS_NAME = b"pacs-node-scp"  # at most 15 bytes
@@ -79,6 +85,9 @@ class _PipeSink:
     def commitment_report(self, report: CommitmentReport) -> None:
         self._send(_REPORT, report)
 
+    def security_alert(self, kind: str, address: str, detail: str) -> None:
+        self._send(_ALERT, (kind, address, detail))
+
 
 def _die_with_parent() -> None:
     """Ask Linux to SIGTERM this worker when the main process dies (even by SIGKILL), so an
@@ -101,7 +110,7 @@ def _read_only_catalog(settings: Settings) -> Catalog:
 
 def _run_worker(
     settings: Settings,
-    listening: socket.socket,
+    listening: list[tuple[socket.socket, bool]],
     pipe: Connection,
     parent: int,
     limits: SharedLimits,
@@ -118,15 +127,18 @@ def _run_worker(
     spool = Spool(
         options.spool_dir, fsync=options.fsync, min_free_bytes=options.min_free_mb * 2**20
     )
+    sink = _PipeSink(pipe)
     scp = StorageSCP(
         settings,
         spool,
-        _PipeSink(pipe),
+        sink,
         limits=limits,
         open_catalog=functools.partial(_read_only_catalog, settings),
+        security_alert=sink.security_alert,
     )
-    server = threading.Thread(target=scp.serve, args=(listening,), name="scp", daemon=True)
-    server.start()
+    for sock, tls in listening:
+        name = "scp-tls" if tls else "scp"
+        threading.Thread(target=scp.serve, args=(sock, None, tls), name=name, daemon=True).start()
     while not link.stopping.wait(1.0):
         if os.getppid() != parent:  # the main process is gone: nobody records what we spool
             break
@@ -158,8 +170,13 @@ class SCPWorkers:
         sink: RecordSink,
         count: int,
         on_worker_death: Callable[[float], object] | None = None,
+        security_alert: SecurityAlert = log_security_alert,
     ) -> None:
+        """``security_alert``: told, in this process, of every TLS handshake or certificate a
+        worker refused."""
+        server_tls(settings)  # a TLS file that does not load fails here, before any worker
         self.settings = settings
+        self.security_alert = security_alert
         self.sink = sink
         self.count = count
         # Called with the dead worker's start time: a worker killed between spooling a file
@@ -167,6 +184,7 @@ class SCPWorkers:
         # answered as a duplicate), so the node records such files now, not at its next start.
         self.on_worker_death = on_worker_death
         self.listening: socket.socket | None = None
+        self.tls_listening: socket.socket | None = None
         self._context = multiprocessing.get_context("spawn")
         # One pipe per worker (its read end here); a dead worker's pipe is read to its end.
         self._pipes: list[Connection] = []
@@ -191,18 +209,26 @@ class SCPWorkers:
     @property
     def port(self) -> int:
         if self.listening is None:
-            raise RuntimeError("the SCP is not running")
+            raise RuntimeError("the SCP is not serving a plain DICOM port")
         return int(self.listening.getsockname()[1])
+
+    @property
+    def tls_port(self) -> int:
+        if self.tls_listening is None:
+            raise RuntimeError("the SCP is not serving a DICOM TLS port")
+        return int(self.tls_listening.getsockname()[1])
+
+    def _sockets(self) -> list[socket.socket]:
+        return [s for s in (self.listening, self.tls_listening) if s is not None]
 
     def start(self) -> None:
         """Bind the DICOM port (the node's last start step: once it answers, every earlier
         instance is in the catalog) and spawn the workers that accept on it."""
         options = self.settings.node
-        family = socket.AF_INET6 if ":" in options.dicom_host else socket.AF_INET
-        self.listening = socket.socket(family, socket.SOCK_STREAM)
-        self.listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listening.bind((options.dicom_host, options.dicom_port))
-        self.listening.listen(128)
+        if options.dicom_port:
+            self.listening = bind_listening(options.dicom_host, options.dicom_port)
+        if options.dicom_tls_port:
+            self.tls_listening = bind_listening(options.dicom_host, options.dicom_tls_port)
         self._pump_thread = threading.Thread(target=self._pump, name="scp-pump", daemon=True)
         self._pump_thread.start()
         self.children.start()
@@ -212,7 +238,8 @@ class SCPWorkers:
             extra={
                 "ae_title": options.ae_title,
                 "host": options.dicom_host,
-                "port": self.port,
+                "port": self.port if self.listening else None,
+                "tls_port": self.tls_port if self.tls_listening else None,
                 "workers": self.count,
             },
         )
@@ -221,7 +248,8 @@ class SCPWorkers:
         self.limits.clear_row(row)  # what a dead worker held went with its connections
         reader, writer = self._context.Pipe(duplex=False)
         self._opening[row] = (reader, writer)
-        return (self.settings, self.listening, writer, os.getpid(), self.limits.for_row(row))
+        listening = [(s, s is self.tls_listening) for s in self._sockets()]
+        return (self.settings, listening, writer, os.getpid(), self.limits.for_row(row))
 
     def _worker_started(self, child: Child) -> None:
         reader, writer = self._opening.pop(child.slot)
@@ -249,6 +277,11 @@ class SCPWorkers:
             self.sink.count(*value)
         elif kind == _REPORT:
             self.sink.commitment_report(value)
+        elif kind == _ALERT:
+            try:
+                self.security_alert(*value)
+            except Exception:
+                log.exception("the security alert hook failed")
         else:
             self.sink.duplicate(value)
 
@@ -293,15 +326,15 @@ class SCPWorkers:
             deadline = time.monotonic() + drain_s(self.settings) + 1.0
         self._stopping.set()
         self.children.request_stop()  # from now on no worker is replaced; each one drains
-        if self.listening is not None:  # new connections are refused now, in every process;
+        for listening in self._sockets():  # new connections are refused now, in every process;
             with contextlib.suppress(OSError):  # established associations have sockets of
-                self.listening.shutdown(socket.SHUT_RDWR)  # their own and go on
+                listening.shutdown(socket.SHUT_RDWR)  # their own and go on
         killed = self.children.stop(deadline)
         self._waker.send(None)  # every worker is gone: the pump reads their pipes to the end
         if self._pump_thread is not None:
             self._pump_thread.join(10)
-        if self.listening is not None:
-            self.listening.close()
+        for listening in self._sockets():
+            listening.close()
         return len(killed)
 
     def kill_now(self) -> None:

@@ -28,7 +28,9 @@ from pacs_node.catalog.models import (
 )
 from pacs_node.catalog.studies import counters
 from pacs_node.config import Settings
+from pacs_node.destinations import DimseDestination
 from pacs_node.services.status import recorder_state
+from pacs_node.tls import not_after
 
 RECENT_JOBS = 500  # finished jobs whose stage seconds make up the stage quantiles
 QUANTILES = (0.5, 0.9, 0.99)
@@ -135,3 +137,24 @@ def node_metrics(
             recorder_catalog_available=bool(recorder.get("catalog_available", True)),
             recorder_unrecorded=unrecorded if isinstance(unrecorded, int) else 0,
         )
+
+
+def certificate_expiry(settings: Settings) -> dict[str, float]:
+    """When each configured TLS certificate expires (Unix seconds; a CA bundle: its earliest),
+    read from the files now, so a renewed certificate shows at once: ``dicom`` and
+    ``dicom_ca`` for the DICOM TLS port, ``destination:NAME`` and ``destination_ca:NAME`` for
+    DIMSE destinations over TLS. A file that cannot be read is left out."""
+    options = settings.node
+    files = {"dicom": options.tls_cert_file, "dicom_ca": options.tls_ca_file}
+    if not options.dicom_tls_port:
+        files = {}
+    for name, destination in sorted(settings.destinations.items()):
+        if isinstance(destination, DimseDestination) and destination.tls:
+            files[f"destination:{name}"] = destination.tls_cert_file
+            files[f"destination_ca:{name}"] = destination.tls_ca_file
+    expiry = {}
+    for label, path in files.items():
+        when = not_after(path) if path is not None else None
+        if when is not None:
+            expiry[label] = when.timestamp()
+    return expiry

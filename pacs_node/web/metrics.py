@@ -21,7 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from pacs_node.catalog.studies import RECEIVED_BYTES, RECEIVED_INSTANCES
-from pacs_node.services.metrics import NodeMetrics, node_metrics
+from pacs_node.services.metrics import NodeMetrics, certificate_expiry, node_metrics
 from pacs_node.web.context import WebContext, web_context
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ COUNTERS = {
     "failed_instances": "Instances received that could not be stored (a failure status sent).",
     "duplicate_instances": "Second copies of instances the node holds already.",
     "quarantined_instances": "Instances kept apart by the identity check.",
+    "tls_handshake_failures": "TLS handshakes on the DICOM TLS port that failed or timed out.",
 }
 # The families below: a catalog counter of one of these names (or of one counter's name made
 # a metric name already) would clash, so it is left out.
@@ -53,6 +54,7 @@ FAMILIES = frozenset(
         "recorder_unrecorded",
         "job_stage_seconds",
         "job_stage_recent_jobs",
+        "tls_certificate_expiry_timestamp_seconds",
     }
 )
 _NAME = re.compile(r"[^a-zA-Z0-9_]")
@@ -66,6 +68,7 @@ class CatalogCollector(Collector):
         self.context = context
 
     def collect(self) -> Iterator[Metric]:
+        yield _certificates(certificate_expiry(self.context.settings))
         up = GaugeMetricFamily(f"{PREFIX}_catalog_up", "Whether the catalog could be read.")
         try:
             reading = node_metrics(self.context.catalog, self.context.settings)
@@ -77,6 +80,17 @@ class CatalogCollector(Collector):
         up.add_metric([], 1)
         yield up
         yield from _metrics(reading)
+
+
+def _certificates(expiry: dict[str, float]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(
+        f"{PREFIX}_tls_certificate_expiry_timestamp_seconds",
+        "When a configured TLS certificate expires (notAfter, Unix seconds).",
+        labels=["certificate"],
+    )
+    for label, when in sorted(expiry.items()):
+        family.add_metric([label], when)
+    return family
 
 
 def _by_state(name: str, doc: str, counts: dict[str, int]) -> GaugeMetricFamily:

@@ -1,0 +1,235 @@
+"""TLS contexts for DICOM (PS3.15 B.9, the BCP 195 profile of RFC 9325), reloaded when their files
+change.
+
+Both ends use one profile: TLS 1.3, or TLS 1.2 limited to ECDHE key exchange with AES-GCM; no
+TLS compression, no renegotiation, nothing older than TLS 1.2. The Storage SCP builds its
+server context from ``tls_cert_file`` / ``tls_key_file`` / ``tls_ca_file`` (client certificates
+required when ``tls_require_client_cert``, verified when offered and a CA is given); a DIMSE
+destination builds a client context from its own CA and optional client certificate.
+
+A :class:`ReloadingContext` looks at its files' size and modification time at most once a
+second when a context is asked for, so a renewed certificate is used by the next connection
+without a restart; a new file that does not load leaves the context in use as it was (one
+warning per new version of the files). :func:`not_after` reads a certificate's expiry for
+``/metrics``.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from cryptography import x509
+
+log = logging.getLogger(__name__)
+
+# TLS 1.2 cipher suites of the profile (TLS 1.3 suites are all AEAD and kept as OpenSSL has them).
+TLS12_CIPHERS = "ECDHE+AESGCM"
+RELOAD_CHECK_S = 1.0
+
+
+class TLSFileError(ValueError):
+    """A certificate, key or CA file that is missing or does not load; ``key`` names the setting."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class TLSFiles:
+    """The files one context is built from (any may be None)."""
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None
+
+    def paths(self) -> tuple[Path, ...]:
+        return tuple(p for p in (self.cert_file, self.key_file, self.ca_file) if p is not None)
+
+
+def _profile(context: ssl.SSLContext) -> ssl.SSLContext:
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(TLS12_CIPHERS)
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    return context
+
+
+def _check_exists(key: str, path: Path) -> None:
+    if not path.is_file():
+        raise TLSFileError(key, f"{path} does not exist or is not a file")
+
+
+def _load_ca(context: ssl.SSLContext, prefix: str, ca_file: Path) -> None:
+    _check_exists(f"{prefix}tls_ca_file", ca_file)
+    try:
+        context.load_verify_locations(cafile=str(ca_file))
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise TLSFileError(f"{prefix}tls_ca_file", f"{ca_file} does not load: {_why(exc)}") from exc
+
+
+def _load_chain(context: ssl.SSLContext, prefix: str, cert: Path, key: Path) -> None:
+    _check_exists(f"{prefix}tls_cert_file", cert)
+    _check_exists(f"{prefix}tls_key_file", key)
+    try:
+        context.load_cert_chain(certfile=str(cert), keyfile=str(key))
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise TLSFileError(
+            f"{prefix}tls_cert_file", f"{cert} with key {key} does not load: {_why(exc)}"
+        ) from exc
+
+
+def _why(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None)
+    return str(reason) if reason else type(exc).__name__
+
+
+def server_context(files: TLSFiles, require_client_cert: bool) -> ssl.SSLContext:
+    """The SCP's context; raises :class:`TLSFileError` naming the setting at fault."""
+    if files.cert_file is None or files.key_file is None:
+        raise TLSFileError("tls_cert_file", "the TLS port needs tls_cert_file and tls_key_file")
+    context = _profile(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    _load_chain(context, "", files.cert_file, files.key_file)
+    if files.ca_file is not None:
+        _load_ca(context, "", files.ca_file)
+        context.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
+    elif require_client_cert:
+        raise TLSFileError("tls_ca_file", "tls_require_client_cert needs tls_ca_file")
+    return context
+
+
+def client_context(files: TLSFiles, prefix: str = "") -> ssl.SSLContext:
+    """An SCU's context: the peer's certificate verified against ``ca_file`` (the system's CAs
+    when None) and its host name checked; a client certificate when ``cert_file`` is given."""
+    context = _profile(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+    if files.ca_file is not None:
+        _load_ca(context, prefix, files.ca_file)
+    else:
+        context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    if files.cert_file is not None or files.key_file is not None:
+        if files.cert_file is None or files.key_file is None:
+            raise TLSFileError(f"{prefix}tls_cert_file", "give tls_cert_file and tls_key_file")
+        _load_chain(context, prefix, files.cert_file, files.key_file)
+    return context
+
+
+def _signature(paths: tuple[Path, ...]) -> tuple[tuple[int, int], ...]:
+    found = []
+    for path in paths:
+        try:
+            stat = path.stat()
+            found.append((stat.st_mtime_ns, stat.st_size))
+        except OSError:
+            found.append((-1, -1))
+    return tuple(found)
+
+
+class ReloadingContext:
+    """An ``ssl.SSLContext`` rebuilt when one of its files changes; raises at construction when
+    the files do not load (the node does not start), never afterwards."""
+
+    def __init__(
+        self,
+        build: Callable[[], ssl.SSLContext],
+        paths: tuple[Path, ...],
+        check_every_s: float = RELOAD_CHECK_S,
+    ) -> None:
+        self._build = build
+        self._paths = paths
+        self._check_every_s = check_every_s
+        self._lock = threading.Lock()
+        self._signature = _signature(paths)
+        self._context = build()
+        self._checked = time.monotonic()
+        self._refused: tuple[tuple[int, int], ...] | None = None
+
+    def context(self) -> ssl.SSLContext:
+        """The context for a new connection (rebuilt first when the files changed)."""
+        with self._lock:
+            now = time.monotonic()
+            if now - self._checked < self._check_every_s:
+                return self._context
+            self._checked = now
+            signature = _signature(self._paths)
+            if signature in (self._signature, self._refused):
+                return self._context
+            try:
+                context = self._build()
+            except (TLSFileError, ssl.SSLError, OSError) as exc:
+                self._refused = signature
+                log.warning(
+                    "TLS files changed but do not load; the previous certificate stays in use",
+                    extra={"reason": str(exc)},
+                )
+                return self._context
+            self._context, self._signature, self._refused = context, signature, None
+            log.info("TLS certificate reloaded", extra={"files": [str(p) for p in self._paths]})
+            return self._context
+
+
+def reloading_server_context(files: TLSFiles, require_client_cert: bool) -> ReloadingContext:
+    return ReloadingContext(lambda: server_context(files, require_client_cert), files.paths())
+
+
+_clients: dict[TLSFiles, ReloadingContext] = {}
+_clients_lock = threading.Lock()
+
+
+def shared_client_context(files: TLSFiles, prefix: str = "") -> ssl.SSLContext:
+    """The client context for these files, built once per process and reloaded on change."""
+    with _clients_lock:
+        source = _clients.get(files)
+        if source is None:
+            source = ReloadingContext(lambda: client_context(files, prefix), files.paths())
+            _clients[files] = source
+    return source.context()
+
+
+def not_after(path: Path) -> datetime | None:
+    """The earliest expiry of the certificates in a PEM file (None when it cannot be read)."""
+    try:
+        certificates = x509.load_pem_x509_certificates(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return min((c.not_valid_after_utc for c in certificates), default=None)
+
+
+def subject_text(der: bytes | None) -> str | None:
+    """A DER certificate's subject as an RFC 4514 string (``CN=CT1,O=Hospital``)."""
+    if not der:
+        return None
+    try:
+        return x509.load_der_x509_certificate(der).subject.rfc4514_string()
+    except ValueError:
+        return None
+
+
+def subject_matches(expected: str, subject: str | None) -> bool:
+    """Whether a certificate subject is the one a peer declares: a distinguished name (``CN=CT1,
+    O=Hospital``: the same attributes, in any order) or, without ``=``, the common name alone."""
+    if subject is None:
+        return False
+    try:
+        actual = x509.Name.from_rfc4514_string(subject)
+    except ValueError:
+        return False
+    if "=" not in expected:
+        names = actual.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        return any(str(n.value) == expected.strip() for n in names)
+    try:
+        wanted = x509.Name.from_rfc4514_string(expected)
+    except ValueError:
+        return False
+    return _pairs(wanted) == _pairs(actual)
+
+
+def _pairs(name: x509.Name) -> frozenset[tuple[str, str]]:
+    return frozenset((a.oid.dotted_string, str(a.value)) for a in name)

@@ -1,0 +1,253 @@
+"""DICOM TLS contexts (PS3.15 B.9 / BCP 195): protocol versions and suites, reload on change,
+the previous context kept when a new file is bad, expiry for /metrics, subject binding, and the
+settings that turn it on."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import ssl
+import threading
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from pacs_node.config import NodeOptions, PeerConfig, Settings, load_settings
+from pacs_node.destinations import DimseDestination
+from pacs_node.errors import ConfigError
+from pacs_node.ingest.access import AccessPolicy, RejectReason
+from pacs_node.ingest.scp import server_tls
+from pacs_node.services.metrics import certificate_expiry
+from pacs_node.tls import (
+    ReloadingContext,
+    TLSFileError,
+    TLSFiles,
+    client_context,
+    not_after,
+    server_context,
+    subject_matches,
+)
+from tests.certs import CertificateAuthority, Issued
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[CertificateAuthority, Issued, Issued]:
+    ca = CertificateAuthority.create(tmp_path_factory.mktemp("pki"))
+    server = ca.issue("server", "CN=localhost,O=Test Hospital", hosts=("127.0.0.1", "localhost"))
+    client = ca.issue("ct1", "CN=CT1,O=Test Hospital")
+    return ca, server, client
+
+
+def _files(pki: tuple[CertificateAuthority, Issued, Issued]) -> TLSFiles:
+    ca, server, _ = pki
+    return TLSFiles(server.cert, server.key, ca.cert)
+
+
+def test_server_context_follows_the_bcp195_profile(
+    pki: tuple[CertificateAuthority, Issued, Issued],
+) -> None:
+    context = server_context(_files(pki), require_client_cert=True)
+    assert context.minimum_version is ssl.TLSVersion.TLSv1_2
+    assert context.verify_mode is ssl.CERT_REQUIRED
+    assert context.options & ssl.OP_NO_COMPRESSION
+    assert context.options & ssl.OP_NO_RENEGOTIATION
+    ciphers = context.get_ciphers()
+    tls12 = [c["name"] for c in ciphers if c["protocol"] == "TLSv1.2"]
+    assert tls12
+    assert all(name.startswith("ECDHE-") and "-GCM-" in name for name in tls12)
+    assert {c["protocol"] for c in ciphers} == {"TLSv1.2", "TLSv1.3"}
+    optional = server_context(_files(pki), require_client_cert=False)
+    assert optional.verify_mode is ssl.CERT_OPTIONAL  # a client certificate is checked if shown
+
+
+def _handshake(
+    server: ssl.SSLContext, client: ssl.SSLContext
+) -> tuple[str | None, tuple[str, str, int] | None]:
+    """(version, cipher) the two sides agree on over a socket pair, or an SSLError."""
+    left, right = socket.socketpair()
+    errors: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            with server.wrap_socket(left, server_side=True) as tls:
+                tls.recv(1)
+        except (ssl.SSLError, OSError) as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        with client.wrap_socket(right, server_hostname="localhost") as tls:
+            version, cipher = tls.version(), tls.cipher()
+            tls.sendall(b"x")
+    finally:
+        thread.join(5)
+    assert not errors, errors
+    return version, cipher
+
+
+def test_tls12_negotiates_ecdhe_with_aes_gcm_and_tls13_is_preferred(
+    pki: tuple[CertificateAuthority, Issued, Issued],
+) -> None:
+    ca, _, client = pki
+    server = server_context(_files(pki), require_client_cert=True)
+    ours = client_context(TLSFiles(client.cert, client.key, ca.cert))
+    assert _handshake(server, ours)[0] == "TLSv1.3"
+    ours.maximum_version = ssl.TLSVersion.TLSv1_2
+    version, cipher = _handshake(server, ours)
+    assert version == "TLSv1.2"
+    assert cipher is not None
+    assert cipher[0].startswith("ECDHE-")
+    assert "GCM" in cipher[0]
+    # A TLS 1.2 client that offers no ECDHE with AES-GCM finds no suite in common.
+    weak = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    weak.load_verify_locations(ca.cert)
+    weak.load_cert_chain(client.cert, client.key)
+    weak.maximum_version = ssl.TLSVersion.TLSv1_2
+    weak.set_ciphers("ECDHE+CHACHA20:ECDHE+AES+SHA")
+    with pytest.raises(ssl.SSLError):
+        _handshake(server, weak)
+
+
+def test_missing_or_bad_files_name_their_key(
+    pki: tuple[CertificateAuthority, Issued, Issued], tmp_path: Path
+) -> None:
+    ca, server, _ = pki
+    with pytest.raises(TLSFileError) as missing:
+        server_context(TLSFiles(tmp_path / "none.pem", server.key, ca.cert), True)
+    assert missing.value.key == "tls_cert_file"
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate")
+    with pytest.raises(TLSFileError) as bad_ca:
+        server_context(TLSFiles(server.cert, server.key, garbage), True)
+    assert bad_ca.value.key == "tls_ca_file"
+    with pytest.raises(TLSFileError) as wrong_key:
+        client_context(TLSFiles(server.cert, garbage, ca.cert), prefix="destinations.PACS.")
+    assert wrong_key.value.key == "destinations.PACS.tls_cert_file"
+    # At start the same is a ConfigError naming node.yaml's key.
+    options = NodeOptions(
+        dicom_tls_port=2762, tls_cert_file=server.cert, tls_key_file=garbage, tls_ca_file=ca.cert
+    )
+    with pytest.raises(ConfigError) as error:
+        server_tls(Settings(node=options, config_dir=tmp_path))
+    assert "tls_cert_file" in str(error.value)
+    assert "node.yaml" in str(error.value)
+
+
+def test_a_renewed_certificate_is_used_and_a_bad_one_is_not(
+    pki: tuple[CertificateAuthority, Issued, Issued],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ca, server, _ = pki
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    cert.write_bytes(server.cert.read_bytes())
+    key.write_bytes(server.key.read_bytes())
+    files = TLSFiles(cert, key, ca.cert)
+    source = ReloadingContext(lambda: server_context(files, True), files.paths(), check_every_s=0)
+    first = source.context()
+    assert source.context() is first  # unchanged files: the same context
+    renewed = ca.issue("renewed", "CN=localhost,O=Test Hospital", days=20)
+    cert.write_bytes(renewed.cert.read_bytes())
+    key.write_bytes(renewed.key.read_bytes())
+    os.utime(cert, ns=(2_000_000_000, 2_000_000_000))  # as a later write would
+    second = source.context()
+    assert second is not first
+    cert.write_text("half-written")
+    os.utime(cert, ns=(1, 1))
+    with caplog.at_level(logging.WARNING, logger="pacs_node.tls"):
+        assert source.context() is second  # the bad file leaves the context in use
+        assert source.context() is second
+    warnings = [r for r in caplog.records if "do not load" in r.getMessage()]
+    assert len(warnings) == 1  # once per new version of the files
+    cert.write_bytes(renewed.cert.read_bytes())
+    os.utime(cert, ns=(3_000_000_000, 3_000_000_000))
+    assert source.context() is not second  # fixed again: reloaded
+
+
+def test_expiry_for_metrics(pki: tuple[CertificateAuthority, Issued, Issued]) -> None:
+    ca, server, client = pki
+    assert not_after(server.cert) == server.not_after
+    settings = Settings(
+        node=NodeOptions(
+            dicom_tls_port=2762,
+            tls_cert_file=server.cert,
+            tls_key_file=server.key,
+            tls_ca_file=ca.cert,
+        ),
+        destinations={
+            "PACS": DimseDestination(
+                type="dimse",
+                ae_title="PACS",
+                host="127.0.0.1",
+                port=104,
+                tls=True,
+                tls_ca_file=ca.cert,
+                tls_cert_file=client.cert,
+                tls_key_file=client.key,
+            )
+        },
+    )
+    expiry = certificate_expiry(settings)
+    assert expiry["dicom"] == server.not_after.timestamp()
+    assert expiry["destination:PACS"] == client.not_after.timestamp()
+    assert set(expiry) == {"dicom", "dicom_ca", "destination:PACS", "destination_ca:PACS"}
+    assert certificate_expiry(Settings(node=NodeOptions())) == {}
+
+
+def test_subject_binding() -> None:
+    subject = "CN=CT1,O=Test Hospital"
+    assert subject_matches("O=Test Hospital,CN=CT1", subject)  # any order
+    assert subject_matches("CT1", subject)  # the common name alone
+    assert not subject_matches("CN=CT1,O=Other", subject)
+    assert not subject_matches("CN=CT1", subject)  # a DN must match whole
+    assert not subject_matches("CT2", subject)
+    assert not subject_matches("CT1", None)
+    policy = AccessPolicy(
+        Settings(
+            node=NodeOptions(ae_title="NODE", promiscuous=True),
+            peers=(PeerConfig(ae_title="CT1", tls_subject="CN=CT1,O=Test Hospital"),),
+        )
+    )
+    assert policy.check("CT1", "NODE", "10.0.0.1", subject) is None
+    for shown in (None, "CN=CT2,O=Test Hospital"):
+        rejection = policy.check("CT1", "NODE", "10.0.0.1", shown)
+        assert rejection is not None
+        assert rejection.certificate
+        assert rejection.reason is RejectReason.CALLING_AE_NOT_RECOGNIZED
+    assert policy.check("OTHER", "NODE", "10.0.0.1", None) is None  # promiscuous, not bound
+    with pytest.raises(ValidationError):
+        PeerConfig(ae_title="CT1", tls_subject="CN=CT1,=broken")
+
+
+def test_tls_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValidationError, match="no DICOM port is open"):
+        NodeOptions(dicom_port=0)
+    with pytest.raises(ValidationError, match="needs tls_cert_file"):
+        NodeOptions(dicom_tls_port=2762)
+    with pytest.raises(ValidationError, match="needs tls_ca_file"):
+        NodeOptions(tls_require_client_cert=True)
+    with pytest.raises(ValidationError, match="need tls: true"):
+        DimseDestination(type="dimse", peer="PACS", tls_ca_file=Path("ca.pem"))
+    with pytest.raises(ValidationError, match="both"):
+        DimseDestination(type="dimse", peer="PACS", tls=True, tls_cert_file=Path("c.pem"))
+    for name, value in {
+        "DICOM_PORT": "0",
+        "DICOM_TLS_PORT": "2762",
+        "TLS_CERT_FILE": "node.pem",
+        "TLS_KEY_FILE": "node.key",
+        "TLS_CA_FILE": "ca.pem",
+        "TLS_REQUIRE_CLIENT_CERT": "true",
+    }.items():
+        monkeypatch.setenv(f"PACS_NODE_{name}", value)
+    monkeypatch.chdir(tmp_path)
+    options = load_settings(tmp_path).node
+    assert (options.dicom_port, options.dicom_tls_port) == (0, 2762)
+    assert options.tls_cert_file == tmp_path / "node.pem"  # made absolute at start
+    assert options.tls_ca_file == tmp_path / "ca.pem"
+    assert options.tls_require_client_cert is True
+    monkeypatch.setenv("PACS_NODE_DICOM_TLS_PORT", "0")
+    with pytest.raises(ConfigError, match="no DICOM port is open"):
+        load_settings(tmp_path)
