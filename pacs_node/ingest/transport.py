@@ -85,7 +85,8 @@ TLS_HANDSHAKE_COUNTER = "tls_handshake_failures"
 # security_alert(kind, address, detail): a refused TLS handshake or certificate. Kinds:
 # "tls-handshake-timeout", "tls-handshake-failed", "tls-certificate-refused" (no or untrusted
 # client certificate), "tls-certificate-not-bound" (a subject other than peers.yaml's).
-# ``detail`` is a short reason (an OpenSSL reason code, a subject): never patient data.
+# ``detail`` is a short reason (an OpenSSL reason code, a subject): never patient data. The hook
+# is where a refused handshake is reported (the default logs it): one that audits should log too.
 SecurityAlert = Callable[[str, str, str], None]
 # OpenSSL reasons that mean the peer's certificate was missing or not trusted.
 _CERTIFICATE_REASONS = ("CERTIFICATE", "UNKNOWN_CA", "NO_CERTIFICATE")
@@ -479,9 +480,6 @@ class GuardedTLSSocket(GuardedSocket, ssl.SSLSocket):  # type: ignore[misc]  # r
         if self.dropped:  # closed to make room for a newer connection: counted there
             return False
         guard.count(TLS_HANDSHAKE_COUNTER)
-        guard.throttle.warning(
-            "tls-handshake", "TLS handshake failed", {"address": self.address, "reason": detail}
-        )
         try:
             guard.alert(kind, self.address, detail)
         except Exception:
