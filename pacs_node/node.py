@@ -36,6 +36,7 @@ from pacs_node.ingest.reconcile import reconcile
 from pacs_node.ingest.recorder import CatalogRecorder
 from pacs_node.ingest.scp import StorageSCP
 from pacs_node.ingest.spool import Spool
+from pacs_node.ingest.transport import SecurityAlert, log_security_alert
 from pacs_node.ingest.workers import SCPWorkers, drain_s
 from pacs_node.jobs import JobQueue, open_job_queue
 from pacs_node.lifecycle import SignalPipe, exit_now
@@ -60,7 +61,12 @@ def check_destination_tls(settings: Settings) -> None:
 
 
 class Node:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, security_alert: SecurityAlert = log_security_alert
+    ) -> None:
+        """``security_alert(kind, address, detail)``: told in this process of every TLS
+        handshake or client certificate the DICOM TLS port refused, whichever SCP process saw
+        it (see :data:`~pacs_node.ingest.transport.SecurityAlert`)."""
         skip_value_validation()  # the spool is read here too: reconcile, routing
         options = settings.node
         self.settings = settings
@@ -94,9 +100,12 @@ class Node:
                 self.recorder,
                 options.dicom_workers,
                 on_worker_death=lambda since: reconcile(self.spool, self.recorder, since=since),
+                security_alert=security_alert,
             )
         else:
-            self.scp = StorageSCP(settings, self.spool, self.recorder, self.catalog)
+            self.scp = StorageSCP(
+                settings, self.spool, self.recorder, self.catalog, security_alert=security_alert
+            )
         self.receiver = Receiver(settings, self.spool, self.recorder, self.catalog)
         readiness = {
             "storage scp": self.scp.alive,

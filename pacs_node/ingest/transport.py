@@ -475,7 +475,8 @@ class GuardedTLSSocket(GuardedSocket, ssl.SSLSocket):  # type: ignore[misc]  # r
         except (OSError, AttributeError) as exc:  # reset by the peer, or closed to make room
             kind, detail = "tls-handshake-failed", type(exc).__name__
         else:
-            self.tls_subject = subject_text(self.getpeercert(binary_form=True))
+            if self.context.verify_mode != ssl.CERT_NONE:  # a certificate shown was verified
+                self.tls_subject = subject_text(self.getpeercert(binary_form=True))
             return True
         if self.dropped:  # closed to make room for a newer connection: counted there
             return False

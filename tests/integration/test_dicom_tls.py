@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Callable
@@ -17,10 +18,11 @@ import httpx
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, _config, dimse_messages
+from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from pacs_node.catalog.db import open_catalog
-from pacs_node.config import NodeOptions, Settings
+from pacs_node.config import NodeOptions, PeerConfig, Settings
 from pacs_node.destinations import DimseDestination
 from pacs_node.dispatch.dimse import CStoreHandler
 from pacs_node.dispatch.handler import Delivered, Parcel
@@ -148,8 +150,9 @@ def test_dcmtk_over_tls_with_mutual_authentication(
 def test_in_process_scp_on_the_tls_port_only(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``dicom_workers: 0`` and ``dicom_port: 0``: the TLS port alone, in this process; client
-    certificates optional (checked when shown); the subject reaches the association."""
+    """``dicom_workers: 0`` and ``dicom_port: 0``: the TLS port alone, in this process, with
+    client certificates optional (verified when shown): the subject a peer is bound to must
+    reach the association, and the node's own SCU context connects."""
     monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", _config.STORE_RECV_CHUNKED_DATASET)
     monkeypatch.setattr(dimse_messages, "NamedTemporaryFile", dimse_messages.NamedTemporaryFile)
     ca = CertificateAuthority.create(tmp_path / "pki")
@@ -165,57 +168,61 @@ def test_in_process_scp_on_the_tls_port_only(
         tls_ca_file=ca.cert,
         dicom_workers=0,
         min_free_mb=0,
-        promiscuous=True,
         assoc_request_timeout_s=2.0,
     )
+    peers = (PeerConfig(ae_title="WS", tls_subject="WS"),)
     catalog = open_catalog(options.catalog_url)
     spool = Spool(options.spool_dir)
-    recorder = CatalogRecorder(catalog, spool)
     alerts: list[tuple[str, str, str]] = []
-    subjects: list[str | None] = []
     scp = StorageSCP(
-        Settings(node=options),
+        Settings(node=options, peers=peers),
         spool,
-        recorder,
+        CatalogRecorder(catalog, spool),
         catalog,
         security_alert=lambda *alert: alerts.append(alert),
     )
-    from pacs_node.ingest import transport
-
-    seen = scp._on_echo
-
-    def echo(event: object) -> int:
-        subjects.append(transport.tls_subject(getattr(event, "assoc", None)))
-        return seen(event)  # type: ignore[arg-type]
-
-    scp._on_echo = echo  # type: ignore[method-assign]
     scp.start()
-    try:
-        with pytest.raises(RuntimeError):
-            _ = scp.port  # no plain port
-        for shown in (client, None):
-            files = TLSFiles(shown.cert, shown.key, ca.cert) if shown else TLSFiles(ca_file=ca.cert)
-            ae = AE(ae_title="WS")
-            ae.add_requested_context(Verification)
-            assoc = ae.associate(
-                "127.0.0.1",
-                scp.tls_port,
-                ae_title="PACSNODE",
-                tls_args=(client_context(files), "127.0.0.1"),
-            )
-            assert assoc.is_established
-            assert assoc.send_c_echo().Status == 0
-            assoc.release()
-        assert subjects == [f"CN=WS,{HOSPITAL}", None]
+
+    def associate(files: TLSFiles | None) -> Association:
         ae = AE(ae_title="WS")
         ae.add_requested_context(Verification)
         ae.acse_timeout = ae.network_timeout = 5
+        tls_args = (client_context(files), "127.0.0.1") if files else None
+        return ae.associate("127.0.0.1", scp.tls_port, ae_title="PACSNODE", tls_args=tls_args)
+
+    try:
+        with pytest.raises(RuntimeError):
+            _ = scp.port  # no plain port
+        assoc = associate(TLSFiles(client.cert, client.key, ca.cert))
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()
+        # TLS without a client certificate: the handshake passes, the bound AE is rejected.
+        assert associate(TLSFiles(ca_file=ca.cert)).is_rejected
         started = time.monotonic()
-        assert not ae.associate("127.0.0.1", scp.tls_port, ae_title="PACSNODE").is_established
+        assert not associate(None).is_established  # plain DICOM on the TLS port
         assert time.monotonic() - started < 5
-        wait_for(lambda: alerts, 5, what="the plain association's alert")
-        assert alerts[0][0] == "tls-handshake-failed"
-        assert alerts[0][1] == "127.0.0.1"
+        wait_for(lambda: len(alerts) == 2, 5, what="two security alerts")
+        assert [(kind, address) for kind, address, _ in alerts] == [
+            ("tls-certificate-not-bound", "127.0.0.1"),
+            ("tls-handshake-failed", "127.0.0.1"),
+        ]
+
+        # A renewed certificate written over the files serves new connections, no restart.
+        renewed = ca.issue("renewed", f"CN=localhost,{HOSPITAL}", hosts=("127.0.0.1",))
+        server.cert.write_bytes(renewed.cert.read_bytes())
+        server.key.write_bytes(renewed.key.read_bytes())
+        expected = ssl.PEM_cert_to_DER_cert(renewed.cert.read_text())
+        context = client_context(TLSFiles(client.cert, client.key, ca.cert))
+
+        def served() -> bytes | None:
+            with (
+                socket.create_connection(("127.0.0.1", scp.tls_port), timeout=5) as raw,
+                context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+            ):
+                return tls.getpeercert(binary_form=True)
+
+        wait_for(lambda: served() == expected, 10, what="the renewed certificate")
     finally:
         scp.stop()
         catalog.dispose()
