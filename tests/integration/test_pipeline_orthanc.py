@@ -244,6 +244,8 @@ def test_a_scanner_study_reaches_the_pacs_and_the_ehr_with_no_one_touching_the_n
         Observation.model_validate(read.json())
     (study,) = node.studies()
     assert study["status"] == "done"
+    # the EHR on this machine over plain http: allowed, and said once at start
+    assert node.log_text().count("over plain http") == 1
 
 
 def test_outage_backs_off_then_delivers_everything_once(
