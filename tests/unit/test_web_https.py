@@ -1,7 +1,8 @@
 """The web face over HTTPS with a private CA made by the test: a client that trusts the CA
 (and shows its certificate, mutual authentication being on) is served, with a Secure session
 cookie; a client that does not trust it, one without a certificate, and one offering only old
-protocols or ciphers are refused in the handshake. A missing or unfitting file stops the start."""
+protocols or ciphers are refused in the handshake. The TLS client of HTTP destinations shows
+its certificate to such a server. A missing or unfitting file stops the start."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import httpx
 import pytest
 
 from pacs_node.config import NodeOptions
-from pacs_node.errors import ConfigError
+from pacs_node.dispatch.http import client_context, exchange
+from pacs_node.errors import ConfigError, PermanentDelivery, TransientDelivery
 from pacs_node.web.https import server_context
 from tests.certs import Issued, issue, make_ca
 from tests.web_node import start_web_node
@@ -59,6 +61,17 @@ def test_the_web_face_serves_https_to_clients_that_trust_its_ca(tmp_path: Path) 
             httpx.get(f"{url}/login", verify=old, timeout=10)
         old.set_ciphers("ECDHE-ECDSA-AES128-GCM-SHA256")
         assert httpx.get(f"{url}/login", verify=old, timeout=10).status_code == 200
+
+        # the client side of HTTP destinations, against a server that asks for a certificate
+        health = f"{url}/healthz"
+        mutual = client_context(ca.cert, user.cert, user.key)
+        assert exchange("GET", health, timeout_s=10, headers={}, what="t", tls=mutual).status == 200
+        with pytest.raises(TransientDelivery):  # no client certificate
+            exchange("GET", health, timeout_s=10, headers={}, what="t", tls=client_context(ca.cert))
+        with pytest.raises(TransientDelivery, match="CERTIFICATE_VERIFY_FAILED"):
+            exchange("GET", health, timeout_s=10, headers={}, what="t")
+        with pytest.raises(PermanentDelivery, match="TLS files cannot be used"):
+            client_context(tmp_path / "missing.pem")
     finally:
         node.server.stop()
         node.recorder.stop()
