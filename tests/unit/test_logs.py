@@ -208,6 +208,7 @@ def test_warnings_are_logged_without_the_values_they_quote(
             ds.PatientSex = "Zyxwarbl"
             assert (ds.PatientBirthDate, ds.PatientSex) == ("1947-03-21", "Zyxwarbl")
             warnings.warn("Patient Zyxwarbl^Quentessa, ID ZQ7741903", UserWarning, stacklevel=1)
+        logging.getLogger("highdicom.seg.sop").warning("invalid value %s", "Zyxwarbl")  # a child
     finally:
         pydicom_config.settings.reading_validation_mode = saved
         logging.captureWarnings(False)
@@ -218,5 +219,6 @@ def test_warnings_are_logged_without_the_values_they_quote(
     assert "py.warnings Invalid value for VR CS" in err
     assert "category=UserWarning where=valuerep.py:" in err
     assert "where=test_logs.py:" in err
+    assert "WARNING highdicom.seg.sop invalid value …" in err
     for value in ("1947-03-21", "Zyxwarbl", "Quentessa", "ZQ7741903"):
         assert value not in err
