@@ -139,6 +139,9 @@ class NodeOptions(BaseModel):
     # The study in the hospital's own viewer, linked from the result viewer: a URL in which
     # {study_uid} is replaced (e.g. an OHIF or Orthanc address). Empty: no link.
     pacs_viewer_url: str = Field(default="", max_length=2000)
+    # The web face over HTTPS with tls_cert_file and tls_key_file (TLS 1.2+, ECDHE with AES-GCM
+    # for TLS 1.2); off: plain HTTP, for a loopback-only node or behind a TLS reverse proxy.
+    web_tls: bool = False
 
     @field_validator("ae_title")
     @classmethod
@@ -182,6 +185,12 @@ class NodeOptions(BaseModel):
     @classmethod
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _web_tls_has_certificate(self) -> NodeOptions:
+        if self.web_tls and (self.tls_cert_file is None or self.tls_key_file is None):
+            raise ValueError("web_tls needs tls_cert_file and tls_key_file")
+        return self
 
     @model_validator(mode="after")
     def _wait_covers_quiet(self) -> NodeOptions:

@@ -24,6 +24,9 @@
         type: fhir                   # transaction Bundle POST
         base_url: https://ehr.example/fhir
         auth: {type: bearer, token_env: EHR_TOKEN}
+        tls_ca_file: /etc/pacs-node/hospital-ca.pem   # else the system's trust store
+        tls_cert_file: /etc/pacs-node/node.pem        # a client certificate, when asked for
+        tls_key_file: /etc/pacs-node/node.key
         patient_system: urn:oid:1.2.3.4   # identifier system of PatientID
         create_patient: false        # test systems only
 
@@ -31,16 +34,23 @@ Every peer with a ``port`` is also a ``dimse`` destination named by its AE title
 a route means the AE that sent the study. Secrets are never written in the file: ``*_env`` names
 an environment variable, read when the node starts. The kind is chosen by ``type`` (a
 discriminated union), so a wrong key is reported against the kind it belongs to.
+
+HTTP destinations (``dicomweb``, ``fhir``) speak TLS 1.2 or 1.3 (TLS 1.2 with ECDHE and AES-GCM
+only) and verify the server against ``tls_ca_file``, or the system's trust store. A plain
+``http://`` URL is refused when the file is loaded, unless its host is the loopback (this
+machine: the node warns once at start) or the destination says ``allow_insecure: true``.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, FilePath, model_validator
 
 from pacs_node.aetitle import check_ae_title
 from pacs_node.tls import TLSFiles
@@ -165,7 +175,50 @@ class DimseDestination(BaseModel):
         return ()
 
 
-class DicomWebDestination(BaseModel):
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine: ``localhost`` or a loopback address."""
+    name = host.strip("[]").lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+class HttpTls(BaseModel):
+    """TLS settings of an HTTP destination (``url`` or ``base_url`` is :meth:`address`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tls_ca_file: FilePath | None = None  # CA bundle the server must chain to
+    tls_cert_file: FilePath | None = None  # client certificate (PEM), with tls_key_file
+    tls_key_file: FilePath | None = None
+    allow_insecure: bool = False  # plain http:// to a host other than this machine
+
+    def address(self) -> str:
+        raise NotImplementedError
+
+    def plain_http(self) -> bool:
+        return urlsplit(self.address()).scheme == "http"
+
+    def tls_files(self) -> tuple[Path | None, Path | None, Path | None]:
+        return self.tls_ca_file, self.tls_cert_file, self.tls_key_file
+
+    @model_validator(mode="after")
+    def _transport(self) -> HttpTls:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        host = urlsplit(self.address()).hostname or ""
+        if self.plain_http() and not self.allow_insecure and not is_loopback(host):
+            raise ValueError(
+                f"http:// to {host} would send patient data in clear text: use https:// "
+                "(or allow_insecure: true)"
+            )
+        return self
+
+
+class DicomWebDestination(HttpTls):
     """A STOW-RS service: ``url`` is the DICOMweb root (``.../studies`` is appended)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -176,11 +229,14 @@ class DicomWebDestination(BaseModel):
     concurrency: int = Field(default=1, ge=1, le=16)
     timeout_s: float = Field(default=60.0, gt=0)
 
+    def address(self) -> str:
+        return self.url
+
     def secret_names(self) -> tuple[str, ...]:
         return self.auth.secret_names()
 
 
-class FhirDestination(BaseModel):
+class FhirDestination(HttpTls):
     """A FHIR R4 server taking transaction Bundles; the patient must already exist there
     unless ``create_patient`` (test systems only)."""
 
@@ -195,6 +251,9 @@ class FhirDestination(BaseModel):
     create_patient: bool = False
     concurrency: int = Field(default=1, ge=1, le=16)
     timeout_s: float = Field(default=60.0, gt=0)
+
+    def address(self) -> str:
+        return self.base_url
 
     def secret_names(self) -> tuple[str, ...]:
         return self.auth.secret_names()
@@ -221,6 +280,15 @@ def missing_secrets(destinations: dict[str, AnyDestination]) -> list[tuple[str, 
         for name, dest in destinations.items()
         for env in dest.secret_names()
         if not os.environ.get(env)
+    ]
+
+
+def plain_http_destinations(destinations: dict[str, AnyDestination]) -> list[str]:
+    """The destinations reached by plain ``http://`` (on this machine, or allowed insecure)."""
+    return [
+        name
+        for name, dest in destinations.items()
+        if isinstance(dest, HttpTls) and dest.plain_http()
     ]
 
 

@@ -16,6 +16,11 @@ rules hold for all of them:
 - Libraries that write request URLs, headers or data sets at INFO or DEBUG (httpx, httpcore,
   urllib3, dicomweb-client, uvicorn's access log, pynetdicom) stay at WARNING unless named
   in ``verbose_libraries``: a FHIR Patient search URL holds the Patient ID.
+- Python warnings (:mod:`warnings`) are logged too (``logging.captureWarnings``), and they
+  and pydicom's and highdicom's records at INFO and above are scrubbed first
+  (:func:`pacs_node.redact.scrub_text`): pydicom's validation messages quote the element values
+  they judge (``Invalid value for VR DA: '<birth date>'``), so only the category, the place and
+  known words are written.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ import traceback
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TextIO
+
+from pacs_node.redact import scrub_text
 
 if TYPE_CHECKING:
     from pacs_node.config import NodeOptions
@@ -237,6 +244,41 @@ class RepeatLimiter:
         return due
 
 
+WARNINGS_LOGGER = "py.warnings"
+# Loggers whose records may quote element values (patient data), their children included:
+# their records at INFO and above are scrubbed before anything else reads them.
+SCRUBBED_LIBRARIES = (WARNINGS_LOGGER, "pydicom", "highdicom")
+_WARNING = re.compile(r"^(?:.*[/\\])?(?P<place>[^/\\:]+:\d+): (?P<category>\w+): (?P<text>.*)$")
+
+
+def scrub_record_text(message: str) -> tuple[str, dict[str, str]]:
+    """A library's message reduced to what cannot identify anyone, and the fields it had: a
+    warning (``file.py:12: UserWarning: text``, its source line dropped) keeps its category
+    and place; the text keeps the words of :mod:`pacs_node.redact`'s vocabulary."""
+    first = message.split("\n", 1)[0]
+    match = _WARNING.match(first)
+    if match is None:
+        return scrub_text(first), {}
+    fields = {"category": match.group("category"), "where": match.group("place")}
+    return scrub_text(match.group("text")), fields
+
+
+def scrub_library_record(record: logging.LogRecord) -> None:
+    """Rewrite ``record`` in place when it comes from a :data:`SCRUBBED_LIBRARIES` logger at
+    INFO or above (DEBUG stays whole, for diagnosis)."""
+    if record.levelno < logging.INFO or not any(
+        record.name == name or record.name.startswith(name + ".") for name in SCRUBBED_LIBRARIES
+    ):
+        return
+    try:
+        message = record.getMessage()
+    except (TypeError, ValueError):
+        message = str(record.msg)
+    text, fields = scrub_record_text(message)
+    record.msg, record.args = text, None
+    record.__dict__.update(fields)
+
+
 class NodeHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """The node's one handler: rate-limits repeats, then formats (and escapes) every record."""
 
@@ -245,6 +287,7 @@ class NodeHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self.limiter = limiter
 
     def handle(self, record: logging.LogRecord) -> Any:
+        scrub_library_record(record)
         if self.limiter is None:
             return super().handle(record)
         admitted, due = self.limiter.admit(record)
@@ -287,8 +330,9 @@ def configure_logging(
     repeat_window_s: float = 60.0,
     verbose_libraries: Iterable[str] = (),
 ) -> None:
-    """Send every record (the node's and its libraries') through one escaping, rate-limited
-    handler on stderr; keep the libraries that log URLs or data sets at WARNING."""
+    """Send every record (the node's and its libraries', Python warnings too) through one
+    escaping, rate-limited handler on stderr; keep the libraries that log URLs or data sets at
+    WARNING, and scrub those that quote element values."""
     debug = logging.getLevelName(level) <= logging.DEBUG
     limiter = RepeatLimiter(repeat_limit, repeat_window_s) if repeat_limit > 0 else None
     handler = NodeHandler(sys.stderr, limiter)
@@ -300,6 +344,7 @@ def configure_logging(
             old.limiter = None  # its counts go with it; nothing is written twice
     root.handlers[:] = [handler]
     root.setLevel(level)
+    logging.captureWarnings(True)  # warnings.warn -> "py.warnings", scrubbed by the handler
     verbose = set(verbose_libraries)
     for name in (*QUIET_LIBRARIES, *sorted(verbose)):
         if name in verbose:

@@ -24,7 +24,7 @@ from pacs_node.assembly import Assembly
 from pacs_node.catalog.db import Catalog, open_catalog, sqlite_file
 from pacs_node.config import PEERS_FILE, Settings
 from pacs_node.datadir import make_private
-from pacs_node.destinations import DimseDestination, missing_secrets
+from pacs_node.destinations import DimseDestination, missing_secrets, plain_http_destinations
 from pacs_node.dispatch.dimse import recommitter
 from pacs_node.dispatch.outbox import Outbox
 from pacs_node.doors import NodeParts, open_doors
@@ -85,6 +85,12 @@ class Node:
             source = str((settings.config_dir or Path(".")) / PEERS_FILE)
             raise ConfigError(source, f"destinations.{name}.auth", f"${env} is not set")
         check_destination_tls(settings)
+        clear = plain_http_destinations(settings.destinations)
+        if clear:
+            log.warning(
+                "results go to these destinations over plain http, unencrypted",
+                extra={"destinations": ",".join(clear)},
+            )
         self.jobs: JobQueue = open_job_queue(self.catalog, settings)
         self.router.add_listener(self.jobs.submitted)
         self.outbox = Outbox(self.catalog, settings)

@@ -78,6 +78,7 @@ released retries see servname smaller stall stalled statuses supported syntax tr
 unexpected unexpectedly unprocessable url verify wasn within won discarded down hours later
 local minute minutes named now occurred offline online outage pool quota reasons reassigned
 route unavailable until violation warnings allowlist sha256 listed
+unable get used self signed self-signed chain hostname
 """
 VOCABULARY = frozenset(_WORDS.split())
 
@@ -88,6 +89,10 @@ GET GPU GSPS HTTP HTTPS I ID IP JSON KOS MG MPPS MR MiB GiB KiB MB GB NM N-ACTIO
 N-EVENT-REPORT OK PACS PDF PDU POST PT PUT QIDO-RS RAS LPS RT SCP SCU SEG SNOMED SOP SR
 STOW-RS TCP TLS SSL UID UIDs URL US UTC WADO-RS XA YAML OperationOutcome DiagnosticReport SHA-256
 Observation ImagingStudy Bundle Patient MetaTensor
+CERTIFICATE_VERIFY_FAILED WRONG_VERSION_NUMBER TLSV1_ALERT_UNKNOWN_CA TLSV1_ALERT_PROTOCOL_VERSION
+SSLV3_ALERT_HANDSHAKE_FAILURE SSLV3_ALERT_BAD_CERTIFICATE TLSV13_ALERT_CERTIFICATE_REQUIRED
+NO_SHARED_CIPHER UNSUPPORTED_PROTOCOL
+VR AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR UT UV
 """
 TERMS = frozenset(_TERMS.split())
 

@@ -32,7 +32,13 @@ from xml.etree import ElementTree
 from pacs_node.destinations import AnyDestination, DicomWebDestination
 from pacs_node.dispatch.dimse import classify_status
 from pacs_node.dispatch.handler import Delivered, Outcome, Parcel, Permanent, Transient
-from pacs_node.dispatch.http import Answer, classify_http, exchange, retry_after
+from pacs_node.dispatch.http import (
+    Answer,
+    classify_http,
+    client_context,
+    exchange,
+    retry_after,
+)
 from pacs_node.errors import PermanentDelivery
 from pacs_node.statuses import PROCESSING_FAILURE
 
@@ -213,6 +219,7 @@ class StowHandler:
             headers=headers,
             content=body,
             what="STOW-RS",
+            tls=client_context(*destination.tls_files()),
         )
         outcomes = read_answer(answer, parcels, [ts for ts, _ in chosen])
         log.debug(

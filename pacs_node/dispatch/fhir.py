@@ -36,7 +36,13 @@ from urllib.parse import parse_qsl
 
 from pacs_node.destinations import AnyDestination, FhirDestination
 from pacs_node.dispatch.handler import Delivered, Held, Outcome, Parcel, Permanent, Transient
-from pacs_node.dispatch.http import Answer, classify_http, exchange, retry_after
+from pacs_node.dispatch.http import (
+    Answer,
+    classify_http,
+    client_context,
+    exchange,
+    retry_after,
+)
 from pacs_node.errors import DeliveryError, PermanentDelivery
 
 log = logging.getLogger(__name__)
@@ -182,6 +188,7 @@ class FhirHandler:
         except (ValueError, AttributeError):
             return Permanent("the stored Bundle is not readable JSON")
         try:
+            tls = client_context(*destination.tls_files())
             if not destination.create_patient and parcel.patient_search:
                 resource, params = search_request(parcel.patient_search)
                 found = exchange(
@@ -191,6 +198,7 @@ class FhirHandler:
                     headers=headers,
                     params={**params, "_count": "2"},
                     what="Patient search",
+                    tls=tls,
                 )
                 held = read_search(found)
                 if held is not None:
@@ -202,6 +210,7 @@ class FhirHandler:
                 headers={**headers, "Content-Type": FHIR_JSON},
                 content=body,
                 what="FHIR transaction",
+                tls=tls,
             )
         except DeliveryError as exc:
             if isinstance(exc, PermanentDelivery):

@@ -8,16 +8,23 @@ answer): httpx's own timeouts apply to each read, so a server that trickles a by
 would hold a request for ever. The exchange runs on a thread of its own and is abandoned at the
 deadline; the thread itself stops reading at the deadline too (a trickling answer) or at httpx's
 next per-read timeout (a silent one), so no thread outlives ``2 * timeout_s``.
+
+TLS (:func:`client_context`): version 1.2 or 1.3, TLS 1.2 with ECDHE and AES-GCM only, the
+server verified against the destination's ``tls_ca_file`` (else the system's trust store) and
+its host name checked; a client certificate when the destination has one. The files are read
+for each request, so a renewed certificate is used without a restart.
 """
 
 from __future__ import annotations
 
 import math
+import ssl
 import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
+from pathlib import Path
 
 import httpx
 
@@ -76,6 +83,25 @@ def retry_after(headers: httpx.Headers, now: datetime | None = None) -> datetime
     return now + timedelta(seconds=min(seconds, MAX_RETRY_AFTER_S))
 
 
+TLS12_CIPHERS = "ECDHE+AESGCM"
+
+
+def client_context(
+    ca_file: Path | None = None, cert_file: Path | None = None, key_file: Path | None = None
+) -> ssl.SSLContext:
+    """The TLS context of one request to an HTTP destination (module docstring). A file that
+    cannot be read, or a key that does not fit, is a permanent failure: a person must fix it."""
+    try:
+        context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+        if cert_file is not None and key_file is not None:
+            context.load_cert_chain(str(cert_file), str(key_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise PermanentDelivery(f"TLS files cannot be used: {type(exc).__name__}") from exc
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(TLS12_CIPHERS)
+    return context
+
+
 def exchange(
     method: str,
     url: str,
@@ -85,9 +111,12 @@ def exchange(
     content: bytes | None = None,
     params: dict[str, str] | None = None,
     what: str,
+    tls: ssl.SSLContext | None = None,
 ) -> Answer:
-    """One request, no redirect followed, finished within ``timeout_s`` or given up on.
+    """One request, no redirect followed, finished within ``timeout_s`` or given up on;
+    ``tls``: the context of an https URL (default: :func:`client_context`).
     Raises :class:`TransientDelivery` for a transport failure or the deadline."""
+    verify = tls if tls is not None else client_context()
     outcome: list[Answer | BaseException] = []
     done = threading.Event()
     deadline = time.monotonic() + timeout_s
@@ -95,7 +124,9 @@ def exchange(
     def run() -> None:
         try:
             with (
-                httpx.Client(timeout=httpx.Timeout(timeout_s), follow_redirects=False) as client,
+                httpx.Client(
+                    timeout=httpx.Timeout(timeout_s), follow_redirects=False, verify=verify
+                ) as client,
                 client.stream(method, url, headers=headers, content=content, params=params) as r,
             ):
                 body = bytearray()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -186,6 +187,18 @@ def code(concept: CodedConcept) -> Code:
     return Code(concept.value, concept.scheme, concept.meaning)
 
 
+# Dates highdicom converts (DA): one that is not a DICOM date (YYYYMMDD) would fail every
+# highdicom object of the study (a dashed birth date from an older system), so those objects
+# leave it empty (type 2); copy_patient_study still copies it as received.
+DATE_KEYWORDS = ("PatientBirthDate", "StudyDate")
+_DA = re.compile(r"\d{8}")
+
+
+def _invalid_date(ds: Dataset, keyword: str) -> bool:
+    value = ds[keyword].value if keyword in ds else None
+    return bool(value) and not _DA.fullmatch(str(value).strip())
+
+
 def copy_patient_study(source: Dataset, target: Dataset) -> None:
     """Copy patient and study attributes as decoded text (type 2 ones empty where the source has
     none); the target is written in UTF-8."""
@@ -207,7 +220,7 @@ def utf8_sources(volume: Volume) -> list[Dataset]:
         _convert_all(ds)
         ds.SpecificCharacterSet = CHARSET
         for keyword in TYPE2_PATIENT_STUDY_KEYWORDS:
-            if keyword not in ds:
+            if keyword not in ds or (keyword in DATE_KEYWORDS and _invalid_date(ds, keyword)):
                 setattr(ds, keyword, None)
         out.append(ds)
     return out

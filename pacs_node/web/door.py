@@ -11,11 +11,13 @@ from pacs_node.services.accounts import ensure_first_admin
 from pacs_node.services.login_throttle import LoginThrottle
 from pacs_node.web.app import create_app
 from pacs_node.web.context import WebContext
+from pacs_node.web.https import server_context
 from pacs_node.web.server import WebServer
 
 
 def open_door(parts: NodeParts) -> WebServer | None:
-    """The web server on ``web_host:web_port``, bound already; None when ``web_port`` is 0.
+    """The web server on ``web_host:web_port``, bound already (HTTPS with ``web_tls``); None
+    when ``web_port`` is 0.
     A catalog without accounts gets its first one here (see
     :func:`~pacs_node.services.accounts.ensure_first_admin`), so the node is usable at once."""
     options = parts.settings.node
@@ -33,4 +35,5 @@ def open_door(parts: NodeParts) -> WebServer | None:
     )
     config_dir = parts.settings.config_dir
     source = str(config_dir / NODE_FILE) if config_dir else "the embedded defaults"
-    return WebServer(create_app(context), options.web_host, options.web_port, source)
+    tls = server_context(options, source) if options.web_tls else None
+    return WebServer(create_app(context), options.web_host, options.web_port, source, tls)

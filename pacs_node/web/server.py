@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import ssl
 import threading
 import time
 
@@ -24,9 +25,18 @@ START_TIMEOUT_S = 30.0
 
 
 class WebServer:
-    def __init__(self, app: FastAPI, host: str, port: int, source: str = "node.yaml") -> None:
-        """``source``: where ``web_port`` was set, named when the port cannot be bound."""
+    def __init__(
+        self,
+        app: FastAPI,
+        host: str,
+        port: int,
+        source: str = "node.yaml",
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        """``source``: where ``web_port`` was set, named when the port cannot be bound;
+        ``tls``: serve HTTPS with this context (see :mod:`pacs_node.web.https`)."""
         self.host = host
+        self.scheme = "https" if tls is not None else "http"
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._socket = socket.socket(family, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -50,6 +60,11 @@ class WebServer:
             # uvicorn's own logging setup would replace the node's handlers
             log_config=None,
         )
+        if tls is not None:
+            # uvicorn builds its own context from file names (no minimum version, no cipher
+            # policy); loaded now, it serves the node's instead
+            config.load()
+            config.ssl = tls
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 
@@ -67,7 +82,10 @@ class WebServer:
             if time.monotonic() > deadline:
                 raise StartError(f"the web server on port {self.port} did not start in time")
             time.sleep(0.02)
-        log.info("web server listening", extra={"host": self.host, "port": self.port})
+        log.info(
+            "web server listening",
+            extra={"host": self.host, "port": self.port, "scheme": self.scheme},
+        )
 
     def _run(self) -> None:
         # uvicorn exits (SystemExit) when the app cannot start; start() says so

@@ -244,54 +244,77 @@ def test_a_scanner_study_reaches_the_pacs_and_the_ehr_with_no_one_touching_the_n
         Observation.model_validate(read.json())
     (study,) = node.studies()
     assert study["status"] == "done"
+    # the EHR on this machine over plain http: allowed, and said once at start
+    assert node.log_text().count("over plain http") == 1
 
 
 def test_outage_backs_off_then_delivers_everything_once(
     tmp_path: Path, make_node: Callable[..., NodeProcess], orthancs: list[OrthancProcess]
 ) -> None:
-    """The PACS and the EHR are both down when the results are ready."""
+    """The PACS is down and the EHR answers 500 (naming the patient) when the results are
+    ready. The EHR is reached over HTTPS through a TLS proxy (sekmet-fhir speaks only HTTP)
+    whose certificate comes from a private CA. Afterwards no log line at INFO or above and no
+    error text in the catalog names the patient, whose birth date pydicom also judged invalid."""
+    from pacs_node.dispatch.http import client_context, exchange
+    from pacs_node.errors import TransientDelivery
+    from tests import phi
+    from tests.certs import CertificateAuthority
+    from tests.tls_proxy import TlsProxy
+
     dicom_port, fhir_port = free_port(), free_port()
+    ca = CertificateAuthority.create(tmp_path / "pki")
+    server = ca.issue("ehr", "CN=ehr.test", hosts=("ehr.test", "127.0.0.1"))
+    proxy = TlsProxy(free_port(), fhir_port, server.cert, server.key).start()
+    naming = phi.NamingServer(fhir_port)  # the EHR's trouble: 500, with the patient's name
     ehr = {
         "type": "fhir",
-        "base_url": f"http://127.0.0.1:{fhir_port}/fhir",
+        "base_url": f"https://127.0.0.1:{proxy.port}/fhir",
+        "tls_ca_file": str(ca.cert),
         "create_patient": True,  # a test EHR: the Bundle brings its Patient
     }
-    node = _routed_node(
-        make_node,
-        dicom_port,
-        ROUTES_TO_ORTHANC_AND_EHR,
-        {"EHR": ehr},
-        delivery_backoff_s=0.5,
-        delivery_backoff_max_s=2.0,
-    )
-    paths = write_series(tmp_path / "ct", slices=16, rows=64, columns=64, spacing=(5, 5, 5))
-    study_uid = str(dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
-    assert storescu(node, *paths).returncode == 0
-    wait_for(lambda: _json(node, "jobs"), 60, interval=0.5, what="routing after the quiet period")
-    wait_for(lambda: _job_done(node), 180, interval=0.5, what="the job to finish")
-
-    def retried() -> list[dict[str, Any]] | None:
-        rows = _json(node, "deliveries")
-        ok = len(rows) == len(KINDS) + 1 and all(
-            d["state"] == "pending" and d["attempts"] >= 3 for d in rows
-        )
-        return rows if ok else None
-
-    waiting = wait_for(retried, 60, interval=0.5, what="deliveries retried with backoff")
-    assert all(d["next_attempt_at"] is not None for d in waiting)
-    for delivery in waiting:
-        if delivery["kind"] != "fhir":
-            assert "association" in (delivery["last_error"] or ""), delivery
-
-    orthanc = OrthancProcess(
-        tmp_path / "orthanc",
-        free_port(),
-        dicom_port,
-        modalities={"node": [node.ae_title, "127.0.0.1", node.port]},
-    ).start()
-    orthancs.append(orthanc)
-    fhir = FhirServer(tmp_path / "fhir", fhir_port)
+    fhir: FhirServer | None = None
     try:
+        node = _routed_node(
+            make_node,
+            dicom_port,
+            ROUTES_TO_ORTHANC_AND_EHR,
+            {"EHR": ehr},
+            delivery_backoff_s=0.5,
+            delivery_backoff_max_s=2.0,
+        )
+        paths = write_series(tmp_path / "ct", slices=16, rows=64, columns=64, spacing=(5, 5, 5))
+        phi.mark_patient(paths)
+        study_uid = str(dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
+        assert storescu(node, *paths).returncode == 0
+        wait_for(
+            lambda: _json(node, "jobs"), 60, interval=0.5, what="routing after the quiet period"
+        )
+        wait_for(lambda: _job_done(node), 180, interval=0.5, what="the job to finish")
+
+        def retried() -> list[dict[str, Any]] | None:
+            rows = _json(node, "deliveries")
+            ok = len(rows) == len(KINDS) + 1 and all(
+                d["state"] == "pending" and d["attempts"] >= 3 for d in rows
+            )
+            return rows if ok else None
+
+        waiting = wait_for(retried, 60, interval=0.5, what="deliveries retried with backoff")
+        assert all(d["next_attempt_at"] is not None for d in waiting)
+        for delivery in waiting:
+            if delivery["kind"] != "fhir":
+                assert "association" in (delivery["last_error"] or ""), delivery
+            else:  # the EHR's 500 came back through TLS; its body is not kept
+                assert "HTTP 500" in (delivery["last_error"] or ""), delivery
+
+        naming.stop()
+        orthanc = OrthancProcess(
+            tmp_path / "orthanc",
+            free_port(),
+            dicom_port,
+            modalities={"node": [node.ae_title, "127.0.0.1", node.port]},
+        ).start()
+        orthancs.append(orthanc)
+        fhir = FhirServer(tmp_path / "fhir", fhir_port)
 
         def delivered() -> list[dict[str, Any]] | None:
             rows = _json(node, "deliveries")
@@ -308,8 +331,28 @@ def test_outage_backs_off_then_delivers_everything_once(
         before = {d["id"]: d["attempts"] for d in deliveries}
         after = {d["id"]: d["attempts"] for d in _json(node, "deliveries")}
         assert after == before
+
+        # the proxy's certificate is trusted through tls_ca_file only
+        metadata = f"https://127.0.0.1:{proxy.port}/fhir/metadata"
+        answer = exchange(
+            "GET", metadata, timeout_s=10, headers={}, what="metadata", tls=client_context(ca.cert)
+        )
+        assert answer.status == 200
+        with pytest.raises(TransientDelivery, match="CERTIFICATE_VERIFY_FAILED"):
+            exchange("GET", metadata, timeout_s=10, headers={}, what="metadata")
+
+        node.stop()  # every line written, the catalog at rest
+        log = node.log_text()
+        assert "WARNING py.warnings Invalid value for VR DA" in log, log[-3000:]
+        assert phi.log_leaks(log) == []
+        catalog = node.data_dir / "catalog.sqlite"
+        assert phi.error_texts(catalog) > len(waiting)  # each delivery's error, the events
+        assert phi.catalog_leaks(catalog) == []
     finally:
-        fhir.stop()
+        if fhir is not None:
+            fhir.stop()
+        naming.stop()
+        proxy.stop()
 
 
 def test_sigkill_during_a_job_loses_nothing_and_duplicates_nothing(

@@ -16,6 +16,7 @@ from pacs_node.destinations import (
     DimseDestination,
     FhirDestination,
     missing_secrets,
+    plain_http_destinations,
     source_name,
 )
 from pacs_node.dispatch.destinations import Unresolved, resolve
@@ -35,7 +36,7 @@ destinations:
     auth: {type: basic, username: node, password_env: WEB_PASSWORD}
   EHR:
     type: fhir
-    base_url: http://ehr.example/fhir
+    base_url: https://ehr.example/fhir
     auth: {type: bearer, token_env: EHR_TOKEN}
     patient_system: urn:oid:1.2.3
 """
@@ -127,7 +128,7 @@ def test_secrets_are_named_not_inline(tmp_path: Path, monkeypatch: pytest.Monkey
         ),
         (
             (
-                "destinations:\n  X: {type: fhir, base_url: 'http://e/fhir', auth: {type: bearer, "
+                "destinations:\n  X: {type: fhir, base_url: 'https://e/fhir', auth: {type: bearer, "
                 "token: abc}}\n"
             ),
             "destinations.X.fhir.auth.bearer.token_env",  # an inline token is refused
@@ -135,14 +136,14 @@ def test_secrets_are_named_not_inline(tmp_path: Path, monkeypatch: pytest.Monkey
         ),
         (
             (
-                "destinations:\n  X: {type: fhir, base_url: 'http://e', auth: {type: basic, "
+                "destinations:\n  X: {type: fhir, base_url: 'https://e', auth: {type: basic, "
                 "username: u, password_env: 'not a name'}}\n"
             ),
             "destinations.X.fhir.auth.basic.password_env",
             "not an environment variable name",
         ),
         (
-            "destinations:\n  SOURCE: {type: fhir, base_url: 'http://e'}\n",
+            "destinations:\n  SOURCE: {type: fhir, base_url: 'https://e'}\n",
             "(top level)",
             "reserved",
         ),
@@ -154,10 +155,30 @@ def test_secrets_are_named_not_inline(tmp_path: Path, monkeypatch: pytest.Monkey
         (
             (
                 "peers:\n  - {ae_title: P, host: h, port: 104}\n"
-                "destinations:\n  P: {type: fhir, base_url: 'http://e'}\n"
+                "destinations:\n  P: {type: fhir, base_url: 'https://e'}\n"
             ),
             "(top level)",
             "already a destination",
+        ),
+        (
+            "destinations:\n  X: {type: fhir, base_url: 'http://ehr.example/fhir'}\n",
+            "destinations.X.fhir",
+            "http:// to ehr.example would send patient data in clear text",
+        ),
+        (
+            "destinations:\n  X: {type: dicomweb, url: 'http://10.1.2.3/dicom-web'}\n",
+            "destinations.X.dicomweb",
+            "use https:// (or allow_insecure: true)",
+        ),
+        (
+            "destinations:\n  X: {type: fhir, base_url: 'https://e', tls_ca_file: /no/ca.pem}\n",
+            "destinations.X.fhir.tls_ca_file",
+            "Path does not point to a file",
+        ),
+        (
+            "destinations:\n  X: {type: fhir, base_url: 'https://e', tls_cert_file: /etc/hosts}\n",
+            "destinations.X.fhir",
+            "tls_cert_file and tls_key_file go together",
         ),
     ],
 )
@@ -167,3 +188,17 @@ def test_bad_destinations_fail_at_load(tmp_path: Path, text: str, key: str, reas
     assert caught.value.source.endswith("peers.yaml")
     assert caught.value.key == key
     assert reason in caught.value.reason
+
+
+def test_plain_http_only_to_this_machine_or_when_allowed(tmp_path: Path) -> None:
+    _, settings = _load(
+        tmp_path,
+        "destinations:\n"
+        "  LOCAL: {type: fhir, base_url: 'http://127.0.0.1:8080/fhir'}\n"
+        "  NAMED: {type: dicomweb, url: 'http://localhost/dicom-web'}\n"
+        "  V6: {type: dicomweb, url: 'http://[::1]:8042/dicom-web'}\n"
+        "  LAB: {type: fhir, base_url: 'http://lab.example/fhir', allow_insecure: true}\n"
+        "  SAFE: {type: fhir, base_url: 'https://ehr.example/fhir'}\n",
+    )
+    destinations = settings.destinations  # type: ignore[attr-defined]
+    assert plain_http_destinations(destinations) == ["LOCAL", "NAMED", "V6", "LAB"]

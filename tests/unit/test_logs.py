@@ -33,6 +33,7 @@ def _restore_logging() -> Iterator[None]:
     handlers, level = root.handlers[:], root.level
     levels = {name: logging.getLogger(name).level for name in QUIET_LIBRARIES}
     yield
+    logging.captureWarnings(False)
     root.handlers[:] = handlers
     root.setLevel(level)
     for name, value in levels.items():
@@ -183,3 +184,41 @@ def test_a_library_can_be_made_verbose_on_purpose(capsys: pytest.CaptureFixture[
     assert not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO)
     configure_logging("INFO", "text")
     assert not logging.getLogger("httpx").isEnabledFor(logging.INFO)
+
+
+def test_warnings_are_logged_without_the_values_they_quote(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """pydicom judges a birth date and a sex and quotes them, as a warning and a log record."""
+    import warnings
+
+    from pydicom import config as pydicom_config
+    from pydicom.dataset import Dataset
+
+    saved = pydicom_config.settings.reading_validation_mode
+    try:
+        configure_logging("INFO", "text")
+        pydicom_config.settings.reading_validation_mode = pydicom_config.WARN
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            logging.captureWarnings(False)  # pytest's own catch_warnings replaced logging's
+            logging.captureWarnings(True)
+            ds = Dataset()
+            ds.PatientBirthDate = "1947-03-21"
+            ds.PatientSex = "Zyxwarbl"
+            assert (ds.PatientBirthDate, ds.PatientSex) == ("1947-03-21", "Zyxwarbl")
+            warnings.warn("Patient Zyxwarbl^Quentessa, ID ZQ7741903", UserWarning, stacklevel=1)
+        logging.getLogger("highdicom.seg.sop").warning("invalid value %s", "Zyxwarbl")  # a child
+    finally:
+        pydicom_config.settings.reading_validation_mode = saved
+        logging.captureWarnings(False)
+    err = capsys.readouterr().err
+    warned = [line for line in err.splitlines() if " py.warnings " in line]
+    assert len(warned) >= 3, err  # each assignment, each read, and ours
+    assert "WARNING pydicom Invalid value for VR DA" in err  # what was wrong stays readable
+    assert "py.warnings Invalid value for VR CS" in err
+    assert "category=UserWarning where=valuerep.py:" in err
+    assert "where=test_logs.py:" in err
+    assert "WARNING highdicom.seg.sop invalid value …" in err
+    for value in ("1947-03-21", "Zyxwarbl", "Quentessa", "ZQ7741903"):
+        assert value not in err

@@ -13,6 +13,8 @@ KEPT = [
     "the worker died 3 times (last in stage infer); giving up",
     "decode: series 1.2.3.999 has no stored instances",
     "FHIR: ConnectError: [Errno 111] Connection refused",
+    "FHIR transaction: ConnectError: [SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed",
+    "TLS files cannot be used: FileNotFoundError",
     "STOW-RS refused 1.2.826.0.1.3680043.8.498.1 (409)",
     "storage commitment failed (reason 0x0110)",
     "the EHR has no Patient with the study's patient identifier",

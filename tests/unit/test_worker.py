@@ -37,7 +37,7 @@ def settings(tmp_path: Path) -> Settings:
         peers=(PeerConfig(ae_title="CT1", host="127.0.0.1", port=11104),),
         destinations={
             "EHR": FhirDestination(
-                type="fhir", base_url="http://ehr.example/fhir", patient_system="urn:oid:9.9"
+                type="fhir", base_url="https://ehr.example/fhir", patient_system="urn:oid:9.9"
             )
         },
     )
