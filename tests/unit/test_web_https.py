@@ -19,7 +19,6 @@ from pacs_node.web.https import server_context
 from tests.certs import CertificateAuthority, Issued
 from tests.web_node import start_web_node
 
-
 LOOPBACK = ("localhost", "127.0.0.1", "::1")
 
 
