@@ -131,6 +131,14 @@ class NodeOptions(BaseModel):
     # The study in the hospital's own viewer, linked from the result viewer: a URL in which
     # {study_uid} is replaced (e.g. an OHIF or Orthanc address). Empty: no link.
     pacs_viewer_url: str = Field(default="", max_length=2000)
+    # The audit trail's syslog collector (RFC 5424 over TLS, RFC 5425); empty host: not sent
+    # (the trail is kept in the catalog either way). The CA file verifies the collector; the
+    # client certificate and key are offered when set (mutual authentication).
+    audit_syslog_host: str = Field(default="", max_length=255)
+    audit_syslog_port: int = Field(default=6514, ge=1, le=65535)
+    audit_syslog_ca_file: Path | None = None
+    audit_syslog_cert_file: Path | None = None
+    audit_syslog_key_file: Path | None = None
 
     @field_validator("ae_title")
     @classmethod

@@ -24,6 +24,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
+from pacs_node.audit import events as audit_events
+from pacs_node.audit.events import Alert, AuditEvent
 from pacs_node.catalog.db import Catalog
 from pacs_node.catalog.models import utcnow
 from pacs_node.commitment import (
@@ -44,6 +46,8 @@ from pacs_node.ingest.statuses import status_for
 from pacs_node.ingest.transport import (
     LOCAL_LIMIT_COUNTER,
     LOCAL_LIMIT_EXCEEDED,
+    OVERSIZED_MESSAGE_COUNTER,
+    OVERSIZED_PDU_COUNTER,
     REJECT_TRANSIENT,
     SOURCE_PRESENTATION,
     UNLIMITED_PDU_BYTES,
@@ -64,6 +68,12 @@ log = logging.getLogger(__name__)
 _PYNETDICOM_MAX_ASSOCIATIONS = 100_000
 
 REJECTED_COUNTER = "rejected_associations"
+# Guard counters that are security alerts too (audited, rate-limited by the audit trail).
+_ALERT_COUNTERS = {
+    OVERSIZED_PDU_COUNTER: "hostile-pdu",
+    OVERSIZED_MESSAGE_COUNTER: "hostile-pdu",
+    LOCAL_LIMIT_COUNTER: "limit-reached",
+}
 FAILED_COUNTER = "failed_instances"
 
 
@@ -84,6 +94,22 @@ def limits_for(settings: Settings) -> Caps:
     )
 
 
+def _tls_subject(assoc: Any) -> str | None:
+    """The subject of the peer's TLS certificate, when the association runs over TLS."""
+    connection = getattr(assoc.dul.socket, "socket", None)
+    getpeercert = getattr(connection, "getpeercert", None)
+    if getpeercert is None:
+        return None
+    try:
+        cert = getpeercert()
+    except (ValueError, OSError):
+        return None
+    if not cert:
+        return None
+    parts = [f"{k}={v}" for rdn in cert.get("subject", ()) for k, v in rdn]
+    return ",".join(parts) or None
+
+
 class StorageSCP:
     def __init__(
         self,
@@ -93,11 +119,14 @@ class StorageSCP:
         catalog: Catalog | None = None,
         limits: SharedLimits | None = None,
         open_catalog: Callable[[], Catalog] | None = None,
+        auditor: Callable[[AuditEvent | Alert], None] | None = None,
     ) -> None:
         """``catalog``: a read-only handle for the identity screen (or ``open_catalog`` to open
         one when first needed); ``limits``: the node-wide table this process counts in (one of
-        its own if None)."""
+        its own if None); ``auditor``: where association events and security alerts go (the
+        node's audit trail, or the pipe to it from a worker process)."""
         self.settings = settings
+        self.auditor = auditor
         self.spool = spool
         self.recorder = recorder
         self.receiver = Receiver(settings, spool, recorder, catalog, open_catalog)
@@ -111,7 +140,7 @@ class StorageSCP:
         self.guard = Guard(
             limits=self.limits,
             pending=SharedLimits.create(limits_for(settings), rows=1),
-            count=recorder.count,
+            count=self._guard_count,
             request_bytes=options.max_assoc_request_bytes,
             data_bytes=max_pdu + 6,
             request_timeout_s=options.assoc_request_timeout_s,
@@ -147,6 +176,32 @@ class StorageSCP:
         ae.dimse_timeout = options.dimse_timeout_s
         ae.network_timeout = options.network_timeout_s
         self.ae = ae
+
+    def _audit(self, item: AuditEvent | Alert) -> None:
+        if self.auditor is None:
+            return
+        try:
+            self.auditor(item)
+        except Exception:  # auditing never breaks the association it audits
+            log.exception("audit event not handed over")
+
+    def security_alert(
+        self,
+        kind: str,
+        address: str | None,
+        detail: str,
+        ae_title: str | None = None,
+        tls_subject: str | None = None,
+    ) -> None:
+        """Audit a security alert (110113; "node-authentication" for a refused certificate or
+        failed TLS handshake). Rate-limited by the node's audit trail; never raises."""
+        self._audit(Alert(kind, address, detail, ae_title, tls_subject))
+
+    def _guard_count(self, name: str, by: int = 1) -> None:
+        self.recorder.count(name, by)
+        kind = _ALERT_COUNTERS.get(name)
+        if kind is not None:
+            self.security_alert(kind, None, name)
 
     @property
     def port(self) -> int:
@@ -258,6 +313,13 @@ class StorageSCP:
             },
         )
         self.recorder.count(REJECTED_COUNTER)
+        self.security_alert(
+            "node-authentication",
+            address,
+            f"association rejected: {rejection.detail}",
+            ae_title=calling,
+            tls_subject=_tls_subject(assoc),
+        )
         assoc.acse.send_reject(0x01, 0x01, int(rejection.reason))
         assoc.kill()
 
@@ -271,6 +333,15 @@ class StorageSCP:
                 connection.hold_association(lease)
             else:  # not accepted by our server (never in the node); nothing to hold it
                 lease.release()
+            self._audit(
+                audit_events.association(
+                    self.settings.node.ae_title,
+                    calling,
+                    address,
+                    accepted=True,
+                    tls_subject=_tls_subject(assoc),
+                )
+            )
             return
         caps = self.limits.caps
         log.warning(
@@ -284,6 +355,9 @@ class StorageSCP:
             },
         )
         self.recorder.count(LOCAL_LIMIT_COUNTER)
+        self.security_alert(
+            "limit-reached", address, f"association refused: {which} limit", ae_title=calling
+        )
         assoc.acse.send_reject(REJECT_TRANSIENT, SOURCE_PRESENTATION, LOCAL_LIMIT_EXCEEDED)
         assoc.kill()
 

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from pacs_node.audit.events import Alert, AuditEvent
 from pacs_node.catalog.db import Catalog, open_catalog
 from pacs_node.config import Settings
 from pacs_node.ingest.limits import SharedLimits
@@ -42,6 +43,7 @@ from pacs_node.supervisor import Child, NodeLink, Supervisor
 log = logging.getLogger(__name__)
 
 _SUBMIT, _COUNT, _DUPLICATE, _REPORT = "submit", "count", "duplicate", "report"
+_AUDIT = "audit"
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 PROCESS_NAME = b"pacs-node-scp"  # at most 15 bytes
@@ -78,6 +80,9 @@ class _PipeSink:
 
     def commitment_report(self, report: CommitmentReport) -> None:
         self._send(_REPORT, report)
+
+    def audit(self, item: AuditEvent | Alert) -> None:
+        self._send(_AUDIT, item)
 
 
 def _die_with_parent() -> None:
@@ -118,12 +123,14 @@ def _run_worker(
     spool = Spool(
         options.spool_dir, fsync=options.fsync, min_free_bytes=options.min_free_mb * 2**20
     )
+    sink = _PipeSink(pipe)
     scp = StorageSCP(
         settings,
         spool,
-        _PipeSink(pipe),
+        sink,
         limits=limits,
         open_catalog=functools.partial(_read_only_catalog, settings),
+        auditor=sink.audit,
     )
     server = threading.Thread(target=scp.serve, args=(listening,), name="scp", daemon=True)
     server.start()
@@ -158,9 +165,11 @@ class SCPWorkers:
         sink: RecordSink,
         count: int,
         on_worker_death: Callable[[float], object] | None = None,
+        auditor: Callable[[AuditEvent | Alert], None] | None = None,
     ) -> None:
         self.settings = settings
         self.sink = sink
+        self.auditor = auditor  # the node's audit trail: association events and alerts
         self.count = count
         # Called with the dead worker's start time: a worker killed between spooling a file
         # and handing over its row leaves a file the catalog lacks (and a re-send of it is
@@ -249,6 +258,9 @@ class SCPWorkers:
             self.sink.count(*value)
         elif kind == _REPORT:
             self.sink.commitment_report(value)
+        elif kind == _AUDIT:
+            if self.auditor is not None:
+                self.auditor(value)
         else:
             self.sink.duplicate(value)
 
