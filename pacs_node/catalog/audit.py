@@ -14,7 +14,16 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from pacs_node.audit.events import AuditEvent, StudyObject, participants_json
-from pacs_node.catalog.models import AuditRecord, Instance, Job, Series, Study, utcnow
+from pacs_node.catalog.models import (
+    AuditRecord,
+    Delivery,
+    Instance,
+    Job,
+    Result,
+    Series,
+    Study,
+    utcnow,
+)
 
 
 @dataclass(frozen=True)
@@ -139,3 +148,13 @@ def job_study(session: Session, job_id: int) -> StudyObject | None:
         .where(Job.id == job_id)
     ).first()
     return None if row is None else StudyObject(str(row[0]), row[1])
+
+
+def delivery_study(session: Session, delivery_id: int) -> StudyObject | None:
+    """The study a delivery's result belongs to."""
+    job_id = session.scalar(
+        select(Result.job_id)
+        .join(Delivery, Delivery.result_id == Result.id)
+        .where(Delivery.id == delivery_id)
+    )
+    return None if job_id is None else job_study(session, int(job_id))
