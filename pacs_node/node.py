@@ -111,7 +111,6 @@ class Node:
         readiness = {
             "storage scp": self.scp.alive,
             "recorder": self.recorder.alive,
-            "audit trail": self.audit.alive,
             "job workers": self._job_workers_alive,
         }
         # Bound here, so a port in use fails the start before anything runs.
