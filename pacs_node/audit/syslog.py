@@ -37,7 +37,7 @@ SEVERITY_NOTICE = 5
 APP_NAME = "pacs-node"
 MSGID = "IHE+RFC-3881"
 BOM = b"\xef\xbb\xbf"
-BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)  # a connection attempt every 10 s at most: cheap
 POLL_S = 1.0
 CONNECT_TIMEOUT_S = 10.0
 
