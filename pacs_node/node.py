@@ -21,16 +21,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-from sqlalchemy import select
-from sqlalchemy.exc import SQLAlchemyError
-
 from pacs_node.assembly import Assembly
 from pacs_node.audit import events as audit_events
 from pacs_node.audit.syslog import SyslogForwarder, collector_from
 from pacs_node.audit.trail import AuditTrail
-from pacs_node.catalog.audit import study_object
+from pacs_node.catalog.audit import study_object, study_source
 from pacs_node.catalog.db import Catalog, open_catalog, sqlite_file
-from pacs_node.catalog.models import Study
 from pacs_node.config import PEERS_FILE, Settings
 from pacs_node.datadir import make_private
 from pacs_node.destinations import missing_secrets
@@ -79,10 +75,10 @@ class Node:
             self.audit.listeners.append(self.syslog.wake)
         self.assembly = Assembly(self.catalog, settings)
         self.recorder.add_listener(self.assembly.on_touched)
-        self.assembly.add_listener(self._audit_study_received)
         check_models(settings)
         self.router = Router(self.catalog, self.spool, settings.routes)
         self.assembly.add_listener(self.router.on_stable)
+        self.assembly.add_listener(self._audit_study_received)  # after routing: never delays it
         for name, env in missing_secrets(settings.destinations):
             source = str((settings.config_dir or Path(".")) / PEERS_FILE)
             raise ConfigError(source, f"destinations.{name}.auth", f"${env} is not set")
@@ -127,15 +123,13 @@ class Node:
         try:
             with self.catalog.sessions() as session:
                 study = study_object(session, study_uid)
-                source = session.scalar(
-                    select(Study.calling_ae).where(Study.study_uid == study_uid)
-                )
-        except SQLAlchemyError:
+                source = study_source(session, study_uid)
+        except Exception:  # auditing never stops the assembly's other listeners
             log.exception("study not audited", extra={"study_uid": study_uid})
             return
         if study is not None:
             self.audit.record(
-                audit_events.study_received(self.settings.node.ae_title, source or "unknown", study)
+                audit_events.study_received(self.settings.node.ae_title, source, study)
             )
 
     def _job_workers_alive(self) -> bool:

@@ -22,6 +22,7 @@ from pacs_node.catalog.models import (
     Result,
     Series,
     Study,
+    StudyEvent,
     utcnow,
 )
 
@@ -158,3 +159,21 @@ def delivery_study(session: Session, delivery_id: int) -> StudyObject | None:
         .where(Delivery.id == delivery_id)
     )
     return None if job_id is None else job_study(session, int(job_id))
+
+
+def study_source(session: Session, study_uid: str) -> str:
+    """Who sent a study: its calling AE, else the STOW-RS user its first receipt names."""
+    study = session.scalar(select(Study).where(Study.study_uid == study_uid))
+    if study is None:
+        return "unknown"
+    if study.calling_ae:
+        return study.calling_ae
+    details = session.scalars(
+        select(StudyEvent.detail)
+        .where(StudyEvent.study_id == study.id, StudyEvent.kind == "receiving")
+        .order_by(StudyEvent.id)
+    )
+    for detail in details:
+        if detail and detail.get("sender"):
+            return str(detail["sender"])
+    return "unknown"
