@@ -9,8 +9,9 @@ the message the AuditMessage XML in UTF-8 after a byte-order mark.
 :class:`SyslogForwarder` sends what the catalog holds unsent, oldest first, and marks each
 forwarded only after the collector's connection took it; while the collector is away it waits
 with a growing delay (``BACKOFF_S``), and the events keep in the catalog, so a restart loses
-none. A message may be sent twice (a connection lost after the write, before the mark): a
-collector sees duplicates, never gaps.
+none. A message may be sent twice (a connection lost after the write, before the mark). RFC 5425
+has no acknowledgement: an idle connection is checked for the collector's EOF before each batch,
+but a message written in the moment the collector dies can die with it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import socket
 import ssl
 import threading
@@ -120,6 +122,8 @@ class SyslogForwarder:
         self._close()
 
     def _connect(self) -> ssl.SSLSocket:
+        if self._connection is not None and _closed_by_peer(self._connection):
+            self._close()  # the collector went away while idle: do not write into the void
         if self._connection is None:
             raw = socket.create_connection(
                 (self.collector.host, self.collector.port), timeout=CONNECT_TIMEOUT_S
@@ -191,10 +195,33 @@ class SyslogForwarder:
                 failures += 1
             if self._stop.is_set():
                 return
-            self._wake.wait(delay)
-            self._wake.clear()
-            if self._stop.is_set() and failures:
-                return
+            if failures:  # new events do not cut a backoff short
+                self._stop.wait(delay)
+                if self._stop.is_set():
+                    return
+            else:
+                self._wake.wait(delay)
+                self._wake.clear()
+
+
+def _closed_by_peer(connection: ssl.SSLSocket) -> bool:
+    """Whether an idle connection was closed by the collector. A collector sends nothing but
+    TLS records of its own (session tickets) and, at the end, its EOF; never waits."""
+    try:
+        readable, _, _ = select.select([connection], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    if not readable:
+        return False
+    connection.settimeout(0)
+    try:
+        return connection.recv(1) == b""
+    except (ssl.SSLWantReadError, BlockingIOError):
+        return False  # only TLS housekeeping was waiting
+    except OSError:
+        return True
+    finally:
+        connection.settimeout(CONNECT_TIMEOUT_S)
 
 
 def collector_from(

@@ -264,6 +264,14 @@ def test_forwarder_keeps_events_while_the_collector_is_away(
             validate(payload(message))
         with catalog.sessions() as session:
             assert unsent(session) == []
+        # The collector restarts: the idle connection's EOF is seen, the next event goes out
+        # on a new connection to the new collector.
+        collector.stop()
+        collector = SyslogCollector(pki, port).start()
+        record_now(catalog, KINDS["logout"]())
+        assert forwarder.send_pending() == 1
+        (again,) = wait_for(collector.received, 10)
+        validate(payload(again))
     finally:
         forwarder.stop()
         collector.stop()
