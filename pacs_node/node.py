@@ -124,8 +124,10 @@ class Node:
             with self.catalog.sessions() as session:
                 study = study_object(session, study_uid)
                 source = study_source(session, study_uid)
-        except Exception:  # auditing never stops the assembly's other listeners
-            log.exception("study not audited", extra={"study_uid": study_uid})
+        except Exception as exc:  # auditing never stops the assembly's other listeners
+            log.error(
+                "study not audited", extra={"study_uid": study_uid, "error": type(exc).__name__}
+            )
             return
         if study is not None:
             self.audit.record(

@@ -188,7 +188,10 @@ class SyslogForwarder:
                         extra={
                             "host": self.collector.host,
                             "port": self.collector.port,
-                            "error": f"{type(exc).__name__}: {exc}",
+                            # a database error's text may quote rows: its class only
+                            "error": f"{type(exc).__name__}: {exc}"
+                            if isinstance(exc, OSError)
+                            else type(exc).__name__,
                             "retry_s": delay,
                         },
                     )

@@ -44,10 +44,15 @@ def record_now(catalog: Catalog, event: AuditEvent) -> bool:
         with catalog.sessions.begin() as session:
             add_events(session, [(event, xml)])
         return True
-    except (SQLAlchemyError, OSError, ValueError):
-        log.exception(
+    except (SQLAlchemyError, OSError, ValueError) as exc:
+        # the class only: a database error's text quotes the row, patient IDs included
+        log.error(
             "audit event not recorded",
-            extra={"event_id": event.event_id.code, "action": event.action},
+            extra={
+                "event_id": event.event_id.code,
+                "action": event.action,
+                "error": type(exc).__name__,
+            },
         )
         return False
 
@@ -195,8 +200,11 @@ class AuditTrail:
             for event in batch:
                 try:
                     items.append((event, build(event)))
-                except ValueError:  # a builder defect: say so, keep the rest
-                    log.exception("audit event not built", extra={"event_id": event.event_id.code})
+                except ValueError as exc:  # a builder defect: say so, keep the rest
+                    log.error(
+                        "audit event not built",
+                        extra={"event_id": event.event_id.code, "error": type(exc).__name__},
+                    )
             try:
                 with self.catalog.sessions.begin() as session:
                     add_events(session, items)

@@ -182,8 +182,8 @@ class StorageSCP:
             return
         try:
             self.auditor(item)
-        except Exception:  # auditing never breaks the association it audits
-            log.exception("audit event not handed over")
+        except Exception as exc:  # auditing never breaks the association it audits
+            log.error("audit event not handed over", extra={"error": type(exc).__name__})
 
     def security_alert(
         self,

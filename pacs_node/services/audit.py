@@ -134,8 +134,11 @@ def audit_operation(
                 found = job_study(session, job_id)
             elif delivery_id is not None:
                 found = delivery_study(session, delivery_id)
-    except SQLAlchemyError:
-        log.warning("study of an operation not found for its audit event", exc_info=True)
+    except SQLAlchemyError as exc:
+        log.warning(
+            "study of an operation not found for its audit event",
+            extra={"error": type(exc).__name__},
+        )
     study = found or StudyObject(fallback)
     text = detail or operation
     if job_id is not None:
