@@ -10,6 +10,8 @@ from rich.table import Table
 from pacs_node.cli.common import ConfigOption, JsonOption, opened_catalog, settings_for, user
 from pacs_node.cli.console import fail, out, print_json
 
+# EventOutcomeIndicator (PS3.15 A.5.1), in words
+OUTCOMES = {0: "success", 4: "minor failure", 8: "serious failure", 12: "major failure"}
 SinceOption = Annotated[
     str | None,
     typer.Option(
@@ -52,7 +54,7 @@ def audit(
             row.event_id,
             row.event_type or "",
             row.action,
-            str(row.outcome),
+            OUTCOMES.get(row.outcome, str(row.outcome)),
             row.actor,
             ", ".join(row.participants),
         )
