@@ -142,6 +142,14 @@ class NodeOptions(BaseModel):
     # The web face over HTTPS with tls_cert_file and tls_key_file (TLS 1.2+, ECDHE with AES-GCM
     # for TLS 1.2); off: plain HTTP, for a loopback-only node or behind a TLS reverse proxy.
     web_tls: bool = False
+    # The audit trail's syslog collector (RFC 5424 over TLS, RFC 5425); empty host: not sent
+    # (the trail is kept in the catalog either way). The CA file verifies the collector; the
+    # client certificate and key are offered when set (mutual authentication).
+    audit_syslog_host: str = Field(default="", max_length=255)
+    audit_syslog_port: int = Field(default=6514, ge=1, le=65535)
+    audit_syslog_ca_file: Path | None = None
+    audit_syslog_cert_file: Path | None = None
+    audit_syslog_key_file: Path | None = None
 
     @field_validator("ae_title")
     @classmethod

@@ -30,6 +30,9 @@ not list, so it survives and is recorded as a new study, or an identical re-send
 node already held, which retention removes like the rest of the study. Once the files are
 removed, the same instance is received as a new study.
 Delivered rows still waiting for a commitment report are asked again on each pass.
+
+The audit trail (``audit_events``) is never purged: it has no link to the study rows that go,
+and each purge is itself audited (110105 DICOM Study Deleted) in step 1's transaction.
 """
 
 from __future__ import annotations
@@ -47,6 +50,10 @@ from sqlalchemy import delete, exists, func, select
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.expression import Exists
 
+from pacs_node.actor import Actor
+from pacs_node.audit import events as audit_events
+from pacs_node.audit import message as audit_message
+from pacs_node.catalog.audit import add_events, study_object
 from pacs_node.catalog.db import Catalog
 from pacs_node.catalog.deliveries import settle_commitment
 from pacs_node.catalog.models import (
@@ -70,6 +77,7 @@ from pacs_node.ingest.spool import retention_lock
 log = logging.getLogger(__name__)
 
 REASON_DAYS = "retention_days"
+HOUSEKEEPING = Actor.node("housekeeping")
 REASON_DISK = "disk_watermark"
 DiskUsage = Callable[[Path], float]  # percent of the disk holding the path that is used
 
@@ -268,7 +276,13 @@ class Housekeeping:
             self.catalog.sessions.begin() as session,
         ):
             study = session.get(Study, study_id)
+            audited = study_object(session, study.study_uid) if study is not None else None
             purge = purge_study(session, study, reason, now) if study is not None else None
+            if purge is not None and audited is not None:
+                # audited in the purge's own transaction; the audit table itself is never
+                # among what retention removes
+                event = audit_events.study_deleted(str(HOUSEKEEPING), audited, reason)
+                add_events(session, [(event, audit_message.build(event))])
         if purge is None:
             return False
         finish_purges(self.catalog, self.spool_dir, self.results_dir)

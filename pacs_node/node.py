@@ -12,6 +12,7 @@ next start repairs (jobs re-queued, deliveries taken back, spooled files recorde
 from __future__ import annotations
 
 import functools
+import getpass
 import logging
 import signal
 import threading
@@ -21,6 +22,10 @@ from pathlib import Path
 from typing import NoReturn
 
 from pacs_node.assembly import Assembly
+from pacs_node.audit import events as audit_events
+from pacs_node.audit.syslog import SyslogForwarder, collector_from
+from pacs_node.audit.trail import AuditTrail
+from pacs_node.catalog.audit import study_object, study_source
 from pacs_node.catalog.db import Catalog, open_catalog, sqlite_file
 from pacs_node.config import PEERS_FILE, Settings
 from pacs_node.datadir import make_private
@@ -36,7 +41,6 @@ from pacs_node.ingest.reconcile import reconcile
 from pacs_node.ingest.recorder import CatalogRecorder
 from pacs_node.ingest.scp import StorageSCP
 from pacs_node.ingest.spool import Spool
-from pacs_node.ingest.transport import SecurityAlert, log_security_alert
 from pacs_node.ingest.workers import SCPWorkers, drain_s
 from pacs_node.jobs import JobQueue, open_job_queue
 from pacs_node.lifecycle import SignalPipe, exit_now
@@ -61,12 +65,7 @@ def check_destination_tls(settings: Settings) -> None:
 
 
 class Node:
-    def __init__(
-        self, settings: Settings, security_alert: SecurityAlert = log_security_alert
-    ) -> None:
-        """``security_alert(kind, address, detail)``: told in this process of every TLS
-        handshake or client certificate the DICOM TLS port refused, whichever SCP process saw
-        it (see :data:`~pacs_node.ingest.transport.SecurityAlert`)."""
+    def __init__(self, settings: Settings) -> None:
         skip_value_validation()  # the spool is read here too: reconcile, routing
         options = settings.node
         self.settings = settings
@@ -76,11 +75,23 @@ class Node:
             options.spool_dir, fsync=options.fsync, min_free_bytes=options.min_free_mb * 2**20
         )
         self.recorder = CatalogRecorder(self.catalog, self.spool)
+        self.audit = AuditTrail(self.catalog, options.ae_title)
+        collector = collector_from(
+            options.audit_syslog_host,
+            options.audit_syslog_port,
+            options.audit_syslog_ca_file,
+            options.audit_syslog_cert_file,
+            options.audit_syslog_key_file,
+        )
+        self.syslog = SyslogForwarder(self.catalog, collector) if collector else None
+        if self.syslog is not None:
+            self.audit.listeners.append(self.syslog.wake)
         self.assembly = Assembly(self.catalog, settings)
         self.recorder.add_listener(self.assembly.on_touched)
         check_models(settings)
         self.router = Router(self.catalog, self.spool, settings.routes)
         self.assembly.add_listener(self.router.on_stable)
+        self.assembly.add_listener(self._audit_study_received)  # after routing: never delays it
         for name, env in missing_secrets(settings.destinations):
             source = str((settings.config_dir or Path(".")) / PEERS_FILE)
             raise ConfigError(source, f"destinations.{name}.auth", f"${env} is not set")
@@ -106,11 +117,11 @@ class Node:
                 self.recorder,
                 options.dicom_workers,
                 on_worker_death=lambda since: reconcile(self.spool, self.recorder, since=since),
-                security_alert=security_alert,
+                auditor=self.audit.take,
             )
         else:
             self.scp = StorageSCP(
-                settings, self.spool, self.recorder, self.catalog, security_alert=security_alert
+                settings, self.spool, self.recorder, self.catalog, auditor=self.audit.take
             )
         self.receiver = Receiver(settings, self.spool, self.recorder, self.catalog)
         readiness = {
@@ -126,6 +137,23 @@ class Node:
         self._exit_code: int | None = None  # set once the graceful stop is over
         self._stopped = False
 
+    def _audit_study_received(self, study_uid: str) -> None:
+        """Assembly listener: a study became stable; audit its receipt (110104, C) once per
+        stability (a study that reopens and settles again is audited again)."""
+        try:
+            with self.catalog.sessions() as session:
+                study = study_object(session, study_uid)
+                source = study_source(session, study_uid)
+        except Exception as exc:  # auditing never stops the assembly's other listeners
+            log.error(
+                "study not audited", extra={"study_uid": study_uid, "error": type(exc).__name__}
+            )
+            return
+        if study is not None:
+            self.audit.record(
+                audit_events.study_received(self.settings.node.ae_title, source, study)
+            )
+
     def _job_workers_alive(self) -> bool:
         health = self.jobs.health()
         return health.alive >= health.workers
@@ -133,6 +161,9 @@ class Node:
     def start(self) -> None:
         """Reconcile the catalog with the spool, rebuild timers, then open the DICOM port."""
         # Removals a crash cut short are finished first, so reconcile never brings them back.
+        self.audit.start()
+        if self.syslog is not None:
+            self.syslog.start()
         finish_purges(self.catalog, self.spool.root, self.settings.node.data_dir / "results")
         recovered = reconcile(self.spool, self.recorder)
         self.router.catch_up()
@@ -148,6 +179,11 @@ class Node:
         except BaseException:
             self.stop()  # the SCP and the workers run already: no process is left behind
             raise
+        self.audit.record(
+            audit_events.application_activity(
+                self.settings.node.ae_title, start=True, launcher=_launcher()
+            )
+        )
         log.info(
             "node started",
             extra={"catalog": self.catalog.url, "recovered_instances": recovered},
@@ -280,5 +316,24 @@ class Node:
                 "deliveries still sending at the stop deadline; sent again after the restart",
                 extra={"deliveries": sending},
             )
+        self.audit.record(
+            audit_events.application_activity(
+                self.settings.node.ae_title, start=False, launcher=_launcher()
+            )
+        )
+        step("audit trail", lambda: self.audit.stop(max(0.5, deadline - time.monotonic() - 1)))
+        syslog = self.syslog
+        if syslog is not None:
+            step(
+                "audit syslog", lambda: syslog.stop(max(0.5, min(3.0, deadline - time.monotonic())))
+            )
         step("catalog", self.catalog.dispose)
         return failed
+
+
+def _launcher() -> str | None:
+    """The operating-system user who started the node (the Application Launcher)."""
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        return None

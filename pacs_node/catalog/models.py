@@ -472,3 +472,24 @@ class WebSession(Base):
     csrf_token: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class AuditRecord(Base):
+    """One DICOM PS3.15 audit message (see :mod:`pacs_node.audit`), appended and never
+    changed but for ``forwarded_at``; retention never removes it. ``id`` is the order in which
+    the syslog forwarder sends them; ``event_time`` is the time as recorded, with its offset."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    event_time: Mapped[str] = mapped_column(String(40))
+    event_id: Mapped[str] = mapped_column(String(16))  # the DCM code of EventID
+    event_type: Mapped[str | None] = mapped_column(String(16))  # the first EventTypeCode
+    action: Mapped[str] = mapped_column(String(1))
+    outcome: Mapped[int] = mapped_column(Integer)
+    actor: Mapped[str] = mapped_column(String(255))
+    participants: Mapped[list[str]] = mapped_column(JSONText())
+    description: Mapped[str | None] = mapped_column(Text)
+    message: Mapped[str] = mapped_column(Text)  # the AuditMessage XML
+    forwarded_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)

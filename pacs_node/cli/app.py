@@ -9,6 +9,7 @@ from __future__ import annotations
 import typer
 
 from pacs_node import __version__
+from pacs_node.cli.audit import audit
 from pacs_node.cli.console import out
 from pacs_node.cli.deliveries import deliveries_app
 from pacs_node.cli.demo import demo
@@ -40,7 +41,20 @@ def version() -> None:
     out.print(f"pacs-node {__version__}", highlight=False)
 
 
-for command in (run, demo, status, serve, studies, send, echo, models, segment, train, evaluate):
+for command in (
+    run,
+    demo,
+    status,
+    serve,
+    studies,
+    send,
+    echo,
+    models,
+    segment,
+    train,
+    evaluate,
+    audit,
+):
     app.command()(command)
 app.command()(version)
 app.add_typer(jobs_app, name="jobs")

@@ -37,11 +37,16 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from sqlalchemy.orm import Session
 
+from pacs_node.audit import events as audit_events
+from pacs_node.audit import message as audit_message
+from pacs_node.catalog.audit import add_events, job_study
 from pacs_node.catalog.db import Catalog
 from pacs_node.catalog.deliveries import (
     HELD_FOR_DESTINATION,
@@ -63,7 +68,12 @@ from pacs_node.catalog.deliveries import (
 )
 from pacs_node.catalog.models import Commitment, utcnow
 from pacs_node.config import Settings
-from pacs_node.destinations import AnyDestination, DimseDestination
+from pacs_node.destinations import (
+    AnyDestination,
+    DicomWebDestination,
+    DimseDestination,
+    FhirDestination,
+)
 from pacs_node.dispatch.commitment import peer_addresses
 from pacs_node.dispatch.destinations import Unresolved, resolve
 from pacs_node.dispatch.handler import (
@@ -296,6 +306,7 @@ class Outbox:
                             session, item.delivery_id, target.ae_title or "", hosts
                         )
                     self._settle(session, item, outcome, target)
+                self._audit(session, name, target, items, outcomes)
             if lost:
                 log.warning(
                     "delivery claims lost before settling",
@@ -315,6 +326,49 @@ class Outbox:
                 self._sending.difference_update(item.delivery_id for item in items)
             self._release(name)
             self._wake.set()
+
+    def _audit(
+        self,
+        session: Session,
+        name: str,
+        target: AnyDestination | Unresolved,
+        items: list[Outgoing],
+        outcomes: list[Outcome],
+    ) -> None:
+        """One audit event per study and outcome of the batch (110104 R, 110106 for FHIR),
+        in the settling transaction: settled and audited together. Held rows (destination
+        or patient not yet known) sent nothing and are not audited; retries are, each time."""
+        if isinstance(target, Unresolved):
+            return
+        groups: dict[tuple[int, bool], list[tuple[Outgoing, Outcome]]] = {}
+        for item, outcome in zip(items, outcomes, strict=True):
+            if isinstance(outcome, Held):
+                continue
+            groups.setdefault((item.job_id, isinstance(outcome, Delivered)), []).append(
+                (item, outcome)
+            )
+        address = _address_of(target)
+        built = []
+        for (job_id, ok), pairs in groups.items():
+            study = job_study(session, job_id)
+            if study is None:
+                continue
+            counts: dict[str, int] = {}
+            for item, _ in pairs:
+                if item.sop_class_uid:
+                    counts[item.sop_class_uid] = counts.get(item.sop_class_uid, 0) + 1
+            reason = None if ok else getattr(pairs[0][1], "reason", None)
+            event = audit_events.results_sent(
+                self.settings.node.ae_title,
+                name,
+                address,
+                replace(study, sop_classes=tuple(sorted(counts.items()))),
+                fhir=isinstance(target, FhirDestination),
+                ok=ok,
+                reason=reason,
+            )
+            built.append((event, audit_message.build(event)))
+        add_events(session, built)
 
     @staticmethod
     def _commitment_hosts(
@@ -391,3 +445,14 @@ class Outbox:
             if outcome.not_before is not None and outcome.not_before > at:
                 at = outcome.not_before  # the peer said when (Retry-After)
             mark_retry(session, item, outcome.reason, at)
+
+
+def _address_of(target: AnyDestination) -> str | None:
+    """Where a destination is, for the audit message's NetworkAccessPointID."""
+    if isinstance(target, DimseDestination):
+        return f"{target.host}:{target.port}" if target.host else target.peer
+    if isinstance(target, FhirDestination):
+        return urlsplit(target.base_url).netloc or None
+    if isinstance(target, DicomWebDestination):
+        return urlsplit(target.url).netloc or None
+    return None

@@ -29,6 +29,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
+from pacs_node.audit import events as audit_events
+from pacs_node.audit.events import Alert, AuditEvent
 from pacs_node.catalog.db import Catalog
 from pacs_node.catalog.models import utcnow
 from pacs_node.commitment import (
@@ -49,13 +51,14 @@ from pacs_node.ingest.statuses import status_for
 from pacs_node.ingest.transport import (
     LOCAL_LIMIT_COUNTER,
     LOCAL_LIMIT_EXCEEDED,
+    OVERSIZED_MESSAGE_COUNTER,
+    OVERSIZED_PDU_COUNTER,
     REJECT_TRANSIENT,
     SOURCE_PRESENTATION,
     UNLIMITED_PDU_BYTES,
     Guard,
     GuardedServer,
     GuardedSocket,
-    SecurityAlert,
     Throttle,
     install_received_files,
     log_security_alert,
@@ -73,6 +76,12 @@ log = logging.getLogger(__name__)
 _PYNETDICOM_MAX_ASSOCIATIONS = 100_000
 
 REJECTED_COUNTER = "rejected_associations"
+# Guard counters that are security alerts too (audited, rate-limited by the audit trail).
+_ALERT_COUNTERS = {
+    OVERSIZED_PDU_COUNTER: "hostile-pdu",
+    OVERSIZED_MESSAGE_COUNTER: "hostile-pdu",
+    LOCAL_LIMIT_COUNTER: "limit-reached",
+}
 FAILED_COUNTER = "failed_instances"
 
 
@@ -125,13 +134,14 @@ class StorageSCP:
         catalog: Catalog | None = None,
         limits: SharedLimits | None = None,
         open_catalog: Callable[[], Catalog] | None = None,
-        security_alert: SecurityAlert = log_security_alert,
+        auditor: Callable[[AuditEvent | Alert], None] | None = None,
     ) -> None:
         """``catalog``: a read-only handle for the identity screen (or ``open_catalog`` to open
         one when first needed); ``limits``: the node-wide table this process counts in (one of
-        its own if None); ``security_alert``: told of every refused TLS handshake or
-        certificate (see :data:`~pacs_node.ingest.transport.SecurityAlert`)."""
+        its own if None); ``auditor``: where association events and security alerts go (the
+        node's audit trail, or the pipe to it from a worker process)."""
         self.settings = settings
+        self.auditor = auditor
         self.spool = spool
         self.recorder = recorder
         self.receiver = Receiver(settings, spool, recorder, catalog, open_catalog)
@@ -147,7 +157,7 @@ class StorageSCP:
         self.guard = Guard(
             limits=self.limits,
             pending=SharedLimits.create(limits_for(settings), rows=1),
-            count=recorder.count,
+            count=self._guard_count,
             request_bytes=options.max_assoc_request_bytes,
             data_bytes=max_pdu + 6,
             request_timeout_s=options.assoc_request_timeout_s,
@@ -155,7 +165,7 @@ class StorageSCP:
             incoming=spool.incoming,
             max_instance_bytes=options.max_instance_mb * 2**20,
             throttle=self.throttle,
-            alert=security_alert,
+            alert=self._tls_alert,
         )
         # Data sets stream to a file in the spool's incoming folder as their PDUs arrive (see
         # ingest/transport.py), never whole in memory; the handler never touches
@@ -191,6 +201,39 @@ class StorageSCP:
                 if (server.tls is not None) == tls:
                     return server
         raise RuntimeError(f"the SCP is not serving a {'TLS' if tls else 'plain'} DICOM port")
+
+    def _audit(self, item: AuditEvent | Alert) -> None:
+        if self.auditor is None:
+            return
+        try:
+            self.auditor(item)
+        except Exception as exc:  # auditing never breaks the association it audits
+            log.error("audit event not handed over", extra={"error": type(exc).__name__})
+
+    def security_alert(
+        self,
+        kind: str,
+        address: str | None,
+        detail: str,
+        ae_title: str | None = None,
+        tls_subject: str | None = None,
+    ) -> None:
+        """Audit a security alert (110113; "node-authentication" for a refused certificate or
+        failed TLS handshake). Rate-limited by the node's audit trail; never raises."""
+        self._audit(Alert(kind, address, detail, ae_title, tls_subject))
+
+    def _tls_alert(self, kind: str, address: str, detail: str) -> None:
+        """A refused TLS handshake or certificate (``kind`` as in
+        :func:`~pacs_node.ingest.transport.log_security_alert`): logged, and audited as Node
+        Authentication (110126)."""
+        log_security_alert(kind, address, detail)
+        self.security_alert("node-authentication", address, f"{kind}: {detail}"[:300])
+
+    def _guard_count(self, name: str, by: int = 1) -> None:
+        self.recorder.count(name, by)
+        kind = _ALERT_COUNTERS.get(name)
+        if kind is not None:
+            self.security_alert(kind, None, name)
 
     @property
     def port(self) -> int:
@@ -316,10 +359,7 @@ class StorageSCP:
             return
         if rejection.certificate:
             detail = f"calling AE {calling}: certificate subject {subject or '(none)'}"
-            try:
-                self.guard.alert("tls-certificate-not-bound", address, detail[:300])
-            except Exception:
-                log.exception("the security alert hook failed")
+            self._tls_alert("tls-certificate-not-bound", address, detail[:300])
         log.warning(
             "association rejected",
             extra={
@@ -330,6 +370,13 @@ class StorageSCP:
             },
         )
         self.recorder.count(REJECTED_COUNTER)
+        self.security_alert(
+            "node-authentication",
+            address,
+            f"association rejected: {rejection.detail}",
+            ae_title=calling,
+            tls_subject=tls_subject(assoc),
+        )
         assoc.acse.send_reject(0x01, 0x01, int(rejection.reason))
         assoc.kill()
 
@@ -343,6 +390,15 @@ class StorageSCP:
                 connection.hold_association(lease)
             else:  # not accepted by our server (never in the node); nothing to hold it
                 lease.release()
+            self._audit(
+                audit_events.association(
+                    self.settings.node.ae_title,
+                    calling,
+                    address,
+                    accepted=True,
+                    tls_subject=tls_subject(assoc),
+                )
+            )
             return
         caps = self.limits.caps
         log.warning(
@@ -356,6 +412,9 @@ class StorageSCP:
             },
         )
         self.recorder.count(LOCAL_LIMIT_COUNTER)
+        self.security_alert(
+            "limit-reached", address, f"association refused: {which} limit", ae_title=calling
+        )
         assoc.acse.send_reject(REJECT_TRANSIENT, SOURCE_PRESENTATION, LOCAL_LIMIT_EXCEEDED)
         assoc.kill()
 

@@ -12,7 +12,7 @@ replaced (:mod:`pacs_node.supervisor`, as for job workers).
 
 The DICOM TLS port, when configured, is bound the same way and served by every worker beside
 the plain one; each worker does its own TLS handshakes (and certificate reloads), and reports
-refused ones over its pipe to the node's ``security_alert``.
+refused ones over its pipe to the node's audit trail (110113, Node Authentication).
 """
 
 from __future__ import annotations
@@ -32,13 +32,13 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from pacs_node.audit.events import Alert, AuditEvent
 from pacs_node.catalog.db import Catalog, open_catalog
 from pacs_node.config import Settings
 from pacs_node.ingest.limits import SharedLimits
 from pacs_node.ingest.recorder import RecordSink
 from pacs_node.ingest.scp import StorageSCP, bind_listening, limits_for, server_tls
 from pacs_node.ingest.spool import Spool
-from pacs_node.ingest.transport import SecurityAlert, log_security_alert
 from pacs_node.lifecycle import exit_now
 from pacs_node.logs import configure_node_logging
 from pacs_node.refs import CommitmentReport, InstanceRef
@@ -47,7 +47,7 @@ from pacs_node.supervisor import Child, NodeLink, Supervisor
 log = logging.getLogger(__name__)
 
 _SUBMIT, _COUNT, _DUPLICATE, _REPORT = "submit", "count", "duplicate", "report"
-_ALERT = "alert"
+_AUDIT = "audit"
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 PROCESS_NAME = b"pacs-node-scp"  # at most 15 bytes
@@ -85,8 +85,8 @@ class _PipeSink:
     def commitment_report(self, report: CommitmentReport) -> None:
         self._send(_REPORT, report)
 
-    def security_alert(self, kind: str, address: str, detail: str) -> None:
-        self._send(_ALERT, (kind, address, detail))
+    def audit(self, item: AuditEvent | Alert) -> None:
+        self._send(_AUDIT, item)
 
 
 def _die_with_parent() -> None:
@@ -134,7 +134,7 @@ def _run_worker(
         sink,
         limits=limits,
         open_catalog=functools.partial(_read_only_catalog, settings),
-        security_alert=sink.security_alert,
+        auditor=sink.audit,
     )
     for sock, tls in listening:
         name = "scp-tls" if tls else "scp"
@@ -170,14 +170,14 @@ class SCPWorkers:
         sink: RecordSink,
         count: int,
         on_worker_death: Callable[[float], object] | None = None,
-        security_alert: SecurityAlert = log_security_alert,
+        auditor: Callable[[AuditEvent | Alert], None] | None = None,
     ) -> None:
-        """``security_alert``: told, in this process, of every TLS handshake or certificate a
-        worker refused."""
+        """``auditor``: told, in this process, of every association and security alert a
+        worker saw (refused TLS handshakes and certificates included)."""
         server_tls(settings)  # a TLS file that does not load fails here, before any worker
         self.settings = settings
-        self.security_alert = security_alert
         self.sink = sink
+        self.auditor = auditor  # the node's audit trail: association events and alerts
         self.count = count
         # Called with the dead worker's start time: a worker killed between spooling a file
         # and handing over its row leaves a file the catalog lacks (and a re-send of it is
@@ -277,11 +277,9 @@ class SCPWorkers:
             self.sink.count(*value)
         elif kind == _REPORT:
             self.sink.commitment_report(value)
-        elif kind == _ALERT:
-            try:
-                self.security_alert(*value)
-            except Exception:
-                log.exception("the security alert hook failed")
+        elif kind == _AUDIT:
+            if self.auditor is not None:
+                self.auditor(value)
         else:
             self.sink.duplicate(value)
 

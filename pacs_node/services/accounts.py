@@ -32,6 +32,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from pacs_node.actor import Actor
+from pacs_node.audit import events as audit_events
+from pacs_node.audit.trail import record_now
 from pacs_node.catalog.db import Catalog
 from pacs_node.catalog.models import ApiToken, Role, User, WebSession, utcnow
 from pacs_node.datadir import FILE_MODE, fsync_dir
@@ -195,7 +197,14 @@ def create_user(
         except IntegrityError as exc:  # made by another process meanwhile
             raise AccountError(f"user {name!r} exists already") from exc
         log.info("user created", extra={"user": name, "role": role.value, "actor": str(actor)})
-        return _principal(user)
+        principal = _principal(user)
+    record_now(
+        catalog,
+        audit_events.user_changed(
+            str(actor), name, f"user created, role {role.value}", role_changed=True
+        ),
+    )
+    return principal
 
 
 def list_users(catalog: Catalog) -> list[UserSummary]:
@@ -236,6 +245,7 @@ def set_password(catalog: Catalog, name: str, password: str, actor: Actor) -> No
             session.delete(stale)
         session.commit()
     log.info("password changed", extra={"user": name, "actor": str(actor)})
+    record_now(catalog, audit_events.user_changed(str(actor), name, "password changed"))
 
 
 def authenticate_password(
@@ -335,6 +345,9 @@ def create_token(
         )
         session.commit()
     log.info("token created", extra={"user": user_name, "token": label, "actor": str(actor)})
+    record_now(
+        catalog, audit_events.user_changed(str(actor), user_name, f"token {label!r} created")
+    )
     return token
 
 
@@ -368,7 +381,27 @@ def revoke_token(catalog: Catalog, user_name: str, label: str, actor: Actor) -> 
         "token revoked",
         extra={"user": user_name, "token": label, "count": len(tokens), "actor": str(actor)},
     )
+    if tokens:
+        record_now(
+            catalog,
+            audit_events.user_changed(str(actor), user_name, f"token {label!r} revoked"),
+        )
     return len(tokens)
+
+
+def audit_sign_in(
+    catalog: Catalog, name: str, address: str | None, *, ok: bool, reason: str | None = None
+) -> None:
+    """A login attempt on a door (110114 Login, success or failure)."""
+    record_now(
+        catalog,
+        audit_events.user_authentication(name, address, login=True, ok=ok, reason=reason),
+    )
+
+
+def audit_sign_out(catalog: Catalog, name: str, address: str | None) -> None:
+    """A logout (110114 Logout)."""
+    record_now(catalog, audit_events.user_authentication(name, address, login=False, ok=True))
 
 
 def list_tokens(catalog: Catalog, user_name: str | None = None) -> list[TokenSummary]:

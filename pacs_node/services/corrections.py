@@ -43,6 +43,7 @@ from pacs_node.config import Settings
 from pacs_node.errors import ResultsError
 from pacs_node.outputs import OutputKind
 from pacs_node.review import RejectionKind
+from pacs_node.services.audit import audit_operation
 
 log = logging.getLogger(__name__)
 
@@ -275,6 +276,7 @@ def reject_results(
             "withdrawn_from": [*dicom_names, *fhir_names] if note_uid else fhir_names,
         },
     )
+    audit_operation(catalog, actor, "reject", job_id=job_id, detail=f"rejected ({kind})")
     return Rejection(
         job_id=job_id,
         kind=kind,
@@ -295,6 +297,7 @@ def accept_results(catalog: Catalog, job_id: int, actor: Actor) -> Acceptance:
         job = reviews.reviewed_job(session, job_id)
         reviews.accept_job(session, job, actor)  # refuses a rejected result
         released = quality.release_result(session, job_id, actor)  # a stale one: all undone
+    audit_operation(catalog, actor, "release", job_id=job_id, detail="result accepted")
     return Acceptance(job_id=job_id, released=released)
 
 

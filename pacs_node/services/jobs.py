@@ -33,6 +33,7 @@ from pacs_node.routing.rules import (
     evaluate_rule,
     route,
 )
+from pacs_node.services.audit import audit_operation
 
 BY_HAND = "by-hand"  # the name of the rule a by-hand choice is made with (never stored)
 BY_HAND_SELECTION = Selection.MOST_SLICES  # a model named with no rule: its largest series
@@ -109,12 +110,16 @@ def queue_processing(
         requests = choose_jobs(settings, facts, model, series)
         if not requests:
             raise RequestError(f"nothing to run for {study_uid}: no rule or series fits")
-        return [
+        queued = [
             job_rows.queue_job(
                 session, study.id, r.model, r.series_uids, r.send, rule=r.rule, actor=actor
             )
             for r in requests
         ]
+    audit_operation(
+        catalog, actor, "rerun", study_uid=study_uid, detail=f"queued {len(queued)} job(s)"
+    )
+    return queued
 
 
 def process_now(catalog: Catalog, settings: Settings, *, label: str, deliver: bool = False) -> None:
@@ -142,10 +147,14 @@ def list_jobs(catalog: Catalog, job_ids: Sequence[int] | None = None) -> list[Jo
 def cancel_job(catalog: Catalog, job_id: int, actor: Actor) -> bool:
     """queued | running -> cancelled; False when the job is in neither state (or missing)."""
     with catalog.sessions.begin() as session:
-        return job_rows.cancel_job(session, job_id, actor)
+        done = job_rows.cancel_job(session, job_id, actor)
+    audit_operation(catalog, actor, "cancel", job_id=job_id, ok=done)
+    return done
 
 
 def retry_job(catalog: Catalog, job_id: int, actor: Actor) -> bool:
     """failed | cancelled -> queued; False when the job is in neither state (or missing)."""
     with catalog.sessions.begin() as session:
-        return job_rows.retry_job(session, job_id, actor)
+        done = job_rows.retry_job(session, job_id, actor)
+    audit_operation(catalog, actor, "retry", job_id=job_id, ok=done)
+    return done

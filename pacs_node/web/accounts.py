@@ -36,6 +36,8 @@ from pacs_node.services.accounts import (
     LoginRefused,
     NewSession,
     Principal,
+    audit_sign_in,
+    audit_sign_out,
     authenticate_password,
     close_session,
     open_session,
@@ -193,8 +195,12 @@ def login(
         address=client_address(request),
     )
     if isinstance(found, LoginRefused):
+        audit_sign_in(
+            context.catalog, name, client_address(request), ok=False, reason="sign-in refused"
+        )
         message, code, headers = _refusal(found)
         return _login_page(request, next_path, message, code, headers)
+    audit_sign_in(context.catalog, found.name, client_address(request), ok=True)
     earlier = request.cookies.get(SESSION_COOKIE)
     if earlier:  # a browser signing in again leaves no older session behind
         close_session(context.catalog, earlier)
@@ -211,10 +217,12 @@ def login(
 @router.post("/logout", include_in_schema=False)
 def logout(request: Request) -> RedirectResponse:
     """Close this browser's session (the form's CSRF token is checked like any other)."""
-    credentials(request)
+    principal = credentials(request)
     cookie = request.cookies.get(SESSION_COOKIE)
     if cookie:
         close_session(web_context(request).catalog, cookie)
+        if principal is not None:
+            audit_sign_out(web_context(request).catalog, principal.name, client_address(request))
     response = RedirectResponse(LOGIN_PATH, status_code=status.HTTP_303_SEE_OTHER)
     response.delete_cookie(SESSION_COOKIE, path="/")
     return response

@@ -11,6 +11,7 @@ from fastapi.staticfiles import StaticFiles
 from pacs_node import __version__
 from pacs_node.catalog.models import Role
 from pacs_node.services.accounts import Principal
+from pacs_node.services.audit import PatientReads
 from pacs_node.web import (
     accounts,
     api,
@@ -24,6 +25,7 @@ from pacs_node.web import (
     viewer,
     wado,
 )
+from pacs_node.web.audit import AuditReads
 from pacs_node.web.auth import require
 from pacs_node.web.context import WebContext
 from pacs_node.web.csrf import FormCsrf
@@ -45,6 +47,9 @@ def create_app(context: WebContext) -> FastAPI:
     app.state.context = context
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(FormCsrf)
+    app.add_middleware(
+        AuditReads, reads=PatientReads(context.catalog, context.settings.node.ae_title)
+    )
     app.include_router(health.router)
     app.include_router(review.router)
     app.include_router(accounts.router)

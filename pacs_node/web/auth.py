@@ -23,6 +23,7 @@ from pacs_node.catalog.models import Role
 from pacs_node.services.accounts import (
     LoginRefused,
     Principal,
+    audit_sign_in,
     authenticate_password,
     authenticate_token,
     session_principal,
@@ -84,6 +85,9 @@ def _basic(request: Request, value: str) -> Principal | None:
         verified=context.verified_passwords,
     )
     if isinstance(found, LoginRefused):
+        audit_sign_in(
+            context.catalog, name, client_address(request), ok=False, reason="HTTP Basic refused"
+        )
         slow = too_many_failures(found)
         if slow is not None:
             raise slow
@@ -101,6 +105,14 @@ def credentials(request: Request) -> Principal | None:
         found: Principal | None = None
         if scheme.lower() == "bearer":
             found = authenticate_token(context.catalog, value.strip())
+            if found is None:
+                audit_sign_in(
+                    context.catalog,
+                    "bearer-token",
+                    client_address(request),
+                    ok=False,
+                    reason="API token refused",
+                )
         elif scheme.lower() == "basic" and request.url.path.startswith(DICOMWEB_PREFIX):
             found = _basic(request, value.strip())
             # A password to change at first login (the first admin's) signs in nowhere else

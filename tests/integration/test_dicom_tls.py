@@ -21,6 +21,7 @@ from pynetdicom import AE, _config, dimse_messages
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from pacs_node.audit.events import Alert, AuditEvent
 from pacs_node.catalog.db import open_catalog
 from pacs_node.config import NodeOptions, PeerConfig, Settings
 from pacs_node.destinations import DimseDestination
@@ -173,13 +174,13 @@ def test_in_process_scp_on_the_tls_port_only(
     peers = (PeerConfig(ae_title="WS", tls_subject="WS"),)
     catalog = open_catalog(options.catalog_url)
     spool = Spool(options.spool_dir)
-    alerts: list[tuple[str, str, str]] = []
+    audited: list[AuditEvent | Alert] = []
     scp = StorageSCP(
         Settings(node=options, peers=peers),
         spool,
         CatalogRecorder(catalog, spool),
         catalog,
-        security_alert=lambda *alert: alerts.append(alert),
+        auditor=audited.append,
     )
     scp.start()
 
@@ -202,11 +203,21 @@ def test_in_process_scp_on_the_tls_port_only(
         started = time.monotonic()
         assert not associate(None).is_established  # plain DICOM on the TLS port
         assert time.monotonic() - started < 5
-        wait_for(lambda: len(alerts) == 2, 5, what="two security alerts")
-        assert [(kind, address) for kind, address, _ in alerts] == [
+
+        def tls_alerts() -> list[tuple[str, str | None]]:
+            return [
+                (item.detail.split(":")[0], item.address)
+                for item in audited
+                if isinstance(item, Alert) and item.detail.startswith("tls-")
+            ]
+
+        wait_for(lambda: len(tls_alerts()) == 2, 5, what="two security alerts")
+        assert tls_alerts() == [
             ("tls-certificate-not-bound", "127.0.0.1"),
             ("tls-handshake-failed", "127.0.0.1"),
         ]
+        # audited as Node Authentication (110126), the rejected association among them
+        assert {item.kind for item in audited if isinstance(item, Alert)} == {"node-authentication"}
 
         # A renewed certificate written over the files serves new connections, no restart.
         renewed = ca.issue("renewed", f"CN=localhost,{HOSPITAL}", hosts=("127.0.0.1",))

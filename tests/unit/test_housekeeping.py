@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select, update
 
+from pacs_node.audit.message import validate
+from pacs_node.catalog.audit import list_events
 from pacs_node.catalog.db import Catalog, open_catalog
 from pacs_node.catalog.deliveries import create_deliveries
 from pacs_node.catalog.jobs import queue_job
@@ -152,7 +154,19 @@ def test_retention_days_removes_rows_then_files(node: Node, tmp_path: Path) -> N
         assert purge.files_removed_at is not None
         jobs = purge.paths["results"]
         assert session.scalar(select(func.count(Delivery.id))) == 1  # the new study's
+        # the purge is audited (110105, D) and the audit trail itself is never purged
+        (deleted,) = [e for e in list_events(session) if e.event_id == "110105"]
     assert not (node.results / jobs[0]).exists()
+    assert (deleted.action, deleted.actor, deleted.description) == (
+        "D",
+        "node:housekeeping",
+        "retention_days",
+    )
+    assert f"study:{old}" in deleted.participants
+    validate(deleted.message.encode())
+    Housekeeping(node.catalog, node.settings(retention_days=0.000001)).run_once()
+    with node.catalog.sessions() as session:
+        assert len([e for e in list_events(session) if e.event_id == "110105"]) == 2
 
 
 def test_a_crash_between_rows_and_files_neither_dangles_nor_resurrects(

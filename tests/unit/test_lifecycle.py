@@ -119,8 +119,10 @@ def test_a_door_that_cannot_start_stops_what_had_started(
     node = object.__new__(node_module.Node)
     node.settings = SimpleNamespace(node=SimpleNamespace(data_dir=Path("var")))  # type: ignore[assignment]
     node.catalog = node.spool = SimpleNamespace(root=Path("var/spool"))  # type: ignore[assignment]
-    for name in ("router", "recorder", "assembly", "jobs", "outbox", "housekeeping", "scp"):
+    parts = ("audit", "router", "recorder", "assembly", "jobs", "outbox", "housekeeping", "scp")
+    for name in parts:
         setattr(node, name, _Part(name, log))
+    node.syslog = None
     node.doors = [_Part("web", log, fails=True)]
     with pytest.raises(StartError, match="web cannot start"):
         node.start()

@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from pacs_node.audit.message import validate
+from pacs_node.catalog.audit import list_events
 from pacs_node.catalog.db import Catalog, open_catalog
 from pacs_node.catalog.deliveries import create_deliveries, list_deliveries, retry_delivery
 from pacs_node.catalog.models import Delivery, DeliveryState, utcnow
@@ -158,6 +160,18 @@ def test_transient_failures_back_off_then_deliver_once(tmp_path: Path, catalog: 
     assert fake.delivered == [delivery_id]
     clock.advance(1000)
     assert outbox.dispatch_due(wait=True) == 0  # delivered is final
+    # each attempt is audited in its settling transaction: 110104 (R), failed twice, then sent
+    with catalog.sessions() as session:
+        audited = list_events(session)
+    assert [(e.event_id, e.action, e.outcome) for e in audited] == [
+        ("110104", "R", 8),
+        ("110104", "R", 8),
+        ("110104", "R", 0),
+    ]
+    assert audited[0].description == "peer down"
+    assert audited[2].actor == settings.node.ae_title
+    for event in audited:
+        validate(event.message.encode())
 
 
 def test_dead_letter_after_the_limit_and_retry_by_hand(tmp_path: Path, catalog: Catalog) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.routing import APIRoute
 
-from pacs_node.web.api import deliveries, jobs, models, review, routes, status, studies
+from pacs_node.web.api import audit, deliveries, jobs, models, review, routes, status, studies
 
 
 def _operation_id(route: APIRoute) -> str:
@@ -17,5 +17,5 @@ def _operation_id(route: APIRoute) -> str:
 
 
 router = APIRouter(prefix="/api", generate_unique_id_function=_operation_id)
-for topic in (studies, jobs, deliveries, models, routes, status, review):
+for topic in (studies, jobs, deliveries, models, routes, status, review, audit):
     router.include_router(topic.router)

@@ -261,3 +261,18 @@ class StatusOut(Shape):
     studies: int | None = None
     quarantine_held: int | None = None
     checks: dict[str, bool] = Field(description="the readiness checks beside the catalog's")
+
+
+class AuditEventOut(Shape):
+    """One DICOM PS3.15 audit event (``pacs-node audit --json``)."""
+
+    id: int
+    event_id: str
+    event_type: str | None
+    action: str
+    outcome: int
+    time: str
+    actor: str
+    participants: list[str]
+    description: str | None
+    forwarded: bool

@@ -1,0 +1,105 @@
+"""The DICOM PS3.15 A.5 ``AuditMessage`` XML of an :class:`~pacs_node.audit.events.AuditEvent`,
+and its validation against the standard's schema (A.5.1, shipped in ``schema/``).
+
+Element order follows the schema (it is a RELAX NG group); times are ``xsd:dateTime`` with the
+UTC offset; the AuditSourceID is the host the node runs on (``socket.gethostname()``), with
+source type 4, Application Server process tier.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import socket
+from pathlib import Path
+
+from lxml import etree
+
+from pacs_node.audit.events import AuditEvent, Code
+
+SCHEMA_FILE = Path(__file__).parent / "schema" / "audit-message.rng"
+SOURCE_TYPE = Code("4", "Application Server process tier", "DCM")
+
+
+class InvalidAuditMessage(ValueError):
+    """A message the PS3.15 schema refuses (a defect of the builder, never of the input)."""
+
+
+def _coded(parent: etree._Element, tag: str, code: Code) -> etree._Element:
+    element = etree.SubElement(parent, tag)
+    element.set("csd-code", code.code)
+    element.set("codeSystemName", code.scheme)
+    element.set("originalText", code.meaning)
+    return element
+
+
+def _token(text: str) -> str:
+    """xsd:token has no leading, trailing or repeated white space."""
+    return " ".join(text.split()) or "-"
+
+
+def build(event: AuditEvent, source_id: str | None = None) -> bytes:
+    """The AuditMessage of ``event`` as UTF-8 XML bytes (no declaration)."""
+    root = etree.Element("AuditMessage")
+    ident = etree.SubElement(root, "EventIdentification")
+    ident.set("EventActionCode", event.action)
+    ident.set("EventDateTime", event.at.isoformat(timespec="milliseconds"))
+    ident.set("EventOutcomeIndicator", str(int(event.outcome)))
+    _coded(ident, "EventID", event.event_id)
+    for code in event.types:
+        _coded(ident, "EventTypeCode", code)
+    if event.description:
+        etree.SubElement(ident, "EventOutcomeDescription").text = event.description
+    for p in event.participants:
+        active = etree.SubElement(root, "ActiveParticipant")
+        if p.role is not None:
+            _coded(active, "RoleIDCode", p.role)
+        active.set("UserID", p.user_id)
+        if p.alternative_id:
+            active.set("AlternativeUserID", p.alternative_id)
+        if p.name:
+            active.set("UserName", p.name)
+        active.set("UserIsRequestor", "true" if p.requestor else "false")
+        if p.address:
+            active.set("NetworkAccessPointID", _token(p.address))
+            active.set("NetworkAccessPointTypeCode", p.address_type)
+    source = etree.SubElement(root, "AuditSourceIdentification")
+    source.set("AuditSourceID", _token(source_id or socket.gethostname()))
+    _coded(source, "AuditSourceTypeCode", SOURCE_TYPE)
+    for o in event.objects:
+        obj = etree.SubElement(root, "ParticipantObjectIdentification")
+        _coded(obj, "ParticipantObjectIDTypeCode", o.id_type)
+        if o.query is not None:
+            etree.SubElement(obj, "ParticipantObjectQuery").text = base64.b64encode(o.query).decode(
+                "ascii"
+            )
+        for kind, value in o.details:
+            detail = etree.SubElement(obj, "ParticipantObjectDetail")
+            detail.set("type", _token(kind))
+            detail.set("value", base64.b64encode(value.encode("utf-8")).decode("ascii"))
+        if o.description:
+            etree.SubElement(obj, "ParticipantObjectDescription").text = _token(o.description)
+        for uid, count in o.sop_classes:
+            sop = etree.SubElement(obj, "SOPClass")
+            sop.set("UID", uid)
+            sop.set("NumberOfInstances", str(count))
+        obj.set("ParticipantObjectID", _token(o.object_id))
+        obj.set("ParticipantObjectTypeCode", o.type_code)
+        obj.set("ParticipantObjectTypeCodeRole", o.role)
+    return etree.tostring(root, encoding="utf-8")
+
+
+@functools.cache
+def schema() -> etree.RelaxNG:
+    return etree.RelaxNG(etree.parse(str(SCHEMA_FILE)))
+
+
+def validate(xml: bytes) -> None:
+    """Raise :class:`InvalidAuditMessage` unless ``xml`` is a valid PS3.15 AuditMessage."""
+    try:
+        document = etree.fromstring(xml)
+    except etree.XMLSyntaxError as exc:
+        raise InvalidAuditMessage(f"not XML: {exc}") from exc
+    checker = schema()
+    if not checker.validate(document):
+        raise InvalidAuditMessage(str(checker.error_log.last_error))

@@ -1,0 +1,179 @@
+"""The audit trail's rows: append, list, and the syslog forwarder's queue (unsent, in order).
+
+Rows are appended and never removed (retention leaves this table alone); only
+``forwarded_at`` changes, once, when the collector has taken the message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from pacs_node.audit.events import AuditEvent, StudyObject, participants_json
+from pacs_node.catalog.models import (
+    AuditRecord,
+    Delivery,
+    Instance,
+    Job,
+    Result,
+    Series,
+    Study,
+    StudyEvent,
+    utcnow,
+)
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    """One stored audit event, as the CLI and the API list it."""
+
+    id: int
+    event_id: str
+    event_type: str | None
+    action: str
+    outcome: int
+    time: str
+    actor: str
+    participants: list[str]
+    description: str | None
+    message: str
+    forwarded: bool
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "event_id": self.event_id,
+            "event_type": self.event_type,
+            "action": self.action,
+            "outcome": self.outcome,
+            "time": self.time,
+            "actor": self.actor,
+            "participants": self.participants,
+            "description": self.description,
+            "forwarded": self.forwarded,
+        }
+
+
+def add_events(session: Session, items: Sequence[tuple[AuditEvent, bytes]]) -> None:
+    """Append (event, its AuditMessage XML) pairs in order."""
+    for event, xml in items:
+        session.add(
+            AuditRecord(
+                at=event.at,
+                event_time=event.at.isoformat(),
+                event_id=event.event_id.code,
+                event_type=event.types[0].code if event.types else None,
+                action=event.action,
+                outcome=int(event.outcome),
+                actor=event.actor[:255],
+                participants=participants_json(event),
+                description=event.description,
+                message=xml.decode("utf-8"),
+            )
+        )
+
+
+def _row(record: AuditRecord) -> AuditRow:
+    return AuditRow(
+        id=record.id,
+        event_id=record.event_id,
+        event_type=record.event_type,
+        action=record.action,
+        outcome=record.outcome,
+        time=record.event_time,
+        actor=record.actor,
+        participants=list(record.participants or []),
+        description=record.description,
+        message=record.message,
+        forwarded=record.forwarded_at is not None,
+    )
+
+
+def list_events(
+    session: Session, since: datetime | None = None, limit: int = 10_000
+) -> list[AuditRow]:
+    """Events in the order they were recorded, from ``since`` (aware) on."""
+    query = select(AuditRecord).order_by(AuditRecord.id).limit(limit)
+    if since is not None:
+        query = query.where(AuditRecord.at >= since)
+    return [_row(r) for r in session.scalars(query)]
+
+
+def unsent(session: Session, limit: int = 100) -> list[tuple[int, str]]:
+    """The oldest messages the collector has not yet taken: (id, XML), in order."""
+    query = (
+        select(AuditRecord.id, AuditRecord.message)
+        .where(AuditRecord.forwarded_at.is_(None))
+        .order_by(AuditRecord.id)
+        .limit(limit)
+    )
+    return [(int(i), str(m)) for i, m in session.execute(query)]
+
+
+def mark_forwarded(session: Session, ids: Sequence[int]) -> None:
+    if ids:
+        session.execute(
+            update(AuditRecord).where(AuditRecord.id.in_(ids)).values(forwarded_at=utcnow())
+        )
+
+
+def study_object(session: Session, study_uid: str) -> StudyObject | None:
+    """A study as an audit event names it: UID, patient, instances per SOP class."""
+    study = session.scalar(select(Study).where(Study.study_uid == study_uid))
+    if study is None:
+        return None
+    counts = session.execute(
+        select(Instance.sop_class_uid, func.count())
+        .join(Series, Instance.series_id == Series.id)
+        .where(Series.study_id == study.id)
+        .group_by(Instance.sop_class_uid)
+        .order_by(Instance.sop_class_uid)
+    )
+    return StudyObject(
+        study.study_uid,
+        study.patient_id,
+        tuple((str(uid), int(n)) for uid, n in counts),
+        study.accession_number,
+    )
+
+
+def job_study(session: Session, job_id: int) -> StudyObject | None:
+    """The study a job's results belong to (no instance counts: results are counted apart)."""
+    row = session.execute(
+        select(Study.study_uid, Study.patient_id)
+        .join(Job, Job.study_id == Study.id)
+        .where(Job.id == job_id)
+    ).first()
+    return None if row is None else StudyObject(str(row[0]), row[1])
+
+
+def delivery_study(session: Session, delivery_id: int) -> StudyObject | None:
+    """The study a delivery's result belongs to."""
+    job_id = session.scalar(
+        select(Result.job_id)
+        .join(Delivery, Delivery.result_id == Result.id)
+        .where(Delivery.id == delivery_id)
+    )
+    return None if job_id is None else job_study(session, int(job_id))
+
+
+def study_source(session: Session, study_uid: str) -> str:
+    """Who sent a study: its calling AE, else the STOW-RS user its first receipt names."""
+    study = session.scalar(select(Study).where(Study.study_uid == study_uid))
+    if study is None:
+        return "unknown"
+    if study.calling_ae:
+        return study.calling_ae
+    details = session.scalars(
+        select(StudyEvent.detail)
+        .where(StudyEvent.study_id == study.id, StudyEvent.kind == "receiving")
+        .order_by(StudyEvent.id)
+    )
+    for detail in details:
+        if detail and detail.get("sender"):
+            return str(detail["sender"])
+    return "unknown"
