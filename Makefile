@@ -15,6 +15,8 @@ FHIR_STAMP := $(FHIR_VENV)/.installed
 FUZZ_S ?= 1800
 CHAOS_ROUNDS ?= 25
 SOAK_MIN ?= 10
+# pytest-xdist workers of `make test`, each taking whole test files (module fixtures stay shared)
+TEST_WORKERS ?= 2
 # Examples per API operation of the long schemathesis run
 SCHEMATHESIS_EXAMPLES ?= 200
 
@@ -62,7 +64,7 @@ viewer:
 	bash tests/viewer/setup.sh
 
 test: apt viewer $(STAMP) $(FHIR_STAMP)
-	PACS_NODE_FHIR_VENV=$(abspath $(FHIR_VENV)) $(VENV)/bin/pytest
+	PACS_NODE_FHIR_VENV=$(abspath $(FHIR_VENV)) $(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile
 
 # The long versions of the fuzzing, chaos, soak and schemathesis runs that `make test` runs briefly
 fuzz: apt $(STAMP)

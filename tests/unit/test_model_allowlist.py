@@ -58,7 +58,8 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
         [PACS_NODE, *args],
         capture_output=True,
         text=True,
-        env={**clean_env(), **(env or {})},
+        # wide enough that no path or digest in an error is wrapped (pytest-xdist's paths are long)
+        env={**clean_env(), "COLUMNS": "400", **(env or {})},
         timeout=120,
         check=False,
     )

@@ -3,6 +3,7 @@ written as DICOM that the node's own loader reads with the same geometry as the 
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -12,7 +13,7 @@ import pydicom
 import pytest
 from phantom.anatomy import LABEL_VALUE, Anatomy, Tissue, sample_anatomy
 from phantom.raster import AxialGrid, rasterise
-from phantom.render import TRAINING, Ranges, render, render_ct, render_mr, render_xr
+from phantom.render import TRAINING, Case, Ranges, render, render_ct, render_mr, render_xr
 from phantom.writers import write_decathlon, write_dicom
 from scipy import ndimage  # type: ignore[import-untyped,unused-ignore]
 
@@ -141,6 +142,13 @@ def test_kidneys_sit_in_their_own_fat_and_the_aorta_starts_at_the_heart(seed: in
 
 
 REAL = replace(FAST, xr_anatomy=1.0, xr_department=1.0)
+DEPARTMENT_SEEDS = range(3000, 3006)  # these six already show every effect
+
+
+@functools.cache
+def department_case(seed: int) -> Case:
+    """Rendered once per run: the read-back and coverage tests share the same cases."""
+    return render_xr(seed, REAL)
 
 
 def test_radiograph_realism_leaves_the_held_out_cases_as_they_were() -> None:
@@ -154,12 +162,12 @@ def test_radiograph_realism_leaves_the_held_out_cases_as_they_were() -> None:
     assert not np.array_equal(plain.image, real.image)
 
 
-@pytest.mark.parametrize("seed", range(3000, 3006))
+@pytest.mark.parametrize("seed", DEPARTMENT_SEEDS)
 def test_department_radiographs_read_back_as_rendered(seed: int, tmp_path: Path) -> None:
     """Whatever photometric interpretation, bit depth and spacing a case is written with, the
     node's loader hands back the rendered image (bright where attenuation is high) and knows
     when the spacing is unusable."""
-    case = render_xr(seed, REAL)
+    case = department_case(seed)
     (path,) = write_dicom(case, tmp_path)
     volume = load_series([path])
     assert np.array_equal(volume.voxels, np.rint(case.image).astype(volume.voxels.dtype))
@@ -186,8 +194,8 @@ def test_department_effects_cover_what_departments_do() -> None:
     """Over a few seeds every effect occurs: both photometric interpretations, portable AP
     views, shutters, tilts, each way of writing the spacing."""
     seen: dict[str, set[object]] = {}
-    for seed in range(3000, 3024):
-        for key, value in render_xr(seed, REAL).settings.items():
+    for seed in DEPARTMENT_SEEDS:
+        for key, value in department_case(seed).settings.items():
             seen.setdefault(key, set()).add(value)
     assert seen["photometric"] == {"MONOCHROME1", "MONOCHROME2"}
     assert seen["spacing"] == {"known", "zero", "missing"}
