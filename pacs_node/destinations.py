@@ -176,9 +176,11 @@ class DimseDestination(BaseModel):
 
 
 def is_loopback(host: str) -> bool:
-    """Whether ``host`` names this machine: ``localhost`` or a loopback address."""
-    name = host.strip("[]").lower().rstrip(".")
-    if name == "localhost" or name.endswith(".localhost"):
+    """Whether ``host`` names this machine: the literal name ``localhost`` or a loopback
+    address. Other names (``x.localhost``, ``localhost.``) would trust the resolver to follow
+    RFC 6761, so they count as remote."""
+    name = host.strip("[]").lower()
+    if name == "localhost":
         return True
     try:
         return ipaddress.ip_address(name).is_loopback

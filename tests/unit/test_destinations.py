@@ -170,6 +170,16 @@ def test_secrets_are_named_not_inline(tmp_path: Path, monkeypatch: pytest.Monkey
             "destinations.X.dicomweb",
             "use https:// (or allow_insecure: true)",
         ),
+        (  # names that only a resolver following RFC 6761 keeps on this machine
+            "destinations:\n  X: {type: dicomweb, url: 'http://pacs.localhost/dicom-web'}\n",
+            "destinations.X.dicomweb",
+            "use https:// (or allow_insecure: true)",
+        ),
+        (
+            "destinations:\n  X: {type: fhir, base_url: 'http://localhost./fhir'}\n",
+            "destinations.X.fhir",
+            "use https:// (or allow_insecure: true)",
+        ),
         (
             "destinations:\n  X: {type: fhir, base_url: 'https://e', tls_ca_file: /no/ca.pem}\n",
             "destinations.X.fhir.tls_ca_file",
