@@ -142,6 +142,9 @@ class NodeOptions(BaseModel):
     # The web face over HTTPS with tls_cert_file and tls_key_file (TLS 1.2+, ECDHE with AES-GCM
     # for TLS 1.2); off: plain HTTP, for a loopback-only node or behind a TLS reverse proxy.
     web_tls: bool = False
+    # Client certificates on the web face, from tls_ca_file: none asked, optional, or required
+    # (its own setting: DICOM's tls_require_client_cert must not force one on every browser).
+    web_tls_client_cert: Literal["none", "optional", "required"] = "none"
     # The audit trail's syslog collector (RFC 5424 over TLS, RFC 5425); empty host: not sent
     # (the trail is kept in the catalog either way). The CA file verifies the collector; the
     # client certificate and key are offered when set (mutual authentication).

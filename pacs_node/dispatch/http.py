@@ -9,10 +9,10 @@ would hold a request for ever. The exchange runs on a thread of its own and is a
 deadline; the thread itself stops reading at the deadline too (a trickling answer) or at httpx's
 next per-read timeout (a silent one), so no thread outlives ``2 * timeout_s``.
 
-TLS (:func:`client_context`): version 1.2 or 1.3, TLS 1.2 with ECDHE and AES-GCM only, the
-server verified against the destination's ``tls_ca_file`` (else the system's trust store) and
-its host name checked; a client certificate when the destination has one. The files are read
-for each request, so a renewed certificate is used without a restart.
+TLS (:func:`client_context`, on :mod:`pacs_node.tls`): version 1.2 or 1.3, TLS 1.2 with ECDHE
+and AES-GCM only, the server verified against the destination's ``tls_ca_file`` (else the
+system's trust store) and its host name checked; a client certificate when the destination has
+one. A file changed on disk is read again, so a renewed certificate is used without a restart.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pathlib import Path
 import httpx
 
 from pacs_node.errors import PermanentDelivery, TransientDelivery
+from pacs_node.tls import TLSFileError, TLSFiles, shared_client_context
 
 MAX_ANSWER_BYTES = 8 * 1024 * 1024  # more than any STOW or FHIR answer we read needs
 MAX_RETRY_AFTER_S = 86_400.0  # a Retry-After further out than a day is read as a day
@@ -83,23 +84,15 @@ def retry_after(headers: httpx.Headers, now: datetime | None = None) -> datetime
     return now + timedelta(seconds=min(seconds, MAX_RETRY_AFTER_S))
 
 
-TLS12_CIPHERS = "ECDHE+AESGCM"
-
-
 def client_context(
     ca_file: Path | None = None, cert_file: Path | None = None, key_file: Path | None = None
 ) -> ssl.SSLContext:
-    """The TLS context of one request to an HTTP destination (module docstring). A file that
+    """The TLS context of a request to an HTTP destination (module docstring). A file that
     cannot be read, or a key that does not fit, is a permanent failure: a person must fix it."""
     try:
-        context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
-        if cert_file is not None and key_file is not None:
-            context.load_cert_chain(str(cert_file), str(key_file))
-    except (OSError, ssl.SSLError) as exc:
-        raise PermanentDelivery(f"TLS files cannot be used: {type(exc).__name__}") from exc
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_ciphers(TLS12_CIPHERS)
-    return context
+        return shared_client_context(TLSFiles(cert_file, key_file, ca_file))
+    except TLSFileError as exc:
+        raise PermanentDelivery(f"TLS files cannot be used: {exc.key}") from exc
 
 
 def exchange(

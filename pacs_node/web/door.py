@@ -11,7 +11,7 @@ from pacs_node.services.accounts import ensure_first_admin
 from pacs_node.services.login_throttle import LoginThrottle
 from pacs_node.web.app import create_app
 from pacs_node.web.context import WebContext
-from pacs_node.web.https import server_context
+from pacs_node.web.https import web_server_context
 from pacs_node.web.server import WebServer
 
 
@@ -35,5 +35,5 @@ def open_door(parts: NodeParts) -> WebServer | None:
     )
     config_dir = parts.settings.config_dir
     source = str(config_dir / NODE_FILE) if config_dir else "the embedded defaults"
-    tls = server_context(options, source) if options.web_tls else None
+    tls = web_server_context(options, source) if options.web_tls else None
     return WebServer(create_app(context), options.web_host, options.web_port, source, tls)

@@ -1,56 +1,53 @@
-"""The web face's TLS context: the node's certificate (``tls_cert_file``, ``tls_key_file``),
-optionally client certificates checked against ``tls_ca_file``.
+"""The web face's TLS: the node's certificate and policy from :mod:`pacs_node.tls`, renewed
+without a restart.
 
-Policy (BCP 195, RFC 9325): TLS 1.2 or 1.3 only; TLS 1.2 limited to ECDHE key exchange with
-AES-GCM (forward secrecy, an AEAD cipher); TLS 1.3's own suites are all acceptable. A file that
-cannot be read, or a key that does not fit the certificate, fails the start with the key's name.
+uvicorn hands one ``ssl.SSLContext`` to asyncio, which calls its ``wrap_bio`` once per
+connection. :class:`LiveServerContext` is that context: each call takes the context of a
+:class:`~pacs_node.tls.ReloadingContext`, so a certificate replaced on disk serves the next
+connection, as on the DICOM TLS port. Client certificates are the web face's own choice
+(``web_tls_client_cert``): browsers rarely carry one, so DICOM's mutual authentication does not
+force it on them.
 """
 
 from __future__ import annotations
 
 import ssl
-from pathlib import Path
+from typing import Any
 
 from pacs_node.config import NodeOptions
 from pacs_node.errors import ConfigError
+from pacs_node.tls import ReloadingContext, TLSFileError, TLSFiles, server_context
 
-TLS12_CIPHERS = "ECDHE+AESGCM"
+
+class LiveServerContext(ssl.SSLContext):
+    """A server context whose connections take the latest context of ``source``."""
+
+    source: ReloadingContext
+
+    def wrap_bio(self, *args: Any, **kwargs: Any) -> ssl.SSLObject:
+        return self.source.context().wrap_bio(*args, **kwargs)
+
+    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        return self.source.context().wrap_socket(*args, **kwargs)
 
 
-def server_context(options: NodeOptions, source: str = "node.yaml") -> ssl.SSLContext:
-    """The context uvicorn serves HTTPS with; ``source`` names where the keys were set."""
-    cert, key = options.tls_cert_file, options.tls_key_file
-    if cert is None or key is None:
-        raise ConfigError(source, "tls_cert_file", "HTTPS needs tls_cert_file and tls_key_file")
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_ciphers(TLS12_CIPHERS)
-    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
-    _readable(cert, source, "tls_cert_file")
-    _readable(key, source, "tls_key_file")
+def web_server_context(options: NodeOptions, source: str = "node.yaml") -> LiveServerContext:
+    """The context uvicorn serves HTTPS with; a file that does not load, or a client
+    certificate asked for without ``tls_ca_file``, is a :class:`ConfigError` from ``source``."""
+    mode = options.web_tls_client_cert
+    files = TLSFiles(
+        options.tls_cert_file, options.tls_key_file, options.tls_ca_file if mode != "none" else None
+    )
+    if mode != "none" and files.ca_file is None:
+        raise ConfigError(source, "web_tls_client_cert", f"{mode!r} needs tls_ca_file")
+
+    def build() -> ssl.SSLContext:
+        return server_context(files, require_client_cert=mode == "required")
+
     try:
-        context.load_cert_chain(str(cert), str(key))
-    except (ssl.SSLError, ValueError) as exc:
-        raise ConfigError(
-            source, "tls_key_file", f"not a PEM key that fits tls_cert_file: {exc}"
-        ) from exc
-    if options.tls_ca_file is not None:
-        _readable(options.tls_ca_file, source, "tls_ca_file")
-        try:
-            context.load_verify_locations(cafile=str(options.tls_ca_file))
-        except ssl.SSLError as exc:
-            raise ConfigError(source, "tls_ca_file", f"not a PEM CA bundle: {exc}") from exc
-        context.verify_mode = (
-            ssl.CERT_REQUIRED if options.tls_require_client_cert else ssl.CERT_OPTIONAL
-        )
-    elif options.tls_require_client_cert:
-        raise ConfigError(source, "tls_ca_file", "tls_require_client_cert needs a CA bundle")
-    return context
-
-
-def _readable(path: Path, source: str, key: str) -> None:
-    try:
-        with path.open("rb"):
-            pass
-    except OSError as exc:
-        raise ConfigError(source, key, f"cannot read {path}: {exc.strerror}") from exc
+        reloading = ReloadingContext(build, files.paths())
+    except TLSFileError as exc:
+        raise ConfigError(source, exc.key, exc.reason) from exc
+    live = LiveServerContext(ssl.PROTOCOL_TLS_SERVER)
+    live.source = reloading
+    return live
