@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import re
 import socket
 from pathlib import Path
 
@@ -25,17 +26,37 @@ class InvalidAuditMessage(ValueError):
     """A message the PS3.15 schema refuses (a defect of the builder, never of the input)."""
 
 
+# what XML 1.0 cannot carry (C0 controls but tab, CR, LF; surrogates; U+FFFE, U+FFFF)
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def xml_safe(text: str) -> str:
+    """``text`` with each character XML cannot hold replaced by U+FFFD: a PatientID or an AE
+    title is peer input, and a control character in one must not cost the event."""
+    return _NOT_XML.sub("\ufffd", text)
+
+
+def _set(element: etree._Element, name: str, value: str) -> None:
+    element.set(name, xml_safe(value))
+
+
+def _text(parent: etree._Element, tag: str, value: str) -> etree._Element:
+    element = etree.SubElement(parent, tag)
+    element.text = xml_safe(value)
+    return element
+
+
 def _coded(parent: etree._Element, tag: str, code: Code) -> etree._Element:
     element = etree.SubElement(parent, tag)
-    element.set("csd-code", code.code)
-    element.set("codeSystemName", code.scheme)
-    element.set("originalText", code.meaning)
+    _set(element, "csd-code", code.code)
+    _set(element, "codeSystemName", code.scheme)
+    _set(element, "originalText", code.meaning)
     return element
 
 
 def _token(text: str) -> str:
     """xsd:token has no leading, trailing or repeated white space."""
-    return " ".join(text.split()) or "-"
+    return " ".join(xml_safe(text).split()) or "-"
 
 
 def build(event: AuditEvent, source_id: str | None = None) -> bytes:
@@ -49,16 +70,16 @@ def build(event: AuditEvent, source_id: str | None = None) -> bytes:
     for code in event.types:
         _coded(ident, "EventTypeCode", code)
     if event.description:
-        etree.SubElement(ident, "EventOutcomeDescription").text = event.description
+        _text(ident, "EventOutcomeDescription", event.description)
     for p in event.participants:
         active = etree.SubElement(root, "ActiveParticipant")
         if p.role is not None:
             _coded(active, "RoleIDCode", p.role)
-        active.set("UserID", p.user_id)
+        _set(active, "UserID", p.user_id)
         if p.alternative_id:
-            active.set("AlternativeUserID", p.alternative_id)
+            _set(active, "AlternativeUserID", p.alternative_id)
         if p.name:
-            active.set("UserName", p.name)
+            _set(active, "UserName", p.name)
         active.set("UserIsRequestor", "true" if p.requestor else "false")
         if p.address:
             active.set("NetworkAccessPointID", _token(p.address))
@@ -76,16 +97,16 @@ def build(event: AuditEvent, source_id: str | None = None) -> bytes:
         for kind, value in o.details:
             detail = etree.SubElement(obj, "ParticipantObjectDetail")
             detail.set("type", _token(kind))
-            detail.set("value", base64.b64encode(value.encode("utf-8")).decode("ascii"))
+            _set(detail, "value", base64.b64encode(xml_safe(value).encode("utf-8")).decode("ascii"))
         if o.description:
             etree.SubElement(obj, "ParticipantObjectDescription").text = _token(o.description)
         for uid, count in o.sop_classes:
             sop = etree.SubElement(obj, "SOPClass")
-            sop.set("UID", uid)
+            _set(sop, "UID", uid)
             sop.set("NumberOfInstances", str(count))
         obj.set("ParticipantObjectID", _token(o.object_id))
-        obj.set("ParticipantObjectTypeCode", o.type_code)
-        obj.set("ParticipantObjectTypeCodeRole", o.role)
+        _set(obj, "ParticipantObjectTypeCode", o.type_code)
+        _set(obj, "ParticipantObjectTypeCodeRole", o.role)
     return etree.tostring(root, encoding="utf-8")
 
 

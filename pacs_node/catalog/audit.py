@@ -6,6 +6,7 @@ Rows are appended and never removed (retention leaves this table alone); only
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -14,6 +15,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from pacs_node.audit.events import AuditEvent, StudyObject, participants_json
+from pacs_node.audit.message import build
 from pacs_node.catalog.models import (
     AuditRecord,
     Delivery,
@@ -25,6 +27,8 @@ from pacs_node.catalog.models import (
     StudyEvent,
     utcnow,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,41 @@ def add_events(session: Session, items: Sequence[tuple[AuditEvent, bytes]]) -> N
                 message=xml.decode("utf-8"),
             )
         )
+
+
+def add_events_within(session: Session, events: Sequence[AuditEvent]) -> int:
+    """Append ``events`` in the caller's transaction (a settle, a purge) without ever putting
+    it at risk: each is built first, then all are written in a savepoint. One that cannot be
+    built or written is logged at ERROR (its code and the error's class, never its content:
+    that quotes patient IDs) and left out; what is audited commits. The count recorded."""
+    built: list[tuple[AuditEvent, bytes]] = []
+    for event in events:
+        try:
+            built.append((event, build(event)))
+        except Exception as exc:  # a builder defect: never the settle's or the purge's fault
+            _not_recorded(event, exc)
+    if not built:
+        return 0
+    try:
+        with session.begin_nested():
+            add_events(session, built)
+            session.flush()
+    except Exception as exc:
+        for event, _ in built:
+            _not_recorded(event, exc)
+        return 0
+    return len(built)
+
+
+def _not_recorded(event: AuditEvent, exc: BaseException) -> None:
+    log.error(
+        "audit event not recorded",
+        extra={
+            "event_id": event.event_id.code,
+            "action": event.action,
+            "error": type(exc).__name__,
+        },
+    )
 
 
 def _row(record: AuditRecord) -> AuditRow:

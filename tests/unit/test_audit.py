@@ -290,3 +290,40 @@ def test_forwarder_refuses_a_collector_it_cannot_verify(catalog: Catalog, tmp_pa
             assert len(unsent(session)) == 1
     finally:
         collector.stop()
+
+
+def test_control_characters_in_peer_input_never_cost_the_event() -> None:
+    hostile = events.StudyObject("1.2.3", "PID\x07X", ((CT, 1),))
+    for event in (
+        events.study_received("PACSNODE", "EVIL\x01AE", hostile),
+        events.security_alert("PACSNODE", "hostile-pdu", "10.0.0.9", "bad\x00pdu\ud800"),
+    ):
+        xml = build(event)
+        validate(xml)
+        assert "\ufffd" in xml.decode("utf-8")
+
+
+def test_an_audit_failure_never_undoes_the_transaction_it_rides_in(
+    catalog: Catalog, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pacs_node.catalog import audit as catalog_audit
+
+    good = KINDS["start"]()
+    with catalog.sessions.begin() as session:
+        catalog_audit.add_events(session, [(good, build(good))])  # stands for the settle
+        monkeypatch.setattr(catalog_audit, "build", _raise)
+        assert catalog_audit.add_events_within(session, [KINDS["read"]()]) == 0
+        monkeypatch.undo()
+
+        def broken_add(*_args: object) -> None:
+            raise RuntimeError("database refused")
+
+        monkeypatch.setattr(catalog_audit, "add_events", broken_add)
+        assert catalog_audit.add_events_within(session, [KINDS["read"]()]) == 0
+    with catalog.sessions() as session:
+        assert [r.event_id for r in list_events(session)] == ["110100"]
+    assert [r.getMessage() for r in caplog.records].count("audit event not recorded") == 2
+
+
+def _raise(*_args: object) -> bytes:
+    raise ValueError("not XML")
