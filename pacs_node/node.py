@@ -128,10 +128,13 @@ class Node:
             "storage scp": self.scp.alive,
             "recorder": self.recorder.alive,
             "job workers": self._job_workers_alive,
+            "audit trail": self.audit.alive,
         }
+        if self.syslog is not None:
+            readiness["audit syslog"] = self.syslog.alive
         # Bound here, so a port in use fails the start before anything runs.
         self.doors = open_doors(
-            NodeParts(settings, self.catalog, self.spool, self.receiver, readiness)
+            NodeParts(settings, self.catalog, self.spool, self.receiver, self.audit, readiness)
         )
         self._ending = threading.Lock()  # the graceful end and the forced one exclude each other
         self._exit_code: int | None = None  # set once the graceful stop is over

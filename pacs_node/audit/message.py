@@ -124,3 +124,17 @@ def validate(xml: bytes) -> None:
     checker = schema()
     if not checker.validate(document):
         raise InvalidAuditMessage(str(checker.error_log.last_error))
+
+
+def violation(xml: bytes) -> str | None:
+    """Where ``xml`` departs from the schema (an element path, never a value: values hold
+    patient IDs), None when it is valid."""
+    try:
+        document = etree.fromstring(xml)
+    except etree.XMLSyntaxError:
+        return "not XML"
+    checker = schema()
+    if checker.validate(document):
+        return None
+    error = checker.error_log.last_error
+    return error.path if error is not None and error.path else "AuditMessage"

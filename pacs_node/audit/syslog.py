@@ -27,8 +27,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy.exc import SQLAlchemyError
-
 from pacs_node.catalog.audit import mark_forwarded, unsent
 from pacs_node.catalog.db import Catalog
 
@@ -180,7 +178,7 @@ class SyslogForwarder:
                 self.send_pending()
                 failures = 0
                 delay = POLL_S
-            except (OSError, SQLAlchemyError) as exc:
+            except Exception as exc:  # any: the forwarder never ends but at stop
                 delay = BACKOFF_S[min(failures, len(BACKOFF_S) - 1)]
                 if failures == 0:
                     log.warning(

@@ -17,7 +17,7 @@ from pacs_node.audit import events
 from pacs_node.audit.message import InvalidAuditMessage, build, validate
 from pacs_node.audit.syslog import Collector, SyslogForwarder, format_message, frame
 from pacs_node.audit.trail import AuditTrail, record_now
-from pacs_node.catalog.audit import list_events, unsent
+from pacs_node.catalog.audit import AuditRow, list_events, unsent
 from pacs_node.catalog.db import Catalog, open_catalog
 from pacs_node.services.audit import parse_since, read_audit_log
 from pacs_node.web.audit import classify
@@ -327,3 +327,60 @@ def test_an_audit_failure_never_undoes_the_transaction_it_rides_in(
 
 def _raise(*_args: object) -> bytes:
     raise ValueError("not XML")
+
+
+def test_floods_are_queued_folded_per_key_and_summed_up_when_the_window_ends(
+    catalog: Catalog,
+) -> None:
+    trail = AuditTrail(catalog, "PACSNODE")
+    trail.folds.window_s = 0.3
+    trail.start()
+    for _ in range(30):  # a flood of bad tokens from one address: one row, then a count
+        trail.sign_in_refused(None, "10.0.0.5", "API token refused")
+    trail.sign_in_refused("ana", "10.0.0.6", "sign-in refused")
+    for ae in ("CT1", "CT2", "CT1"):  # the calling AE is part of an alert's key
+        trail.security_alert("node-authentication", "10.0.0.7", "rejected", ae)
+
+    def rows() -> list[AuditRow]:
+        with catalog.sessions() as session:
+            return list_events(session)
+
+    # the counts arrive when their windows end, with no later event to carry them
+    assert wait_for(lambda: len(rows()) == 6, timeout=10)
+    trail.stop()
+    got = rows()
+    assert [(r.event_id, r.actor) for r in got[:4]] == [
+        ("110114", "unknown user"),
+        ("110114", "ana"),
+        ("110113", "CT1"),
+        ("110113", "CT2"),
+    ]
+    summaries = {r.actor: r.description for r in got[4:]}
+    assert summaries["unknown user"] == "API token refused (and 29 more like it)"
+    assert "(and 1 more like it)" in (summaries["CT1"] or "")
+
+
+def test_the_writer_survives_any_error_and_keeps_the_event(
+    catalog: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pacs_node.audit import trail as trail_module
+
+    real = trail_module.add_events
+    calls = []
+
+    def flaky(session: object, items: object) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("unexpected")
+        real(session, items)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(trail_module, "add_events", flaky)
+    trail = AuditTrail(catalog, "PACSNODE")
+    trail.listeners.append(lambda: 1 / 0)  # a broken listener neither
+    trail.start()
+    trail.record(KINDS["start"]())
+    assert trail.wait_idle(10)
+    assert trail.alive()
+    trail.stop()
+    with catalog.sessions() as session:
+        assert [r.event_id for r in list_events(session)] == ["110100"]

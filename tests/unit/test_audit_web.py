@@ -26,6 +26,10 @@ def test_web_reads_searches_and_changes_are_audited(api_node: Populated) -> None
     with api_node.web.client(None) as anonymous:
         refused = anonymous.get("/api/studies", headers={"Authorization": "Bearer nonsense"})
         assert refused.status_code == 401
+        # a password typed into the name field is never kept; an account's name is
+        for name in ("s3cret-typed-as-name", "test-operator"):
+            basic = anonymous.get("/dicomweb/studies", auth=(name, "wrong"))
+            assert basic.status_code == 401
     with api_node.web.client(Role.ADMIN) as admin:
         assert admin.get("/api/audit", params={"since": "yesterday"}).status_code == 422
         listed = admin.get("/api/audit", params={"since": "1h"})
@@ -44,7 +48,9 @@ def test_web_reads_searches_and_changes_are_audited(api_node: Populated) -> None
     assert sum(1 for e in reads if e["description"] == "api") == 1
     assert f"study:{a}" in reads[0]["participants"]
     assert "patient:PID-A" in reads[0]["participants"]
-    assert ("110114", "110122", "bearer-token", 4) in seen  # the refused token
+    assert ("110114", "110122", "unknown user", 4) in seen  # the refused token
+    assert ("110114", "110122", "test-operator", 4) in seen
+    assert not any("s3cret" in str(e) for e in events)
     assert ("110113", "110136", "user:test-setup", 0) in seen  # the test's users were made
     assert ("110113", "110137", "user:test-setup", 0) in seen  # ... with tokens
     assert seen[-1][:3] == ("110101", None, "user:test-admin")
