@@ -3,7 +3,10 @@ and its validation against the standard's schema (A.5.1, shipped in ``schema/``)
 
 Element order follows the schema (it is a RELAX NG group); times are ``xsd:dateTime`` with the
 UTC offset; the AuditSourceID is the host the node runs on (``socket.gethostname()``), with
-source type 4, Application Server process tier.
+source type 4 (Application Server process or thread: a value of the schema's own list, so it
+carries no coding scheme). Each participant object carries the schema's mandatory choice of a
+name (the patient's name for the patient: the audit trail holds PHI by design) or a query,
+and a study's accession number and SOP classes in a ParticipantObjectDescription.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from lxml import etree
 from pacs_node.audit.events import AuditEvent, Code
 
 SCHEMA_FILE = Path(__file__).parent / "schema" / "audit-message.rng"
-SOURCE_TYPE = Code("4", "Application Server process tier", "DCM")
+SOURCE_TYPE = "4"  # Application Server process or thread (A.5.1.2.1)
 
 
 class InvalidAuditMessage(ValueError):
@@ -75,6 +78,8 @@ def build(event: AuditEvent, source_id: str | None = None) -> bytes:
         active = etree.SubElement(root, "ActiveParticipant")
         if p.role is not None:
             _coded(active, "RoleIDCode", p.role)
+        if p.media_type is not None:
+            _coded(etree.SubElement(active, "MediaIdentifier"), "MediaType", p.media_type)
         _set(active, "UserID", p.user_id)
         if p.alternative_id:
             _set(active, "AlternativeUserID", p.alternative_id)
@@ -86,24 +91,27 @@ def build(event: AuditEvent, source_id: str | None = None) -> bytes:
             active.set("NetworkAccessPointTypeCode", p.address_type)
     source = etree.SubElement(root, "AuditSourceIdentification")
     source.set("AuditSourceID", _token(source_id or socket.gethostname()))
-    _coded(source, "AuditSourceTypeCode", SOURCE_TYPE)
+    etree.SubElement(source, "AuditSourceTypeCode").set("csd-code", SOURCE_TYPE)
     for o in event.objects:
         obj = etree.SubElement(root, "ParticipantObjectIdentification")
         _coded(obj, "ParticipantObjectIDTypeCode", o.id_type)
         if o.query is not None:
-            etree.SubElement(obj, "ParticipantObjectQuery").text = base64.b64encode(o.query).decode(
-                "ascii"
-            )
+            query = base64.b64encode(o.query).decode("ascii")
+            etree.SubElement(obj, "ParticipantObjectQuery").text = query
+        else:  # the schema's mandatory choice: a name when there is no query
+            etree.SubElement(obj, "ParticipantObjectName").text = _token(o.name or o.object_id)
         for kind, value in o.details:
             detail = etree.SubElement(obj, "ParticipantObjectDetail")
             detail.set("type", _token(kind))
             _set(detail, "value", base64.b64encode(xml_safe(value).encode("utf-8")).decode("ascii"))
-        if o.description:
-            etree.SubElement(obj, "ParticipantObjectDescription").text = _token(o.description)
-        for uid, count in o.sop_classes:
-            sop = etree.SubElement(obj, "SOPClass")
-            _set(sop, "UID", uid)
-            sop.set("NumberOfInstances", str(count))
+        if o.accession or o.sop_classes:
+            description = etree.SubElement(obj, "ParticipantObjectDescription")
+            if o.accession:
+                etree.SubElement(description, "Accession").set("Number", _token(o.accession))
+            for uid, count in o.sop_classes:
+                sop = etree.SubElement(description, "SOPClass")
+                _set(sop, "UID", _token(uid))
+                sop.set("NumberOfInstances", str(count))
         obj.set("ParticipantObjectID", _token(o.object_id))
         _set(obj, "ParticipantObjectTypeCode", o.type_code)
         _set(obj, "ParticipantObjectTypeCodeRole", o.role)

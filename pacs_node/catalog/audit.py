@@ -177,17 +177,20 @@ def study_object(session: Session, study_uid: str) -> StudyObject | None:
         study.patient_id,
         tuple((str(uid), int(n)) for uid, n in counts),
         study.accession_number,
+        study.patient_name,
     )
 
 
 def job_study(session: Session, job_id: int) -> StudyObject | None:
     """The study a job's results belong to (no instance counts: results are counted apart)."""
     row = session.execute(
-        select(Study.study_uid, Study.patient_id)
+        select(Study.study_uid, Study.patient_id, Study.accession_number, Study.patient_name)
         .join(Job, Job.study_id == Study.id)
         .where(Job.id == job_id)
     ).first()
-    return None if row is None else StudyObject(str(row[0]), row[1])
+    if row is None:
+        return None
+    return StudyObject(str(row[0]), row[1], accession=row[2], patient_name=row[3])
 
 
 def delivery_study(session: Session, delivery_id: int) -> StudyObject | None:

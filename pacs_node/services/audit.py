@@ -124,7 +124,6 @@ def audit_operation(
     as DICOM Instances Accessed (110103, see :mod:`pacs_node.audit.events`); never raises."""
     if study_uid is None and job_id is None and delivery_id is None:
         raise ValueError("an operation names a study, a job or a delivery")
-    fallback = study_uid or (f"job-{job_id}" if job_id is not None else f"delivery-{delivery_id}")
     found: StudyObject | None = None
     try:
         with catalog.sessions() as session:
@@ -139,7 +138,9 @@ def audit_operation(
             "study of an operation not found for its audit event",
             extra={"error": type(exc).__name__},
         )
-    study = found or StudyObject(fallback)
+    # a study named but not in the catalog is still that study; a job's or a delivery's that
+    # is gone is left out (its number is in the description), never given a made-up UID
+    study = found or (StudyObject(study_uid) if study_uid is not None else None)
     text = detail or operation
     if job_id is not None:
         text += f" (job {job_id})"

@@ -3,9 +3,11 @@ AuditMessage that the shipped schema accepts; syslog framing; recording; the dur
 
 from __future__ import annotations
 
+import os
 import re
 import ssl
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -19,13 +21,13 @@ from pacs_node.audit.syslog import Collector, SyslogForwarder, format_message, f
 from pacs_node.audit.trail import AuditTrail, record_now
 from pacs_node.catalog.audit import AuditRow, list_events, unsent
 from pacs_node.catalog.db import Catalog, open_catalog
-from pacs_node.services.audit import parse_since, read_audit_log
+from pacs_node.services.audit import audit_operation, parse_since, read_audit_log
 from pacs_node.web.audit import classify
 from tests.conftest import free_port, wait_for
 from tests.syslog_collector import SyslogCollector, make_pki, payload, read_frames
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
-STUDY = events.StudyObject("1.2.826.0.1.3680043.8.498.1", "PID-7", ((CT, 3),))
+STUDY = events.StudyObject("1.2.826.0.1.3680043.8.498.1", "PID-7", ((CT, 3),), "ACC-1", "Doe^Jane")
 
 KINDS: dict[str, Callable[[], events.AuditEvent]] = {
     "association accepted": lambda: events.association(
@@ -113,32 +115,63 @@ def test_study_and_patient_objects_follow_the_standard() -> None:
         "2",
         "3",
     )
-    sop = study.find("SOPClass")
+    assert study.find("SOPClass") is None  # only inside a ParticipantObjectDescription
+    described = study.find("ParticipantObjectDescription")
+    assert described is not None
+    sop = described.find("SOPClass")
     assert sop is not None
     assert (sop.get("UID"), sop.get("NumberOfInstances")) == (CT, "3")
+    assert described.find("Accession").get("Number") == "ACC-1"  # type: ignore[union-attr]
     assert patient.get("ParticipantObjectID") == "PID-7"
+    assert patient.findtext("ParticipantObjectName") == "Doe^Jane"  # PHI, by design
     assert patient.find("ParticipantObjectIDTypeCode").get("csd-code") == "2"  # type: ignore[union-attr]
     assert (
         patient.get("ParticipantObjectTypeCode"),
         patient.get("ParticipantObjectTypeCodeRole"),
     ) == ("1", "1")
+    source_type = root.find("AuditSourceIdentification/AuditSourceTypeCode")
+    assert source_type is not None
+    assert dict(source_type.attrib) == {"csd-code": "4"}  # the schema's own value, no scheme
     accepted = etree.fromstring(build(KINDS["association accepted"]()))
-    peer = accepted.findall("ActiveParticipant")[0]
+    peer, node = accepted.findall("ActiveParticipant")
     assert peer.get("UserID") == "CT1"
-    assert peer.get("AlternativeUserID") == "CN=ct1,O=Hospital"  # the TLS identity
+    assert peer.get("AlternativeUserID") == "AETITLES=CT1"
+    assert peer.get("UserName") == "CN=ct1,O=Hospital"  # the TLS identity
+    assert node.get("UserID") == str(os.getpid())  # the process; its AE title apart
+    assert node.get("AlternativeUserID") == "AETITLES=PACSNODE"
     assert (peer.get("NetworkAccessPointID"), peer.get("NetworkAccessPointTypeCode")) == (
         "10.0.0.1",
         "2",
+    )
+    export = etree.fromstring(build(KINDS["FHIR export failed"]()))
+    media = export.findall("ActiveParticipant")[1]
+    assert media.find("RoleIDCode").get("csd-code") == "110154"  # type: ignore[union-attr]
+    assert media.find("MediaIdentifier/MediaType").get("csd-code") == "110037"  # type: ignore[union-attr]
+    query = etree.fromstring(build(KINDS["query"]())).find("ParticipantObjectIdentification")
+    assert query is not None
+    assert query.get("ParticipantObjectTypeCodeRole") == "3"
+    assert query.findtext("ParticipantObjectQuery") == "L3N0dWRpZXM/UGF0aWVudElEPTE="
+    log_used = etree.fromstring(build(KINDS["audit log used"]()))
+    assert log_used.findtext("ParticipantObjectIdentification/ParticipantObjectName") == (
+        "Security Audit Log"
     )
 
 
 def test_the_schema_refuses_what_the_standard_refuses() -> None:
     good = build(KINDS["start"]())
     validate(good)
+    studied = build(events.study_received("PACSNODE", "CT1", replace(STUDY, patient_name=None)))
+    validate(studied)
     broken = [
         good.replace(b'EventOutcomeIndicator="0"', b'EventOutcomeIndicator="3"'),
         re.sub(rb"<ActiveParticipant[^>]*>(.*?</ActiveParticipant>)?", b"", good),
         good.replace(b"<AuditSourceIdentification", b"<AuditSource"),
+        good.replace(b'csd-code="4"/>', b'csd-code="4" codeSystemName="DCM"/>'),  # half a code
+        studied.replace(b"<ParticipantObjectName>PID-7</ParticipantObjectName>", b""),
+        studied.replace(b"<ParticipantObjectDescription>", b"").replace(
+            b"</ParticipantObjectDescription>", b""
+        ),
+        studied.replace(b'TypeCodeRole="1"', b'TypeCodeRole="27"'),
         b"<AuditMessage/>",
         b"not xml",
     ]
@@ -384,3 +417,12 @@ def test_the_writer_survives_any_error_and_keeps_the_event(
     trail.stop()
     with catalog.sessions() as session:
         assert [r.event_id for r in list_events(session)] == ["110100"]
+
+
+def test_an_operation_on_a_job_gone_names_no_made_up_study(catalog: Catalog) -> None:
+    audit_operation(catalog, Actor.user("ana"), "retry", job_id=12)
+    with catalog.sessions() as session:
+        (row,) = list_events(session)
+    assert row.participants == ["user:ana"]
+    assert row.description == "retry (job 12)"
+    validate(row.message.encode())
