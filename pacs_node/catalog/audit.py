@@ -132,14 +132,38 @@ def _row(record: AuditRecord) -> AuditRow:
     )
 
 
+@dataclass(frozen=True)
+class AuditPage:
+    """A page of the trail, oldest first. ``truncated``: more matched than the limit let in:
+    older ones (a page of the newest) or newer ones (a page after an id: go on from
+    ``rows[-1].id``)."""
+
+    rows: list[AuditRow]
+    truncated: bool
+
+
 def list_events(
-    session: Session, since: datetime | None = None, limit: int = 10_000
-) -> list[AuditRow]:
-    """Events in the order they were recorded, from ``since`` (aware) on."""
-    query = select(AuditRecord).order_by(AuditRecord.id).limit(limit)
+    session: Session,
+    since: datetime | None = None,
+    limit: int = 1000,
+    *,
+    after_id: int | None = None,
+) -> AuditPage:
+    """The newest ``limit`` events from ``since`` (aware) on; with ``after_id``, the first
+    ``limit`` after that id instead (a cursor: walk the trail from its start with 0)."""
+    query = select(AuditRecord)
     if since is not None:
         query = query.where(AuditRecord.at >= since)
-    return [_row(r) for r in session.scalars(query)]
+    if after_id is not None:
+        query = query.where(AuditRecord.id > after_id).order_by(AuditRecord.id)
+    else:
+        query = query.order_by(AuditRecord.id.desc())
+    found = [_row(r) for r in session.scalars(query.limit(limit + 1))]
+    truncated = len(found) > limit
+    rows = found[:limit]
+    if after_id is None:
+        rows.reverse()
+    return AuditPage(rows, truncated)
 
 
 def unsent(session: Session, limit: int = 100) -> list[tuple[int, str]]:

@@ -248,7 +248,7 @@ def test_trail_records_in_order_and_folds_alert_floods(catalog: Catalog) -> None
     assert trail.wait_idle(10)
     trail.stop()  # writes the folded repeats
     with catalog.sessions() as session:
-        rows = list_events(session)
+        rows = list_events(session).rows
     assert [r.event_id for r in rows] == ["110100"] + ["110113"] * 4
     assert [r.event_type for r in rows[1:4]] == ["110132", "110132", "110126"]
     assert "and 49 more like it" in (rows[-1].description or "") + (rows[-2].description or "")
@@ -260,12 +260,12 @@ def test_trail_records_in_order_and_folds_alert_floods(catalog: Catalog) -> None
 
 def test_reading_the_trail_is_audited(catalog: Catalog) -> None:
     assert record_now(catalog, KINDS["study received"]())
-    rows = read_audit_log(catalog, Actor.user("officer"))
+    rows = read_audit_log(catalog, Actor.user("officer")).rows
     assert [r.event_id for r in rows] == ["110104", "110101"]
     assert rows[1].actor == "user:officer"
     assert rows[0].participants == ["CT1", "PACSNODE", f"study:{STUDY.study_uid}", "patient:PID-7"]
     later = read_audit_log(catalog, Actor.user("officer"), datetime.now(UTC) + timedelta(hours=1))
-    assert later == []
+    assert later.rows == []
 
 
 def test_forwarder_keeps_events_while_the_collector_is_away(
@@ -354,7 +354,7 @@ def test_an_audit_failure_never_undoes_the_transaction_it_rides_in(
         monkeypatch.setattr(catalog_audit, "add_events", broken_add)
         assert catalog_audit.add_events_within(session, [KINDS["read"]()]) == 0
     with catalog.sessions() as session:
-        assert [r.event_id for r in list_events(session)] == ["110100"]
+        assert [r.event_id for r in list_events(session).rows] == ["110100"]
     assert [r.getMessage() for r in caplog.records].count("audit event not recorded") == 2
 
 
@@ -376,7 +376,7 @@ def test_floods_are_queued_folded_per_key_and_summed_up_when_the_window_ends(
 
     def rows() -> list[AuditRow]:
         with catalog.sessions() as session:
-            return list_events(session)
+            return list_events(session).rows
 
     # the counts arrive when their windows end, with no later event to carry them
     assert wait_for(lambda: len(rows()) == 6, timeout=10)
@@ -416,13 +416,52 @@ def test_the_writer_survives_any_error_and_keeps_the_event(
     assert trail.alive()
     trail.stop()
     with catalog.sessions() as session:
-        assert [r.event_id for r in list_events(session)] == ["110100"]
+        assert [r.event_id for r in list_events(session).rows] == ["110100"]
 
 
 def test_an_operation_on_a_job_gone_names_no_made_up_study(catalog: Catalog) -> None:
     audit_operation(catalog, Actor.user("ana"), "retry", job_id=12)
     with catalog.sessions() as session:
-        (row,) = list_events(session)
+        (row,) = list_events(session).rows
     assert row.participants == ["user:ana"]
     assert row.description == "retry (job 12)"
     validate(row.message.encode())
+
+
+def test_the_trail_pages_from_the_newest_and_says_when_it_left_some_out(
+    catalog: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for _ in range(5):
+        assert record_now(catalog, KINDS["start"]())
+    officer = Actor.user("officer")
+    newest = read_audit_log(catalog, officer, limit=3)  # its own 110101 is the newest
+    assert newest.truncated
+    assert [r.event_id for r in newest.rows] == ["110100", "110100", "110101"]
+    assert newest.rows[0].id == 4
+    first = read_audit_log(catalog, officer, limit=4, after_id=0)
+    assert ([r.id for r in first.rows], first.truncated) == ([1, 2, 3, 4], True)
+    rest = read_audit_log(catalog, officer, limit=4, after_id=4)
+    assert ([r.id for r in rest.rows], rest.truncated) == ([5, 6, 7, 8], False)  # reads too
+    from pacs_node.services import audit as service
+
+    monkeypatch.setattr(service, "record_now", lambda *_: False)
+    with pytest.raises(service.AuditUnavailable):  # no reading the trail unseen
+        read_audit_log(catalog, officer)
+
+
+def test_a_message_off_the_schema_is_kept_and_said(
+    catalog: Catalog, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pacs_node.audit import trail as trail_module
+
+    monkeypatch.setattr(trail_module, "build", lambda _e: b"<AuditMessage/>")
+    trail = AuditTrail(catalog, "PACSNODE")
+    trail.start()
+    trail.record(KINDS["read"]())
+    assert trail.wait_idle(10)
+    trail.stop()
+    with catalog.sessions() as session:
+        assert [r.message for r in list_events(session).rows] == ["<AuditMessage/>"]
+    (said,) = [r for r in caplog.records if "schema" in r.getMessage()]
+    assert said.event_id == "110103"
+    assert "PID-7" not in str(said.__dict__)

@@ -34,7 +34,12 @@ def test_web_reads_searches_and_changes_are_audited(api_node: Populated) -> None
         assert admin.get("/api/audit", params={"since": "yesterday"}).status_code == 422
         listed = admin.get("/api/audit", params={"since": "1h"})
         assert listed.status_code == 200, listed.text
-        events = listed.json()
+        page = listed.json()
+        assert page["truncated"] is False
+        events = page["events"]
+        first = admin.get("/api/audit", params={"after_id": 0, "limit": 2}).json()
+        assert first["truncated"] is True
+        assert [e["id"] for e in first["events"]] == [1, 2]
     seen = [(e["event_id"], e["event_type"], e["actor"], e["outcome"]) for e in events]
     operator_name = "user:test-operator"
     assert ("110112", None, operator_name, 0) in seen  # API search and QIDO-RS
@@ -55,5 +60,5 @@ def test_web_reads_searches_and_changes_are_audited(api_node: Populated) -> None
     assert ("110113", "110137", "user:test-setup", 0) in seen  # ... with tokens
     assert seen[-1][:3] == ("110101", None, "user:test-admin")
     with api_node.web.catalog.sessions() as session:
-        for row in list_events(session):
+        for row in list_events(session).rows:
             validate(row.message.encode())
