@@ -226,6 +226,7 @@ def test_web_paths_are_classified() -> None:
     assert classify(f"/studies/{uid}/jobs/3/viewer") == ("read", f"viewer:{uid}")
     assert classify(f"/api/studies/{uid}") == ("read", f"api:{uid}")
     assert classify("/studies/rows") == ("query", None)
+    assert classify("/") == ("query", None)  # the dashboard lists patients' names
     assert classify("/api/studies") == ("query", None)
     assert classify("/healthz") == ("", None)
 
