@@ -166,15 +166,16 @@ def list_events(
     return AuditPage(rows, truncated)
 
 
-def unsent(session: Session, limit: int = 100) -> list[tuple[int, str]]:
-    """The oldest messages the collector has not yet taken: (id, XML), in order."""
+def unsent(session: Session, limit: int = 100) -> list[tuple[int, str, datetime]]:
+    """The oldest messages the collector has not yet taken: (id, XML, the event's time with
+    its offset), in order."""
     query = (
-        select(AuditRecord.id, AuditRecord.message)
+        select(AuditRecord.id, AuditRecord.message, AuditRecord.event_time)
         .where(AuditRecord.forwarded_at.is_(None))
         .order_by(AuditRecord.id)
         .limit(limit)
     )
-    return [(int(i), str(m)) for i, m in session.execute(query)]
+    return [(int(i), str(m), datetime.fromisoformat(t)) for i, m, t in session.execute(query)]
 
 
 def mark_forwarded(session: Session, ids: Sequence[int]) -> None:

@@ -296,8 +296,15 @@ def test_forwarder_keeps_events_while_the_collector_is_away(
         ]
         for message in got:
             validate(payload(message))
+        # the syslog TIMESTAMP is the event's time, as the message's EventDateTime says
         with catalog.sessions() as session:
             assert unsent(session) == []
+            recorded = list_events(session).rows
+        stamps = [datetime.fromisoformat(m.split(b" ")[1].decode()) for m in got]
+        times = [datetime.fromisoformat(r.time) for r in recorded]
+        assert all(
+            abs(s - t) < timedelta(milliseconds=1) for s, t in zip(stamps, times, strict=True)
+        )
         # The collector restarts: the idle connection's EOF is seen, the next event goes out
         # on a new connection to the new collector.
         collector.stop()
@@ -466,3 +473,28 @@ def test_a_message_off_the_schema_is_kept_and_said(
     (said,) = [r for r in caplog.records if "schema" in r.getMessage()]
     assert said.event_id == "110103"
     assert "PID-7" not in str(said.__dict__)
+
+
+def test_a_collector_file_that_does_not_load_is_a_config_error(tmp_path: Path) -> None:
+    from pacs_node.config import NodeOptions, Settings
+    from pacs_node.errors import ConfigError
+    from pacs_node.node import Node
+
+    garbage = tmp_path / "ca.pem"
+    garbage.write_text("not a certificate")
+    pki = make_pki(tmp_path / "pki")
+    cases = [
+        ({"audit_syslog_ca_file": str(tmp_path / "missing.pem")}, "audit_syslog_ca_file"),
+        ({"audit_syslog_ca_file": str(garbage)}, "audit_syslog_ca_file"),
+        (
+            {"audit_syslog_ca_file": str(pki.ca_file), "audit_syslog_cert_file": str(garbage)},
+            "audit_syslog_cert_file",
+        ),
+    ]
+    for files, key in cases:
+        options = NodeOptions(
+            data_dir=tmp_path / "var", audit_syslog_host="127.0.0.1", fsync=False, **files
+        )
+        with pytest.raises(ConfigError) as refused:
+            Node(Settings(node=options))
+        assert (refused.value.key, refused.value.source.endswith("node.yaml")) == (key, True)
