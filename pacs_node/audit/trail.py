@@ -182,7 +182,8 @@ class AuditTrail:
                 repeats=repeats,
             )
 
-        key = ("alert", kind, address or "", ae_title or "")
+        # without an address (a guard's counter) the detail keeps counters of one kind apart
+        key = ("alert", kind, address or "", ae_title or "", "" if address else detail)
         self.folded(key, alert(), lambda n: alert(n, "repeated"))
 
     def sign_in_refused(self, user: str | None, address: str | None, reason: str) -> None:

@@ -381,22 +381,26 @@ def test_floods_are_queued_folded_per_key_and_summed_up_when_the_window_ends(
     trail.sign_in_refused("ana", "10.0.0.6", "sign-in refused")
     for ae in ("CT1", "CT2", "CT1"):  # the calling AE is part of an alert's key
         trail.security_alert("node-authentication", "10.0.0.7", "rejected", ae)
+    for counter in ("oversized_pdus", "local_limit"):  # no address: kept apart by counter
+        trail.security_alert("hostile-pdu", None, counter)
 
     def rows() -> list[AuditRow]:
         with catalog.sessions() as session:
             return list_events(session).rows
 
     # the counts arrive when their windows end, with no later event to carry them
-    assert wait_for(lambda: len(rows()) == 6, timeout=10)
+    assert wait_for(lambda: len(rows()) == 8, timeout=10)
     trail.stop()
     got = rows()
-    assert [(r.event_id, r.actor) for r in got[:4]] == [
+    assert [(r.event_id, r.actor) for r in got[:6]] == [
         ("110114", "unknown user"),
         ("110114", "ana"),
         ("110113", "CT1"),
         ("110113", "CT2"),
+        ("110113", "unknown"),
+        ("110113", "unknown"),
     ]
-    summaries = {r.actor: r.description for r in got[4:]}
+    summaries = {r.actor: r.description for r in got[6:]}
     assert summaries["unknown user"] == "API token refused (and 29 more like it)"
     assert "(and 1 more like it)" in (summaries["CT1"] or "")
 
