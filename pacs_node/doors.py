@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from pacs_node.audit.trail import AuditTrail
 from pacs_node.catalog.db import Catalog
 from pacs_node.config import Settings
 from pacs_node.ingest.receive import Receiver
@@ -30,6 +31,7 @@ class NodeParts:
     catalog: Catalog
     spool: Spool
     receiver: Receiver
+    audit: AuditTrail | None = None  # the node's audit recorder
     # Named liveness checks a door may report (e.g. "job workers": are they alive).
     readiness: dict[str, Callable[[], bool]] = field(default_factory=dict)
 

@@ -52,8 +52,7 @@ from sqlalchemy.sql.expression import Exists
 
 from pacs_node.actor import Actor
 from pacs_node.audit import events as audit_events
-from pacs_node.audit import message as audit_message
-from pacs_node.catalog.audit import add_events, study_object
+from pacs_node.catalog.audit import add_events_within, study_object
 from pacs_node.catalog.db import Catalog
 from pacs_node.catalog.deliveries import settle_commitment
 from pacs_node.catalog.models import (
@@ -282,7 +281,7 @@ class Housekeeping:
                 # audited in the purge's own transaction; the audit table itself is never
                 # among what retention removes
                 event = audit_events.study_deleted(str(HOUSEKEEPING), audited, reason)
-                add_events(session, [(event, audit_message.build(event))])
+                add_events_within(session, [event])  # a savepoint: never undoes the purge
         if purge is None:
             return False
         finish_purges(self.catalog, self.spool_dir, self.results_dir)

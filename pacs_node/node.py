@@ -27,7 +27,7 @@ from pacs_node.audit.syslog import SyslogForwarder, collector_from
 from pacs_node.audit.trail import AuditTrail
 from pacs_node.catalog.audit import study_object, study_source
 from pacs_node.catalog.db import Catalog, open_catalog, sqlite_file
-from pacs_node.config import PEERS_FILE, Settings
+from pacs_node.config import NODE_FILE, PEERS_FILE, Settings
 from pacs_node.datadir import make_private
 from pacs_node.destinations import DimseDestination, missing_secrets, plain_http_destinations
 from pacs_node.dispatch.dimse import recommitter
@@ -83,7 +83,11 @@ class Node:
             options.audit_syslog_cert_file,
             options.audit_syslog_key_file,
         )
-        self.syslog = SyslogForwarder(self.catalog, collector) if collector else None
+        try:
+            self.syslog = SyslogForwarder(self.catalog, collector) if collector else None
+        except TLSFileError as exc:
+            source = str((settings.config_dir or Path(".")) / NODE_FILE)
+            raise ConfigError(source, exc.key, exc.reason) from exc
         if self.syslog is not None:
             self.audit.listeners.append(self.syslog.wake)
         self.assembly = Assembly(self.catalog, settings)
@@ -128,10 +132,13 @@ class Node:
             "storage scp": self.scp.alive,
             "recorder": self.recorder.alive,
             "job workers": self._job_workers_alive,
+            "audit trail": self.audit.alive,
         }
+        if self.syslog is not None:
+            readiness["audit syslog"] = self.syslog.alive
         # Bound here, so a port in use fails the start before anything runs.
         self.doors = open_doors(
-            NodeParts(settings, self.catalog, self.spool, self.receiver, readiness)
+            NodeParts(settings, self.catalog, self.spool, self.receiver, self.audit, readiness)
         )
         self._ending = threading.Lock()  # the graceful end and the forced one exclude each other
         self._exit_code: int | None = None  # set once the graceful stop is over

@@ -42,6 +42,7 @@ acceptance of a peer is.
 from __future__ import annotations
 
 import enum
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -92,6 +93,9 @@ APPLICATION = Code("110150", "Application")
 APPLICATION_LAUNCHER = Code("110151", "Application Launcher")
 DESTINATION = Code("110152", "Destination Role ID")
 SOURCE = Code("110153", "Source Role ID")
+DESTINATION_MEDIA = Code("110154", "Destination Media")
+# MediaType (CID 405): a FHIR server is reached by its URI, the closest media the list has
+URI_MEDIA = Code("110037", "URI")
 # ParticipantObjectIDTypeCode (CID 404 and RFC 3881)
 STUDY_UID = Code("110180", "Study Instance UID")
 SOP_CLASS_UID = Code("110181", "SOP Class UID")
@@ -99,6 +103,9 @@ NODE_ID = Code("110182", "Node ID")
 PATIENT_NUMBER = Code("2", "Patient Number", "RFC-3881")
 USER_IDENTIFIER = Code("11", "User Identifier", "RFC-3881")
 URI = Code("12", "URI", "RFC-3881")
+
+
+AETITLES = "AETITLES="
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,8 +116,16 @@ class Participant:
     requestor: bool
     address: str | None = None  # NetworkAccessPointID
     role: Code | None = None
-    alternative_id: str | None = None  # e.g. the subject of a TLS client certificate
-    name: str | None = None
+    alternative_id: str | None = None  # AETITLES=<AE> for a DICOM application (A.5.2.2)
+    name: str | None = None  # UserName: e.g. the subject of a peer's TLS certificate
+    media_type: Code | None = None  # MediaIdentifier/MediaType (Destination Media of Export)
+
+    @property
+    def shown(self) -> str:
+        """How lists show it: a DICOM application by its AE title, anyone else by UserID."""
+        if self.alternative_id and self.alternative_id.startswith(AETITLES):
+            return self.alternative_id.removeprefix(AETITLES)
+        return self.user_id
 
     @property
     def address_type(self) -> str:
@@ -130,7 +145,8 @@ class ParticipantObject:
     query: bytes | None = None
     details: tuple[tuple[str, str], ...] = ()
     sop_classes: tuple[tuple[str, int], ...] = ()  # (SOP Class UID, number of instances)
-    description: str | None = None
+    name: str | None = None  # ParticipantObjectName (the ID when None and no query)
+    accession: str | None = None  # a study's, in its ParticipantObjectDescription
 
     def label(self) -> str:
         kind = {
@@ -170,8 +186,8 @@ class AuditEvent:
         """Who asked: the requesting participant (the first one when none is marked)."""
         for participant in self.participants:
             if participant.requestor:
-                return participant.user_id
-        return self.participants[0].user_id
+                return participant.shown
+        return self.participants[0].shown
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -189,7 +205,7 @@ class AuditEvent:
 
 def participants_json(event: AuditEvent) -> list[str]:
     """Each participant as ``kind:id`` (``ae:``/``user:`` for people and peers, then objects)."""
-    people = [f"{p.user_id}@{p.address}" if p.address else p.user_id for p in event.participants]
+    people = [f"{p.shown}@{p.address}" if p.address else p.shown for p in event.participants]
     return people + [o.label() for o in event.objects]
 
 
@@ -205,12 +221,14 @@ class StudyObject:
     patient_id: str | None = None
     sop_classes: tuple[tuple[str, int], ...] = field(default=())
     accession: str | None = None
+    patient_name: str | None = None
 
 
 def study_objects(studies: Iterable[StudyObject]) -> tuple[ParticipantObject, ...]:
-    """The study (type 2, role 3, 110180) and its patient (type 1, role 1, RFC 3881 "2")."""
+    """The study (type 2, role 3, 110180; its accession number and SOP classes described) and
+    its patient (type 1, role 1, RFC 3881 "2", named by the patient's name when known)."""
     objects: list[ParticipantObject] = []
-    patients: list[str] = []
+    patients: dict[str, str | None] = {}
     for study in studies:
         objects.append(
             ParticipantObject(
@@ -219,19 +237,37 @@ def study_objects(studies: Iterable[StudyObject]) -> tuple[ParticipantObject, ..
                 "2",
                 "3",
                 sop_classes=study.sop_classes,
-                description=None,
+                accession=study.accession,
             )
         )
         if study.patient_id and study.patient_id not in patients:
-            patients.append(study.patient_id)
-    objects.extend(ParticipantObject(p, PATIENT_NUMBER, "1", "1") for p in patients)
+            patients[study.patient_id] = study.patient_name
+    objects.extend(
+        ParticipantObject(p, PATIENT_NUMBER, "1", "1", name=name) for p, name in patients.items()
+    )
     return tuple(objects)
 
 
 def node_participant(
     ae_title: str, *, requestor: bool = False, role: Code | None = None
 ) -> Participant:
-    return Participant(ae_title, requestor, role=role)
+    """The node: UserID its process identity, AlternativeUserID its AE title (A.5.2.2)."""
+    return Participant(str(os.getpid()), requestor, role=role, alternative_id=AETITLES + ae_title)
+
+
+def dicom_peer(
+    ae_title: str,
+    address: str | None,
+    role: Code,
+    *,
+    requestor: bool = True,
+    tls_subject: str | None = None,
+) -> Participant:
+    """A peer DICOM application, known by its AE title (its process is not ours to know);
+    the subject of its TLS certificate as UserName."""
+    return Participant(
+        ae_title, requestor, address, role, alternative_id=AETITLES + ae_title, name=tls_subject
+    )
 
 
 # -- constructors, one per thing audited -----------------------------------------------------
@@ -248,7 +284,7 @@ def association(
     at: datetime | None = None,
 ) -> AuditEvent:
     """An association request: accepted (informative) or rejected (an alert)."""
-    peer = Participant(calling_ae or "?", True, address, SOURCE, tls_subject)
+    peer = dicom_peer(calling_ae or "?", address, SOURCE, tls_subject=tls_subject)
     return AuditEvent(
         SECURITY_ALERT,
         "E",
@@ -275,7 +311,10 @@ def security_alert(
     """A Security Alert: ``kind`` "node-authentication" (a refused certificate, a rejected
     association) or anything else (hostile PDU, limit reached: Use of Restricted Function)."""
     type_code = NODE_AUTHENTICATION if kind == "node-authentication" else RESTRICTED_FUNCTION
-    peer = Participant(calling_ae or address or "unknown", True, address, SOURCE, tls_subject)
+    if calling_ae:
+        peer = dicom_peer(calling_ae, address, SOURCE, tls_subject=tls_subject)
+    else:
+        peer = Participant(address or "unknown", True, address, SOURCE, name=tls_subject)
     text = f"{kind}: {detail}"
     if repeats:
         text += f" (and {repeats} more like it)"
@@ -301,7 +340,9 @@ def study_received(
         Outcome.SUCCESS,
         _now(),
         (
-            Participant(source, True, address, SOURCE),
+            Participant(source, True, address, SOURCE)
+            if ":" in source  # a web user ("user:ana"), else a calling AE
+            else dicom_peer(source, address, SOURCE),
             node_participant(ae_title, role=DESTINATION),
         ),
         study_objects([study]),
@@ -326,7 +367,10 @@ def results_sent(
         _now(),
         (
             node_participant(ae_title, requestor=True, role=SOURCE),
-            Participant(destination, False, address, DESTINATION),
+            # an Export's destination is its media (A.5.3.5): a FHIR server, by its URI
+            Participant(destination, False, address, DESTINATION_MEDIA, media_type=URI_MEDIA)
+            if fhir
+            else Participant(destination, False, address, DESTINATION),
         ),
         study_objects([study]),
         description=reason,
@@ -346,7 +390,7 @@ def query(user: str, address: str | None, ae_title: str, query_text: str) -> Aud
                 STUDY_ROOT_FIND,
                 SOP_CLASS_UID,
                 "2",
-                "24",
+                "3",  # Report, as A.5.3 asks of the query object
                 query=query_text.encode("utf-8"),
             ),
         ),
@@ -385,7 +429,7 @@ def user_authentication(
 
 def application_activity(ae_title: str, *, start: bool, launcher: str | None = None) -> AuditEvent:
     """110100 Application Start (110120) or Stop (110121)."""
-    participants = [Participant(ae_title, launcher is None, role=APPLICATION)]
+    participants = [node_participant(ae_title, requestor=launcher is None, role=APPLICATION)]
     if launcher:
         participants.append(Participant(launcher, True, role=APPLICATION_LAUNCHER))
     return AuditEvent(
@@ -406,7 +450,7 @@ def audit_log_used(user: str, log_uri: str, address: str | None = None) -> Audit
         Outcome.SUCCESS,
         _now(),
         (Participant(user, True, address),),
-        (ParticipantObject(log_uri, URI, "2", "13", description="audit log"),),
+        (ParticipantObject(log_uri, URI, "2", "13", name="Security Audit Log"),),
     )
 
 
@@ -427,19 +471,27 @@ OPERATION_ACTIONS = {"rerun": "C", "retry": "U", "cancel": "U", "release": "U", 
 
 
 def operator_action(
-    actor: str, operation: str, study: StudyObject, *, ok: bool = True, detail: str | None = None
+    actor: str,
+    operation: str,
+    study: StudyObject | None,
+    *,
+    ok: bool = True,
+    detail: str | None = None,
 ) -> AuditEvent:
-    """110103 with the action of ``operation`` (see :data:`OPERATION_ACTIONS`)."""
-    objects = list(study_objects([study]))
-    first = objects[0]
-    objects[0] = ParticipantObject(
-        first.object_id,
-        first.id_type,
-        first.type_code,
-        first.role,
-        details=(("Operation", operation),),
-        sop_classes=first.sop_classes,
-    )
+    """110103 with the action of ``operation`` (see :data:`OPERATION_ACTIONS`): the study and
+    its patient as objects; none when the study is not known (never a made-up UID)."""
+    objects = list(study_objects([study])) if study is not None else []
+    if objects:
+        first = objects[0]
+        objects[0] = ParticipantObject(
+            first.object_id,
+            first.id_type,
+            first.type_code,
+            first.role,
+            details=(("Operation", operation),),
+            sop_classes=first.sop_classes,
+            accession=first.accession,
+        )
     return AuditEvent(
         INSTANCES_ACCESSED,
         OPERATION_ACTIONS.get(operation, "U"),

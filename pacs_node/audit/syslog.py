@@ -27,10 +27,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy.exc import SQLAlchemyError
-
 from pacs_node.catalog.audit import mark_forwarded, unsent
 from pacs_node.catalog.db import Catalog
+from pacs_node.tls import TLSFileError
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +41,7 @@ BOM = b"\xef\xbb\xbf"
 BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)  # a connection attempt every 10 s at most: cheap
 POLL_S = 1.0
 CONNECT_TIMEOUT_S = 10.0
+STOP_GRACE_S = 2.0
 
 
 def format_message(
@@ -51,7 +51,8 @@ def format_message(
     at: datetime | None = None,
     procid: str | None = None,
 ) -> bytes:
-    """One RFC 5424 SYSLOG-MSG carrying an audit message."""
+    """One RFC 5424 SYSLOG-MSG carrying an audit message; TIMESTAMP ``at``: the event's time
+    (the forwarder passes it), not the time of sending."""
     stamp = (at or datetime.now(UTC)).isoformat(timespec="milliseconds")
     host = (hostname or socket.gethostname() or "-").replace(" ", "")[:255]
     header = (
@@ -77,16 +78,33 @@ class Collector:
 
     def context(self) -> ssl.SSLContext:
         """Verifies the collector's certificate (against ``ca_file`` or the system's CAs) and
-        its name; offers a client certificate when one is configured (mutual authentication)."""
-        context = ssl.create_default_context(
-            ssl.Purpose.SERVER_AUTH, cafile=str(self.ca_file) if self.ca_file else None
-        )
+        its name; offers a client certificate when one is configured (mutual authentication).
+        A file that is missing or does not load raises :class:`~pacs_node.tls.TLSFileError`
+        naming its setting."""
+        try:
+            context = ssl.create_default_context(
+                ssl.Purpose.SERVER_AUTH, cafile=str(self.ca_file) if self.ca_file else None
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise TLSFileError("audit_syslog_ca_file", _why(exc)) from exc
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         if self.cert_file is not None:
-            context.load_cert_chain(
-                str(self.cert_file), str(self.key_file) if self.key_file else None
-            )
+            try:
+                context.load_cert_chain(
+                    str(self.cert_file), str(self.key_file) if self.key_file else None
+                )
+            except (OSError, ssl.SSLError) as exc:
+                raise TLSFileError(
+                    "audit_syslog_cert_file" if self.key_file is None else "audit_syslog_key_file",
+                    f"the certificate or its key does not load: {_why(exc)}",
+                ) from exc
         return context
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return f"no such file: {exc.filename}"
+    return getattr(exc, "reason", None) or getattr(exc, "strerror", None) or type(exc).__name__
 
 
 class SyslogForwarder:
@@ -114,11 +132,22 @@ class SyslogForwarder:
         return self._thread is not None and self._thread.is_alive()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Send what is ready (for up to ``timeout``), then close the connection."""
+        """Send what is ready (for up to ``timeout``), then close the connection. The sender
+        is joined before its connection is closed (and before the node closes the catalog):
+        one stuck in a send has its connection shut under it, and is waited for again."""
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+            connection = self._connection
+            if thread.is_alive() and connection is not None:
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)
+                thread.join(STOP_GRACE_S)
+            if thread.is_alive():
+                log.error("audit syslog sender did not stop")
+                return
         self._close()
 
     def _connect(self) -> ssl.SSLSocket:
@@ -159,9 +188,11 @@ class SyslogForwarder:
             connection = self._connect()
             done: list[int] = []
             try:
-                for row_id, xml in batch:
+                for row_id, xml, at in batch:
                     connection.sendall(
-                        frame(format_message(xml, hostname=self._hostname, procid=self._procid))
+                        frame(
+                            format_message(xml, hostname=self._hostname, at=at, procid=self._procid)
+                        )
                     )
                     done.append(row_id)
             except OSError:
@@ -180,7 +211,7 @@ class SyslogForwarder:
                 self.send_pending()
                 failures = 0
                 delay = POLL_S
-            except (OSError, SQLAlchemyError) as exc:
+            except Exception as exc:  # any: the forwarder never ends but at stop
                 delay = BACKOFF_S[min(failures, len(BACKOFF_S) - 1)]
                 if failures == 0:
                     log.warning(

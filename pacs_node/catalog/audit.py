@@ -6,6 +6,7 @@ Rows are appended and never removed (retention leaves this table alone); only
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -14,6 +15,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from pacs_node.audit.events import AuditEvent, StudyObject, participants_json
+from pacs_node.audit.message import build
 from pacs_node.catalog.models import (
     AuditRecord,
     Delivery,
@@ -25,6 +27,8 @@ from pacs_node.catalog.models import (
     StudyEvent,
     utcnow,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,41 @@ def add_events(session: Session, items: Sequence[tuple[AuditEvent, bytes]]) -> N
         )
 
 
+def add_events_within(session: Session, events: Sequence[AuditEvent]) -> int:
+    """Append ``events`` in the caller's transaction (a settle, a purge) without ever putting
+    it at risk: each is built first, then all are written in a savepoint. One that cannot be
+    built or written is logged at ERROR (its code and the error's class, never its content:
+    that quotes patient IDs) and left out; what is audited commits. The count recorded."""
+    built: list[tuple[AuditEvent, bytes]] = []
+    for event in events:
+        try:
+            built.append((event, build(event)))
+        except Exception as exc:  # a builder defect: never the settle's or the purge's fault
+            _not_recorded(event, exc)
+    if not built:
+        return 0
+    try:
+        with session.begin_nested():
+            add_events(session, built)
+            session.flush()
+    except Exception as exc:
+        for event, _ in built:
+            _not_recorded(event, exc)
+        return 0
+    return len(built)
+
+
+def _not_recorded(event: AuditEvent, exc: BaseException) -> None:
+    log.error(
+        "audit event not recorded",
+        extra={
+            "event_id": event.event_id.code,
+            "action": event.action,
+            "error": type(exc).__name__,
+        },
+    )
+
+
 def _row(record: AuditRecord) -> AuditRow:
     return AuditRow(
         id=record.id,
@@ -93,25 +132,50 @@ def _row(record: AuditRecord) -> AuditRow:
     )
 
 
+@dataclass(frozen=True)
+class AuditPage:
+    """A page of the trail, oldest first. ``truncated``: more matched than the limit let in:
+    older ones (a page of the newest) or newer ones (a page after an id: go on from
+    ``rows[-1].id``)."""
+
+    rows: list[AuditRow]
+    truncated: bool
+
+
 def list_events(
-    session: Session, since: datetime | None = None, limit: int = 10_000
-) -> list[AuditRow]:
-    """Events in the order they were recorded, from ``since`` (aware) on."""
-    query = select(AuditRecord).order_by(AuditRecord.id).limit(limit)
+    session: Session,
+    since: datetime | None = None,
+    limit: int = 1000,
+    *,
+    after_id: int | None = None,
+) -> AuditPage:
+    """The newest ``limit`` events from ``since`` (aware) on; with ``after_id``, the first
+    ``limit`` after that id instead (a cursor: walk the trail from its start with 0)."""
+    query = select(AuditRecord)
     if since is not None:
         query = query.where(AuditRecord.at >= since)
-    return [_row(r) for r in session.scalars(query)]
+    if after_id is not None:
+        query = query.where(AuditRecord.id > after_id).order_by(AuditRecord.id)
+    else:
+        query = query.order_by(AuditRecord.id.desc())
+    found = [_row(r) for r in session.scalars(query.limit(limit + 1))]
+    truncated = len(found) > limit
+    rows = found[:limit]
+    if after_id is None:
+        rows.reverse()
+    return AuditPage(rows, truncated)
 
 
-def unsent(session: Session, limit: int = 100) -> list[tuple[int, str]]:
-    """The oldest messages the collector has not yet taken: (id, XML), in order."""
+def unsent(session: Session, limit: int = 100) -> list[tuple[int, str, datetime]]:
+    """The oldest messages the collector has not yet taken: (id, XML, the event's time with
+    its offset), in order."""
     query = (
-        select(AuditRecord.id, AuditRecord.message)
+        select(AuditRecord.id, AuditRecord.message, AuditRecord.event_time)
         .where(AuditRecord.forwarded_at.is_(None))
         .order_by(AuditRecord.id)
         .limit(limit)
     )
-    return [(int(i), str(m)) for i, m in session.execute(query)]
+    return [(int(i), str(m), datetime.fromisoformat(t)) for i, m, t in session.execute(query)]
 
 
 def mark_forwarded(session: Session, ids: Sequence[int]) -> None:
@@ -138,17 +202,20 @@ def study_object(session: Session, study_uid: str) -> StudyObject | None:
         study.patient_id,
         tuple((str(uid), int(n)) for uid, n in counts),
         study.accession_number,
+        study.patient_name,
     )
 
 
 def job_study(session: Session, job_id: int) -> StudyObject | None:
     """The study a job's results belong to (no instance counts: results are counted apart)."""
     row = session.execute(
-        select(Study.study_uid, Study.patient_id)
+        select(Study.study_uid, Study.patient_id, Study.accession_number, Study.patient_name)
         .join(Job, Job.study_id == Study.id)
         .where(Job.id == job_id)
     ).first()
-    return None if row is None else StudyObject(str(row[0]), row[1])
+    if row is None:
+        return None
+    return StudyObject(str(row[0]), row[1], accession=row[2], patient_name=row[3])
 
 
 def delivery_study(session: Session, delivery_id: int) -> StudyObject | None:

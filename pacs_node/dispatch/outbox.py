@@ -45,8 +45,7 @@ from urllib.parse import urlsplit
 from sqlalchemy.orm import Session
 
 from pacs_node.audit import events as audit_events
-from pacs_node.audit import message as audit_message
-from pacs_node.catalog.audit import add_events, job_study
+from pacs_node.catalog.audit import add_events_within, job_study
 from pacs_node.catalog.db import Catalog
 from pacs_node.catalog.deliveries import (
     HELD_FOR_DESTINATION,
@@ -336,7 +335,8 @@ class Outbox:
         outcomes: list[Outcome],
     ) -> None:
         """One audit event per study and outcome of the batch (110104 R, 110106 for FHIR),
-        in the settling transaction: settled and audited together. Held rows (destination
+        in the settling transaction (in a savepoint: an audit failure is logged and never
+        undoes the settle). Held rows (destination
         or patient not yet known) sent nothing and are not audited; retries are, each time."""
         if isinstance(target, Unresolved):
             return
@@ -348,7 +348,7 @@ class Outbox:
                 (item, outcome)
             )
         address = _address_of(target)
-        built = []
+        audited = []
         for (job_id, ok), pairs in groups.items():
             study = job_study(session, job_id)
             if study is None:
@@ -367,8 +367,8 @@ class Outbox:
                 ok=ok,
                 reason=reason,
             )
-            built.append((event, audit_message.build(event)))
-        add_events(session, built)
+            audited.append(event)
+        add_events_within(session, audited)
 
     @staticmethod
     def _commitment_hosts(

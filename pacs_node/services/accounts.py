@@ -92,10 +92,13 @@ class LoginRefused:
     """Why a login failed: wrong credentials (one answer for unknown user and bad password),
     the name is locked until ``locked_until`` (answered alike for names that are no account),
     or the source address failed too often and must wait ``retry_after`` (nothing was checked).
+    ``user``: the account the name is, when it is one (what an audit event may name: a name
+    that is no account may be a password typed in the wrong field, and is never kept).
     """
 
     locked_until: datetime | None = None
     retry_after: timedelta | None = None
+    user: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,7 +304,7 @@ def _check_password(
         if user is None or stored is None:
             return LoginRefused(), False
         if user.locked_until is not None and user.locked_until > now:
-            return LoginRefused(user.locked_until), True
+            return LoginRefused(user.locked_until, user=user.name), True
         if not matches:
             user.failed_logins += 1
             user.locked_until = lock_after(user.failed_logins, now)
@@ -311,7 +314,7 @@ def _check_password(
                     extra={"user": user.name, "failures": user.failed_logins},
                 )
             session.commit()
-            return LoginRefused(user.locked_until), True
+            return LoginRefused(user.locked_until, user=user.name), True
         changed = user.failed_logins != 0 or user.locked_until is not None
         user.failed_logins = 0
         user.locked_until = None

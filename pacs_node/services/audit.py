@@ -19,7 +19,7 @@ from pacs_node.audit import events
 from pacs_node.audit.events import StudyObject
 from pacs_node.audit.trail import record_now
 from pacs_node.catalog.audit import (
-    AuditRow,
+    AuditPage,
     delivery_study,
     job_study,
     list_events,
@@ -58,12 +58,20 @@ def read_audit_log(
     since: datetime | None = None,
     *,
     address: str | None = None,
-    limit: int = 10_000,
-) -> list[AuditRow]:
-    """The audit events from ``since`` on, oldest first; the read itself is audited first."""
-    record_now(catalog, events.audit_log_used(str(actor), catalog.url, address))
+    limit: int = 1000,
+    after_id: int | None = None,
+) -> AuditPage:
+    """A page of the audit events (see :func:`~pacs_node.catalog.audit.list_events`); the
+    read itself is audited first, and a read that cannot be audited is refused
+    (:class:`AuditUnavailable`): no one reads the trail unseen."""
+    if not record_now(catalog, events.audit_log_used(str(actor), catalog.url, address)):
+        raise AuditUnavailable("the read of the audit log could not be audited; refused")
     with catalog.sessions() as session:
-        return list_events(session, since, limit)
+        return list_events(session, since, limit, after_id=after_id)
+
+
+class AuditUnavailable(RuntimeError):
+    """Reading the trail refused: its own 110101 event could not be recorded."""
 
 
 class PatientReads:
@@ -124,7 +132,6 @@ def audit_operation(
     as DICOM Instances Accessed (110103, see :mod:`pacs_node.audit.events`); never raises."""
     if study_uid is None and job_id is None and delivery_id is None:
         raise ValueError("an operation names a study, a job or a delivery")
-    fallback = study_uid or (f"job-{job_id}" if job_id is not None else f"delivery-{delivery_id}")
     found: StudyObject | None = None
     try:
         with catalog.sessions() as session:
@@ -139,7 +146,9 @@ def audit_operation(
             "study of an operation not found for its audit event",
             extra={"error": type(exc).__name__},
         )
-    study = found or StudyObject(fallback)
+    # a study named but not in the catalog is still that study; a job's or a delivery's that
+    # is gone is left out (its number is in the description), never given a made-up UID
+    study = found or (StudyObject(study_uid) if study_uid is not None else None)
     text = detail or operation
     if job_id is not None:
         text += f" (job {job_id})"

@@ -43,7 +43,14 @@ from pacs_node.services.accounts import (
     open_session,
     set_password,
 )
-from pacs_node.web.auth import CSRF_FIELD, SESSION_COOKIE, client_address, credentials, require
+from pacs_node.web.auth import (
+    CSRF_FIELD,
+    SESSION_COOKIE,
+    client_address,
+    credentials,
+    require,
+    sign_in_refused,
+)
 from pacs_node.web.context import web_context
 from pacs_node.web.pages import LOGIN_PATH, PASSWORD_PATH, LoginRequired, here, render
 
@@ -195,9 +202,7 @@ def login(
         address=client_address(request),
     )
     if isinstance(found, LoginRefused):
-        audit_sign_in(
-            context.catalog, name, client_address(request), ok=False, reason="sign-in refused"
-        )
+        sign_in_refused(request, found.user, "sign-in refused")
         message, code, headers = _refusal(found)
         return _login_page(request, next_path, message, code, headers)
     audit_sign_in(context.catalog, found.name, client_address(request), ok=True)

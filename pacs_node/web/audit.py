@@ -2,7 +2,8 @@
 trail (:class:`~pacs_node.services.audit.PatientReads`), whichever route served it.
 
 Classified by path, after a successful answer to a signed-in principal: DICOMweb searches
-(QIDO-RS) and the study searches of the API and the dashboard are queries (110112); WADO-RS,
+(QIDO-RS) and the study searches of the API and the dashboard (``/``, which lists patients'
+names, and its polled ``/studies/rows``) are queries (110112); WADO-RS,
 the study page, the result viewer and the JSON API's study reads are reads of a study (110103).
 Recording runs on a worker thread after the answer went out, so it never delays or breaks the
 response.
@@ -25,7 +26,7 @@ _UID = r"([0-9.]{1,64})"
 _QIDO = re.compile(
     rf"^{DICOMWEB_PREFIX}/(?:studies|series|instances"
     rf"|studies/{_UID}/(?:series|instances)|studies/{_UID}/series/{_UID}/instances)$"
-    r"|^/api/studies$|^/studies/rows$"  # the API's and the dashboard's study searches
+    r"|^/api/studies$|^/$|^/studies/rows$"  # the API's and the dashboard's study searches
 )
 _READS = (
     (re.compile(rf"^{DICOMWEB_PREFIX}/studies/{_UID}(?:/|$)"), "wado"),

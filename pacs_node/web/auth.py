@@ -67,6 +67,23 @@ def too_many_failures(refused: LoginRefused) -> HTTPException | None:
     )
 
 
+def sign_in_refused(request: Request, user: str | None, reason: str) -> None:
+    """Audit a refused sign-in without holding up the answer: queued and folded per (address,
+    reason) by the node's audit trail, so a flood of bad tokens or passwords costs a row a
+    minute. ``user``: the account named, None when the name is none (never kept)."""
+    context = web_context(request)
+    if context.audit is not None:
+        context.audit.sign_in_refused(user, client_address(request), reason)
+    else:  # an app outside a node (no trail to queue on)
+        audit_sign_in(
+            context.catalog,
+            user or "unknown user",
+            client_address(request),
+            ok=False,
+            reason=reason,
+        )
+
+
 def _basic(request: Request, value: str) -> Principal | None:
     try:
         decoded = base64.b64decode(value, validate=True).decode("utf-8")
@@ -85,9 +102,7 @@ def _basic(request: Request, value: str) -> Principal | None:
         verified=context.verified_passwords,
     )
     if isinstance(found, LoginRefused):
-        audit_sign_in(
-            context.catalog, name, client_address(request), ok=False, reason="HTTP Basic refused"
-        )
+        sign_in_refused(request, found.user, "HTTP Basic refused")
         slow = too_many_failures(found)
         if slow is not None:
             raise slow
@@ -106,13 +121,7 @@ def credentials(request: Request) -> Principal | None:
         if scheme.lower() == "bearer":
             found = authenticate_token(context.catalog, value.strip())
             if found is None:
-                audit_sign_in(
-                    context.catalog,
-                    "bearer-token",
-                    client_address(request),
-                    ok=False,
-                    reason="API token refused",
-                )
+                sign_in_refused(request, None, "API token refused")
         elif scheme.lower() == "basic" and request.url.path.startswith(DICOMWEB_PREFIX):
             found = _basic(request, value.strip())
             # A password to change at first login (the first admin's) signs in nowhere else

@@ -9,6 +9,7 @@ from datetime import timedelta
 
 from fastapi import Request
 
+from pacs_node.audit.trail import AuditTrail
 from pacs_node.catalog.db import Catalog
 from pacs_node.config import Settings
 from pacs_node.ingest.receive import Receiver
@@ -32,6 +33,8 @@ class WebContext:
     login_throttle: LoginThrottle = field(default_factory=lambda: LoginThrottle(burst=10))
     # HTTP Basic pairs verified lately, so each DICOMweb request is not one more argon2 check.
     verified_passwords: VerifiedPasswords = field(default_factory=VerifiedPasswords)
+    # The node's audit recorder (queued, folded); None outside a node: events written at once.
+    audit: AuditTrail | None = None
     # Named checks ``/readyz`` runs beside the catalog's (e.g. "workers": are they alive).
     readiness: dict[str, Callable[[], bool]] = field(default_factory=dict)
     # STOW-RS writes (parse, spool, header read) running at once in this process; more wait.

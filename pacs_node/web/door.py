@@ -32,6 +32,7 @@ def open_door(parts: NodeParts) -> WebServer | None:
         session_lifetime=timedelta(hours=options.session_hours),
         login_throttle=LoginThrottle(burst=options.login_failures_per_address),
         readiness=parts.readiness,
+        audit=parts.audit,
     )
     config_dir = parts.settings.config_dir
     source = str(config_dir / NODE_FILE) if config_dir else "the embedded defaults"

@@ -123,6 +123,9 @@ def test_audit_events_are_stored_listed_and_forwarded_when_the_collector_returns
         assert received["time"][-6] in "+-"  # with its UTC offset
         since = json.loads(node.cli("audit", "--json", "--since", "1d").stdout)
         assert len(since) == len(listed) + 1
+        newest = node.cli("audit", "--json", "--limit", "1")
+        assert [e["event_id"] for e in json.loads(newest.stdout)] == ["110101"]
+        assert "truncated" in newest.stderr
         wait_for(
             lambda: any(e[0] == "110101" for e in _event_ids(collector.received())),
             15,

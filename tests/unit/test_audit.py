@@ -3,9 +3,11 @@ AuditMessage that the shipped schema accepts; syslog framing; recording; the dur
 
 from __future__ import annotations
 
+import os
 import re
 import ssl
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,15 +19,15 @@ from pacs_node.audit import events
 from pacs_node.audit.message import InvalidAuditMessage, build, validate
 from pacs_node.audit.syslog import Collector, SyslogForwarder, format_message, frame
 from pacs_node.audit.trail import AuditTrail, record_now
-from pacs_node.catalog.audit import list_events, unsent
+from pacs_node.catalog.audit import AuditRow, list_events, unsent
 from pacs_node.catalog.db import Catalog, open_catalog
-from pacs_node.services.audit import parse_since, read_audit_log
+from pacs_node.services.audit import audit_operation, parse_since, read_audit_log
 from pacs_node.web.audit import classify
 from tests.conftest import free_port, wait_for
 from tests.syslog_collector import SyslogCollector, make_pki, payload, read_frames
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
-STUDY = events.StudyObject("1.2.826.0.1.3680043.8.498.1", "PID-7", ((CT, 3),))
+STUDY = events.StudyObject("1.2.826.0.1.3680043.8.498.1", "PID-7", ((CT, 3),), "ACC-1", "Doe^Jane")
 
 KINDS: dict[str, Callable[[], events.AuditEvent]] = {
     "association accepted": lambda: events.association(
@@ -113,32 +115,63 @@ def test_study_and_patient_objects_follow_the_standard() -> None:
         "2",
         "3",
     )
-    sop = study.find("SOPClass")
+    assert study.find("SOPClass") is None  # only inside a ParticipantObjectDescription
+    described = study.find("ParticipantObjectDescription")
+    assert described is not None
+    sop = described.find("SOPClass")
     assert sop is not None
     assert (sop.get("UID"), sop.get("NumberOfInstances")) == (CT, "3")
+    assert described.find("Accession").get("Number") == "ACC-1"  # type: ignore[union-attr]
     assert patient.get("ParticipantObjectID") == "PID-7"
+    assert patient.findtext("ParticipantObjectName") == "Doe^Jane"  # PHI, by design
     assert patient.find("ParticipantObjectIDTypeCode").get("csd-code") == "2"  # type: ignore[union-attr]
     assert (
         patient.get("ParticipantObjectTypeCode"),
         patient.get("ParticipantObjectTypeCodeRole"),
     ) == ("1", "1")
+    source_type = root.find("AuditSourceIdentification/AuditSourceTypeCode")
+    assert source_type is not None
+    assert dict(source_type.attrib) == {"csd-code": "4"}  # the schema's own value, no scheme
     accepted = etree.fromstring(build(KINDS["association accepted"]()))
-    peer = accepted.findall("ActiveParticipant")[0]
+    peer, node = accepted.findall("ActiveParticipant")
     assert peer.get("UserID") == "CT1"
-    assert peer.get("AlternativeUserID") == "CN=ct1,O=Hospital"  # the TLS identity
+    assert peer.get("AlternativeUserID") == "AETITLES=CT1"
+    assert peer.get("UserName") == "CN=ct1,O=Hospital"  # the TLS identity
+    assert node.get("UserID") == str(os.getpid())  # the process; its AE title apart
+    assert node.get("AlternativeUserID") == "AETITLES=PACSNODE"
     assert (peer.get("NetworkAccessPointID"), peer.get("NetworkAccessPointTypeCode")) == (
         "10.0.0.1",
         "2",
+    )
+    export = etree.fromstring(build(KINDS["FHIR export failed"]()))
+    media = export.findall("ActiveParticipant")[1]
+    assert media.find("RoleIDCode").get("csd-code") == "110154"  # type: ignore[union-attr]
+    assert media.find("MediaIdentifier/MediaType").get("csd-code") == "110037"  # type: ignore[union-attr]
+    query = etree.fromstring(build(KINDS["query"]())).find("ParticipantObjectIdentification")
+    assert query is not None
+    assert query.get("ParticipantObjectTypeCodeRole") == "3"
+    assert query.findtext("ParticipantObjectQuery") == "L3N0dWRpZXM/UGF0aWVudElEPTE="
+    log_used = etree.fromstring(build(KINDS["audit log used"]()))
+    assert log_used.findtext("ParticipantObjectIdentification/ParticipantObjectName") == (
+        "Security Audit Log"
     )
 
 
 def test_the_schema_refuses_what_the_standard_refuses() -> None:
     good = build(KINDS["start"]())
     validate(good)
+    studied = build(events.study_received("PACSNODE", "CT1", replace(STUDY, patient_name=None)))
+    validate(studied)
     broken = [
         good.replace(b'EventOutcomeIndicator="0"', b'EventOutcomeIndicator="3"'),
         re.sub(rb"<ActiveParticipant[^>]*>(.*?</ActiveParticipant>)?", b"", good),
         good.replace(b"<AuditSourceIdentification", b"<AuditSource"),
+        good.replace(b'csd-code="4"/>', b'csd-code="4" codeSystemName="DCM"/>'),  # half a code
+        studied.replace(b"<ParticipantObjectName>PID-7</ParticipantObjectName>", b""),
+        studied.replace(b"<ParticipantObjectDescription>", b"").replace(
+            b"</ParticipantObjectDescription>", b""
+        ),
+        studied.replace(b'TypeCodeRole="1"', b'TypeCodeRole="27"'),
         b"<AuditMessage/>",
         b"not xml",
     ]
@@ -193,6 +226,7 @@ def test_web_paths_are_classified() -> None:
     assert classify(f"/studies/{uid}/jobs/3/viewer") == ("read", f"viewer:{uid}")
     assert classify(f"/api/studies/{uid}") == ("read", f"api:{uid}")
     assert classify("/studies/rows") == ("query", None)
+    assert classify("/") == ("query", None)  # the dashboard lists patients' names
     assert classify("/api/studies") == ("query", None)
     assert classify("/healthz") == ("", None)
 
@@ -215,7 +249,7 @@ def test_trail_records_in_order_and_folds_alert_floods(catalog: Catalog) -> None
     assert trail.wait_idle(10)
     trail.stop()  # writes the folded repeats
     with catalog.sessions() as session:
-        rows = list_events(session)
+        rows = list_events(session).rows
     assert [r.event_id for r in rows] == ["110100"] + ["110113"] * 4
     assert [r.event_type for r in rows[1:4]] == ["110132", "110132", "110126"]
     assert "and 49 more like it" in (rows[-1].description or "") + (rows[-2].description or "")
@@ -227,12 +261,12 @@ def test_trail_records_in_order_and_folds_alert_floods(catalog: Catalog) -> None
 
 def test_reading_the_trail_is_audited(catalog: Catalog) -> None:
     assert record_now(catalog, KINDS["study received"]())
-    rows = read_audit_log(catalog, Actor.user("officer"))
+    rows = read_audit_log(catalog, Actor.user("officer")).rows
     assert [r.event_id for r in rows] == ["110104", "110101"]
     assert rows[1].actor == "user:officer"
     assert rows[0].participants == ["CT1", "PACSNODE", f"study:{STUDY.study_uid}", "patient:PID-7"]
     later = read_audit_log(catalog, Actor.user("officer"), datetime.now(UTC) + timedelta(hours=1))
-    assert later == []
+    assert later.rows == []
 
 
 def test_forwarder_keeps_events_while_the_collector_is_away(
@@ -262,8 +296,15 @@ def test_forwarder_keeps_events_while_the_collector_is_away(
         ]
         for message in got:
             validate(payload(message))
+        # the syslog TIMESTAMP is the event's time, as the message's EventDateTime says
         with catalog.sessions() as session:
             assert unsent(session) == []
+            recorded = list_events(session).rows
+        stamps = [datetime.fromisoformat(m.split(b" ")[1].decode()) for m in got]
+        times = [datetime.fromisoformat(r.time) for r in recorded]
+        assert all(
+            abs(s - t) < timedelta(milliseconds=1) for s, t in zip(stamps, times, strict=True)
+        )
         # The collector restarts: the idle connection's EOF is seen, the next event goes out
         # on a new connection to the new collector.
         collector.stop()
@@ -290,3 +331,174 @@ def test_forwarder_refuses_a_collector_it_cannot_verify(catalog: Catalog, tmp_pa
             assert len(unsent(session)) == 1
     finally:
         collector.stop()
+
+
+def test_control_characters_in_peer_input_never_cost_the_event() -> None:
+    hostile = events.StudyObject("1.2.3", "PID\x07X", ((CT, 1),))
+    for event in (
+        events.study_received("PACSNODE", "EVIL\x01AE", hostile),
+        events.security_alert("PACSNODE", "hostile-pdu", "10.0.0.9", "bad\x00pdu\ud800"),
+    ):
+        xml = build(event)
+        validate(xml)
+        assert "\ufffd" in xml.decode("utf-8")
+
+
+def test_an_audit_failure_never_undoes_the_transaction_it_rides_in(
+    catalog: Catalog, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pacs_node.catalog import audit as catalog_audit
+
+    good = KINDS["start"]()
+    with catalog.sessions.begin() as session:
+        catalog_audit.add_events(session, [(good, build(good))])  # stands for the settle
+        monkeypatch.setattr(catalog_audit, "build", _raise)
+        assert catalog_audit.add_events_within(session, [KINDS["read"]()]) == 0
+        monkeypatch.undo()
+
+        def broken_add(*_args: object) -> None:
+            raise RuntimeError("database refused")
+
+        monkeypatch.setattr(catalog_audit, "add_events", broken_add)
+        assert catalog_audit.add_events_within(session, [KINDS["read"]()]) == 0
+    with catalog.sessions() as session:
+        assert [r.event_id for r in list_events(session).rows] == ["110100"]
+    assert [r.getMessage() for r in caplog.records].count("audit event not recorded") == 2
+
+
+def _raise(*_args: object) -> bytes:
+    raise ValueError("not XML")
+
+
+def test_floods_are_queued_folded_per_key_and_summed_up_when_the_window_ends(
+    catalog: Catalog,
+) -> None:
+    trail = AuditTrail(catalog, "PACSNODE")
+    trail.folds.window_s = 0.3
+    trail.start()
+    for _ in range(30):  # a flood of bad tokens from one address: one row, then a count
+        trail.sign_in_refused(None, "10.0.0.5", "API token refused")
+    trail.sign_in_refused("ana", "10.0.0.6", "sign-in refused")
+    for ae in ("CT1", "CT2", "CT1"):  # the calling AE is part of an alert's key
+        trail.security_alert("node-authentication", "10.0.0.7", "rejected", ae)
+    for counter in ("oversized_pdus", "local_limit"):  # no address: kept apart by counter
+        trail.security_alert("hostile-pdu", None, counter)
+
+    def rows() -> list[AuditRow]:
+        with catalog.sessions() as session:
+            return list_events(session).rows
+
+    # the counts arrive when their windows end, with no later event to carry them
+    assert wait_for(lambda: len(rows()) == 8, timeout=10)
+    trail.stop()
+    got = rows()
+    assert [(r.event_id, r.actor) for r in got[:6]] == [
+        ("110114", "unknown user"),
+        ("110114", "ana"),
+        ("110113", "CT1"),
+        ("110113", "CT2"),
+        ("110113", "unknown"),
+        ("110113", "unknown"),
+    ]
+    summaries = {r.actor: r.description for r in got[6:]}
+    assert summaries["unknown user"] == "API token refused (and 29 more like it)"
+    assert "(and 1 more like it)" in (summaries["CT1"] or "")
+
+
+def test_the_writer_survives_any_error_and_keeps_the_event(
+    catalog: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pacs_node.audit import trail as trail_module
+
+    real = trail_module.add_events
+    calls = []
+
+    def flaky(session: object, items: object) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("unexpected")
+        real(session, items)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(trail_module, "add_events", flaky)
+    trail = AuditTrail(catalog, "PACSNODE")
+    trail.listeners.append(lambda: 1 / 0)  # a broken listener neither
+    trail.start()
+    trail.record(KINDS["start"]())
+    assert trail.wait_idle(10)
+    assert trail.alive()
+    trail.stop()
+    with catalog.sessions() as session:
+        assert [r.event_id for r in list_events(session).rows] == ["110100"]
+
+
+def test_an_operation_on_a_job_gone_names_no_made_up_study(catalog: Catalog) -> None:
+    audit_operation(catalog, Actor.user("ana"), "retry", job_id=12)
+    with catalog.sessions() as session:
+        (row,) = list_events(session).rows
+    assert row.participants == ["user:ana"]
+    assert row.description == "retry (job 12)"
+    validate(row.message.encode())
+
+
+def test_the_trail_pages_from_the_newest_and_says_when_it_left_some_out(
+    catalog: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for _ in range(5):
+        assert record_now(catalog, KINDS["start"]())
+    officer = Actor.user("officer")
+    newest = read_audit_log(catalog, officer, limit=3)  # its own 110101 is the newest
+    assert newest.truncated
+    assert [r.event_id for r in newest.rows] == ["110100", "110100", "110101"]
+    assert newest.rows[0].id == 4
+    first = read_audit_log(catalog, officer, limit=4, after_id=0)
+    assert ([r.id for r in first.rows], first.truncated) == ([1, 2, 3, 4], True)
+    rest = read_audit_log(catalog, officer, limit=4, after_id=4)
+    assert ([r.id for r in rest.rows], rest.truncated) == ([5, 6, 7, 8], False)  # reads too
+    from pacs_node.services import audit as service
+
+    monkeypatch.setattr(service, "record_now", lambda *_: False)
+    with pytest.raises(service.AuditUnavailable):  # no reading the trail unseen
+        read_audit_log(catalog, officer)
+
+
+def test_a_message_off_the_schema_is_kept_and_said(
+    catalog: Catalog, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pacs_node.audit import trail as trail_module
+
+    monkeypatch.setattr(trail_module, "build", lambda _e: b"<AuditMessage/>")
+    trail = AuditTrail(catalog, "PACSNODE")
+    trail.start()
+    trail.record(KINDS["read"]())
+    assert trail.wait_idle(10)
+    trail.stop()
+    with catalog.sessions() as session:
+        assert [r.message for r in list_events(session).rows] == ["<AuditMessage/>"]
+    (said,) = [r for r in caplog.records if "schema" in r.getMessage()]
+    assert said.event_id == "110103"
+    assert "PID-7" not in str(said.__dict__)
+
+
+def test_a_collector_file_that_does_not_load_is_a_config_error(tmp_path: Path) -> None:
+    from pacs_node.config import NodeOptions, Settings
+    from pacs_node.errors import ConfigError
+    from pacs_node.node import Node
+
+    garbage = tmp_path / "ca.pem"
+    garbage.write_text("not a certificate")
+    pki = make_pki(tmp_path / "pki")
+    cases = [
+        ({"audit_syslog_ca_file": str(tmp_path / "missing.pem")}, "audit_syslog_ca_file"),
+        ({"audit_syslog_ca_file": str(garbage)}, "audit_syslog_ca_file"),
+        (
+            {"audit_syslog_ca_file": str(pki.ca_file), "audit_syslog_cert_file": str(garbage)},
+            "audit_syslog_cert_file",
+        ),
+    ]
+    for files, key in cases:
+        options = NodeOptions(
+            data_dir=tmp_path / "var", audit_syslog_host="127.0.0.1", fsync=False, **files
+        )
+        with pytest.raises(ConfigError) as refused:
+            Node(Settings(node=options))
+        assert (refused.value.key, refused.value.source.endswith("node.yaml")) == (key, True)

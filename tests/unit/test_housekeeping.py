@@ -155,7 +155,7 @@ def test_retention_days_removes_rows_then_files(node: Node, tmp_path: Path) -> N
         jobs = purge.paths["results"]
         assert session.scalar(select(func.count(Delivery.id))) == 1  # the new study's
         # the purge is audited (110105, D) and the audit trail itself is never purged
-        (deleted,) = [e for e in list_events(session) if e.event_id == "110105"]
+        (deleted,) = [e for e in list_events(session).rows if e.event_id == "110105"]
     assert not (node.results / jobs[0]).exists()
     assert (deleted.action, deleted.actor, deleted.description) == (
         "D",
@@ -166,7 +166,7 @@ def test_retention_days_removes_rows_then_files(node: Node, tmp_path: Path) -> N
     validate(deleted.message.encode())
     Housekeeping(node.catalog, node.settings(retention_days=0.000001)).run_once()
     with node.catalog.sessions() as session:
-        assert len([e for e in list_events(session) if e.event_id == "110105"]) == 2
+        assert len([e for e in list_events(session).rows if e.event_id == "110105"]) == 2
 
 
 def test_a_crash_between_rows_and_files_neither_dangles_nor_resurrects(

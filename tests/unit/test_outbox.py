@@ -162,7 +162,7 @@ def test_transient_failures_back_off_then_deliver_once(tmp_path: Path, catalog: 
     assert outbox.dispatch_due(wait=True) == 0  # delivered is final
     # each attempt is audited in its settling transaction: 110104 (R), failed twice, then sent
     with catalog.sessions() as session:
-        audited = list_events(session)
+        audited = list_events(session).rows
     assert [(e.event_id, e.action, e.outcome) for e in audited] == [
         ("110104", "R", 8),
         ("110104", "R", 8),

@@ -36,6 +36,7 @@ _CODES = {
     status.HTTP_404_NOT_FOUND: "no such study, job or delivery",
     status.HTTP_409_CONFLICT: "not in a state that allows it",
     status.HTTP_422_UNPROCESSABLE_CONTENT: "the request is not valid",
+    status.HTTP_503_SERVICE_UNAVAILABLE: "the catalog or the audit trail is not available",
 }
 
 

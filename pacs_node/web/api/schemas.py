@@ -276,3 +276,13 @@ class AuditEventOut(Shape):
     participants: list[str]
     description: str | None
     forwarded: bool
+
+
+class AuditPageOut(Shape):
+    """A page of the audit trail, oldest first."""
+
+    events: list[AuditEventOut]
+    truncated: bool = Field(
+        description="more events matched than the limit let in: older ones, or with after_id "
+        "newer ones (ask again with after_id = the last event's id)"
+    )
