@@ -282,7 +282,10 @@ class StorageSCP:
             self._servers.append(server)
         if ready is not None:
             ready.set()
-        server.serve_forever()
+        try:
+            server.serve_forever()
+        except Exception:  # the port is no longer served: alive() says so (see workers.py)
+            log.exception("the DICOM port stopped serving", extra={"tls": tls})
 
     def alive(self) -> bool:
         """Whether the threads serving the DICOM ports run."""

@@ -238,6 +238,11 @@ class GuardedSocket(socket.socket):
 
     guard: Guard
     address: str
+    # Until :meth:`start_guard` (the accept thread wraps a TLS connection first, and Python's
+    # ``SSLSocket`` reads from one that was reset before it was accepted) it is a plain socket.
+    _guarded = False
+    requested = False
+    dropped = False
 
     def start_guard(self, guard: Guard, address: str, pending: Lease) -> None:
         self.guard = guard
@@ -255,6 +260,7 @@ class GuardedSocket(socket.socket):
         self._lock = threading.Lock()
         self._finished = False
         self._assoc: Any = None
+        self._guarded = True
 
     def attach(self, assoc: Any) -> None:
         """The pynetdicom Association reading this connection (from EVT_CONN_OPEN), so that a
@@ -298,6 +304,8 @@ class GuardedSocket(socket.socket):
         return self.accepted + self.guard.request_timeout_s - time.monotonic()
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        if not self._guarded:
+            return super().recv(bufsize, flags)
         if self.dropped:
             return b""
         in_header = self._body_left == 0
@@ -522,15 +530,27 @@ class GuardedServer(ThreadedAssociationServer):
         super().__init__(*args, **kwargs)
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        """Accept and wrap a connection. socketserver survives only an ``OSError`` here (it
+        skips that connection): anything else would end ``serve_forever`` and close the port
+        for good, so whatever one connection raises is turned into one."""
         sock, address = super().get_request()
-        if self.tls is not None:
-            context = self.tls.context()  # a renewed certificate serves from here on
-            context.sslsocket_class = GuardedTLSSocket
-            wrapped = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-            assert isinstance(wrapped, GuardedTLSSocket)
-            return wrapped, address
-        guarded = GuardedSocket(sock.family, sock.type, sock.proto, fileno=sock.detach())
-        return guarded, address
+        try:
+            if self.tls is not None:
+                context = self.tls.context()  # a renewed certificate serves from here on
+                context.sslsocket_class = GuardedTLSSocket
+                wrapped = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+                if not isinstance(wrapped, GuardedTLSSocket):
+                    wrapped.close()
+                    raise OSError("the TLS context did not wrap a guarded socket")
+                return wrapped, address
+            guarded = GuardedSocket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+            return guarded, address
+        except Exception as exc:
+            sock.close()  # nothing left to close once wrapped (the wrapper took the descriptor)
+            if isinstance(exc, OSError):
+                raise
+            log.exception("a connection could not be accepted")
+            raise OSError(f"connection not accepted: {type(exc).__name__}") from exc
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         """The connection's own thread: over TLS the handshake comes first, here."""

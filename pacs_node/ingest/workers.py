@@ -51,6 +51,7 @@ _ALERT = "alert"
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 PROCESS_NAME = b"pacs-node-scp"  # at most 15 bytes
+SERVE_CHECK_S = 1.0  # how often a worker checks that its ports are served
 
 
 def drain_s(settings: Settings) -> float:
@@ -136,11 +137,20 @@ def _run_worker(
         open_catalog=functools.partial(_read_only_catalog, settings),
         security_alert=sink.security_alert,
     )
+    serving = []
     for sock, tls in listening:
         name = "scp-tls" if tls else "scp"
-        threading.Thread(target=scp.serve, args=(sock, None, tls), name=name, daemon=True).start()
-    while not link.stopping.wait(1.0):
+        thread = threading.Thread(target=scp.serve, args=(sock, None, tls), name=name, daemon=True)
+        thread.start()
+        serving.append(thread)
+    ended = False
+    while not link.stopping.wait(SERVE_CHECK_S):
         if os.getppid() != parent:  # the main process is gone: nobody records what we spool
+            break
+        if not all(thread.is_alive() for thread in serving):
+            # A port no longer served in this process: end it, and the node starts another.
+            ended = True
+            log.error("an SCP worker stopped serving a DICOM port; worker ending to be replaced")
             break
     if link.gone.is_set() or os.getppid() != parent:
         log.error("main process gone; worker stopping")
@@ -158,7 +168,7 @@ def _run_worker(
         "SCP worker stopped",
         extra={"seconds": round(time.monotonic() - stopping, 2), "associations_cut": cut},
     )
-    exit_now(0)  # what it spooled is on disk and in the pipe
+    exit_now(1 if ended else 0)  # what it spooled is on disk and in the pipe
 
 
 class SCPWorkers:

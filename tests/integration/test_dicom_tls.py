@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import socket
 import ssl
+import struct
 import subprocess
 import time
 from collections.abc import Callable
@@ -193,6 +194,10 @@ def test_in_process_scp_on_the_tls_port_only(
     try:
         with pytest.raises(RuntimeError):
             _ = scp.port  # no plain port
+        for _ in range(5):  # connections reset (SO_LINGER 0) as they are accepted
+            reset = socket.create_connection(("127.0.0.1", scp.tls_port))
+            reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            reset.close()
         assoc = associate(TLSFiles(client.cert, client.key, ca.cert))
         assert assoc.is_established
         assert assoc.send_c_echo().Status == 0
@@ -223,6 +228,7 @@ def test_in_process_scp_on_the_tls_port_only(
                 return tls.getpeercert(binary_form=True)
 
         wait_for(lambda: served() == expected, 10, what="the renewed certificate")
+        assert scp.alive()
     finally:
         scp.stop()
         catalog.dispose()

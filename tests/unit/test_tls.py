@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import ssl
+import struct
 import threading
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from pacs_node.destinations import DimseDestination
 from pacs_node.errors import ConfigError
 from pacs_node.ingest.access import AccessPolicy, RejectReason
 from pacs_node.ingest.scp import server_tls
+from pacs_node.ingest.transport import GuardedServer, GuardedTLSSocket
 from pacs_node.services.metrics import certificate_expiry
 from pacs_node.tls import (
     ReloadingContext,
@@ -26,6 +28,7 @@ from pacs_node.tls import (
     TLSFiles,
     client_context,
     not_after,
+    reloading_server_context,
     server_context,
     subject_matches,
 )
@@ -251,3 +254,33 @@ def test_tls_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PACS_NODE_DICOM_TLS_PORT", "0")
     with pytest.raises(ConfigError, match="no DICOM port is open"):
         load_settings(tmp_path)
+
+
+def _reset(address: tuple[str, int]) -> None:
+    """Connect and close with a TCP reset (SO_LINGER 0), before the server accepts."""
+    client = socket.create_connection(address)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()
+
+
+def test_a_connection_reset_before_accept_leaves_the_tls_port_serving(
+    pki: tuple[CertificateAuthority, Issued, Issued],
+) -> None:
+    """Python's SSLSocket reads from a wrapped connection that is already reset; anything but
+    an OSError from get_request would end socketserver's serve_forever (the port, for good)."""
+    listening = socket.create_server(("127.0.0.1", 0))
+    server = GuardedServer.__new__(GuardedServer)
+    server.socket = listening
+    server.ssl_context = None
+    server.tls = reloading_server_context(_files(pki), require_client_cert=False)
+    try:
+        _reset(listening.getsockname())
+        with pytest.raises(ConnectionResetError):  # socketserver skips the connection
+            server.get_request()
+        with socket.create_connection(listening.getsockname()):
+            accepted, _ = server.get_request()
+        assert isinstance(accepted, GuardedTLSSocket)
+        assert accepted.recv(1) == b""  # not guarded yet: a plain read (the peer closed)
+        accepted.close()
+    finally:
+        listening.close()
