@@ -60,11 +60,14 @@ def associate(
     tls: ssl.SSLContext | None = None,
 ) -> Association:
     """An association as ``calling_ae`` proposing ``requested``; established or not (the
-    caller words the refusal). ``timeout_s`` bounds the ACSE, DIMSE and network waits (None:
-    pynetdicom's defaults); ``tls``: over DICOM TLS with this client context, the host name
-    checked against the peer's certificate."""
+    caller words the refusal). ``timeout_s`` bounds the TCP connect with its TLS handshake
+    (pynetdicom's ``connection_timeout`` covers ``connect``, which handshakes) and the ACSE,
+    DIMSE and network waits (None: pynetdicom's defaults, without a connect deadline); ``tls``:
+    over DICOM TLS with this client context, the host name checked against the peer's
+    certificate."""
     ae = AE(ae_title=calling_ae)
     if timeout_s is not None:
+        ae.connection_timeout = timeout_s
         ae.acse_timeout = timeout_s
         ae.dimse_timeout = timeout_s
         ae.network_timeout = timeout_s

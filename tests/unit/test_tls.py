@@ -16,6 +16,7 @@ import pytest
 from pydantic import ValidationError
 
 from pacs_node.config import NodeOptions, PeerConfig, Settings, load_settings
+from pacs_node.cstore import associate, pair_contexts
 from pacs_node.destinations import DimseDestination
 from pacs_node.errors import ConfigError
 from pacs_node.ingest.access import AccessPolicy, RejectReason
@@ -284,3 +285,33 @@ def test_a_connection_reset_before_accept_leaves_the_tls_port_serving(
         accepted.close()
     finally:
         listening.close()
+
+
+ECHO = pair_contexts([("1.2.840.10008.1.1", "1.2.840.10008.1.2.1")])
+
+
+def test_a_silent_tls_peer_fails_the_association_within_its_timeout(
+    pki: tuple[CertificateAuthority, Issued, Issued],
+) -> None:
+    """A destination that accepts the connection and never answers the ClientHello."""
+    ca, _, _ = pki
+    listening = socket.create_server(("127.0.0.1", 0))
+    listening.settimeout(10)
+    port = listening.getsockname()[1]
+    outcome: list[bool] = []
+
+    def send() -> None:
+        context = client_context(TLSFiles(ca_file=ca.cert))
+        assoc = associate("NODE", "PACS", "127.0.0.1", port, ECHO, timeout_s=0.5, tls=context)
+        outcome.append(assoc.is_established)
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    accepted, _ = listening.accept()
+    try:
+        thread.join(10)
+        assert outcome == [False]
+    finally:
+        accepted.close()
+        listening.close()
+        thread.join(5)
