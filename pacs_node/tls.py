@@ -10,8 +10,8 @@ destination builds a client context from its own CA and optional client certific
 A :class:`ReloadingContext` looks at its files' size and modification time at most once a
 second when a context is asked for, so a renewed certificate is used by the next connection
 without a restart; a new file that does not load leaves the context in use as it was (one
-warning per new version of the files). :func:`not_after` reads a certificate's expiry for
-``/metrics``.
+warning per new version of the files). :meth:`ReloadingContext.served` gives ``/metrics``
+the expiry of the certificate it serves, and whether a newer file was refused.
 """
 
 from __future__ import annotations
@@ -132,6 +132,17 @@ def _signature(paths: tuple[Path, ...]) -> tuple[tuple[int, int], ...]:
     return tuple(found)
 
 
+@dataclass(frozen=True, slots=True)
+class Served:
+    """What a :class:`ReloadingContext` serves: the expiry of the certificate and of the CA
+    bundle it loaded (read when it was built), and whether the files on disk changed into
+    ones that do not load (the previous ones still serve)."""
+
+    cert_not_after: datetime | None
+    ca_not_after: datetime | None
+    refused: bool
+
+
 class ReloadingContext:
     """An ``ssl.SSLContext`` rebuilt when one of its files changes; raises at construction when
     the files do not load (the node does not start), never afterwards."""
@@ -141,15 +152,32 @@ class ReloadingContext:
         build: Callable[[], ssl.SSLContext],
         paths: tuple[Path, ...],
         check_every_s: float = RELOAD_CHECK_S,
+        files: TLSFiles | None = None,
     ) -> None:
         self._build = build
         self._paths = paths
+        self._files = files or TLSFiles()
         self._check_every_s = check_every_s
         self._lock = threading.Lock()
         self._signature = _signature(paths)
         self._context = build()
+        self._expiry = self._read_expiry()
         self._checked = time.monotonic()
         self._refused: tuple[tuple[int, int], ...] | None = None
+
+    def _read_expiry(self) -> tuple[datetime | None, datetime | None]:
+        cert, ca = self._files.cert_file, self._files.ca_file
+        return (
+            not_after(cert) if cert is not None else None,
+            not_after(ca) if ca is not None else None,
+        )
+
+    def served(self) -> Served:
+        """What new connections get now (the files checked for a change first)."""
+        self.context()
+        with self._lock:
+            cert, ca = self._expiry
+            return Served(cert, ca, self._refused is not None)
 
     def context(self) -> ssl.SSLContext:
         """The context for a new connection (rebuilt first when the files changed)."""
@@ -171,26 +199,45 @@ class ReloadingContext:
                 )
                 return self._context
             self._context, self._signature, self._refused = context, signature, None
+            self._expiry = self._read_expiry()
             log.info("TLS certificate reloaded", extra={"files": [str(p) for p in self._paths]})
             return self._context
 
 
 def reloading_server_context(files: TLSFiles, require_client_cert: bool) -> ReloadingContext:
-    return ReloadingContext(lambda: server_context(files, require_client_cert), files.paths())
+    """The SCP's context, built once per process for these settings and reloaded on change
+    (so ``/metrics`` reports what the same rules serve)."""
+    key = ("server", files, require_client_cert)
+    with _sources_lock:
+        source = _sources.get(key)
+        if source is None:
+            source = ReloadingContext(
+                lambda: server_context(files, require_client_cert), files.paths(), files=files
+            )
+            _sources[key] = source
+    return source
 
 
-_clients: dict[TLSFiles, ReloadingContext] = {}
-_clients_lock = threading.Lock()
+_sources: dict[tuple[str, TLSFiles, bool], ReloadingContext] = {}
+_sources_lock = threading.Lock()
+
+
+def client_source(files: TLSFiles, prefix: str = "") -> ReloadingContext:
+    """The client context's source for these files, built once per process."""
+    key = ("client", files, False)
+    with _sources_lock:
+        source = _sources.get(key)
+        if source is None:
+            source = ReloadingContext(
+                lambda: client_context(files, prefix), files.paths(), files=files
+            )
+            _sources[key] = source
+    return source
 
 
 def shared_client_context(files: TLSFiles, prefix: str = "") -> ssl.SSLContext:
     """The client context for these files, built once per process and reloaded on change."""
-    with _clients_lock:
-        source = _clients.get(files)
-        if source is None:
-            source = ReloadingContext(lambda: client_context(files, prefix), files.paths())
-            _clients[files] = source
-    return source.context()
+    return client_source(files, prefix).context()
 
 
 def not_after(path: Path) -> datetime | None:

@@ -22,9 +22,10 @@ from pacs_node.errors import ConfigError
 from pacs_node.ingest.access import AccessPolicy, RejectReason
 from pacs_node.ingest.scp import server_tls
 from pacs_node.ingest.transport import GuardedServer, GuardedTLSSocket
-from pacs_node.services.metrics import certificate_expiry
+from pacs_node.services.metrics import certificate_expiry, certificate_reload_refused
 from pacs_node.tls import (
     ReloadingContext,
+    Served,
     TLSFileError,
     TLSFiles,
     client_context,
@@ -34,6 +35,7 @@ from pacs_node.tls import (
     subject_matches,
 )
 from tests.certs import CertificateAuthority, Issued
+from tests.conftest import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +152,11 @@ def test_a_renewed_certificate_is_used_and_a_bad_one_is_not(
     cert.write_bytes(server.cert.read_bytes())
     key.write_bytes(server.key.read_bytes())
     files = TLSFiles(cert, key, ca.cert)
-    source = ReloadingContext(lambda: server_context(files, True), files.paths(), check_every_s=0)
+    source = ReloadingContext(
+        lambda: server_context(files, True), files.paths(), check_every_s=0, files=files
+    )
     first = source.context()
+    assert source.served().cert_not_after == server.not_after
     assert source.context() is first  # unchanged files: the same context
     renewed = ca.issue("renewed", "CN=localhost,O=Test Hospital", days=20)
     cert.write_bytes(renewed.cert.read_bytes())
@@ -159,13 +164,21 @@ def test_a_renewed_certificate_is_used_and_a_bad_one_is_not(
     os.utime(cert, ns=(2_000_000_000, 2_000_000_000))  # as a later write would
     second = source.context()
     assert second is not first
+    assert source.served() == Served(renewed.not_after, not_after(ca.cert), refused=False)
+    # A certificate whose key is not the one beside it: refused, the renewed one still served
+    # and its expiry still the one reported.
+    cert.write_bytes(server.cert.read_bytes())
+    os.utime(cert, ns=(2_500_000_000, 2_500_000_000))
+    with caplog.at_level(logging.WARNING, logger="pacs_node.tls"):
+        assert source.served() == Served(renewed.not_after, not_after(ca.cert), refused=True)
+    assert source.context() is second
     cert.write_text("half-written")
     os.utime(cert, ns=(1, 1))
     with caplog.at_level(logging.WARNING, logger="pacs_node.tls"):
         assert source.context() is second  # the bad file leaves the context in use
         assert source.context() is second
     warnings = [r for r in caplog.records if "do not load" in r.getMessage()]
-    assert len(warnings) == 1  # once per new version of the files
+    assert len(warnings) == 2  # once per new version of the files
     cert.write_bytes(renewed.cert.read_bytes())
     os.utime(cert, ns=(3_000_000_000, 3_000_000_000))
     assert source.context() is not second  # fixed again: reloaded
@@ -199,6 +212,29 @@ def test_expiry_for_metrics(pki: tuple[CertificateAuthority, Issued, Issued]) ->
     assert expiry["destination:PACS"] == client.not_after.timestamp()
     assert set(expiry) == {"dicom", "dicom_ca", "destination:PACS", "destination_ca:PACS"}
     assert certificate_expiry(Settings(node=NodeOptions())) == {}
+    assert certificate_reload_refused(settings) == {"dicom": 0, "destination:PACS": 0}
+
+
+def test_metrics_report_the_certificate_served_not_the_refused_file(
+    pki: tuple[CertificateAuthority, Issued, Issued], tmp_path: Path
+) -> None:
+    ca, server, _ = pki
+    cert, key = tmp_path / "node.pem", tmp_path / "node.key"
+    cert.write_bytes(server.cert.read_bytes())
+    key.write_bytes(server.key.read_bytes())
+    options = NodeOptions(
+        dicom_tls_port=2762, tls_cert_file=cert, tls_key_file=key, tls_ca_file=ca.cert
+    )
+    settings = Settings(node=options)
+    assert server_tls(settings) is not None  # what the SCP serves
+    assert certificate_expiry(settings)["dicom"] == server.not_after.timestamp()
+    # A renewed certificate written without its new key: refused, the old one still serves.
+    renewed = ca.issue("renewed-alone", "CN=localhost,O=Test Hospital", days=25)
+    cert.write_bytes(renewed.cert.read_bytes())
+    os.utime(cert, ns=(2_000_000_000, 2_000_000_000))
+    wait_for(lambda: certificate_reload_refused(settings) == {"dicom": 1}, 5, what="the refusal")
+    assert certificate_expiry(settings)["dicom"] == server.not_after.timestamp()
+    assert not_after(cert) == renewed.not_after  # what the file on disk says
 
 
 def test_subject_binding() -> None:
