@@ -385,6 +385,7 @@ def load_settings(
             routes = _validate_file(RoutesFile, routes_path, _read_yaml(routes_path))
 
     node = _build_node(node_values, cli, directory)
+    _check_bound_peers(node, peers.peers, directory)
     return Settings(
         node=node,
         peers=peers.peers,
@@ -392,6 +393,30 @@ def load_settings(
         destinations=dict(peers.destinations),
         config_dir=directory,
     )
+
+
+def _check_bound_peers(
+    node: NodeOptions, peers: tuple[PeerConfig, ...], directory: Path | None
+) -> None:
+    """A peer bound to a certificate subject can only be accepted over TLS with client
+    certificates verified: without the TLS port or its CA it would be refused for ever."""
+    for index, peer in enumerate(peers):
+        if peer.tls_subject is None:
+            continue
+        missing = (
+            "dicom_tls_port"
+            if not node.dicom_tls_port
+            else "tls_ca_file"
+            if node.tls_ca_file is None
+            else None
+        )
+        if missing is not None:
+            raise ConfigError(
+                str((directory or Path(".")) / PEERS_FILE),
+                f"peers[{index}].tls_subject",
+                f"{peer.ae_title} is bound to a certificate subject, but node.yaml has no "
+                f"{missing}: its associations could never be accepted",
+            )
 
 
 def _build_node(

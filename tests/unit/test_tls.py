@@ -351,3 +351,19 @@ def test_a_silent_tls_peer_fails_the_association_within_its_timeout(
         accepted.close()
         listening.close()
         thread.join(5)
+
+
+def test_a_peer_bound_to_a_subject_needs_the_tls_port_and_its_ca(tmp_path: Path) -> None:
+    (tmp_path / "peers.yaml").write_text(
+        "peers:\n  - ae_title: ECHO\n  - ae_title: CT1\n    tls_subject: CN=CT1\n"
+    )
+    with pytest.raises(ConfigError, match=r"peers\.yaml.*peers\[1\]\.tls_subject.*dicom_tls_port"):
+        load_settings(tmp_path)
+    (tmp_path / "node.yaml").write_text(
+        "dicom_tls_port: 2762\ntls_cert_file: node.pem\ntls_key_file: node.key\n"
+    )
+    with pytest.raises(ConfigError, match="tls_ca_file"):
+        load_settings(tmp_path)
+    with (tmp_path / "node.yaml").open("a") as node_yaml:
+        node_yaml.write("tls_ca_file: ca.pem\n")
+    assert load_settings(tmp_path).peers[1].tls_subject == "CN=CT1"
