@@ -83,18 +83,43 @@ OVERSIZED_MESSAGE_COUNTER = "oversized_messages"
 TLS_HANDSHAKE_COUNTER = "tls_handshake_failures"
 
 # security_alert(kind, address, detail): a refused TLS handshake or certificate. Kinds:
-# "tls-handshake-timeout", "tls-handshake-failed", "tls-certificate-refused" (no or untrusted
-# client certificate), "tls-certificate-not-bound" (a subject other than peers.yaml's).
+# "tls-handshake-timeout", "tls-handshake-failed", "tls-handshake-evicted" (closed mid-handshake
+# to make room for a newer connection), "tls-certificate-refused" (no or untrusted client
+# certificate), "tls-peer-refused-our-certificate" (the client did not trust the node's),
+# "tls-certificate-not-bound" (a subject other than peers.yaml's).
 # ``detail`` is a short reason (an OpenSSL reason code, a subject): never patient data. The hook
 # is where a refused handshake is reported (the default logs it): one that audits should log too.
+# Workers send alerts to the node in batches (see workers.py): there ``detail`` may end with
+# "(N times in 1 s)".
 SecurityAlert = Callable[[str, str, str], None]
 # OpenSSL reasons that mean the peer's certificate was missing or not trusted.
 _CERTIFICATE_REASONS = ("CERTIFICATE", "UNKNOWN_CA", "NO_CERTIFICATE")
+# Alerts the client sent: it refused the certificate the node showed.
+_PEER_REFUSED_REASONS = ("TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE")
+SECURITY_LOG_INTERVAL_S = 10.0
 
 
 def log_security_alert(kind: str, address: str, detail: str) -> None:
-    """The default :data:`SecurityAlert`: one warning line."""
-    log.warning("security alert", extra={"kind": kind, "address": address, "detail": detail})
+    """The default :data:`SecurityAlert`: a warning line, the first of each kind and then at
+    most one per ``SECURITY_LOG_INTERVAL_S`` (with how many were not logged): a flood on the
+    TLS port must not become a flood of log lines (``tls_handshake_failures`` counts each)."""
+    _security_throttle().warning(
+        kind, "security alert", {"kind": kind, "address": address, "detail": detail}
+    )
+
+
+@functools.cache
+def _security_throttle() -> Throttle:
+    return Throttle(SECURITY_LOG_INTERVAL_S)
+
+
+def handshake_failure_kind(reason: str) -> str:
+    """The alert kind for an OpenSSL reason a server-side handshake failed with."""
+    if any(word in reason for word in _PEER_REFUSED_REASONS):
+        return "tls-peer-refused-our-certificate"
+    if any(word in reason for word in _CERTIFICATE_REASONS):
+        return "tls-certificate-refused"
+    return "tls-handshake-failed"
 
 
 # pynetdicom gathers a DIMSE command set, and the data set of any message but a C-STORE-RQ (which
@@ -472,23 +497,22 @@ class GuardedTLSSocket(GuardedSocket, ssl.SSLSocket):  # type: ignore[misc]  # r
                 raise TimeoutError
             self.settimeout(remaining)
             self.do_handshake()
+            if self.context.verify_mode != ssl.CERT_NONE:  # a certificate shown was verified
+                self.tls_subject = subject_text(self.getpeercert(binary_form=True))
+            if self.dropped:  # closed to make room just as the handshake ended
+                raise OSError("closed to make room")
+            return True
         except TimeoutError:
             kind, detail = "tls-handshake-timeout", f"no handshake in {guard.request_timeout_s} s"
         except ssl.SSLError as exc:
-            reason = str(exc.reason or type(exc).__name__)
-            kind = "tls-handshake-failed"
-            if any(word in reason for word in _CERTIFICATE_REASONS):
-                kind = "tls-certificate-refused"
-            detail = reason
-        except (OSError, AttributeError) as exc:  # reset by the peer, or closed to make room
+            detail = str(exc.reason or type(exc).__name__)
+            kind = handshake_failure_kind(detail)
+        except (OSError, AttributeError, ValueError) as exc:  # reset, or closed to make room
             kind, detail = "tls-handshake-failed", type(exc).__name__
+        if self.dropped:  # closed to make room for a newer connection (counted there)
+            kind, detail = "tls-handshake-evicted", "closed to make room for a newer connection"
         else:
-            if self.context.verify_mode != ssl.CERT_NONE:  # a certificate shown was verified
-                self.tls_subject = subject_text(self.getpeercert(binary_form=True))
-            return True
-        if self.dropped:  # closed to make room for a newer connection: counted there
-            return False
-        guard.count(TLS_HANDSHAKE_COUNTER)
+            guard.count(TLS_HANDSHAKE_COUNTER)
         try:
             guard.alert(kind, self.address, detail)
         except Exception:
@@ -554,9 +578,15 @@ class GuardedServer(ThreadedAssociationServer):
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         """The connection's own thread: over TLS the handshake comes first, here."""
-        if isinstance(request, GuardedTLSSocket) and not request.handshake():
-            self.shutdown_request(request)
-            return
+        if isinstance(request, GuardedTLSSocket):
+            try:
+                shaken = request.handshake()
+            except Exception:
+                log.exception("TLS handshake failed unexpectedly")
+                shaken = False
+            if not shaken:
+                self.shutdown_request(request)
+                return
         super().process_request_thread(request, client_address)
 
     def verify_request(self, request: Any, client_address: Any) -> bool:

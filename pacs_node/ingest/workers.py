@@ -38,7 +38,11 @@ from pacs_node.ingest.limits import SharedLimits
 from pacs_node.ingest.recorder import RecordSink
 from pacs_node.ingest.scp import StorageSCP, bind_listening, limits_for, server_tls
 from pacs_node.ingest.spool import Spool
-from pacs_node.ingest.transport import SecurityAlert, log_security_alert
+from pacs_node.ingest.transport import (
+    TLS_HANDSHAKE_COUNTER,
+    SecurityAlert,
+    log_security_alert,
+)
 from pacs_node.lifecycle import exit_now
 from pacs_node.logs import configure_node_logging
 from pacs_node.refs import CommitmentReport, InstanceRef
@@ -52,6 +56,11 @@ PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 PROCESS_NAME = b"pacs-node-scp"  # at most 15 bytes
 SERVE_CHECK_S = 1.0  # how often a worker checks that its ports are served
+# Security alerts (and the TLS failure counter) are sent to the node at most once per window,
+# as (kind, address, detail, times) with at most this many entries (the rest under one).
+ALERT_WINDOW_S = 1.0
+ALERT_BATCH_ENTRIES = 64
+_BATCHED_COUNTERS = frozenset({TLS_HANDSHAKE_COUNTER})
 
 
 def drain_s(settings: Settings) -> float:
@@ -69,6 +78,10 @@ class _PipeSink:
     def __init__(self, pipe: Connection) -> None:
         self._pipe = pipe
         self._lock = threading.Lock()  # this process's threads only: it dies with the process
+        self._batch_lock = threading.Lock()
+        self._alerts: dict[tuple[str, str, str], int] = {}
+        self._counts: dict[str, int] = {}
+        self._timer: threading.Timer | None = None
 
     def _send(self, kind: str, value: object) -> None:
         with self._lock:
@@ -78,6 +91,11 @@ class _PipeSink:
         self._send(_SUBMIT, ref)
 
     def count(self, name: str, by: int = 1) -> None:
+        if name in _BATCHED_COUNTERS:
+            with self._batch_lock:
+                self._counts[name] = self._counts.get(name, 0) + by
+                self._flush_later()
+            return
         self._send(_COUNT, (name, by))
 
     def duplicate(self, study_uid: str) -> None:
@@ -87,7 +105,33 @@ class _PipeSink:
         self._send(_REPORT, report)
 
     def security_alert(self, kind: str, address: str, detail: str) -> None:
-        self._send(_ALERT, (kind, address, detail))
+        """Gathered for up to ``ALERT_WINDOW_S`` and sent as one message: a flood of refused
+        handshakes must not fill the pipe the C-STORE acknowledgements wait on."""
+        with self._batch_lock:
+            key = (kind, address, detail)
+            if key not in self._alerts and len(self._alerts) >= ALERT_BATCH_ENTRIES:
+                key = (kind, "(other addresses)", "")
+            self._alerts[key] = self._alerts.get(key, 0) + 1
+            self._flush_later()
+
+    def _flush_later(self) -> None:
+        if self._timer is None:
+            self._timer = threading.Timer(ALERT_WINDOW_S, self.flush)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def flush(self) -> None:
+        """Send the gathered alerts and counts now."""
+        with self._batch_lock:
+            alerts, self._alerts = self._alerts, {}
+            counts, self._counts = self._counts, {}
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = None
+        if alerts:
+            self._send(_ALERT, [(*key, times) for key, times in alerts.items()])
+        for name, by in counts.items():
+            self._send(_COUNT, (name, by))
 
 
 def _die_with_parent() -> None:
@@ -168,6 +212,7 @@ def _run_worker(
         "SCP worker stopped",
         extra={"seconds": round(time.monotonic() - stopping, 2), "associations_cut": cut},
     )
+    sink.flush()
     exit_now(1 if ended else 0)  # what it spooled is on disk and in the pipe
 
 
@@ -288,10 +333,14 @@ class SCPWorkers:
         elif kind == _REPORT:
             self.sink.commitment_report(value)
         elif kind == _ALERT:
-            try:
-                self.security_alert(*value)
-            except Exception:
-                log.exception("the security alert hook failed")
+            for alert_kind, address, reason, times in value:
+                detail = reason
+                if times > 1:
+                    detail = f"{reason} ({times} times in {ALERT_WINDOW_S:g} s)".lstrip()
+                try:
+                    self.security_alert(alert_kind, address, detail)
+                except Exception:
+                    log.exception("the security alert hook failed")
         else:
             self.sink.duplicate(value)
 

@@ -5,6 +5,7 @@ settings that turn it on."""
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import socket
 import ssl
@@ -20,8 +21,18 @@ from pacs_node.cstore import associate, pair_contexts
 from pacs_node.destinations import DimseDestination
 from pacs_node.errors import ConfigError
 from pacs_node.ingest.access import AccessPolicy, RejectReason
+from pacs_node.ingest.limits import Caps, SharedLimits
 from pacs_node.ingest.scp import server_tls
-from pacs_node.ingest.transport import GuardedServer, GuardedTLSSocket
+from pacs_node.ingest.transport import (
+    TLS_HANDSHAKE_COUNTER,
+    Guard,
+    GuardedServer,
+    GuardedTLSSocket,
+    Throttle,
+    handshake_failure_kind,
+    log_security_alert,
+)
+from pacs_node.ingest.workers import ALERT_BATCH_ENTRIES, _PipeSink
 from pacs_node.services.metrics import certificate_expiry, certificate_reload_refused
 from pacs_node.tls import (
     ReloadingContext,
@@ -367,3 +378,87 @@ def test_a_peer_bound_to_a_subject_needs_the_tls_port_and_its_ca(tmp_path: Path)
     with (tmp_path / "node.yaml").open("a") as node_yaml:
         node_yaml.write("tls_ca_file: ca.pem\n")
     assert load_settings(tmp_path).peers[1].tls_subject == "CN=CT1"
+
+
+def test_handshake_failures_by_kind() -> None:
+    assert handshake_failure_kind("TLSV1_ALERT_UNKNOWN_CA") == "tls-peer-refused-our-certificate"
+    assert (
+        handshake_failure_kind("SSLV3_ALERT_BAD_CERTIFICATE") == "tls-peer-refused-our-certificate"
+    )
+    assert handshake_failure_kind("PEER_DID_NOT_RETURN_A_CERTIFICATE") == "tls-certificate-refused"
+    assert handshake_failure_kind("CERTIFICATE_VERIFY_FAILED") == "tls-certificate-refused"
+    assert handshake_failure_kind("WRONG_VERSION_NUMBER") == "tls-handshake-failed"
+
+
+def test_a_connection_evicted_mid_handshake_is_reported(
+    pki: tuple[CertificateAuthority, Issued, Issued], tmp_path: Path
+) -> None:
+    counted: list[str] = []
+    alerts: list[tuple[str, str, str]] = []
+    caps = Caps(pending_total=4, pending_per_address=4, established_total=4, established_per_peer=4)
+    guard = Guard(
+        limits=SharedLimits.create(caps, rows=1),
+        pending=SharedLimits.create(caps, rows=1),
+        count=counted.append,
+        request_bytes=1024,
+        data_bytes=1024,
+        request_timeout_s=5.0,
+        read_timeout_s=5.0,
+        incoming=tmp_path,
+        max_instance_bytes=1000,
+        throttle=Throttle(),
+        alert=lambda *alert: alerts.append(alert),
+    )
+    context = server_context(_files(pki), require_client_cert=False)
+    context.sslsocket_class = GuardedTLSSocket
+    ours, peer = socket.socketpair()
+    wrapped = context.wrap_socket(ours, server_side=True, do_handshake_on_connect=False)
+    assert isinstance(wrapped, GuardedTLSSocket)
+    lease = guard.pending.take_pending("127.0.0.1")
+    assert lease is not None
+    wrapped.start_guard(guard, "127.0.0.1", lease)
+    try:
+        wrapped.evict()  # a newer connection needed its place
+        assert not wrapped.handshake()
+        assert alerts == [
+            ("tls-handshake-evicted", "127.0.0.1", "closed to make room for a newer connection")
+        ]
+        assert TLS_HANDSHAKE_COUNTER not in counted  # counted as an idle connection closed
+        assert guard.pending.pending() == 0
+    finally:
+        wrapped.close()
+        peer.close()
+
+
+def test_the_default_alert_hook_logs_a_flood_as_few_lines(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="pacs_node.ingest.transport"):
+        for _ in range(200):
+            log_security_alert("tls-test-flood", "10.0.0.9", "WRONG_VERSION_NUMBER")
+        log_security_alert("tls-test-other", "10.0.0.9", "HTTP_REQUEST")
+    kinds = [getattr(r, "kind", None) for r in caplog.records if r.getMessage() == "security alert"]
+    assert kinds == ["tls-test-flood", "tls-test-other"]
+
+
+def test_a_worker_sends_alerts_in_batches() -> None:
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    sink = _PipeSink(writer)
+    for n in range(500):
+        sink.security_alert("tls-handshake-failed", f"10.0.{n % 2}.1", "WRONG_VERSION_NUMBER")
+        sink.count(TLS_HANDSHAKE_COUNTER)
+    for n in range(ALERT_BATCH_ENTRIES + 10):
+        sink.security_alert("tls-handshake-timeout", f"10.1.{n}.1", "no handshake")
+    sink.flush()
+    messages = []
+    while reader.poll(0.5):
+        messages.append(reader.recv()[1:])
+    assert len(messages) == 2
+    [(_, alerts), counted] = messages
+    times = {(kind, address): n for kind, address, _, n in alerts}
+    assert times[("tls-handshake-failed", "10.0.0.1")] == 250
+    assert times[("tls-handshake-timeout", "(other addresses)")] == 12
+    assert len(alerts) == ALERT_BATCH_ENTRIES + 1
+    assert counted == ("count", (TLS_HANDSHAKE_COUNTER, 500))
+    sink.flush()
+    assert not reader.poll(0.1)  # nothing left to send
