@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from cryptography import x509
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -33,6 +32,7 @@ from pacs_node.destinations import (
 )
 from pacs_node.errors import ConfigError
 from pacs_node.routing.rules import RoutesFile
+from pacs_node.tls import parse_subject
 
 ENV_PREFIX = "PACS_NODE_"
 CONFIG_DIR_ENV = "PACS_NODE_CONFIG_DIR"
@@ -249,7 +249,7 @@ class PeerConfig(BaseModel):
     def _valid_subject(cls, value: str | None) -> str | None:
         if value is not None and "=" in value:
             try:
-                x509.Name.from_rfc4514_string(value)
+                parse_subject(value)
             except ValueError as exc:
                 raise ValueError(f"{value[:80]!r} is not a distinguished name: {exc}") from exc
         return value

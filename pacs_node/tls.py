@@ -17,6 +17,7 @@ the expiry of the certificate it serves, and whether a newer file was refused.
 from __future__ import annotations
 
 import logging
+import re
 import ssl
 import threading
 import time
@@ -259,24 +260,68 @@ def subject_text(der: bytes | None) -> str | None:
         return None
 
 
+# Attribute names a configured subject may use beyond those RFC 4514 defines (CN, L, ST, O, OU,
+# C, STREET, DC, UID), in any letter case; any attribute may also be given as a dotted OID.
+_MORE_NAMES = {
+    "EMAILADDRESS": x509.NameOID.EMAIL_ADDRESS,
+    "E": x509.NameOID.EMAIL_ADDRESS,
+    "SERIALNUMBER": x509.NameOID.SERIAL_NUMBER,
+}
+_RFC4514_NAMES = frozenset({"CN", "L", "ST", "O", "OU", "C", "STREET", "DC", "UID"})
+_COMPONENT = re.compile(r"(?<!\\)[,+]")
+
+
+def parse_subject(text: str) -> x509.Name:
+    """A distinguished name as written in configuration or shown by a certificate: RFC 4514,
+    with attribute names in any letter case, ``emailAddress`` and ``serialNumber`` too, and
+    spaces after the commas allowed. Raises ValueError saying what is wrong."""
+    parts = []
+    start = 0
+    for match in [*_COMPONENT.finditer(text), None]:
+        end = match.start() if match else len(text)
+        component = text[start:end].strip()
+        separator = match.group() if match else ""
+        start = match.end() if match else end
+        name, equals, value = component.partition("=")
+        name = name.strip().upper()
+        if not equals or not name:
+            raise ValueError(f"{component[:40]!r} is not NAME=VALUE")
+        known = name in _RFC4514_NAMES or name in _MORE_NAMES
+        if not known and not re.fullmatch(r"[0-9]+(\.[0-9]+)+", name):
+            raise ValueError(
+                f"unknown attribute {name[:20]!r} (use CN, O, OU, C, L, ST, STREET, DC, UID,"
+                " emailAddress, serialNumber or a dotted OID)"
+            )
+        parts.append(f"{name}={value.strip()}{separator}")
+    try:
+        return x509.Name.from_rfc4514_string("".join(parts), _MORE_NAMES)
+    except ValueError as exc:
+        raise ValueError(f"not a distinguished name: {text[:80]!r}") from exc
+
+
 def subject_matches(expected: str, subject: str | None) -> bool:
     """Whether a certificate subject is the one a peer declares: a distinguished name (``CN=CT1,
-    O=Hospital``: the same attributes, in any order) or, without ``=``, the common name alone."""
+    O=Hospital``: the same attributes, in any order, values compared without regard to letter
+    case) or, without ``=``, the common name alone (the certificate must have exactly one)."""
     if subject is None:
         return False
     try:
-        actual = x509.Name.from_rfc4514_string(subject)
+        actual = parse_subject(subject)
     except ValueError:
         return False
     if "=" not in expected:
         names = actual.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-        return any(str(n.value) == expected.strip() for n in names)
+        return len(names) == 1 and _fold(names[0].value) == _fold(expected.strip())
     try:
-        wanted = x509.Name.from_rfc4514_string(expected)
+        wanted = parse_subject(expected)
     except ValueError:
         return False
     return _pairs(wanted) == _pairs(actual)
 
 
+def _fold(value: str | bytes) -> str:
+    return (value.decode(errors="replace") if isinstance(value, bytes) else value).casefold()
+
+
 def _pairs(name: x509.Name) -> frozenset[tuple[str, str]]:
-    return frozenset((a.oid.dotted_string, str(a.value)) for a in name)
+    return frozenset((a.oid.dotted_string, _fold(a.value)) for a in name)

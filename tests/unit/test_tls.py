@@ -41,6 +41,7 @@ from pacs_node.tls import (
     TLSFiles,
     client_context,
     not_after,
+    parse_subject,
     reloading_server_context,
     server_context,
     subject_matches,
@@ -256,6 +257,21 @@ def test_subject_binding() -> None:
     assert not subject_matches("CN=CT1", subject)  # a DN must match whole
     assert not subject_matches("CT2", subject)
     assert not subject_matches("CT1", None)
+    # Values without regard to case, spaces after commas, names in any case.
+    assert subject_matches("cn=ct1, o=TEST HOSPITAL", subject)
+    assert subject_matches("ct1", subject)
+    assert not subject_matches("CT1", "CN=CT1,CN=CT2,O=Test Hospital")  # which CN is it?
+    with_email = "2.5.4.5=0042,1.2.840.113549.1.9.1=ct1@hospital.test,CN=CT1"  # as shown
+    assert subject_matches("CN=CT1, emailAddress=CT1@hospital.test, serialNumber=0042", with_email)
+    assert not subject_matches(
+        "CN=CT1,emailAddress=ct2@hospital.test,serialNumber=0042", with_email
+    )
+    for bad, why in (
+        ("CN=CT1,Surname=X", "unknown attribute 'SURNAME'"),
+        ("CN=CT1,,O=X", "is not NAME=VALUE"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            parse_subject(bad)
     policy = AccessPolicy(
         Settings(
             node=NodeOptions(ae_title="NODE", promiscuous=True),
@@ -269,7 +285,7 @@ def test_subject_binding() -> None:
         assert rejection.certificate
         assert rejection.reason is RejectReason.CALLING_AE_NOT_RECOGNIZED
     assert policy.check("OTHER", "NODE", "10.0.0.1", None) is None  # promiscuous, not bound
-    with pytest.raises(ValidationError):
+    with pytest.raises(ValidationError, match="is not NAME=VALUE"):
         PeerConfig(ae_title="CT1", tls_subject="CN=CT1,=broken")
 
 
