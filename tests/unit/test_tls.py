@@ -4,6 +4,7 @@ settings that turn it on."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -17,7 +18,7 @@ import pytest
 from pydantic import ValidationError
 
 from pacs_node.config import NodeOptions, PeerConfig, Settings, load_settings
-from pacs_node.cstore import associate, pair_contexts
+from pacs_node.cstore import associate, pair_contexts, tls_failure
 from pacs_node.destinations import DimseDestination
 from pacs_node.errors import ConfigError
 from pacs_node.ingest.access import AccessPolicy, RejectReason
@@ -33,6 +34,7 @@ from pacs_node.ingest.transport import (
     log_security_alert,
 )
 from pacs_node.ingest.workers import ALERT_BATCH_ENTRIES, _PipeSink
+from pacs_node.redact import scrub_reason
 from pacs_node.services.metrics import certificate_expiry, certificate_reload_refused
 from pacs_node.tls import (
     ReloadingContext,
@@ -478,3 +480,48 @@ def test_a_worker_sends_alerts_in_batches() -> None:
     assert counted == ("count", (TLS_HANDSHAKE_COUNTER, 500))
     sink.flush()
     assert not reader.poll(0.1)  # nothing left to send
+
+
+def test_a_sender_says_why_its_tls_handshake_failed(
+    pki: tuple[CertificateAuthority, Issued, Issued], tmp_path: Path
+) -> None:
+    ca, server, _ = pki
+    elsewhere = ca.issue("elsewhere", "CN=elsewhere,O=Test Hospital", hosts=("elsewhere.test",))
+    stranger = CertificateAuthority.create(tmp_path / "stranger")
+    listening = socket.create_server(("127.0.0.1", 0))
+    listening.settimeout(10)
+    port = listening.getsockname()[1]
+
+    def serve(files: TLSFiles) -> threading.Thread:
+        context = server_context(files, require_client_cert=False)
+
+        def answer() -> None:
+            accepted, _ = listening.accept()
+            with contextlib.suppress(OSError), context.wrap_socket(accepted, server_side=True):
+                pass
+            accepted.close()
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        return thread
+
+    cases = (
+        (TLSFiles(server.cert, server.key, ca.cert), stranger.cert, "not trusted (unknown CA)"),
+        (TLSFiles(elsewhere.cert, elsewhere.key, ca.cert), ca.cert, "host name mismatch"),
+    )
+    try:
+        for files, trusted, why in cases:
+            thread = serve(files)
+            context = client_context(TLSFiles(ca_file=trusted))
+            assoc = associate("NODE", "PACS", "127.0.0.1", port, ECHO, timeout_s=5, tls=context)
+            thread.join(5)
+            assert not assoc.is_established
+            failure = tls_failure(assoc)
+            assert failure == f"TLS certificate failure: certificate {why}".replace(
+                "certificate host", "host"
+            )
+            assert scrub_reason(f"PACS@127.0.0.1:{port}: {failure}") == (
+                f"PACS@127.0.0.1:{port}: {failure}"
+            )
+    finally:
+        listening.close()
