@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from pacs_node.cli.demo import _node_address
 from pacs_node.config import NodeOptions, PeerConfig, Settings, load_settings
 from pacs_node.cstore import associate, pair_contexts, tls_failure
 from pacs_node.destinations import DimseDestination
@@ -317,6 +318,14 @@ def test_tls_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert options.tls_cert_file == tmp_path / "node.pem"  # made absolute at start
     assert options.tls_ca_file == tmp_path / "ca.pem"
     assert options.tls_require_client_cert is True
+    destination = DimseDestination(
+        type="dimse", peer="PACS", tls=True, tls_ca_file=Path("pacs-ca.pem")
+    )
+    assert destination.tls_ca_file == tmp_path / "pacs-ca.pem"  # made absolute too
+    # The demo sends plain DICOM: with the plain port off it says so, not "port 0".
+    with pytest.raises(ValueError, match="dicom_port: 0"):
+        _node_address(Settings(node=options), None)
+    assert _node_address(Settings(node=options), "NODE@127.0.0.1:104").port == 104
     monkeypatch.setenv("PACS_NODE_DICOM_TLS_PORT", "0")
     with pytest.raises(ConfigError, match="no DICOM port is open"):
         load_settings(tmp_path)
