@@ -59,6 +59,9 @@ class NodeOptions(BaseModel):
     tls_key_file: Path | None = None
     tls_ca_file: Path | None = None
     tls_require_client_cert: bool = False
+    # A CRL (PEM) from the CA: a revoked client certificate is refused; then every client
+    # certificate's issuer needs its CRL in this file. Reloaded on change.
+    tls_crl_file: Path | None = None
     web_host: str = "0.0.0.0"
     web_port: int = Field(default=8080, ge=0, le=65535)  # 0: no web face
     data_dir: Path = Path("./var")
@@ -172,7 +175,7 @@ class NodeOptions(BaseModel):
         later working directory."""
         return value.expanduser().resolve()
 
-    @field_validator("tls_cert_file", "tls_key_file", "tls_ca_file")
+    @field_validator("tls_cert_file", "tls_key_file", "tls_ca_file", "tls_crl_file")
     @classmethod
     def _absolute_file(cls, value: Path | None) -> Path | None:
         """Read again when they change (a renewed certificate): fixed at start, as models_dir."""
@@ -200,6 +203,8 @@ class NodeOptions(BaseModel):
             raise ValueError("dicom_tls_port needs tls_cert_file and tls_key_file")
         if self.tls_require_client_cert and self.tls_ca_file is None:
             raise ValueError("tls_require_client_cert needs tls_ca_file")
+        if self.tls_crl_file is not None and self.tls_ca_file is None:
+            raise ValueError("tls_crl_file needs tls_ca_file")
         return self
 
     @property

@@ -4,8 +4,9 @@ change.
 Both ends use one profile: TLS 1.3, or TLS 1.2 limited to ECDHE key exchange with AES-GCM; no
 TLS compression, no renegotiation, nothing older than TLS 1.2. The Storage SCP builds its
 server context from ``tls_cert_file`` / ``tls_key_file`` / ``tls_ca_file`` (client certificates
-required when ``tls_require_client_cert``, verified when offered and a CA is given); a DIMSE
-destination builds a client context from its own CA and optional client certificate.
+required when ``tls_require_client_cert``, verified when offered and a CA is given, checked
+against ``tls_crl_file`` when set); a DIMSE destination builds a client context from its own CA
+and optional client certificate.
 
 A :class:`ReloadingContext` looks at its files' size and modification time at most once a
 second when a context is asked for, so a renewed certificate is used by the next connection
@@ -51,9 +52,11 @@ class TLSFiles:
     cert_file: Path | None = None
     key_file: Path | None = None
     ca_file: Path | None = None
+    crl_file: Path | None = None  # the server's only: revoked client certificates
 
     def paths(self) -> tuple[Path, ...]:
-        return tuple(p for p in (self.cert_file, self.key_file, self.ca_file) if p is not None)
+        files = (self.cert_file, self.key_file, self.ca_file, self.crl_file)
+        return tuple(p for p in files if p is not None)
 
 
 def _profile(context: ssl.SSLContext) -> ssl.SSLContext:
@@ -74,6 +77,17 @@ def _load_ca(context: ssl.SSLContext, prefix: str, ca_file: Path) -> None:
         context.load_verify_locations(cafile=str(ca_file))
     except (ssl.SSLError, OSError, ValueError) as exc:
         raise TLSFileError(f"{prefix}tls_ca_file", f"{ca_file} does not load: {_why(exc)}") from exc
+
+
+def _load_crl(context: ssl.SSLContext, crl_file: Path) -> None:
+    """Client certificates checked against the CA's CRL (the leaf only)."""
+    _check_exists("tls_crl_file", crl_file)
+    try:
+        x509.load_pem_x509_crl(crl_file.read_bytes())  # OpenSSL would skip one that is not
+        context.load_verify_locations(cafile=str(crl_file))
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise TLSFileError("tls_crl_file", f"{crl_file} does not load: {_why(exc)}") from exc
+    context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
 
 
 def _load_chain(context: ssl.SSLContext, prefix: str, cert: Path, key: Path) -> None:
@@ -102,6 +116,8 @@ def server_context(files: TLSFiles, require_client_cert: bool) -> ssl.SSLContext
     if files.ca_file is not None:
         _load_ca(context, "", files.ca_file)
         context.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
+        if files.crl_file is not None:
+            _load_crl(context, files.crl_file)
     elif require_client_cert:
         raise TLSFileError("tls_ca_file", "tls_require_client_cert needs tls_ca_file")
     return context

@@ -99,7 +99,9 @@ def server_tls(settings: Settings) -> ReloadingContext | None:
     options = settings.node
     if not options.dicom_tls_port:
         return None
-    files = TLSFiles(options.tls_cert_file, options.tls_key_file, options.tls_ca_file)
+    files = TLSFiles(
+        options.tls_cert_file, options.tls_key_file, options.tls_ca_file, options.tls_crl_file
+    )
     try:
         return reloading_server_context(files, options.tls_require_client_cert)
     except TLSFileError as exc:

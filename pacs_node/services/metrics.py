@@ -156,7 +156,9 @@ def _served(settings: Settings) -> dict[str, Served]:
     options = settings.node
     sources: dict[str, Callable[[], ReloadingContext]] = {}
     if options.dicom_tls_port:
-        files = TLSFiles(options.tls_cert_file, options.tls_key_file, options.tls_ca_file)
+        files = TLSFiles(
+            options.tls_cert_file, options.tls_key_file, options.tls_ca_file, options.tls_crl_file
+        )
         sources["dicom"] = functools.partial(
             reloading_server_context, files, options.tls_require_client_cert
         )

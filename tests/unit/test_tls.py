@@ -534,3 +534,56 @@ def test_a_sender_says_why_its_tls_handshake_failed(
             )
     finally:
         listening.close()
+
+
+def _refusal(server: ssl.SSLContext, client: ssl.SSLContext) -> str:
+    """Why the server side refused a handshake (whatever the client saw of it), in lower case;
+    empty when it did not."""
+    left, right = socket.socketpair()
+    errors: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            with server.wrap_socket(left, server_side=True) as tls:
+                tls.recv(1)
+        except (ssl.SSLError, OSError) as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    with (
+        contextlib.suppress(ssl.SSLError, OSError),
+        client.wrap_socket(right, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(b"x")
+        tls.recv(1)
+    right.close()
+    thread.join(5)
+    return " ".join(str(e) for e in errors).lower()
+
+
+def test_a_revoked_client_certificate_is_refused(
+    pki: tuple[CertificateAuthority, Issued, Issued], tmp_path: Path
+) -> None:
+    ca, server, client = pki
+    revoked = ca.issue("revoked", "CN=CT9,O=Test Hospital")
+    crl = ca.crl(tmp_path / "ca.crl", revoked=(revoked,))
+    files = TLSFiles(server.cert, server.key, ca.cert, crl)
+    source = ReloadingContext(
+        lambda: server_context(files, True), files.paths(), check_every_s=0, files=files
+    )
+    good = client_context(TLSFiles(client.cert, client.key, ca.cert))
+    bad = client_context(TLSFiles(revoked.cert, revoked.key, ca.cert))
+    assert _handshake(source.context(), good)[0] == "TLSv1.3"
+    assert "revoked" in _refusal(source.context(), bad)
+    # A new CRL on disk is used by the next connection, without a restart.
+    ca.crl(crl, revoked=(revoked, client))
+    os.utime(crl, ns=(2_000_000_000, 2_000_000_000))
+    assert "revoked" in _refusal(source.context(), good)
+    garbage = tmp_path / "garbage.crl"
+    garbage.write_text("not a CRL")
+    with pytest.raises(TLSFileError) as error:
+        server_context(TLSFiles(server.cert, server.key, ca.cert, garbage), True)
+    assert error.value.key == "tls_crl_file"
+    with pytest.raises(ValidationError, match="tls_crl_file needs tls_ca_file"):
+        NodeOptions(tls_crl_file=crl)
