@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from cryptography import x509
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -33,6 +32,7 @@ from pacs_node.destinations import (
 )
 from pacs_node.errors import ConfigError
 from pacs_node.routing.rules import RoutesFile
+from pacs_node.tls import parse_subject
 
 ENV_PREFIX = "PACS_NODE_"
 CONFIG_DIR_ENV = "PACS_NODE_CONFIG_DIR"
@@ -59,6 +59,9 @@ class NodeOptions(BaseModel):
     tls_key_file: Path | None = None
     tls_ca_file: Path | None = None
     tls_require_client_cert: bool = False
+    # A CRL (PEM) from the CA: a revoked client certificate is refused; then every client
+    # certificate's issuer needs its CRL in this file. Reloaded on change.
+    tls_crl_file: Path | None = None
     web_host: str = "0.0.0.0"
     web_port: int = Field(default=8080, ge=0, le=65535)  # 0: no web face
     data_dir: Path = Path("./var")
@@ -186,7 +189,7 @@ class NodeOptions(BaseModel):
         later working directory."""
         return value.expanduser().resolve()
 
-    @field_validator("tls_cert_file", "tls_key_file", "tls_ca_file")
+    @field_validator("tls_cert_file", "tls_key_file", "tls_ca_file", "tls_crl_file")
     @classmethod
     def _absolute_file(cls, value: Path | None) -> Path | None:
         """Read again when they change (a renewed certificate): fixed at start, as models_dir."""
@@ -220,6 +223,8 @@ class NodeOptions(BaseModel):
             raise ValueError("dicom_tls_port needs tls_cert_file and tls_key_file")
         if self.tls_require_client_cert and self.tls_ca_file is None:
             raise ValueError("tls_require_client_cert needs tls_ca_file")
+        if self.tls_crl_file is not None and self.tls_ca_file is None:
+            raise ValueError("tls_crl_file needs tls_ca_file")
         return self
 
     @property
@@ -269,7 +274,7 @@ class PeerConfig(BaseModel):
     def _valid_subject(cls, value: str | None) -> str | None:
         if value is not None and "=" in value:
             try:
-                x509.Name.from_rfc4514_string(value)
+                parse_subject(value)
             except ValueError as exc:
                 raise ValueError(f"{value[:80]!r} is not a distinguished name: {exc}") from exc
         return value
@@ -405,6 +410,7 @@ def load_settings(
             routes = _validate_file(RoutesFile, routes_path, _read_yaml(routes_path))
 
     node = _build_node(node_values, cli, directory)
+    _check_bound_peers(node, peers.peers, directory)
     return Settings(
         node=node,
         peers=peers.peers,
@@ -412,6 +418,30 @@ def load_settings(
         destinations=dict(peers.destinations),
         config_dir=directory,
     )
+
+
+def _check_bound_peers(
+    node: NodeOptions, peers: tuple[PeerConfig, ...], directory: Path | None
+) -> None:
+    """A peer bound to a certificate subject can only be accepted over TLS with client
+    certificates verified: without the TLS port or its CA it would be refused for ever."""
+    for index, peer in enumerate(peers):
+        if peer.tls_subject is None:
+            continue
+        missing = (
+            "dicom_tls_port"
+            if not node.dicom_tls_port
+            else "tls_ca_file"
+            if node.tls_ca_file is None
+            else None
+        )
+        if missing is not None:
+            raise ConfigError(
+                str((directory or Path(".")) / PEERS_FILE),
+                f"peers[{index}].tls_subject",
+                f"{peer.ae_title} is bound to a certificate subject, but node.yaml has no "
+                f"{missing}: its associations could never be accepted",
+            )
 
 
 def _build_node(

@@ -12,10 +12,11 @@ why it could not answer, is the caller's to judge.
 from __future__ import annotations
 
 import ssl
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
@@ -48,6 +49,61 @@ def pair_contexts(pairs: Iterable[tuple[str, str]]) -> list[PresentationContext]
     return [build_context(sop_class, [syntax]) for sop_class, syntax in pairs]
 
 
+# OpenSSL verify codes (X509_V_ERR_*) a sender's handshake fails with, worded for the operator.
+_VERIFY_FAILURES = {
+    10: "certificate expired",
+    9: "certificate not yet valid",
+    62: "host name mismatch",
+    64: "host name mismatch",
+    2: "certificate not trusted (unknown CA)",
+    18: "certificate not trusted (unknown CA)",
+    19: "certificate not trusted (unknown CA)",
+    20: "certificate not trusted (unknown CA)",
+    21: "certificate not trusted (unknown CA)",
+    23: "certificate revoked",
+}
+_tls_failures: weakref.WeakKeyDictionary[Association, str] = weakref.WeakKeyDictionary()
+
+
+def describe_tls_failure(exc: ssl.SSLError) -> str:
+    """Why a handshake as the client failed, in words the reason scrubber keeps."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        code = exc.verify_code
+        return f"TLS certificate failure: {_VERIFY_FAILURES.get(code, f'verify failed {code}')}"
+    reason = str(exc.reason or "")
+    if "CERTIFICATE" in reason or "UNKNOWN_CA" in reason:
+        return "TLS certificate failure: our certificate refused by the peer"
+    return "TLS handshake failed"
+
+
+class _TLSAttempt:
+    """Stands in for the client context in pynetdicom's ``wrap_socket`` call: pynetdicom
+    connects (which handshakes) and logs and drops any error, so the reason is kept here."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.context = context
+        self.error: ssl.SSLError | None = None
+
+    def wrap_socket(self, sock: Any, **kwargs: Any) -> ssl.SSLSocket:
+        wrapped = self.context.wrap_socket(sock, **kwargs)
+        connect = wrapped.connect
+
+        def connect_recording(address: Any) -> None:
+            try:
+                connect(address)
+            except ssl.SSLError as exc:
+                self.error = exc
+                raise
+
+        wrapped.connect = connect_recording  # type: ignore[method-assign,assignment]
+        return wrapped
+
+
+def tls_failure(assoc: Association) -> str | None:
+    """Why an association over TLS failed in its handshake (None: it did not, or no TLS)."""
+    return _tls_failures.get(assoc)
+
+
 def associate(
     calling_ae: str,
     called_ae: str,
@@ -60,19 +116,26 @@ def associate(
     tls: ssl.SSLContext | None = None,
 ) -> Association:
     """An association as ``calling_ae`` proposing ``requested``; established or not (the
-    caller words the refusal). ``timeout_s`` bounds the ACSE, DIMSE and network waits (None:
-    pynetdicom's defaults); ``tls``: over DICOM TLS with this client context, the host name
-    checked against the peer's certificate."""
+    caller words the refusal). ``timeout_s`` bounds the TCP connect with its TLS handshake
+    (pynetdicom's ``connection_timeout`` covers ``connect``, which handshakes) and the ACSE,
+    DIMSE and network waits (None: pynetdicom's defaults, without a connect deadline); ``tls``:
+    over DICOM TLS with this client context, the host name checked against the peer's
+    certificate."""
     ae = AE(ae_title=calling_ae)
     if timeout_s is not None:
+        ae.connection_timeout = timeout_s
         ae.acse_timeout = timeout_s
         ae.dimse_timeout = timeout_s
         ae.network_timeout = timeout_s
     ae.requested_contexts = list(requested)
-    tls_args = (tls, host) if tls is not None else None
-    return ae.associate(
+    attempt = _TLSAttempt(tls) if tls is not None else None
+    tls_args = (cast(ssl.SSLContext, attempt), host) if attempt is not None else None
+    assoc = ae.associate(
         host, port, ae_title=called_ae, evt_handlers=evt_handlers, tls_args=tls_args
     )
+    if attempt is not None and attempt.error is not None:
+        _tls_failures[assoc] = describe_tls_failure(attempt.error)
+    return assoc
 
 
 def accepted_pairs(assoc: Association) -> set[tuple[str, str]]:

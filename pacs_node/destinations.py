@@ -50,7 +50,15 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, FilePath, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    FilePath,
+    field_validator,
+    model_validator,
+)
 
 from pacs_node.aetitle import check_ae_title
 from pacs_node.tls import TLSFiles
@@ -148,6 +156,12 @@ class DimseDestination(BaseModel):
     tls_ca_file: Path | None = None
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+
+    @field_validator("tls_ca_file", "tls_cert_file", "tls_key_file")
+    @classmethod
+    def _absolute_file(cls, value: Path | None) -> Path | None:
+        """Read again when they change: fixed at start, not by a later working directory."""
+        return None if value is None else value.expanduser().resolve()
 
     @model_validator(mode="after")
     def _tls(self) -> DimseDestination:

@@ -79,6 +79,7 @@ unexpected unexpectedly unprocessable url verify wasn within won discarded down 
 local minute minutes named now occurred offline online outage pool quota reasons reassigned
 route unavailable until violation warnings allowlist sha256 listed
 unable get used self signed self-signed chain hostname
+trusted our revoked yet valid
 """
 VOCABULARY = frozenset(_WORDS.split())
 
@@ -87,7 +88,7 @@ _TERMS = """
 A AE ASCII C-ECHO C-FIND C-MOVE C-STORE CPU CR CT CUDA DICOM DICOM-SEG DIMSE DNS DX EHR FHIR
 GET GPU GSPS HTTP HTTPS I ID IP JSON KOS MG MPPS MR MiB GiB KiB MB GB NM N-ACTION
 N-EVENT-REPORT OK PACS PDF PDU POST PT PUT QIDO-RS RAS LPS RT SCP SCU SEG SNOMED SOP SR
-STOW-RS TCP TLS SSL UID UIDs URL US UTC WADO-RS XA YAML OperationOutcome DiagnosticReport SHA-256
+STOW-RS TCP TLS SSL CA UID UIDs URL US UTC WADO-RS XA YAML OperationOutcome DiagnosticReport SHA-256
 Observation ImagingStudy Bundle Patient MetaTensor
 CERTIFICATE_VERIFY_FAILED WRONG_VERSION_NUMBER TLSV1_ALERT_UNKNOWN_CA TLSV1_ALERT_PROTOCOL_VERSION
 SSLV3_ALERT_HANDSHAKE_FAILURE SSLV3_ALERT_BAD_CERTIFICATE TLSV13_ALERT_CERTIFICATE_REQUIRED

@@ -137,3 +137,25 @@ class CertificateAuthority:
         cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
         _write_key(key, key_path)
         return Issued(cert_path, key_path, not_after)
+
+    def crl(self, path: Path, revoked: tuple[Issued, ...] = ()) -> Path:
+        """A CRL (PEM) signed by this CA revoking ``revoked``, written to ``path``."""
+        now = datetime.now(UTC)
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.name)
+            .last_update(now - timedelta(minutes=5))
+            .next_update(now + timedelta(days=7))
+        )
+        for issued in revoked:
+            serial = x509.load_pem_x509_certificate(issued.cert.read_bytes()).serial_number
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder()
+                .serial_number(serial)
+                .revocation_date(now - timedelta(minutes=1))
+                .build()
+            )
+        path.write_bytes(
+            builder.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+        )
+        return path

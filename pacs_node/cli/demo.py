@@ -36,6 +36,11 @@ def _node_address(settings: Settings, to: str | None) -> Peer:
     if to is not None:
         return Peer.parse(to)
     options = settings.node
+    if not options.dicom_port:
+        raise ValueError(
+            f"node.yaml has dicom_port: 0 (DICOM TLS only, port {options.dicom_tls_port}) and "
+            "the demo sends plain DICOM: name a node's plain port with --to AE@HOST:PORT"
+        )
     host = "127.0.0.1" if options.dicom_host in _ANY_ADDRESS else options.dicom_host
     return Peer(options.ae_title, host, options.dicom_port)
 

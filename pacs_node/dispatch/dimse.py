@@ -27,6 +27,7 @@ from pacs_node.cstore import (
     associate,
     pair_contexts,
     store,
+    tls_failure,
 )
 from pacs_node.destinations import AnyDestination, DimseDestination
 from pacs_node.dispatch.commitment import (
@@ -129,7 +130,7 @@ class CStoreHandler:
         )
         if not assoc.is_established:
             reason = "association rejected" if assoc.is_rejected else "no association"
-            raise TransientDelivery(f"{where}: {reason}")
+            raise TransientDelivery(f"{where}: {tls_failure(assoc) or reason}")
         return assoc
 
     @staticmethod

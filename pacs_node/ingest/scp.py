@@ -108,7 +108,9 @@ def server_tls(settings: Settings) -> ReloadingContext | None:
     options = settings.node
     if not options.dicom_tls_port:
         return None
-    files = TLSFiles(options.tls_cert_file, options.tls_key_file, options.tls_ca_file)
+    files = TLSFiles(
+        options.tls_cert_file, options.tls_key_file, options.tls_ca_file, options.tls_crl_file
+    )
     try:
         return reloading_server_context(files, options.tls_require_client_cert)
     except TLSFileError as exc:
@@ -325,7 +327,10 @@ class StorageSCP:
             self._servers.append(server)
         if ready is not None:
             ready.set()
-        server.serve_forever()
+        try:
+            server.serve_forever()
+        except Exception:  # the port is no longer served: alive() says so (see workers.py)
+            log.exception("the DICOM port stopped serving", extra={"tls": tls})
 
     def alive(self) -> bool:
         """Whether the threads serving the DICOM ports run."""

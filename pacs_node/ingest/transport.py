@@ -83,18 +83,43 @@ OVERSIZED_MESSAGE_COUNTER = "oversized_messages"
 TLS_HANDSHAKE_COUNTER = "tls_handshake_failures"
 
 # security_alert(kind, address, detail): a refused TLS handshake or certificate. Kinds:
-# "tls-handshake-timeout", "tls-handshake-failed", "tls-certificate-refused" (no or untrusted
-# client certificate), "tls-certificate-not-bound" (a subject other than peers.yaml's).
+# "tls-handshake-timeout", "tls-handshake-failed", "tls-handshake-evicted" (closed mid-handshake
+# to make room for a newer connection), "tls-certificate-refused" (no or untrusted client
+# certificate), "tls-peer-refused-our-certificate" (the client did not trust the node's),
+# "tls-certificate-not-bound" (a subject other than peers.yaml's).
 # ``detail`` is a short reason (an OpenSSL reason code, a subject): never patient data. The hook
 # is where a refused handshake is reported (the default logs it): one that audits should log too.
+# Workers send alerts to the node in batches (see workers.py): there ``detail`` may end with
+# "(N times in 1 s)".
 SecurityAlert = Callable[[str, str, str], None]
 # OpenSSL reasons that mean the peer's certificate was missing or not trusted.
 _CERTIFICATE_REASONS = ("CERTIFICATE", "UNKNOWN_CA", "NO_CERTIFICATE")
+# Alerts the client sent: it refused the certificate the node showed.
+_PEER_REFUSED_REASONS = ("TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE")
+SECURITY_LOG_INTERVAL_S = 10.0
 
 
 def log_security_alert(kind: str, address: str, detail: str) -> None:
-    """The default :data:`SecurityAlert`: one warning line."""
-    log.warning("security alert", extra={"kind": kind, "address": address, "detail": detail})
+    """The default :data:`SecurityAlert`: a warning line, the first of each kind and then at
+    most one per ``SECURITY_LOG_INTERVAL_S`` (with how many were not logged): a flood on the
+    TLS port must not become a flood of log lines (``tls_handshake_failures`` counts each)."""
+    _security_throttle().warning(
+        kind, "security alert", {"kind": kind, "address": address, "detail": detail}
+    )
+
+
+@functools.cache
+def _security_throttle() -> Throttle:
+    return Throttle(SECURITY_LOG_INTERVAL_S)
+
+
+def handshake_failure_kind(reason: str) -> str:
+    """The alert kind for an OpenSSL reason a server-side handshake failed with."""
+    if any(word in reason for word in _PEER_REFUSED_REASONS):
+        return "tls-peer-refused-our-certificate"
+    if any(word in reason for word in _CERTIFICATE_REASONS):
+        return "tls-certificate-refused"
+    return "tls-handshake-failed"
 
 
 # pynetdicom gathers a DIMSE command set, and the data set of any message but a C-STORE-RQ (which
@@ -238,6 +263,11 @@ class GuardedSocket(socket.socket):
 
     guard: Guard
     address: str
+    # Until :meth:`start_guard` (the accept thread wraps a TLS connection first, and Python's
+    # ``SSLSocket`` reads from one that was reset before it was accepted) it is a plain socket.
+    _guarded = False
+    requested = False
+    dropped = False
 
     def start_guard(self, guard: Guard, address: str, pending: Lease) -> None:
         self.guard = guard
@@ -255,6 +285,7 @@ class GuardedSocket(socket.socket):
         self._lock = threading.Lock()
         self._finished = False
         self._assoc: Any = None
+        self._guarded = True
 
     def attach(self, assoc: Any) -> None:
         """The pynetdicom Association reading this connection (from EVT_CONN_OPEN), so that a
@@ -298,6 +329,8 @@ class GuardedSocket(socket.socket):
         return self.accepted + self.guard.request_timeout_s - time.monotonic()
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        if not self._guarded:
+            return super().recv(bufsize, flags)
         if self.dropped:
             return b""
         in_header = self._body_left == 0
@@ -464,23 +497,22 @@ class GuardedTLSSocket(GuardedSocket, ssl.SSLSocket):  # type: ignore[misc]  # r
                 raise TimeoutError
             self.settimeout(remaining)
             self.do_handshake()
+            if self.context.verify_mode != ssl.CERT_NONE:  # a certificate shown was verified
+                self.tls_subject = subject_text(self.getpeercert(binary_form=True))
+            if self.dropped:  # closed to make room just as the handshake ended
+                raise OSError("closed to make room")
+            return True
         except TimeoutError:
             kind, detail = "tls-handshake-timeout", f"no handshake in {guard.request_timeout_s} s"
         except ssl.SSLError as exc:
-            reason = str(exc.reason or type(exc).__name__)
-            kind = "tls-handshake-failed"
-            if any(word in reason for word in _CERTIFICATE_REASONS):
-                kind = "tls-certificate-refused"
-            detail = reason
-        except (OSError, AttributeError) as exc:  # reset by the peer, or closed to make room
+            detail = str(exc.reason or type(exc).__name__)
+            kind = handshake_failure_kind(detail)
+        except (OSError, AttributeError, ValueError) as exc:  # reset, or closed to make room
             kind, detail = "tls-handshake-failed", type(exc).__name__
+        if self.dropped:  # closed to make room for a newer connection (counted there)
+            kind, detail = "tls-handshake-evicted", "closed to make room for a newer connection"
         else:
-            if self.context.verify_mode != ssl.CERT_NONE:  # a certificate shown was verified
-                self.tls_subject = subject_text(self.getpeercert(binary_form=True))
-            return True
-        if self.dropped:  # closed to make room for a newer connection: counted there
-            return False
-        guard.count(TLS_HANDSHAKE_COUNTER)
+            guard.count(TLS_HANDSHAKE_COUNTER)
         try:
             guard.alert(kind, self.address, detail)
         except Exception:
@@ -522,21 +554,39 @@ class GuardedServer(ThreadedAssociationServer):
         super().__init__(*args, **kwargs)
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        """Accept and wrap a connection. socketserver survives only an ``OSError`` here (it
+        skips that connection): anything else would end ``serve_forever`` and close the port
+        for good, so whatever one connection raises is turned into one."""
         sock, address = super().get_request()
-        if self.tls is not None:
-            context = self.tls.context()  # a renewed certificate serves from here on
-            context.sslsocket_class = GuardedTLSSocket
-            wrapped = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-            assert isinstance(wrapped, GuardedTLSSocket)
-            return wrapped, address
-        guarded = GuardedSocket(sock.family, sock.type, sock.proto, fileno=sock.detach())
-        return guarded, address
+        try:
+            if self.tls is not None:
+                context = self.tls.context()  # a renewed certificate serves from here on
+                context.sslsocket_class = GuardedTLSSocket
+                wrapped = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+                if not isinstance(wrapped, GuardedTLSSocket):
+                    wrapped.close()
+                    raise OSError("the TLS context did not wrap a guarded socket")
+                return wrapped, address
+            guarded = GuardedSocket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+            return guarded, address
+        except Exception as exc:
+            sock.close()  # nothing left to close once wrapped (the wrapper took the descriptor)
+            if isinstance(exc, OSError):
+                raise
+            log.exception("a connection could not be accepted")
+            raise OSError(f"connection not accepted: {type(exc).__name__}") from exc
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         """The connection's own thread: over TLS the handshake comes first, here."""
-        if isinstance(request, GuardedTLSSocket) and not request.handshake():
-            self.shutdown_request(request)
-            return
+        if isinstance(request, GuardedTLSSocket):
+            try:
+                shaken = request.handshake()
+            except Exception:
+                log.exception("TLS handshake failed unexpectedly")
+                shaken = False
+            if not shaken:
+                self.shutdown_request(request)
+                return
         super().process_request_thread(request, client_address)
 
     def verify_request(self, request: Any, client_address: Any) -> bool:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import functools
 import logging
 import multiprocessing
@@ -39,6 +40,7 @@ from pacs_node.ingest.limits import SharedLimits
 from pacs_node.ingest.recorder import RecordSink
 from pacs_node.ingest.scp import StorageSCP, bind_listening, limits_for, server_tls
 from pacs_node.ingest.spool import Spool
+from pacs_node.ingest.transport import TLS_HANDSHAKE_COUNTER
 from pacs_node.lifecycle import exit_now
 from pacs_node.logs import configure_node_logging
 from pacs_node.refs import CommitmentReport, InstanceRef
@@ -47,10 +49,16 @@ from pacs_node.supervisor import Child, NodeLink, Supervisor
 log = logging.getLogger(__name__)
 
 _SUBMIT, _COUNT, _DUPLICATE, _REPORT = "submit", "count", "duplicate", "report"
-_AUDIT = "audit"
+_AUDIT, _ALERTS = "audit", "alerts"
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 PROCESS_NAME = b"pacs-node-scp"  # at most 15 bytes
+SERVE_CHECK_S = 1.0  # how often a worker checks that its ports are served
+# Security alerts (and the TLS failure counter) are sent to the node at most once per window,
+# as (kind, address, detail, times) with at most this many entries (the rest under one).
+ALERT_WINDOW_S = 1.0
+ALERT_BATCH_ENTRIES = 64
+_BATCHED_COUNTERS = frozenset({TLS_HANDSHAKE_COUNTER})
 
 
 def drain_s(settings: Settings) -> float:
@@ -68,6 +76,10 @@ class _PipeSink:
     def __init__(self, pipe: Connection) -> None:
         self._pipe = pipe
         self._lock = threading.Lock()  # this process's threads only: it dies with the process
+        self._batch_lock = threading.Lock()
+        self._alerts: dict[Alert, int] = {}
+        self._counts: dict[str, int] = {}
+        self._timer: threading.Timer | None = None
 
     def _send(self, kind: str, value: object) -> None:
         with self._lock:
@@ -77,6 +89,11 @@ class _PipeSink:
         self._send(_SUBMIT, ref)
 
     def count(self, name: str, by: int = 1) -> None:
+        if name in _BATCHED_COUNTERS:
+            with self._batch_lock:
+                self._counts[name] = self._counts.get(name, 0) + by
+                self._flush_later()
+            return
         self._send(_COUNT, (name, by))
 
     def duplicate(self, study_uid: str) -> None:
@@ -86,7 +103,37 @@ class _PipeSink:
         self._send(_REPORT, report)
 
     def audit(self, item: AuditEvent | Alert) -> None:
-        self._send(_AUDIT, item)
+        """An association event goes at once; a security alert is gathered for up to
+        ``ALERT_WINDOW_S`` and sent in one message: a flood of refused handshakes must not fill
+        the pipe the C-STORE acknowledgements wait on."""
+        if not isinstance(item, Alert):
+            self._send(_AUDIT, item)
+            return
+        with self._batch_lock:
+            key = item
+            if key not in self._alerts and len(self._alerts) >= ALERT_BATCH_ENTRIES:
+                key = Alert(item.kind, "(other addresses)", "")
+            self._alerts[key] = self._alerts.get(key, 0) + 1
+            self._flush_later()
+
+    def _flush_later(self) -> None:
+        if self._timer is None:
+            self._timer = threading.Timer(ALERT_WINDOW_S, self.flush)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def flush(self) -> None:
+        """Send the gathered alerts and counts now."""
+        with self._batch_lock:
+            alerts, self._alerts = self._alerts, {}
+            counts, self._counts = self._counts, {}
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = None
+        if alerts:
+            self._send(_ALERTS, list(alerts.items()))
+        for name, by in counts.items():
+            self._send(_COUNT, (name, by))
 
 
 def _die_with_parent() -> None:
@@ -136,11 +183,20 @@ def _run_worker(
         open_catalog=functools.partial(_read_only_catalog, settings),
         auditor=sink.audit,
     )
+    serving = []
     for sock, tls in listening:
         name = "scp-tls" if tls else "scp"
-        threading.Thread(target=scp.serve, args=(sock, None, tls), name=name, daemon=True).start()
-    while not link.stopping.wait(1.0):
+        thread = threading.Thread(target=scp.serve, args=(sock, None, tls), name=name, daemon=True)
+        thread.start()
+        serving.append(thread)
+    ended = False
+    while not link.stopping.wait(SERVE_CHECK_S):
         if os.getppid() != parent:  # the main process is gone: nobody records what we spool
+            break
+        if not all(thread.is_alive() for thread in serving):
+            # A port no longer served in this process: end it, and the node starts another.
+            ended = True
+            log.error("an SCP worker stopped serving a DICOM port; worker ending to be replaced")
             break
     if link.gone.is_set() or os.getppid() != parent:
         log.error("main process gone; worker stopping")
@@ -158,7 +214,8 @@ def _run_worker(
         "SCP worker stopped",
         extra={"seconds": round(time.monotonic() - stopping, 2), "associations_cut": cut},
     )
-    exit_now(0)  # what it spooled is on disk and in the pipe
+    sink.flush()
+    exit_now(1 if ended else 0)  # what it spooled is on disk and in the pipe
 
 
 class SCPWorkers:
@@ -280,6 +337,13 @@ class SCPWorkers:
         elif kind == _AUDIT:
             if self.auditor is not None:
                 self.auditor(value)
+        elif kind == _ALERTS:
+            for alert, times in value:
+                detail = alert.detail
+                if times > 1:
+                    detail = f"{detail} ({times} times in {ALERT_WINDOW_S:g} s)".lstrip()
+                if self.auditor is not None:
+                    self.auditor(dataclasses.replace(alert, detail=detail))
         else:
             self.sink.duplicate(value)
 

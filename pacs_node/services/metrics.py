@@ -9,7 +9,10 @@ that did the work), row counts by state, and the stage seconds of recently finis
 
 from __future__ import annotations
 
+import functools
 import math
+import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sqlalchemy import func, select
@@ -30,7 +33,14 @@ from pacs_node.catalog.studies import counters
 from pacs_node.config import Settings
 from pacs_node.destinations import DimseDestination
 from pacs_node.services.status import recorder_state
-from pacs_node.tls import not_after
+from pacs_node.tls import (
+    ReloadingContext,
+    Served,
+    TLSFileError,
+    TLSFiles,
+    client_source,
+    reloading_server_context,
+)
 
 RECENT_JOBS = 500  # finished jobs whose stage seconds make up the stage quantiles
 QUANTILES = (0.5, 0.9, 0.99)
@@ -139,22 +149,48 @@ def node_metrics(
         )
 
 
-def certificate_expiry(settings: Settings) -> dict[str, float]:
-    """When each configured TLS certificate expires (Unix seconds; a CA bundle: its earliest),
-    read from the files now, so a renewed certificate shows at once: ``dicom`` and
-    ``dicom_ca`` for the DICOM TLS port, ``destination:NAME`` and ``destination_ca:NAME`` for
-    DIMSE destinations over TLS. A file that cannot be read is left out."""
+def _served(settings: Settings) -> dict[str, Served]:
+    """What each configured TLS context serves in this process (the same files and rules as
+    the SCP's and the senders'): ``dicom`` for the DICOM TLS port, ``destination:NAME`` for a
+    DIMSE destination over TLS. One whose files do not load here is left out."""
     options = settings.node
-    files = {"dicom": options.tls_cert_file, "dicom_ca": options.tls_ca_file}
-    if not options.dicom_tls_port:
-        files = {}
+    sources: dict[str, Callable[[], ReloadingContext]] = {}
+    if options.dicom_tls_port:
+        files = TLSFiles(
+            options.tls_cert_file, options.tls_key_file, options.tls_ca_file, options.tls_crl_file
+        )
+        sources["dicom"] = functools.partial(
+            reloading_server_context, files, options.tls_require_client_cert
+        )
     for name, destination in sorted(settings.destinations.items()):
         if isinstance(destination, DimseDestination) and destination.tls:
-            files[f"destination:{name}"] = destination.tls_cert_file
-            files[f"destination_ca:{name}"] = destination.tls_ca_file
+            sources[f"destination:{name}"] = functools.partial(
+                client_source, destination.tls_files()
+            )
+    served = {}
+    for label, source in sources.items():
+        try:
+            served[label] = source().served()
+        except (TLSFileError, ssl.SSLError, OSError):
+            continue
+    return served
+
+
+def certificate_expiry(settings: Settings) -> dict[str, float]:
+    """When each TLS certificate in use expires (Unix seconds; a CA bundle: its earliest), as
+    loaded, not as on disk: a renewed file that was refused does not show. ``dicom`` and
+    ``dicom_ca`` for the DICOM TLS port, ``destination:NAME`` and ``destination_ca:NAME`` for
+    DIMSE destinations over TLS."""
     expiry = {}
-    for label, path in files.items():
-        when = not_after(path) if path is not None else None
-        if when is not None:
-            expiry[label] = when.timestamp()
+    for label, served in _served(settings).items():
+        ca_label = label.replace(":", "_ca:") if ":" in label else f"{label}_ca"
+        for key, when in ((label, served.cert_not_after), (ca_label, served.ca_not_after)):
+            if when is not None:
+                expiry[key] = when.timestamp()
     return expiry
+
+
+def certificate_reload_refused(settings: Settings) -> dict[str, int]:
+    """1 for each TLS context whose files changed on disk into ones that do not load (the
+    previous certificate still serves), else 0; labels as :func:`certificate_expiry`'s."""
+    return {label: int(served.refused) for label, served in _served(settings).items()}

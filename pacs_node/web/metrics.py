@@ -21,7 +21,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from pacs_node.catalog.studies import RECEIVED_BYTES, RECEIVED_INSTANCES
-from pacs_node.services.metrics import NodeMetrics, certificate_expiry, node_metrics
+from pacs_node.services.metrics import (
+    NodeMetrics,
+    certificate_expiry,
+    certificate_reload_refused,
+    node_metrics,
+)
 from pacs_node.web.context import WebContext, web_context
 
 log = logging.getLogger(__name__)
@@ -55,6 +60,7 @@ FAMILIES = frozenset(
         "job_stage_seconds",
         "job_stage_recent_jobs",
         "tls_certificate_expiry_timestamp_seconds",
+        "tls_certificate_reload_refused",
     }
 )
 _NAME = re.compile(r"[^a-zA-Z0-9_]")
@@ -69,6 +75,15 @@ class CatalogCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         yield _certificates(certificate_expiry(self.context.settings))
+        refused = GaugeMetricFamily(
+            f"{PREFIX}_tls_certificate_reload_refused",
+            "1 when a TLS certificate's files changed into ones that do not load: the one in "
+            "use (whose expiry is shown) still serves.",
+            labels=["certificate"],
+        )
+        for label, value in sorted(certificate_reload_refused(self.context.settings).items()):
+            refused.add_metric([label], value)
+        yield refused
         up = GaugeMetricFamily(f"{PREFIX}_catalog_up", "Whether the catalog could be read.")
         try:
             reading = node_metrics(self.context.catalog, self.context.settings)
@@ -85,7 +100,7 @@ class CatalogCollector(Collector):
 def _certificates(expiry: dict[str, float]) -> GaugeMetricFamily:
     family = GaugeMetricFamily(
         f"{PREFIX}_tls_certificate_expiry_timestamp_seconds",
-        "When a configured TLS certificate expires (notAfter, Unix seconds).",
+        "When a TLS certificate in use expires (notAfter, Unix seconds).",
         labels=["certificate"],
     )
     for label, when in sorted(expiry.items()):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import socket
 import ssl
+import struct
 import subprocess
 import time
 from collections.abc import Callable
@@ -42,6 +43,9 @@ pytestmark = pytest.mark.integration
 ECHOSCU = "/usr/bin/echoscu"
 STORESCU = "/usr/bin/storescu"
 HOSPITAL = "O=Test Hospital"
+# A silent client is dropped this long after it connects; long enough that it is still
+# connected once an echo from another client is answered, on a loaded machine too.
+SILENT_TIMEOUT_S = 8.0
 
 
 def _dcmtk(
@@ -92,17 +96,19 @@ def test_dcmtk_over_tls_with_mutual_authentication(
         tls_require_client_cert=True,
         dicom_workers=1,  # TLS served by a worker process
         job_workers=0,
-        assoc_request_timeout_s=5.0,
+        assoc_request_timeout_s=SILENT_TIMEOUT_S,
     )
     files = write_series(tmp_path / "study", slices=2, rows=16, columns=16)
 
     # A client that connects and says nothing holds only its own thread, not the port.
     silent = socket.create_connection(("127.0.0.1", tls_port))
+    opened = time.monotonic()
     silent.setblocking(False)
     try:
         echo = _dcmtk(ECHOSCU, node, tls_port, "ECHOSCU", *_tls(ct1, ca))
         assert echo.returncode == 0, echo.stderr
-        assert not _closed(silent)  # answered while the silent client still waits
+        if time.monotonic() - opened < SILENT_TIMEOUT_S - 1:  # else too slow a machine to tell
+            assert not _closed(silent)  # answered while the silent client still waits
 
         stored = _dcmtk(STORESCU, node, tls_port, "STORESCU", *_tls(ct1, ca), files=tuple(files))
         assert stored.returncode == 0, stored.stderr
@@ -110,6 +116,10 @@ def test_dcmtk_over_tls_with_mutual_authentication(
         # No client certificate: refused in the handshake.
         anonymous = _dcmtk(ECHOSCU, node, tls_port, "ECHOSCU", *_tls(None, ca))
         assert anonymous.returncode != 0
+        # A client that does not trust the node's certificate refuses it.
+        other = CertificateAuthority.create(tmp_path / "other-pki")
+        distrust = _dcmtk(ECHOSCU, node, tls_port, "ECHOSCU", *_tls(ct1, other))
+        assert distrust.returncode != 0
         # A plain association on the TLS port: refused, the node goes on.
         plain = _dcmtk(ECHOSCU, node, tls_port, "ECHOSCU")
         assert plain.returncode != 0
@@ -118,7 +128,9 @@ def test_dcmtk_over_tls_with_mutual_authentication(
         assert impostor.returncode != 0
         assert "Calling AE Title Not Recognized" in impostor.stdout + impostor.stderr
 
-        wait_for(lambda: _closed(silent), 15, what="the silent client to be dropped")
+        wait_for(
+            lambda: _closed(silent), SILENT_TIMEOUT_S + 20, what="the silent client to be dropped"
+        )
     finally:
         silent.close()
 
@@ -133,6 +145,7 @@ def test_dcmtk_over_tls_with_mutual_authentication(
         "tls-handshake-failed",
         "tls-handshake-timeout",
         "tls-certificate-not-bound",
+        "tls-peer-refused-our-certificate",
     ):
         assert re.search(rf"security alert.*{kind}", log), kind
     assert "Traceback" not in log
@@ -194,6 +207,10 @@ def test_in_process_scp_on_the_tls_port_only(
     try:
         with pytest.raises(RuntimeError):
             _ = scp.port  # no plain port
+        for _ in range(5):  # connections reset (SO_LINGER 0) as they are accepted
+            reset = socket.create_connection(("127.0.0.1", scp.tls_port))
+            reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            reset.close()
         assoc = associate(TLSFiles(client.cert, client.key, ca.cert))
         assert assoc.is_established
         assert assoc.send_c_echo().Status == 0
@@ -211,11 +228,14 @@ def test_in_process_scp_on_the_tls_port_only(
                 if isinstance(item, Alert) and item.detail.startswith("tls-")
             ]
 
-        wait_for(lambda: len(tls_alerts()) == 2, 5, what="two security alerts")
-        assert tls_alerts() == [
-            ("tls-certificate-not-bound", "127.0.0.1"),
-            ("tls-handshake-failed", "127.0.0.1"),
-        ]
+        def unbound_then_plain() -> bool:
+            # a reset above may fail its handshake first, when the machine is slow to accept
+            kinds = [kind for kind, address in tls_alerts() if address == "127.0.0.1"]
+            if "tls-certificate-not-bound" not in kinds:
+                return False
+            return "tls-handshake-failed" in kinds[kinds.index("tls-certificate-not-bound") :]
+
+        wait_for(unbound_then_plain, 15, what="the unbound certificate's and plain DICOM's alerts")
         # audited as Node Authentication (110126), the rejected association among them
         assert {item.kind for item in audited if isinstance(item, Alert)} == {"node-authentication"}
 
@@ -234,6 +254,7 @@ def test_in_process_scp_on_the_tls_port_only(
                 return tls.getpeercert(binary_form=True)
 
         wait_for(lambda: served() == expected, 10, what="the renewed certificate")
+        assert scp.alive()
     finally:
         scp.stop()
         catalog.dispose()

@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import socket
 import struct
 import threading
+from pathlib import Path
+from typing import Any
 
 from pacs_node.config import NodeOptions, Settings
+from pacs_node.ingest import workers as workers_module
+from pacs_node.ingest.limits import SharedLimits
+from pacs_node.ingest.scp import limits_for
 from pacs_node.ingest.workers import SCPWorkers, _PipeSink
 from pacs_node.refs import CommitmentReport, InstanceRef
 
@@ -63,3 +69,36 @@ def test_a_worker_sink_stamps_each_message_in_order() -> None:
     assert first[1:] == ("count", ("x", 1))
     assert second[1:] == ("duplicate", "1.2")
     assert first[0] <= second[0]
+
+
+def _worker_whose_port_stops(settings: Settings, listening: socket.socket, *pipes: Any) -> None:
+    """A worker (in a forked child) whose serving thread ends at once, as an exception in
+    socketserver's loop would end it."""
+    workers_module.StorageSCP.serve = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    workers_module._die_with_parent = lambda: None
+    workers_module.configure_node_logging = lambda options: None
+    writer, control = pipes
+    limits = SharedLimits.create(limits_for(settings), rows=1)
+    workers_module._run_worker(
+        settings, [(listening, False)], writer, os.getppid(), limits.for_row(0), control
+    )
+
+
+def test_a_worker_whose_port_stopped_serving_ends_to_be_replaced(tmp_path: Path) -> None:
+    settings = Settings(node=NodeOptions(data_dir=tmp_path, min_free_mb=0, stop_timeout_s=2))
+    listening = socket.create_server(("127.0.0.1", 0))
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    ours, control = multiprocessing.Pipe()
+    child = multiprocessing.get_context("fork").Process(
+        target=_worker_whose_port_stops, args=(settings, listening, writer, control)
+    )
+    child.start()
+    try:
+        child.join(30)
+        assert child.exitcode == 1  # not 0: the supervisor replaces it either way
+    finally:
+        if child.is_alive():
+            child.kill()
+        listening.close()
+        for end in (reader, writer, ours, control):
+            end.close()
