@@ -42,11 +42,12 @@ SKIPPED = "skipped"  # what a task returns when its job was not queued any more
 
 @dataclass
 class _Process:
-    """What one worker process keeps between tasks."""
+    """What one worker process keeps between tasks: its catalog connection, and its model
+    runner once a job needed it."""
 
     pid: int
     catalog: Catalog
-    runner: Runner
+    runner: Runner | None = None
 
 
 @dataclass
@@ -63,14 +64,13 @@ _claims = itertools.count(1)
 
 
 def _resources(settings: Settings) -> _Process:
-    """This process's catalog and runner, opened on its first task (never inherited across a
-    fork: a database connection must not be shared by two processes)."""
+    """This process's catalog, opened on its first task (never inherited across a fork: a
+    database connection must not be shared by two processes)."""
     process = _state.process
     if process is None or process.pid != os.getpid():
         process = _state.process = _Process(
             pid=os.getpid(),
             catalog=open_catalog(settings.node.catalog_url, run_migrations=False),
-            runner=make_runner(settings),
         )
     return process
 
@@ -117,6 +117,8 @@ def run_task(job_id: int) -> str:
         log.info("job not queued any more; task acknowledged", extra={"job_id": job_id})
         return SKIPPED
     with Heartbeat(process.catalog, job_id, me, lease_s):
+        if process.runner is None:  # after the claim: a redelivery never waits for torch
+            process.runner = make_runner(settings)
         state = run_job(process.catalog, settings, process.runner, job_id, me)
     return str(state)
 
