@@ -101,9 +101,9 @@ class Workers:
         self.env = {**clean_env(), **(env or {})}
         self.processes: list[subprocess.Popen[bytes]] = []
 
-    def start(self) -> subprocess.Popen[bytes]:
+    def start(self, concurrency: int = 1) -> subprocess.Popen[bytes]:
         log = (self.root / f"worker{len(self.processes)}.log").open("ab")
-        args = [PACS_NODE, "worker", "--concurrency", "1"]
+        args = [PACS_NODE, "worker", "--concurrency", str(concurrency)]
         if self.config_dir.is_dir():
             args += ["--config", str(self.config_dir)]
         process = subprocess.Popen(args, stdout=log, stderr=log, env=self.env)
@@ -259,7 +259,8 @@ def test_celery_workers_run_each_job_once_through_kills_duplicates_and_a_broker_
 def test_rabbitmq_smoke_a_job_is_published_and_run(
     tmp_path: Path, workers: Callable[..., Workers]
 ) -> None:
-    """The same path on RabbitMQ (its queue declared with a consumer timeout), one job."""
+    """The same path on RabbitMQ (its queue declared with a consumer timeout), one job, run by
+    a forked pool process of a worker."""
     from kombu import Connection
 
     from pacs_node.catalog.jobs import queue_job
@@ -289,10 +290,13 @@ def test_rabbitmq_smoke_a_job_is_published_and_run(
     try:
         assert queue.probe()
         assert queue.sweep() == (0, 1)  # published on the cpu queue
-        workers(tmp_path / "no-config", env).start()
+        pool = workers(tmp_path / "no-config", env)
+        worker = pool.start(concurrency=2)  # prefork: the job runs in a forked process
         done = wait_for(lambda: _finished(catalog, job_id), 60, interval=0.2, what="the job")
         assert done.attempts == 1
+        assert f":{worker.pid}:" not in str(done.claimed_by)
         assert queue.health().broker_reachable is True
+        pool.stop_all()  # before its queue goes
     finally:
         catalog.dispose()
         with Connection(RABBITMQ_URL) as connection:
