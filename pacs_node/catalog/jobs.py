@@ -301,12 +301,16 @@ def requeue_orphans(
 ) -> tuple[int, int]:
     """Jobs left ``running`` by a dead process of ours go back to the queue, unless they
     already took ``max_attempts`` workers down with them: those fail. Returns (queued, failed).
+    Only claims without a lease (local workers'): a Celery worker on the same host is not
+    ours, its lease says when its job is lost.
 
     ``stopped``: the node stopped the worker itself (a graceful stop's deadline); that is no
     fault of the job, so its claim's attempt is given back and it never fails for it."""
     rows = session.execute(
         select(Job.id, Job.attempts, Job.stage, Job.claimed_by).where(
-            Job.state == JobState.RUNNING, Job.claimed_by.startswith(owner_prefix)
+            Job.state == JobState.RUNNING,
+            Job.claimed_by.startswith(owner_prefix),
+            Job.lease_expires_at.is_(None),  # a leased claim is a Celery worker's: see above
         )
     ).all()
     return _requeue(session, rows, max_attempts, by, stopped=stopped)

@@ -30,12 +30,13 @@ import time
 from sqlalchemy.exc import SQLAlchemyError
 
 from pacs_node.catalog.db import Catalog
-from pacs_node.catalog.jobs import requeue_expired, take_unpublished, unpublish
+from pacs_node.catalog.jobs import requeue_expired, requeue_orphans, take_unpublished, unpublish
 from pacs_node.config import Settings
 from pacs_node.errors import PacsNodeError
 from pacs_node.inference.registry import DEFAULT_QUEUE, Registry
 from pacs_node.jobs.celery_app import TASK_NAME, broker_queue, make_app
 from pacs_node.jobs.queue import QueueHealth
+from pacs_node.worker import host_prefix
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,10 @@ class CeleryJobQueue:
         self._probed = 0.0
 
     def start(self) -> None:
+        """Jobs this host's local workers left running (the node ran with ``job_queue: local``
+        before) go back to the queue; then the sweeper starts."""
+        with self.catalog.sessions.begin() as session:
+            requeue_orphans(session, host_prefix(), self.options.job_max_attempts)
         self._thread = threading.Thread(target=self._run, name="job-sweeper", daemon=True)
         self._thread.start()
         log.info("jobs go to Celery workers", extra={"queue_prefix": self.options.job_queue_prefix})

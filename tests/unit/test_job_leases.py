@@ -21,6 +21,7 @@ from pacs_node.catalog.jobs import (
     queue_job,
     renew_lease,
     requeue_expired,
+    requeue_orphans,
     take_unpublished,
     unpublish,
 )
@@ -130,6 +131,14 @@ def test_an_expired_lease_requeues_then_fails_the_job(catalog: Catalog) -> None:
             select(JobEvent.kind).where(JobEvent.job_id == job_id).order_by(JobEvent.id)
         ).all()
     assert kinds == ["queued", "running", "queued", "running", "failed"]
+
+
+def test_a_local_restart_leaves_celery_claims_of_its_host_alone(catalog: Catalog) -> None:
+    (job_id,) = _queue(catalog)
+    with catalog.sessions.begin() as session:
+        assert claim_job_id(session, job_id, "h:1:celery1", 60)
+        assert requeue_orphans(session, "h:", max_attempts=3) == (0, 0)  # its lease decides
+    assert _job(catalog, job_id).state == "running"
 
 
 def test_queued_jobs_are_published_once_per_interval(catalog: Catalog) -> None:
