@@ -35,7 +35,9 @@ RULE = {
     "models": ["ct-classical"],
 }
 STATES = {"queued", "running", "done", "failed", "cancelled"}  # the job's own transitions
-RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
+# A RabbitMQ server already running (as the PostgreSQL of the tests); the test's queue has a
+# name of its own and is deleted at the end.
+RABBITMQ_URL = os.environ.get("PACS_NODE_TEST_RABBITMQ", "amqp://guest:guest@127.0.0.1:5672//")
 
 
 class RedisServer:
