@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import case, or_, select, update
 from sqlalchemy.orm import Session
 
 from pacs_node.actor import ROUTING, Actor
@@ -30,6 +30,7 @@ from pacs_node.catalog.models import Job, JobEvent, JobState, Study, utcnow
 from pacs_node.redact import scrub_detail, scrub_reason
 
 CLAIM_CANDIDATES = 8  # rows a SQLite claimer tries before saying the queue is empty
+REPUBLISH_BACKOFF_MAX = 16  # a waiting job is handed over again at most every 16 intervals
 
 
 def add_job_event(
@@ -164,38 +165,49 @@ def take_unpublished(
     session: Session, republish_after_s: float, limit: int = 100
 ) -> list[tuple[int, str]]:
     """Queued jobs to hand to the broker, as (job id, model): never handed over, or handed over
-    more than ``republish_after_s`` ago and still not claimed (the broker lost the task, or a
-    worker took it and died before claiming). Each is marked as handed over now, with a
+    and still not claimed ``republish_after_s`` later (the broker lost the task, or a worker
+    took it and died before claiming), then twice, four times ... (at most
+    ``REPUBLISH_BACKOFF_MAX`` times) as long after each further hand-over, so a long backlog
+    does not fill the broker with copies. Each is marked as handed over now, with a
     compare-and-set, so that of several nodes one hands it over."""
     now = utcnow()
     stale = now - timedelta(seconds=republish_after_s)
     due = or_(Job.published_at.is_(None), Job.published_at < stale)
     rows = session.execute(
-        select(Job.id, Job.model, Job.published_at)
+        select(Job.id, Job.model, Job.published_at, Job.publish_count)
         .where(Job.state == JobState.QUEUED, due)
         .order_by(Job.id)
-        .limit(limit)
     ).all()
     taken: list[tuple[int, str]] = []
-    for job_id, model, before in rows:
+    for job_id, model, before, count in rows:
+        if before is not None:
+            wait = republish_after_s * min(2 ** max(0, count - 1), REPUBLISH_BACKOFF_MAX)
+            if before > now - timedelta(seconds=wait):
+                continue
         same = Job.published_at.is_(None) if before is None else Job.published_at == before
         won = session.execute(
             update(Job)
             .where(Job.id == job_id, Job.state == JobState.QUEUED, same)
-            .values(published_at=now)
+            .values(published_at=now, publish_count=count + 1)
         )
         if won.rowcount == 1:  # type: ignore[attr-defined]
             taken.append((job_id, model))
+            if len(taken) >= limit:
+                break
     return taken
 
 
 def unpublish(session: Session, job_ids: Sequence[int]) -> None:
-    """The broker refused these: hand them over again at the next chance."""
+    """The broker refused these: hand them over again at the next chance (the refused
+    hand-over does not count)."""
     if job_ids:
         session.execute(
             update(Job)
             .where(Job.id.in_(list(job_ids)), Job.state == JobState.QUEUED)
-            .values(published_at=None)
+            .values(
+                published_at=None,
+                publish_count=case((Job.publish_count > 0, Job.publish_count - 1), else_=0),
+            )
         )
 
 
@@ -283,6 +295,7 @@ def retry_job(session: Session, job_id: int, actor: Actor | None = None) -> bool
             finished_at=None,
             lease_expires_at=None,
             published_at=None,
+            publish_count=0,
         )
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
@@ -346,6 +359,7 @@ def _requeue(
                     attempts=max(0, attempts - 1) if stopped else attempts,
                     lease_expires_at=None,
                     published_at=None,
+                    publish_count=0,
                 )
             )
             if won.rowcount == 1:  # type: ignore[attr-defined]

@@ -12,7 +12,8 @@ A sweeper thread in every node repairs what the broker and dead workers leave:
 - a running job whose lease ran out (its worker was SIGKILLed, lost its host or its catalog)
   goes back to the queue (failed after ``job_max_attempts`` claims) and is published again;
 - a queued job handed over ``job_lease_s`` ago and still not claimed (the broker lost it in a
-  restart without persistence, or the publish failed) is published again.
+  restart without persistence, or the publish failed) is published again; each further time
+  it waits twice as long (at most 16 times), since a job may also just wait behind a backlog.
 
 It wakes when the node queues a job (:meth:`CeleryJobQueue.submitted`) and at least every
 :data:`SWEEP_MAX_S`. Several nodes on one catalog each sweep: every step is a compare-and-set,

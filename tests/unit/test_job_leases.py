@@ -117,6 +117,7 @@ def test_an_expired_lease_requeues_then_fails_the_job(catalog: Catalog) -> None:
         None,
         None,
     )
+    assert job.publish_count == 0
     with catalog.sessions.begin() as session:
         assert take_unpublished(session, 60) == [(job_id, "ct-classical")]  # published again
         assert claim_job_id(session, job_id, "h:2:celery1", 60)
@@ -141,19 +142,35 @@ def test_a_local_restart_leaves_celery_claims_of_its_host_alone(catalog: Catalog
     assert _job(catalog, job_id).state == "running"
 
 
-def test_queued_jobs_are_published_once_per_interval(catalog: Catalog) -> None:
+def _published_ago(catalog: Catalog, job_id: int, seconds: float) -> None:
+    with catalog.sessions.begin() as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(published_at=utcnow() - timedelta(seconds=seconds))
+        )
+
+
+def test_queued_jobs_are_published_once_per_interval_backing_off(catalog: Catalog) -> None:
     first, second = _queue(catalog, 2)
     with catalog.sessions.begin() as session:
         assert take_unpublished(session, 60) == [(first, "ct-classical"), (second, "ct-classical")]
         assert take_unpublished(session, 60) == []  # another node's sweep hands none over again
-        unpublish(session, [second])  # the broker refused it
+        unpublish(session, [second])  # the broker refused it: that hand-over does not count
         assert take_unpublished(session, 60) == [(second, "ct-classical")]
-    with catalog.sessions.begin() as session:  # handed over long ago, never claimed: lost
-        session.execute(
-            update(Job).where(Job.id == first).values(published_at=utcnow() - timedelta(seconds=61))
-        )
+    assert _job(catalog, second).publish_count == 1
+    # handed over a minute ago and never claimed: lost, handed over again; then after 2 minutes
+    _published_ago(catalog, first, 61)
+    with catalog.sessions.begin() as session:
+        assert take_unpublished(session, 60) == [(first, "ct-classical")]
+    _published_ago(catalog, first, 61)
+    with catalog.sessions.begin() as session:
+        assert take_unpublished(session, 60) == []
+    _published_ago(catalog, first, 121)
+    with catalog.sessions.begin() as session:
         assert take_unpublished(session, 60) == [(first, "ct-classical")]
         assert cancel_job(session, second)
+    assert _job(catalog, first).publish_count == 3
     with catalog.sessions.begin() as session:
         session.execute(update(Job).values(published_at=None))
         assert take_unpublished(session, 60) == [(first, "ct-classical")]  # not the cancelled

@@ -1,4 +1,4 @@
-"""job claims of Celery workers hold a lease; when a job was last handed to the broker
+"""job claims of Celery workers hold a lease; when and how often a job was handed to the broker
 
 Revision ID: 0013
 Revises: 0012
@@ -22,10 +22,14 @@ def upgrade() -> None:
     # NULL for every job already recorded: no lease (a local worker's claim), never published
     for column in COLUMNS:
         op.add_column("jobs", sa.Column(column, sa.DateTime(timezone=True), nullable=True))
+    op.add_column(
+        "jobs", sa.Column("publish_count", sa.Integer(), nullable=False, server_default="0")
+    )
 
 
 def downgrade() -> None:
     # plain ALTER TABLE ... DROP COLUMN (SQLite 3.35 and later), not a batch rebuild: rebuilding
     # `jobs` with foreign keys on would cascade its DROP TABLE to its events and results
+    op.drop_column("jobs", "publish_count")
     for column in reversed(COLUMNS):
         op.drop_column("jobs", column)
