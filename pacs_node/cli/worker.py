@@ -8,13 +8,16 @@ import typer
 
 from pacs_node.cli.common import ConfigOption, settings_for
 from pacs_node.cli.console import fail
-from pacs_node.inference.registry import DEFAULT_QUEUE
+from pacs_node.inference.registry import DEFAULT_QUEUE, valid_queue
 
 
 def _queues(text: str | None) -> list[str]:
     names = [part.strip() for part in (text or DEFAULT_QUEUE).split(",") if part.strip()]
     if not names:
         fail("--queues: name at least one device class, e.g. cpu or gpu")
+    for name in names:
+        if not valid_queue(name):
+            fail(f"--queues: {name[:40]!r} is not a device class (short lower-case, e.g. gpu)")
     return list(dict.fromkeys(names))
 
 

@@ -630,6 +630,11 @@ def bundle_sha256(root: Path) -> str:
     return digest.hexdigest()
 
 
+def valid_queue(name: str) -> bool:
+    """A device class a bundle and ``pacs-node worker --queues`` may name."""
+    return bool(_QUEUE.match(name))
+
+
 def load_bundle(root: Path) -> Bundle:
     """Read and validate one bundle folder; raise :class:`BundleError` with file and key."""
     path = root / METADATA
@@ -699,7 +704,7 @@ def load_bundle(root: Path) -> Bundle:
     overlap = reader.number(f"{NODE_KEY}.overlap", low=0.0, high=0.95)
     sw_batch = reader.number(f"{NODE_KEY}.sw_batch_size", low=1)
     queue = reader.string(f"{NODE_KEY}.queue") or DEFAULT_QUEUE
-    if not _QUEUE.match(queue):
+    if not valid_queue(queue):
         raise reader.fail(f"{NODE_KEY}.queue", "must be a short lower-case name such as cpu or gpu")
     return Bundle(
         name=name,

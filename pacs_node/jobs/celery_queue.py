@@ -30,7 +30,7 @@ import time
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from pacs_node.catalog.db import Catalog
+from pacs_node.catalog.db import Catalog, sqlite_file
 from pacs_node.catalog.jobs import requeue_expired, requeue_orphans, take_unpublished, unpublish
 from pacs_node.config import Settings
 from pacs_node.errors import PacsNodeError
@@ -67,6 +67,8 @@ class CeleryJobQueue:
         before) go back to the queue; then the sweeper starts."""
         with self.catalog.sessions.begin() as session:
             requeue_orphans(session, host_prefix(), self.options.job_max_attempts)
+        if sqlite_file(self.catalog.url) is not None:
+            log.warning("the catalog is a SQLite file: Celery workers must run on this host")
         self._thread = threading.Thread(target=self._run, name="job-sweeper", daemon=True)
         self._thread.start()
         log.info("jobs go to Celery workers", extra={"queue_prefix": self.options.job_queue_prefix})

@@ -4,6 +4,8 @@ workers and publishes again jobs the broker lost."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -31,6 +33,8 @@ from pacs_node.errors import ConfigError
 from pacs_node.jobs.celery_app import broker_queue, make_app, redelivery_s
 from pacs_node.jobs.celery_queue import CeleryJobQueue
 from pacs_node.jobs.celery_worker import Heartbeat
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -231,6 +235,24 @@ def test_the_sweeper_requeues_and_publishes(
     assert queue.device_class("no-such-model") == "cpu"
 
 
+def test_a_gpu_bundle_is_published_on_the_gpu_queue(catalog: Catalog, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(ROOT / "models" / "ct-classical", models / "ct-classical")
+    path = models / "ct-classical" / "configs" / "metadata.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "pacs_node": {
+        **json.loads(path.read_text())["pacs_node"], "queue": "gpu"}}))  # fmt: skip
+    settings = load_settings(
+        None,
+        {"job_queue": "celery", "broker_url": "redis://h/0", "models_dir": models},
+    )
+    queue = CeleryJobQueue(catalog, settings)
+    sent: list[str] = []
+    queue.app.send_task = lambda *args, queue, **kwargs: sent.append(queue.name)  # type: ignore[method-assign]
+    _queue(catalog)
+    assert queue.sweep() == (0, 1)
+    assert sent == ["pacs-node.gpu"]
+
+
 def test_broker_settings_and_urls() -> None:
     options = load_settings(
         None, {"job_queue": "celery", "broker_url": "amqp://guest:guest@h:5672//"}
@@ -256,3 +278,16 @@ def test_broker_settings_and_urls() -> None:
             load_settings(None, {"job_queue": "celery", "broker_url": url})
         assert caught.value.key == "broker_url"
         assert reason in caught.value.reason
+
+
+def test_the_worker_command_refuses_a_bad_queue_or_broker() -> None:
+    from tests.conftest import run_cli
+
+    bad_queue = run_cli(
+        "worker", "--queues", "cpu,GPU!", "--broker-url", "redis://h/0", check=False
+    )
+    assert bad_queue.returncode != 0
+    assert "'GPU!' is not a device class" in bad_queue.stderr
+    bad_broker = run_cli("worker", "--broker-url", "http://h/", check=False)
+    assert bad_broker.returncode == 2
+    assert "broker_url" in bad_broker.stderr
