@@ -97,7 +97,11 @@ class CeleryJobQueue:
             )
         with self.catalog.sessions.begin() as session:
             due = take_unpublished(session, self.options.job_lease_s)
-        refused = [job_id for job_id, model in due if not self.publish(job_id, model)]
+        refused: list[int] = []
+        for index, (job_id, model) in enumerate(due):
+            if not self.publish(job_id, model):  # the broker is away: the rest wait with this one
+                refused = [job_id for job_id, _ in due[index:]]
+                break
         if refused:
             with self.catalog.sessions.begin() as session:
                 unpublish(session, refused)

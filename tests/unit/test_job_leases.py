@@ -214,7 +214,10 @@ def test_the_sweeper_requeues_and_publishes(
     published: list[tuple[int, str]] = []
     refuse = {"on": True}
 
+    tried: list[int] = []
+
     def publish(job_id: int, model: str) -> bool:
+        tried.append(job_id)
         if refuse["on"]:
             return False
         published.append((job_id, queue.device_class(model)))
@@ -223,7 +226,8 @@ def test_the_sweeper_requeues_and_publishes(
     monkeypatch.setattr(queue, "publish", publish)
     monkeypatch.setattr(queue, "probe", lambda: True)
     first, second = _queue(catalog, 2)
-    assert queue.sweep() == (0, 0)  # the broker refused both: they stay due
+    assert queue.sweep() == (0, 0)  # the broker refused the first: both stay due
+    assert tried == [first]  # a broker that is away is not asked once per job
     refuse["on"] = False
     assert queue.sweep() == (0, 2)
     assert published == [(first, "cpu"), (second, "cpu")]
