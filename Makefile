@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(PY) -m pip
 WHEELS := $(wildcard /opt/wheels)
 FIND_LINKS := $(if $(WHEELS),--find-links $(WHEELS),)
-APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb chromium chromium-driver invesalius-examples
+APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb chromium chromium-driver invesalius-examples redis-server
 STAMP := $(VENV)/.installed
 # The real FHIR R4 server of the EHR tests, in a venv of its own (its pins must not touch ours)
 FHIR_VENV ?= .venv-fhir
@@ -49,6 +49,7 @@ apt:
 	test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so || missing="$$missing orthanc-dicomweb"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	test -e /usr/share/doc/invesalius-examples/examples/Cranium.inv3 || missing="$$missing invesalius-examples"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \

@@ -12,9 +12,18 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -42,6 +51,7 @@ ROUTES_FILE = "routes.yaml"
 
 _M = TypeVar("_M", bound=BaseModel)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp")
 
 
 class NodeOptions(BaseModel):
@@ -110,6 +120,22 @@ class NodeOptions(BaseModel):
     # Job worker processes (inference beside the SCP); 1 suits 2 cores, 0 runs none.
     job_workers: int = Field(default=1, ge=0, le=32)
     job_max_attempts: int = Field(default=3, ge=1, le=100)  # a job that kills its worker
+    # Who runs the jobs: this node's worker processes (local), or `pacs-node worker` processes
+    # on any host taking them from a Celery broker (celery, with broker_url): see pacs_node.jobs.
+    job_queue: Literal["local", "celery"] = "local"
+    # The broker of job_queue: celery: redis://, rediss://, amqp://, amqps:// (RabbitMQ).
+    broker_url: str = Field(default="", max_length=2000, validate_default=True)
+    # Broker queues are named <job_queue_prefix><device class> (cpu, gpu, ...), so node groups
+    # sharing one broker do not take each other's jobs.
+    job_queue_prefix: str = Field(
+        default="pacs-node.", max_length=64, pattern=r"^[A-Za-z0-9_.:-]*$"
+    )
+    # A job claimed by a Celery worker holds a lease this long, renewed every third of it while it
+    # runs; an expired lease (the worker was killed) puts the job back in the queue.
+    job_lease_s: float = Field(default=120.0, ge=1, le=86_400)
+    # The slowest job expected: the broker redelivers a task taken but not acknowledged only after
+    # twice this (Redis's visibility timeout, RabbitMQ's consumer timeout), never mid-job.
+    job_timeout_s: float = Field(default=3600.0, ge=10, le=7 * 86_400)
     # A graceful stop's bound (SIGTERM, SIGINT): associations get half of it to finish, a job in
     # progress most of it (then its worker is killed and the job re-queued); past it the node
     # kills its processes and exits 128 + signal. A supervisor's own bound must be longer.
@@ -194,6 +220,29 @@ class NodeOptions(BaseModel):
     def _absolute_file(cls, value: Path | None) -> Path | None:
         """Read again when they change (a renewed certificate): fixed at start, as models_dir."""
         return None if value is None else value.expanduser().resolve()
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker(cls, value: str, info: ValidationInfo) -> str:
+        """A Celery job queue needs a broker it can name; the URL's form is checked here, the
+        broker itself when the node starts."""
+        if info.data.get("job_queue") != "celery":
+            return value
+        if not value:
+            raise ValueError("job_queue celery needs a broker_url (redis://... or amqp://...)")
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - a port that is not a number raises here
+        except ValueError as exc:
+            raise ValueError(f"is not a URL: {exc}") from exc
+        if parts.scheme not in BROKER_SCHEMES:
+            raise ValueError(
+                f"scheme {parts.scheme!r} is not a broker this node speaks "
+                f"(use {', '.join(BROKER_SCHEMES)})"
+            )
+        if not parts.hostname:
+            raise ValueError("names no broker host")
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

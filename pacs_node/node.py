@@ -163,7 +163,7 @@ class Node:
 
     def _job_workers_alive(self) -> bool:
         health = self.jobs.health()
-        return health.alive >= health.workers
+        return health.alive >= health.workers and health.broker_reachable is not False
 
     def start(self) -> None:
         """Reconcile the catalog with the spool, rebuild timers, then open the DICOM port."""

@@ -5,16 +5,24 @@ appends a :class:`JobEvent`, so two workers never run one job and the timeline i
 Claiming: on PostgreSQL ``SELECT ... FOR UPDATE SKIP LOCKED`` hands each worker a different
 row; SQLite has one writer at a time, so an ``UPDATE ... WHERE state = 'queued'`` whose row
 count says who won is enough there (the loser tries the next row).
+
+Leases (Celery workers, :mod:`pacs_node.jobs.celery_queue`): a broker task names one job, and
+:func:`claim_job_id` takes exactly that job with the same compare-and-set, setting
+``lease_expires_at``; the worker renews it (:func:`renew_lease`) while the job runs. A second
+delivery of the task finds the job no longer queued and runs nothing. :func:`requeue_expired`
+puts back jobs whose lease ran out (their worker was killed), and :func:`take_unpublished`
+picks the queued jobs to hand to the broker (new ones, re-queued ones, and ones the broker
+may have lost), marking each so that several nodes hand it over once per interval.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import case, or_, select, update
 from sqlalchemy.orm import Session
 
 from pacs_node.actor import ROUTING, Actor
@@ -22,6 +30,7 @@ from pacs_node.catalog.models import Job, JobEvent, JobState, Study, utcnow
 from pacs_node.redact import scrub_detail, scrub_reason
 
 CLAIM_CANDIDATES = 8  # rows a SQLite claimer tries before saying the queue is empty
+REPUBLISH_BACKOFF_MAX = 16  # a waiting job is handed over again at most every 16 intervals
 
 
 def add_job_event(
@@ -95,12 +104,111 @@ def claim_job(session: Session, worker_id: str) -> int | None:
                 stage="claimed",
                 progress=0.0,
                 error=None,
+                lease_expires_at=None,
             )
         )
         if won.rowcount == 1:  # type: ignore[attr-defined]
             add_job_event(session, job_id, "running", worker=worker_id)
             return job_id
     return None
+
+
+def claim_job_id(session: Session, job_id: int, worker_id: str, lease_s: float) -> bool:
+    """Take this one job for ``worker_id`` with a lease of ``lease_s``; False when it is not
+    queued (already claimed, done, cancelled or gone): a duplicate delivery runs nothing."""
+    now = utcnow()
+    won = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == JobState.QUEUED)
+        .values(
+            state=JobState.RUNNING,
+            claimed_by=worker_id,
+            attempts=Job.attempts + 1,
+            started_at=now,
+            finished_at=None,
+            stage="claimed",
+            progress=0.0,
+            error=None,
+            lease_expires_at=now + timedelta(seconds=lease_s),
+        )
+    )
+    if won.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    add_job_event(session, job_id, "running", worker=worker_id)
+    return True
+
+
+def renew_lease(session: Session, job_id: int, worker_id: str, lease_s: float) -> bool:
+    """Extend a running job's lease; False when the job is no longer this worker's."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == JobState.RUNNING, Job.claimed_by == worker_id)
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+    )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def requeue_expired(session: Session, max_attempts: int) -> tuple[int, int]:
+    """Running jobs whose lease ran out go back to the queue (or fail after ``max_attempts``
+    claims): their worker stopped renewing, it was killed or cut off. Returns (queued, failed)."""
+    rows = session.execute(
+        select(Job.id, Job.attempts, Job.stage, Job.claimed_by).where(
+            Job.state == JobState.RUNNING,
+            Job.lease_expires_at.is_not(None),
+            Job.lease_expires_at < utcnow(),
+        )
+    ).all()
+    return _requeue(session, rows, max_attempts, "lease expired", stopped=False)
+
+
+def take_unpublished(
+    session: Session, republish_after_s: float, limit: int = 100
+) -> list[tuple[int, str]]:
+    """Queued jobs to hand to the broker, as (job id, model): never handed over, or handed over
+    and still not claimed ``republish_after_s`` later (the broker lost the task, or a worker
+    took it and died before claiming), then twice, four times ... (at most
+    ``REPUBLISH_BACKOFF_MAX`` times) as long after each further hand-over, so a long backlog
+    does not fill the broker with copies. Each is marked as handed over now, with a
+    compare-and-set, so that of several nodes one hands it over."""
+    now = utcnow()
+    stale = now - timedelta(seconds=republish_after_s)
+    due = or_(Job.published_at.is_(None), Job.published_at < stale)
+    rows = session.execute(
+        select(Job.id, Job.model, Job.published_at, Job.publish_count)
+        .where(Job.state == JobState.QUEUED, due)
+        .order_by(Job.id)
+    ).all()
+    taken: list[tuple[int, str]] = []
+    for job_id, model, before, count in rows:
+        if before is not None:
+            wait = republish_after_s * min(2 ** max(0, count - 1), REPUBLISH_BACKOFF_MAX)
+            if before > now - timedelta(seconds=wait):
+                continue
+        same = Job.published_at.is_(None) if before is None else Job.published_at == before
+        won = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == JobState.QUEUED, same)
+            .values(published_at=now, publish_count=count + 1)
+        )
+        if won.rowcount == 1:  # type: ignore[attr-defined]
+            taken.append((job_id, model))
+            if len(taken) >= limit:
+                break
+    return taken
+
+
+def unpublish(session: Session, job_ids: Sequence[int]) -> None:
+    """The broker refused these: hand them over again at the next chance (the refused
+    hand-over does not count)."""
+    if job_ids:
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(list(job_ids)), Job.state == JobState.QUEUED)
+            .values(
+                published_at=None,
+                publish_count=case((Job.publish_count > 0, Job.publish_count - 1), else_=0),
+            )
+        )
 
 
 def set_progress(
@@ -185,6 +293,9 @@ def retry_job(session: Session, job_id: int, actor: Actor | None = None) -> bool
             progress=0.0,
             claimed_by=None,
             finished_at=None,
+            lease_expires_at=None,
+            published_at=None,
+            publish_count=0,
         )
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
@@ -203,39 +314,57 @@ def requeue_orphans(
 ) -> tuple[int, int]:
     """Jobs left ``running`` by a dead process of ours go back to the queue, unless they
     already took ``max_attempts`` workers down with them: those fail. Returns (queued, failed).
+    Only claims without a lease (local workers'): a Celery worker on the same host is not
+    ours, its lease says when its job is lost.
 
     ``stopped``: the node stopped the worker itself (a graceful stop's deadline); that is no
     fault of the job, so its claim's attempt is given back and it never fails for it."""
     rows = session.execute(
-        select(Job.id, Job.attempts, Job.stage).where(
-            Job.state == JobState.RUNNING, Job.claimed_by.startswith(owner_prefix)
+        select(Job.id, Job.attempts, Job.stage, Job.claimed_by).where(
+            Job.state == JobState.RUNNING,
+            Job.claimed_by.startswith(owner_prefix),
+            Job.lease_expires_at.is_(None),  # a leased claim is a Celery worker's: see above
         )
     ).all()
+    return _requeue(session, rows, max_attempts, by, stopped=stopped)
+
+
+def _requeue(
+    session: Session, rows: Sequence[Any], max_attempts: int, by: str, *, stopped: bool
+) -> tuple[int, int]:
+    """(id, attempts, stage, claimed_by) rows of running jobs whose worker is gone: back to the
+    queue, or failed; each only if still held by that same claim."""
     queued = failed = 0
-    for job_id, attempts, stage in rows:
+    for job_id, attempts, stage, holder in rows:
+        still_held = (Job.id == job_id, Job.state == JobState.RUNNING, Job.claimed_by == holder)
         if not stopped and attempts >= max_attempts:
             error = f"the worker died {attempts} times (last in stage {stage}); giving up"
-            session.execute(
+            won = session.execute(
                 update(Job)
-                .where(Job.id == job_id, Job.state == JobState.RUNNING)
+                .where(*still_held)
                 .values(state=JobState.FAILED, error=error, finished_at=utcnow())
             )
-            add_job_event(session, job_id, "failed", error=error)
-            failed += 1
+            if won.rowcount == 1:  # type: ignore[attr-defined]
+                add_job_event(session, job_id, "failed", error=error)
+                failed += 1
         else:
-            session.execute(
+            won = session.execute(
                 update(Job)
-                .where(Job.id == job_id, Job.state == JobState.RUNNING)
+                .where(*still_held)
                 .values(
                     state=JobState.QUEUED,
                     claimed_by=None,
                     stage=None,
                     progress=0.0,
                     attempts=max(0, attempts - 1) if stopped else attempts,
+                    lease_expires_at=None,
+                    published_at=None,
+                    publish_count=0,
                 )
             )
-            add_job_event(session, job_id, "queued", by=by, interrupted_stage=stage)
-            queued += 1
+            if won.rowcount == 1:  # type: ignore[attr-defined]
+                add_job_event(session, job_id, "queued", by=by, interrupted_stage=stage)
+                queued += 1
     return queued, failed
 
 

@@ -292,6 +292,13 @@ class Job(Base):
     timings: Mapped[dict[str, float]] = mapped_column(JSONText(), default=dict)  # {stage: s}
     error: Mapped[str | None] = mapped_column(Text)
     claimed_by: Mapped[str | None] = mapped_column(String(64))
+    # A Celery worker's claim holds until this time unless renewed (None: a claim of a local
+    # worker, which its node takes back itself); see pacs_node.jobs.celery_queue.
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # When the job was last handed to the broker (None: not yet, or to be handed again), and how
+    # often since it was queued (each hand-over waits twice as long as the one before).
+    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    publish_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

@@ -26,6 +26,7 @@ from pacs_node.cli.studies import studies
 from pacs_node.cli.tokens import tokens_app
 from pacs_node.cli.train import train
 from pacs_node.cli.users import users_app
+from pacs_node.cli.worker import worker
 
 app = typer.Typer(
     name="pacs-node",
@@ -46,6 +47,7 @@ for command in (
     demo,
     status,
     serve,
+    worker,
     studies,
     send,
     echo,

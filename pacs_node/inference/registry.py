@@ -29,7 +29,9 @@ metadata.json; every key in it is optional::
       "anatomy": {"body": "body",        # anatomical limits, before the clean-up: see
                   "confine_to_body": true,  # inference/anatomy.py; label names, not values
                   "air_only": ["lung_left", "lung_right"], "air_hu_max": -400,
-                  "exclude_table": true}
+                  "exclude_table": true},
+      "queue": "gpu"                     # the device class whose workers run it (Celery job
+                                         # queue: one broker queue per class); default "cpu"
     }
 
 Label names: a ``channel_def`` name is matched to the vocabulary after normalising case,
@@ -68,6 +70,8 @@ from pacs_node.inference.vocabulary import (
 from pacs_node.quality.limits import QUALITY_KEY, QualityLimits, limit_labels
 
 METADATA = Path("configs/metadata.json")
+DEFAULT_QUEUE = "cpu"
+_QUEUE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 INFERENCE = Path("configs/inference.json")
 STATE_DICT = Path("models/model.pt")
 TORCHSCRIPT = Path("models/model.ts")
@@ -159,6 +163,7 @@ class Bundle:
     metadata: Mapping[str, Any] = field(default_factory=dict)
     sha256: str = ""  # over every file of the bundle: see bundle_sha256
     quality: QualityLimits = field(default_factory=QualityLimits)  # the gate's default limits
+    queue: str = DEFAULT_QUEUE  # the device class whose workers run it
 
     @property
     def inference_config(self) -> Path:
@@ -625,6 +630,11 @@ def bundle_sha256(root: Path) -> str:
     return digest.hexdigest()
 
 
+def valid_queue(name: str) -> bool:
+    """A device class a bundle and ``pacs-node worker --queues`` may name."""
+    return bool(_QUEUE.match(name))
+
+
 def load_bundle(root: Path) -> Bundle:
     """Read and validate one bundle folder; raise :class:`BundleError` with file and key."""
     path = root / METADATA
@@ -693,6 +703,9 @@ def load_bundle(root: Path) -> Bundle:
     min_slices = reader.number(f"{NODE_KEY}.min_slices", low=1)
     overlap = reader.number(f"{NODE_KEY}.overlap", low=0.0, high=0.95)
     sw_batch = reader.number(f"{NODE_KEY}.sw_batch_size", low=1)
+    queue = reader.string(f"{NODE_KEY}.queue") or DEFAULT_QUEUE
+    if not valid_queue(queue):
+        raise reader.fail(f"{NODE_KEY}.queue", "must be a short lower-case name such as cpu or gpu")
     return Bundle(
         name=name,
         root=root,
@@ -715,6 +728,7 @@ def load_bundle(root: Path) -> Bundle:
         metadata=data,
         sha256=bundle_sha256(root),
         quality=_quality(reader, segments),
+        queue=queue,
     )
 
 

@@ -3,9 +3,9 @@
 The catalog is the queue: a job is a row in state ``queued`` (whoever queued it), and a
 runner takes it with a compare-and-set claim (:mod:`pacs_node.catalog.jobs`), runs it with
 :func:`pacs_node.worker.run_job` and records how it ended. A :class:`JobQueue` is what takes
-jobs from that queue: today worker processes of this node (:mod:`.local`); a Celery
-implementation would hand claims to its workers instead, and the node, which talks only to
-this seam, would not change.
+jobs from that queue: worker processes of this node (:mod:`.local`, ``job_queue: local``), or
+Celery workers on any host fed through a broker (:mod:`.celery_queue`, ``job_queue: celery``);
+the node talks only to this seam and runs the same either way.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from typing import Protocol
 class QueueHealth:
     """What the runner of jobs can say about itself."""
 
-    backend: str  # "local", ...
-    workers: int  # how many it should have
+    backend: str  # "local" | "celery"
+    workers: int  # how many it should have (celery: 0, they are not the node's)
     alive: int  # how many run now
     restarts: int  # workers started again since the node started
     stopping: bool
+    broker_reachable: bool | None = None  # celery: at the last publish or check; None: no broker
 
 
 class JobQueue(Protocol):

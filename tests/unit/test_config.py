@@ -21,6 +21,8 @@ FLAT_ENV = {
     "PACS_NODE_ASSOC_REQUEST_TIMEOUT_S": ("assoc_request_timeout_s", "2.5", 2.5),
     "PACS_NODE_MAX_ASSOC_REQUEST_BYTES": ("max_assoc_request_bytes", "65536", 65536),
     "PACS_NODE_STOP_TIMEOUT_S": ("stop_timeout_s", "90", 90.0),
+    "PACS_NODE_BROKER_URL": ("broker_url", "redis://h:6379/0", "redis://h:6379/0"),
+    "PACS_NODE_JOB_LEASE_S": ("job_lease_s", "30", 30.0),
 }
 
 
@@ -154,3 +156,15 @@ def test_settings_are_frozen() -> None:
     settings = load_settings()
     with pytest.raises(ValueError, match="frozen"):
         settings.node.dicom_port = 1  # type: ignore[misc]
+
+
+def test_a_celery_job_queue_from_the_environment_checks_its_broker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PACS_NODE_JOB_QUEUE", "celery")
+    monkeypatch.setenv("PACS_NODE_BROKER_URL", "ftp://broker/")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(None)
+    assert (caught.value.source, caught.value.key) == ("environment", "PACS_NODE_BROKER_URL")
+    monkeypatch.setenv("PACS_NODE_BROKER_URL", "amqp://guest:guest@broker:5672//")
+    assert load_settings(None).node.job_queue == "celery"

@@ -168,6 +168,7 @@ CHANNELS = "network_data_format.outputs.pred.channel_def"
         ("pacs_node.labels", {"1": "pancreas"}, "pacs_node.labels.1"),
         ("pacs_node.labels", {"5": "liver"}, "pacs_node.labels.5"),
         ("pacs_node.cleanup", {"1": {"shrink": True}}, "pacs_node.cleanup.1.shrink"),
+        ("pacs_node.queue", "GPU queue!", "pacs_node.queue"),
     ],
 )
 def test_broken_metadata_is_refused_with_file_and_key(
@@ -255,6 +256,13 @@ def test_repository_models_load() -> None:
     classical = bundles["ct-classical"]
     assert [s.name for s in classical.segments] == ["body", "lung_left", "lung_right", "bone"]
     assert classical.model_card is not None
+    assert classical.queue == "cpu"  # no pacs_node.queue: the default device class
+
+
+def test_a_bundle_names_the_device_class_that_runs_it(tmp_path: Path) -> None:
+    meta = _edit(metadata(SPLEEN), "pacs_node.queue", "gpu")
+    write_bundle(tmp_path / "spleen", inference_config(TINY_UNET), meta)
+    assert Registry(tmp_path).get("spleen").queue == "gpu"
 
 
 @pytest.mark.parametrize(
