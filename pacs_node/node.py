@@ -31,7 +31,7 @@ from pacs_node.config import PEERS_FILE, Settings
 from pacs_node.datadir import make_private
 from pacs_node.destinations import DimseDestination, missing_secrets, plain_http_destinations
 from pacs_node.dispatch.dimse import recommitter
-from pacs_node.dispatch.outbox import Outbox, node_id
+from pacs_node.dispatch.outbox import Outbox, node_id, process_gone
 from pacs_node.doors import NodeParts, open_doors
 from pacs_node.errors import ConfigError
 from pacs_node.housekeeping import Housekeeping, finish_purges
@@ -88,7 +88,9 @@ class Node:
         if self.syslog is not None:
             self.audit.listeners.append(self.syslog.wake)
         # Nodes sharing the catalog: one at a time marks stable, routes and purges.
-        self.lease = TimerLease(self.catalog, node_id(settings), options.timer_lease_s)
+        self.lease = TimerLease(
+            self.catalog, node_id(settings), options.timer_lease_s, gone=process_gone
+        )
         self.assembly = Assembly(self.catalog, settings, self.lease)
         self.recorder.add_listener(self.assembly.on_touched)
         check_models(settings)

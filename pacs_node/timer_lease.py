@@ -26,12 +26,23 @@ log = logging.getLogger(__name__)
 
 class TimerLease:
     def __init__(
-        self, catalog: Catalog, node_id: str, ttl_s: float, name: str = leases.TIMERS
+        self,
+        catalog: Catalog,
+        node_id: str,
+        ttl_s: float,
+        name: str = leases.TIMERS,
+        *,
+        gone: Callable[[str, str], bool] | None = None,
     ) -> None:
+        """``gone(owner, mine)``: whether the process that took the lease as ``owner`` (this
+        node's earlier life) is no longer running; its lease is then taken back at start
+        rather than after it expires."""
         self.catalog = catalog
         self.name = name
         self.ttl_s = ttl_s
+        self.node_id = node_id
         self.owner = f"{node_id}/{os.getpid()}/{secrets.token_hex(4)}"
+        self.gone = gone
         self._owned = False
         self._listeners: list[Callable[[], object]] = []
         self._stopping = threading.Event()
@@ -69,9 +80,25 @@ class TimerLease:
         return won
 
     def start(self) -> None:
+        self._take_back_own()
         self.renew()
         self._thread = threading.Thread(target=self._loop, name="timer-lease", daemon=True)
         self._thread.start()
+
+    def _take_back_own(self) -> None:
+        """A restarted node need not wait for the lease its dead earlier process still holds."""
+        if self.gone is None:
+            return
+        try:
+            with self.catalog.sessions.begin() as session:
+                found = leases.holder(session, self.name)
+                if found is None or not found[0].startswith(f"{self.node_id}/"):
+                    return
+                if self.gone(found[0], self.owner):
+                    leases.release(session, self.name, found[0])
+                    log.info("timer lease of an earlier process taken back")
+        except Exception:
+            log.warning("timer lease of an earlier process not checked", exc_info=True)
 
     def _loop(self) -> None:
         while not self._stopping.wait(self.ttl_s / 3):

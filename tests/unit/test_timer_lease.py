@@ -145,3 +145,22 @@ def test_one_study_received_at_two_nodes_at_once_is_one_study(
         assert session.scalar(select(Series.id).where(Series.series_uid == "1.2.3.1")) is not None
         assert list(session.scalars(select(Study.state))) == [StudyState.RECEIVING]
     assert study.instances == 40
+
+
+def test_a_restarted_node_takes_its_dead_processes_lease_back_at_once(
+    catalogs: tuple[Catalog, Catalog],
+) -> None:
+    earlier = TimerLease(catalogs[0], "node-a", ttl_s=30)
+    assert earlier.renew()
+    other = TimerLease(catalogs[1], "node-b", ttl_s=30, gone=lambda owner, mine: True)
+    other.start()  # another node's lease is never taken back early
+    other.stop()
+    assert not other.owned()
+    restarted = TimerLease(
+        catalogs[1], "node-a", ttl_s=30, gone=lambda owner, mine: owner == earlier.owner
+    )
+    restarted.start()
+    try:
+        assert restarted.owned()
+    finally:
+        restarted.stop()
