@@ -90,7 +90,7 @@ def test_two_ingest_nodes_route_a_split_study_once_and_hand_the_timers_over(
         took_over = time.monotonic() - killed
         wait_for(lambda: _routing(catalog, later)[2] > 0, 20, what="the later study routed")
 
-        assert took_over < LEASE_S + LEASE_S / 3 + 2, took_over
+        assert took_over < LEASE_S + LEASE_S / 3 + 3, took_over  # expiry + one renewal + slack
         assert _routing(catalog, split) == (StudyState.STABLE.value, 1, 1, 1)
         assert _routing(catalog, later) == (StudyState.STABLE.value, 1, 1, 1)
         with catalog.sessions() as session:
