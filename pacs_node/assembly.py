@@ -19,6 +19,7 @@ from pacs_node.catalog.db import Catalog
 from pacs_node.catalog.models import utcnow
 from pacs_node.catalog.studies import StudyTouch, mark_stable, receiving_studies, stability_deadline
 from pacs_node.config import Settings
+from pacs_node.timer_lease import TimerLease
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +29,14 @@ SWEEP_JOB = "assembly-sweep"
 
 
 class Assembly:
-    def __init__(self, catalog: Catalog, settings: Settings) -> None:
+    def __init__(
+        self, catalog: Catalog, settings: Settings, lease: TimerLease | None = None
+    ) -> None:
         self.catalog = catalog
         self.settings = settings
+        self.lease = lease  # None: this process alone runs the timers
+        # Studies another node of the group recorded are found by this sweep.
+        self.sweep_s = min(SWEEP_S, settings.node.timer_lease_s / 3)
         self.max_wait_s = settings.node.max_wait_s
         self._scheduler = BackgroundScheduler(timezone="UTC")
         self._listeners: list[StableListener] = []
@@ -49,7 +55,7 @@ class Assembly:
         self._scheduler.add_job(
             self.sweep,
             "interval",
-            seconds=SWEEP_S,
+            seconds=self.sweep_s,
             id=SWEEP_JOB,
             coalesce=True,
             max_instances=1,
@@ -57,7 +63,10 @@ class Assembly:
 
     def sweep(self) -> int:
         """Arm a timer for every receiving study that has none: a study another process
-        catalogued (``pacs-node quarantine release``) is assembled like any other."""
+        catalogued (``pacs-node quarantine release``, another node of the group) is assembled
+        like any other. A node without the timer lease arms none."""
+        if not self._scheduler.running or (self.lease is not None and not self.lease.owned()):
+            return 0
         try:
             with self.catalog.sessions() as session:
                 pending = receiving_studies(session)
@@ -107,6 +116,8 @@ class Assembly:
         """Mark ``study_uid`` stable if its deadline has passed; re-arm otherwise."""
         now = now or utcnow()
         with self.catalog.sessions.begin() as session:
+            if self.lease is not None and not self.lease.held(session):
+                return False  # the owner's sweep arms it; this node's takeover does too
             found = stability_deadline(session, study_uid, quiet_period_s, self.max_wait_s)
             if found is None:
                 return False

@@ -149,6 +149,10 @@ class NodeOptions(BaseModel):
     # This node's name in the claims it makes on a shared catalog (empty: host name + data dir);
     # at start a node takes back the claims of its own earlier processes.
     node_id: str = Field(default="", max_length=64, pattern=r"^[A-Za-z0-9_.:-]*$")
+    # Several nodes on one catalog: one of them at a time owns the assembly timers and
+    # housekeeping for this long, renewing every third of it; a node that dies hands them over
+    # within it.
+    timer_lease_s: float = Field(default=30.0, ge=1, le=3600)
     seg_jpeg2000_copy: bool = False  # also store a JPEG 2000 SEG; C-STORE may choose it
     # Retention (housekeeping): only studies whose deliveries are all confirmed are removed.
     retention_days: float = Field(default=0.0, ge=0)  # after this long; 0 keeps them

@@ -72,6 +72,7 @@ from pacs_node.catalog.models import (
 from pacs_node.config import Settings
 from pacs_node.dispatch.commitment import CONFIRMED, CommitmentAnswer, Reference
 from pacs_node.ingest.spool import retention_lock
+from pacs_node.timer_lease import TimerLease
 
 log = logging.getLogger(__name__)
 
@@ -204,8 +205,10 @@ class Housekeeping:
         recommit: Recommit | None = None,
         disk_usage: DiskUsage = disk_percent_used,
         clock: Callable[[], datetime] = utcnow,
+        lease: TimerLease | None = None,
     ) -> None:
         self.catalog = catalog
+        self.lease = lease  # None: this process alone keeps house
         self.options = settings.node
         self.spool_dir = settings.node.spool_dir
         self.results_dir = settings.node.data_dir / "results"
@@ -230,7 +233,10 @@ class Housekeeping:
             self._scheduler.shutdown(wait=True)
 
     def run_once(self) -> HousekeepingReport:
+        """One pass; on a node of a group that does not hold the timer lease, none."""
         report = HousekeepingReport()
+        if self.lease is not None and not self.lease.owned():
+            return report
         try:
             report.finished = finish_purges(self.catalog, self.spool_dir, self.results_dir)
             report.recommitted = self._recommit()
@@ -274,6 +280,8 @@ class Housekeeping:
             retention_lock(self.spool_dir, shared=False),
             self.catalog.sessions.begin() as session,
         ):
+            if self.lease is not None and not self.lease.held(session):
+                return False  # handed over since the pass began: the new owner decides
             study = session.get(Study, study_id)
             audited = study_object(session, study.study_uid) if study is not None else None
             purge = purge_study(session, study, reason, now) if study is not None else None

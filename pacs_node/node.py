@@ -31,7 +31,7 @@ from pacs_node.config import NODE_FILE, PEERS_FILE, Settings
 from pacs_node.datadir import make_private
 from pacs_node.destinations import DimseDestination, missing_secrets, plain_http_destinations
 from pacs_node.dispatch.dimse import recommitter
-from pacs_node.dispatch.outbox import Outbox
+from pacs_node.dispatch.outbox import Outbox, node_id, process_gone
 from pacs_node.doors import NodeParts, open_doors
 from pacs_node.errors import ConfigError
 from pacs_node.housekeeping import Housekeeping, finish_purges
@@ -45,6 +45,7 @@ from pacs_node.ingest.workers import SCPWorkers, drain_s
 from pacs_node.jobs import JobQueue, open_job_queue
 from pacs_node.lifecycle import SignalPipe, exit_now
 from pacs_node.routing.router import Router, check_models
+from pacs_node.timer_lease import TimerLease
 from pacs_node.tls import TLSFileError, client_context
 
 log = logging.getLogger(__name__)
@@ -90,10 +91,16 @@ class Node:
             raise ConfigError(source, exc.key, exc.reason) from exc
         if self.syslog is not None:
             self.audit.listeners.append(self.syslog.wake)
-        self.assembly = Assembly(self.catalog, settings)
+        # Nodes sharing the catalog: one at a time marks stable, routes and purges.
+        self.lease = TimerLease(
+            self.catalog, node_id(settings), options.timer_lease_s, gone=process_gone
+        )
+        self.assembly = Assembly(self.catalog, settings, self.lease)
         self.recorder.add_listener(self.assembly.on_touched)
         check_models(settings)
-        self.router = Router(self.catalog, self.spool, settings.routes)
+        self.router = Router(self.catalog, self.spool, settings.routes, self.lease)
+        self.lease.add_listener(self.assembly.sweep)
+        self.lease.add_listener(self.router.catch_up)
         self.assembly.add_listener(self.router.on_stable)
         self.assembly.add_listener(self._audit_study_received)  # after routing: never delays it
         for name, env in missing_secrets(settings.destinations):
@@ -113,6 +120,7 @@ class Node:
             self.catalog,
             settings,
             recommit=recommitter(options.ae_title, self.outbox.resolve),
+            lease=self.lease,
         )
         self.scp: StorageSCP | SCPWorkers
         if options.dicom_workers > 0:
@@ -173,6 +181,7 @@ class Node:
             self.syslog.start()
         finish_purges(self.catalog, self.spool.root, self.settings.node.data_dir / "results")
         recovered = reconcile(self.spool, self.recorder)
+        self.lease.start()
         self.router.catch_up()
         self.recorder.start()
         self.assembly.start()
@@ -307,6 +316,7 @@ class Node:
         )
         step("assembly", self.assembly.stop)
         step("housekeeping", self.housekeeping.stop)
+        step("timer lease", self.lease.stop)  # handed over now, not when it expires
         counts = step("job workers", lambda: self.jobs.stop(workers_deadline))
         stopped, killed = counts if isinstance(counts, tuple) else (0, 0)
         log.info(

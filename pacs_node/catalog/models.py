@@ -500,3 +500,14 @@ class AuditRecord(Base):
     description: Mapped[str | None] = mapped_column(Text)
     message: Mapped[str] = mapped_column(Text)  # the AuditMessage XML
     forwarded_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)
+
+
+class NodeLease(Base):
+    """A duty one node of a group holds at a time (``timers``: assembly and housekeeping),
+    taken and renewed by compare-and-set (:mod:`pacs_node.catalog.leases`)."""
+
+    __tablename__ = "node_leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())

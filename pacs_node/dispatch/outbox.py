@@ -109,7 +109,7 @@ def node_id(settings: Settings) -> str:
     return f"{socket.gethostname()[:40]}:{hashlib.sha256(folder).hexdigest()[:12]}"
 
 
-def _process_gone(owner: str, mine: str) -> bool:
+def process_gone(owner: str, mine: str) -> bool:
     """Whether the process that made a claim of this node (``<node id>/<pid>/<token>``) is gone:
     not this Outbox, and its pid is this process (an earlier life: containers reuse pid 1) or
     no longer alive."""
@@ -174,7 +174,7 @@ class Outbox:
         """Claims of this node's earlier processes go out again (another node's are left to
         their lease); holds for want of a destination are re-checked."""
         with self.catalog.sessions.begin() as session:
-            gone = [o for o in claim_owners(session, self.node_id) if _process_gone(o, self.owner)]
+            gone = [o for o in claim_owners(session, self.node_id) if process_gone(o, self.owner)]
             resent = reset_claims(session, gone)
             released = release_destination_holds(
                 session, lambda name: not isinstance(self.resolve(name), Unresolved)

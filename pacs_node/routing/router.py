@@ -36,6 +36,7 @@ from pacs_node.quality.limits import limit_labels, merge_limits
 from pacs_node.routing.facts import study_facts
 from pacs_node.routing.plan import DEFAULT_SEND, plan_study
 from pacs_node.routing.rules import RoutesFile, RuleVerdict, SeriesFacts, route
+from pacs_node.timer_lease import TimerLease
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +92,15 @@ def check_models(settings: Settings) -> None:
 
 
 class Router:
-    def __init__(self, catalog: Catalog, spool: Spool, routes: RoutesFile) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        spool: Spool,
+        routes: RoutesFile,
+        lease: TimerLease | None = None,
+    ) -> None:
         self.catalog = catalog
+        self.lease = lease  # None: this process alone routes
         self.spool = spool
         self.routes = routes
         self._listeners: list[Callable[[int], None]] = []
@@ -106,7 +114,10 @@ class Router:
         return route(self.routes, study_facts(session, self.spool, study_uid))
 
     def catch_up(self) -> int:
-        """Route studies that became stable but were not routed since (a crash in between)."""
+        """Route studies that became stable but were not routed since (a crash in between,
+        or another node of the group lost the timer lease in between)."""
+        if self.lease is not None and not self.lease.owned():
+            return 0
         with self.catalog.sessions() as session:
             pending = list(
                 session.scalars(
@@ -123,7 +134,13 @@ class Router:
     def on_stable(self, study_uid: str) -> None:
         """Assembly listener: route the study that just became stable."""
         with self.catalog.sessions.begin() as session:
-            outcome, jobs = self.route_study(session, study_uid)
+            if self.lease is not None and not self.lease.held(session):
+                log.info("study left to the timer lease's owner", extra={"study_uid": study_uid})
+                return
+            routed = self.route_study(session, study_uid)
+        if routed is None:
+            return
+        outcome, jobs = routed
         log.info(
             "study routed",
             extra={"study_uid": study_uid, "outcome": outcome.value, "jobs": len(jobs)},
@@ -135,9 +152,21 @@ class Router:
                 except Exception:  # the job is queued; a poll takes it anyway
                     log.exception("job listener failed", extra={"job_id": job_id})
 
-    def route_study(self, session: Session, study_uid: str) -> tuple[RouteOutcome, list[int]]:
-        """Decide the study's outcome and queue its jobs; returns the outcome and the job ids."""
-        study = session.scalars(select(Study).where(Study.study_uid == study_uid)).one()
+    def route_study(
+        self, session: Session, study_uid: str
+    ) -> tuple[RouteOutcome, list[int]] | None:
+        """Decide the study's outcome and queue its jobs; returns the outcome and the job ids,
+        or None when it was routed since it last became stable (routed once, however many
+        callers: the study row is locked to this transaction on PostgreSQL)."""
+        study = session.scalars(
+            select(Study).where(Study.study_uid == study_uid).with_for_update()
+        ).one()
+        if (
+            study.stable_at is not None
+            and study.routed_at is not None
+            and study.routed_at >= study.stable_at
+        ):
+            return None
         now = utcnow()
         facts = study_facts(session, self.spool, study_uid)
         own = bool(facts) and all(f.produced_by_node for f in facts)

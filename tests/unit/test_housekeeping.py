@@ -23,6 +23,7 @@ from pacs_node.catalog.models import (
     Instance,
     Job,
     JobState,
+    NodeLease,
     Purge,
     Study,
     StudyState,
@@ -35,6 +36,7 @@ from pacs_node.housekeeping import Housekeeping, eligible_studies, finish_purges
 from pacs_node.ingest.reconcile import reconcile
 from pacs_node.ingest.recorder import CatalogRecorder
 from pacs_node.ingest.spool import Spool
+from pacs_node.timer_lease import TimerLease
 from tests.catalog_factory import ingest
 from tests.dicom_factory import write_series
 
@@ -290,3 +292,23 @@ def test_a_report_on_its_own_association_settles_in_either_order(
         assert delivery.committed_at is not None
     swept = Housekeeping(node.catalog, node.settings(retention_days=1)).run_once()
     assert swept.purged == [study_uid]  # confirmed: retention may remove it
+
+
+def test_only_the_timer_lease_owner_purges_and_a_lost_lease_stops_a_purge(
+    node: Node, tmp_path: Path
+) -> None:
+    old = node.study(tmp_path, "old", "committed", DeliveryState.DELIVERED, age_days=10)
+    owner = TimerLease(node.catalog, "node-a", ttl_s=30)
+    other = TimerLease(node.catalog, "node-b", ttl_s=30)
+    assert owner.renew()
+    assert not other.renew()
+    settings = node.settings(retention_days=7)
+    assert Housekeeping(node.catalog, settings, lease=other).run_once().purged == []
+    mine = Housekeeping(node.catalog, settings, lease=owner)
+    with node.catalog.sessions.begin() as session:  # another node took it over meanwhile
+        session.execute(update(NodeLease).values(owner=other.owner))
+    assert mine.run_once().purged == []  # its pass began as owner; the purge checks again
+    assert node.study_uids() == {old}
+    with node.catalog.sessions.begin() as session:
+        session.execute(update(NodeLease).values(owner=owner.owner))
+    assert mine.run_once().purged == [old]

@@ -128,6 +128,27 @@ def test_thin_axial_series_wins_over_thick_and_localizer(catalog: Catalog, tmp_p
         assert job.destinations == {"seg": ["PACS"]}
 
 
+def _stable_again(catalog: Catalog) -> None:
+    with catalog.sessions.begin() as session:
+        for study in session.scalars(select(Study)):
+            study.stable_at = datetime.now(UTC)
+
+
+def test_a_stable_study_is_routed_once_however_often_asked(
+    catalog: Catalog, tmp_path: Path
+) -> None:
+    study = new_uid()
+    paths = restyle(write_series(tmp_path / "cr", slices=1, study_uid=study), Modality="CR")
+    spool = Spool(tmp_path / "spool")
+    _spool_and_record(catalog, spool, paths)
+    _stable_again(catalog)
+    router = Router(catalog, spool, ROUTES)
+    router.on_stable(study)
+    router.on_stable(study)  # a second node, or catch-up beside the timer: no second job
+    assert router.catch_up() == 0
+    assert len(_jobs(catalog)) == 1
+
+
 def test_cr_chest_goes_to_the_radiograph_model_once(catalog: Catalog, tmp_path: Path) -> None:
     study = new_uid()
     paths = restyle(write_series(tmp_path / "cr", slices=1, study_uid=study), Modality="CR")
@@ -136,7 +157,8 @@ def test_cr_chest_goes_to_the_radiograph_model_once(catalog: Catalog, tmp_path: 
     router = Router(catalog, spool, ROUTES)
     router.on_stable(study)
     assert [model for _, model, _ in _jobs(catalog)] == ["xr-chest-lungs"]
-    router.on_stable(study)  # the study changed and became stable again: on_change ignore
+    _stable_again(catalog)  # the study changed and became stable again: on_change ignore
+    router.on_stable(study)
     assert len(_jobs(catalog)) == 1
     with catalog.sessions() as session:
         outcome = session.scalar(select(Study.route_outcome))

@@ -1,0 +1,120 @@
+"""The timer lease: which node of a group runs the assembly timers and housekeeping.
+
+Every node receives, spools and records; only the lease's owner marks studies stable, routes
+them and purges them. The owner renews the lease every third of ``timer_lease_s``; a node that
+dies stops renewing, and another takes the lease once it expires. Each timer action checks the
+lease in its own transaction (:func:`pacs_node.catalog.leases.hold`), so the hand-over never
+lets two nodes act. A node that takes the lease over calls its listeners (arm the timers of
+every study still receiving, route studies left stable but unrouted).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+from collections.abc import Callable
+
+from sqlalchemy.orm import Session
+
+from pacs_node.catalog import leases
+from pacs_node.catalog.db import Catalog
+
+log = logging.getLogger(__name__)
+
+
+class TimerLease:
+    def __init__(
+        self,
+        catalog: Catalog,
+        node_id: str,
+        ttl_s: float,
+        name: str = leases.TIMERS,
+        *,
+        gone: Callable[[str, str], bool] | None = None,
+    ) -> None:
+        """``gone(owner, mine)``: whether the process that took the lease as ``owner`` (this
+        node's earlier life) is no longer running; its lease is then taken back at start
+        rather than after it expires."""
+        self.catalog = catalog
+        self.name = name
+        self.ttl_s = ttl_s
+        self.node_id = node_id
+        self.owner = f"{node_id}/{os.getpid()}/{secrets.token_hex(4)}"
+        self.gone = gone
+        self._owned = False
+        self._listeners: list[Callable[[], object]] = []
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def add_listener(self, listener: Callable[[], object]) -> None:
+        """Called (in the lease's thread) each time this node takes the lease."""
+        self._listeners.append(listener)
+
+    def owned(self) -> bool:
+        """Whether the last renewal kept the lease: a cheap hint; :meth:`held` decides."""
+        return self._owned
+
+    def held(self, session: Session) -> bool:
+        """Whether this node holds the lease, checked in (and locked to) ``session``'s
+        transaction: call it first in the transaction of each timer action."""
+        return leases.hold(session, self.name, self.owner)
+
+    def renew(self) -> bool:
+        """Take or renew the lease; on taking it, call the listeners."""
+        try:
+            with self.catalog.sessions.begin() as session:
+                won = leases.acquire(session, self.name, self.owner, self.ttl_s)
+        except Exception:
+            log.warning("timer lease not renewed: the catalog is unreachable", exc_info=True)
+            won = False
+        taken, self._owned = won and not self._owned, won
+        if taken:
+            log.info("timer lease taken", extra={"owner": self.owner})
+            for listener in self._listeners:
+                try:
+                    listener()
+                except Exception:
+                    log.exception("timer lease listener failed")
+        return won
+
+    def start(self) -> None:
+        self._take_back_own()
+        self.renew()
+        self._thread = threading.Thread(target=self._loop, name="timer-lease", daemon=True)
+        self._thread.start()
+
+    def _take_back_own(self) -> None:
+        """A restarted node need not wait for the lease its dead earlier process still holds."""
+        if self.gone is None:
+            return
+        try:
+            with self.catalog.sessions.begin() as session:
+                found = leases.holder(session, self.name)
+                if found is None or not found[0].startswith(f"{self.node_id}/"):
+                    return
+                if self.gone(found[0], self.owner):
+                    leases.release(session, self.name, found[0])
+                    log.info("timer lease of an earlier process taken back")
+        except Exception:
+            log.warning("timer lease of an earlier process not checked", exc_info=True)
+
+    def _loop(self) -> None:
+        while not self._stopping.wait(self.ttl_s / 3):
+            was = self._owned
+            if not self.renew() and was:
+                log.warning("timer lease lost", extra={"owner": self.owner})
+
+    def stop(self) -> None:
+        """Stop renewing and give the lease up, so another node takes it without waiting."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.ttl_s)
+        if self._owned:
+            self._owned = False
+            try:
+                with self.catalog.sessions.begin() as session:
+                    leases.release(session, self.name, self.owner)
+            except Exception:
+                log.warning("timer lease not released; it expires by itself", exc_info=True)

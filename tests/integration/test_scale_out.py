@@ -1,0 +1,100 @@
+"""Two ingest nodes on one PostgreSQL catalog and one data folder, as a group behind one AE
+title: a study split across both is one study, routed once; the owner of the timer lease
+SIGKILLed, the other takes the timers over within the lease time and routes the next study."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+from sqlalchemy import func, select
+
+from pacs_node.catalog import leases
+from pacs_node.catalog.db import Catalog, open_catalog
+from pacs_node.catalog.models import Job, Study, StudyEvent, StudyState
+from tests.conftest import NodeProcess, storescu, wait_for
+from tests.dicom_factory import new_uid, write_series
+
+pytestmark = pytest.mark.integration
+
+LEASE_S = 3.0
+ROUTES = {"rules": [{"name": "ct", "when": {"modality": "CT"}, "models": ["ct-classical"]}]}
+
+
+def _start(make_node: Callable[..., NodeProcess], shared: Path, url: str, name: str) -> NodeProcess:
+    node = make_node(
+        start=False,
+        data_dir=str(shared),
+        database_url=url,
+        node_id=name,
+        timer_lease_s=LEASE_S,
+        quiet_period_s=1.0,
+        job_workers=0,  # the jobs stay queued: what is counted is how often a study was routed
+        dicom_workers=0,
+    )
+    node.config_dir.mkdir(parents=True, exist_ok=True)
+    (node.config_dir / "routes.yaml").write_text(yaml.safe_dump(ROUTES))
+    return node.start()
+
+
+def _routing(catalog: Catalog, study_uid: str) -> tuple[str | None, int, int, int]:
+    """(state, instances' study count, jobs, times it became stable) of one study."""
+    with catalog.sessions() as session:
+        study = session.scalars(select(Study).where(Study.study_uid == study_uid)).first()
+        if study is None:
+            return None, 0, 0, 0
+        studies = session.scalar(select(func.count(Study.id)).where(Study.study_uid == study_uid))
+        jobs = session.scalar(select(func.count(Job.id)).where(Job.study_id == study.id))
+        stable = session.scalar(
+            select(func.count(StudyEvent.id)).where(
+                StudyEvent.study_id == study.id, StudyEvent.kind == "stable"
+            )
+        )
+        return study.state.value, int(studies or 0), int(jobs or 0), int(stable or 0)
+
+
+def _owner(catalog: Catalog) -> str:
+    with catalog.sessions() as session:
+        found = leases.holder(session, leases.TIMERS)
+    return "" if found is None else found[0].split("/", 1)[0]
+
+
+def test_two_ingest_nodes_route_a_split_study_once_and_hand_the_timers_over(
+    postgres_url: str, make_node: Callable[..., NodeProcess], tmp_path: Path
+) -> None:
+    """(The database fixture first: it is dropped after the nodes stop.)"""
+    shared = tmp_path / "shared"
+    first = _start(make_node, shared, postgres_url, "node-a")
+    catalog = open_catalog(postgres_url, run_migrations=False)
+    try:
+        wait_for(lambda: _owner(catalog) == "node-a", 10, what="node-a to own the timers")
+        second = _start(make_node, shared, postgres_url, "node-b")
+
+        split = new_uid()
+        paths = write_series(tmp_path / "split", slices=8, study_uid=split)
+        for node, half in ((first, paths[:4]), (second, paths[4:])):
+            sent = storescu(node, *half)
+            assert sent.returncode == 0, sent.stderr
+        wait_for(lambda: _routing(catalog, split)[2] > 0, 20, what="the split study routed")
+        assert _owner(catalog) == "node-a"  # routed by the owner, from the other's rows too
+
+        first.kill()  # SIGKILL: no hand-over, the lease must run out
+        killed = time.monotonic()
+        later = new_uid()
+        sent = storescu(second, *write_series(tmp_path / "later", slices=4, study_uid=later))
+        assert sent.returncode == 0, sent.stderr
+        wait_for(lambda: _owner(catalog) == "node-b", 2 * LEASE_S + 5, what="node-b takes over")
+        took_over = time.monotonic() - killed
+        wait_for(lambda: _routing(catalog, later)[2] > 0, 20, what="the later study routed")
+
+        assert took_over < LEASE_S + LEASE_S / 3 + 3, took_over  # expiry + one renewal + slack
+        assert _routing(catalog, split) == (StudyState.STABLE.value, 1, 1, 1)
+        assert _routing(catalog, later) == (StudyState.STABLE.value, 1, 1, 1)
+        with catalog.sessions() as session:
+            assert session.scalar(select(func.count(Job.id))) == 2
+        assert [s["instances"] for s in second.studies() if s["study_uid"] == split] == [8]
+    finally:
+        catalog.dispose()

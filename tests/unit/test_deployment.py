@@ -1,0 +1,153 @@
+"""The deployment files: docker/compose.yaml against the Compose Specification's JSON schema
+(the copy check-jsonschema ships, so no network), the Kubernetes manifests' structure, and the
+image's entry point run outside a container."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import PACS_NODE, clean_env
+
+REPO = Path(__file__).resolve().parents[2]
+DOCKER = REPO / "docker"
+ENTRYPOINT = DOCKER / "entrypoint.sh"
+
+
+def _check_compose(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", path],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_compose_file_follows_the_compose_specification(tmp_path: Path) -> None:
+    checked = _check_compose(DOCKER / "compose.yaml")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    broken = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    broken["services"]["redis"]["restart_policy"] = "always"  # not a Compose key
+    (tmp_path / "compose.yaml").write_text(yaml.safe_dump(broken))
+    assert _check_compose(tmp_path / "compose.yaml").returncode != 0
+
+
+def test_compose_runs_a_group_two_ingest_nodes_two_workers_and_their_services() -> None:
+    services: dict[str, Any] = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]
+    nodes = {name: s for name, s in services.items() if s.get("command") == ["serve"]}
+    workers = {name: s for name, s in services.items() if s.get("command") == ["worker"]}
+    assert len(nodes) == 2
+    assert len(workers) == 2
+    group = {**nodes, **workers}
+    ids = {s["environment"]["PACS_NODE_NODE_ID"] for s in group.values()}
+    assert len(ids) == 4  # each its own name in claims and leases
+    for service in group.values():
+        env = service["environment"]
+        assert env["PACS_NODE_DATABASE_URL"].startswith("postgresql")
+        assert env["PACS_NODE_BROKER_URL"].startswith("redis://redis")
+        assert "node-data:/var/lib/pacs-node" in service["volumes"]  # one shared data path
+    assert services["postgres"]["image"].startswith("postgres:")
+    assert services["redis"]["image"].startswith("redis:")
+    assert services["orthanc"]["environment"]["DICOM_WEB_PLUGIN_ENABLED"] == "true"
+    assert services["fhir"]["environment"]["hapi.fhir.fhir_version"] == "R4"
+    host_ports = [p.split(":")[0] for s in services.values() for p in s.get("ports", [])]
+    assert len(host_ports) == len(set(host_ports))
+
+
+def test_kubernetes_manifests_are_consistent() -> None:
+    documents = [
+        d
+        for path in sorted((DOCKER / "k8s").glob("*.yaml"))
+        for d in yaml.safe_load_all(path.read_text())
+        if d
+    ]
+    kinds = {d["kind"] for d in documents}
+    assert {"Deployment", "Service", "PersistentVolumeClaim", "ConfigMap"} <= kinds
+    named = {(d["kind"], d["metadata"]["name"]) for d in documents}
+    ports: dict[str, set[str]] = {}
+    for doc in documents:
+        assert set(doc) >= {"apiVersion", "kind", "metadata"}, doc
+        if doc["kind"] == "PersistentVolumeClaim":
+            assert doc["spec"]["accessModes"] == ["ReadWriteMany"]  # every node mounts it
+        if doc["kind"] != "Deployment":
+            continue
+        assert doc["apiVersion"] == "apps/v1"
+        template = doc["spec"]["template"]
+        labels = template["metadata"]["labels"]
+        assert doc["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+        for volume in volumes.values():
+            if "persistentVolumeClaim" in volume:
+                claim = volume["persistentVolumeClaim"]["claimName"]
+                assert ("PersistentVolumeClaim", claim) in named
+            if "configMap" in volume:
+                assert ("ConfigMap", volume["configMap"]["name"]) in named
+        for container in template["spec"]["containers"]:
+            assert container["args"][0] in {"serve", "worker"}
+            assert {m["name"] for m in container["volumeMounts"]} <= set(volumes)
+            ports[labels["role"]] = {p["name"] for p in container.get("ports", [])}
+    assert {"serve", "worker"} == {
+        c["args"][0]
+        for d in documents
+        if d["kind"] == "Deployment"
+        for c in d["spec"]["template"]["spec"]["containers"]
+    }
+    for doc in documents:
+        if doc["kind"] == "Service":
+            role = doc["spec"]["selector"]["role"]
+            assert {p["targetPort"] for p in doc["spec"]["ports"]} <= ports[role]
+
+
+def _entrypoint(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = clean_env() | {
+        "PACS_NODE_BIN": PACS_NODE,
+        "PACS_NODE_CONFIG_DIR": str(config),
+        "COLUMNS": "200",
+    }
+    return subprocess.run(
+        ["/bin/sh", str(ENTRYPOINT), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    folder = tmp_path / "ae_config"
+    shutil.copytree(REPO / "ae_config", folder)
+    node = yaml.safe_load((folder / "node.yaml").read_text()) or {}
+    node["data_dir"] = str(tmp_path / "var")
+    node["models_dir"] = str(REPO / "models")
+    (folder / "node.yaml").write_text(yaml.safe_dump(node))
+    return folder
+
+
+def test_the_entry_point_checks_the_configuration_before_serve(
+    config: Path, tmp_path: Path
+) -> None:
+    assert os.access(ENTRYPOINT, os.X_OK)
+    helped = _entrypoint(config, "--help")
+    assert helped.returncode == 0, helped.stderr
+    assert "serve" in helped.stdout
+    checked = _entrypoint(config, "serve", "--help")  # the check, then serve's own help
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "Usage" in checked.stdout
+    routes = yaml.safe_load((config / "routes.yaml").read_text())
+    routes["rules"][0]["models"] = ["no-such-model"]
+    (config / "routes.yaml").write_text(yaml.safe_dump(routes))
+    refused = _entrypoint(config, "serve")
+    assert refused.returncode != 0
+    said = "".join((refused.stdout + refused.stderr).split())  # the console wraps lines
+    assert "routes.yaml" in said
+    assert "no-such-model" in said

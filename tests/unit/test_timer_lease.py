@@ -1,0 +1,166 @@
+"""The timer lease of a group of nodes on one catalog: taken, renewed, handed over, and checked
+in the transaction of each timer action (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, update
+
+from pacs_node.assembly import Assembly
+from pacs_node.catalog import leases
+from pacs_node.catalog.db import Catalog, open_catalog
+from pacs_node.catalog.models import NodeLease, Series, Study, StudyState
+from pacs_node.catalog.studies import list_studies
+from pacs_node.config import NodeOptions, Settings
+from pacs_node.timer_lease import TimerLease
+from tests.unit.test_assembly import T0, _record, _ref
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'catalog.sqlite'}"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture
+def catalogs(url: str) -> Iterator[tuple[Catalog, Catalog]]:
+    """Two nodes' handles on one catalog (two engines, as two processes would have)."""
+    first = open_catalog(url)
+    second = open_catalog(url, run_migrations=False)
+    yield first, second
+    first.dispose()
+    second.dispose()
+
+
+def _expire(catalog: Catalog) -> None:
+    """The owner died: its lease runs out (instead of waiting for it)."""
+    with catalog.sessions.begin() as session:
+        session.execute(update(NodeLease).values(expires_at=leases.NEVER))
+
+
+def test_one_owner_renews_the_other_takes_over_when_it_expires(
+    catalogs: tuple[Catalog, Catalog],
+) -> None:
+    a = TimerLease(catalogs[0], "node-a", ttl_s=30)
+    b = TimerLease(catalogs[1], "node-b", ttl_s=30)
+    taken: list[str] = []
+    b.add_listener(lambda: taken.append("b"))
+    assert a.renew()
+    assert a.owned()
+    assert not b.renew()
+    assert not b.owned()
+    assert a.renew()  # renewal keeps it
+    with catalogs[1].sessions.begin() as session:
+        assert not b.held(session)
+        found = leases.holder(session, leases.TIMERS)
+    assert found is not None
+    assert found[0] == a.owner
+    _expire(catalogs[0])
+    assert b.renew()
+    assert taken == ["b"]
+    assert b.renew()
+    assert taken == ["b"]
+    assert not a.renew()
+    assert not a.owned()
+    with catalogs[0].sessions.begin() as session:
+        assert not a.held(session)
+    b.stop()  # a graceful stop hands it over at once
+    assert a.renew()
+
+
+def test_only_the_owner_marks_a_study_stable_once_across_a_hand_over(
+    catalogs: tuple[Catalog, Catalog],
+) -> None:
+    settings = Settings(node=NodeOptions(quiet_period_s=30, max_wait_s=600))
+    a_lease = TimerLease(catalogs[0], "node-a", ttl_s=30)
+    b_lease = TimerLease(catalogs[1], "node-b", ttl_s=30)
+    a = Assembly(catalogs[0], settings, a_lease)
+    b = Assembly(catalogs[1], settings, b_lease)
+    stable: list[str] = []
+    a.add_listener(lambda uid: stable.append(f"a:{uid}"))
+    b.add_listener(lambda uid: stable.append(f"b:{uid}"))
+    _record(catalogs[1], _ref(1, T0))  # received by the node without the lease
+    assert a_lease.renew()
+    assert not b_lease.renew()
+    later = T0.replace(hour=13)
+    assert not b.check("1.2.3", 30, now=later)  # not the owner: never acts
+    _expire(catalogs[0])
+    assert b_lease.renew()
+    assert not a.check("1.2.3", 30, now=later)  # lost it: never acts, even on an old timer
+    assert b.check("1.2.3", 30, now=later)
+    assert not b.check("1.2.3", 30, now=later)
+    assert stable == ["b:1.2.3"]
+
+
+@pytest.mark.parametrize("url", ["postgresql"], indirect=True)
+def test_a_takeover_waits_for_the_owners_action_to_commit(
+    catalogs: tuple[Catalog, Catalog],
+) -> None:
+    """The hold is a row lock: a node taking over an expired lease waits for the transaction
+    that checked it, so the action and the takeover never overlap."""
+    a = TimerLease(catalogs[0], "node-a", ttl_s=1)
+    b = TimerLease(catalogs[1], "node-b", ttl_s=30)
+    assert a.renew()
+    committed = threading.Event()
+    won: list[bool] = []
+    with catalogs[0].sessions.begin() as session:
+        assert a.held(session)
+        time.sleep(1.2)  # the lease runs out while the owner's action is under way
+        thread = threading.Thread(target=lambda: won.append(b.renew() and committed.is_set()))
+        thread.start()
+        thread.join(0.5)  # b is blocked on the row lock
+        assert thread.is_alive()
+        assert not won
+        committed.set()
+    thread.join(10)
+    assert won == [True]
+
+
+@pytest.mark.parametrize("url", ["postgresql"], indirect=True)
+def test_one_study_received_at_two_nodes_at_once_is_one_study(
+    catalogs: tuple[Catalog, Catalog],
+) -> None:
+    barrier = threading.Barrier(2)
+
+    def receive(catalog: Catalog, first: int) -> None:
+        barrier.wait()
+        for n in range(first, 40, 2):
+            _record(catalog, _ref(n, T0))
+
+    threads = [
+        threading.Thread(target=receive, args=(catalog, i)) for i, catalog in enumerate(catalogs)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    with catalogs[0].sessions() as session:
+        (study,) = list_studies(session)
+        assert session.scalar(select(Series.id).where(Series.series_uid == "1.2.3.1")) is not None
+        assert list(session.scalars(select(Study.state))) == [StudyState.RECEIVING]
+    assert study.instances == 40
+
+
+def test_a_restarted_node_takes_its_dead_processes_lease_back_at_once(
+    catalogs: tuple[Catalog, Catalog],
+) -> None:
+    earlier = TimerLease(catalogs[0], "node-a", ttl_s=30)
+    assert earlier.renew()
+    other = TimerLease(catalogs[1], "node-b", ttl_s=30, gone=lambda owner, mine: True)
+    other.start()  # another node's lease is never taken back early
+    other.stop()
+    assert not other.owned()
+    restarted = TimerLease(
+        catalogs[1], "node-a", ttl_s=30, gone=lambda owner, mine: owner == earlier.owner
+    )
+    restarted.start()
+    try:
+        assert restarted.owned()
+    finally:
+        restarted.stop()
