@@ -62,6 +62,40 @@ def test_compose_runs_a_group_two_ingest_nodes_two_workers_and_their_services() 
     assert len(host_ports) == len(set(host_ports))
 
 
+def test_compose_config_loads_and_sends_results_to_the_compose_pacs_and_ehr(
+    tmp_path: Path,
+) -> None:
+    """docker/config, mounted at /etc/pacs-node, loads with the node's own loader; the scanners'
+    AE titles are let in and every rule sends to Orthanc and the FHIR server of compose.yaml."""
+    from pacs_node.config import load_settings
+    from pacs_node.destinations import DicomWebDestination, FhirDestination
+
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    services = compose["services"]
+    assert "./config:/etc/pacs-node:ro" in services["ingest-1"]["volumes"]
+    settings = load_settings(
+        DOCKER / "config", {"data_dir": str(tmp_path / "var"), "models_dir": str(REPO / "models")}
+    )
+    peers = {p.ae_title: p for p in settings.peers}
+    assert {"CT_SCANNER_1", "CT_SCANNER_2", "MR_SCANNER_1", "STORESCU"} <= set(peers)
+    orthanc = services["orthanc"]["environment"]["ORTHANC__DICOM_AET"]
+    assert (peers[orthanc].host, peers[orthanc].port) == ("orthanc", 4242)  # DIMSE, by AE
+    assert "4242:4242" in services["orthanc"]["ports"]
+    destinations = settings.destinations
+    web, ehr = destinations["PACS_WEB"], destinations["EHR"]
+    assert isinstance(web, DicomWebDestination)
+    assert web.url.startswith("http://orthanc:8042/")
+    assert isinstance(ehr, FhirDestination)
+    assert ehr.base_url.startswith("http://fhir:8080/")  # the HAPI service's own port
+    assert "8090:8080" in services["fhir"]["ports"]
+    known = {ae for ae, peer in peers.items() if peer.port} | set(destinations)
+    for rule in settings.routes.rules:
+        assert rule.send, rule.name
+        sent_to = {name for names in rule.send.values() for name in names}
+        assert sent_to <= known, rule.name
+        assert {orthanc, "EHR"} <= sent_to, rule.name
+
+
 def test_kubernetes_manifests_are_consistent() -> None:
     documents = [
         d
