@@ -230,9 +230,16 @@ def stored_encodings(results: ResultSet, fhir_names: Sequence[str] = ()) -> list
 
 
 def run_job(
-    catalog: Catalog, settings: Settings, runner: Runner, job_id: int, worker: str
+    catalog: Catalog,
+    settings: Settings,
+    runner: Runner,
+    job_id: int,
+    worker: str,
+    attempt: int | None = None,
 ) -> JobState:
-    """Run one claimed job to done or failed (or discard it if cancelled meanwhile)."""
+    """Run one claimed job to done or failed (or discard it if cancelled meanwhile).
+    ``attempt``: the number the claim itself returned, which names this run's result folder
+    (read afresh, a later claim's number could make a stale run overwrite its results)."""
     watch = Stopwatch()
 
     def stage(name: str, progress: float) -> None:
@@ -245,7 +252,7 @@ def run_job(
     try:
         job = read_job(catalog, settings, job_id)
         watch.add("queued_s", max(0.0, job.waited_s))
-        folder = attempt_folder(job_id, job.attempt)
+        folder = attempt_folder(job_id, job.attempt if attempt is None else attempt)
         extra["study_uid"] = job.study_uid  # type: ignore[assignment]
         log.info("job started", extra={**extra, "model": job.model})
         mode, overrides = quality_policy(settings, job)

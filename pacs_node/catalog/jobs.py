@@ -22,10 +22,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, or_, select, update
+from sqlalchemy import and_, case, or_, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
 
 from pacs_node.actor import ROUTING, Actor
+from pacs_node.catalog.leases import db_now
 from pacs_node.catalog.models import Job, JobEvent, JobState, Study, utcnow
 from pacs_node.redact import scrub_detail, scrub_reason
 
@@ -113,11 +115,13 @@ def claim_job(session: Session, worker_id: str) -> int | None:
     return None
 
 
-def claim_job_id(session: Session, job_id: int, worker_id: str, lease_s: float) -> bool:
-    """Take this one job for ``worker_id`` with a lease of ``lease_s``; False when it is not
-    queued (already claimed, done, cancelled or gone): a duplicate delivery runs nothing."""
-    now = utcnow()
-    won = session.execute(
+def claim_job_id(session: Session, job_id: int, worker_id: str, lease_s: float) -> int | None:
+    """Take this one job for ``worker_id`` with a lease of ``lease_s``: the claim's attempt
+    number, read from the claiming UPDATE itself (a stale run never sees another's); None when
+    it is not queued (already claimed, done, cancelled or gone): a duplicate delivery runs
+    nothing. Lease times are the database's clock, shared by every worker and node."""
+    now = db_now(session)
+    attempt = session.scalar(
         update(Job)
         .where(Job.id == job_id, Job.state == JobState.QUEUED)
         .values(
@@ -131,11 +135,12 @@ def claim_job_id(session: Session, job_id: int, worker_id: str, lease_s: float) 
             error=None,
             lease_expires_at=now + timedelta(seconds=lease_s),
         )
+        .returning(Job.attempts)
     )
-    if won.rowcount != 1:  # type: ignore[attr-defined]
-        return False
+    if attempt is None:
+        return None
     add_job_event(session, job_id, "running", worker=worker_id)
-    return True
+    return int(attempt)
 
 
 def renew_lease(session: Session, job_id: int, worker_id: str, lease_s: float) -> bool:
@@ -143,22 +148,30 @@ def renew_lease(session: Session, job_id: int, worker_id: str, lease_s: float) -
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.state == JobState.RUNNING, Job.claimed_by == worker_id)
-        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+        .values(lease_expires_at=db_now(session) + timedelta(seconds=lease_s))
     )
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def _skip_locked(session: Session, query: Any) -> Any:
+    """On PostgreSQL a row another transaction holds is left for the next sweep instead of
+    blocking this one."""
+    if session.get_bind().dialect.name == "postgresql":
+        return query.with_for_update(skip_locked=True)
+    return query
 
 
 def requeue_expired(session: Session, max_attempts: int) -> tuple[int, int]:
     """Running jobs whose lease ran out go back to the queue (or fail after ``max_attempts``
     claims): their worker stopped renewing, it was killed or cut off. Returns (queued, failed)."""
-    rows = session.execute(
-        select(Job.id, Job.attempts, Job.stage, Job.claimed_by).where(
-            Job.state == JobState.RUNNING,
-            Job.lease_expires_at.is_not(None),
-            Job.lease_expires_at < utcnow(),
-        )
-    ).all()
-    return _requeue(session, rows, max_attempts, "lease expired", stopped=False)
+    now = db_now(session)
+    expired = Job.lease_expires_at < now
+    query = select(Job.id, Job.attempts, Job.stage, Job.claimed_by).where(
+        Job.state == JobState.RUNNING, Job.lease_expires_at.is_not(None), expired
+    )
+    rows = session.execute(_skip_locked(session, query)).all()
+    # the UPDATE checks the expiry again: a lease renewed since the SELECT stays
+    return _requeue(session, rows, max_attempts, "lease expired", stopped=False, only=(expired,))
 
 
 def take_unpublished(
@@ -170,20 +183,25 @@ def take_unpublished(
     ``REPUBLISH_BACKOFF_MAX`` times) as long after each further hand-over, so a long backlog
     does not fill the broker with copies. Each is marked as handed over now, with a
     compare-and-set, so that of several nodes one hands it over."""
-    now = utcnow()
-    stale = now - timedelta(seconds=republish_after_s)
-    due = or_(Job.published_at.is_(None), Job.published_at < stale)
-    rows = session.execute(
+    now = db_now(session)
+    due: list[ColumnElement[bool]] = [Job.published_at.is_(None)]
+    count, factor = 1, 1  # handed over once: wait 1 interval, twice: 2, three times: 4 ...
+    while factor < REPUBLISH_BACKOFF_MAX:
+        handed = Job.publish_count <= 1 if count == 1 else Job.publish_count == count
+        due.append(
+            and_(handed, Job.published_at < now - timedelta(seconds=republish_after_s * factor))
+        )
+        count, factor = count + 1, factor * 2
+    longest = timedelta(seconds=republish_after_s * REPUBLISH_BACKOFF_MAX)
+    due.append(and_(Job.publish_count >= count, Job.published_at < now - longest))
+    query = (
         select(Job.id, Job.model, Job.published_at, Job.publish_count)
-        .where(Job.state == JobState.QUEUED, due)
+        .where(Job.state == JobState.QUEUED, or_(*due))
         .order_by(Job.id)
-    ).all()
+        .limit(limit)
+    )
     taken: list[tuple[int, str]] = []
-    for job_id, model, before, count in rows:
-        if before is not None:
-            wait = republish_after_s * min(2 ** max(0, count - 1), REPUBLISH_BACKOFF_MAX)
-            if before > now - timedelta(seconds=wait):
-                continue
+    for job_id, model, before, count in session.execute(_skip_locked(session, query)).all():
         same = Job.published_at.is_(None) if before is None else Job.published_at == before
         won = session.execute(
             update(Job)
@@ -192,9 +210,18 @@ def take_unpublished(
         )
         if won.rowcount == 1:  # type: ignore[attr-defined]
             taken.append((job_id, model))
-            if len(taken) >= limit:
-                break
     return taken
+
+
+def forget_published(session: Session) -> int:
+    """The broker lost every task it held (it restarted without persistence): every queued
+    job is due to be handed over again at once. Returns how many."""
+    result = session.execute(
+        update(Job)
+        .where(Job.state == JobState.QUEUED, Job.published_at.is_not(None))
+        .values(published_at=None, publish_count=0)
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
 
 
 def unpublish(session: Session, job_ids: Sequence[int]) -> None:
@@ -304,6 +331,21 @@ def retry_job(session: Session, job_id: int, actor: Actor | None = None) -> bool
     return True
 
 
+def time_out_job(
+    session: Session, job_id: int, worker_id: str, timeout_s: float, max_attempts: int
+) -> bool:
+    """A run went past ``job_timeout_s``: its claim ends, and the job goes back to the queue
+    or fails after ``max_attempts`` claims; the run notices at its next stage. False when the
+    job was no longer this worker's."""
+    rows = session.execute(
+        select(Job.id, Job.attempts, Job.stage, Job.claimed_by).where(
+            Job.id == job_id, Job.state == JobState.RUNNING, Job.claimed_by == worker_id
+        )
+    ).all()
+    by = f"timed out after {timeout_s:g} s"
+    return _requeue(session, rows, max_attempts, by, stopped=False, reason=by) != (0, 0)
+
+
 def requeue_orphans(
     session: Session,
     owner_prefix: str,
@@ -330,15 +372,27 @@ def requeue_orphans(
 
 
 def _requeue(
-    session: Session, rows: Sequence[Any], max_attempts: int, by: str, *, stopped: bool
+    session: Session,
+    rows: Sequence[Any],
+    max_attempts: int,
+    by: str,
+    *,
+    stopped: bool,
+    only: tuple[Any, ...] = (),
+    reason: str = "the worker died",
 ) -> tuple[int, int]:
     """(id, attempts, stage, claimed_by) rows of running jobs whose worker is gone: back to the
-    queue, or failed; each only if still held by that same claim."""
+    queue, or failed; each only if still held by that same claim and ``only`` still holds."""
     queued = failed = 0
     for job_id, attempts, stage, holder in rows:
-        still_held = (Job.id == job_id, Job.state == JobState.RUNNING, Job.claimed_by == holder)
+        still_held = (
+            Job.id == job_id,
+            Job.state == JobState.RUNNING,
+            Job.claimed_by == holder,
+            *only,
+        )
         if not stopped and attempts >= max_attempts:
-            error = f"the worker died {attempts} times (last in stage {stage}); giving up"
+            error = f"{reason} {attempts} times (last in stage {stage}); giving up"
             won = session.execute(
                 update(Job)
                 .where(*still_held)

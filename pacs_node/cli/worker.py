@@ -8,6 +8,7 @@ import typer
 
 from pacs_node.cli.common import ConfigOption, settings_for
 from pacs_node.cli.console import fail
+from pacs_node.errors import CatalogError
 from pacs_node.inference.registry import DEFAULT_QUEUE, valid_queue
 
 
@@ -33,8 +34,20 @@ def worker(
     concurrency: Annotated[
         int, typer.Option(min=1, max=64, help="Jobs at once: 1 in this process, more forked.")
     ] = 1,
-    database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL of the catalog.")] = None,
-    broker_url: Annotated[str | None, typer.Option(help="The Celery broker's URL.")] = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            help="SQLAlchemy URL of the catalog (in production set PACS_NODE_DATABASE_URL: "
+            "a command line shows in ps)."
+        ),
+    ] = None,
+    broker_url: Annotated[
+        str | None,
+        typer.Option(
+            help="The Celery broker's URL (in production set PACS_NODE_BROKER_URL: a command "
+            "line shows in ps)."
+        ),
+    ] = None,
 ) -> None:
     """Run jobs from the Celery broker with the node's pipeline, until SIGTERM (which lets the
     running jobs finish). The node must run with job_queue: celery on the same catalog."""
@@ -44,4 +57,8 @@ def worker(
     names = _queues(queues)
     from pacs_node.jobs.celery_worker import start_worker
 
-    raise typer.Exit(start_worker(settings, names, concurrency))
+    try:
+        status = start_worker(settings, names, concurrency)
+    except CatalogError as exc:  # its text names the URL without its password
+        fail(f"the worker cannot use the catalog: {exc}")
+    raise typer.Exit(status)

@@ -13,7 +13,9 @@ A sweeper thread in every node repairs what the broker and dead workers leave:
   goes back to the queue (failed after ``job_max_attempts`` claims) and is published again;
 - a queued job handed over ``job_lease_s`` ago and still not claimed (the broker lost it in a
   restart without persistence, or the publish failed) is published again; each further time
-  it waits twice as long (at most 16 times), since a job may also just wait behind a backlog.
+  it waits twice as long (at most 16 times), since a job may also just wait behind a backlog;
+- a Redis broker that restarted (its ``run_id`` changed) lost every task it held without
+  persistence: every queued job is handed over again at once, not after its backoff.
 
 It wakes when the node queues a job (:meth:`CeleryJobQueue.submitted`) and at least every
 :data:`SWEEP_MAX_S`. Several nodes on one catalog each sweep: every step is a compare-and-set,
@@ -27,15 +29,22 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from pacs_node.catalog.db import Catalog, sqlite_file
-from pacs_node.catalog.jobs import requeue_expired, requeue_orphans, take_unpublished, unpublish
+from pacs_node.catalog.jobs import (
+    forget_published,
+    requeue_expired,
+    requeue_orphans,
+    take_unpublished,
+    unpublish,
+)
 from pacs_node.config import Settings
 from pacs_node.errors import PacsNodeError
 from pacs_node.inference.registry import DEFAULT_QUEUE, Registry
-from pacs_node.jobs.celery_app import TASK_NAME, broker_queue, make_app
+from pacs_node.jobs.celery_app import TASK_NAME, broker_queue, is_amqp, make_app
 from pacs_node.jobs.queue import QueueHealth
 from pacs_node.worker import host_prefix
 
@@ -61,6 +70,7 @@ class CeleryJobQueue:
         self._thread: threading.Thread | None = None
         self.reachable: bool | None = None  # None: not tried yet
         self._probed = 0.0
+        self._instance: str | None = None  # the broker's run id at the last probe
 
     def start(self) -> None:
         """Jobs this host's local workers left running (the node ran with ``job_queue: local``
@@ -139,11 +149,32 @@ class CeleryJobQueue:
         try:
             with self.app.connection_for_write() as connection:
                 connection.ensure_connection(max_retries=1)
+                instance = self.broker_instance(connection)
         except Exception as exc:
             self._set_reachable(False, exc)
             return False
         self._set_reachable(True)
+        self._restarted(instance)
         return True
+
+    def broker_instance(self, connection: Any) -> str | None:
+        """What names this run of the broker (Redis: ``INFO server`` run_id, new at each
+        start); None where it cannot be told."""
+        if is_amqp(self.options):
+            return None  # RabbitMQ keeps durable queues and persistent tasks across restarts
+        info = connection.default_channel.client.info("server")
+        run_id = info.get("run_id") if isinstance(info, dict) else None
+        return str(run_id) if run_id else None
+
+    def _restarted(self, instance: str | None) -> None:
+        """A broker that restarted since the last probe: hand every queued job over again."""
+        before, self._instance = self._instance, instance
+        if before is None or instance is None or before == instance:
+            return
+        with self.catalog.sessions.begin() as session:
+            again = forget_published(session)
+        log.warning("job broker restarted; queued jobs handed over again", extra={"jobs": again})
+        self._wake.set()
 
     def _set_reachable(self, reachable: bool, exc: Exception | None = None) -> None:
         if reachable != self.reachable:

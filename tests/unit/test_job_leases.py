@@ -10,29 +10,36 @@ import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from celery.exceptions import Reject
+from sqlalchemy import select, text, update
+from sqlalchemy.exc import OperationalError
 
 from pacs_node.catalog.db import Catalog, open_catalog
 from pacs_node.catalog.jobs import (
     cancel_job,
     claim_job_id,
     finish_job,
+    forget_published,
     list_jobs,
     queue_job,
     renew_lease,
     requeue_expired,
     requeue_orphans,
+    set_progress,
     take_unpublished,
     unpublish,
 )
 from pacs_node.catalog.models import Job, JobEvent, Study, utcnow
 from pacs_node.config import load_settings
 from pacs_node.errors import ConfigError
+from pacs_node.jobs import celery_worker
 from pacs_node.jobs.celery_app import broker_queue, make_app, redelivery_s
 from pacs_node.jobs.celery_queue import CeleryJobQueue
 from pacs_node.jobs.celery_worker import Heartbeat
+from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -88,9 +95,9 @@ def _expire(catalog: Catalog, job_id: int) -> None:
 def test_a_job_is_claimed_once_whatever_the_broker_delivers(catalog: Catalog) -> None:
     (job_id,) = _queue(catalog)
     with catalog.sessions.begin() as session:
-        assert claim_job_id(session, job_id, "h:1:celery1", 60) is True
-        assert claim_job_id(session, job_id, "h:2:celery1", 60) is False  # a second delivery
-        assert claim_job_id(session, job_id + 100, "h:2:celery2", 60) is False  # no such job
+        assert claim_job_id(session, job_id, "h:1:celery1", 60) == 1  # the first attempt
+        assert claim_job_id(session, job_id, "h:2:celery1", 60) is None  # a second delivery
+        assert claim_job_id(session, job_id + 100, "h:2:celery2", 60) is None  # no such job
     job = _job(catalog, job_id)
     assert job.state == "running"
     assert job.claimed_by == "h:1:celery1"
@@ -98,7 +105,7 @@ def test_a_job_is_claimed_once_whatever_the_broker_delivers(catalog: Catalog) ->
     assert job.lease_expires_at - utcnow() > timedelta(seconds=55)
     with catalog.sessions.begin() as session:
         assert finish_job(session, job_id, "h:1:celery1", {}) is True
-        assert claim_job_id(session, job_id, "h:2:celery3", 60) is False  # redelivered late
+        assert claim_job_id(session, job_id, "h:2:celery3", 60) is None  # redelivered late
 
 
 def test_an_expired_lease_requeues_then_fails_the_job(catalog: Catalog) -> None:
@@ -124,7 +131,7 @@ def test_an_expired_lease_requeues_then_fails_the_job(catalog: Catalog) -> None:
     assert job.publish_count == 0
     with catalog.sessions.begin() as session:
         assert take_unpublished(session, 60) == [(job_id, "ct-classical")]  # published again
-        assert claim_job_id(session, job_id, "h:2:celery1", 60)
+        assert claim_job_id(session, job_id, "h:2:celery1", 60) == 2  # its attempt, from the claim
     _expire(catalog, job_id)
     with catalog.sessions.begin() as session:
         assert requeue_expired(session, max_attempts=2) == (0, 1)  # the second death fails it
@@ -295,3 +302,118 @@ def test_the_worker_command_refuses_a_bad_queue_or_broker() -> None:
     bad_broker = run_cli("worker", "--broker-url", "http://h/", check=False)
     assert bad_broker.returncode == 2
     assert "broker_url" in bad_broker.stderr
+
+
+def test_lease_times_are_the_database_clock_and_a_renewed_lease_is_not_requeued(
+    catalog: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pacs_node.catalog import jobs
+
+    (job_id,) = _queue(catalog)
+    skewed = utcnow() + timedelta(hours=1)  # a worker whose clock runs an hour ahead
+    if catalog.engine.dialect.name == "postgresql":
+        monkeypatch.setattr(jobs, "utcnow", lambda: skewed)
+    with catalog.sessions.begin() as session:
+        assert claim_job_id(session, job_id, "h:1:celery1", 60) == 1
+    lease = _job(catalog, job_id).lease_expires_at
+    assert lease is not None
+    assert lease - utcnow() < timedelta(seconds=61)
+    _expire(catalog, job_id)
+    real = jobs._requeue
+
+    def renewed_meanwhile(session: Any, rows: Any, *args: Any, **kwargs: Any) -> Any:
+        assert renew_lease(session, job_id, "h:1:celery1", 60)  # after the sweep's SELECT
+        return real(session, rows, *args, **kwargs)
+
+    monkeypatch.setattr(jobs, "_requeue", renewed_meanwhile)
+    with catalog.sessions.begin() as session:
+        assert requeue_expired(session, max_attempts=3) == (0, 0)
+    assert _job(catalog, job_id).state == "running"
+
+
+def test_a_locked_row_does_not_block_the_sweep(catalog: Catalog) -> None:
+    if catalog.engine.dialect.name != "postgresql":
+        return  # SQLite has one writer at a time: there is no row lock to skip
+    expired, waiting = _queue(catalog, 2)
+    with catalog.sessions.begin() as session:
+        assert claim_job_id(session, expired, "h:1:celery1", 60)
+    _expire(catalog, expired)
+    with catalog.sessions.begin() as holder:
+        holder.execute(select(Job.id).where(Job.id.in_([expired, waiting])).with_for_update())
+        with catalog.sessions.begin() as session:
+            session.execute(text("SET LOCAL lock_timeout = '2s'"))
+            assert requeue_expired(session, max_attempts=3) == (0, 0)
+            assert take_unpublished(session, 60) == []
+
+
+def test_a_broker_restart_hands_every_queued_job_over_again(
+    catalog: Catalog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = load_settings(
+        None,
+        {
+            "job_queue": "celery",
+            "broker_url": "redis://127.0.0.1:1/0",
+            "database_url": catalog.url,
+            "data_dir": tmp_path,
+        },
+    )
+    queue = CeleryJobQueue(catalog, settings)
+    (job_id,) = _queue(catalog)
+    with catalog.sessions.begin() as session:
+        assert take_unpublished(session, 60, limit=1) == [(job_id, "ct-classical")]
+        session.execute(update(Job).values(publish_count=9))  # at the longest backoff
+        assert take_unpublished(session, 60) == []
+    queue._restarted("run-a")
+    queue._restarted("run-a")
+    with catalog.sessions.begin() as session:
+        assert take_unpublished(session, 60) == []  # the same broker: it still holds the task
+    queue._restarted("run-b")
+    with catalog.sessions.begin() as session:
+        assert take_unpublished(session, 60) == [(job_id, "ct-classical")]
+        assert forget_published(session) == 1
+
+
+def test_a_run_past_its_timeout_loses_its_claim(catalog: Catalog) -> None:
+    (job_id,) = _queue(catalog)
+    with catalog.sessions.begin() as session:
+        assert claim_job_id(session, job_id, "h:1:celery1", 30)
+    with Heartbeat(catalog, job_id, "h:1:celery1", 30, timeout_s=0.2, max_attempts=3) as beat:
+        wait_for(lambda: beat.lost, 5, 0.02, "the timeout")
+    job = _job(catalog, job_id)
+    assert (job.state, job.claimed_by) == ("queued", None)
+    with catalog.sessions() as session:
+        assert set_progress(session, job_id, "h:1:celery1", "infer", 0.5) is False  # it stops
+
+
+def test_a_task_whose_claim_cannot_be_tried_goes_back_to_the_broker(
+    catalog: Catalog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = load_settings(None, {"database_url": catalog.url, "data_dir": tmp_path})
+
+    def away(*_: object) -> None:
+        raise OperationalError("claim", {}, Exception("connection refused"))
+
+    monkeypatch.setattr(celery_worker._state, "settings", settings)
+    monkeypatch.setattr(celery_worker, "claim_job_id", away)
+    monkeypatch.setattr(celery_worker, "REJECT_PAUSE_S", 0.0)
+    with pytest.raises(Reject) as rejected:
+        celery_worker.run_task(1)
+    assert rejected.value.requeue is True
+
+
+def test_the_worker_refuses_a_catalog_it_cannot_use(tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+
+    secret = "s3cr3t-pw"
+    empty = run_cli(
+        "worker",
+        "--database-url",
+        f"sqlite:///{tmp_path / 'empty.sqlite'}",
+        "--broker-url",
+        f"redis://:{secret}@127.0.0.1:1/0",
+        check=False,
+    )
+    assert empty.returncode != 0
+    assert "schema is at revision None" in " ".join(empty.stderr.split())
+    assert secret not in empty.stderr + empty.stdout
