@@ -7,8 +7,10 @@ without harm. There is no result backend: a job's outcome is its row. Tasks are 
 after they ran (``acks_late``) and handed back when their worker process dies
 (``task_reject_on_worker_lost``); each worker process reserves one task at a time (prefetch
 multiplier 1), so a long job never holds others back. The broker must not hand a task to
-another worker while the first still runs it: Redis's visibility timeout and RabbitMQ's
-consumer timeout are set to twice ``job_timeout_s``.
+another worker while the first still runs it: Redis's visibility timeout is set to twice
+``job_timeout_s``. RabbitMQ's consumer timeout is the broker's own setting (``consumer_timeout``
+in rabbitmq.conf, or a policy): a queue argument for it is ignored before RabbitMQ 3.12 and,
+changed later, makes the queue's next declaration fail, so queues are declared without one.
 
 Queues: one per device class, ``<job_queue_prefix><class>``; a bundle names its class in its
 metadata (``pacs_node.queue``, "cpu" by default), so GPU hosts run ``pacs-node worker --queues
@@ -31,7 +33,8 @@ CONNECT_TIMEOUT_S = 4.0  # a broker that does not answer within this is unreacha
 
 
 def redelivery_s(options: NodeOptions) -> float:
-    """How long the broker waits for a taken task's acknowledgement before handing it again."""
+    """How long Redis waits for a taken task's acknowledgement before handing it again (a
+    RabbitMQ broker's ``consumer_timeout`` should be at least this)."""
     return 2 * options.job_timeout_s
 
 
@@ -43,16 +46,7 @@ def broker_queue(options: NodeOptions, device_class: str = DEFAULT_QUEUE) -> Que
     """The broker queue of one device class, declared alike by publisher and workers (RabbitMQ
     refuses a queue declared again with other arguments)."""
     name = f"{options.job_queue_prefix}{device_class}"
-    arguments: dict[str, Any] | None = None
-    if is_amqp(options):
-        arguments = {"x-consumer-timeout": int(redelivery_s(options) * 1000)}
-    return Queue(
-        name,
-        Exchange(name, type="direct", durable=True),
-        routing_key=name,
-        durable=True,
-        queue_arguments=arguments,
-    )
+    return Queue(name, Exchange(name, type="direct", durable=True), routing_key=name, durable=True)
 
 
 def make_app(options: NodeOptions) -> Celery:
@@ -68,6 +62,9 @@ def make_app(options: NodeOptions) -> Celery:
         result_backend=None,
         task_ignore_result=True,
         task_acks_late=True,
+        # a task that raised after its claim is the catalog's business (the job failed or its
+        # lease runs out); one that could not claim raises Reject and goes back to the queue
+        task_acks_on_failure_or_timeout=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_serializer="json",

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from celery.exceptions import Reject
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from pacs_node.catalog.db import Catalog, open_catalog
 from pacs_node.catalog.jobs import claim_job_id, renew_lease, time_out_job
@@ -189,7 +189,10 @@ def check_catalog(settings: Settings) -> None:
     """Refuse to start on a catalog that cannot be reached or is not at this version's schema
     (a worker with no database_url would open an empty SQLite file and claim nothing, while
     acknowledging every task): a :class:`CatalogError` that says which."""
-    catalog = open_catalog(settings.node.catalog_url, run_migrations=False)
+    try:
+        catalog = open_catalog(settings.node.catalog_url, run_migrations=False)
+    except (ArgumentError, ValueError) as exc:  # its text never quotes the URL's password
+        raise CatalogError(f"the catalog URL is not valid ({type(exc).__name__})") from exc
     catalog.dispose()
 
 

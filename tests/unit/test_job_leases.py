@@ -36,7 +36,7 @@ from pacs_node.catalog.models import Job, JobEvent, Study, utcnow
 from pacs_node.config import load_settings
 from pacs_node.errors import ConfigError
 from pacs_node.jobs import celery_worker
-from pacs_node.jobs.celery_app import broker_queue, make_app, redelivery_s
+from pacs_node.jobs.celery_app import broker_queue, make_app
 from pacs_node.jobs.celery_queue import CeleryJobQueue
 from pacs_node.jobs.celery_worker import Heartbeat
 from tests.conftest import wait_for
@@ -270,7 +270,7 @@ def test_broker_settings_and_urls() -> None:
     ).node
     queue = broker_queue(options, "gpu")
     assert queue.name == "pacs-node.gpu"
-    assert queue.queue_arguments == {"x-consumer-timeout": int(redelivery_s(options) * 1000)}
+    assert not queue.queue_arguments  # RabbitMQ's consumer timeout is the broker's setting
     conf = make_app(options).conf
     assert conf.task_acks_late
     assert conf.task_reject_on_worker_lost
@@ -417,3 +417,9 @@ def test_the_worker_refuses_a_catalog_it_cannot_use(tmp_path: Path) -> None:
     assert empty.returncode != 0
     assert "schema is at revision None" in " ".join(empty.stderr.split())
     assert secret not in empty.stderr + empty.stdout
+    for url in [f"postgresql+psycopg://p:{secret}@127.0.0.1:1:/x", f"nosuchdb://p:{secret}@h/x"]:
+        bad = run_cli("worker", "--database-url", url, "--broker-url", "redis://h/0", check=False)
+        assert bad.returncode != 0
+        assert "the worker cannot use the catalog" in " ".join(bad.stderr.split())
+        assert "Traceback" not in bad.stderr
+        assert secret not in bad.stderr + bad.stdout
