@@ -14,8 +14,9 @@ A sweeper thread in every node repairs what the broker and dead workers leave:
 - a queued job handed over ``job_lease_s`` ago and still not claimed (the broker lost it in a
   restart without persistence, or the publish failed) is published again; each further time
   it waits twice as long (at most 16 times), since a job may also just wait behind a backlog;
-- a Redis broker that restarted (its ``run_id`` changed) lost every task it held without
-  persistence: every queued job is handed over again at once, not after its backoff.
+- a broker that lost its tasks (Redis: its ``run_id`` changed, it restarted, and without
+  persistence that loses every task; RabbitMQ: a queue the node published to is gone, its
+  data was wiped) gets every queued job handed over again at once, not after its backoff.
 
 It wakes when the node queues a job (:meth:`CeleryJobQueue.submitted`) and at least every
 :data:`SWEEP_MAX_S`. Several nodes on one catalog each sweep: every step is a compare-and-set,
@@ -31,6 +32,8 @@ import threading
 import time
 from typing import Any
 
+from kombu import Queue
+from kombu.exceptions import ChannelError
 from sqlalchemy.exc import SQLAlchemyError
 
 from pacs_node.catalog.db import Catalog, sqlite_file
@@ -71,6 +74,7 @@ class CeleryJobQueue:
         self.reachable: bool | None = None  # None: not tried yet
         self._probed = 0.0
         self._instance: str | None = None  # the broker's run id at the last probe
+        self._published_to: dict[str, Queue] = {}  # RabbitMQ queues this node handed tasks to
 
     def start(self) -> None:
         """Jobs this host's local workers left running (the node ran with ``job_queue: local``
@@ -140,6 +144,7 @@ class CeleryJobQueue:
             self._set_reachable(False, exc)
             return False
         self._set_reachable(True)
+        self._published_to[queue.name] = queue
         log.info("job published", extra={"job_id": job_id, "queue": queue.name})
         return True
 
@@ -159,9 +164,23 @@ class CeleryJobQueue:
 
     def broker_instance(self, connection: Any) -> str | None:
         """What names this run of the broker (Redis: ``INFO server`` run_id, new at each
-        start); None where it cannot be told."""
+        start; RabbitMQ, which keeps durable queues and persistent tasks across restarts: a
+        new name whenever a queue this node published to is missing); None where it cannot
+        be told."""
         if is_amqp(self.options):
-            return None  # RabbitMQ keeps durable queues and persistent tasks across restarts
+            lost = []
+            for name, queue in sorted(self._published_to.items()):
+                with connection.channel() as channel:
+                    try:
+                        channel.queue_declare(queue=name, passive=True)
+                    except ChannelError:  # NOT_FOUND: the broker lost the queue and its tasks
+                        lost.append(queue)
+            for queue in lost:  # declared again now: a publisher may think it still exists
+                with connection.channel() as channel:
+                    queue(channel).declare()
+            if lost:
+                return f"lost {lost[0].name} at {time.time()}"
+            return self._instance or "amqp"
         info = connection.default_channel.client.info("server")
         run_id = info.get("run_id") if isinstance(info, dict) else None
         return str(run_id) if run_id else None

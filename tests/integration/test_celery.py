@@ -261,8 +261,8 @@ def test_celery_workers_run_each_job_once_through_kills_duplicates_and_a_broker_
 def test_rabbitmq_smoke_a_job_is_published_and_run(
     tmp_path: Path, workers: Callable[..., Workers]
 ) -> None:
-    """The same path on RabbitMQ (its queue declared with a consumer timeout), one job, run by
-    a forked pool process of a worker."""
+    """The same path on RabbitMQ, one job, run by a forked pool process of a worker; a broker
+    that lost the job's queue (its data wiped) gets the job handed over again at once."""
     from kombu import Connection
 
     from pacs_node.catalog.jobs import queue_job
@@ -292,6 +292,11 @@ def test_rabbitmq_smoke_a_job_is_published_and_run(
     try:
         assert queue.probe()
         assert queue.sweep() == (0, 1)  # published on the cpu queue
+        assert queue.sweep() == (0, 0)  # and not again before its interval
+        with Connection(RABBITMQ_URL) as connection:  # the broker loses the queue and the task
+            declared.bind(connection.default_channel).delete()
+        assert queue.probe()
+        assert queue.sweep() == (0, 1)  # handed over again at once, its queue declared again
         pool = workers(tmp_path / "no-config", env)
         worker = pool.start(concurrency=2)  # prefork: the job runs in a forked process
         done = wait_for(lambda: _finished(catalog, job_id), 60, interval=0.2, what="the job")
