@@ -106,7 +106,9 @@ class Heartbeat:
 
     def _wait(self) -> bool:
         """Sleep until the next renewal or the timeout; True when stopped meanwhile."""
-        return self._stop.wait(max(0.0, min(self.lease_s / 3, self._deadline - time.monotonic())))
+        left = self._deadline - time.monotonic()
+        # past the deadline (a time-out the catalog did not take): retried every third
+        return self._stop.wait(min(self.lease_s / 3, left) if left > 0 else self.lease_s / 3)
 
     def _run(self) -> None:
         while not self._wait():
