@@ -40,6 +40,12 @@ class Assembly:
         self.max_wait_s = settings.node.max_wait_s
         self._scheduler = BackgroundScheduler(timezone="UTC")
         self._listeners: list[StableListener] = []
+        self._sweep_listeners: list[Callable[[], object]] = []
+
+    def add_sweep_listener(self, listener: Callable[[], object]) -> None:
+        """Called after each sweep by the timer owner: a study whose routing was missed (the
+        lease lapsed for a moment, a listener failed) is taken up again within a sweep."""
+        self._sweep_listeners.append(listener)
 
     def add_listener(self, listener: StableListener) -> None:
         """Called with the Study Instance UID each time a study becomes stable."""
@@ -75,6 +81,11 @@ class Assembly:
             return 0
         missing = [t for t in pending if self._scheduler.get_job(t.study_uid) is None]
         self.on_touched(missing)
+        for listener in self._sweep_listeners:
+            try:
+                listener()
+            except Exception:
+                log.exception("assembly sweep listener failed")
         return len(missing)
 
     def stop(self) -> None:

@@ -115,7 +115,8 @@ class Router:
 
     def catch_up(self) -> int:
         """Route studies that became stable but were not routed since (a crash in between,
-        or another node of the group lost the timer lease in between)."""
+        the timer lease lapsed in between, routing failed): at start, on taking the timer
+        lease, and after each of the owner's assembly sweeps."""
         if self.lease is not None and not self.lease.owned():
             return 0
         with self.catalog.sessions() as session:
@@ -128,7 +129,10 @@ class Router:
                 )
             )
         for study_uid in pending:
-            self.on_stable(study_uid)
+            try:
+                self.on_stable(study_uid)
+            except Exception:  # the next catch-up tries it again
+                log.exception("routing failed", extra={"study_uid": study_uid})
         return len(pending)
 
     def on_stable(self, study_uid: str) -> None:
