@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from pacs_node.catalog.clock import db_now
 from pacs_node.catalog.db import Catalog
 from pacs_node.catalog.models import utcnow
 from pacs_node.catalog.studies import StudyTouch, mark_stable, receiving_studies, stability_deadline
@@ -125,16 +126,17 @@ class Assembly:
 
     def check(self, study_uid: str, quiet_period_s: float, now: datetime | None = None) -> bool:
         """Mark ``study_uid`` stable if its deadline has passed; re-arm otherwise."""
-        now = now or utcnow()
         with self.catalog.sessions.begin() as session:
             if self.lease is not None and not self.lease.held(session):
                 return False  # the owner's sweep arms it; this node's takeover does too
+            # Arrival times are the database's clock on PostgreSQL: compare with the same.
+            now = now or db_now(session)
             found = stability_deadline(session, study_uid, quiet_period_s, self.max_wait_s)
             if found is None:
                 return False
             deadline, reason = found
-            if deadline > now:
-                self._arm(study_uid, quiet_period_s, deadline)
+            if deadline > now:  # re-armed by this process's clock, however far it is off
+                self._arm(study_uid, quiet_period_s, utcnow() + (deadline - now))
                 return False
             if not mark_stable(session, study_uid, now, reason):
                 return False

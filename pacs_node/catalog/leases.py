@@ -19,24 +19,16 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import func, or_, select, text, update
+from sqlalchemy import or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from pacs_node.catalog.models import NodeLease, utcnow
+from pacs_node.catalog.clock import db_now
+from pacs_node.catalog.models import NodeLease
 
 TIMERS = "timers"  # assembly timers and housekeeping
 NEVER = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def db_now(session: Session) -> datetime:
-    """Now, by the database's clock where it has one shared by every node."""
-    if session.get_bind().dialect.name == "postgresql":
-        now = session.scalar(select(func.clock_timestamp()))
-        if isinstance(now, datetime):
-            return now
-    return utcnow()
 
 
 def _bound_ms(ttl_s: float) -> int:
