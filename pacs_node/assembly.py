@@ -103,7 +103,11 @@ class Assembly:
             )
             if touch.reopened:
                 log.info("study changed after it was stable", extra={"study_uid": touch.study_uid})
-            self._arm(touch.study_uid, quiet, deadline)
+            # The deadline is by the database's clock on PostgreSQL, the timer runs by this
+            # process's: a clock behind the database's must not fire it late, so it fires within
+            # a quiet period at most, and the check re-arms it by the database's clock.
+            local_cap = utcnow() + timedelta(seconds=quiet)
+            self._arm(touch.study_uid, quiet, min(deadline, local_cap))
 
     def _arm(self, study_uid: str, quiet_period_s: float, when: datetime) -> None:
         self._scheduler.add_job(

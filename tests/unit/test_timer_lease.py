@@ -16,7 +16,7 @@ from pacs_node.assembly import Assembly
 from pacs_node.catalog import leases
 from pacs_node.catalog.db import Catalog, open_catalog
 from pacs_node.catalog.models import NodeLease, Series, Study, StudyState
-from pacs_node.catalog.studies import list_studies
+from pacs_node.catalog.studies import StudyTouch, list_studies
 from pacs_node.config import NodeOptions, Settings
 from pacs_node.timer_lease import TimerLease
 from tests.unit.test_assembly import T0, _record, _ref
@@ -224,3 +224,21 @@ def test_a_node_with_a_skewed_clock_does_not_shorten_the_quiet_period(
 def _study_state(catalog: Catalog) -> StudyState:
     with catalog.sessions() as session:
         return session.scalars(select(Study.state)).one()
+
+
+@pytest.mark.parametrize("url", ["sqlite"], indirect=True)
+def test_a_timer_armed_from_a_clock_ahead_of_this_nodes_fires_within_a_quiet_period(
+    catalogs: tuple[Catalog, Catalog],
+) -> None:
+    """Arrival times may be the database's clock, an hour ahead of this node's: the timer still
+    fires within a quiet period by this node's clock (and the check re-arms it exactly)."""
+    assembly = Assembly(catalogs[0], Settings(node=NodeOptions(quiet_period_s=30)))
+    assembly.start()
+    try:
+        ahead = datetime.now(UTC) + timedelta(hours=1)
+        assembly.on_touched([StudyTouch("1.2.3", ahead, ahead, "CT1", reopened=False)])
+        job = assembly._scheduler.get_job("1.2.3")
+        assert job is not None
+        assert job.next_run_time <= datetime.now(UTC) + timedelta(seconds=31)
+    finally:
+        assembly.stop()
