@@ -62,22 +62,34 @@ class _ProcessLock:
                 self._cond.notify_all()
 
 
-_locks: dict[tuple[int, Path], _ProcessLock] = {}
-_registry = threading.Lock()
+class _Registry:
+    """This process's locks, one per lock file."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """A forked child has none of its parent's locks: a fresh registry (never one copied
+        while another thread held it)."""
+        self.guard = threading.Lock()
+        self.locks: dict[Path, _ProcessLock] = {}
+
+    def get(self, path: Path) -> _ProcessLock:
+        key = path.resolve()
+        with self.guard:
+            found = self.locks.get(key)
+            if found is None:
+                found = self.locks[key] = _ProcessLock(path)
+            return found
 
 
-def _process_lock(path: Path) -> _ProcessLock:
-    key = (os.getpid(), path.resolve())  # a forked child opens its own (locks are per process)
-    with _registry:
-        found = _locks.get(key)
-        if found is None:
-            found = _locks[key] = _ProcessLock(path)
-        return found
+_registry = _Registry()
+os.register_at_fork(after_in_child=_registry.reset)
 
 
 @contextlib.contextmanager
 def retention_lock(path: Path, *, shared: bool) -> Iterator[None]:
     """Hold the retention lock of the lock file ``path``, shared or exclusive."""
-    lock = _process_lock(path)
+    lock = _registry.get(path)
     with lock.shared() if shared else lock.exclusive():
         yield
