@@ -3,12 +3,24 @@ not: POSIX record locks belong to the process)."""
 
 from __future__ import annotations
 
+import fcntl
 import threading
 from pathlib import Path
+
+import pytest
 
 from pacs_node.ingest.spool import retention_lock
 
 
+@pytest.fixture(params=["local", "nfs"])
+def file_locks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Local flock, or the Linux NFS client's emulation of it: POSIX record locks, which one
+    process never conflicts with and which any close() of the file drops."""
+    if request.param == "nfs":
+        monkeypatch.setattr(fcntl, "flock", fcntl.lockf)
+
+
+@pytest.mark.usefixtures("file_locks")
 def test_a_purge_waits_for_a_receive_in_another_thread_of_the_same_process(
     tmp_path: Path,
 ) -> None:
