@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from pacs_node.catalog.clock import db_now
 from pacs_node.catalog.db import Catalog
 from pacs_node.catalog.models import utcnow
 from pacs_node.catalog.studies import StudyTouch, mark_stable, receiving_studies, stability_deadline
@@ -40,6 +41,12 @@ class Assembly:
         self.max_wait_s = settings.node.max_wait_s
         self._scheduler = BackgroundScheduler(timezone="UTC")
         self._listeners: list[StableListener] = []
+        self._sweep_listeners: list[Callable[[], object]] = []
+
+    def add_sweep_listener(self, listener: Callable[[], object]) -> None:
+        """Called after each sweep by the timer owner: a study whose routing was missed (the
+        lease lapsed for a moment, a listener failed) is taken up again within a sweep."""
+        self._sweep_listeners.append(listener)
 
     def add_listener(self, listener: StableListener) -> None:
         """Called with the Study Instance UID each time a study becomes stable."""
@@ -75,6 +82,11 @@ class Assembly:
             return 0
         missing = [t for t in pending if self._scheduler.get_job(t.study_uid) is None]
         self.on_touched(missing)
+        for listener in self._sweep_listeners:
+            try:
+                listener()
+            except Exception:
+                log.exception("assembly sweep listener failed")
         return len(missing)
 
     def stop(self) -> None:
@@ -91,7 +103,11 @@ class Assembly:
             )
             if touch.reopened:
                 log.info("study changed after it was stable", extra={"study_uid": touch.study_uid})
-            self._arm(touch.study_uid, quiet, deadline)
+            # The deadline is by the database's clock on PostgreSQL, the timer runs by this
+            # process's: a clock behind the database's must not fire it late, so it fires within
+            # a quiet period at most, and the check re-arms it by the database's clock.
+            local_cap = utcnow() + timedelta(seconds=quiet)
+            self._arm(touch.study_uid, quiet, min(deadline, local_cap))
 
     def _arm(self, study_uid: str, quiet_period_s: float, when: datetime) -> None:
         self._scheduler.add_job(
@@ -114,16 +130,17 @@ class Assembly:
 
     def check(self, study_uid: str, quiet_period_s: float, now: datetime | None = None) -> bool:
         """Mark ``study_uid`` stable if its deadline has passed; re-arm otherwise."""
-        now = now or utcnow()
         with self.catalog.sessions.begin() as session:
             if self.lease is not None and not self.lease.held(session):
                 return False  # the owner's sweep arms it; this node's takeover does too
+            # Arrival times are the database's clock on PostgreSQL: compare with the same.
+            now = now or db_now(session)
             found = stability_deadline(session, study_uid, quiet_period_s, self.max_wait_s)
             if found is None:
                 return False
             deadline, reason = found
-            if deadline > now:
-                self._arm(study_uid, quiet_period_s, deadline)
+            if deadline > now:  # re-armed by this process's clock, however far it is off
+                self._arm(study_uid, quiet_period_s, utcnow() + (deadline - now))
                 return False
             if not mark_stable(session, study_uid, now, reason):
                 return False

@@ -178,9 +178,12 @@ def finish_purges(catalog: Catalog, spool_dir: Path, results_dir: Path) -> int:
         pending = list(session.scalars(select(Purge).where(Purge.files_removed_at.is_(None))))
         if not pending:
             return 0
-        live = set(session.scalars(select(Instance.path)))
     for purge in pending:
         with retention_lock(spool_dir, shared=False):
+            # read under the lock: an instance recorded since still has its file kept
+            with catalog.sessions() as session:
+                listed = list(purge.paths.get("spool", []))
+                live = set(session.scalars(select(Instance.path).where(Instance.path.in_(listed))))
             _remove_files(purge, spool_dir, results_dir, live)
         with catalog.sessions.begin() as session:
             row = session.get(Purge, purge.id)

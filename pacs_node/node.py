@@ -101,6 +101,7 @@ class Node:
         self.router = Router(self.catalog, self.spool, settings.routes, self.lease)
         self.lease.add_listener(self.assembly.sweep)
         self.lease.add_listener(self.router.catch_up)
+        self.assembly.add_sweep_listener(self.router.catch_up)
         self.assembly.add_listener(self.router.on_stable)
         self.assembly.add_listener(self._audit_study_received)  # after routing: never delays it
         for name, env in missing_secrets(settings.destinations):

@@ -59,7 +59,7 @@ class TimerLease:
     def held(self, session: Session) -> bool:
         """Whether this node holds the lease, checked in (and locked to) ``session``'s
         transaction: call it first in the transaction of each timer action."""
-        return leases.hold(session, self.name, self.owner)
+        return leases.hold(session, self.name, self.owner, self.ttl_s)
 
     def renew(self) -> bool:
         """Take or renew the lease; on taking it, call the listeners."""

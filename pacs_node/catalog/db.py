@@ -58,6 +58,17 @@ READ_ONLY_TIMEOUT_S = 2
 READ_ONLY_BUSY_MS = 500
 
 
+# A PostgreSQL peer gone silent (a partition, a frozen host) ends its connection within about
+# a minute rather than the kernel's two hours: both sides notice and the server frees its locks.
+KEEPALIVES: dict[str, Any] = {
+    "keepalives": 1,
+    "keepalives_idle": 15,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
+
+
 def _sqlite_query_only(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA query_only=ON")
@@ -86,6 +97,7 @@ def create_catalog_engine(url: str, *, read_only: bool = False) -> Engine:
             pool_pre_ping=True,
             pool_timeout=READ_ONLY_TIMEOUT_S,
             connect_args={
+                **KEEPALIVES,
                 "connect_timeout": READ_ONLY_TIMEOUT_S,
                 # unacknowledged bytes (a peer gone silent) end the connection in this time
                 "tcp_user_timeout": statement_ms,
@@ -94,7 +106,7 @@ def create_catalog_engine(url: str, *, read_only: bool = False) -> Engine:
                 ),
             },
         )
-    return create_engine(parsed, pool_pre_ping=True)
+    return create_engine(parsed, pool_pre_ping=True, connect_args=KEEPALIVES)
 
 
 def sqlite_file(url: str) -> Path | None:

@@ -11,6 +11,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from pacs_node.catalog.clock import db_clock
 from pacs_node.catalog.identity import REASON_TEXT, Held, Verdict, decide, header_key
 from pacs_node.catalog.models import (
     Counter,
@@ -281,6 +282,9 @@ def record_instances(
     if not refs:
         return outcome
     _lock_for_write(session)
+    # Arrival times by the database's clock where several nodes share it (PostgreSQL), so a
+    # node whose clock runs ahead or behind neither shortens nor stretches a quiet period.
+    arrived = db_clock(session)
     held = lookup_held(
         session,
         {r.study_uid for r in refs},
@@ -365,9 +369,9 @@ def record_instances(
                 "study_description": r.header.study_description,
                 "calling_ae": r.calling_ae,
                 "state": StudyState.RECEIVING,
-                "first_received_at": r.received_at,
-                "receiving_since": r.received_at,
-                "last_received_at": r.received_at,
+                "first_received_at": (arrived or r.received_at),
+                "receiving_since": (arrived or r.received_at),
+                "last_received_at": (arrived or r.received_at),
                 "reopened_count": 0,
                 "duplicate_count": 0,
             }
@@ -393,7 +397,7 @@ def record_instances(
                 "series_number": r.header.series_number,
                 "series_description": r.header.series_description,
                 "body_part": r.header.body_part,
-                "first_received_at": r.received_at,
+                "first_received_at": (arrived or r.received_at),
             }
             for r in first_of_series.values()
         ],
@@ -414,7 +418,7 @@ def record_instances(
             "path": ref.path,
             "size_bytes": ref.size_bytes,
             "calling_ae": ref.calling_ae,
-            "received_at": ref.received_at,
+            "received_at": (arrived or ref.received_at),
             "sha256": ref.sha256,
         }
         for ref in accepted
@@ -432,7 +436,7 @@ def record_instances(
                 sha256=ref.sha256,
                 size_bytes=ref.size_bytes,
                 transfer_syntax_uid=ref.transfer_syntax_uid,
-                received_at=ref.received_at,
+                received_at=(arrived or ref.received_at),
                 calling_ae=ref.calling_ae,
                 instance_number=ref.header.instance_number,
             )
@@ -447,7 +451,7 @@ def record_instances(
         added_by_study.setdefault(ref.study_uid, []).append(ref)
     for study_uid, added in added_by_study.items():
         study = studies[study_uid]
-        latest = max(ref.received_at for ref in added)
+        latest = max((arrived or ref.received_at) for ref in added)
         if study_uid not in existed_before:
             sender = {"sender": added[0].sender} if added[0].sender else {}
             add_event(session, study.id, "receiving", study.first_received_at, **sender)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import logging
 import os
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pacs_node.errors import OutOfResources
+from pacs_node.ingest.retention_lock import retention_lock as process_retention_lock
 from pacs_node.uids import require_uid
 
 log = logging.getLogger(__name__)
@@ -97,17 +97,10 @@ def _header_length(head: bytes) -> int:
     return int(_GROUP_LENGTH_END + group_length)
 
 
-@contextlib.contextmanager
-def retention_lock(root: Path, *, shared: bool) -> Iterator[None]:
+def retention_lock(root: Path, *, shared: bool) -> contextlib.AbstractContextManager[None]:
     """Held shared while an acknowledgement relies on a spool file, exclusively while retention
-    removes a study's rows or files: an flock, so it holds across the SCP worker processes."""
-    root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+    removes a study's rows or files (:mod:`pacs_node.ingest.retention_lock`)."""
+    return process_retention_lock(root / LOCK_FILE, shared=shared)
 
 
 def file_digest(path: Path) -> str:

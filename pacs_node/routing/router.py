@@ -16,6 +16,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from pacs_node.actor import ROUTING
+from pacs_node.catalog.clock import db_now
 from pacs_node.catalog.db import Catalog
 from pacs_node.catalog.jobs import queue_job
 from pacs_node.catalog.models import (
@@ -25,7 +26,6 @@ from pacs_node.catalog.models import (
     Series,
     Study,
     StudyState,
-    utcnow,
 )
 from pacs_node.catalog.studies import add_event
 from pacs_node.config import ENV_PREFIX, NODE_FILE, ROUTES_FILE, Settings
@@ -115,7 +115,8 @@ class Router:
 
     def catch_up(self) -> int:
         """Route studies that became stable but were not routed since (a crash in between,
-        or another node of the group lost the timer lease in between)."""
+        the timer lease lapsed in between, routing failed): at start, on taking the timer
+        lease, and after each of the owner's assembly sweeps."""
         if self.lease is not None and not self.lease.owned():
             return 0
         with self.catalog.sessions() as session:
@@ -128,7 +129,10 @@ class Router:
                 )
             )
         for study_uid in pending:
-            self.on_stable(study_uid)
+            try:
+                self.on_stable(study_uid)
+            except Exception:  # the next catch-up tries it again
+                log.exception("routing failed", extra={"study_uid": study_uid})
         return len(pending)
 
     def on_stable(self, study_uid: str) -> None:
@@ -167,7 +171,7 @@ class Router:
             and study.routed_at >= study.stable_at
         ):
             return None
-        now = utcnow()
+        now = db_now(session)  # the clock stable_at was taken by
         facts = study_facts(session, self.spool, study_uid)
         own = bool(facts) and all(f.produced_by_node for f in facts)
         if not own and self._only_own_output_since_routed(session, study, facts):

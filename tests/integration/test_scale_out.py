@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from tests.dicom_factory import new_uid, write_series
 pytestmark = pytest.mark.integration
 
 LEASE_S = 3.0
+QUIET_S = 2.0
 ROUTES = {"rules": [{"name": "ct", "when": {"modality": "CT"}, "models": ["ct-classical"]}]}
 
 
@@ -31,7 +33,9 @@ def _start(make_node: Callable[..., NodeProcess], shared: Path, url: str, name: 
         database_url=url,
         node_id=name,
         timer_lease_s=LEASE_S,
-        quiet_period_s=1.0,
+        # Longer than two storescu starts apart on a loaded machine: the split study must not
+        # be marked stable between its halves.
+        quiet_period_s=QUIET_S,
         job_workers=0,  # the jobs stay queued: what is counted is how often a study was routed
         dicom_workers=0,
     )
@@ -75,9 +79,14 @@ def test_two_ingest_nodes_route_a_split_study_once_and_hand_the_timers_over(
 
         split = new_uid()
         paths = write_series(tmp_path / "split", slices=8, study_uid=split)
-        for node, half in ((first, paths[:4]), (second, paths[4:])):
-            sent = storescu(node, *half)
-            assert sent.returncode == 0, sent.stderr
+        # Both halves at once (two storescu): the two nodes insert the study's rows concurrently.
+        with ThreadPoolExecutor(2) as pool:
+            sends = [
+                pool.submit(storescu, node, *half)
+                for node, half in ((first, paths[:4]), (second, paths[4:]))
+            ]
+            for sent in [f.result() for f in sends]:
+                assert sent.returncode == 0, sent.stderr
         wait_for(lambda: _routing(catalog, split)[2] > 0, 20, what="the split study routed")
         assert _owner(catalog) == "node-a"  # routed by the owner, from the other's rows too
 

@@ -81,6 +81,9 @@ def test_recording_is_idempotent_and_counts_series(catalog: Catalog) -> None:
     assert study.duplicate_count == 0
 
 
+# Times of the process's choosing: on PostgreSQL arrivals take the database's clock
+# (tests/unit/test_timer_lease.py checks that).
+@pytest.mark.parametrize("catalog", ["sqlite"], indirect=True)
 def test_quiet_period_then_reopen(catalog: Catalog) -> None:
     assembly = Assembly(catalog, _settings())
     _record(catalog, _ref(1, T0), _ref(2, T0 + timedelta(seconds=10)))
@@ -95,6 +98,9 @@ def test_quiet_period_then_reopen(catalog: Catalog) -> None:
     assert _state(catalog) == ("stable", 3, 1)
 
 
+# Times of the process's choosing: on PostgreSQL arrivals take the database's clock
+# (tests/unit/test_timer_lease.py checks that).
+@pytest.mark.parametrize("catalog", ["sqlite"], indirect=True)
 def test_max_wait_caps_a_study_that_never_goes_quiet(catalog: Catalog) -> None:
     assembly = Assembly(catalog, _settings())
     for second in range(0, 660, 20):

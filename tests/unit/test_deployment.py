@@ -140,6 +140,44 @@ def test_kubernetes_manifests_are_consistent() -> None:
             assert {p["targetPort"] for p in doc["spec"]["ports"]} <= ports[role]
 
 
+def test_kubernetes_config_map_is_a_whole_config_folder_and_pods_have_probes(
+    tmp_path: Path,
+) -> None:
+    """The ConfigMap replaces /etc/pacs-node: loaded with the node's own loader it lets peers
+    in, has rules and destinations; ingest pods are probed on /readyz, workers by a process."""
+    from pacs_node.config import load_settings
+
+    documents = list(yaml.safe_load_all((DOCKER / "k8s" / "pacs-node.yaml").read_text()))
+    (config_map,) = [d for d in documents if d and d["kind"] == "ConfigMap"]
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    for name, text in config_map["data"].items():
+        (folder / name).write_text(text)
+    settings = load_settings(
+        folder, {"data_dir": str(tmp_path / "var"), "models_dir": str(REPO / "models")}
+    )
+    assert settings.peers
+    assert settings.routes.rules
+    assert settings.destinations
+    for name in ("peers.yaml", "routes.yaml"):  # mirrors docker/config
+        assert config_map["data"][name] == (DOCKER / "config" / name).read_text()
+    containers = {
+        c["args"][0]: c
+        for d in documents
+        if d and d["kind"] == "Deployment"
+        for c in d["spec"]["template"]["spec"]["containers"]
+    }
+    assert containers["serve"]["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert containers["serve"]["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert containers["worker"]["livenessProbe"]["exec"]["command"][0] == "python"
+    services = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]
+    for name, service in services.items():
+        if service.get("command") in (["serve"], ["worker"]):
+            assert "python" in service["healthcheck"]["test"], name
+            if service["command"] == ["serve"]:
+                assert "/readyz" in service["healthcheck"]["test"][-1], name
+
+
 def _entrypoint(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = clean_env() | {
         "PACS_NODE_BIN": PACS_NODE,

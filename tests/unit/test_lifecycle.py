@@ -122,6 +122,7 @@ def test_a_door_that_cannot_start_stops_what_had_started(
     parts = ("audit", "router", "recorder", "assembly", "jobs", "outbox", "housekeeping", "scp")
     for name in parts:
         setattr(node, name, _Part(name, log))
+    node.lease = _Part("lease", log)  # type: ignore[assignment]
     node.syslog = None
     node.doors = [_Part("web", log, fails=True)]
     with pytest.raises(StartError, match="web cannot start"):
