@@ -127,8 +127,15 @@ def test_the_image_and_compose_give_the_node_its_stop_time() -> None:
     dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
     assert re.search(r"^STOPSIGNAL SIGTERM$", dockerfile, re.MULTILINE)
     assert "apt-get install -y --no-install-recommends tini" in dockerfile
-    # tini hands the signal to the node alone (no -g): the node stops its workers itself
-    assert re.search(r'^ENTRYPOINT \["/usr/bin/tini", "--", "pacs-node"\]$', dockerfile, re.M)
+    # tini hands the signal to the node alone (no -g): the node stops its workers itself; the
+    # entry point script replaces itself with pacs-node, so the signal reaches the node
+    entry = r'^ENTRYPOINT \["/usr/bin/tini", "--", "/usr/local/bin/pacs-node-entrypoint"\]$'
+    assert re.search(entry, dockerfile, re.M)
+    script = (ROOT / "docker" / "entrypoint.sh").read_text()
+    assert re.search(r'^exec "\$PACS_NODE" "\$@"$', script, re.M)
     compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
-    grace = compose["services"]["node"]["stop_grace_period"]
-    assert _seconds(grace) >= STOP_TIMEOUT_S + EXIT_MARGIN_S
+    nodes = [name for name in compose["services"] if name.startswith(("ingest-", "worker-"))]
+    assert len(nodes) == 4
+    for name in nodes:
+        grace = compose["services"][name]["stop_grace_period"]
+        assert _seconds(grace) >= STOP_TIMEOUT_S + EXIT_MARGIN_S, name
