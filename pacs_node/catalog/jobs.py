@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
 from pacs_node.actor import ROUTING, Actor
-from pacs_node.catalog.leases import db_now
+from pacs_node.catalog.clock import db_now
 from pacs_node.catalog.models import Job, JobEvent, JobState, Study, utcnow
 from pacs_node.redact import scrub_detail, scrub_reason
 
