@@ -84,6 +84,21 @@ def queue_job(
     return job.id
 
 
+def _claimed(worker_id: str, now: datetime, lease_expires_at: datetime | None) -> dict[str, Any]:
+    """The columns of a job just claimed by ``worker_id``, whichever way it was claimed."""
+    return {
+        "state": JobState.RUNNING,
+        "claimed_by": worker_id,
+        "attempts": Job.attempts + 1,
+        "started_at": now,
+        "finished_at": None,
+        "stage": "claimed",
+        "progress": 0.0,
+        "error": None,
+        "lease_expires_at": lease_expires_at,
+    }
+
+
 def claim_job(session: Session, worker_id: str) -> int | None:
     """Take the oldest queued job for ``worker_id``; None when there is none to take."""
     postgres = session.get_bind().dialect.name == "postgresql"
@@ -97,17 +112,7 @@ def claim_job(session: Session, worker_id: str) -> int | None:
         won = session.execute(
             update(Job)
             .where(Job.id == job_id, Job.state == JobState.QUEUED)
-            .values(
-                state=JobState.RUNNING,
-                claimed_by=worker_id,
-                attempts=Job.attempts + 1,
-                started_at=now,
-                finished_at=None,
-                stage="claimed",
-                progress=0.0,
-                error=None,
-                lease_expires_at=None,
-            )
+            .values(**_claimed(worker_id, now, lease_expires_at=None))
         )
         if won.rowcount == 1:  # type: ignore[attr-defined]
             add_job_event(session, job_id, "running", worker=worker_id)
@@ -124,17 +129,7 @@ def claim_job_id(session: Session, job_id: int, worker_id: str, lease_s: float) 
     attempt = session.scalar(
         update(Job)
         .where(Job.id == job_id, Job.state == JobState.QUEUED)
-        .values(
-            state=JobState.RUNNING,
-            claimed_by=worker_id,
-            attempts=Job.attempts + 1,
-            started_at=now,
-            finished_at=None,
-            stage="claimed",
-            progress=0.0,
-            error=None,
-            lease_expires_at=now + timedelta(seconds=lease_s),
-        )
+        .values(**_claimed(worker_id, now, now + timedelta(seconds=lease_s)))
         .returning(Job.attempts)
     )
     if attempt is None:
