@@ -511,3 +511,49 @@ class NodeLease(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     owner: Mapped[str] = mapped_column(String(128))
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class PerformedStepStatus(enum.StrEnum):
+    """Performed Procedure Step Status (0040,0252) of a Modality Performed Procedure Step
+    (PS3.3 C.4.14): created IN PROGRESS, then set once to COMPLETED or DISCONTINUED."""
+
+    IN_PROGRESS = "IN PROGRESS"
+    COMPLETED = "COMPLETED"
+    DISCONTINUED = "DISCONTINUED"
+
+
+class PerformedStep(Base):
+    """A Modality Performed Procedure Step a scanner created (N-CREATE) and updated (N-SET):
+    assembly reads it, so every node sharing the catalog sees the same state."""
+
+    __tablename__ = "performed_steps"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    study_uid: Mapped[str] = mapped_column(UID, index=True)
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    status: Mapped[PerformedStepStatus] = mapped_column(_enum(PerformedStepStatus))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())  # COMPLETED/DISCONTINUED
+
+    instances: Mapped[list[PerformedInstance]] = relationship(
+        back_populates="step", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class PerformedInstance(Base):
+    """An instance a Performed Procedure Step lists in its Performed Series Sequence."""
+
+    __tablename__ = "performed_instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    step_id: Mapped[int] = mapped_column(
+        ForeignKey("performed_steps.id", ondelete="CASCADE"), index=True
+    )
+    series_uid: Mapped[str] = mapped_column(UID)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+
+    step: Mapped[PerformedStep] = relationship(back_populates="instances")
+
+    __table_args__ = (UniqueConstraint("step_id", "sop_instance_uid"),)
