@@ -1,5 +1,9 @@
 """Study assembly: a study is ``stable`` once no instance arrived for its quiet period, or once
-its max wait has passed since it started receiving.
+its max wait has passed since it started receiving, or as soon as the scanner said it is done:
+every Modality Performed Procedure Step of the study COMPLETED (none IN PROGRESS) and every
+instance they list in the catalog, whichever comes last. A step's N-SET and the arrival of
+instances of a study with a completed step both call for an immediate check; if the listed
+instances never come, the quiet period (or max wait) decides as before.
 
 Timers are APScheduler jobs keyed by Study Instance UID, an in-memory cache of what the catalog
 says: at start they are rebuilt from every study still ``receiving``, and a timer that fires
@@ -18,6 +22,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from pacs_node.catalog.clock import db_now
 from pacs_node.catalog.db import Catalog
 from pacs_node.catalog.models import utcnow
+from pacs_node.catalog.mpps import step_progress, studies_with_completed_steps
 from pacs_node.catalog.studies import StudyTouch, mark_stable, receiving_studies, stability_deadline
 from pacs_node.config import Settings
 from pacs_node.timer_lease import TimerLease
@@ -82,6 +87,9 @@ class Assembly:
             return 0
         missing = [t for t in pending if self._scheduler.get_job(t.study_uid) is None]
         self.on_touched(missing)
+        # A step another node of the group recorded was told to that node's assembly only.
+        armed = {t.study_uid for t in missing}
+        self._check_completed_steps([t for t in pending if t.study_uid not in armed])
         for listener in self._sweep_listeners:
             try:
                 listener()
@@ -108,6 +116,34 @@ class Assembly:
             # a quiet period at most, and the check re-arms it by the database's clock.
             local_cap = utcnow() + timedelta(seconds=quiet)
             self._arm(touch.study_uid, quiet, min(deadline, local_cap))
+        self._check_completed_steps(touches)
+
+    def _check_completed_steps(self, touches: Sequence[StudyTouch]) -> None:
+        """Check at once the studies with a completed performed procedure step: the
+        instances just recorded may be the last ones it listed."""
+        if not touches or not self.settings.mpps_offered():
+            return
+        try:
+            with self.catalog.sessions() as session:
+                done = studies_with_completed_steps(session, (t.study_uid for t in touches))
+        except Exception:  # the quiet period still ends these studies
+            log.warning("performed procedure steps not read", exc_info=True)
+            return
+        for touch in touches:
+            if touch.study_uid in done:
+                quiet = self.settings.quiet_period_for(touch.calling_ae)
+                self._arm(touch.study_uid, quiet, utcnow())
+
+    def on_step(self, study_uid: str) -> None:
+        """A performed procedure step of ``study_uid`` changed: check the study now (through
+        the same guarded :meth:`check` as a timer). A study not received yet has no timer;
+        its instances' arrival checks it. Never raises (it runs in the SCP's threads)."""
+        try:
+            job = self._scheduler.get_job(study_uid) if self._scheduler.running else None
+            if job is not None:
+                self._arm(study_uid, float(job.args[1]), utcnow())
+        except Exception:
+            log.exception("assembly check not scheduled", extra={"study_uid": study_uid})
 
     def _arm(self, study_uid: str, quiet_period_s: float, when: datetime) -> None:
         self._scheduler.add_job(
@@ -139,6 +175,10 @@ class Assembly:
             if found is None:
                 return False
             deadline, reason = found
+            if deadline > now:
+                progress = step_progress(session, study_uid)
+                if progress is not None and progress.ready:
+                    deadline, reason = now, "performed procedure step completed"
             if deadline > now:  # re-armed by this process's clock, however far it is off
                 self._arm(study_uid, quiet_period_s, utcnow() + (deadline - now))
                 return False

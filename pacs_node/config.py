@@ -78,6 +78,9 @@ class NodeOptions(BaseModel):
     database_url: str | None = None
     quiet_period_s: float = Field(default=30.0, gt=0)
     max_wait_s: float = Field(default=600.0, gt=0)
+    # Modality Performed Procedure Step SCP: a study whose steps are all COMPLETED, with every
+    # instance they list received, is stable at once; the quiet period stays the fallback.
+    mpps: bool = True
     promiscuous: bool = False
     # Established associations at once, node-wide (every SCP worker process together).
     max_associations: int = Field(default=32, ge=1, le=1000)
@@ -311,6 +314,7 @@ class PeerConfig(BaseModel):
     )
     port: int | None = Field(default=None, ge=1, le=65535, description="the peer's DICOM port")
     quiet_period_s: float | None = Field(default=None, gt=0)
+    mpps: bool | None = None  # None: the node's ``mpps``
     # The subject of the TLS client certificate this AE must show: a distinguished name
     # ("CN=CT1,O=Hospital", attributes in any order) or a common name alone ("CT1"). Set, the AE
     # is accepted only over TLS with that certificate, even when the node is promiscuous.
@@ -390,6 +394,17 @@ class Settings(BaseModel):
         if peer is not None and peer.quiet_period_s is not None:
             return peer.quiet_period_s
         return self.node.quiet_period_s
+
+    def mpps_for(self, calling_ae: str | None) -> bool:
+        """Whether ``calling_ae`` may create and set Modality Performed Procedure Steps."""
+        peer = self.peer(calling_ae) if calling_ae else None
+        if peer is not None and peer.mpps is not None:
+            return peer.mpps
+        return self.node.mpps
+
+    def mpps_offered(self) -> bool:
+        """Whether the SCP offers the MPPS SOP class at all (to someone)."""
+        return self.node.mpps or any(peer.mpps for peer in self.peers)
 
 
 def _format_loc(loc: tuple[int | str, ...]) -> str:

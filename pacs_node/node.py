@@ -131,10 +131,16 @@ class Node:
                 options.dicom_workers,
                 on_worker_death=lambda since: reconcile(self.spool, self.recorder, since=since),
                 auditor=self.audit.take,
+                on_step=self.assembly.on_step,
             )
         else:
             self.scp = StorageSCP(
-                settings, self.spool, self.recorder, self.catalog, auditor=self.audit.take
+                settings,
+                self.spool,
+                self.recorder,
+                self.catalog,
+                auditor=self.audit.take,
+                on_step=self.assembly.on_step,
             )
         self.receiver = Receiver(settings, self.spool, self.recorder, self.catalog)
         readiness = {

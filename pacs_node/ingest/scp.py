@@ -8,6 +8,10 @@ It serves the plain DICOM port, the DICOM TLS port, or both (``dicom_port``, ``d
 over TLS the handshake and the peer's certificate are :mod:`~pacs_node.ingest.transport`'s, and
 a peer bound to a certificate subject in peers.yaml is accepted only with it.
 
+It is the Modality Performed Procedure Step SCP too (N-CREATE / N-SET, see
+:mod:`~pacs_node.ingest.mpps`): the steps are written to the catalog at once, since the answer
+depends on them, and assembly is told which study to look at again.
+
 It also takes the Storage Commitment reports a PACS sends on an association of its own (the PACS
 in the Push Model's SCP role, sending N-EVENT-REPORT): the recorder settles those deliveries.
 """
@@ -25,6 +29,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    ModalityPerformedProcedureStep,
     StorageCommitmentPushModel,
     Verification,
 )
@@ -44,6 +49,7 @@ from pacs_node.errors import ConfigError, IngestError, UnreadableDataset
 from pacs_node.ingest.access import AccessPolicy
 from pacs_node.ingest.header import skip_value_validation
 from pacs_node.ingest.limits import Caps, SharedLimits
+from pacs_node.ingest.mpps import Notify, PerformedSteps
 from pacs_node.ingest.receive import Announced, Receiver
 from pacs_node.ingest.recorder import RecordSink
 from pacs_node.ingest.spool import Spool
@@ -137,17 +143,30 @@ class StorageSCP:
         limits: SharedLimits | None = None,
         open_catalog: Callable[[], Catalog] | None = None,
         auditor: Callable[[AuditEvent | Alert], None] | None = None,
+        steps_catalog: Callable[[], Catalog] | None = None,
+        on_step: Notify | None = None,
     ) -> None:
         """``catalog``: a read-only handle for the identity screen (or ``open_catalog`` to open
         one when first needed); ``limits``: the node-wide table this process counts in (one of
         its own if None); ``auditor``: where association events and security alerts go (the
-        node's audit trail, or the pipe to it from a worker process)."""
+        node's audit trail, or the pipe to it from a worker process); ``steps_catalog``: opens
+        the writable catalog Performed Procedure Steps go to (default: ``catalog``; with
+        neither, the MPPS SOP class is not offered); ``on_step``: told the Study Instance UID
+        of each step that changed (assembly, or the pipe to it)."""
         self.settings = settings
         self.auditor = auditor
         self.spool = spool
         self.recorder = recorder
         self.receiver = Receiver(settings, spool, recorder, catalog, open_catalog)
         self.policy = AccessPolicy(settings)
+        if steps_catalog is None and catalog is not None:
+            writable = catalog
+            steps_catalog = lambda: writable  # noqa: E731
+        self.steps = (
+            PerformedSteps(settings, steps_catalog, on_step)
+            if steps_catalog is not None and settings.mpps_offered()
+            else None
+        )
         self.tls = server_tls(settings)
         self._servers: list[GuardedServer] = []
         self._servers_lock = threading.Lock()
@@ -187,6 +206,8 @@ class StorageSCP:
         # unrestricted storage mode pynetdicom 3.0 replies to role selection for storage classes
         # only; the report is handled either way.
         ae.add_supported_context(StorageCommitmentPushModel, scu_role=False, scp_role=True)
+        if self.steps is not None:
+            ae.add_supported_context(ModalityPerformedProcedureStep)
         # Checked (with a log line and a counter) by the EVT_REQUESTED handler instead.
         ae.require_called_aet = False
         ae.require_calling_aet = []
@@ -255,6 +276,8 @@ class StorageSCP:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_N_EVENT_REPORT, self._on_commitment_report),
             (evt.EVT_N_ACTION, self._on_commitment_request),
+            (evt.EVT_N_CREATE, self._on_step_create),
+            (evt.EVT_N_SET, self._on_step_set),
         ]
 
     def start(self) -> None:
@@ -465,6 +488,30 @@ class StorageSCP:
             extra={"calling_ae": str(event.assoc.requestor.ae_title).strip()},
         )
         return PROCESSING_FAILURE, None
+
+    def _on_step_create(self, event: evt.Event) -> tuple[int | Dataset, None]:
+        """MPPS N-CREATE (PS3.4 F.7.2.1), on an association admitted like any other."""
+        request: Any = event.request
+        if self.steps is None:
+            return NO_SUCH_SOP_CLASS, None
+        return self.steps.create(
+            str(request.AffectedSOPClassUID),
+            request.AffectedSOPInstanceUID,
+            str(event.assoc.requestor.ae_title).strip(),
+            lambda: event.attribute_list,
+        )
+
+    def _on_step_set(self, event: evt.Event) -> tuple[int | Dataset, None]:
+        """MPPS N-SET (PS3.4 F.7.2.2)."""
+        request: Any = event.request
+        if self.steps is None:
+            return NO_SUCH_SOP_CLASS, None
+        return self.steps.update(
+            str(request.RequestedSOPClassUID),
+            request.RequestedSOPInstanceUID,
+            str(event.assoc.requestor.ae_title).strip(),
+            lambda: event.modification_list,
+        )
 
     def _on_store(self, event: evt.Event) -> int | Dataset:
         calling_ae = str(event.assoc.requestor.ae_title).strip()

@@ -6,9 +6,11 @@ spawns workers that accept on that same socket; each worker runs the ordinary
 :class:`~pacs_node.ingest.scp.StorageSCP` (parse, spool with fsync, ack) and sends what it spooled
 back over a pipe of its own (no lock shared between processes: a worker killed in the middle of
 a write takes only its own pipe with it). The main process keeps the single catalog writer and
-the assembly timers, so state stays in one place. Workers are spawned (not forked) so they
-never inherit the main process's threads or database connections, and a worker that dies is
-replaced (:mod:`pacs_node.supervisor`, as for job workers).
+the assembly timers, so state stays in one place. Modality Performed Procedure Steps are the
+one exception: their answer (duplicate, unknown, already ended) depends on the catalog, so a
+worker writes those few rows itself and sends the study's UID over its pipe for assembly.
+Workers are spawned (not forked) so they never inherit the main process's threads or database
+connections, and a worker that dies is replaced (:mod:`pacs_node.supervisor`, as for job workers).
 
 The DICOM TLS port, when configured, is bound the same way and served by every worker beside
 the plain one; each worker does its own TLS handshakes (and certificate reloads), and reports
@@ -49,7 +51,7 @@ from pacs_node.supervisor import Child, NodeLink, Supervisor
 log = logging.getLogger(__name__)
 
 _SUBMIT, _COUNT, _DUPLICATE, _REPORT = "submit", "count", "duplicate", "report"
-_AUDIT, _ALERTS = "audit", "alerts"
+_AUDIT, _ALERTS, _STEP = "audit", "alerts", "step"
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 PROCESS_NAME = b"pacs-node-scp"  # at most 15 bytes
@@ -101,6 +103,10 @@ class _PipeSink:
 
     def commitment_report(self, report: CommitmentReport) -> None:
         self._send(_REPORT, report)
+
+    def step(self, study_uid: str) -> None:
+        """A Performed Procedure Step of ``study_uid`` changed (it is in the catalog)."""
+        self._send(_STEP, study_uid)
 
     def audit(self, item: AuditEvent | Alert) -> None:
         """An association event goes at once; a security alert is gathered for up to
@@ -155,6 +161,12 @@ def _read_only_catalog(settings: Settings) -> Catalog:
     return open_catalog(settings.node.catalog_url, run_migrations=False, read_only=True)
 
 
+def _steps_catalog(settings: Settings) -> Catalog:
+    """The handle Performed Procedure Steps are written with (the main process migrated the
+    schema before any worker started)."""
+    return open_catalog(settings.node.catalog_url, run_migrations=False)
+
+
 def _run_worker(
     settings: Settings,
     listening: list[tuple[socket.socket, bool]],
@@ -182,6 +194,8 @@ def _run_worker(
         limits=limits,
         open_catalog=functools.partial(_read_only_catalog, settings),
         auditor=sink.audit,
+        steps_catalog=functools.partial(_steps_catalog, settings),
+        on_step=sink.step,
     )
     serving = []
     for sock, tls in listening:
@@ -228,13 +242,16 @@ class SCPWorkers:
         count: int,
         on_worker_death: Callable[[float], object] | None = None,
         auditor: Callable[[AuditEvent | Alert], None] | None = None,
+        on_step: Callable[[str], object] | None = None,
     ) -> None:
         """``auditor``: told, in this process, of every association and security alert a
-        worker saw (refused TLS handshakes and certificates included)."""
+        worker saw (refused TLS handshakes and certificates included); ``on_step``: told the
+        Study Instance UID of each Performed Procedure Step a worker recorded."""
         server_tls(settings)  # a TLS file that does not load fails here, before any worker
         self.settings = settings
         self.sink = sink
         self.auditor = auditor  # the node's audit trail: association events and alerts
+        self.on_step = on_step
         self.count = count
         # Called with the dead worker's start time: a worker killed between spooling a file
         # and handing over its row leaves a file the catalog lacks (and a re-send of it is
@@ -334,6 +351,9 @@ class SCPWorkers:
             self.sink.count(*value)
         elif kind == _REPORT:
             self.sink.commitment_report(value)
+        elif kind == _STEP:
+            if self.on_step is not None:
+                self.on_step(value)
         elif kind == _AUDIT:
             if self.auditor is not None:
                 self.auditor(value)
