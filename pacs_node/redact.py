@@ -80,6 +80,7 @@ local minute minutes named now occurred offline online outage pool quota reasons
 route unavailable until violation warnings allowlist sha256 listed
 unable get used self signed self-signed chain hostname
 trusted our revoked yet valid
+performed procedure completed discontinued mpps
 """
 VOCABULARY = frozenset(_WORDS.split())
 
