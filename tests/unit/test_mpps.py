@@ -36,6 +36,7 @@ from pacs_node.statuses import (
     PROCESSING_FAILURE,
     SUCCESS,
 )
+from tests.conftest import wait_for
 
 STUDY = "1.2.3"
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -289,3 +290,25 @@ def test_discontinued_or_unlisted_steps_leave_it_to_the_quiet_period(catalog: Ca
     assert scanner.set("1.9.2", _item(PerformedProcedureStepStatus="COMPLETED")) == SUCCESS
     assert not assembly.check(STUDY, 300, now=T0 + timedelta(seconds=5))  # lists nothing
     assert assembly.check(STUDY, 300, now=T0 + timedelta(seconds=300))
+
+
+def test_a_step_another_node_recorded_is_taken_up_by_the_sweep(catalog: Catalog) -> None:
+    """The timer owner learns of a step another node recorded at its sweep (and at start)."""
+    settings = _settings()
+    assembly = Assembly(catalog, settings)
+    seen: list[str] = []
+    assembly.add_listener(seen.append)
+    _record(catalog, _ref(1, datetime.now(UTC)))
+    assembly.start()
+    try:
+        assert assembly._scheduler.get_job(STUDY) is not None  # the quiet period's timer
+        other_node = _Scanner(catalog, settings)  # tells nobody in this process
+        other_node.steps.notify = None
+        assert other_node.create("1.9.1", _create()) == SUCCESS
+        assert other_node.set("1.9.1", _completed({f"{STUDY}.1": [f"{STUDY}.1.1"]})) == SUCCESS
+        assembly.sweep()
+        wait_for(lambda: seen, 10, what="the swept study to become stable")
+    finally:
+        assembly.stop()
+    assert seen == [STUDY]
+    assert _state(catalog) == "stable"
