@@ -69,6 +69,7 @@ from pacs_node.catalog.models import (
     StudyState,
     utcnow,
 )
+from pacs_node.catalog.mpps import forget_steps
 from pacs_node.config import Settings
 from pacs_node.dispatch.commitment import CONFIRMED, CommitmentAnswer, Reference
 from pacs_node.ingest.spool import retention_lock
@@ -150,6 +151,7 @@ def purge_study(session: Session, study: Study, reason: str, now: datetime) -> P
     )
     session.add(purge)
     session.execute(delete(Study).where(Study.id == study.id))  # cascades to every child row
+    forget_steps(session, study.study_uid)  # keyed by UID (a step may come before its study)
     session.flush()
     return purge
 

@@ -59,11 +59,18 @@ class StepProgress:
     discontinued: int
     missing: int  # instances listed by COMPLETED steps that are not (yet) in the study
     unlisted: int = 0  # COMPLETED steps that list no instance: they prove nothing
+    # The study was stable since the last step ended: instances that came after it (the study
+    # reopened) are not the steps' doing, and the quiet period decides for them.
+    spent: bool = False
 
     @property
     def ready(self) -> bool:
         return (
-            self.completed > 0 and self.in_progress == 0 and self.missing == 0 and not self.unlisted
+            self.completed > 0
+            and self.in_progress == 0
+            and self.missing == 0
+            and not self.unlisted
+            and not self.spent
         )
 
 
@@ -180,7 +187,15 @@ def step_progress(session: Session, study_uid: str) -> StepProgress | None:
             ~exists().where(PerformedInstance.step_id == PerformedStep.id),
         )
     )
+    last_ended = session.scalar(
+        select(func.max(PerformedStep.ended_at)).where(
+            PerformedStep.study_uid == study_uid,
+            PerformedStep.status == PerformedStepStatus.COMPLETED,
+        )
+    )
+    stable_at = session.scalar(select(Study.stable_at).where(Study.study_uid == study_uid))
     return StepProgress(
+        spent=last_ended is not None and stable_at is not None and stable_at >= last_ended,
         unlisted=int(unlisted or 0),
         in_progress=int(counts.get(PerformedStepStatus.IN_PROGRESS, 0)),
         completed=int(counts.get(PerformedStepStatus.COMPLETED, 0)),
@@ -207,6 +222,11 @@ def studies_with_completed_steps(session: Session, study_uids: Iterable[str]) ->
             )
         )
     return found
+
+
+def forget_steps(session: Session, study_uid: str) -> None:
+    """The steps of a study that is purged go with it."""
+    session.execute(delete(PerformedStep).where(PerformedStep.study_uid == study_uid))
 
 
 def steps_of(session: Session, study_uid: str) -> list[PerformedStep]:

@@ -24,8 +24,9 @@ from typing import Any
 from pydicom.dataset import Dataset
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from pacs_node.catalog.clock import db_now
 from pacs_node.catalog.db import Catalog
-from pacs_node.catalog.models import PerformedStepStatus, utcnow
+from pacs_node.catalog.models import PerformedStepStatus
 from pacs_node.catalog.mpps import ListedInstance, SetOutcome, create_step, set_step
 from pacs_node.config import Settings
 from pacs_node.statuses import (
@@ -175,7 +176,8 @@ class PerformedSteps:
             study_uid = scheduled_study_uid(ds)
             try:
                 with self.catalog().sessions.begin() as session:
-                    created = create_step(session, uid, study_uid, calling_ae, utcnow())
+                    now = db_now(session)  # the clock assembly compares with
+                    created = create_step(session, uid, study_uid, calling_ae, now)
             except IntegrityError:
                 created = False  # created by another process meanwhile
             if not created:
@@ -202,7 +204,7 @@ class PerformedSteps:
             status = step_status(ds)
             listed = performed_series(ds)
             with self.catalog().sessions.begin() as session:
-                done = set_step(session, uid, status, listed, utcnow())
+                done = set_step(session, uid, status, listed, db_now(session))
             if done.outcome is SetOutcome.UNKNOWN:
                 raise StepRefused(NO_SUCH_SOP_INSTANCE, "no such performed procedure step")
             if done.outcome is SetOutcome.ENDED:

@@ -248,18 +248,26 @@ def test_completed_step_makes_the_study_stable_once_its_instances_are_in(
     settings = _settings()
     assembly = Assembly(catalog, settings)
     scanner = _Scanner(catalog, settings)
-    now = T0 + timedelta(seconds=5)
-    _record(catalog, _ref(1, T0))
+    start = datetime.now(UTC) - timedelta(seconds=120)  # steps end by the real clock
+    _record(catalog, _ref(1, start))
     assert scanner.create("1.9.1", _create()) == SUCCESS
     listed = {f"{STUDY}.1": [f"{STUDY}.1.1", f"{STUDY}.1.2"]}
     assert scanner.set("1.9.1", _completed(listed)) == SUCCESS
+    now = datetime.now(UTC) + timedelta(seconds=1)
     assert not assembly.check(STUDY, 300, now=now)  # 1.2.3.1.2 not here yet
     with catalog.sessions() as session:
-        assert step_progress(session, STUDY) is not None
-        assert step_progress(session, STUDY).missing == 1  # type: ignore[union-attr]
-    _record(catalog, _ref(2, T0 + timedelta(seconds=1)))
+        progress = step_progress(session, STUDY)
+    assert progress is not None
+    assert (progress.completed, progress.missing, progress.ready) == (1, 1, False)
+    _record(catalog, _ref(2, start + timedelta(seconds=1)))
     assert assembly.check(STUDY, 300, now=now)
     assert _state(catalog) == "stable"
+    # A late instance reopens it: the step is spent, the quiet period decides this time.
+    late = now + timedelta(seconds=60)
+    _record(catalog, _ref(3, late))
+    assert not assembly.check(STUDY, 300, now=late + timedelta(seconds=1))
+    assert _state(catalog) == "receiving"
+    assert assembly.check(STUDY, 300, now=late + timedelta(seconds=300))
 
 
 @pytest.mark.parametrize("catalog", ["sqlite"], indirect=True)
