@@ -80,7 +80,13 @@ class NodeOptions(BaseModel):
     max_wait_s: float = Field(default=600.0, gt=0)
     # Modality Performed Procedure Step SCP: a study whose steps are all COMPLETED, with every
     # instance they list received, is stable at once; the quiet period stays the fallback.
-    mpps: bool = True
+    # Off by default: a step's N-SET ends a study early, so only AEs trusted with that (``mpps``
+    # in peers.yaml) are heard.
+    mpps: bool = False
+    # Steps one calling AE may have IN PROGRESS at once; another N-CREATE gets 0x0213.
+    mpps_max_open_steps: int = Field(default=1000, ge=1, le=1_000_000)
+    # A step whose study never came goes after this long, one never ended after max_wait_s more.
+    mpps_retention_days: float = Field(default=7.0, gt=0)
     promiscuous: bool = False
     # Established associations at once, node-wide (every SCP worker process together).
     max_associations: int = Field(default=32, ge=1, le=1000)

@@ -30,6 +30,8 @@ not list, so it survives and is recorded as a new study, or an identical re-send
 node already held, which retention removes like the rest of the study. Once the files are
 removed, the same instance is received as a new study.
 Delivered rows still waiting for a commitment report are asked again on each pass.
+Modality Performed Procedure Steps go with their study; one whose study never came goes after
+``mpps_retention_days``, and one never ended after ``max_wait_s`` more (each pass).
 
 The audit trail (``audit_events``) is never purged: it has no link to the study rows that go,
 and each purge is itself audited (110105 DICOM Study Deleted) in step 1's transaction.
@@ -69,7 +71,7 @@ from pacs_node.catalog.models import (
     StudyState,
     utcnow,
 )
-from pacs_node.catalog.mpps import forget_steps
+from pacs_node.catalog.mpps import expire_steps, forget_steps
 from pacs_node.config import Settings
 from pacs_node.dispatch.commitment import CONFIRMED, CommitmentAnswer, Reference
 from pacs_node.ingest.spool import retention_lock
@@ -93,6 +95,7 @@ class HousekeepingReport:
     purged: list[str] = field(default_factory=list)  # Study Instance UIDs
     finished: int = 0  # purges a crash had left unfinished
     recommitted: int = 0  # deliveries whose commitment was confirmed on this pass
+    steps_expired: int = 0  # performed procedure steps nothing will use
 
 
 def _unconfirmed_delivery() -> Exists:
@@ -246,18 +249,34 @@ class Housekeeping:
             report.finished = finish_purges(self.catalog, self.spool_dir, self.results_dir)
             report.recommitted = self._recommit()
             report.purged = self._retain()
+            report.steps_expired = self._expire_steps()
         except Exception:  # the schedule must outlive a bad moment of the database or disk
             log.exception("housekeeping pass failed; trying again at the next one")
-        if report.purged or report.finished or report.recommitted:
+        if report.purged or report.finished or report.recommitted or report.steps_expired:
             log.info(
                 "housekeeping",
                 extra={
                     "purged": len(report.purged),
                     "finished": report.finished,
                     "recommitted": report.recommitted,
+                    "steps_expired": report.steps_expired,
                 },
             )
         return report
+
+    def _expire_steps(self) -> int:
+        """Performed procedure steps whose study never came (``mpps_retention_days``), or
+        never ended (``max_wait_s`` more): the step tables must not grow without bound."""
+        now = self.clock()
+        retention = timedelta(days=self.options.mpps_retention_days)
+        with self.catalog.sessions.begin() as session:
+            if self.lease is not None and not self.lease.held(session):
+                return 0
+            return expire_steps(
+                session,
+                absent_before=now - retention,
+                open_before=now - retention - timedelta(seconds=self.options.max_wait_s),
+            )
 
     def _retain(self) -> list[str]:
         days, percent = self.options.retention_days, self.options.retention_disk_percent

@@ -76,17 +76,40 @@ def _sqlite_query_only(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def create_catalog_engine(url: str, *, read_only: bool = False) -> Engine:
+def _busy_timeout(ms: int) -> Any:
+    def listener(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout={ms}")
+        cursor.close()
+
+    return listener
+
+
+def create_catalog_engine(
+    url: str,
+    *,
+    read_only: bool = False,
+    statement_timeout_s: float | None = None,
+    pool_size: int | None = None,
+) -> Engine:
+    """``statement_timeout_s`` (writable handles only): a statement, or a wait for SQLite's
+    write lock, that takes longer fails (a handle that answers a peer must answer within the
+    peer's DIMSE timeout); ``pool_size``: connections kept (the overflow is 1 more)."""
     parsed = make_url(url)
+    pool: dict[str, Any] = {} if pool_size is None else {"pool_size": pool_size, "max_overflow": 1}
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
             private_sqlite(Path(parsed.database))  # it holds patient names: 0600
-        timeout = READ_ONLY_BUSY_MS / 1000 if read_only else 30
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": timeout})
+        timeout = READ_ONLY_BUSY_MS / 1000 if read_only else statement_timeout_s or 30
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": timeout}, **pool
+        )
         event.listen(engine, "connect", _sqlite_pragmas)
         if read_only:
             event.listen(engine, "connect", _sqlite_query_only)
+        elif statement_timeout_s is not None:
+            event.listen(engine, "connect", _busy_timeout(int(statement_timeout_s * 1000)))
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")
@@ -106,7 +129,15 @@ def create_catalog_engine(url: str, *, read_only: bool = False) -> Engine:
                 ),
             },
         )
-    return create_engine(parsed, pool_pre_ping=True, connect_args=KEEPALIVES)
+    connect_args = dict(KEEPALIVES)
+    if statement_timeout_s is not None:
+        statement_ms = int(statement_timeout_s * 1000)
+        connect_args["connect_timeout"] = max(1, int(statement_timeout_s))
+        connect_args["options"] = (
+            f"-c statement_timeout={statement_ms} -c lock_timeout={statement_ms}"
+        )
+        pool.setdefault("pool_timeout", statement_timeout_s)
+    return create_engine(parsed, pool_pre_ping=True, connect_args=connect_args, **pool)
 
 
 def sqlite_file(url: str) -> Path | None:
@@ -140,12 +171,22 @@ def check_schema(engine: Engine) -> None:
         )
 
 
-def open_catalog(url: str, *, run_migrations: bool = True, read_only: bool = False) -> Catalog:
+def open_catalog(
+    url: str,
+    *,
+    run_migrations: bool = True,
+    read_only: bool = False,
+    statement_timeout_s: float | None = None,
+    pool_size: int | None = None,
+) -> Catalog:
     """Open (and by default migrate) the catalog; read-only commands pass
     ``run_migrations=False`` so they never change a schema a running node is using, and
-    ``read_only`` makes every session refuse writes (the SCP worker processes' handle)."""
+    ``read_only`` makes every session refuse writes (the SCP worker processes' handle);
+    ``statement_timeout_s`` and ``pool_size`` as for :func:`create_catalog_engine`."""
     try:
-        engine = create_catalog_engine(url, read_only=read_only)
+        engine = create_catalog_engine(
+            url, read_only=read_only, statement_timeout_s=statement_timeout_s, pool_size=pool_size
+        )
         if run_migrations:
             migrate(engine)
         else:

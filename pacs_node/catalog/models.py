@@ -536,10 +536,15 @@ class PerformedStep(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())  # COMPLETED/DISCONTINUED
+    # How many distinct instances the step lists (0: unlisted), kept beside the rows so that
+    # assembly compares counts before it joins.
+    listed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     instances: Mapped[list[PerformedInstance]] = relationship(
         back_populates="step", cascade="all, delete-orphan", passive_deletes=True
     )
+
+    __table_args__ = (Index("ix_performed_steps_ae_status", "calling_ae", "status"),)
 
 
 class PerformedInstance(Base):

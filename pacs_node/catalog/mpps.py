@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import delete, exists, func, insert, select, update
+from sqlalchemy import and_, delete, exists, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from pacs_node.catalog.models import (
@@ -40,6 +40,13 @@ class SetOutcome(enum.StrEnum):
     UPDATED = "updated"
     UNKNOWN = "unknown"  # no such step: 0x0112
     ENDED = "ended"  # COMPLETED or DISCONTINUED already: 0x0110
+    FOREIGN = "foreign"  # another AE created it: 0x0124
+
+
+class CreateOutcome(enum.StrEnum):
+    CREATED = "created"
+    DUPLICATE = "duplicate"  # the SOP Instance UID is taken: 0x0111
+    TOO_MANY_OPEN = "too-many-open"  # the AE has its cap of steps IN PROGRESS: 0x0213
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +64,9 @@ class StepProgress:
     in_progress: int
     completed: int
     discontinued: int
-    missing: int  # instances listed by COMPLETED steps that are not (yet) in the study
+    # Instances listed by COMPLETED steps that are not (yet) in the study: at least this many
+    # (0 when a step in progress, unlisted or spent already says the study is not ready).
+    missing: int
     unlisted: int = 0  # COMPLETED steps that list no instance: they prove nothing
     # The study was stable since the last step ended: instances that came after it (the study
     # reopened) are not the steps' doing, and the quiet period decides for them.
@@ -81,25 +90,69 @@ def step_exists(session: Session, sop_instance_uid: str) -> bool:
     return found is not None
 
 
-def create_step(
-    session: Session, sop_instance_uid: str, study_uid: str, calling_ae: str, now: datetime
-) -> bool:
-    """Record a new step IN PROGRESS; False when the SOP Instance UID is taken. A race with
-    another process ends in the unique constraint (IntegrityError at commit)."""
-    if step_exists(session, sop_instance_uid):
-        return False
-    session.add(
-        PerformedStep(
-            sop_instance_uid=sop_instance_uid,
-            study_uid=study_uid,
-            calling_ae=calling_ae,
-            status=PerformedStepStatus.IN_PROGRESS,
-            created_at=now,
-            updated_at=now,
+def open_steps(session: Session, calling_ae: str) -> int:
+    """How many steps ``calling_ae`` has IN PROGRESS."""
+    count = session.scalar(
+        select(func.count(PerformedStep.id)).where(
+            PerformedStep.calling_ae == calling_ae,
+            PerformedStep.status == PerformedStepStatus.IN_PROGRESS,
         )
     )
+    return int(count or 0)
+
+
+def create_step(
+    session: Session,
+    sop_instance_uid: str,
+    study_uid: str,
+    calling_ae: str,
+    now: datetime,
+    listed: Sequence[ListedInstance] | None = None,
+    max_open: int | None = None,
+) -> CreateOutcome:
+    """Record a new step IN PROGRESS, with the instances its Performed Series Sequence lists
+    (a later N-SET's list replaces them). Refused when the SOP Instance UID is taken (a race
+    with another process ends in the unique constraint: IntegrityError at commit) or when
+    ``calling_ae`` already has ``max_open`` steps IN PROGRESS: a scanner that never ends its
+    steps must not grow the table without bound."""
+    if step_exists(session, sop_instance_uid):
+        return CreateOutcome.DUPLICATE
+    if max_open is not None and open_steps(session, calling_ae) >= max_open:
+        return CreateOutcome.TOO_MANY_OPEN
+    step = PerformedStep(
+        sop_instance_uid=sop_instance_uid,
+        study_uid=study_uid,
+        calling_ae=calling_ae,
+        status=PerformedStepStatus.IN_PROGRESS,
+        listed=0,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(step)
     session.flush()
-    return True
+    if listed:
+        step.listed = _list_instances(session, step.id, listed)
+        session.flush()
+    return CreateOutcome.CREATED
+
+
+def _list_instances(session: Session, step_id: int, listed: Sequence[ListedInstance]) -> int:
+    """Replace the instances ``step_id`` lists; how many distinct ones it lists now."""
+    session.execute(delete(PerformedInstance).where(PerformedInstance.step_id == step_id))
+    unique = {item.sop_instance_uid: item for item in listed}
+    if unique:
+        session.execute(
+            insert(PerformedInstance),
+            [
+                {
+                    "step_id": step_id,
+                    "series_uid": item.series_uid,
+                    "sop_instance_uid": item.sop_instance_uid,
+                }
+                for item in unique.values()
+            ],
+        )
+    return len(unique)
 
 
 def set_step(
@@ -108,11 +161,14 @@ def set_step(
     status: PerformedStepStatus | None,
     listed: Sequence[ListedInstance] | None,
     now: datetime,
+    calling_ae: str,
 ) -> StepUpdate:
-    """Apply an N-SET to a step still IN PROGRESS: the new status (None: unchanged) and the
-    Performed Series Sequence (None: not in the modification list; else it replaces the
-    listed instances, as an N-SET replaces a value). The UPDATE comes first, so it takes the
-    write lock (SQLite) or the row lock (PostgreSQL) before anything is read."""
+    """Apply an N-SET of ``calling_ae`` to a step it created, still IN PROGRESS: the new
+    status (None: unchanged) and the Performed Series Sequence (None: not in the modification
+    list; else it replaces the listed instances, as an N-SET replaces a value). Only the AE
+    that created a step may change it (PS3.4 F.7.2.2: the N-SET comes from the step's
+    performer), so the AE is part of the compare-and-set. The UPDATE comes first, so it takes
+    the write lock (SQLite) or the row lock (PostgreSQL) before anything is read."""
     values: dict[str, object] = {"updated_at": now}
     if status is not None:
         values["status"] = status
@@ -122,40 +178,39 @@ def set_step(
         update(PerformedStep)
         .where(
             PerformedStep.sop_instance_uid == sop_instance_uid,
+            PerformedStep.calling_ae == calling_ae,
             PerformedStep.status == PerformedStepStatus.IN_PROGRESS,
         )
         .values(**values)
     )
     row = session.execute(
-        select(PerformedStep.id, PerformedStep.study_uid, PerformedStep.status).where(
-            PerformedStep.sop_instance_uid == sop_instance_uid
-        )
+        select(
+            PerformedStep.id,
+            PerformedStep.study_uid,
+            PerformedStep.status,
+            PerformedStep.calling_ae,
+        ).where(PerformedStep.sop_instance_uid == sop_instance_uid)
     ).first()
     if row is None:
         return StepUpdate(SetOutcome.UNKNOWN)
-    step_id, study_uid, current = row
+    step_id, study_uid, current, owner = row
+    if owner != calling_ae:  # neither its status nor its study is told to a stranger
+        return StepUpdate(SetOutcome.FOREIGN)
     if result.rowcount != 1:  # type: ignore[attr-defined]
         return StepUpdate(SetOutcome.ENDED, study_uid, current)
     if listed is not None:
-        session.execute(delete(PerformedInstance).where(PerformedInstance.step_id == step_id))
-        unique = {item.sop_instance_uid: item for item in listed}
-        if unique:
-            session.execute(
-                insert(PerformedInstance),
-                [
-                    {
-                        "step_id": step_id,
-                        "series_uid": item.series_uid,
-                        "sop_instance_uid": item.sop_instance_uid,
-                    }
-                    for item in unique.values()
-                ],
-            )
+        count = _list_instances(session, step_id, listed)
+        session.execute(
+            update(PerformedStep).where(PerformedStep.id == step_id).values(listed=count)
+        )
     return StepUpdate(SetOutcome.UPDATED, study_uid, current)
 
 
 def step_progress(session: Session, study_uid: str) -> StepProgress | None:
-    """The steps of ``study_uid`` (None when it has none)."""
+    """The steps of ``study_uid`` (None when it has none). Counts come first; the join of the
+    listed instances with the study's runs only when they cannot already tell the study is not
+    ready (a step in progress or unlisted, or fewer instances received than one step lists):
+    it is called after every batch of instances of a study with a completed step."""
     counts = dict(
         session.execute(
             select(PerformedStep.status, func.count(PerformedStep.id))
@@ -165,11 +220,53 @@ def step_progress(session: Session, study_uid: str) -> StepProgress | None:
     )
     if not counts:
         return None
+    in_progress = int(counts.get(PerformedStepStatus.IN_PROGRESS, 0))
+    completed = int(counts.get(PerformedStepStatus.COMPLETED, 0))
+    unlisted, most_listed, last_ended = session.execute(
+        select(
+            func.count(PerformedStep.id).filter(PerformedStep.listed == 0),
+            func.max(PerformedStep.listed),
+            func.max(PerformedStep.ended_at),
+        ).where(
+            PerformedStep.study_uid == study_uid,
+            PerformedStep.status == PerformedStepStatus.COMPLETED,
+        )
+    ).one()
+    study = session.execute(
+        select(Study.id, Study.stable_at).where(Study.study_uid == study_uid)
+    ).first()
+    spent = last_ended is not None and study is not None and study.stable_at is not None
+    spent = spent and study.stable_at >= last_ended  # type: ignore[union-attr]
+    # Not counted when something else already says the study is not ready; every listed
+    # instance is missing from a study not received yet.
+    missing = int(most_listed or 0) if study is None else 0
+    if study is not None and completed and not (in_progress or unlisted or spent):
+        received = session.scalar(
+            select(func.count(Instance.id))
+            .join(Series, Series.id == Instance.series_id)
+            .where(Series.study_id == study.id)
+        )
+        # Each step lists distinct instances, all of this study: fewer received than one step
+        # lists means some are missing, by at least the difference, without the join.
+        missing = max(0, int(most_listed or 0) - int(received or 0))
+        if not missing:
+            missing = _missing(session, study_uid, study.id)
+    return StepProgress(
+        spent=spent,
+        unlisted=int(unlisted or 0),
+        in_progress=in_progress,
+        completed=completed,
+        discontinued=int(counts.get(PerformedStepStatus.DISCONTINUED, 0)),
+        missing=missing,
+    )
+
+
+def _missing(session: Session, study_uid: str, study_id: int) -> int:
+    """Instances listed by the study's COMPLETED steps that are not in the study."""
     received = exists().where(
         Instance.sop_instance_uid == PerformedInstance.sop_instance_uid,
         Instance.series_id == Series.id,
-        Series.study_id == Study.id,
-        Study.study_uid == study_uid,
+        Series.study_id == study_id,
     )
     missing = session.scalar(
         select(func.count(PerformedInstance.id))
@@ -180,28 +277,7 @@ def step_progress(session: Session, study_uid: str) -> StepProgress | None:
             ~received,
         )
     )
-    unlisted = session.scalar(
-        select(func.count(PerformedStep.id)).where(
-            PerformedStep.study_uid == study_uid,
-            PerformedStep.status == PerformedStepStatus.COMPLETED,
-            ~exists().where(PerformedInstance.step_id == PerformedStep.id),
-        )
-    )
-    last_ended = session.scalar(
-        select(func.max(PerformedStep.ended_at)).where(
-            PerformedStep.study_uid == study_uid,
-            PerformedStep.status == PerformedStepStatus.COMPLETED,
-        )
-    )
-    stable_at = session.scalar(select(Study.stable_at).where(Study.study_uid == study_uid))
-    return StepProgress(
-        spent=last_ended is not None and stable_at is not None and stable_at >= last_ended,
-        unlisted=int(unlisted or 0),
-        in_progress=int(counts.get(PerformedStepStatus.IN_PROGRESS, 0)),
-        completed=int(counts.get(PerformedStepStatus.COMPLETED, 0)),
-        discontinued=int(counts.get(PerformedStepStatus.DISCONTINUED, 0)),
-        missing=int(missing or 0),
-    )
+    return int(missing or 0)
 
 
 def studies_with_completed_steps(session: Session, study_uids: Iterable[str]) -> set[str]:
@@ -222,6 +298,26 @@ def studies_with_completed_steps(session: Session, study_uids: Iterable[str]) ->
             )
         )
     return found
+
+
+def expire_steps(session: Session, absent_before: datetime, open_before: datetime) -> int:
+    """Remove the steps nothing will use: those whose study is not in the catalog and that
+    have not changed since ``absent_before`` (its images never came, or went elsewhere), and
+    those still IN PROGRESS since before ``open_before`` (a scanner that never ended them).
+    Their listed instances go by cascade. How many steps went."""
+    study_absent = ~exists().where(Study.study_uid == PerformedStep.study_uid)
+    result = session.execute(
+        delete(PerformedStep).where(
+            or_(
+                and_(study_absent, PerformedStep.updated_at < absent_before),
+                and_(
+                    PerformedStep.status == PerformedStepStatus.IN_PROGRESS,
+                    PerformedStep.created_at < open_before,
+                ),
+            )
+        )
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
 def forget_steps(session: Session, study_uid: str) -> None:

@@ -18,6 +18,7 @@ in the Push Model's SCP role, sending N-EVENT-REPORT): the recorder settles thos
 
 from __future__ import annotations
 
+import io
 import logging
 import socket
 import socketserver
@@ -163,7 +164,7 @@ class StorageSCP:
             writable = catalog
             steps_catalog = lambda: writable  # noqa: E731
         self.steps = (
-            PerformedSteps(settings, steps_catalog, on_step)
+            PerformedSteps(settings, steps_catalog, on_step, alert=self._step_alert)
             if steps_catalog is not None and settings.mpps_offered()
             else None
         )
@@ -499,6 +500,7 @@ class StorageSCP:
             request.AffectedSOPInstanceUID,
             str(event.assoc.requestor.ae_title).strip(),
             lambda: event.attribute_list,
+            size=_encoded_size(request.AttributeList),
         )
 
     def _on_step_set(self, event: evt.Event) -> tuple[int | Dataset, None]:
@@ -511,7 +513,11 @@ class StorageSCP:
             request.RequestedSOPInstanceUID,
             str(event.assoc.requestor.ae_title).strip(),
             lambda: event.modification_list,
+            size=_encoded_size(request.ModificationList),
         )
+
+    def _step_alert(self, kind: str, calling_ae: str, detail: str) -> None:
+        self.security_alert(kind, None, detail, ae_title=calling_ae)
 
     def _on_store(self, event: evt.Event) -> int | Dataset:
         calling_ae = str(event.assoc.requestor.ae_title).strip()
@@ -548,3 +554,12 @@ class StorageSCP:
             transfer_syntax_uid=str(event.context.transfer_syntax),
         )
         return self.receiver.receive(received, announced, calling_ae, received_at)
+
+
+def _encoded_size(payload: object) -> int | None:
+    """The length of an encoded data set as pynetdicom holds it (a BytesIO), before decoding."""
+    if isinstance(payload, io.BytesIO):
+        return payload.getbuffer().nbytes
+    if isinstance(payload, bytes | bytearray):
+        return len(payload)
+    return None

@@ -161,10 +161,21 @@ def _read_only_catalog(settings: Settings) -> Catalog:
     return open_catalog(settings.node.catalog_url, run_migrations=False, read_only=True)
 
 
+# A step's write answers a scanner waiting on its DIMSE timeout (often 30 s): a locked or slow
+# catalog fails the statement first (answered 0x0213, which the scanner retries).
+STEP_STATEMENT_TIMEOUT_S = 10.0
+
+
 def _steps_catalog(settings: Settings) -> Catalog:
     """The handle Performed Procedure Steps are written with (the main process migrated the
-    schema before any worker started)."""
-    return open_catalog(settings.node.catalog_url, run_migrations=False)
+    schema before any worker started): one connection (and one spare) per worker, not a
+    pool's worth times the workers, and statements bounded in time."""
+    return open_catalog(
+        settings.node.catalog_url,
+        run_migrations=False,
+        statement_timeout_s=STEP_STATEMENT_TIMEOUT_S,
+        pool_size=1,
+    )
 
 
 def _run_worker(

@@ -16,7 +16,8 @@ FLAT_ENV = {
     "PACS_NODE_DATA_DIR": ("data_dir", "/srv/pacs", Path("/srv/pacs")),
     "PACS_NODE_DATABASE_URL": ("database_url", "postgresql://h/db", "postgresql://h/db"),
     "PACS_NODE_QUIET_PERIOD_S": ("quiet_period_s", "12.5", 12.5),
-    "PACS_NODE_MPPS": ("mpps", "false", False),
+    "PACS_NODE_MPPS": ("mpps", "true", True),
+    "PACS_NODE_MPPS_MAX_OPEN_STEPS": ("mpps_max_open_steps", "50", 50),
     "PACS_NODE_PROMISCUOUS": ("promiscuous", "true", True),
     "PACS_NODE_MAX_INSTANCE_MB": ("max_instance_mb", "512", 512),
     "PACS_NODE_ASSOC_REQUEST_TIMEOUT_S": ("assoc_request_timeout_s", "2.5", 2.5),
@@ -105,17 +106,19 @@ def test_mpps_per_peer_overrides_the_node(tmp_path: Path) -> None:
     peers = "peers:\n  - ae_title: CT1\n    mpps: false\n  - ae_title: MR1\n    mpps: true\n"
     peers += "  - ae_title: US1\n"
     _write(config, "peers.yaml", peers)
-    settings = load_settings(config)
+    settings = load_settings(config)  # off for the node by default: only MR1 is trusted
+    assert settings.node.mpps is False
     assert (settings.mpps_for("CT1"), settings.mpps_for("MR1"), settings.mpps_for("US1")) == (
         False,
         True,
-        True,
+        False,
     )
-    assert settings.mpps_for(None) is True
+    assert settings.mpps_for(None) is False
+    assert settings.mpps_offered()  # MR1 may
+    _write(config, "node.yaml", "mpps: true\n")
+    on = load_settings(config)
+    assert (on.mpps_for("CT1"), on.mpps_for("MR1"), on.mpps_for("US1")) == (False, True, True)
     _write(config, "node.yaml", "mpps: false\n")
-    off = load_settings(config)
-    assert (off.mpps_for("CT1"), off.mpps_for("MR1"), off.mpps_for("US1")) == (False, True, False)
-    assert off.mpps_offered()  # MR1 may still
     _write(config, "peers.yaml", "peers:\n  - ae_title: CT1\n")
     assert not load_settings(config).mpps_offered()
     _write(config, "peers.yaml", "peers:\n  - ae_title: CT1\n    mpps: maybe\n")

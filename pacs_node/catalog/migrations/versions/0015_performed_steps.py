@@ -38,10 +38,12 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("ended_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("listed", sa.Integer(), nullable=False, server_default="0"),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_performed_steps")),
         sa.UniqueConstraint("sop_instance_uid", name=op.f("uq_performed_steps_sop_instance_uid")),
     )
     op.create_index(op.f("ix_performed_steps_study_uid"), "performed_steps", ["study_uid"])
+    op.create_index("ix_performed_steps_ae_status", "performed_steps", ["calling_ae", "status"])
     op.create_table(
         "performed_instances",
         sa.Column("id", sa.Integer(), nullable=False),
