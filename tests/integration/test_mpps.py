@@ -40,7 +40,8 @@ pytestmark = pytest.mark.integration
 QUIET_S = 300.0  # never reached by the tests that expect MPPS to decide
 ROUTES = {"rules": [{"name": "ct", "when": {"modality": "CT"}, "models": ["ct-classical"]}]}
 PEERS = [
-    {"ae_title": "SCANNER"},
+    {"ae_title": "SCANNER", "mpps": True},  # off by default: a trusted scanner only
+    {"ae_title": "SCANNER2", "mpps": True},
     {"ae_title": "NOSTEPS", "mpps": False},
     {"ae_title": "PACSNODE_SCU"},
 ]
@@ -92,8 +93,10 @@ class Scanner:
         reply, _ = self.assoc.send_n_create(ds, ModalityPerformedProcedureStep, uid)
         return int(reply.Status)
 
-    def set(self, uid: str, status: str, files: Sequence[Path] = ()) -> Dataset:
+    def set(self, uid: str, status: str, files: Sequence[Path] = (), **extra: object) -> Dataset:
         ds = Dataset()
+        for keyword, value in extra.items():
+            setattr(ds, keyword, value)
         ds.PerformedProcedureStepStatus = status
         ds.PerformedProcedureStepEndDate = "20260101"
         ds.PerformedProcedureStepEndTime = "121000"
@@ -306,9 +309,18 @@ def test_refusals_and_a_discontinued_step_falls_back_to_the_quiet_period(
         assert int(scanner.set(new_uid(), "COMPLETED").Status) == 0x0112  # No such instance
         assert scanner.create(stopped, study_uid) == 0x0000
         acked = scanner.store(files)
+        moved = scanner.set(done, "COMPLETED", files, PatientID="OTHER", Modality="MR")
+        assert int(moved.Status) == 0x0106  # Not allowed in an N-SET: refused, not dropped
+        assert sorted(moved.AttributeIdentifierList) == [0x00080060, 0x00100020]
+        other = Scanner(node, ae_title="SCANNER2")  # may send steps, but not set this one's
+        try:
+            assert int(other.set(done, "COMPLETED", files).Status) == 0x0124
+        finally:
+            other.close()
         assert int(scanner.set(done, "DISCONTINUED").Status) == 0x0000
         again = scanner.set(done, "COMPLETED", files)
         assert int(again.Status) == 0x0110
+        assert int(again.ErrorID) == 0xA710
         assert "DISCONTINUED" in str(again.ErrorComment)
         assert int(scanner.set(stopped, "DISCONTINUED").Status) == 0x0000
     finally:
