@@ -1,11 +1,13 @@
 """Fuzzing the Storage SCP through its DICOM port: mutated instances sent as C-STORE data sets
-over real associations, and mutated A-ASSOCIATE-RQ and P-DATA-TF PDUs on raw sockets.
+over real associations, mutated A-ASSOCIATE-RQ and P-DATA-TF PDUs on raw sockets, and mutated
+MPPS N-CREATE / N-SET data sets.
 
 After every example the node answers C-ECHO within a deadline (it neither crashed nor hangs), the
 spool's ``.incoming`` is empty (no partial file), and the valid instances sent around the mutated
 one in the same association were acknowledged. At the end every catalogued instance has its file
-and every file its row. ``PACS_NODE_TEST_FUZZ_S`` bounds the run (seconds for both tests, 45 by
-default; ``make fuzz`` sets it large). No shrinking: a failure prints the mutation that caused it.
+and every file its row. ``PACS_NODE_TEST_FUZZ_S`` bounds the run (seconds for the first two tests
+together, 45 by default, and a fifth of it more for MPPS; ``make fuzz`` sets it large). No
+shrinking: a failure prints the mutation that caused it.
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ import socket
 import sqlite3
 import struct
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import pydicom
+import pynetdicom.association
+import pynetdicom.dsutils
 import pytest
 from hypothesis import HealthCheck, Phase, example, given, note, settings
 from hypothesis import strategies as st
@@ -31,7 +36,10 @@ from pynetdicom import AE, _config
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu import P_DATA_TF
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    ModalityPerformedProcedureStep,
+    Verification,
+)
 
 from tests.conftest import NodeProcess, wait_for
 from tests.dicom_factory import CT_IMAGE, new_uid, write_series
@@ -47,6 +55,7 @@ NODE_TIMEOUT_S = 5
 CALLING = "PACSNODE_SCU"
 SUCCESS_OR_WARNING = {0x0000, 0xB000, 0xB006, 0xB007}
 # Values a length field can take that parsers get wrong: zero, odd, undefined, huge, off by one.
+MPPS = ModalityPerformedProcedureStep
 LENGTHS = [0, 1, 2, 3, 0xFF, 0xFFFF, 0xFFFE, 0x7FFFFFFF, 0xFFFFFFFE, 0xFFFFFFFF, 0x10000, 0x8000]
 VRS = [b"OB", b"SQ", b"UN", b"UT", b"XX", b"\x00\x00", b"ob", b"OW", b"AT", b"FD", b"DS", b"UI"]
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV"}
@@ -446,3 +455,102 @@ def test_mutated_pdus_never_crash_or_hang_the_node(target: Target) -> None:
     target.consistent()
     assert target.examples >= 5
     print(f"{target.examples} mutated PDUs; {len(target.acknowledged)} valid ones acknowledged")
+
+
+# Modality Performed Procedure Step --------------------------------------------------------
+
+
+def _step(study_uid: str, listed: int) -> Dataset:
+    """A valid MPPS data set (N-CREATE attributes, which also serve as an N-SET's list with
+    the fields an N-SET may not carry left out)."""
+    ds = Dataset()
+    ds.PerformedProcedureStepStatus = "IN PROGRESS"
+    scheduled = Dataset()
+    scheduled.StudyInstanceUID = study_uid
+    ds.ScheduledStepAttributesSequence = [scheduled]
+    series = Dataset()
+    series.SeriesInstanceUID = study_uid + ".1"
+    series.ReferencedImageSequence = []
+    for n in range(1, listed + 1):
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = CT_IMAGE
+        ref.ReferencedSOPInstanceUID = f"{study_uid}.1.{n}"
+        series.ReferencedImageSequence.append(ref)
+    ds.PerformedSeriesSequence = [series]
+    return ds
+
+
+def test_mutated_mpps_requests_never_crash_or_hang_the_node(
+    make_node: Callable[..., NodeProcess],
+) -> None:
+    """Mutated N-CREATE Attribute Lists and N-SET Modification Lists: the node neither crashes
+    nor hangs, and a valid N-CREATE and N-SET on the next association are recorded."""
+    node = make_node(
+        mpps=True,
+        dimse_timeout_s=NODE_TIMEOUT_S,
+        network_timeout_s=NODE_TIMEOUT_S,
+        acse_timeout_s=NODE_TIMEOUT_S,
+    )
+    ae = AE(ae_title=CALLING)
+    ae.add_requested_context(ModalityPerformedProcedureStep, ExplicitVRLittleEndian)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ECHO_DEADLINE_S
+    study_uid = f"2.25.{uuid.uuid4().int % 10**30}"  # room for the listed instances' suffixes
+    create = _step(study_uid, 3)
+    update = _step(study_uid, 3)
+    del update.ScheduledStepAttributesSequence
+    update.PerformedProcedureStepStatus = "COMPLETED"
+    bodies = {
+        which: pynetdicom.dsutils.encode(ds, False, True)
+        for which, ds in (("create", create), ("set", update))
+    }
+    seen: dict[str, int] = {}
+    deadline = time.monotonic() + max(5.0, FUZZ_S * 0.2)
+    examples = 0
+
+    def associate() -> Any:
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+        assert assoc.is_established, "the node refused an association after fuzzing"
+        return assoc
+
+    @_settings(0.2)
+    @given(which=st.sampled_from(["create", "set"]), mutations=MUTATIONS)
+    def run(which: str, mutations: list[Mutation]) -> None:
+        nonlocal examples
+        if time.monotonic() > deadline:
+            return
+        examples += 1
+        note(f"{which} mutations: {mutations!r}")
+        body = bodies[which]
+        mutated = _mutate(body, mutations, _element_headers(body))
+        uid = new_uid()
+        assoc = associate()
+        if which == "set":
+            assert int(assoc.send_n_create(create, MPPS, uid)[0].Status) == 0
+        original = pynetdicom.association.encode
+        pynetdicom.association.encode = lambda *_args: mutated  # sent as they are
+        try:
+            if which == "create":
+                reply, _ = assoc.send_n_create(create, MPPS, uid)
+            else:
+                reply, _ = assoc.send_n_set(update, MPPS, uid)
+        finally:
+            pynetdicom.association.encode = original
+        status = int(reply.Status) if "Status" in reply else -1
+        note(f"status: 0x{status:04X}")
+        seen[f"{which} 0x{status:04X}"] = seen.get(f"{which} 0x{status:04X}", 0) + 1
+        if assoc.is_established:  # a data set cut to nothing may leave its message open
+            assoc.abort()
+        assoc = associate()
+        good = new_uid()
+        assert int(assoc.send_n_create(create, MPPS, good)[0].Status) == 0
+        assert int(assoc.send_n_set(update, MPPS, good)[0].Status) == 0
+        assert int(assoc.send_c_echo().Status) == 0
+        assoc.release()
+        assert node.process is not None
+        assert node.process.poll() is None, node.log_text()[-3000:]
+
+    run()
+    assert examples >= 5
+    assert "SCP worker died" not in node.log_text()
+    print(f"{examples} mutated MPPS requests; answers: {dict(sorted(seen.items()))}")
