@@ -498,16 +498,23 @@ def test_the_catalog_is_opened_once_by_concurrent_associations(catalog: Catalog)
     assert all(h is catalog for h in handles)
 
 
-def test_the_worker_catalog_for_steps_is_small_and_bounded_in_time(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'catalog.sqlite'}"
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_the_worker_catalog_for_steps_is_small_and_bounded_in_time(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'catalog.sqlite'}"
+        timeout_sql, expected = "PRAGMA busy_timeout", STEP_STATEMENT_TIMEOUT_S * 1000
+    else:
+        url = request.getfixturevalue("postgres_url")
+        timeout_sql, expected = "SHOW statement_timeout", f"{STEP_STATEMENT_TIMEOUT_S:g}s"
     open_catalog(url).dispose()
     settings = Settings(node=NodeOptions(database_url=url, data_dir=tmp_path))
     steps = _steps_catalog(settings)
     try:
         assert steps.engine.pool.size() == 1  # type: ignore[attr-defined]
         with steps.engine.connect() as connection:
-            busy = connection.exec_driver_sql("PRAGMA busy_timeout").scalar()
-        assert busy == STEP_STATEMENT_TIMEOUT_S * 1000
+            assert connection.exec_driver_sql(timeout_sql).scalar() == expected
     finally:
         steps.dispose()
 
