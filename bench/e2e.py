@@ -342,8 +342,17 @@ class Pacs:
 class Node:
     """``pacs-node serve`` with a config folder written here; its catalog read read-only."""
 
-    def __init__(self, folder: Path, model: str, pacs: Pacs, fhir: FhirServer, quiet: float):
+    def __init__(
+        self,
+        folder: Path,
+        model: str,
+        pacs: Pacs,
+        fhir: FhirServer,
+        quiet: float,
+        options: dict[str, Any] | None = None,
+    ):
         self.folder = folder
+        self.options = options or {}  # node.yaml keys over the shipped defaults
         self.model = model
         self.pacs = pacs
         self.fhir = fhir
@@ -370,6 +379,7 @@ class Node:
             "models_dir": str(ROOT / "models"),
             "quiet_period_s": self.quiet,
             "min_free_mb": 0,
+            **self.options,
         }
         peers = {
             "peers": [
@@ -600,6 +610,34 @@ class ModelResult:
     latency_runs: list[dict[str, Any]] = field(default_factory=list)
     latency_median: dict[str, float] = field(default_factory=dict)
     throughput: dict[str, Any] = field(default_factory=dict)
+    # --throughput-setups: label ("2x1": job workers x torch threads) -> a throughput run
+    throughput_setups: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Job worker processes x torch threads each (0: the node's default share of the cores)."""
+
+    job_workers: int
+    torch_threads: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.job_workers}x{self.torch_threads}"
+
+    @property
+    def options(self) -> dict[str, int]:
+        return {"job_workers": self.job_workers, "torch_threads": self.torch_threads}
+
+    @classmethod
+    def parse(cls, text: str) -> Setup:
+        workers, sep, threads = text.strip().partition("x")
+        if not (sep and workers.isdigit() and threads.isdigit()):
+            raise ValueError(f"{text!r}: expected WORKERSxTHREADS, e.g. 2x1")
+        setup = cls(int(workers), int(threads))
+        if not 1 <= setup.job_workers <= 32:
+            raise ValueError(f"{text!r}: job workers must be 1 to 32")
+        return setup
 
 
 class Bench:
@@ -641,13 +679,26 @@ class Bench:
                 key: round(statistics.median(r["seconds"][key] for r in result.latency_runs), 2)
                 for key, _label in STAGES
             }
-            result.throughput = self.throughput(node, folder)
-            tp = result.throughput
-            print(
-                f"{model} throughput: {tp['studies']} studies in {tp['seconds']:.1f} s = "
-                f"{tp['studies_per_hour']:.0f} studies/h (load {tp['load']})",
-                file=sys.stderr,
-            )
+            if not self.args.throughput_setups:
+                result.throughput = self.throughput(node, folder)
+                self.report_throughput(model, "as shipped", result.throughput)
+            for setup in self.args.throughput_setups:
+                # a fresh node per setup (same peers), warmed up with one study per worker
+                node.stop()
+                node = Node(
+                    folder / f"node-{setup.label}",
+                    model,
+                    pacs,
+                    fhir,
+                    self.args.quiet_period_s,
+                    setup.options,
+                ).start()
+                self.warm_up(node, count=setup.job_workers)
+                measured = self.throughput(node, folder)
+                measured["setup"] = setup.options
+                result.throughput_setups[setup.label] = measured
+                result.throughput = result.throughput or measured
+                self.report_throughput(model, setup.label, measured)
         except BaseException:
             print(f"node log tail:\n{tail(node.log_path)}", file=sys.stderr)
             raise
@@ -657,14 +708,27 @@ class Bench:
             pacs.stop()
         return result
 
-    def warm_up(self, node: Node) -> None:
-        """A small study first, so the job worker has imported its code and loaded the model."""
-        study = self.next_study(self.template[:24])
-        node.fhir.seed(study)
-        track = Track(study, SCANNERS[0])
-        storescu(node.port, track.scanner, study.files, self.base / "storescu-warmup.log")
-        track.acked_at = time.time()
-        follow(node, [track])
+    def warm_up(self, node: Node, count: int = 1) -> None:
+        """Small studies first (``count``: one per job worker, sent together), so the job
+        workers have imported their code and loaded the model."""
+        tracks = []
+        for _ in range(count):
+            study = self.next_study(self.template[:24])
+            node.fhir.seed(study)
+            tracks.append(Track(study, SCANNERS[0]))
+        for track in tracks:
+            log = self.base / "storescu-warmup.log"
+            storescu(node.port, track.scanner, track.study.files, log)
+            track.acked_at = time.time()
+        follow(node, tracks)
+
+    @staticmethod
+    def report_throughput(model: str, setup: str, tp: dict[str, Any]) -> None:
+        print(
+            f"{model} throughput ({setup}): {tp['studies']} studies in {tp['seconds']:.1f} s = "
+            f"{tp['studies_per_hour']:.0f} studies/h (load {tp['load']})",
+            file=sys.stderr,
+        )
 
     def latency(self, node: Node, folder: Path) -> dict[str, Any]:
         study = self.next_study()
@@ -721,6 +785,7 @@ class Bench:
         for study in studies:
             shutil.rmtree(study.files[0].parent, ignore_errors=True)
         return {
+            **self.job_split(node, studies),
             "studies": len(studies),
             "scanners": list(SCANNERS),
             "instances": sum(len(s.files) for s in studies),
@@ -731,6 +796,35 @@ class Bench:
             "studies_per_hour": round(len(studies) / seconds * 3600, 1),
             "per_study_ack_to_done_s": [round(v, 2) for v in per_study],
             "load": {"before": before, "after": load()},
+        }
+
+    @staticmethod
+    def job_split(node: Node, studies: Sequence[Study]) -> dict[str, Any]:
+        """The throughput run's jobs from the node's records: seconds summed over the jobs per
+        stage (decode, infer, build, store; what overlaps between workers is counted in each),
+        and the job wall time per study."""
+        uids = {s.uid for s in studies}
+        jobs = [j for j in node.cli_json("jobs") if j["study_uid"] in uids]
+        keys = {
+            "decode": ("decode_s",),
+            "infer": ("load_s", "preprocess_s", "infer_s", "postprocess_s"),
+            "build": ("build_s",),
+            "store": ("store_s",),
+        }
+        split = {
+            stage: round(sum(j["timings"].get(k, 0.0) for j in jobs for k in names), 2)
+            for stage, names in keys.items()
+        }
+        walls = [
+            (stamp(j["finished_at"]) or 0.0) - (stamp(j["started_at"]) or 0.0)
+            for j in jobs
+            if j["finished_at"] and j["started_at"]
+        ]
+        return {
+            "jobs": len(jobs),
+            "job_stage_sum_s": split,
+            "job_wall_sum_s": round(sum(walls), 2),
+            "job_wall_median_s": round(statistics.median(walls), 2) if walls else None,
         }
 
 
@@ -777,6 +871,11 @@ def markdown(results: list[ModelResult], slices: int, runs: int, quiet: float) -
     ]
     for label, cell in rows:
         lines.append(f"| {label} | " + " | ".join(cell(r.throughput) for r in results) + " |")
+    for setup in results[0].throughput_setups if results else {}:
+        workers, threads = setup.split("x")
+        label = f"studies/hour, {workers} job worker(s) x {'auto' if threads == '0' else threads}"
+        cells = [f"{r.throughput_setups[setup]['studies_per_hour']:.0f}" for r in results]
+        lines.append(f"| {label} torch threads | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -825,7 +924,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", default=",".join(MODELS), help="subset of " + ", ".join(MODELS))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "e2e.json")
     parser.add_argument("--work-dir", type=Path, default=None, help="base folder (system temp)")
+    parser.add_argument(
+        "--throughput-setups",
+        default="",
+        help="compare throughput over job_workers x torch_threads settings, each on a fresh "
+        "node, e.g. 1x2,2x1 (0 threads: the node's default); default: one run as shipped",
+    )
     args = parser.parse_args(argv)
+    try:
+        setups = [Setup.parse(s) for s in args.throughput_setups.split(",") if s.strip()]
+    except ValueError as exc:
+        parser.error(f"--throughput-setups {exc}")
+    if len({s.label for s in setups}) != len(setups):
+        parser.error("--throughput-setups: each setup once")
+    args.throughput_setups = setups
     if args.small:
         args.slices, args.runs, args.studies = 40, 1, 4
     if args.slices < 24 or args.runs < 1 or args.studies < len(SCANNERS):
@@ -869,6 +981,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "thickness_mm": THICKNESS_MM,
             "runs": args.runs,
             "throughput_studies": args.studies,
+            "throughput_setups": [s.options for s in args.throughput_setups],
             "quiet_period_s": args.quiet_period_s,
             "outputs": {PACS: list(DICOM_KINDS), EHR: ["fhir"]},
             "node": "pacs-node serve as shipped: 2 SCP processes, 1 job worker, SQLite",
