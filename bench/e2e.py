@@ -10,7 +10,7 @@ What it does
    - Orthanc (``tests/orthanc.py``) as the destination PACS (``TCP_NODELAY=1``);
    - sekmet-fhir (its own venv ``.venv-fhir``) as the EHR, seeded with each study's Patient and
      ServiceRequest before the study is sent, so its DiagnosticReport is accepted;
-   - ``pacs-node serve`` as shipped (2 SCP worker processes, 1 job worker, SQLite catalog)
+   - ``pacs-node serve`` as shipped (2 SCP worker processes, 2 job workers, SQLite catalog)
      with a config folder written here: two scanners ``CT_SCANNER_1`` / ``CT_SCANNER_2`` and
      Orthanc in peers.yaml, destinations ``PACS`` (dimse, peer ORTHANC, Storage Commitment as
      shipped) and ``EHR`` (fhir), and a routes.yaml sending CT to one model with seg, sr, gsps,
@@ -38,13 +38,18 @@ What it does
 4. Throughput: ``--studies`` (10) studies sent back to back by 2 scanners, each a thread running
    one storescu (one association) per study in turn with its own calling AE. Clock: the first
    storescu starts -> every study's results are in Orthanc and every report in the FHIR server.
-   Reports studies/hour, and each study's time from its own last ack to both destinations.
+   Reports studies/hour, and each study's time from its own last ack to both destinations,
+   and the jobs' stage seconds summed (decode, infer, build, store; from ``jobs --json``).
+   ``--throughput-setups 1x2,2x1`` runs it once per ``job_workers x torch_threads`` setting
+   (0 threads: the node's default share of the cores), each on a fresh node warmed up with one
+   study per worker, so their studies/hour compare within one invocation.
 
 The machine is shared (2 cores; another job may be training a model): the JSON records the load
 average before and after every measurement and the busiest processes at the start. Numbers are
 noisy; compare runs from one invocation.
 
-Usage: ``python bench/e2e.py [--runs 3] [--slices 120] [--studies 10] [--small]``
+Usage: ``python bench/e2e.py [--runs 3] [--slices 120] [--studies 10] [--small]
+[--throughput-setups 1x2,2x1]``
 (``--small``: 40 slices, 1 run, 4 studies, for a quick check; default output
 ``bench/results/e2e.json``).
 """
@@ -984,7 +989,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "throughput_setups": [s.options for s in args.throughput_setups],
             "quiet_period_s": args.quiet_period_s,
             "outputs": {PACS: list(DICOM_KINDS), EHR: ["fhir"]},
-            "node": "pacs-node serve as shipped: 2 SCP processes, 1 job worker, SQLite",
+            "node": "pacs-node serve as shipped: 2 SCP processes, 2 job workers, SQLite",
         },
         "target_s": TARGET_S,
         "target_met": {r.model: r.latency_median["total"] < TARGET_S for r in results},
