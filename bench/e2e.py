@@ -10,7 +10,7 @@ What it does
    - Orthanc (``tests/orthanc.py``) as the destination PACS (``TCP_NODELAY=1``);
    - sekmet-fhir (its own venv ``.venv-fhir``) as the EHR, seeded with each study's Patient and
      ServiceRequest before the study is sent, so its DiagnosticReport is accepted;
-   - ``pacs-node serve`` as shipped (2 SCP worker processes, 1 job worker, SQLite catalog)
+   - ``pacs-node serve`` as shipped (2 SCP worker processes, 2 job workers, SQLite catalog)
      with a config folder written here: two scanners ``CT_SCANNER_1`` / ``CT_SCANNER_2`` and
      Orthanc in peers.yaml, destinations ``PACS`` (dimse, peer ORTHANC, Storage Commitment as
      shipped) and ``EHR`` (fhir), and a routes.yaml sending CT to one model with seg, sr, gsps,
@@ -38,13 +38,18 @@ What it does
 4. Throughput: ``--studies`` (10) studies sent back to back by 2 scanners, each a thread running
    one storescu (one association) per study in turn with its own calling AE. Clock: the first
    storescu starts -> every study's results are in Orthanc and every report in the FHIR server.
-   Reports studies/hour, and each study's time from its own last ack to both destinations.
+   Reports studies/hour, and each study's time from its own last ack to both destinations,
+   and the jobs' stage seconds summed (decode, infer, build, store; from ``jobs --json``).
+   ``--throughput-setups 1x2,2x1`` runs it once per ``job_workers x torch_threads`` setting
+   (0 threads: the node's default share of the cores), each on a fresh node warmed up with one
+   study per worker, so their studies/hour compare within one invocation.
 
 The machine is shared (2 cores; another job may be training a model): the JSON records the load
 average before and after every measurement and the busiest processes at the start. Numbers are
 noisy; compare runs from one invocation.
 
-Usage: ``python bench/e2e.py [--runs 3] [--slices 120] [--studies 10] [--small]``
+Usage: ``python bench/e2e.py [--runs 3] [--slices 120] [--studies 10] [--small]
+[--throughput-setups 1x2,2x1]``
 (``--small``: 40 slices, 1 run, 4 studies, for a quick check; default output
 ``bench/results/e2e.json``).
 """
@@ -342,8 +347,17 @@ class Pacs:
 class Node:
     """``pacs-node serve`` with a config folder written here; its catalog read read-only."""
 
-    def __init__(self, folder: Path, model: str, pacs: Pacs, fhir: FhirServer, quiet: float):
+    def __init__(
+        self,
+        folder: Path,
+        model: str,
+        pacs: Pacs,
+        fhir: FhirServer,
+        quiet: float,
+        options: dict[str, Any] | None = None,
+    ):
         self.folder = folder
+        self.options = options or {}  # node.yaml keys over the shipped defaults
         self.model = model
         self.pacs = pacs
         self.fhir = fhir
@@ -370,6 +384,7 @@ class Node:
             "models_dir": str(ROOT / "models"),
             "quiet_period_s": self.quiet,
             "min_free_mb": 0,
+            **self.options,
         }
         peers = {
             "peers": [
@@ -600,6 +615,34 @@ class ModelResult:
     latency_runs: list[dict[str, Any]] = field(default_factory=list)
     latency_median: dict[str, float] = field(default_factory=dict)
     throughput: dict[str, Any] = field(default_factory=dict)
+    # --throughput-setups: label ("2x1": job workers x torch threads) -> a throughput run
+    throughput_setups: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Job worker processes x torch threads each (0: the node's default share of the cores)."""
+
+    job_workers: int
+    torch_threads: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.job_workers}x{self.torch_threads}"
+
+    @property
+    def options(self) -> dict[str, int]:
+        return {"job_workers": self.job_workers, "torch_threads": self.torch_threads}
+
+    @classmethod
+    def parse(cls, text: str) -> Setup:
+        workers, sep, threads = text.strip().partition("x")
+        if not (sep and workers.isdigit() and threads.isdigit()):
+            raise ValueError(f"{text!r}: expected WORKERSxTHREADS, e.g. 2x1")
+        setup = cls(int(workers), int(threads))
+        if not 1 <= setup.job_workers <= 32:
+            raise ValueError(f"{text!r}: job workers must be 1 to 32")
+        return setup
 
 
 class Bench:
@@ -641,13 +684,26 @@ class Bench:
                 key: round(statistics.median(r["seconds"][key] for r in result.latency_runs), 2)
                 for key, _label in STAGES
             }
-            result.throughput = self.throughput(node, folder)
-            tp = result.throughput
-            print(
-                f"{model} throughput: {tp['studies']} studies in {tp['seconds']:.1f} s = "
-                f"{tp['studies_per_hour']:.0f} studies/h (load {tp['load']})",
-                file=sys.stderr,
-            )
+            if not self.args.throughput_setups:
+                result.throughput = self.throughput(node, folder)
+                self.report_throughput(model, "as shipped", result.throughput)
+            for setup in self.args.throughput_setups:
+                # a fresh node per setup (same peers), warmed up with one study per worker
+                node.stop()
+                node = Node(
+                    folder / f"node-{setup.label}",
+                    model,
+                    pacs,
+                    fhir,
+                    self.args.quiet_period_s,
+                    setup.options,
+                ).start()
+                self.warm_up(node, count=setup.job_workers)
+                measured = self.throughput(node, folder)
+                measured["setup"] = setup.options
+                result.throughput_setups[setup.label] = measured
+                result.throughput = result.throughput or measured
+                self.report_throughput(model, setup.label, measured)
         except BaseException:
             print(f"node log tail:\n{tail(node.log_path)}", file=sys.stderr)
             raise
@@ -657,14 +713,27 @@ class Bench:
             pacs.stop()
         return result
 
-    def warm_up(self, node: Node) -> None:
-        """A small study first, so the job worker has imported its code and loaded the model."""
-        study = self.next_study(self.template[:24])
-        node.fhir.seed(study)
-        track = Track(study, SCANNERS[0])
-        storescu(node.port, track.scanner, study.files, self.base / "storescu-warmup.log")
-        track.acked_at = time.time()
-        follow(node, [track])
+    def warm_up(self, node: Node, count: int = 1) -> None:
+        """Small studies first (``count``: one per job worker, sent together), so the job
+        workers have imported their code and loaded the model."""
+        tracks = []
+        for _ in range(count):
+            study = self.next_study(self.template[:24])
+            node.fhir.seed(study)
+            tracks.append(Track(study, SCANNERS[0]))
+        for track in tracks:
+            log = self.base / "storescu-warmup.log"
+            storescu(node.port, track.scanner, track.study.files, log)
+            track.acked_at = time.time()
+        follow(node, tracks)
+
+    @staticmethod
+    def report_throughput(model: str, setup: str, tp: dict[str, Any]) -> None:
+        print(
+            f"{model} throughput ({setup}): {tp['studies']} studies in {tp['seconds']:.1f} s = "
+            f"{tp['studies_per_hour']:.0f} studies/h (load {tp['load']})",
+            file=sys.stderr,
+        )
 
     def latency(self, node: Node, folder: Path) -> dict[str, Any]:
         study = self.next_study()
@@ -721,6 +790,7 @@ class Bench:
         for study in studies:
             shutil.rmtree(study.files[0].parent, ignore_errors=True)
         return {
+            **self.job_split(node, studies),
             "studies": len(studies),
             "scanners": list(SCANNERS),
             "instances": sum(len(s.files) for s in studies),
@@ -731,6 +801,35 @@ class Bench:
             "studies_per_hour": round(len(studies) / seconds * 3600, 1),
             "per_study_ack_to_done_s": [round(v, 2) for v in per_study],
             "load": {"before": before, "after": load()},
+        }
+
+    @staticmethod
+    def job_split(node: Node, studies: Sequence[Study]) -> dict[str, Any]:
+        """The throughput run's jobs from the node's records: seconds summed over the jobs per
+        stage (decode, infer, build, store; what overlaps between workers is counted in each),
+        and the job wall time per study."""
+        uids = {s.uid for s in studies}
+        jobs = [j for j in node.cli_json("jobs") if j["study_uid"] in uids]
+        keys = {
+            "decode": ("decode_s",),
+            "infer": ("load_s", "preprocess_s", "infer_s", "postprocess_s"),
+            "build": ("build_s",),
+            "store": ("store_s",),
+        }
+        split = {
+            stage: round(sum(j["timings"].get(k, 0.0) for j in jobs for k in names), 2)
+            for stage, names in keys.items()
+        }
+        walls = [
+            (stamp(j["finished_at"]) or 0.0) - (stamp(j["started_at"]) or 0.0)
+            for j in jobs
+            if j["finished_at"] and j["started_at"]
+        ]
+        return {
+            "jobs": len(jobs),
+            "job_stage_sum_s": split,
+            "job_wall_sum_s": round(sum(walls), 2),
+            "job_wall_median_s": round(statistics.median(walls), 2) if walls else None,
         }
 
 
@@ -777,6 +876,11 @@ def markdown(results: list[ModelResult], slices: int, runs: int, quiet: float) -
     ]
     for label, cell in rows:
         lines.append(f"| {label} | " + " | ".join(cell(r.throughput) for r in results) + " |")
+    for setup in results[0].throughput_setups if results else {}:
+        workers, threads = setup.split("x")
+        label = f"studies/hour, {workers} job worker(s) x {'auto' if threads == '0' else threads}"
+        cells = [f"{r.throughput_setups[setup]['studies_per_hour']:.0f}" for r in results]
+        lines.append(f"| {label} torch threads | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -825,7 +929,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", default=",".join(MODELS), help="subset of " + ", ".join(MODELS))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "e2e.json")
     parser.add_argument("--work-dir", type=Path, default=None, help="base folder (system temp)")
+    parser.add_argument(
+        "--throughput-setups",
+        default="",
+        help="compare throughput over job_workers x torch_threads settings, each on a fresh "
+        "node, e.g. 1x2,2x1 (0 threads: the node's default); default: one run as shipped",
+    )
     args = parser.parse_args(argv)
+    try:
+        setups = [Setup.parse(s) for s in args.throughput_setups.split(",") if s.strip()]
+    except ValueError as exc:
+        parser.error(f"--throughput-setups {exc}")
+    if len({s.label for s in setups}) != len(setups):
+        parser.error("--throughput-setups: each setup once")
+    args.throughput_setups = setups
     if args.small:
         args.slices, args.runs, args.studies = 40, 1, 4
     if args.slices < 24 or args.runs < 1 or args.studies < len(SCANNERS):
@@ -869,9 +986,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "thickness_mm": THICKNESS_MM,
             "runs": args.runs,
             "throughput_studies": args.studies,
+            "throughput_setups": [s.options for s in args.throughput_setups],
             "quiet_period_s": args.quiet_period_s,
             "outputs": {PACS: list(DICOM_KINDS), EHR: ["fhir"]},
-            "node": "pacs-node serve as shipped: 2 SCP processes, 1 job worker, SQLite",
+            "node": "pacs-node serve as shipped: 2 SCP processes, 2 job workers, SQLite",
         },
         "target_s": TARGET_S,
         "target_met": {r.model: r.latency_median["total"] < TARGET_S for r in results},

@@ -9,7 +9,7 @@ What it does
 2. For each run (``--runs``, default 3) and each setup, interleaved so that a ratio compares
    measurements taken minutes apart, not hours:
 
-   - ``local``: ``pacs-node serve`` with its local pool as shipped (``job_workers: 1``);
+   - ``local``: ``pacs-node serve`` with a local pool of one worker (``job_workers: 1``);
    - ``celery-N`` (N = 1, 2, 3): the same node with ``job_queue: celery`` on a redis-server of
      the bench's own and N ``pacs-node worker --concurrency 1`` processes;
 
@@ -160,6 +160,7 @@ class Deployment:
             "database_url": db_url,
             "quiet_period_s": quiet,
             "min_free_mb": 0,
+            "job_workers": 1,  # one local worker against N Celery workers of one job each
         }
         if setup.workers:
             node.update(job_queue="celery", broker_url=broker, job_queue_prefix=f"{setup.name}.")

@@ -125,9 +125,13 @@ class NodeOptions(BaseModel):
     # SHA-256 of each bundle allowed to run (`pacs-node models --json` prints them); a bundle
     # not listed stops the node at start. Empty: any bundle under models_dir runs.
     model_sha256_allowlist: Annotated[tuple[str, ...], NoDecode] = ()
-    torch_threads: int = Field(default=0, ge=0)  # CPU threads for inference; 0: torch's default
-    # Job worker processes (inference beside the SCP); 1 suits 2 cores, 0 runs none.
-    job_workers: int = Field(default=1, ge=0, le=32)
+    # CPU threads for inference in each job worker; 0: the worker's share of the usable cores
+    # (affinity and cgroup quota) so the workers together never run more threads than cores.
+    torch_threads: int = Field(default=0, ge=0, le=1024)
+    # Job worker processes (inference beside the SCP), 0 runs none. A job is mostly
+    # single-threaded Python (decode, result building): 2 workers x 1 thread keep 2 cores busy
+    # where 1 x 2 leaves one idle; each holds its models (~0.9 GB for ct-torso-organs).
+    job_workers: int = Field(default=2, ge=0, le=32)
     job_max_attempts: int = Field(default=3, ge=1, le=100)  # a job that kills its worker
     # Who runs the jobs: this node's worker processes (local), or `pacs-node worker` processes
     # on any host taking them from a Celery broker (celery, with broker_url): see pacs_node.jobs.

@@ -42,6 +42,7 @@ from pacs_node.catalog.results import (
     write_files,
 )
 from pacs_node.config import Settings
+from pacs_node.cpus import inference_threads, limit_threads
 from pacs_node.destinations import SOURCE, FhirDestination, source_name
 from pacs_node.errors import PacsNodeError
 from pacs_node.outputs import OutputKind, kind_of_route_key
@@ -342,12 +343,18 @@ def run_job(
     return JobState.FAILED
 
 
-def make_runner(settings: Settings) -> Runner:
+def make_runner(settings: Settings, workers: int = 1) -> Runner:
+    """The runner of one of ``workers`` job processes on this host, its torch threads its
+    share of the cores (``torch_threads: 0``) so that the processes together never ask for
+    more threads than there are cores. The thread variables are set before torch and numpy
+    are imported: their pools read them once, at load."""
+    threads = inference_threads(settings.node.torch_threads, workers)
+    limit_threads(threads)
     from pacs_node.inference.registry import Registry
     from pacs_node.inference.runner import Runner
 
     registry = Registry(settings.node.models_dir, settings.node.model_sha256_allowlist)
-    return Runner(registry, threads=settings.node.torch_threads)
+    return Runner(registry, threads=threads)
 
 
 def run_burst(

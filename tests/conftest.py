@@ -194,6 +194,9 @@ def make_node(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
             "data_dir": str(root / "var"),
             "quiet_period_s": 2.0,
             "min_free_mb": 0,
+            # one worker (torch on every core) unless a test asks for more: the shipped two
+            # would start a second torch process per node on the shared test machine
+            "job_workers": 1,
         }
         node_options.update(options)
         if peers is None:

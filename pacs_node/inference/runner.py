@@ -23,6 +23,7 @@ present (AMP optional there).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from pacs_node.cpus import inference_threads, limit_threads
 from pacs_node.errors import BundleError, ModelError, UnsuitableInput
 from pacs_node.imaging import preprocess
 from pacs_node.imaging.postprocess import clean_segments, probabilities_to_source
@@ -342,8 +344,24 @@ class Runner:
         self.registry = registry
         self.device = pick_device(device)
         self.amp = amp
-        if threads > 0:
-            torch.set_num_threads(threads)
+        # 0: all usable cores, for a process that runs alone (the CLI); job workers pass
+        # their share (pacs_node.worker.make_runner)
+        self.threads = inference_threads(threads, 1)
+        limit_threads(self.threads)
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+        if torch.get_num_interop_threads() != self.threads:
+            # between operators, rarely used in eager inference: not one idle thread per core
+            with contextlib.suppress(RuntimeError):  # settable only before its first use
+                torch.set_num_interop_threads(self.threads)
+
+    @staticmethod
+    def pools() -> dict[str, int]:
+        """The sizes of torch's thread pools in this process, as it runs them."""
+        return {
+            "torch_threads": torch.get_num_threads(),
+            "interop_threads": torch.get_num_interop_threads(),
+        }
 
     def segment(self, model: str, volume: Volume, progress: Progress | None = None) -> Segmentation:
         """Labels of ``model`` on ``volume``'s grid, or :class:`UnsuitableInput` saying why not."""

@@ -63,6 +63,7 @@ class _State:
     this process's resources."""
 
     settings: Settings | None = None
+    concurrency: int = 1  # processes sharing the cores: each runner's torch threads a share
     process: _Process | None = None
 
 
@@ -180,7 +181,7 @@ def run_task(job_id: int) -> str:
     )
     with beat:
         if process.runner is None:  # after the claim: a redelivery never waits for torch
-            process.runner = make_runner(settings)
+            process.runner = make_runner(settings, workers=_state.concurrency)
         state = run_job(process.catalog, settings, process.runner, int(job_id), me, attempt)
     if beat.lost:
         log.warning("the job's claim ended before its run did", extra={"job_id": job_id})
@@ -203,6 +204,7 @@ def start_worker(settings: Settings, queues: list[str], concurrency: int) -> int
     status."""
     check_catalog(settings)
     _state.settings = settings
+    _state.concurrency = concurrency
     options = settings.node
     app = make_app(options)
     if concurrency == 1 and is_amqp(options):

@@ -1,11 +1,14 @@
 """Jobs run by worker processes of this node, the first :class:`~.queue.JobQueue`.
 
-Inference takes both cores for seconds and building results holds the GIL in pure Python
-(highdicom, matplotlib), so jobs run in worker *processes* (``job_workers``, 1 by default on
-2 cores), started with ``spawn``: the main process, which records received instances and runs
-assembly and the outbox, never imports torch and stays responsive while a model runs. Workers
-share nothing but the catalog; claims are compare-and-set, so any number of them, in any
-number of nodes, never take the same job.
+Inference takes the cores for seconds and building results holds the GIL in pure Python
+(highdicom, matplotlib), so jobs run in worker *processes* (``job_workers``), started with
+``spawn``: the main process, which records received instances and runs assembly and the
+outbox, never imports torch and stays responsive while a model runs. Each worker's torch
+threads are its share of the cores (``torch_threads: 0``, :mod:`pacs_node.cpus`): two workers
+with one thread each on two cores overlap one job's decoding and result building with the
+other's inference, and never run four busy threads on two cores. Workers share nothing but
+the catalog; claims are compare-and-set, so any number of them, in any number of nodes, never
+take the same job.
 
 A job whose worker died (SIGKILL, OOM) is ``running`` in the catalog with that worker's id;
 :meth:`LocalJobQueue.start` puts such jobs of this host back in the queue, and fails the ones
@@ -52,9 +55,9 @@ def worker_main(settings: Settings, index: int, control: Connection) -> None:
     configure_node_logging(settings.node)
     stop = link.stopping
     catalog = open_catalog(settings.node.catalog_url, run_migrations=False)
-    runner = make_runner(settings)
+    runner = make_runner(settings, workers=settings.node.job_workers)
     me = worker_id(f"w{index}")
-    log.info("job worker started", extra={"worker": me})
+    log.info("job worker started", extra={"worker": me, **runner.pools()})
     try:
         while not stop.is_set():
             try:
