@@ -175,7 +175,7 @@ def purge_study(
         size_bytes=sum(int(size) for _, size, _ in rows) + int(result_size or 0),
         paths={
             "spool": [str(path) for path, _, _ in rows],
-            "sha256": {str(path): sha for path, _, sha in rows if sha},
+            "sha256": [sha or "" for _, _, sha in rows],  # in the order of "spool"
             "results": [str(j) for j in job_ids],
         },
         purged_at=now,
@@ -192,7 +192,7 @@ def _remove_files(purge: Purge, spool_dir: Path, results_dir: Path, live: set[st
     it (``resend_policy: replace``) was acknowledged before step 1 and its row is still on its
     way (the recorder records it as a new study; reconciliation, after a crash)."""
     paths = purge.paths
-    digests: dict[str, str] = paths.get("sha256", {})
+    digests = dict(zip(paths.get("spool", []), paths.get("sha256", []), strict=False))
     folders: set[Path] = set()
     for relpath in paths.get("spool", []):
         if relpath in live:

@@ -13,9 +13,9 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import DBAPIError
 
 from pacs_node.assembly import Assembly
-from pacs_node.catalog import leases
+from pacs_node.catalog import leases, nodes
 from pacs_node.catalog.db import Catalog, open_catalog
-from pacs_node.catalog.models import NodeLease, Series, Study, StudyState
+from pacs_node.catalog.models import NodeLease, NodeRegistration, Series, Study, StudyState
 from pacs_node.catalog.studies import StudyTouch, list_studies
 from pacs_node.config import NodeOptions, Settings
 from pacs_node.timer_lease import TimerLease
@@ -242,3 +242,47 @@ def test_a_timer_armed_from_a_clock_ahead_of_this_nodes_fires_within_a_quiet_per
         assert job.next_run_time <= datetime.now(UTC) + timedelta(seconds=31)
     finally:
         assembly.stop()
+
+
+def _stale(catalog: Catalog, node_id: str) -> None:
+    """The registered process stopped beating: its heartbeat is older than the lease."""
+    with catalog.sessions.begin() as session:
+        session.execute(
+            update(NodeRegistration)
+            .where(NodeRegistration.node_id == node_id)
+            .values(heartbeat_at=datetime(2000, 1, 1, tzinfo=UTC))
+        )
+
+
+def test_a_node_id_held_by_a_live_process_is_refused_and_a_stale_one_taken_over(
+    catalogs: tuple[Catalog, Catalog],
+) -> None:
+    first = TimerLease(catalogs[0], "node-a", ttl_s=30)
+    assert first.register() is None
+    assert first.register() is None  # its own registration again: still its own
+    twin = TimerLease(catalogs[1], "node-a", ttl_s=30, gone=lambda owner, mine: True)
+    twin.host = "other-host"  # a process gone on this host says nothing of another host
+    held = twin.register()
+    assert held is not None
+    assert (held.owner, held.host, held.live) == (first.owner, first.host, True)
+    assert TimerLease(catalogs[1], "node-b", ttl_s=30).register() is None  # other ids are free
+    first.renew()  # the heartbeat rides on the lease's renewal
+    assert twin.register() is not None
+    _stale(catalogs[0], "node-a")
+    assert twin.register() is None  # taken over
+    with catalogs[0].sessions.begin() as session:
+        assert not nodes.beat(session, "node-a", first.owner)  # no longer the first's
+    assert {n.node_id: n.owner for n in twin.nodes()}["node-a"] == twin.owner
+
+
+def test_a_restarted_node_takes_its_dead_processes_registration_over_at_once(
+    catalogs: tuple[Catalog, Catalog],
+) -> None:
+    earlier = TimerLease(catalogs[0], "node-a", ttl_s=30)
+    assert earlier.register() is None
+    restarted = TimerLease(
+        catalogs[1], "node-a", ttl_s=30, gone=lambda owner, mine: owner == earlier.owner
+    )
+    assert restarted.register() is None  # same host, its process gone: no wait
+    restarted.stop()  # a graceful stop removes the registration
+    assert restarted.nodes() == []
