@@ -103,6 +103,7 @@ class TimerLease:
         try:
             with self.catalog.sessions.begin() as session:
                 if not nodes.beat(session, self.node_id, self.owner):
+                    self._registered = False  # said once; the row is the other process's now
                     log.error(
                         "another process registered under this node_id after this one's"
                         " heartbeat went stale; give each node its own node_id",
