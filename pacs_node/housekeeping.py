@@ -143,7 +143,7 @@ def purge_study(
     selected_last: datetime | None = None,
 ) -> Purge | None:
     """Step 1: the study's rows go and a ``purges`` row lists its files (and the digest of
-    each, see :func:`_remove_files`), in the caller's transaction. None when the study changed
+    each, see :func:`_replaced`), in the caller's transaction. None when the study changed
     meanwhile: no longer eligible, or (``selected_last``: its last arrival when the pass chose
     it) an instance arrived since.
 
@@ -186,21 +186,14 @@ def purge_study(
     return purge
 
 
-def _remove_files(purge: Purge, spool_dir: Path, results_dir: Path, live: set[str]) -> None:
-    """Step 2: remove what the purge lists; a spool file a live row names again stays, and so
-    does one whose bytes are no longer those its removed row recorded: a re-send that replaced
-    it (``resend_policy: replace``) was acknowledged before step 1 and its row is still on its
-    way (the recorder records it as a new study; reconciliation, after a crash)."""
+def _remove_files(purge: Purge, spool_dir: Path, results_dir: Path, keep: set[str]) -> None:
+    """Step 2: remove what the purge lists, but for the spool files in ``keep``."""
     paths = purge.paths
-    digests = dict(zip(paths.get("spool", []), paths.get("sha256", []), strict=False))
     folders: set[Path] = set()
     for relpath in paths.get("spool", []):
-        if relpath in live:
+        if relpath in keep:
             continue
         path = spool_dir / relpath
-        if _replaced(path, digests.get(relpath)):
-            log.warning("file replaced by a re-send kept", extra={"path": relpath})
-            continue
         path.unlink(missing_ok=True)
         folders.update(path.parents)
     for job in paths.get("results", []):
@@ -211,14 +204,26 @@ def _remove_files(purge: Purge, spool_dir: Path, results_dir: Path, live: set[st
                 folder.rmdir()  # only when empty
 
 
-def _replaced(path: Path, recorded: str | None) -> bool:
-    """Whether ``path`` holds other bytes than the row that was removed recorded."""
-    if not recorded:
-        return False
-    try:
-        return file_digest(path) != recorded
-    except FileNotFoundError:
-        return False
+def _replaced(purge: Purge, spool_dir: Path) -> set[str]:
+    """The listed spool files whose bytes are no longer those their removed rows recorded: a
+    re-send replaced them (``resend_policy: replace``), acknowledged before step 1, and
+    their rows are still on their way (the recorder records them as a new study;
+    reconciliation, after a crash). Read before the exclusive lock is taken, so hashing a
+    large study does not hold receptions up: from step 1 on, the study's instances are
+    refused, so these files no longer change."""
+    paths = purge.paths
+    replaced: set[str] = set()
+    for relpath, recorded in zip(paths.get("spool", []), paths.get("sha256", []), strict=False):
+        if not recorded:
+            continue
+        try:
+            if file_digest(spool_dir / relpath) != recorded:
+                replaced.add(relpath)
+        except FileNotFoundError:
+            continue
+    for relpath in sorted(replaced):
+        log.warning("file replaced by a re-send kept", extra={"path": relpath})
+    return replaced
 
 
 def finish_purges(catalog: Catalog, spool_dir: Path, results_dir: Path) -> int:
@@ -228,12 +233,13 @@ def finish_purges(catalog: Catalog, spool_dir: Path, results_dir: Path) -> int:
         if not pending:
             return 0
     for purge in pending:
+        replaced = _replaced(purge, spool_dir)
         with retention_lock(spool_dir, shared=False):
             # read under the lock: an instance recorded since still has its file kept
             with catalog.sessions() as session:
                 listed = list(purge.paths.get("spool", []))
                 live = set(session.scalars(select(Instance.path).where(Instance.path.in_(listed))))
-            _remove_files(purge, spool_dir, results_dir, live)
+            _remove_files(purge, spool_dir, results_dir, live | replaced)
         with catalog.sessions.begin() as session:
             row = session.get(Purge, purge.id)
             if row is not None:
