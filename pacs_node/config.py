@@ -7,9 +7,11 @@ key and the reason; nothing reads configuration after start.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -303,6 +305,15 @@ class NodeOptions(BaseModel):
     @property
     def spool_dir(self) -> Path:
         return self.data_dir / "spool"
+
+    def node_name(self) -> str:
+        """This node's stable name in what it owns on a shared catalog and data path (claims,
+        the timer lease, its registration, its partial files): ``node_id``, else the host name
+        and a digest of the data folder."""
+        if self.node_id:
+            return self.node_id
+        folder = str(self.data_dir.resolve()).encode("utf-8", "surrogateescape")
+        return f"{socket.gethostname()[:40]}:{hashlib.sha256(folder).hexdigest()[:12]}"
 
 
 class NodeSettings(NodeOptions, BaseSettings):

@@ -25,10 +25,17 @@ Steps 1 and 2 hold the spool's retention lock exclusively; the Storage SCP holds
 from its last check to its answer (:meth:`pacs_node.ingest.identity.IdentityGate.admit`) and
 refuses, with OUT_OF_RESOURCES_STUDY_BEING_REMOVED (0xA710, "send it again later"), an instance
 whose study has a ``purges`` row whose files are not yet removed, or whose identical copy it
-would rely on is gone. One acknowledged before step 1 is either a new file, which step 2 does
-not list, so it survives and is recorded as a new study, or an identical re-send of a file the
-node already held, which retention removes like the rest of the study. Once the files are
-removed, the same instance is received as a new study.
+would rely on is gone. Step 1 also holds the lock every writer of instance rows takes, and
+re-checks there that the study is still eligible and that no instance arrived since the pass
+chose it: a row recorded before that is seen (the study is kept), one recorded after it starts
+a new study, never one the delete's cascade takes. One acknowledged before step 1 whose row is
+still on its way is a new file, which step 2 does not list, so it survives and is recorded
+as a new study; a re-send that replaced a listed file (``resend_policy: replace``), which step
+2 keeps because its bytes differ from the digest the removed row recorded; or an identical
+re-send of a file the node already held, which retention removes like the rest of the study:
+its bytes are the very ones retention removes, and a duplicate never reopens a study or is
+processed again, whenever it arrives. Once the files are removed, the same instance is
+received as a new study.
 Delivered rows still waiting for a commitment report are asked again on each pass.
 Modality Performed Procedure Steps go with their study; one whose study never came goes after
 ``mpps_retention_days``, and one never ended after ``max_wait_s`` more (each pass).
@@ -72,9 +79,10 @@ from pacs_node.catalog.models import (
     utcnow,
 )
 from pacs_node.catalog.mpps import expire_steps, forget_steps
+from pacs_node.catalog.studies import lock_for_write
 from pacs_node.config import Settings
 from pacs_node.dispatch.commitment import CONFIRMED, CommitmentAnswer, Reference
-from pacs_node.ingest.spool import retention_lock
+from pacs_node.ingest.spool import file_digest, retention_lock
 from pacs_node.timer_lease import TimerLease
 
 log = logging.getLogger(__name__)
@@ -130,13 +138,33 @@ def eligible_studies(session: Session) -> list[Study]:
     return list(session.scalars(query))
 
 
-def purge_study(session: Session, study: Study, reason: str, now: datetime) -> Purge | None:
-    """Step 1: the study's rows go and a ``purges`` row lists its files, in the caller's
-    transaction. None when the study changed meanwhile and is no longer eligible."""
+def purge_study(
+    session: Session,
+    study: Study,
+    reason: str,
+    now: datetime,
+    *,
+    selected_last: datetime | None = None,
+) -> Purge | None:
+    """Step 1: the study's rows go and a ``purges`` row lists its files (and the digest of
+    each, see :func:`_replaced`), in the caller's transaction. None when the study changed
+    meanwhile: no longer eligible, or (``selected_last``: its last arrival when the pass chose
+    it) an instance arrived since.
+
+    The check and the delete hold the lock every writer of instance rows takes
+    (:func:`~pacs_node.catalog.studies.lock_for_write`): an instance recorded before it is
+    seen here (the study reopened, or its last arrival moved), one recorded after it finds
+    the study gone and starts a new one. Without it an instance committed between the check
+    and the delete would have its row removed by the cascade."""
+    lock_for_write(session)
+    if selected_last is not None:
+        last = session.scalar(select(Study.last_received_at).where(Study.id == study.id))
+        if last != selected_last:
+            return None
     if study.id not in {s.id for s in eligible_studies(session)}:
         return None
     rows = session.execute(
-        select(Instance.path, Instance.size_bytes)
+        select(Instance.path, Instance.size_bytes, Instance.sha256)
         .join(Series, Series.id == Instance.series_id)
         .where(Series.study_id == study.id)
     ).all()
@@ -148,8 +176,12 @@ def purge_study(session: Session, study: Study, reason: str, now: datetime) -> P
         study_uid=study.study_uid,
         reason=reason,
         instances=len(rows),
-        size_bytes=sum(int(size) for _, size in rows) + int(result_size or 0),
-        paths={"spool": [str(path) for path, _ in rows], "results": [str(j) for j in job_ids]},
+        size_bytes=sum(int(size) for _, size, _ in rows) + int(result_size or 0),
+        paths={
+            "spool": [str(path) for path, _, _ in rows],
+            "sha256": [sha or "" for _, _, sha in rows],  # in the order of "spool"
+            "results": [str(j) for j in job_ids],
+        },
         purged_at=now,
     )
     session.add(purge)
@@ -159,12 +191,12 @@ def purge_study(session: Session, study: Study, reason: str, now: datetime) -> P
     return purge
 
 
-def _remove_files(purge: Purge, spool_dir: Path, results_dir: Path, live: set[str]) -> None:
-    """Step 2: remove what the purge lists; a spool file a live row names again stays."""
+def _remove_files(purge: Purge, spool_dir: Path, results_dir: Path, keep: set[str]) -> None:
+    """Step 2: remove what the purge lists, but for the spool files in ``keep``."""
     paths = purge.paths
     folders: set[Path] = set()
     for relpath in paths.get("spool", []):
-        if relpath in live:
+        if relpath in keep:
             continue
         path = spool_dir / relpath
         path.unlink(missing_ok=True)
@@ -177,6 +209,28 @@ def _remove_files(purge: Purge, spool_dir: Path, results_dir: Path, live: set[st
                 folder.rmdir()  # only when empty
 
 
+def _replaced(purge: Purge, spool_dir: Path) -> set[str]:
+    """The listed spool files whose bytes are no longer those their removed rows recorded: a
+    re-send replaced them (``resend_policy: replace``), acknowledged before step 1, and
+    their rows are still on their way (the recorder records them as a new study;
+    reconciliation, after a crash). Read before the exclusive lock is taken, so hashing a
+    large study does not hold receptions up: from step 1 on, the study's instances are
+    refused, so these files no longer change."""
+    paths = purge.paths
+    replaced: set[str] = set()
+    for relpath, recorded in zip(paths.get("spool", []), paths.get("sha256", []), strict=False):
+        if not recorded:
+            continue
+        try:
+            if file_digest(spool_dir / relpath) != recorded:
+                replaced.add(relpath)
+        except FileNotFoundError:
+            continue
+    for relpath in sorted(replaced):
+        log.warning("file replaced by a re-send kept", extra={"path": relpath})
+    return replaced
+
+
 def finish_purges(catalog: Catalog, spool_dir: Path, results_dir: Path) -> int:
     """Steps 2-3 for every purge whose files are not yet removed; how many were finished."""
     with catalog.sessions() as session:
@@ -184,12 +238,13 @@ def finish_purges(catalog: Catalog, spool_dir: Path, results_dir: Path) -> int:
         if not pending:
             return 0
     for purge in pending:
+        replaced = _replaced(purge, spool_dir)
         with retention_lock(spool_dir, shared=False):
             # read under the lock: an instance recorded since still has its file kept
             with catalog.sessions() as session:
                 listed = list(purge.paths.get("spool", []))
                 live = set(session.scalars(select(Instance.path).where(Instance.path.in_(listed))))
-            _remove_files(purge, spool_dir, results_dir, live)
+            _remove_files(purge, spool_dir, results_dir, live | replaced)
         with catalog.sessions.begin() as session:
             row = session.get(Purge, purge.id)
             if row is not None:
@@ -295,20 +350,25 @@ class Housekeeping:
                 reason = REASON_DISK
             else:
                 continue
-            if self._purge(study_id, reason, now):
+            if self._purge(study_id, reason, now, last):
                 purged.append(study_uid)
         return purged
 
-    def _purge(self, study_id: int, reason: str, now: datetime) -> bool:
+    def _purge(self, study_id: int, reason: str, now: datetime, selected_last: datetime) -> bool:
         with (
             retention_lock(self.spool_dir, shared=False),
             self.catalog.sessions.begin() as session,
         ):
             if self.lease is not None and not self.lease.held(session):
                 return False  # handed over since the pass began: the new owner decides
+            lock_for_write(session)  # before the study is read: see purge_study
             study = session.get(Study, study_id)
             audited = study_object(session, study.study_uid) if study is not None else None
-            purge = purge_study(session, study, reason, now) if study is not None else None
+            purge = (
+                purge_study(session, study, reason, now, selected_last=selected_last)
+                if study is not None
+                else None
+            )
             if purge is not None and audited is not None:
                 # audited in the purge's own transaction; the audit table itself is never
                 # among what retention removes

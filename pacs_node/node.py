@@ -73,7 +73,10 @@ class Node:
         make_private(options.data_dir, sqlite_file(options.catalog_url))
         self.catalog: Catalog = open_catalog(options.catalog_url)
         self.spool = Spool(
-            options.spool_dir, fsync=options.fsync, min_free_bytes=options.min_free_mb * 2**20
+            options.spool_dir,
+            fsync=options.fsync,
+            min_free_bytes=options.min_free_mb * 2**20,
+            node_id=options.node_name(),
         )
         self.recorder = CatalogRecorder(self.catalog, self.spool)
         self.audit = AuditTrail(self.catalog, options.ae_title)
@@ -181,13 +184,18 @@ class Node:
         return health.alive >= health.workers and health.broker_reachable is not False
 
     def start(self) -> None:
-        """Reconcile the catalog with the spool, rebuild timers, then open the DICOM port."""
+        """Register this node, reconcile the catalog with the spool, rebuild timers, then open
+        the DICOM port."""
+        # First: a second process under this node_id would take this one's lease, claims and
+        # partial files for leftovers of its own.
+        self._register()
         # Removals a crash cut short are finished first, so reconcile never brings them back.
         self.audit.start()
         if self.syslog is not None:
             self.syslog.start()
         finish_purges(self.catalog, self.spool.root, self.settings.node.data_dir / "results")
-        recovered = reconcile(self.spool, self.recorder)
+        live = {n.node_id for n in self.lease.nodes() if n.live and n.node_id != self.lease.node_id}
+        recovered = reconcile(self.spool, self.recorder, live=live)
         self.lease.start()
         self.router.catch_up()
         self.recorder.start()
@@ -210,6 +218,22 @@ class Node:
         log.info(
             "node started",
             extra={"catalog": self.catalog.url, "recovered_instances": recovered},
+        )
+
+    def _register(self) -> None:
+        """Refuse to start under a ``node_id`` another live node of the catalog holds."""
+        held = self.lease.register()
+        if held is None:
+            return
+        source = str((self.settings.config_dir or Path(".")) / NODE_FILE)
+        named = "node_id" if self.settings.node.node_id else "node_id (unset: host and data_dir)"
+        self.catalog.dispose()
+        raise ConfigError(
+            source,
+            "node_id",
+            f"{named} {self.lease.node_id!r} is in use by a running node (host {held.host},"
+            f" pid {held.pid}, started {held.started_at:%Y-%m-%d %H:%M:%S} UTC, heartbeat"
+            f" within timer_lease_s): give each node of a group its own node_id",
         )
 
     def run(self, signals: SignalPipe) -> int:

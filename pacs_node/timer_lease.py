@@ -6,6 +6,10 @@ dies stops renewing, and another takes the lease once it expires. Each timer act
 lease in its own transaction (:func:`pacs_node.catalog.leases.hold`), so the hand-over never
 lets two nodes act. A node that takes the lease over calls its listeners (arm the timers of
 every study still receiving, route studies left stable but unrouted).
+
+The lease also keeps this process's registration under its ``node_id`` alive
+(:mod:`pacs_node.catalog.nodes`): :meth:`TimerLease.register` at start refuses a ``node_id``
+another live process holds, each renewal refreshes the heartbeat, a graceful stop removes it.
 """
 
 from __future__ import annotations
@@ -13,12 +17,13 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import socket
 import threading
 from collections.abc import Callable
 
 from sqlalchemy.orm import Session
 
-from pacs_node.catalog import leases
+from pacs_node.catalog import leases, nodes
 from pacs_node.catalog.db import Catalog
 
 log = logging.getLogger(__name__)
@@ -47,6 +52,8 @@ class TimerLease:
         self._listeners: list[Callable[[], object]] = []
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self.host = socket.gethostname()[:255]
+        self._registered = False
 
     def add_listener(self, listener: Callable[[], object]) -> None:
         """Called (in the lease's thread) each time this node takes the lease."""
@@ -61,8 +68,53 @@ class TimerLease:
         transaction: call it first in the transaction of each timer action."""
         return leases.hold(session, self.name, self.owner, self.ttl_s)
 
+    def register(self) -> nodes.RegisteredNode | None:
+        """Register this process as its ``node_id``: None when done, else the live
+        registration of another process under the same ``node_id`` (the node must not start).
+        A stale registration, or a live one of this node's own earlier process on this host
+        that is gone, is taken over."""
+
+        def earlier_life(row: nodes.RegisteredNode) -> bool:
+            return (
+                row.host == self.host and self.gone is not None and self.gone(row.owner, self.owner)
+            )
+
+        with self.catalog.sessions.begin() as session:
+            held = nodes.register(
+                session,
+                self.node_id,
+                self.owner,
+                self.host,
+                os.getpid(),
+                self.ttl_s,
+                gone=earlier_life,
+            )
+        self._registered = held is None
+        return held
+
+    def nodes(self) -> list[nodes.RegisteredNode]:
+        """Every node registered on the catalog, live or stale."""
+        with self.catalog.sessions() as session:
+            return nodes.registered_nodes(session, self.ttl_s)
+
+    def _beat(self) -> None:
+        if not self._registered:
+            return
+        try:
+            with self.catalog.sessions.begin() as session:
+                if not nodes.beat(session, self.node_id, self.owner):
+                    self._registered = False  # said once; the row is the other process's now
+                    log.error(
+                        "another process registered under this node_id after this one's"
+                        " heartbeat went stale; give each node its own node_id",
+                        extra={"node_id": self.node_id},
+                    )
+        except Exception:
+            log.warning("node heartbeat not written: the catalog is unreachable", exc_info=True)
+
     def renew(self) -> bool:
         """Take or renew the lease; on taking it, call the listeners."""
+        self._beat()
         try:
             with self.catalog.sessions.begin() as session:
                 won = leases.acquire(session, self.name, self.owner, self.ttl_s)
@@ -118,3 +170,10 @@ class TimerLease:
                     leases.release(session, self.name, self.owner)
             except Exception:
                 log.warning("timer lease not released; it expires by itself", exc_info=True)
+        if self._registered:
+            self._registered = False
+            try:
+                with self.catalog.sessions.begin() as session:
+                    nodes.leave(session, self.node_id, self.owner)
+            except Exception:
+                log.warning("node registration not removed; it goes stale by itself", exc_info=True)

@@ -402,7 +402,7 @@ class Purge(Base):
     reason: Mapped[str] = mapped_column(String(32))  # retention_days | disk_watermark
     instances: Mapped[int] = mapped_column(Integer)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
-    # {"spool": [relpath], "results": [folder]}
+    # {"spool": [relpath], "sha256": [digest of each spool file, "" unknown], "results": [folder]}
     paths: Mapped[dict[str, list[str]]] = mapped_column(JSONText())
     purged_at: Mapped[datetime] = mapped_column(UTCDateTime())
     files_removed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
@@ -562,3 +562,18 @@ class PerformedInstance(Base):
     step: Mapped[PerformedStep] = relationship(back_populates="instances")
 
     __table_args__ = (UniqueConstraint("step_id", "sop_instance_uid"),)
+
+
+class NodeRegistration(Base):
+    """A running node of the group under its ``node_id``: who (host, pid, the process's owner
+    token) and since when, with a heartbeat its timer lease renews. A second live process under
+    the same ``node_id`` is refused at start (:mod:`pacs_node.catalog.nodes`)."""
+
+    __tablename__ = "node_registrations"
+
+    node_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128))  # ``<node id>/<pid>/<token>``
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime())

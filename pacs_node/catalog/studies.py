@@ -490,6 +490,13 @@ def path_in_use(session: Session, path: str) -> bool:
 RECORD_LOCK = 0x5041_4353  # PostgreSQL advisory lock key of record_instances ("PACS")
 
 
+def lock_for_write(session: Session) -> None:
+    """Take the lock every writer of instance rows holds (the recorder, reconciliation, the
+    quarantine CLI): retention takes it before it re-checks and removes a study, so an instance
+    is either recorded before the purge looks (and the study is kept) or after it (a new study)."""
+    _lock_for_write(session)
+
+
 def _lock_for_write(session: Session) -> None:
     """Serialise writers before the identity check reads, so two of them (the recorder,
     reconciliation, the quarantine CLI) cannot both find a study missing and file different

@@ -27,12 +27,10 @@ not settle: a settle that fails leaves the row 'sending' until its lease runs ou
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import random
 import secrets
-import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -103,10 +101,7 @@ def default_handlers(calling_ae: str) -> Mapping[str, Handler]:
 
 def node_id(settings: Settings) -> str:
     """This node's stable name in the claims it makes: ``node_id``, else host name + data dir."""
-    if settings.node.node_id:
-        return settings.node.node_id
-    folder = str(settings.node.data_dir.resolve()).encode("utf-8", "surrogateescape")
-    return f"{socket.gethostname()[:40]}:{hashlib.sha256(folder).hexdigest()[:12]}"
+    return settings.node.node_name()
 
 
 def process_gone(owner: str, mine: str) -> bool:

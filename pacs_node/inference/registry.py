@@ -732,6 +732,21 @@ def load_bundle(root: Path) -> Bundle:
     )
 
 
+def declared_queue(models_dir: Path, name: str) -> str:
+    """The device class a bundle names (``pacs_node.queue`` in its metadata), read without
+    loading or hashing the bundle: for reports on many jobs. ``cpu`` when the bundle is gone
+    or names none, or none that is valid (its load would refuse it)."""
+    if not _NAME.match(name):
+        return DEFAULT_QUEUE
+    try:
+        data = json.loads((models_dir / name / METADATA).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return DEFAULT_QUEUE
+    section = data.get(NODE_KEY) if isinstance(data, dict) else None
+    queue = section.get("queue") if isinstance(section, dict) else None
+    return queue if isinstance(queue, str) and valid_queue(queue) else DEFAULT_QUEUE
+
+
 class Registry:
     """The bundles of one models folder; each is read once and kept. With an ``allowlist`` of
     SHA-256 digests, a bundle whose digest is not listed is refused when it is loaded."""

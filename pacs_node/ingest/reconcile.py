@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -59,15 +59,23 @@ def _modified_since(spool: Spool, relpath: str, since: float) -> bool:
         return False
 
 
-def reconcile(spool: Spool, recorder: CatalogRecorder, *, since: float | None = None) -> int:
+def reconcile(
+    spool: Spool,
+    recorder: CatalogRecorder,
+    *,
+    since: float | None = None,
+    live: Collection[str] = (),
+) -> int:
     """Record spooled files the catalog lacks; return how many were recorded.
 
-    At start (``since`` None) it also removes partial files. While the node runs (an SCP worker
-    died between spooling a file and handing over its row) it looks only at files modified at
-    or after ``since``, and leaves ``.incoming`` to the live workers writing there.
+    At start (``since`` None) it also removes partial files: this node's own and those of
+    nodes not in ``live`` (the other nodes running on the shared data path, whose files are
+    being written). While the node runs (an SCP worker died between spooling a file and
+    handing over its row) it looks only at files modified at or after ``since``, and leaves
+    ``.incoming`` to the live workers writing there.
     """
     if since is None:
-        removed = spool.clean_incoming()
+        removed = spool.clean_incoming(live)
         if removed:
             log.info("removed unacknowledged partial files", extra={"files": removed})
     recorded = _record_missing(spool, recorder, spool.walk(), since, apart=False)

@@ -21,7 +21,7 @@ import logging
 import os
 import struct
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from pacs_node.uids import require_uid
 log = logging.getLogger(__name__)
 
 INCOMING = ".incoming"
+NODE_PREFIX = "node."  # .incoming/node.<node_id>/: one node's partial files
 QUARANTINE = ".quarantine"
 LOCK_FILE = ".lock"
 SUFFIX = ".dcm"
@@ -120,12 +121,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def incoming_folder(root: Path, node_id: str) -> Path:
+    """Where the node ``node_id`` writes its partial files (``.incoming/node.<node_id>``), so
+    that on a shared data path a starting node can tell its own leftovers from the files other
+    nodes are writing; ``""``: ``.incoming`` itself (a tool, not a node)."""
+    return root / INCOMING / f"{NODE_PREFIX}{node_id}" if node_id else root / INCOMING
+
+
 class Spool:
-    def __init__(self, root: Path, *, fsync: bool = True, min_free_bytes: int = 0) -> None:
+    def __init__(
+        self, root: Path, *, fsync: bool = True, min_free_bytes: int = 0, node_id: str = ""
+    ) -> None:
+        """``node_id``: the node whose partial files this spool writes (see
+        :func:`incoming_folder`)."""
         self.root = root
         self.fsync = fsync
         self.min_free_bytes = min_free_bytes
-        self.incoming = root / INCOMING
+        self.node_id = node_id
+        self.incoming = incoming_folder(root, node_id)
         self.incoming.mkdir(parents=True, exist_ok=True)
         self.quarantine = root / QUARANTINE
         self.quarantine.mkdir(exist_ok=True)
@@ -322,12 +335,28 @@ class Spool:
     def remove(self, relpath: str) -> None:
         (self.root / relpath).unlink(missing_ok=True)
 
-    def clean_incoming(self) -> int:
-        """Delete temporary files left by a crash; none of them was ever acknowledged."""
+    def clean_incoming(self, live: Collection[str] = ()) -> int:
+        """Delete partial files left by a crash; none of them was ever acknowledged.
+
+        ``live``: the other nodes running on this data path now (their registrations'
+        heartbeats are fresh). Their partial files are being written and are left alone; this
+        node's own, and those of nodes that are not running, go. Files directly in
+        ``.incoming`` (written by tools, or by a node of an earlier version) go only when no
+        other node is live."""
+        top = self.root / INCOMING
+        folders = [top] if not live else []
+        for entry in os.scandir(top):
+            owner = entry.name[len(NODE_PREFIX) :]
+            if entry.is_dir() and entry.name.startswith(NODE_PREFIX) and owner not in live:
+                folders.append(Path(entry.path))
         removed = 0
-        for leftover in self.incoming.glob("*.part"):
-            leftover.unlink(missing_ok=True)
-            removed += 1
+        for folder in folders:
+            for leftover in folder.glob("*.part"):
+                leftover.unlink(missing_ok=True)
+                removed += 1
+            if folder not in (top, self.incoming):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # a node gone for good leaves no folder behind
         return removed
 
     def walk(self) -> Iterator[str]:

@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from pacs_node.actor import ROUTING
@@ -91,6 +91,29 @@ def check_models(settings: Settings) -> None:
                 )
 
 
+StudySnapshot = tuple[object, ...]
+"""What a study's routing facts depend on: when it last became stable and last received, how
+often it reopened, and how many series and instances it has."""
+Prepared = tuple[StudySnapshot, list[SeriesFacts]]
+
+
+def _study_state(session: Session, study_uid: str) -> StudySnapshot | None:
+    row = session.execute(
+        select(
+            Study.id,
+            Study.stable_at,
+            Study.last_received_at,
+            Study.reopened_count,
+            select(func.count(Instance.id))
+            .join(Series, Series.id == Instance.series_id)
+            .where(Series.study_id == Study.id)
+            .scalar_subquery(),
+            select(func.count(Series.id)).where(Series.study_id == Study.id).scalar_subquery(),
+        ).where(Study.study_uid == study_uid)
+    ).first()
+    return None if row is None else tuple(row)
+
+
 class Router:
     def __init__(
         self,
@@ -136,12 +159,19 @@ class Router:
         return len(pending)
 
     def on_stable(self, study_uid: str) -> None:
-        """Assembly listener: route the study that just became stable."""
+        """Assembly listener: route the study that just became stable.
+
+        What routing needs of the study is read first, outside the transaction that holds the
+        timer lease and the study's row: a series the catalog recorded no headers for has
+        its files read from the spool, and a slow file system must not hold those locks (nor
+        run into the lease transaction's idle limit). The locked transaction uses that
+        reading only if the study is still as it was read; otherwise it reads it again."""
+        prepared = self._prepare(study_uid)
         with self.catalog.sessions.begin() as session:
             if self.lease is not None and not self.lease.held(session):
                 log.info("study left to the timer lease's owner", extra={"study_uid": study_uid})
                 return
-            routed = self.route_study(session, study_uid)
+            routed = self.route_study(session, study_uid, prepared)
         if routed is None:
             return
         outcome, jobs = routed
@@ -156,12 +186,28 @@ class Router:
                 except Exception:  # the job is queued; a poll takes it anyway
                     log.exception("job listener failed", extra={"job_id": job_id})
 
+    def _prepare(self, study_uid: str) -> Prepared | None:
+        """The study's routing facts and the state they were read in, in a short read-only
+        transaction of its own; None when the study cannot be read (then they are read in the
+        routing transaction)."""
+        try:
+            with self.catalog.sessions() as session:
+                state = _study_state(session, study_uid)
+                if state is None:
+                    return None
+                return state, study_facts(session, self.spool, study_uid)
+        except Exception:  # read again where it counts, which reports what is wrong
+            log.warning("routing facts not read ahead", extra={"study_uid": study_uid})
+            return None
+
     def route_study(
-        self, session: Session, study_uid: str
+        self, session: Session, study_uid: str, prepared: Prepared | None = None
     ) -> tuple[RouteOutcome, list[int]] | None:
         """Decide the study's outcome and queue its jobs; returns the outcome and the job ids,
         or None when it was routed since it last became stable (routed once, however many
-        callers: the study row is locked to this transaction on PostgreSQL)."""
+        callers: the study row is locked to this transaction on PostgreSQL). ``prepared``:
+        facts read before this transaction, used when the study is still in the state they
+        were read in."""
         study = session.scalars(
             select(Study).where(Study.study_uid == study_uid).with_for_update()
         ).one()
@@ -172,7 +218,10 @@ class Router:
         ):
             return None
         now = db_now(session)  # the clock stable_at was taken by
-        facts = study_facts(session, self.spool, study_uid)
+        if prepared is not None and prepared[0] == _study_state(session, study_uid):
+            facts = prepared[1]
+        else:
+            facts = study_facts(session, self.spool, study_uid)
         own = bool(facts) and all(f.produced_by_node for f in facts)
         if not own and self._only_own_output_since_routed(session, study, facts):
             # A PACS forwarded our results back into the study: not a change worth a new job.

@@ -32,6 +32,7 @@ from pacs_node.catalog.models import (
 from pacs_node.catalog.studies import counters
 from pacs_node.config import Settings
 from pacs_node.destinations import DimseDestination
+from pacs_node.services.group import GroupView, group_view
 from pacs_node.services.status import recorder_state
 from pacs_node.tls import (
     ReloadingContext,
@@ -67,6 +68,7 @@ class NodeMetrics:
     stages: dict[str, StageSeconds]
     recorder_catalog_available: bool
     recorder_unrecorded: int
+    group: GroupView | None = None  # the job queue, the timer lease, the registered nodes
     queue_depth: int = field(init=False)  # jobs waiting for a worker
 
     def __post_init__(self) -> None:
@@ -146,6 +148,7 @@ def node_metrics(
             stages=_stages(timings),
             recorder_catalog_available=bool(recorder.get("catalog_available", True)),
             recorder_unrecorded=unrecorded if isinstance(unrecorded, int) else 0,
+            group=group_view(session, settings),
         )
 
 

@@ -13,6 +13,7 @@ from pacs_node.catalog.models import QuarantineItem, QuarantineState, Study
 from pacs_node.catalog.studies import counters
 from pacs_node.config import Settings
 from pacs_node.ingest.recorder import OUTAGE_FILE
+from pacs_node.services.group import GroupView, JobQueueView, group_view, redact_url
 from pacs_node.services.timeline import JsonValue
 
 
@@ -29,6 +30,10 @@ class NodeHealth:
     recorder: dict[str, JsonValue]  # the recorder's outage file, or that it is available
     counts: CatalogCounts | None  # None: the catalog could not be read
     catalog_error: str | None = None  # the exception's type when it could not
+    # The job queue, the timer lease and the registered nodes (None: the catalog could not be
+    # read; the job queue's backend and broker are still known from the configuration).
+    group: GroupView | None = None
+    configured_queue: JobQueueView | None = None
     healthy: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -46,6 +51,10 @@ class NodeHealth:
         report["catalog_reachable"] = self.counts is not None
         if self.catalog_error is not None:
             report["catalog_error"] = self.catalog_error
+        if self.group is not None:
+            report.update(self.group.as_json())
+        elif self.configured_queue is not None:
+            report["job_queue"] = self.configured_queue.as_json()
         report["healthy"] = self.healthy
         return report
 
@@ -66,6 +75,13 @@ def node_health(settings: Settings) -> NodeHealth:
     """Read the health; a catalog that cannot be opened or read is reported, never raised."""
     address = settings.node.catalog_url.split("@")[-1]
     recorder = recorder_state(settings)
+    options = settings.node
+    configured = JobQueueView(
+        options.job_queue,
+        redact_url(options.broker_url) if options.job_queue == "celery" else "",
+        options.job_workers if options.job_queue == "local" else 0,
+        {},
+    )
     try:
         catalog = open_catalog(settings.node.catalog_url, run_migrations=False)
         try:
@@ -78,8 +94,9 @@ def node_health(settings: Settings) -> NodeHealth:
                     studies=session.scalar(select(func.count(Study.id))) or 0,
                     quarantine_held=session.scalar(held) or 0,
                 )
+                group = group_view(session, settings)
         finally:
             catalog.dispose()
     except Exception as exc:  # the point is to report it, not to fail on it
-        return NodeHealth(address, recorder, None, type(exc).__name__)
-    return NodeHealth(address, recorder, counts)
+        return NodeHealth(address, recorder, None, type(exc).__name__, configured_queue=configured)
+    return NodeHealth(address, recorder, counts, group=group, configured_queue=configured)

@@ -21,6 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from pacs_node.catalog.studies import RECEIVED_BYTES, RECEIVED_INSTANCES
+from pacs_node.services.group import GroupView
 from pacs_node.services.metrics import (
     NodeMetrics,
     certificate_expiry,
@@ -61,6 +62,12 @@ FAMILIES = frozenset(
         "job_stage_recent_jobs",
         "tls_certificate_expiry_timestamp_seconds",
         "tls_certificate_reload_refused",
+        "job_queue_info",
+        "job_queue_queued",
+        "timer_lease_owner",
+        "timer_lease_expiry_timestamp_seconds",
+        "timer_lease_is_owner",
+        "registered_nodes",
     }
 )
 _NAME = re.compile(r"[^a-zA-Z0-9_]")
@@ -164,6 +171,58 @@ def _metrics(m: NodeMetrics) -> Iterator[Metric]:
         jobs.add_metric([stage], timing.jobs)
     yield seconds
     yield jobs
+    if m.group is not None:
+        yield from _group(m.group)
+
+
+def _group(group: GroupView) -> Iterator[Metric]:
+    """The job-queue backend, the timer lease's owner and the registered nodes."""
+    queue = group.job_queue
+    info = GaugeMetricFamily(
+        f"{PREFIX}_job_queue_info",
+        "Who runs the jobs: local (this node's job workers) or celery (workers through the "
+        "broker; its URL without the password). Always 1.",
+        labels=["backend", "broker"],
+    )
+    info.add_metric([queue.backend, queue.broker], 1)
+    yield info
+    queued = GaugeMetricFamily(
+        f"{PREFIX}_job_queue_queued",
+        "Jobs queued in the catalog per broker queue (celery), waiting for a worker.",
+        labels=["queue"],
+    )
+    for name, n in queue.queued.items():
+        queued.add_metric([name], n)
+    yield queued
+    lease = group.timer_lease
+    owner = GaugeMetricFamily(
+        f"{PREFIX}_timer_lease_owner",
+        "1 for the node that holds the timer lease now (assembly timers, routing, "
+        "housekeeping); no sample while none does.",
+        labels=["node_id"],
+    )
+    if lease.held:
+        owner.add_metric([lease.owner_node_id], 1)
+    yield owner
+    yield _gauge(
+        "timer_lease_expiry_timestamp_seconds",
+        "When the timer lease runs out unless renewed (Unix seconds; 0: never taken).",
+        lease.expires_at.timestamp() if lease.expires_at is not None else 0,
+    )
+    yield _gauge(
+        "timer_lease_is_owner",
+        "Whether this node (its node_id) holds the timer lease now.",
+        int(lease.mine),
+    )
+    registered = GaugeMetricFamily(
+        f"{PREFIX}_registered_nodes",
+        "Nodes registered on the catalog: live (heartbeat within timer_lease_s) or stale.",
+        labels=["state"],
+    )
+    live = sum(1 for n in group.nodes if n.live)
+    registered.add_metric(["live"], live)
+    registered.add_metric(["stale"], len(group.nodes) - live)
+    yield registered
 
 
 def _registry(request: Request) -> CollectorRegistry:

@@ -121,7 +121,7 @@ def _stored_once(
     partial = [
         p
         for p in spool.rglob("*")
-        if p.is_file() and p.parent.name != ".incoming" and p not in control
+        if p.is_file() and ".incoming" not in p.relative_to(spool).parts and p not in control
     ]
     assert all(p.suffix == ".dcm" for p in partial), "a partial file outside .incoming"
 
@@ -172,7 +172,7 @@ def test_sigkill_at_random_points_of_ingest_loses_nothing_acknowledged(
     node.start()  # a clean start finds nothing to recover and nothing half-written
     _stored_once(node, scanner.acknowledged, lambda: _catalogued_sqlite(node))
     assert sorted(_spooled(node)) == sorted(uids.values())
-    assert list((node.data_dir / "spool" / ".incoming").iterdir()) == []
+    assert list((node.data_dir / "spool" / ".incoming").rglob("*.part")) == []
     assert [s["instances"] for s in node.studies()] == [len(files)]
 
 
@@ -225,7 +225,7 @@ def test_disk_filling_during_ingest_refuses_then_resumes(
         assert process is not None
         assert process.poll() is None, node.log_text()[-2000:]
         incoming = node.data_dir / "spool" / ".incoming"
-        wait_for(lambda: not list(incoming.iterdir()), 10, what="no partial file")
+        wait_for(lambda: not list(incoming.rglob("*.part")), 10, what="no partial file")
         assert not (set(_spooled(node)) & refused)
 
         resize(32)  # space returns: the scanner sends what was refused again
@@ -233,7 +233,7 @@ def test_disk_filling_during_ingest_refuses_then_resumes(
         scanner.send(rest, uids)
         assert scanner.acknowledged == set(uids.values())
         _stored_once(node, scanner.acknowledged, lambda: _catalogued_sqlite(node))
-        assert not list(incoming.iterdir())
+        assert not list(incoming.rglob("*.part"))
         assert [s["instances"] for s in node.studies()] == [len(files)]
         node.stop()
 

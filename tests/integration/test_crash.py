@@ -58,7 +58,7 @@ def test_sigkill_mid_send_loses_nothing_acknowledged(
 
     assert acked_uids <= cataloged()
     assert cataloged() == spooled
-    assert list((node.data_dir / "spool" / ".incoming").iterdir()) == []
+    assert list((node.data_dir / "spool" / ".incoming").rglob("*.part")) == []
     study = wait_for(
         lambda: [s for s in node.studies() if s["state"] == "stable"], 20, what="stable"
     )[0]

@@ -194,7 +194,7 @@ class Target:
         assert int(status.Status) == 0, "C-ECHO failed"
         assert time.monotonic() - started < ECHO_DEADLINE_S
         incoming = self.node.data_dir / "spool" / ".incoming"
-        wait_for(lambda: not list(incoming.iterdir()), 10, what="an empty .incoming")
+        wait_for(lambda: not list(incoming.rglob("*.part")), 10, what="an empty .incoming")
 
     def consistent(self) -> None:
         """Every acknowledged valid instance is stored once; every row has its file."""

@@ -283,7 +283,7 @@ def test_a_deflate_bomb_fails_and_a_valid_instance_goes_on(
     assert stored.Status == 0x0000
     spooled = list((node.data_dir / "spool").rglob("*.dcm"))
     assert [p.name for p in spooled] == [f"{valid_uid}.dcm"]
-    assert list((node.data_dir / "spool" / ".incoming").iterdir()) == []
+    assert list((node.data_dir / "spool" / ".incoming").rglob("*.part")) == []
     wait_for(lambda: _counter(node, "failed_instances") == 1, 10, what="failure counter")
 
 
@@ -307,7 +307,7 @@ def test_an_instance_over_max_instance_mb_is_refused_and_the_association_goes_on
     assert statuses == [0xA700, 0x0000]
     spooled = [p.name for p in (node.data_dir / "spool").rglob("*.dcm")]
     assert spooled == [f"{small.SOPInstanceUID}.dcm"]
-    assert list((node.data_dir / "spool" / ".incoming").iterdir()) == []
+    assert list((node.data_dir / "spool" / ".incoming").rglob("*.part")) == []
     assert "max_instance_mb" in node.log_text()
 
 

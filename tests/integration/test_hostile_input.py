@@ -116,7 +116,7 @@ def test_malformed_instances_fail_while_the_association_goes_on(
     stored = sorted(p.name for p in spool.rglob("*.dcm"))
     assert len(stored) == 4
     assert all(set(p.parent.name) <= set("0123456789.") for p in spool.rglob("*.dcm"))
-    assert list((spool / ".incoming").iterdir()) == []
+    assert list((spool / ".incoming").rglob("*.part")) == []
     wait_for(lambda: _counter(node, "failed_instances") == 4, 10, what="failure counter")
 
 

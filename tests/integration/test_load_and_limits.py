@@ -140,7 +140,7 @@ def test_full_disk_answers_out_of_resources(
     assert result.returncode != 0
     assert "Refused: OutOfResources" in result.stderr  # 0xA700
     assert list((node.data_dir / "spool").rglob("*.dcm")) == []
-    assert list((node.data_dir / "spool" / ".incoming").iterdir()) == []
+    assert list((node.data_dir / "spool" / ".incoming").rglob("*.part")) == []
     assert "instance refused" in node.log_text()
 
 

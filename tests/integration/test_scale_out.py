@@ -13,9 +13,10 @@ import pytest
 import yaml
 from sqlalchemy import func, select
 
-from pacs_node.catalog import leases
+from pacs_node.catalog import leases, nodes
 from pacs_node.catalog.db import Catalog, open_catalog
 from pacs_node.catalog.models import Job, Study, StudyEvent, StudyState
+from pacs_node.ingest.spool import INCOMING
 from tests.conftest import NodeProcess, storescu, wait_for
 from tests.dicom_factory import new_uid, write_series
 
@@ -26,7 +27,8 @@ QUIET_S = 2.0
 ROUTES = {"rules": [{"name": "ct", "when": {"modality": "CT"}, "models": ["ct-classical"]}]}
 
 
-def _start(make_node: Callable[..., NodeProcess], shared: Path, url: str, name: str) -> NodeProcess:
+def _node(make_node: Callable[..., NodeProcess], shared: Path, url: str, name: str) -> NodeProcess:
+    """A node of the group, not started yet."""
     node = make_node(
         start=False,
         data_dir=str(shared),
@@ -41,7 +43,11 @@ def _start(make_node: Callable[..., NodeProcess], shared: Path, url: str, name: 
     )
     node.config_dir.mkdir(parents=True, exist_ok=True)
     (node.config_dir / "routes.yaml").write_text(yaml.safe_dump(ROUTES))
-    return node.start()
+    return node
+
+
+def _start(make_node: Callable[..., NodeProcess], shared: Path, url: str, name: str) -> NodeProcess:
+    return _node(make_node, shared, url, name).start()
 
 
 def _routing(catalog: Catalog, study_uid: str) -> tuple[str | None, int, int, int]:
@@ -105,5 +111,58 @@ def test_two_ingest_nodes_route_a_split_study_once_and_hand_the_timers_over(
         with catalog.sessions() as session:
             assert session.scalar(select(func.count(Job.id))) == 2
         assert [s["instances"] for s in second.studies() if s["study_uid"] == split] == [8]
+    finally:
+        catalog.dispose()
+
+
+def _registered(catalog: Catalog) -> dict[str, tuple[str, int]]:
+    """node_id -> (host, pid) of every registration."""
+    with catalog.sessions() as session:
+        return {r.node_id: (r.host, r.pid) for r in nodes.registered_nodes(session, LEASE_S)}
+
+
+def test_a_second_node_under_a_live_node_id_is_refused_and_leaves_live_partial_files(
+    postgres_url: str, make_node: Callable[..., NodeProcess], tmp_path: Path
+) -> None:
+    """Two nodes on one catalog configured with the same node_id: the second one refuses to
+    start (file, key, reason) before it touches anything; a node starting beside a live one
+    leaves that one's partial files in the shared ``.incoming`` alone, and removes those of
+    nodes not running; a node_id whose process died is taken over."""
+    shared = tmp_path / "shared"
+    first = _start(make_node, shared, postgres_url, "node-a")
+    assert first.process is not None
+    catalog = open_catalog(postgres_url, run_migrations=False)
+    try:
+        incoming = shared / "spool" / INCOMING
+        in_flight = incoming / "node.node-a" / "in-flight.part"  # node-a is writing it
+        in_flight.write_bytes(b"partial")
+        abandoned = incoming / "node.node-z" / "abandoned.part"  # node-z is not running
+        abandoned.parent.mkdir()
+        abandoned.write_bytes(b"partial")
+        assert _registered(catalog)["node-a"][1] == first.process.pid
+
+        twin = _node(make_node, shared, postgres_url, "node-a")
+        with pytest.raises(AssertionError, match="node exited early"):
+            twin.start()
+        said = twin.log_path.read_text().replace("\n", "")  # the console wraps long lines
+        assert f"{twin.config_dir / 'node.yaml'}: node_id: " in said
+        assert "'node-a' is in use by a running node" in said
+        assert in_flight.exists()  # refused before any clean-up
+        assert abandoned.exists()
+        assert _registered(catalog)["node-a"][1] == first.process.pid
+
+        second = _start(make_node, shared, postgres_url, "node-b")
+        assert in_flight.exists()  # node-a's, and node-a is live
+        assert not abandoned.exists()
+        assert not abandoned.parent.exists()
+        assert set(_registered(catalog)) == {"node-a", "node-b"}
+
+        first.kill()  # its registration stays; its process is gone
+        again = _start(make_node, shared, postgres_url, "node-a")
+        assert again.process is not None
+        assert _registered(catalog)["node-a"][1] == again.process.pid
+        assert not in_flight.exists()  # its own leftovers, from its dead process
+        second.stop()
+        assert "node-b" not in _registered(catalog)  # a graceful stop unregisters
     finally:
         catalog.dispose()

@@ -3,14 +3,19 @@ order of removal (rows first, files after), a crash between the two, and the dis
 
 from __future__ import annotations
 
+import hashlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select, update
+from pydicom import dcmread
+from sqlalchemy import func, select, text, update
+from sqlalchemy.orm import Session
 
+from pacs_node import housekeeping
 from pacs_node.audit.message import validate
 from pacs_node.catalog.audit import list_events
 from pacs_node.catalog.db import Catalog, open_catalog
@@ -35,14 +40,20 @@ from pacs_node.dispatch.commitment import CommitmentAnswer, Reference
 from pacs_node.housekeeping import Housekeeping, eligible_studies, finish_purges, purge_study
 from pacs_node.ingest.reconcile import reconcile
 from pacs_node.ingest.recorder import CatalogRecorder
-from pacs_node.ingest.spool import Spool
+from pacs_node.ingest.spool import Spool, file_digest
 from pacs_node.timer_lease import TimerLease
 from tests.catalog_factory import ingest
+from tests.conftest import wait_for
 from tests.dicom_factory import write_series
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 COMMITTED, FAILED = Commitment.COMMITTED, Commitment.FAILED
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
+
+
+def result_uid(study_uid: str) -> str:
+    """The SOP Instance UID of the study's one result: short enough for the column."""
+    return "2.25." + str(int(hashlib.sha256(study_uid.encode()).hexdigest()[:24], 16))
 
 
 @dataclass
@@ -68,7 +79,7 @@ class Node:
         paths = write_series(tmp / name, slices=3, rows=16, columns=16)
         study_id, study_uid, series = ingest(self.catalog, self.spool, paths)
         last = utcnow() - timedelta(days=age_days)
-        item = StoredEncoding("seg", SEG, f"{study_uid}.9", None, EXPLICIT_LE, b"seg")
+        item = StoredEncoding("seg", SEG, result_uid(study_uid), None, EXPLICIT_LE, b"seg")
         with self.catalog.sessions.begin() as session:
             session.execute(
                 update(Study)
@@ -265,7 +276,7 @@ def test_a_report_on_its_own_association_settles_in_either_order(
     from pacs_node.refs import CommitmentReport
 
     study_uid = node.study(tmp_path, "s", None, DeliveryState.SENDING, age_days=30)
-    report = CommitmentReport("PACS", "2.25.77", (f"{study_uid}.9",), ())
+    report = CommitmentReport("PACS", "2.25.77", (result_uid(study_uid),), ())
     with node.catalog.sessions.begin() as session:
         delivery = session.scalars(select(Delivery)).one()
         item = Outgoing(
@@ -274,7 +285,7 @@ def test_a_report_on_its_own_association_settles_in_either_order(
             destination="PACS",
             kind="seg",
             sop_class_uid=SEG,
-            sop_instance_uid=f"{study_uid}.9",
+            sop_instance_uid=result_uid(study_uid),
             encodings={},
             patient_search=None,
             attempts=1,
@@ -312,3 +323,94 @@ def test_only_the_timer_lease_owner_purges_and_a_lost_lease_stops_a_purge(
     with node.catalog.sessions.begin() as session:
         session.execute(update(NodeLease).values(owner=owner.owner))
     assert mine.run_once().purged == [old]
+
+
+@pytest.fixture
+def pg_node(postgres_url: str, tmp_path: Path) -> Iterator[Node]:
+    data = tmp_path / "pg"
+    catalog = open_catalog(postgres_url)
+    Spool(data / "spool")
+    try:
+        yield Node(catalog, data)
+    finally:
+        catalog.dispose()
+
+
+def _waiting_on_record_lock(catalog: Catalog) -> bool:
+    """Whether a session of this database waits for the recorder's advisory lock."""
+    with catalog.engine.connect() as connection:
+        waiting = connection.execute(
+            text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock' AND wait_event = 'advisory'"
+            )
+        ).scalar()
+    return bool(waiting)
+
+
+def test_an_instance_recorded_while_its_study_is_purged_is_never_removed_with_it(
+    pg_node: Node, postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The purge's re-check and its delete exclude the recorder: an instance whose row is
+    written at the moment the purge has checked the study must not be cascaded away. The
+    hook records it right after the re-check, from another connection, and lets the purge go
+    on only once that recording waits for the lock or is done (no timing)."""
+    study_uid = pg_node.study(tmp_path, "s", None, DeliveryState.DELIVERED, age_days=30)
+    late = write_series(tmp_path / "late", slices=1, rows=16, columns=16, study_uid=study_uid)
+    late_sop = str(dcmread(late[0], stop_before_pixels=True).SOPInstanceUID)
+    other = open_catalog(postgres_url, run_migrations=False)
+    recording = threading.Thread(target=ingest, args=(other, pg_node.spool, late))
+    original = housekeeping.eligible_studies
+    calls = 0
+
+    def hooked(session: Session) -> list[Study]:
+        nonlocal calls
+        calls += 1
+        found = original(session)
+        if calls == 2:  # the re-check in the purge's own transaction
+            recording.start()
+            wait_for(
+                lambda: not recording.is_alive() or _waiting_on_record_lock(pg_node.catalog),
+                20,
+                what="the late instance to be recorded or to wait for the purge",
+            )
+        return found
+
+    monkeypatch.setattr(housekeeping, "eligible_studies", hooked)
+    try:
+        report = Housekeeping(pg_node.catalog, pg_node.settings(retention_days=7)).run_once()
+        recording.join(20)
+    finally:
+        other.dispose()
+    assert not recording.is_alive()
+    assert report.purged == [study_uid]
+    with pg_node.catalog.sessions() as session:
+        path = session.scalar(select(Instance.path).where(Instance.sop_instance_uid == late_sop))
+        assert path is not None  # recorded after the purge: the start of a new study
+        assert session.scalar(select(func.count(Study.id))) == 1
+    assert (pg_node.spool / path).exists()
+
+
+def test_a_file_replaced_by_a_resend_before_the_purge_is_kept_with_its_bytes(
+    node: Node, tmp_path: Path
+) -> None:
+    """``resend_policy: replace`` swaps new bytes in under a name the purge lists, and answers
+    success before the row is recorded: those bytes must outlive the purge of the old study."""
+    study_uid = node.study(tmp_path, "s", None, DeliveryState.DELIVERED, age_days=30)
+    with node.catalog.sessions.begin() as session:  # as the receive path records them
+        for row in session.scalars(select(Instance)):
+            row.sha256 = file_digest(node.spool / row.path)
+    replaced = sorted(node.spool_files(study_uid))[0]
+    ds = dcmread(replaced)
+    ds.SeriesDescription = "corrected"
+    ds.save_as(replaced)
+    report = Housekeeping(node.catalog, node.settings(retention_days=7)).run_once()
+    assert report.purged == [study_uid]
+    assert node.spool_files(study_uid) == [replaced]  # the others went with the study
+    assert dcmread(replaced).SeriesDescription == "corrected"
+    spool = Spool(node.spool)
+    assert reconcile(spool, CatalogRecorder(node.catalog, spool)) == 1  # recorded, not lost
+    with node.catalog.sessions() as session:
+        assert list(session.scalars(select(Instance.path))) == [
+            str(replaced.relative_to(node.spool))
+        ]

@@ -166,3 +166,29 @@ def test_reconciled_instances_get_the_routing_header_the_receive_path_reads(
     assert headers is not None
     assert headers.first == read_routing_header(read_received_file(path))
     assert headers.first.pixel_spacing is None
+
+
+def test_a_node_removes_its_own_partial_files_and_those_of_nodes_not_running(
+    tmp_path: Path,
+) -> None:
+    """On a shared data path each node writes partial files in ``.incoming/node.<node_id>``;
+    at its start a node removes its own and those of nodes that are not running, and leaves
+    those of the live nodes beside it, which are being written."""
+    root = tmp_path / "spool"
+    mine = Spool(root, node_id="node-a")
+    beside = Spool(root, node_id="node-b")
+    gone = Spool(root, node_id="node-c")
+    tool = Spool(root)
+    ds = pydicom.dcmread(write_series(tmp_path / "src", slices=1)[0])
+    stored = beside.store(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, [b"\0" * 8])
+    assert not list(beside.incoming.glob("*.part"))  # written there, then linked in place
+    assert stored.relpath in set(beside.walk())
+    left = {s: s.incoming / "left.part" for s in (mine, beside, gone, tool)}
+    for path in left.values():
+        path.write_bytes(b"partial")
+    assert mine.clean_incoming(live={"node-b"}) == 2
+    assert {s.node_id for s, path in left.items() if path.exists()} == {"node-b", ""}
+    assert not gone.incoming.exists()  # a node that is not running leaves no folder behind
+    assert mine.incoming.exists()
+    assert mine.clean_incoming() == 2  # alone: what tools left goes too
+    assert not any(path.exists() for path in left.values())

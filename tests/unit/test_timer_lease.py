@@ -3,22 +3,38 @@ in the transaction of each timer action (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import create_engine, func, select, text, update
 from sqlalchemy.exc import DBAPIError
 
 from pacs_node.assembly import Assembly
-from pacs_node.catalog import leases
+from pacs_node.catalog import leases, nodes
 from pacs_node.catalog.db import Catalog, open_catalog
-from pacs_node.catalog.models import NodeLease, Series, Study, StudyState
+from pacs_node.catalog.models import (
+    Job,
+    NodeLease,
+    NodeRegistration,
+    RouteOutcome,
+    Series,
+    Study,
+    StudyState,
+)
 from pacs_node.catalog.studies import StudyTouch, list_studies
 from pacs_node.config import NodeOptions, Settings
+from pacs_node.ingest.spool import Spool
+from pacs_node.refs import RoutingHeader
+from pacs_node.routing import facts
+from pacs_node.routing.router import Router
+from pacs_node.routing.rules import RoutesFile
 from pacs_node.timer_lease import TimerLease
+from tests.catalog_factory import ingest
+from tests.dicom_factory import write_series
 from tests.unit.test_assembly import T0, _record, _ref
 
 
@@ -242,3 +258,120 @@ def test_a_timer_armed_from_a_clock_ahead_of_this_nodes_fires_within_a_quiet_per
         assert job.next_run_time <= datetime.now(UTC) + timedelta(seconds=31)
     finally:
         assembly.stop()
+
+
+def _stale(catalog: Catalog, node_id: str) -> None:
+    """The registered process stopped beating: its heartbeat is older than the lease."""
+    with catalog.sessions.begin() as session:
+        session.execute(
+            update(NodeRegistration)
+            .where(NodeRegistration.node_id == node_id)
+            .values(heartbeat_at=datetime(2000, 1, 1, tzinfo=UTC))
+        )
+
+
+def test_a_node_id_held_by_a_live_process_is_refused_and_a_stale_one_taken_over(
+    catalogs: tuple[Catalog, Catalog],
+) -> None:
+    first = TimerLease(catalogs[0], "node-a", ttl_s=30)
+    assert first.register() is None
+    assert first.register() is None  # its own registration again: still its own
+    twin = TimerLease(catalogs[1], "node-a", ttl_s=30, gone=lambda owner, mine: True)
+    twin.host = "other-host"  # a process gone on this host says nothing of another host
+    held = twin.register()
+    assert held is not None
+    assert (held.owner, held.host, held.live) == (first.owner, first.host, True)
+    assert TimerLease(catalogs[1], "node-b", ttl_s=30).register() is None  # other ids are free
+    first.renew()  # the heartbeat rides on the lease's renewal
+    assert twin.register() is not None
+    _stale(catalogs[0], "node-a")
+    assert twin.register() is None  # taken over
+    with catalogs[0].sessions.begin() as session:
+        assert not nodes.beat(session, "node-a", first.owner)  # no longer the first's
+    assert {n.node_id: n.owner for n in twin.nodes()}["node-a"] == twin.owner
+
+
+def test_a_restarted_node_takes_its_dead_processes_registration_over_at_once(
+    catalogs: tuple[Catalog, Catalog],
+) -> None:
+    earlier = TimerLease(catalogs[0], "node-a", ttl_s=30)
+    assert earlier.register() is None
+    restarted = TimerLease(
+        catalogs[1], "node-a", ttl_s=30, gone=lambda owner, mine: owner == earlier.owner
+    )
+    assert restarted.register() is None  # same host, its process gone: no wait
+    restarted.stop()  # a graceful stop removes the registration
+    assert restarted.nodes() == []
+
+
+def _lease_row_locked(url: str) -> bool:
+    """Whether another transaction holds the timer lease's row (PostgreSQL) or the database's
+    write lock (SQLite) now: asked without waiting."""
+    if url.startswith("sqlite"):
+        connection = sqlite3.connect(url.removeprefix("sqlite:///"), timeout=0)
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            connection.execute("ROLLBACK")
+            return False
+        except sqlite3.OperationalError:
+            return True
+        finally:
+            connection.close()
+    engine = create_engine(url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                text("SELECT name FROM node_leases WHERE name = 'timers' FOR UPDATE NOWAIT")
+            )
+        return False
+    except DBAPIError:
+        return True
+    finally:
+        engine.dispose()
+
+
+def test_routing_reads_the_spool_before_it_takes_the_lease_row(
+    url: str, catalogs: tuple[Catalog, Catalog], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A series recorded without headers has its files read for routing: while they are read
+    the timer lease's row (and on SQLite the write lock) is free, so a slow file system holds
+    no lock. A study that changed after that reading is routed on a fresh one."""
+    catalog = catalogs[0]
+    spool_dir = tmp_path / "spool"
+    spool = Spool(spool_dir)
+    study_id, study_uid, _ = ingest(
+        catalog, spool_dir, write_series(tmp_path / "s", slices=3, rows=16, columns=16)
+    )
+    with catalog.sessions.begin() as session:  # recorded before headers were kept
+        session.execute(update(Series).values(routing_first=None, routing_last=None))
+        session.execute(
+            update(Study)
+            .where(Study.id == study_id)
+            .values(state=StudyState.STABLE, stable_at=datetime.now(UTC))
+        )
+    lease = TimerLease(catalog, "node-a", ttl_s=30)
+    assert lease.renew()
+    routes = RoutesFile.model_validate(
+        {"rules": [{"name": "ct", "when": {"modality": "CT"}, "models": ["ct-classical"]}]}
+    )
+    router = Router(catalog, spool, routes, lease)
+    original = facts._read
+    locked: list[bool] = []
+
+    def reading(spool: Spool, relpath: str, series_uid: str) -> RoutingHeader:
+        locked.append(_lease_row_locked(url))
+        return original(spool, relpath, series_uid)
+
+    monkeypatch.setattr(facts, "_read", reading)
+    router.on_stable(study_uid)
+    assert locked == [False, False]  # the first and the last file, before the lease's row
+    with catalog.sessions() as session:
+        assert session.scalar(select(func.count(Job.id))) == 1
+
+    # A reading of another moment (the study has changed since) is not used.
+    with catalog.sessions.begin() as session:
+        session.execute(update(Study).values(routed_at=None))
+        stale = ((study_id, None, None, 0, 0, 0), [])
+        routed = router.route_study(session, study_uid, stale)
+    assert routed is not None
+    assert routed[0] is RouteOutcome.ROUTED  # from a fresh reading, not the empty one

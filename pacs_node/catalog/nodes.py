@@ -1,0 +1,126 @@
+"""Node registrations: one running process per ``node_id`` on a shared catalog.
+
+Everything a node owns in the group is named by its ``node_id``: the timer lease
+(``<node id>/<pid>/<token>``), the outbox claims it takes back at start, its partial files in
+the spool's ``.incoming/``. Two processes configured with the same ``node_id`` would take each
+other's claims for their own, so a node registers at start (host, pid, owner token, start
+time) and refreshes a heartbeat every renewal of its timer lease; a start finding a live row
+(heartbeat fresher than the lease time) of another process under its ``node_id`` is refused.
+A stale row (its process died or was cut off) is taken over, and so is one of an earlier
+process of this node on this host that is gone (a restart need not wait out the lease).
+
+Times are the database's clock on PostgreSQL (the hosts' clocks may differ), the process's
+on SQLite (one host).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from pacs_node.catalog.clock import db_now
+from pacs_node.catalog.models import NodeRegistration
+
+
+@dataclass(frozen=True, slots=True)
+class RegisteredNode:
+    node_id: str
+    owner: str
+    host: str
+    pid: int
+    started_at: datetime
+    heartbeat_at: datetime
+    live: bool  # its heartbeat is fresher than the lease time
+
+
+def _row(found: NodeRegistration, now: datetime, ttl_s: float) -> RegisteredNode:
+    return RegisteredNode(
+        found.node_id,
+        found.owner,
+        found.host,
+        found.pid,
+        found.started_at,
+        found.heartbeat_at,
+        found.heartbeat_at > now - timedelta(seconds=ttl_s),
+    )
+
+
+def register(
+    session: Session,
+    node_id: str,
+    owner: str,
+    host: str,
+    pid: int,
+    ttl_s: float,
+    *,
+    gone: Callable[[RegisteredNode], bool] | None = None,
+) -> RegisteredNode | None:
+    """Register this process as ``node_id``; None when it is registered now, else the live
+    registration of another process that holds ``node_id`` (nothing is changed then).
+    ``gone(row)``: whether a live row is of an earlier process of this node that is no longer
+    running (then it is taken over)."""
+    now = db_now(session)
+    dialect_insert = (
+        postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    )
+    values = {
+        "node_id": node_id,
+        "owner": owner,
+        "host": host,
+        "pid": pid,
+        "started_at": now,
+        "heartbeat_at": now,
+    }
+    inserted = session.execute(
+        dialect_insert(NodeRegistration)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=["node_id"])
+    )
+    if inserted.rowcount == 1:  # type: ignore[attr-defined]
+        return None
+    # Two starts at once: PostgreSQL makes the second insert wait for the first one's commit;
+    # on SQLite the insert took the write lock. Either way what is read here is settled.
+    found = session.scalars(
+        select(NodeRegistration).where(NodeRegistration.node_id == node_id).with_for_update()
+    ).one()
+    held = _row(found, now, ttl_s)
+    if held.owner != owner and held.live and not (gone is not None and gone(held)):
+        return held
+    session.execute(
+        update(NodeRegistration).where(NodeRegistration.node_id == node_id).values(**values)
+    )
+    return None
+
+
+def beat(session: Session, node_id: str, owner: str) -> bool:
+    """Refresh this process's heartbeat; False when its row is no longer its own (taken over
+    after it went stale: another process now runs as ``node_id``)."""
+    result = session.execute(
+        update(NodeRegistration)
+        .where(NodeRegistration.node_id == node_id, NodeRegistration.owner == owner)
+        .values(heartbeat_at=db_now(session))
+    )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def leave(session: Session, node_id: str, owner: str) -> None:
+    """Remove this process's registration (a graceful stop): ``node_id`` is free at once."""
+    session.execute(
+        delete(NodeRegistration).where(
+            NodeRegistration.node_id == node_id, NodeRegistration.owner == owner
+        )
+    )
+
+
+def registered_nodes(session: Session, ttl_s: float) -> list[RegisteredNode]:
+    """Every registration, live or stale, by ``node_id``."""
+    now = db_now(session)
+    return [
+        _row(found, now, ttl_s)
+        for found in session.scalars(select(NodeRegistration).order_by(NodeRegistration.node_id))
+    ]
