@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -483,3 +485,80 @@ def _study_events(node: NodeProcess, study_uid: str, kind: str) -> bool:
             (study_uid, kind),
         ).fetchone()
     return bool(row[0])
+
+
+class ArrivalWatch:
+    """When each result reached Orthanc: its REST ``/changes`` feed polled every 50 ms (its own
+    change dates have whole seconds only), each new instance stamped with the wall clock that
+    the node's catalog uses too."""
+
+    def __init__(self, orthanc: OrthancProcess) -> None:
+        self.orthanc = orthanc
+        self.arrived: dict[str, datetime] = {}  # SOP Instance UID -> first seen
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, daemon=True)
+
+    def __enter__(self) -> ArrivalWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _follow(self) -> None:
+        since = 0
+        while not self._stop.wait(0.05):
+            changes = self.orthanc.get(f"/changes?since={since}&limit=100")
+            seen = datetime.now(UTC)
+            for change in changes["Changes"]:
+                if change["ChangeType"] == "NewInstance":
+                    tags = self.orthanc.get(f"/instances/{change['ID']}/simplified-tags")
+                    self.arrived.setdefault(tags["SOPInstanceUID"], seen)
+            since = changes["Last"]
+
+
+def test_the_seg_and_sr_reach_the_pacs_before_the_pdf_is_built(
+    tmp_path: Path, make_node: Callable[..., NodeProcess], orthancs: list[OrthancProcess]
+) -> None:
+    """Results first: a scanner study's SEG and SR are in Orthanc before the node has built
+    and stored the PDF of the same job (its delivery row is made in the commit that stores
+    it), and the job is still one job that ends done with every result delivered once."""
+    orthanc_port = free_port()
+    node = _routed_node(make_node, orthanc_port, ROUTES_TO_ORTHANC)
+    orthanc = OrthancProcess(
+        tmp_path / "orthanc",
+        free_port(),
+        orthanc_port,
+        modalities={"node": [node.ae_title, "127.0.0.1", node.port]},
+    ).start()
+    orthancs.append(orthanc)
+
+    paths = write_series(tmp_path / "ct", slices=48, rows=192, columns=192, spacing=(2, 2, 2))
+    study_uid = str(dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
+    with ArrivalWatch(orthanc) as watch:
+        assert storescu(node, *paths).returncode == 0  # the scanner
+        wait_for(lambda: _json(node, "jobs"), 30, interval=0.5, what="routing")
+        job = wait_for(lambda: _job_done(node), 180, interval=0.5, what="the routed job")
+        assert len(_json(node, "jobs")) == 1  # still one job per study and model
+
+        def delivered() -> list[dict[str, Any]] | None:
+            rows = _json(node, "deliveries")
+            settled = all(d["state"] == "delivered" for d in rows)
+            return rows if {d["kind"] for d in rows} == KINDS and settled else None
+
+        deliveries = wait_for(delivered, 60, interval=0.5, what="every delivery")
+        wait_for(
+            lambda: {d["sop_instance_uid"] for d in deliveries} <= set(watch.arrived),
+            10,
+            what="every arrival seen",
+        )
+    _check_in_orthanc(orthanc, study_uid, deliveries)  # each once, in the source study
+    assert len(deliveries) == len({d["sop_instance_uid"] for d in deliveries})
+
+    (pdf,) = [d for d in deliveries if d["kind"] == "pdf"]
+    pdf_stored = datetime.fromisoformat(pdf["created_at"])  # after the PDF was built
+    first = {d["kind"]: watch.arrived[d["sop_instance_uid"]] for d in deliveries}
+    for kind in ("seg", "sr"):
+        assert first[kind] < pdf_stored, (kind, first, pdf_stored, job["timings"])
+    assert watch.arrived[pdf["sop_instance_uid"]] > pdf_stored
