@@ -168,7 +168,8 @@ class _Annotation(hd.pr.GraphicAnnotation):
         if not references or not (graphic_objects or text_objects):
             raise ValueError("an annotation needs an image and a graphic or text object")
         self.GraphicLayer = layer.GraphicLayer
-        self.ReferencedImageSequence = list(references)
+        # items of highdicom's own ReferencedImageSequence, checked once (see _References)
+        self.ReferencedImageSequence = list(references)  # type: ignore[assignment]
         for graphic in graphic_objects:
             self._check_coords(graphic.graphic_data, image, graphic.units)
         for text in text_objects:
@@ -266,7 +267,7 @@ def build_presentation_state(
     text = f"{DISCLAIMER} ({provenance.algorithm.name} {provenance.algorithm.version})"[:64]
     for images in _notice_groups([by_uid[uid] for uid in sorted(annotated)], volume):
         rows, columns = int(images[0].Rows), int(images[0].Columns)
-        box = (1.0, 1.0, float(columns) - 1, min(16.0, rows - 1.0))
+        corners = (1.0, 1.0, float(columns) - 1, min(16.0, rows - 1.0))
         annotations.append(
             _Annotation(
                 [references.item(image, None) for image in images],
@@ -274,7 +275,9 @@ def build_presentation_state(
                 notice,
                 text_objects=[
                     hd.pr.TextObject(
-                        text_value=text, units=hd.pr.AnnotationUnitsValues.PIXEL, bounding_box=box
+                        text_value=text,
+                        units=hd.pr.AnnotationUnitsValues.PIXEL,
+                        bounding_box=corners,
                     )
                 ],
             )
