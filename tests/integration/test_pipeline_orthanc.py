@@ -357,9 +357,20 @@ def test_outage_backs_off_then_delivers_everything_once(
         proxy.stop()
 
 
+@pytest.mark.parametrize(
+    "stages",
+    [("infer", "build"), ("extras",)],
+    ids=["before-the-first-results", "between-the-seg-and-sr-and-the-rest"],
+)
 def test_sigkill_during_a_job_loses_nothing_and_duplicates_nothing(
-    tmp_path: Path, make_node: Callable[..., NodeProcess], orthancs: list[OrthancProcess]
+    tmp_path: Path,
+    make_node: Callable[..., NodeProcess],
+    orthancs: list[OrthancProcess],
+    stages: tuple[str, ...],
 ) -> None:
+    """Killed while the model runs, or after the SEG and SR were committed (maybe sent) while
+    the rest is built: the job runs again, and every result is stored, delivered and in
+    Orthanc exactly once."""
     from sqlalchemy import select
 
     from pacs_node.catalog.db import open_catalog
@@ -382,9 +393,9 @@ def test_sigkill_during_a_job_loses_nothing_and_duplicates_nothing(
         def busy() -> bool:
             with catalog.sessions() as session:
                 job = session.scalars(select(Job)).one()
-            return job.state == "running" and job.stage in ("infer", "build")
+            return job.state == "running" and job.stage in stages
 
-        wait_for(busy, 120, interval=0.05, what="the job in inference or building results")
+        wait_for(busy, 120, interval=0.02, what=f"the job in {' or '.join(stages)}")
         node.kill()
         node.start()  # the job that was running goes back to the queue and runs again
         job = wait_for(lambda: _job_done(node), 180, interval=0.5, what="the job after restart")
@@ -393,9 +404,13 @@ def test_sigkill_during_a_job_loses_nothing_and_duplicates_nothing(
     finally:
         catalog.dispose()
     assert "quality" in {kind for kind, _ in events}  # the gate's verdict is recorded
-    steps = [kind for kind, _ in events if not kind.startswith("quality")]
+    # the job's own steps; its SEG and SR are committed first (results_first), in whichever
+    # run got that far, and their deliveries' events may come before the job's end
+    steps = [k for k, _ in events if k in ("queued", "running", "done", "failed")]
     assert steps[:5] == ["queued", "running", "queued", "running", "done"]
-    assert "restart" in events[2][1]
+    kinds = [k for k, _ in events]
+    assert "results_first" in kinds[: kinds.index("done")]
+    assert "restart" in [detail for k, detail in events if k == "queued"][1]
 
     def delivered() -> list[dict[str, Any]] | None:
         rows = _json(node, "deliveries")
@@ -405,6 +420,7 @@ def test_sigkill_during_a_job_loses_nothing_and_duplicates_nothing(
     assert len(deliveries) == len({d["sop_instance_uid"] for d in deliveries})  # one set, once
     _check_in_orthanc(orthanc, study_uid, deliveries)
     assert orthanc.get("/statistics")["CountInstances"] == len(deliveries)
+    assert {d["kind"] for d in deliveries} == KINDS
 
 
 def _ct_rule_to(send: dict[str, list[str]]) -> str:
