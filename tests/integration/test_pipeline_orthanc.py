@@ -550,7 +550,23 @@ def test_the_seg_and_sr_reach_the_pacs_before_the_pdf_is_built(
     ).start()
     orthancs.append(orthanc)
 
-    paths = write_series(tmp_path / "ct", slices=48, rows=192, columns=192, spacing=(2, 2, 2))
+    from dataclasses import replace
+
+    from phantom.render import TRAINING, render_ct
+    from phantom.writers import write_dicom
+
+    # a phantom torso (body, lungs, bone for ct-classical) long enough that its presentation
+    # state, key images and PDF take seconds: the SEG and SR must not wait for them
+    ranges = replace(
+        TRAINING,
+        thickness_mm=(4.0, 4.0),
+        pixel_mm=(1.8, 1.8),
+        coverage_mm=(240.0, 240.0),
+        fov_scale=(1.1, 1.1),
+        noise=(10.0, 10.0),
+        metal=False,
+    )
+    paths = write_dicom(render_ct(31, ranges), tmp_path / "ct")
     study_uid = str(dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
     with ArrivalWatch(orthanc) as watch:
         assert storescu(node, *paths).returncode == 0  # the scanner
