@@ -33,6 +33,9 @@ What it does
      wall time (progress rows, reading the job);
    - delivery: job done -> seen in Orthanc, and job done -> report seen in the FHIR server.
 
+   first result = last ack -> both the SEG and the SR in Orthanc (the node stores and sends
+   them before it builds the rest), minus the quiet period.
+
    total = max(PACS, EHR) - quiet period. Each figure is the median over runs on its own (so
    the stages need not add up to the median total exactly); every run is in the JSON.
 4. Throughput: ``--studies`` (10) studies sent back to back by 2 scanners, each a thread running
@@ -339,6 +342,14 @@ class Pacs:
         stats = self.client.get(f"{url}/studies/{self.ids[study_uid]}/statistics").json()
         return int(stats["CountInstances"])
 
+    def holds(self, sop_instance_uids: Sequence[str]) -> bool:
+        """Whether Orthanc holds every one of these instances."""
+        for uid in sop_instance_uids:
+            found = self.client.post(f"{self.orthanc.url}/tools/lookup", content=uid).json()
+            if not any(f["Type"] == "Instance" for f in found):
+                return False
+        return True
+
 
 # --------------------------------------------------------------------------------------------
 # The node
@@ -458,6 +469,29 @@ class Node:
     def cli_json(self, *args: str) -> Any:
         return json.loads(self.cli(*args, "--json"))
 
+    def first_results(self, study_uid: str) -> list[str] | None:
+        """SOP Instance UIDs of the study's SEG and SR queued for PACS, once both are (they
+        are committed before the job's other results); None before."""
+        path = self.data_dir / "catalog.sqlite"
+        if not path.exists():
+            return None
+        try:
+            with contextlib.closing(
+                sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+            ) as db:
+                rows = db.execute(
+                    "SELECT r.kind, r.sop_instance_uid FROM results r"
+                    " JOIN deliveries d ON d.result_id = r.id"
+                    " JOIN jobs j ON j.id = r.job_id JOIN studies s ON s.id = j.study_id"
+                    " WHERE s.study_uid = ? AND d.destination = ? AND r.kind IN ('seg', 'sr')",
+                    (study_uid, PACS),
+                ).fetchall()
+        except sqlite3.Error:
+            return None
+        if {kind for kind, _uid in rows} != {"seg", "sr"}:
+            return None
+        return [uid for _kind, uid in rows]
+
     def expected(self, study_uid: str) -> int | None:
         """DICOM results queued for PACS once the study's job is done; None before. Raises if
         the job failed or a delivery is dead or held."""
@@ -511,6 +545,7 @@ class Track:
     scanner: str
     acked_at: float = 0.0
     expected: int | None = None
+    first_at: float | None = None  # the SEG and SR in Orthanc
     pacs_at: float | None = None
     ehr_at: float | None = None
 
@@ -528,11 +563,17 @@ def follow(node: Node, tracks: Sequence[Track], timeout_s: float = RESULT_TIMEOU
         now = time.time()
         pending = [t for t in tracks if t.acked_at and not t.done]
         for track in pending:
+            if track.first_at is None:
+                first = node.first_results(track.study.uid)
+                if first and node.pacs.holds(first):
+                    track.first_at = now
             if track.pacs_at is None:
                 if track.expected is None:
                     track.expected = node.expected(track.study.uid)
                 if track.expected and node.pacs.count(track.study.uid) >= track.expected:
                     track.pacs_at = now
+                    if track.first_at is None:  # both came within one poll
+                        track.first_at = now
         if any(t.ehr_at is None for t in pending) and now - last_fhir >= 2 * POLL_S:
             last_fhir = now
             waiting = [t for t in pending if t.ehr_at is None]
@@ -561,6 +602,7 @@ STAGES = (
     ("deliver_ehr", "delivery to FHIR (job done -> report accepted)"),
     ("to_pacs", "last ack -> all results in Orthanc, minus quiet"),
     ("to_ehr", "last ack -> report in FHIR, minus quiet"),
+    ("first_result", "first result: last ack -> SEG and SR in Orthanc, minus quiet"),
     ("total", "total beyond the quiet period"),
 )
 
@@ -578,6 +620,8 @@ def stages(node: Node, track: Track) -> dict[str, Any]:
     finished = stamp(job["finished_at"])
     if not (stable and created and started and finished and track.pacs_at and track.ehr_at):
         raise RuntimeError(f"incomplete records for study {track.study.uid}: {study} {job}")
+    if track.first_at is None:
+        raise RuntimeError(f"the SEG and SR of study {track.study.uid} were not seen in Orthanc")
     infer = sum(timings.get(k, 0.0) for k in ("load_s", "preprocess_s", "infer_s", "postprocess_s"))
     counted = sum(v for k, v in timings.items() if k not in ("queued_s", "total_s"))
     quiet = stable - track.acked_at
@@ -594,6 +638,7 @@ def stages(node: Node, track: Track) -> dict[str, Any]:
         "deliver_ehr": track.ehr_at - finished,
         "to_pacs": track.pacs_at - track.acked_at - quiet,
         "to_ehr": track.ehr_at - track.acked_at - quiet,
+        "first_result": track.first_at - track.acked_at - quiet,
         "total": max(track.pacs_at, track.ehr_at) - track.acked_at - quiet,
     }
     deliveries = [d for d in node.cli_json("deliveries") if d["job_id"] == job["id"]]
@@ -675,8 +720,9 @@ class Bench:
                 result.latency_runs.append(measured)
                 s = measured["seconds"]
                 print(
-                    f"{model} run {run + 1}/{self.args.runs}: total {s['total']:.1f} s beyond "
-                    f"quiet {s['quiet']:.1f} s (infer {s['infer']:.1f}, build {s['build']:.1f},"
+                    f"{model} run {run + 1}/{self.args.runs}: total {s['total']:.1f} s, first "
+                    f"result {s['first_result']:.1f} s beyond quiet {s['quiet']:.1f} s"
+                    f" (infer {s['infer']:.1f}, build {s['build']:.1f},"
                     f" PACS {s['to_pacs']:.1f}, EHR {s['to_ehr']:.1f}; load {measured['load']})",
                     file=sys.stderr,
                 )

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from pacs_node.inference.runner import Runner, Segmentation
     from pacs_node.quality import QualityLimits
     from pacs_node.quality.checks import Verdict
-    from pacs_node.results import ResultOptions, ResultSet
+    from pacs_node.results import PrimaryResults, ResultOptions, ResultSet
 
 DECODE, INFER, BUILD = "decode", "infer", "build"
 # Where each stage starts, as a share of one series' run (the rest is the caller's: storing).
@@ -70,9 +70,11 @@ class SeriesRun:
     series_uid: str
     volume: Volume
     segmentation: Segmentation  # its timings include ``decode``
-    results: ResultSet | None  # None when no results were asked for
+    results: ResultSet | None  # None when no results were asked for; the SEG and SR only
+    # with ``extras_later`` (then :func:`build_extras_of` builds the rest)
     limits: QualityLimits | None  # the gate's, None without a gate
     verdict: Verdict | None  # the gate's, None without a gate
+    primary: PrimaryResults | None = None  # with ``extras_later``: what the extras go on from
 
 
 def run_series(
@@ -86,9 +88,12 @@ def run_series(
     on_stage: StageHook = _no_hook,
     progress: Progress | None = None,
     timings: Stopwatch | None = None,
+    extras_later: bool = False,
 ) -> SeriesRun:
     """Decode ``paths``, run ``model``, then build the result objects with ``options`` (None:
-    only the gate's verdict, from the findings). Stage seconds go to ``timings`` as each stage
+    only the gate's verdict, from the findings); with ``extras_later`` only the measurements,
+    the gate, the SEG and the SR, so that the caller can send those before it builds the rest
+    with :func:`build_extras_of`. Stage seconds go to ``timings`` as each stage
     ends (``decode_s``, the model's ``load_s`` .. ``postprocess_s``, ``build_s``), so a run cut
     short still shows where its time went."""
     from pacs_node.imaging.volume import load_series
@@ -116,13 +121,18 @@ def run_series(
     started = time.perf_counter()
     built: ResultSet | None = None
     verdict: Verdict | None = None
+    primary: PrimaryResults | None = None
     if options is not None:
-        from pacs_node.results import build_results
+        from pacs_node.results import build_primary, build_results
 
         if limits is not None and gate is not None:
             # held ones too: released later, they reach the PACS with the failed checks named
             options = replace(options, quality=limits, quality_flag=gate.flag)
-        built = build_results(volume, segmentation.labelmap, segmentation.model, options)
+        if extras_later:
+            primary = build_primary(volume, segmentation.labelmap, segmentation.model, options)
+            built = primary.results
+        else:
+            built = build_results(volume, segmentation.labelmap, segmentation.model, options)
         verdict = built.verdict
     elif limits is not None:
         from pacs_node.quality.checks import run_checks
@@ -131,4 +141,18 @@ def run_series(
         findings = measure_labelmap(volume, segmentation.labelmap)
         verdict = run_checks(volume, findings, limits, segmentation.labelmap)
     watch.add("build_s", time.perf_counter() - started)
-    return SeriesRun(series_uid, volume, segmentation, built, limits, verdict)
+    return SeriesRun(series_uid, volume, segmentation, built, limits, verdict, primary)
+
+
+def build_extras_of(run: SeriesRun, timings: Stopwatch | None = None) -> ResultSet:
+    """The presentation state, key images, PDF and FHIR Bundles of a run made with
+    ``extras_later``; their seconds are added to ``build_s``."""
+    from pacs_node.results import build_extras
+
+    if run.primary is None:
+        raise PacsNodeError(f"series {run.series_uid} was not run with extras_later")
+    started = time.perf_counter()
+    extras = build_extras(run.volume, run.segmentation.labelmap, run.primary)
+    if timings is not None:
+        timings.add("build_s", time.perf_counter() - started)
+    return extras

@@ -1,10 +1,12 @@
 """Runs jobs: a claimed job from the catalog to stored results and deliveries.
 
 A claimed job goes: the spooled files of each of its series through :func:`run_series` (decode,
-the model, :func:`build_results` once, with the quality gate of the job's route,
-:mod:`pacs_node.quality`) -> the bytes stored (atomic files) and their ``results`` rows -> one
+the model, the measurements, the quality gate of the job's route (:mod:`pacs_node.quality`),
+the SEG and the SR) -> their bytes stored (atomic files), their ``results`` rows and one
 ``deliveries`` row per (result, destination), held for an operator when the result failed the
-gate under ``qa: hold`` (:mod:`pacs_node.catalog.quality`) -> ``done``. Each stage is
+gate under ``qa: hold`` (:mod:`pacs_node.catalog.quality`), committed: the outbox sends them
+now -> the presentation state, key images, PDF and FHIR Bundles built, stored and their
+deliveries made (held the same way) -> ``done``. Each stage is
 recorded on the job (stage, progress, seconds); a failure records the stage and the reason.
 
 Where it runs: in the worker processes of :mod:`pacs_node.jobs` (the main process never
@@ -31,8 +33,8 @@ from sqlalchemy import select
 
 from pacs_node.catalog.db import Catalog
 from pacs_node.catalog.deliveries import JOB_REJECTED, create_deliveries
-from pacs_node.catalog.jobs import claim_job, fail_job, finish_job, set_progress
-from pacs_node.catalog.models import Instance, Job, JobState, Series, Study
+from pacs_node.catalog.jobs import add_job_event, claim_job, fail_job, finish_job, set_progress
+from pacs_node.catalog.models import Instance, Job, JobState, Result, Series, Study
 from pacs_node.catalog.quality import hold_for_quality, record_verdict
 from pacs_node.catalog.results import (
     FHIR_MEDIA_TYPE,
@@ -46,7 +48,14 @@ from pacs_node.cpus import inference_threads, limit_threads
 from pacs_node.destinations import SOURCE, FhirDestination, source_name
 from pacs_node.errors import PacsNodeError
 from pacs_node.outputs import OutputKind, kind_of_route_key
-from pacs_node.pipeline import STAGE_SHARE, Gate, Stopwatch, run_series
+from pacs_node.pipeline import (
+    STAGE_SHARE,
+    Gate,
+    SeriesRun,
+    Stopwatch,
+    build_extras_of,
+    run_series,
+)
 from pacs_node.redact import scrub_reason
 
 if TYPE_CHECKING:
@@ -55,6 +64,12 @@ if TYPE_CHECKING:
     from pacs_node.results import ResultOptions, ResultSet
 
 log = logging.getLogger(__name__)
+
+FIRST_SHARE = 0.6  # of the job's progress: decode, infer, SEG and SR of every series
+STORE_FIRST = "store-first"  # stage: the SEG and SR stored, their deliveries committed
+EXTRAS = "extras"  # stage: presentation state, key images, PDF and FHIR being built
+EXTRAS_SHARE = 0.65
+RESULTS_FIRST_EVENT = "results_first"  # job event: the SEG and SR committed, before the rest
 
 
 class Cancelled(Exception):
@@ -230,6 +245,26 @@ def stored_encodings(results: ResultSet, fhir_names: Sequence[str] = ()) -> list
     return items
 
 
+def _not_stored(session: Any, job_id: int, items: list[StoredEncoding]) -> list[StoredEncoding]:
+    """``items`` less the objects an earlier run of this job already stored (same kind, SOP
+    Instance UID and destination: the UIDs are deterministic, see
+    :mod:`pacs_node.results.provenance`), so that a re-run never stores or delivers them twice."""
+    have = {
+        (kind, uid, destination)
+        for kind, uid, destination in session.execute(
+            select(Result.kind, Result.sop_instance_uid, Result.destination).where(
+                Result.job_id == job_id
+            )
+        ).all()
+    }
+    return [i for i in items if (i.kind, i.sop_instance_uid, i.destination) not in have]
+
+
+def _remove(root: Path, relpaths: Sequence[str]) -> None:
+    for relpath in relpaths:
+        (root / relpath).unlink(missing_ok=True)
+
+
 def run_job(
     catalog: Catalog,
     settings: Settings,
@@ -237,10 +272,18 @@ def run_job(
     job_id: int,
     worker: str,
     attempt: int | None = None,
+    on_stored: Callable[[int], None] | None = None,
 ) -> JobState:
     """Run one claimed job to done or failed (or discard it if cancelled meanwhile).
     ``attempt``: the number the claim itself returned, which names this run's result folder
-    (read afresh, a later claim's number could make a stale run overwrite its results)."""
+    (read afresh, a later claim's number could make a stale run overwrite its results).
+
+    Results first, extras after: the SEG and SR of every series (with the quality gate's
+    verdict and hold) are stored and their deliveries committed first, so the outbox sends them
+    while the presentation state, key images, PDF and FHIR Bundles are built; those are stored
+    with the job's end. ``on_stored(deliveries)`` is called after each of the two commits (an
+    outbox in this process wakes on it; one in another process finds them at its next poll).
+    A re-run of a job whose first part was committed stores only what is missing."""
     watch = Stopwatch()
 
     def stage(name: str, progress: float) -> None:
@@ -250,6 +293,8 @@ def run_job(
 
     extra = {"job_id": job_id}
     folder = ""
+    written: list[str] = []  # files of this run no committed row names yet
+    committed = False
     try:
         job = read_job(catalog, settings, job_id)
         watch.add("queued_s", max(0.0, job.waited_s))
@@ -259,11 +304,13 @@ def run_job(
         mode, overrides = quality_policy(settings, job)
         gate = None if mode == "off" else Gate(overrides, flag=mode in ("flag", "hold"))
         options = result_options(settings, job.destinations, job.revision)
+        fhir_names = job.destinations.get(OutputKind.FHIR, [])
         limits: QualityLimits | None = None
         failures: list[dict[str, Any]] = []
         items: list[StoredEncoding] = []
+        runs: list[SeriesRun] = []
         version: str | None = None
-        share = 0.9 / max(1, len(job.series))
+        share = FIRST_SHARE / max(1, len(job.series))
         for index, (series_uid, paths) in enumerate(job.series.items()):
 
             def on_stage(name: str, base: float = index * share) -> None:
@@ -278,6 +325,7 @@ def run_job(
                 gate=gate,
                 on_stage=on_stage,
                 timings=watch,
+                extras_later=True,
             )
             if run.segmentation.removals:  # the model's anatomical limits took labels away
                 log.info(
@@ -290,18 +338,58 @@ def run_job(
             if run.verdict is not None:
                 failures.extend(f.as_json() for f in run.verdict.failures)
             if run.results is not None:  # always, with options given
-                items.extend(
-                    stored_encodings(run.results, job.destinations.get(OutputKind.FHIR, []))
-                )
-        stage("store", 0.9)
+                items.extend(stored_encodings(run.results, fhir_names))
+                runs.append(run)
+        verdict = None if limits is None else ("fail" if failures else "pass")
+        held = bool(failures) and mode == "hold"
+
+        # 1. the SEG and SR: stored, their deliveries committed (held under qa: hold), sent now
+        stage(STORE_FIRST, FIRST_SHARE)
         started = time.perf_counter()
-        relpaths = write_files(results_dir(settings), folder, items, fsync=settings.node.fsync)
+        with catalog.sessions() as session:
+            items = _not_stored(session, job_id, items)
+        written = write_files(results_dir(settings), folder, items, fsync=settings.node.fsync)
         with catalog.sessions.begin() as session:
-            results = add_result_rows(session, job_id, items, relpaths)
-            deliveries = create_deliveries(session, job_id, results, job.destinations)
-            verdict = None if limits is None else ("fail" if failures else "pass")
+            if not set_progress(session, job_id, worker, STORE_FIRST, FIRST_SHARE):
+                raise Cancelled(STORE_FIRST)
+            results = add_result_rows(session, job_id, items, written)
+            first = create_deliveries(session, job_id, results, job.destinations)
             record_verdict(session, job_id, str(mode), verdict, failures)
-            if failures and mode == "hold":
+            if held:
+                hold_for_quality(session, job_id, failures)
+            add_job_event(
+                session,
+                job_id,
+                RESULTS_FIRST_EVENT,
+                kinds=sorted({kind for _, kind in results}),
+                results=len(results),
+                deliveries=first,
+            )
+        committed, written = True, []
+        watch.add("store_s", time.perf_counter() - started)
+        if on_stored is not None:
+            on_stored(first)
+        log.info(
+            "first results stored",
+            extra={**extra, "results": len(results), "deliveries": first},
+        )
+
+        # 2. the presentation state, key images, PDF and FHIR Bundles, then the job's end
+        extras: list[StoredEncoding] = []
+        step = (0.95 - EXTRAS_SHARE) / max(1, len(runs))
+        for index, run in enumerate(runs):
+            stage(EXTRAS, EXTRAS_SHARE + index * step)
+            extras.extend(stored_encodings(build_extras_of(run, watch), fhir_names))
+        del runs  # the volumes
+        stage("store", 0.95)
+        started = time.perf_counter()
+        with catalog.sessions() as session:
+            extras = _not_stored(session, job_id, extras)
+        written = write_files(results_dir(settings), folder, extras, fsync=settings.node.fsync)
+        with catalog.sessions.begin() as session:
+            more = add_result_rows(session, job_id, extras, written)
+            deliveries = first + create_deliveries(session, job_id, more, job.destinations)
+            if held:
                 hold_for_quality(session, job_id, failures)
             watch.add("store_s", time.perf_counter() - started)
             if not finish_job(
@@ -309,16 +397,19 @@ def run_job(
                 job_id,
                 worker,
                 watch.as_json(),
-                results=len(results),
+                results=len(results) + len(more),
                 deliveries=deliveries,
                 model_version=version,
             ):
                 raise Cancelled("store")
+        written = []
+        if on_stored is not None:
+            on_stored(deliveries - first)
         log.info(
             "job done",
             extra={
                 **extra,
-                "results": len(results),
+                "results": len(results) + len(more),
                 "deliveries": deliveries,
                 "quality": verdict or "off",
                 **watch.as_json(),
@@ -326,7 +417,9 @@ def run_job(
         )
         return JobState.DONE
     except Cancelled:
-        if folder:
+        if committed:  # the first results stay: their rows name them and they may be sent
+            _remove(results_dir(settings), written)
+        elif folder:
             shutil.rmtree(results_dir(settings) / folder, ignore_errors=True)
         log.info("job cancelled while running; its work is discarded", extra=extra)
         return JobState.CANCELLED
@@ -364,8 +457,10 @@ def run_burst(
     runner: Runner | None = None,
     label: str = "burst",
     on_job: Callable[[int, JobState], None] | None = None,
+    on_stored: Callable[[int], None] | None = None,
 ) -> list[int]:
-    """Claim and run queued jobs in this process until none is left; the ids it ran."""
+    """Claim and run queued jobs in this process until none is left; the ids it ran.
+    ``on_stored``: see :func:`run_job` (an outbox's ``wake``)."""
     runner = runner or make_runner(settings)
     me = worker_id(label)
     ran: list[int] = []
@@ -374,7 +469,7 @@ def run_burst(
             job_id = claim_job(session, me)
         if job_id is None:
             return ran
-        state = run_job(catalog, settings, runner, job_id, me)
+        state = run_job(catalog, settings, runner, job_id, me, on_stored=on_stored)
         ran.append(job_id)
         if on_job is not None:
             on_job(job_id, state)

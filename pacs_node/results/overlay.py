@@ -2,7 +2,9 @@
 
 - A Grayscale Softcopy Presentation State (PS3.3 A.33.1, built by highdicom ``pr``) on the source
   series: one graphic layer per segment, in the segment's colour, holding closed polylines of its
-  contour on every slice it touches, plus a text layer saying the result is the model's.
+  contour on every slice it touches, plus a text layer saying the result is the model's (one
+  annotation over all those slices). Each source image's IOD is checked by highdicom once, not
+  again for every annotation on it (:class:`_Annotation`), which kept a long series' GSPS slow.
 - A key-image series: colour secondary-capture images (highdicom ``sc``) of a few key slices (the
   slice of largest area per segment, capped at ``ResultOptions.key_images``; or every slice with a
   finding on request), with contours, a legend and "AI result - verify before use" burned in,
@@ -12,7 +14,8 @@
   conflict, a structure in several pieces) under it, in amber.
 
 Contours come from scikit-image ``find_contours`` at level 0.5 on each slice's mask, simplified
-to a 0.4-pixel tolerance (Douglas-Peucker, by shapely); pixel coordinates follow PS3.3
+to a half-pixel tolerance (Douglas-Peucker, by shapely: the marching-squares staircase goes,
+the outline stays); one POLYLINE per contour. Pixel coordinates follow PS3.3
 C.10.5.1.2 (0,0 is the top-left corner of the top-left pixel, so a pixel centre is index + 0.5).
 """
 
@@ -46,7 +49,7 @@ measure: Any = _skimage_measure  # untyped library: typed at this one seam
 
 DISCLAIMER = "AI result - verify before use"
 _MIN_RENDER_PX = 512
-_SIMPLIFY_PX = 0.4
+_SIMPLIFY_PX = 0.5  # the traced staircase's own half pixel: far fewer points, same outline
 _TEXT_LAYER = "AI_NOTICE"
 WARNING_RGB = (255, 190, 0)
 _FONT_PATHS = (
@@ -141,6 +144,70 @@ def _layer_name(number: int, name: str) -> str:
     return cleaned[:16].strip()
 
 
+class _Annotation(hd.pr.GraphicAnnotation):
+    """A Graphic Annotation (PS3.3 C.10.5.1) over images whose references were built and
+    checked by highdicom once per SOP Class (:class:`_References`).
+
+    highdicom's own constructor looks each referenced image's IOD up in its tables again for
+    every annotation (is it an image, is it multi-frame): with one annotation per segment and
+    slice that was most of a presentation state's cost on a long series, for the same answer
+    each time. This one keeps highdicom's other checks (objects built by highdicom, their
+    coordinates checked against the image by highdicom's own rule) and is a
+    :class:`highdicom.pr.GraphicAnnotation`, so the presentation state's constructor takes it.
+    """
+
+    def __init__(
+        self,
+        references: Sequence[Dataset],
+        image: Dataset,
+        layer: hd.pr.GraphicLayer,
+        graphic_objects: Sequence[hd.pr.GraphicObject] = (),
+        text_objects: Sequence[hd.pr.TextObject] = (),
+    ) -> None:
+        Dataset.__init__(self)  # not highdicom's: its image checks were done for ``references``
+        if not references or not (graphic_objects or text_objects):
+            raise ValueError("an annotation needs an image and a graphic or text object")
+        self.GraphicLayer = layer.GraphicLayer
+        # items of highdicom's own ReferencedImageSequence, checked once (see _References)
+        self.ReferencedImageSequence = list(references)  # type: ignore[assignment]
+        for graphic in graphic_objects:
+            self._check_coords(graphic.graphic_data, image, graphic.units)
+        for text in text_objects:
+            if text.bounding_box is not None:
+                box = np.array(text.bounding_box).reshape((2, 2))
+                self._check_coords(box, image, text.units)
+        if graphic_objects:
+            self.GraphicObjectSequence = list(graphic_objects)
+        if text_objects:
+            self.TextObjectSequence = list(text_objects)
+
+
+class _References:
+    """Referenced Image Sequence items (PS3.3 C.10.5.1): the first image of each SOP Class
+    through highdicom, which checks that the class is an image and whether it is multi-frame;
+    the others the same way without asking again."""
+
+    def __init__(self) -> None:
+        self.checked: dict[str, bool] = {}  # SOP Class UID -> multi-frame
+
+    def item(self, image: Dataset, frame: int | None) -> Dataset:
+        sop_class = str(image.SOPClassUID)
+        if sop_class not in self.checked:
+            (item,) = hd.content.ReferencedImageSequence(
+                referenced_images=[image], referenced_frame_number=frame
+            )
+            self.checked[sop_class] = frame is not None
+            return Dataset(item)
+        if frame is not None and not self.checked[sop_class]:
+            raise ValueError(f"a frame number for an image of {sop_class}, not multi-frame")
+        item = Dataset()
+        item.ReferencedSOPInstanceUID = image.SOPInstanceUID
+        item.ReferencedSOPClassUID = image.SOPClassUID
+        if frame is not None:
+            item.ReferencedFrameNumber = frame
+        return item
+
+
 def build_presentation_state(
     volume: Volume,
     labelmap: Labelmap,
@@ -148,8 +215,11 @@ def build_presentation_state(
     numbering: dict[int, int],
     provenance: Provenance,
 ) -> hd.pr.GrayscaleSoftcopyPresentationState:
-    """A GSPS over the whole source series with one contour layer per segment found."""
+    """A GSPS over the whole source series with one contour layer per segment found: one
+    annotation per segment and slice, one POLYLINE per contour; the notice is one annotation
+    over every annotated image of the same size."""
     sources = utf8_sources(volume)
+    references = _References()
     by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
     layers: list[hd.pr.GraphicLayer] = []
     annotations: list[hd.pr.GraphicAnnotation] = []
@@ -188,29 +258,26 @@ def build_presentation_state(
                 for points in slice_contours(mask[int(k)])
             ]
             if objects:
-                annotations.append(
-                    hd.pr.GraphicAnnotation(
-                        referenced_images=[by_uid[uid]],
-                        graphic_layer=layer,
-                        referenced_frame_number=_frame(volume, z),
-                        graphic_objects=objects,
-                    )
-                )
+                image = by_uid[uid]
+                item = references.item(image, _frame(volume, z))
+                annotations.append(_Annotation([item], image, layer, objects))
                 annotated.add(uid)
     notice = hd.pr.GraphicLayer(layer_name=_TEXT_LAYER, order=order, description=DISCLAIMER)
     layers.append(notice)
     text = f"{DISCLAIMER} ({provenance.algorithm.name} {provenance.algorithm.version})"[:64]
-    for uid in sorted(annotated):
-        ds = by_uid[uid]
+    for images in _notice_groups([by_uid[uid] for uid in sorted(annotated)], volume):
+        rows, columns = int(images[0].Rows), int(images[0].Columns)
+        corners = (1.0, 1.0, float(columns) - 1, min(16.0, rows - 1.0))
         annotations.append(
-            hd.pr.GraphicAnnotation(
-                referenced_images=[ds],
-                graphic_layer=notice,
+            _Annotation(
+                [references.item(image, None) for image in images],
+                images[0],
+                notice,
                 text_objects=[
                     hd.pr.TextObject(
                         text_value=text,
                         units=hd.pr.AnnotationUnitsValues.PIXEL,
-                        bounding_box=(1.0, 1.0, float(ds.Columns) - 1, min(16.0, ds.Rows - 1.0)),
+                        bounding_box=corners,
                     )
                 ],
             )
@@ -242,6 +309,18 @@ def build_presentation_state(
     )
     state.Laterality = sources[0].get("Laterality", "")  # type 2C: dciodvfy asks for it
     return state
+
+
+def _notice_groups(images: Sequence[Dataset], volume: Volume) -> list[list[Dataset]]:
+    """The annotated images in groups that one annotation may reference (PS3.3 C.10.5.1: the
+    same series and size; a multi-frame image alone, its notice on every frame)."""
+    if volume.frame_numbers and any(n is not None for n in volume.frame_numbers):
+        return [[image] for image in images]
+    groups: dict[tuple[str, int, int], list[Dataset]] = {}
+    for image in images:
+        key = (str(image.SeriesInstanceUID), int(image.Rows), int(image.Columns))
+        groups.setdefault(key, []).append(image)
+    return list(groups.values())
 
 
 def _frame(volume: Volume, z: int) -> int | None:

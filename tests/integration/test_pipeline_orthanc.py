@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -355,9 +357,20 @@ def test_outage_backs_off_then_delivers_everything_once(
         proxy.stop()
 
 
+@pytest.mark.parametrize(
+    "stages",
+    [("infer", "build"), ("extras",)],
+    ids=["before-the-first-results", "between-the-seg-and-sr-and-the-rest"],
+)
 def test_sigkill_during_a_job_loses_nothing_and_duplicates_nothing(
-    tmp_path: Path, make_node: Callable[..., NodeProcess], orthancs: list[OrthancProcess]
+    tmp_path: Path,
+    make_node: Callable[..., NodeProcess],
+    orthancs: list[OrthancProcess],
+    stages: tuple[str, ...],
 ) -> None:
+    """Killed while the model runs, or after the SEG and SR were committed (maybe sent) while
+    the rest is built: the job runs again, and every result is stored, delivered and in
+    Orthanc exactly once."""
     from sqlalchemy import select
 
     from pacs_node.catalog.db import open_catalog
@@ -380,9 +393,9 @@ def test_sigkill_during_a_job_loses_nothing_and_duplicates_nothing(
         def busy() -> bool:
             with catalog.sessions() as session:
                 job = session.scalars(select(Job)).one()
-            return job.state == "running" and job.stage in ("infer", "build")
+            return job.state == "running" and job.stage in stages
 
-        wait_for(busy, 120, interval=0.05, what="the job in inference or building results")
+        wait_for(busy, 120, interval=0.02, what=f"the job in {' or '.join(stages)}")
         node.kill()
         node.start()  # the job that was running goes back to the queue and runs again
         job = wait_for(lambda: _job_done(node), 180, interval=0.5, what="the job after restart")
@@ -391,9 +404,13 @@ def test_sigkill_during_a_job_loses_nothing_and_duplicates_nothing(
     finally:
         catalog.dispose()
     assert "quality" in {kind for kind, _ in events}  # the gate's verdict is recorded
-    steps = [kind for kind, _ in events if not kind.startswith("quality")]
+    # the job's own steps; its SEG and SR are committed first (results_first), in whichever
+    # run got that far, and their deliveries' events may come before the job's end
+    steps = [k for k, _ in events if k in ("queued", "running", "done", "failed")]
     assert steps[:5] == ["queued", "running", "queued", "running", "done"]
-    assert "restart" in events[2][1]
+    kinds = [k for k, _ in events]
+    assert "results_first" in kinds[: kinds.index("done")]
+    assert "restart" in [detail for k, detail in events if k == "queued"][1]
 
     def delivered() -> list[dict[str, Any]] | None:
         rows = _json(node, "deliveries")
@@ -403,6 +420,7 @@ def test_sigkill_during_a_job_loses_nothing_and_duplicates_nothing(
     assert len(deliveries) == len({d["sop_instance_uid"] for d in deliveries})  # one set, once
     _check_in_orthanc(orthanc, study_uid, deliveries)
     assert orthanc.get("/statistics")["CountInstances"] == len(deliveries)
+    assert {d["kind"] for d in deliveries} == KINDS
 
 
 def _ct_rule_to(send: dict[str, list[str]]) -> str:
@@ -483,3 +501,96 @@ def _study_events(node: NodeProcess, study_uid: str, kind: str) -> bool:
             (study_uid, kind),
         ).fetchone()
     return bool(row[0])
+
+
+class ArrivalWatch:
+    """When each result reached Orthanc: its REST ``/changes`` feed polled every 50 ms (its own
+    change dates have whole seconds only), each new instance stamped with the wall clock that
+    the node's catalog uses too."""
+
+    def __init__(self, orthanc: OrthancProcess) -> None:
+        self.orthanc = orthanc
+        self.arrived: dict[str, datetime] = {}  # SOP Instance UID -> first seen
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, daemon=True)
+
+    def __enter__(self) -> ArrivalWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _follow(self) -> None:
+        since = 0
+        while not self._stop.wait(0.05):
+            changes = self.orthanc.get(f"/changes?since={since}&limit=100")
+            seen = datetime.now(UTC)
+            for change in changes["Changes"]:
+                if change["ChangeType"] == "NewInstance":
+                    tags = self.orthanc.get(f"/instances/{change['ID']}/simplified-tags")
+                    self.arrived.setdefault(tags["SOPInstanceUID"], seen)
+            since = changes["Last"]
+
+
+def test_the_seg_and_sr_reach_the_pacs_before_the_pdf_is_built(
+    tmp_path: Path, make_node: Callable[..., NodeProcess], orthancs: list[OrthancProcess]
+) -> None:
+    """Results first: a scanner study's SEG and SR are in Orthanc before the node has built
+    and stored the PDF of the same job (its delivery row is made in the commit that stores
+    it), and the job is still one job that ends done with every result delivered once."""
+    orthanc_port = free_port()
+    node = _routed_node(make_node, orthanc_port, ROUTES_TO_ORTHANC)
+    orthanc = OrthancProcess(
+        tmp_path / "orthanc",
+        free_port(),
+        orthanc_port,
+        modalities={"node": [node.ae_title, "127.0.0.1", node.port]},
+    ).start()
+    orthancs.append(orthanc)
+
+    from dataclasses import replace
+
+    from phantom.render import TRAINING, render_ct
+    from phantom.writers import write_dicom
+
+    # a phantom torso (body, lungs, bone for ct-classical) long enough that its presentation
+    # state, key images and PDF take seconds: the SEG and SR must not wait for them
+    ranges = replace(
+        TRAINING,
+        thickness_mm=(4.0, 4.0),
+        pixel_mm=(1.8, 1.8),
+        coverage_mm=(240.0, 240.0),
+        fov_scale=(1.1, 1.1),
+        noise=(10.0, 10.0),
+        metal=False,
+    )
+    paths = write_dicom(render_ct(31, ranges), tmp_path / "ct")
+    study_uid = str(dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
+    with ArrivalWatch(orthanc) as watch:
+        assert storescu(node, *paths).returncode == 0  # the scanner
+        wait_for(lambda: _json(node, "jobs"), 30, interval=0.5, what="routing")
+        job = wait_for(lambda: _job_done(node), 180, interval=0.5, what="the routed job")
+        assert len(_json(node, "jobs")) == 1  # still one job per study and model
+
+        def delivered() -> list[dict[str, Any]] | None:
+            rows = _json(node, "deliveries")
+            settled = all(d["state"] == "delivered" for d in rows)
+            return rows if {d["kind"] for d in rows} == KINDS and settled else None
+
+        deliveries = wait_for(delivered, 60, interval=0.5, what="every delivery")
+        wait_for(
+            lambda: {d["sop_instance_uid"] for d in deliveries} <= set(watch.arrived),
+            10,
+            what="every arrival seen",
+        )
+    _check_in_orthanc(orthanc, study_uid, deliveries)  # each once, in the source study
+    assert len(deliveries) == len({d["sop_instance_uid"] for d in deliveries})
+
+    (pdf,) = [d for d in deliveries if d["kind"] == "pdf"]
+    pdf_stored = datetime.fromisoformat(pdf["created_at"])  # after the PDF was built
+    first = {d["kind"]: watch.arrived[d["sop_instance_uid"]] for d in deliveries}
+    for kind in ("seg", "sr"):
+        assert first[kind] < pdf_stored, (kind, first, pdf_stored, job["timings"])
+    assert watch.arrived[pdf["sop_instance_uid"]] > pdf_stored

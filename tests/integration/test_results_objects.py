@@ -14,7 +14,7 @@ import highdicom as hd
 import numpy as np
 import pytest
 from fhir.resources.R4B.bundle import Bundle
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 
 from pacs_node.imaging import Volume, VolumeKind
 from pacs_node.inference.labelmap import Labelmap, ModelInfo
@@ -281,6 +281,74 @@ def test_presentation_state_and_key_images(
     assert image.PhotometricInterpretation == "RGB"
     assert image.BurnedInAnnotation == "YES"
     assert image.SourceImageSequence[0].ReferencedSOPInstanceUID in volume.sop_instance_uids
+
+
+def rebuilt_annotations(gsps: Dataset, volume: Volume) -> list[hd.pr.GraphicAnnotation]:
+    """Each Graphic Annotation of a written GSPS rebuilt through highdicom's own constructor
+    from what was read back (highdicom has no presentation state reader): it checks again
+    that every referenced source is an image of the right size, and every coordinate."""
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in volume.headers}
+    layers = {item.GraphicLayer: item for item in gsps.GraphicLayerSequence}
+    rebuilt = []
+    for annotation in gsps.GraphicAnnotationSequence:
+        layer = layers[annotation.GraphicLayer]
+        images = [by_uid[i.ReferencedSOPInstanceUID] for i in annotation.ReferencedImageSequence]
+        graphics = [
+            hd.pr.GraphicObject(
+                graphic_type=hd.pr.GraphicTypeValues(o.GraphicType),
+                graphic_data=np.array(o.GraphicData, dtype=np.float64).reshape(-1, 2),
+                units=hd.pr.AnnotationUnitsValues(o.GraphicAnnotationUnits),
+            )
+            for o in annotation.get("GraphicObjectSequence", [])
+        ]
+        texts = [
+            hd.pr.TextObject(
+                text_value=t.UnformattedTextValue,
+                units=hd.pr.AnnotationUnitsValues(t.BoundingBoxAnnotationUnits),
+                bounding_box=(
+                    *map(float, t.BoundingBoxTopLeftHandCorner),
+                    *map(float, t.BoundingBoxBottomRightHandCorner),
+                ),
+            )
+            for t in annotation.get("TextObjectSequence", [])
+        ]
+        rebuilt.append(
+            hd.pr.GraphicAnnotation(
+                referenced_images=images,
+                graphic_layer=hd.pr.GraphicLayer(
+                    layer_name=layer.GraphicLayer, order=int(layer.GraphicLayerOrder)
+                ),
+                graphic_objects=graphics or None,
+                text_objects=texts or None,
+            )
+        )
+    return rebuilt
+
+
+def test_presentation_state_annotations_pass_highdicom_when_rebuilt(
+    results: ResultSet, study: tuple[Volume, Labelmap, ModelInfo]
+) -> None:
+    """The annotations are built once-checked per image (see ``overlay._Annotation``); read
+    back, highdicom's full constructor accepts every one, and the notice is one annotation over
+    every annotated slice."""
+    volume, labelmap, _ = study
+    (gsps_object,) = results.of_kind(OutputKind.GSPS)
+    gsps = dcmread(io.BytesIO(gsps_object.data))
+    rebuilt = rebuilt_annotations(gsps, volume)
+    assert len(rebuilt) == len(gsps.GraphicAnnotationSequence)
+    contours = [a for a in gsps.GraphicAnnotationSequence if a.GraphicLayer != "AI_NOTICE"]
+    (notice,) = [a for a in gsps.GraphicAnnotationSequence if a.GraphicLayer == "AI_NOTICE"]
+    annotated = {a.ReferencedImageSequence[0].ReferencedSOPInstanceUID for a in contours}
+    assert {i.ReferencedSOPInstanceUID for i in notice.ReferencedImageSequence} == annotated
+    slices = int(np.count_nonzero(np.any(labelmap.labels > 0, axis=(1, 2))))
+    assert len(annotated) == slices
+    for annotation in contours:  # one POLYLINE per contour, closed
+        (item,) = annotation.ReferencedImageSequence
+        assert item.ReferencedSOPClassUID == volume.headers[0].SOPClassUID
+        for graphic in annotation.GraphicObjectSequence:
+            points = np.array(graphic.GraphicData).reshape(-1, 2)
+            assert graphic.GraphicType == "POLYLINE"
+            assert np.allclose(points[0], points[-1])
 
 
 def test_encapsulated_pdf(results: ResultSet) -> None:

@@ -11,7 +11,7 @@ import pytest
 from pacs_node.errors import PacsNodeError, UnknownModel
 from pacs_node.inference.registry import Registry
 from pacs_node.inference.runner import Runner
-from pacs_node.pipeline import BUILD, DECODE, INFER, Gate, Stopwatch, run_series
+from pacs_node.pipeline import BUILD, DECODE, INFER, Gate, Stopwatch, build_extras_of, run_series
 from pacs_node.results import OutputKind, ResultOptions
 from tests.ct_phantom import make_ct_phantom, write_phantom_series
 
@@ -116,3 +116,38 @@ def test_a_run_stops_in_the_stage_that_failed(series: list[Path], runner: Runner
     with pytest.raises(PacsNodeError, match=r"series 9\.9 has no stored instances"):
         run_series(runner, MODEL, "9.9", [], None, on_stage=stages)
     assert stages.seen == [DECODE]
+
+
+def test_extras_later_builds_the_seg_and_sr_first_then_the_rest(
+    series: list[Path], runner: Runner
+) -> None:
+    watch = Stopwatch()
+    run = run_series(
+        runner,
+        MODEL,
+        "1.2.3",
+        series,
+        ResultOptions(),
+        gate=Gate(TOO_SMALL, flag=True),
+        timings=watch,
+        extras_later=True,
+    )
+    assert run.results is not None
+    assert run.primary is not None
+    assert [o.kind for o in run.results.dicom] == [OutputKind.SEG, OutputKind.SR]
+    assert run.verdict is not None
+    assert not run.verdict.passed
+    first = watch.seconds["build_s"]
+    extras = build_extras_of(run, watch)
+    assert {o.kind for o in extras.dicom} == {
+        OutputKind.GSPS,
+        OutputKind.KEY_IMAGES,
+        OutputKind.PDF,
+    }
+    assert extras.fhir_bundle
+    assert extras.verdict is run.verdict
+    assert watch.seconds["build_s"] > first  # the extras' seconds are build seconds too
+
+    whole = run_series(runner, MODEL, "1.2.3", series, ResultOptions())
+    with pytest.raises(PacsNodeError, match="extras_later"):
+        build_extras_of(whole)

@@ -11,13 +11,16 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import select
 
+from pacs_node import pipeline, worker
 from pacs_node.catalog.db import Catalog, open_catalog
 from pacs_node.catalog.deliveries import list_deliveries
-from pacs_node.catalog.jobs import list_jobs, queue_job
-from pacs_node.catalog.models import Result
+from pacs_node.catalog.jobs import list_jobs, queue_job, retry_job
+from pacs_node.catalog.models import Delivery, JobEvent, Result
 from pacs_node.config import NodeOptions, PeerConfig, Settings
 from pacs_node.destinations import FhirDestination
-from pacs_node.worker import results_dir, run_burst
+from pacs_node.pipeline import SeriesRun, Stopwatch
+from pacs_node.results import ResultSet
+from pacs_node.worker import RESULTS_FIRST_EVENT, results_dir, run_burst
 from tests.catalog_factory import ingest
 from tests.dicom_factory import write_series
 
@@ -122,3 +125,77 @@ def test_a_failing_job_records_stage_and_reason(
     assert second.state == "failed"
     assert second.error == "decode: series 1.2.3.999 has no stored instances"
     assert not (results_dir(settings) / str(unknown_model)).exists()
+
+
+def _kinds(catalog: Catalog, job_id: int) -> tuple[list[str], list[tuple[int, int, str]]]:
+    with catalog.sessions() as session:
+        rows = sorted(session.scalars(select(Result.kind).where(Result.job_id == job_id)))
+        deliveries = sorted(
+            (d.id, d.result_id, d.destination)
+            for d in session.scalars(select(Delivery).where(Delivery.job_id == job_id))
+        )
+    return list(rows), deliveries
+
+
+def test_the_seg_and_sr_are_committed_before_the_rest_is_built(
+    tmp_path: Path, settings: Settings, catalog: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = write_series(tmp_path / "in", slices=12, rows=64, columns=64, spacing=(5, 5, 5))
+    study_id, _, series = ingest(catalog, settings.node.spool_dir, paths, "CT1")
+    job_id = _queue(catalog, study_id, series, "ct-classical")
+    seen: list[tuple[list[str], list[tuple[int, int, str]], list[int]]] = []
+    woken: list[int] = []
+
+    def build_extras_of(run: SeriesRun, timings: Stopwatch | None = None) -> ResultSet:
+        seen.append((*_kinds(catalog, job_id), list(woken)))  # as another session sees it
+        return pipeline.build_extras_of(run, timings)
+
+    monkeypatch.setattr(worker, "build_extras_of", build_extras_of)
+    assert run_burst(catalog, settings, on_stored=woken.append) == [job_id]
+
+    ((kinds, deliveries, woken_before),) = seen
+    assert kinds == ["seg", "sr"]
+    assert len(deliveries) == 3  # SEG to CT1, SR to CT1 and ARCHIVE
+    assert woken_before == [3]  # the outbox was woken for them before the rest was built
+    assert woken == [3, len(_kinds(catalog, job_id)[1]) - 3]
+    with catalog.sessions() as session:
+        job = list_jobs(session, [job_id])[0]
+        events = [
+            e.kind for e in session.scalars(select(JobEvent).where(JobEvent.job_id == job_id))
+        ]
+    assert (job.state, job.progress) == ("done", 1.0)
+    assert events.index(RESULTS_FIRST_EVENT) < events.index("done")
+    assert set(_kinds(catalog, job_id)[0]) == EVERY_KIND
+
+
+def test_a_rerun_after_a_crash_between_the_parts_adds_only_the_rest(
+    tmp_path: Path, settings: Settings, catalog: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = write_series(tmp_path / "in", slices=12, rows=64, columns=64, spacing=(5, 5, 5))
+    study_id, _, series = ingest(catalog, settings.node.spool_dir, paths, "CT1")
+    job_id = _queue(catalog, study_id, series, "ct-classical")
+
+    def crash(run: SeriesRun, timings: Stopwatch | None = None) -> ResultSet:
+        raise RuntimeError("the worker went down while building the PDF")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(worker, "build_extras_of", crash)
+        assert run_burst(catalog, settings) == [job_id]
+    kinds, first = _kinds(catalog, job_id)
+    assert kinds == ["seg", "sr"]
+    with catalog.sessions.begin() as session:
+        assert list_jobs(session, [job_id])[0].state == "failed"
+        assert retry_job(session, job_id)
+
+    assert run_burst(catalog, settings) == [job_id]
+    kinds, deliveries = _kinds(catalog, job_id)
+    assert sorted(kinds) == sorted(EVERY_KIND)  # one of each: SEG and SR not stored twice
+    assert [d for d in deliveries if d[1] in {r for _, r, _ in first}] == first
+    with catalog.sessions() as session:
+        job = list_jobs(session, [job_id])[0]
+        rows = list(session.scalars(select(Result).where(Result.job_id == job_id)))
+    assert job.state == "done"
+    assert len(deliveries) == sum(r.kind != "fhir" for r in rows) + 2  # + ARCHIVE (SR), EHR
+    for row in rows:  # every file a row names is there, the first attempt's included
+        for path in dict(row.encodings).values():
+            assert (results_dir(settings) / path).is_file()
