@@ -49,7 +49,8 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.filereader import read_dataset
-from pynetdicom import dimse_messages
+from pydicom.uid import UID
+from pynetdicom import dimse_messages, transport
 from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs_node.errors import IngestError, OutOfResources, UnreadableDataset
@@ -647,6 +648,8 @@ _META_GROUP_LENGTH = b"\x02\x00\x00\x00UL\x04\x00"
 _open_files: dict[str, ReceivedFile] = {}
 _open_lock = threading.Lock()
 _pynetdicom_temporary_file = dimse_messages.NamedTemporaryFile  # type: ignore[attr-defined]
+_pynetdicom_create_file_meta = dimse_messages.create_file_meta  # type: ignore[attr-defined]
+_pydicom_write_file_meta_info = dimse_messages.write_file_meta_info  # type: ignore[attr-defined]
 
 
 def _nothing() -> None:
@@ -706,6 +709,35 @@ class ReceivedFile:
             self._fail(exc)
         return length
 
+    def start(self, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> None:
+        """The File Meta Information pynetdicom would write next, given as its UIDs (from the
+        C-STORE request and the presentation context): our header is written from them
+        directly, after the preamble and prefix pynetdicom wrote."""
+        if self.error is not None or self._state == "discarded":
+            return
+        if self.dataset_offset is not None or bytes(self._prefix) != PREAMBLE:
+            self.error = UnreadableDataset("unexpected file meta from the network layer")
+            return
+        try:
+            self._header((sop_class_uid, sop_instance_uid, transfer_syntax_uid), b"")
+        except OSError as exc:
+            self._fail(exc)
+
+    def _header(self, uids: tuple[str, str, str], rest: bytes) -> None:
+        """Write our Part 10 header for ``uids``, then ``rest`` (data set bytes already read)."""
+        try:
+            ours = file_meta(*uids, self.source_ae)
+        except Exception as exc:  # hostile UIDs from the command set
+            self.error = UnreadableDataset(f"file meta cannot be written: {type(exc).__name__}")
+            return
+        self.meta_uids = uids
+        self._handle.write(ours)
+        self.size = len(ours)
+        self.dataset_offset = len(ours)
+        self._prefix = bytearray()
+        if rest:
+            self._write_dataset(rest)
+
     def _start_dataset(self) -> None:
         prefix = self._prefix
         if len(prefix) < len(PREAMBLE) + 12:
@@ -724,18 +756,10 @@ class ReceivedFile:
                 str(meta.MediaStorageSOPInstanceUID),
                 str(meta.TransferSyntaxUID),
             )
-            ours = file_meta(*uids, self.source_ae)
         except Exception as exc:  # hostile UIDs from the command set
             self.error = UnreadableDataset(f"file meta cannot be written: {type(exc).__name__}")
             return
-        self.meta_uids = uids
-        self._handle.write(ours)
-        self.size = len(ours)
-        self.dataset_offset = len(ours)
-        rest = bytes(prefix[end:])
-        self._prefix = bytearray()
-        if rest:
-            self._write_dataset(rest)
+        self._header(uids, bytes(prefix[end:]))
 
     def _write_dataset(self, data: bytes | bytearray | memoryview) -> None:
         self.dataset_bytes += len(data)
@@ -830,6 +854,68 @@ def _temporary_file(*args: Any, **kwargs: Any) -> Any:
     return received
 
 
+class _MetaUIDs:
+    """What ``dimse_messages.create_file_meta`` is asked for, kept as the three UIDs: for a
+    :class:`ReceivedFile` they go straight into our own header (nothing encoded by pydicom and
+    read back); for any other file the real File Meta Information is built from them."""
+
+    __slots__ = ("uids",)
+
+    def __init__(self, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> None:
+        self.uids = (str(sop_class_uid), str(sop_instance_uid), str(transfer_syntax))
+
+
+def _create_file_meta(*, sop_class_uid: Any, sop_instance_uid: Any, transfer_syntax: Any) -> Any:
+    """Stands in for ``create_file_meta`` in pynetdicom's chunked C-STORE receive."""
+    return _MetaUIDs(sop_class_uid, sop_instance_uid, transfer_syntax)
+
+
+def _write_file_meta_info(fp: Any, file_meta: Any, enforce_standard: bool = True) -> None:
+    """Stands in for ``write_file_meta_info`` in pynetdicom's chunked C-STORE receive."""
+    if not isinstance(file_meta, _MetaUIDs):
+        _pydicom_write_file_meta_info(fp, file_meta, enforce_standard)
+        return
+    if isinstance(fp, ReceivedFile):
+        fp.start(*file_meta.uids)
+        return
+    sop_class, sop_instance, syntax = file_meta.uids
+    meta = _pynetdicom_create_file_meta(
+        sop_class_uid=UID(sop_class),
+        sop_instance_uid=UID(sop_instance),
+        transfer_syntax=UID(syntax),
+    )
+    _pydicom_write_file_meta_info(fp, meta, enforce_standard)
+
+
+# pynetdicom's AssociationSocket.recv reads a PDU body 4096 bytes at a time: a 256 KiB PDU is 64
+# calls through GuardedSocket.recv. A guarded connection is read in larger steps instead (each
+# step still goes through GuardedSocket.recv, which never reads past the PDU it is in).
+_RECV_STEP = 2**20
+_pynetdicom_recv = transport.AssociationSocket.recv
+
+
+def _association_recv(self: transport.AssociationSocket, nr_bytes: int) -> bytearray:
+    """Stands in for ``AssociationSocket.recv``: the same loop (a short read returns what was
+    read), in steps of up to ``_RECV_STEP`` on a guarded connection."""
+    raw = self.socket
+    if not isinstance(raw, GuardedSocket) or not raw._guarded:
+        return _pynetdicom_recv(self, nr_bytes)
+    data = raw.recv(min(nr_bytes, _RECV_STEP))
+    if len(data) == nr_bytes or not data:
+        return bytearray(data)
+    bytestream = bytearray(data)
+    while len(bytestream) < nr_bytes:
+        data = raw.recv(min(nr_bytes - len(bytestream), _RECV_STEP))
+        if not data:
+            break
+        bytestream += data
+    return bytestream
+
+
 def install_received_files() -> None:
-    """Route pynetdicom's chunked C-STORE receive into :class:`ReceivedFile` (idempotent)."""
+    """Route pynetdicom's chunked C-STORE receive into :class:`ReceivedFile` and read guarded
+    connections in large steps (idempotent)."""
     dimse_messages.NamedTemporaryFile = _temporary_file  # type: ignore[attr-defined]
+    dimse_messages.create_file_meta = _create_file_meta  # type: ignore[attr-defined]
+    dimse_messages.write_file_meta_info = _write_file_meta_info  # type: ignore[attr-defined]
+    transport.AssociationSocket.recv = _association_recv  # type: ignore[method-assign]

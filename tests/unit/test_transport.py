@@ -34,7 +34,7 @@ from pynetdicom import (
 )
 from pynetdicom.dsutils import create_file_meta
 
-from pacs_node.errors import OutOfResources
+from pacs_node.errors import OutOfResources, UnreadableDataset
 from pacs_node.ingest import transport as guard_module
 from pacs_node.ingest.header import HeaderTooLarge, parse_identifiers, read_spooled_header
 from pacs_node.ingest.limits import Caps, SharedLimits, address_key
@@ -505,3 +505,98 @@ def test_what_is_held_after_the_connection_closed_is_given_back(
     guarded.hold_association(lease)  # EVT_REQUESTED ran after the peer went away
     assert limits.established() == 0
     assert guarded.guard.pending.pending() == 0
+
+
+# -- the shortcuts in pynetdicom's receive --------------------------------------------------------
+
+
+def _shortcut_writes(target: Any, payload: bytes) -> None:
+    """What decode_msg writes once install_received_files() replaced its file-meta helpers."""
+    target.write(b"\x00" * 128)
+    target.write(b"DICM")
+    guard_module._write_file_meta_info(
+        target,
+        guard_module._create_file_meta(
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.7",
+            sop_instance_uid="1.2.3.4",
+            transfer_syntax=ExplicitVRLittleEndian,
+        ),
+    )
+    for start in range(0, len(payload), 300):
+        target.write(payload[start : start + 300])
+        target.file.flush()
+
+
+def test_the_file_meta_shortcut_writes_the_same_received_file(tmp_path: Path) -> None:
+    payload = _encoded(_dataset())
+    files = []
+    for writes in (_pynetdicom_writes, _shortcut_writes):
+        received = ReceivedFile(tmp_path, 10_000, "CT1")
+        writes(received, payload)
+        received.finish()
+        files.append((received.path.read_bytes(), received.meta_uids, received.sha256))
+    assert files[0] == files[1]
+
+
+def test_the_file_meta_shortcut_writes_pydicom_meta_to_any_other_file() -> None:
+    class Plain(BytesIO):
+        file = property(lambda self: self)
+
+    expected, shortcut = Plain(), Plain()
+    _pynetdicom_writes(expected, b"payload!")
+    _shortcut_writes(shortcut, b"payload!")
+    assert shortcut.getvalue() == expected.getvalue()
+
+
+def test_the_file_meta_shortcut_refuses_a_uid_it_cannot_write(tmp_path: Path) -> None:
+    received = ReceivedFile(tmp_path, 10_000, "CT1")
+    received.write(b"\x00" * 128 + b"DICM")
+    received.start("1.2.840.10008.5.1.4.1.1.7", "1.2.3.\u00e9", ExplicitVRLittleEndian)
+    received.write(b"\0" * 10)
+    with pytest.raises(UnreadableDataset):
+        received.finish()
+
+
+def test_a_guarded_pdu_body_is_read_in_large_steps(
+    pair: tuple[GuardedSocket, socket.socket, list[str]],
+) -> None:
+    guarded, peer, counted = pair
+    guarded.requested = True  # associated: a P-DATA-TF up to data_bytes may be read
+    body = bytes(range(256)) * 60  # 15 360 bytes, within the fixture's 16 KiB
+    peer.sendall(_header(0x04, len(body)) + body)
+    calls: list[int] = []
+    real = GuardedSocket.recv
+
+    def counting(self: GuardedSocket, bufsize: int, flags: int = 0) -> bytes:
+        calls.append(bufsize)
+        return real(self, bufsize, flags)
+
+    association_socket = SimpleNamespace(socket=guarded)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(GuardedSocket, "recv", counting)
+        header = guard_module._association_recv(association_socket, 6)  # type: ignore[arg-type]
+        read = guard_module._association_recv(association_socket, len(body))  # type: ignore[arg-type]
+    assert bytes(header) == _header(0x04, len(body))
+    assert bytes(read) == body
+    assert len(calls) <= 3  # pynetdicom's own loop: 1 + 4 calls of 4096 bytes
+    assert not counted
+
+
+def test_a_guarded_read_cut_short_returns_what_came(
+    pair: tuple[GuardedSocket, socket.socket, list[str]],
+) -> None:
+    guarded, peer, _counted = pair
+    guarded.requested = True
+    peer.sendall(_header(0x04, 1000) + b"\1" * 100)
+    peer.shutdown(socket.SHUT_WR)
+    association_socket = SimpleNamespace(socket=guarded)
+    guard_module._association_recv(association_socket, 6)  # type: ignore[arg-type]
+    read = guard_module._association_recv(association_socket, 1000)  # type: ignore[arg-type]
+    assert bytes(read) == b"\1" * 100
+
+
+def test_the_receive_shortcuts_are_installed() -> None:
+    guard_module.install_received_files()
+    assert dimse_messages.create_file_meta is guard_module._create_file_meta  # type: ignore[attr-defined]
+    assert dimse_messages.write_file_meta_info is guard_module._write_file_meta_info  # type: ignore[attr-defined]
+    assert transport.AssociationSocket.recv is guard_module._association_recv
