@@ -36,12 +36,15 @@ import functools
 import hashlib
 import logging
 import os
+import queue
+import select
 import socket
 import ssl
 import struct
 import tempfile
 import threading
 import time
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
@@ -50,7 +53,9 @@ from typing import Any
 
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID
+from pynetdicom import association as pynetdicom_association
 from pynetdicom import dimse_messages, transport
+from pynetdicom import dul as pynetdicom_dul
 from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs_node.errors import IngestError, OutOfResources, UnreadableDataset
@@ -912,10 +917,63 @@ def _association_recv(self: transport.AssociationSocket, nr_bytes: int) -> bytea
     return bytestream
 
 
+# pynetdicom's reactors poll: the DUL thread sleeps ``_run_loop_delay`` (1 ms) whenever it found
+# nothing to do, and the acceptor's Association thread sleeps 1 ms before each look for a decoded
+# DIMSE message. On one association that is up to a millisecond before the next request's PDUs
+# are read and another before its handler runs, per C-STORE. Their ``time`` module is replaced
+# by one whose ``sleep`` ends those two pauses early, when what they wait for is there: data on a
+# guarded connection (the DUL thread), a decoded message (the Association thread). Every other
+# sleep, and every pause on any other connection, is ``time.sleep`` as before; no pause is longer.
+_REACTOR_PAUSE_S = 0.001
+
+
+def _dul_sleep(seconds: float) -> None:
+    """The DUL reactor's idle pause: until data arrives on its guarded connection."""
+    reactor = threading.current_thread()
+    if not isinstance(reactor, pynetdicom_dul.DULServiceProvider):
+        time.sleep(seconds)
+        return
+    raw = getattr(reactor.socket, "socket", None)
+    if isinstance(raw, GuardedSocket) and raw._guarded and not raw.dropped:
+        try:
+            select.select([raw], [], [], seconds)
+            return
+        except (OSError, ValueError):  # closed meanwhile: the reactor sees it next
+            pass
+    time.sleep(seconds)
+
+
+def _association_sleep(seconds: float) -> None:
+    """The acceptor reactor's 1 ms pause: until a decoded DIMSE message is queued for it."""
+    reactor = threading.current_thread()
+    if seconds != _REACTOR_PAUSE_S or not isinstance(reactor, pynetdicom_association.Association):
+        time.sleep(seconds)
+        return
+    messages = getattr(reactor.dimse, "msg_queue", None)
+    if isinstance(messages, queue.Queue):
+        with messages.not_empty:
+            if not messages.queue:
+                messages.not_empty.wait(seconds)
+        return
+    time.sleep(seconds)
+
+
+def _clock(sleep: Callable[[float], None]) -> types.ModuleType:
+    """A stand-in for the ``time`` module: the same functions, ``sleep`` replaced."""
+    clock = types.ModuleType("time")
+    clock.__dict__.update({k: v for k, v in vars(time).items() if not k.startswith("__")})
+    clock.sleep = sleep  # type: ignore[attr-defined]
+    return clock
+
+
 def install_received_files() -> None:
-    """Route pynetdicom's chunked C-STORE receive into :class:`ReceivedFile` and read guarded
-    connections in large steps (idempotent)."""
+    """Route pynetdicom's chunked C-STORE receive into :class:`ReceivedFile`, read guarded
+    connections in large steps and end the reactors' idle pauses early (idempotent)."""
     dimse_messages.NamedTemporaryFile = _temporary_file  # type: ignore[attr-defined]
     dimse_messages.create_file_meta = _create_file_meta  # type: ignore[attr-defined]
     dimse_messages.write_file_meta_info = _write_file_meta_info  # type: ignore[attr-defined]
     transport.AssociationSocket.recv = _association_recv  # type: ignore[method-assign]
+    if getattr(pynetdicom_dul.time, "sleep", None) is not _dul_sleep:
+        pynetdicom_dul.time = _clock(_dul_sleep)  # type: ignore[attr-defined]
+    if getattr(pynetdicom_association.time, "sleep", None) is not _association_sleep:
+        pynetdicom_association.time = _clock(_association_sleep)  # type: ignore[attr-defined]

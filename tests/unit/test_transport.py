@@ -10,6 +10,7 @@ import signal
 import socket
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Iterator
 from io import BytesIO
@@ -93,6 +94,16 @@ HOOKED = {
     "association.Association.run_reactor": (
         association.Association.run_reactor,
         "ed8bbbe3b3d6ddae",
+    ),
+    # pauses with time.sleep(0.001) before each look for a decoded DIMSE message
+    "association.Association._run_reactor": (
+        association.Association._run_reactor,
+        "f28838c5559e462a",
+    ),
+    # pauses with time.sleep(self._run_loop_delay) when a loop found nothing to do
+    "dul.DULServiceProvider.run_reactor": (
+        dul.DULServiceProvider.run_reactor,
+        "e3a10eb3a0931e48",
     ),
     # P-DATA is decoded on the DUL reactor's own thread
     "fsm.DT_2": (fsm.DT_2, "9ec543394e0b49eb"),
@@ -600,3 +611,32 @@ def test_the_receive_shortcuts_are_installed() -> None:
     assert dimse_messages.create_file_meta is guard_module._create_file_meta  # type: ignore[attr-defined]
     assert dimse_messages.write_file_meta_info is guard_module._write_file_meta_info  # type: ignore[attr-defined]
     assert transport.AssociationSocket.recv is guard_module._association_recv
+
+
+def test_the_reactor_pauses_end_when_what_they_wait_for_is_there(
+    pair: tuple[GuardedSocket, socket.socket, list[str]],
+) -> None:
+    guarded, peer, _counted = pair
+    guard_module.install_received_files()
+    assert dul.time.sleep is guard_module._dul_sleep  # type: ignore[attr-defined]
+    assert association.time.sleep is guard_module._association_sleep  # type: ignore[attr-defined]
+    assert dul.time.monotonic is time.monotonic  # type: ignore[attr-defined]
+    peer.sendall(b"\x04")  # data on the connection: the DUL's pause ends at once
+    reactor = dul.DULServiceProvider.__new__(dul.DULServiceProvider)
+    threading.Thread.__init__(reactor)
+    reactor.socket = SimpleNamespace(socket=guarded)  # type: ignore[assignment]
+    pauses: list[float] = []
+
+    def pause(sleep: Any, seconds: float) -> None:
+        start = time.perf_counter()
+        sleep(seconds)
+        pauses.append(time.perf_counter() - start)
+
+    reactor.run = lambda: pause(guard_module._dul_sleep, 5.0)  # type: ignore[method-assign]
+    reactor.start()
+    reactor.join(10)
+    assert pauses[-1] < 2.0
+    # anywhere else it is time.sleep, as long as asked
+    pause(guard_module._dul_sleep, 0.05)
+    pause(guard_module._association_sleep, 0.05)
+    assert min(pauses[-2:]) >= 0.05
