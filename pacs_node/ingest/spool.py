@@ -3,6 +3,8 @@
 A file in the spool is the durable record that an instance was acknowledged: it is written to a
 temporary file, fsync'd, then hard-linked to its final name (which never overwrites: the first
 copy of a SOP Instance wins) and its directory fsync'd, all before the SCP answers success.
+Threads that wait on the same directory share its fsyncs (:func:`sync_directory`): one that
+starts after a thread's link covers it, so associations writing one series wait on fewer.
 
 The SHA-256 of the data set (the bytes after the Part 10 header, which the node writes itself
 and which names the calling AE) is computed while writing. When the name is taken, the digests
@@ -21,6 +23,7 @@ import logging
 import os
 import struct
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +123,66 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class _GroupSync:
+    """One directory's fsyncs, grouped: a caller whose entry is linked asks for a sync; if one
+    is running, it waits for the next, which starts after its request and so covers its entry,
+    and every caller that asked before that one started is released by it. A failed fsync
+    releases nobody: each waiter then runs (or waits for) a sync of its own."""
+
+    def __init__(self) -> None:
+        self.done = threading.Condition()
+        self.requested = 0  # requests so far
+        self.synced = 0  # every request up to this one is durable
+        self.running = False
+        self.users = 0  # callers between sync_directory's entry and exit
+
+    def sync(self, path: Path) -> None:
+        with self.done:
+            self.requested += 1
+            mine = self.requested
+            while self.synced < mine:
+                if self.running:
+                    self.done.wait()
+                    continue
+                self.running = True
+                covers = self.requested  # read before the fsync starts: all linked by now
+                self.done.release()
+                try:
+                    _fsync_dir(path)
+                except BaseException:
+                    self.done.acquire()
+                    self.running = False
+                    self.done.notify_all()
+                    raise
+                self.done.acquire()
+                self.synced = max(self.synced, covers)
+                self.running = False
+                self.done.notify_all()
+
+
+_groups: dict[str, _GroupSync] = {}
+_groups_lock = threading.Lock()
+
+
+def sync_directory(path: Path) -> None:
+    """fsync ``path`` (a directory whose entry the caller just made), grouped with the other
+    threads of this process that wait on the same directory (:class:`_GroupSync`): with several
+    associations writing one series, one fsync makes several names durable."""
+    key = os.fspath(path)
+    with _groups_lock:
+        group = _groups.get(key)
+        if group is None:
+            group = _groups[key] = _GroupSync()
+        group.users += 1
+    try:
+        group.sync(path)
+    finally:
+        with _groups_lock:
+            group.users -= 1
+            if group.users == 0:
+                del _groups[key]
+
+
 class Spool:
     def __init__(self, root: Path, *, fsync: bool = True, min_free_bytes: int = 0) -> None:
         self.root = root
@@ -197,7 +260,7 @@ class Spool:
             else:
                 if self.fsync:
                     for directory in (final.parent, *created):
-                        _fsync_dir(directory)
+                        sync_directory(directory)
                 return StoredFile(relpath, size, duplicate=False, sha256=sha256)
         if file_digest(final) == sha256:
             return StoredFile(relpath, size, duplicate=True, sha256=sha256)
@@ -219,7 +282,7 @@ class Spool:
             new = False
         if self.fsync:
             for directory in (target.parent, *created):
-                _fsync_dir(directory)
+                sync_directory(directory)
         return held, new
 
     def hold(self, relpath: str, sop_instance_uid: str) -> StoredFile:
@@ -249,7 +312,7 @@ class Spool:
                 os.replace(tmp, target)
             if self.fsync:
                 for directory in (target.parent, *created):
-                    _fsync_dir(directory)
+                    sync_directory(directory)
         finally:
             tmp.unlink(missing_ok=True)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pacs_node.errors import InvalidUID, MissingAttribute, OutOfResources
+from pacs_node.ingest import spool as spool_module
 from pacs_node.ingest.spool import Spool
 from pacs_node.uids import is_valid_uid, require_uid
 
@@ -132,3 +135,72 @@ def test_a_folder_removed_between_making_it_and_linking_is_made_again(
     stored = spool.store(STUDY, SERIES, SOP, [b"data"])
     assert (tmp_path / stored.relpath).read_bytes() == b"data"
     assert len(calls) == 2
+
+
+def _timed_fsyncs(
+    monkeypatch: pytest.MonkeyPatch, fail_first: bool = False
+) -> list[tuple[float, float]]:
+    """Replace the directory fsync by a slow one that records (start, end) of each call."""
+    calls: list[tuple[float, float]] = []
+    lock = threading.Lock()
+
+    def slow(path: Path) -> None:
+        start = time.monotonic()
+        time.sleep(0.02)
+        with lock:
+            first = not calls
+            calls.append((start, time.monotonic()))
+        if fail_first and first:
+            raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(spool_module, "_fsync_dir", slow)
+    return calls
+
+
+def test_threads_on_one_directory_share_fsyncs_that_started_after_their_link(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _timed_fsyncs(monkeypatch)
+    asked: list[tuple[float, float]] = []  # (asked at, returned at) per caller
+    lock = threading.Lock()
+
+    def link_then_sync() -> None:
+        for _ in range(5):
+            at = time.monotonic()
+            spool_module.sync_directory(tmp_path)
+            with lock:
+                asked.append((at, time.monotonic()))
+
+    threads = [threading.Thread(target=link_then_sync) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(asked) == 40
+    assert len(calls) < 40  # grouped
+    for at, returned in asked:  # each was covered by an fsync that began after it asked
+        assert any(at <= start and end <= returned for start, end in calls)
+    assert not spool_module._groups
+
+
+def test_a_failed_directory_fsync_releases_nobody(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _timed_fsyncs(monkeypatch, fail_first=True)
+    outcomes: list[str] = []
+
+    def link_then_sync() -> None:
+        try:
+            spool_module.sync_directory(tmp_path)
+        except OSError:
+            outcomes.append("failed")
+        else:
+            outcomes.append("synced")
+
+    threads = [threading.Thread(target=link_then_sync) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(outcomes) == ["failed", "synced", "synced", "synced"]
+    assert len(calls) >= 2  # the others were synced by an fsync after the failed one
