@@ -122,6 +122,9 @@ class Receiver:
                 f"({self.settings.node.max_instance_mb})"
             )
         received.finish()
+        # The file's fsync runs while its header is read and screened (none of which needs
+        # it); adopt() waits for it before the file takes its name.
+        synced = self.spool.start_sync(received.path)
         transfer_syntax = announced.transfer_syntax_uid
         with received.path.open("rb") as stream:
             stream.seek(received.dataset_offset or 0)
@@ -147,6 +150,7 @@ class Receiver:
             header.series_uid,
             header.sop_instance_uid,
             received.sha256,
+            synced,
         )
         status = self.identity.admit(
             screening,

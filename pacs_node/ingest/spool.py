@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import logging
 import os
@@ -25,6 +26,7 @@ import struct
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +44,7 @@ _RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EM
 _PART10_PREFIX = 128 + 4  # preamble and "DICM"
 _GROUP_LENGTH_END = _PART10_PREFIX + 12  # (0002,0000) UL, explicit VR little endian
 _READ_CHUNK = 1 << 20
+SYNC_THREADS = 16  # fsyncs of received files running at once, per process
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +124,20 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_and_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@functools.cache
+def _syncer() -> ThreadPoolExecutor:
+    """The threads that fsync received files while their handlers read them (one per
+    association at most at a time; the pool only caps idle ones)."""
+    return ThreadPoolExecutor(max_workers=SYNC_THREADS, thread_name_prefix="spool-fsync")
 
 
 class _GroupSync:
@@ -322,6 +339,22 @@ class Spool:
     def retention_lock(self, *, shared: bool) -> contextlib.AbstractContextManager[None]:
         return retention_lock(self.root, shared=shared)
 
+    def start_sync(self, temporary: Path) -> Future[None] | None:
+        """Begin fsyncing ``temporary`` (a whole file in :attr:`incoming`) on a helper thread,
+        so the disk works while the caller reads the header and screens the instance; hand the
+        result to :meth:`adopt`, which waits for it. None when the spool does not fsync."""
+        if not self.fsync:
+            return None
+        try:
+            fd = os.open(temporary, os.O_RDONLY)
+        except OSError:
+            return None  # adopt() fsyncs it itself, and says why it cannot
+        try:
+            return _syncer().submit(_fsync_and_close, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+
     def adopt(
         self,
         temporary: Path,
@@ -329,21 +362,22 @@ class Spool:
         series_uid: str,
         sop_instance_uid: str,
         sha256: str,
+        synced: Future[None] | None = None,
     ) -> StoredFile:
         """Make ``temporary`` (a whole Part 10 file written in :attr:`incoming`, ``sha256`` the
-        digest of its data set) the instance's spool file: fsync'd, then settled like
-        :meth:`store` (linked under its name, or kept in quarantine when the name holds other
-        bytes). ``temporary`` is gone afterwards, whatever happened."""
+        digest of its data set) the instance's spool file: fsync'd (here, or by ``synced``
+        from :meth:`start_sync`, waited for), then settled like :meth:`store` (linked under its
+        name, or kept in quarantine when the name holds other bytes). ``temporary`` is gone
+        afterwards, whatever happened."""
         try:
             relpath = self.relpath_for(study_uid, series_uid, sop_instance_uid)
             self._check_free_space()
             size = temporary.stat().st_size
             if self.fsync:
-                fd = os.open(temporary, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                if synced is not None:
+                    synced.result()  # raises the fsync's OSError, if any
+                else:
+                    _fsync_and_close(os.open(temporary, os.O_RDONLY))
             return self._settle_temp(temporary, relpath, size, sha256)
         except OSError as exc:
             if exc.errno in _RESOURCE_ERRNOS:

@@ -204,3 +204,58 @@ def test_a_failed_directory_fsync_releases_nobody(
         thread.join(30)
     assert sorted(outcomes) == ["failed", "synced", "synced", "synced"]
     assert len(calls) >= 2  # the others were synced by an fsync after the failed one
+
+
+def _incoming(spool: Spool, data: bytes) -> Path:
+    path = spool.incoming / "x.part"
+    path.write_bytes(data)
+    return path
+
+
+def test_an_early_fsync_is_waited_for_before_the_name_is_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = Spool(tmp_path)
+    order: list[str] = []
+    real_fsync, real_link = os.fsync, os.link
+
+    def slow_fsync(fd: int) -> None:
+        time.sleep(0.05)
+        real_fsync(fd)
+        order.append("fsync")
+
+    def link(source: Path, target: Path) -> None:
+        order.append("link")
+        real_link(source, target)
+
+    monkeypatch.setattr(spool_module.os, "fsync", slow_fsync)
+    monkeypatch.setattr(spool_module.os, "link", link)
+    temporary = _incoming(spool, b"data")
+    synced = spool.start_sync(temporary)
+    assert synced is not None
+    stored = spool.adopt(temporary, "1.2", "1.2.3", "1.2.3.4", "digest", synced)
+    assert order[:2] == ["fsync", "link"]
+    assert (tmp_path / stored.relpath).read_bytes() == b"data"
+    assert not temporary.exists()
+
+
+def test_a_failed_early_fsync_keeps_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = Spool(tmp_path)
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(spool_module.os, "fsync", failing)
+    temporary = _incoming(spool, b"data")
+    synced = spool.start_sync(temporary)
+    with pytest.raises(OutOfResources):
+        spool.adopt(temporary, "1.2", "1.2.3", "1.2.3.4", "digest", synced)
+    assert not (tmp_path / "1.2").exists()
+    assert not temporary.exists()
+
+
+def test_no_early_fsync_without_fsync(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, fsync=False)
+    assert spool.start_sync(_incoming(spool, b"data")) is None
