@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    CompoundSelect,
     Connection,
     String,
     bindparam,
@@ -89,7 +90,7 @@ def lookup_held(
 # once): rows of (which, a, b, c, d), which 1: the study's patient, 2: the series' study,
 # 3: the SOP Instance's path, study, series and digest.
 _TEXT_NULL = cast(null(), String)
-_HELD_OF_UIDS = union_all(
+_HELD_OF_UIDS: CompoundSelect[Any] = union_all(
     select(
         literal(1).label("which"),
         Study.patient_id.label("a"),

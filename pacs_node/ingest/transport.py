@@ -970,10 +970,11 @@ def install_received_files() -> None:
     """Route pynetdicom's chunked C-STORE receive into :class:`ReceivedFile`, read guarded
     connections in large steps and end the reactors' idle pauses early (idempotent)."""
     dimse_messages.NamedTemporaryFile = _temporary_file  # type: ignore[attr-defined]
-    dimse_messages.create_file_meta = _create_file_meta  # type: ignore[attr-defined]
+    dimse_messages.create_file_meta = _create_file_meta  # type: ignore[attr-defined,assignment]
     dimse_messages.write_file_meta_info = _write_file_meta_info  # type: ignore[attr-defined]
     transport.AssociationSocket.recv = _association_recv  # type: ignore[method-assign]
-    if getattr(pynetdicom_dul.time, "sleep", None) is not _dul_sleep:
+    if getattr(pynetdicom_dul.time, "sleep", None) is not _dul_sleep:  # type: ignore[attr-defined]
         pynetdicom_dul.time = _clock(_dul_sleep)  # type: ignore[attr-defined]
-    if getattr(pynetdicom_association.time, "sleep", None) is not _association_sleep:
+    clock = pynetdicom_association.time  # type: ignore[attr-defined]
+    if getattr(clock, "sleep", None) is not _association_sleep:
         pynetdicom_association.time = _clock(_association_sleep)  # type: ignore[attr-defined]
