@@ -4,7 +4,7 @@ pynetdicom 3.0 reads a PDU as its 6-byte header and then the declared length who
 (``DULServiceProvider._read_pdu_data`` through ``AssociationSocket.recv``) from an accepted socket
 that has no timeout, and writes a chunked C-STORE data set to ``NamedTemporaryFile`` in the
 system temporary folder (``dimse_messages``). Both are private, so this module is the only place
-that touches them, at two points:
+that touches them:
 
 - :class:`GuardedServer` accepts each connection as a :class:`GuardedSocket`, a real socket whose
   ``recv`` follows the PDU framing itself: it refuses a PDU whose declared length exceeds what
@@ -23,7 +23,12 @@ that touches them, at two points:
 - :func:`install_received_files` makes pynetdicom's chunked receive write into a
   :class:`ReceivedFile` in the spool's incoming folder: our own Part 10 header in front, the data
   set as received after it, at most ``max_instance_mb`` of it kept (beyond that nothing more is
-  written and the handler answers Out of Resources).
+  written and the handler answers Out of Resources). The File Meta Information pynetdicom would
+  encode in front of it reaches :class:`ReceivedFile` as its three UIDs instead
+  (``create_file_meta`` and ``write_file_meta_info`` in ``dimse_messages``).
+- Per C-STORE cost: ``AssociationSocket.recv`` reads a guarded connection's PDU body in large
+  steps rather than pynetdicom's 4096 bytes, and the reactors' 1 ms idle pauses (``time.sleep``
+  in ``dul`` and ``association``) end as soon as data arrives or a decoded message is queued.
 
 ``tests/unit/test_transport.py`` fails when pynetdicom's code at these points changes.
 """
