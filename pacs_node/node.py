@@ -73,7 +73,10 @@ class Node:
         make_private(options.data_dir, sqlite_file(options.catalog_url))
         self.catalog: Catalog = open_catalog(options.catalog_url)
         self.spool = Spool(
-            options.spool_dir, fsync=options.fsync, min_free_bytes=options.min_free_mb * 2**20
+            options.spool_dir,
+            fsync=options.fsync,
+            min_free_bytes=options.min_free_mb * 2**20,
+            sync_threads=options.max_associations,
         )
         self.recorder = CatalogRecorder(self.catalog, self.spool)
         self.audit = AuditTrail(self.catalog, options.ae_title)

@@ -172,7 +172,10 @@ def _run_worker(
     options = settings.node
     configure_node_logging(options)
     spool = Spool(
-        options.spool_dir, fsync=options.fsync, min_free_bytes=options.min_free_mb * 2**20
+        options.spool_dir,
+        fsync=options.fsync,
+        min_free_bytes=options.min_free_mb * 2**20,
+        sync_threads=options.max_associations,
     )
     sink = _PipeSink(pipe)
     scp = StorageSCP(
