@@ -57,7 +57,6 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.filereader import read_dataset
-from pydicom.uid import UID
 from pynetdicom import association as pynetdicom_association
 from pynetdicom import dimse_messages, transport
 from pynetdicom import dul as pynetdicom_dul
@@ -666,6 +665,9 @@ def _nothing() -> None:
     pass
 
 
+_META_UID_NAMES = ("Affected SOP Class UID", "Affected SOP Instance UID", "Transfer Syntax UID")
+
+
 class ReceivedFile:
     """A C-STORE data set written to the spool's incoming folder while its PDUs arrive (or a
     STOW-RS part while its bytes arrive, see :mod:`pacs_node.ingest.stow`).
@@ -719,10 +721,16 @@ class ReceivedFile:
             self._fail(exc)
         return length
 
-    def start(self, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> None:
+    def start(
+        self,
+        sop_class_uid: str | None,
+        sop_instance_uid: str | None,
+        transfer_syntax_uid: str | None,
+    ) -> None:
         """The File Meta Information pynetdicom would write next, given as its UIDs (from the
         C-STORE request and the presentation context): our header is written from them
-        directly, after the preamble and prefix pynetdicom wrote."""
+        directly, after the preamble and prefix pynetdicom wrote. A missing or empty one
+        (an Affected SOP Class UID left out of the request) refuses the data set."""
         if self.error is not None or self._state == "discarded":
             return
         if self.dataset_offset is not None or bytes(self._prefix) != PREAMBLE:
@@ -733,8 +741,14 @@ class ReceivedFile:
         except OSError as exc:
             self._fail(exc)
 
-    def _header(self, uids: tuple[str, str, str], rest: bytes) -> None:
-        """Write our Part 10 header for ``uids``, then ``rest`` (data set bytes already read)."""
+    def _header(self, given: tuple[Any, Any, Any], rest: bytes) -> None:
+        """Write our Part 10 header for the ``given`` UIDs, then ``rest`` (data set bytes
+        already read); a missing or empty UID (never written as "None" or "") refuses it."""
+        for name, uid in zip(_META_UID_NAMES, given, strict=True):
+            if uid is None or not str(uid).strip("\0 "):
+                self.error = UnreadableDataset(f"the request has no {name}")
+                return
+        uids = (str(given[0]), str(given[1]), str(given[2]))
         try:
             ours = file_meta(*uids, self.source_ae)
         except Exception as exc:  # hostile UIDs from the command set
@@ -762,9 +776,9 @@ class ReceivedFile:
         try:
             meta = read_dataset(BytesIO(bytes(prefix[len(PREAMBLE) : end])), False, True)
             uids = (
-                str(meta.MediaStorageSOPClassUID),
-                str(meta.MediaStorageSOPInstanceUID),
-                str(meta.TransferSyntaxUID),
+                meta.get("MediaStorageSOPClassUID"),
+                meta.get("MediaStorageSOPInstanceUID"),
+                meta.get("TransferSyntaxUID"),
             )
         except Exception as exc:  # hostile UIDs from the command set
             self.error = UnreadableDataset(f"file meta cannot be written: {type(exc).__name__}")
@@ -865,14 +879,15 @@ def _temporary_file(*args: Any, **kwargs: Any) -> Any:
 
 
 class _MetaUIDs:
-    """What ``dimse_messages.create_file_meta`` is asked for, kept as the three UIDs: for a
-    :class:`ReceivedFile` they go straight into our own header (nothing encoded by pydicom and
-    read back); for any other file the real File Meta Information is built from them."""
+    """What ``dimse_messages.create_file_meta`` is asked for, kept as the three UIDs as given
+    (a missing one stays None): for a :class:`ReceivedFile` they go straight into our own
+    header (nothing encoded by pydicom and read back), which refuses a missing or empty one;
+    for any other file the real File Meta Information is built from them."""
 
     __slots__ = ("uids",)
 
-    def __init__(self, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> None:
-        self.uids = (str(sop_class_uid), str(sop_instance_uid), str(transfer_syntax))
+    def __init__(self, sop_class_uid: Any, sop_instance_uid: Any, transfer_syntax: Any) -> None:
+        self.uids: tuple[Any, Any, Any] = (sop_class_uid, sop_instance_uid, transfer_syntax)
 
 
 def _create_file_meta(*, sop_class_uid: Any, sop_instance_uid: Any, transfer_syntax: Any) -> Any:
@@ -890,9 +905,7 @@ def _write_file_meta_info(fp: Any, file_meta: Any, enforce_standard: bool = True
         return
     sop_class, sop_instance, syntax = file_meta.uids
     meta = _pynetdicom_create_file_meta(
-        sop_class_uid=UID(sop_class),
-        sop_instance_uid=UID(sop_instance),
-        transfer_syntax=UID(syntax),
+        sop_class_uid=sop_class, sop_instance_uid=sop_instance, transfer_syntax=syntax
     )
     _pydicom_write_file_meta_info(fp, meta, enforce_standard)
 
@@ -900,7 +913,7 @@ def _write_file_meta_info(fp: Any, file_meta: Any, enforce_standard: bool = True
 # pynetdicom's AssociationSocket.recv reads a PDU body 4096 bytes at a time: a 256 KiB PDU is 64
 # calls through GuardedSocket.recv. A guarded connection is read in larger steps instead (each
 # step still goes through GuardedSocket.recv, which never reads past the PDU it is in).
-_RECV_STEP = 2**20
+_RECV_STEP = 256 * 2**10  # CPython reserves a recv's whole buffer before it blocks
 _pynetdicom_recv = transport.AssociationSocket.recv
 
 

@@ -568,6 +568,67 @@ def test_the_file_meta_shortcut_refuses_a_uid_it_cannot_write(tmp_path: Path) ->
         received.finish()
 
 
+@pytest.mark.parametrize("sop_class_uid", [None, "", "\0"])
+def test_a_request_without_its_sop_class_uid_is_refused_not_written(
+    tmp_path: Path, sop_class_uid: str | None
+) -> None:
+    """An absent or empty Affected SOP Class UID never becomes "None" or "" in our header:
+    the data set is refused (a failure status; the association goes on)."""
+    received = ReceivedFile(tmp_path, 10_000, "CT1")
+    received.write(b"\x00" * 128 + b"DICM")
+    guard_module._write_file_meta_info(
+        received,
+        guard_module._create_file_meta(
+            sop_class_uid=sop_class_uid,
+            sop_instance_uid="1.2.3.4",
+            transfer_syntax=ExplicitVRLittleEndian,
+        ),
+    )
+    received.write(_encoded(_dataset()))
+    with pytest.raises(UnreadableDataset, match="Affected SOP Class UID"):
+        received.finish()
+    assert received.meta_uids is None
+    assert b"None" not in received.path.read_bytes()
+
+
+def test_an_absent_uid_stays_none_in_pydicom_meta_for_any_other_file() -> None:
+    meta = guard_module._create_file_meta(
+        sop_class_uid=None, sop_instance_uid="1.2.3.4", transfer_syntax=ExplicitVRLittleEndian
+    )
+    written: list[Any] = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            guard_module,
+            "_pydicom_write_file_meta_info",
+            lambda fp, file_meta, enforce_standard=True: written.append(file_meta),
+        )
+        guard_module._write_file_meta_info(BytesIO(), meta)
+    assert len(written) == 1
+    assert written[0].MediaStorageSOPClassUID in (None, "")
+    assert written[0].MediaStorageSOPClassUID != "None"
+
+
+def test_a_guarded_pdu_body_is_asked_for_in_bounded_steps(
+    pair: tuple[GuardedSocket, socket.socket, list[str]],
+) -> None:
+    """A 1 MiB body is never asked for whole: CPython reserves a recv's buffer before it
+    blocks (and TLS hands over about 16 KiB a call), so each step is at most 256 KiB."""
+    guarded, _peer, _counted = pair
+    calls: list[int] = []
+
+    def giving(self: GuardedSocket, bufsize: int, flags: int = 0) -> bytes:
+        calls.append(bufsize)
+        return b"\1" * min(bufsize, 100_000)
+
+    association_socket = SimpleNamespace(socket=guarded)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(GuardedSocket, "recv", giving)
+        read = guard_module._association_recv(association_socket, 2**20)  # type: ignore[arg-type]
+    assert len(read) == 2**20
+    assert max(calls) <= 256 * 2**10
+    assert calls[-1] == 2**20 % 100_000  # the last step asks only for what the PDU has left
+
+
 def test_a_guarded_pdu_body_is_read_in_large_steps(
     pair: tuple[GuardedSocket, socket.socket, list[str]],
 ) -> None:
