@@ -6,6 +6,7 @@ import hashlib
 import inspect
 import multiprocessing
 import os
+import pickle
 import signal
 import socket
 import struct
@@ -227,6 +228,28 @@ def test_racing_rows_never_pass_a_cap() -> None:
         thread.join()
     assert 1 <= held[1] <= 3
     assert table.established() == 0
+
+
+def test_handles_of_one_row_in_one_process_share_its_lock() -> None:
+    """Two threads adding to one row through two handles (for_row) are serialised: with a
+    lock per handle, one's read-modify-write could overwrite the other's and leak a count."""
+    table = SharedLimits.create(_caps(), rows=2)
+    first, second = table.for_row(0), table.for_row(0)
+    first._lock.acquire()
+    try:
+        added = threading.Thread(target=lambda: second.take_association("CT1", "10.0.0.1"))
+        added.start()
+        added.join(0.2)
+        assert added.is_alive()  # waits for the row's one lock
+        assert table.established() == 0
+    finally:
+        first._lock.release()
+    added.join(10)
+    assert table.established() == 1
+    assert table.for_row(1)._lock is not first._lock  # rows do not wait on each other
+    copy = pickle.loads(pickle.dumps(first))  # another process: locks of its own
+    assert copy._lock is not first._lock
+    assert copy.for_row(0)._lock is copy._lock
 
 
 def test_an_ipv6_host_counts_by_its_64() -> None:
