@@ -590,6 +590,18 @@ def summarise(results: list[Measurement], loads: list[str]) -> list[Summary]:
     return rows
 
 
+# What the node is meant to reach against Orthanc (pacs-node / Orthanc, instances/s).
+GOAL_ONE_ASSOC = 1.0
+GOAL_PARALLEL, AIM_PARALLEL = 1.0, 1.5
+
+
+def goal(load: str) -> str:
+    """The goal column of the ratio table for a load ("1 assoc", "4 assoc", ...)."""
+    if load == "1 assoc":
+        return f">= {GOAL_ONE_ASSOC:.1f}"
+    return f">= {GOAL_PARALLEL:.1f} (aim {AIM_PARALLEL:.1f})"
+
+
 def _fmt(value: float | None, pattern: str) -> str:
     return "n/a" if value is None else pattern.format(value)
 
@@ -608,16 +620,21 @@ def markdown(
         lines.append(
             f"| {row.load} | {row.label} | {row.per_s:.0f} | {row.mb_per_s:.0f} | {runs_text} |"
         )
+    heading = (
+        "| load | pacs-node/storescp | pacs-node/Orthanc | goal (/Orthanc) "
+        "| fsync share | catalog share |"
+    )
     lines += [
         "",
-        "| load | pacs-node/storescp | pacs-node/Orthanc | fsync share | catalog share |",
-        "|---|---:|---:|---:|---:|",
+        heading,
+        "|---|---:|---:|---|---:|---:|",
     ]
     for load in loads:
         lines.append(
             f"| {load} "
             f"| {_fmt(ratio(results, load, 'pacs-node', 'storescp'), '{:.2f}')} "
             f"| {_fmt(ratio(results, load, 'pacs-node', 'orthanc'), '{:.2f}')} "
+            f"| {goal(load)} "
             f"| {_fmt(share(results, load, 'pacs-node-nofsync'), '{:.0%}')} "
             f"| {_fmt(share(results, load, 'pacs-node-nocatalog'), '{:.0%}')} |"
         )
@@ -750,6 +767,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             load: {
                 "pacs_node_over_storescp": ratio(results, load, "pacs-node", "storescp"),
                 "pacs_node_over_orthanc": ratio(results, load, "pacs-node", "orthanc"),
+                "goal_over_orthanc": goal(load),
                 "fsync_share": share(results, load, "pacs-node-nofsync"),
                 "catalog_share": share(results, load, "pacs-node-nocatalog"),
             }

@@ -77,6 +77,7 @@ class Node:
             fsync=options.fsync,
             min_free_bytes=options.min_free_mb * 2**20,
             node_id=options.node_name(),
+            sync_threads=options.max_associations,
         )
         self.recorder = CatalogRecorder(self.catalog, self.spool)
         self.audit = AuditTrail(self.catalog, options.ae_title)

@@ -8,7 +8,18 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, func, select
+from sqlalchemy import (
+    CompoundSelect,
+    Connection,
+    String,
+    bindparam,
+    cast,
+    func,
+    literal,
+    null,
+    select,
+    union_all,
+)
 from sqlalchemy.orm import Session
 
 from pacs_node.catalog.models import (
@@ -75,35 +86,42 @@ def lookup_held(
     return held
 
 
-_STUDY_OF_UID = select(Study.patient_id, Study.issuer_of_patient_id).where(
-    Study.study_uid == bindparam("study")
-)
-_SERIES_OF_UID = (
-    select(Study.study_uid)
+# The per-C-STORE screen's three indexed lookups in one statement (one round trip, compiled
+# once): rows of (which, a, b, c, d), which 1: the study's patient, 2: the series' study,
+# 3: the SOP Instance's path, study, series and digest.
+_TEXT_NULL = cast(null(), String)
+_HELD_OF_UIDS: CompoundSelect[Any] = union_all(
+    select(
+        literal(1).label("which"),
+        Study.patient_id.label("a"),
+        Study.issuer_of_patient_id.label("b"),
+        _TEXT_NULL.label("c"),
+        _TEXT_NULL.label("d"),
+    ).where(Study.study_uid == bindparam("study")),
+    select(literal(2), Study.study_uid, _TEXT_NULL, _TEXT_NULL, _TEXT_NULL)
     .join(Series, Series.study_id == Study.id)
-    .where(Series.series_uid == bindparam("series"))
-)
-_SOP_OF_UID = (
-    select(Instance.path, Study.study_uid, Series.series_uid, Instance.sha256)
+    .where(Series.series_uid == bindparam("series")),
+    select(literal(3), Instance.path, Study.study_uid, Series.series_uid, Instance.sha256)
     .join(Series, Series.id == Instance.series_id)
     .join(Study, Study.id == Series.study_id)
-    .where(Instance.sop_instance_uid == bindparam("sop"))
+    .where(Instance.sop_instance_uid == bindparam("sop")),
 )
 
 
 def lookup_one(connection: Connection, study_uid: str, series_uid: str, sop_uid: str) -> HeldUIDs:
     """:func:`lookup_held` for one instance, on a plain connection: the per-C-STORE screen
-    (three indexed lookups, statements compiled once)."""
+    (three indexed lookups in one statement, compiled once)."""
     held = HeldUIDs()
-    study = connection.execute(_STUDY_OF_UID, {"study": study_uid}).first()
-    if study is not None:
-        held.studies[study_uid] = (None, patient_key(study[0], study[1]))
-    series = connection.execute(_SERIES_OF_UID, {"series": series_uid}).first()
-    if series is not None:
-        held.series[series_uid] = series[0]
-    sop = connection.execute(_SOP_OF_UID, {"sop": sop_uid}).first()
-    if sop is not None:
-        held.sops[sop_uid] = (sop[0], sop[1], sop[2], sop[3])
+    rows = connection.execute(
+        _HELD_OF_UIDS, {"study": study_uid, "series": series_uid, "sop": sop_uid}
+    ).all()
+    for which, a, b, c, d in rows:
+        if which == 1 and study_uid not in held.studies:
+            held.studies[study_uid] = (None, patient_key(a, b))
+        elif which == 2 and series_uid not in held.series:
+            held.series[series_uid] = a
+        elif which == 3 and sop_uid not in held.sops:
+            held.sops[sop_uid] = (a, b, c, d)
     return held
 
 

@@ -89,22 +89,29 @@ class SharedLimits:
         salt: bytes,
         rows: int,
         row: int = 0,
+        row_locks: dict[int, threading.Lock] | None = None,
     ) -> None:
         self.caps = caps
         self._counts = counts
         self._salt = salt
         self._rows = rows
         self.row = row
-        self._lock = threading.Lock()  # this process's writes to its own row
+        # This process's writes to a row, one lock per row shared by every handle of the table
+        # in this process (for_row): two handles of one row must never add at the same time,
+        # or an increment or decrement is lost and a count leaks.
+        self._row_locks = {} if row_locks is None else row_locks
+        self._lock = self._row_locks.setdefault(row, threading.Lock())
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        del state["_lock"]  # a process gets a lock of its own, never a shared one
+        del state["_lock"]  # a process gets locks of its own, never shared ones
+        del state["_row_locks"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._lock = threading.Lock()
+        self._row_locks = {}
+        self._lock = self._row_locks.setdefault(self.row, threading.Lock())
 
     @classmethod
     def create(cls, caps: Caps, rows: int, context: BaseContext | None = None) -> SharedLimits:
@@ -115,7 +122,7 @@ class SharedLimits:
 
     def for_row(self, row: int) -> SharedLimits:
         """The same table, counting as worker ``row`` (given to that worker)."""
-        return SharedLimits(self.caps, self._counts, self._salt, self._rows, row)
+        return SharedLimits(self.caps, self._counts, self._salt, self._rows, row, self._row_locks)
 
     def _bucket(self, key: str) -> int:
         digest = hashlib.blake2b(key.encode("utf-8", "replace"), key=self._salt, digest_size=8)

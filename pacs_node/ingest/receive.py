@@ -122,44 +122,56 @@ class Receiver:
                 f"({self.settings.node.max_instance_mb})"
             )
         received.finish()
-        transfer_syntax = announced.transfer_syntax_uid
-        with received.path.open("rb") as stream:
-            stream.seek(received.dataset_offset or 0)
-            ds = parse_received(stream, transfer_syntax)
-        header = read_header(ds)
-        if any(header.sop_class_uid != uid for uid in announced.sop_class_uids):
-            raise DataSetMismatch("SOP Class UID differs from the request or presentation context")
-        if header.sop_instance_uid != announced.sop_instance_uid:
-            raise DataSetMismatch("SOP Instance UID differs from the request")
-        if announced.study_uid is not None and header.study_uid != announced.study_uid:
-            raise DataSetMismatch("Study Instance UID differs from the study of the request")
+        # The file's fsync runs while its header is read and screened (none of which needs
+        # it); adopt() waits for it before the file takes its name. Every
+        # refusal before that settles it (a job not yet started is cancelled), so a peer sending
+        # instances that are refused holds no descriptor or pool slot beyond its own request.
+        synced = self.spool.start_sync(received.path)
+        try:
+            transfer_syntax = announced.transfer_syntax_uid
+            with received.path.open("rb") as stream:
+                stream.seek(received.dataset_offset or 0)
+                ds = parse_received(stream, transfer_syntax)
+            header = read_header(ds)
+            if any(header.sop_class_uid != uid for uid in announced.sop_class_uids):
+                raise DataSetMismatch(
+                    "SOP Class UID differs from the request or presentation context"
+                )
+            if header.sop_instance_uid != announced.sop_instance_uid:
+                raise DataSetMismatch("SOP Instance UID differs from the request")
+            if announced.study_uid is not None and header.study_uid != announced.study_uid:
+                raise DataSetMismatch("Study Instance UID differs from the study of the request")
 
-        screening = self.identity.screen(header)  # may refuse before anything is kept
-        # Read before the file is kept: nothing may fail between keeping it and recording it
-        # (read_routing_header never raises; it leaves out what it cannot decode).
-        routing = read_routing_header(ds)
+            screening = self.identity.screen(header)  # may refuse before anything is kept
+            # Read before the file is kept: nothing may fail between keeping it and recording it
+            # (read_routing_header never raises; it leaves out what it cannot decode).
+            routing = read_routing_header(ds)
 
-        # The file's Part 10 header was written from the announced UIDs, just checked equal to
-        # the data set's; its data set's SHA-256 was computed as it arrived.
-        stored = self.spool.adopt(
-            received.path,
-            header.study_uid,
-            header.series_uid,
-            header.sop_instance_uid,
-            received.sha256,
-        )
-        status = self.identity.admit(
-            screening,
-            stored,
-            InstanceRef(
-                header=header,
-                transfer_syntax_uid=transfer_syntax,
-                path=stored.relpath,
-                size_bytes=stored.size_bytes,
-                received_at=received_at,
-                calling_ae=calling_ae,
-                routing=routing,
-                sender=sender,
-            ),
-        )
-        return Receipt(status, header)
+            # The file's Part 10 header was written from the announced UIDs, just checked equal to
+            # the data set's; its data set's SHA-256 was computed as it arrived.
+            stored = self.spool.adopt(
+                received.path,
+                header.study_uid,
+                header.series_uid,
+                header.sop_instance_uid,
+                received.sha256,
+                synced,
+            )
+            status = self.identity.admit(
+                screening,
+                stored,
+                InstanceRef(
+                    header=header,
+                    transfer_syntax_uid=transfer_syntax,
+                    path=stored.relpath,
+                    size_bytes=stored.size_bytes,
+                    received_at=received_at,
+                    calling_ae=calling_ae,
+                    routing=routing,
+                    sender=sender,
+                ),
+            )
+            return Receipt(status, header)
+        finally:
+            if synced is not None:
+                synced.settle()

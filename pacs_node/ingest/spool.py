@@ -3,6 +3,8 @@
 A file in the spool is the durable record that an instance was acknowledged: it is written to a
 temporary file, fsync'd, then hard-linked to its final name (which never overwrites: the first
 copy of a SOP Instance wins) and its directory fsync'd, all before the SCP answers success.
+Threads that wait on the same directory share its fsyncs (:func:`sync_directory`): one that
+starts after a thread's link covers it, so associations writing one series wait on fewer.
 
 The SHA-256 of the data set (the bytes after the Part 10 header, which the node writes itself
 and which names the calling AE) is computed while writing. When the name is taken, the digests
@@ -21,7 +23,9 @@ import logging
 import os
 import struct
 import tempfile
+import threading
 from collections.abc import Collection, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +44,7 @@ _RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EM
 _PART10_PREFIX = 128 + 4  # preamble and "DICM"
 _GROUP_LENGTH_END = _PART10_PREFIX + 12  # (0002,0000) UL, explicit VR little endian
 _READ_CHUNK = 1 << 20
+SYNC_THREADS = 16  # fsync threads of a spool not told its association cap
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,14 +133,204 @@ def incoming_folder(root: Path, node_id: str) -> Path:
     return root / INCOMING / f"{NODE_PREFIX}{node_id}" if node_id else root / INCOMING
 
 
+def _fsync_and_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _SyncPool:
+    """The threads that fsync received files while their handlers read them, and the slots
+    that bound how many such fsyncs are outstanding (queued or running): a handler takes a slot
+    before its job is queued, so a peer that floods the node waits for slots instead of growing
+    the queue, and every job frees its slot when it ends or is cancelled."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="spool-fsync")
+        # Running ones and as many queued (opened by no one yet: a refused file's is cancelled).
+        self.capacity = 2 * threads
+        self.slots = threading.BoundedSemaphore(self.capacity)
+
+
+_pool: _SyncPool | None = None
+_pool_lock = threading.Lock()
+
+
+def _syncer(threads: int) -> _SyncPool:
+    """The process's pool, made (under a lock) with ``threads`` workers: one per association
+    the process may hold, each of which has at most one received file's fsync outstanding.
+    A larger request replaces the pool; the old one finishes what it was given."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool.threads < threads:
+            old, _pool = _pool, _SyncPool(threads)
+            if old is not None:
+                old.executor.shutdown(wait=False)
+        return _pool
+
+
+class FileSync:
+    """One received file's fsync on the helper pool (:meth:`Spool.start_sync`). The file is
+    opened by the worker, so a job still queued holds no descriptor; :meth:`settle` cancels
+    it (no fsync of a file about to be deleted) or waits for a running one."""
+
+    def __init__(self, path: Path, pool: _SyncPool) -> None:
+        self.path = path
+        self._slots = pool.slots
+        self._lock = threading.Lock()
+        self._released = False
+        self._future: Future[None] = pool.executor.submit(self._run)
+
+    def _run(self) -> None:
+        try:
+            _fsync_and_close(os.open(self.path, os.O_RDONLY))
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+        self._slots.release()
+
+    def cancelled(self) -> bool:
+        """Settled before it started: the file was never opened here."""
+        return self._future.cancelled()
+
+    def result(self, timeout: float | None = None) -> None:
+        """Wait for the fsync; raise its OSError, if any."""
+        self._future.result(timeout)
+
+    def settle(self) -> None:
+        """For a file that will not be kept: cancel the job if it has not started, else wait
+        for it to end (its error does not matter any more). Idempotent."""
+        if self._future.cancel():
+            self._release()
+            return
+        with contextlib.suppress(Exception):
+            self._future.result()
+
+
+@dataclass(slots=True)
+class _FailedSync:
+    """A directory fsync that failed, and the requests it was to make durable."""
+
+    first: int
+    last: int
+    error: BaseException
+    pending: int  # of those requests, how many have not yet been told
+
+
+def _failure_for(error: BaseException) -> OSError:
+    """The OSError a waiter covered by a failed directory fsync raises (its own object: the
+    same exception is not raised in several threads)."""
+    if isinstance(error, OSError) and error.errno is not None:
+        copy = OSError(error.errno, error.strerror, error.filename)
+    else:
+        copy = OSError(errno.EIO, f"directory fsync failed: {type(error).__name__}")
+    copy.__cause__ = error
+    return copy
+
+
+class _GroupSync:
+    """One directory's fsyncs, grouped: a caller whose entry is linked asks for a sync; if one
+    is running, it waits for the next, which starts after its request and so covers its entry,
+    and every caller that asked before that one started is released by it.
+
+    A failed fsync settles every request it covered as failed: each of those callers raises
+    its error. (A fresh fsync on a new descriptor may not see a write-back error that the
+    failed one already reported, so it could never vouch for those entries.) Only requests
+    made after the failure can be covered by a later fsync."""
+
+    def __init__(self) -> None:
+        self.done = threading.Condition()
+        self.requested = 0  # requests so far
+        self.settled = 0  # every request up to this one has its outcome
+        self.running = False
+        self.users = 0  # callers between sync_directory's entry and exit
+        self.failures: list[_FailedSync] = []
+
+    def sync(self, path: Path) -> None:
+        with self.done:
+            self.requested += 1
+            mine = self.requested
+            while self.settled < mine:
+                if self.running:
+                    self.done.wait()
+                    continue
+                self.running = True
+                first = self.settled + 1
+                covers = self.requested  # read before the fsync starts: all linked by now
+                self.done.release()
+                error: BaseException | None = None
+                try:
+                    _fsync_dir(path)
+                except BaseException as exc:
+                    error = exc
+                self.done.acquire()
+                if error is not None:
+                    pending = covers - first  # the others; this caller raises below
+                    if pending:
+                        self.failures.append(_FailedSync(first, covers, error, pending))
+                self.settled = covers
+                self.running = False
+                self.done.notify_all()
+                if error is not None:
+                    raise error
+            self._raise_if_failed(mine)
+
+    def _raise_if_failed(self, request: int) -> None:
+        """Raise the error of the failed fsync that covered ``request``, if one did."""
+        for failure in self.failures:
+            if failure.first <= request <= failure.last:
+                failure.pending -= 1
+                if failure.pending == 0:
+                    self.failures.remove(failure)
+                raise _failure_for(failure.error)
+
+
+_groups: dict[str, _GroupSync] = {}
+_groups_lock = threading.Lock()
+
+
+def sync_directory(path: Path) -> None:
+    """fsync ``path`` (a directory whose entry the caller just made), grouped with the other
+    threads of this process that wait on the same directory (:class:`_GroupSync`): with several
+    associations writing one series, one fsync makes several names durable."""
+    key = os.fspath(path)
+    with _groups_lock:
+        group = _groups.get(key)
+        if group is None:
+            group = _groups[key] = _GroupSync()
+        group.users += 1
+    try:
+        group.sync(path)
+    finally:
+        with _groups_lock:
+            group.users -= 1
+            if group.users == 0:
+                del _groups[key]
+
+
 class Spool:
     def __init__(
-        self, root: Path, *, fsync: bool = True, min_free_bytes: int = 0, node_id: str = ""
+        self,
+        root: Path,
+        *,
+        fsync: bool = True,
+        min_free_bytes: int = 0,
+        node_id: str = "",
+        sync_threads: int = SYNC_THREADS,
     ) -> None:
         """``node_id``: the node whose partial files this spool writes (see
-        :func:`incoming_folder`)."""
+        :func:`incoming_folder`). ``sync_threads``: received files fsync'd at once on helper
+        threads (the process's association cap: each association has one outstanding at most)."""
         self.root = root
         self.fsync = fsync
+        self.sync_threads = max(1, sync_threads)
         self.min_free_bytes = min_free_bytes
         self.node_id = node_id
         self.incoming = incoming_folder(root, node_id)
@@ -210,7 +405,7 @@ class Spool:
             else:
                 if self.fsync:
                     for directory in (final.parent, *created):
-                        _fsync_dir(directory)
+                        sync_directory(directory)
                 return StoredFile(relpath, size, duplicate=False, sha256=sha256)
         if file_digest(final) == sha256:
             return StoredFile(relpath, size, duplicate=True, sha256=sha256)
@@ -232,7 +427,7 @@ class Spool:
             new = False
         if self.fsync:
             for directory in (target.parent, *created):
-                _fsync_dir(directory)
+                sync_directory(directory)
         return held, new
 
     def hold(self, relpath: str, sop_instance_uid: str) -> StoredFile:
@@ -262,7 +457,7 @@ class Spool:
                 os.replace(tmp, target)
             if self.fsync:
                 for directory in (target.parent, *created):
-                    _fsync_dir(directory)
+                    sync_directory(directory)
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -272,6 +467,22 @@ class Spool:
     def retention_lock(self, *, shared: bool) -> contextlib.AbstractContextManager[None]:
         return retention_lock(self.root, shared=shared)
 
+    def start_sync(self, temporary: Path) -> FileSync | None:
+        """Begin fsyncing ``temporary`` (a whole file in :attr:`incoming`) on a helper thread,
+        so the disk works while the caller reads the header and screens the instance; hand the
+        result to :meth:`adopt`, which waits for it. The caller must :meth:`FileSync.settle` it
+        on every path (a refused file's job is cancelled). Blocks while the pool's slots are
+        all taken, so a flood slows its sender. None when the spool does not fsync."""
+        if not self.fsync:
+            return None
+        pool = _syncer(self.sync_threads)
+        pool.slots.acquire()
+        try:
+            return FileSync(temporary, pool)
+        except BaseException:
+            pool.slots.release()
+            raise
+
     def adopt(
         self,
         temporary: Path,
@@ -279,27 +490,30 @@ class Spool:
         series_uid: str,
         sop_instance_uid: str,
         sha256: str,
+        synced: FileSync | None = None,
     ) -> StoredFile:
         """Make ``temporary`` (a whole Part 10 file written in :attr:`incoming`, ``sha256`` the
-        digest of its data set) the instance's spool file: fsync'd, then settled like
-        :meth:`store` (linked under its name, or kept in quarantine when the name holds other
-        bytes). ``temporary`` is gone afterwards, whatever happened."""
+        digest of its data set) the instance's spool file: fsync'd (here, or by ``synced``
+        from :meth:`start_sync`, waited for), then settled like :meth:`store` (linked under its
+        name, or kept in quarantine when the name holds other bytes). ``temporary`` is gone
+        afterwards, whatever happened."""
         try:
             relpath = self.relpath_for(study_uid, series_uid, sop_instance_uid)
             self._check_free_space()
             size = temporary.stat().st_size
             if self.fsync:
-                fd = os.open(temporary, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                if synced is not None:
+                    synced.result()  # raises the fsync's OSError, if any
+                else:
+                    _fsync_and_close(os.open(temporary, os.O_RDONLY))
             return self._settle_temp(temporary, relpath, size, sha256)
         except OSError as exc:
             if exc.errno in _RESOURCE_ERRNOS:
                 raise OutOfResources(f"spool write failed: {os.strerror(exc.errno or 0)}") from exc
             raise
         finally:
+            if synced is not None:
+                synced.settle()  # a job not reached (bad name, no space) holds no slot on
             temporary.unlink(missing_ok=True)
 
     def _link(self, source: Path, target: Path) -> list[Path]:

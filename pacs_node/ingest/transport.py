@@ -4,7 +4,7 @@ pynetdicom 3.0 reads a PDU as its 6-byte header and then the declared length who
 (``DULServiceProvider._read_pdu_data`` through ``AssociationSocket.recv``) from an accepted socket
 that has no timeout, and writes a chunked C-STORE data set to ``NamedTemporaryFile`` in the
 system temporary folder (``dimse_messages``). Both are private, so this module is the only place
-that touches them, at two points:
+that touches them:
 
 - :class:`GuardedServer` accepts each connection as a :class:`GuardedSocket`, a real socket whose
   ``recv`` follows the PDU framing itself: it refuses a PDU whose declared length exceeds what
@@ -23,7 +23,12 @@ that touches them, at two points:
 - :func:`install_received_files` makes pynetdicom's chunked receive write into a
   :class:`ReceivedFile` in the spool's incoming folder: our own Part 10 header in front, the data
   set as received after it, at most ``max_instance_mb`` of it kept (beyond that nothing more is
-  written and the handler answers Out of Resources).
+  written and the handler answers Out of Resources). The File Meta Information pynetdicom would
+  encode in front of it reaches :class:`ReceivedFile` as its three UIDs instead
+  (``create_file_meta`` and ``write_file_meta_info`` in ``dimse_messages``).
+- Per C-STORE cost: ``AssociationSocket.recv`` reads a guarded connection's PDU body in large
+  steps rather than pynetdicom's 4096 bytes, and the reactors' 1 ms idle pauses (``time.sleep``
+  in ``dul`` and ``association``) end as soon as data arrives or a decoded message is queued.
 
 ``tests/unit/test_transport.py`` fails when pynetdicom's code at these points changes.
 """
@@ -36,12 +41,15 @@ import functools
 import hashlib
 import logging
 import os
+import queue
+import select
 import socket
 import ssl
 import struct
 import tempfile
 import threading
 import time
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
@@ -49,7 +57,9 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.filereader import read_dataset
-from pynetdicom import dimse_messages
+from pynetdicom import association as pynetdicom_association
+from pynetdicom import dimse_messages, transport
+from pynetdicom import dul as pynetdicom_dul
 from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs_node.errors import IngestError, OutOfResources, UnreadableDataset
@@ -647,10 +657,15 @@ _META_GROUP_LENGTH = b"\x02\x00\x00\x00UL\x04\x00"
 _open_files: dict[str, ReceivedFile] = {}
 _open_lock = threading.Lock()
 _pynetdicom_temporary_file = dimse_messages.NamedTemporaryFile  # type: ignore[attr-defined]
+_pynetdicom_create_file_meta = dimse_messages.create_file_meta  # type: ignore[attr-defined]
+_pydicom_write_file_meta_info = dimse_messages.write_file_meta_info  # type: ignore[attr-defined]
 
 
 def _nothing() -> None:
     pass
+
+
+_META_UID_NAMES = ("Affected SOP Class UID", "Affected SOP Instance UID", "Transfer Syntax UID")
 
 
 class ReceivedFile:
@@ -706,6 +721,47 @@ class ReceivedFile:
             self._fail(exc)
         return length
 
+    def start(
+        self,
+        sop_class_uid: str | None,
+        sop_instance_uid: str | None,
+        transfer_syntax_uid: str | None,
+    ) -> None:
+        """The File Meta Information pynetdicom would write next, given as its UIDs (from the
+        C-STORE request and the presentation context): our header is written from them
+        directly, after the preamble and prefix pynetdicom wrote. A missing or empty one
+        (an Affected SOP Class UID left out of the request) refuses the data set."""
+        if self.error is not None or self._state == "discarded":
+            return
+        if self.dataset_offset is not None or bytes(self._prefix) != PREAMBLE:
+            self.error = UnreadableDataset("unexpected file meta from the network layer")
+            return
+        try:
+            self._header((sop_class_uid, sop_instance_uid, transfer_syntax_uid), b"")
+        except OSError as exc:
+            self._fail(exc)
+
+    def _header(self, given: tuple[Any, Any, Any], rest: bytes) -> None:
+        """Write our Part 10 header for the ``given`` UIDs, then ``rest`` (data set bytes
+        already read); a missing or empty UID (never written as "None" or "") refuses it."""
+        for name, uid in zip(_META_UID_NAMES, given, strict=True):
+            if uid is None or not str(uid).strip("\0 "):
+                self.error = UnreadableDataset(f"the request has no {name}")
+                return
+        uids = (str(given[0]), str(given[1]), str(given[2]))
+        try:
+            ours = file_meta(*uids, self.source_ae)
+        except Exception as exc:  # hostile UIDs from the command set
+            self.error = UnreadableDataset(f"file meta cannot be written: {type(exc).__name__}")
+            return
+        self.meta_uids = uids
+        self._handle.write(ours)
+        self.size = len(ours)
+        self.dataset_offset = len(ours)
+        self._prefix = bytearray()
+        if rest:
+            self._write_dataset(rest)
+
     def _start_dataset(self) -> None:
         prefix = self._prefix
         if len(prefix) < len(PREAMBLE) + 12:
@@ -720,22 +776,14 @@ class ReceivedFile:
         try:
             meta = read_dataset(BytesIO(bytes(prefix[len(PREAMBLE) : end])), False, True)
             uids = (
-                str(meta.MediaStorageSOPClassUID),
-                str(meta.MediaStorageSOPInstanceUID),
-                str(meta.TransferSyntaxUID),
+                meta.get("MediaStorageSOPClassUID"),
+                meta.get("MediaStorageSOPInstanceUID"),
+                meta.get("TransferSyntaxUID"),
             )
-            ours = file_meta(*uids, self.source_ae)
         except Exception as exc:  # hostile UIDs from the command set
             self.error = UnreadableDataset(f"file meta cannot be written: {type(exc).__name__}")
             return
-        self.meta_uids = uids
-        self._handle.write(ours)
-        self.size = len(ours)
-        self.dataset_offset = len(ours)
-        rest = bytes(prefix[end:])
-        self._prefix = bytearray()
-        if rest:
-            self._write_dataset(rest)
+        self._header(uids, bytes(prefix[end:]))
 
     def _write_dataset(self, data: bytes | bytearray | memoryview) -> None:
         self.dataset_bytes += len(data)
@@ -830,6 +878,121 @@ def _temporary_file(*args: Any, **kwargs: Any) -> Any:
     return received
 
 
+class _MetaUIDs:
+    """What ``dimse_messages.create_file_meta`` is asked for, kept as the three UIDs as given
+    (a missing one stays None): for a :class:`ReceivedFile` they go straight into our own
+    header (nothing encoded by pydicom and read back), which refuses a missing or empty one;
+    for any other file the real File Meta Information is built from them."""
+
+    __slots__ = ("uids",)
+
+    def __init__(self, sop_class_uid: Any, sop_instance_uid: Any, transfer_syntax: Any) -> None:
+        self.uids: tuple[Any, Any, Any] = (sop_class_uid, sop_instance_uid, transfer_syntax)
+
+
+def _create_file_meta(*, sop_class_uid: Any, sop_instance_uid: Any, transfer_syntax: Any) -> Any:
+    """Stands in for ``create_file_meta`` in pynetdicom's chunked C-STORE receive."""
+    return _MetaUIDs(sop_class_uid, sop_instance_uid, transfer_syntax)
+
+
+def _write_file_meta_info(fp: Any, file_meta: Any, enforce_standard: bool = True) -> None:
+    """Stands in for ``write_file_meta_info`` in pynetdicom's chunked C-STORE receive."""
+    if not isinstance(file_meta, _MetaUIDs):
+        _pydicom_write_file_meta_info(fp, file_meta, enforce_standard)
+        return
+    if isinstance(fp, ReceivedFile):
+        fp.start(*file_meta.uids)
+        return
+    sop_class, sop_instance, syntax = file_meta.uids
+    meta = _pynetdicom_create_file_meta(
+        sop_class_uid=sop_class, sop_instance_uid=sop_instance, transfer_syntax=syntax
+    )
+    _pydicom_write_file_meta_info(fp, meta, enforce_standard)
+
+
+# pynetdicom's AssociationSocket.recv reads a PDU body 4096 bytes at a time: a 256 KiB PDU is 64
+# calls through GuardedSocket.recv. A guarded connection is read in larger steps instead (each
+# step still goes through GuardedSocket.recv, which never reads past the PDU it is in).
+_RECV_STEP = 256 * 2**10  # CPython reserves a recv's whole buffer before it blocks
+_pynetdicom_recv = transport.AssociationSocket.recv
+
+
+def _association_recv(self: transport.AssociationSocket, nr_bytes: int) -> bytearray:
+    """Stands in for ``AssociationSocket.recv``: the same loop (a short read returns what was
+    read), in steps of up to ``_RECV_STEP`` on a guarded connection."""
+    raw = self.socket
+    if not isinstance(raw, GuardedSocket) or not raw._guarded:
+        return _pynetdicom_recv(self, nr_bytes)
+    data = raw.recv(min(nr_bytes, _RECV_STEP))
+    if len(data) == nr_bytes or not data:
+        return bytearray(data)
+    bytestream = bytearray(data)
+    while len(bytestream) < nr_bytes:
+        data = raw.recv(min(nr_bytes - len(bytestream), _RECV_STEP))
+        if not data:
+            break
+        bytestream += data
+    return bytestream
+
+
+# pynetdicom's reactors poll: the DUL thread sleeps ``_run_loop_delay`` (1 ms) whenever it found
+# nothing to do, and the acceptor's Association thread sleeps 1 ms before each look for a decoded
+# DIMSE message. On one association that is up to a millisecond before the next request's PDUs
+# are read and another before its handler runs, per C-STORE. Their ``time`` module is replaced
+# by one whose ``sleep`` ends those two pauses early, when what they wait for is there: data on a
+# guarded connection (the DUL thread), a decoded message (the Association thread). Every other
+# sleep, and every pause on any other connection, is ``time.sleep`` as before; no pause is longer.
+_REACTOR_PAUSE_S = 0.001
+
+
+def _dul_sleep(seconds: float) -> None:
+    """The DUL reactor's idle pause: until data arrives on its guarded connection."""
+    reactor = threading.current_thread()
+    if not isinstance(reactor, pynetdicom_dul.DULServiceProvider):
+        time.sleep(seconds)
+        return
+    raw = getattr(reactor.socket, "socket", None)
+    if isinstance(raw, GuardedSocket) and raw._guarded and not raw.dropped:
+        try:
+            select.select([raw], [], [], seconds)
+            return
+        except (OSError, ValueError):  # closed meanwhile: the reactor sees it next
+            pass
+    time.sleep(seconds)
+
+
+def _association_sleep(seconds: float) -> None:
+    """The acceptor reactor's 1 ms pause: until a decoded DIMSE message is queued for it."""
+    reactor = threading.current_thread()
+    if seconds != _REACTOR_PAUSE_S or not isinstance(reactor, pynetdicom_association.Association):
+        time.sleep(seconds)
+        return
+    messages = getattr(reactor.dimse, "msg_queue", None)
+    if isinstance(messages, queue.Queue):
+        with messages.not_empty:
+            if not messages.queue:
+                messages.not_empty.wait(seconds)
+        return
+    time.sleep(seconds)
+
+
+def _clock(sleep: Callable[[float], None]) -> types.ModuleType:
+    """A stand-in for the ``time`` module: the same functions, ``sleep`` replaced."""
+    clock = types.ModuleType("time")
+    clock.__dict__.update({k: v for k, v in vars(time).items() if not k.startswith("__")})
+    clock.sleep = sleep  # type: ignore[attr-defined]
+    return clock
+
+
 def install_received_files() -> None:
-    """Route pynetdicom's chunked C-STORE receive into :class:`ReceivedFile` (idempotent)."""
+    """Route pynetdicom's chunked C-STORE receive into :class:`ReceivedFile`, read guarded
+    connections in large steps and end the reactors' idle pauses early (idempotent)."""
     dimse_messages.NamedTemporaryFile = _temporary_file  # type: ignore[attr-defined]
+    dimse_messages.create_file_meta = _create_file_meta  # type: ignore[attr-defined,assignment]
+    dimse_messages.write_file_meta_info = _write_file_meta_info  # type: ignore[attr-defined]
+    transport.AssociationSocket.recv = _association_recv  # type: ignore[method-assign]
+    if getattr(pynetdicom_dul.time, "sleep", None) is not _dul_sleep:  # type: ignore[attr-defined]
+        pynetdicom_dul.time = _clock(_dul_sleep)  # type: ignore[attr-defined]
+    clock = pynetdicom_association.time  # type: ignore[attr-defined]
+    if getattr(clock, "sleep", None) is not _association_sleep:
+        pynetdicom_association.time = _clock(_association_sleep)  # type: ignore[attr-defined]

@@ -199,6 +199,7 @@ def _run_worker(
         fsync=options.fsync,
         min_free_bytes=options.min_free_mb * 2**20,
         node_id=options.node_name(),
+        sync_threads=options.max_associations,
     )
     sink = _PipeSink(pipe)
     scp = StorageSCP(

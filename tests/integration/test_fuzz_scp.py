@@ -308,8 +308,10 @@ def _accepted_syntax(ac: bytes) -> str | None:
     return None
 
 
-def _c_store_pdus(path: Path, message_id: int) -> bytes:
-    """The P-DATA-TF PDUs of one C-STORE-RQ of ``path`` (explicit VR LE) on context 1."""
+def _c_store_pdus(path: Path, message_id: int, sop_class_uid: str | None = None) -> bytes:
+    """The P-DATA-TF PDUs of one C-STORE-RQ of ``path`` (explicit VR LE) on context 1;
+    ``sop_class_uid``: the Affected SOP Class UID sent instead of the data set's (an empty one
+    is sent as an element of zero length)."""
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     primitive = C_STORE()
     primitive.MessageID = message_id
@@ -319,6 +321,8 @@ def _c_store_pdus(path: Path, message_id: int) -> bytes:
     primitive.DataSet = BytesIO(_split_part10(path)[1])
     message = C_STORE_RQ()
     message.primitive_to_message(primitive)
+    if sop_class_uid is not None:
+        message.command_set.AffectedSOPClassUID = sop_class_uid
     raw = b""
     for p_data in message.encode_msg(1, 4096):
         pdu = P_DATA_TF()
@@ -554,3 +558,27 @@ def test_mutated_mpps_requests_never_crash_or_hang_the_node(
     assert examples >= 5
     assert "SCP worker died" not in node.log_text()
     print(f"{examples} mutated MPPS requests; answers: {dict(sorted(seen.items()))}")
+
+
+def test_a_c_store_without_its_sop_class_uid_is_not_kept_and_the_association_goes_on(
+    target: Target,
+) -> None:
+    """A C-STORE-RQ whose Affected SOP Class UID is empty is never stored (nor written with
+    "None" or "" in its header) and does not end the association: the next C-STORE on the
+    same association is stored."""
+    called = target.node.ae_title
+    study_uid = new_uid()
+    empty, empty_uid = target.instance("empty.dcm", study_uid)
+    good, uid = target.instance("good.dcm", study_uid)
+    pdus = _c_store_pdus(empty, 1, sop_class_uid="")
+    with _associated(target.node.port, called) as sock:
+        received = _answers(sock, (pdus, _c_store_pdus(good, GOOD_ID), RELEASE_RQ))
+    statuses = _store_statuses(received)
+    assert statuses[GOOD_ID] == 0
+    # pynetdicom finds no service for it and leaves it unanswered; never a success
+    assert statuses.get(1) not in SUCCESS_OR_WARNING
+    target.acknowledged.add(uid)
+    target.healthy()
+    target.consistent()
+    spool = target.node.data_dir / "spool"
+    assert not [p for p in spool.rglob("*.dcm") if p.stem == empty_uid]

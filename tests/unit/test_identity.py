@@ -23,7 +23,7 @@ from pacs_node.catalog.models import (
     StudyEvent,
     utcnow,
 )
-from pacs_node.catalog.quarantine import patient_key
+from pacs_node.catalog.quarantine import lookup_one, patient_key
 from pacs_node.catalog.studies import counters, list_studies, record_instances
 from pacs_node.ingest.header import read_header
 from pacs_node.ingest.identity import (
@@ -594,5 +594,40 @@ def test_on_postgresql_the_identity_check_holds_an_advisory_lock(
                 text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted")
             )
         assert held == 1
+    finally:
+        catalog.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_the_screen_looks_up_study_series_and_instance_in_one_statement(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    url = (
+        request.getfixturevalue("postgres_url")
+        if backend == "postgresql"
+        else f"sqlite:///{tmp_path / 'catalog.sqlite'}"
+    )
+    catalog = open_catalog(url)
+    spool = Spool(tmp_path / "spool")
+    try:
+        refs = _refs(spool, write_series(tmp_path / "in", slices=2))
+        with catalog.sessions.begin() as session:
+            record_instances(session, refs)
+        ref = refs[0]
+        statements: list[str] = []
+        event.listen(catalog.engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+        with catalog.engine.connect() as connection:
+            held = lookup_one(connection, ref.study_uid, ref.series_uid, ref.sop_instance_uid)
+            nothing = lookup_one(connection, "1.9", "1.9.1", "1.9.1.1")
+            other = lookup_one(connection, ref.study_uid, "1.9.1", "1.9.1.1")
+        assert len(statements) == 3
+        key = patient_key(ref.header.patient_id, ref.header.issuer_of_patient_id)
+        assert held.studies == {ref.study_uid: (None, key)}
+        assert held.series == {ref.series_uid: ref.study_uid}
+        assert held.sops == {
+            ref.sop_instance_uid: (ref.path, ref.study_uid, ref.series_uid, ref.sha256)
+        }
+        assert (nothing.studies, nothing.series, nothing.sops) == ({}, {}, {})
+        assert (other.studies, other.series, other.sops) == (held.studies, {}, {})
     finally:
         catalog.dispose()

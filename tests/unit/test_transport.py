@@ -6,10 +6,12 @@ import hashlib
 import inspect
 import multiprocessing
 import os
+import pickle
 import signal
 import socket
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Iterator
 from io import BytesIO
@@ -34,7 +36,7 @@ from pynetdicom import (
 )
 from pynetdicom.dsutils import create_file_meta
 
-from pacs_node.errors import OutOfResources
+from pacs_node.errors import OutOfResources, UnreadableDataset
 from pacs_node.ingest import transport as guard_module
 from pacs_node.ingest.header import HeaderTooLarge, parse_identifiers, read_spooled_header
 from pacs_node.ingest.limits import Caps, SharedLimits, address_key
@@ -93,6 +95,16 @@ HOOKED = {
     "association.Association.run_reactor": (
         association.Association.run_reactor,
         "ed8bbbe3b3d6ddae",
+    ),
+    # pauses with time.sleep(0.001) before each look for a decoded DIMSE message
+    "association.Association._run_reactor": (
+        association.Association._run_reactor,
+        "f28838c5559e462a",
+    ),
+    # pauses with time.sleep(self._run_loop_delay) when a loop found nothing to do
+    "dul.DULServiceProvider.run_reactor": (
+        dul.DULServiceProvider.run_reactor,
+        "e3a10eb3a0931e48",
     ),
     # P-DATA is decoded on the DUL reactor's own thread
     "fsm.DT_2": (fsm.DT_2, "9ec543394e0b49eb"),
@@ -216,6 +228,28 @@ def test_racing_rows_never_pass_a_cap() -> None:
         thread.join()
     assert 1 <= held[1] <= 3
     assert table.established() == 0
+
+
+def test_handles_of_one_row_in_one_process_share_its_lock() -> None:
+    """Two threads adding to one row through two handles (for_row) are serialised: with a
+    lock per handle, one's read-modify-write could overwrite the other's and leak a count."""
+    table = SharedLimits.create(_caps(), rows=2)
+    first, second = table.for_row(0), table.for_row(0)
+    first._lock.acquire()
+    try:
+        added = threading.Thread(target=lambda: second.take_association("CT1", "10.0.0.1"))
+        added.start()
+        added.join(0.2)
+        assert added.is_alive()  # waits for the row's one lock
+        assert table.established() == 0
+    finally:
+        first._lock.release()
+    added.join(10)
+    assert table.established() == 1
+    assert table.for_row(1)._lock is not first._lock  # rows do not wait on each other
+    copy = pickle.loads(pickle.dumps(first))  # another process: locks of its own
+    assert copy._lock is not first._lock
+    assert copy.for_row(0)._lock is copy._lock
 
 
 def test_an_ipv6_host_counts_by_its_64() -> None:
@@ -505,3 +539,188 @@ def test_what_is_held_after_the_connection_closed_is_given_back(
     guarded.hold_association(lease)  # EVT_REQUESTED ran after the peer went away
     assert limits.established() == 0
     assert guarded.guard.pending.pending() == 0
+
+
+# -- the shortcuts in pynetdicom's receive --------------------------------------------------------
+
+
+def _shortcut_writes(target: Any, payload: bytes) -> None:
+    """What decode_msg writes once install_received_files() replaced its file-meta helpers."""
+    target.write(b"\x00" * 128)
+    target.write(b"DICM")
+    guard_module._write_file_meta_info(
+        target,
+        guard_module._create_file_meta(
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.7",
+            sop_instance_uid="1.2.3.4",
+            transfer_syntax=ExplicitVRLittleEndian,
+        ),
+    )
+    for start in range(0, len(payload), 300):
+        target.write(payload[start : start + 300])
+        target.file.flush()
+
+
+def test_the_file_meta_shortcut_writes_the_same_received_file(tmp_path: Path) -> None:
+    payload = _encoded(_dataset())
+    files = []
+    for writes in (_pynetdicom_writes, _shortcut_writes):
+        received = ReceivedFile(tmp_path, 10_000, "CT1")
+        writes(received, payload)
+        received.finish()
+        files.append((received.path.read_bytes(), received.meta_uids, received.sha256))
+    assert files[0] == files[1]
+
+
+def test_the_file_meta_shortcut_writes_pydicom_meta_to_any_other_file() -> None:
+    class Plain(BytesIO):
+        file = property(lambda self: self)
+
+    expected, shortcut = Plain(), Plain()
+    _pynetdicom_writes(expected, b"payload!")
+    _shortcut_writes(shortcut, b"payload!")
+    assert shortcut.getvalue() == expected.getvalue()
+
+
+def test_the_file_meta_shortcut_refuses_a_uid_it_cannot_write(tmp_path: Path) -> None:
+    received = ReceivedFile(tmp_path, 10_000, "CT1")
+    received.write(b"\x00" * 128 + b"DICM")
+    received.start("1.2.840.10008.5.1.4.1.1.7", "1.2.3.\u00e9", ExplicitVRLittleEndian)
+    received.write(b"\0" * 10)
+    with pytest.raises(UnreadableDataset):
+        received.finish()
+
+
+@pytest.mark.parametrize("sop_class_uid", [None, "", "\0"])
+def test_a_request_without_its_sop_class_uid_is_refused_not_written(
+    tmp_path: Path, sop_class_uid: str | None
+) -> None:
+    """An absent or empty Affected SOP Class UID never becomes "None" or "" in our header:
+    the data set is refused (a failure status; the association goes on)."""
+    received = ReceivedFile(tmp_path, 10_000, "CT1")
+    received.write(b"\x00" * 128 + b"DICM")
+    guard_module._write_file_meta_info(
+        received,
+        guard_module._create_file_meta(
+            sop_class_uid=sop_class_uid,
+            sop_instance_uid="1.2.3.4",
+            transfer_syntax=ExplicitVRLittleEndian,
+        ),
+    )
+    received.write(_encoded(_dataset()))
+    with pytest.raises(UnreadableDataset, match="Affected SOP Class UID"):
+        received.finish()
+    assert received.meta_uids is None
+    assert b"None" not in received.path.read_bytes()
+
+
+def test_an_absent_uid_stays_none_in_pydicom_meta_for_any_other_file() -> None:
+    meta = guard_module._create_file_meta(
+        sop_class_uid=None, sop_instance_uid="1.2.3.4", transfer_syntax=ExplicitVRLittleEndian
+    )
+    written: list[Any] = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            guard_module,
+            "_pydicom_write_file_meta_info",
+            lambda fp, file_meta, enforce_standard=True: written.append(file_meta),
+        )
+        guard_module._write_file_meta_info(BytesIO(), meta)
+    assert len(written) == 1
+    assert written[0].MediaStorageSOPClassUID in (None, "")
+    assert written[0].MediaStorageSOPClassUID != "None"
+
+
+def test_a_guarded_pdu_body_is_asked_for_in_bounded_steps(
+    pair: tuple[GuardedSocket, socket.socket, list[str]],
+) -> None:
+    """A 1 MiB body is never asked for whole: CPython reserves a recv's buffer before it
+    blocks (and TLS hands over about 16 KiB a call), so each step is at most 256 KiB."""
+    guarded, _peer, _counted = pair
+    calls: list[int] = []
+
+    def giving(self: GuardedSocket, bufsize: int, flags: int = 0) -> bytes:
+        calls.append(bufsize)
+        return b"\1" * min(bufsize, 100_000)
+
+    association_socket = SimpleNamespace(socket=guarded)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(GuardedSocket, "recv", giving)
+        read = guard_module._association_recv(association_socket, 2**20)  # type: ignore[arg-type]
+    assert len(read) == 2**20
+    assert max(calls) <= 256 * 2**10
+    assert calls[-1] == 2**20 % 100_000  # the last step asks only for what the PDU has left
+
+
+def test_a_guarded_pdu_body_is_read_in_large_steps(
+    pair: tuple[GuardedSocket, socket.socket, list[str]],
+) -> None:
+    guarded, peer, counted = pair
+    guarded.requested = True  # associated: a P-DATA-TF up to data_bytes may be read
+    body = bytes(range(256)) * 60  # 15 360 bytes, within the fixture's 16 KiB
+    peer.sendall(_header(0x04, len(body)) + body)
+    calls: list[int] = []
+    real = GuardedSocket.recv
+
+    def counting(self: GuardedSocket, bufsize: int, flags: int = 0) -> bytes:
+        calls.append(bufsize)
+        return real(self, bufsize, flags)
+
+    association_socket = SimpleNamespace(socket=guarded)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(GuardedSocket, "recv", counting)
+        header = guard_module._association_recv(association_socket, 6)  # type: ignore[arg-type]
+        read = guard_module._association_recv(association_socket, len(body))  # type: ignore[arg-type]
+    assert bytes(header) == _header(0x04, len(body))
+    assert bytes(read) == body
+    assert len(calls) <= 3  # pynetdicom's own loop: 1 + 4 calls of 4096 bytes
+    assert not counted
+
+
+def test_a_guarded_read_cut_short_returns_what_came(
+    pair: tuple[GuardedSocket, socket.socket, list[str]],
+) -> None:
+    guarded, peer, _counted = pair
+    guarded.requested = True
+    peer.sendall(_header(0x04, 1000) + b"\1" * 100)
+    peer.shutdown(socket.SHUT_WR)
+    association_socket = SimpleNamespace(socket=guarded)
+    guard_module._association_recv(association_socket, 6)  # type: ignore[arg-type]
+    read = guard_module._association_recv(association_socket, 1000)  # type: ignore[arg-type]
+    assert bytes(read) == b"\1" * 100
+
+
+def test_the_receive_shortcuts_are_installed() -> None:
+    guard_module.install_received_files()
+    assert dimse_messages.create_file_meta is guard_module._create_file_meta  # type: ignore[attr-defined]
+    assert dimse_messages.write_file_meta_info is guard_module._write_file_meta_info  # type: ignore[attr-defined]
+    assert transport.AssociationSocket.recv is guard_module._association_recv
+
+
+def test_the_reactor_pauses_end_when_what_they_wait_for_is_there(
+    pair: tuple[GuardedSocket, socket.socket, list[str]],
+) -> None:
+    guarded, peer, _counted = pair
+    guard_module.install_received_files()
+    assert dul.time.sleep is guard_module._dul_sleep  # type: ignore[attr-defined]
+    assert association.time.sleep is guard_module._association_sleep  # type: ignore[attr-defined]
+    assert dul.time.monotonic is time.monotonic  # type: ignore[attr-defined]
+    peer.sendall(b"\x04")  # data on the connection: the DUL's pause ends at once
+    reactor = dul.DULServiceProvider.__new__(dul.DULServiceProvider)
+    threading.Thread.__init__(reactor)
+    reactor.socket = SimpleNamespace(socket=guarded)  # type: ignore[assignment]
+    pauses: list[float] = []
+
+    def pause(sleep: Any, seconds: float) -> None:
+        start = time.perf_counter()
+        sleep(seconds)
+        pauses.append(time.perf_counter() - start)
+
+    reactor.run = lambda: pause(guard_module._dul_sleep, 5.0)  # type: ignore[method-assign]
+    reactor.start()
+    reactor.join(10)
+    assert pauses[-1] < 2.0
+    # anywhere else it is time.sleep, as long as asked
+    pause(guard_module._dul_sleep, 0.05)
+    pause(guard_module._association_sleep, 0.05)
+    assert min(pauses[-2:]) >= 0.05

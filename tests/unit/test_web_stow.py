@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
@@ -21,7 +23,9 @@ from sqlalchemy import select
 from pacs_node.catalog.db import open_catalog
 from pacs_node.catalog.models import Counter, Instance, Role, Series, Study, StudyEvent
 from pacs_node.config import NodeOptions, Settings
-from pacs_node.ingest.receive import Receiver
+from pacs_node.errors import DataSetMismatch
+from pacs_node.ingest import spool as spool_module
+from pacs_node.ingest.receive import Announced, Receiver
 from pacs_node.ingest.recorder import CatalogRecorder
 from pacs_node.ingest.scp import StorageSCP
 from pacs_node.ingest.spool import Spool
@@ -429,3 +433,61 @@ def test_an_unexpected_error_keeps_the_parts_stored_before_it(
     assert failures(response) == [(None, PROCESSING_FAILURE)]
     assert sorted(catalogued(web_node, expected)) == expected
     assert list(web_node.spool.incoming.iterdir()) == []
+
+
+def test_a_refused_instance_settles_its_early_fsync(
+    web_node: WebNode, series: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An instance refused before it is kept (its SOP Instance UID is not the announced one)
+    cancels its queued fsync: no descriptor or pool slot stays behind, nothing is fsync'd."""
+    monkeypatch.setattr(spool_module, "_pool", None)
+    monkeypatch.setattr(web_node.spool, "sync_threads", 1)
+    monkeypatch.setattr(web_node.spool, "fsync", True)
+    release = threading.Event()
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def blocking_fsync(fd: int) -> None:
+        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        assert release.wait(10)
+        real_fsync(fd)
+
+    monkeypatch.setattr(spool_module.os, "fsync", blocking_fsync)
+    busy_file = web_node.spool.incoming / "busy.part"
+    busy_file.write_bytes(b"data")
+    busy = web_node.spool.start_sync(busy_file)  # the one fsync thread is taken
+    assert busy is not None
+    deadline = time.monotonic() + 10
+    while not synced and time.monotonic() < deadline:
+        time.sleep(0.001)
+    jobs: list[spool_module.FileSync | None] = []
+    start_sync = web_node.spool.start_sync
+
+    def recorded(path: Path) -> spool_module.FileSync | None:
+        jobs.append(start_sync(path))
+        return jobs[-1]
+
+    monkeypatch.setattr(web_node.spool, "start_sync", recorded)
+    receiver = Receiver(web_node.settings, web_node.spool, web_node.recorder, web_node.catalog)
+    ds = pydicom.dcmread(series[0])
+    received = receiver.incoming("")
+    received.write(series[0].read_bytes())
+    announced = Announced(
+        sop_class_uids=(str(ds.SOPClassUID),),
+        sop_instance_uid=new_uid(),  # not the data set's
+        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+    )
+    try:
+        with pytest.raises(DataSetMismatch):
+            receiver.receive_instance(received, announced, "PEER")
+        assert len(jobs) == 1
+        assert jobs[0] is not None
+        assert jobs[0].cancelled()
+    finally:
+        release.set()
+        busy.result(10)
+        pool = spool_module._pool
+        if pool is not None:
+            pool.executor.shutdown(wait=True)
+    assert synced == ["busy.part"]
+    assert list(web_node.spool.incoming.iterdir()) == [busy_file]
