@@ -133,7 +133,8 @@ def _reference(volume: Volume, labelmap: Labelmap) -> list[dict[str, Any] | None
 
 def _same(found: Finding, expected: dict[str, Any] | None) -> None:
     if expected is None:
-        assert found.voxel_count == 0 and not found.present
+        assert found.voxel_count == 0
+        assert not found.present
         return
     name = found.segment.structure.name
     assert found.voxel_count == expected["voxel_count"], name
@@ -189,9 +190,11 @@ def test_measurements_equal_the_reference(
     # the cases must reach what they are meant to: an empty label, one voxel, several pieces,
     # a label cut by the volume's faces, a paired label reaching both sides
     by_name = {f.segment.structure.name: f for f in findings}
-    assert not by_name["aorta"].present and by_name["spine"].voxel_count == 1
+    assert not by_name["aorta"].present
+    assert by_name["spine"].voxel_count == 1
     assert by_name["spine"].surface_area_mm2 is None
-    assert by_name["liver"].components > 1 and by_name["lung"].components == 3
+    assert by_name["liver"].components > 1
+    assert by_name["lung"].components == 3
     assert by_name["kidney_left"].index_box == ((0, 5), (10, 19), (40, 47))
 
 
