@@ -573,15 +573,19 @@ def _planar_finding(
 def _intensity(
     voxels: NDArray[Any], mask: NDArray[np.bool_], real_slices: NDArray[np.bool_], volume: Volume
 ) -> IntensityStats | None:
-    values = voxels[real_slices][mask[real_slices]].astype(np.float64)
-    if values.size == 0:
+    # no filled slice in the box: no copy of the box's voxels
+    real = real_slices.all()
+    picked = voxels[mask] if real else voxels[real_slices][mask[real_slices]]
+    if picked.size == 0:
         return None
+    values = picked.astype(np.float64)
+    mean = values.mean()
     hounsfield = volume.modality.upper() == "CT" and not volume.from_color
     return IntensityStats(
-        mean=float(values.mean()),
-        sd=float(values.std()),
-        minimum=float(values.min()),
-        maximum=float(values.max()),
+        mean=float(mean),
+        sd=float(np.sqrt(np.mean(np.square(values - mean)))),  # ndarray.std(), its mean once
+        minimum=float(picked.min()),  # the stored values: their float64 is exact
+        maximum=float(picked.max()),
         hounsfield=hounsfield,
     )
 
