@@ -353,7 +353,8 @@ def measure_segment(
     """Measure one binary mask on the Volume's grid (see the module docstring for definitions).
 
     ``mask`` may be a crop of the Volume's grid whose first voxel sits at index ``offset``."""
-    count = int(np.count_nonzero(mask))
+    counts = _projections(mask)
+    count = int(counts[0].sum())
     if count == 0:
         return Finding(segment=spec, voxel_count=0)
     start = np.asarray(offset, dtype=np.int64)
@@ -372,7 +373,7 @@ def measure_segment(
     if planar:
         structure[0] = structure[2] = False
     _, components = ndimage.label(mask, structure=structure)
-    index_box = _index_box(mask, start)
+    index_box = _index_box(counts, start)
     slice_range = index_box[0]
     if planar:
         return _planar_finding(
@@ -392,7 +393,7 @@ def measure_segment(
     affine = volume.affine_lps()
     voxel_mm3 = abs(float(np.linalg.det(affine[:3, :3])))
     volume_mm3 = count * voxel_mm3
-    centroid = volume.index_to_patient(_mean_index(mask) + start)
+    centroid = volume.index_to_patient(_mean_of(counts) + start)
     points = volume.index_to_patient(_row_ends(mask) + start)
     half_voxel = 0.5 * np.abs(affine[:3, :3]).sum(axis=1)  # per LPS axis
     low = points.min(axis=0) - half_voxel
@@ -431,14 +432,24 @@ def measure_segment(
     )
 
 
+Projections = tuple[NDArray[np.intp], NDArray[np.intp], NDArray[np.intp]]
+
+
+def _projections(mask: NDArray[np.bool_]) -> Projections:
+    """A 3D mask's voxel counts per z, per y and per x index, from two passes over it: the
+    voxel count, bounding box and centroid all follow from these."""
+    rows = np.count_nonzero(mask, axis=2)  # per (z, y)
+    return rows.sum(axis=1), rows.sum(axis=0), np.count_nonzero(mask, axis=(0, 1))
+
+
 def _index_box(
-    mask: NDArray[np.bool_], start: NDArray[np.int64]
+    counts: Projections, start: NDArray[np.int64]
 ) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
-    """First and last index of a non-empty mask along z, y and x, on the Volume's grid."""
+    """First and last index of a non-empty mask along z, y and x (from its projections), on the
+    Volume's grid."""
     spans = []
     for axis in range(3):
-        others = tuple(a for a in range(3) if a != axis)
-        present = np.flatnonzero(mask.any(axis=others)) + start[axis]
+        present = np.flatnonzero(counts[axis]) + start[axis]
         spans.append((int(present[0]), int(present[-1])))
     return spans[0], spans[1], spans[2]
 
@@ -477,12 +488,16 @@ def laterality_of(spec: SegmentSpec, reach: tuple[float, float] | None) -> Later
 
 def _mean_index(mask: NDArray[np.bool_]) -> NDArray[np.float64]:
     """Mean (z, y, x) index of a mask's voxels, from its three projections (no index list)."""
-    total = float(np.count_nonzero(mask))
+    return _mean_of(_projections(mask))
+
+
+def _mean_of(counts: Projections) -> NDArray[np.float64]:
+    """Mean (z, y, x) index of a non-empty mask's voxels from its projections."""
+    total = float(counts[0].sum())
     means = []
-    for axis in range(3):
-        others = tuple(a for a in range(3) if a != axis)
-        counts = np.count_nonzero(mask, axis=others).astype(np.float64)
-        means.append(float(counts @ np.arange(counts.size, dtype=np.float64)) / total)
+    for per_index in counts:
+        weights = per_index.astype(np.float64)
+        means.append(float(weights @ np.arange(weights.size, dtype=np.float64)) / total)
     return np.asarray(means, dtype=np.float64)
 
 
