@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from pacs_node.imaging.volume import Volume, VolumeKind
 from pacs_node.quality.limits import Intensity, QualityLimits
@@ -328,18 +329,24 @@ def input_percentiles(
     volume: Volume, labelmap: Labelmap | None, percentiles: Sequence[float]
 ) -> list[float]:
     """The input's intensity percentiles inside the body label (the whole image without one):
-    raw values on CT (HU), else the image scaled to its own 1st-99th percentile range."""
-    voxels = np.asarray(volume.voxels, dtype=np.float32)
-    inside = voxels
+    raw values on CT (HU), else the image scaled to its own 1st-99th percentile range.
+
+    The body's voxels are picked before they become float32 (the same values), so a CT is not
+    copied whole."""
+    raw = np.asarray(volume.voxels)
+    inside: NDArray[np.float32] | None = None
     if labelmap is not None:
         body = [s.value for s in labelmap.segments if s.name == BODY]
         if body:
-            mask = labelmap.labels == body[0]
-            if mask.any():
-                inside = voxels[mask]
+            picked = raw[labelmap.labels == body[0]]
+            if picked.size:
+                inside = picked.astype(np.float32)
     if volume.modality.upper() != "CT":
+        voxels = np.asarray(raw, dtype=np.float32)
         low, high = np.percentile(voxels, [1.0, 99.0])
-        inside = (inside - low) / max(float(high - low), 1e-6)
+        inside = ((voxels if inside is None else inside) - low) / max(float(high - low), 1e-6)
+    if inside is None:
+        inside = np.asarray(raw, dtype=np.float32)
     return [float(v) for v in np.nanpercentile(inside, list(percentiles))]
 
 

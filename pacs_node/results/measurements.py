@@ -353,7 +353,8 @@ def measure_segment(
     """Measure one binary mask on the Volume's grid (see the module docstring for definitions).
 
     ``mask`` may be a crop of the Volume's grid whose first voxel sits at index ``offset``."""
-    count = int(np.count_nonzero(mask))
+    counts = _projections(mask)
+    count = int(counts[0].sum())
     if count == 0:
         return Finding(segment=spec, voxel_count=0)
     start = np.asarray(offset, dtype=np.int64)
@@ -372,7 +373,7 @@ def measure_segment(
     if planar:
         structure[0] = structure[2] = False
     _, components = ndimage.label(mask, structure=structure)
-    index_box = _index_box(mask, start)
+    index_box = _index_box(counts, start)
     slice_range = index_box[0]
     if planar:
         return _planar_finding(
@@ -392,10 +393,8 @@ def measure_segment(
     affine = volume.affine_lps()
     voxel_mm3 = abs(float(np.linalg.det(affine[:3, :3])))
     volume_mm3 = count * voxel_mm3
-    centroid = volume.index_to_patient(_mean_index(mask) + start)
-    # extreme coordinates of a linear map over a mask are reached on its boundary voxels
-    boundary = np.argwhere(mask & ~ndimage.binary_erosion(mask, structure=structure)) + start
-    points = volume.index_to_patient(boundary)
+    centroid = volume.index_to_patient(_mean_of(counts) + start)
+    points = volume.index_to_patient(_row_ends(mask) + start)
     half_voxel = 0.5 * np.abs(affine[:3, :3]).sum(axis=1)  # per LPS axis
     low = points.min(axis=0) - half_voxel
     high = points.max(axis=0) + half_voxel
@@ -404,7 +403,7 @@ def measure_segment(
     area = diameter = sphericity = None
     if mesh is not None:
         verts, faces = mesh
-        area = float(measure.mesh_surface_area(verts, faces))
+        area = _mesh_area(verts, faces)
         diameter = _max_diameter(verts)
         if area > 0:
             sphericity = math.pi ** (1 / 3) * (6 * volume_mm3) ** (2 / 3) / area
@@ -433,16 +432,39 @@ def measure_segment(
     )
 
 
+Projections = tuple[NDArray[np.intp], NDArray[np.intp], NDArray[np.intp]]
+
+
+def _projections(mask: NDArray[np.bool_]) -> Projections:
+    """A 3D mask's voxel counts per z, per y and per x index, from two passes over it: the
+    voxel count, bounding box and centroid all follow from these."""
+    rows = np.count_nonzero(mask, axis=2)  # per (z, y)
+    return rows.sum(axis=1), rows.sum(axis=0), np.count_nonzero(mask, axis=(0, 1))
+
+
 def _index_box(
-    mask: NDArray[np.bool_], start: NDArray[np.int64]
+    counts: Projections, start: NDArray[np.int64]
 ) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
-    """First and last index of a non-empty mask along z, y and x, on the Volume's grid."""
+    """First and last index of a non-empty mask along z, y and x (from its projections), on the
+    Volume's grid."""
     spans = []
     for axis in range(3):
-        others = tuple(a for a in range(3) if a != axis)
-        present = np.flatnonzero(mask.any(axis=others)) + start[axis]
+        present = np.flatnonzero(counts[axis]) + start[axis]
         spans.append((int(present[0]), int(present[-1])))
     return spans[0], spans[1], spans[2]
+
+
+def _row_ends(mask: NDArray[np.bool_]) -> NDArray[np.int64]:
+    """(z, y, x) indices of the first and last voxel of every row (along x) of a non-empty mask.
+
+    A linear map (index to patient mm) takes its extremes over the mask at these voxels: along a
+    row it is linear in x, so the row's ends bound every voxel between them. One pass over the
+    mask, where a boundary by erosion took a filter pass and a much longer index list."""
+    z, y = np.nonzero(mask.any(axis=2))
+    first = mask.argmax(axis=2)[z, y]
+    last = mask.shape[2] - 1 - mask[:, :, ::-1].argmax(axis=2)[z, y]
+    zy = np.concatenate([z, z]), np.concatenate([y, y])
+    return np.stack([*zy, np.concatenate([first, last])], axis=1).astype(np.int64)
 
 
 def laterality_of(spec: SegmentSpec, reach: tuple[float, float] | None) -> Laterality | None:
@@ -466,12 +488,16 @@ def laterality_of(spec: SegmentSpec, reach: tuple[float, float] | None) -> Later
 
 def _mean_index(mask: NDArray[np.bool_]) -> NDArray[np.float64]:
     """Mean (z, y, x) index of a mask's voxels, from its three projections (no index list)."""
-    total = float(np.count_nonzero(mask))
+    return _mean_of(_projections(mask))
+
+
+def _mean_of(counts: Projections) -> NDArray[np.float64]:
+    """Mean (z, y, x) index of a non-empty mask's voxels from its projections."""
+    total = float(counts[0].sum())
     means = []
-    for axis in range(3):
-        others = tuple(a for a in range(3) if a != axis)
-        counts = np.count_nonzero(mask, axis=others).astype(np.float64)
-        means.append(float(counts @ np.arange(counts.size, dtype=np.float64)) / total)
+    for per_index in counts:
+        weights = per_index.astype(np.float64)
+        means.append(float(weights @ np.arange(weights.size, dtype=np.float64)) / total)
     return np.asarray(means, dtype=np.float64)
 
 
@@ -562,15 +588,19 @@ def _planar_finding(
 def _intensity(
     voxels: NDArray[Any], mask: NDArray[np.bool_], real_slices: NDArray[np.bool_], volume: Volume
 ) -> IntensityStats | None:
-    values = voxels[real_slices][mask[real_slices]].astype(np.float64)
-    if values.size == 0:
+    # no filled slice in the box: no copy of the box's voxels
+    real = real_slices.all()
+    picked = voxels[mask] if real else voxels[real_slices][mask[real_slices]]
+    if picked.size == 0:
         return None
+    values = picked.astype(np.float64)
+    mean = values.mean()
     hounsfield = volume.modality.upper() == "CT" and not volume.from_color
     return IntensityStats(
-        mean=float(values.mean()),
-        sd=float(values.std()),
-        minimum=float(values.min()),
-        maximum=float(values.max()),
+        mean=float(mean),
+        sd=float(np.sqrt(np.mean(np.square(values - mean)))),  # ndarray.std(), its mean once
+        minimum=float(picked.min()),  # the stored values: their float64 is exact
+        maximum=float(picked.max()),
         hounsfield=hounsfield,
     )
 
@@ -583,14 +613,38 @@ def _mesh(
     if count < _MIN_MESH_VOXELS:
         return None
     pad = 3
-    crop = np.pad(mask, pad).astype(np.float32)
-    smooth = ndimage.gaussian_filter(crop, SMOOTH_VOXELS)
+    crop = np.pad(mask, pad).view(np.uint8)  # 0/1: the filter's float32 output is the same
+    smooth = ndimage.gaussian_filter(crop, SMOOTH_VOXELS, output=np.float32)
     try:
         verts, faces, _, _ = measure.marching_cubes(smooth, level=0.5)
     except (ValueError, RuntimeError):
         return None
     indices = verts + (start - pad)
-    return volume.index_to_patient(indices), np.asarray(faces, dtype=np.int64)
+    return _to_patient(volume, indices), np.asarray(faces, dtype=np.int64)
+
+
+def _to_patient(volume: Volume, zyx: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Patient LPS mm of many (z, y, x) indices, as :meth:`Volume.index_to_patient` gives them
+    (to rounding), with three broadcast products instead of a BLAS call: on a busy machine the
+    library's worker threads can cost a mesh's worth of time for this 3 x 3 map."""
+    affine = volume.affine_lps()
+    out = zyx[:, 0:1] * affine[:3, 0] + zyx[:, 1:2] * affine[:3, 1]
+    out += zyx[:, 2:3] * affine[:3, 2]
+    out += affine[:3, 3]
+    return out
+
+
+def _mesh_area(verts: NDArray[np.float64], faces: NDArray[np.int64]) -> float:
+    """Sum of the triangles' areas: scikit-image's ``mesh_surface_area``, term for term (the
+    same products and sums in the same order), without its (n, 3, 3) copy and ``np.cross``."""
+    first = verts[faces[:, 0]]
+    a = first - verts[faces[:, 1]]
+    b = first - verts[faces[:, 2]]
+    del first
+    cx = a[:, 1] * b[:, 2] - a[:, 2] * b[:, 1]
+    cy = a[:, 2] * b[:, 0] - a[:, 0] * b[:, 2]
+    cz = a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0]
+    return float(np.sqrt(cx * cx + cy * cy + cz * cz).sum() / 2.0)
 
 
 def _max_diameter(points: NDArray[np.float64]) -> float | None:
