@@ -196,7 +196,9 @@ class Node:
             self.syslog.start()
         finish_purges(self.catalog, self.spool.root, self.settings.node.data_dir / "results")
         live = {n.node_id for n in self.lease.nodes() if n.live and n.node_id != self.lease.node_id}
-        recovered = reconcile(self.spool, self.recorder, live=live)
+        recovered = reconcile(
+            self.spool, self.recorder, live=live, older_than_s=self.settings.node.timer_lease_s
+        )
         self.lease.start()
         self.router.catch_up()
         self.recorder.start()

@@ -65,17 +65,18 @@ def reconcile(
     *,
     since: float | None = None,
     live: Collection[str] = (),
+    older_than_s: float = 0.0,
 ) -> int:
     """Record spooled files the catalog lacks; return how many were recorded.
 
-    At start (``since`` None) it also removes partial files: this node's own and those of
+    At start (``since`` None) it also removes partial files: this node's own, and those of
     nodes not in ``live`` (the other nodes running on the shared data path, whose files are
-    being written). While the node runs (an SCP worker died between spooling a file and
+    being written) last modified more than ``older_than_s`` ago. While the node runs (an SCP worker died between spooling a file and
     handing over its row) it looks only at files modified at or after ``since``, and leaves
     ``.incoming`` to the live workers writing there.
     """
     if since is None:
-        removed = spool.clean_incoming(live)
+        removed = spool.clean_incoming(live, older_than_s=older_than_s)
         if removed:
             log.info("removed unacknowledged partial files", extra={"files": removed})
     recorded = _record_missing(spool, recorder, spool.walk(), since, apart=False)

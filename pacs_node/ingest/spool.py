@@ -24,6 +24,7 @@ import os
 import struct
 import tempfile
 import threading
+import time
 from collections.abc import Collection, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -131,6 +132,17 @@ def incoming_folder(root: Path, node_id: str) -> Path:
     that on a shared data path a starting node can tell its own leftovers from the files other
     nodes are writing; ``""``: ``.incoming`` itself (a tool, not a node)."""
     return root / INCOMING / f"{NODE_PREFIX}{node_id}" if node_id else root / INCOMING
+
+
+def temporary_part(directory: Path) -> tuple[int, str]:
+    """``mkstemp`` a ``.part`` file in ``directory``, making the folder again when it is gone
+    (removed by an operator, or by an older node version starting beside this one): a missing
+    folder must never fail a store."""
+    try:
+        return tempfile.mkstemp(dir=directory, suffix=".part")
+    except FileNotFoundError:
+        directory.mkdir(parents=True, exist_ok=True)
+        return tempfile.mkstemp(dir=directory, suffix=".part")
 
 
 def _fsync_and_close(fd: int) -> None:
@@ -315,6 +327,20 @@ def sync_directory(path: Path) -> None:
                 del _groups[key]
 
 
+def _remove_parts(folder: Path, cutoff: float | None) -> int:
+    """Remove the ``*.part`` files of ``folder`` last modified before ``cutoff`` (all: None)."""
+    removed = 0
+    for leftover in folder.glob("*.part"):
+        try:
+            if cutoff is not None and leftover.stat().st_mtime >= cutoff:
+                continue
+            leftover.unlink()
+        except FileNotFoundError:  # its writer settled it meanwhile
+            continue
+        removed += 1
+    return removed
+
+
 class Spool:
     def __init__(
         self,
@@ -372,7 +398,7 @@ class Spool:
         area instead (``StoredFile.held``)."""
         relpath = self.relpath_for(study_uid, series_uid, sop_instance_uid)
         self._check_free_space()
-        fd, tmp_name = tempfile.mkstemp(dir=self.incoming, suffix=".part")
+        fd, tmp_name = temporary_part(self.incoming)
         tmp = Path(tmp_name)
         try:
             size = 0
@@ -442,7 +468,7 @@ class Spool:
     def swap_in(self, held: str, relpath: str) -> None:
         """Replace the file at ``relpath`` by the (fsync'd) held bytes in one rename; the held
         name stays until the caller removes it."""
-        fd, tmp_name = tempfile.mkstemp(dir=self.incoming, suffix=".part")
+        fd, tmp_name = temporary_part(self.incoming)
         os.close(fd)
         tmp = Path(tmp_name)
         try:
@@ -549,28 +575,25 @@ class Spool:
     def remove(self, relpath: str) -> None:
         (self.root / relpath).unlink(missing_ok=True)
 
-    def clean_incoming(self, live: Collection[str] = ()) -> int:
+    def clean_incoming(self, live: Collection[str] = (), *, older_than_s: float = 0.0) -> int:
         """Delete partial files left by a crash; none of them was ever acknowledged.
 
         ``live``: the other nodes running on this data path now (their registrations'
-        heartbeats are fresh). Their partial files are being written and are left alone; this
-        node's own, and those of nodes that are not running, go. Files directly in
-        ``.incoming`` (written by tools, or by a node of an earlier version) go only when no
-        other node is live."""
+        heartbeats are fresh): their folders are left alone. This node's own partial files go
+        (it is registered: no other process writes them). Those of other nodes, and those
+        directly in ``.incoming`` (tools, older versions), go only when last modified more than
+        ``older_than_s`` (the lease time) ago: a node that started a moment ago may not be
+        registered yet, and a folder is never removed, as another node may be about to write
+        in it."""
         top = self.root / INCOMING
-        folders = [top] if not live else []
+        busy = {incoming_folder(self.root, node).name for node in live}
+        cutoff = time.time() - older_than_s
+        removed = _remove_parts(top, cutoff)
         for entry in os.scandir(top):
-            owner = entry.name[len(NODE_PREFIX) :]
-            if entry.is_dir() and entry.name.startswith(NODE_PREFIX) and owner not in live:
-                folders.append(Path(entry.path))
-        removed = 0
-        for folder in folders:
-            for leftover in folder.glob("*.part"):
-                leftover.unlink(missing_ok=True)
-                removed += 1
-            if folder not in (top, self.incoming):
-                with contextlib.suppress(OSError):
-                    folder.rmdir()  # a node gone for good leaves no folder behind
+            if not entry.name.startswith(NODE_PREFIX) or entry.name in busy or not entry.is_dir():
+                continue
+            folder = Path(entry.path)
+            removed += _remove_parts(folder, None if folder == self.incoming else cutoff)
         return removed
 
     def walk(self) -> Iterator[str]:

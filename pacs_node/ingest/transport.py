@@ -46,7 +46,6 @@ import select
 import socket
 import ssl
 import struct
-import tempfile
 import threading
 import time
 import types
@@ -65,6 +64,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from pacs_node.errors import IngestError, OutOfResources, UnreadableDataset
 from pacs_node.ingest.limits import Lease, SharedLimits, address_key
 from pacs_node.ingest.part10 import PREAMBLE, file_meta
+from pacs_node.ingest.spool import temporary_part
 from pacs_node.tls import ReloadingContext, subject_text
 
 log = logging.getLogger(__name__)
@@ -681,7 +681,7 @@ class ReceivedFile:
     """
 
     def __init__(self, directory: Path, max_bytes: int, source_ae: str) -> None:
-        fd, name = tempfile.mkstemp(dir=directory, suffix=".part")
+        fd, name = temporary_part(directory)
         self.name = name
         self.path = Path(name)
         self.max_bytes = max_bytes

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pydicom
@@ -186,9 +188,35 @@ def test_a_node_removes_its_own_partial_files_and_those_of_nodes_not_running(
     left = {s: s.incoming / "left.part" for s in (mine, beside, gone, tool)}
     for path in left.values():
         path.write_bytes(b"partial")
-    assert mine.clean_incoming(live={"node-b"}) == 2
-    assert {s.node_id for s, path in left.items() if path.exists()} == {"node-b", ""}
-    assert not gone.incoming.exists()  # a node that is not running leaves no folder behind
+    # Just written: only this node's own go; another node's may be of a node starting now.
+    assert mine.clean_incoming(live={"node-b"}, older_than_s=60) == 1
+    assert {s.node_id for s, path in left.items() if path.exists()} == {"node-b", "node-c", ""}
+    old = time.time() - 120
+    for path in left.values():
+        if path.exists():
+            os.utime(path, (old, old))
+    assert mine.clean_incoming(live={"node-b"}, older_than_s=60) == 2
+    assert {s.node_id for s, path in left.items() if path.exists()} == {"node-b"}
+    assert gone.incoming.exists()  # a folder is never removed: its node may be starting
     assert mine.incoming.exists()
-    assert mine.clean_incoming() == 2  # alone: what tools left goes too
+    assert mine.clean_incoming(older_than_s=60) == 1  # alone: the live one's old file too
     assert not any(path.exists() for path in left.values())
+
+
+def test_a_starting_node_leaves_the_folder_of_a_node_not_registered_yet(tmp_path: Path) -> None:
+    """Two nodes starting together: the second one cleans ``.incoming`` before the first one
+    is registered. The first one's folder stays and its stores go on; were it removed
+    anyway (by hand, an older version), a store makes it again."""
+    root = tmp_path / "spool"
+    first = Spool(root, node_id="node-a")
+    second = Spool(root, node_id="node-b")
+    writing = first.incoming / "writing.part"
+    writing.write_bytes(b"partial")
+    assert second.clean_incoming(live=(), older_than_s=60) == 0
+    assert writing.exists()
+    assert first.incoming.is_dir()
+    ds = pydicom.dcmread(write_series(tmp_path / "src", slices=1)[0])
+    writing.unlink()
+    first.incoming.rmdir()
+    stored = first.store(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, [b"x" * 8])
+    assert stored.relpath in set(first.walk())
