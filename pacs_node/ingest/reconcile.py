@@ -71,8 +71,9 @@ def reconcile(
 
     At start (``since`` None) it also removes partial files: this node's own, and those of
     nodes not in ``live`` (the other nodes running on the shared data path, whose files are
-    being written) last modified more than ``older_than_s`` ago. While the node runs (an SCP worker died between spooling a file and
-    handing over its row) it looks only at files modified at or after ``since``, and leaves
+    being written) last modified more than ``older_than_s`` ago. While the node runs (an SCP
+    worker died between spooling a file and handing over its row) it looks only at files
+    modified at or after ``since``, and leaves
     ``.incoming`` to the live workers writing there.
     """
     if since is None:
