@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 from sqlalchemy.orm import Session
 
+from pacs_node import process_identity
 from pacs_node.catalog import leases, nodes
 from pacs_node.catalog.db import Catalog
 
@@ -53,6 +54,7 @@ class TimerLease:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self.host = socket.gethostname()[:255]
+        self.identity = process_identity.current()
         self._registered = False
 
     def add_listener(self, listener: Callable[[], object]) -> None:
@@ -71,13 +73,12 @@ class TimerLease:
     def register(self) -> nodes.RegisteredNode | None:
         """Register this process as its ``node_id``: None when done, else the live
         registration of another process under the same ``node_id`` (the node must not start).
-        A stale registration, or a live one of this node's own earlier process on this host
-        that is gone, is taken over."""
+        A stale registration, or a live one of this node's own earlier process that is gone
+        (same boot and pid namespace, its pid free or reused: see
+        :mod:`pacs_node.process_identity`), is taken over; any other waits out the lease."""
 
         def earlier_life(row: nodes.RegisteredNode) -> bool:
-            return (
-                row.host == self.host and self.gone is not None and self.gone(row.owner, self.owner)
-            )
+            return process_identity.earlier_life(row.identity, self.identity)
 
         with self.catalog.sessions.begin() as session:
             held = nodes.register(
@@ -85,7 +86,7 @@ class TimerLease:
                 self.node_id,
                 self.owner,
                 self.host,
-                os.getpid(),
+                self.identity,
                 self.ttl_s,
                 gone=earlier_life,
             )

@@ -575,5 +575,9 @@ class NodeRegistration(Base):
     owner: Mapped[str] = mapped_column(String(128))  # ``<node id>/<pid>/<token>``
     host: Mapped[str] = mapped_column(String(255))
     pid: Mapped[int] = mapped_column(Integer)
+    # which process exactly (pacs_node.process_identity): "" / 0 where unknown
+    boot_id: Mapped[str] = mapped_column(String(64), server_default="")
+    pid_ns: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    pid_start: Mapped[int] = mapped_column(BigInteger, server_default="0")
     started_at: Mapped[datetime] = mapped_column(UTCDateTime())
     heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime())

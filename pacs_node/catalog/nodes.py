@@ -7,7 +7,9 @@ other's claims for their own, so a node registers at start (host, pid, owner tok
 time) and refreshes a heartbeat every renewal of its timer lease; a start finding a live row
 (heartbeat fresher than the lease time) of another process under its ``node_id`` is refused.
 A stale row (its process died or was cut off) is taken over, and so is one of an earlier
-process of this node on this host that is gone (a restart need not wait out the lease).
+process of this node that is gone (a restart need not wait out the lease): told by the
+process identity the row records (:mod:`pacs_node.process_identity`: boot, pid namespace, pid
+and start time), never by the host name and pid alone, which containers share.
 
 Times are the database's clock on PostgreSQL (the hosts' clocks may differ), the process's
 on SQLite (one host).
@@ -25,6 +27,7 @@ from sqlalchemy.orm import Session
 
 from pacs_node.catalog.clock import db_now
 from pacs_node.catalog.models import NodeRegistration
+from pacs_node.process_identity import ProcessIdentity
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +36,7 @@ class RegisteredNode:
     owner: str
     host: str
     pid: int
+    identity: ProcessIdentity
     started_at: datetime
     heartbeat_at: datetime
     live: bool  # its heartbeat is fresher than the lease time
@@ -44,6 +48,7 @@ def _row(found: NodeRegistration, now: datetime, ttl_s: float) -> RegisteredNode
         found.owner,
         found.host,
         found.pid,
+        ProcessIdentity(found.boot_id, found.pid_ns, found.pid, found.pid_start),
         found.started_at,
         found.heartbeat_at,
         found.heartbeat_at > now - timedelta(seconds=ttl_s),
@@ -55,7 +60,7 @@ def register(
     node_id: str,
     owner: str,
     host: str,
-    pid: int,
+    identity: ProcessIdentity,
     ttl_s: float,
     *,
     gone: Callable[[RegisteredNode], bool] | None = None,
@@ -72,7 +77,10 @@ def register(
         "node_id": node_id,
         "owner": owner,
         "host": host,
-        "pid": pid,
+        "pid": identity.pid,
+        "boot_id": identity.boot_id,
+        "pid_ns": identity.pid_ns,
+        "pid_start": identity.start,
         "started_at": now,
         "heartbeat_at": now,
     }

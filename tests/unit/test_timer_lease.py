@@ -4,8 +4,11 @@ in the transaction of each timer action (SQLite and PostgreSQL)."""
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -13,6 +16,7 @@ import pytest
 from sqlalchemy import create_engine, func, select, text, update
 from sqlalchemy.exc import DBAPIError
 
+from pacs_node import process_identity
 from pacs_node.assembly import Assembly
 from pacs_node.catalog import leases, nodes
 from pacs_node.catalog.db import Catalog, open_catalog
@@ -291,17 +295,72 @@ def test_a_node_id_held_by_a_live_process_is_refused_and_a_stale_one_taken_over(
     assert {n.node_id: n.owner for n in twin.nodes()}["node-a"] == twin.owner
 
 
+def _dead_pid() -> int:
+    """A pid that no process holds now (a child that exited and was reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
 def test_a_restarted_node_takes_its_dead_processes_registration_over_at_once(
     catalogs: tuple[Catalog, Catalog],
 ) -> None:
     earlier = TimerLease(catalogs[0], "node-a", ttl_s=30)
+    earlier.identity = replace(earlier.identity, pid=_dead_pid(), start=12345)
     assert earlier.register() is None
-    restarted = TimerLease(
-        catalogs[1], "node-a", ttl_s=30, gone=lambda owner, mine: owner == earlier.owner
-    )
-    assert restarted.register() is None  # same host, its process gone: no wait
+    restarted = TimerLease(catalogs[1], "node-a", ttl_s=30)
+    assert restarted.register() is None  # same boot and pid namespace, its process gone
     restarted.stop()  # a graceful stop removes the registration
     assert restarted.nodes() == []
+
+
+def test_a_container_restarted_as_the_same_pid_takes_its_registration_over(
+    catalogs: tuple[Catalog, Catalog],
+) -> None:
+    """Pid 1 again in a restarted container: the pid is this process's, its start time not."""
+    earlier = TimerLease(catalogs[0], "node-a", ttl_s=30)
+    earlier.identity = replace(earlier.identity, start=earlier.identity.start + 1)
+    assert earlier.register() is None
+    assert TimerLease(catalogs[1], "node-a", ttl_s=30).register() is None
+
+
+def test_a_live_process_is_never_taken_for_an_earlier_life(
+    catalogs: tuple[Catalog, Catalog], tmp_path: Path
+) -> None:
+    """Containers sharing a host name, each its node as pid 1: the same host and pid (even
+    this process's own), another pid namespace or boot, or nothing known (no ``/proc``), and
+    the row waits out the lease."""
+    first = TimerLease(catalogs[0], "node-a", ttl_s=30)
+    assert first.register() is None
+    mine = first.identity
+    assert mine.known
+    others = [
+        mine,  # the very same process, registered by another handle
+        replace(mine, pid=_dead_pid(), pid_ns=mine.pid_ns + 1),  # another container
+        replace(mine, pid=_dead_pid(), boot_id="another-boot"),  # another host, same name
+    ]
+    for identity in others:
+        twin = TimerLease(catalogs[1], "node-a", ttl_s=30)
+        with catalogs[0].sessions.begin() as session:
+            session.execute(
+                update(NodeRegistration)
+                .where(NodeRegistration.node_id == "node-a")
+                .values(
+                    pid=identity.pid,
+                    boot_id=identity.boot_id,
+                    pid_ns=identity.pid_ns,
+                    pid_start=identity.start,
+                )
+            )
+        held = twin.register()
+        assert held is not None, identity
+        assert held.host == twin.host
+    unknown = TimerLease(catalogs[1], "node-a", ttl_s=30)
+    unknown.identity = process_identity.current(proc=tmp_path / "no-proc")
+    assert not unknown.identity.known
+    assert unknown.register() is not None
+    _stale(catalogs[0], "node-a")
+    assert unknown.register() is None  # once stale, taken over
 
 
 def _lease_row_locked(url: str) -> bool:
