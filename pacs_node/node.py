@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import getpass
 import logging
+import os
 import signal
 import threading
 import time
@@ -97,7 +98,11 @@ class Node:
             self.audit.listeners.append(self.syslog.wake)
         # Nodes sharing the catalog: one at a time marks stable, routes and purges.
         self.lease = TimerLease(
-            self.catalog, node_id(settings), options.timer_lease_s, gone=process_gone
+            self.catalog,
+            node_id(settings),
+            options.timer_lease_s,
+            gone=process_gone,
+            on_fenced=self._fenced,
         )
         self.assembly = Assembly(self.catalog, settings, self.lease)
         self.recorder.add_listener(self.assembly.on_touched)
@@ -152,6 +157,7 @@ class Node:
             "recorder": self.recorder.alive,
             "job workers": self._job_workers_alive,
             "audit trail": self.audit.alive,
+            "node registration": self.lease.registered,
         }
         if self.syslog is not None:
             readiness["audit syslog"] = self.syslog.alive
@@ -179,6 +185,13 @@ class Node:
             self.audit.record(
                 audit_events.study_received(self.settings.node.ae_title, source, study)
             )
+
+    def _fenced(self) -> None:
+        """Another process took this node's registration over (this one's heartbeat went
+        stale: the catalog unreachable, the process frozen): stop as on SIGTERM, and exit
+        non-zero so that a supervisor starts it again (refused while the other one runs)."""
+        log.error("stopping: this node's registration belongs to another process now")
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def _job_workers_alive(self) -> bool:
         health = self.jobs.health()
@@ -259,7 +272,7 @@ class Node:
         ).start()
         failed = self.stop(started + timeout)
         with self._ending:
-            self._exit_code = 1 if failed else 0
+            self._exit_code = 1 if failed or self.lease.fenced.is_set() else 0
             log.info(
                 "stopped",
                 extra={

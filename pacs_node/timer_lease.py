@@ -9,7 +9,9 @@ every study still receiving, route studies left stable but unrouted).
 
 The lease also keeps this process's registration under its ``node_id`` alive
 (:mod:`pacs_node.catalog.nodes`): :meth:`TimerLease.register` at start refuses a ``node_id``
-another live process holds, each renewal refreshes the heartbeat, a graceful stop removes it.
+another live process holds, a heartbeat thread of its own refreshes it (never held up by the
+lease's listeners, a catch-up of many studies), a graceful stop removes it. A heartbeat that
+finds the row taken over by another process calls ``on_fenced``: the node must stop.
 """
 
 from __future__ import annotations
@@ -39,10 +41,12 @@ class TimerLease:
         name: str = leases.TIMERS,
         *,
         gone: Callable[[str, str], bool] | None = None,
+        on_fenced: Callable[[], object] | None = None,
     ) -> None:
         """``gone(owner, mine)``: whether the process that took the lease as ``owner`` (this
         node's earlier life) is no longer running; its lease is then taken back at start
-        rather than after it expires."""
+        rather than after it expires. ``on_fenced``: called once (on the heartbeat thread)
+        when another process took this one's registration over; the node must stop."""
         self.catalog = catalog
         self.name = name
         self.ttl_s = ttl_s
@@ -53,6 +57,9 @@ class TimerLease:
         self._listeners: list[Callable[[], object]] = []
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._heart: threading.Thread | None = None
+        self.on_fenced = on_fenced
+        self.fenced = threading.Event()  # another process runs as node_id now
         self.host = socket.gethostname()[:255]
         self.identity = process_identity.current()
         self._registered = False
@@ -91,31 +98,61 @@ class TimerLease:
                 gone=earlier_life,
             )
         self._registered = held is None
+        if self._registered and self._heart is None:
+            self._heart = threading.Thread(target=self._beating, name="node-heartbeat", daemon=True)
+            self._heart.start()
         return held
+
+    def registered(self) -> bool:
+        """Whether this process holds its registration (readiness: False once fenced)."""
+        return self._registered and not self.fenced.is_set()
 
     def nodes(self) -> list[nodes.RegisteredNode]:
         """Every node registered on the catalog, live or stale."""
         with self.catalog.sessions() as session:
             return nodes.registered_nodes(session, self.ttl_s)
 
-    def _beat(self) -> None:
+    def _beating(self) -> None:
+        while not self._stopping.wait(self.ttl_s / 3) and self._beat():
+            pass
+
+    def _beat(self) -> bool:
+        """Write the heartbeat; False once this process's registration is another's."""
         if not self._registered:
-            return
+            return False
         try:
             with self.catalog.sessions.begin() as session:
-                if not nodes.beat(session, self.node_id, self.owner):
-                    self._registered = False  # said once; the row is the other process's now
-                    log.error(
-                        "another process registered under this node_id after this one's"
-                        " heartbeat went stale; give each node its own node_id",
-                        extra={"node_id": self.node_id},
-                    )
+                beat = nodes.beat(session, self.node_id, self.owner, self.host, self.identity)
         except Exception:
             log.warning("node heartbeat not written: the catalog is unreachable", exc_info=True)
+            return True
+        if beat is nodes.Beat.RESTORED:
+            log.warning("node registration was missing; written again", extra=self._said())
+        if beat is not nodes.Beat.TAKEN:
+            return True
+        self._registered = False  # the row is the other process's now: never remove it
+        self._owned = False
+        self.fenced.set()
+        log.error(
+            "another process took this node's registration over (its heartbeat was stale);"
+            " stopping: two processes must never run as one node_id",
+            extra=self._said(),
+        )
+        if self.on_fenced is not None:
+            try:
+                self.on_fenced()
+            except Exception:
+                log.exception("stop after losing the registration failed")
+        return False
+
+    def _said(self) -> dict[str, object]:
+        return {"node_id": self.node_id, "owner": self.owner}
 
     def renew(self) -> bool:
         """Take or renew the lease; on taking it, call the listeners."""
-        self._beat()
+        if self.fenced.is_set():
+            self._owned = False
+            return False
         try:
             with self.catalog.sessions.begin() as session:
                 won = leases.acquire(session, self.name, self.owner, self.ttl_s)
@@ -162,8 +199,9 @@ class TimerLease:
     def stop(self) -> None:
         """Stop renewing and give the lease up, so another node takes it without waiting."""
         self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(timeout=self.ttl_s)
+        for thread in (self._thread, self._heart):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(timeout=self.ttl_s)
         if self._owned:
             self._owned = False
             try:

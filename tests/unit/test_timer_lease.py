@@ -7,13 +7,14 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, func, select, text, update
+from sqlalchemy import create_engine, delete, func, select, text, update
 from sqlalchemy.exc import DBAPIError
 
 from pacs_node import process_identity
@@ -286,12 +287,13 @@ def test_a_node_id_held_by_a_live_process_is_refused_and_a_stale_one_taken_over(
     assert held is not None
     assert (held.owner, held.host, held.live) == (first.owner, first.host, True)
     assert TimerLease(catalogs[1], "node-b", ttl_s=30).register() is None  # other ids are free
-    first.renew()  # the heartbeat rides on the lease's renewal
+    assert first._beat()  # a heartbeat: still live
     assert twin.register() is not None
     _stale(catalogs[0], "node-a")
     assert twin.register() is None  # taken over
     with catalogs[0].sessions.begin() as session:
-        assert not nodes.beat(session, "node-a", first.owner)  # no longer the first's
+        beat = nodes.beat(session, "node-a", first.owner, first.host, first.identity)
+        assert beat is nodes.Beat.TAKEN  # no longer the first's
     assert {n.node_id: n.owner for n in twin.nodes()}["node-a"] == twin.owner
 
 
@@ -434,3 +436,78 @@ def test_routing_reads_the_spool_before_it_takes_the_lease_row(
         routed = router.route_study(session, study_uid, stale)
     assert routed is not None
     assert routed[0] is RouteOutcome.ROUTED  # from a fresh reading, not the empty one
+
+
+def _heartbeat(catalog: Catalog, node_id: str) -> datetime | None:
+    with catalog.sessions() as session:
+        return session.scalar(
+            select(NodeRegistration.heartbeat_at).where(NodeRegistration.node_id == node_id)
+        )
+
+
+def test_the_heartbeat_goes_on_while_a_lease_listener_runs_long(
+    catalogs: tuple[Catalog, Catalog],
+) -> None:
+    """A catch-up of many studies on taking the lease never lets the registration go stale."""
+    lease = TimerLease(catalogs[0], "node-a", ttl_s=0.6)
+    release = threading.Event()
+    lease.add_listener(lambda: release.wait(30))
+    assert lease.register() is None
+    first = _heartbeat(catalogs[0], "node-a")
+    starting = threading.Thread(target=lease.start)
+    starting.start()
+    try:
+        deadline = time.monotonic() + 10
+        while _heartbeat(catalogs[0], "node-a") == first:
+            assert time.monotonic() < deadline, "no heartbeat while the listener ran"
+            time.sleep(0.05)
+        assert not release.is_set()  # still in the listener
+    finally:
+        release.set()
+        starting.join(10)
+        lease.stop()
+
+
+def test_a_registration_is_stale_only_after_twice_the_lease_time(
+    catalogs: tuple[Catalog, Catalog],
+) -> None:
+    first = TimerLease(catalogs[0], "node-a", ttl_s=30)
+    assert first.register() is None
+    first.identity = replace(first.identity, pid_ns=first.identity.pid_ns + 1)  # not ours
+    with catalogs[0].sessions.begin() as session:
+        session.execute(
+            update(NodeRegistration).values(
+                heartbeat_at=datetime.now(UTC) - timedelta(seconds=45),
+                pid_ns=first.identity.pid_ns,
+            )
+        )
+    twin = TimerLease(catalogs[1], "node-a", ttl_s=30)
+    assert twin.register() is not None  # 1.5 lease times without a beat: still live
+    with catalogs[0].sessions.begin() as session:
+        session.execute(
+            update(NodeRegistration).values(heartbeat_at=datetime.now(UTC) - timedelta(seconds=65))
+        )
+    assert twin.register() is None
+    twin.stop()
+
+
+def test_a_process_whose_registration_was_taken_over_stops_and_a_missing_row_is_written_again(
+    catalogs: tuple[Catalog, Catalog],
+) -> None:
+    fenced: list[bool] = []
+    lease = TimerLease(catalogs[0], "node-a", ttl_s=30, on_fenced=lambda: fenced.append(True))
+    assert lease.register() is None
+    with catalogs[0].sessions.begin() as session:
+        session.execute(delete(NodeRegistration))  # an operator, a restored database
+    assert lease._beat()
+    assert {n.node_id: n.owner for n in lease.nodes()} == {"node-a": lease.owner}
+    assert lease.registered()
+    with catalogs[1].sessions.begin() as session:
+        session.execute(update(NodeRegistration).values(owner="node-a/1/another"))
+    assert not lease._beat()
+    assert fenced == [True]
+    assert lease.fenced.is_set()
+    assert not lease.registered()
+    assert not lease.renew()  # no lease for a fenced process
+    lease.stop()  # leaves the other process's row alone
+    assert {n.node_id: n.owner for n in lease.nodes()} == {"node-a": "node-a/1/another"}
