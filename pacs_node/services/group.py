@@ -9,9 +9,10 @@ device class (``pacs_node.queue`` in the bundle's metadata), as the node publish
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -23,21 +24,44 @@ from pacs_node.config import Settings
 from pacs_node.inference.registry import declared_queue
 from pacs_node.services.timeline import JsonValue
 
+# a query parameter whose name (or JSON-ish value, e.g. sentinel_kwargs) says it holds a secret
+_SECRET = re.compile(r"pass|secret|token|key|auth", re.IGNORECASE)
+
 
 def redact_url(url: str) -> str:
-    """``url`` with its password (if any) replaced by ``***``; the user and host stay."""
+    """``url`` with every secret replaced by ``***``: the password of each URL of a failover
+    list (kombu: ``;``-separated), and the value of each query parameter that names or holds a
+    secret. The user, hosts, ports and path stay; what cannot be taken apart is shown as
+    ``scheme://host:port`` at most."""
     if not url:
         return ""
+    return ";".join(_redact_one(part.strip()) for part in url.split(";"))
+
+
+def _redact_one(url: str) -> str:
     try:
         parts = urlsplit(url)
         password = parts.password
+        host = parts.hostname or ""
+        port = parts.port
     except ValueError:  # not a URL one can take apart: show none of it
         return "***"
-    if password is None:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    if not parts.scheme:
+        return "***"
+    netloc = parts.netloc
+    if password is not None:
+        netloc = f"{parts.username or ''}:***@{netloc.rsplit('@', 1)[-1]}"
+    query = parts.query
+    if query:
+        try:
+            pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
+        except ValueError:  # in doubt: where it is, not how to get in
+            return f"{parts.scheme}://{host}" + (f":{port}" if port is not None else "")
+        query = "&".join(
+            f"{name}={'***' if _SECRET.search(name) or _SECRET.search(value) else value}"
+            for name, value in pairs
+        )
+    return urlunsplit(parts._replace(netloc=netloc, query=query, fragment=""))
 
 
 @dataclass(frozen=True, slots=True)

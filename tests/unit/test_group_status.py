@@ -60,6 +60,19 @@ def _expire(catalog: Catalog) -> None:
         ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
         ("amqp://guest:guest@rabbit:5672//", "amqp://guest:***@rabbit:5672//"),
         ("redis://:only-pw@host:6379", "redis://:***@host:6379"),
+        ("amqp://u:p@h1;amqp://u:p@h2", "amqp://u:***@h1;amqp://u:***@h2"),
+        ("sentinel://:p@h1;sentinel://:p@h2", "sentinel://:***@h1;sentinel://:***@h2"),
+        ("redis://h/0?password=secret", "redis://h/0?password=***"),
+        (
+            'redis://user@h/0?sentinel_kwargs={"password":"x"}',
+            "redis://user@h/0?sentinel_kwargs=***",
+        ),
+        (
+            "rediss://:p@h:6380/0?ssl_cert_reqs=required",
+            "rediss://:***@h:6380/0?ssl_cert_reqs=required",
+        ),
+        ("redis://h:6379/0?Auth_Token=abc&db=1", "redis://h:6379/0?Auth_Token=***&db=1"),
+        ("redis://:p@h:6379/0?a=1&opaque", "redis://h:6379"),  # in doubt: where, not how
         ("", ""),
     ],
 )
