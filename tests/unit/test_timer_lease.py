@@ -12,10 +12,12 @@ from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, delete, func, select, text, update
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
 
 from pacs_node import process_identity
 from pacs_node.assembly import Assembly
@@ -511,3 +513,23 @@ def test_a_process_whose_registration_was_taken_over_stops_and_a_missing_row_is_
     assert not lease.renew()  # no lease for a fenced process
     lease.stop()  # leaves the other process's row alone
     assert {n.node_id: n.owner for n in lease.nodes()} == {"node-a": "node-a/1/another"}
+
+
+def test_a_registration_whose_holder_left_meanwhile_is_inserted_again(
+    catalogs: tuple[Catalog, Catalog], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The insert met the row of a process that stopped (and removed it) before the row was
+    read: the start inserts again rather than failing on a row that is gone."""
+    real = nodes._insert
+    calls: list[int] = []
+
+    def insert(session: Session, values: dict[str, Any]) -> bool:
+        calls.append(1)
+        return len(calls) > 1 and real(session, values)  # the first met the leaving row
+
+    monkeypatch.setattr(nodes, "_insert", insert)
+    lease = TimerLease(catalogs[0], "node-a", ttl_s=30)
+    assert lease.register() is None
+    assert {n.node_id: n.owner for n in lease.nodes()} == {"node-a": lease.owner}
+    assert len(calls) == 2
+    lease.stop()
