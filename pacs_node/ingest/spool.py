@@ -21,6 +21,7 @@ import errno
 import hashlib
 import logging
 import os
+import re
 import struct
 import tempfile
 import threading
@@ -130,8 +131,15 @@ def _fsync_dir(path: Path) -> None:
 def incoming_folder(root: Path, node_id: str) -> Path:
     """Where the node ``node_id`` writes its partial files (``.incoming/node.<node_id>``), so
     that on a shared data path a starting node can tell its own leftovers from the files other
-    nodes are writing; ``""``: ``.incoming`` itself (a tool, not a node)."""
-    return root / INCOMING / f"{NODE_PREFIX}{node_id}" if node_id else root / INCOMING
+    nodes are writing; ``""``: ``.incoming`` itself (a tool, not a node). The name is lower
+    case, with ``-`` for each character SMB and Azure Files refuse (the default node_id has
+    a ``:``), the same on every share whatever its case rules."""
+    if not node_id:
+        return root / INCOMING
+    return root / INCOMING / f"{NODE_PREFIX}{_UNSHARABLE.sub('-', node_id).lower()}"
+
+
+_UNSHARABLE = re.compile(r'[\\/:*?"<>|\x00-\x1f]')
 
 
 def temporary_part(directory: Path) -> tuple[int, str]:

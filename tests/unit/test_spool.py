@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from pacs_node.errors import InvalidUID, MissingAttribute, OutOfResources
 from pacs_node.ingest import spool as spool_module
-from pacs_node.ingest.spool import Spool
+from pacs_node.ingest.spool import INCOMING, Spool
 from pacs_node.uids import is_valid_uid, require_uid
 
 STUDY, SERIES, SOP = "1.2.3", "1.2.3.4", "1.2.3.4.5"
@@ -422,3 +422,26 @@ def test_a_failed_early_fsync_keeps_nothing(
 def test_no_early_fsync_without_fsync(tmp_path: Path) -> None:
     spool = Spool(tmp_path, fsync=False)
     assert spool.start_sync(_incoming(spool, b"data")) is None
+
+
+def test_the_incoming_folder_name_is_one_a_smb_share_accepts(tmp_path: Path) -> None:
+    """The default node_id is ``<host>:<digest>``: SMB and Azure Files refuse ``:``."""
+    spool = Spool(tmp_path, node_id="Scanner-Host:0a1B2c")
+    assert spool.incoming.name == "node.scanner-host-0a1b2c"
+    beside = Spool(tmp_path, node_id="other:1")
+    (spool.incoming / "writing.part").write_bytes(b"partial")
+    assert beside.clean_incoming(live={"Scanner-Host:0a1B2c"}) == 0  # a live node's folder
+    assert (spool.incoming / "writing.part").exists()
+
+
+def test_partial_files_of_tools_go_only_once_older_than_the_lease_time(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, node_id="node-a")
+    top = tmp_path / INCOMING
+    fresh, old = top / "fresh.part", top / "old.part"
+    fresh.write_bytes(b"a tool writes it now")
+    old.write_bytes(b"left by a crashed tool")
+    long_ago = time.time() - 120
+    os.utime(old, (long_ago, long_ago))
+    assert spool.clean_incoming(older_than_s=60) == 1
+    assert fresh.exists()
+    assert not old.exists()
