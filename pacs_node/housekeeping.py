@@ -61,6 +61,7 @@ from sqlalchemy.sql.expression import Exists
 
 from pacs_node.actor import Actor
 from pacs_node.audit import events as audit_events
+from pacs_node.catalog import nodes
 from pacs_node.catalog.audit import add_events_within, study_object
 from pacs_node.catalog.db import Catalog
 from pacs_node.catalog.deliveries import settle_commitment
@@ -90,6 +91,7 @@ log = logging.getLogger(__name__)
 REASON_DAYS = "retention_days"
 HOUSEKEEPING = Actor.node("housekeeping")
 REASON_DISK = "disk_watermark"
+NODE_RETENTION = timedelta(days=7)  # a registration without a heartbeat this long goes
 DiskUsage = Callable[[Path], float]  # percent of the disk holding the path that is used
 
 
@@ -104,6 +106,7 @@ class HousekeepingReport:
     finished: int = 0  # purges a crash had left unfinished
     recommitted: int = 0  # deliveries whose commitment was confirmed on this pass
     steps_expired: int = 0  # performed procedure steps nothing will use
+    nodes_pruned: int = 0  # registrations of nodes gone for NODE_RETENTION
 
 
 def _unconfirmed_delivery() -> Exists:
@@ -305,9 +308,16 @@ class Housekeeping:
             report.recommitted = self._recommit()
             report.purged = self._retain()
             report.steps_expired = self._expire_steps()
+            report.nodes_pruned = self._prune_nodes()
         except Exception:  # the schedule must outlive a bad moment of the database or disk
             log.exception("housekeeping pass failed; trying again at the next one")
-        if report.purged or report.finished or report.recommitted or report.steps_expired:
+        if (
+            report.purged
+            or report.finished
+            or report.recommitted
+            or report.steps_expired
+            or report.nodes_pruned
+        ):
             log.info(
                 "housekeeping",
                 extra={
@@ -315,6 +325,7 @@ class Housekeeping:
                     "finished": report.finished,
                     "recommitted": report.recommitted,
                     "steps_expired": report.steps_expired,
+                    "nodes_pruned": report.nodes_pruned,
                 },
             )
         return report
@@ -332,6 +343,14 @@ class Housekeeping:
                 absent_before=now - retention,
                 open_before=now - retention - timedelta(seconds=self.options.max_wait_s),
             )
+
+    def _prune_nodes(self) -> int:
+        """Registrations of nodes gone from the group for good (no heartbeat for
+        ``NODE_RETENTION``): ``status`` and ``/metrics`` would list them for ever."""
+        with self.catalog.sessions.begin() as session:
+            if self.lease is not None and not self.lease.held(session):
+                return 0
+            return nodes.prune(session, NODE_RETENTION)
 
     def _retain(self) -> list[str]:
         days, percent = self.options.retention_days, self.options.retention_disk_percent

@@ -162,6 +162,15 @@ def leave(session: Session, node_id: str, owner: str) -> None:
     )
 
 
+def prune(session: Session, older_than: timedelta) -> int:
+    """Remove the registrations whose last heartbeat is older than ``older_than`` (nodes taken
+    out of the group for good); how many went."""
+    result = session.execute(
+        delete(NodeRegistration).where(NodeRegistration.heartbeat_at < db_now(session) - older_than)
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
 def registered_nodes(session: Session, ttl_s: float) -> list[RegisteredNode]:
     """Every registration, live or stale, by ``node_id``."""
     now = db_now(session)

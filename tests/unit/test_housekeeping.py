@@ -7,7 +7,7 @@ import hashlib
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from pacs_node import housekeeping
 from pacs_node.audit.message import validate
+from pacs_node.catalog import nodes
 from pacs_node.catalog.audit import list_events
 from pacs_node.catalog.db import Catalog, open_catalog
 from pacs_node.catalog.deliveries import create_deliveries
@@ -29,6 +30,7 @@ from pacs_node.catalog.models import (
     Job,
     JobState,
     NodeLease,
+    NodeRegistration,
     Purge,
     Study,
     StudyState,
@@ -414,3 +416,24 @@ def test_a_file_replaced_by_a_resend_before_the_purge_is_kept_with_its_bytes(
         assert list(session.scalars(select(Instance.path))) == [
             str(replaced.relative_to(node.spool))
         ]
+
+
+def test_the_lease_owner_prunes_registrations_stale_for_a_week(node: Node) -> None:
+    owner = TimerLease(node.catalog, "node-a", ttl_s=30)
+    assert owner.register() is None
+    assert owner.renew()
+    for node_id, days in (("node-old", 8), ("node-recent", 6)):
+        with node.catalog.sessions.begin() as session:
+            identity = owner.identity
+            assert nodes.register(session, node_id, f"{node_id}/1/x", "h", identity, 30) is None
+            session.execute(
+                update(NodeRegistration)
+                .where(NodeRegistration.node_id == node_id)
+                .values(heartbeat_at=datetime.now(UTC) - timedelta(days=days))
+            )
+    other = TimerLease(node.catalog, "node-b", ttl_s=30)
+    assert Housekeeping(node.catalog, node.settings(), lease=other).run_once().nodes_pruned == 0
+    report = Housekeeping(node.catalog, node.settings(), lease=owner).run_once()
+    assert report.nodes_pruned == 1
+    assert {n.node_id for n in owner.nodes()} == {"node-a", "node-recent"}
+    owner.stop()
