@@ -487,7 +487,10 @@ def path_in_use(session: Session, path: str) -> bool:
     return session.scalar(select(Instance.id).where(Instance.path == path).limit(1)) is not None
 
 
-RECORD_LOCK = 0x5041_4353  # PostgreSQL advisory lock key of record_instances ("PACS")
+# PostgreSQL advisory locks of this application: (namespace, key), the two-integer form, so
+# that another application sharing the database cannot take ours by chance with a single key
+LOCK_NAMESPACE = 0x5041_4353  # "PACS"
+RECORD_LOCK = 1  # writers of instance rows (record_instances, retention, quarantine)
 
 
 def lock_for_write(session: Session) -> None:
@@ -507,7 +510,7 @@ def _lock_for_write(session: Session) -> None:
     if name == "sqlite":
         session.execute(update(Counter).where(Counter.name == "").values(value=Counter.value))
     elif name == "postgresql":
-        session.execute(select(func.pg_advisory_xact_lock(RECORD_LOCK)))
+        session.execute(select(func.pg_advisory_xact_lock(LOCK_NAMESPACE, RECORD_LOCK)))
 
 
 def add_duplicates(session: Session, study_uids: Sequence[str]) -> None:

@@ -37,6 +37,7 @@ from pacs_node.catalog.models import (
     utcnow,
 )
 from pacs_node.catalog.results import StoredEncoding, add_result_rows, write_files
+from pacs_node.catalog.studies import LOCK_NAMESPACE, RECORD_LOCK, lock_for_write
 from pacs_node.config import NodeOptions, Settings
 from pacs_node.dispatch.commitment import CommitmentAnswer, Reference
 from pacs_node.housekeeping import Housekeeping, eligible_studies, finish_purges, purge_study
@@ -437,3 +438,19 @@ def test_the_lease_owner_prunes_registrations_stale_for_a_week(node: Node) -> No
     assert report.nodes_pruned == 1
     assert {n.node_id for n in owner.nodes()} == {"node-a", "node-recent"}
     owner.stop()
+
+
+def test_the_record_lock_is_an_advisory_lock_of_the_applications_namespace(
+    pg_node: Node,
+) -> None:
+    """Two-integer form (namespace, key): another application's single-key advisory lock on a
+    shared database never contends with it."""
+    with pg_node.catalog.sessions.begin() as session:
+        lock_for_write(session)
+        held = session.execute(
+            text(
+                "SELECT classid::bigint, objid::bigint, objsubid FROM pg_locks"
+                " WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
+            )
+        ).all()
+    assert [tuple(row) for row in held] == [(LOCK_NAMESPACE, RECORD_LOCK, 2)]
