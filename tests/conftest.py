@@ -250,3 +250,22 @@ def _pynetdicom_settings() -> Iterator[None]:
         _config.STORE_RECV_CHUNKED_DATASET,
         _config.STORE_SEND_CHUNKED_DATASET,
     ) = saved
+
+
+@pytest.fixture(autouse=True)
+def _quiet_heartbeats(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A registered timer lease beats on a thread of its own until stopped: stop those a test
+    left running, so none writes to a test database that is gone."""
+    from pacs_node.timer_lease import TimerLease
+
+    registered: list[TimerLease] = []
+    real = TimerLease.register
+
+    def register(lease: TimerLease) -> Any:
+        registered.append(lease)
+        return real(lease)
+
+    monkeypatch.setattr(TimerLease, "register", register)
+    yield
+    for lease in registered:
+        lease._stopping.set()
