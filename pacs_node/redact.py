@@ -37,6 +37,7 @@ cannot catalog center certificate channel channel-first channels characters chec
 claimed class classical client clip closed code coded codes column columns commit commitment
 commitments committed config configs configuration configured conflict connect connected connection
 connections contains content context contexts corrupt could cover create created data
+extras
 database dataset datetimes dead declares decode decoded def degrees delivered deliveries
 delivery denied destination destinations device did died differ different differs dimensions
 dimse directory disconnected disk does done drift due dynamic each either empty encode
