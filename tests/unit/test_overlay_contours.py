@@ -4,6 +4,8 @@ highdicom method the annotations rely on still exists and still checks bounds.""
 
 from __future__ import annotations
 
+import itertools
+
 import highdicom as hd
 import numpy as np
 import pytest
@@ -58,7 +60,7 @@ def test_a_large_finding_is_still_simplified() -> None:
 def _inside(polygon: np.ndarray, point: tuple[float, float]) -> bool:
     x, y = point
     inside = False
-    for (x1, y1), (x2, y2) in zip(polygon[:-1], polygon[1:], strict=True):
+    for (x1, y1), (x2, y2) in itertools.pairwise(polygon):
         if (y1 > y) != (y2 > y) and x < x1 + (y - y1) * (x2 - x1) / (y2 - y1):
             inside = not inside
     return inside
