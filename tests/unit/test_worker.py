@@ -4,6 +4,8 @@ the stage and the reason."""
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -269,3 +271,38 @@ def test_cancelling_during_the_extras_stops_the_seg_and_sr_until_a_retry(
     assert {d.state for d in deliveries} == {"pending"}  # the SEG and SR go out again
     pairs = [(result, destination) for _, result, destination in _kinds(catalog, job_id)[1]]
     assert len(set(pairs)) == len(pairs) == len(deliveries)
+
+
+def test_each_series_volume_is_freed_once_its_extras_are_built(
+    tmp_path: Path, settings: Settings, catalog: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job of several series never holds every series' volume and labelmap while the last
+    one's extras are built."""
+    study_uid = "1.2.826.0.1.3680043.10.1234.77"
+    paths = write_series(
+        tmp_path / "a", slices=12, rows=64, columns=64, spacing=(5, 5, 5), study_uid=study_uid
+    ) + write_series(
+        tmp_path / "b",
+        slices=12,
+        rows=64,
+        columns=64,
+        spacing=(5, 5, 5),
+        study_uid=study_uid,
+        series_number=2,
+    )
+    study_id, _, series = ingest(catalog, settings.node.spool_dir, paths, "CT1")
+    assert len(series) == 2
+    job_id = _queue(catalog, study_id, series, "ct-classical")
+    volumes: list[weakref.ref[object]] = []
+    alive: list[list[bool]] = []
+
+    def build_extras_of(run: SeriesRun, timings: Stopwatch | None = None) -> ResultSet:
+        gc.collect()
+        alive.append([ref() is not None for ref in volumes])  # the series built before
+        volumes.append(weakref.ref(run.volume))
+        return pipeline.build_extras_of(run, timings)
+
+    monkeypatch.setattr(worker, "build_extras_of", build_extras_of)
+    assert run_burst(catalog, settings) == [job_id]
+    assert alive == [[], [False]]
+    assert set(_kinds(catalog, job_id)[0]) == EVERY_KIND
