@@ -130,10 +130,12 @@ class NodeOptions(BaseModel):
     # CPU threads for inference in each job worker; 0: the worker's share of the usable cores
     # (affinity and cgroup quota) so the workers together never run more threads than cores.
     torch_threads: int = Field(default=0, ge=0, le=1024)
-    # Job worker processes (inference beside the SCP), 0 runs none. A job is mostly
-    # single-threaded Python (decode, result building): 2 workers x 1 thread keep 2 cores busy
-    # where 1 x 2 leaves one idle; each holds its models (~0.9 GB for ct-torso-organs).
-    job_workers: int = Field(default=2, ge=0, le=32)
+    # Job worker processes (inference beside the SCP), 0 runs none; None ("auto", the default):
+    # min(2, usable cores, MemAvailable // 1.5 GiB), at least 1 (see pacs_node.cpus.job_workers).
+    # A job is mostly single-threaded Python (decode, result building): 2 workers x 1 thread
+    # keep 2 cores busy where 1 x 2 leaves one idle; each holds its models (~0.9 GB for
+    # ct-torso-organs).
+    job_workers: int | None = Field(default=None, ge=0, le=32)
     job_max_attempts: int = Field(default=3, ge=1, le=100)  # a job that kills its worker
     # Who runs the jobs: this node's worker processes (local), or `pacs-node worker` processes
     # on any host taking them from a Celery broker (celery, with broker_url): see pacs_node.jobs.
@@ -201,6 +203,14 @@ class NodeOptions(BaseModel):
     audit_syslog_ca_file: Path | None = None
     audit_syslog_cert_file: Path | None = None
     audit_syslog_key_file: Path | None = None
+
+    @field_validator("job_workers", mode="before")
+    @classmethod
+    def _auto_workers(cls, value: Any) -> Any:
+        """``auto`` (or empty, in an environment variable) is the default: sized at start."""
+        if isinstance(value, str) and value.strip().lower() in ("auto", ""):
+            return None
+        return value
 
     @field_validator("ae_title")
     @classmethod

@@ -24,6 +24,9 @@ import os
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+MEMINFO = Path("/proc/meminfo")
+MAX_AUTO_WORKERS = 2  # a job is mostly one core's Python: two keep the model busy
+WORKER_BYTES = 3 * 2**29  # 1.5 GiB: one worker's models and one job's arrays, with headroom
 PROC_CGROUP = Path("/proc/self/cgroup")
 # Read once by OpenMP (torch, scikit-image), MKL, OpenBLAS (numpy) and numexpr at load.
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
@@ -88,7 +91,9 @@ def cgroup_cpu_limit(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) 
     limits += filter(None, [_quota(_read(root / "cpu.max"))])
     for path in v1:
         for base in (root / "cpu", root / "cpu,cpuacct"):
-            for folder in {base, base / path.lstrip("/")}:
+            here = base / path.lstrip("/")
+            # the group's own quota and each parent's up to the controller's mount, as for v2
+            for folder in {here, *(p for p in here.parents if p == base or base in p.parents)}:
                 quota = _read(folder / "cpu.cfs_quota_us")
                 period = _read(folder / "cpu.cfs_period_us")
                 if quota is not None and period is not None:
@@ -123,3 +128,48 @@ def limit_threads(threads: int) -> None:
     once it is loaded, are sized by :class:`~pacs_node.inference.runner.Runner`."""
     for name in THREAD_ENV:
         os.environ[name] = str(threads)
+
+
+def available_memory(meminfo: Path = MEMINFO) -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` in bytes; None where it cannot be read."""
+    for line in (_read(meminfo) or "").splitlines():
+        name, _, value = line.partition(":")
+        if name == "MemAvailable":
+            fields = value.split()
+            try:
+                return int(fields[0]) * (1024 if fields[1:] == ["kB"] else 1)
+            except (IndexError, ValueError):
+                return None
+    return None
+
+
+def job_workers(
+    configured: int | None, cores: int | None = None, meminfo: Path = MEMINFO
+) -> tuple[int, str]:
+    """Job worker processes to run, and why: ``configured`` when set (an integer, 0
+    included); else (``auto``) ``min(2, usable cores, MemAvailable // 1.5 GiB)``, at least
+    one, so that a small box never runs more workers than it has cores or memory for."""
+    if configured is not None:
+        return configured, "configured"
+    available = usable_cores() if cores is None else cores
+    memory = available_memory(meminfo)
+    by_memory = MAX_AUTO_WORKERS if memory is None else memory // WORKER_BYTES
+    count = max(1, min(MAX_AUTO_WORKERS, available, by_memory))
+    room = "unknown" if memory is None else f"{memory / 2**30:.1f} GiB"
+    reason = (
+        f"auto: min({MAX_AUTO_WORKERS}, {available} usable cores, "
+        f"{room} available / 1.5 GiB), at least 1"
+    )
+    return count, reason
+
+
+def too_many_workers(workers: int, cores: int | None = None) -> str | None:
+    """A warning when ``workers`` processes are more than the usable cores (they would slow
+    one another down, each getting one torch thread on a shared core); None when they fit."""
+    available = usable_cores() if cores is None else cores
+    if workers <= available:
+        return None
+    return (
+        f"{workers} job workers on {available} usable cores: they share cores and slow one "
+        "another; set job_workers (or --concurrency) to at most the cores"
+    )

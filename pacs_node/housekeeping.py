@@ -111,8 +111,9 @@ class HousekeepingReport:
 
 def _unconfirmed_delivery() -> Exists:
     """SQL: the study has a delivery that is not (delivered and confirmed); one rejected at the
-    quality gate is settled for good, so it does not keep its study forever."""
-    unconfirmed = (Delivery.state.not_in([DeliveryState.DELIVERED, DeliveryState.REJECTED])) | (
+    quality gate, or cancelled with its job, is settled, so it does not keep its study forever."""
+    settled = [DeliveryState.DELIVERED, DeliveryState.REJECTED, DeliveryState.CANCELLED]
+    unconfirmed = (Delivery.state.not_in(settled)) | (
         Delivery.commitment.is_not(None)
         & Delivery.commitment.not_in([c for c in CONFIRMED if c is not None])
     )

@@ -41,7 +41,7 @@ database dataset datetimes dead declares decode decoded def degrees delivered de
 delivery denied destination destinations device did died differ different differs dimensions
 dimse directory disconnected disk does done drift due dynamic each either empty encode
 encoded encoding encodings end entries entry environment errno error errors exactly exceeded
-exist exists expected expects expired expression f failed failure false fatal file files fill
+exist exists expected expects expired expression extras f failed failure false fatal file files fill
 first fits floor folder for forbidden format found frame free from full gantry gap gap-filled
 gaps gateway gave give given gives giving got grid grids handler has have header headers
 held hold holds host http https identifier identifiers image images in incomplete infer

@@ -29,12 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from pacs_node.catalog.db import Catalog
 from pacs_node.catalog.deliveries import JOB_REJECTED, create_deliveries
 from pacs_node.catalog.jobs import add_job_event, claim_job, fail_job, finish_job, set_progress
-from pacs_node.catalog.models import Instance, Job, JobState, Result, Series, Study
+from pacs_node.catalog.models import Delivery, Instance, Job, JobState, Result, Series, Study
 from pacs_node.catalog.quality import hold_for_quality, record_verdict
 from pacs_node.catalog.results import (
     FHIR_MEDIA_TYPE,
@@ -69,6 +69,9 @@ FIRST_SHARE = 0.6  # of the job's progress: decode, infer, SEG and SR of every s
 STORE_FIRST = "store-first"  # stage: the SEG and SR stored, their deliveries committed
 EXTRAS = "extras"  # stage: presentation state, key images, PDF and FHIR being built
 EXTRAS_SHARE = 0.65
+# a failed job's error after its first commit: the SEG and SR are stored and may have gone out;
+# a retry stores only what is missing
+FIRST_SENT_TEXT = "extras failed after SEG and SR were stored"
 RESULTS_FIRST_EVENT = "results_first"  # job event: the SEG and SR committed, before the rest
 
 
@@ -260,6 +263,13 @@ def _not_stored(session: Any, job_id: int, items: list[StoredEncoding]) -> list[
     return [i for i in items if (i.kind, i.sop_instance_uid, i.destination) not in have]
 
 
+def _counts(session: Any, job_id: int) -> tuple[int, int]:
+    """The job's results and deliveries in the catalog: a re-run's and the runs' before it."""
+    results = session.scalar(select(func.count(Result.id)).where(Result.job_id == job_id))
+    deliveries = session.scalar(select(func.count(Delivery.id)).where(Delivery.job_id == job_id))
+    return int(results or 0), int(deliveries or 0)
+
+
 def _remove(root: Path, relpaths: Sequence[str]) -> None:
     for relpath in relpaths:
         (root / relpath).unlink(missing_ok=True)
@@ -355,17 +365,19 @@ def run_job(
             results = add_result_rows(session, job_id, items, written)
             first = create_deliveries(session, job_id, results, job.destinations)
             record_verdict(session, job_id, str(mode), verdict, failures)
-            if held:
-                hold_for_quality(session, job_id, failures)
-            add_job_event(
-                session,
-                job_id,
-                RESULTS_FIRST_EVENT,
-                kinds=sorted({kind for _, kind in results}),
-                results=len(results),
-                deliveries=first,
-            )
+            if held:  # only what this store created; never after a person's release
+                hold_for_quality(session, job_id, failures, [r for r, _ in results])
+            if results:  # a re-run that found them stored has nothing new to tell
+                add_job_event(
+                    session,
+                    job_id,
+                    RESULTS_FIRST_EVENT,
+                    kinds=sorted({kind for _, kind in results}),
+                    results=len(results),
+                    deliveries=first,
+                )
         committed, written = True, []
+        del items  # the encoded SEG and SR: on disk and named by rows now
         watch.add("store_s", time.perf_counter() - started)
         if on_stored is not None:
             on_stored(first)
@@ -377,10 +389,14 @@ def run_job(
         # 2. the presentation state, key images, PDF and FHIR Bundles, then the job's end
         extras: list[StoredEncoding] = []
         step = (0.95 - EXTRAS_SHARE) / max(1, len(runs))
-        for index, run in enumerate(runs):
+        runs.reverse()  # popped from the end: the first series first
+        index = 0
+        while runs:
             stage(EXTRAS, EXTRAS_SHARE + index * step)
+            run = runs.pop()  # the list no longer holds its volume and labelmap
             extras.extend(stored_encodings(build_extras_of(run, watch), fhir_names))
-        del runs  # the volumes
+            del run  # freed before the next series' extras are built
+            index += 1
         stage("store", 0.95)
         started = time.perf_counter()
         with catalog.sessions() as session:
@@ -388,28 +404,29 @@ def run_job(
         written = write_files(results_dir(settings), folder, extras, fsync=settings.node.fsync)
         with catalog.sessions.begin() as session:
             more = add_result_rows(session, job_id, extras, written)
-            deliveries = first + create_deliveries(session, job_id, more, job.destinations)
+            created = create_deliveries(session, job_id, more, job.destinations)
             if held:
-                hold_for_quality(session, job_id, failures)
+                hold_for_quality(session, job_id, failures, [r for r, _ in more])
             watch.add("store_s", time.perf_counter() - started)
+            stored, deliveries = _counts(session, job_id)  # every run's, not this one's
             if not finish_job(
                 session,
                 job_id,
                 worker,
                 watch.as_json(),
-                results=len(results) + len(more),
+                results=stored,
                 deliveries=deliveries,
                 model_version=version,
             ):
                 raise Cancelled("store")
         written = []
         if on_stored is not None:
-            on_stored(deliveries - first)
+            on_stored(created)
         log.info(
             "job done",
             extra={
                 **extra,
-                "results": len(results) + len(more),
+                "results": stored,
                 "deliveries": deliveries,
                 "quality": verdict or "off",
                 **watch.as_json(),
@@ -429,6 +446,10 @@ def run_job(
         log.exception("job failed unexpectedly", extra=extra)
         frame = traceback.extract_tb(exc.__traceback__)[-1]
         reason = f"{type(exc).__name__}: {exc} ({Path(frame.filename).name}:{frame.lineno})"
+    if written:  # files no committed row names: never left behind
+        _remove(results_dir(settings), written)
+    if committed:  # the SEG and SR are stored and may be in the PACS: the job says so
+        reason = f"{FIRST_SENT_TEXT}: {reason}"
     with catalog.sessions.begin() as session:
         current = session.scalar(select(Job.stage).where(Job.id == job_id))
         fail_job(session, job_id, worker, f"{current or 'start'}: {reason}", watch.as_json())

@@ -28,7 +28,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from pacs_node.actor import ROUTING, Actor
 from pacs_node.catalog.clock import db_now
-from pacs_node.catalog.models import Job, JobEvent, JobState, Study, utcnow
+from pacs_node.catalog.models import Delivery, DeliveryState, Job, JobEvent, JobState, Study, utcnow
 from pacs_node.redact import scrub_detail, scrub_reason
 
 CLAIM_CANDIDATES = 8  # rows a SQLite claimer tries before saying the queue is empty
@@ -290,15 +290,35 @@ def fail_job(
 
 
 def cancel_job(session: Session, job_id: int, actor: Actor | None = None) -> bool:
-    """queued | running -> cancelled; a running worker notices at its next stage."""
+    """queued | running -> cancelled; a running worker notices at its next stage.
+
+    The job's deliveries not yet on their way (pending, or held) end ``cancelled`` in the same
+    transaction: the SEG and SR a job stores before its extras are never sent after it was
+    cancelled. One already being sent or delivered stays as it is: what reached a PACS is
+    taken back only by rejecting the result (:mod:`.reviews`, its withdrawal note)."""
+    now = utcnow()
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.state.in_([JobState.QUEUED, JobState.RUNNING]))
-        .values(state=JobState.CANCELLED, finished_at=utcnow())
+        .values(state=JobState.CANCELLED, finished_at=now)
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
         return False
-    add_job_event(session, job_id, "cancelled", actor=actor)
+    stopped = session.execute(
+        update(Delivery)
+        .where(
+            Delivery.job_id == job_id,
+            Delivery.state.in_([DeliveryState.PENDING, DeliveryState.HELD]),
+        )
+        .values(state=DeliveryState.CANCELLED, next_attempt_at=None, updated_at=now)
+    )
+    add_job_event(
+        session,
+        job_id,
+        "cancelled",
+        actor=actor,
+        deliveries=int(stopped.rowcount),  # type: ignore[attr-defined]
+    )
     return True
 
 
@@ -322,6 +342,20 @@ def retry_job(session: Session, job_id: int, actor: Actor | None = None) -> bool
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
         return False
+    # the deliveries its cancellation stopped go on as they were: held ones held again (held_for
+    # was kept), the rest due now; a re-run stores only what is missing, so it never makes them
+    now = utcnow()
+    cancelled = (Delivery.job_id == job_id, Delivery.state == DeliveryState.CANCELLED)
+    session.execute(
+        update(Delivery)
+        .where(*cancelled, Delivery.held_for.is_not(None))
+        .values(state=DeliveryState.HELD, updated_at=now)
+    )
+    session.execute(
+        update(Delivery)
+        .where(*cancelled)
+        .values(state=DeliveryState.PENDING, next_attempt_at=now, updated_at=now)
+    )
     add_job_event(session, job_id, "queued", actor=actor, by="retry")
     return True
 

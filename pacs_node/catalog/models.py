@@ -110,7 +110,9 @@ class DeliveryState(enum.StrEnum):
     """pending -> sending -> delivered | pending (retry later) | held | dead;
     held | dead -> pending by hand (``deliveries retry``) or when the hold's cause is gone;
     held for quality -> pending (``results release``);
-    pending | held | dead -> rejected when a person rejects the job's result (final)."""
+    pending | held | dead -> rejected when a person rejects the job's result (final);
+    pending | held -> cancelled when the job is cancelled (back to pending or held, as it was,
+    when a person retries the job)."""
 
     PENDING = "pending"
     SENDING = "sending"
@@ -118,6 +120,7 @@ class DeliveryState(enum.StrEnum):
     HELD = "held"  # waits for a person or for config: no destination, unknown patient
     DEAD = "dead"  # permanent refusal or too many attempts; kept, listed, retryable by hand
     REJECTED = "rejected"  # an operator rejected the result (see catalog.reviews); never sent
+    CANCELLED = "cancelled"  # its job was cancelled before it was sent (see catalog.jobs)
 
 
 class Commitment(enum.StrEnum):

@@ -59,8 +59,7 @@ def record_verdict(
             qa_mode=mode,
             qa_verdict=verdict,
             qa_reasons=failures or None,
-            qa_decision=None,
-        )
+        )  # a person's decision, if one was recorded, stays: a re-run never undoes it
     )
     if verdict is not None:
         add_job_event(
@@ -73,12 +72,25 @@ def record_verdict(
         )
 
 
-def hold_for_quality(session: Session, job_id: int, failures: Sequence[dict[str, Any]]) -> int:
-    """Every pending delivery of the job -> held for quality; how many."""
+def hold_for_quality(
+    session: Session,
+    job_id: int,
+    failures: Sequence[dict[str, Any]],
+    result_ids: Sequence[int] | None = None,
+) -> int:
+    """The job's pending deliveries (only those of ``result_ids`` when given: the ones a store
+    just created) -> held for quality; how many. Nothing is held once a person released the
+    result: their decision stands for every part of it."""
+    decision = session.scalar(select(Job.qa_decision).where(Job.id == job_id))
+    if decision == RELEASED:
+        return 0
     reason = scrub_reason(reasons_text(failures))
+    which = [Delivery.job_id == job_id, Delivery.state == DeliveryState.PENDING]
+    if result_ids is not None:
+        which.append(Delivery.result_id.in_(list(result_ids)))
     result = session.execute(
         update(Delivery)
-        .where(Delivery.job_id == job_id, Delivery.state == DeliveryState.PENDING)
+        .where(*which)
         .values(
             state=DeliveryState.HELD,
             held_for=HELD_FOR_QUALITY,
@@ -157,6 +169,7 @@ def release_result(session: Session, job_id: int, actor: Actor) -> int:
     # the job's own row first: SQLite's write lock (PostgreSQL: this row's), so two releases
     # decided at once are checked one after the other
     session.execute(update(Job).where(Job.id == job_id).values(qa_decision=Job.qa_decision))
+    _require_done(session, job_id, "released")
     if session.scalar(select(Delivery.id).where(*_held(job_id)).limit(1)) is not None:
         newer = newer_sent_job(session, job_id)
         if newer is not None:
@@ -191,8 +204,24 @@ def reject_result(session: Session, job_id: int, actor: Actor, reason: str = "")
     reasons."""
     if session.scalar(select(Delivery.id).where(*_held(job_id)).limit(1)) is None:
         return 0
+    _require_done(session, job_id, "rejected")
     job = reviews.reviewed_job(session, job_id)
     return reviews.reject_job(session, job, actor, reason or REJECTED_TEXT, RejectionKind.QUALITY)
+
+
+class JobNotDone(RequestError):
+    """The job is still running (or failed, or was cancelled): its result is not complete, so
+    a person cannot judge it yet; the message names the job's state."""
+
+
+def _require_done(session: Session, job_id: int, verb: str) -> None:
+    """Refuse a decision on a job that has not finished: under ``qa: hold`` its SEG and SR
+    are held while the rest is still being built, and the rest would be held after it."""
+    state = session.scalar(select(Job.state).where(Job.id == job_id))
+    if state is not None and state != JobState.DONE:
+        raise JobNotDone(
+            f"job {job_id} is {state}: its result can be {verb} only once the job is done"
+        )
 
 
 def _decide(session: Session, job_id: int, decision: str) -> None:

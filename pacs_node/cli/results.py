@@ -34,7 +34,7 @@ def results_release(
 
     try:
         count = change(config, lambda catalog: release_result(catalog, job_id, user(actor)))
-    except RequestError as exc:  # a newer result of the study and model has gone out
+    except RequestError as exc:  # the job is not done; a newer result has gone out
         fail(str(exc), FAILED)
     _decided(job_id, count, "released")
 

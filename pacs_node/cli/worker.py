@@ -8,8 +8,9 @@ import typer
 
 from pacs_node.cli.common import ConfigOption, settings_for
 from pacs_node.cli.console import fail
+from pacs_node.cpus import inference_threads, limit_threads
 from pacs_node.errors import CatalogError
-from pacs_node.inference.registry import DEFAULT_QUEUE, valid_queue
+from pacs_node.inference.queues import DEFAULT_QUEUE, valid_queue
 
 
 def _queues(text: str | None) -> list[str]:
@@ -55,6 +56,9 @@ def worker(
         config, {"database_url": database_url, "broker_url": broker_url, "job_queue": "celery"}
     )
     names = _queues(queues)
+    # before numpy loads (the worker module imports it): OpenBLAS and MKL size their pools
+    # once, at load, and forked processes inherit them
+    limit_threads(inference_threads(settings.node.torch_threads, concurrency))
     from pacs_node.jobs.celery_worker import start_worker
 
     try:

@@ -59,6 +59,7 @@ from pacs_node.imaging.postprocess import SegmentCleanup
 from pacs_node.imaging.preprocess import orientation_matrix
 from pacs_node.inference.anatomy import AnatomyRules
 from pacs_node.inference.labelmap import Algorithm, ModelInfo, SegmentSpec
+from pacs_node.inference.queues import DEFAULT_QUEUE, valid_queue
 from pacs_node.inference.vocabulary import (
     ANATOMICAL_STRUCTURE,
     BY_NAME,
@@ -70,8 +71,6 @@ from pacs_node.inference.vocabulary import (
 from pacs_node.quality.limits import QUALITY_KEY, QualityLimits, limit_labels
 
 METADATA = Path("configs/metadata.json")
-DEFAULT_QUEUE = "cpu"
-_QUEUE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 INFERENCE = Path("configs/inference.json")
 STATE_DICT = Path("models/model.pt")
 TORCHSCRIPT = Path("models/model.ts")
@@ -628,11 +627,6 @@ def bundle_sha256(root: Path) -> str:
             while chunk := handle.read(_CHUNK):
                 digest.update(chunk)
     return digest.hexdigest()
-
-
-def valid_queue(name: str) -> bool:
-    """A device class a bundle and ``pacs-node worker --queues`` may name."""
-    return bool(_QUEUE.match(name))
 
 
 def load_bundle(root: Path) -> Bundle:

@@ -26,7 +26,7 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from pacs_node.config import NodeOptions
-from pacs_node.inference.registry import DEFAULT_QUEUE
+from pacs_node.inference.queues import DEFAULT_QUEUE
 
 TASK_NAME = "pacs_node.run_job"
 CONNECT_TIMEOUT_S = 4.0  # a broker that does not answer within this is unreachable

@@ -46,7 +46,8 @@ from pacs_node.catalog.jobs import (
 )
 from pacs_node.config import Settings
 from pacs_node.errors import PacsNodeError
-from pacs_node.inference.registry import DEFAULT_QUEUE, Registry
+from pacs_node.inference.queues import DEFAULT_QUEUE
+from pacs_node.inference.registry import Registry
 from pacs_node.jobs.celery_app import TASK_NAME, broker_queue, is_amqp, make_app
 from pacs_node.jobs.queue import QueueHealth
 from pacs_node.worker import host_prefix

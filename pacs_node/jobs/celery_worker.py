@@ -34,6 +34,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from pacs_node.catalog.db import Catalog, open_catalog
 from pacs_node.catalog.jobs import claim_job_id, renew_lease, time_out_job
 from pacs_node.config import Settings
+from pacs_node.cpus import too_many_workers
 from pacs_node.errors import CatalogError
 from pacs_node.jobs.celery_app import TASK_NAME, broker_queue, is_amqp, make_app
 from pacs_node.worker import make_runner, run_job, worker_id
@@ -203,6 +204,9 @@ def start_worker(settings: Settings, queues: list[str], concurrency: int) -> int
     """Run a Celery worker on ``queues`` (device classes) until it is stopped; its exit
     status."""
     check_catalog(settings)
+    crowded = too_many_workers(concurrency)
+    if crowded is not None:
+        log.warning(crowded)
     _state.settings = settings
     _state.concurrency = concurrency
     options = settings.node

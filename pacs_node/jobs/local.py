@@ -29,6 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from pacs_node.catalog.db import Catalog, open_catalog
 from pacs_node.catalog.jobs import claim_job, requeue_orphans
 from pacs_node.config import Settings
+from pacs_node.cpus import job_workers, too_many_workers
 from pacs_node.jobs.queue import QueueHealth
 from pacs_node.lifecycle import exit_now
 from pacs_node.supervisor import Child, NodeLink, Supervisor
@@ -55,7 +56,7 @@ def worker_main(settings: Settings, index: int, control: Connection) -> None:
     configure_node_logging(settings.node)
     stop = link.stopping
     catalog = open_catalog(settings.node.catalog_url, run_migrations=False)
-    runner = make_runner(settings, workers=settings.node.job_workers)
+    runner = make_runner(settings, workers=settings.node.job_workers or 1)  # sized by the pool
     me = worker_id(f"w{index}")
     log.info("job worker started", extra={"worker": me, **runner.pools()})
     try:
@@ -83,8 +84,17 @@ class LocalJobQueue:
 
     def __init__(self, catalog: Catalog, settings: Settings) -> None:
         self.catalog = catalog
+        self.size, reason = job_workers(settings.node.job_workers)
+        # the children get the count itself: "auto" sized once, here, so their thread shares
+        # follow the pool's size, not the memory free when each of them starts
+        settings = settings.model_copy(
+            update={"node": settings.node.model_copy(update={"job_workers": self.size})}
+        )
         self.settings = settings
-        self.size = settings.node.job_workers
+        log.info("job workers sized", extra={"workers": self.size, "reason": reason})
+        crowded = too_many_workers(self.size)
+        if crowded is not None:
+            log.warning(crowded)
         self.children = Supervisor(
             "job worker",
             self.size,

@@ -15,7 +15,8 @@
 
 Contours come from scikit-image ``find_contours`` at level 0.5 on each slice's mask, simplified
 to a half-pixel tolerance (Douglas-Peucker, by shapely: the marching-squares staircase goes,
-the outline stays); one POLYLINE per contour. Pixel coordinates follow PS3.3
+the outline stays; a contour that simplifying would turn into a line or a sliver, as a finding of
+a pixel or two, keeps its trace); one POLYLINE per contour. Pixel coordinates follow PS3.3
 C.10.5.1.2 (0,0 is the top-left corner of the top-left pixel, so a pixel centre is index + 0.5).
 """
 
@@ -100,10 +101,8 @@ def slice_contours(mask: NDArray[np.bool_]) -> list[Polyline]:
         preserve_topology=False,
     )
     out: list[Polyline] = []
-    for line in simplified:
-        simple = shapely.get_coordinates(line)
-        if len(simple) < 3:
-            continue
+    for trace, line in zip(traced, simplified, strict=True):
+        simple = _kept_shape(trace, shapely.get_coordinates(line))
         rows = simple[:, 0] - 1 + top + 0.5
         cols = simple[:, 1] - 1 + left + 0.5
         points = np.column_stack([cols, rows])
@@ -111,6 +110,22 @@ def slice_contours(mask: NDArray[np.bool_]) -> list[Polyline]:
             points = np.vstack([points, points[:1]])
         out.append(points)
     return out
+
+
+def _area(points: NDArray[np.float64]) -> float:
+    """The shoelace area of a closed (or to-be-closed) polygon."""
+    x, y = points[:, 0], points[:, 1]
+    return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2)
+
+
+def _kept_shape(trace: NDArray[np.float64], simple: NDArray[np.float64]) -> NDArray[np.float64]:
+    """The simplified contour, or the traced one where simplifying would lose the shape: a
+    finding of a pixel or two has a trace of a few points only, which a half-pixel tolerance
+    turns into a line or a sliver (under 4 distinct corners, or under half the traced area)."""
+    distinct = len({(float(r), float(c)) for r, c in simple})
+    if distinct < 4 or _area(simple) < 0.5 * _area(trace):
+        return np.asarray(trace, dtype=np.float64)
+    return simple
 
 
 def key_slices(
@@ -183,23 +198,29 @@ class _Annotation(hd.pr.GraphicAnnotation):
 
 
 class _References:
-    """Referenced Image Sequence items (PS3.3 C.10.5.1): the first image of each SOP Class
-    through highdicom, which checks that the class is an image and whether it is multi-frame;
-    the others the same way without asking again."""
+    """Referenced Image Sequence items (PS3.3 C.10.5.1): the first single-frame and the first
+    multi-frame image of each SOP Class through highdicom, which checks that the class is an
+    image; the others the same way without asking again. A frame number is checked against
+    each image's own Number of Frames."""
 
     def __init__(self) -> None:
-        self.checked: dict[str, bool] = {}  # SOP Class UID -> multi-frame
+        self.checked: set[tuple[str, bool]] = set()  # (SOP Class UID, multi-frame) seen
 
     def item(self, image: Dataset, frame: int | None) -> Dataset:
         sop_class = str(image.SOPClassUID)
-        if sop_class not in self.checked:
+        multi = "NumberOfFrames" in image
+        if frame is not None:
+            frames = int(image.NumberOfFrames) if multi else 0
+            if not 1 <= frame <= frames:
+                raise ValueError(
+                    f"frame {frame} of an image of {sop_class} with {frames or 'no'} frames"
+                )
+        if (sop_class, multi) not in self.checked:
             (item,) = hd.content.ReferencedImageSequence(
                 referenced_images=[image], referenced_frame_number=frame
             )
-            self.checked[sop_class] = frame is not None
+            self.checked.add((sop_class, multi))
             return Dataset(item)
-        if frame is not None and not self.checked[sop_class]:
-            raise ValueError(f"a frame number for an image of {sop_class}, not multi-frame")
         item = Dataset()
         item.ReferencedSOPInstanceUID = image.SOPInstanceUID
         item.ReferencedSOPClassUID = image.SOPClassUID

@@ -21,6 +21,7 @@ from pacs_node.catalog import leases, nodes
 from pacs_node.catalog.clock import db_now
 from pacs_node.catalog.models import Job, JobState
 from pacs_node.config import Settings
+from pacs_node.cpus import job_workers
 from pacs_node.inference.registry import declared_queue
 from pacs_node.services.timeline import JsonValue
 
@@ -127,7 +128,7 @@ def job_queue_view(session: Session, settings: Settings) -> JobQueueView:
     """The job-queue backend and, for Celery, the catalog's queued jobs per broker queue."""
     options = settings.node
     if options.job_queue != "celery":
-        return JobQueueView("local", "", options.job_workers, {})
+        return JobQueueView("local", "", job_workers(options.job_workers)[0], {})
     queued = session.execute(
         select(Job.model, func.count(Job.id))
         .where(Job.state == JobState.QUEUED)

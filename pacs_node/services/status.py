@@ -12,6 +12,7 @@ from pacs_node.catalog.db import open_catalog
 from pacs_node.catalog.models import QuarantineItem, QuarantineState, Study
 from pacs_node.catalog.studies import counters
 from pacs_node.config import Settings
+from pacs_node.cpus import job_workers
 from pacs_node.ingest.recorder import OUTAGE_FILE
 from pacs_node.services.group import GroupView, JobQueueView, group_view, redact_url
 from pacs_node.services.timeline import JsonValue
@@ -79,7 +80,7 @@ def node_health(settings: Settings) -> NodeHealth:
     configured = JobQueueView(
         options.job_queue,
         redact_url(options.broker_url) if options.job_queue == "celery" else "",
-        options.job_workers if options.job_queue == "local" else 0,
+        job_workers(options.job_workers)[0] if options.job_queue == "local" else 0,
         {},
     )
     try:

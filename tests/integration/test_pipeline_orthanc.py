@@ -6,7 +6,10 @@ the deliveries back off, and once they are up everything arrives exactly once.""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -21,7 +24,10 @@ from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.observation import Observation
 from orthanc_api_client import OrthancApiClient
 from pydicom import dcmread
+from sqlalchemy import select
 
+from pacs_node.catalog.db import Catalog, open_catalog
+from pacs_node.catalog.models import Delivery, Job, Result
 from tests.conftest import NodeProcess, free_port, storescu, wait_for
 from tests.dicom_factory import write_series
 from tests.integration.test_results_fhir_server import (  # fhir_base: a fixture
@@ -371,10 +377,6 @@ def test_sigkill_during_a_job_loses_nothing_and_duplicates_nothing(
     """Killed while the model runs, or after the SEG and SR were committed (maybe sent) while
     the rest is built: the job runs again, and every result is stored, delivered and in
     Orthanc exactly once."""
-    from sqlalchemy import select
-
-    from pacs_node.catalog.db import open_catalog
-    from pacs_node.catalog.models import Job
     from tests.catalog_factory import job_events
 
     dicom_port = free_port()
@@ -390,13 +392,23 @@ def test_sigkill_during_a_job_loses_nothing_and_duplicates_nothing(
     catalog = open_catalog(f"sqlite:///{(node.data_dir / 'catalog.sqlite').resolve()}")
     try:
 
-        def busy() -> bool:
+        def busy() -> int | None:
+            """The job worker's pid once the job is in ``stages``; for the extras, once its
+            first commit is in (the stage itself may pass between two polls)."""
+            if stages == ("extras",):
+                return _worker_after_first_commit(catalog)
             with catalog.sessions() as session:
                 job = session.scalars(select(Job)).one()
-            return job.state == "running" and job.stage in stages
+            running = job.state == "running" and job.stage in stages
+            return int((job.claimed_by or "").split(":")[1]) if running else None
 
-        wait_for(busy, 120, interval=0.02, what=f"the job in {' or '.join(stages)}")
+        pid = wait_for(busy, 120, interval=0.01, what=f"the job in {' or '.join(stages)}")
+        os.kill(pid, signal.SIGSTOP)  # held there until the node and it are killed
+        with catalog.sessions() as session:
+            assert session.scalars(select(Job)).one().state == "running"
         node.kill()
+        with contextlib.suppress(ProcessLookupError):  # a worker outliving its node
+            os.kill(pid, signal.SIGKILL)
         node.start()  # the job that was running goes back to the queue and runs again
         job = wait_for(lambda: _job_done(node), 180, interval=0.5, what="the job after restart")
         assert job["attempts"] == 2
@@ -568,29 +580,94 @@ def test_the_seg_and_sr_reach_the_pacs_before_the_pdf_is_built(
     )
     paths = write_dicom(render_ct(31, ranges), tmp_path / "ct")
     study_uid = str(dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
-    with ArrivalWatch(orthanc) as watch:
-        assert storescu(node, *paths).returncode == 0  # the scanner
-        wait_for(lambda: _json(node, "jobs"), 30, interval=0.5, what="routing")
-        job = wait_for(lambda: _job_done(node), 180, interval=0.5, what="the routed job")
-        assert len(_json(node, "jobs")) == 1  # still one job per study and model
+    catalog = open_catalog(f"sqlite:///{(node.data_dir / 'catalog.sqlite').resolve()}")
+    stopped: list[int] = []
+    try:
+        with ArrivalWatch(orthanc) as watch:
+            assert storescu(node, *paths).returncode == 0  # the scanner
+            # the job worker is stopped once it is building the rest: its SEG and SR are
+            # committed and its stage's write too (it holds no catalog lock), and the PDF
+            # cannot be built while the SEG and SR go out
+            pid = wait_for(
+                lambda: _worker_after_first_commit(catalog, stage="extras"),
+                180,
+                interval=0.01,
+                what="the job building the rest",
+            )
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+            first = _stored(catalog)
+            assert set(first) == {"seg", "sr"}, first  # nothing of the rest stored yet
+            wait_for(
+                lambda: {first["seg"], first["sr"]} <= set(watch.arrived),
+                60,
+                interval=0.1,
+                what="the SEG and SR in Orthanc while the job worker is stopped",
+            )
+            assert set(_stored(catalog)) == {"seg", "sr"}  # still no PDF result or delivery
+            assert _delivery_kinds(catalog) == {"seg", "sr"}
+            os.kill(stopped.pop(), signal.SIGCONT)
 
-        def delivered() -> list[dict[str, Any]] | None:
-            rows = _json(node, "deliveries")
-            settled = all(d["state"] == "delivered" for d in rows)
-            return rows if {d["kind"] for d in rows} == KINDS and settled else None
+            job = wait_for(lambda: _job_done(node), 180, interval=0.5, what="the routed job")
+            assert len(_json(node, "jobs")) == 1  # still one job per study and model
 
-        deliveries = wait_for(delivered, 60, interval=0.5, what="every delivery")
-        wait_for(
-            lambda: {d["sop_instance_uid"] for d in deliveries} <= set(watch.arrived),
-            10,
-            what="every arrival seen",
-        )
+            def delivered() -> list[dict[str, Any]] | None:
+                rows = _json(node, "deliveries")
+                settled = all(d["state"] == "delivered" for d in rows)
+                return rows if {d["kind"] for d in rows} == KINDS and settled else None
+
+            deliveries = wait_for(delivered, 60, interval=0.5, what="every delivery")
+            wait_for(
+                lambda: {d["sop_instance_uid"] for d in deliveries} <= set(watch.arrived),
+                10,
+                what="every arrival seen",
+            )
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        catalog.dispose()
+    assert job["state"] == "done"
     _check_in_orthanc(orthanc, study_uid, deliveries)  # each once, in the source study
     assert len(deliveries) == len({d["sop_instance_uid"] for d in deliveries})
+    assert orthanc.get("/statistics")["CountInstances"] == len(deliveries)
 
     (pdf,) = [d for d in deliveries if d["kind"] == "pdf"]
     pdf_stored = datetime.fromisoformat(pdf["created_at"])  # after the PDF was built
-    first = {d["kind"]: watch.arrived[d["sop_instance_uid"]] for d in deliveries}
+    arrived = {d["kind"]: watch.arrived[d["sop_instance_uid"]] for d in deliveries}
     for kind in ("seg", "sr"):
-        assert first[kind] < pdf_stored, (kind, first, pdf_stored, job["timings"])
+        assert arrived[kind] < pdf_stored, (kind, arrived, pdf_stored, job["timings"])
     assert watch.arrived[pdf["sop_instance_uid"]] > pdf_stored
+
+
+def _worker_after_first_commit(catalog: Catalog, stage: str | None = None) -> int | None:
+    """The pid of the job worker running the one job, once its first commit (the SEG and SR
+    and their deliveries) is in the catalog (and the job in ``stage``, if given); None
+    before."""
+    with catalog.sessions() as session:
+        job = session.scalars(select(Job)).one_or_none()
+        if job is None or job.state != "running" or job.claimed_by is None:
+            return None
+        if stage is not None and job.stage != stage:
+            return None
+        if session.scalar(select(Delivery.id).where(Delivery.job_id == job.id).limit(1)) is None:
+            return None
+        return int(job.claimed_by.split(":")[1])  # host:pid:label
+
+
+def _stored(catalog: Catalog) -> dict[str, str]:
+    """The stored results' kinds and SOP Instance UIDs."""
+    with catalog.sessions() as session:
+        return {
+            str(kind): str(uid)
+            for kind, uid in session.execute(select(Result.kind, Result.sop_instance_uid))
+        }
+
+
+def _delivery_kinds(catalog: Catalog) -> set[str]:
+    with catalog.sessions() as session:
+        return {
+            str(kind)
+            for kind in session.scalars(
+                select(Result.kind).join(Delivery, Delivery.result_id == Result.id)
+            )
+        }

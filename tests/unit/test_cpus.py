@@ -109,3 +109,104 @@ def test_thread_variables_are_set_for_libraries_loaded_later(
     assert {name: os.environ[name] for name in cpus.THREAD_ENV} == dict.fromkeys(
         cpus.THREAD_ENV, "2"
     )
+
+
+def _meminfo(tmp_path: Path, available_kib: int | None) -> Path:
+    path = tmp_path / "meminfo"
+    lines = ["MemTotal:       16000000 kB"]
+    if available_kib is not None:
+        lines.append(f"MemAvailable:   {available_kib} kB")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("configured", "cores", "available_gib", "expected"),
+    [
+        (None, 8, 64.0, 2),  # auto: at most two
+        (None, 1, 64.0, 1),  # one core
+        (None, 4, 2.0, 1),  # 2 GiB free: room for one 1.5 GiB worker
+        (None, 4, 0.5, 1),  # too little for one: still one, never none
+        (None, 4, 3.0, 2),
+        (None, 4, None, 2),  # no MemAvailable: cores decide
+        (5, 1, 0.5, 5),  # an explicit number is kept
+        (0, 8, 64.0, 0),
+    ],
+)
+def test_auto_job_workers_fit_the_cores_and_the_memory(
+    tmp_path: Path, configured: int | None, cores: int, available_gib: float | None, expected: int
+) -> None:
+    kib = None if available_gib is None else int(available_gib * 2**20)
+    count, reason = cpus.job_workers(configured, cores=cores, meminfo=_meminfo(tmp_path, kib))
+    assert count == expected
+    assert reason.startswith("auto: min(2, " if configured is None else "configured")
+    if configured is None:
+        assert f"{cores} usable cores" in reason
+
+
+def test_job_workers_are_auto_unless_a_number_is_set() -> None:
+    from pacs_node.config import NodeOptions
+
+    assert NodeOptions().job_workers is None
+    assert NodeOptions(job_workers="auto").job_workers is None  # type: ignore[arg-type]
+    assert NodeOptions(job_workers=3).job_workers == 3
+
+
+def test_more_workers_than_cores_are_warned_of() -> None:
+    assert cpus.too_many_workers(2, cores=2) is None
+    warning = cpus.too_many_workers(3, cores=2)
+    assert warning is not None
+    assert "3 job workers on 2 usable cores" in warning
+
+
+def test_the_celery_worker_command_limits_threads_before_numpy_loads(tmp_path: Path) -> None:
+    """OpenBLAS and MKL size their pools when numpy loads: the worker command and the worker
+    module load no numpy, and the thread variables are set before the worker starts (its
+    runner, made on the first task, is what loads numpy and torch)."""
+    script = tmp_path / "probe.py"
+    script.write_text(
+        """
+import os, sys
+
+from pacs_node.cli.app import app
+import pacs_node.jobs.celery_worker as celery_worker
+
+assert "numpy" not in sys.modules, "the worker's modules load numpy before its thread limits"
+
+def start_worker(settings, queues, concurrency):
+    print("start", os.environ.get("OPENBLAS_NUM_THREADS", "unset"), "numpy" in sys.modules)
+    return 0
+
+celery_worker.start_worker = start_worker
+try:
+    app(
+        ["worker", "--concurrency", "2", "--database-url", "sqlite:///%s",
+         "--broker-url", "redis://127.0.0.1:1/0"],
+        standalone_mode=False,
+    )
+except SystemExit:
+    pass
+"""
+        % (tmp_path / "c.sqlite")
+    )
+    import subprocess
+    import sys
+
+    from pacs_node.catalog.db import open_catalog
+
+    open_catalog(f"sqlite:///{tmp_path / 'c.sqlite'}").dispose()  # migrated: the worker starts
+
+    env = {k: v for k, v in os.environ.items() if k not in cpus.THREAD_ENV}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[2]), env.get("PYTHONPATH", "")])
+    env["PACS_NODE_DATA_DIR"] = str(tmp_path / "var")
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        check=False,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"start {inference_threads(0, 2)} False" in done.stdout

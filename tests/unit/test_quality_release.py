@@ -15,9 +15,12 @@ from pacs_node.catalog.deliveries import create_deliveries
 from pacs_node.catalog.jobs import queue_job
 from pacs_node.catalog.models import Delivery, DeliveryState, Job, JobState
 from pacs_node.catalog.quality import (
+    RELEASED,
+    JobNotDone,
     StaleRelease,
     hold_for_quality,
     newer_sent_job,
+    record_verdict,
     reject_result,
     release_result,
 )
@@ -169,3 +172,35 @@ def test_a_newer_result_of_another_series_does_not_block_the_release(
         # the same series in another order is the same result: the earlier job is now stale
         _set_state(session, again, DeliveryState.DELIVERED)
         assert newer_sent_job(session, both) == again
+
+
+def test_a_running_job_is_neither_released_nor_rejected(tmp_path: Path, catalog: Catalog) -> None:
+    """Under qa: hold the SEG and SR are held while the rest is built: a decision then would be
+    undone by the rest's hold, so it is refused until the job is done."""
+    with catalog.sessions.begin() as session:
+        job_id = _job(session, tmp_path / "results", stable_study(session))
+        assert hold_for_quality(session, job_id, FAILED) == 1
+        session.execute(update(Job).where(Job.id == job_id).values(state=JobState.RUNNING))
+    for decide in (release_result, reject_result):
+        with catalog.sessions.begin() as session, pytest.raises(JobNotDone, match="running"):
+            decide(session, job_id, "alice")  # type: ignore[operator]
+    assert _states(catalog, job_id) == {DeliveryState.HELD}
+
+
+def test_only_the_new_deliveries_are_held_and_never_after_a_release(
+    tmp_path: Path, catalog: Catalog
+) -> None:
+    results_dir = tmp_path / "results"
+    with catalog.sessions.begin() as session:
+        job_id = _job(session, results_dir, study_id := stable_study(session))
+        other = _job(session, results_dir, study_id, series=("1.2.3.5",))
+        first = session.scalar(select(Delivery.result_id).where(Delivery.job_id == job_id))
+        assert first is not None
+        assert hold_for_quality(session, job_id, FAILED, [first + 1000]) == 0  # not this one
+        assert hold_for_quality(session, job_id, FAILED, [first]) == 1
+        assert release_result(session, job_id, "alice") == 1
+        assert hold_for_quality(session, job_id, FAILED) == 0  # released: the decision stands
+        record_verdict(session, job_id, "hold", "fail", FAILED)  # a re-run's verdict
+        assert session.scalar(select(Job.qa_decision).where(Job.id == job_id)) == RELEASED
+    assert _states(catalog, job_id) == {DeliveryState.PENDING}
+    assert _states(catalog, other) == {DeliveryState.PENDING}

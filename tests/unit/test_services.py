@@ -13,7 +13,7 @@ from sqlalchemy import select, update
 
 from pacs_node.actor import ROUTING, Actor, ActorKind
 from pacs_node.catalog.db import Catalog, open_catalog
-from pacs_node.catalog.models import Delivery, DeliveryState, Job
+from pacs_node.catalog.models import Delivery, DeliveryState, Job, JobState
 from pacs_node.catalog.quality import hold_for_quality
 from pacs_node.catalog.results import StoredEncoding
 from pacs_node.config import NodeOptions, Settings, load_settings
@@ -150,6 +150,8 @@ def test_every_command_names_its_actor_on_one_timeline(catalog: Catalog, tmp_pat
             session, tmp_path / "results", [item], {"seg": ["PACS"]}, study_uid=held_uid
         )
         hold_for_quality(session, held_job, [{"check": "c", "label": "l", "message": "m"}])
+        # a result is judged once its job is done
+        session.execute(update(Job).where(Job.id == held_job).values(state=JobState.DONE))
     assert deliveries.release_result(catalog, held_job, bob) == 1
     assert deliveries.reject_result(catalog, held_job, bob) == 0  # released: nothing held now
     (delivery,) = deliveries.list_deliveries(catalog)

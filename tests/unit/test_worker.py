@@ -4,6 +4,8 @@ the stage and the reason."""
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,13 +16,13 @@ from sqlalchemy import select
 from pacs_node import pipeline, worker
 from pacs_node.catalog.db import Catalog, open_catalog
 from pacs_node.catalog.deliveries import list_deliveries
-from pacs_node.catalog.jobs import list_jobs, queue_job, retry_job
+from pacs_node.catalog.jobs import cancel_job, list_jobs, queue_job, retry_job
 from pacs_node.catalog.models import Delivery, JobEvent, Result
 from pacs_node.config import NodeOptions, PeerConfig, Settings
 from pacs_node.destinations import FhirDestination
 from pacs_node.pipeline import SeriesRun, Stopwatch
 from pacs_node.results import ResultSet
-from pacs_node.worker import RESULTS_FIRST_EVENT, results_dir, run_burst
+from pacs_node.worker import FIRST_SENT_TEXT, RESULTS_FIRST_EVENT, results_dir, run_burst
 from tests.catalog_factory import ingest
 from tests.dicom_factory import write_series
 
@@ -184,8 +186,11 @@ def test_a_rerun_after_a_crash_between_the_parts_adds_only_the_rest(
     kinds, first = _kinds(catalog, job_id)
     assert kinds == ["seg", "sr"]
     with catalog.sessions.begin() as session:
-        assert list_jobs(session, [job_id])[0].state == "failed"
+        failed = list_jobs(session, [job_id])[0]
         assert retry_job(session, job_id)
+    assert failed.state == "failed"
+    assert failed.error is not None
+    assert failed.error.startswith(f"extras: {FIRST_SENT_TEXT}: RuntimeError")
 
     assert run_burst(catalog, settings) == [job_id]
     kinds, deliveries = _kinds(catalog, job_id)
@@ -196,6 +201,108 @@ def test_a_rerun_after_a_crash_between_the_parts_adds_only_the_rest(
         rows = list(session.scalars(select(Result).where(Result.job_id == job_id)))
     assert job.state == "done"
     assert len(deliveries) == sum(r.kind != "fhir" for r in rows) + 2  # + ARCHIVE (SR), EHR
+    with catalog.sessions() as session:
+        events = list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id)))
+    assert [e.kind for e in events].count(RESULTS_FIRST_EVENT) == 1  # the re-run stored none
+    done = [e for e in events if e.kind == "done"][-1]
+    assert (done.detail["results"], done.detail["deliveries"]) == (len(rows), len(deliveries))
     for row in rows:  # every file a row names is there, the first attempt's included
         for path in dict(row.encodings).values():
             assert (results_dir(settings) / path).is_file()
+
+
+def test_a_store_failing_after_the_first_part_leaves_no_file_behind(
+    tmp_path: Path, settings: Settings, catalog: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = write_series(tmp_path / "in", slices=12, rows=64, columns=64, spacing=(5, 5, 5))
+    study_id, _, series = ingest(catalog, settings.node.spool_dir, paths, "CT1")
+    job_id = _queue(catalog, study_id, series, "ct-classical")
+    calls: list[int] = []
+
+    def create_deliveries(*args: object) -> int:  # the second commit's rows fail
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the catalog refused the rest")
+        return worker_create(*args)  # type: ignore[arg-type]
+
+    worker_create = worker.create_deliveries
+    monkeypatch.setattr(worker, "create_deliveries", create_deliveries)
+    assert run_burst(catalog, settings) == [job_id]
+    with catalog.sessions() as session:
+        job = list_jobs(session, [job_id])[0]
+        rows = list(session.scalars(select(Result).where(Result.job_id == job_id)))
+    assert job.state == "failed"
+    assert job.error is not None
+    assert FIRST_SENT_TEXT in job.error
+    named = {p for row in rows for p in dict(row.encodings).values()}
+    on_disk = {
+        str(p.relative_to(results_dir(settings)))
+        for p in results_dir(settings).rglob("*")
+        if p.is_file()
+    }
+    assert on_disk == named  # the rest's files, written but never committed, are gone
+
+
+def test_cancelling_during_the_extras_stops_the_seg_and_sr_until_a_retry(
+    tmp_path: Path, settings: Settings, catalog: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = write_series(tmp_path / "in", slices=12, rows=64, columns=64, spacing=(5, 5, 5))
+    study_id, _, series = ingest(catalog, settings.node.spool_dir, paths, "CT1")
+    job_id = _queue(catalog, study_id, series, "ct-classical")
+
+    def cancelled(run: SeriesRun, timings: Stopwatch | None = None) -> ResultSet:
+        with catalog.sessions.begin() as session:
+            assert cancel_job(session, job_id, "alice")
+        return pipeline.build_extras_of(run, timings)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(worker, "build_extras_of", cancelled)
+        assert run_burst(catalog, settings) == [job_id]
+    with catalog.sessions() as session:
+        states = list(session.scalars(select(Delivery.state).where(Delivery.job_id == job_id)))
+        assert list_jobs(session, [job_id])[0].state == "cancelled"
+    assert states == ["cancelled"] * 3  # SEG to CT1, SR to CT1 and ARCHIVE: never sent
+
+    with catalog.sessions.begin() as session:
+        assert retry_job(session, job_id)
+    assert run_burst(catalog, settings) == [job_id]
+    with catalog.sessions() as session:
+        deliveries = list_deliveries(session, job_id=job_id)
+    assert {d.state for d in deliveries} == {"pending"}  # the SEG and SR go out again
+    pairs = [(result, destination) for _, result, destination in _kinds(catalog, job_id)[1]]
+    assert len(set(pairs)) == len(pairs) == len(deliveries)
+
+
+def test_each_series_volume_is_freed_once_its_extras_are_built(
+    tmp_path: Path, settings: Settings, catalog: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job of several series never holds every series' volume and labelmap while the last
+    one's extras are built."""
+    study_uid = "1.2.826.0.1.3680043.10.1234.77"
+    paths = write_series(
+        tmp_path / "a", slices=12, rows=64, columns=64, spacing=(5, 5, 5), study_uid=study_uid
+    ) + write_series(
+        tmp_path / "b",
+        slices=12,
+        rows=64,
+        columns=64,
+        spacing=(5, 5, 5),
+        study_uid=study_uid,
+        series_number=2,
+    )
+    study_id, _, series = ingest(catalog, settings.node.spool_dir, paths, "CT1")
+    assert len(series) == 2
+    job_id = _queue(catalog, study_id, series, "ct-classical")
+    volumes: list[weakref.ref[object]] = []
+    alive: list[list[bool]] = []
+
+    def build_extras_of(run: SeriesRun, timings: Stopwatch | None = None) -> ResultSet:
+        gc.collect()
+        alive.append([ref() is not None for ref in volumes])  # the series built before
+        volumes.append(weakref.ref(run.volume))
+        return pipeline.build_extras_of(run, timings)
+
+    monkeypatch.setattr(worker, "build_extras_of", build_extras_of)
+    assert run_burst(catalog, settings) == [job_id]
+    assert alive == [[], [False]]
+    assert set(_kinds(catalog, job_id)[0]) == EVERY_KIND
