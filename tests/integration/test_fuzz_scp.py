@@ -327,17 +327,19 @@ def _accepted_syntax(ac: bytes) -> str | None:
     return None
 
 
-def _c_store_pdus(path: Path, message_id: int, sop_class_uid: str | None = None) -> bytes:
+def _c_store_pdus(
+    path: Path, message_id: int, sop_class_uid: str | None = None, body: bytes | None = None
+) -> bytes:
     """The P-DATA-TF PDUs of one C-STORE-RQ of ``path`` (explicit VR LE) on context 1;
     ``sop_class_uid``: the Affected SOP Class UID sent instead of the data set's (an empty one
-    is sent as an element of zero length)."""
+    is sent as an element of zero length); ``body``: the data set sent instead of the file's."""
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     primitive = C_STORE()
     primitive.MessageID = message_id
     primitive.AffectedSOPClassUID = ds.SOPClassUID
     primitive.AffectedSOPInstanceUID = ds.SOPInstanceUID
     primitive.Priority = 2
-    primitive.DataSet = BytesIO(_split_part10(path)[1])
+    primitive.DataSet = BytesIO(_split_part10(path)[1] if body is None else body)
     message = C_STORE_RQ()
     message.primitive_to_message(primitive)
     if sop_class_uid is not None:
