@@ -654,3 +654,60 @@ def test_the_instance_after_a_refused_one_is_answered_on_the_same_association(
         target.acknowledged |= {uid_a, uid_b}
     target.healthy()
     target.consistent()
+
+
+def _pdv_pdu(control: int, payload: bytes) -> bytes:
+    """A P-DATA-TF of one PDV on context 1 (PS3.8 9.3.5, E.2)."""
+    item = struct.pack(">IBB", len(payload) + 2, 1, control) + payload
+    return struct.pack(">BBI", 0x04, 0, len(item)) + item
+
+
+def _command_only(pdus: bytes) -> bytes:
+    """The PDUs of a request cut after its command set (each PDU holds one PDV here)."""
+    out, pos = b"", 0
+    while pos < len(pdus):
+        end = pos + 6 + struct.unpack_from(">I", pdus, pos + 2)[0]
+        if pdus[pos + 11] & 0x01:
+            out += pdus[pos:end]
+        pos = end
+    return out
+
+
+@pytest.mark.parametrize("data_set", ["absent", "empty last fragment", "first element length 0"])
+def test_a_request_with_a_missing_or_empty_data_set_is_refused_and_the_next_answered(
+    target: Target, data_set: str
+) -> None:
+    """A C-STORE-RQ announcing a data set, followed by nothing but the next request's command
+    (pynetdicom's client sends an empty data set so), by a last fragment of zero bytes, or by
+    a data set that cannot be read, between two valid ones sent at once: each of the three is
+    answered, the bad one with a failure, and only the valid ones are stored."""
+    study_uid = new_uid()
+    for _ in range(5):
+        good_a, uid_a = target.instance("a.dcm", study_uid)
+        good_b, uid_b = target.instance("b.dcm", study_uid)
+        bad, bad_uid = target.instance("m.dcm")
+        if data_set == "absent":
+            middle = _command_only(_c_store_pdus(bad, 5))
+        elif data_set == "empty last fragment":
+            middle = _command_only(_c_store_pdus(bad, 5)) + _pdv_pdu(0x02, b"")
+        else:
+            body = _split_part10(bad)[1]
+            middle = _c_store_pdus(bad, 5, body=_mutate(body, [("length", 0, 0)], [(0, False)]))
+        with _associated(target.node.port, target.node.ae_title) as sock:
+            sock.sendall(_c_store_pdus(good_a, 3) + middle + _c_store_pdus(good_b, GOOD_ID))
+            received = b""
+            sock.settimeout(NODE_TIMEOUT_S + ECHO_DEADLINE_S)
+            while len(_store_statuses(received)) < 3:
+                data = sock.recv(65536)
+                assert data, f"the node closed after {_store_statuses(received)}"
+                received += data
+            received += _answers(sock, (RELEASE_RQ,))
+        statuses = _store_statuses(received)
+        assert statuses[3] == 0
+        assert statuses[GOOD_ID] == 0
+        assert statuses[5] not in SUCCESS_OR_WARNING
+        target.acknowledged |= {uid_a, uid_b}
+        spool = target.node.data_dir / "spool"
+        assert not [p for p in spool.rglob("*.dcm") if p.stem == bad_uid]
+    target.healthy()
+    target.consistent()
