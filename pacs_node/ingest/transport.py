@@ -944,7 +944,8 @@ def _receive_primitive(self: pynetdicom_dimse.DIMSEServiceProvider, primitive: A
     for context_id, data in list(values):
         _end_if_data_set_missing(self, data)
         single = P_DATA()
-        single.presentation_data_value_list = [(context_id, data)]
+        single.presentation_data_value_list = []  # filled as pynetdicom's P_DATA_TF does
+        single.presentation_data_value_list.append((context_id, data))
         _pynetdicom_receive_primitive(self, single)
 
 
@@ -988,7 +989,7 @@ def _failure_answer(message: Any) -> Any:
         message_id = command.get("MessageID")
         if message_id is None:
             return None
-        answer = dimse_messages._MSG_TO_PRIMITVE[name[:-3]]()
+        answer: Any = dimse_messages._MSG_TO_PRIMITVE[name[:-3]]()
         answer.MessageIDBeingRespondedTo = message_id
         for keyword in ("AffectedSOPClassUID", "AffectedSOPInstanceUID"):
             if hasattr(answer, keyword) and command.get(keyword):
