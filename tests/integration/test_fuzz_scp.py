@@ -412,6 +412,22 @@ def _answers(sock: socket.socket, chunks: tuple[bytes, ...]) -> bytes:
     return received
 
 
+def _answered(sock: socket.socket, requests: bytes, message_ids: set[int]) -> bytes:
+    """Send ``requests``, read until the C-STORE-RSPs to ``message_ids`` came, then release.
+
+    The A-RELEASE-RQ waits for them: pynetdicom's acceptor takes one queued request per turn
+    and releases at the first turn that finds the A-RELEASE-RQ, answering none still queued.
+    """
+    sock.sendall(requests)
+    received = b""
+    sock.settimeout(NODE_TIMEOUT_S + ECHO_DEADLINE_S)
+    while not message_ids <= set(_store_statuses(received)) and not _ended(received):
+        data = sock.recv(65536)
+        assert data, f"the node closed after answering {_store_statuses(received)}"
+        received += data
+    return received + _answers(sock, (RELEASE_RQ,))
+
+
 def _ended(stream: bytes) -> bool:
     """Whether ``stream`` holds an A-ASSOCIATE-RJ, A-RELEASE-RP or A-ABORT."""
     pos = 0
@@ -593,7 +609,7 @@ def test_a_c_store_without_its_sop_class_uid_is_not_kept_and_the_association_goe
     good, uid = target.instance("good.dcm", study_uid)
     pdus = _c_store_pdus(empty, 1, sop_class_uid="")
     with _associated(target.node.port, called) as sock:
-        received = _answers(sock, (pdus, _c_store_pdus(good, GOOD_ID), RELEASE_RQ))
+        received = _answered(sock, pdus + _c_store_pdus(good, GOOD_ID), {GOOD_ID})
     statuses = _store_statuses(received)
     assert statuses[GOOD_ID] == 0
     # pynetdicom finds no service for it and leaves it unanswered; never a success
@@ -694,14 +710,8 @@ def test_a_request_with_a_missing_or_empty_data_set_is_refused_and_the_next_answ
             body = _split_part10(bad)[1]
             middle = _c_store_pdus(bad, 5, body=_mutate(body, [("length", 0, 0)], [(0, False)]))
         with _associated(target.node.port, target.node.ae_title) as sock:
-            sock.sendall(_c_store_pdus(good_a, 3) + middle + _c_store_pdus(good_b, GOOD_ID))
-            received = b""
-            sock.settimeout(NODE_TIMEOUT_S + ECHO_DEADLINE_S)
-            while len(_store_statuses(received)) < 3:
-                data = sock.recv(65536)
-                assert data, f"the node closed after {_store_statuses(received)}"
-                received += data
-            received += _answers(sock, (RELEASE_RQ,))
+            sent = _c_store_pdus(good_a, 3) + middle + _c_store_pdus(good_b, GOOD_ID)
+            received = _answered(sock, sent, {3, 5, GOOD_ID})
         statuses = _store_statuses(received)
         assert statuses[3] == 0
         assert statuses[GOOD_ID] == 0
