@@ -27,9 +27,10 @@ that touches them:
   encode in front of it reaches :class:`ReceivedFile` as its three UIDs instead
   (``create_file_meta`` and ``write_file_meta_info`` in ``dimse_messages``).
 - A request whose command set announces a data set but whose next PDV is the next request's
-  command (the data set never came) is answered with a failure status and cleared, so the next
-  request is decoded on its own and answered (:func:`_receive_primitive`); pynetdicom would
-  leave the first open for ever and append the next command set to it.
+  command (the data set never came), or that gets no PDV for half the read timeout, is
+  answered with a failure status and cleared, so the next request is decoded on its own and
+  answered (:func:`_receive_primitive`, :func:`_end_stalled_request`); pynetdicom would leave
+  the first open until the association ends and append the next command set to it.
 - Per C-STORE cost: ``AssociationSocket.recv`` reads a guarded connection's PDU body in large
   steps rather than pynetdicom's 4096 bytes, and the reactors' 1 ms idle pauses (``time.sleep``
   in ``dul`` and ``association``) end as soon as data arrives or a decoded message is queued.
@@ -937,6 +938,7 @@ def _receive_primitive(self: pynetdicom_dimse.DIMSEServiceProvider, primitive: A
     if not isinstance(primitive, P_DATA) or not values:
         _pynetdicom_receive_primitive(self, primitive)
         return
+    self._pacs_node_last_pdv = time.monotonic()  # type: ignore[attr-defined]
     if len(values) == 1:
         _end_if_data_set_missing(self, values[0][1])
         _pynetdicom_receive_primitive(self, primitive)
@@ -949,14 +951,25 @@ def _receive_primitive(self: pynetdicom_dimse.DIMSEServiceProvider, primitive: A
         _pynetdicom_receive_primitive(self, single)
 
 
+def _awaiting_data_set(dimse: Any) -> Any:
+    """The request whose command set is decoded and whose data set is still to come, if any
+    (pynetdicom changes a message's class once its command set is whole)."""
+    message = getattr(dimse, "message", None)
+    if message is None or type(message) is dimse_messages.DIMSEMessage:
+        return None
+    return message
+
+
 def _end_if_data_set_missing(dimse: Any, pdv: bytes) -> None:
     """When ``pdv`` starts a command while a decoded command waits for its data set, answer
     that request with a failure and clear it."""
+    if pdv and pdv[0] & 1 and _awaiting_data_set(dimse) is not None:
+        _end_open_request(dimse)
+
+
+def _end_open_request(dimse: Any) -> None:
+    """Answer the request waiting for its data set with a failure and clear it."""
     message = dimse.message
-    if not pdv or not pdv[0] & 1 or message is None:
-        return
-    if type(message) is dimse_messages.DIMSEMessage:  # its command set is not complete yet
-        return
     dimse.message = None
     received = getattr(message, "_data_set_file", None)
     if isinstance(received, ReceivedFile):
@@ -1041,6 +1054,22 @@ def _association_recv(self: transport.AssociationSocket, nr_bytes: int) -> bytea
 _REACTOR_PAUSE_S = 0.001
 
 
+# A request waiting for its data set with no PDV for this share of the read timeout (so before
+# the association's own idle timeout aborts it) is answered with a failure and cleared: a client
+# that sent an empty data set as nothing and waits for the answer gets one, and goes on.
+DATA_SET_WAIT_SHARE = 0.5
+
+
+def _end_stalled_request(reactor: Any, wait_s: float) -> None:
+    """On the DUL reactor's thread (where P-DATA is decoded), between reads."""
+    dimse = getattr(getattr(reactor, "assoc", None), "dimse", None)
+    if _awaiting_data_set(dimse) is None:
+        return
+    last = getattr(dimse, "_pacs_node_last_pdv", None)
+    if last is not None and time.monotonic() - last > wait_s:
+        _end_open_request(dimse)
+
+
 def _dul_sleep(seconds: float) -> None:
     """The DUL reactor's idle pause: until data arrives on its guarded connection."""
     reactor = threading.current_thread()
@@ -1049,6 +1078,7 @@ def _dul_sleep(seconds: float) -> None:
         return
     raw = getattr(reactor.socket, "socket", None)
     if isinstance(raw, GuardedSocket) and raw._guarded and not raw.dropped:
+        _end_stalled_request(reactor, raw.guard.read_timeout_s * DATA_SET_WAIT_SHARE)
         try:
             select.select([raw], [], [], seconds)
             return
