@@ -26,6 +26,11 @@ that touches them:
   written and the handler answers Out of Resources). The File Meta Information pynetdicom would
   encode in front of it reaches :class:`ReceivedFile` as its three UIDs instead
   (``create_file_meta`` and ``write_file_meta_info`` in ``dimse_messages``).
+- A request whose command set announces a data set but whose next PDV is the next request's
+  command (the data set never came), or that gets no PDV for half the read timeout, is
+  answered with a failure status and cleared, so the next request is decoded on its own and
+  answered (:func:`_receive_primitive`, :func:`_end_stalled_request`); pynetdicom would leave
+  the first open until the association ends and append the next command set to it.
 - Per C-STORE cost: ``AssociationSocket.recv`` reads a guarded connection's PDU body in large
   steps rather than pynetdicom's 4096 bytes, and the reactors' 1 ms idle pauses (``time.sleep``
   in ``dul`` and ``association``) end as soon as data arrives or a decoded message is queued.
@@ -57,14 +62,17 @@ from typing import Any
 
 from pydicom.filereader import read_dataset
 from pynetdicom import association as pynetdicom_association
+from pynetdicom import dimse as pynetdicom_dimse
 from pynetdicom import dimse_messages, transport
 from pynetdicom import dul as pynetdicom_dul
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs_node.errors import IngestError, OutOfResources, UnreadableDataset
 from pacs_node.ingest.limits import Lease, SharedLimits, address_key
 from pacs_node.ingest.part10 import PREAMBLE, file_meta
 from pacs_node.ingest.spool import temporary_part
+from pacs_node.ingest.statuses import CANNOT_UNDERSTAND_UNREADABLE, PROCESSING_FAILURE
 from pacs_node.tls import ReloadingContext, subject_text
 
 log = logging.getLogger(__name__)
@@ -910,6 +918,107 @@ def _write_file_meta_info(fp: Any, file_meta: Any, enforce_standard: bool = True
     _pydicom_write_file_meta_info(fp, meta, enforce_standard)
 
 
+# pynetdicom's DIMSEServiceProvider.receive_primitive keeps a request whose command set announces a
+# data set ((0000,0800) other than 0x0101) open until that data set's last fragment: when the next
+# PDV is a command instead (a client that sent an empty data set as nothing), the next request's
+# command set is appended to the open one, the first request is never answered and its received
+# file is kept until the connection closes. It also stops reading a P-DATA at the PDV that
+# completes a message, losing any PDV after it in the same PDU. Here each PDV is decoded on its
+# own, and a command PDV that finds a request waiting for its data set first ends that request:
+# answered with a failure status (Cannot understand for a C-STORE, Processing failure otherwise),
+# its file discarded.
+_pynetdicom_receive_primitive = pynetdicom_dimse.DIMSEServiceProvider.receive_primitive
+MISSING_DATA_SET_COUNTER = "requests_without_data_set"
+_MISSING_DATA_SET = "data set announced, the next request came instead"  # at most 64
+
+
+def _receive_primitive(self: pynetdicom_dimse.DIMSEServiceProvider, primitive: Any) -> None:
+    """Stands in for ``DIMSEServiceProvider.receive_primitive`` (see above)."""
+    values = getattr(primitive, "presentation_data_value_list", None)
+    if not isinstance(primitive, P_DATA) or not values:
+        _pynetdicom_receive_primitive(self, primitive)
+        return
+    self._pacs_node_last_pdv = time.monotonic()  # type: ignore[attr-defined]
+    if len(values) == 1:
+        _end_if_data_set_missing(self, values[0][1])
+        _pynetdicom_receive_primitive(self, primitive)
+        return
+    for context_id, data in list(values):
+        _end_if_data_set_missing(self, data)
+        single = P_DATA()
+        single.presentation_data_value_list = []  # filled as pynetdicom's P_DATA_TF does
+        single.presentation_data_value_list.append((context_id, data))
+        _pynetdicom_receive_primitive(self, single)
+
+
+def _awaiting_data_set(dimse: Any) -> Any:
+    """The request whose command set is decoded and whose data set is still to come, if any
+    (pynetdicom changes a message's class once its command set is whole)."""
+    message = getattr(dimse, "message", None)
+    if message is None or type(message) is dimse_messages.DIMSEMessage:
+        return None
+    return message
+
+
+def _end_if_data_set_missing(dimse: Any, pdv: bytes) -> None:
+    """When ``pdv`` starts a command while a decoded command waits for its data set, answer
+    that request with a failure and clear it."""
+    if pdv and pdv[0] & 1 and _awaiting_data_set(dimse) is not None:
+        _end_open_request(dimse)
+
+
+def _end_open_request(dimse: Any) -> None:
+    """Answer the request waiting for its data set with a failure and clear it."""
+    message = dimse.message
+    dimse.message = None
+    received = getattr(message, "_data_set_file", None)
+    if isinstance(received, ReceivedFile):
+        received.discard()
+    elif received is not None:  # pynetdicom's own temporary file (an unguarded connection)
+        with contextlib.suppress(OSError):
+            received.close()
+            Path(received.name).unlink(missing_ok=True)
+    answer = _failure_answer(message)
+    raw = getattr(getattr(getattr(dimse, "dul", None), "socket", None), "socket", None)
+    if isinstance(raw, GuardedSocket) and raw._guarded:
+        raw.guard.count(MISSING_DATA_SET_COUNTER)
+        raw.guard.throttle.warning(
+            MISSING_DATA_SET_COUNTER,
+            "request without its data set refused",
+            {"address": raw.address, "request": type(message).__name__},
+        )
+    if answer is not None:
+        dimse.send_msg(answer, message.context_id)
+
+
+def _failure_answer(message: Any) -> Any:
+    """The failure response to a request ``message`` whose data set never came (None when it
+    is no request, or names no Message ID to answer)."""
+    name = type(message).__name__
+    if not name.endswith("_RQ"):
+        return None
+    try:
+        command = message.command_set
+        message_id = command.get("MessageID")
+        if message_id is None:
+            return None
+        answer: Any = dimse_messages._MSG_TO_PRIMITVE[name[:-3]]()
+        answer.MessageIDBeingRespondedTo = message_id
+        for keyword in ("AffectedSOPClassUID", "AffectedSOPInstanceUID"):
+            if hasattr(answer, keyword) and command.get(keyword):
+                setattr(answer, keyword, command.get(keyword))
+        is_store = name == "C_STORE_RQ"
+        answer.Status = CANNOT_UNDERSTAND_UNREADABLE if is_store else PROCESSING_FAILURE
+        if hasattr(answer, "ErrorComment"):
+            answer.ErrorComment = _MISSING_DATA_SET
+        return answer
+    except Exception as exc:  # hostile values in the command set: leave it unanswered
+        log.warning(
+            "request without its data set not answered", extra={"error": type(exc).__name__}
+        )
+        return None
+
+
 # pynetdicom's AssociationSocket.recv reads a PDU body 4096 bytes at a time: a 256 KiB PDU is 64
 # calls through GuardedSocket.recv. A guarded connection is read in larger steps instead (each
 # step still goes through GuardedSocket.recv, which never reads past the PDU it is in).
@@ -945,6 +1054,22 @@ def _association_recv(self: transport.AssociationSocket, nr_bytes: int) -> bytea
 _REACTOR_PAUSE_S = 0.001
 
 
+# A request waiting for its data set with no PDV for this share of the read timeout (so before
+# the association's own idle timeout aborts it) is answered with a failure and cleared: a client
+# that sent an empty data set as nothing and waits for the answer gets one, and goes on.
+DATA_SET_WAIT_SHARE = 0.5
+
+
+def _end_stalled_request(reactor: Any, wait_s: float) -> None:
+    """On the DUL reactor's thread (where P-DATA is decoded), between reads."""
+    dimse = getattr(getattr(reactor, "assoc", None), "dimse", None)
+    if _awaiting_data_set(dimse) is None:
+        return
+    last = getattr(dimse, "_pacs_node_last_pdv", None)
+    if last is not None and time.monotonic() - last > wait_s:
+        _end_open_request(dimse)
+
+
 def _dul_sleep(seconds: float) -> None:
     """The DUL reactor's idle pause: until data arrives on its guarded connection."""
     reactor = threading.current_thread()
@@ -953,6 +1078,7 @@ def _dul_sleep(seconds: float) -> None:
         return
     raw = getattr(reactor.socket, "socket", None)
     if isinstance(raw, GuardedSocket) and raw._guarded and not raw.dropped:
+        _end_stalled_request(reactor, raw.guard.read_timeout_s * DATA_SET_WAIT_SHARE)
         try:
             select.select([raw], [], [], seconds)
             return
@@ -986,11 +1112,14 @@ def _clock(sleep: Callable[[float], None]) -> types.ModuleType:
 
 def install_received_files() -> None:
     """Route pynetdicom's chunked C-STORE receive into :class:`ReceivedFile`, read guarded
-    connections in large steps and end the reactors' idle pauses early (idempotent)."""
+    connections in large steps, answer a request whose data set never came, and end the
+    reactors' idle pauses early (idempotent)."""
     dimse_messages.NamedTemporaryFile = _temporary_file  # type: ignore[attr-defined]
     dimse_messages.create_file_meta = _create_file_meta  # type: ignore[attr-defined,assignment]
     dimse_messages.write_file_meta_info = _write_file_meta_info  # type: ignore[attr-defined]
     transport.AssociationSocket.recv = _association_recv  # type: ignore[method-assign]
+    provider = pynetdicom_dimse.DIMSEServiceProvider
+    provider.receive_primitive = _receive_primitive  # type: ignore[method-assign]
     if getattr(pynetdicom_dul.time, "sleep", None) is not _dul_sleep:  # type: ignore[attr-defined]
         pynetdicom_dul.time = _clock(_dul_sleep)  # type: ignore[attr-defined]
     clock = pynetdicom_association.time  # type: ignore[attr-defined]

@@ -61,6 +61,25 @@ VRS = [b"OB", b"SQ", b"UN", b"UT", b"XX", b"\x00\x00", b"ob", b"OW", b"AT", b"FD
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV"}
 
 
+def parked(assoc: Any) -> Any:
+    """``assoc`` once its reactor really waits, so that the next ``send_*`` gets its answer.
+
+    pynetdicom 3.0's ``send_*`` clear the requestor reactor's checkpoint and go on as soon as
+    ``_is_paused`` reads True; the reactor sets it True before its wait and False only after.
+    Right after the previous ``send_*`` set the checkpoint again, a reactor thread not yet
+    scheduled still reads as paused: the request goes out, the reactor then takes the answer
+    off the queue itself ("Received unexpected C-STORE service message") and the ``send_*``
+    waits out its DIMSE timeout with no status. Here the checkpoint is cleared and the
+    reactor seen waiting on it (or gone) first.
+    """
+    checkpoint = assoc._reactor_checkpoint
+    checkpoint.clear()
+    deadline = time.monotonic() + ECHO_DEADLINE_S
+    while not checkpoint._cond._waiters and assoc.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.0001)
+    return assoc
+
+
 def _settings(share: float) -> Callable[[Any], Any]:
     """Many examples; the time budget (checked in the test body) is what ends the run."""
     return settings(
@@ -188,7 +207,7 @@ class Target:
         started = time.monotonic()
         assoc = self.ae.associate("127.0.0.1", self.node.port, ae_title=self.node.ae_title)
         assert assoc.is_established, "the node refused or ignored an association after fuzzing"
-        status = assoc.send_c_echo()
+        status = parked(assoc).send_c_echo()
         assoc.release()
         assert status, "no C-ECHO response"
         assert int(status.Status) == 0, "C-ECHO failed"
@@ -254,7 +273,7 @@ def test_mutated_instances_never_crash_or_hang_the_node(target: Target) -> None:
         assert assoc.is_established
         statuses = []
         for path in (good_a, mutated, good_b):
-            status = assoc.send_c_store(path)
+            status = parked(assoc).send_c_store(path)
             statuses.append(int(status.Status) if status and "Status" in status else None)
         if assoc.is_established:
             assoc.release()
@@ -308,17 +327,19 @@ def _accepted_syntax(ac: bytes) -> str | None:
     return None
 
 
-def _c_store_pdus(path: Path, message_id: int, sop_class_uid: str | None = None) -> bytes:
+def _c_store_pdus(
+    path: Path, message_id: int, sop_class_uid: str | None = None, body: bytes | None = None
+) -> bytes:
     """The P-DATA-TF PDUs of one C-STORE-RQ of ``path`` (explicit VR LE) on context 1;
     ``sop_class_uid``: the Affected SOP Class UID sent instead of the data set's (an empty one
-    is sent as an element of zero length)."""
+    is sent as an element of zero length); ``body``: the data set sent instead of the file's."""
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     primitive = C_STORE()
     primitive.MessageID = message_id
     primitive.AffectedSOPClassUID = ds.SOPClassUID
     primitive.AffectedSOPInstanceUID = ds.SOPInstanceUID
     primitive.Priority = 2
-    primitive.DataSet = BytesIO(_split_part10(path)[1])
+    primitive.DataSet = BytesIO(_split_part10(path)[1] if body is None else body)
     message = C_STORE_RQ()
     message.primitive_to_message(primitive)
     if sop_class_uid is not None:
@@ -389,6 +410,24 @@ def _answers(sock: socket.socket, chunks: tuple[bytes, ...]) -> bytes:
         if _ended(received):
             break
     return received
+
+
+def _answered(
+    sock: socket.socket, requests: bytes, message_ids: set[int], release: bool = True
+) -> bytes:
+    """Send ``requests``, read until the C-STORE-RSPs to ``message_ids`` came, then release.
+
+    The A-RELEASE-RQ waits for them: pynetdicom's acceptor takes one queued request per turn
+    and releases at the first turn that finds the A-RELEASE-RQ, answering none still queued.
+    """
+    sock.sendall(requests)
+    received = b""
+    sock.settimeout(NODE_TIMEOUT_S + ECHO_DEADLINE_S)
+    while not message_ids <= set(_store_statuses(received)) and not _ended(received):
+        data = sock.recv(65536)
+        assert data, f"the node closed after answering {_store_statuses(received)}"
+        received += data
+    return received + _answers(sock, (RELEASE_RQ,)) if release else received
 
 
 def _ended(stream: bytes) -> bool:
@@ -530,14 +569,14 @@ def test_mutated_mpps_requests_never_crash_or_hang_the_node(
         uid = new_uid()
         assoc = associate()
         if which == "set":
-            assert int(assoc.send_n_create(create, MPPS, uid)[0].Status) == 0
+            assert int(parked(assoc).send_n_create(create, MPPS, uid)[0].Status) == 0
         original = pynetdicom.association.encode
         pynetdicom.association.encode = lambda *_args: mutated  # sent as they are
         try:
             if which == "create":
-                reply, _ = assoc.send_n_create(create, MPPS, uid)
+                reply, _ = parked(assoc).send_n_create(create, MPPS, uid)
             else:
-                reply, _ = assoc.send_n_set(update, MPPS, uid)
+                reply, _ = parked(assoc).send_n_set(update, MPPS, uid)
         finally:
             pynetdicom.association.encode = original
         status = int(reply.Status) if "Status" in reply else -1
@@ -547,9 +586,9 @@ def test_mutated_mpps_requests_never_crash_or_hang_the_node(
             assoc.abort()
         assoc = associate()
         good = new_uid()
-        assert int(assoc.send_n_create(create, MPPS, good)[0].Status) == 0
-        assert int(assoc.send_n_set(update, MPPS, good)[0].Status) == 0
-        assert int(assoc.send_c_echo().Status) == 0
+        assert int(parked(assoc).send_n_create(create, MPPS, good)[0].Status) == 0
+        assert int(parked(assoc).send_n_set(update, MPPS, good)[0].Status) == 0
+        assert int(parked(assoc).send_c_echo().Status) == 0
         assoc.release()
         assert node.process is not None
         assert node.process.poll() is None, node.log_text()[-3000:]
@@ -572,7 +611,7 @@ def test_a_c_store_without_its_sop_class_uid_is_not_kept_and_the_association_goe
     good, uid = target.instance("good.dcm", study_uid)
     pdus = _c_store_pdus(empty, 1, sop_class_uid="")
     with _associated(target.node.port, called) as sock:
-        received = _answers(sock, (pdus, _c_store_pdus(good, GOOD_ID), RELEASE_RQ))
+        received = _answered(sock, pdus + _c_store_pdus(good, GOOD_ID), {GOOD_ID})
     statuses = _store_statuses(received)
     assert statuses[GOOD_ID] == 0
     # pynetdicom finds no service for it and leaves it unanswered; never a success
@@ -582,3 +621,115 @@ def test_a_c_store_without_its_sop_class_uid_is_not_kept_and_the_association_goe
     target.consistent()
     spool = target.node.data_dir / "spool"
     assert not [p for p in spool.rglob("*.dcm") if p.stem == empty_uid]
+
+
+def _late_reactor(assoc: Any, delay_s: float) -> None:
+    """Make ``assoc``'s reactor thread, each time its checkpoint lets it go, run on only once
+    an answer is queued (or ``delay_s`` passed): a thread the scheduler runs late, at the worst
+    moment, every time, so the race :func:`parked` closes happens on every request."""
+    checkpoint = assoc._reactor_checkpoint
+    wait = checkpoint.wait
+
+    def late_wait(timeout: float | None = None) -> bool:
+        woken = wait(timeout)
+        end = time.monotonic() + delay_s
+        while not assoc.dimse.msg_queue.queue and time.monotonic() < end:
+            pass
+        return woken
+
+    checkpoint.wait = late_wait
+
+
+def test_the_instance_after_a_refused_one_is_answered_on_the_same_association(
+    target: Target,
+) -> None:
+    """The fuzzing's sequence that once lost the third answer (mutation ``length 0 0``: the
+    first element's length set to zero, so the data set cannot be read): a valid instance, the
+    mutated one (refused) and a valid one on one association, with the client's reactor
+    thread resuming late. Each request is answered: the node answers the third, and
+    :func:`parked` keeps the client's reactor from taking that answer for itself (with a bare
+    ``send_c_store`` the answers after the first are lost here every time)."""
+    study_uid = new_uid()
+    for _ in range(3):
+        good_a, uid_a = target.instance("a.dcm", study_uid)
+        good_b, uid_b = target.instance("b.dcm", study_uid)
+        source, _ = target.instance("m.dcm")
+        meta, body = _split_part10(source)
+        mutated = target.work / "mutated.dcm"
+        mutated.write_bytes(meta + _mutate(body, [("length", 0, 0)], _element_headers(body)))
+        assoc = target.ae.associate("127.0.0.1", target.node.port, ae_title=target.node.ae_title)
+        assert assoc.is_established
+        _late_reactor(assoc, 0.5)
+        statuses = []
+        for path in (good_a, mutated, good_b):
+            status = parked(assoc).send_c_store(path)
+            statuses.append(int(status.Status) if "Status" in status else None)
+        assoc.release()
+        assert statuses[0] == 0, statuses
+        assert statuses[2] == 0, statuses
+        assert statuses[1] is not None
+        assert statuses[1] not in SUCCESS_OR_WARNING
+        target.acknowledged |= {uid_a, uid_b}
+    target.healthy()
+    target.consistent()
+
+
+def _pdv_pdu(control: int, payload: bytes) -> bytes:
+    """A P-DATA-TF of one PDV on context 1 (PS3.8 9.3.5, E.2)."""
+    item = struct.pack(">IBB", len(payload) + 2, 1, control) + payload
+    return struct.pack(">BBI", 0x04, 0, len(item)) + item
+
+
+def _command_only(pdus: bytes) -> bytes:
+    """The PDUs of a request cut after its command set (each PDU holds one PDV here)."""
+    out, pos = b"", 0
+    while pos < len(pdus):
+        end = pos + 6 + struct.unpack_from(">I", pdus, pos + 2)[0]
+        if pdus[pos + 11] & 0x01:
+            out += pdus[pos:end]
+        pos = end
+    return out
+
+
+@pytest.mark.parametrize(
+    "data_set",
+    ["absent", "absent, answer awaited", "empty last fragment", "first element length 0"],
+)
+def test_a_request_with_a_missing_or_empty_data_set_is_refused_and_the_next_answered(
+    target: Target, data_set: str
+) -> None:
+    """A C-STORE-RQ announcing a data set, followed by nothing but the next request's command
+    (pynetdicom's client sends an empty data set so), by nothing while the client waits for
+    its answer, by a last fragment of zero bytes, or by a data set that cannot be read, between
+    two valid ones: each of the three is answered, the bad one with a failure (a waiting client
+    within the node's timeouts), and only the valid ones are stored."""
+    study_uid = new_uid()
+    for _ in range(3):
+        good_a, uid_a = target.instance("a.dcm", study_uid)
+        good_b, uid_b = target.instance("b.dcm", study_uid)
+        bad, bad_uid = target.instance("m.dcm")
+        if data_set.startswith("absent"):
+            middle = _command_only(_c_store_pdus(bad, 5))
+        elif data_set == "empty last fragment":
+            middle = _command_only(_c_store_pdus(bad, 5)) + _pdv_pdu(0x02, b"")
+        else:
+            body = _split_part10(bad)[1]
+            middle = _c_store_pdus(bad, 5, body=_mutate(body, [("length", 0, 0)], [(0, False)]))
+        with _associated(target.node.port, target.node.ae_title) as sock:
+            received, requests, awaited = b"", _c_store_pdus(good_a, 3) + middle, {3, 5}
+            if data_set == "absent, answer awaited":  # nothing more is sent until it is answered
+                started = time.monotonic()
+                received = _answered(sock, requests, awaited, release=False)
+                assert time.monotonic() - started < NODE_TIMEOUT_S
+                requests, awaited = b"", set()
+            requests += _c_store_pdus(good_b, GOOD_ID)
+            received += _answered(sock, requests, awaited | {GOOD_ID})
+        statuses = _store_statuses(received)
+        assert statuses[3] == 0
+        assert statuses[GOOD_ID] == 0
+        assert statuses[5] not in SUCCESS_OR_WARNING
+        target.acknowledged |= {uid_a, uid_b}
+        spool = target.node.data_dir / "spool"
+        assert not [p for p in spool.rglob("*.dcm") if p.stem == bad_uid]
+    target.healthy()
+    target.consistent()

@@ -34,7 +34,10 @@ from pynetdicom import (
     service_class,
     transport,
 )
+from pynetdicom import dimse as pynetdicom_dimse
+from pynetdicom.dimse_primitives import C_ECHO, N_CREATE
 from pynetdicom.dsutils import create_file_meta
+from pynetdicom.pdu_primitives import P_DATA
 
 from pacs_node.errors import OutOfResources, UnreadableDataset
 from pacs_node.ingest import transport as guard_module
@@ -109,6 +112,11 @@ HOOKED = {
     # P-DATA is decoded on the DUL reactor's own thread
     "fsm.DT_2": (fsm.DT_2, "9ec543394e0b49eb"),
     "events.Event.dataset_path": (events.Event.dataset_path.fget, "7eba7552ff800249"),
+    # keeps a request open until its data set's last fragment; stops at the PDV ending one
+    "dimse.DIMSEServiceProvider.receive_primitive": (
+        pynetdicom_dimse.DIMSEServiceProvider.receive_primitive,
+        "5f99c86b14a15cef",
+    ),
 }
 
 
@@ -695,6 +703,8 @@ def test_the_receive_shortcuts_are_installed() -> None:
     assert dimse_messages.create_file_meta is guard_module._create_file_meta  # type: ignore[attr-defined]
     assert dimse_messages.write_file_meta_info is guard_module._write_file_meta_info  # type: ignore[attr-defined]
     assert transport.AssociationSocket.recv is guard_module._association_recv
+    receive = pynetdicom_dimse.DIMSEServiceProvider.receive_primitive
+    assert receive is guard_module._receive_primitive  # type: ignore[comparison-overlap]
 
 
 def test_the_reactor_pauses_end_when_what_they_wait_for_is_there(
@@ -724,3 +734,62 @@ def test_the_reactor_pauses_end_when_what_they_wait_for_is_there(
     pause(guard_module._dul_sleep, 0.05)
     pause(guard_module._association_sleep, 0.05)
     assert min(pauses[-2:]) >= 0.05
+
+
+def _p_data(*primitives: Any) -> list[tuple[int, bytes]]:
+    """The PDVs (context 1) pynetdicom sends for these request primitives, in order."""
+    values: list[tuple[int, bytes]] = []
+    for primitive in primitives:
+        message = (
+            dimse_messages.N_CREATE_RQ()
+            if isinstance(primitive, N_CREATE)
+            else dimse_messages.C_ECHO_RQ()
+        )
+        message.primitive_to_message(primitive)
+        for p_data in message.encode_msg(1, 16384):
+            values += p_data.presentation_data_value_list
+    return values
+
+
+def test_a_request_whose_data_set_never_came_is_answered_and_cleared(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An N-CREATE-RQ with an empty data set (pynetdicom's client announces one and sends no
+    fragment), then a C-ECHO-RQ whose command arrives in one P-DATA with nothing else: the
+    N-CREATE is answered with Processing failure and cleared before the C-ECHO is decoded,
+    on its own."""
+    create = N_CREATE()
+    create.MessageID = 7
+    create.AffectedSOPClassUID = "1.2.840.10008.3.1.2.3.3"
+    create.AffectedSOPInstanceUID = "1.2.3.4"
+    create.AttributeList = BytesIO(b"")
+    echo = C_ECHO()
+    echo.MessageID = 8
+    echo.AffectedSOPClassUID = "1.2.840.10008.1.1"
+    open_request = dimse_messages.DIMSEMessage()
+    for value in _p_data(create):
+        single = P_DATA()
+        single.presentation_data_value_list = []  # filled as pynetdicom's P_DATA_TF does
+        single.presentation_data_value_list.append(value)
+        assert not open_request.decode_msg(single)  # waits for the data set announced
+    sent: list[tuple[Any, int]] = []
+    decoded: list[tuple[Any, list[tuple[int, bytes]]]] = []
+    provider = SimpleNamespace(message=open_request, dul=None)
+    provider.send_msg = lambda answer, context_id: sent.append((answer, context_id))
+
+    def receive(self: Any, primitive: P_DATA) -> None:
+        decoded.append((self.message, list(primitive.presentation_data_value_list)))
+
+    monkeypatch.setattr(guard_module, "_pynetdicom_receive_primitive", receive)
+    both = P_DATA()
+    both.presentation_data_value_list = []
+    both.presentation_data_value_list.extend(_p_data(echo) * 2)
+    guard_module._receive_primitive(provider, both)  # type: ignore[arg-type]
+    ((answer, context_id),) = sent
+    assert context_id == 1
+    assert isinstance(answer, N_CREATE)
+    assert answer.MessageIDBeingRespondedTo == 7
+    assert answer.Status == 0x0110
+    assert answer.AffectedSOPInstanceUID == "1.2.3.4"
+    assert [message for message, _ in decoded] == [None, None]  # cleared before the next
+    assert [len(values) for _, values in decoded] == [1, 1]  # one PDV at a time
