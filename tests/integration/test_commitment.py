@@ -295,10 +295,16 @@ def test_a_report_from_another_ae_settles_nothing(
             interval=0.5,
             what="the foreign report refused",
         )
+
+        # The SEG and SR go first; the rest may still be on its way when the report comes.
+        def settled() -> list[dict[str, Any]] | None:
+            rows: list[dict[str, Any]] = json.loads(node.cli("deliveries", "--json").stdout)
+            done = rows and all(r["state"] == "delivered" and r["commitment"] for r in rows)
+            return rows if done else None
+
+        deliveries = wait_for(settled, 60, interval=0.5, what="every delivery sent and asked")
     finally:
         pacs.server.shutdown()
     assert set(pacs.reports) == {0x0000}  # answered (it is an allowed AE), then not trusted
-    deliveries = json.loads(node.cli("deliveries", "--json").stdout)
-    assert deliveries
     assert {(d["state"], d["commitment"]) for d in deliveries} == {("delivered", "requested")}
     assert "it settles nothing" in node.log_text()

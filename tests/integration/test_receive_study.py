@@ -59,6 +59,7 @@ def test_ct_and_mr_series_become_one_stable_study(
     ready = httpx.get(f"{web}/readyz", timeout=10).json()
     checks = {"catalog": "ok", "storage scp": "ok", "recorder": "ok", "job workers": "ok"}
     checks["audit trail"] = "ok"
+    checks["node registration"] = "ok"
     assert ready == {"status": "ready", "checks": checks}
     received = scrape(web)[1]
     assert received[("pacs_node_received_instances_total", ())] == 140

@@ -107,6 +107,18 @@ class _Part:
         pass
 
 
+class _Lease(_Part):
+    """The timer lease of a node alone in its catalog."""
+
+    node_id = "node-a"
+
+    def register(self) -> None:
+        """No other live node holds this one's node_id."""
+
+    def nodes(self) -> list[object]:
+        return []
+
+
 def test_a_door_that_cannot_start_stops_what_had_started(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -114,15 +126,15 @@ def test_a_door_that_cannot_start_stops_what_had_started(
 
     log: list[str] = []
     monkeypatch.setattr(node_module, "finish_purges", lambda *args: None)
-    monkeypatch.setattr(node_module, "reconcile", lambda *args: 0)
+    monkeypatch.setattr(node_module, "reconcile", lambda *args, **kwargs: 0)
     monkeypatch.setattr(node_module.Node, "stop", lambda self: log.append("stopped") or False)
     node = object.__new__(node_module.Node)
-    node.settings = SimpleNamespace(node=SimpleNamespace(data_dir=Path("var")))  # type: ignore[assignment]
+    node.settings = SimpleNamespace(node=SimpleNamespace(data_dir=Path("var"), timer_lease_s=30))  # type: ignore[assignment]
     node.catalog = node.spool = SimpleNamespace(root=Path("var/spool"))  # type: ignore[assignment]
     parts = ("audit", "router", "recorder", "assembly", "jobs", "outbox", "housekeeping", "scp")
     for name in parts:
         setattr(node, name, _Part(name, log))
-    node.lease = _Part("lease", log)  # type: ignore[assignment]
+    node.lease = _Lease("lease", log)  # type: ignore[assignment]
     node.syslog = None
     node.doors = [_Part("web", log, fails=True)]
     with pytest.raises(StartError, match="web cannot start"):
