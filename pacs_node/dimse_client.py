@@ -16,6 +16,7 @@ The pynetdicom internals relied on (``_reactor_checkpoint``, the reactor's wait 
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import TypeVar
 
@@ -33,9 +34,12 @@ def parked(assoc: A, deadline_s: float = PARK_DEADLINE_S) -> A:
 
     Clears the checkpoint (as ``send_*`` does) and waits until the reactor thread is seen
     waiting on it: a waiter on the event's condition, not the ``_is_paused`` flag that lags
-    behind. Never hangs: returns at once when the association's reactor is gone, and after
-    ``deadline_s`` whatever happened (``send_*`` then runs as pynetdicom alone would).
+    behind. Never hangs: returns at once when the association's reactor is gone or is the
+    caller (a handler on its own association), and after ``deadline_s`` whatever happened
+    (``send_*`` then runs as pynetdicom alone would).
     """
+    if threading.current_thread() is assoc:
+        return assoc
     checkpoint = assoc._reactor_checkpoint
     checkpoint.clear()
     waiters = getattr(getattr(checkpoint, "_cond", None), "_waiters", None)
