@@ -22,6 +22,7 @@ from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context
 
+from pacs_node.dimse_client import parked
 from pacs_node.statuses import is_stored
 
 MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1-255
@@ -162,7 +163,7 @@ def store(
     # Set where it is used, not at import: pynetdicom's settings are the whole process's.
     _config.STORE_SEND_CHUNKED_DATASET = True
     try:
-        status = assoc.send_c_store(encodings[syntax])
+        status = parked(assoc).send_c_store(encodings[syntax])
     except (OSError, ValueError, RuntimeError) as exc:
         return StoreResult(problem=f"C-STORE failed: {exc}")
     if not status or "Status" not in status:

@@ -26,6 +26,7 @@ from pacs_node.cstore import (
     pair_contexts,
     store,
 )
+from pacs_node.dimse_client import parked
 from pacs_node.statuses import SUCCESS
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ def echo(peer: Peer, calling_ae: str) -> float:
     if not assoc.is_established:
         raise ConnectionError("association rejected" if assoc.is_rejected else "no association")
     try:
-        status = assoc.send_c_echo()
+        status = parked(assoc).send_c_echo()
     finally:
         assoc.release()
     code = int(getattr(status, "Status", -1)) if status else -1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -231,6 +232,47 @@ def storescu(
         timeout=300,
         check=False,
     )
+
+
+# pynetdicom's requests that pause the requestor's reactor first (``send_c_cancel`` does not).
+PAUSING_SENDS = (
+    "send_c_echo",
+    "send_c_store",
+    "send_c_find",
+    "send_c_get",
+    "send_c_move",
+    "send_n_action",
+    "send_n_create",
+    "send_n_delete",
+    "send_n_event_report",
+    "send_n_get",
+    "send_n_set",
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _parked_sends() -> Iterator[None]:
+    """Every pynetdicom client in the tests waits for its reactor to be really paused before a
+    request (:func:`pacs_node.dimse_client.parked`), as the node's own client code does: a bare
+    ``send_*`` can lose its answer to the reactor and wait out its DIMSE timeout (pynetdicom
+    #875). The bare method stays reachable as ``Association.send_*.__wrapped__``."""
+    from pynetdicom.association import Association
+
+    from pacs_node.dimse_client import parked
+
+    def parking(send: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(send)
+        def parked_send(self: Association, *args: Any, **kwargs: Any) -> Any:
+            return send(parked(self), *args, **kwargs)
+
+        return parked_send
+
+    bare = {name: getattr(Association, name) for name in PAUSING_SENDS}
+    for name, send in bare.items():
+        setattr(Association, name, parking(send))
+    yield
+    for name, send in bare.items():
+        setattr(Association, name, send)
 
 
 @pytest.fixture(autouse=True)

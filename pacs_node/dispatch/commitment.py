@@ -46,6 +46,7 @@ from pacs_node.commitment import (
     STORAGE_COMMITMENT_PUSH_MODEL,
     parse_report,
 )
+from pacs_node.dimse_client import parked
 from pacs_node.statuses import PROCESSING_FAILURE, SUCCESS
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def request_commitment(
     transaction_uid = generate_uid()
     requested = CommitmentAnswer(transaction_uid, dict.fromkeys(uids, Commitment.REQUESTED))
     try:
-        status, _reply = assoc.send_n_action(
+        status, _reply = parked(assoc).send_n_action(
             _action_information(transaction_uid, references),
             REQUEST_COMMITMENT,
             STORAGE_COMMITMENT_PUSH_MODEL,

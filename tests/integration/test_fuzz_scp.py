@@ -41,6 +41,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
+from pacs_node.dimse_client import parked
 from tests.conftest import NodeProcess, wait_for
 from tests.dicom_factory import CT_IMAGE, new_uid, write_series
 
@@ -59,25 +60,6 @@ MPPS = ModalityPerformedProcedureStep
 LENGTHS = [0, 1, 2, 3, 0xFF, 0xFFFF, 0xFFFE, 0x7FFFFFFF, 0xFFFFFFFE, 0xFFFFFFFF, 0x10000, 0x8000]
 VRS = [b"OB", b"SQ", b"UN", b"UT", b"XX", b"\x00\x00", b"ob", b"OW", b"AT", b"FD", b"DS", b"UI"]
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV"}
-
-
-def parked(assoc: Any) -> Any:
-    """``assoc`` once its reactor really waits, so that the next ``send_*`` gets its answer.
-
-    pynetdicom 3.0's ``send_*`` clear the requestor reactor's checkpoint and go on as soon as
-    ``_is_paused`` reads True; the reactor sets it True before its wait and False only after.
-    Right after the previous ``send_*`` set the checkpoint again, a reactor thread not yet
-    scheduled still reads as paused: the request goes out, the reactor then takes the answer
-    off the queue itself ("Received unexpected C-STORE service message") and the ``send_*``
-    waits out its DIMSE timeout with no status. Here the checkpoint is cleared and the
-    reactor seen waiting on it (or gone) first.
-    """
-    checkpoint = assoc._reactor_checkpoint
-    checkpoint.clear()
-    deadline = time.monotonic() + ECHO_DEADLINE_S
-    while not checkpoint._cond._waiters and assoc.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.0001)
-    return assoc
 
 
 def _settings(share: float) -> Callable[[Any], Any]:
