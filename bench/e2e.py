@@ -10,7 +10,7 @@ What it does
    - Orthanc (``tests/orthanc.py``) as the destination PACS (``TCP_NODELAY=1``);
    - sekmet-fhir (its own venv ``.venv-fhir``) as the EHR, seeded with each study's Patient and
      ServiceRequest before the study is sent, so its DiagnosticReport is accepted;
-   - ``pacs-node serve`` as shipped (2 SCP worker processes, 2 job workers, SQLite catalog)
+   - ``pacs-node serve`` as shipped (2 SCP worker processes, `job_workers: auto`, SQLite catalog)
      with a config folder written here: two scanners ``CT_SCANNER_1`` / ``CT_SCANNER_2`` and
      Orthanc in peers.yaml, destinations ``PACS`` (dimse, peer ORTHANC, Storage Commitment as
      shipped) and ``EHR`` (fhir), and a routes.yaml sending CT to one model with seg, sr, gsps,
@@ -1035,7 +1035,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "throughput_setups": [s.options for s in args.throughput_setups],
             "quiet_period_s": args.quiet_period_s,
             "outputs": {PACS: list(DICOM_KINDS), EHR: ["fhir"]},
-            "node": "pacs-node serve as shipped: 2 SCP processes, 2 job workers, SQLite",
+            "node": "pacs-node serve as shipped: 2 SCP processes, job_workers auto, SQLite",
         },
         "target_s": TARGET_S,
         "target_met": {r.model: r.latency_median["total"] < TARGET_S for r in results},

@@ -131,9 +131,8 @@ class NodeOptions(BaseModel):
     # (affinity and cgroup quota) so the workers together never run more threads than cores.
     torch_threads: int = Field(default=0, ge=0, le=1024)
     # Job worker processes (inference beside the SCP), 0 runs none; None ("auto", the default):
-    # min(2, usable cores, MemAvailable // 1.5 GiB), at least 1 (see pacs_node.cpus.job_workers).
-    # A job is mostly single-threaded Python (decode, result building): 2 workers x 1 thread
-    # keep 2 cores busy where 1 x 2 leaves one idle; each holds its models (~0.9 GB for
+    # min(2, usable cores // 2, MemAvailable // 1.5 GiB), at least 1 (pacs_node.cpus.job_workers):
+    # each worker gets two cores for its model; each holds its models (~0.9 GB for
     # ct-torso-organs).
     job_workers: int | None = Field(default=None, ge=0, le=32)
     job_max_attempts: int = Field(default=3, ge=1, le=100)  # a job that kills its worker

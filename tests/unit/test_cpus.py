@@ -125,6 +125,8 @@ def _meminfo(tmp_path: Path, available_kib: int | None) -> Path:
     [
         (None, 8, 64.0, 2),  # auto: at most two
         (None, 1, 64.0, 1),  # one core
+        (None, 2, 64.0, 1),  # two cores: one worker with both
+        (None, 3, 64.0, 1),
         (None, 4, 2.0, 1),  # 2 GiB free: room for one 1.5 GiB worker
         (None, 4, 0.5, 1),  # too little for one: still one, never none
         (None, 4, 3.0, 2),
